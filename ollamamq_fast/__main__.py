@@ -1,0 +1,3 @@
+from ollamamq_fast.cli import main
+
+raise SystemExit(main())
