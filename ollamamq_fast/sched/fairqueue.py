@@ -55,15 +55,15 @@ class Ticket:
     # tickets (and the exchanges they hold) are freed at once rather than
     # lingering until lazy deletion reaches them.
     __slots__ = (
-        "user",
-        "payload",
-        "enqueued_at",
-        "cancelled",
-        "_owner",
-        "_user_prev",
-        "_user_next",
-        "_all_prev",
         "_all_next",
+        "_all_prev",
+        "_owner",
+        "_user_next",
+        "_user_prev",
+        "cancelled",
+        "enqueued_at",
+        "payload",
+        "user",
     )
 
     def __init__(self, user: str, payload: object, enqueued_at: float) -> None:
@@ -87,14 +87,16 @@ class Ticket:
 
     def __repr__(self) -> str:
         """Debug view for logs and test failures."""
-        state = "queued" if self.queued else ("cancelled" if self.cancelled else "popped")
+        state = (
+            "queued" if self.queued else ("cancelled" if self.cancelled else "popped")
+        )
         return f"<Ticket user={self.user!r} {state} at={self.enqueued_at:.6f}>"
 
 
 class _UserQueue:
     """One user's live tickets in FIFO order plus their place in a ring."""
 
-    __slots__ = ("user", "head", "tail", "live", "deficit", "ring")
+    __slots__ = ("deficit", "head", "live", "ring", "tail", "user")
 
     def __init__(self, user: str, ring: Ring) -> None:
         """Create an empty FIFO for a user who is about to get a first ticket."""
@@ -109,7 +111,7 @@ class _UserQueue:
 
 
 class FairQueue:
-    """Round-robin queue of per-user FIFOs with VIP, boost and weights; not thread-safe."""
+    """Round-robin queue of per-user FIFOs with VIP, boost, weights; not thread-safe."""
 
     def __init__(self) -> None:
         """Create an empty queue with no user settings."""
@@ -135,13 +137,15 @@ class FairQueue:
 
     def push(self, user: str, payload: object, now: float | None = None) -> Ticket:
         """Enqueue a request for user (downstream, after admission); O(1)."""
-        ticket = Ticket(user, payload, time.monotonic() if now is None else now)
         uq = self._queues.get(user)
         if uq is None:
             ring = self._ring_for(user)
             uq = _UserQueue(user, ring)
             self._queues[user] = uq
             ring[user] = uq  # newcomers join the tail of their ring
+        # uq.user, not user: a backlogged user's tickets share one key string
+        # instead of each pinning the copy its request was parsed into.
+        ticket = Ticket(uq.user, payload, time.monotonic() if now is None else now)
         ticket._owner = self
         ticket._user_prev = uq.tail
         if uq.tail is None:
@@ -168,7 +172,7 @@ class FairQueue:
         return True
 
     def pop(self, can_run: RunPredicate | None = None) -> Ticket | None:
-        """Take the next fair ticket that can run (dispatcher, on a free slot); None if none can.
+        """Take the next fair ticket that can run (dispatcher, on a free slot), or None.
 
         Without can_run this is O(1). With it, each backlogged user's oldest
         ticket is offered to can_run at most once, in fair order. can_run must
@@ -197,7 +201,7 @@ class FairQueue:
         return self._all_head
 
     def expired(self, older_than: float) -> list[Ticket]:
-        """Cancel and return live tickets with enqueued_at < older_than (timeout sweeper).
+        """Cancel and return tickets queued before older_than (timeout sweeper).
 
         O(expired): walks the push-order list from its head and stops at the
         first ticket that is young enough, so it relies on enqueued_at being
@@ -296,7 +300,7 @@ class FairQueue:
 
     @staticmethod
     def _first_runnable(ring: Ring, can_run: RunPredicate | None) -> _UserQueue | None:
-        """First user in ring order whose oldest ticket can run; ring must be non-empty."""
+        """First user in ring order whose oldest ticket can run; ring is non-empty."""
         if can_run is None:
             # OrderedDict iteration follows its linked list, so this is O(1)
             # even after many deletions (a plain dict would scan the holes).
