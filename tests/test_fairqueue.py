@@ -448,6 +448,21 @@ def test_set_boost_mid_queue_and_back() -> None:
     assert drain(q) == ["a", "b", "c", "a", "b"]
 
 
+def test_ring_change_mid_turn_starts_a_fresh_turn() -> None:
+    q = FairQueue()
+    q.set_weight("a", 3)
+    for i in range(6):
+        q.push("a", i)
+    q.push("b", 0)
+    assert [t.user for t in take(q, 1)] == ["a"]  # a is one dispatch into its turn
+    q.set_vip("v", True)
+    for i in range(3):
+        q.push("v", i)
+    q.set_vip("a", True)
+    # a joins the VIP ring behind v and then gets a full turn of 3.
+    assert drain(q) == ["v", "a", "a", "a", "v", "a", "a", "v", "b"]
+
+
 def test_lowering_weight_mid_turn_caps_the_turn() -> None:
     q = FairQueue()
     q.set_weight("a", 4)
