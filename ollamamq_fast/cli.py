@@ -1,0 +1,255 @@
+"""`ollamamq-fast` entry point: serve (default), sim, bench.
+
+Flags win over environment variables, which win over defaults. Bad values
+print one line and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import NoReturn
+
+from ollamamq_fast import __version__
+from ollamamq_fast.config import (
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_BACKEND,
+    DEFAULT_HOST,
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT,
+    ConfigError,
+    Settings,
+    env_default,
+    parse_backend_urls,
+)
+
+SUBCOMMANDS = ("serve", "sim", "bench")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {value}: must be 0-65535")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The gateway's options (ollamaMQ-compatible names first)."""
+    p.add_argument("-p", "--port", type=_port, default=None,
+                   help=f"port to listen on (env PORT; default {DEFAULT_PORT})")
+    p.add_argument("-H", "--host", default=None,
+                   help=f"address to listen on (env HOST; default {DEFAULT_HOST})")
+    p.add_argument("-o", "-b", "--backend-urls", "--ollama-urls", dest="backend_urls", default=None,
+                   metavar="URL[,URL...]",
+                   help="comma-separated backend URLs: Ollama, LM Studio, vLLM, any "
+                        "OpenAI-compatible server; http:// is added when missing "
+                        f"(env OLLAMA_URLS or BACKEND_URLS; default {DEFAULT_BACKEND})")
+    p.add_argument("-t", "--timeout", type=_positive_float, default=None,
+                   help="seconds of silence allowed from a backend before the request fails; "
+                        "not a cap on a long stream "
+                        f"(env TIMEOUT; default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--no-tui", action="store_true",
+                   help="no terminal dashboard: log to stderr (for services, Docker, CI)")
+    p.add_argument("--allow-all-routes", action="store_true",
+                   help="forward unknown paths to the primary backend instead of answering 404")
+    p.add_argument("--slots", type=_positive_int, default=1,
+                   help="inference requests run at once on each backend (default 1)")
+    p.add_argument("--max-body-mb", type=_positive_float, default=DEFAULT_MAX_BODY_MB,
+                   help="largest inference request body in MB; larger gets 413 "
+                        f"(default {DEFAULT_MAX_BODY_MB:g}; blob uploads are streamed, not bounded)")
+    p.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT,
+                   help=f"control-plane port (default {DEFAULT_ADMIN_PORT})")
+    p.add_argument("--health-interval", type=_positive_float, default=10.0,
+                   help="seconds between backend health probes (default 10)")
+    p.add_argument("--max-queue", type=_positive_int, default=200_000,
+                   help="queued requests in all; beyond it 429 (default 200000)")
+    p.add_argument("--max-queue-per-user", type=_positive_int, default=1_000,
+                   help="queued requests per user; beyond it 429 (default 1000)")
+    p.add_argument("--queue-timeout", type=_non_negative_float, default=600.0,
+                   help="seconds a request may wait in the queue before 503; 0 = no limit "
+                        "(default 600)")
+    p.add_argument("--sim", action="store_true",
+                   help="start a built-in simulated Ollama backend in-process and use it "
+                        "(a demo with no Ollama around; -o backends are added when given)")
+    p.add_argument("--sim-models", default=None, metavar="M[,M...]",
+                   help="models of the --sim backend (default: the simulator's own list)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log level (default info)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Build Settings from parsed flags and the environment (flags win)."""
+    settings = Settings()
+    port_text = env_default(("PORT",))
+    if args.port is not None:
+        settings.port = args.port
+    elif port_text is not None:
+        try:
+            settings.port = _port(port_text)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"PORT: {exc}") from None
+    settings.host = args.host or env_default(("HOST",), DEFAULT_HOST) or DEFAULT_HOST
+    urls = args.backend_urls or env_default(("OLLAMA_URLS", "BACKEND_URLS"))
+    settings.backends = parse_backend_urls(urls or DEFAULT_BACKEND)
+    timeout_text = env_default(("TIMEOUT",))
+    if args.timeout is not None:
+        settings.timeout = args.timeout
+    elif timeout_text is not None:
+        try:
+            settings.timeout = _positive_float(timeout_text)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"TIMEOUT: {exc}") from None
+    settings.tui = not args.no_tui
+    settings.allow_all_routes = args.allow_all_routes
+    settings.slots = args.slots
+    settings.max_body_bytes = int(args.max_body_mb * 1024 * 1024)
+    settings.admin_port = args.admin_port
+    settings.health_interval = args.health_interval
+    settings.max_queue = args.max_queue
+    settings.max_queue_per_user = args.max_queue_per_user
+    settings.queue_timeout = args.queue_timeout
+    settings.sim = args.sim
+    settings.sim_keep_backends = bool(urls)
+    if args.sim_models:
+        settings.sim_models = [m.strip() for m in args.sim_models.split(",") if m.strip()]
+    return settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line parser with its subcommands."""
+    parser = _Parser(
+        prog="ollamamq-fast",
+        description="A fast, fair, per-user queuing gateway for Ollama and "
+                    "OpenAI-compatible LLM servers. Without a subcommand, `serve` runs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,sim,bench}", parser_class=_Parser)
+    serve = sub.add_parser("serve", help="run the gateway in the foreground (default)")
+    add_serve_arguments(serve)
+    sim = sub.add_parser("sim", help="run a simulated Ollama / OpenAI-compatible backend")
+    try:
+        from ollamamq_fast.sim import cli as sim_cli
+        sim_cli.add_arguments(sim)
+    except ImportError:  # TEMP while sim is being built
+        pass
+    bench = sub.add_parser("bench", help="load-test a gateway or backend")
+    try:
+        from ollamamq_fast.bench import cli as bench_cli
+        bench_cli.add_arguments(bench)
+    except ImportError:  # TEMP while bench is being built
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (args_list[0] not in SUBCOMMANDS and args_list[0] not in
+                         ("-h", "--help", "-V", "--version")):
+        args_list.insert(0, "serve")
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.command == "sim":
+        from ollamamq_fast.sim import cli as sim_cli
+
+        return sim_cli.run(args)
+    if args.command == "bench":
+        from ollamamq_fast.bench import cli as bench_cli
+
+        return bench_cli.run(args)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"ollamamq-fast: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    """Run the gateway until SIGINT / SIGTERM, then drain."""
+    import uvloop
+
+    try:
+        return uvloop.run(_serve(settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(settings: Settings) -> int:
+    from ollamamq_fast.gateway import Gateway
+
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+    except OSError as exc:
+        print(f"ollamamq-fast: error: cannot listen on {settings.host}:{settings.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    summary = gateway.summary()
+    print(f"ollamamq-fast {__version__} listening on {summary['listen']}", file=sys.stderr)
+    for b in summary["backends"]:
+        state = "online" if b["online"] else "offline"
+        models = ", ".join(b["models"]) or "no models"
+        print(f"  backend {b['url']} [{state}, {b['kind']}, {b['slots']} slot(s)]: {models}",
+              file=sys.stderr)
+    if settings.tui and sys.stdout.isatty():
+        print("  (the terminal dashboard is not part of this build yet; running headless)",
+              file=sys.stderr)
+    await stop.wait()
+    print("ollamamq-fast: draining...", file=sys.stderr)
+    await gateway.stop()
+    return 0

@@ -1,0 +1,202 @@
+"""Composition root: builds the parts, starts them, drains and stops them.
+
+`GatewayState` is what the data plane reads (settings, fleet, dispatcher,
+live connections, counters); `Gateway` owns the lifecycle, as uvicorn keeps
+ServerState apart from Server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ollamamq_fast.config import Settings, parse_backend_url
+from ollamamq_fast.fleet.backend import Backend
+from ollamamq_fast.fleet.health import HealthChecker
+from ollamamq_fast.fleet.select import Fleet
+from ollamamq_fast.proxy.downstream import ClientProtocol
+from ollamamq_fast.proxy.exchange import State
+from ollamamq_fast.proxy.local import LocalRoutes
+from ollamamq_fast.proxy.upstream import UpstreamPool
+from ollamamq_fast.sched.dispatcher import Dispatcher
+
+if TYPE_CHECKING:
+    from ollamamq_fast.sim import SimServer
+
+log = logging.getLogger("ollamamq_fast")
+
+# Reaper period: timeouts are enforced to this granularity.
+TICK_S = 1.0
+# A request head must arrive within this; a stalled body gets 6x as long.
+HEAD_TIMEOUT_S = 10.0
+# Idle client keep-alive connections are closed after this (nginx's default).
+KEEPALIVE_TIMEOUT_S = 75.0
+# Consecutive passive failures (refused / reset before a response) that take a
+# backend out of rotation until a probe succeeds again.
+PASSIVE_FAIL_LIMIT = 3
+
+
+@dataclass(slots=True)
+class Stats:
+    """Gateway-wide counters."""
+
+    cancelled: int = 0
+
+
+class GatewayState:
+    """Shared state of a running gateway, read by the data plane."""
+
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.loop = loop
+        backends = [Backend(addr, settings.slots) for addr in settings.backends]
+        for b in backends:
+            b.pool = UpstreamPool(b, loop)
+        self.fleet = Fleet(backends)
+        self.dispatcher = Dispatcher(self.fleet, settings, loop)
+        self.health = HealthChecker(
+            self.fleet, settings.health_interval, on_change=self.dispatcher.pump
+        )
+        self.local = LocalRoutes(self)
+        self.connections: set[ClientProtocol] = set()
+        self.stats = Stats()
+        self.started_at = time.monotonic()
+
+    def refresh_models(self, backend: Backend) -> None:
+        """A model-changing request succeeded on `backend`: re-read its models."""
+        self.health.refresh_soon(backend)
+
+    def backend_failed(self, backend: Backend) -> None:
+        """Passive health: a request failed on `backend` before a response."""
+        if backend.online and backend.consecutive_failures >= PASSIVE_FAIL_LIMIT:
+            log.warning("backend %s taken out after %d failures: %s", backend.name,
+                        backend.consecutive_failures, backend.last_error)
+            backend.online = False
+            self.health.refresh_soon(backend)
+
+    def add_backend(self, url: str, slots: int | None = None) -> Backend:
+        """Add a backend at runtime; it takes traffic after its first probe."""
+        backend = Backend(parse_backend_url(url), slots or self.settings.slots)
+        backend.pool = UpstreamPool(backend, self.loop)
+        self.fleet.add(backend)
+        self.health.refresh_soon(backend)
+        return backend
+
+    def in_flight(self) -> int:
+        """Exchanges currently talking to a backend."""
+        return sum(b.in_flight + b.unslotted for b in self.fleet.backends)
+
+
+class Gateway:
+    """Starts and stops the data plane, health probes and the reaper."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state: GatewayState | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.sim: SimServer | None = None
+        self.reaper: asyncio.TimerHandle | None = None
+        self.stopped = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        """The bound data-plane port (useful with port 0)."""
+        assert self.server is not None
+        sock = self.server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    async def start(self) -> None:
+        """Probe the fleet once, then listen."""
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        if settings.sim:
+            from ollamamq_fast.sim import SimOptions, start_sim
+
+            options = SimOptions()
+            if settings.sim_models:
+                options.models = list(settings.sim_models)
+            self.sim = await start_sim(options, "127.0.0.1", 0)
+            settings.backends = [parse_backend_url(self.sim.url)] + [
+                b for b in settings.backends if settings.sim_keep_backends
+            ]
+        state = GatewayState(settings, loop)
+        self.state = state
+        await state.health.start()
+        self.server = await loop.create_server(
+            lambda: ClientProtocol(state),
+            settings.host,
+            settings.port,
+            backlog=4096,
+            reuse_address=True,
+        )
+        self.reaper = loop.call_later(TICK_S, self._tick)
+
+    def _tick(self) -> None:
+        state = self.state
+        if state is None:
+            return
+        loop = state.loop
+        now = loop.time()
+        try:
+            timeout = state.settings.timeout
+            for conn in list(state.connections):
+                conn.reap(TICK_S, HEAD_TIMEOUT_S, KEEPALIVE_TIMEOUT_S)
+                ex = conn.active
+                if ex is None:
+                    continue
+                up = ex.upstream
+                if up is None or ex.state not in (State.WAITING, State.STREAMING):
+                    continue
+                if up.rx_count != up.rx_seen or conn.writing_paused:
+                    # Data arrived, or we paused the backend ourselves.
+                    up.rx_seen = up.rx_count
+                    up.silent_s = 0.0
+                    continue
+                up.silent_s += TICK_S
+                if up.silent_s >= timeout:
+                    ex.upstream_timeout()
+            state.dispatcher.sweep(now)
+            for b in state.fleet.backends:
+                if b.pool is not None:
+                    b.pool.expire_idle(now)
+        except Exception:  # the reaper must survive a bug in one connection
+            log.exception("reaper tick failed")
+        self.reaper = loop.call_later(TICK_S, self._tick)
+
+    def summary(self) -> dict[str, Any]:
+        """Backends and queue in one dict (for the startup banner and status)."""
+        assert self.state is not None
+        return {
+            "listen": f"http://{self.settings.host}:{self.port}",
+            "backends": [b.snapshot() for b in self.state.fleet.backends],
+        }
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Drain: stop accepting, let in-flight responses finish up to `grace`, close."""
+        state = self.state
+        if self.server is not None:
+            self.server.close()
+        if state is not None:
+            deadline = time.monotonic() + grace
+            while state.in_flight() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            for conn in list(state.connections):
+                if conn.transport is not None:
+                    conn.transport.close()
+            for b in state.fleet.backends:
+                if b.pool is not None:
+                    b.pool.close_all()
+            await state.health.close()
+        if self.reaper is not None:
+            self.reaper.cancel()
+        if self.server is not None:
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        if self.sim is not None:
+            await self.sim.close()
+        self.stopped.set()

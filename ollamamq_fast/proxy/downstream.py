@@ -1,0 +1,260 @@
+"""The client-facing protocol: parse requests, keep pipelining order, write back.
+
+A thin adapter, as uvicorn's HttpToolsProtocol is: per-connection state here,
+per-request state in `Exchange`. Requests are answered in the order they
+arrived (RFC 9112 §9.3.2): the first is "active", later pipelined ones wait
+with their bodies buffered (bounded, then the socket is paused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from ollamamq_fast.proxy import framing
+from ollamamq_fast.proxy.errors import Api, error_body
+from ollamamq_fast.proxy.exchange import Exchange, State
+from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES
+
+if TYPE_CHECKING:
+    from ollamamq_fast.gateway import GatewayState
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, gw: "GatewayState") -> None:
+        # Per-connection state
+        self.gw = gw
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = ""
+        self.peer_ip_bytes = b""
+        self.active: Exchange | None = None
+        self.pipeline: deque[Exchange] = deque()
+        self.parsing: Exchange | None = None
+        self.reading_paused = False
+        self.writing_paused = False
+        self.closing = False
+        self.advancing = False
+        self.last_done: Exchange | None = None
+        # Bytes of the head being parsed, for the 431 limit and the head timeout.
+        self.head_bytes = 0
+        # Reaper bookkeeping: seconds idle between requests or stuck in a head.
+        self.idle_s = 0.0
+        self.rx_count = 0
+        self.rx_seen = 0
+
+    # -- asyncio.Protocol interface ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.peer_ip = str(peer[0])
+        else:
+            self.peer_ip = "local"
+        self.peer_ip_bytes = self.peer_ip.encode()
+        self.gw.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.rx_count += 1
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(501, "protocol upgrades are not supported")
+            return
+        except httptools.HttpParserError as exc:
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._reject(431, "request head too large")
+            else:
+                self._reject(400, f"malformed HTTP request: {exc}")
+            return
+        ex = self.parsing
+        if ex is not None and not ex.method:
+            # Still inside a head after this read: bound it, since the parser
+            # keeps a partial header line in memory until its end arrives.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._reject(431, "request head too large")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.gw.connections.discard(self)
+        active = self.active
+        self.active = None
+        if active is not None:
+            active.client_gone()
+        for ex in self.pipeline:
+            ex.client_gone()
+        self.pipeline.clear()
+        parsing = self.parsing
+        if parsing is not None and parsing is not active:
+            parsing.client_gone()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the backend writes: stop reading the backend.
+        self.writing_paused = True
+        active = self.active
+        if active is not None and active.upstream is not None:
+            transport = active.upstream.transport
+            if transport is not None:
+                transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        active = self.active
+        if active is not None and active.upstream is not None:
+            transport = active.upstream.transport
+            if transport is not None and not active.upstream.closed:
+                transport.resume_reading()
+
+    # -- httptools parser callbacks -----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.parsing = Exchange(self)
+        self.idle_s = 0.0
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.url += url
+            self.head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.headers.append((name, value))
+            self.head_bytes += len(name) + len(value) + 4
+            if self.head_bytes > MAX_HEAD_BYTES:
+                raise ValueError("request head too large")
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        self.head_bytes = 0
+        parser = self.parser
+        try:
+            ex.head_complete(
+                parser.get_method(), parser.should_keep_alive(), parser.get_http_version() == "1.1"
+            )
+        except ValueError as exc:
+            self._reject(400, f"malformed HTTP request: {exc}")
+            return
+        if self.active is None:
+            self.active = ex
+            ex.activate()
+        else:
+            self.pipeline.append(ex)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.body_received(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        if ex is not None:
+            ex.message_complete()
+
+    # -- Exchange-facing API --------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write to the client unless the connection is gone."""
+        transport = self.transport
+        if transport is not None and not self.closing:
+            transport.write(data)
+
+    def pause_reading(self) -> None:
+        """Stop reading the client (body backpressure); safe to repeat."""
+        if not self.reading_paused and self.transport is not None and not self.closing:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Start reading the client again; safe to repeat."""
+        if self.reading_paused and self.transport is not None and not self.closing:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """The active exchange has written its whole response: start the next one."""
+        if ex is not self.active:
+            return
+        self.active = None
+        self.last_done = ex
+        self.idle_s = 0.0
+        if self.advancing:
+            return  # the loop below, further up the stack, moves on
+        self.advancing = True
+        try:
+            # A loop, not recursion: many pipelined requests answered locally
+            # would otherwise nest one call chain per request.
+            while self.active is None:
+                transport = self.transport
+                done = self.last_done
+                if transport is None or self.closing:
+                    return
+                if done is not None and not done.keep_alive:
+                    self.closing = True
+                    transport.close()
+                    for waiting in self.pipeline:
+                        waiting.client_gone()
+                    self.pipeline.clear()
+                    return
+                if not self.pipeline:
+                    if not self.writing_paused:
+                        self.resume_reading()
+                    return
+                nxt = self.pipeline.popleft()
+                self.active = nxt
+                nxt.activate()
+        finally:
+            self.advancing = False
+
+    def _reject(self, status: int, message: str) -> None:
+        """A request we cannot parse: answer in order if possible, then close."""
+        api = self.parsing.api if self.parsing is not None else Api.OLLAMA
+        ctype, body = error_body(api, status, message)
+        data = framing.local_response(status, ctype, body, close=True)
+        transport = self.transport
+        self.closing = True
+        if transport is None:
+            return
+        if self.active is not None and self.active.state is not State.DONE and self.active is not self.parsing:
+            # Let the active response finish; the bad request ends the connection after it.
+            self.active.keep_alive = False
+            return
+        transport.write(data)
+        transport.close()
+
+    def reap(self, tick_s: float, head_timeout: float, keepalive_timeout: float) -> None:
+        """Called by the reaper every tick: close stalled heads and idle keep-alives."""
+        if self.closing or self.transport is None:
+            return
+        if self.rx_count != self.rx_seen:
+            self.rx_seen = self.rx_count
+            self.idle_s = 0.0
+            return
+        self.idle_s += tick_s
+        ex = self.parsing
+        if ex is not None and ex.state is State.RECEIVING and not ex.method:
+            if self.idle_s >= head_timeout:
+                self._reject(408, "request head not received in time")
+        elif ex is not None and ex.state is State.RECEIVING and not ex.request_complete:
+            if self.idle_s >= head_timeout * 6 and not self.reading_paused:
+                self._reject(408, "request body stalled")
+        elif self.active is None and not self.pipeline and ex is None:
+            if self.idle_s >= keepalive_timeout:
+                self.closing = True
+                self.transport.close()

@@ -1,0 +1,565 @@
+"""One request/response exchange: everything per-request lives here.
+
+The client connection (`downstream.ClientProtocol`) parses bytes and hands
+each request to an Exchange. The Exchange classifies the route, reads or
+streams the body, asks the dispatcher for a backend, drives the upstream
+connection, and answers errors in the route's own format.
+
+State machine (one `State` per exchange, moves only forward):
+
+    RECEIVING -> QUEUED -> CONNECTING -> WAITING -> STREAMING -> DONE
+        |           |          |            |
+        +-----------+----------+------------+--> DONE (error, client gone)
+
+WAITING -> CONNECTING again only on a retry before any response byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import TYPE_CHECKING
+
+from ollamamq_fast.fleet.models import normalize_model
+from ollamamq_fast.proxy import framing
+from ollamamq_fast.proxy.errors import Api, error_body, stream_error_frame
+from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
+from ollamamq_fast.proxy.routes import (
+    FALLBACK_ROUTE,
+    BLOB_ROUTE,
+    Kind,
+    Route,
+    api_of_path,
+    lookup,
+)
+from ollamamq_fast.proxy.sniff import SniffError, first_model, sniff_fields
+
+if TYPE_CHECKING:
+    from ollamamq_fast.fleet.backend import Backend
+    from ollamamq_fast.gateway import GatewayState
+    from ollamamq_fast.proxy.downstream import ClientProtocol
+    from ollamamq_fast.proxy.upstream import UpstreamConnection
+    from ollamamq_fast.sched.fairqueue import Ticket
+
+# A request whose backend fails before answering is tried on this many
+# connections in all (a stale pooled connection, then other backends).
+MAX_ATTEMPTS = 3
+
+# Request headers the gateway handles itself instead of forwarding verbatim.
+_H_LENGTH, _H_TE, _H_EXPECT, _H_USER, _H_XFF, _H_DROP, _H_CONNECTION = range(7)
+_REQUEST_SPECIAL = {
+    b"content-length": _H_LENGTH,
+    b"transfer-encoding": _H_TE,
+    b"expect": _H_EXPECT,
+    b"x-user-id": _H_USER,
+    b"x-forwarded-for": _H_XFF,
+    b"host": _H_DROP,  # rewritten to the backend's authority (PROTOCOL.md §7.17)
+    b"connection": _H_CONNECTION,
+    b"keep-alive": _H_DROP,
+    b"proxy-connection": _H_DROP,
+    b"proxy-authorization": _H_DROP,
+    b"te": _H_DROP,
+    b"trailer": _H_DROP,
+    b"upgrade": _H_DROP,
+}
+
+_NOT_FOUND_TEXT = b"404 page not found"
+_NOT_ALLOWED_TEXT = b"405 method not allowed"
+_TEXT_PLAIN = b"text/plain"
+
+
+class State(enum.Enum):
+    """Where an exchange is in its life."""
+
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    CONNECTING = "connecting"
+    WAITING = "waiting"
+    STREAMING = "streaming"
+    DONE = "done"
+
+
+class Exchange:
+    """Per-request state and the logic that moves a request through the gateway."""
+
+    __slots__ = (
+        "client", "gw", "method", "url", "path", "headers", "route", "api",
+        "keep_alive", "user", "state", "body", "body_size", "request_complete",
+        "stream_body", "chunked_in", "content_length", "expect_continue", "active",
+        "upstream", "backend", "slot_held", "ticket", "model", "model_name", "chosen",
+        "enqueued_at", "queue_ms", "attempts", "fwd_headers", "connect_task",
+        "early_error", "discard_body", "body_forwarded", "status", "started_at",
+        "continue_sent", "early_extra", "unslot_held",
+    )
+
+    def __init__(self, client: "ClientProtocol") -> None:
+        self.client = client
+        self.gw: GatewayState = client.gw
+        self.method = b""
+        self.url = b""
+        self.path = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.route: Route | None = None
+        self.api = Api.OLLAMA
+        self.keep_alive = True
+        self.user = ""
+        self.state = State.RECEIVING
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.request_complete = False
+        self.stream_body = False
+        self.chunked_in = False
+        self.content_length = -1
+        self.expect_continue = False
+        self.active = False
+        self.upstream: UpstreamConnection | None = None
+        self.backend: Backend | None = None
+        self.slot_held = False
+        self.ticket: Ticket | None = None
+        self.model: str | None = None
+        self.model_name = ""
+        self.chosen: Backend | None = None
+        self.enqueued_at = 0.0
+        self.queue_ms = 0
+        self.attempts = 0
+        self.fwd_headers = b""
+        self.connect_task: asyncio.Task[None] | None = None
+        self.early_error: tuple[int, bytes, bytes, bool] | None = None
+        self.discard_body = False
+        self.body_forwarded = False
+        self.status = 0
+        self.started_at = 0.0
+        self.continue_sent = False
+        self.early_extra = b""
+        self.unslot_held = False
+
+    # -- Request side (called by ClientProtocol) ----------------------------------
+
+    def head_complete(self, method: bytes, keep_alive: bool, http_11: bool) -> None:
+        """The request head is parsed: classify the route and process headers."""
+        self.method = method
+        self.keep_alive = keep_alive
+        path = self.url.split(b"?", 1)[0]
+        self.path = path
+        route = lookup(path)
+        self.api = route.api if route is not None else api_of_path(path)
+        kept: list[bytes] = []
+        xff = b""
+        connection_tokens: set[bytes] | None = None
+        for name, value in self.headers:
+            action = _REQUEST_SPECIAL.get(name.lower())
+            if action is None:
+                kept.append(name + b": " + value + b"\r\n")
+            elif action == _H_LENGTH:
+                self.content_length = int(value)
+            elif action == _H_TE:
+                self.chunked_in = b"chunked" in value.lower()
+            elif action == _H_EXPECT:
+                self.expect_continue = http_11 and value.strip().lower() == b"100-continue"
+            elif action == _H_USER:
+                self.user = value.decode("latin-1").strip()
+                kept.append(name + b": " + value + b"\r\n")
+            elif action == _H_XFF:
+                xff = value + b", "
+            elif action == _H_CONNECTION:
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                tokens -= {b"close", b"keep-alive"}
+                if tokens:
+                    connection_tokens = tokens
+        if connection_tokens:
+            # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
+            kept = [h for h in kept if h.split(b":", 1)[0].lower() not in connection_tokens]
+        kept.append(b"X-Forwarded-For: " + xff + self.client.peer_ip_bytes + b"\r\n")
+        self.fwd_headers = b"".join(kept)
+        if not self.user:
+            self.user = self.client.peer_ip
+        self._check_route(route, method)
+
+    def _check_route(self, route: Route | None, method: bytes) -> None:
+        settings = self.gw.settings
+        if route is None:
+            stripped = self.path.rstrip(b"/")
+            if stripped != self.path and stripped and lookup(stripped) is not None:
+                # gin redirects a trailing slash (PROTOCOL.md §7.27); clients follow it.
+                status = 301 if method in (b"GET", b"HEAD") else 307
+                query = self.url[len(self.path) :]
+                self._set_early_error(status, b"", b"", extra=b"Location: " + stripped + query + b"\r\n")
+                return
+            if settings.allow_all_routes:
+                route = FALLBACK_ROUTE
+            else:
+                self._set_early_error(404, _TEXT_PLAIN, _NOT_FOUND_TEXT)
+                return
+        elif route.methods and method not in route.methods:
+            self._set_early_error(405, _TEXT_PLAIN, _NOT_ALLOWED_TEXT)
+            return
+        self.route = route
+        if route.kind is Kind.PRIMARY:
+            self.stream_body = True
+        elif route.kind is not Kind.LOCAL and self.content_length > settings.max_body_bytes:
+            self._error_now(413, self._too_large_message(), close=True)
+
+    def _too_large_message(self) -> str:
+        mb = self.gw.settings.max_body_bytes / (1024 * 1024)
+        return f"request body too large: the gateway accepts at most {mb:g} MB (--max-body-mb)"
+
+    def _set_early_error(self, status: int, ctype: bytes, body: bytes, extra: bytes = b"") -> None:
+        # Answered once the request body is read, so the connection stays usable.
+        self.early_error = (status, ctype, body, False)
+        self.early_extra = extra
+        self.discard_body = True
+
+    def body_received(self, data: bytes) -> None:
+        """A piece of request body (de-chunked by the parser)."""
+        if self.discard_body:
+            return
+        self.body_size += len(data)
+        if self.stream_body:
+            conn = self.upstream
+            if conn is not None and self.state in (State.WAITING, State.STREAMING) and self.body_forwarded:
+                conn.write(framing.chunk(data) if self.chunked_in else data)
+                return
+            self.body.append(data)
+            if self.body_size > HIGH_WATER:
+                self.client.pause_reading()
+            return
+        if self.body_size > self.gw.settings.max_body_bytes:
+            self.body = []
+            self.discard_body = True
+            self._error_now(413, self._too_large_message(), close=True)
+            return
+        self.body.append(data)
+        if not self.active and self.body_size > PIPELINE_BUFFER_LIMIT:
+            self.client.pause_reading()
+
+    def message_complete(self) -> None:
+        """The whole request has been read."""
+        self.request_complete = True
+        if self.stream_body and self.body_forwarded and self.chunked_in:
+            conn = self.upstream
+            if conn is not None:
+                conn.write(framing.LAST_CHUNK)
+        if self.active and self.state is State.RECEIVING:
+            self._route()
+
+    def activate(self) -> None:
+        """This exchange is now the one the connection answers (pipelining order)."""
+        self.active = True
+        if self.state is State.DONE:
+            return
+        if self.early_error is not None and self.early_error[3]:
+            return
+        if (
+            self.expect_continue
+            and not self.request_complete
+            and not self.discard_body
+            and not self.continue_sent
+        ):
+            # We will read the body, so tell the client to send it (RFC 9110 §10.1.1).
+            self.continue_sent = True
+            self.client.write(framing.CONTINUE)
+        if self.request_complete or (self.stream_body and self.route is not None):
+            self._route()
+        elif self.body_size:
+            self.client.resume_reading()
+
+    def client_gone(self) -> None:
+        """The client connection closed: stop everything this exchange holds."""
+        state = self.state
+        self.state = State.DONE
+        if state is State.QUEUED:
+            self.gw.dispatcher.cancel(self)
+        elif state is State.CONNECTING:
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+            self._release_backend()
+        elif state in (State.WAITING, State.STREAMING):
+            conn = self.upstream
+            self.upstream = None
+            if conn is not None:
+                conn.abort()
+            self.gw.stats.cancelled += 1
+            self._release_backend()
+
+    # -- Routing --------------------------------------------------------------------
+
+    def _route(self) -> None:
+        early = self.early_error
+        if early is not None:
+            status, ctype, body, _ = early
+            self.respond(status, ctype, body, extra=self.early_extra)
+            return
+        route = self.route
+        assert route is not None
+        kind = route.kind
+        if kind is Kind.LOCAL:
+            self.gw.local.answer(self, route)
+            return
+        if kind is Kind.PRIMARY:
+            backend = self.gw.fleet.primary(native=route is BLOB_ROUTE)
+            if backend is None:
+                self.respond_error(503, "no backend is online", retry_after=5)
+                return
+            self.start(backend, slotted=False)
+            return
+        body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
+        self.body = [body]
+        try:
+            found = sniff_fields(body, route.model_keys)
+        except SniffError as exc:
+            self.respond_error(400, str(exc))
+            return
+        name = first_model(found, route.model_keys)
+        if not name:
+            self.respond_error(400, "model is required")
+            return
+        self.model_name = name
+        self.model = normalize_model(name)
+        self.gw.dispatcher.submit(self)
+
+    def start(self, backend: "Backend", slotted: bool) -> None:
+        """Run on `backend` now (called by the dispatcher or for unqueued routes)."""
+        self.backend = backend
+        if slotted:
+            backend.in_flight += 1
+            self.slot_held = True
+        else:
+            backend.unslotted += 1
+            self.unslot_held = True
+        self.state = State.CONNECTING
+        assert backend.pool is not None
+        conn = backend.pool.acquire_idle()
+        if conn is not None:
+            self._send(conn)
+        else:
+            self.connect_task = self.gw.loop.create_task(self._connect(backend))
+
+    async def _connect(self, backend: "Backend") -> None:
+        assert backend.pool is not None
+        try:
+            conn = await backend.pool.connect()
+        except asyncio.CancelledError:
+            raise
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.connect_task = None
+            if self.state is State.CONNECTING:
+                self._failed_before_response(None, exc)
+            return
+        self.connect_task = None
+        if self.state is not State.CONNECTING:
+            conn.close()
+            return
+        self._send(conn)
+
+    def _send(self, conn: "UpstreamConnection") -> None:
+        backend = self.backend
+        assert backend is not None
+        self.upstream = conn
+        self.state = State.WAITING
+        head = [
+            self.method, b" ", backend.path_prefix, self.url, b" HTTP/1.1\r\n",
+            backend.host_header, self.fwd_headers,
+        ]
+        head_request = self.method == b"HEAD"
+        if not self.stream_body:
+            body = self.body[0] if self.body else b""
+            if body or self.content_length >= 0 or self.chunked_in:
+                head.append(b"Content-Length: %d\r\n\r\n" % len(body))
+            else:
+                head.append(b"\r\n")
+            head.append(body)
+            conn.send(self, [b"".join(head)], head_request)
+            self.body_forwarded = True
+            return
+        if self.chunked_in:
+            head.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif self.content_length >= 0:
+            head.append(b"Content-Length: %d\r\n\r\n" % self.content_length)
+        else:
+            head.append(b"\r\n")
+        data = [b"".join(head)]
+        for piece in self.body:
+            data.append(framing.chunk(piece) if self.chunked_in else piece)
+        if self.request_complete and self.chunked_in:
+            data.append(framing.LAST_CHUNK)
+        self.body = []
+        self.body_forwarded = True
+        conn.send(self, data, head_request)
+        self.client.resume_reading()
+
+    # -- Response side (called by UpstreamConnection) -------------------------------
+
+    @property
+    def client_transport(self) -> asyncio.Transport | None:
+        """Where response bytes go; None once the client is gone."""
+        return self.client.transport if self.state is not State.DONE else None
+
+    def response_head(self, conn: "UpstreamConnection") -> bytes:
+        """The head for the client: backend headers minus hop-by-hop, plus ours."""
+        self.state = State.STREAMING
+        self.status = conn.status
+        if conn.framing is framing.Framing.CLOSE or not self.request_complete:
+            self.keep_alive = False
+        backend = self.backend
+        assert backend is not None
+        extra = b"X-Gateway-Backend: %b\r\nX-Gateway-Queue-Ms: %d\r\n" % (
+            backend.name.encode(),
+            self.queue_ms,
+        )
+        return framing.response_head(
+            conn.status, conn.reason, conn.headers, extra, not self.keep_alive
+        )
+
+    def upstream_continue(self, conn: "UpstreamConnection") -> None:
+        """Nothing to do: the gateway answers Expect itself and never forwards it."""
+
+    def response_complete(self, conn: "UpstreamConnection") -> None:
+        """The backend's response ended; recycle the connection and finish."""
+        self.upstream = None
+        conn.finish_response(reusable=self.request_complete)
+        backend = self.backend
+        if backend is not None:
+            backend.requests_done += 1
+            backend.consecutive_failures = 0
+            route = self.route
+            if route is not None and route.refresh_models and self.status < 300:
+                self.gw.refresh_models(backend)
+        self._release_backend()
+        self.finish()
+
+    def upstream_lost(self, conn: "UpstreamConnection", exc: Exception | None) -> None:
+        """The backend connection closed before the response ended."""
+        self.upstream = None
+        if self.state is State.STREAMING:
+            self._broken_stream(conn, "the backend closed the connection mid-response")
+            return
+        if self.state is State.WAITING:
+            self._failed_before_response(conn, exc)
+
+    def upstream_timeout(self) -> None:
+        """The backend was silent longer than --timeout (called by the reaper)."""
+        conn = self.upstream
+        self.upstream = None
+        secs = self.gw.settings.timeout
+        if conn is not None:
+            conn.abort()
+        if self.state is State.STREAMING and conn is not None:
+            self._broken_stream(conn, f"the backend sent nothing for {secs:g} s")
+        elif self.state in (State.WAITING, State.CONNECTING):
+            self._note_backend_failure(f"timed out after {secs:g} s of silence")
+            self._release_backend()
+            self.respond_error(504, f"backend {self._backend_name()} sent nothing for {secs:g} s")
+
+    def _broken_stream(self, conn: "UpstreamConnection", why: str) -> None:
+        self._note_backend_failure(why)
+        self._release_backend()
+        self.keep_alive = False
+        transport = self.client.transport
+        if transport is not None and not transport.is_closing():
+            frame = None
+            if conn.framing is framing.Framing.CHUNKED and (
+                not conn.last_data or framing.at_stream_boundary(conn.last_data, conn.content_type)
+            ):
+                frame = stream_error_frame(conn.content_type, why)
+            if frame is not None:
+                transport.write(framing.chunk(frame) + framing.LAST_CHUNK)
+                self.finish()
+                return
+            # Mid-line or unframed: no clean frame is possible; the client sees
+            # a truncated message (an error in every HTTP client), never a hang.
+            transport.abort()
+        self.state = State.DONE
+
+    def _failed_before_response(self, conn: "UpstreamConnection | None", exc: Exception | None) -> None:
+        self.upstream = None
+        self.attempts += 1
+        replayable = (not self.stream_body or not self.body_forwarded) and (
+            conn is None or not conn.got_bytes
+        )
+        backend = self.backend
+        if conn is not None and conn.responses > 0 and not conn.got_bytes:
+            # A pooled connection the backend had already closed: not the backend's
+            # fault. Reconnect to the same backend, keeping the slot; a fresh
+            # connection cannot be stale, so this happens at most once in a row.
+            if replayable and backend is not None and backend.eligible:
+                self.state = State.CONNECTING
+                self.connect_task = self.gw.loop.create_task(self._connect(backend))
+                return
+        else:
+            self._note_backend_failure(repr(exc) if exc else "connection closed before a response")
+        self._release_backend()
+        if replayable and self.attempts < MAX_ATTEMPTS:
+            self.state = State.RECEIVING
+            self.gw.dispatcher.retry(self)
+            return
+        self.respond_error(
+            502,
+            f"backend {self._backend_name()} failed before answering: {exc or 'connection closed'}",
+            retry_after=5,
+        )
+
+    def _note_backend_failure(self, why: str) -> None:
+        backend = self.backend
+        if backend is not None:
+            backend.failures += 1
+            backend.consecutive_failures += 1
+            backend.last_error = why
+            self.gw.backend_failed(backend)
+
+    def _release_backend(self) -> None:
+        backend = self.backend
+        if backend is None:
+            return
+        if self.slot_held:
+            self.slot_held = False
+            backend.in_flight -= 1
+            self.gw.dispatcher.slot_freed()
+        elif self.unslot_held:
+            self.unslot_held = False
+            backend.unslotted -= 1
+
+    def _backend_name(self) -> str:
+        return self.backend.name if self.backend is not None else "?"
+
+    # -- Answering --------------------------------------------------------------
+
+    def respond(self, status: int, ctype: bytes, body: bytes, *, extra: bytes = b"") -> None:
+        """Answer from the gateway itself and finish the exchange."""
+        if self.state is State.DONE:
+            return
+        if not self.request_complete:
+            self.keep_alive = False
+        self.status = status
+        data = framing.local_response(
+            status, ctype, body, close=not self.keep_alive,
+            head_only=self.method == b"HEAD", extra=extra,
+        )
+        self.client.write(data)
+        self.finish()
+
+    def respond_error(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        """Answer an error in the route's own format (Ollama or OpenAI)."""
+        ctype, body = error_body(self.api, status, message)
+        extra = b""
+        if retry_after is not None:
+            extra = b"Retry-After: %d\r\n" % retry_after
+        self.respond(status, ctype, body, extra=extra)
+
+    def _error_now(self, status: int, message: str, close: bool) -> None:
+        """An error that must be answered before the body is read (413)."""
+        self.discard_body = True
+        if close:
+            self.keep_alive = False
+        self.early_error = (status, b"", b"", True)
+        if self.active:
+            self.respond_error(status, message)
+        else:
+            ctype, body = error_body(self.api, status, message)
+            self.early_error = (status, ctype, body, False)
+
+    def finish(self) -> None:
+        """Mark done and let the connection move to its next request."""
+        self.state = State.DONE
+        if not self.request_complete:
+            self.keep_alive = False
+        self.client.exchange_done(self)

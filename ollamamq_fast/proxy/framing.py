@@ -1,0 +1,159 @@
+"""Pure functions for HTTP/1.1 framing and head building (no sockets, no state).
+
+Kept apart from the protocols so that every framing and keep-alive decision
+can be tested with plain bytes (as h11 does with `_body_framing`).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from email.utils import formatdate
+
+from ollamamq_fast.proxy.errors import reason
+
+
+class Framing(enum.Enum):
+    """How a response body is delimited (RFC 9112 §6.3)."""
+
+    EMPTY = "empty"  # 1xx, 204, 304, or a response to HEAD
+    LENGTH = "length"
+    CHUNKED = "chunked"
+    CLOSE = "close"  # read until the connection closes
+
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones we set ourselves.
+# Transfer-Encoding and Content-Length are NOT dropped from responses: the
+# body bytes are passed through as they are, chunk framing included.
+_RESPONSE_DROP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+     b"proxy-authenticate"}
+)
+
+
+def response_framing(
+    status: int, headers: list[tuple[bytes, bytes]], head_request: bool
+) -> tuple[Framing, bytes]:
+    """(framing, content type) of a backend response."""
+    content_type = b""
+    chunked = False
+    has_length = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-type":
+            content_type = value
+        elif lname == b"transfer-encoding":
+            chunked = value.lower().rstrip().endswith(b"chunked")
+        elif lname == b"content-length":
+            has_length = True
+    if head_request or status < 200 or status in (204, 304):
+        return Framing.EMPTY, content_type
+    if chunked:
+        return Framing.CHUNKED, content_type
+    if has_length:
+        return Framing.LENGTH, content_type
+    return Framing.CLOSE, content_type
+
+
+def response_head(
+    status: int,
+    reason_phrase: bytes,
+    headers: list[tuple[bytes, bytes]],
+    extra: bytes,
+    close: bool,
+) -> bytes:
+    """The head sent to the client for a proxied response.
+
+    Hop-by-hop headers are dropped (and any header the backend's Connection
+    header names), `extra` (gateway headers, already CRLF-terminated) is added,
+    and `Connection: close` when the client connection will not be kept.
+    """
+    out = [b"HTTP/1.1 ", str(status).encode(), b" ", reason_phrase or reason(status), b"\r\n"]
+    named: frozenset[bytes] | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive"}
+            if tokens:
+                named = frozenset(tokens)
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESPONSE_DROP or (named is not None and lname in named):
+            continue
+        out.append(name)
+        out.append(b": ")
+        out.append(value)
+        out.append(b"\r\n")
+    out.append(extra)
+    if close:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+_date_cache: list[object] = [0, b""]
+
+
+def http_date() -> bytes:
+    """The current Date header value, computed at most once per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True).encode()
+    value = _date_cache[1]
+    assert isinstance(value, bytes)
+    return value
+
+
+def local_response(
+    status: int,
+    content_type: bytes,
+    body: bytes,
+    *,
+    close: bool = False,
+    head_only: bool = False,
+    extra: bytes = b"",
+) -> bytes:
+    """A complete response the gateway answers itself (errors, local routes)."""
+    parts = [
+        b"HTTP/1.1 ",
+        str(status).encode(),
+        b" ",
+        reason(status),
+        b"\r\nDate: ",
+        http_date(),
+        b"\r\n",
+    ]
+    if content_type:
+        parts += [b"Content-Type: ", content_type, b"\r\n"]
+    parts += [b"Content-Length: ", str(len(body)).encode(), b"\r\n", extra]
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (used when re-chunking a streamed upload)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def at_stream_boundary(last_data: bytes, content_type: bytes) -> bool:
+    """Whether a chunked stream that broke after `last_data` ended on a clean
+    line (NDJSON) or event (SSE) boundary, so an error frame can be appended.
+
+    The chunk terminator CRLF follows the payload. NDJSON payloads never hold a
+    raw CR (JSON escapes it), so `}\\n\\r\\n` only occurs at a chunk's end.
+    """
+    ct = content_type.lower()
+    if b"ndjson" in ct:
+        return last_data.endswith(b"\n\r\n")
+    if b"event-stream" in ct:
+        return last_data.endswith(b"\n\n\r\n") or last_data.endswith(b"\r\n\r\n\r\n")
+    return False

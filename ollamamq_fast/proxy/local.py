@@ -1,0 +1,157 @@
+"""Routes the gateway answers itself, from fleet state (no backend slot taken)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.parse
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ollamamq_fast import __version__
+from ollamamq_fast.fleet.backend import ApiKind
+from ollamamq_fast.fleet.models import namespace_of, normalize_model
+from ollamamq_fast.proxy.exchange import State
+from ollamamq_fast.proxy.routes import V1_MODEL_PREFIX, Local, Route
+
+if TYPE_CHECKING:
+    from ollamamq_fast.gateway import GatewayState
+    from ollamamq_fast.proxy.exchange import Exchange
+
+_JSON = b"application/json; charset=utf-8"
+_OPENAI_JSON = b"application/json"
+_TEXT = b"text/plain; charset=utf-8"
+# Reported by /api/version when no backend has told us its own version yet.
+FALLBACK_OLLAMA_VERSION = "0.12.0"
+
+
+class LocalRoutes:
+    """Answers LOCAL routes for an exchange."""
+
+    def __init__(self, gw: "GatewayState") -> None:
+        self.gw = gw
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def answer(self, ex: "Exchange", route: Route) -> None:
+        """Write the answer for a local route (async ones finish later)."""
+        which = route.local
+        if which is Local.HEALTH:
+            ex.respond(200, _JSON, orjson.dumps(self.health()))
+        elif which is Local.ROOT:
+            self._root(ex)
+        elif which is Local.VERSION:
+            ex.respond(200, _JSON, orjson.dumps({"version": self.version()}))
+        elif which is Local.TAGS:
+            ex.respond(200, _JSON, orjson.dumps({"models": self.tags()}))
+        elif which is Local.V1_MODELS:
+            data = self.v1_models()
+            body = orjson.dumps({"object": "list", "data": data or None}) + b"\n"
+            ex.respond(200, _OPENAI_JSON, body)
+        elif which is Local.V1_MODEL:
+            self._v1_model(ex)
+        elif which is Local.PS:
+            task = self.gw.loop.create_task(self._ps(ex))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def health(self) -> dict[str, Any]:
+        """Liveness plus a short summary of the fleet and queue."""
+        fleet = self.gw.fleet
+        online = sum(1 for b in fleet.backends if b.online)
+        return {
+            "status": "ok" if online else "degraded",
+            "version": __version__,
+            "backends_online": online,
+            "backends_total": len(fleet.backends),
+            "queued": len(self.gw.dispatcher.queue),
+            "in_flight": sum(b.in_flight for b in fleet.backends),
+            "uptime_s": round(time.monotonic() - self.gw.started_at, 1),
+        }
+
+    def _root(self, ex: "Exchange") -> None:
+        fleet = self.gw.fleet
+        online = sum(1 for b in fleet.backends if b.online)
+        extra = b"X-Gateway-Backends-Online: %d/%d\r\n" % (online, len(fleet.backends))
+        if online:
+            ex.respond(200, _TEXT, b"Ollama is running", extra=extra)
+        else:
+            ex.respond(503, _TEXT, b"Ollama gateway is running, but no backend is online", extra=extra)
+
+    def version(self) -> str:
+        """The version of the first online Ollama backend (clients compare it with theirs)."""
+        for b in self.gw.fleet.backends:
+            if b.online and b.kind is ApiKind.OLLAMA and b.version:
+                return b.version
+        return FALLBACK_OLLAMA_VERSION
+
+    def tags(self) -> list[dict[str, Any]]:
+        """Models of all online Ollama backends, de-duplicated by normalized name."""
+        merged: dict[str, dict[str, Any]] = {}
+        for b in self.gw.fleet.backends:
+            if b.online and b.kind is ApiKind.OLLAMA:
+                for key, entry in b.models.items():
+                    merged.setdefault(key, entry)
+        return list(merged.values())
+
+    def v1_models(self) -> list[dict[str, Any]]:
+        """OpenAI model objects across all online backends, de-duplicated by id."""
+        merged: dict[str, dict[str, Any]] = {}
+        for b in self.gw.fleet.backends:
+            if not b.online:
+                continue
+            if b.kind is ApiKind.OPENAI:
+                for item in b.v1_models:
+                    merged.setdefault(normalize_model(str(item["id"])), item)
+            else:
+                for key, entry in b.models.items():
+                    name = str(entry.get("name") or entry.get("model") or key)
+                    merged.setdefault(
+                        key,
+                        {
+                            "id": name,
+                            "object": "model",
+                            "created": _epoch(entry.get("modified_at")),
+                            "owned_by": namespace_of(name),
+                        },
+                    )
+        return list(merged.values())
+
+    def _v1_model(self, ex: "Exchange") -> None:
+        raw = ex.path[len(V1_MODEL_PREFIX) :].decode("utf-8", "replace")
+        name = urllib.parse.unquote(raw)
+        found = None
+        if "/" not in name:
+            found = self.gw.fleet.find_model_entry(normalize_model(name))
+        if found is None:
+            ex.respond_error(404, f"model '{name}' not found")
+            return
+        backend, entry = found
+        created = _epoch(entry.get("modified_at"))
+        if backend.kind is ApiKind.OPENAI:
+            for item in backend.v1_models:
+                if normalize_model(str(item["id"])) == normalize_model(name):
+                    created = int(item.get("created") or created)
+        body = {"id": name, "object": "model", "created": created, "owned_by": namespace_of(name)}
+        ex.respond(200, _OPENAI_JSON, orjson.dumps(body) + b"\n")
+
+    async def _ps(self, ex: "Exchange") -> None:
+        models = await self.gw.health.fetch_ps()
+        if ex.state is not State.DONE:
+            ex.respond(200, _JSON, orjson.dumps({"models": models}))
+
+
+_FRACTION = re.compile(r"(\.\d{1,6})\d*")
+
+
+def _epoch(stamp: object) -> int:
+    """Unix seconds of an RFC 3339 stamp (Go writes up to 9 fractional digits)."""
+    if isinstance(stamp, str):
+        try:
+            text = _FRACTION.sub(r"\1", stamp.replace("Z", "+00:00"), count=1)
+            return int(datetime.fromisoformat(text).timestamp())
+        except ValueError:
+            pass
+    return int(time.time())

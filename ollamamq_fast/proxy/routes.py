@@ -1,0 +1,127 @@
+"""The route table: for each path, how the gateway handles the request.
+
+Kinds:
+- LOCAL: answered by the gateway from fleet state (health, status, version,
+  merged model lists). No backend slot is taken.
+- QUEUED: inference. The body is read (bounded), its top-level model sniffed,
+  and the request waits in its user's fair queue for a backend slot.
+- MODEL: model management routed to a backend that has the model (show, delete,
+  copy, push) or to any Ollama backend (pull, create). Not queued, no slot: these
+  do not use the GPU, and must not wait behind a user's generations.
+- PRIMARY: routed to the primary Ollama backend with the body streamed through
+  (blob uploads can be GBs), and unknown paths with --allow-all-routes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ollamamq_fast.proxy.errors import Api
+
+
+class Kind(enum.Enum):
+    """How a route is served."""
+
+    LOCAL = "local"
+    QUEUED = "queued"
+    MODEL = "model"
+    PRIMARY = "primary"
+
+
+class Local(enum.Enum):
+    """Which local handler answers a LOCAL route."""
+
+    HEALTH = "health"
+    ROOT = "root"
+    VERSION = "version"
+    TAGS = "tags"
+    PS = "ps"
+    V1_MODELS = "v1_models"
+    V1_MODEL = "v1_model"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One entry of the route table."""
+
+    kind: Kind
+    api: Api
+    methods: frozenset[bytes]
+    # Top-level JSON keys naming the model, in Go's cmp.Or order (first non-empty wins).
+    model_keys: tuple[str, ...] = ()
+    # Any backend may serve it when the model is not known yet (pull, create).
+    any_backend: bool = False
+    # Native routes go to Ollama backends only; /v1 routes to any backend.
+    native: bool = True
+    local: Local | None = None
+    # Model lists change after these succeed: refresh that backend's models.
+    refresh_models: bool = False
+
+
+_GET = frozenset({b"GET", b"HEAD"})
+_POST = frozenset({b"POST"})
+
+
+def _queued(api: Api, native: bool) -> Route:
+    return Route(Kind.QUEUED, api, _POST, ("model",), native=native)
+
+
+_OLLAMA, _OPENAI = Api.OLLAMA, Api.OPENAI
+
+EXACT: dict[bytes, Route] = {
+    b"/health": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.HEALTH),
+    b"/": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.ROOT),
+    b"/api/version": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.VERSION),
+    b"/api/tags": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.TAGS),
+    b"/api/ps": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.PS),
+    b"/api/generate": _queued(_OLLAMA, True),
+    b"/api/chat": _queued(_OLLAMA, True),
+    b"/api/embed": _queued(_OLLAMA, True),
+    b"/api/embeddings": _queued(_OLLAMA, True),
+    b"/api/show": Route(Kind.MODEL, _OLLAMA, _POST, ("model", "name")),
+    b"/api/delete": Route(
+        Kind.MODEL, _OLLAMA, frozenset({b"DELETE"}), ("model", "name"), refresh_models=True
+    ),
+    b"/api/copy": Route(Kind.MODEL, _OLLAMA, _POST, ("source",), refresh_models=True),
+    b"/api/push": Route(Kind.MODEL, _OLLAMA, _POST, ("model", "name")),
+    b"/api/pull": Route(
+        Kind.MODEL, _OLLAMA, _POST, ("model", "name"), any_backend=True, refresh_models=True
+    ),
+    b"/api/create": Route(
+        Kind.MODEL, _OLLAMA, _POST, ("model", "name"), any_backend=True, refresh_models=True
+    ),
+    b"/v1/chat/completions": _queued(_OPENAI, False),
+    b"/v1/completions": _queued(_OPENAI, False),
+    b"/v1/embeddings": _queued(_OPENAI, False),
+    b"/v1/responses": _queued(_OPENAI, False),
+    b"/v1/messages": _queued(_OPENAI, False),
+    b"/v1/models": Route(Kind.LOCAL, _OPENAI, frozenset({b"GET"}), local=Local.V1_MODELS, native=False),
+}
+
+BLOBS_PREFIX = b"/api/blobs/"
+V1_MODEL_PREFIX = b"/v1/models/"
+
+BLOB_ROUTE = Route(Kind.PRIMARY, _OLLAMA, frozenset({b"HEAD", b"POST"}))
+V1_MODEL_ROUTE = Route(
+    Kind.LOCAL, _OPENAI, frozenset({b"GET"}), local=Local.V1_MODEL, native=False
+)
+# Unknown paths forwarded with --allow-all-routes: any method, to the primary backend.
+FALLBACK_ROUTE = Route(Kind.PRIMARY, _OLLAMA, frozenset(), native=False)
+
+
+def lookup(path: bytes) -> Route | None:
+    """The route for a path (without query string), or None when unknown."""
+    route = EXACT.get(path)
+    if route is not None:
+        return route
+    if path.startswith(BLOBS_PREFIX) and len(path) > len(BLOBS_PREFIX):
+        return BLOB_ROUTE
+    if path.startswith(V1_MODEL_PREFIX) and len(path) > len(V1_MODEL_PREFIX):
+        return V1_MODEL_ROUTE
+    return None
+
+
+def api_of_path(path: bytes) -> Api:
+    """Error dialect for a path that has no route entry."""
+    return Api.OPENAI if path.startswith(b"/v1/") else Api.OLLAMA

@@ -1,0 +1,183 @@
+"""Byte-level read of top-level JSON keys (`model`, `name`, `source`).
+
+The gateway must route on the model without parsing the whole body
+(bodies can be 50 MB of base64 images), yet must never be fooled
+(PROTOCOL.md §7.3–7.5): the key may come last, after megabytes; nested
+`"model"` keys and string contents that look like keys are decoys; keys and
+values may use `\\u` escapes; keys match case-insensitively and the last
+duplicate wins, exactly as Go's encoding/json (which Ollama uses) resolves them.
+
+How it stays fast: strings are skipped with `bytes.find` (memchr speed), so
+a 50 MB base64 string costs one call; only structural characters outside
+strings are visited by a (C) regex search. Values of other keys are never
+decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import orjson
+
+_QUOTE = 0x22
+_BACKSLASH = 0x5C
+_STRUCT = re.compile(rb'["{}\[\]]')
+_OPEN = re.compile(rb"\s*\{\s*(\})?")
+# Keys without escapes (nearly all) take the simple pattern; the general one
+# handles `\u`-escaped keys.
+_KEY = re.compile(rb'"([^"\\]*)"\s*:\s*')
+_KEY_ESCAPED = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*', re.S)
+_SCALAR = re.compile(rb"[^,}\]\s]+")
+_SEP = re.compile(rb"\s*([,}])\s*")
+_wanted_memo: dict[tuple[str, ...], dict[bytes, str]] = {}
+
+
+def _wanted(keys: tuple[str, ...]) -> dict[bytes, str]:
+    wanted = _wanted_memo.get(keys)
+    if wanted is None:
+        wanted = _wanted_memo[keys] = {k.encode(): k for k in keys}
+    return wanted
+
+
+class SniffError(ValueError):
+    """The body is not a JSON object the gateway can route on (answered with 400)."""
+
+
+def sniff_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
+    """Values of the wanted top-level string keys of a JSON object body.
+
+    Keys are matched case-insensitively and the last occurrence wins (Go's
+    rules). A `null` value counts as absent. A wanted key holding a non-string
+    value raises SniffError, as Go's decoder rejects it.
+    """
+    wanted = _wanted(keys)
+    found: dict[str, str] = {}
+    m = _OPEN.match(body)
+    if m is None:
+        if not body.strip():
+            raise SniffError("missing request body")
+        raise SniffError("request body must be a JSON object")
+    i = m.end()
+    if m.group(1):  # '{}'
+        return found
+    key_match = _KEY.match
+    sep_match = _SEP.match
+    while True:
+        m = key_match(body, i)
+        if m is not None:
+            raw_key = m.group(1)
+            key = wanted.get(raw_key.lower()) if raw_key.isascii() else _match_key(raw_key, wanted)
+        else:
+            m = _KEY_ESCAPED.match(body, i)
+            if m is None:
+                raise SniffError("invalid JSON: expected a string key and ':'")
+            raw_key = m.group(1)
+            key = _match_key(raw_key, wanted)
+        i = m.end()
+        c = body[i] if i < len(body) else -1
+        if c == _QUOTE:
+            end = _string_end(body, i + 1)
+            if key is not None:
+                found[key] = _decode_string(body[i + 1 : end])
+            i = end + 1
+        elif c == 0x7B or c == 0x5B:  # '{' or '['
+            if key is not None:
+                raise SniffError(f"json: cannot unmarshal object into field {key} of type string")
+            i = _skip_container(body, i)
+        else:
+            sm = _SCALAR.match(body, i)
+            if sm is None:
+                raise SniffError("unexpected end of JSON input")
+            if key is not None:
+                scalar = sm.group(0)
+                if scalar == b"null":
+                    found.pop(key, None)
+                else:
+                    raise SniffError(
+                        f"json: cannot unmarshal {_kind(scalar)} into field {key} of type string"
+                    )
+            i = sm.end()
+        m = sep_match(body, i)
+        if m is None:
+            if i >= len(body.rstrip()):
+                raise SniffError("unexpected end of JSON input")
+            raise SniffError("invalid JSON: expected ',' or '}' after object value")
+        if m.group(1) == b"}":  # trailing bytes after the object are ignored, as Go does
+            return found
+        i = m.end()
+
+
+def first_model(found: dict[str, str], keys: tuple[str, ...]) -> str:
+    """Go's `cmp.Or(req.Model, req.Name)`: the first non-empty value in key order."""
+    for key in keys:
+        value = found.get(key)
+        if value:
+            return value
+    return ""
+
+
+def _string_end(body: bytes, start: int) -> int:
+    """Index of the closing quote of a string whose content starts at `start`."""
+    i = start
+    while True:
+        j = body.find(b'"', i)
+        if j < 0:
+            raise SniffError("unexpected end of JSON input")
+        k = j - 1
+        while k >= start and body[k] == _BACKSLASH:
+            k -= 1
+        if (j - 1 - k) % 2 == 0:  # an even run of backslashes escapes nothing
+            return j
+        i = j + 1
+
+
+def _skip_container(body: bytes, i: int) -> int:
+    """Index just past the object or array opening at `i`."""
+    depth = 0
+    pos = i
+    search = _STRUCT.search
+    while True:
+        m = search(body, pos)
+        if m is None:
+            raise SniffError("unexpected end of JSON input")
+        at = m.start()
+        c = body[at]
+        if c == _QUOTE:
+            pos = _string_end(body, at + 1) + 1
+        elif c == 0x7B or c == 0x5B:
+            depth += 1
+            pos = at + 1
+        else:
+            depth -= 1
+            pos = at + 1
+            if depth == 0:
+                return pos
+
+
+def _match_key(raw: bytes, wanted: dict[bytes, str]) -> str | None:
+    """The wanted key name this raw key selects, under Go's case folding."""
+    if _BACKSLASH not in raw and raw.isascii():
+        return wanted.get(raw.lower())
+    folded = _decode_string(raw).casefold().encode()
+    return wanted.get(folded)
+
+
+def _decode_string(raw: bytes) -> str:
+    """Decode JSON string content; invalid UTF-8 becomes U+FFFD, as in Go."""
+    if _BACKSLASH not in raw:
+        return raw.decode("utf-8", "replace")
+    try:
+        value = orjson.loads(b'"' + raw + b'"')
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads('"' + raw.decode("utf-8", "replace") + '"')
+        except json.JSONDecodeError as exc:
+            raise SniffError(f"invalid JSON string: {exc.msg}") from None
+    return str(value)
+
+
+def _kind(scalar: bytes) -> str:
+    if scalar in (b"true", b"false"):
+        return "bool"
+    return "number"

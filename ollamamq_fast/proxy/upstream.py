@@ -1,0 +1,345 @@
+"""Backend connections: a keep-alive pool per backend and raw response passthrough.
+
+The response is not re-encoded: its head is rebuilt (hop-by-hop headers
+dropped, gateway headers added) and every body byte, chunk framing included, is
+written to the client as it arrives. An httptools response parser reads the
+same bytes only to learn where the message ends; no Python code looks at the
+body, except the last bytes kept by reference for a clean error frame if the
+backend dies mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+from ollamamq_fast.proxy import framing
+from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER
+
+if TYPE_CHECKING:
+    from ollamamq_fast.fleet.backend import Backend
+
+# Idle keep-alive connections kept per backend. Enough for a burst at high
+# --slots without holding thousands of sockets open.
+MAX_IDLE_PER_BACKEND = 256
+# Seconds an idle pooled connection is kept. Shorter than common server idle
+# timeouts (Go's default keep-alive is longer), so we close first and rarely
+# pick a connection the backend is closing.
+IDLE_EXPIRY_S = 30.0
+# A backend that does not accept a TCP connection within this is failing.
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to: the exchange it is bound to."""
+
+    client_transport: asyncio.Transport | None
+
+    def response_head(self, conn: "UpstreamConnection") -> bytes:
+        """Build the head to send to the client; called once per response."""
+        ...
+
+    def response_complete(self, conn: "UpstreamConnection") -> None:
+        """The backend's response ended cleanly."""
+        ...
+
+    def upstream_lost(self, conn: "UpstreamConnection", exc: Exception | None) -> None:
+        """The connection closed before the response ended."""
+        ...
+
+    def upstream_continue(self, conn: "UpstreamConnection") -> None:
+        """The backend answered 100 Continue."""
+        ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to a backend; carries one exchange at a time."""
+
+    def __init__(self, pool: "UpstreamPool") -> None:
+        # Per-connection state
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.sink: ResponseSink | None = None
+        self.responses = 0  # completed responses; > 0 means it came from the pool
+        self.idle_since = 0.0
+        # Silence detection: the reaper compares rx_count between its ticks,
+        # which costs one integer add per read instead of a clock call.
+        self.rx_count = 0
+        self.rx_seen = 0
+        self.silent_s = 0.0
+        self.writing_paused = False
+        self.counted = True  # still counted in pool.open
+        # Per-response state
+        self._reset_response(False)
+
+    def _reset_response(self, head_request: bool) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.head_request = head_request
+        self.head_sent = False
+        self.head_buf = bytearray()
+        self.head_scan_from = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.status = 0
+        self.headers_done = False
+        self.interim = False
+        self.complete = False
+        self.got_bytes = False
+        self.last_data = b""
+        self.content_type = b""
+        self.framing = framing.Framing.EMPTY
+
+    # -- asyncio.Protocol interface -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.rx_count += 1
+        sink = self.sink
+        if sink is None:
+            # Bytes on an idle connection: the backend is confused; drop it.
+            self.abort()
+            return
+        self.got_bytes = True
+        if self.head_sent:
+            self.last_data = data
+            client = sink.client_transport
+            if client is not None:
+                client.write(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                self._protocol_error(exc)
+                return
+        else:
+            self._receive_head(data, sink)
+        if self.complete:
+            self.sink = None
+            sink.response_complete(self)
+
+    def _receive_head(self, data: bytes, sink: ResponseSink) -> None:
+        self.head_buf += data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._protocol_error(exc)
+            return
+        if not self.headers_done:
+            return
+        # The first blank line after the scan start ends the final head: headers
+        # cannot contain one, and interim (1xx) heads were skipped past already.
+        end = self.head_buf.find(b"\r\n\r\n", self.head_scan_from)
+        if end < 0:
+            end = self.head_buf.find(b"\n\n", self.head_scan_from)
+            body = bytes(self.head_buf[end + 2 :]) if end >= 0 else b""
+        else:
+            body = bytes(self.head_buf[end + 4 :])
+        self.head_buf = bytearray()
+        self.head_sent = True
+        head = sink.response_head(self)
+        client = sink.client_transport
+        if body:
+            self.last_data = body
+        if client is not None:
+            client.write(head + body if len(body) < 65536 else head)
+            if len(body) >= 65536:
+                client.write(body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        sink = self.sink
+        self.sink = None
+        if sink is not None:
+            if not self.complete and self.head_sent and self.framing is framing.Framing.CLOSE:
+                # Close-delimited body: the close is the end of the message.
+                try:
+                    self.parser.feed_data(b"")
+                except httptools.HttpParserError:
+                    pass
+                self.complete = True
+                sink.response_complete(self)
+                return
+            sink.upstream_lost(self, exc)
+        else:
+            self.pool.forget(self)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        sink = self.sink
+        if sink is not None and sink.client_transport is not None:
+            # Request body faster than the backend reads it: stop reading the client.
+            sink.client_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        sink = self.sink
+        if sink is not None and sink.client_transport is not None:
+            sink.client_transport.resume_reading()
+
+    # -- httptools parser callbacks -------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim response: not forwarded (we sent no Expect upstream), but a
+            # 100 Continue tells a waiting request body that it may go.
+            self.interim = True
+            end = self.head_buf.find(b"\r\n\r\n", self.head_scan_from)
+            self.head_scan_from = end + 4 if end >= 0 else len(self.head_buf)
+            self.headers = []
+            self.reason = b""
+            if status == 100 and self.sink is not None:
+                self.sink.upstream_continue(self)
+            return
+        self.status = status
+        self.headers_done = True
+        self.framing, self.content_type = framing.response_framing(
+            status, self.headers, self.head_request
+        )
+        if self.head_request or self.framing is framing.Framing.EMPTY:
+            # No body follows (HEAD, 204, 304). The parser cannot be told about
+            # HEAD, so the message ends here and the parser is replaced.
+            self.complete = True
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.complete = True
+
+    # -- Exchange-facing API ----------------------------------------------------------
+
+    def send(self, sink: ResponseSink, data: list[bytes], head_request: bool) -> None:
+        """Bind to an exchange and write its request head (and body, if any)."""
+        self._reset_response(head_request)
+        self.sink = sink
+        self.rx_seen = self.rx_count
+        self.silent_s = 0.0
+        assert self.transport is not None
+        if len(data) == 1:
+            self.transport.write(data[0])
+        else:
+            self.transport.writelines(data)
+
+    def write(self, data: bytes) -> None:
+        """Write more request body bytes."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def finish_response(self, reusable: bool) -> None:
+        """Called by the exchange after response_complete: back to the pool or closed."""
+        self.responses += 1
+        if reusable and not self.closed and self.parser.should_keep_alive():
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """Close gracefully (flushes what was written)."""
+        self.sink = None
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+        self.pool.forget(self)
+
+    def abort(self) -> None:
+        """Close at once. The backend sees the connection drop, which is Ollama's
+        only cancel signal (PROTOCOL.md §1, §7.10)."""
+        self.sink = None
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+        self.pool.forget(self)
+
+    def _protocol_error(self, exc: Exception) -> None:
+        sink = self.sink
+        self.sink = None
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+        self.pool.forget(self)
+        if sink is not None:
+            sink.upstream_lost(self, exc)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one backend, most recently used first."""
+
+    def __init__(self, backend: "Backend", loop: asyncio.AbstractEventLoop) -> None:
+        self.backend = backend
+        self.loop = loop
+        self.idle: list[UpstreamConnection] = []
+        self.open = 0
+        self.closed = False
+
+    def acquire_idle(self) -> UpstreamConnection | None:
+        """A pooled connection ready to use, or None (then call `connect`)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a new connection to the backend (raises OSError / TimeoutError)."""
+        address = self.backend.address
+        _, conn = await asyncio.wait_for(
+            self.loop.create_connection(
+                lambda: UpstreamConnection(self), address.host, address.port
+            ),
+            CONNECT_TIMEOUT_S,
+        )
+        self.open += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection after a clean response."""
+        if self.closed or len(self.idle) >= MAX_IDLE_PER_BACKEND:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed: stop counting it."""
+        if conn in self.idle:
+            self.idle.remove(conn)
+        if conn.counted:
+            conn.counted = False
+            self.open -= 1
+
+    def expire_idle(self, now: float) -> None:
+        """Close connections idle longer than IDLE_EXPIRY_S (called by the reaper)."""
+        if not self.idle:
+            return
+        keep = []
+        for conn in self.idle:
+            if conn.closed:
+                continue
+            if now - conn.idle_since > IDLE_EXPIRY_S:
+                conn.closed = True
+                if conn.transport is not None:
+                    conn.transport.close()
+            else:
+                keep.append(conn)
+        self.idle = keep
+
+    def close_all(self) -> None:
+        """Close every idle connection and refuse to pool more."""
+        self.closed = True
+        for conn in self.idle:
+            conn.close()
+        self.idle = []

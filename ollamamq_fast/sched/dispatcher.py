@@ -1,0 +1,191 @@
+"""Binds the next fair request to a free backend slot that serves its model.
+
+Runs whenever a request arrives or a slot frees (no polling). Requests that
+failed on a backend before any response byte wait in a small retry line that
+is served before the fair queue: they already had their turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ollamamq_fast.proxy.exchange import State
+from ollamamq_fast.proxy.routes import Kind
+from ollamamq_fast.sched.fairqueue import FairQueue
+
+if TYPE_CHECKING:
+    from ollamamq_fast.config import Settings
+    from ollamamq_fast.fleet.select import Fleet
+    from ollamamq_fast.proxy.exchange import Exchange
+
+
+class Dispatcher:
+    """The scheduler's front: admission to the fair queue and dispatch out of it."""
+
+    def __init__(
+        self, fleet: "Fleet", settings: "Settings", loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.fleet = fleet
+        self.settings = settings
+        self.loop = loop
+        self.queue = FairQueue()
+        self.retry_line: deque[Exchange] = deque()
+        self.pumping = False
+        self.dispatched = 0
+        self.rejected_full = 0
+        self.expired = 0
+
+    # -- Admission --------------------------------------------------------------
+
+    def submit(self, ex: "Exchange") -> None:
+        """A request whose model is known asks to run (called by the exchange)."""
+        route = ex.route
+        assert route is not None
+        fleet = self.fleet
+        model = ex.model
+        assert model is not None
+        native = route.native
+        if route.kind is Kind.MODEL:
+            known = fleet.serves(model, native)
+            if not known and not route.any_backend:
+                self._no_backend_for(ex)
+                return
+            backend = fleet.pick_unslotted(model if known else None, native)
+            if backend is None:
+                self._no_backend_for(ex)
+                return
+            ex.start(backend, slotted=False)
+            return
+        if not fleet.serves(model, native):
+            self._no_backend_for(ex)
+            return
+        if not self.queue and not self.retry_line:
+            # Nobody is waiting, so this request is next in fair order anyway.
+            backend = fleet.pick(model, native)
+            if backend is not None:
+                self.dispatched += 1
+                ex.start(backend, slotted=True)
+                return
+        settings = self.settings
+        if len(self.queue) >= settings.max_queue:
+            self.rejected_full += 1
+            ex.respond_error(
+                429, f"the gateway queue is full ({settings.max_queue} requests)", retry_after=5
+            )
+            return
+        if self.queue.depth(ex.user) >= settings.max_queue_per_user:
+            self.rejected_full += 1
+            ex.respond_error(
+                429,
+                f"too many queued requests for user {ex.user!r} "
+                f"(at most {settings.max_queue_per_user})",
+                retry_after=5,
+            )
+            return
+        now = self.loop.time()
+        ex.enqueued_at = now
+        ex.state = State.QUEUED
+        ex.ticket = self.queue.push(ex.user, ex, now)
+        self.pump()
+
+    def _no_backend_for(self, ex: "Exchange") -> None:
+        if not self.fleet.any_online():
+            ex.respond_error(503, "no backend is online", retry_after=5)
+        else:
+            ex.respond_error(404, f"model '{ex.model_name}' not found")
+
+    # -- Dispatch ---------------------------------------------------------------
+
+    def _can_run(self, payload: object) -> bool:
+        ex: Exchange = payload  # type: ignore[assignment]
+        route = ex.route
+        assert route is not None
+        backend = self.fleet.pick(ex.model, route.native)
+        ex.chosen = backend
+        return backend is not None
+
+    def pump(self) -> None:
+        """Start queued requests while backends have free slots."""
+        if self.pumping:
+            return
+        self.pumping = True
+        try:
+            fleet = self.fleet
+            line = self.retry_line
+            while line:
+                ex = line[0]
+                if not self._can_run(ex):
+                    break
+                line.popleft()
+                self._start(ex)
+            queue = self.queue
+            while queue and fleet.has_free_slot():
+                ticket = queue.pop(self._can_run)
+                if ticket is None:
+                    break
+                ex = ticket.payload
+                ex.ticket = None
+                self._start(ex)
+        finally:
+            self.pumping = False
+
+    def _start(self, ex: "Exchange") -> None:
+        backend = ex.chosen
+        assert backend is not None
+        ex.chosen = None
+        ex.queue_ms = int((self.loop.time() - ex.enqueued_at) * 1000) if ex.enqueued_at else 0
+        self.dispatched += 1
+        route = ex.route
+        assert route is not None
+        ex.start(backend, slotted=route.kind is Kind.QUEUED)
+
+    def slot_freed(self) -> None:
+        """A backend slot was released (called by the exchange)."""
+        if self.queue or self.retry_line:
+            self.pump()
+
+    def retry(self, ex: "Exchange") -> None:
+        """Run a request again after its backend failed before answering."""
+        route = ex.route
+        assert route is not None
+        if route.kind is not Kind.QUEUED:
+            self.submit(ex)
+            return
+        if not self.fleet.serves(ex.model or "", route.native):
+            self._no_backend_for(ex)
+            return
+        ex.state = State.QUEUED
+        if not ex.enqueued_at:
+            ex.enqueued_at = self.loop.time()
+        self.retry_line.append(ex)
+        self.pump()
+
+    def cancel(self, ex: "Exchange") -> None:
+        """The client of a waiting request left: forget it, O(1)."""
+        ticket = ex.ticket
+        if ticket is not None:
+            ex.ticket = None
+            self.queue.cancel(ticket)
+        elif ex in self.retry_line:
+            self.retry_line.remove(ex)
+
+    # -- Housekeeping ----------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Answer 503 to requests that waited longer than --queue-timeout (reaper tick)."""
+        limit = self.settings.queue_timeout
+        if limit <= 0:
+            return
+        for ticket in self.queue.expired(now - limit):
+            ex = ticket.payload
+            ex.ticket = None
+            self.expired += 1
+            ex.respond_error(
+                503, f"request waited more than {limit:g} s in the queue", retry_after=10
+            )
+        while self.retry_line and now - self.retry_line[0].enqueued_at > limit:
+            ex = self.retry_line.popleft()
+            self.expired += 1
+            ex.respond_error(503, "no backend could take the request in time", retry_after=10)
