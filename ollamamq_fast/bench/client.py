@@ -75,6 +75,7 @@ class Exchange:
         "terminated",
         "error_frame",
         "tail",
+        "zero_gaps",
     )
 
     def __init__(self, user: int, t_send: float, measured: bool) -> None:
@@ -96,6 +97,10 @@ class Exchange:
         self.terminated = False
         self.error_frame = False
         self.tail = b""
+        # Frames that arrived in the same socket read as the previous one
+        # have a gap of exactly 0; they are counted here and recorded in one
+        # go at the end instead of one histogram call each.
+        self.zero_gaps = 0
 
 
 class ConnectionOwner(Protocol):
@@ -126,6 +131,9 @@ class BenchConnection(asyncio.Protocol):
         # Per-request state
         self.exchange: Exchange | None = None
         self.complete = False
+        # Time of the socket read being parsed: every body callback of one
+        # read shares it (fewer clock calls, and same-read gaps are exactly 0).
+        self.now = 0.0
         # Read at headers-complete: llhttp only answers this question reliably
         # while the message is current (RFC 9112 §9.3 rules: version + Connection).
         self.keep_alive = True
@@ -142,8 +150,9 @@ class BenchConnection(asyncio.Protocol):
             # Bytes nobody asked for: the peer is confused; never reuse it.
             self.abort()
             return
+        self.now = now = clock()
         if ex.t_first == 0.0:
-            ex.t_first = clock()
+            ex.t_first = now
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -181,7 +190,7 @@ class BenchConnection(asyncio.Protocol):
         ex = self.exchange
         if ex is None:
             return
-        now = clock()
+        now = self.now
         if ex.t_body == 0.0:
             ex.t_body = now
         ex.nbytes += len(data)
@@ -194,13 +203,14 @@ class BenchConnection(asyncio.Protocol):
         if sep is SSE_SEP and tail[-1:] == b"\n" and data[:1] == b"\n":
             n += 1
         if n:
-            if ex.measured:
-                gaps = self.owner.gaps
-                if ex.lines:
-                    gaps.record(int((now - ex.t_line) * 1_000_000))
-                    gaps.record_n(0, n - 1)
-                else:
-                    gaps.record_n(0, n - 1)
+            if ex.lines and now != ex.t_line:
+                if ex.measured:
+                    self.owner.gaps.record(int((now - ex.t_line) * 1_000_000))
+                ex.zero_gaps += n - 1
+            elif ex.lines:
+                ex.zero_gaps += n
+            else:
+                ex.zero_gaps += n - 1
             ex.lines += n
             ex.t_line = now
         probe = tail + data[:CARRY] if tail else data

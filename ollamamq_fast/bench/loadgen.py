@@ -113,6 +113,8 @@ class Driver(abc.ABC):
             return
         st = self.stats
         second = int(now - self.worker.t_measure)
+        if ex.zero_gaps:
+            st.gaps.record_n(0, ex.zero_gaps)
         if kind is None:
             st.status[ex.status] = st.status.get(ex.status, 0) + 1
             st.chunks += ex.lines
