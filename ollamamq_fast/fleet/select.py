@@ -116,6 +116,19 @@ class Fleet:
                 return b, b.models[model]
         return None
 
+    def note_model_added(self, backend: Backend, name: str) -> None:
+        """A pull/create/copy succeeded: route to the model now, before the next probe."""
+        key = normalize_model(name)
+        if key and key not in backend.models:
+            backend.models[key] = {"name": name, "model": name, "size": 0, "digest": "",
+                                   "details": {}}
+            self.rebuild_index()
+
+    def note_model_removed(self, backend: Backend, name: str) -> None:
+        """A delete succeeded: stop routing the model there at once."""
+        if backend.models.pop(normalize_model(name), None) is not None:
+            self.rebuild_index()
+
     @staticmethod
     def normalize(name: str) -> str:
         """Normalize a client-given model name for lookups."""

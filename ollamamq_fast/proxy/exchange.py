@@ -423,9 +423,26 @@ class Exchange:
             backend.consecutive_failures = 0
             route = self.route
             if route is not None and route.refresh_models and self.status < 300:
+                self._note_model_change(backend)
                 self.gw.refresh_models(backend)
         self._release_backend()
         self.finish()
+
+    def _note_model_change(self, backend: "Backend") -> None:
+        # Update the index now so that a request right after a pull/copy/delete
+        # is routed correctly; the probe that follows fills in the details.
+        fleet = self.gw.fleet
+        if self.path == b"/api/delete":
+            fleet.note_model_removed(backend, self.model_name)
+        elif self.path == b"/api/copy":
+            try:
+                found = sniff_fields(self.body[0] if self.body else b"", ("destination",))
+            except SniffError:
+                return
+            if found.get("destination"):
+                fleet.note_model_added(backend, found["destination"])
+        else:
+            fleet.note_model_added(backend, self.model_name)
 
     def upstream_lost(self, conn: "UpstreamConnection", exc: Exception | None) -> None:
         """The backend connection closed before the response ended."""

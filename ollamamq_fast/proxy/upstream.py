@@ -91,6 +91,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_data = b""
         self.content_type = b""
         self.framing = framing.Framing.EMPTY
+        self.backend_keep_alive = False
 
     # -- asyncio.Protocol interface -------------------------------------------------
 
@@ -205,6 +206,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.status = status
         self.headers_done = True
+        # Only meaningful inside a parser callback: llhttp resets it afterwards.
+        self.backend_keep_alive = self.parser.should_keep_alive()
         self.framing, self.content_type = framing.response_framing(
             status, self.headers, self.head_request
         )
@@ -241,7 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
     def finish_response(self, reusable: bool) -> None:
         """Called by the exchange after response_complete: back to the pool or closed."""
         self.responses += 1
-        if reusable and not self.closed and self.parser.should_keep_alive():
+        if reusable and not self.closed and self.backend_keep_alive:
             self.pool.release(self)
         else:
             self.close()

@@ -48,11 +48,15 @@ class Dispatcher:
         assert model is not None
         native = route.native
         if route.kind is Kind.MODEL:
-            known = fleet.serves(model, native)
-            if not known and not route.any_backend:
-                self._no_backend_for(ex)
-                return
-            backend = fleet.pick_unslotted(model if known else None, native)
+            # Model management is not queued. An unknown model goes to the
+            # primary backend, which answers with authority (404, or success
+            # for a model created since the last probe).
+            if fleet.serves(model, native):
+                backend = fleet.pick_unslotted(model, native)
+            elif route.any_backend:
+                backend = fleet.pick_unslotted(None, native)
+            else:
+                backend = fleet.primary(native)
             if backend is None:
                 self._no_backend_for(ex)
                 return
