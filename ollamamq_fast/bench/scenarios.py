@@ -50,6 +50,7 @@ class Scenario:
     comps: list[dict[str, Any]] = field(default_factory=list)
     findings: dict[str, Any] = field(default_factory=dict)
     plots: list[tuple[str, Histogram]] = field(default_factory=list)
+    _last_title: str = ""
 
     # Option overrides
 
@@ -105,7 +106,9 @@ class Scenario:
         summary = report.summarize_run(run, [g.user_prefix for g in spec.groups])
         summary["phase"] = title
         self.phases.append(summary)
-        self.lines.append(f"## {title}")
+        if self._last_title != title:
+            self.lines.append(f"## {title}")
+            self._last_title = title
         self.lines.extend(report.format_run(summary))
         self.lines.append("")
         self.plots.append((f"{title} {run.label}", report.merged_groups(run.groups).latency))
@@ -149,7 +152,8 @@ def _format_findings(findings: dict[str, Any], indent: str = "  ") -> list[str]:
             out.append(f"{indent}{k}:")
             out.extend(_format_findings(v, indent + "  "))
         elif isinstance(v, float):
-            out.append(f"{indent}{k}: {v:,.4g}")
+            text = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+            out.append(f"{indent}{k}: {text}")
         else:
             out.append(f"{indent}{k}: {v}")
     return out
