@@ -1,0 +1,21 @@
+# syntax=docker/dockerfile:1
+# Multi-stage: build a wheel with the toolchain, run it on a slim base as a non-root user.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY ollamamq_fast ./ollamamq_fast
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 ollamamq
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+USER ollamamq
+WORKDIR /home/ollamamq
+# Inside a container the gateway must listen on all interfaces to be reachable.
+ENV HOST=0.0.0.0 \
+    PORT=11435 \
+    OLLAMA_URLS=http://host.docker.internal:11434 \
+    TIMEOUT=300
+EXPOSE 11435
+ENTRYPOINT ["ollamamq-fast", "serve", "--no-tui"]
