@@ -172,17 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway in the foreground (default)")
     add_serve_arguments(serve)
     sim = sub.add_parser("sim", help="run a simulated Ollama / OpenAI-compatible backend")
-    try:
-        from ollamamq_fast.sim import cli as sim_cli
-        sim_cli.add_arguments(sim)
-    except ImportError:  # TEMP while sim is being built
-        pass
+    from ollamamq_fast.sim import cli as sim_cli
+
+    sim_cli.add_arguments(sim)
     bench = sub.add_parser("bench", help="load-test a gateway or backend")
-    try:
-        from ollamamq_fast.bench import cli as bench_cli
-        bench_cli.add_arguments(bench)
-    except ImportError:  # TEMP while bench is being built
-        pass
+    from ollamamq_fast.bench import cli as bench_cli
+
+    bench_cli.add_arguments(bench)
     return parser
 
 

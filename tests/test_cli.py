@@ -1,0 +1,127 @@
+"""The command line: options, env vars, errors as one line with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from harness import free_port
+from ollamamq_fast.cli import _Parser, add_serve_arguments, settings_from_args
+from ollamamq_fast.config import ConfigError, parse_backend_url
+
+
+def _settings(argv: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    parser = _Parser()
+    add_serve_arguments(parser)
+    old = dict(os.environ)
+    try:
+        for key in ("OLLAMA_URLS", "BACKEND_URLS", "PORT", "HOST", "TIMEOUT"):
+            os.environ.pop(key, None)
+        os.environ.update(env or {})
+        return settings_from_args(parser.parse_args(argv))
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ollamamq_fast", *args], capture_output=True,
+                          text=True, timeout=30, env=full_env)
+
+
+def test_defaults_match_ollamamq() -> None:
+    s = _settings([])
+    assert (s.port, s.host, s.timeout, s.slots) == (11435, "127.0.0.1", 300.0, 1)
+    assert [b.url for b in s.backends] == ["http://localhost:11434"]
+    assert s.admin_port == 11436 and s.tui and not s.allow_all_routes
+
+
+def test_backend_urls_normalized_and_aliases() -> None:
+    for flag in ("-o", "-b", "--backend-urls", "--ollama-urls"):
+        s = _settings([flag, "10.0.0.1:11434/, http://gpu2:8000/ "])
+        assert [b.url for b in s.backends] == ["http://10.0.0.1:11434", "http://gpu2:8000"]
+    b = parse_backend_url("gpu:1234/ollama/")
+    assert (b.host, b.port, b.prefix, b.authority) == ("gpu", 1234, "/ollama", "gpu:1234")
+
+
+def test_env_vars_and_flags_win() -> None:
+    env = {"OLLAMA_URLS": "a:1,b:2", "PORT": "9000", "HOST": "0.0.0.0", "TIMEOUT": "42"}
+    s = _settings([], env)
+    assert s.port == 9000 and s.host == "0.0.0.0" and s.timeout == 42.0
+    assert [b.url for b in s.backends] == ["http://a:1", "http://b:2"]
+    s = _settings(["-p", "9100", "-o", "c:3", "-t", "7"], env)
+    assert s.port == 9100 and s.timeout == 7.0 and [b.url for b in s.backends] == ["http://c:3"]
+    assert [b.url for b in _settings([], {"BACKEND_URLS": "z:9"}).backends] == ["http://z:9"]
+
+
+def test_bad_env_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        _settings([], {"PORT": "nope"})
+    with pytest.raises(ConfigError):
+        _settings([], {"OLLAMA_URLS": "ftp://x"})
+
+
+@pytest.mark.parametrize("args", [
+    ["-p", "99999"], ["-p", "abc"], ["-t", "0"], ["--slots", "0"], ["--max-body-mb", "-1"],
+    ["--bogus"], ["-o", "https://secure:443"],
+])
+def test_bad_values_one_line_exit_2(args: list[str]) -> None:
+    r = _run("serve", *args)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_help_lists_every_option_with_defaults() -> None:
+    r = _run("serve", "--help")
+    assert r.returncode == 0
+    for opt in ("--port", "--host", "--backend-urls", "--ollama-urls", "--timeout", "--no-tui",
+                "--allow-all-routes", "--slots", "--max-body-mb", "--admin-port", "--sim"):
+        assert opt in r.stdout
+    assert "11435" in r.stdout and "300" in r.stdout
+    top = _run("--help")
+    assert top.returncode == 0 and "sim" in top.stdout and "bench" in top.stdout
+    assert _run("sim", "--help").returncode == 0
+
+
+def test_serve_with_sim_answers_and_stops_on_sigterm() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--sim", "--no-tui",
+                             "-p", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/api/generate", timeout=10,
+                       json={"model": "llama3.2", "prompt": "hi", "stream": False})
+        assert r.status_code == 200 and r.json()["done"] is True
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _run("--sim", "--no-tui", "-p", str(port))
+    assert r.returncode == 1
+    assert "cannot listen" in r.stderr and "Traceback" not in r.stderr
