@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from ollamamq_fast import __version__
 from ollamamq_fast.config import (
+    BALANCE_CHOICES,
     DEFAULT_ADMIN_PORT,
     DEFAULT_BACKEND,
     DEFAULT_HOST,
@@ -23,8 +24,11 @@ from ollamamq_fast.config import (
     DEFAULT_TIMEOUT,
     ConfigError,
     Settings,
+    apply_toml,
     env_default,
+    load_toml,
     parse_backend_urls,
+    parse_weights,
 )
 
 SUBCOMMANDS = ("serve", "sim", "bench")
@@ -78,7 +82,11 @@ def _positive_int(text: str) -> int:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """The gateway's options (ollamaMQ-compatible names first)."""
+    """The gateway's options (ollamaMQ-compatible names first).
+
+    Defaults are None here so that a TOML config value can sit between the
+    built-in default and an explicit flag; the help text states each default.
+    """
     p.add_argument("-p", "--port", type=_port, default=None,
                    help=f"port to listen on (env PORT; default {DEFAULT_PORT})")
     p.add_argument("-H", "--host", default=None,
@@ -94,24 +102,40 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         f"(env TIMEOUT; default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--no-tui", action="store_true",
                    help="no terminal dashboard: log to stderr (for services, Docker, CI)")
-    p.add_argument("--allow-all-routes", action="store_true",
+    p.add_argument("--allow-all-routes", action="store_true", default=None,
                    help="forward unknown paths to the primary backend instead of answering 404")
-    p.add_argument("--slots", type=_positive_int, default=1,
-                   help="inference requests run at once on each backend (default 1)")
-    p.add_argument("--max-body-mb", type=_positive_float, default=DEFAULT_MAX_BODY_MB,
+    p.add_argument("-c", "--config", default=None, metavar="FILE",
+                   help="TOML config file (backends with per-backend slots, users, limits); "
+                        "flags and env vars override it")
+    p.add_argument("--slots", type=_positive_int, default=None,
+                   help="inference requests run at once on each backend (default 1; "
+                        "per-backend overrides in the config file)")
+    p.add_argument("--balance", choices=BALANCE_CHOICES, default=None,
+                   help="backend choice among those with a free slot (default least-conn)")
+    p.add_argument("--max-body-mb", type=_positive_float, default=None,
                    help="largest inference request body in MB; larger gets 413 "
                         f"(default {DEFAULT_MAX_BODY_MB:g}; blob uploads are streamed, not bounded)")
-    p.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT,
+    p.add_argument("--admin-port", type=_port, default=None,
                    help=f"control-plane port (default {DEFAULT_ADMIN_PORT})")
-    p.add_argument("--health-interval", type=_positive_float, default=10.0,
+    p.add_argument("--health-interval", type=_positive_float, default=None,
                    help="seconds between backend health probes (default 10)")
-    p.add_argument("--max-queue", type=_positive_int, default=200_000,
+    p.add_argument("--health-fail-threshold", type=_positive_int, default=None,
+                   help="failed probes in a row before a backend is offline (default 2)")
+    p.add_argument("--health-ok-threshold", type=_positive_int, default=None,
+                   help="good probes in a row before an offline backend returns (default 1)")
+    p.add_argument("--max-queue", type=_positive_int, default=None,
                    help="queued requests in all; beyond it 429 (default 200000)")
-    p.add_argument("--max-queue-per-user", type=_positive_int, default=1_000,
+    p.add_argument("--max-queue-per-user", type=_positive_int, default=None,
                    help="queued requests per user; beyond it 429 (default 1000)")
-    p.add_argument("--queue-timeout", type=_non_negative_float, default=600.0,
+    p.add_argument("--queue-timeout", type=_non_negative_float, default=None,
                    help="seconds a request may wait in the queue before 503; 0 = no limit "
                         "(default 600)")
+    p.add_argument("--vip", default=None, metavar="USER[,USER...]",
+                   help="users with absolute priority (round robin among themselves)")
+    p.add_argument("--boost", default=None, metavar="USER[,USER...]",
+                   help="users served on every second dispatch ahead of the normal ring")
+    p.add_argument("--weight", default=None, metavar="USER=N[,...]",
+                   help="users that get N turns per round instead of 1")
     p.add_argument("--sim", action="store_true",
                    help="start a built-in simulated Ollama backend in-process and use it "
                         "(a demo with no Ollama around; -o backends are added when given)")
@@ -121,9 +145,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="log level (default info)")
 
 
+def _users(text: str) -> list[str]:
+    return [u.strip() for u in text.split(",") if u.strip()]
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Build Settings from parsed flags and the environment (flags win)."""
+    """Build Settings: defaults < TOML config < environment < flags."""
     settings = Settings()
+    if args.config:
+        apply_toml(settings, load_toml(args.config), args.config)
     port_text = env_default(("PORT",))
     if args.port is not None:
         settings.port = args.port
@@ -132,9 +162,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             settings.port = _port(port_text)
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"PORT: {exc}") from None
-    settings.host = args.host or env_default(("HOST",), DEFAULT_HOST) or DEFAULT_HOST
+    host = args.host or env_default(("HOST",))
+    if host:
+        settings.host = host
     urls = args.backend_urls or env_default(("OLLAMA_URLS", "BACKEND_URLS"))
-    settings.backends = parse_backend_urls(urls or DEFAULT_BACKEND)
+    if urls:
+        settings.backends = parse_backend_urls(urls)
     timeout_text = env_default(("TIMEOUT",))
     if args.timeout is not None:
         settings.timeout = args.timeout
@@ -144,18 +177,25 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"TIMEOUT: {exc}") from None
     settings.tui = not args.no_tui
-    settings.allow_all_routes = args.allow_all_routes
-    settings.slots = args.slots
-    settings.max_body_bytes = int(args.max_body_mb * 1024 * 1024)
-    settings.admin_port = args.admin_port
-    settings.health_interval = args.health_interval
-    settings.max_queue = args.max_queue
-    settings.max_queue_per_user = args.max_queue_per_user
-    settings.queue_timeout = args.queue_timeout
+    if args.allow_all_routes:
+        settings.allow_all_routes = True
+    if args.max_body_mb is not None:
+        settings.max_body_bytes = int(args.max_body_mb * 1024 * 1024)
+    for name in ("slots", "balance", "admin_port", "health_interval", "health_fail_threshold",
+                 "health_ok_threshold", "max_queue", "max_queue_per_user", "queue_timeout"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    if args.vip:
+        settings.vip_users.extend(_users(args.vip))
+    if args.boost:
+        settings.boost_users.extend(_users(args.boost))
+    if args.weight:
+        settings.user_weights.update(parse_weights(args.weight))
     settings.sim = args.sim
     settings.sim_keep_backends = bool(urls)
     if args.sim_models:
-        settings.sim_models = [m.strip() for m in args.sim_models.split(",") if m.strip()]
+        settings.sim_models = _users(args.sim_models)
     return settings
 
 

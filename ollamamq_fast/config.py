@@ -91,6 +91,17 @@ class Settings:
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
     admin_port: int = DEFAULT_ADMIN_PORT
     health_interval: float = 10.0
+    # Consecutive failed probes before a backend is offline, good ones before it returns.
+    health_fail_threshold: int = 2
+    health_ok_threshold: int = 1
+    balance: str = "least-conn"
+    # Per-backend slot overrides (from the TOML config): normalized URL -> slots.
+    backend_slots: dict[str, int] = field(default_factory=dict)
+    # Fair-share settings from config: users with absolute priority, boosted
+    # users, and per-user weights (turns per round).
+    vip_users: list[str] = field(default_factory=list)
+    boost_users: list[str] = field(default_factory=list)
+    user_weights: dict[str, int] = field(default_factory=dict)
     # Fair-queue bounds: beyond them 429 with Retry-After; waiting longer than
     # queue_timeout seconds gives 503 with Retry-After (0 = wait for ever).
     max_queue: int = 200_000
@@ -110,3 +121,118 @@ def env_default(names: tuple[str, ...], default: str | None = None) -> str | Non
         if value is not None and value.strip():
             return value
     return default
+
+
+# Keys a TOML config file may set at the top level, with their Settings field
+# and a converter. Anything else is an error, so typos do not pass silently.
+_TOML_SCALARS: dict[str, tuple[str, type]] = {
+    "host": ("host", str),
+    "port": ("port", int),
+    "timeout": ("timeout", float),
+    "allow_all_routes": ("allow_all_routes", bool),
+    "slots": ("slots", int),
+    "admin_port": ("admin_port", int),
+    "health_interval": ("health_interval", float),
+    "health_fail_threshold": ("health_fail_threshold", int),
+    "health_ok_threshold": ("health_ok_threshold", int),
+    "balance": ("balance", str),
+    "max_queue": ("max_queue", int),
+    "max_queue_per_user": ("max_queue_per_user", int),
+    "queue_timeout": ("queue_timeout", float),
+}
+BALANCE_CHOICES = ("least-conn", "round-robin", "random", "affinity")
+
+
+def load_toml(path: str) -> dict[str, object]:
+    """Read a TOML config file (errors become ConfigError with the file name)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def apply_toml(settings: Settings, data: dict[str, object], path: str = "config") -> None:
+    """Apply a parsed TOML config to settings (called before env vars and flags)."""
+    for key, value in data.items():
+        if key in _TOML_SCALARS:
+            field_name, kind = _TOML_SCALARS[key]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"{path}: {key} must be a {kind.__name__}")
+            setattr(settings, field_name, value)
+        elif key == "max_body_mb":
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{path}: max_body_mb must be a positive number")
+            settings.max_body_bytes = int(value * 1024 * 1024)
+        elif key == "backends":
+            _apply_backends(settings, value, path)
+        elif key == "users":
+            _apply_users(settings, value, path)
+        else:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+    if settings.balance not in BALANCE_CHOICES:
+        raise ConfigError(f"{path}: balance must be one of {', '.join(BALANCE_CHOICES)}")
+
+
+def _apply_backends(settings: Settings, value: object, path: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{path}: backends must be a non-empty array of tables")
+    backends: list[BackendUrl] = []
+    for item in value:
+        if isinstance(item, str):
+            item = {"url": item}
+        if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+            raise ConfigError(f"{path}: each backend needs a url")
+        b = parse_backend_url(item["url"])
+        backends.append(b)
+        slots = item.get("slots")
+        if slots is not None:
+            if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+                raise ConfigError(f"{path}: backend {b.url}: slots must be an integer >= 1")
+            settings.backend_slots[b.url] = slots
+    settings.backends = backends
+
+
+def _apply_users(settings: Settings, value: object, path: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: users must be a table")
+    for key in ("vip", "boost"):
+        names = value.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{path}: users.{key} must be a list of user ids")
+        getattr(settings, f"{key}_users").extend(names)
+    weights = value.get("weights", {})
+    if not isinstance(weights, dict):
+        raise ConfigError(f"{path}: users.weights must be a table of user = weight")
+    for user, weight in weights.items():
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+            raise ConfigError(f"{path}: users.weights.{user} must be an integer >= 1")
+        settings.user_weights[user] = weight
+    unknown = set(value) - {"vip", "boost", "weights"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown users setting {sorted(unknown)[0]!r}")
+
+
+def parse_weights(text: str) -> dict[str, int]:
+    """Parse `user=3,other=2` (the --weight flag)."""
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        user, sep, num = item.rpartition("=")
+        if not sep or not user.strip():
+            raise ConfigError(f"--weight: expected USER=N, got {item!r}")
+        try:
+            weight = int(num)
+        except ValueError:
+            raise ConfigError(f"--weight: {item!r}: weight must be an integer") from None
+        if weight < 1:
+            raise ConfigError(f"--weight: {item!r}: weight must be at least 1")
+        out[user.strip()] = weight
+    return out

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from ollamamq_fast.config import Settings, parse_backend_url
 from ollamamq_fast.fleet.backend import Backend
 from ollamamq_fast.fleet.health import HealthChecker
-from ollamamq_fast.fleet.select import Fleet
+from ollamamq_fast.fleet.passive import PassiveHealth
+from ollamamq_fast.fleet.select import Balance, Fleet
 from ollamamq_fast.proxy.downstream import ClientProtocol
 from ollamamq_fast.proxy.exchange import State
 from ollamamq_fast.proxy.local import LocalRoutes
@@ -34,9 +35,6 @@ TICK_S = 1.0
 HEAD_TIMEOUT_S = 10.0
 # Idle client keep-alive connections are closed after this (nginx's default).
 KEEPALIVE_TIMEOUT_S = 75.0
-# Consecutive passive failures (refused / reset before a response) that take a
-# backend out of rotation until a probe succeeds again.
-PASSIVE_FAIL_LIMIT = 3
 
 
 @dataclass(slots=True)
@@ -52,14 +50,22 @@ class GatewayState:
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
         self.loop = loop
-        backends = [Backend(addr, settings.slots) for addr in settings.backends]
+        backends = [
+            Backend(addr, settings.backend_slots.get(addr.url, settings.slots))
+            for addr in settings.backends
+        ]
         for b in backends:
             b.pool = UpstreamPool(b, loop)
-        self.fleet = Fleet(backends)
+        self.fleet = Fleet(backends, Balance(settings.balance))
         self.dispatcher = Dispatcher(self.fleet, settings, loop)
         self.health = HealthChecker(
-            self.fleet, settings.health_interval, on_change=self.dispatcher.pump
+            self.fleet,
+            settings.health_interval,
+            fail_threshold=settings.health_fail_threshold,
+            ok_threshold=settings.health_ok_threshold,
+            on_change=self.dispatcher.pump,
         )
+        self.passive = PassiveHealth(loop, self.dispatcher.pump)
         self.local = LocalRoutes(self)
         self.connections: set[ClientProtocol] = set()
         self.stats = Stats()
@@ -69,13 +75,27 @@ class GatewayState:
         """A model-changing request succeeded on `backend`: re-read its models."""
         self.health.refresh_soon(backend)
 
-    def backend_failed(self, backend: Backend) -> None:
-        """Passive health: a request failed on `backend` before a response."""
-        if backend.online and backend.consecutive_failures >= PASSIVE_FAIL_LIMIT:
-            log.warning("backend %s taken out after %d failures: %s", backend.name,
-                        backend.consecutive_failures, backend.last_error)
-            backend.online = False
-            self.health.refresh_soon(backend)
+    def set_draining(self, url: str, on: bool) -> Backend:
+        """Drain (no new requests; running ones finish) or undrain a backend."""
+        backend = self.fleet.find(url)
+        if backend is None:
+            raise KeyError(url)
+        backend.draining = on
+        backend.refresh()
+        if not on:
+            self.dispatcher.pump()
+        return backend
+
+    def remove_backend(self, url: str) -> Backend:
+        """Stop sending requests to a backend and forget it."""
+        backend = self.fleet.find(url)
+        if backend is None:
+            raise KeyError(url)
+        self.passive.reset(backend)
+        self.fleet.remove(backend)
+        if backend.pool is not None:
+            backend.pool.close_all()
+        return backend
 
     def add_backend(self, url: str, slots: int | None = None) -> Backend:
         """Add a backend at runtime; it takes traffic after its first probe."""

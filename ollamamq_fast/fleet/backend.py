@@ -16,7 +16,23 @@ class ApiKind(enum.Enum):
 
     UNKNOWN = "unknown"
     OLLAMA = "ollama"  # native /api/* and /v1/*
-    OPENAI = "openai"  # /v1/* only (vLLM, llama.cpp, LM Studio's OpenAI mode, ...)
+    OPENAI = "openai"  # /v1/* only (vLLM, llama.cpp, any OpenAI-compatible server)
+    LMSTUDIO = "lmstudio"  # OpenAI-compatible, recognised by its /api/v0/models
+
+
+class Breaker(enum.Enum):
+    """Circuit-breaker state, from passive failures (refused, reset, fast 5xx)."""
+
+    CLOSED = "closed"  # normal traffic
+    OPEN = "open"  # no traffic until the cooldown ends
+    HALF_OPEN = "half-open"  # traffic again; the next outcome closes or re-opens it
+
+
+# Consecutive passive failures that open the breaker. A backend that fails fast
+# looks idle to least-connections, so without this it would attract traffic.
+BREAKER_THRESHOLD = 3
+BREAKER_COOLDOWN_S = 2.0
+BREAKER_MAX_COOLDOWN_S = 30.0
 
 
 class Backend:
@@ -41,8 +57,14 @@ class Backend:
         "failures",
         "consecutive_failures",
         "consecutive_successes",
+        "probe_failures",
+        "probes_ok",
         "last_error",
         "pool",
+        "available",
+        "breaker",
+        "breaker_cooldown",
+        "breaker_timer",
     )
 
     def __init__(self, address: BackendUrl, slots: int) -> None:
@@ -67,8 +89,20 @@ class Backend:
         self.failures = 0
         self.consecutive_failures = 0
         self.consecutive_successes = 0
+        self.probe_failures = 0
+        self.probes_ok = 0
         self.last_error = ""
         self.pool: UpstreamPool | None = None
+        # online and not draining and breaker not open: kept up to date by
+        # refresh(), so the dispatcher's hot path reads one attribute.
+        self.available = False
+        self.breaker = Breaker.CLOSED
+        self.breaker_cooldown = BREAKER_COOLDOWN_S
+        self.breaker_timer: object | None = None
+
+    def refresh(self) -> None:
+        """Recompute `available` after online / draining / breaker changed."""
+        self.available = self.online and not self.draining and self.breaker is not Breaker.OPEN
 
     @property
     def serves_native(self) -> bool:
@@ -78,11 +112,11 @@ class Backend:
     @property
     def eligible(self) -> bool:
         """Online and accepting new requests."""
-        return self.online and not self.draining
+        return self.available
 
     def has_free_slot(self) -> bool:
         """Whether a queued-route request can start here now."""
-        return self.online and not self.draining and self.in_flight < self.slots
+        return self.available and self.in_flight < self.slots
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready view for status pages and the admin API."""
@@ -91,6 +125,7 @@ class Backend:
             "kind": self.kind.value,
             "online": self.online,
             "draining": self.draining,
+            "breaker": self.breaker.value,
             "slots": self.slots,
             "in_flight": self.in_flight,
             "requests_done": self.requests_done,

@@ -37,11 +37,13 @@ class HealthChecker:
         fleet: Fleet,
         interval: float,
         fail_threshold: int = 2,
+        ok_threshold: int = 1,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.fleet = fleet
         self.interval = interval
         self.fail_threshold = fail_threshold
+        self.ok_threshold = ok_threshold
         self.on_change = on_change
         self.session: aiohttp.ClientSession | None = None
         self.task: asyncio.Task[None] | None = None
@@ -88,26 +90,26 @@ class HealthChecker:
         """Probe one backend and update its state."""
         try:
             await self._probe(backend)
+            backend.probe_failures = 0
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             self._failed(backend, f"probe failed: {exc!r}")
         else:
-            backend.consecutive_failures = 0
             backend.consecutive_successes += 1
-            if not backend.online:
+            first = backend.probes_ok == 0
+            backend.probes_ok += 1
+            if not backend.online and (first or backend.consecutive_successes >= self.ok_threshold):
                 log.info("backend %s is online (%s)", backend.name, backend.kind.value)
-            backend.online = True
+                backend.online = True
         self.fleet.rebuild_index()
         if self.on_change is not None:
             self.on_change()
 
     def _failed(self, backend: Backend, why: str) -> None:
         backend.consecutive_successes = 0
-        backend.consecutive_failures += 1
+        backend.probe_failures += 1
         backend.last_error = why
-        if backend.online and backend.consecutive_failures >= self.fail_threshold:
+        if backend.online and backend.probe_failures >= self.fail_threshold:
             log.warning("backend %s is offline: %s", backend.name, why)
-            backend.online = False
-        elif backend.kind is ApiKind.UNKNOWN:
             backend.online = False
 
     async def _get_json(self, backend: Backend, path: str) -> tuple[int, Any]:
@@ -142,7 +144,8 @@ class HealthChecker:
         status, listing = await self._get_json(backend, "/v1/models")
         if status != 200 or not isinstance(listing, dict):
             raise ValueError(f"neither /api/tags nor /v1/models answered (status {status})")
-        backend.kind = ApiKind.OPENAI
+        lmstudio, _ = await self._get_json(backend, "/api/v0/models")
+        backend.kind = ApiKind.LMSTUDIO if lmstudio == 200 else ApiKind.OPENAI
         items = [i for i in (listing.get("data") or []) if isinstance(i, dict) and i.get("id")]
         backend.v1_models = items
         backend.models = {normalize_model(str(i["id"])): _tags_entry(i) for i in items}

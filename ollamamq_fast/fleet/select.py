@@ -1,118 +1,179 @@
-"""Choosing a backend: model match, free slot, least connections, round-robin ties."""
+"""Choosing a backend: model match, free slot, then the balancing policy.
+
+Policies (`--balance`):
+- `least-conn` (default): fewest in flight relative to slots; among equals,
+  one that already has the model loaded; then round robin.
+- `round-robin`: the next backend in rotation that has a free slot.
+- `random`: a random backend with a free slot.
+- `affinity`: the same user (or conversation) goes to the same backend while it
+  has a free slot, so its KV cache is reused; otherwise least-conn.
+"""
 
 from __future__ import annotations
+
+import enum
+import random
+import zlib
 
 from ollamamq_fast.fleet.backend import ApiKind, Backend
 from ollamamq_fast.fleet.models import normalize_model
 
 
+class Balance(enum.Enum):
+    """Backend choice policy."""
+
+    LEAST_CONN = "least-conn"
+    ROUND_ROBIN = "round-robin"
+    RANDOM = "random"
+    AFFINITY = "affinity"
+
+
 class Fleet:
     """All backends and the model index used to route requests."""
 
-    def __init__(self, backends: list[Backend]) -> None:
+    def __init__(self, backends: list[Backend], balance: Balance = Balance.LEAST_CONN) -> None:
         self.backends = backends
+        self.balance = balance
         self._rr = 0
+        self._random = random.Random()
         # normalized model -> backends listing it; native requests use only Ollama backends
         self._index_native: dict[str, list[Backend]] = {}
         self._index_any: dict[str, list[Backend]] = {}
+        self._native_all: list[Backend] = []
+        for b in backends:
+            b.refresh()
         self.rebuild_index()
 
     def rebuild_index(self) -> None:
-        """Recompute the model index; called after probes change any model list."""
+        """Recompute the model index; called after probes or state changes."""
         native: dict[str, list[Backend]] = {}
         anyk: dict[str, list[Backend]] = {}
         for b in self.backends:
+            b.refresh()
             for model in b.models:
                 anyk.setdefault(model, []).append(b)
                 if b.kind is ApiKind.OLLAMA:
                     native.setdefault(model, []).append(b)
         self._index_native = native
         self._index_any = anyk
+        self._native_all = [b for b in self.backends if b.kind is ApiKind.OLLAMA]
 
     def add(self, backend: Backend) -> None:
         """Add a backend (it serves nothing until its first probe)."""
         self.backends.append(backend)
         self.rebuild_index()
 
-    def candidates(self, model: str, native: bool) -> list[Backend]:
+    def remove(self, backend: Backend) -> None:
+        """Remove a backend; requests already running on it finish."""
+        if backend in self.backends:
+            self.backends.remove(backend)
+            self.rebuild_index()
+
+    def find(self, url: str) -> Backend | None:
+        """The backend with this URL (as given or normalized)."""
+        for b in self.backends:
+            if b.name == url or b.name == url.rstrip("/"):
+                return b
+        return None
+
+    def candidates(self, model: str | None, native: bool) -> list[Backend]:
         """Backends that list `model` (normalized) and speak the route's API."""
+        if model is None:
+            return self._native_all if native else self.backends
         index = self._index_native if native else self._index_any
         return index.get(model, [])
 
     def serves(self, model: str, native: bool) -> bool:
-        """Whether any online backend lists the model."""
-        return any(b.online for b in self.candidates(model, native))
+        """Whether any available backend lists the model."""
+        for b in self.candidates(model, native):
+            if b.available:
+                return True
+        return False
 
     def any_online(self) -> bool:
-        """Whether at least one backend is online."""
-        return any(b.online for b in self.backends)
+        """Whether at least one backend takes traffic."""
+        for b in self.backends:
+            if b.available:
+                return True
+        return False
 
     def has_free_slot(self) -> bool:
         """Whether any backend could start a queued request now (the dispatcher's fast exit)."""
         for b in self.backends:
-            if b.online and not b.draining and b.in_flight < b.slots:
+            if b.available and b.in_flight < b.slots:
                 return True
         return False
 
-    def pick(self, model: str | None, native: bool) -> Backend | None:
-        """The backend to run a queued request on now, or None when none is free.
-
-        Fewest in flight relative to slots wins; ties rotate round-robin so equal
-        backends share the load. `model` None means any backend of the right kind.
-        """
-        if model is None:
-            pool = [b for b in self.backends if b.kind is ApiKind.OLLAMA or not native]
-        else:
-            pool = self.candidates(model, native)
-        best: Backend | None = None
-        best_load = 2.0
-        ties = 0
+    def pick(self, model: str | None, native: bool, affinity: str = "") -> Backend | None:
+        """The backend to run a queued request on now, or None when none is free."""
+        pool = self.candidates(model, native)
         n = len(pool)
         if n == 0:
             return None
+        if n == 1:
+            b = pool[0]
+            return b if b.available and b.in_flight < b.slots else None
+        policy = self.balance
+        if policy is Balance.AFFINITY and affinity:
+            preferred = pool[zlib.crc32(affinity.encode()) % n]
+            if preferred.available and preferred.in_flight < preferred.slots:
+                return preferred
+        elif policy is Balance.ROUND_ROBIN:
+            start = self._rr
+            for k in range(n):
+                b = pool[(start + k) % n]
+                if b.available and b.in_flight < b.slots:
+                    self._rr = start + k + 1
+                    return b
+            return None
+        elif policy is Balance.RANDOM:
+            free = [b for b in pool if b.available and b.in_flight < b.slots]
+            return self._random.choice(free) if free else None
+        return self._least_conn(pool, model)
+
+    def _least_conn(self, pool: list[Backend], model: str | None) -> Backend | None:
+        best: Backend | None = None
+        best_key = (2.0, 1)
+        n = len(pool)
         start = self._rr % n
         for k in range(n):
             b = pool[(start + k) % n]
-            if not b.online or b.draining or b.in_flight >= b.slots:
+            if not b.available or b.in_flight >= b.slots:
                 continue
-            load = b.in_flight / b.slots
-            if load < best_load:
-                best, best_load, ties = b, load, 1
-            elif load == best_load:
-                ties += 1
+            # Lower load first; at equal load, a backend with the model already
+            # in memory (no load time) first. The rotating start breaks ties.
+            key = (b.in_flight / b.slots, 0 if model in b.loaded else 1)
+            if key < best_key:
+                best, best_key = b, key
         if best is not None:
             self._rr += 1
         return best
 
     def pick_unslotted(self, model: str | None, native: bool) -> Backend | None:
         """A backend for a request that needs no slot (show, pull, blobs...): least busy."""
-        if model is None:
-            pool = [b for b in self.backends if (b.kind is ApiKind.OLLAMA or not native)]
-        else:
-            pool = self.candidates(model, native)
         best: Backend | None = None
-        for b in pool:
-            if not b.online or b.draining:
+        for b in self.candidates(model, native):
+            if not b.available:
                 continue
             if best is None or (b.in_flight + b.unslotted) < (best.in_flight + best.unslotted):
                 best = b
         return best
 
     def primary(self, native: bool = True) -> Backend | None:
-        """The first eligible backend in configuration order (blobs, create, fallback routes).
+        """The first available backend in configuration order (blobs, create, fallback).
 
         Blobs must land on the backend that later runs `create` with them, so these
         routes are pinned to one backend rather than balanced.
         """
         for b in self.backends:
-            if b.eligible and (b.kind is ApiKind.OLLAMA or not native):
+            if b.available and (b.kind is ApiKind.OLLAMA or not native):
                 return b
         return None
 
     def find_model_entry(self, model: str) -> tuple[Backend, dict] | None:
-        """Any online backend's tags entry for a normalized model name."""
+        """Any available backend's tags entry for a normalized model name."""
         for b in self._index_any.get(model, []):
-            if b.online:
+            if b.available:
                 return b, b.models[model]
         return None
 
@@ -128,8 +189,3 @@ class Fleet:
         """A delete succeeded: stop routing the model there at once."""
         if backend.models.pop(normalize_model(name), None) is not None:
             self.rebuild_index()
-
-    @staticmethod
-    def normalize(name: str) -> str:
-        """Normalize a client-given model name for lookups."""
-        return normalize_model(name)

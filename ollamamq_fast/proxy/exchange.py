@@ -21,6 +21,7 @@ import enum
 from typing import TYPE_CHECKING
 
 from ollamamq_fast.fleet.models import normalize_model
+from ollamamq_fast.fleet.passive import FAST_FAIL_S
 from ollamamq_fast.proxy import framing
 from ollamamq_fast.proxy.errors import Api, error_body, stream_error_frame
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
@@ -89,7 +90,7 @@ class Exchange:
         "upstream", "backend", "slot_held", "ticket", "model", "model_name", "chosen",
         "enqueued_at", "queue_ms", "attempts", "fwd_headers", "connect_task",
         "early_error", "discard_body", "body_forwarded", "status", "started_at",
-        "continue_sent", "early_extra", "unslot_held",
+        "continue_sent", "early_extra", "unslot_held", "sent_at",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -132,6 +133,7 @@ class Exchange:
         self.continue_sent = False
         self.early_extra = b""
         self.unslot_held = False
+        self.sent_at = 0.0
 
     # -- Request side (called by ClientProtocol) ----------------------------------
 
@@ -356,6 +358,7 @@ class Exchange:
         assert backend is not None
         self.upstream = conn
         self.state = State.WAITING
+        self.sent_at = self.gw.loop.time()
         head = [
             self.method, b" ", backend.path_prefix, self.url, b" HTTP/1.1\r\n",
             backend.host_header, self.fwd_headers,
@@ -394,14 +397,32 @@ class Exchange:
         """Where response bytes go; None once the client is gone."""
         return self.client.transport if self.state is not State.DONE else None
 
-    def response_head(self, conn: "UpstreamConnection") -> bytes:
-        """The head for the client: backend headers minus hop-by-hop, plus ours."""
-        self.state = State.STREAMING
-        self.status = conn.status
-        if conn.framing is framing.Framing.CLOSE or not self.request_complete:
-            self.keep_alive = False
+    def response_head(self, conn: "UpstreamConnection") -> bytes | None:
+        """The head for the client: backend headers minus hop-by-hop, plus ours.
+
+        A 5xx answered fast counts against the backend's breaker; a 502/503/504
+        is not relayed when another backend can take the request instead.
+        """
+        status = conn.status
         backend = self.backend
         assert backend is not None
+        if status >= 500:
+            if self.gw.loop.time() - self.sent_at < FAST_FAIL_S:
+                self._note_backend_failure(f"answered {status}")
+            if status in (502, 503, 504) and self._can_retry_elsewhere(backend):
+                self.upstream = None
+                conn.abort()
+                self.attempts += 1
+                self._release_backend()
+                self.state = State.RECEIVING
+                self.gw.dispatcher.retry(self)
+                return None
+        else:
+            self.gw.passive.success(backend)
+        self.state = State.STREAMING
+        self.status = status
+        if conn.framing is framing.Framing.CLOSE or not self.request_complete:
+            self.keep_alive = False
         extra = b"X-Gateway-Backend: %b\r\nX-Gateway-Queue-Ms: %d\r\n" % (
             backend.name.encode(),
             self.queue_ms,
@@ -409,6 +430,18 @@ class Exchange:
         return framing.response_head(
             conn.status, conn.reason, conn.headers, extra, not self.keep_alive
         )
+
+    def _can_retry_elsewhere(self, failed: "Backend") -> bool:
+        if self.attempts + 1 >= MAX_ATTEMPTS or (self.stream_body and self.body_forwarded):
+            return False
+        route = self.route
+        if route is None:
+            return False
+        for b in self.gw.fleet.candidates(self.model if route.kind is not Kind.PRIMARY else None,
+                                          route.native):
+            if b is not failed and b.available:
+                return True
+        return False
 
     def upstream_continue(self, conn: "UpstreamConnection") -> None:
         """Nothing to do: the gateway answers Expect itself and never forwards it."""
@@ -420,7 +453,6 @@ class Exchange:
         backend = self.backend
         if backend is not None:
             backend.requests_done += 1
-            backend.consecutive_failures = 0
             route = self.route
             if route is not None and route.refresh_models and self.status < 300:
                 self._note_model_change(backend)
@@ -518,10 +550,7 @@ class Exchange:
     def _note_backend_failure(self, why: str) -> None:
         backend = self.backend
         if backend is not None:
-            backend.failures += 1
-            backend.consecutive_failures += 1
-            backend.last_error = why
-            self.gw.backend_failed(backend)
+            self.gw.passive.failure(backend, why)
 
     def _release_backend(self) -> None:
         backend = self.backend

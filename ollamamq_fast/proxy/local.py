@@ -102,7 +102,7 @@ class LocalRoutes:
         for b in self.gw.fleet.backends:
             if not b.online:
                 continue
-            if b.kind is ApiKind.OPENAI:
+            if b.kind is not ApiKind.OLLAMA:
                 for item in b.v1_models:
                     merged.setdefault(normalize_model(str(item["id"])), item)
             else:
@@ -130,7 +130,7 @@ class LocalRoutes:
             return
         backend, entry = found
         created = _epoch(entry.get("modified_at"))
-        if backend.kind is ApiKind.OPENAI:
+        if backend.kind is not ApiKind.OLLAMA:
             for item in backend.v1_models:
                 if normalize_model(str(item["id"])) == normalize_model(name):
                     created = int(item.get("created") or created)

@@ -37,8 +37,8 @@ class ResponseSink(Protocol):
 
     client_transport: asyncio.Transport | None
 
-    def response_head(self, conn: "UpstreamConnection") -> bytes:
-        """Build the head to send to the client; called once per response."""
+    def response_head(self, conn: "UpstreamConnection") -> bytes | None:
+        """Build the head to send to the client; None if the exchange retries elsewhere."""
         ...
 
     def response_complete(self, conn: "UpstreamConnection") -> None:
@@ -120,6 +120,8 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         else:
             self._receive_head(data, sink)
+            if self.sink is not sink:
+                return  # the exchange let go of this connection (retry elsewhere)
         if self.complete:
             self.sink = None
             sink.response_complete(self)
@@ -144,6 +146,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_buf = bytearray()
         self.head_sent = True
         head = sink.response_head(self)
+        if head is None:
+            return
         client = sink.client_transport
         if body:
             self.last_data = body

@@ -31,6 +31,12 @@ class Dispatcher:
         self.settings = settings
         self.loop = loop
         self.queue = FairQueue()
+        for user in settings.vip_users:
+            self.queue.set_vip(user, True)
+        for user in settings.boost_users:
+            self.queue.set_boost(user, True)
+        for user, weight in settings.user_weights.items():
+            self.queue.set_weight(user, weight)
         self.retry_line: deque[Exchange] = deque()
         self.pumping = False
         self.dispatched = 0
@@ -67,7 +73,7 @@ class Dispatcher:
             return
         if not self.queue and not self.retry_line:
             # Nobody is waiting, so this request is next in fair order anyway.
-            backend = fleet.pick(model, native)
+            backend = fleet.pick(model, native, ex.user)
             if backend is not None:
                 self.dispatched += 1
                 ex.start(backend, slotted=True)
@@ -106,7 +112,7 @@ class Dispatcher:
         ex: Exchange = payload  # type: ignore[assignment]
         route = ex.route
         assert route is not None
-        backend = self.fleet.pick(ex.model, route.native)
+        backend = self.fleet.pick(ex.model, route.native, ex.user)
         ex.chosen = backend
         return backend is not None
 
