@@ -1,0 +1,132 @@
+"""`ollamamq-fast sim`: run the simulator in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import uvloop
+
+from .options import API_MODES, DEFAULT_MODELS, SimOptions
+from .server import start_sim
+
+
+def _port(text: str) -> int:
+    """A TCP port number (0 picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """A number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
+def _models(text: str) -> list[str]:
+    """Comma-separated model names."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one model name")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the simulator's flags to `parser` (used by the main CLI's `sim` command)."""
+    parser.add_argument("-p", "--port", type=_port, default=11434, help="TCP port to listen on, 0 for any (default: %(default)s)")
+    parser.add_argument("-H", "--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument(
+        "--models", type=_models, default=list(DEFAULT_MODELS), metavar="M1,M2",
+        help="comma-separated models to serve (default: %s)" % ",".join(DEFAULT_MODELS),
+    )
+    parser.add_argument("--ttft-ms", type=_non_negative_float, default=50.0, metavar="MS",
+                        help="time to first token in milliseconds (default: %(default)s)")
+    parser.add_argument("--tokens-per-s", type=_non_negative_float, default=50.0, metavar="N",
+                        help="decode speed per stream; 0 writes every token at once (default: %(default)s)")
+    parser.add_argument("--tokens", type=_non_negative_int, default=20, metavar="N",
+                        help="tokens per answer unless num_predict/max_tokens/X-Sim-Tokens say otherwise (default: %(default)s)")
+    parser.add_argument("--max-parallel", type=_non_negative_int, default=0, metavar="N",
+                        help="concurrent inference requests before answering 503 like a full Ollama queue; 0 = unlimited (default: %(default)s)")
+    parser.add_argument("--api", choices=API_MODES, default="both",
+                        help="ollama: native /api/* only; openai: /v1/* only (like vLLM); both (default: %(default)s)")
+    parser.add_argument("--ollama-version", default="0.12.0", metavar="V",
+                        help="version reported by /api/version (default: %(default)s)")
+
+
+def options_from(args: argparse.Namespace) -> SimOptions:
+    """SimOptions from parsed flags."""
+    return SimOptions(
+        models=list(args.models),
+        ttft_ms=args.ttft_ms,
+        tokens_per_s=args.tokens_per_s,
+        tokens=args.tokens,
+        max_parallel=args.max_parallel,
+        api=args.api,
+        version=getattr(args, "ollama_version", "0.12.0"),
+    )
+
+
+async def _serve(options: SimOptions, host: str, port: int) -> int:
+    """Listen until SIGINT/SIGTERM."""
+    loop = asyncio.get_running_loop()
+    try:
+        sim = await start_sim(options, host, port)
+    except OSError as err:
+        print(f"ollamamq-fast sim: cannot listen on {host}:{port}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"ollamamq-fast sim listening on {sim.url} (models: {', '.join(options.models)})", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await sim.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the simulator in the foreground on uvloop; 0 on a clean stop."""
+    try:
+        options = options_from(args)
+    except ValueError as err:
+        print(f"ollamamq-fast sim: {err}", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve(options, args.host, args.port))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: `python -m ollamamq_fast.sim.cli`."""
+    parser = argparse.ArgumentParser(prog="ollamamq-fast sim", description="Simulated Ollama / OpenAI-compatible backend.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Simulator settings (`SimOptions`) and the live counters tests read (`SimStats`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+API_MODES = ("ollama", "openai", "both")
+
+DEFAULT_MODELS = ["llama3.2:latest", "qwen2.5:0.5b", "all-minilm:latest"]
+
+
+@dataclass
+class SimOptions:
+    """How the fake backend behaves; every field maps to one `ollamamq-fast sim` flag."""
+
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    # Time from request to first token (prompt eval + scheduling on a real GPU).
+    ttft_ms: float = 50.0
+    # Decode speed per stream; 0 writes every token at once in large batched writes.
+    tokens_per_s: float = 50.0
+    # Tokens per generation unless num_predict / max_tokens / X-Sim-Tokens says otherwise.
+    tokens: int = 20
+    # Concurrent inference requests before answering 503 like Ollama's full queue; 0 = no limit.
+    max_parallel: int = 0
+    # "ollama": /api/* and /, "openai": /v1/* only (vLLM, llama.cpp), "both": everything.
+    api: str = "both"
+    version: str = "0.12.0"
+
+    def __post_init__(self) -> None:
+        """Reject settings that would make the simulator misbehave silently."""
+        if self.api not in API_MODES:
+            raise ValueError(f"api must be one of {', '.join(API_MODES)}, not {self.api!r}")
+        if self.ttft_ms < 0 or self.tokens_per_s < 0:
+            raise ValueError("ttft_ms and tokens_per_s must be >= 0")
+        if self.tokens < 0 or self.max_parallel < 0:
+            raise ValueError("tokens and max_parallel must be >= 0")
+
+
+@dataclass
+class SimStats:
+    """Counters updated by the event loop; tests read them from any thread."""
+
+    # Requests fully parsed (every route).
+    requests: int = 0
+    # Inference requests (generate, chat, embed, /v1 completions, ...) in progress now.
+    active: int = 0
+    # Responses left unfinished because the client closed the connection.
+    cancelled: int = 0
+    # loop.time() of each such cancellation, recorded inside connection_lost.
+    cancel_times: list[float] = field(default_factory=list)
+    # loop.time() of every connection close, whoever closed it.
+    connection_close_times: list[float] = field(default_factory=list)
+    # Connections open now, and accepted since start.
+    connections: int = 0
+    connections_total: int = 0
+    # Requests refused with 503 because max_parallel was reached.
+    rejected: int = 0
+    # NDJSON lines / SSE events written by streams.
+    lines: int = 0
