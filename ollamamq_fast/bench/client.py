@@ -60,21 +60,21 @@ class Exchange:
     """Per-request state: timestamps and counters of one request/response."""
 
     __slots__ = (
-        "user",
-        "measured",
-        "t_send",
-        "t_write",
-        "t_first",
-        "t_body",
-        "t_line",
-        "status",
+        "error_frame",
         "lines",
+        "measured",
         "nbytes",
         "sep",
-        "terminator",
-        "terminated",
-        "error_frame",
+        "status",
+        "t_body",
+        "t_first",
+        "t_line",
+        "t_send",
+        "t_write",
         "tail",
+        "terminated",
+        "terminator",
+        "user",
         "zero_gaps",
     )
 

@@ -198,7 +198,7 @@ class ClosedLoop(Driver):
             t_send = clock()
             try:
                 conn = await self.connect(slot)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 self.record_connect_error(seq, slot, t_send)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -271,7 +271,7 @@ class OpenLoop(Driver):
     async def _open_for(self, seq: int, intended: float) -> None:
         try:
             conn = await self.connect(-1)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             self.open_count -= 1
             self.record_connect_error(seq, -1, intended)
             self._after_free()
@@ -396,7 +396,7 @@ class Worker:
                 cap = spec.warmup + spec.duration + spec.timeout + FINISH_GRACE
             try:
                 await asyncio.wait_for(waiter, cap)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 # Requests outlived --timeout plus grace: cut them, never hang.
                 self.stop(interrupted=False)
         finally:

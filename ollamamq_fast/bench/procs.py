@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 # A server that is not answering its readiness probe after this long is
 # broken; the gateway's first health probe plus Python start-up fit easily.
@@ -170,7 +171,7 @@ class ProcessSet:
     procs: list[ManagedProcess] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
-    def __enter__(self) -> ProcessSet:
+    def __enter__(self) -> Self:
         if self.log_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="ollamamq-bench-")
             self.log_dir = self._tmp.name
@@ -244,7 +245,7 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self._t0 = 0.0
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self._t0 = time.monotonic()
         self._thread.start()
         return self

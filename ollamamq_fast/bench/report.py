@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
 from .runner import TargetRun
-from .stats import ERROR_KINDS, REPORT_PERCENTILES, GroupStats, Histogram, exact_percentile, jain_index
+from .stats import (
+    ERROR_KINDS,
+    REPORT_PERCENTILES,
+    GroupStats,
+    Histogram,
+    exact_percentile,
+    jain_index,
+)
 
 # Per-user completions are listed one by one up to this many users; beyond
 # that only min/median/max and Jain's index are shown.
@@ -209,10 +217,10 @@ def plot_cdf(series: Sequence[tuple[str, Histogram]], path: str, title: str = "l
     """Write a latency CDF per series to `path`; returns an error message or None."""
     if not matplotlib_available():
         return f"--plot {path}: the plot needs matplotlib, which is not installed (pip install matplotlib)"
-    import matplotlib
-
+    # Imported by name: matplotlib is optional and has no stubs here.
+    matplotlib: Any = importlib.import_module("matplotlib")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt: Any = importlib.import_module("matplotlib.pyplot")
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, h in series:

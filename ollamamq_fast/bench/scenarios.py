@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import report
-from .cli import EXIT_INTERRUPTED, EXIT_NOTHING_SUCCEEDED, EXIT_OK, comparisons, emit, plot_runs, run_phases
+from .cli import (
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING_SUCCEEDED,
+    EXIT_OK,
+    comparisons,
+    emit,
+    plot_runs,
+    run_phases,
+)
 from .loadgen import fd_limit
 from .procs import ProcessError, ProcessSet, RssSampler, rss_kib
 from .runner import Progress, TargetRun, run_target

@@ -28,9 +28,8 @@ REPORT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0, 99.9)
 def bucket_index(value: int) -> int:
     """Bucket of a non-negative integer value (pure; used by `Histogram.record`)."""
     if value < _EXACT_LIMIT:
-        return value if value > 0 else 0
-    if value > MAX_VALUE:
-        value = MAX_VALUE
+        return max(value, 0)
+    value = min(value, MAX_VALUE)
     shift = value.bit_length() - SUB_BITS - 1
     return (shift << SUB_BITS) + (value >> shift)
 
@@ -52,7 +51,7 @@ class Histogram:
     their bucket lists, which is how per-process results are combined.
     """
 
-    __slots__ = ("counts", "total", "sum", "min", "max")
+    __slots__ = ("counts", "max", "min", "sum", "total")
 
     def __init__(self) -> None:
         self.counts: list[int] = [0] * N_BUCKETS
@@ -63,29 +62,28 @@ class Histogram:
 
     def record(self, value: int) -> None:
         """Add one value; called on the measuring path once per sample."""
-        if value < 0:
+        # Plain comparisons instead of min()/max(): this runs several times
+        # per request and a builtin call costs more than a compare.
+        if value < 0:  # noqa: PLR1730
             value = 0
         self.counts[bucket_index(value)] += 1
         self.total += 1
         self.sum += value
-        if value < self.min:
+        if value < self.min:  # noqa: PLR1730
             self.min = value
-        if value > self.max:
+        if value > self.max:  # noqa: PLR1730
             self.max = value
 
     def record_n(self, value: int, n: int) -> None:
         """Add `n` copies of one value (e.g. the zero gaps of lines read together)."""
         if n <= 0:
             return
-        if value < 0:
-            value = 0
+        value = max(value, 0)
         self.counts[bucket_index(value)] += n
         self.total += n
         self.sum += value * n
-        if value < self.min:
-            self.min = value
-        if value > self.max:
-            self.max = value
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
 
     def merge(self, other: Histogram) -> None:
         """Fold another histogram into this one (parent merging worker results)."""
@@ -289,8 +287,7 @@ class GroupStats:
 
 
 def _bump(timeline: list[int], second: int) -> None:
-    if second < 0:
-        second = 0
+    second = max(second, 0)
     while len(timeline) <= second:
         timeline.append(0)
     timeline[second] += 1
