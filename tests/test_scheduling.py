@@ -1,0 +1,175 @@
+"""Fair-share scenarios through a real gateway and simulator (slots=1, so the
+dispatch order is the completion order)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from harness import Stack, fast_sim_options, start_stack
+
+# ~2 tokens at 200 tokens/s after a 5 ms TTFT: a service time of ~15 ms.
+SERVICE = fast_sim_options(tokens=2, tokens_per_s=200.0)
+
+
+def _request(user: str, tokens: int | None = None, delay_ms: int = 0) -> bytes:
+    body = json.dumps({"model": "llama3.2", "prompt": "q", "stream": False}).encode()
+    extra = b""
+    if tokens is not None:
+        extra += b"X-Sim-Tokens: %d\r\n" % tokens
+    if delay_ms:
+        extra += b"X-Sim-Delay-Ms: %d\r\n" % delay_ms
+    return (b"POST /api/generate HTTP/1.1\r\nHost: gw\r\nX-User-ID: " + user.encode() + b"\r\n"
+            + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def _one(port: int, user: str, order: list[str], **kw) -> int:  # type: ignore[no-untyped-def]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_request(user, **kw))
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    order.append(user)
+    writer.close()
+    return int(head.split(b" ")[1])
+
+
+async def _dispatch_order(port: int, plan: list[str], queued_check) -> list[str]:  # type: ignore[no-untyped-def]
+    """Occupy the single slot, queue `plan` (users, in push order), release, and
+    return the order in which the queued requests completed."""
+    order: list[str] = []
+    blocker = asyncio.ensure_future(_one(port, "blocker", order, delay_ms=300))
+    await asyncio.sleep(0.05)
+    tasks = []
+    for user in plan:
+        tasks.append(asyncio.ensure_future(_one(port, user, order)))
+        await asyncio.sleep(0.002)  # keep push order deterministic
+    assert await asyncio.to_thread(queued_check, len(plan))
+    statuses = await asyncio.gather(blocker, *tasks)
+    assert set(statuses) == {200}
+    return [u for u in order if u != "blocker"]
+
+
+def _wait_queued(stack: Stack):  # type: ignore[no-untyped-def]
+    def check(n: int) -> bool:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if len(stack.state.dispatcher.queue) == n:
+                return True
+            time.sleep(0.01)
+        return False
+
+    return check
+
+
+@pytest.fixture()
+def one_slot() -> Stack:
+    st = start_stack(sims=[SERVICE], slots=1, vip_users=["vip"], boost_users=["booster"],
+                     user_weights={"heavy3": 3})
+    yield st
+    st.close()
+
+
+def test_round_robin_across_backlogged_users(one_slot: Stack) -> None:
+    plan = ["a"] * 6 + ["b"] * 6 + ["c"] * 6 + ["d"] * 6
+    order = asyncio.run(_dispatch_order(one_slot.port, plan, _wait_queued(one_slot)))
+    # Every round serves each backlogged user exactly once.
+    for r in range(6):
+        assert sorted(order[4 * r: 4 * r + 4]) == ["a", "b", "c", "d"]
+    counts = Counter(order[:12])
+    shares = [counts[u] for u in "abcd"]
+    jain = sum(shares) ** 2 / (len(shares) * sum(x * x for x in shares))
+    assert jain >= 0.99
+
+
+def test_vip_goes_first(one_slot: Stack) -> None:
+    plan = ["x"] * 5 + ["y"] * 5 + ["vip"] * 3
+    order = asyncio.run(_dispatch_order(one_slot.port, plan, _wait_queued(one_slot)))
+    assert order[:3] == ["vip"] * 3
+
+
+def test_boost_gets_twice_a_normal_share(one_slot: Stack) -> None:
+    plan = ["n1"] * 8 + ["n2"] * 8 + ["booster"] * 8
+    order = asyncio.run(_dispatch_order(one_slot.port, plan, _wait_queued(one_slot)))
+    counts = Counter(order[:12])
+    assert counts["booster"] == 6 and counts["n1"] == 3 and counts["n2"] == 3
+
+
+def test_weights_hold(one_slot: Stack) -> None:
+    plan = ["heavy3"] * 9 + ["light"] * 9
+    order = asyncio.run(_dispatch_order(one_slot.port, plan, _wait_queued(one_slot)))
+    counts = Counter(order[:8])
+    assert counts["heavy3"] == 6 and counts["light"] == 2
+
+
+def test_heavy_user_does_not_delay_light_user() -> None:
+    st = start_stack(sims=[fast_sim_options(tokens=4, tokens_per_s=100.0)], slots=1)
+    try:
+        async def scenario() -> int:
+            order: list[str] = []
+            heavy = [asyncio.ensure_future(_one(st.port, "heavy", order)) for _ in range(100)]
+            deadline = time.monotonic() + 5
+            while len(st.state.dispatcher.queue) < 95 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            async with httpx.AsyncClient() as client:
+                r = await client.post(st.url + "/api/generate", headers={"X-User-ID": "light"},
+                                      json={"model": "llama3.2", "prompt": "q", "stream": False})
+            for t in heavy:
+                t.cancel()
+            await asyncio.gather(*heavy, return_exceptions=True)
+            assert r.status_code == 200
+            return int(r.headers["x-gateway-queue-ms"])
+
+        waited_ms = asyncio.run(scenario())
+        # One heavy request runs ahead at most: a service time is ~45 ms.
+        assert waited_ms < 120
+    finally:
+        st.close()
+
+
+def test_unknown_model_and_full_queue_answers() -> None:
+    st = start_stack(sims=[fast_sim_options(tokens=2, tokens_per_s=50.0)], slots=1,
+                     max_queue_per_user=2)
+    try:
+        async def scenario() -> list[int]:
+            order: list[str] = []
+            tasks = [asyncio.ensure_future(_one(st.port, "greedy", order)) for _ in range(5)]
+            return list(await asyncio.gather(*tasks))
+
+        statuses = asyncio.run(scenario())
+        assert statuses.count(429) == 2 and statuses.count(200) == 3
+        r = httpx.post(st.url + "/api/generate", json={"model": "x", "prompt": "q"},
+                       headers={"X-User-ID": "greedy"})
+        assert r.status_code == 404
+    finally:
+        st.close()
+
+
+def test_queue_timeout_gives_503_with_retry_after() -> None:
+    st = start_stack(sims=[fast_sim_options()], slots=1, queue_timeout=1.0)
+    try:
+        async def scenario() -> httpx.Response:
+            order: list[str] = []
+            blocker = asyncio.ensure_future(_one(st.port, "blocker", order, delay_ms=3000))
+            await asyncio.sleep(0.1)
+            async with httpx.AsyncClient(timeout=10) as client:
+                r = await client.post(st.url + "/v1/chat/completions",
+                                      json={"model": "llama3.2",
+                                            "messages": [{"role": "user", "content": "q"}]})
+            await blocker
+            return r
+
+        r = asyncio.run(scenario())
+        assert r.status_code == 503
+        assert int(r.headers["retry-after"]) > 0
+        assert "queue" in r.json()["error"]["message"]
+    finally:
+        st.close()
