@@ -188,6 +188,7 @@ def run_phases(targets: list[Target], spec: RunSpec, rounds: int, progress: Prog
                 for g_into, g_new in zip(into.groups, result.groups):
                     g_into.merge(g_new, parallel=False)
                 into.wall += result.wall
+                into.load = [(c0 + c1, w0 + w1) for (c0, w0), (c1, w1) in zip(into.load, result.load)]
                 into.interrupted = into.interrupted or result.interrupted
             else:
                 merged[target.label] = result

@@ -17,6 +17,9 @@ from .stats import (
     jain_index,
 )
 
+# A worker process busier than this fraction of one core is probably limiting
+# the load itself (an event loop cannot use more than one core).
+SATURATED_CORE = 0.9
 # Per-user completions are listed one by one up to this many users; beyond
 # that only min/median/max and Jain's index are shown.
 PER_USER_LIMIT = 32
@@ -109,10 +112,22 @@ def summarize_run(run: TargetRun, prefixes: Sequence[str] | None = None) -> dict
         "wall_s": round(run.wall, 3),
         "interrupted": run.interrupted,
         "total": summarize_group(merged_groups(run.groups), all_names),
+        "generator": generator_load(run.load),
     }
     if len(run.groups) > 1:
         out["groups"] = {g.name: summarize_group(g, n) for g, n in zip(run.groups, per_group)}
     return out
+
+
+def generator_load(load: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """The load generator's own CPU use per worker process, in cores."""
+    cores = [cpu / wall if wall > 0 else 0.0 for cpu, wall in load]
+    busiest = max(cores) if cores else 0.0
+    return {
+        "cores_per_proc": [round(c, 3) for c in cores],
+        "busiest_proc_cores": round(busiest, 3),
+        "saturated": busiest >= SATURATED_CORE,
+    }
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +200,10 @@ def format_run(s: dict[str, Any]) -> list[str]:
     """Readable lines for one target summary (totals and groups)."""
     flag = "  [interrupted]" if s["interrupted"] else ""
     lines = format_group(s["total"], f"== {s['label']}  {s['url']}  (procs {s['procs']}){flag}")
+    gen = s["generator"]
+    note = "  <- the load generator itself may be the limit: try more --procs" if gen["saturated"] else ""
+    per = ", ".join(f"{c:.2f}" for c in gen["cores_per_proc"])
+    lines.append(f"  load generator CPU per process (cores): {per}{note}")
     for name, g in s.get("groups", {}).items():
         lines.append("")
         lines.extend(format_group(g, f"-- group {name}"))

@@ -44,6 +44,8 @@ class TargetRun:
     interrupted: bool
     wall: float
     procs: int
+    # Per worker process: (CPU seconds, wall seconds) of its run.
+    load: list[tuple[float, float]]
 
 
 class Progress:
@@ -111,15 +113,18 @@ def run_target(target: Target, spec: RunSpec, progress: Progress) -> TargetRun:
     started = time.monotonic()
     try:
         if spec.procs == 1:
-            groups, interrupted = uvloop.run(_run_here(target, spec, progress))
+            groups, interrupted, load = uvloop.run(_run_here(target, spec, progress))
         else:
-            groups, interrupted = _run_spawned(target, spec, progress)
+            groups, interrupted, load = _run_spawned(target, spec, progress)
     finally:
         progress.end()
-    return TargetRun(target.label, target.url, groups, interrupted, time.monotonic() - started, spec.procs)
+    return TargetRun(target.label, target.url, groups, interrupted, time.monotonic() - started, spec.procs, load)
 
 
-async def _run_here(target: Target, spec: RunSpec, progress: Progress) -> tuple[list[GroupStats], bool]:
+Outcome = tuple[list[GroupStats], bool, list[tuple[float, float]]]
+
+
+async def _run_here(target: Target, spec: RunSpec, progress: Progress) -> Outcome:
     worker = Worker(target, spec)
     loop = asyncio.get_running_loop()
     # First Ctrl-C stops the load and keeps what was measured.
@@ -133,7 +138,7 @@ async def _run_here(target: Target, spec: RunSpec, progress: Progress) -> tuple[
     finally:
         if handled:
             loop.remove_signal_handler(signal.SIGINT)
-    return stats, worker.interrupted
+    return stats, worker.interrupted, [(worker.cpu_s, worker.wall_s)]
 
 
 def _child_main(target: Target, spec: RunSpec, proc: int, nprocs: int, conn: Connection) -> None:
@@ -165,12 +170,12 @@ async def _child_async(target: Target, spec: RunSpec, proc: int, nprocs: int, co
     stats = await worker.run(lambda snap: conn.send(("progress", proc, snap)))
     try:
         loop.remove_reader(conn.fileno())
-        conn.send(("result", proc, stats, worker.interrupted))
+        conn.send(("result", proc, stats, worker.interrupted, (worker.cpu_s, worker.wall_s)))
     except OSError:
         pass
 
 
-def _run_spawned(target: Target, spec: RunSpec, progress: Progress) -> tuple[list[GroupStats], bool]:
+def _run_spawned(target: Target, spec: RunSpec, progress: Progress) -> Outcome:
     ctx = mp.get_context("spawn")
     nprocs = spec.procs
     procs: list[Any] = []
@@ -222,12 +227,11 @@ def _await_ready(conns: list[Connection], procs: list[Any]) -> None:
                 raise RuntimeError(f"bench worker {i} exited during start-up (exit code {procs[i].exitcode})")
 
 
-def _collect(
-    conns: list[Connection], procs: list[Any], spec: RunSpec, progress: Progress
-) -> tuple[list[GroupStats], bool]:
+def _collect(conns: list[Connection], procs: list[Any], spec: RunSpec, progress: Progress) -> Outcome:
     n = len(conns)
     snaps: dict[int, Snapshot] = {}
     results: dict[int, list[GroupStats]] = {}
+    load: dict[int, tuple[float, float]] = {}
     interrupted = False
     started = time.monotonic()
     bound: float | None = None
@@ -250,6 +254,7 @@ def _collect(
                 elif msg[0] == "result":
                     results[msg[1]] = msg[2]
                     interrupted = interrupted or bool(msg[3])
+                    load[msg[1]] = msg[4]
             now = time.monotonic()
             if now >= next_tick and snaps and progress.enabled:
                 progress.update(_sum_snaps(snaps.values()))
@@ -267,7 +272,7 @@ def _collect(
     for stats in results.values():
         for into, part in zip(merged, stats):
             into.merge(part, parallel=True)
-    return merged, interrupted
+    return merged, interrupted, [load[i] for i in sorted(load)]
 
 
 def _send_stop(conns: list[Connection], results: dict[int, list[GroupStats]]) -> float:
