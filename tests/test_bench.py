@@ -518,6 +518,22 @@ def test_baseline_comparison_and_table(tiny: tuple[str, dict[str, Any]], capsys:
     assert 0.2 < comp["throughput_ratio"] < 5
 
 
+def test_plot_writes_a_png_or_explains_matplotlib_is_missing(tmp_path: Any) -> None:
+    from ollamamq_fast.bench.report import plot_cdf
+
+    h = Histogram()
+    for v in (100, 200, 300, 5000):
+        h.record(v)
+    path = str(tmp_path / "cdf.png")
+    err = plot_cdf([("a", h), ("empty", Histogram())], path)
+    if importlib.util.find_spec("matplotlib") is None:
+        assert err is not None and "needs matplotlib" in err
+    else:
+        assert err is None
+        with open(path, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert _bench(capsys, "-n", "1")[0] == 2  # no URL, no scenario
     assert _bench(capsys, "http://127.0.0.1:9", "--route", "/nope")[0] == 2
