@@ -67,6 +67,7 @@ class Exchange:
         "sep",
         "status",
         "t_body",
+        "t_end",
         "t_first",
         "t_line",
         "t_send",
@@ -86,6 +87,8 @@ class Exchange:
         # runs from t_write, when the bytes were actually handed to the socket.
         self.t_send = t_send
         self.t_write = 0.0
+        # When the last byte was read (0.0 until the response is complete).
+        self.t_end = 0.0
         self.t_first = 0.0
         self.t_body = 0.0
         self.t_line = 0.0
@@ -161,6 +164,7 @@ class BenchConnection(asyncio.Protocol):
         if self.complete:
             self.complete = False
             self.exchange = None
+            ex.t_end = now
             if not self.keep_alive:
                 self.usable = False
             self.owner.exchange_done(self, ex, None)
