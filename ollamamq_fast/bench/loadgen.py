@@ -37,6 +37,10 @@ SWEEP_MAX = 0.1
 # beyond --timeout, before the worker gives up on them (nothing may hang).
 FINISH_GRACE = 5.0
 PROGRESS_INTERVAL = 1.0
+# Open loop: arrivals waiting for a free connection, per process. Past this
+# the target is hopelessly overloaded; further arrivals are dropped (counted
+# as unfinished) instead of growing memory without bound.
+MAX_BACKLOG = 100_000
 
 Snapshot = tuple[int, int, int, int, int]  # ok, errors, chunks, in flight, sent
 ProgressFn = Callable[[Snapshot], None]
@@ -260,6 +264,10 @@ class OpenLoop(Driver):
                 await asyncio.sleep(next_t - now)
         finally:
             self.arrivals_done = True
+            if self.worker.deadline is not None and self.backlog:
+                # The run is over: arrivals still waiting never got sent.
+                self.stats.unfinished += len(self.backlog)
+                self.backlog.clear()
             self._check_finished()
 
     def _dispatch(self, seq: int, intended: float) -> None:
@@ -268,8 +276,10 @@ class OpenLoop(Driver):
         elif self.open_count < self.max_conns:
             self.open_count += 1
             self.worker.spawn(self._open_for(seq, intended))
-        else:
+        elif len(self.backlog) < MAX_BACKLOG:
             self.backlog.append((seq, intended))
+        else:
+            self.stats.unfinished += 1
 
     async def _open_for(self, seq: int, intended: float) -> None:
         try:

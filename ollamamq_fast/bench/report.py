@@ -167,7 +167,7 @@ def format_group(s: dict[str, Any], title: str) -> list[str]:
         f"  in {s['elapsed_s']:.2f}s  ->  {s['req_per_s']:,.1f} req/s  ({s['ok_per_s']:,.1f} ok/s)"
     )
     if s["unfinished"]:
-        lines.append(f"  unfinished when stopped: {s['unfinished']:,}")
+        lines.append(f"  unfinished (never sent, or cut off when the run stopped): {s['unfinished']:,}")
     header = "  " + " " * 12 + "".join(f"{h:>11}" for h in [pct_key(q) for q in REPORT_PERCENTILES] + ["mean", "max"])
     lines.append(header + "   (ms)")
     lines.append(_hist_row("latency", s["latency_ms"]))
