@@ -65,6 +65,19 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def open_files_limit(pid: int) -> int | None:
+    """Soft "Max open files" of `pid` from /proc/PID/limits (None if unknown or unlimited)."""
+    try:
+        with open(f"/proc/{pid}/limits", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Max open files"):
+                    soft = line.split()[3]
+                    return int(soft) if soft.isdigit() else None
+    except (OSError, IndexError):
+        return None
+    return None
+
+
 class ProcessError(RuntimeError):
     """A scenario process failed to start or died."""
 
