@@ -30,8 +30,8 @@ SSE_END = b"[DONE]"
 # because quotes in content are escaped (\"error\"), so this finds real
 # mid-stream error frames only.
 ERROR_MARK = b'"error"'
-# Bytes of the previous body piece kept to find a marker split across two
-# socket reads; must be at least the longest marker minus one.
+# Bytes on each side of a piece boundary searched for a marker split across
+# two pieces; must be at least the longest marker minus one.
 CARRY = 16
 
 
@@ -203,9 +203,17 @@ class BenchConnection(asyncio.Protocol):
             return
         n = data.count(sep)
         tail = ex.tail
-        # An SSE blank line may be split over two reads ("...\n" | "\n...").
-        if sep is SSE_SEP and tail[-1:] == b"\n" and data[:1] == b"\n":
-            n += 1
+        if tail:
+            # The previous piece ended mid-frame, so a separator or marker may
+            # straddle the boundary. Frames are whole lines in practice (one
+            # per chunk), so this costs nothing on the common path.
+            if sep is SSE_SEP and tail[-1:] == b"\n" and data[:1] == b"\n":
+                n += 1
+            probe = tail[-CARRY:] + data[:CARRY]
+            if ERROR_MARK in probe:
+                ex.error_frame = True
+            if ex.terminator is not None and ex.terminator in probe:
+                ex.terminated = True
         if n:
             if ex.lines and now != ex.t_line:
                 if ex.measured:
@@ -217,13 +225,13 @@ class BenchConnection(asyncio.Protocol):
                 ex.zero_gaps += n - 1
             ex.lines += n
             ex.t_line = now
-        probe = tail + data[:CARRY] if tail else data
-        if not ex.error_frame and (ERROR_MARK in data or ERROR_MARK in probe):
+        if ERROR_MARK in data:
             ex.error_frame = True
-        terminator = ex.terminator
-        if not ex.terminated and terminator is not None and (terminator in data or terminator in probe):
+        if not ex.terminated and ex.terminator is not None and ex.terminator in data:
             ex.terminated = True
-        ex.tail = data[-CARRY:]
+        # Markers contain no newline, so after a piece that ends a frame
+        # there is nothing to carry over.
+        ex.tail = b"" if data.endswith(sep) else data
 
     def on_message_complete(self) -> None:
         self.complete = True
