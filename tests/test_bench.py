@@ -545,6 +545,24 @@ def test_plot_writes_a_png_or_explains_matplotlib_is_missing(tmp_path: Any) -> N
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_options_reach_the_request_bytes(tmp_path: Any) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-a\n\nsk-b\n")
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    args = parser.parse_args(["http://127.0.0.1:9", "-H", "X-Trace: on", "--api-keys-file", str(keys),
+                              "--no-user-header", "--route", "/v1/completions", "--model", "m1,m2",
+                              "--prompt-bytes", "10", "--max-tokens", "3", "--no-stream", "-n", "5"])
+    spec = bench_cli.spec_from_args(args)
+    g = spec.groups[0]
+    assert (g.models, g.requests, spec.duration, g.concurrency) == (("m1", "m2"), 5, None, 16)
+    req = _parse_request(RequestFactory(Target.parse(args.url, "t"), g, seed=1).request(0, 1))
+    assert req.headers[b"x-trace"] == b"on" and req.headers[b"authorization"] == b"Bearer sk-b"
+    assert b"x-user-id" not in req.headers
+    body = orjson.loads(req.body)
+    assert body["max_tokens"] == 3 and body["stream"] is False and len(body["prompt"]) == 10
+
+
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert _bench(capsys, "-n", "1")[0] == 2  # no URL, no scenario
     assert _bench(capsys, "http://127.0.0.1:9", "--route", "/nope")[0] == 2
