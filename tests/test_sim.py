@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import ollama
 import openai
@@ -151,7 +151,7 @@ class Conn:
         self.data = bytearray()
         self.pos = 0
 
-    def __enter__(self) -> Conn:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -200,7 +200,7 @@ class Conn:
                 if not data:
                     return True
                 self.data += data
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return False
         except ConnectionResetError:
             return True
@@ -258,8 +258,8 @@ def call(port: int, method: str, path: str, body: Any = None, headers: list[str]
         return conn.response(head_only=method == "HEAD")
 
 
-CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
-GEN = {"model": "llama3.2", "prompt": "Why is the sky blue?"}
+CHAT: dict[str, Any] = {"model": "llama3.2", "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+GEN: dict[str, Any] = {"model": "llama3.2", "prompt": "Why is the sky blue?"}
 
 
 # -- pure helpers (no I/O) -------------------------------------------------------
@@ -560,6 +560,16 @@ def test_keep_alive_across_kinds_of_responses(sim: SimServer) -> None:
         assert r.json()["done"] is True
 
 
+def test_connection_close_and_http10(sim: SimServer) -> None:
+    with Conn(sim.port) as conn:
+        conn.send(request("GET", "/api/version", headers=["Connection: close"]))
+        r = conn.response()
+        assert r.headers["connection"] == "close" and conn.closed()
+    with Conn(sim.port) as conn:
+        conn.send(b"GET / HTTP/1.0\r\n\r\n")
+        assert conn.response().body == b"Ollama is running" and conn.closed()
+
+
 def test_pipelined_requests_answered_in_order(sim: SimServer) -> None:
     with Conn(sim.port) as conn:
         conn.send(request("POST", "/api/chat", CHAT) + request("GET", "/api/version")
@@ -661,9 +671,9 @@ def test_pacing_follows_ttft_and_rate(own: Any) -> None:
         r = conn.response()
     first = r.chunk_times[0] - start_
     total = r.chunk_times[-1] - start_
-    assert 0.07 <= first < 0.2, first
+    assert 0.07 <= first < 0.5, first
     # Five tokens then the done line: 5 intervals of 20 ms after the first token.
-    assert 0.08 <= total - first < 0.25, total - first
+    assert 0.08 <= total - first < 0.6, total - first
     whole_start = time.monotonic()
     assert call(server.port, "POST", "/api/chat", {**CHAT, "stream": False}).status == 200
     assert time.monotonic() - whole_start >= 0.17

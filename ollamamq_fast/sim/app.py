@@ -138,7 +138,7 @@ class SimApp:
                 return
         try:
             handler(ex)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any handler bug must still answer the client
             self._handler_failed(ex, err)
 
     def _run(self, handler: Handler, ex: Exchange) -> None:
@@ -148,7 +148,7 @@ class SimApp:
             return
         try:
             handler(ex)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any handler bug must still answer the client
             self._handler_failed(ex, err)
 
     def _handler_failed(self, ex: Exchange, err: Exception) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import signal
 import sys
 
@@ -30,7 +31,7 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0 or value != value:
+    if value < 0 or math.isnan(value):
         raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
     return value
 
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-H", "--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument(
         "--models", type=_models, default=list(DEFAULT_MODELS), metavar="M1,M2",
-        help="comma-separated models to serve (default: %s)" % ",".join(DEFAULT_MODELS),
+        help=f"comma-separated models to serve (default: {','.join(DEFAULT_MODELS)})",
     )
     parser.add_argument("--ttft-ms", type=_non_negative_float, default=50.0, metavar="MS",
                         help="time to first token in milliseconds (default: %(default)s)")

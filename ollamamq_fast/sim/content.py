@@ -148,7 +148,9 @@ def pick_tool(tools: Any, prompt: str) -> dict[str, Any] | None:
     """Sim trigger: call a tool whose name the user's last message mentions, or the first tool if it says "tool"."""
     if not isinstance(tools, list):
         return None
-    funcs = [t["function"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    funcs: list[dict[str, Any]] = [
+        t["function"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
+    ]
     funcs = [f for f in funcs if isinstance(f.get("name"), str) and f["name"]]
     if not funcs:
         return None
@@ -195,8 +197,18 @@ class Plan:
     """Everything one generation will emit, decided up front; never mutated (plans are cached)."""
 
     __slots__ = (
-        "thinking", "content", "tool_calls", "done_reason", "prompt_tokens",
-        "eval_count", "steps", "text", "thought", "text_json", "thought_json", "reason_json",
+        "content",
+        "done_reason",
+        "eval_count",
+        "prompt_tokens",
+        "reason_json",
+        "steps",
+        "text",
+        "text_json",
+        "thinking",
+        "thought",
+        "thought_json",
+        "tool_calls",
     )
 
     def __init__(
@@ -290,9 +302,11 @@ def float32_base64(vector: list[float]) -> str:
 
 _TEMPLATES = {
     "llama": (
-        "<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>"
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        (
+            "<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>"
+            "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
         ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     ),
     "qwen2": (

@@ -41,8 +41,22 @@ class StreamEmitter:
     """Writes one Source to one Exchange with pacing, backpressure and fault injection."""
 
     __slots__ = (
-        "ex", "src", "loop", "conn", "stats", "ttft", "interval", "faults", "slow",
-        "t0", "step", "handle", "stopped", "sent", "pending", "splitting",
+        "conn",
+        "ex",
+        "faults",
+        "handle",
+        "interval",
+        "loop",
+        "pending",
+        "sent",
+        "slow",
+        "splitting",
+        "src",
+        "stats",
+        "step",
+        "stopped",
+        "t0",
+        "ttft",
     )
 
     def __init__(self, ex: Exchange, src: Source, ttft_s: float, interval_s: float) -> None:

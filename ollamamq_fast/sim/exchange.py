@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 class Request:
     """One parsed request. Only the headers the simulator acts on are kept."""
 
-    __slots__ = ("method", "path", "query", "headers", "body_parts", "keep_alive", "answered", "sink", "size")
+    __slots__ = ("answered", "body_parts", "headers", "keep_alive", "method", "path", "query", "sink", "size")
 
     def __init__(self, method: str, path: str, query: str, headers: dict[bytes, bytes], keep_alive: bool) -> None:
         self.method = method
@@ -50,7 +50,7 @@ class Request:
 class Exchange:
     """One request/response cycle on a connection; finished exactly once."""
 
-    __slots__ = ("conn", "req", "head_only", "faults", "done", "inference", "streaming", "pending_head", "cancel_cb")
+    __slots__ = ("cancel_cb", "conn", "done", "faults", "head_only", "inference", "pending_head", "req", "streaming")
 
     def __init__(self, conn: SimProtocol, req: Request) -> None:
         self.conn = conn

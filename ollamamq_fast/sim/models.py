@@ -6,7 +6,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -30,7 +30,7 @@ _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")
 class ModelName:
     """host/namespace/model:tag with Ollama's defaults filled in (immutable by convention)."""
 
-    __slots__ = ("host", "namespace", "model", "tag", "key")
+    __slots__ = ("host", "key", "model", "namespace", "tag")
 
     def __init__(self, host: str, namespace: str, model: str, tag: str) -> None:
         self.host = host
@@ -138,7 +138,7 @@ def go_time(epoch: float) -> str:
     """A local time the way Go marshals time.Time (RFC 3339, offset or Z)."""
     moment = datetime.fromtimestamp(epoch).astimezone()
     text = moment.isoformat(timespec="microseconds")
-    if moment.utcoffset() == timezone.utc.utcoffset(None):
+    if moment.utcoffset() == UTC.utcoffset(None):
         text = text[:-6] + "Z"
     return text
 

@@ -17,7 +17,15 @@ from .content import (
     truncate_dims,
 )
 from .exchange import Exchange
-from .fields import check_images, conversation_text, go_quote, last_user_text, options_of, parse_think, seed_of
+from .fields import (
+    check_images,
+    conversation_text,
+    go_quote,
+    last_user_text,
+    options_of,
+    parse_think,
+    seed_of,
+)
 from .generation import native_error, run_after, run_generation, run_progress
 from .gojson import BodyError, decode_object, dumps, opt_bool, opt_str, type_error
 from .models import ModelEntry, go_time, parse_keep_alive, parse_name

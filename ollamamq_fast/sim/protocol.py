@@ -140,10 +140,10 @@ class SimProtocol(asyncio.Protocol):
         headers = self._headers
         req = Request(method, path, query.decode("latin-1") if query else "", headers, parser.should_keep_alive())
         self._req = req
-        if method == "POST" and path.startswith("/api/blobs/"):
-            if self.app.blob_headers(self, req, self.current is None and not self.queue):
-                return
-        if headers and headers.get(b"expect", b"").lower() == b"100-continue" and self.current is None and not self.queue:
+        idle = self.current is None and not self.queue
+        if method == "POST" and path.startswith("/api/blobs/") and self.app.blob_headers(self, req, idle):
+            return
+        if idle and headers and headers.get(b"expect", b"").lower() == b"100-continue":
             # Go sends 100 Continue when the handler first reads the body; JSON handlers do so at once.
             self.write(wire.CONTINUE_100)
 

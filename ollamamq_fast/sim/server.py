@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Self
 
 from .app import SimApp
 from .options import SimOptions, SimStats
@@ -46,7 +47,7 @@ class SimServer:
         # Let transports run connection_lost before the caller tears the loop down.
         await asyncio.sleep(0)
 
-    async def __aenter__(self) -> SimServer:
+    async def __aenter__(self) -> Self:
         """`async with await start_sim(...) as sim:`."""
         return self
 

@@ -100,8 +100,7 @@ class TokenSource:
         started = self.started
         end = time.perf_counter()
         first = self.first or end
-        if first > end:
-            first = end
+        first = min(first, end)
         before_ns = int((first - started) * 1e9)
         load_ns = int(before_ns * LOAD_SHARE)
         plan = self.plan

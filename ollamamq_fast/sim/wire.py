@@ -60,7 +60,7 @@ def status_line(status: int) -> bytes:
 class Clock:
     """Caches the HTTP Date header and the RFC 3339 second prefix once per second."""
 
-    __slots__ = ("_second", "_date", "_rfc_prefix")
+    __slots__ = ("_date", "_rfc_prefix", "_second")
 
     def __init__(self) -> None:
         self._second = -1
