@@ -552,7 +552,7 @@ def test_cli_options_reach_the_request_bytes(tmp_path: Any) -> None:
     bench_cli.add_arguments(parser)
     args = parser.parse_args(["http://127.0.0.1:9", "-H", "X-Trace: on", "--api-keys-file", str(keys),
                               "--no-user-header", "--route", "/v1/completions", "--model", "m1,m2",
-                              "--prompt-bytes", "10", "--max-tokens", "3", "--no-stream", "-n", "5"])
+                              "--prompt-bytes", "10", "--max-tokens", "3", "--no-stream", "-n", "5", "--users", "2"])
     spec = bench_cli.spec_from_args(args)
     g = spec.groups[0]
     assert (g.models, g.requests, spec.duration, g.concurrency) == (("m1", "m2"), 5, None, 16)
