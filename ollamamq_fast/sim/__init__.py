@@ -30,6 +30,8 @@ Simulator choices (where a real model would decide):
   /api/tags.
 * Embeddings are unit vectors from a hash of (model, input); `/api/embed` and
   `/v1/embeddings` wait ttft_ms.
+* Tokens are produced lazily, so `X-Sim-Tokens: 10000000` streams in constant
+  memory; generate's `context` array is capped at 32768 ids.
 
 Test-only request headers (they pass through a gateway):
 
@@ -38,8 +40,9 @@ Test-only request headers (they pass through a gateway):
 ``X-Sim-Delay-Ms: N``
     Wait N ms before handling the request (before the response head).
 ``X-Sim-Fault: <fault>[, <fault>...]``
-    ``die-after:N``      close the TCP connection after N NDJSON lines / SSE events of a
-                         stream (no terminating chunk; N=0 sends only the head).
+    ``die-after:N``      close the TCP connection (FIN, after flushing) right after N
+                         NDJSON lines / SSE events of a stream: no terminating chunk
+                         (N=0 sends only the head; a shorter stream ends normally).
     ``split-lines``      send each line / event as two chunks ~20 ms apart, split
                          mid-line (a non-stream body is split in two halves).
     ``status:CODE``      answer CODE at once with an Ollama-style error body (OpenAI

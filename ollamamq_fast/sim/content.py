@@ -8,8 +8,9 @@ import json
 import math
 import re
 import struct
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, overload
 
 from .gojson import dumps
 from .models import ModelEntry
@@ -50,27 +51,61 @@ def _seed_pair(text: str, seed: int) -> tuple[int, int]:
     return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
 
 
-def word_tokens(text: str, seed: int, count: int) -> list[str]:
+class Walk(Sequence[str]):
+    """Tokens of a walk over a word list, made on demand: a 10M-token answer costs no memory."""
+
+    __slots__ = ("_count", "_first", "_spaced", "_start")
+
+    def __init__(self, first: tuple[str, ...], spaced: tuple[str, ...], start: int, count: int) -> None:
+        self._first = first
+        self._spaced = spaced
+        self._start = start
+        self._count = max(0, count)
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        """Token i is the word after the start, with a space; the very first is capitalized."""
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(self._count)
+            if step != 1:
+                return [self[i] for i in range(lo, hi, step)]
+            if hi <= lo:
+                return []
+            size = len(self._spaced)
+            begin = (self._start + lo) % size
+            # Enough repetitions of the ring to cover the slice, then one C-level slice.
+            ring = self._spaced * ((begin + hi - lo) // size + 1)
+            out = list(ring[begin : begin + hi - lo])
+            if lo == 0:
+                out[0] = self._first[self._start % size]
+            return out
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        position = (self._start + index) % len(self._spaced)
+        return self._first[position] if index == 0 else self._spaced[position]
+
+
+def word_tokens(text: str, seed: int, count: int) -> Walk:
     """`count` plausible tokens, deterministic for (text, seed)."""
-    if count <= 0:
-        return []
     first, _ = _seed_pair(text, seed)
-    size = len(WORDS)
-    start = first % size
     # Walking the list in order reads like (odd) prose; the start depends on the prompt.
-    out = [_FIRST[start]]
-    out.extend(_SPACED[(start + i) % size] for i in range(1, count))
-    return out
+    return Walk(_FIRST, _SPACED, first % len(WORDS), count)
 
 
-def think_tokens(text: str, seed: int, count: int) -> list[str]:
+def think_tokens(text: str, seed: int, count: int) -> Walk:
     """Reasoning tokens for `think`, deterministic like word_tokens."""
-    if count <= 0:
-        return []
     first, _ = _seed_pair(text, seed + 1)
-    size = len(THINK_WORDS)
-    start = first % size
-    return [THINK_WORDS[start]] + [_THINK_SPACED[(start + i) % size] for i in range(1, count)]
+    return Walk(THINK_WORDS, _THINK_SPACED, first % len(THINK_WORDS), count)
 
 
 def estimate_tokens(text: str) -> int:
@@ -197,24 +232,14 @@ class Plan:
     """Everything one generation will emit, decided up front; never mutated (plans are cached)."""
 
     __slots__ = (
-        "content",
-        "done_reason",
-        "eval_count",
-        "prompt_tokens",
-        "reason_json",
-        "steps",
-        "text",
-        "text_json",
-        "thinking",
-        "thought",
-        "thought_json",
-        "tool_calls",
+        "_text", "_text_json", "_thought", "_thought_json", "content", "done_reason", "eval_count",
+        "prompt_tokens", "reason_json", "steps", "thinking", "tool_calls",
     )
 
     def __init__(
         self,
-        thinking: tuple[str, ...],
-        content: tuple[str, ...],
+        thinking: Sequence[str],
+        content: Sequence[str],
         tool_calls: list[dict[str, Any]] | None,
         done_reason: str,
         prompt_tokens: int,
@@ -228,13 +253,40 @@ class Plan:
         self.eval_count = len(thinking) + len(content) + (1 if tool_calls else 0)
         # Paced token steps before the final `done` chunk.
         self.steps = self.eval_count
-        # The whole answer and reasoning, as a non-streaming response carries them.
-        self.text = "".join(content)
-        self.thought = "".join(thinking)
-        # Pre-encoded JSON strings: non-stream bodies are assembled from bytes.
-        self.text_json = dumps(self.text)
-        self.thought_json = dumps(self.thought)
         self.reason_json = dumps(done_reason)
+        # The joined texts are only needed by non-stream answers: built on first use.
+        self._text: str | None = None
+        self._text_json: bytes | None = None
+        self._thought: str | None = None
+        self._thought_json: bytes | None = None
+
+    @property
+    def text(self) -> str:
+        """The whole answer, as a non-streaming response carries it."""
+        if self._text is None:
+            self._text = "".join(self.content[0 : len(self.content)])
+        return self._text
+
+    @property
+    def text_json(self) -> bytes:
+        """`text` as an encoded JSON string."""
+        if self._text_json is None:
+            self._text_json = dumps(self.text)
+        return self._text_json
+
+    @property
+    def thought(self) -> str:
+        """The whole reasoning text."""
+        if self._thought is None:
+            self._thought = "".join(self.thinking[0 : len(self.thinking)])
+        return self._thought
+
+    @property
+    def thought_json(self) -> bytes:
+        """`thought` as an encoded JSON string."""
+        if self._thought_json is None:
+            self._thought_json = dumps(self.thought)
+        return self._thought_json
 
 
 def make_plan(
@@ -248,22 +300,29 @@ def make_plan(
 ) -> Plan:
     """Decide the tokens of one answer (thinking first, then content or a tool call)."""
     if tool is None and fmt is None:
-        return _text_plan(prompt, seed, count, done_reason, think)
-    thinking = tuple(think_tokens(prompt, seed, max(1, count // 4))) if think else ()
+        if count <= PLAN_CACHE_MAX_TOKENS:
+            return _text_plan(prompt, seed, count, done_reason, think)
+        return _build_text_plan(prompt, seed, count, done_reason, think)
+    thinking = think_tokens(prompt, seed, max(1, count // 4)) if think else ()
     prompt_tokens = estimate_tokens(prompt) + PROMPT_OVERHEAD_TOKENS
     if tool is not None:
         return Plan(thinking, (), [tool_call(tool, prompt, seed)], "stop", prompt_tokens)
     words = word_tokens(prompt, seed, count)
-    pieces = format_pieces(fmt, words) if count else None
-    return Plan(thinking, tuple(pieces if pieces is not None else words), None, done_reason, prompt_tokens)
+    pieces = format_pieces(fmt, words[0:count]) if count else None
+    return Plan(thinking, words if pieces is None else pieces, None, done_reason, prompt_tokens)
 
 
-@lru_cache(maxsize=4096)
-def _text_plan(prompt: str, seed: int, count: int, done_reason: str, think: bool) -> Plan:
-    """Plain-text plans repeat a lot under benchmarks: build each once."""
-    thinking = tuple(think_tokens(prompt, seed, max(1, count // 4))) if think else ()
+def _build_text_plan(prompt: str, seed: int, count: int, done_reason: str, think: bool) -> Plan:
+    """A plain-text plan."""
+    thinking = think_tokens(prompt, seed, max(1, count // 4)) if think else ()
     prompt_tokens = estimate_tokens(prompt) + PROMPT_OVERHEAD_TOKENS
-    return Plan(thinking, tuple(word_tokens(prompt, seed, count)), None, done_reason, prompt_tokens)
+    return Plan(thinking, word_tokens(prompt, seed, count), None, done_reason, prompt_tokens)
+
+
+# Benchmarks repeat the same small requests: cache their plans (and the joined
+# text a non-stream answer needs), but never keep huge ones alive.
+PLAN_CACHE_MAX_TOKENS = 4096
+_text_plan = lru_cache(maxsize=4096)(_build_text_plan)
 
 
 def empty_plan(done_reason: str) -> Plan:
@@ -271,7 +330,6 @@ def empty_plan(done_reason: str) -> Plan:
     return Plan((), (), None, done_reason, 0)
 
 
-@lru_cache(maxsize=256)
 def context_tokens(count: int) -> tuple[int, ...]:
     """Token ids for generate's deprecated `context` array."""
     return tuple((i * 7919 + 128) % 128000 for i in range(count))

@@ -39,10 +39,14 @@ def fragment(text: str) -> bytes:
     return encoded
 
 
-@lru_cache(maxsize=256)
+# Sim choice: `context` never holds more ids than a large num_ctx would keep.
+CONTEXT_MAX = 32768
+
+
+@lru_cache(maxsize=64)
 def context_json(count: int) -> bytes:
-    """The encoded `context` array for `count` tokens."""
-    return dumps(context_tokens(count))
+    """The encoded `context` array for `count` tokens (capped at CONTEXT_MAX)."""
+    return dumps(context_tokens(min(count, CONTEXT_MAX)))
 
 
 def openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -184,7 +188,8 @@ class GenerateSource(TokenSource):
     def _done(self) -> bytes:
         """`"done":true,"done_reason":..,"context":[..]` then the metrics."""
         plan = self.plan
-        context = b',"context":' + context_json(plan.prompt_tokens + plan.eval_count) if self.with_context else b""
+        count = min(plan.prompt_tokens + plan.eval_count, CONTEXT_MAX)
+        context = b',"context":' + context_json(count) if self.with_context else b""
         return b',"done":true,"done_reason":' + plan.reason_json + context + self.metrics()
 
     def render_final(self, ts: bytes) -> bytes:
