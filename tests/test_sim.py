@@ -679,6 +679,19 @@ def test_pacing_follows_ttft_and_rate(own: Any) -> None:
     assert time.monotonic() - whole_start >= 0.17
 
 
+def test_fast_lane_replays_identical_requests(own: Any) -> None:
+    server = own(ttft_ms=0.0, tokens_per_s=0.0)
+    body = {**GEN, "stream": False}
+    first = call(server.port, "POST", "/api/generate", body).json()
+    assert len(server.app.fastlane.recipes) == 1
+    again = call(server.port, "POST", "/api/generate", body).json()
+    assert again["response"] == first["response"] and again["context"] == first["context"]
+    assert again["created_at"] != first["created_at"] and server.stats.requests == 2
+    # Deleting the model invalidates the remembered answer.
+    assert call(server.port, "DELETE", "/api/delete", {"model": "llama3.2"}).status == 200
+    assert call(server.port, "POST", "/api/generate", body).status == 404
+
+
 def test_delay_header(sim: SimServer) -> None:
     begin = time.monotonic()
     assert call(sim.port, "GET", "/api/version", headers=["X-Sim-Delay-Ms: 150"]).status == 200

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import wire
 from .exchange import Exchange, Request
+from .fastlane import FastLane
 from .faults import fault_message, parse_faults
 from .gojson import dumps
 from .models import ModelStore
@@ -59,6 +60,7 @@ class SimApp:
         self.stats = SimStats()
         self.clock = wire.Clock()
         self.store = ModelStore(options.models)
+        self.fastlane = FastLane(self)
         self.connections: set[SimProtocol] = set()
         self.routes: dict[str, Route] = {}
         self.blob_route: Route | None = None

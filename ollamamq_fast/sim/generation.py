@@ -10,6 +10,7 @@ from .emitter import StreamEmitter
 from .exchange import Exchange
 from .faults import MID_STREAM_ERROR
 from .gojson import dumps
+from .models import ModelEntry
 from .sources import ProgressSource, TokenSource
 
 if TYPE_CHECKING:
@@ -24,8 +25,13 @@ def run_generation(
     stream_type: bytes,
     whole_type: bytes,
     fail: Callable[[Exchange, int, str], None],
+    entry: ModelEntry | None = None,
+    keep_alive: float | None = None,
 ) -> None:
-    """Stream the source's plan token by token, or answer once after the whole generation's time."""
+    """Stream the source's plan token by token, or answer once after the whole generation's time.
+
+    Instant native answers (no delay) are remembered by the fast lane when `entry` is given.
+    """
     if stream:
         StreamEmitter(ex, source, app.ttft_s, app.interval_s).start(stream_type)
         return
@@ -33,8 +39,10 @@ def run_generation(
     if delay > 0:
         handle = app.loop.call_later(delay, _finish_whole, app, ex, source, whole_type, fail)
         ex.cancel_cb = handle.cancel
-    else:
-        _finish_whole(app, ex, source, whole_type, fail)
+        return
+    _finish_whole(app, ex, source, whole_type, fail)
+    if entry is not None:
+        app.fastlane.remember(ex, source, entry, keep_alive, whole_type)
 
 
 def _finish_whole(

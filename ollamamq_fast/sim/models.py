@@ -213,6 +213,8 @@ class ModelStore:
         """Register the configured models, first one most recently modified."""
         self.models: dict[str, ModelEntry] = {}
         self.loaded: dict[str, Loaded] = {}
+        # Bumped on every change to the model set (answers cached by the fast lane depend on it).
+        self.version = 0
         # Blob files by their on-disk name (`sha256-<hex as given>`) -> size.
         self.blobs: dict[str, int] = {}
         now = time.time()
@@ -238,12 +240,14 @@ class ModelStore:
             entry.system = like.system
             entry.parameters = dict(like.parameters)
         self.models[name.key] = entry
+        self.version += 1
         return entry
 
     def remove(self, entry: ModelEntry) -> None:
         """Delete a model; it also leaves memory."""
         self.models.pop(entry.name.key, None)
         self.loaded.pop(entry.name.key, None)
+        self.version += 1
 
     def ordered(self) -> list[ModelEntry]:
         """Models most recently modified first (by whole seconds, stable, as Ollama sorts)."""

@@ -139,7 +139,7 @@ class NativeRoutes:
         plan = make_plan(prompt, seed_of(options), count, reason, think, req.get("format"))
         source = GenerateSource(plan, self.app.clock, model, req.get("raw") is not True)
         run_generation(
-            self.app, ex, source, stream is not False, wire.CT_NDJSON, wire.CT_JSON_GIN, native_error
+            self.app, ex, source, stream is not False, wire.CT_NDJSON, wire.CT_JSON_GIN, native_error, entry, keep_alive
         )
 
     def _generate_stub(self, model: str, reason: str) -> dict[str, Any]:
@@ -193,7 +193,7 @@ class NativeRoutes:
         plan = make_plan(text, seed_of(options), count, reason, think, req.get("format"), tool)
         run_generation(
             self.app, ex, ChatSource(plan, self.app.clock, model), stream is not False,
-            wire.CT_NDJSON, wire.CT_JSON_GIN, native_error,
+            wire.CT_NDJSON, wire.CT_JSON_GIN, native_error, entry, keep_alive,
         )
 
     def _chat_stub(self, model: str, reason: str) -> dict[str, Any]:

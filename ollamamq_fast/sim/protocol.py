@@ -167,6 +167,8 @@ class SimProtocol(asyncio.Protocol):
         self.app.stats.requests += 1
         if self.current is None and not self.queue and not self.writing_paused:
             # Common case (no pipelining): answer at once without touching the queue.
+            if self.app.fastlane.recipes and self.app.fastlane.try_answer(self, req):
+                return
             exchange = Exchange(self, req)
             self.current = exchange
             self._running_queue = True
