@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 MAX_ATTEMPTS = 3
 
 # Request headers the gateway handles itself instead of forwarding verbatim.
-_H_LENGTH, _H_TE, _H_EXPECT, _H_USER, _H_XFF, _H_DROP, _H_CONNECTION = range(7)
+_H_LENGTH, _H_TE, _H_EXPECT, _H_USER, _H_XFF, _H_DROP, _H_CONNECTION, _H_ENCODING = range(8)
 _REQUEST_SPECIAL = {
     b"content-length": _H_LENGTH,
     b"transfer-encoding": _H_TE,
@@ -56,6 +56,7 @@ _REQUEST_SPECIAL = {
     b"x-forwarded-for": _H_XFF,
     b"host": _H_DROP,  # rewritten to the backend's authority (PROTOCOL.md §7.17)
     b"connection": _H_CONNECTION,
+    b"content-encoding": _H_ENCODING,
     b"keep-alive": _H_DROP,
     b"proxy-connection": _H_DROP,
     b"proxy-authorization": _H_DROP,
@@ -90,7 +91,8 @@ class Exchange:
         "upstream", "backend", "slot_held", "ticket", "model", "model_name", "chosen",
         "enqueued_at", "queue_ms", "attempts", "fwd_headers", "connect_task",
         "early_error", "discard_body", "body_forwarded", "status", "started_at",
-        "continue_sent", "early_extra", "unslot_held", "sent_at",
+        "continue_sent", "early_extra", "unslot_held", "sent_at", "early_immediate",
+        "encoded_body", "http10",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -125,7 +127,12 @@ class Exchange:
         self.attempts = 0
         self.fwd_headers = b""
         self.connect_task: asyncio.Task[None] | None = None
-        self.early_error: tuple[int, bytes, bytes, bool] | None = None
+        # (status, content type, body) answered instead of routing; "immediate"
+        # ones are answered without reading the body (and close the connection).
+        self.early_error: tuple[int, bytes, bytes] | None = None
+        self.early_immediate = False
+        self.encoded_body = False
+        self.http10 = False
         self.discard_body = False
         self.body_forwarded = False
         self.status = 0
@@ -141,6 +148,7 @@ class Exchange:
         """The request head is parsed: classify the route and process headers."""
         self.method = method
         self.keep_alive = keep_alive
+        self.http10 = not http_11
         path = self.url.split(b"?", 1)[0]
         self.path = path
         route = lookup(path)
@@ -163,6 +171,11 @@ class Exchange:
                 kept.append(name + b": " + value + b"\r\n")
             elif action == _H_XFF:
                 xff = value + b", "
+            elif action == _H_ENCODING:
+                # A compressed body (zstd on /v1/responses) cannot be sniffed; it
+                # is passed through untouched to any backend of the route's kind.
+                kept.append(name + b": " + value + b"\r\n")
+                self.encoded_body = value.strip().lower() not in (b"", b"identity")
             elif action == _H_CONNECTION:
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 tokens -= {b"close", b"keep-alive"}
@@ -205,10 +218,14 @@ class Exchange:
         mb = self.gw.settings.max_body_bytes / (1024 * 1024)
         return f"request body too large: the gateway accepts at most {mb:g} MB (--max-body-mb)"
 
-    def _set_early_error(self, status: int, ctype: bytes, body: bytes, extra: bytes = b"") -> None:
-        # Answered once the request body is read, so the connection stays usable.
-        self.early_error = (status, ctype, body, False)
+    def _set_early_error(
+        self, status: int, ctype: bytes, body: bytes, extra: bytes = b"", immediate: bool = False
+    ) -> None:
+        # Answered once the request body is read, so the connection stays usable;
+        # or at once (413, or a client waiting on Expect: 100-continue), closing it.
+        self.early_error = (status, ctype, body)
         self.early_extra = extra
+        self.early_immediate = immediate
         self.discard_body = True
 
     def body_received(self, data: bytes) -> None:
@@ -249,7 +266,12 @@ class Exchange:
         self.active = True
         if self.state is State.DONE:
             return
-        if self.early_error is not None and self.early_error[3]:
+        if self.early_error is not None:
+            if self.early_immediate or (self.expect_continue and not self.request_complete):
+                # Go answers the final status without reading the body; so do we.
+                self._route()
+            elif self.request_complete:
+                self._route()
             return
         if (
             self.expect_continue
@@ -288,7 +310,7 @@ class Exchange:
     def _route(self) -> None:
         early = self.early_error
         if early is not None:
-            status, ctype, body, _ = early
+            status, ctype, body = early
             self.respond(status, ctype, body, extra=self.early_extra)
             return
         route = self.route
@@ -306,6 +328,10 @@ class Exchange:
             return
         body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
         self.body = [body]
+        if self.encoded_body:
+            self.model = None
+            self.gw.dispatcher.submit(self)
+            return
         try:
             found = sniff_fields(body, route.model_keys)
         except SniffError as exc:
@@ -313,7 +339,12 @@ class Exchange:
             return
         name = first_model(found, route.model_keys)
         if not name:
-            self.respond_error(400, "model is required")
+            # Ollama's own answers: generate looks the empty name up (404),
+            # the other handlers check for it first (400).
+            if self.path == b"/api/generate":
+                self.respond_error(404, "model '' not found")
+            else:
+                self.respond_error(400, "model is required")
             return
         self.model_name = name
         self.model = normalize_model(name)
@@ -406,10 +437,13 @@ class Exchange:
         status = conn.status
         backend = self.backend
         assert backend is not None
-        if status >= 500:
+        if status in (502, 503, 504):
+            # Busy or unavailable, answered fast: the backend's state, not the
+            # request's. A 500 is usually about one request (bad template, a
+            # model that fails to load) and is relayed without blame.
             if self.gw.loop.time() - self.sent_at < FAST_FAIL_S:
                 self._note_backend_failure(f"answered {status}")
-            if status in (502, 503, 504) and self._can_retry_elsewhere(backend):
+            if self._can_retry_elsewhere(backend):
                 self.upstream = None
                 conn.abort()
                 self.attempts += 1
@@ -421,18 +455,22 @@ class Exchange:
             self.gw.passive.success(backend)
         self.state = State.STREAMING
         self.status = status
-        if conn.framing is framing.Framing.CLOSE or not self.request_complete:
+        dechunk = conn.dechunking
+        if conn.framing is framing.Framing.CLOSE or not self.request_complete or dechunk:
             self.keep_alive = False
         extra = b"X-Gateway-Backend: %b\r\nX-Gateway-Queue-Ms: %d\r\n" % (
             backend.name.encode(),
             self.queue_ms,
         )
+        if self.http10 and self.keep_alive:
+            extra += b"Connection: keep-alive\r\n"
         return framing.response_head(
-            conn.status, conn.reason, conn.headers, extra, not self.keep_alive
+            conn.status, conn.reason, conn.headers, extra, not self.keep_alive, dechunk
         )
 
     def _can_retry_elsewhere(self, failed: "Backend") -> bool:
-        if self.attempts + 1 >= MAX_ATTEMPTS or (self.stream_body and self.body_forwarded):
+        """Whether another available backend could take this request (bounded tries)."""
+        if self.attempts >= MAX_ATTEMPTS or (self.stream_body and self.body_forwarded):
             return False
         route = self.route
         if route is None:
@@ -537,7 +575,7 @@ class Exchange:
         else:
             self._note_backend_failure(repr(exc) if exc else "connection closed before a response")
         self._release_backend()
-        if replayable and self.attempts < MAX_ATTEMPTS:
+        if replayable and backend is not None and self._can_retry_elsewhere(backend):
             self.state = State.RECEIVING
             self.gw.dispatcher.retry(self)
             return
@@ -576,6 +614,8 @@ class Exchange:
         if not self.request_complete:
             self.keep_alive = False
         self.status = status
+        if self.http10 and self.keep_alive:
+            extra += b"Connection: keep-alive\r\n"
         data = framing.local_response(
             status, ctype, body, close=not self.keep_alive,
             head_only=self.method == b"HEAD", extra=extra,
@@ -592,16 +632,13 @@ class Exchange:
         self.respond(status, ctype, body, extra=extra)
 
     def _error_now(self, status: int, message: str, close: bool) -> None:
-        """An error that must be answered before the body is read (413)."""
-        self.discard_body = True
+        """An error answered without reading the rest of the body (413)."""
         if close:
             self.keep_alive = False
-        self.early_error = (status, b"", b"", True)
-        if self.active:
-            self.respond_error(status, message)
-        else:
-            ctype, body = error_body(self.api, status, message)
-            self.early_error = (status, ctype, body, False)
+        ctype, body = error_body(self.api, status, message)
+        self._set_early_error(status, ctype, body, immediate=True)
+        if self.active and self.state is not State.DONE:
+            self._route()
 
     def finish(self) -> None:
         """Mark done and let the connection move to its next request."""

@@ -61,12 +61,15 @@ def response_head(
     headers: list[tuple[bytes, bytes]],
     extra: bytes,
     close: bool,
+    drop_chunked: bool = False,
 ) -> bytes:
     """The head sent to the client for a proxied response.
 
     Hop-by-hop headers are dropped (and any header the backend's Connection
     header names), `extra` (gateway headers, already CRLF-terminated) is added,
     and `Connection: close` when the client connection will not be kept.
+    `drop_chunked` removes Transfer-Encoding for a body re-emitted de-chunked
+    to an HTTP/1.0 client (its end is then the connection close).
     """
     out = [b"HTTP/1.1 ", str(status).encode(), b" ", reason_phrase or reason(status), b"\r\n"]
     named: frozenset[bytes] | None = None
@@ -79,6 +82,8 @@ def response_head(
     for name, value in headers:
         lname = name.lower()
         if lname in _RESPONSE_DROP or (named is not None and lname in named):
+            continue
+        if drop_chunked and lname == b"transfer-encoding":
             continue
         out.append(name)
         out.append(b": ")

@@ -36,6 +36,7 @@ class ResponseSink(Protocol):
     """What an upstream connection reports to: the exchange it is bound to."""
 
     client_transport: asyncio.Transport | None
+    http10: bool  # the client speaks HTTP/1.0: chunked bodies must be de-chunked
 
     def response_head(self, conn: "UpstreamConnection") -> bytes | None:
         """Build the head to send to the client; None if the exchange retries elsewhere."""
@@ -75,8 +76,12 @@ class UpstreamConnection(asyncio.Protocol):
         # Per-response state
         self._reset_response(False)
 
-    def _reset_response(self, head_request: bool) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+    def _reset_response(self, head_request: bool, http10: bool = False) -> None:
+        # HTTP/1.0 clients cannot read chunked bodies (RFC 9112 §6.1): for them a
+        # parser with an on_body callback re-emits the payload, ended by close.
+        self.parser = httptools.HttpResponseParser(_Dechunker(self) if http10 else self)
+        self.dechunking = False
+        self.pending_body: list[bytes] = []
         self.head_request = head_request
         self.head_sent = False
         self.head_buf = bytearray()
@@ -111,7 +116,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_sent:
             self.last_data = data
             client = sink.client_transport
-            if client is not None:
+            if client is not None and not self.dechunking:
                 client.write(data)
             try:
                 self.parser.feed_data(data)
@@ -149,6 +154,9 @@ class UpstreamConnection(asyncio.Protocol):
         if head is None:
             return
         client = sink.client_transport
+        if self.dechunking:
+            body = b"".join(self.pending_body)
+            self.pending_body = []
         if body:
             self.last_data = body
         if client is not None:
@@ -230,7 +238,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send(self, sink: ResponseSink, data: list[bytes], head_request: bool) -> None:
         """Bind to an exchange and write its request head (and body, if any)."""
-        self._reset_response(head_request)
+        self._reset_response(head_request, sink.http10)
         self.sink = sink
         self.rx_seen = self.rx_count
         self.silent_s = 0.0
@@ -279,6 +287,32 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
         if sink is not None:
             sink.upstream_lost(self, exc)
+
+
+class _Dechunker:
+    """Parser callbacks for an HTTP/1.0 client: the connection's own, plus on_body."""
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        self.on_status = conn.on_status
+        self.on_header = conn.on_header
+        self.on_message_complete = conn.on_message_complete
+
+    def on_headers_complete(self) -> None:
+        conn = self.conn
+        conn.on_headers_complete()
+        conn.dechunking = conn.framing is framing.Framing.CHUNKED
+
+    def on_body(self, body: bytes) -> None:
+        conn = self.conn
+        if not conn.dechunking:
+            return
+        if not conn.head_sent:
+            conn.pending_body.append(body)
+            return
+        sink = conn.sink
+        if sink is not None and sink.client_transport is not None:
+            sink.client_transport.write(body)
 
 
 class UpstreamPool:

@@ -51,9 +51,14 @@ class Dispatcher:
         assert route is not None
         fleet = self.fleet
         model = ex.model
-        assert model is not None
         native = route.native
-        if route.kind is Kind.MODEL:
+        if model is None:
+            # The model could not be read (compressed body): any backend of the
+            # route's kind may take it, through the fair queue like the rest.
+            if not fleet.any_online():
+                self._no_backend_for(ex)
+                return
+        elif route.kind is Kind.MODEL:
             # Model management is not queued. An unknown model goes to the
             # primary backend, which answers with authority (404, or success
             # for a model created since the last probe).
@@ -68,7 +73,7 @@ class Dispatcher:
                 return
             ex.start(backend, slotted=False)
             return
-        if not fleet.serves(model, native):
+        elif not fleet.serves(model, native):
             self._no_backend_for(ex)
             return
         if not self.queue and not self.retry_line:
@@ -101,8 +106,19 @@ class Dispatcher:
         self.pump()
 
     def _no_backend_for(self, ex: "Exchange") -> None:
+        route = ex.route
+        native = route.native if route is not None else True
+        listed = [b for b in self.fleet.candidates(ex.model, native) if b.online]
         if not self.fleet.any_online():
             ex.respond_error(503, "no backend is online", retry_after=5)
+        elif listed:
+            # Known model, but every backend serving it is draining or failing.
+            ex.respond_error(
+                503,
+                f"every backend serving '{ex.model_name}' is unavailable "
+                "(draining or failing); retry shortly",
+                retry_after=5,
+            )
         else:
             ex.respond_error(404, f"model '{ex.model_name}' not found")
 
@@ -163,7 +179,7 @@ class Dispatcher:
         if route.kind is not Kind.QUEUED:
             self.submit(ex)
             return
-        if not self.fleet.serves(ex.model or "", route.native):
+        if ex.model is not None and not self.fleet.serves(ex.model, route.native):
             self._no_backend_for(ex)
             return
         ex.state = State.QUEUED

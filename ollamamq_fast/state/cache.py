@@ -1,0 +1,406 @@
+"""StateCache: the in-memory view of the state the data plane reads, with write-behind.
+
+Reads are plain dict and set lookups on the event loop's thread, so admission
+never awaits the store. A write changes the view at once and queues the store
+write; a background flusher writes the queue `flush_interval` after the first
+change, so a burst of admin calls or a stream of finished requests costs one
+round of store calls.
+
+Queued operator writes are coalesced per entity (the last write to a key, user,
+block entry or backend wins) and are all idempotent, so a write that failed or
+was interrupted is simply queued again. Usage is summed per (user, model, day)
+and flushed as deltas; a flush whose commit succeeded but whose reply was lost
+(a dropped Redis connection) is retried and counted twice, the price of never
+dropping usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
+
+from .ipblock import IpBlocklist, canonical
+from .records import (
+    TOPIC_BACKENDS,
+    TOPIC_BLOCKS,
+    TOPIC_KEYS,
+    TOPIC_USERS,
+    TOPICS,
+    BackendRecord,
+    KeyRecord,
+    Snapshot,
+    Usage,
+    UserSettings,
+    utc_day,
+)
+from .store import Store
+
+log = logging.getLogger("ollamamq_fast.state")
+
+# Back-off while the store is unreachable: the first retry is quick (a Redis
+# failover takes about a second), later ones slow down to keep the log readable.
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 10.0
+SECONDS_PER_DAY = 86400  # Unix time has no leap seconds, so UTC days are exactly this
+
+
+class _Pending(NamedTuple):
+    """A queued operator write: how to store it, and how to re-apply it to the view."""
+
+    write: Callable[[Store], Awaitable[object]]
+    apply: Callable[[], None]
+
+
+class StateCache:
+    """In-memory view the data plane reads synchronously; writes go to a background flusher."""
+
+    def __init__(self, store: Store, flush_interval: float = 0.2) -> None:
+        self.store = store
+        self.flush_interval = flush_interval
+        # Set by the gateway: called after another replica's change was loaded.
+        self.on_change: Callable[[str], None] | None = None
+
+        # The view
+        self.keys: dict[str, KeyRecord] = {}  # key_id ->
+        self._by_digest: dict[str, KeyRecord] = {}
+        self.users: dict[str, UserSettings] = {}
+        self.blocked_users: set[str] = set()
+        self._ips = IpBlocklist()
+        self.backends: dict[str, BackendRecord] = {}
+
+        # Write-behind
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._usage: dict[tuple[str, str, str], list[int]] = {}
+        self._dirty = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+        self._day = ""
+        self._day_ends = 0.0
+
+        # Reloads after another replica's change
+        self._stale: set[str] = set()
+        self._reloader: asyncio.Task[None] | None = None
+        self._replay: dict[tuple[str, str], _Pending] | None = None
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        """Open the store, subscribe, load the view, start the flusher; called by the gateway."""
+        await self.store.open()
+        # Subscribed before loading: a change made while we load triggers a reload
+        # instead of being lost between the snapshot and the subscription.
+        self.store.subscribe(self._on_store_change)
+        self._replay = dict(self._pending)
+        try:
+            snapshot = await self.store.load_all()
+        finally:
+            replay, self._replay = self._replay, None
+        self._install(snapshot, set(TOPICS))
+        for pending in replay.values():
+            pending.apply()
+        self._flusher = asyncio.get_running_loop().create_task(
+            self._flush_loop(), name="ollamamq-state-flush"
+        )
+
+    async def stop(self) -> None:
+        """Write everything pending and close the store; called by the gateway at shutdown."""
+        for task in (self._reloader, self._flusher):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise
+        self._reloader = self._flusher = None
+        try:
+            await self.flush()
+        finally:
+            await self.store.close()
+
+    @property
+    def pending(self) -> int:
+        """Writes and usage rows not yet in the store; for metrics and tests."""
+        return len(self._pending) + len(self._usage)
+
+    # Reads (synchronous, O(1))
+
+    def key_by_digest(self, digest: str) -> KeyRecord | None:
+        """The live key with this secret digest; None if unknown or revoked."""
+        rec = self._by_digest.get(digest)
+        return None if rec is None or rec.revoked else rec
+
+    def user(self, user: str) -> UserSettings | None:
+        """One user's settings, None for a user the operator never configured."""
+        return self.users.get(user)
+
+    def is_blocked_user(self, user: str) -> bool:
+        """Whether a user is on the blocklist."""
+        return user in self.blocked_users
+
+    def is_blocked_ip(self, ip: str) -> bool:
+        """Whether a peer address is blocked, exactly or by a CIDR entry."""
+        return ip in self._ips
+
+    @property
+    def blocked_ips(self) -> set[str]:
+        """Blocked addresses and CIDRs in canonical spelling; for the admin API."""
+        return self._ips.entries
+
+    # Writes: the view changes now, the store write is queued
+
+    def put_key(self, rec: KeyRecord) -> None:
+        """Add or replace an API key."""
+        self._queue(TOPIC_KEYS, rec.key_id, lambda s: s.put_key(rec), lambda: self._set_key(rec))
+
+    def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key; False when no such key is known."""
+        old = self.keys.get(key_id)
+        if old is None:
+            return False
+        # Stored as a whole record so it coalesces with a put of the same key still queued.
+        self.put_key(dataclasses.replace(old, revoked=True))
+        return True
+
+    def put_user(self, s: UserSettings) -> None:
+        """Add or replace one user's settings."""
+        self._queue(TOPIC_USERS, s.user, lambda st: st.put_user(s), lambda: self._set_user(s.user, s))
+
+    def delete_user(self, user: str) -> None:
+        """Drop one user's settings (back to defaults)."""
+        self._queue(
+            TOPIC_USERS, user, lambda st: st.delete_user(user), lambda: self._set_user(user, None)
+        )
+
+    def set_blocked_user(self, user: str, blocked: bool) -> None:
+        """Block or unblock a user."""
+        self._queue(
+            "blocked_user",
+            user,
+            lambda st: st.set_blocked_user(user, blocked),
+            lambda: self._set_blocked_user(user, blocked),
+        )
+
+    def set_blocked_ip(self, ip: str, blocked: bool) -> None:
+        """Block or unblock an address or CIDR; raises ValueError if `ip` is neither."""
+        key = canonical(ip)
+        spellings = self._ips.discard(key) if not blocked else {key}
+        for raw in spellings:
+            self._queue(
+                "blocked_ip",
+                raw,
+                lambda st, raw=raw: st.set_blocked_ip(raw, blocked),
+                lambda: self._set_blocked_ip(key, blocked),
+            )
+
+    def put_backend(self, rec: BackendRecord) -> None:
+        """Add or replace a runtime backend."""
+        self._queue(
+            TOPIC_BACKENDS, rec.url, lambda s: s.put_backend(rec), lambda: self._set_backend(rec.url, rec)
+        )
+
+    def delete_backend(self, url: str) -> None:
+        """Forget a runtime backend."""
+        self._queue(
+            TOPIC_BACKENDS, url, lambda s: s.delete_backend(url), lambda: self._set_backend(url, None)
+        )
+
+    def add_usage(self, user: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one finished request; called by the data plane, summed until the next flush."""
+        now = time.time()
+        if now >= self._day_ends:
+            self._day = utc_day(now)
+            self._day_ends = (now // SECONDS_PER_DAY + 1) * SECONDS_PER_DAY
+        counts = self._usage.get((user, model, self._day))
+        if counts is None:
+            self._usage[(user, model, self._day)] = [1, prompt_tokens, completion_tokens]
+        else:
+            counts[0] += 1
+            counts[1] += prompt_tokens
+            counts[2] += completion_tokens
+        self._dirty.set()
+
+    async def incr_window(self, key: str, window_s: float, amount: float) -> float:
+        """The store's shared window counter, for rate limits that must hold across replicas."""
+        return await self.store.incr_window(key, window_s, amount)
+
+    def _queue(
+        self,
+        kind: str,
+        ident: str,
+        write: Callable[[Store], Awaitable[object]],
+        apply: Callable[[], None],
+    ) -> None:
+        """Apply a write to the view and queue it, replacing an older write to the same entity."""
+        apply()
+        pending = _Pending(write, apply)
+        for queue in (self._pending, self._replay):
+            if queue is not None:
+                # Re-inserted, not updated, so the queue stays in order of last write.
+                queue.pop((kind, ident), None)
+                queue[(kind, ident)] = pending
+        self._dirty.set()
+
+    # Flushing
+
+    async def flush(self) -> None:
+        """Write everything queued now; called by the flusher, tests and `stop`."""
+        async with self._flush_lock:
+            await self._flush_writes()
+            await self._flush_usage()
+
+    async def _flush_writes(self) -> None:
+        """Store queued operator writes in order; on failure re-queue the unwritten ones."""
+        batch, self._pending = self._pending, {}
+        items = list(batch.items())
+        for i, (_, pending) in enumerate(items):
+            try:
+                await pending.write(self.store)
+            except BaseException:
+                # The failed write and the rest go back ahead of anything queued since.
+                rest = dict(items[i:])
+                for key, newer in self._pending.items():
+                    rest.pop(key, None)
+                    rest[key] = newer
+                self._pending = rest
+                raise
+
+    async def _flush_usage(self) -> None:
+        """Store summed usage as one batch of deltas; on failure add it back for the next try."""
+        if not self._usage:
+            return
+        batch, self._usage = self._usage, {}
+        items = [Usage(u, m, d, c[0], c[1], c[2]) for (u, m, d), c in batch.items()]
+        try:
+            await self.store.add_usage(items)
+        except BaseException:
+            for key, counts in batch.items():
+                now = self._usage.setdefault(key, [0, 0, 0])
+                for j in range(3):
+                    now[j] += counts[j]
+            raise
+
+    async def _flush_loop(self) -> None:
+        """Background flusher: wait for a change, let a batch gather, write it."""
+        delay = RETRY_MIN_S
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.flush_interval)
+            self._dirty.clear()
+            try:
+                await self.flush()
+            except Exception as exc:
+                log.warning(
+                    "state: %d writes not stored yet (%s); retrying in %.1fs", self.pending, exc, delay
+                )
+                self._dirty.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+            else:
+                delay = RETRY_MIN_S
+
+    # Reloads after another replica's change
+
+    def _on_store_change(self, topic: str) -> None:
+        """Store callback (sync, on the loop): schedule a reload of the topic."""
+        self._stale.add(topic)
+        if self._reloader is None or self._reloader.done():
+            self._reloader = asyncio.get_running_loop().create_task(
+                self._reload_loop(), name="ollamamq-state-reload"
+            )
+
+    async def _reload_loop(self) -> None:
+        """Reload stale topics until none are left; notifications during a load coalesce."""
+        delay = RETRY_MIN_S
+        while self._stale:
+            topics, self._stale = self._stale, set()
+            # Writes not yet stored, and any made while we load, are re-applied on
+            # top of the snapshot, which may predate them.
+            self._replay = dict(self._pending)
+            try:
+                snapshot = await self.store.load_all()
+            except Exception as exc:
+                log.warning("state: reload of %s failed (%s)", ",".join(sorted(topics)), exc)
+                self._stale |= topics
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            finally:
+                replay, self._replay = self._replay, None
+            delay = RETRY_MIN_S
+            self._install(snapshot, topics)
+            for pending in replay.values():
+                pending.apply()
+            for topic in sorted(topics):
+                self._notify(topic)
+
+    def _notify(self, topic: str) -> None:
+        """Tell the gateway a topic changed; its hook raising must not stop reloads."""
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(topic)
+        except Exception:
+            log.exception("state: on_change hook failed for topic %s", topic)
+
+    def _install(self, snap: Snapshot, topics: set[str]) -> None:
+        """Replace the view of the given topics with a snapshot's."""
+        if TOPIC_KEYS in topics:
+            self.keys = {k.key_id: k for k in snap.keys}
+            self._by_digest = {k.digest: k for k in snap.keys}
+        if TOPIC_USERS in topics:
+            self.users = {u.user: u for u in snap.users}
+        if TOPIC_BLOCKS in topics:
+            self.blocked_users = set(snap.blocked_users)
+            ips = IpBlocklist()
+            for entry in snap.blocked_ips:
+                try:
+                    ips.add(entry)
+                except ValueError:
+                    log.warning("state: ignoring blocklist entry %r: not an address or CIDR", entry)
+            self._ips = ips
+        if TOPIC_BACKENDS in topics:
+            self.backends = {b.url: b for b in snap.backends}
+
+    # View updates, shared by local writes and replays
+
+    def _set_key(self, rec: KeyRecord) -> None:
+        """Put a key in the view, keeping the digest index in step."""
+        old = self.keys.get(rec.key_id)
+        if old is not None and self._by_digest.get(old.digest) is old:
+            del self._by_digest[old.digest]
+        self.keys[rec.key_id] = rec
+        self._by_digest[rec.digest] = rec
+
+    def _set_user(self, user: str, s: UserSettings | None) -> None:
+        """Put or drop one user's settings in the view."""
+        if s is None:
+            self.users.pop(user, None)
+        else:
+            self.users[user] = s
+
+    def _set_blocked_user(self, user: str, blocked: bool) -> None:
+        """Add or remove a blocked user in the view."""
+        if blocked:
+            self.blocked_users.add(user)
+        else:
+            self.blocked_users.discard(user)
+
+    def _set_blocked_ip(self, key: str, blocked: bool) -> None:
+        """Add or remove a blocked address or CIDR (canonical spelling) in the view."""
+        if blocked:
+            self._ips.add(key)
+        else:
+            self._ips.discard(key)
+
+    def _set_backend(self, url: str, rec: BackendRecord | None) -> None:
+        """Put or drop a runtime backend in the view."""
+        if rec is None:
+            self.backends.pop(url, None)
+        else:
+            self.backends[url] = rec

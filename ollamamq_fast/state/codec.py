@@ -1,0 +1,72 @@
+"""JSON encoding of state records, shared by both stores.
+
+Decoding keeps only the fields this version knows, so a replica running an
+older gateway next to a newer one (during a rolling upgrade) reads records that
+carry extra fields instead of failing on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import orjson
+
+from .records import BackendRecord, KeyRecord, UserSettings
+
+
+def dumps(rec: KeyRecord | UserSettings | BackendRecord) -> bytes:
+    """Encode one record as compact JSON; called by the stores on every put."""
+    return orjson.dumps(asdict(rec))
+
+
+def _obj(raw: bytes | str) -> dict[str, Any]:
+    """Parse a JSON object or fail with a message that names the problem."""
+    value = orjson.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"state record is not a JSON object: {raw!r:.80}")
+    return value
+
+
+def limits_from(value: object) -> dict[str, float | int]:
+    """Keep only numeric limits; called when decoding user settings from either store."""
+    if not isinstance(value, dict):
+        return {}
+    return {
+        str(k): v
+        for k, v in value.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def load_key(raw: bytes | str) -> KeyRecord:
+    """Decode a KeyRecord written by `dumps`."""
+    d = _obj(raw)
+    return KeyRecord(
+        key_id=str(d["key_id"]),
+        digest=str(d["digest"]),
+        user=str(d["user"]),
+        name=str(d.get("name", "")),
+        created_at=float(d.get("created_at", 0.0)),
+        revoked=bool(d.get("revoked", False)),
+        trusted=bool(d.get("trusted", False)),
+    )
+
+
+def load_user(raw: bytes | str) -> UserSettings:
+    """Decode a UserSettings written by `dumps`."""
+    d = _obj(raw)
+    return UserSettings(
+        user=str(d["user"]),
+        vip=bool(d.get("vip", False)),
+        boost=bool(d.get("boost", False)),
+        weight=int(d.get("weight", 1)),
+        limits=limits_from(d.get("limits")),
+    )
+
+
+def load_backend(raw: bytes | str) -> BackendRecord:
+    """Decode a BackendRecord written by `dumps`."""
+    d = _obj(raw)
+    slots = d.get("slots")
+    return BackendRecord(url=str(d["url"]), slots=None if slots is None else int(slots))

@@ -1,0 +1,78 @@
+"""Plain records the state store keeps: keys, user settings, backends, usage, snapshots.
+
+No I/O here: both stores and the in-memory cache share these shapes, so the
+gateway never sees which store is behind them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+# Topics a replica announces after an operator write; the cache reloads one topic
+# at a time and the gateway's `on_change` hook receives the same names.
+TOPIC_KEYS = "keys"
+TOPIC_USERS = "users"
+TOPIC_BLOCKS = "blocks"
+TOPIC_BACKENDS = "backends"
+TOPICS: tuple[str, ...] = (TOPIC_KEYS, TOPIC_USERS, TOPIC_BLOCKS, TOPIC_BACKENDS)
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    """One API key. Only the blake3 digest of the secret is ever stored."""
+
+    key_id: str
+    digest: str  # blake3 hex of the secret
+    user: str
+    name: str
+    created_at: float
+    revoked: bool = False
+    trusted: bool = False  # a service key that may name its end users via X-User-ID
+
+
+@dataclass(slots=True)
+class UserSettings:
+    """Operator settings for one user; `limits` is opaque to the store."""
+
+    user: str
+    vip: bool = False
+    boost: bool = False
+    weight: int = 1
+    limits: dict[str, float | int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class BackendRecord:
+    """A backend the operator added at runtime; `slots=None` means the fleet default."""
+
+    url: str
+    slots: int | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token accounting for one (user, model, UTC day); also used as a batched delta."""
+
+    user: str
+    model: str
+    day: str  # YYYY-MM-DD (UTC)
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything but usage, as `Store.load_all` returns it to warm the cache."""
+
+    keys: list[KeyRecord] = field(default_factory=list)
+    users: list[UserSettings] = field(default_factory=list)
+    blocked_users: set[str] = field(default_factory=set)
+    blocked_ips: set[str] = field(default_factory=set)
+    backends: list[BackendRecord] = field(default_factory=list)
+
+
+def utc_day(ts: float | None = None) -> str:
+    """The UTC day (YYYY-MM-DD) of a wall-clock time, now by default; usage rows are keyed by it."""
+    return time.strftime("%Y-%m-%d", time.gmtime(time.time() if ts is None else ts))
