@@ -23,21 +23,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
-from .ipblock import IpBlocklist, canonical
+from .ipblock import canonical
 from .records import (
     TOPIC_BACKENDS,
-    TOPIC_BLOCKS,
     TOPIC_KEYS,
     TOPIC_USERS,
     TOPICS,
     BackendRecord,
     KeyRecord,
-    Snapshot,
     Usage,
     UserSettings,
     utc_day,
 )
 from .store import Store
+from .view import StateView
 
 log = logging.getLogger("ollamamq_fast.state")
 
@@ -55,22 +54,20 @@ class _Pending(NamedTuple):
     apply: Callable[[], None]
 
 
-class StateCache:
+def _ip_writer(ip: str, blocked: bool) -> Callable[[Store], Awaitable[object]]:
+    """The queued store write for one blocklist spelling (bound now, not by the loop variable)."""
+    return lambda store: store.set_blocked_ip(ip, blocked)
+
+
+class StateCache(StateView):
     """In-memory view the data plane reads synchronously; writes go to a background flusher."""
 
     def __init__(self, store: Store, flush_interval: float = 0.2) -> None:
+        super().__init__()
         self.store = store
         self.flush_interval = flush_interval
         # Set by the gateway: called after another replica's change was loaded.
         self.on_change: Callable[[str], None] | None = None
-
-        # The view
-        self.keys: dict[str, KeyRecord] = {}  # key_id ->
-        self._by_digest: dict[str, KeyRecord] = {}
-        self.users: dict[str, UserSettings] = {}
-        self.blocked_users: set[str] = set()
-        self._ips = IpBlocklist()
-        self.backends: dict[str, BackendRecord] = {}
 
         # Write-behind
         self._pending: dict[tuple[str, str], _Pending] = {}
@@ -128,35 +125,13 @@ class StateCache:
         """Writes and usage rows not yet in the store; for metrics and tests."""
         return len(self._pending) + len(self._usage)
 
-    # Reads (synchronous, O(1))
-
-    def key_by_digest(self, digest: str) -> KeyRecord | None:
-        """The live key with this secret digest; None if unknown or revoked."""
-        rec = self._by_digest.get(digest)
-        return None if rec is None or rec.revoked else rec
-
-    def user(self, user: str) -> UserSettings | None:
-        """One user's settings, None for a user the operator never configured."""
-        return self.users.get(user)
-
-    def is_blocked_user(self, user: str) -> bool:
-        """Whether a user is on the blocklist."""
-        return user in self.blocked_users
-
-    def is_blocked_ip(self, ip: str) -> bool:
-        """Whether a peer address is blocked, exactly or by a CIDR entry."""
-        return ip in self._ips
-
-    @property
-    def blocked_ips(self) -> set[str]:
-        """Blocked addresses and CIDRs in canonical spelling; for the admin API."""
-        return self._ips.entries
-
     # Writes: the view changes now, the store write is queued
 
     def put_key(self, rec: KeyRecord) -> None:
         """Add or replace an API key."""
-        self._queue(TOPIC_KEYS, rec.key_id, lambda s: s.put_key(rec), lambda: self._set_key(rec))
+        self._queue(
+            TOPIC_KEYS, rec.key_id, lambda s: s.put_key(rec), lambda: self._set_key(rec)
+        )
 
     def revoke_key(self, key_id: str) -> bool:
         """Revoke a key; False when no such key is known."""
@@ -169,12 +144,20 @@ class StateCache:
 
     def put_user(self, s: UserSettings) -> None:
         """Add or replace one user's settings."""
-        self._queue(TOPIC_USERS, s.user, lambda st: st.put_user(s), lambda: self._set_user(s.user, s))
+        self._queue(
+            TOPIC_USERS,
+            s.user,
+            lambda st: st.put_user(s),
+            lambda: self._set_user(s.user, s),
+        )
 
     def delete_user(self, user: str) -> None:
         """Drop one user's settings (back to defaults)."""
         self._queue(
-            TOPIC_USERS, user, lambda st: st.delete_user(user), lambda: self._set_user(user, None)
+            TOPIC_USERS,
+            user,
+            lambda st: st.delete_user(user),
+            lambda: self._set_user(user, None),
         )
 
     def set_blocked_user(self, user: str, blocked: bool) -> None:
@@ -194,23 +177,31 @@ class StateCache:
             self._queue(
                 "blocked_ip",
                 raw,
-                lambda st, raw=raw: st.set_blocked_ip(raw, blocked),
+                _ip_writer(raw, blocked),
                 lambda: self._set_blocked_ip(key, blocked),
             )
 
     def put_backend(self, rec: BackendRecord) -> None:
         """Add or replace a runtime backend."""
         self._queue(
-            TOPIC_BACKENDS, rec.url, lambda s: s.put_backend(rec), lambda: self._set_backend(rec.url, rec)
+            TOPIC_BACKENDS,
+            rec.url,
+            lambda s: s.put_backend(rec),
+            lambda: self._set_backend(rec.url, rec),
         )
 
     def delete_backend(self, url: str) -> None:
         """Forget a runtime backend."""
         self._queue(
-            TOPIC_BACKENDS, url, lambda s: s.delete_backend(url), lambda: self._set_backend(url, None)
+            TOPIC_BACKENDS,
+            url,
+            lambda s: s.delete_backend(url),
+            lambda: self._set_backend(url, None),
         )
 
-    def add_usage(self, user: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def add_usage(
+        self, user: str, model: str, prompt_tokens: int, completion_tokens: int
+    ) -> None:
         """Count one finished request; called by the data plane, summed until the next flush."""
         now = time.time()
         if now >= self._day_ends:
@@ -218,7 +209,11 @@ class StateCache:
             self._day_ends = (now // SECONDS_PER_DAY + 1) * SECONDS_PER_DAY
         counts = self._usage.get((user, model, self._day))
         if counts is None:
-            self._usage[(user, model, self._day)] = [1, prompt_tokens, completion_tokens]
+            self._usage[(user, model, self._day)] = [
+                1,
+                prompt_tokens,
+                completion_tokens,
+            ]
         else:
             counts[0] += 1
             counts[1] += prompt_tokens
@@ -294,9 +289,12 @@ class StateCache:
             self._dirty.clear()
             try:
                 await self.flush()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 -- any store failure: keep the queue, retry
                 log.warning(
-                    "state: %d writes not stored yet (%s); retrying in %.1fs", self.pending, exc, delay
+                    "state: %d writes not stored yet (%s); retrying in %.1fs",
+                    self.pending,
+                    exc,
+                    delay,
                 )
                 self._dirty.set()
                 await asyncio.sleep(delay)
@@ -324,8 +322,10 @@ class StateCache:
             self._replay = dict(self._pending)
             try:
                 snapshot = await self.store.load_all()
-            except Exception as exc:
-                log.warning("state: reload of %s failed (%s)", ",".join(sorted(topics)), exc)
+            except Exception as exc:  # noqa: BLE001 -- any store failure: retry the reload
+                log.warning(
+                    "state: reload of %s failed (%s)", ",".join(sorted(topics)), exc
+                )
                 self._stale |= topics
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
@@ -347,60 +347,3 @@ class StateCache:
             self.on_change(topic)
         except Exception:
             log.exception("state: on_change hook failed for topic %s", topic)
-
-    def _install(self, snap: Snapshot, topics: set[str]) -> None:
-        """Replace the view of the given topics with a snapshot's."""
-        if TOPIC_KEYS in topics:
-            self.keys = {k.key_id: k for k in snap.keys}
-            self._by_digest = {k.digest: k for k in snap.keys}
-        if TOPIC_USERS in topics:
-            self.users = {u.user: u for u in snap.users}
-        if TOPIC_BLOCKS in topics:
-            self.blocked_users = set(snap.blocked_users)
-            ips = IpBlocklist()
-            for entry in snap.blocked_ips:
-                try:
-                    ips.add(entry)
-                except ValueError:
-                    log.warning("state: ignoring blocklist entry %r: not an address or CIDR", entry)
-            self._ips = ips
-        if TOPIC_BACKENDS in topics:
-            self.backends = {b.url: b for b in snap.backends}
-
-    # View updates, shared by local writes and replays
-
-    def _set_key(self, rec: KeyRecord) -> None:
-        """Put a key in the view, keeping the digest index in step."""
-        old = self.keys.get(rec.key_id)
-        if old is not None and self._by_digest.get(old.digest) is old:
-            del self._by_digest[old.digest]
-        self.keys[rec.key_id] = rec
-        self._by_digest[rec.digest] = rec
-
-    def _set_user(self, user: str, s: UserSettings | None) -> None:
-        """Put or drop one user's settings in the view."""
-        if s is None:
-            self.users.pop(user, None)
-        else:
-            self.users[user] = s
-
-    def _set_blocked_user(self, user: str, blocked: bool) -> None:
-        """Add or remove a blocked user in the view."""
-        if blocked:
-            self.blocked_users.add(user)
-        else:
-            self.blocked_users.discard(user)
-
-    def _set_blocked_ip(self, key: str, blocked: bool) -> None:
-        """Add or remove a blocked address or CIDR (canonical spelling) in the view."""
-        if blocked:
-            self._ips.add(key)
-        else:
-            self._ips.discard(key)
-
-    def _set_backend(self, url: str, rec: BackendRecord | None) -> None:
-        """Put or drop a runtime backend in the view."""
-        if rec is None:
-            self.backends.pop(url, None)
-        else:
-            self.backends[url] = rec

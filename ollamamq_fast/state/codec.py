@@ -24,7 +24,7 @@ def _obj(raw: bytes | str) -> dict[str, Any]:
     """Parse a JSON object or fail with a message that names the problem."""
     value = orjson.loads(raw)
     if not isinstance(value, dict):
-        raise ValueError(f"state record is not a JSON object: {raw!r:.80}")
+        raise TypeError(f"state record is not a JSON object: {raw!r:.80}")
     return value
 
 

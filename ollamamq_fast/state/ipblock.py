@@ -9,7 +9,14 @@ length (at most 33 for IPv4, 129 for IPv6), however many networks are blocked.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import (
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 
 _MAPPED = IPv6Network("::ffff:0:0/96")  # IPv4-mapped IPv6 addresses (RFC 4291 §2.5.5.2)
 
@@ -60,7 +67,9 @@ class IpBlocklist:
         else:
             shift = net.max_prefixlen - net.prefixlen
             by_len = self._nets.setdefault(net.version, {})
-            by_len.setdefault(net.prefixlen, set()).add(int(net.network_address) >> shift)
+            by_len.setdefault(net.prefixlen, set()).add(
+                int(net.network_address) >> shift
+            )
         return key
 
     def discard(self, entry: str) -> set[str]:
@@ -75,7 +84,9 @@ class IpBlocklist:
         by_len = self._nets.get(net.version, {})
         numbers = by_len.get(net.prefixlen)
         if numbers is not None:
-            numbers.discard(int(net.network_address) >> (net.max_prefixlen - net.prefixlen))
+            numbers.discard(
+                int(net.network_address) >> (net.max_prefixlen - net.prefixlen)
+            )
             if not numbers:
                 del by_len[net.prefixlen]
             if not by_len:

@@ -27,12 +27,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
+from redis.asyncio.client import Pipeline, PubSub
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, WatchError
 
@@ -72,6 +72,16 @@ RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 5.0
 
 _USAGE_KINDS = (b"r", b"p", b"c")  # requests, prompt tokens, completion tokens
+
+# redis-py leaves these two unannotated; typed here so mypy --strict still checks
+# their callers.
+_pubsub_aclose = cast(Callable[[PubSub], Awaitable[None]], PubSub.aclose)
+_pipeline_multi = cast(Callable[[Pipeline], None], Pipeline.multi)
+
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply item as text (replies are bytes: the client does not decode)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _usage_field(kind: bytes, user: str, model: str) -> bytes:
@@ -152,7 +162,7 @@ class RedisStore:
                     raise
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
-            await pubsub.aclose()
+            await _pubsub_aclose(pubsub)
         r, self._redis = self._redis, None
         self._incr_window = None
         if r is not None:
@@ -182,7 +192,11 @@ class RedisStore:
             try:
                 msg = await pubsub.get_message(timeout=None)
             except (RedisError, OSError) as exc:
-                log.warning("state: change subscription lost (%s); retrying in %.1fs", exc, delay)
+                log.warning(
+                    "state: change subscription lost (%s); retrying in %.1fs",
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
@@ -194,7 +208,7 @@ class RedisStore:
                 for topic in TOPICS:
                     self._dispatch(topic)
             elif msg["type"] == "message":
-                topic, _, origin = bytes(msg["data"]).decode().partition(" ")
+                topic, _, origin = _text(msg["data"]).partition(" ")
                 if origin != self.origin and topic in TOPICS:
                     self._dispatch(topic)
 
@@ -244,9 +258,11 @@ class RedisStore:
         return Snapshot(
             keys=sorted((codec.load_key(v) for v in keys), key=lambda k: k.key_id),
             users=sorted((codec.load_user(v) for v in users), key=lambda u: u.user),
-            blocked_users={bytes(u).decode() for u in blocked_users},
-            blocked_ips={bytes(ip).decode() for ip in blocked_ips},
-            backends=sorted((codec.load_backend(v) for v in backends), key=lambda b: b.url),
+            blocked_users={_text(u) for u in blocked_users},
+            blocked_ips={_text(ip) for ip in blocked_ips},
+            backends=sorted(
+                (codec.load_backend(v) for v in backends), key=lambda b: b.url
+            ),
         )
 
     async def put_key(self, rec: KeyRecord) -> None:
@@ -261,11 +277,10 @@ class RedisStore:
                     await pipe.watch(self._keys)
                     raw = await pipe.hget(self._keys, key_id)
                     if raw is None:
-                        await pipe.unwatch()
-                        return False
+                        return False  # leaving the block resets the pipeline: UNWATCH
                     rec = codec.load_key(raw)
                     rec.revoked = True
-                    pipe.multi()
+                    _pipeline_multi(pipe)
                     pipe.hset(self._keys, key_id, codec.dumps(rec))
                     pipe.publish(self._channel, self._announce(TOPIC_KEYS))
                     await pipe.execute()
@@ -310,18 +325,24 @@ class RedisStore:
                 day_hash = f"{self.namespace}:usage:{u.day}"
                 days.add(u.day)
                 for kind, delta in zip(
-                    _USAGE_KINDS, (u.requests, u.prompt_tokens, u.completion_tokens), strict=True
+                    _USAGE_KINDS,
+                    (u.requests, u.prompt_tokens, u.completion_tokens),
+                    strict=True,
                 ):
                     if delta:
-                        pipe.hincrby(day_hash, _usage_field(kind, u.user, u.model), delta)
+                        pipe.hincrby(
+                            day_hash, _usage_field(kind, u.user, u.model), delta
+                        )
             pipe.zadd(self._days, {day: 0 for day in days})
             await pipe.execute()
 
-    async def usage(self, user: str | None = None, since_day: str | None = None) -> list[Usage]:
+    async def usage(
+        self, user: str | None = None, since_day: str | None = None
+    ) -> list[Usage]:
         """Usage rows, filtered by user and first day, ordered by (day, user, model)."""
         # Days share score 0, so a lexicographic range is a date range for YYYY-MM-DD.
         low = f"[{since_day}" if since_day else "-"
-        days = [bytes(d).decode() for d in await self._r.zrangebylex(self._days, low, "+")]
+        days = [_text(d) for d in await self._r.zrangebylex(self._days, low, "+")]
         if not days:
             return []
         async with self._r.pipeline(transaction=False) as pipe:
@@ -346,7 +367,7 @@ class RedisStore:
     async def get_meta(self, key: str) -> str | None:
         """Read one free-form metadata value."""
         raw = await self._r.hget(self._meta, key)
-        return None if raw is None else bytes(raw).decode()
+        return None if raw is None else _text(raw)
 
     async def set_meta(self, key: str, value: str) -> None:
         """Write one free-form metadata value."""

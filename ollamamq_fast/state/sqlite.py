@@ -80,7 +80,9 @@ def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T
 class SQLiteStore:
     """The Store for one gateway process, in a single SQLite file."""
 
-    def __init__(self, path: str, synchronous: Literal["NORMAL", "FULL"] = "NORMAL") -> None:
+    def __init__(
+        self, path: str, synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    ) -> None:
         self.path = path
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
@@ -95,9 +97,13 @@ class SQLiteStore:
         """Start the worker thread, open the file there, create the schema."""
         if self._executor is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ollamamq-sqlite")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ollamamq-sqlite"
+        )
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._connect
+            )
         except BaseException:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -108,7 +114,9 @@ class SQLiteStore:
         try:
             # Autocommit mode: single statements commit on their own, batches use
             # explicit BEGIN IMMEDIATE so they take the write lock up front.
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+            )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state file {self.path!r}: {exc}") from exc
         try:
@@ -127,10 +135,13 @@ class SQLiteStore:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 db.execute(statement)
-        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        row = db.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ).fetchone()
         if row is None:
             db.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
             )
         elif int(row[0]) > SCHEMA_VERSION:
             raise StoreError(
@@ -157,7 +168,9 @@ class SQLiteStore:
         """Run one call on the worker thread with the connection and await its result."""
         if self._executor is None:
             raise StoreError("SQLite store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._call, fn
+        )
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Worker-thread side of `_run`."""
@@ -184,7 +197,9 @@ class SQLiteStore:
                 )
             ]
             users = [
-                UserSettings(u, bool(v), bool(b), int(w), limits_from(orjson.loads(lim)))
+                UserSettings(
+                    u, bool(v), bool(b), int(w), limits_from(orjson.loads(lim))
+                )
                 for u, v, b, w, lim in db.execute(
                     "SELECT user, vip, boost, weight, limits FROM users ORDER BY user"
                 )
@@ -193,7 +208,9 @@ class SQLiteStore:
             blocked_ips = {ip for (ip,) in db.execute("SELECT ip FROM blocked_ips")}
             backends = [
                 BackendRecord(url, slots)
-                for url, slots in db.execute("SELECT url, slots FROM backends ORDER BY url")
+                for url, slots in db.execute(
+                    "SELECT url, slots FROM backends ORDER BY url"
+                )
             ]
         finally:
             db.execute("COMMIT")
@@ -201,7 +218,15 @@ class SQLiteStore:
 
     async def put_key(self, rec: KeyRecord) -> None:
         """Insert or replace an API key by `key_id`."""
-        row = (rec.key_id, rec.digest, rec.user, rec.name, rec.created_at, rec.revoked, rec.trusted)
+        row = (
+            rec.key_id,
+            rec.digest,
+            rec.user,
+            rec.name,
+            rec.created_at,
+            rec.revoked,
+            rec.trusted,
+        )
         await self._run(
             lambda db: db.execute(
                 "INSERT OR REPLACE INTO api_keys"
@@ -214,7 +239,9 @@ class SQLiteStore:
     async def revoke_key(self, key_id: str) -> bool:
         """Mark a key revoked; False when no such key exists."""
         cur = await self._run(
-            lambda db: db.execute("UPDATE api_keys SET revoked = 1 WHERE key_id = ?", (key_id,))
+            lambda db: db.execute(
+                "UPDATE api_keys SET revoked = 1 WHERE key_id = ?", (key_id,)
+            )
         )
         return cur.rowcount > 0
 
@@ -231,7 +258,9 @@ class SQLiteStore:
 
     async def delete_user(self, user: str) -> None:
         """Drop one user's settings (keys and blocks are left as they are)."""
-        await self._run(lambda db: db.execute("DELETE FROM users WHERE user = ?", (user,)))
+        await self._run(
+            lambda db: db.execute("DELETE FROM users WHERE user = ?", (user,))
+        )
 
     async def set_blocked_user(self, user: str, blocked: bool) -> None:
         """Add a user to or remove it from the blocklist."""
@@ -255,12 +284,16 @@ class SQLiteStore:
         """Insert or replace a runtime backend by URL."""
         row = (rec.url, rec.slots)
         await self._run(
-            lambda db: db.execute("INSERT OR REPLACE INTO backends (url, slots) VALUES (?, ?)", row)
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO backends (url, slots) VALUES (?, ?)", row
+            )
         )
 
     async def delete_backend(self, url: str) -> None:
         """Forget a runtime backend."""
-        await self._run(lambda db: db.execute("DELETE FROM backends WHERE url = ?", (url,)))
+        await self._run(
+            lambda db: db.execute("DELETE FROM backends WHERE url = ?", (url,))
+        )
 
     # Usage accounting
 
@@ -272,9 +305,13 @@ class SQLiteStore:
             (u.user, u.model, u.day, u.requests, u.prompt_tokens, u.completion_tokens)
             for u in items
         ]
-        await self._run(lambda db: _in_transaction(db, lambda d: d.executemany(_ADD_USAGE, rows)))
+        await self._run(
+            lambda db: _in_transaction(db, lambda d: d.executemany(_ADD_USAGE, rows))
+        )
 
-    async def usage(self, user: str | None = None, since_day: str | None = None) -> list[Usage]:
+    async def usage(
+        self, user: str | None = None, since_day: str | None = None
+    ) -> list[Usage]:
         """Usage rows, filtered by user and first day, ordered by (day, user, model)."""
         params = (user, user, since_day, since_day)
         rows = await self._run(
@@ -292,7 +329,9 @@ class SQLiteStore:
     async def get_meta(self, key: str) -> str | None:
         """Read one free-form metadata value."""
         row = await self._run(
-            lambda db: db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            lambda db: db.execute(
+                "SELECT value FROM meta WHERE key = ?", (key,)
+            ).fetchone()
         )
         return None if row is None else str(row[0])
 

@@ -13,7 +13,14 @@ from typing import Protocol, runtime_checkable
 
 from .records import BackendRecord, KeyRecord, Snapshot, Usage, UserSettings
 
-__all__ = ["DEFAULT_SQLITE_PATH", "SCHEMA_VERSION", "Snapshot", "Store", "StoreError", "open_store"]
+__all__ = [
+    "DEFAULT_SQLITE_PATH",
+    "SCHEMA_VERSION",
+    "Snapshot",
+    "Store",
+    "StoreError",
+    "open_store",
+]
 
 # Bumped when a stored layout changes incompatibly; a gateway refuses to open a
 # store written by a newer schema instead of misreading it.
@@ -77,7 +84,9 @@ class Store(Protocol):
         """Add batched deltas to the (user, model, day) rows, atomically per batch."""
         ...
 
-    async def usage(self, user: str | None = None, since_day: str | None = None) -> list[Usage]:
+    async def usage(
+        self, user: str | None = None, since_day: str | None = None
+    ) -> list[Usage]:
         """Usage rows, filtered by user and first day, ordered by (day, user, model)."""
         ...
 

@@ -22,7 +22,9 @@ class LocalWindows:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._counters: dict[str, tuple[float, float]] = {}  # key -> (expires_at, total)
+        self._counters: dict[
+            str, tuple[float, float]
+        ] = {}  # key -> (expires_at, total)
         self._created = 0
 
     def __len__(self) -> int:
