@@ -605,6 +605,13 @@ def test_expect_100_continue(sim: SimServer) -> None:
         assert conn.closed()
 
 
+def test_expect_100_continue_refused_without_reading_the_body(sim: SimServer) -> None:
+    with Conn(sim.port) as conn:
+        conn.send(b"POST /api/nope HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n")
+        r = conn.response()
+        assert (r.status, r.body) == (404, b"404 page not found") and conn.closed()
+
+
 def test_blobs(sim: SimServer) -> None:
     data = os.urandom(5000)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()

@@ -184,6 +184,11 @@ class SimApp:
             return
         ex.send_text(404, b"404 page not found")
 
+    def reads_body(self, req: Request) -> bool:
+        """False when routing alone answers the request (gin's 404/405/redirect)."""
+        route = self.routes.get(req.path) or self.match(req.path)
+        return route is not None and req.method in route.methods
+
     # -- blob uploads decided at header time -----------------------------------
 
     def blob_headers(self, conn: SimProtocol, req: Request, idle: bool) -> bool:

@@ -40,9 +40,9 @@ def run_generation(
         handle = app.loop.call_later(delay, _finish_whole, app, ex, source, whole_type, fail)
         ex.cancel_cb = handle.cancel
         return
-    _finish_whole(app, ex, source, whole_type, fail)
     if entry is not None:
         app.fastlane.remember(ex, source, entry, keep_alive, whole_type)
+    _finish_whole(app, ex, source, whole_type, fail)
 
 
 def _finish_whole(

@@ -144,6 +144,10 @@ class SimProtocol(asyncio.Protocol):
         if method == "POST" and path.startswith("/api/blobs/") and self.app.blob_headers(self, req, idle):
             return
         if idle and headers and headers.get(b"expect", b"").lower() == b"100-continue":
+            if not self.app.reads_body(req):
+                # 404/405/redirect: Go answers without reading the body, never sends 100, then closes.
+                self.app.dispatch(self.start_early(req))
+                return
             # Go sends 100 Continue when the handler first reads the body; JSON handlers do so at once.
             self.write(wire.CONTINUE_100)
 
