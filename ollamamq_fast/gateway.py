@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ollamamq_fast.config import Settings, parse_backend_url
@@ -23,6 +22,7 @@ from ollamamq_fast.proxy.exchange import State
 from ollamamq_fast.proxy.local import LocalRoutes
 from ollamamq_fast.proxy.upstream import UpstreamPool
 from ollamamq_fast.sched.dispatcher import Dispatcher
+from ollamamq_fast.stats import GatewayStats
 
 if TYPE_CHECKING:
     from ollamamq_fast.sim import SimServer
@@ -35,13 +35,6 @@ TICK_S = 1.0
 HEAD_TIMEOUT_S = 10.0
 # Idle client keep-alive connections are closed after this (nginx's default).
 KEEPALIVE_TIMEOUT_S = 75.0
-
-
-@dataclass(slots=True)
-class Stats:
-    """Gateway-wide counters."""
-
-    cancelled: int = 0
 
 
 class GatewayState:
@@ -68,8 +61,11 @@ class GatewayState:
         self.passive = PassiveHealth(loop, self.dispatcher.pump)
         self.local = LocalRoutes(self)
         self.connections: set[ClientProtocol] = set()
-        self.stats = Stats()
+        self.stats = GatewayStats()
         self.started_at = time.monotonic()
+        # Wall clock updated by the reaper tick: "last seen" stamps need no
+        # clock call per request.
+        self.clock = time.time()
 
     def refresh_models(self, backend: Backend) -> None:
         """A model-changing request succeeded on `backend`: re-read its models."""
@@ -160,6 +156,7 @@ class Gateway:
             return
         loop = state.loop
         now = loop.time()
+        state.clock = time.time()
         try:
             timeout = state.settings.timeout
             for conn in list(state.connections):

@@ -26,14 +26,16 @@ from ollamamq_fast.proxy import framing
 from ollamamq_fast.proxy.errors import Api, error_body, stream_error_frame
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.proxy.routes import (
-    FALLBACK_ROUTE,
     BLOB_ROUTE,
+    EXACT,
+    FALLBACK_ROUTE,
     Kind,
     Route,
     api_of_path,
     lookup,
 )
 from ollamamq_fast.proxy.sniff import SniffError, first_model, sniff_fields
+from ollamamq_fast.stats import UserStats, tokens_in_tail
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
@@ -70,6 +72,21 @@ _NOT_ALLOWED_TEXT = b"405 method not allowed"
 _TEXT_PLAIN = b"text/plain"
 
 
+_LABELS = {path: path.decode() for path in EXACT}
+
+
+def _path_label(path: bytes) -> str:
+    """A bounded metric label for a request path."""
+    label = _LABELS.get(path)
+    if label is not None:
+        return label
+    if path.startswith(b"/api/blobs/"):
+        return "/api/blobs"
+    if path.startswith(b"/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
+
+
 class State(enum.Enum):
     """Where an exchange is in its life."""
 
@@ -92,7 +109,7 @@ class Exchange:
         "enqueued_at", "queue_ms", "attempts", "fwd_headers", "connect_task",
         "early_error", "discard_body", "body_forwarded", "status", "started_at",
         "continue_sent", "early_extra", "unslot_held", "sent_at", "early_immediate",
-        "encoded_body", "http10",
+        "encoded_body", "http10", "ustats", "in_flight_counted",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -133,6 +150,8 @@ class Exchange:
         self.early_immediate = False
         self.encoded_body = False
         self.http10 = False
+        self.ustats: UserStats | None = None
+        self.in_flight_counted = False
         self.discard_body = False
         self.body_forwarded = False
         self.status = 0
@@ -188,6 +207,7 @@ class Exchange:
         self.fwd_headers = b"".join(kept)
         if not self.user:
             self.user = self.client.peer_ip
+        self.started_at = self.gw.loop.time()
         self._check_route(route, method)
 
     def _check_route(self, route: Route | None, method: bytes) -> None:
@@ -291,6 +311,12 @@ class Exchange:
         """The client connection closed: stop everything this exchange holds."""
         state = self.state
         self.state = State.DONE
+        ustats = self.ustats
+        if ustats is not None and state is not State.DONE:
+            ustats.dropped += 1
+            if self.in_flight_counted:
+                self.in_flight_counted = False
+                ustats.in_flight -= 1
         if state is State.QUEUED:
             self.gw.dispatcher.cancel(self)
         elif state is State.CONNECTING:
@@ -348,11 +374,18 @@ class Exchange:
             return
         self.model_name = name
         self.model = normalize_model(name)
+        ustats = self.ustats = self.gw.stats.user(self.user)
+        ustats.last_ip = self.client.peer_ip
+        ustats.last_seen = self.gw.clock
         self.gw.dispatcher.submit(self)
 
     def start(self, backend: "Backend", slotted: bool) -> None:
         """Run on `backend` now (called by the dispatcher or for unqueued routes)."""
         self.backend = backend
+        ustats = self.ustats
+        if ustats is not None and not self.in_flight_counted:
+            self.in_flight_counted = True
+            ustats.in_flight += 1
         if slotted:
             backend.in_flight += 1
             self.slot_held = True
@@ -455,6 +488,8 @@ class Exchange:
             self.gw.passive.success(backend)
         self.state = State.STREAMING
         self.status = status
+        if self.started_at:
+            self.gw.stats.ttfb.observe(self.gw.loop.time() - self.started_at)
         dechunk = conn.dechunking
         if conn.framing is framing.Framing.CLOSE or not self.request_complete or dechunk:
             self.keep_alive = False
@@ -492,11 +527,24 @@ class Exchange:
         if backend is not None:
             backend.requests_done += 1
             route = self.route
+            if route is not None and route.kind is Kind.QUEUED and self.status < 300:
+                self._count_tokens(conn)
             if route is not None and route.refresh_models and self.status < 300:
                 self._note_model_change(backend)
                 self.gw.refresh_models(backend)
         self._release_backend()
         self.finish()
+
+    def _count_tokens(self, conn: "UpstreamConnection") -> None:
+        prompt, completion = tokens_in_tail(conn.tail())
+        if prompt or completion:
+            stats = self.gw.stats
+            stats.prompt_tokens += prompt
+            stats.completion_tokens += completion
+            ustats = self.ustats
+            if ustats is not None:
+                ustats.prompt_tokens += prompt
+                ustats.completion_tokens += completion
 
     def _note_model_change(self, backend: "Backend") -> None:
         # Update the index now so that a request right after a pull/copy/delete
@@ -643,6 +691,19 @@ class Exchange:
     def finish(self) -> None:
         """Mark done and let the connection move to its next request."""
         self.state = State.DONE
+        gw = self.gw
+        stats = gw.stats
+        backend = self.backend
+        stats.response(_path_label(self.path), self.status,
+                       backend.name if backend is not None else "")
+        if self.started_at:
+            stats.latency.observe(gw.loop.time() - self.started_at)
+        ustats = self.ustats
+        if ustats is not None:
+            ustats.done += 1
+            if self.in_flight_counted:
+                self.in_flight_counted = False
+                ustats.in_flight -= 1
         if not self.request_complete:
             self.keep_alive = False
         self.client.exchange_done(self)

@@ -94,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.got_bytes = False
         self.last_data = b""
+        self.prev_data = b""
         self.content_type = b""
         self.framing = framing.Framing.EMPTY
         self.backend_keep_alive = False
@@ -114,6 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         if self.head_sent:
+            self.prev_data = self.last_data
             self.last_data = data
             client = sink.client_transport
             if client is not None and not self.dechunking:
@@ -252,6 +254,13 @@ class UpstreamConnection(asyncio.Protocol):
         """Write more request body bytes."""
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def tail(self) -> bytes:
+        """The last bytes of the response body (for the token-count tap)."""
+        last = self.last_data
+        if len(last) >= 4096:
+            return last[-4096:]
+        return self.prev_data[-4096:] + last
 
     def finish_response(self, reusable: bool) -> None:
         """Called by the exchange after response_complete: back to the pool or closed."""

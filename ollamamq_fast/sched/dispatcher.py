@@ -86,12 +86,14 @@ class Dispatcher:
         settings = self.settings
         if len(self.queue) >= settings.max_queue:
             self.rejected_full += 1
+            ex.gw.stats.rejected += 1
             ex.respond_error(
                 429, f"the gateway queue is full ({settings.max_queue} requests)", retry_after=5
             )
             return
         if self.queue.depth(ex.user) >= settings.max_queue_per_user:
             self.rejected_full += 1
+            ex.gw.stats.rejected += 1
             ex.respond_error(
                 429,
                 f"too many queued requests for user {ex.user!r} "
@@ -103,6 +105,8 @@ class Dispatcher:
         ex.enqueued_at = now
         ex.state = State.QUEUED
         ex.ticket = self.queue.push(ex.user, ex, now)
+        if ex.ustats is not None:
+            ex.ustats.queued += 1
         self.pump()
 
     def _no_backend_for(self, ex: "Exchange") -> None:
@@ -153,6 +157,8 @@ class Dispatcher:
                     break
                 ex = ticket.payload
                 ex.ticket = None
+                if ex.ustats is not None:
+                    ex.ustats.queued -= 1
                 self._start(ex)
         finally:
             self.pumping = False
@@ -161,7 +167,10 @@ class Dispatcher:
         backend = ex.chosen
         assert backend is not None
         ex.chosen = None
-        ex.queue_ms = int((self.loop.time() - ex.enqueued_at) * 1000) if ex.enqueued_at else 0
+        if ex.enqueued_at:
+            waited = self.loop.time() - ex.enqueued_at
+            ex.queue_ms = int(waited * 1000)
+            ex.gw.stats.queue_wait.observe(waited)
         self.dispatched += 1
         route = ex.route
         assert route is not None
@@ -174,6 +183,7 @@ class Dispatcher:
 
     def retry(self, ex: "Exchange") -> None:
         """Run a request again after its backend failed before answering."""
+        ex.gw.stats.failovers += 1
         route = ex.route
         assert route is not None
         if route.kind is not Kind.QUEUED:
@@ -194,6 +204,8 @@ class Dispatcher:
         if ticket is not None:
             ex.ticket = None
             self.queue.cancel(ticket)
+            if ex.ustats is not None:
+                ex.ustats.queued -= 1
         elif ex in self.retry_line:
             self.retry_line.remove(ex)
 
@@ -207,6 +219,8 @@ class Dispatcher:
         for ticket in self.queue.expired(now - limit):
             ex = ticket.payload
             ex.ticket = None
+            if ex.ustats is not None:
+                ex.ustats.queued -= 1
             self.expired += 1
             ex.respond_error(
                 503, f"request waited more than {limit:g} s in the queue", retry_after=10

@@ -1,0 +1,141 @@
+"""Live counters of the data plane: plain integers and fixed-bucket histograms.
+
+The hot path only adds to ints and list slots (no locks, no prometheus-client
+calls, which take a lock per update); the control plane reads these at scrape
+time and renders Prometheus or JSON from them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+# Latency buckets in seconds: sub-millisecond proxy overheads up to long generations.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+# Per-user series are kept for at most this many users (the most recently seen
+# evict the least recently seen), so a flood of distinct ids cannot grow memory
+# or metric cardinality without bound.
+MAX_TRACKED_USERS = 10_000
+
+_PROMPT_TOKENS = re.compile(rb'"(?:prompt_eval_count|prompt_tokens)":\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"(?:eval_count|completion_tokens)":\s*(\d+)')
+
+
+def tokens_in_tail(tail: bytes) -> tuple[int, int]:
+    """(prompt, completion) token counts from a response's last bytes.
+
+    The final NDJSON line carries `prompt_eval_count`/`eval_count`; OpenAI
+    bodies and usage chunks carry `usage.prompt_tokens`/`completion_tokens`. Only
+    the tail is searched, with a regex: no JSON parse of the stream.
+    """
+    prompt = _last_int(_PROMPT_TOKENS, tail)
+    completion = _last_int(_COMPLETION_TOKENS, tail)
+    return prompt, completion
+
+
+def _last_int(pattern: re.Pattern[bytes], data: bytes) -> int:
+    value = 0
+    for m in pattern.finditer(data):
+        value = int(m.group(1))
+    return value
+
+
+class Histogram:
+    """Cumulative-ready bucket counts, sum and count."""
+
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Record one observation (O(log buckets))."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def quantile(self, q: float) -> float:
+        """Approximate quantile: the upper bound of the bucket holding it."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                return self.bounds[i] if i < len(self.bounds) else float("inf")
+        return float("inf")
+
+
+class UserStats:
+    """What the gateway knows about one user's traffic."""
+
+    __slots__ = ("user", "queued", "in_flight", "done", "dropped", "rejected",
+                 "prompt_tokens", "completion_tokens", "last_ip", "last_seen")
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.queued = 0
+        self.in_flight = 0
+        self.done = 0
+        self.dropped = 0
+        self.rejected = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.last_ip = ""
+        self.last_seen = 0.0
+
+    def snapshot(self) -> dict[str, object]:
+        """JSON-ready view."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass
+class GatewayStats:
+    """Gateway-wide counters, keyed for Prometheus labels."""
+
+    started: float = field(default_factory=time.time)
+    # (route path, status, backend url) -> count
+    responses: dict[tuple[str, int, str], int] = field(default_factory=dict)
+    cancelled: int = 0
+    failovers: int = 0
+    rejected: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    bytes_out: int = 0
+    queue_wait: Histogram = field(default_factory=Histogram)
+    ttfb: Histogram = field(default_factory=Histogram)
+    latency: Histogram = field(default_factory=Histogram)
+    users: dict[str, UserStats] = field(default_factory=dict)
+    # Completed requests and tokens, for per-second rates on dashboards.
+    completed: int = 0
+
+    def user(self, user: str) -> UserStats:
+        """The stats of a user, created on first sight (bounded, LRU-evicted)."""
+        users = self.users
+        stats = users.get(user)
+        if stats is None:
+            if len(users) >= MAX_TRACKED_USERS:
+                self._evict()
+            stats = users[user] = UserStats(user)
+        return stats
+
+    def _evict(self) -> None:
+        # Drop the idle user seen longest ago; users with work in the gateway stay.
+        idle = [s for s in self.users.values() if not s.queued and not s.in_flight]
+        if idle:
+            victim = min(idle, key=lambda s: s.last_seen)
+            del self.users[victim.user]
+
+    def response(self, path: str, status: int, backend: str) -> None:
+        """Count one finished response."""
+        key = (path, status, backend)
+        self.responses[key] = self.responses.get(key, 0) + 1
+        self.completed += 1

@@ -1,0 +1,50 @@
+"""Per-user and gateway counters: what the dashboards and metrics will show."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+
+from harness import fast_sim_options, start_stack
+from ollamamq_fast.stats import Histogram, tokens_in_tail
+
+
+def test_tokens_in_tail_reads_last_frames() -> None:
+    ndjson = b'{"done":false}\n{"done":true,"prompt_eval_count":26,"eval_count":259}\n'
+    assert tokens_in_tail(ndjson) == (26, 259)
+    sse = (b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,'
+           b'"total_tokens":10}}\n\ndata: [DONE]\n\n')
+    assert tokens_in_tail(sse) == (7, 3)
+    assert tokens_in_tail(b'{"response":"no counts"}') == (0, 0)
+
+
+def test_histogram_quantiles() -> None:
+    h = Histogram((1.0, 2.0, 5.0))
+    for v in (0.5, 0.5, 1.5, 4.0, 10.0):
+        h.observe(v)
+    assert h.count == 5 and h.counts == [2, 1, 1, 1]
+    assert h.quantile(0.4) == 1.0 and h.quantile(0.8) == 5.0 and h.quantile(1.0) == float("inf")
+
+
+def test_user_and_token_accounting_match_the_backend() -> None:
+    st = start_stack(sims=[fast_sim_options(tokens=5)])
+    try:
+        with httpx.Client(timeout=10) as client:
+            for stream in (False, True):
+                r = client.post(st.url + "/api/generate", headers={"X-User-ID": "acct"},
+                                json={"model": "llama3.2", "prompt": "count me", "stream": stream})
+                assert r.status_code == 200
+        ai = openai.OpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0,
+                           default_headers={"X-User-ID": "acct"})
+        done = ai.chat.completions.create(model="llama3.2",
+                                          messages=[{"role": "user", "content": "hi"}])
+        assert done.usage is not None
+        stats = st.state.stats
+        user = stats.users["acct"]
+        assert user.done == 3 and user.in_flight == 0 and user.queued == 0
+        assert user.completion_tokens == 15
+        assert user.prompt_tokens > 0 and user.last_ip == "127.0.0.1"
+        assert stats.responses[("/api/generate", 200, st.sims[0].url)] == 2
+        assert stats.latency.count >= 3 and stats.ttfb.count >= 3
+    finally:
+        st.close()
