@@ -13,6 +13,13 @@ THINK_LEVELS = ("low", "medium", "high", "max")
 _NOT_BASE64_RE = re.compile(r"[^A-Za-z0-9+/=]")
 
 
+def check_top_logprobs(req: dict[str, Any]) -> None:
+    """top_logprobs must be 0..20 (generate and chat)."""
+    value = req.get("top_logprobs")
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= 20:
+        raise BodyError("top_logprobs must be between 0 and 20")
+
+
 def go_quote(text: str) -> str:
     """Go's %q for ordinary strings."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -106,11 +106,12 @@ def go_kind(value: Any) -> str:
 
 
 def type_error(value: Any, struct: str, field: str, go_type: str) -> BodyError:
-    """json: cannot unmarshal X into Go struct field S.f of type T."""
+    """json: cannot unmarshal X into Go struct field S.f of type T (S without its package)."""
     kind = go_kind(value)
     if kind == "number":
         kind = f"number {value}"
-    return BodyError(f"json: cannot unmarshal {kind} into Go struct field {struct}.{field} of type {go_type}")
+    name = struct.rsplit(".", 1)[-1]
+    return BodyError(f"json: cannot unmarshal {kind} into Go struct field {name}.{field} of type {go_type}")
 
 
 def decode_object(body: bytes, struct: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from .content import (
 from .exchange import Exchange
 from .fields import (
     check_images,
+    check_top_logprobs,
     conversation_text,
     go_quote,
     last_user_text,
@@ -117,6 +118,8 @@ class NativeRoutes:
             options = options_of(req, struct) if "options" in req else {}
             if "images" in req:
                 check_images(req["images"], struct)
+            if "top_logprobs" in req:
+                check_top_logprobs(req)
         except BodyError as err:
             ex.send_error(400, str(err))
             return
@@ -165,6 +168,8 @@ class NativeRoutes:
                 if isinstance(message, dict):
                     check_images(message.get("images"), "api.Message")
             tools = req.get("tools") or []
+            if "top_logprobs" in req:
+                check_top_logprobs(req)
         except BodyError as err:
             ex.send_error(400, str(err))
             return
