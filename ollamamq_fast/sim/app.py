@@ -103,7 +103,7 @@ class SimApp:
         return None
 
     def dispatch(self, ex: Exchange) -> None:
-        """Route one request: gin's 404/405/redirects, then faults, admission and the handler."""
+        """Route one request: gin's 404/405/redirects, then admission (max_parallel), faults and the handler."""
         req = ex.req
         route = self.routes.get(req.path) or self.match(req.path)
         if route is None:
@@ -114,6 +114,13 @@ class SimApp:
             ex.send_text(405, b"405 method not allowed")
             return
         headers = req.headers
+        if route.inference:
+            limit = self.options.max_parallel
+            if limit and self.stats.active >= limit:
+                self.stats.rejected += 1
+                self.send_error(ex, route, 503, BUSY)
+                return
+            ex.mark_inference()
         faults = parse_faults(headers.get(b"x-sim-fault")) if headers else None
         if faults is not None:
             ex.faults = faults
@@ -125,13 +132,6 @@ class SimApp:
             if faults.status is not None:
                 self.send_error(ex, route, faults.status, fault_message(faults.status, _model_hint(req)))
                 return
-        if route.inference:
-            limit = self.options.max_parallel
-            if limit and self.stats.active >= limit:
-                self.stats.rejected += 1
-                self.send_error(ex, route, 503, BUSY)
-                return
-            ex.mark_inference()
         if headers:
             delay = _delay_s(req)
             if delay > 0:
