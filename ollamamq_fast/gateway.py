@@ -21,6 +21,7 @@ from ollamamq_fast.proxy.downstream import ClientProtocol
 from ollamamq_fast.proxy.exchange import State
 from ollamamq_fast.proxy.local import LocalRoutes
 from ollamamq_fast.proxy.upstream import UpstreamPool
+from ollamamq_fast.operator import Operator
 from ollamamq_fast.sched.dispatcher import Dispatcher
 from ollamamq_fast.stats import GatewayStats
 
@@ -60,6 +61,7 @@ class GatewayState:
         )
         self.passive = PassiveHealth(loop, self.dispatcher.pump)
         self.local = LocalRoutes(self)
+        self.operator = Operator(self)
         self.connections: set[ClientProtocol] = set()
         self.stats = GatewayStats()
         self.started_at = time.monotonic()
@@ -116,6 +118,7 @@ class Gateway:
         self.sim: SimServer | None = None
         self.reaper: asyncio.TimerHandle | None = None
         self.stopped = asyncio.Event()
+        self._last_tick = (0, 0)
 
     @property
     def port(self) -> int:
@@ -176,12 +179,31 @@ class Gateway:
                 if up.silent_s >= timeout:
                     ex.upstream_timeout()
             state.dispatcher.sweep(now)
+            self._publish_tick(state)
             for b in state.fleet.backends:
                 if b.pool is not None:
                     b.pool.expire_idle(now)
         except Exception:  # the reaper must survive a bug in one connection
             log.exception("reaper tick failed")
         self.reaper = loop.call_later(TICK_S, self._tick)
+
+    def _publish_tick(self, state: GatewayState) -> None:
+        """Per-second counters for dashboards (only when someone listens)."""
+        events = state.operator.events
+        stats = state.stats
+        completed, tokens = stats.completed, stats.completion_tokens
+        last = self._last_tick
+        self._last_tick = (completed, tokens)
+        if not events.subscribers:
+            return
+        events.publish(
+            "tick",
+            queued=len(state.dispatcher.queue),
+            in_flight=sum(b.in_flight for b in state.fleet.backends),
+            requests_per_s=completed - last[0],
+            tokens_per_s=tokens - last[1],
+            backends=[b.snapshot() for b in state.fleet.backends],
+        )
 
     def summary(self) -> dict[str, Any]:
         """Backends and queue in one dict (for the startup banner and status)."""

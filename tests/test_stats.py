@@ -48,3 +48,35 @@ def test_user_and_token_accounting_match_the_backend() -> None:
         assert stats.latency.count >= 3 and stats.ttfb.count >= 3
     finally:
         st.close()
+
+
+def test_operator_actions_take_effect() -> None:
+    st = start_stack(sims=[fast_sim_options(), fast_sim_options()])
+    try:
+        op = st.state.operator
+        body = {"model": "llama3.2", "prompt": "q", "stream": False}
+        st.lt.call(op.block_user, "mallory", True)
+        r = httpx.post(st.url + "/api/generate", headers={"X-User-ID": "mallory"}, json=body)
+        assert r.status_code == 403 and "blocked" in r.json()["error"]
+        r = httpx.post(st.url + "/v1/chat/completions", headers={"X-User-ID": "mallory"},
+                       json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        st.lt.call(op.block_user, "mallory", False)
+        st.lt.call(op.block_ip, "127.0.0.0/8", True)
+        assert httpx.post(st.url + "/api/generate", json=body).status_code == 403
+        assert httpx.get(st.url + "/api/tags").status_code == 200  # local routes stay open
+        st.lt.call(op.block_ip, "127.0.0.0/8", False)
+        assert httpx.post(st.url + "/api/generate", json=body).status_code == 200
+        row = st.lt.call(op.set_user, "carol", True, None, 3)
+        assert row == {"user": "carol", "vip": True, "boost": False, "weight": 3}
+        st.lt.call(op.set_slots, st.sims[0].url, 7)
+        assert st.state.fleet.backends[0].slots == 7
+        key = st.lt.call(op.create_key, "dave", "laptop")
+        assert key["secret"].startswith("omq-") and "digest" not in key
+        assert [k["key_id"] for k in st.lt.call(op.list_keys)] == [key["key_id"]]
+        users = {u["user"]: u for u in st.lt.call(op.list_users)}
+        assert users["mallory"]["rejected"] == 2 and users["mallory"]["blocked"] is False
+        snap = st.lt.call(op.stats_snapshot)
+        assert snap["completed"] >= 4 and len(snap["backends"]) == 2
+    finally:
+        st.close()

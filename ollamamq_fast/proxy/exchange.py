@@ -345,6 +345,13 @@ class Exchange:
         if kind is Kind.LOCAL:
             self.gw.local.answer(self, route)
             return
+        ustats = self.ustats = self.gw.stats.user(self.user)
+        ustats.last_ip = self.client.peer_ip
+        ustats.last_seen = self.gw.clock
+        if self.gw.operator.is_blocked(self.user, self.client.peer_ip):
+            ustats.rejected += 1
+            self.respond_error(403, "blocked by the gateway operator")
+            return
         if kind is Kind.PRIMARY:
             backend = self.gw.fleet.primary(native=route is BLOB_ROUTE)
             if backend is None:
@@ -374,9 +381,6 @@ class Exchange:
             return
         self.model_name = name
         self.model = normalize_model(name)
-        ustats = self.ustats = self.gw.stats.user(self.user)
-        ustats.last_ip = self.client.peer_ip
-        ustats.last_seen = self.gw.clock
         self.gw.dispatcher.submit(self)
 
     def start(self, backend: "Backend", slotted: bool) -> None:
@@ -699,11 +703,11 @@ class Exchange:
         if self.started_at:
             stats.latency.observe(gw.loop.time() - self.started_at)
         ustats = self.ustats
-        if ustats is not None:
+        if ustats is not None and self.in_flight_counted:
+            # "done" counts requests that reached a backend and were answered.
+            self.in_flight_counted = False
+            ustats.in_flight -= 1
             ustats.done += 1
-            if self.in_flight_counted:
-                self.in_flight_counted = False
-                ustats.in_flight -= 1
         if not self.request_complete:
             self.keep_alive = False
         self.client.exchange_done(self)

@@ -87,6 +87,8 @@ class Dispatcher:
         if len(self.queue) >= settings.max_queue:
             self.rejected_full += 1
             ex.gw.stats.rejected += 1
+            if ex.ustats is not None:
+                ex.ustats.rejected += 1
             ex.respond_error(
                 429, f"the gateway queue is full ({settings.max_queue} requests)", retry_after=5
             )
@@ -94,6 +96,8 @@ class Dispatcher:
         if self.queue.depth(ex.user) >= settings.max_queue_per_user:
             self.rejected_full += 1
             ex.gw.stats.rejected += 1
+            if ex.ustats is not None:
+                ex.ustats.rejected += 1
             ex.respond_error(
                 429,
                 f"too many queued requests for user {ex.user!r} "
@@ -167,6 +171,10 @@ class Dispatcher:
         backend = ex.chosen
         assert backend is not None
         ex.chosen = None
+        if ex.gw.operator.is_blocked(ex.user, ex.client.peer_ip):
+            # Blocked while it waited: refuse it now rather than run it.
+            ex.respond_error(403, "blocked by the gateway operator")
+            return
         if ex.enqueued_at:
             waited = self.loop.time() - ex.enqueued_at
             ex.queue_ms = int(waited * 1000)
