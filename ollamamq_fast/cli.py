@@ -31,6 +31,8 @@ from ollamamq_fast.config import (
     parse_weights,
 )
 
+from ollamamq_fast.policy.identity import parse_networks
+
 SUBCOMMANDS = ("serve", "sim", "bench")
 
 
@@ -136,6 +138,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="users served on every second dispatch ahead of the normal ring")
     p.add_argument("--weight", default=None, metavar="USER=N[,...]",
                    help="users that get N turns per round instead of 1")
+    p.add_argument("--auth", choices=["off", "keys"], default=None,
+                   help="off: the user is X-User-ID, else the client address; keys: an API key "
+                        "(Authorization: Bearer or X-API-Key) is required and decides the user "
+                        "(default off)")
+    p.add_argument("--trusted-proxies", default=None, metavar="CIDR[,CIDR...]",
+                   help="believe X-Forwarded-For for the client address only from these "
+                        "(default: nobody)")
     p.add_argument("--sim", action="store_true",
                    help="start a built-in simulated Ollama backend in-process and use it "
                         "(a demo with no Ollama around; -o backends are added when given)")
@@ -192,6 +201,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         settings.boost_users.extend(_users(args.boost))
     if args.weight:
         settings.user_weights.update(parse_weights(args.weight))
+    if args.auth is not None:
+        settings.auth = args.auth
+    if args.trusted_proxies:
+        try:
+            settings.trusted_proxies = parse_networks(args.trusted_proxies)
+        except ValueError as exc:
+            raise ConfigError(f"--trusted-proxies: {exc}") from None
     settings.sim = args.sim
     settings.sim_keep_backends = bool(urls)
     if args.sim_models:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_PORT = 11435
@@ -107,6 +108,10 @@ class Settings:
     max_queue: int = 200_000
     max_queue_per_user: int = 1_000
     queue_timeout: float = 600.0
+    # Identity: "off" (X-User-ID, else address) or "keys" (API key required).
+    auth: str = "off"
+    # Proxies whose X-Forwarded-For is believed for the client address.
+    trusted_proxies: list[Any] = field(default_factory=list)
     # Start an in-process simulator and use it as a backend (demo without Ollama).
     sim: bool = False
     sim_models: list[str] = field(default_factory=list)

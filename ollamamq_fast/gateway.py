@@ -22,6 +22,7 @@ from ollamamq_fast.proxy.exchange import State
 from ollamamq_fast.proxy.local import LocalRoutes
 from ollamamq_fast.proxy.upstream import UpstreamPool
 from ollamamq_fast.operator import Operator
+from ollamamq_fast.policy.identity import Identity
 from ollamamq_fast.sched.dispatcher import Dispatcher
 from ollamamq_fast.stats import GatewayStats
 
@@ -62,6 +63,8 @@ class GatewayState:
         self.passive = PassiveHealth(loop, self.dispatcher.pump)
         self.local = LocalRoutes(self)
         self.operator = Operator(self)
+        self.identity = Identity(settings.auth, settings.trusted_proxies,
+                                 self.operator.keys_by_digest.get)
         self.connections: set[ClientProtocol] = set()
         self.stats = GatewayStats()
         self.started_at = time.monotonic()

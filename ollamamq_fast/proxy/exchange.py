@@ -34,6 +34,7 @@ from ollamamq_fast.proxy.routes import (
     api_of_path,
     lookup,
 )
+from ollamamq_fast.policy.identity import AuthError
 from ollamamq_fast.proxy.sniff import SniffError, first_model, sniff_fields
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 
@@ -49,7 +50,8 @@ if TYPE_CHECKING:
 MAX_ATTEMPTS = 3
 
 # Request headers the gateway handles itself instead of forwarding verbatim.
-_H_LENGTH, _H_TE, _H_EXPECT, _H_USER, _H_XFF, _H_DROP, _H_CONNECTION, _H_ENCODING = range(8)
+(_H_LENGTH, _H_TE, _H_EXPECT, _H_USER, _H_XFF, _H_DROP, _H_CONNECTION, _H_ENCODING,
+ _H_AUTH, _H_API_KEY) = range(10)
 _REQUEST_SPECIAL = {
     b"content-length": _H_LENGTH,
     b"transfer-encoding": _H_TE,
@@ -59,6 +61,8 @@ _REQUEST_SPECIAL = {
     b"host": _H_DROP,  # rewritten to the backend's authority (PROTOCOL.md §7.17)
     b"connection": _H_CONNECTION,
     b"content-encoding": _H_ENCODING,
+    b"authorization": _H_AUTH,
+    b"x-api-key": _H_API_KEY,
     b"keep-alive": _H_DROP,
     b"proxy-connection": _H_DROP,
     b"proxy-authorization": _H_DROP,
@@ -109,7 +113,7 @@ class Exchange:
         "enqueued_at", "queue_ms", "attempts", "fwd_headers", "connect_task",
         "early_error", "discard_body", "body_forwarded", "status", "started_at",
         "continue_sent", "early_extra", "unslot_held", "sent_at", "early_immediate",
-        "encoded_body", "http10", "ustats", "in_flight_counted",
+        "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -152,6 +156,7 @@ class Exchange:
         self.http10 = False
         self.ustats: UserStats | None = None
         self.in_flight_counted = False
+        self.client_ip = ""
         self.discard_body = False
         self.body_forwarded = False
         self.status = 0
@@ -174,6 +179,9 @@ class Exchange:
         self.api = route.api if route is not None else api_of_path(path)
         kept: list[bytes] = []
         xff = b""
+        authorization = api_key = b""
+        identity = self.gw.identity
+        keys_required = identity.keys_required
         connection_tokens: set[bytes] | None = None
         for name, value in self.headers:
             action = _REQUEST_SPECIAL.get(name.lower())
@@ -190,6 +198,14 @@ class Exchange:
                 kept.append(name + b": " + value + b"\r\n")
             elif action == _H_XFF:
                 xff = value + b", "
+            elif action == _H_AUTH:
+                authorization = value
+                if not keys_required:  # the gateway's own keys never reach a backend
+                    kept.append(name + b": " + value + b"\r\n")
+            elif action == _H_API_KEY:
+                api_key = value
+                if not keys_required:
+                    kept.append(name + b": " + value + b"\r\n")
             elif action == _H_ENCODING:
                 # A compressed body (zstd on /v1/responses) cannot be sniffed; it
                 # is passed through untouched to any backend of the route's kind.
@@ -205,10 +221,19 @@ class Exchange:
             kept = [h for h in kept if h.split(b":", 1)[0].lower() not in connection_tokens]
         kept.append(b"X-Forwarded-For: " + xff + self.client.peer_ip_bytes + b"\r\n")
         self.fwd_headers = b"".join(kept)
-        if not self.user:
-            self.user = self.client.peer_ip
+        peer_ip = self.client.peer_ip
+        self.client_ip = identity.client_ip(peer_ip, xff[:-2]) if identity.trusted_proxies else peer_ip
         self.started_at = self.gw.loop.time()
         self._check_route(route, method)
+        if keys_required and route is not None and route.kind is not Kind.LOCAL:
+            try:
+                self.user = identity.user_for_key(authorization, api_key, self.user)
+            except AuthError as exc:
+                ctype, body = error_body(self.api, 401, str(exc))
+                self._set_early_error(401, ctype, body)
+                return
+        if not self.user:
+            self.user = self.client_ip
 
     def _check_route(self, route: Route | None, method: bytes) -> None:
         settings = self.gw.settings
@@ -346,9 +371,9 @@ class Exchange:
             self.gw.local.answer(self, route)
             return
         ustats = self.ustats = self.gw.stats.user(self.user)
-        ustats.last_ip = self.client.peer_ip
+        ustats.last_ip = self.client_ip
         ustats.last_seen = self.gw.clock
-        if self.gw.operator.is_blocked(self.user, self.client.peer_ip):
+        if self.gw.operator.is_blocked(self.user, self.client_ip):
             ustats.rejected += 1
             self.respond_error(403, "blocked by the gateway operator")
             return

@@ -1,0 +1,82 @@
+"""Who a request is from: the user (for fair queuing) and the client address.
+
+- `--auth off` (default): the user is `X-User-ID`, else the client address.
+- `--auth keys`: `Authorization: Bearer <key>` or `X-API-Key: <key>` is
+  required; the key decides the user. A client's `X-User-ID` is ignored unless
+  the key is a trusted service key, which may name its own end users.
+- `--trusted-proxies CIDR,...`: only connections from these addresses may set
+  the client address through `X-Forwarded-For` (used for IP blocks and the
+  address fallback); otherwise the socket's peer address is the client.
+
+Keys are looked up by their blake3 digest (the secret itself is never kept)
+and the match is confirmed with a constant-time comparison.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from ollamamq_fast.operator import key_digest
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AuthError(Exception):
+    """The request has no valid key (answered 401 in the route's shape)."""
+
+
+def parse_networks(text: str) -> list[Network]:
+    """Parse `10.0.0.0/8,127.0.0.1` into networks (ValueError on a bad entry)."""
+    return [ipaddress.ip_network(item.strip(), strict=False)
+            for item in text.split(",") if item.strip()]
+
+
+class Identity:
+    """Resolves users and client addresses for the data plane."""
+
+    def __init__(self, mode: str, trusted_proxies: list[Network],
+                 key_lookup: Callable[[str], dict[str, Any] | None]) -> None:
+        self.keys_required = mode == "keys"
+        self.trusted_proxies = trusted_proxies
+        self.key_lookup = key_lookup
+
+    def client_ip(self, peer_ip: str, forwarded_for: bytes) -> str:
+        """The client address: the peer, or the nearest untrusted X-Forwarded-For hop."""
+        if not self.trusted_proxies or not forwarded_for or not self._trusted(peer_ip):
+            return peer_ip
+        hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop
+        return hops[0] if hops else peer_ip
+
+    def _trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted_proxies)
+
+    def user_for_key(self, authorization: bytes, api_key: bytes, header_user: str) -> str:
+        """The user a request's key stands for (raises AuthError)."""
+        secret = b""
+        if authorization:
+            scheme, _, value = authorization.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                secret = value.strip()
+        if not secret and api_key:
+            secret = api_key.strip()
+        if not secret:
+            raise AuthError("an API key is required: send Authorization: Bearer <key>")
+        digest = key_digest(secret.decode("latin-1"))
+        record = self.key_lookup(digest)
+        if record is None or not hmac.compare_digest(str(record["digest"]), digest):
+            raise AuthError("invalid API key")
+        if record.get("revoked"):
+            raise AuthError("this API key has been revoked")
+        if record.get("trusted") and header_user:
+            return header_user
+        return str(record["user"])
