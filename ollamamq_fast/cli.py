@@ -34,6 +34,8 @@ from ollamamq_fast.config import (
 from ollamamq_fast.policy.identity import parse_networks
 
 SUBCOMMANDS = ("serve", "sim", "bench")
+# On SIGTERM/SIGINT: stop accepting, let running streams finish this long, exit.
+DRAIN_GRACE_S = 30.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,6 +152,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(a demo with no Ollama around; -o backends are added when given)")
     p.add_argument("--sim-models", default=None, metavar="M[,M...]",
                    help="models of the --sim backend (default: the simulator's own list)")
+    p.add_argument("--log-file", default="ollamamq.log", metavar="PATH",
+                   help="access and event log file, rotated at 20 MB, 5 kept; '' = none "
+                        "(default ollamamq.log; with --no-tui access lines also go to stderr)")
+    p.add_argument("--log-format", choices=["json", "logfmt"], default="json",
+                   help="access log line format (default json)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (default info)")
 
@@ -186,6 +193,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"TIMEOUT: {exc}") from None
     settings.tui = not args.no_tui
+    settings.log_file = args.log_file or None
+    settings.log_stderr = args.no_tui
+    settings.log_format = args.log_format
+    settings.config_path = args.config
     if args.allow_all_routes:
         settings.allow_all_routes = True
     if args.max_body_mb is not None:
@@ -291,6 +302,15 @@ async def _serve(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        try:
+            gateway.reload()
+        except ConfigError as exc:
+            logging.getLogger("ollamamq_fast").error("reload failed, keeping the old config: %s",
+                                                     exc)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     summary = gateway.summary()
     print(f"ollamamq-fast {__version__} listening on {summary['listen']}", file=sys.stderr)
     for b in summary["backends"]:
@@ -302,6 +322,7 @@ async def _serve(settings: Settings) -> int:
         print("  (the terminal dashboard is not part of this build yet; running headless)",
               file=sys.stderr)
     await stop.wait()
-    print("ollamamq-fast: draining...", file=sys.stderr)
-    await gateway.stop()
+    print(f"ollamamq-fast: draining (up to {DRAIN_GRACE_S:g} s for running requests)...",
+          file=sys.stderr)
+    await gateway.stop(grace=DRAIN_GRACE_S)
     return 0

@@ -108,6 +108,12 @@ class Settings:
     max_queue: int = 200_000
     max_queue_per_user: int = 1_000
     queue_timeout: float = 600.0
+    # Access log: a rotated file (None = none) and/or stderr; "json" or "logfmt".
+    log_file: str | None = None
+    log_stderr: bool = False
+    log_format: str = "json"
+    # The TOML file the settings came from, re-read on SIGHUP.
+    config_path: str | None = None
     # Identity: "off" (X-User-ID, else address) or "keys" (API key required).
     auth: str = "off"
     # Proxies whose X-Forwarded-For is believed for the client address.

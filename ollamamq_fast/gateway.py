@@ -12,7 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ollamamq_fast.config import Settings, parse_backend_url
+from ollamamq_fast.config import ConfigError, Settings, apply_toml, load_toml, parse_backend_url
 from ollamamq_fast.fleet.backend import Backend
 from ollamamq_fast.fleet.health import HealthChecker
 from ollamamq_fast.fleet.passive import PassiveHealth
@@ -21,6 +21,7 @@ from ollamamq_fast.proxy.downstream import ClientProtocol
 from ollamamq_fast.proxy.exchange import State
 from ollamamq_fast.proxy.local import LocalRoutes
 from ollamamq_fast.proxy.upstream import UpstreamPool
+from ollamamq_fast.accesslog import AccessLog
 from ollamamq_fast.operator import Operator
 from ollamamq_fast.policy.identity import Identity
 from ollamamq_fast.sched.dispatcher import Dispatcher
@@ -63,6 +64,7 @@ class GatewayState:
         self.passive = PassiveHealth(loop, self.dispatcher.pump)
         self.local = LocalRoutes(self)
         self.operator = Operator(self)
+        self.access = AccessLog(settings.log_file, settings.log_stderr, settings.log_format)
         self.identity = Identity(settings.auth, settings.trusted_proxies,
                                  self.operator.keys_by_digest.get)
         self.connections: set[ClientProtocol] = set()
@@ -146,6 +148,7 @@ class Gateway:
             ]
         state = GatewayState(settings, loop)
         self.state = state
+        state.access.start()
         await state.health.start()
         self.server = await loop.create_server(
             lambda: ClientProtocol(state),
@@ -208,6 +211,55 @@ class Gateway:
             backends=[b.snapshot() for b in state.fleet.backends],
         )
 
+    def reload(self) -> dict[str, Any]:
+        """Re-read the TOML config (SIGHUP): backends, slots, limits, VIP lists.
+
+        Connections and running requests are untouched; backends no longer
+        listed stop receiving requests and the ones running there finish.
+        Raises ConfigError when there is no config file or it is invalid.
+        """
+        state = self.state
+        path = self.settings.config_path
+        if state is None or not path:
+            raise ConfigError("no config file to reload (start with --config FILE)")
+        data = load_toml(path)
+        fresh = Settings()
+        apply_toml(fresh, data, path)
+        live = self.settings
+        for name in ("timeout", "max_queue", "max_queue_per_user", "queue_timeout", "slots",
+                     "allow_all_routes", "health_fail_threshold", "health_ok_threshold"):
+            if name in data:
+                setattr(live, name, getattr(fresh, name))
+        fleet = state.fleet
+        if "balance" in data:
+            fleet.balance = Balance(fresh.balance)
+        changes: dict[str, Any] = {"added": [], "removed": [], "slots": {}}
+        if "backends" in data:
+            wanted = {b.url: fresh.backend_slots.get(b.url, fresh.slots) for b in fresh.backends}
+            for backend in list(fleet.backends):
+                if backend.name not in wanted:
+                    state.remove_backend(backend.name)
+                    changes["removed"].append(backend.name)
+            for url, slots in wanted.items():
+                backend = fleet.find(url)
+                if backend is None:
+                    state.add_backend(url, slots)
+                    changes["added"].append(url)
+                elif backend.slots != slots:
+                    backend.slots = slots
+                    changes["slots"][url] = slots
+        queue = state.dispatcher.queue
+        for user in fresh.vip_users:
+            queue.set_vip(user, True)
+        for user in fresh.boost_users:
+            queue.set_boost(user, True)
+        for user, weight in fresh.user_weights.items():
+            queue.set_weight(user, weight)
+        state.dispatcher.pump()
+        state.operator.events.publish("config_reloaded", **changes)
+        log.info("config reloaded from %s: %s", path, changes)
+        return changes
+
     def summary(self) -> dict[str, Any]:
         """Backends and queue in one dict (for the startup banner and status)."""
         assert self.state is not None
@@ -232,6 +284,7 @@ class Gateway:
                 if b.pool is not None:
                     b.pool.close_all()
             await state.health.close()
+            state.access.stop()
         if self.reaper is not None:
             self.reaper.cancel()
         if self.server is not None:

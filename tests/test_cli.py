@@ -125,3 +125,102 @@ def test_port_in_use_is_a_clear_error() -> None:
         r = _run("--sim", "--no-tui", "-p", str(port))
     assert r.returncode == 1
     assert "cannot listen" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_toml_config_and_sighup_reload(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket as _socket
+
+    from harness import LoopThread
+    from ollamamq_fast.sim import start_sim
+    from harness import fast_sim_options
+
+    lt = LoopThread()
+    sims = [lt.run(start_sim(fast_sim_options())) for _ in range(2)]
+    port = free_port()
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'slots = 2\nbalance = "round-robin"\n[[backends]]\nurl = "{sims[0].url}"\n'
+                   f'slots = 5\n[users]\nvip = ["boss"]\n[users.weights]\ncarol = 3\n')
+    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--no-tui", "-p", str(port),
+                             "--config", str(cfg), "--log-file", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        body = {"model": "llama3.2", "prompt": "q", "stream": False}
+        r = httpx.post(url + "/api/generate", json=body)
+        assert r.headers["x-gateway-backend"] == sims[0].url
+        # Keep a connection open across the reload: it must survive.
+        conn = _socket.create_connection(("127.0.0.1", port))
+        cfg.write_text(f'[[backends]]\nurl = "{sims[1].url}"\nslots = 3\n')
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if httpx.post(url + "/api/generate", json=body).headers.get(
+                    "x-gateway-backend") == sims[1].url:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("reload did not switch backends")
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.recv(100).startswith(b"HTTP/1.1 200")
+        conn.close()
+        cfg.write_text("not = [valid toml")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert httpx.post(url + "/api/generate", json=body).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert b"reload failed" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for sim in sims:
+            lt.run(sim.close())
+        lt.stop()
+
+
+def test_sigterm_drains_running_streams() -> None:
+    import json as _json
+    import threading
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--sim", "--no-tui",
+                             "-p", str(port), "--log-file", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        lines: list[dict] = []
+
+        def stream() -> None:
+            with httpx.stream("POST", url + "/api/chat", timeout=10,
+                              headers={"X-Sim-Tokens": "40"},
+                              json={"model": "llama3.2",
+                                    "messages": [{"role": "user", "content": "q"}]}) as r:
+                lines.extend(_json.loads(ln) for ln in r.iter_lines() if ln)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.3)  # the stream is running (40 tokens at 50/s: ~0.8 s)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=1)  # no longer accepting
+        t.join(10)
+        assert lines and lines[-1]["done"] is True and len(lines) == 41
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -80,3 +80,23 @@ def test_operator_actions_take_effect() -> None:
         assert snap["completed"] >= 4 and len(snap["backends"]) == 2
     finally:
         st.close()
+
+
+def test_access_log_lines(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    log = tmp_path / "access.log"
+    st = start_stack(sims=[fast_sim_options(tokens=4)], log_file=str(log))
+    try:
+        r = httpx.post(st.url + "/api/generate", headers={"X-User-ID": "logged"},
+                       json={"model": "llama3.2", "prompt": "q", "stream": False})
+        assert r.status_code == 200
+        httpx.post(st.url + "/api/generate", json={"model": "nope", "prompt": "q"})
+    finally:
+        st.close()
+    lines = [_json.loads(ln) for ln in log.read_text().splitlines()]
+    ok = next(ln for ln in lines if ln["user"] == "logged")
+    assert ok["status"] == 200 and ok["path"] == "/api/generate" and ok["model"] == "llama3.2"
+    assert ok["completion_tokens"] == 4 and ok["backend"] == st.sims[0].url
+    assert ok["duration_ms"] > 0 and ok["ts"].endswith("Z")
+    assert any(ln["status"] == 404 for ln in lines)

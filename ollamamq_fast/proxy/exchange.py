@@ -114,6 +114,7 @@ class Exchange:
         "early_error", "discard_body", "body_forwarded", "status", "started_at",
         "continue_sent", "early_extra", "unslot_held", "sent_at", "early_immediate",
         "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
+        "prompt_tokens", "completion_tokens",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -157,6 +158,8 @@ class Exchange:
         self.ustats: UserStats | None = None
         self.in_flight_counted = False
         self.client_ip = ""
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
         self.discard_body = False
         self.body_forwarded = False
         self.status = 0
@@ -566,6 +569,7 @@ class Exchange:
 
     def _count_tokens(self, conn: "UpstreamConnection") -> None:
         prompt, completion = tokens_in_tail(conn.tail())
+        self.prompt_tokens, self.completion_tokens = prompt, completion
         if prompt or completion:
             stats = self.gw.stats
             stats.prompt_tokens += prompt
@@ -723,10 +727,16 @@ class Exchange:
         gw = self.gw
         stats = gw.stats
         backend = self.backend
-        stats.response(_path_label(self.path), self.status,
-                       backend.name if backend is not None else "")
+        backend_name = backend.name if backend is not None else ""
+        stats.response(_path_label(self.path), self.status, backend_name)
+        elapsed = gw.loop.time() - self.started_at if self.started_at else 0.0
         if self.started_at:
-            stats.latency.observe(gw.loop.time() - self.started_at)
+            stats.latency.observe(elapsed)
+        access = gw.access
+        if access.enabled:
+            access.record(gw.clock, self.user, self.client_ip, self.method, self.path,
+                          self.model_name, self.status, backend_name, self.queue_ms,
+                          round(elapsed * 1000, 2), self.prompt_tokens, self.completion_tokens)
         ustats = self.ustats
         if ustats is not None and self.in_flight_counted:
             # "done" counts requests that reached a backend and were answered.
