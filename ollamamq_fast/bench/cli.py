@@ -101,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
         if args.scenario:
             from .scenarios import run_scenario
 
+            ignored = [name for name, value in (("URL", args.url), ("--baseline", args.baseline),
+                                                ("--compare", args.compare)) if value]
+            if ignored:
+                print(f"bench: {', '.join(ignored)} ignored: --scenario {args.scenario} starts its own servers",
+                      file=sys.stderr)
             return run_scenario(args.scenario, args, progress)
         if not args.url:
             print("bench: a URL is needed unless --scenario is given", file=sys.stderr)

@@ -107,6 +107,8 @@ class GroupSpec:
             raise ValueError("-c/--concurrency must be at least 1")
         if self.rate is not None and self.rate <= 0:
             raise ValueError("--rate must be positive")
+        if self.rate is not None and self.user_per_connection:
+            raise ValueError("--per-connection-users needs the closed loop (open-loop connections are shared)")
         if self.requests is not None and self.requests < 1:
             raise ValueError("-n/--requests must be at least 1")
 
