@@ -117,16 +117,16 @@ class SQLiteStore:
             db = sqlite3.connect(
                 self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
             )
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={self.synchronous}")
+                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                _in_transaction(db, self._create_schema)
+            except BaseException:
+                db.close()
+                raise
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state file {self.path!r}: {exc}") from exc
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self.synchronous}")
-            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            _in_transaction(db, self._create_schema)
-        except BaseException:
-            db.close()
-            raise
         self._db = db
 
     @staticmethod

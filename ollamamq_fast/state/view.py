@@ -87,7 +87,7 @@ class StateView:
         """Put a key in the view, keeping the digest index in step."""
         old = self.keys.get(rec.key_id)
         if old is not None and self._by_digest.get(old.digest) is old:
-            pass
+            del self._by_digest[old.digest]
         self.keys[rec.key_id] = rec
         self._by_digest[rec.digest] = rec
 
