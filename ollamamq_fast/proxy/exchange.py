@@ -20,7 +20,10 @@ import asyncio
 import enum
 from typing import TYPE_CHECKING
 
+import blake3
+
 from ollamamq_fast.fleet.models import normalize_model
+from ollamamq_fast.fleet.select import Balance
 from ollamamq_fast.fleet.passive import FAST_FAIL_S
 from ollamamq_fast.proxy import framing
 from ollamamq_fast.proxy.errors import Api, error_body, stream_error_frame
@@ -35,7 +38,7 @@ from ollamamq_fast.proxy.routes import (
     lookup,
 )
 from ollamamq_fast.policy.identity import AuthError
-from ollamamq_fast.proxy.sniff import SniffError, first_model, sniff_fields
+from ollamamq_fast.proxy.sniff import SniffError, first_item, first_model, sniff_fields
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 
 if TYPE_CHECKING:
@@ -114,7 +117,7 @@ class Exchange:
         "early_error", "discard_body", "body_forwarded", "status", "started_at",
         "continue_sent", "early_extra", "unslot_held", "sent_at", "early_immediate",
         "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
-        "prompt_tokens", "completion_tokens",
+        "prompt_tokens", "completion_tokens", "affinity",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -160,6 +163,7 @@ class Exchange:
         self.client_ip = ""
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.affinity = ""
         self.discard_body = False
         self.body_forwarded = False
         self.status = 0
@@ -409,6 +413,11 @@ class Exchange:
             return
         self.model_name = name
         self.model = normalize_model(name)
+        if self.gw.fleet.balance is Balance.AFFINITY:
+            # Same user and same opening message: same backend, so its KV cache is reused.
+            opening = first_item(body, "messages")
+            self.affinity = self.user + ":" + (
+                blake3.blake3(opening).hexdigest()[:16] if opening else "")
         self.gw.dispatcher.submit(self)
 
     def start(self, backend: "Backend", slotted: bool) -> None:

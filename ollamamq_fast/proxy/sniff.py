@@ -181,3 +181,50 @@ def _kind(scalar: bytes) -> str:
     if scalar in (b"true", b"false"):
         return "bool"
     return "number"
+
+
+def first_item(body: bytes, key: str) -> bytes:
+    """Raw bytes of the first element of the top-level array `key` (b"" if none).
+
+    Used for conversation affinity: the first message of a chat stays the same
+    for every turn of that conversation, so its hash picks the same backend.
+    """
+    m = _OPEN.match(body)
+    if m is None or m.group(1):
+        return b""
+    i = m.end()
+    wanted = _wanted((key,))
+    while True:
+        km = _KEY.match(body, i) or _KEY_ESCAPED.match(body, i)
+        if km is None:
+            return b""
+        raw_key = km.group(1)
+        i = km.end()
+        if i >= len(body):
+            return b""
+        c = body[i]
+        hit = _match_key(raw_key, wanted) is not None
+        if c == 0x5B and hit:  # '[': the array we want
+            j = i + 1
+            while j < len(body) and body[j] in b" \t\r\n":
+                j += 1
+            if j >= len(body) or body[j] == 0x5D:
+                return b""
+            if body[j] in (0x7B, 0x5B):
+                return body[j : _skip_container(body, j)]
+            if body[j] == _QUOTE:
+                return body[j : _string_end(body, j + 1) + 1]
+            return b""
+        if c == _QUOTE:
+            i = _string_end(body, i + 1) + 1
+        elif c in (0x7B, 0x5B):
+            i = _skip_container(body, i)
+        else:
+            sm = _SCALAR.match(body, i)
+            if sm is None:
+                return b""
+            i = sm.end()
+        sep = _SEP.match(body, i)
+        if sep is None or sep.group(1) == b"}":
+            return b""
+        i = sep.end()

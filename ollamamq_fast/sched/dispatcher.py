@@ -78,7 +78,7 @@ class Dispatcher:
             return
         if not self.queue and not self.retry_line:
             # Nobody is waiting, so this request is next in fair order anyway.
-            backend = fleet.pick(model, native, ex.user)
+            backend = fleet.pick(model, native, ex.affinity)
             if backend is not None:
                 self.dispatched += 1
                 ex.start(backend, slotted=True)
@@ -136,7 +136,7 @@ class Dispatcher:
         ex: Exchange = payload  # type: ignore[assignment]
         route = ex.route
         assert route is not None
-        backend = self.fleet.pick(ex.model, route.native, ex.user)
+        backend = self.fleet.pick(ex.model, route.native, ex.affinity)
         ex.chosen = backend
         return backend is not None
 
