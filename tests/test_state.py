@@ -393,12 +393,13 @@ def test_sqlite_never_blocks_the_event_loop(tmp_path: Path) -> None:
             write = asyncio.ensure_future(
                 store.put_user(UserSettings("alice", vip=True))
             )
-            ticks = 0
+            # The write now waits up to BUSY_TIMEOUT_MS for the lock; on the loop's
+            # thread that would freeze these 20 short sleeps for seconds.
+            start = time.monotonic()
             for _ in range(20):
                 await asyncio.sleep(0.01)
-                ticks += 1
-            assert not write.done()  # still waiting for the lock, yet we ticked
-            assert ticks == 20
+            assert time.monotonic() - start < 1.0
+            assert not write.done()  # still waiting for the lock, on its own thread
             other.execute("COMMIT")
             await asyncio.wait_for(write, 5)
             assert (await store.load_all()).users == [UserSettings("alice", vip=True)]
@@ -610,6 +611,32 @@ def test_cache_usage_aggregates_and_flushes_deltas(make_store: StoreFactory) -> 
             ]
         finally:
             await store.close()
+
+    run(body())
+
+
+def test_cache_usage_rolls_over_at_utc_midnight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    midnight = 1704067200.0  # 2024-01-01T00:00:00Z
+
+    async def body() -> None:
+        cache = StateCache(SQLiteStore(str(tmp_path / "state.db")), flush_interval=60)
+        await cache.start()
+        try:
+            monkeypatch.setattr(time, "time", lambda: midnight - 1)
+            cache.add_usage("alice", "m", 1, 1)
+            monkeypatch.setattr(time, "time", lambda: midnight + 1)
+            cache.add_usage("alice", "m", 2, 2)
+            monkeypatch.undo()
+            await cache.flush()
+            assert await cache.store.usage() == [
+                Usage("alice", "m", "2023-12-31", 1, 1, 1),
+                Usage("alice", "m", "2024-01-01", 1, 2, 2),
+            ]
+        finally:
+            monkeypatch.undo()
+            await cache.stop()
 
     run(body())
 

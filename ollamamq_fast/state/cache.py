@@ -94,6 +94,9 @@ class StateCache(StateView):
         self._replay = dict(self._pending)
         try:
             snapshot = await self.store.load_all()
+        except BaseException:
+            await self.store.close()
+            raise
         finally:
             replay, self._replay = self._replay, None
         self._install(snapshot, set(TOPICS))
