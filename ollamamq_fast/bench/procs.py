@@ -238,7 +238,7 @@ class ProcessSet:
         # The admin (control-plane) port gets a free port too: its default
         # would collide with any other gateway running on this machine.
         args = [
-            "serve", "--no-tui", "-H", "127.0.0.1", "-p", str(port),
+            "serve", "--no-tui", "--state", "", "--no-access-log", "-H", "127.0.0.1", "-p", str(port),
             "-o", ",".join(b.url for b in backends), "--slots", str(slots),
             "--admin-port", str(free_port()), *(extra or []),
         ]
