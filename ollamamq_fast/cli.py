@@ -140,6 +140,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="users served on every second dispatch ahead of the normal ring")
     p.add_argument("--weight", default=None, metavar="USER=N[,...]",
                    help="users that get N turns per round instead of 1")
+    p.add_argument("--state", default="ollamamq.db", metavar="PATH",
+                   help="SQLite file keeping keys, users, blocks and runtime backends across "
+                        "restarts; '' = memory only (default ollamamq.db)")
+    p.add_argument("--redis", default=None, metavar="URL",
+                   help="share state with other replicas through this Redis "
+                        "(env REDIS_URL; replaces --state)")
     p.add_argument("--auth", choices=["off", "keys"], default=None,
                    help="off: the user is X-User-ID, else the client address; keys: an API key "
                         "(Authorization: Bearer or X-API-Key) is required and decides the user "
@@ -155,6 +161,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-file", default="ollamamq.log", metavar="PATH",
                    help="access and event log file, rotated at 20 MB, 5 kept; '' = none "
                         "(default ollamamq.log; with --no-tui access lines also go to stderr)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="write no access lines (file or stderr), e.g. for benchmarks")
     p.add_argument("--log-format", choices=["json", "logfmt"], default="json",
                    help="access log line format (default json)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -193,8 +201,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"TIMEOUT: {exc}") from None
     settings.tui = not args.no_tui
-    settings.log_file = args.log_file or None
-    settings.log_stderr = args.no_tui
+    settings.log_file = None if args.no_access_log else (args.log_file or None)
+    settings.log_stderr = args.no_tui and not args.no_access_log
     settings.log_format = args.log_format
     settings.config_path = args.config
     if args.allow_all_routes:
@@ -212,6 +220,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         settings.boost_users.extend(_users(args.boost))
     if args.weight:
         settings.user_weights.update(parse_weights(args.weight))
+    settings.state_path = args.state or None
+    settings.redis_url = args.redis or env_default(("REDIS_URL",))
     if args.auth is not None:
         settings.auth = args.auth
     if args.trusted_proxies:

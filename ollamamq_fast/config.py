@@ -114,6 +114,9 @@ class Settings:
     log_format: str = "json"
     # The TOML file the settings came from, re-read on SIGHUP.
     config_path: str | None = None
+    # Persistent state: SQLite file (None = in memory only) or a shared Redis.
+    state_path: str | None = None
+    redis_url: str | None = None
     # Identity: "off" (X-User-ID, else address) or "keys" (API key required).
     auth: str = "off"
     # Proxies whose X-Forwarded-For is believed for the client address.

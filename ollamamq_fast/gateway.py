@@ -25,6 +25,8 @@ from ollamamq_fast.accesslog import AccessLog
 from ollamamq_fast.operator import Operator
 from ollamamq_fast.policy.identity import Identity
 from ollamamq_fast.sched.dispatcher import Dispatcher
+from ollamamq_fast.state.cache import StateCache
+from ollamamq_fast.state.store import open_store
 from ollamamq_fast.stats import GatewayStats
 
 if TYPE_CHECKING:
@@ -63,10 +65,11 @@ class GatewayState:
         )
         self.passive = PassiveHealth(loop, self.dispatcher.pump)
         self.local = LocalRoutes(self)
-        self.operator = Operator(self)
+        self.cache = StateCache(open_store(settings.state_path or ":memory:", settings.redis_url))
+        self.operator = Operator(self, self.cache)
         self.access = AccessLog(settings.log_file, settings.log_stderr, settings.log_format)
         self.identity = Identity(settings.auth, settings.trusted_proxies,
-                                 self.operator.keys_by_digest.get)
+                                 self.cache.key_by_digest)
         self.connections: set[ClientProtocol] = set()
         self.stats = GatewayStats()
         self.started_at = time.monotonic()
@@ -149,6 +152,8 @@ class Gateway:
         state = GatewayState(settings, loop)
         self.state = state
         state.access.start()
+        await state.cache.start()
+        state.operator.restore()
         await state.health.start()
         self.server = await loop.create_server(
             lambda: ClientProtocol(state),
@@ -285,6 +290,7 @@ class Gateway:
                     b.pool.close_all()
             await state.health.close()
             state.access.stop()
+            await state.cache.stop()
         if self.reaper is not None:
             self.reaper.cancel()
         if self.server is not None:

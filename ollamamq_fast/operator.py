@@ -8,12 +8,14 @@ then announced on the event bus. Runs on the gateway's event loop.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
 import blake3
+
+from ollamamq_fast.state.cache import StateCache
+from ollamamq_fast.state.records import BackendRecord, KeyRecord, UserSettings
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
@@ -55,17 +57,50 @@ def key_digest(secret: str) -> str:
 
 
 class Operator:
-    """Operator actions and read models over a running gateway's state."""
+    """Operator actions and read models over a running gateway's state.
 
-    def __init__(self, state: "GatewayState") -> None:
+    Keys, user settings, blocks and runtime-added backends live in the
+    StateCache (persisted by its store, shared across replicas with Redis);
+    the fair queue and the fleet get the same settings applied live.
+    """
+
+    def __init__(self, state: "GatewayState", cache: StateCache) -> None:
         self.state = state
+        self.cache = cache
         self.events = EventBus()
-        self.blocked_users: set[str] = set()
-        self.blocked_ips: set[str] = set()
-        self._blocked_nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        # key_id -> record dict (digest, user, name, created_at, revoked, trusted)
-        self.keys: dict[str, dict[str, Any]] = {}
-        self.keys_by_digest: dict[str, dict[str, Any]] = {}
+        cache.on_change = self._changed_elsewhere
+
+    def restore(self) -> None:
+        """Apply what the store remembers (at start, after the cache has loaded)."""
+        self._apply_users()
+        self._apply_backends()
+
+    def _changed_elsewhere(self, topic: str) -> None:
+        # Another replica changed something; keys and blocks are read through
+        # the cache, users and backends must be applied to the live parts.
+        if topic == "users":
+            self._apply_users()
+        elif topic == "backends":
+            self._apply_backends()
+        self.events.publish("state_reloaded", topic=topic)
+
+    def _apply_users(self) -> None:
+        queue = self.state.dispatcher.queue
+        for s in list(self.cache.users.values()):
+            queue.set_vip(s.user, s.vip)
+            queue.set_boost(s.user, s.boost)
+            queue.set_weight(s.user, max(1, int(s.weight)))
+        self.state.dispatcher.pump()
+
+    def _apply_backends(self) -> None:
+        fleet = self.state.fleet
+        for rec in list(self.cache.backends.values()):
+            backend = fleet.find(rec.url)
+            if backend is None:
+                self.state.add_backend(rec.url, rec.slots)
+            elif rec.slots is not None and backend.slots != rec.slots:
+                backend.slots = rec.slots
+        self.state.dispatcher.pump()
 
     # -- Backends -----------------------------------------------------------
 
@@ -80,16 +115,18 @@ class Operator:
         return backend
 
     def add_backend(self, url: str, slots: int | None = None) -> dict[str, Any]:
-        """Add a backend at runtime (serves traffic after its first probe)."""
+        """Add a backend at runtime (serves traffic after its first probe); persisted."""
         if self.state.fleet.find(url) is not None:
             raise ValueError(f"backend {url} already exists")
         backend = self.state.add_backend(url, slots)
+        self.cache.put_backend(BackendRecord(backend.name, slots))
         self.events.publish("backend_added", backend=backend.snapshot())
         return backend.snapshot()
 
     def remove_backend(self, url: str) -> None:
         """Remove a backend; requests running on it finish."""
         backend = self.state.remove_backend(url)
+        self.cache.delete_backend(backend.name)
         self.events.publish("backend_removed", url=backend.name)
 
     def set_draining(self, url: str, on: bool) -> dict[str, Any]:
@@ -104,6 +141,8 @@ class Operator:
             raise ValueError("slots must be at least 1")
         backend = self._backend(url)
         backend.slots = slots
+        if backend.name in self.cache.backends:
+            self.cache.put_backend(BackendRecord(backend.name, slots))
         self.state.dispatcher.pump()
         self.events.publish("backend_changed", backend=backend.snapshot())
         return backend.snapshot()
@@ -114,14 +153,15 @@ class Operator:
         """Users seen or configured, with traffic counters and fair-share settings."""
         queue = self.state.dispatcher.queue
         stats = self.state.stats.users
-        names = set(stats) | self.blocked_users
+        blocked = self.cache.blocked_users
+        names = set(stats) | set(blocked) | set(self.cache.users)
         out = []
         for name in sorted(names):
             row: dict[str, Any] = stats[name].snapshot() if name in stats else {"user": name}
             row["vip"] = queue.is_vip(name)
             row["boost"] = queue.is_boost(name)
             row["weight"] = queue.weight(name)
-            row["blocked"] = name in self.blocked_users
+            row["blocked"] = name in blocked
             out.append(row)
         return out
 
@@ -135,6 +175,9 @@ class Operator:
             queue.set_vip(user, vip)
         if boost is not None:
             queue.set_boost(user, boost)
+        old = self.cache.user(user)
+        self.cache.put_user(UserSettings(user, queue.is_vip(user), queue.is_boost(user),
+                                         queue.weight(user), dict(old.limits) if old else {}))
         self.state.dispatcher.pump()
         row = {"user": user, "vip": queue.is_vip(user), "boost": queue.is_boost(user),
                "weight": queue.weight(user)}
@@ -145,70 +188,49 @@ class Operator:
 
     def block_user(self, user: str, on: bool) -> None:
         """Block (403 at arrival and dispatch) or unblock a user."""
-        if on:
-            self.blocked_users.add(user)
-        else:
-            self.blocked_users.discard(user)
+        self.cache.set_blocked_user(user, on)
         self.events.publish("user_blocked" if on else "user_unblocked", user=user)
 
     def block_ip(self, ip: str, on: bool) -> None:
-        """Block or unblock an address or a CIDR range."""
-        net = ipaddress.ip_network(ip, strict=False)
-        text = str(net) if net.num_addresses > 1 else str(net.network_address)
-        if on:
-            self.blocked_ips.add(text)
-        else:
-            self.blocked_ips.discard(text)
-        self._blocked_nets = [ipaddress.ip_network(n, strict=False) for n in self.blocked_ips
-                              if "/" in n]
-        self.events.publish("ip_blocked" if on else "ip_unblocked", ip=text)
+        """Block or unblock an address or a CIDR range (ValueError if neither)."""
+        self.cache.set_blocked_ip(ip, on)
+        self.events.publish("ip_blocked" if on else "ip_unblocked", ip=ip)
 
     def is_blocked(self, user: str, ip: str) -> bool:
         """Whether a request from this user / address must be refused (hot path)."""
-        if not self.blocked_users and not self.blocked_ips:
-            return False
-        if user in self.blocked_users or ip in self.blocked_ips:
-            return True
-        if self._blocked_nets:
-            try:
-                addr = ipaddress.ip_address(ip)
-            except ValueError:
-                return False
-            return any(addr in net for net in self._blocked_nets)
-        return False
+        cache = self.cache
+        return cache.is_blocked_user(user) or cache.is_blocked_ip(ip)
 
     def list_blocked(self) -> dict[str, list[str]]:
         """Blocked users and IPs."""
-        return {"users": sorted(self.blocked_users), "ips": sorted(self.blocked_ips)}
+        return {"users": sorted(self.cache.blocked_users), "ips": sorted(self.cache.blocked_ips)}
 
     # -- API keys ---------------------------------------------------------------
 
     def create_key(self, user: str, name: str = "", trusted: bool = False) -> dict[str, Any]:
         """Create a key for `user`; the secret is in the answer and nowhere else."""
         secret = "omq-" + secrets.token_urlsafe(32)
-        key_id = secrets.token_hex(6)
-        record = {"key_id": key_id, "digest": key_digest(secret), "user": user, "name": name,
-                  "created_at": time.time(), "revoked": False, "trusted": trusted}
-        self.keys[key_id] = record
-        self.keys_by_digest[record["digest"]] = record
-        self.events.publish("key_created", key_id=key_id, user=user)
+        record = KeyRecord(secrets.token_hex(6), key_digest(secret), user, name, time.time(),
+                           False, trusted)
+        self.cache.put_key(record)
+        self.events.publish("key_created", key_id=record.key_id, user=user)
         return {**self._public(record), "secret": secret}
 
     def list_keys(self) -> list[dict[str, Any]]:
         """Keys without their digests."""
-        return [self._public(r) for r in self.keys.values()]
+        return [self._public(r) for r in self.cache.keys.values()]
 
     def revoke_key(self, key_id: str) -> None:
         """Revoke a key: requests with it get 401 from now on."""
-        record = self.keys.get(key_id)
-        if record is None:
+        if not self.cache.revoke_key(key_id):
             raise KeyError(f"no key {key_id}")
-        record["revoked"] = True
         self.events.publish("key_revoked", key_id=key_id)
 
     @staticmethod
-    def _public(record: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in record.items() if k != "digest"}
+    def _public(record: KeyRecord) -> dict[str, Any]:
+        return {"key_id": record.key_id, "user": record.user, "name": record.name,
+                "created_at": record.created_at, "revoked": record.revoked,
+                "trusted": record.trusted}
 
     # -- Snapshots -------------------------------------------------------------
 

@@ -110,7 +110,7 @@ def main() -> int:
         procs.append(subprocess.Popen([py, "-m", "ollamamq_fast", "sim", "-p", str(sim_port),
                                        *sim_args], stdout=subprocess.DEVNULL))
         wait_http(f"http://127.0.0.1:{sim_port}/api/version")
-        gw = subprocess.Popen([py, "-m", "ollamamq_fast", "serve", "--no-tui", "-p", str(gw_port),
+        gw = subprocess.Popen([py, "-m", "ollamamq_fast", "serve", "--no-tui", "--state", "", "--no-access-log", "-p", str(gw_port),
                                "-o", f"127.0.0.1:{sim_port}", "--slots", str(args.slots),
                                "--log-level", "warning"], stderr=subprocess.DEVNULL)
         procs.append(gw)

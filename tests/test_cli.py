@@ -94,7 +94,7 @@ def test_help_lists_every_option_with_defaults() -> None:
 
 def test_serve_with_sim_answers_and_stops_on_sigterm() -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--sim", "--no-tui",
+    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--sim", "--no-tui", "--state", "", "--log-file", "",
                              "-p", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 15
@@ -140,7 +140,7 @@ def test_toml_config_and_sighup_reload(tmp_path) -> None:  # type: ignore[no-unt
     cfg = tmp_path / "gw.toml"
     cfg.write_text(f'slots = 2\nbalance = "round-robin"\n[[backends]]\nurl = "{sims[0].url}"\n'
                    f'slots = 5\n[users]\nvip = ["boss"]\n[users.weights]\ncarol = 3\n')
-    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--no-tui", "-p", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--no-tui", "--state", "", "-p", str(port),
                              "--config", str(cfg), "--log-file", ""],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -190,7 +190,7 @@ def test_sigterm_drains_running_streams() -> None:
     import threading
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--sim", "--no-tui",
+    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--sim", "--no-tui", "--state", "", "--log-file", "",
                              "-p", str(port), "--log-file", ""],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -703,7 +703,7 @@ def test_200mb_blob_upload_is_streamed() -> None:
     sim = lt.run(start_sim(SimOptions(ttft_ms=5.0, tokens_per_s=400.0, tokens=8), "127.0.0.1", 0))
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ollamamq_fast", "serve", "--no-tui", "-p", str(port), "-o", sim.url,
+        [sys.executable, "-m", "ollamamq_fast", "serve", "--no-tui", "--state", "", "--log-file", "", "-p", str(port), "-o", sim.url,
          "--health-interval", "3600", "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )

@@ -17,9 +17,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from collections.abc import Callable
-from typing import Any
 
 from ollamamq_fast.operator import key_digest
+from ollamamq_fast.state.records import KeyRecord
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -38,7 +38,7 @@ class Identity:
     """Resolves users and client addresses for the data plane."""
 
     def __init__(self, mode: str, trusted_proxies: list[Network],
-                 key_lookup: Callable[[str], dict[str, Any] | None]) -> None:
+                 key_lookup: Callable[[str], KeyRecord | None]) -> None:
         self.keys_required = mode == "keys"
         self.trusted_proxies = trusted_proxies
         self.key_lookup = key_lookup
@@ -72,11 +72,9 @@ class Identity:
         if not secret:
             raise AuthError("an API key is required: send Authorization: Bearer <key>")
         digest = key_digest(secret.decode("latin-1"))
-        record = self.key_lookup(digest)
-        if record is None or not hmac.compare_digest(str(record["digest"]), digest):
-            raise AuthError("invalid API key")
-        if record.get("revoked"):
-            raise AuthError("this API key has been revoked")
-        if record.get("trusted") and header_user:
+        record = self.key_lookup(digest)  # None for unknown and for revoked keys
+        if record is None or record.revoked or not hmac.compare_digest(record.digest, digest):
+            raise AuthError("invalid or revoked API key")
+        if record.trusted and header_user:
             return header_user
-        return str(record["user"])
+        return record.user

@@ -579,6 +579,7 @@ class Exchange:
     def _count_tokens(self, conn: "UpstreamConnection") -> None:
         prompt, completion = tokens_in_tail(conn.tail())
         self.prompt_tokens, self.completion_tokens = prompt, completion
+        self.gw.cache.add_usage(self.user, self.model_name, prompt, completion)
         if prompt or completion:
             stats = self.gw.stats
             stats.prompt_tokens += prompt
