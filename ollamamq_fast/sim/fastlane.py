@@ -1,11 +1,13 @@
 """Replay of instant non-stream answers for repeated identical requests.
 
 Benchmarks send the same tiny body again and again (`ttft_ms=0, tokens_per_s=0`).
-Its answer is fully determined by the body except for created_at and the
-durations, so after answering it once the simulator keeps the rendering source
-and replays it: no JSON parsing, validation or planning per request. Everything
-observable stays the same: /api/ps is refreshed (touch), stats.requests counts it,
-max_parallel still applies, and any change to the model set drops the recipes.
+Such an answer is fully determined by the body except for `created_at`, so after
+answering it once the simulator keeps the rendered body split around that
+timestamp and replays it: no JSON parsing, validation, planning or rendering per
+request. What stays observable: /api/ps is refreshed (touch), stats.requests
+counts the request, max_parallel still applies, and any change to the model set
+drops every recipe. The durations are the ones measured for the first answer
+(they are microseconds: nothing is paced in this mode).
 """
 
 from __future__ import annotations
@@ -34,10 +36,14 @@ RecipeKey = tuple[str, bytes, bytes | None]
 class Recipe:
     """Everything needed to answer one known request body again."""
 
-    __slots__ = ("content_type", "entry", "keep_alive", "source", "version")
+    __slots__ = ("after", "before", "content_type", "entry", "keep_alive", "version")
 
-    def __init__(self, source: TokenSource, entry: ModelEntry, keep_alive: float | None, content_type: bytes, version: int) -> None:
-        self.source = source
+    def __init__(
+        self, before: bytes, after: bytes, entry: ModelEntry, keep_alive: float | None, content_type: bytes, version: int
+    ) -> None:
+        # The body is before + created_at + after.
+        self.before = before
+        self.after = after
         self.entry = entry
         self.keep_alive = keep_alive
         self.content_type = content_type
@@ -63,7 +69,7 @@ class FastLane:
         return (req.path, body, headers.get(TOKENS_HEADER) if headers else None)
 
     def remember(self, ex: Exchange, source: TokenSource, entry: ModelEntry, keep_alive: float | None, content_type: bytes) -> None:
-        """Called after an instant non-stream answer: keep how to render it."""
+        """Called for an instant non-stream native answer, before it is sent: keep its rendering."""
         if ex.faults is not None or ex.head_only:
             return
         key = self.key(ex.req)
@@ -71,7 +77,9 @@ class FastLane:
             return
         if len(self.recipes) >= MAX_RECIPES:
             self.recipes.clear()
-        self.recipes[key] = Recipe(source, entry, keep_alive, content_type, self.app.store.version)
+        source.first = time.perf_counter()
+        before, after = source.whole_parts()
+        self.recipes[key] = Recipe(before, after, entry, keep_alive, content_type, self.app.store.version)
 
     def try_answer(self, conn: SimProtocol, req: Request) -> bool:
         """Answer `req` from a recipe if one applies; False means take the normal path."""
@@ -86,15 +94,13 @@ class FastLane:
         if limit and app.stats.active >= limit:
             return False
         app.store.touch(recipe.entry, recipe.keep_alive)
-        source = recipe.source
-        source.started = source.first = time.perf_counter()
-        body = source.whole()
+        clock = app.clock
+        body = recipe.before + clock.created_at().encode() + recipe.after
         close = not req.keep_alive
-        date = app.clock.http_date()
         if len(body) > wire.GO_CHUNKING_THRESHOLD:
-            data = wire.head(200, date, recipe.content_type, None, close) + wire.frame(body) + wire.LAST_CHUNK
+            data = wire.head(200, clock.http_date(), recipe.content_type, None, close) + wire.frame(body) + wire.LAST_CHUNK
         else:
-            data = wire.head(200, date, recipe.content_type, len(body), close) + body
+            data = wire.head(200, clock.http_date(), recipe.content_type, len(body), close) + body
         conn.write(data)
         if close:
             conn.close()

@@ -161,7 +161,12 @@ class TokenSource:
         raise NotImplementedError
 
     def whole(self) -> bytes:
-        """The stream:false body."""
+        """The stream:false body, stamped now."""
+        before, after = self.whole_parts()
+        return before + self.clock.created_at().encode() + after
+
+    def whole_parts(self) -> tuple[bytes, bytes]:
+        """The stream:false body split around its created_at value (NDJSON sources)."""
         raise NotImplementedError
 
     def error_event(self, message: str) -> bytes:
@@ -196,12 +201,11 @@ class GenerateSource(TokenSource):
         """The done:true line with metrics and context."""
         return self._pre + ts + b'","response":""' + self._done() + b"\n"
 
-    def whole(self) -> bytes:
+    def whole_parts(self) -> tuple[bytes, bytes]:
         """The accumulated answer in one object."""
         plan = self.plan
         thinking = b',"thinking":' + plan.thought_json if plan.thinking else b""
-        ts = self.clock.created_at().encode()
-        return self._pre + ts + b'","response":' + plan.text_json + thinking + self._done()
+        return self._pre, b'","response":' + plan.text_json + thinking + self._done()
 
 
 class ChatSource(TokenSource):
@@ -234,7 +238,7 @@ class ChatSource(TokenSource):
         """The done:true line."""
         return self._pre + ts + b'","message":{"role":"assistant","content":""' + self._done() + b"\n"
 
-    def whole(self) -> bytes:
+    def whole_parts(self) -> tuple[bytes, bytes]:
         """The accumulated message in one object."""
         plan = self.plan
         extra = b""
@@ -242,8 +246,7 @@ class ChatSource(TokenSource):
             extra += b',"thinking":' + plan.thought_json
         if plan.tool_calls:
             extra += b',"tool_calls":' + dumps(plan.tool_calls)
-        ts = self.clock.created_at().encode()
-        return self._pre + ts + b'","message":{"role":"assistant","content":' + plan.text_json + extra + self._done()
+        return self._pre, b'","message":{"role":"assistant","content":' + plan.text_json + extra + self._done()
 
 
 def _sse_error(message: str) -> bytes:
