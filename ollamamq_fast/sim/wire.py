@@ -102,7 +102,7 @@ def head(status: int, date: bytes, content_type: bytes | None, length: int | Non
         key = (status, content_type, close)
         pieces = _LENGTH_HEADS.get(key)
         if pieces is None:
-            pieces = _LENGTH_HEADS[key] = _length_head_pieces(status, content_type, close)
+            pieces = _LENGTH_HEADS[key] = length_head_pieces(status, content_type, close)
         return pieces[0] + b"%d" % length + pieces[1] + date + b"\r\n\r\n"
     parts = [status_line(status)]
     if close:
@@ -120,7 +120,7 @@ def head(status: int, date: bytes, content_type: bytes | None, length: int | Non
     return b"".join(parts)
 
 
-def _length_head_pieces(status: int, content_type: bytes | None, close: bool) -> tuple[bytes, bytes]:
+def length_head_pieces(status: int, content_type: bytes | None, close: bool) -> tuple[bytes, bytes]:
     """Build the cached halves of a Content-Length head (Go's alphabetical header order)."""
     first = status_line(status) + (b"Connection: close\r\n" if close else b"") + b"Content-Length: "
     second = b"\r\n" + (b"Content-Type: " + content_type + b"\r\n" if content_type is not None else b"") + b"Date: "
