@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 DEFAULT_PORT = 11435
 DEFAULT_ADMIN_PORT = 11436
 DEFAULT_HOST = "127.0.0.1"
+# The admin API changes the gateway: loopback only unless the operator says otherwise.
+DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_BACKEND = "http://localhost:11434"
 # Seconds of silence allowed from a backend. Not a cap on a long stream: a model
 # load or a pull can be silent for minutes (PROTOCOL.md §7.24).
@@ -90,7 +92,13 @@ class Settings:
     allow_all_routes: bool = False
     slots: int = 1
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
+    # Control plane: -1 disables it, 0 picks a free port (Gateway.admin_port).
     admin_port: int = DEFAULT_ADMIN_PORT
+    admin_host: str = DEFAULT_ADMIN_HOST
+    # Admin bearer token; None = generate one at start and print it once.
+    admin_token: str | None = None
+    # Serve /metrics without the admin token (for Prometheus scrapers).
+    metrics_public: bool = False
     health_interval: float = 10.0
     # Consecutive failed probes before a backend is offline, good ones before it returns.
     health_fail_threshold: int = 2
@@ -146,6 +154,8 @@ _TOML_SCALARS: dict[str, tuple[str, type]] = {
     "allow_all_routes": ("allow_all_routes", bool),
     "slots": ("slots", int),
     "admin_port": ("admin_port", int),
+    "admin_host": ("admin_host", str),
+    "metrics_public": ("metrics_public", bool),
     "health_interval": ("health_interval", float),
     "health_fail_threshold": ("health_fail_threshold", int),
     "health_ok_threshold": ("health_ok_threshold", int),

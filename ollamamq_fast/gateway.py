@@ -22,6 +22,7 @@ from ollamamq_fast.proxy.exchange import State
 from ollamamq_fast.proxy.local import LocalRoutes
 from ollamamq_fast.proxy.upstream import UpstreamPool
 from ollamamq_fast.accesslog import AccessLog
+from ollamamq_fast.control.server import AdminServer
 from ollamamq_fast.operator import Operator
 from ollamamq_fast.policy.identity import Identity
 from ollamamq_fast.sched.dispatcher import Dispatcher
@@ -125,6 +126,7 @@ class Gateway:
         self.server: asyncio.AbstractServer | None = None
         self.sim: SimServer | None = None
         self.reaper: asyncio.TimerHandle | None = None
+        self.admin: AdminServer | None = None
         self.stopped = asyncio.Event()
         self._last_tick = (0, 0)
 
@@ -134,6 +136,11 @@ class Gateway:
         assert self.server is not None
         sock = self.server.sockets[0]
         return int(sock.getsockname()[1])
+
+    @property
+    def admin_port(self) -> int | None:
+        """The bound control-plane port; None when disabled or its port was busy."""
+        return self.admin.port if self.admin is not None else None
 
     async def start(self) -> None:
         """Probe the fleet once, then listen."""
@@ -163,6 +170,8 @@ class Gateway:
             reuse_address=True,
         )
         self.reaper = loop.call_later(TICK_S, self._tick)
+        self.admin = AdminServer(state, settings)
+        await self.admin.start()
 
     def _tick(self) -> None:
         state = self.state
@@ -282,6 +291,8 @@ class Gateway:
             deadline = time.monotonic() + grace
             while state.in_flight() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            if self.admin is not None:
+                await self.admin.stop()
             for conn in list(state.connections):
                 if conn.transport is not None:
                     conn.transport.close()

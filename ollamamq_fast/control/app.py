@@ -1,0 +1,294 @@
+"""The control-plane RSGI application: admin REST API, /metrics, events, OpenAPI.
+
+Served by granian's embedded server on the gateway's own event loop, so every
+handler reads and changes live state directly, through the Operator facade,
+without locks. Handlers are short and never block: the slowest is a metrics
+scrape, a pass over the counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ollamamq_fast.config import ConfigError, parse_backend_url
+from ollamamq_fast.control.auth import AdminAuth
+from ollamamq_fast.control.events import EventStreams
+from ollamamq_fast.control.http import (
+    ApiError,
+    Request,
+    Response,
+    Route,
+    Router,
+    bool_field,
+    check_fields,
+    error_response,
+    int_field,
+    ip_or_cidr,
+    json_response,
+    parse_query,
+    str_field,
+)
+from ollamamq_fast.control.metrics import CONTENT_TYPE, Metrics
+from ollamamq_fast.control.openapi import build_openapi
+
+if TYPE_CHECKING:
+    from ollamamq_fast.gateway import GatewayState
+
+log = logging.getLogger("ollamamq_fast.control")
+
+# Admin requests are small JSON objects; anything bigger is a mistake or abuse.
+MAX_BODY_BYTES = 64 * 1024
+BODY_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
+
+
+class AdminApp:
+    """Routes admin requests to Operator actions; an RSGI application."""
+
+    def __init__(self, state: GatewayState, auth: AdminAuth, metrics_public: bool = False,
+                 streams: EventStreams | None = None) -> None:
+        self.state = state
+        self.operator = state.operator
+        self.auth = auth
+        self.metrics = Metrics(state)
+        self.streams = streams or EventStreams(self.operator.events)
+        self.routes = self._routes(metrics_public)
+        self.router = Router(self.routes)
+        self.openapi = orjson.dumps(build_openapi(metrics_public))
+
+    def _routes(self, metrics_public: bool) -> list[Route]:
+        return [
+            Route("GET", "/api/backends", self.list_backends),
+            Route("POST", "/api/backends", self.add_backend),
+            Route("PATCH", "/api/backends", self.set_slots),
+            Route("DELETE", "/api/backends", self.remove_backend),
+            Route("POST", "/api/backends/drain", self.drain),
+            Route("POST", "/api/backends/undrain", self.undrain),
+            Route("GET", "/api/users", self.list_users),
+            Route("PATCH", "/api/users/{user}", self.set_user),
+            Route("POST", "/api/users/{user}/block", self.block_user),
+            Route("POST", "/api/users/{user}/unblock", self.unblock_user),
+            Route("GET", "/api/blocked", self.list_blocked),
+            Route("POST", "/api/blocked/ips", self.block_ip),
+            Route("DELETE", "/api/blocked/ips", self.unblock_ip),
+            Route("GET", "/api/keys", self.list_keys),
+            Route("POST", "/api/keys", self.create_key),
+            Route("DELETE", "/api/keys/{key_id}", self.revoke_key),
+            Route("GET", "/api/stats", self.stats),
+            Route("GET", "/api/events", self.events),
+            Route("GET", "/metrics", self.prometheus, public=metrics_public),
+            Route("GET", "/openapi.json", self.openapi_document),
+        ]
+
+    # -- RSGI interface -------------------------------------------------------
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        """Called by granian for every request on the admin port."""
+        try:
+            response = await self._handle(scope, proto)
+        except ApiError as err:
+            response = error_response(err)
+        except Exception:  # a bug in one handler must not take the admin port down
+            log.exception("admin request %s %s failed", scope.method, scope.path)
+            response = error_response(ApiError(500, "internal error (see the gateway log)"))
+        if response is not None:
+            proto.response_bytes(response.status, response.headers, response.body)
+
+    async def _handle(self, scope: Any, proto: Any) -> Response | None:
+        method = scope.method.upper()
+        authorized = self.auth.check(scope.headers.get("authorization"))
+        try:
+            route, params = self.router.match(method, scope.path)
+        except ApiError:
+            # Without the token a client learns nothing, not even which paths exist.
+            if not authorized:
+                raise _unauthorized() from None
+            raise
+        if not (authorized or route.public):
+            raise _unauthorized()
+        body = await _read_body(scope, proto) if method in BODY_METHODS else b""
+        request = Request(method, scope.path, params, parse_query(scope.query_string), body,
+                          proto)
+        return await route.handler(request)
+
+    # -- Backends -------------------------------------------------------------
+
+    async def list_backends(self, req: Request) -> Response:
+        """GET /api/backends: every backend with its live state."""
+        return json_response({"backends": self.operator.list_backends()})
+
+    async def add_backend(self, req: Request) -> Response:
+        """POST /api/backends {url, slots?}: add a backend at runtime."""
+        data = req.json()
+        check_fields(data, {"url", "slots"}, {"url"})
+        url = _backend_url(str_field(data, "url") or "")
+        slots = int_field(data, "slots")
+        if any(b["url"] == url for b in self.operator.list_backends()):
+            raise ApiError(409, f"backend {url} already exists")
+        return json_response(self.operator.add_backend(url, slots), 201)
+
+    async def remove_backend(self, req: Request) -> Response:
+        """DELETE /api/backends?url=: remove a backend (running requests finish)."""
+        url = _backend_url(req.query_one("url"))
+        try:
+            self.operator.remove_backend(url)
+        except KeyError:
+            raise ApiError(404, f"no backend {url}") from None
+        return json_response({"removed": url})
+
+    async def set_slots(self, req: Request) -> Response:
+        """PATCH /api/backends {url, slots}: change a backend's concurrency."""
+        data = req.json()
+        check_fields(data, {"url", "slots"}, {"url", "slots"})
+        url = _backend_url(str_field(data, "url") or "")
+        slots = int_field(data, "slots")
+        assert slots is not None  # required above
+        try:
+            return json_response(self.operator.set_slots(url, slots))
+        except KeyError:
+            raise ApiError(404, f"no backend {url}") from None
+
+    async def drain(self, req: Request) -> Response:
+        """POST /api/backends/drain {url}: no new requests to the backend."""
+        return self._set_draining(req, True)
+
+    async def undrain(self, req: Request) -> Response:
+        """POST /api/backends/undrain {url}: the backend takes requests again."""
+        return self._set_draining(req, False)
+
+    def _set_draining(self, req: Request, on: bool) -> Response:
+        data = req.json()
+        check_fields(data, {"url"}, {"url"})
+        url = _backend_url(str_field(data, "url") or "")
+        try:
+            return json_response(self.operator.set_draining(url, on))
+        except KeyError:
+            raise ApiError(404, f"no backend {url}") from None
+
+    # -- Users ----------------------------------------------------------------
+
+    async def list_users(self, req: Request) -> Response:
+        """GET /api/users: users with counters and fair-share settings."""
+        return json_response({"users": self.operator.list_users()})
+
+    async def set_user(self, req: Request) -> Response:
+        """PATCH /api/users/{user} {vip?, boost?, weight?}: fair-share settings."""
+        data = req.json()
+        check_fields(data, {"vip", "boost", "weight"})
+        if not data:
+            raise ApiError(400, "nothing to change: give vip, boost and/or weight")
+        vip, boost = bool_field(data, "vip"), bool_field(data, "boost")
+        weight = int_field(data, "weight")
+        return json_response(self.operator.set_user(req.params["user"], vip, boost, weight))
+
+    async def block_user(self, req: Request) -> Response:
+        """POST /api/users/{user}/block: refuse the user's requests with 403."""
+        self.operator.block_user(req.params["user"], True)
+        return json_response({"user": req.params["user"], "blocked": True})
+
+    async def unblock_user(self, req: Request) -> Response:
+        """POST /api/users/{user}/unblock: accept the user's requests again."""
+        self.operator.block_user(req.params["user"], False)
+        return json_response({"user": req.params["user"], "blocked": False})
+
+    # -- Blocklist ------------------------------------------------------------
+
+    async def list_blocked(self, req: Request) -> Response:
+        """GET /api/blocked: blocked users and addresses."""
+        return json_response(self.operator.list_blocked())
+
+    async def block_ip(self, req: Request) -> Response:
+        """POST /api/blocked/ips {ip}: block an address or CIDR range."""
+        data = req.json()
+        check_fields(data, {"ip"}, {"ip"})
+        ip = ip_or_cidr(str_field(data, "ip") or "")
+        self._block_ip(ip, True)
+        return json_response(self.operator.list_blocked())
+
+    async def unblock_ip(self, req: Request) -> Response:
+        """DELETE /api/blocked/ips?ip=: unblock an address or range (idempotent)."""
+        ip = ip_or_cidr(req.query_one("ip"))
+        self._block_ip(ip, False)
+        return json_response(self.operator.list_blocked())
+
+    def _block_ip(self, ip: str, on: bool) -> None:
+        try:
+            self.operator.block_ip(ip, on)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    # -- API keys -------------------------------------------------------------
+
+    async def list_keys(self, req: Request) -> Response:
+        """GET /api/keys: key records, never the secrets or their digests."""
+        return json_response({"keys": self.operator.list_keys()})
+
+    async def create_key(self, req: Request) -> Response:
+        """POST /api/keys {user, name?, trusted?}: a new key; the secret is shown once."""
+        data = req.json()
+        check_fields(data, {"user", "name", "trusted"}, {"user"})
+        user = str_field(data, "user") or ""
+        name = data.get("name", "")
+        if not isinstance(name, str):
+            raise ApiError(400, "'name' must be a string")
+        trusted = bool_field(data, "trusted") or False
+        return json_response(self.operator.create_key(user, name, trusted), 201)
+
+    async def revoke_key(self, req: Request) -> Response:
+        """DELETE /api/keys/{key_id}: requests with the key get 401 from now on."""
+        key_id = req.params["key_id"]
+        try:
+            self.operator.revoke_key(key_id)
+        except KeyError:
+            raise ApiError(404, f"no key {key_id}") from None
+        return json_response({"key_id": key_id, "revoked": True})
+
+    # -- Read models ----------------------------------------------------------
+
+    async def stats(self, req: Request) -> Response:
+        """GET /api/stats: gateway-wide numbers."""
+        return json_response(self.operator.stats_snapshot())
+
+    async def events(self, req: Request) -> None:
+        """GET /api/events: the event bus as Server-Sent Events (streamed here)."""
+        await self.streams.serve(req.proto)
+
+    async def prometheus(self, req: Request) -> Response:
+        """GET /metrics: Prometheus text exposition."""
+        return Response(200, self.metrics.render(),
+                        [("content-type", CONTENT_TYPE), ("cache-control", "no-store")])
+
+    async def openapi_document(self, req: Request) -> Response:
+        """GET /openapi.json: the OpenAPI 3.1 description of this API."""
+        return Response(200, self.openapi)
+
+
+def _unauthorized() -> ApiError:
+    return ApiError(401, "missing or wrong admin token (Authorization: Bearer <token>)",
+                    [("www-authenticate", 'Bearer realm="ollamamq-fast admin"')])
+
+
+def _backend_url(text: str) -> str:
+    """A backend URL in the normalized form the fleet knows it by (400 if invalid)."""
+    try:
+        return parse_backend_url(text).url
+    except ConfigError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+async def _read_body(scope: Any, proto: Any) -> bytes:
+    """The request body, refused with 413 beyond MAX_BODY_BYTES."""
+    declared = scope.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, "invalid Content-Length")
+        if int(declared) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    body = b""
+    async for chunk in proto:
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    return body

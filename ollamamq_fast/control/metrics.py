@@ -1,0 +1,199 @@
+"""`GET /metrics`: Prometheus exposition rendered from the live counters at scrape time.
+
+Nothing here runs on the data plane's hot path: the proxy only adds to plain
+ints and histogram slots (stats.py), and this collector turns them into
+metric families when Prometheus scrapes. The registry is our own, not
+prometheus-client's global one, so two gateways in one process (tests) never
+share or collide on series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from ollamamq_fast import __version__
+from ollamamq_fast.stats import Histogram, UserStats
+
+if TYPE_CHECKING:
+    from ollamamq_fast.gateway import GatewayState
+
+# Per-user series are exported for at most this many users, the busiest by
+# requests seen. Prometheus keeps every label value it ever scraped as a
+# separate series; one series per user of a large user base (each key, each
+# client address when auth is off) would swamp it. Everyone outside the top
+# is still counted in the gateway-wide series.
+TOP_USERS = 50
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+BREAKER_STATES = ("closed", "open", "half-open")
+
+
+def histogram_family(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
+    """A Prometheus histogram from one of our fixed-bucket histograms.
+
+    Our bucket i counts values <= bounds[i] (bisect_left), which is exactly
+    Prometheus' `le` semantics once the counts are made cumulative.
+    """
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, n in zip(hist.bounds, hist.counts):
+        running += n
+        buckets.append((_le(bound), running))
+    buckets.append(("+Inf", hist.count))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=hist.total)
+
+
+def _le(bound: float) -> str:
+    # Prometheus renders le values as floats ("0.5", "10.0"); keep that spelling
+    # so dashboards built against other exporters match.
+    return repr(float(bound))
+
+
+def user_requests(s: UserStats) -> int:
+    """Requests a user has sent: finished, refused, and still in the gateway."""
+    return s.done + s.dropped + s.rejected + s.queued + s.in_flight
+
+
+def top_users(users: dict[str, UserStats], limit: int = TOP_USERS) -> list[UserStats]:
+    """The `limit` users with the most requests (ties by name, so scrapes are stable)."""
+    ranked = sorted(users.values(), key=lambda s: (-user_requests(s), s.user))
+    return ranked[:limit]
+
+
+class GatewayCollector(Collector):
+    """Reads the gateway's counters and fleet state on every scrape."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: the series depend on live backends and users."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """All metric families, built from one pass over the current state."""
+        state = self.state
+        stats = state.stats
+        snapshot = state.operator.stats_snapshot()
+        yield from self._gateway(snapshot, stats)
+        yield from self._backends(snapshot["backends"])
+        yield from self._users(stats.users)
+
+    def _gateway(self, snapshot: dict[str, Any], stats: Any) -> Iterator[Metric]:
+        info = InfoMetricFamily("ollamamq", "Gateway build information.")
+        info.add_metric([], {"version": __version__})
+        yield info
+        yield GaugeMetricFamily("ollamamq_uptime_seconds", "Seconds since the gateway started.",
+                                value=snapshot["uptime_s"])
+        requests = CounterMetricFamily(
+            "ollamamq_requests",
+            "Responses sent, by route, status and backend ('' when no backend was involved).",
+            labels=["route", "status", "backend"])
+        for (route, status, backend), n in sorted(stats.responses.items()):
+            requests.add_metric([route, str(status), backend], n)
+        yield requests
+        yield GaugeMetricFamily("ollamamq_queue_depth", "Requests waiting in the fair queue.",
+                                value=snapshot["queued"])
+        yield GaugeMetricFamily("ollamamq_in_flight", "Queued-route requests running on backends.",
+                                value=snapshot["in_flight"])
+        yield histogram_family("ollamamq_queue_wait_seconds",
+                               "Time from arrival to dispatch to a backend.", stats.queue_wait)
+        yield histogram_family("ollamamq_ttfb_seconds",
+                               "Time from arrival to the backend's first response byte.",
+                               stats.ttfb)
+        yield histogram_family("ollamamq_request_duration_seconds",
+                               "Time from arrival to the end of the response.", stats.latency)
+        for name, doc, value in (
+            ("ollamamq_prompt_tokens", "Prompt (input) tokens reported by backends.",
+             stats.prompt_tokens),
+            ("ollamamq_completion_tokens", "Completion (output) tokens reported by backends.",
+             stats.completion_tokens),
+            ("ollamamq_cancelled", "Requests whose client went away before the end.",
+             stats.cancelled),
+            ("ollamamq_failovers",
+             "Requests re-dispatched to another backend before the first response byte.",
+             stats.failovers),
+            ("ollamamq_rejected",
+             "Requests refused by admission (queue full, queue timeout, blocked).",
+             stats.rejected),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("ollamamq_users_tracked", "Users with live counters.",
+                                value=len(stats.users))
+
+    def _backends(self, backends: list[dict[str, Any]]) -> Iterator[Metric]:
+        up = GaugeMetricFamily("ollamamq_backend_up", "1 if the backend passes health probes.",
+                               labels=["backend"])
+        draining = GaugeMetricFamily("ollamamq_backend_draining",
+                                     "1 if the backend takes no new requests.", labels=["backend"])
+        breaker = GaugeMetricFamily("ollamamq_backend_breaker",
+                                    "Circuit-breaker state: 1 for the current state.",
+                                    labels=["backend", "state"])
+        slots = GaugeMetricFamily("ollamamq_backend_slots",
+                                  "Requests the backend may run at once.", labels=["backend"])
+        in_flight = GaugeMetricFamily("ollamamq_backend_in_flight",
+                                      "Queued-route requests running on the backend.",
+                                      labels=["backend"])
+        done = CounterMetricFamily("ollamamq_backend_requests",
+                                   "Requests the backend finished.", labels=["backend"])
+        failures = CounterMetricFamily("ollamamq_backend_failures",
+                                       "Failed requests and probes on the backend.",
+                                       labels=["backend"])
+        for b in backends:
+            url = b["url"]
+            up.add_metric([url], 1 if b["online"] else 0)
+            draining.add_metric([url], 1 if b["draining"] else 0)
+            for st in BREAKER_STATES:
+                breaker.add_metric([url, st], 1 if b["breaker"] == st else 0)
+            slots.add_metric([url], b["slots"])
+            in_flight.add_metric([url], b["in_flight"])
+            done.add_metric([url], b["requests_done"])
+            failures.add_metric([url], b["failures"])
+        yield from (up, draining, breaker, slots, in_flight, done, failures)
+
+    def _users(self, users: dict[str, UserStats]) -> Iterator[Metric]:
+        help_suffix = f" (the {TOP_USERS} busiest users only)"
+        requests = CounterMetricFamily("ollamamq_user_requests",
+                                       "Requests finished for the user" + help_suffix,
+                                       labels=["user"])
+        refused = CounterMetricFamily("ollamamq_user_refused",
+                                      "Requests of the user rejected or dropped" + help_suffix,
+                                      labels=["user"])
+        queued = GaugeMetricFamily("ollamamq_user_queued",
+                                   "Requests of the user waiting" + help_suffix, labels=["user"])
+        running = GaugeMetricFamily("ollamamq_user_in_flight",
+                                    "Requests of the user running" + help_suffix, labels=["user"])
+        tokens = CounterMetricFamily("ollamamq_user_tokens",
+                                     "Tokens of the user, by direction" + help_suffix,
+                                     labels=["user", "direction"])
+        for s in top_users(users):
+            requests.add_metric([s.user], s.done)
+            refused.add_metric([s.user], s.rejected + s.dropped)
+            queued.add_metric([s.user], s.queued)
+            running.add_metric([s.user], s.in_flight)
+            tokens.add_metric([s.user, "in"], s.prompt_tokens)
+            tokens.add_metric([s.user, "out"], s.completion_tokens)
+        yield from (requests, refused, queued, running, tokens)
+
+
+class Metrics:
+    """A private registry holding the gateway collector."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GatewayCollector(state))
+
+    def render(self) -> bytes:
+        """The text exposition format (version 0.0.4)."""
+        return generate_latest(self.registry)

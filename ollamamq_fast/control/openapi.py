@@ -1,0 +1,255 @@
+"""The OpenAPI 3.1 document of the admin API, served at `/openapi.json`.
+
+Written by hand next to the handlers in app.py; tests/test_admin.py checks
+that every route of the router appears here with the same methods, so the
+two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ollamamq_fast import __version__
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None,
+         closed: bool = False) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = required
+    if closed:
+        # Request bodies: unknown fields are refused with 400.
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _json_body(schema_name: str) -> dict[str, Any]:
+    return {"required": True, "content": {JSON: {"schema": _ref(schema_name)}}}
+
+
+def _ok(schema_name: str, description: str, status: str = "200") -> dict[str, Any]:
+    return {status: {"description": description,
+                     "content": {JSON: {"schema": _ref(schema_name)}}}}
+
+
+_ERRORS = {
+    "400": "Invalid JSON, a missing, unknown or ill-typed field",
+    "401": "Missing or wrong admin token",
+    "404": "No such backend, key or route",
+    "409": "The backend already exists",
+    "413": "Request body over 64 KiB",
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {code: {"description": _ERRORS[code],
+                   "content": {JSON: {"schema": _ref("Error")}}} for code in codes}
+
+
+def _op(summary: str, op_id: str, responses: dict[str, Any], *, body: str | None = None,
+        params: list[dict[str, Any]] | None = None, tag: str = "admin",
+        codes: tuple[str, ...] = ("401",)) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "operationId": op_id, "tags": [tag],
+                          "responses": {**responses, **_errors(*codes)}}
+    if body is not None:
+        op["requestBody"] = _json_body(body)
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _param(name: str, where: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": True, "description": description,
+            "schema": {"type": "string"}}
+
+
+_URL_QUERY = _param("url", "query", "Backend URL (http:// is added when missing)")
+_USER_PATH = _param("user", "path",
+                    "User id, percent-encoded (an id containing '/' cannot be addressed)")
+
+
+def _paths(metrics_public: bool) -> dict[str, Any]:
+    bad = ("400", "401")
+    metrics_op = _op("Prometheus metrics (per-user series for the 50 busiest users only)",
+                     "metrics",
+                     {"200": {"description": "Text exposition format 0.0.4",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                     tag="observability", codes=() if metrics_public else ("401",))
+    if metrics_public:
+        metrics_op["security"] = []
+    return {
+        "/api/backends": {
+            "get": _op("List backends with live state", "listBackends",
+                       _ok("BackendList", "Every backend")),
+            "post": _op("Add a backend at runtime", "addBackend",
+                        _ok("Backend", "The new backend", "201"), body="BackendAdd",
+                        codes=("400", "401", "409", "413")),
+            "patch": _op("Change a backend's slots", "setBackendSlots",
+                         _ok("Backend", "The changed backend"), body="BackendSlots",
+                         codes=("400", "401", "404", "413")),
+            "delete": _op("Remove a backend (running requests finish)", "removeBackend",
+                          _ok("Removed", "The backend is gone"), params=[_URL_QUERY],
+                          codes=("400", "401", "404")),
+        },
+        "/api/backends/drain": {
+            "post": _op("Drain a backend: no new requests", "drainBackend",
+                        _ok("Backend", "The draining backend"), body="BackendUrl",
+                        codes=("400", "401", "404", "413")),
+        },
+        "/api/backends/undrain": {
+            "post": _op("Undrain a backend: take requests again", "undrainBackend",
+                        _ok("Backend", "The backend"), body="BackendUrl",
+                        codes=("400", "401", "404", "413")),
+        },
+        "/api/users": {
+            "get": _op("List users with counters and fair-share settings", "listUsers",
+                       _ok("UserList", "Users seen or configured")),
+        },
+        "/api/users/{user}": {
+            "patch": _op("Set a user's VIP, Boost and/or weight", "setUser",
+                         _ok("UserSettings", "The user's settings now"), body="UserPatch",
+                         params=[_USER_PATH], codes=("400", "401", "413")),
+        },
+        "/api/users/{user}/block": {
+            "post": _op("Block a user (403 at arrival and dispatch)", "blockUser",
+                        _ok("UserBlocked", "The user is blocked"), params=[_USER_PATH]),
+        },
+        "/api/users/{user}/unblock": {
+            "post": _op("Unblock a user", "unblockUser",
+                        _ok("UserBlocked", "The user is not blocked"), params=[_USER_PATH]),
+        },
+        "/api/blocked": {
+            "get": _op("Blocked users and addresses", "listBlocked",
+                       _ok("Blocked", "The blocklist")),
+        },
+        "/api/blocked/ips": {
+            "post": _op("Block an IP address or CIDR range", "blockIp",
+                        _ok("Blocked", "The blocklist after the change"), body="IpBlock",
+                        codes=("400", "401", "413")),
+            "delete": _op("Unblock an IP address or CIDR range (idempotent)", "unblockIp",
+                          _ok("Blocked", "The blocklist after the change"),
+                          params=[_param("ip", "query", "Address or CIDR range")], codes=bad),
+        },
+        "/api/keys": {
+            "get": _op("List API keys (never the secrets)", "listKeys",
+                       _ok("KeyList", "Key records")),
+            "post": _op("Create an API key; the secret is in this answer only", "createKey",
+                        _ok("KeyCreated", "The key with its secret", "201"), body="KeyCreate",
+                        codes=("400", "401", "413")),
+        },
+        "/api/keys/{key_id}": {
+            "delete": _op("Revoke an API key", "revokeKey", _ok("KeyRevoked", "Revoked"),
+                          params=[_param("key_id", "path", "Key id from the key list")],
+                          codes=("401", "404")),
+        },
+        "/api/stats": {
+            "get": _op("Gateway-wide numbers", "stats", _ok("Stats", "Counters and quantiles"),
+                       tag="observability"),
+        },
+        "/api/events": {
+            "get": _op(
+                "Server-Sent Events: `tick` every second (queued, in_flight, requests_per_s, "
+                "tokens_per_s, backends) and one event per operator change "
+                "(backend_added, user_changed, key_created, ...); `: keep-alive` every 15 s",
+                "events",
+                {"200": {"description": "`event: <type>` / `data: <json>` messages",
+                         "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+                tag="observability"),
+        },
+        "/metrics": {"get": metrics_op},
+        "/openapi.json": {
+            "get": _op("This document", "openapi",
+                       {"200": {"description": "OpenAPI 3.1",
+                                "content": {JSON: {"schema": {"type": "object"}}}}},
+                       tag="observability"),
+        },
+    }
+
+
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_SLOTS = {"type": "integer", "minimum": 1}
+_QUANTILE = {"type": ["number", "null"], "description": "seconds; null when infinite"}
+
+
+def _schemas() -> dict[str, Any]:
+    backend = _obj({
+        "url": _STR, "kind": {"enum": ["unknown", "ollama", "openai", "lmstudio"]},
+        "online": _BOOL, "draining": _BOOL, "breaker": {"enum": ["closed", "open", "half-open"]},
+        "slots": _INT, "in_flight": _INT, "requests_done": _INT, "failures": _INT,
+        "models": {"type": "array", "items": _STR}, "loaded": {"type": "array", "items": _STR},
+        "version": {"type": ["string", "null"]}, "last_error": _STR,
+    }, ["url", "kind", "online", "draining", "breaker", "slots", "in_flight"])
+    user = _obj({
+        "user": _STR, "vip": _BOOL, "boost": _BOOL, "weight": _INT, "blocked": _BOOL,
+        "queued": _INT, "in_flight": _INT, "done": _INT, "dropped": _INT, "rejected": _INT,
+        "prompt_tokens": _INT, "completion_tokens": _INT, "last_ip": _STR, "last_seen": _NUM,
+    }, ["user", "vip", "boost", "weight", "blocked"])
+    key_props = {"key_id": _STR, "user": _STR, "name": _STR, "created_at": _NUM,
+                 "revoked": _BOOL, "trusted": _BOOL}
+    key_required = ["key_id", "user", "name", "created_at", "revoked", "trusted"]
+    return {
+        "Error": _obj({"error": _STR}, ["error"]),
+        "Backend": backend,
+        "BackendList": _obj({"backends": {"type": "array", "items": _ref("Backend")}},
+                            ["backends"]),
+        "BackendAdd": _obj({"url": _STR, "slots": _SLOTS}, ["url"], closed=True),
+        "BackendSlots": _obj({"url": _STR, "slots": _SLOTS}, ["url", "slots"], closed=True),
+        "BackendUrl": _obj({"url": _STR}, ["url"], closed=True),
+        "Removed": _obj({"removed": _STR}, ["removed"]),
+        "User": user,
+        "UserList": _obj({"users": {"type": "array", "items": _ref("User")}}, ["users"]),
+        "UserPatch": {**_obj({"vip": _BOOL, "boost": _BOOL, "weight": _SLOTS}, closed=True),
+                      "minProperties": 1},
+        "UserSettings": _obj({"user": _STR, "vip": _BOOL, "boost": _BOOL, "weight": _INT},
+                             ["user", "vip", "boost", "weight"]),
+        "UserBlocked": _obj({"user": _STR, "blocked": _BOOL}, ["user", "blocked"]),
+        "Blocked": _obj({"users": {"type": "array", "items": _STR},
+                         "ips": {"type": "array", "items": _STR}}, ["users", "ips"]),
+        "IpBlock": _obj({"ip": {"type": "string", "description": "address or CIDR"}}, ["ip"],
+                        closed=True),
+        "KeyCreate": _obj({"user": _STR, "name": _STR, "trusted": _BOOL}, ["user"], closed=True),
+        "Key": _obj(key_props, key_required),
+        "KeyCreated": _obj({**key_props, "secret": {
+            "type": "string", "description": "the API key; not retrievable later"}},
+            key_required + ["secret"]),
+        "KeyList": _obj({"keys": {"type": "array", "items": _ref("Key")}}, ["keys"]),
+        "KeyRevoked": _obj({"key_id": _STR, "revoked": _BOOL}, ["key_id", "revoked"]),
+        "Stats": _obj({
+            "uptime_s": _NUM, "queued": _INT, "in_flight": _INT, "completed": _INT,
+            "cancelled": _INT, "failovers": _INT, "rejected": _INT, "prompt_tokens": _INT,
+            "completion_tokens": _INT, "latency_p50_s": _QUANTILE, "latency_p99_s": _QUANTILE,
+            "ttfb_p50_s": _QUANTILE, "queue_wait_p99_s": _QUANTILE,
+            "backends": {"type": "array", "items": _ref("Backend")}, "users": _INT,
+        }, ["uptime_s", "queued", "in_flight", "backends"]),
+    }
+
+
+def build_openapi(metrics_public: bool = False) -> dict[str, Any]:
+    """The whole document; `metrics_public` marks /metrics as needing no token."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ollamamq-fast admin API",
+            "version": __version__,
+            "description": "Control plane of an ollamamq-fast gateway: backends, users, "
+                           "blocklist, API keys, live statistics and events. Every route "
+                           "needs `Authorization: Bearer <admin token>`.",
+        },
+        "tags": [{"name": "admin", "description": "Operator actions"},
+                 {"name": "observability", "description": "Statistics, events, metrics"}],
+        "security": [{"adminToken": []}],
+        "paths": _paths(metrics_public),
+        "components": {
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+            "schemas": _schemas(),
+        },
+    }
