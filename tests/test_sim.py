@@ -31,6 +31,7 @@ import pytest
 
 from ollamamq_fast.sim import SimOptions, SimServer, start_sim
 from ollamamq_fast.sim.cli import add_arguments
+from ollamamq_fast.sim.content import word_tokens
 from ollamamq_fast.sim.faults import parse_faults
 from ollamamq_fast.sim.gojson import BodyError, decode_object, dumps
 from ollamamq_fast.sim.models import parse_go_duration, parse_keep_alive, parse_name
@@ -291,6 +292,14 @@ def test_go_json_escaping_and_decoding() -> None:
         decode_object(b"  ", "x")
     with pytest.raises(BodyError, match="cannot unmarshal array"):
         decode_object(b"[]", "api.ChatRequest")
+
+
+def test_token_walk_is_lazy_and_consistent() -> None:
+    walk = word_tokens("Why is the sky blue?", 3, 10_000_000)
+    assert len(walk) == 10_000_000 and walk[0][0].isupper() and walk[1].startswith(" ")
+    assert walk[0:300] == [walk[i] for i in range(300)]
+    assert walk[9_999_990:] == [walk[i] for i in range(9_999_990, 10_000_000)]
+    assert word_tokens("Why is the sky blue?", 3, 5)[0:5] == walk[0:5]
 
 
 def test_fault_header_parsing() -> None:

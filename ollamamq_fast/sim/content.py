@@ -73,26 +73,28 @@ class Walk(Sequence[str]):
 
     def __getitem__(self, index: int | slice) -> str | list[str]:
         """Token i is the word after the start, with a space; the very first is capitalized."""
-        if isinstance(index, slice):
-            lo, hi, step = index.indices(self._count)
-            if step != 1:
-                return [self[i] for i in range(lo, hi, step)]
-            if hi <= lo:
-                return []
-            size = len(self._spaced)
-            begin = (self._start + lo) % size
-            # Enough repetitions of the ring to cover the slice, then one C-level slice.
-            ring = self._spaced * ((begin + hi - lo) // size + 1)
-            out = list(ring[begin : begin + hi - lo])
-            if lo == 0:
-                out[0] = self._first[self._start % size]
-            return out
-        if index < 0:
-            index += self._count
-        if not 0 <= index < self._count:
-            raise IndexError(index)
-        position = (self._start + index) % len(self._spaced)
-        return self._first[position] if index == 0 else self._spaced[position]
+        if not isinstance(index, slice):
+            if 0 < index < self._count:
+                return self._spaced[(self._start + index) % len(self._spaced)]
+            if index < 0:
+                index += self._count
+            if not 0 <= index < self._count:
+                raise IndexError(index)
+            position = (self._start + index) % len(self._spaced)
+            return self._first[position] if index == 0 else self._spaced[position]
+        lo, hi, step = index.indices(self._count)
+        if step != 1:
+            return [self[i] for i in range(lo, hi, step)]
+        if hi <= lo:
+            return []
+        size = len(self._spaced)
+        begin = (self._start + lo) % size
+        # Enough repetitions of the ring to cover the slice, then one C-level slice.
+        ring = self._spaced * ((begin + hi - lo) // size + 1)
+        out = list(ring[begin : begin + hi - lo])
+        if lo == 0:
+            out[0] = self._first[self._start % size]
+        return out
 
 
 def word_tokens(text: str, seed: int, count: int) -> Walk:

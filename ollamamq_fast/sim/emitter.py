@@ -32,6 +32,10 @@ class Source(Protocol):
         """Up to `limit` chunk payloads; the last one is produced when finished turns True."""
         ...
 
+    def take_one(self) -> bytes:
+        """Exactly the next chunk payload (paced mode)."""
+        ...
+
     def error_event(self, message: str) -> bytes:
         """The stream's own way of reporting a failure after the 200 head."""
         ...
@@ -106,23 +110,35 @@ class StreamEmitter:
     def _tick(self) -> None:
         """Write the next token (paced) or the next batch (unpaced)."""
         self.handle = None
-        if self.stopped or not self.ex.alive:
+        ex = self.ex
+        if self.stopped or ex.done or self.conn.closing:
             return
         if self.conn.writing_paused:
             self.conn.wait_writable(self._resume)
             return
-        paced = self.interval > 0
-        chunks = self.src.take(1 if paced or self.slow else BATCH_LINES)
+        src = self.src
         self.step += 1
         if self.slow:
-            self._queue_events(chunks)
+            self._queue_events(src.take(1))
             return
+        if self.interval > 0:
+            # Paced: one chunk per tick, the hot path of many concurrent slow streams.
+            chunk = src.take_one()
+            self.stats.lines += 1
+            framed = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            if src.finished:
+                ex.end_stream(framed)
+                return
+            ex.write_framed(framed)
+            self.handle = self.loop.call_at(self.t0 + self.step * self.interval, self._tick)
+            return
+        chunks = src.take(BATCH_LINES)
         self.stats.lines += len(chunks)
-        self.ex.write_framed(wire.frame_many(chunks))
-        if self.src.finished:
-            self.ex.end_stream()
-        else:
-            self._schedule()
+        if src.finished:
+            ex.end_stream(wire.frame_many(chunks))
+            return
+        ex.write_framed(wire.frame_many(chunks))
+        self.handle = self.loop.call_soon(self._tick)
 
     def _schedule(self) -> None:
         """Plan the next tick on the fixed grid t0 + k*interval (no drift), or soon."""

@@ -192,9 +192,9 @@ class Exchange:
         """Send the head alone (die-after:0)."""
         self.write_framed(b"")
 
-    def end_stream(self) -> None:
-        """Write the last chunk and finish."""
+    def end_stream(self, framed: bytes = b"") -> None:
+        """Write the final framed chunks and the terminating chunk in one write, and finish."""
         if not self.alive:
             return
-        self.write_framed(wire.LAST_CHUNK)
+        self.write_framed(framed + wire.LAST_CHUNK)
         self._complete()

@@ -144,6 +144,17 @@ class TokenSource:
                 break
         return out
 
+    def take_one(self) -> bytes:
+        """Exactly the next chunk; a content token takes a short path (paced streams)."""
+        if self._segment == 1 and self.first:
+            content = self.plan.content
+            pos = self._pos
+            if pos < len(content) - 1:
+                self._pos = pos + 1
+                ts = self.clock.created_at().encode() if self.needs_ts else b""
+                return self.render_content(fragment(content[pos]), ts)
+        return self.take(1)[0]
+
     def render_think(self, frag: bytes, ts: bytes) -> bytes:
         """One reasoning token."""
         raise NotImplementedError
@@ -389,6 +400,10 @@ class ProgressSource:
         self.on_success = on_success
         self.finished = False
         self._pos = 0
+
+    def take_one(self) -> bytes:
+        """The next progress line."""
+        return self.take(1)[0]
 
     def take(self, limit: int) -> list[bytes]:
         """Next progress lines."""
