@@ -1,0 +1,461 @@
+"""Opt-in: the gateway in front of a real OpenAI-compatible server.
+
+The simulator is built to the protocol notes; this module checks the gateway
+against what users actually run as an OpenAI-compatible backend: the
+llama-cpp-python server (uvicorn + sse-starlette), serving a tiny generated
+model (tests/tiny_gguf.py). One simulator stands in for a native Ollama
+backend next to it, so routing across the two kinds is exercised too.
+
+Run: `OLLAMAMQ_REAL_BACKENDS=1 python -m pytest -q tests/test_real_backend.py`
+(needs `pip install 'llama-cpp-python[server]' gguf`). Without the variable the
+module skips at collection, before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import pytest
+
+from ollamamq_fast.fleet.backend import ApiKind
+from ollamamq_fast.fleet.models import normalize_model
+
+# The harness (the whole gateway, aiohttp), httpx and openai take about a
+# second to import: they are imported where used, so that the skip without
+# OLLAMAMQ_REAL_BACKENDS stays well under a second.
+if TYPE_CHECKING:
+    import httpx
+    from harness import Stack
+    from openai import OpenAI, Stream
+    from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+
+T = TypeVar("T")
+
+_ENABLED = os.environ.get("OLLAMAMQ_REAL_BACKENDS") == "1"
+# find_spec only looks for the package: importing llama_cpp would load its
+# shared library, and the skip must stay instant.
+_MISSING = [m for m in ("llama_cpp", "gguf", "openai") if importlib.util.find_spec(m) is None]
+
+pytestmark = [
+    pytest.mark.realbackend,
+    pytest.mark.skipif(
+        not _ENABLED, reason="real-backend tests are opt-in: set OLLAMAMQ_REAL_BACKENDS=1"
+    ),
+    pytest.mark.skipif(
+        bool(_MISSING),
+        reason=f"not installed: {', '.join(_MISSING)} "
+        "(pip install 'llama-cpp-python[server]' gguf openai)",
+    ),
+]
+
+MODEL = "tiny"
+# Generation is capped by the context: prompt + completion <= N_CTX tokens.
+N_CTX = 256
+LONG_MAX_TOKENS = 250
+SERVER_START_TIMEOUT_S = 60.0
+# Printed by llama_cpp/server/app.py (get_event_publisher) when a stream's
+# client goes away before the stream ends: the server saw the connection
+# close and left its token loop. A stream that runs to its end prints nothing.
+_DISCONNECT_RE = re.compile(
+    r"Disconnected from client \(via refresh/close\) Address\(host='127\.0\.0\.1', port=(\d+)\)"
+)
+# Linux TCP states in /proc/net/tcp (include/net/tcp_states.h).
+_ESTABLISHED, _CLOSE_WAIT = "01", "08"
+_MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "say hello to the gateway"}]
+
+
+@dataclass
+class RealBackend:
+    """A llama.cpp server process and a gateway in front of it and one simulator."""
+
+    stack: Stack
+    server_url: str
+    server_port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def sim_url(self) -> str:
+        """The simulator's base URL (the gateway's name for that backend)."""
+        return self.stack.sims[0].url
+
+    def log(self) -> str:
+        """Everything the server has printed so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+    def on_loop(self, fn: Callable[[], T]) -> T:
+        """Read gateway state on its own loop thread, where it is mutated."""
+        result: T = self.stack.lt.call(fn)
+        return result
+
+
+def _http(timeout: float = 30.0) -> httpx.Client:
+    import httpx
+
+    # trust_env=False: loopback only, whatever proxy the environment names.
+    return httpx.Client(timeout=timeout, trust_env=False)
+
+
+def _openai(base: str) -> OpenAI:
+    from openai import OpenAI  # imported here: a skipped module must not pay for it
+
+    # max_retries=0: a retried request would hide a gateway error behind a success.
+    return OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+
+
+def _start_server(model: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(model), "--model_alias", MODEL,
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(N_CTX),
+        # By default the server ends a running stream as soon as another request
+        # waits for the model. That would make a gateway that fails to cancel
+        # look fine (the next request kills the orphan), so requests queue here,
+        # as they do on a single-slot server.
+        "--interrupt_requests", "False",
+    ]
+    # Unbuffered, so the disconnect line is in the log file when printed.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    with _http(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{tail}")
+            try:
+                if client.get(url + "/v1/models").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    pytest.fail(f"llama_cpp.server not ready after {SERVER_START_TIMEOUT_S:g} s")
+
+
+def _stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealBackend]:
+    """The tiny model, a llama.cpp server on it, and a gateway over it and a simulator."""
+    from harness import fast_sim_options, free_port, start_stack
+    from tiny_gguf import write_tiny_llama  # needs gguf: only when the module runs
+
+    tmp = tmp_path_factory.mktemp("real_backend")
+    model = tmp / "tiny.gguf"
+    write_tiny_llama(str(model))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp / "llama_server.log"
+    proc = _start_server(model, port, log_path)
+    try:
+        _wait_ready(proc, url, log_path)
+        # The gateway probes every backend once before start_stack returns, so
+        # kinds and model lists are known when the tests begin.
+        stack = start_stack(sims=[fast_sim_options()], extra_backends=[url])
+        try:
+            yield RealBackend(stack, url, port, log_path, proc)
+        finally:
+            stack.close()
+    finally:
+        _stop_server(proc)
+
+
+def _tcp_states(port_a: int, port_b: int) -> list[str]:
+    """States of the IPv4 sockets connecting port_a and port_b (both ends, any direction)."""
+    states = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local = int(fields[1].rsplit(":", 1)[1], 16)
+        remote = int(fields[2].rsplit(":", 1)[1], 16)
+        if {local, remote} == {port_a, port_b}:
+            states.append(fields[3])
+    return states
+
+
+def _wait_for(check: Callable[[], T | None], timeout: float, step: float = 0.005) -> T | None:
+    """Poll `check` until it returns something other than None, or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value is not None or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
+
+
+# -- 1. Kind detection ---------------------------------------------------------------
+
+
+def test_backend_kinds_detected(real: RealBackend) -> None:
+    def view() -> dict[str, tuple[ApiKind, set[str], bool]]:
+        return {b.name: (b.kind, set(b.models), b.online) for b in real.stack.state.fleet.backends}
+
+    backends = real.on_loop(view)
+    # llama.cpp answers 404 to /api/tags and /api/v0/models: plain OpenAI-compatible.
+    assert backends[real.server_url] == (ApiKind.OPENAI, {normalize_model(MODEL)}, True)
+    kind, models, online = backends[real.sim_url]
+    assert kind is ApiKind.OLLAMA and online
+    assert normalize_model("llama3.2") in models
+
+
+# -- 2. Routing by model -------------------------------------------------------------
+
+
+def test_routing_by_model_and_api(real: RealBackend) -> None:
+    url = real.stack.url
+    with _http() as client:
+        r = client.post(url + "/v1/chat/completions",
+                        json={"model": MODEL, "messages": _MESSAGES, "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-gateway-backend"] == real.server_url
+        assert r.json()["object"] == "chat.completion"
+
+        r = client.post(url + "/v1/chat/completions",
+                        json={"model": "llama3.2", "messages": _MESSAGES, "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-gateway-backend"] == real.sim_url
+
+        # Native routes go only to Ollama backends, and no Ollama backend lists
+        # tiny: the gateway answers 404 itself, at once, in Ollama's error shape.
+        for path, body in (
+            ("/api/chat", {"model": MODEL, "messages": _MESSAGES}),
+            ("/api/generate", {"model": MODEL, "prompt": "hi"}),
+        ):
+            started = time.monotonic()
+            r = client.post(url + path, json=body, timeout=5.0)
+            elapsed = time.monotonic() - started
+            assert r.status_code == 404, (path, r.status_code, r.text)
+            assert r.headers["content-type"].startswith("application/json")
+            assert r.json() == {"error": f"model '{MODEL}' not found"}
+            assert "x-gateway-backend" not in r.headers  # never reached a backend
+            assert elapsed < 1.0, f"{path} took {elapsed:.2f} s to answer 404"
+
+        # llama.cpp itself answers 200 for any model name; the gateway must not
+        # send it a model it does not list, and answers in the OpenAI shape.
+        r = client.post(url + "/v1/chat/completions",
+                        json={"model": "nonexistent", "messages": _MESSAGES, "max_tokens": 4})
+        assert r.status_code == 404
+        assert r.json()["error"]["message"] == "model 'nonexistent' not found"
+        assert r.json()["error"]["type"] == "not_found_error"
+
+
+# -- 3. The official openai client through the gateway --------------------------------
+
+
+def test_openai_client_stream_nonstream_completions_models(real: RealBackend) -> None:
+    with _openai(real.stack.url) as client:
+        stream = client.chat.completions.create(
+            model=MODEL, messages=_MESSAGES, max_tokens=48, stream=True
+        )
+        chunks = list(stream)  # returns only after `data: [DONE]`: the stream ended
+        deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+        # A role chunk, one chunk per token (the model never emits end-of-text,
+        # see tiny_gguf), and the finish chunk.
+        assert sum(1 for d in deltas if d) >= 40, deltas
+        assert "".join(deltas).strip()
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+        resp = client.chat.completions.create(model=MODEL, messages=_MESSAGES, max_tokens=16)
+        assert resp.choices[0].message.content
+        assert resp.choices[0].finish_reason == "length"
+        assert resp.usage is not None and resp.usage.completion_tokens == 16
+
+        comp = client.completions.create(model=MODEL, prompt="the quick brown fox", max_tokens=16)
+        assert comp.choices[0].text
+        assert comp.choices[0].finish_reason == "length"
+        assert comp.usage is not None and comp.usage.completion_tokens == 16
+
+        texts = [c.choices[0].text for c in client.completions.create(
+            model=MODEL, prompt="the quick brown fox", max_tokens=24, stream=True
+        )]
+        assert len([t for t in texts if t]) >= 20
+
+        ids = {m.id for m in client.models.list()}
+        assert MODEL in ids
+        assert {"llama3.2:latest", "qwen2.5:0.5b", "all-minilm:latest"} <= ids
+        # The gateway answers /v1/models/{id} from its index, for either kind.
+        assert client.models.retrieve(MODEL).id == MODEL
+        assert client.models.retrieve("llama3.2").id == "llama3.2"
+
+
+def test_sse_passes_through_unchanged(real: RealBackend) -> None:
+    # The gateway relays the body bytes: llama.cpp's own SSE framing (blank-line
+    # separated `data:` events, `[DONE]` last, its charset parameter) arrives as is.
+    with _http() as client, client.stream(
+        "POST", real.stack.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": _MESSAGES, "max_tokens": 8, "stream": True},
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert r.headers["x-gateway-backend"] == real.server_url
+        body = r.read().decode()
+    events = [e for e in body.replace("\r\n", "\n").split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") for e in events), events
+    assert events[-1] == "data: [DONE]"
+
+
+# -- 4. Cancellation reaches the real server ------------------------------------------
+
+
+def _long_stream(ai: OpenAI) -> Stream[ChatCompletionChunk]:
+    """A stream that runs until the context is full (the model never ends early)."""
+    return ai.chat.completions.create(
+        model=MODEL, messages=_MESSAGES, max_tokens=LONG_MAX_TOKENS, stream=True
+    )
+
+
+def test_client_disconnect_stops_real_generation(real: RealBackend) -> None:
+    """A client that leaves mid-stream must stop the server's generation.
+
+    How this is observed without flakiness:
+    * The decisive evidence comes from the server itself: llama-cpp-python
+      prints "Disconnected from client ... port=P" only when a stream's
+      connection closes before the stream ends. The stream would run for about
+      LONG_MAX_TOKENS tokens (hundreds of ms, measured below as `full_s`), while
+      the close happens a few ms after the first tokens, so the margin is wide.
+    * P identifies the gateway's upstream socket, so /proc/net/tcp then shows
+      whether that very connection is closed on both ends (no ESTABLISHED, no
+      CLOSE_WAIT), with no guessing about pooled or health-probe connections.
+    * The server runs with interrupt_requests off, so a request that arrives
+      while a generation runs waits for it. A short request sent right after
+      the client leaves therefore answers quickly only if the generation
+      stopped: its latency is compared with a full uncancelled stream measured
+      on the same machine in the same run, not with a fixed number.
+    """
+    url = real.stack.url
+    with _openai(url) as ai:
+        started = time.monotonic()
+        full = list(_long_stream(ai))
+        full_s = time.monotonic() - started
+    assert len(full) > 200, "the long stream is too short to be cancelled midway"
+
+    cancelled_before = real.on_loop(lambda: real.stack.state.stats.cancelled)
+    log_offset = len(real.log())
+    noticed: list[tuple[int, float]] = []  # (gateway's upstream port, seconds after the close)
+
+    def watch_log(closed_at: float) -> None:
+        # Polled from its own thread so that the time is measured from the
+        # close, independently of the follow-up request below.
+        while time.monotonic() - closed_at < 5.0:
+            match = _DISCONNECT_RE.search(real.log()[log_offset:])
+            if match:
+                noticed.append((int(match.group(1)), time.monotonic() - closed_at))
+                return
+            time.sleep(0.002)
+
+    with _openai(url) as ai:
+        stream = _long_stream(ai)
+        iterator = iter(stream)
+        next(iterator)  # role chunk
+        next(iterator)  # first token
+        watcher = threading.Thread(target=watch_log, args=(time.monotonic(),))
+        stream.close()  # the response was not read to its end: the client drops the connection
+        watcher.start()
+
+    # The follow-up goes out at once, without waiting for any sign of the cancel.
+    with _http() as client:
+        started = time.monotonic()
+        r = client.post(url + "/v1/chat/completions",
+                        json={"model": MODEL, "messages": _MESSAGES, "max_tokens": 1})
+        follow_s = time.monotonic() - started
+    assert r.status_code == 200 and r.headers["x-gateway-backend"] == real.server_url
+
+    watcher.join(6.0)
+    assert noticed, (
+        "llama.cpp never saw the gateway's connection close: it generated the whole stream.\n"
+        + real.log()[log_offset:][-2000:]
+    )
+    upstream_port, notice_s = noticed[0]
+    assert follow_s < full_s / 2, (
+        f"a 1-token request took {follow_s:.3f} s after the cancel, against {full_s:.3f} s "
+        "for a whole stream: the server was still busy with the cancelled one"
+    )
+
+    def closed_both_ends() -> bool | None:
+        states = _tcp_states(upstream_port, real.server_port)
+        return True if _ESTABLISHED not in states and _CLOSE_WAIT not in states else None
+
+    assert _wait_for(closed_both_ends, timeout=2.0), _tcp_states(upstream_port, real.server_port)
+
+    def gateway_settled() -> tuple[int, int] | None:
+        backend = real.stack.state.fleet.find(real.server_url)
+        assert backend is not None
+        done = (backend.in_flight, real.stack.state.stats.cancelled - cancelled_before)
+        return done if done == (0, 1) else None
+
+    settled = _wait_for(lambda: real.on_loop(gateway_settled), timeout=2.0, step=0.02)
+    assert settled == (0, 1), "the gateway still holds a slot for, or did not count, the cancel"
+    print(f"\nfull {LONG_MAX_TOKENS}-token stream {full_s * 1000:.0f} ms; "
+          f"follow-up after cancel {follow_s * 1000:.0f} ms; "
+          f"server noticed the close {notice_s * 1000:.0f} ms after the client left")
+
+
+# -- 5. The server's idle keep-alive timeout ------------------------------------------
+
+
+def test_pooled_connection_closed_by_server_idle_timeout(real: RealBackend) -> None:
+    """uvicorn closes an idle keep-alive connection after 5 s; the gateway keeps
+    pooled connections longer, so it must notice the close (no socket left in
+    CLOSE_WAIT) and serve the next request on a fresh connection."""
+    url = real.stack.url
+    with _http() as client:
+        body = {"model": MODEL, "messages": _MESSAGES, "max_tokens": 2}
+        assert client.post(url + "/v1/chat/completions", json=body).status_code == 200
+        time.sleep(6.0)
+        stuck = [line for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                 if line.split()[3] == _CLOSE_WAIT
+                 and int(line.split()[2].rsplit(":", 1)[1], 16) == real.server_port]
+        assert not stuck, f"sockets to llama.cpp left half-closed: {stuck}"
+        r = client.post(url + "/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-gateway-backend"] == real.server_url
+
+
+def test_concurrent_streams_all_complete(real: RealBackend) -> None:
+    # Several users at once: the gateway passes them to the server (slots=4)
+    # where they queue on the model lock; every stream must still end cleanly.
+    results: dict[int, int] = {}
+    errors: list[Exception] = []
+
+    def one(i: int) -> None:
+        try:
+            with _openai(real.stack.url) as client:
+                chunks = list(client.chat.completions.create(
+                    model=MODEL, messages=_MESSAGES, max_tokens=32, stream=True,
+                    extra_headers={"X-User-ID": f"user{i}"},
+                ))
+                results[i] = len(chunks)
+        except Exception as exc:  # noqa: BLE001 - any failure is reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert sorted(results) == list(range(6))
+    assert all(n >= 32 for n in results.values()), results
