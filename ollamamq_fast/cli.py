@@ -33,7 +33,7 @@ from ollamamq_fast.config import (
 
 from ollamamq_fast.policy.identity import parse_networks
 
-SUBCOMMANDS = ("serve", "sim", "bench")
+SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends")
 # On SIGTERM/SIGINT: stop accepting, let running streams finish this long, exit.
 DRAIN_GRACE_S = 30.0
 
@@ -120,7 +120,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest inference request body in MB; larger gets 413 "
                         f"(default {DEFAULT_MAX_BODY_MB:g}; blob uploads are streamed, not bounded)")
     p.add_argument("--admin-port", type=_port, default=None,
-                   help=f"control-plane port (default {DEFAULT_ADMIN_PORT})")
+                   help=f"control-plane port; 0 = any free port (default {DEFAULT_ADMIN_PORT})")
+    p.add_argument("--admin-host", default=None,
+                   help="control-plane address (default 127.0.0.1: local admins only)")
+    p.add_argument("--no-admin", action="store_true",
+                   help="no control plane (admin API, /metrics, events)")
+    p.add_argument("--admin-token", default=None,
+                   help="admin API bearer token (env OLLAMAMQ_ADMIN_TOKEN; default: generated "
+                        "at start and printed once)")
+    p.add_argument("--metrics-public", action="store_true", default=None,
+                   help="serve /metrics without the admin token")
     p.add_argument("--health-interval", type=_positive_float, default=None,
                    help="seconds between backend health probes (default 10)")
     p.add_argument("--health-fail-threshold", type=_positive_int, default=None,
@@ -207,6 +216,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     settings.config_path = args.config
     if args.allow_all_routes:
         settings.allow_all_routes = True
+    if args.admin_host:
+        settings.admin_host = args.admin_host
+    settings.admin_token = args.admin_token or env_default(("OLLAMAMQ_ADMIN_TOKEN",))
+    if args.metrics_public:
+        settings.metrics_public = True
     if args.max_body_mb is not None:
         settings.max_body_bytes = int(args.max_body_mb * 1024 * 1024)
     for name in ("slots", "balance", "admin_port", "health_interval", "health_fail_threshold",
@@ -214,6 +228,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
+    if args.no_admin:
+        settings.admin_port = -1
     if args.vip:
         settings.vip_users.extend(_users(args.vip))
     if args.boost:
@@ -245,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,sim,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{serve,sim,bench,users,keys,backends}",
+                                parser_class=_Parser)
     serve = sub.add_parser("serve", help="run the gateway in the foreground (default)")
     add_serve_arguments(serve)
     sim = sub.add_parser("sim", help="run a simulated Ollama / OpenAI-compatible backend")
@@ -256,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ollamamq_fast.bench import cli as bench_cli
 
     bench_cli.add_arguments(bench)
+    from ollamamq_fast.control import cli as admin_cli
+
+    admin_cli.add_arguments(sub)
     return parser
 
 
@@ -275,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         from ollamamq_fast.bench import cli as bench_cli
 
         return bench_cli.run(args)
+    if args.command in ("users", "keys", "backends"):
+        from ollamamq_fast.control import cli as admin_cli
+
+        return admin_cli.run(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
@@ -323,6 +347,8 @@ async def _serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload)
     summary = gateway.summary()
     print(f"ollamamq-fast {__version__} listening on {summary['listen']}", file=sys.stderr)
+    if gateway.admin is not None and gateway.admin.url is not None:
+        print(f"  admin API on {gateway.admin.url}", file=sys.stderr)
     for b in summary["backends"]:
         state = "online" if b["online"] else "offline"
         models = ", ".join(b["models"]) or "no models"

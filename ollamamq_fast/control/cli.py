@@ -1,0 +1,328 @@
+"""`ollamamq-fast users|keys|backends ...`: the admin API from the command line.
+
+A thin client of a running gateway's control plane: one HTTP request per
+command (stdlib urllib, nothing to start), aligned tables for people and
+`--json` for scripts. Errors are one line with exit code 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import orjson
+
+from ollamamq_fast.config import DEFAULT_ADMIN_PORT
+
+COMMANDS = ("users", "keys", "backends")
+DEFAULT_ADMIN_URL = f"http://127.0.0.1:{DEFAULT_ADMIN_PORT}"
+# Every admin call answers from memory; a gateway that takes longer is stuck.
+TIMEOUT_S = 10.0
+
+
+class AdminError(Exception):
+    """A failed admin call, already phrased for the operator."""
+
+
+class AdminClient:
+    """Calls one gateway's admin API with its token."""
+
+    def __init__(self, base: str, token: str | None, timeout: float = TIMEOUT_S) -> None:
+        if "://" not in base:
+            base = "http://" + base
+        self.base = base.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             query: dict[str, str] | None = None) -> Any:
+        """One request; the decoded JSON answer, or AdminError."""
+        url = self.base + path + ("?" + urlencode(query) if query else "")
+        data = orjson.dumps(body) if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return orjson.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise AdminError(self._http_error(exc)) from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            text = getattr(reason, "strerror", None) or str(reason)
+            if isinstance(reason, ConnectionRefusedError):
+                text = "connection refused (is the gateway running with its admin port?)"
+            raise AdminError(f"cannot reach the admin API at {self.base}: {text}") from None
+        except TimeoutError:
+            raise AdminError(f"the admin API at {self.base} did not answer within "
+                             f"{self.timeout:g} s") from None
+        except ValueError as exc:  # a malformed --admin URL
+            raise AdminError(f"invalid admin URL {self.base!r}: {exc}") from None
+
+    def _http_error(self, exc: urllib.error.HTTPError) -> str:
+        if exc.code == 401:
+            how = "wrong" if self.token else "missing"
+            return (f"the admin API at {self.base} refused the request (401): {how} token; "
+                    "pass --token or set OLLAMAMQ_ADMIN_TOKEN")
+        try:
+            message = orjson.loads(exc.read()).get("error", "")
+        except (orjson.JSONDecodeError, AttributeError):
+            message = ""
+        return f"{exc.code} {exc.reason}" + (f": {message}" if message else "")
+
+
+# -- Parsers ------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS defaults, so the options work before and after the action
+    # (`users --json list` and `users list --json`) without one level's default
+    # overwriting the other's value; run() fills in env vars and defaults.
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--admin", default=argparse.SUPPRESS, metavar="URL",
+                   help=f"admin API of the gateway (env OLLAMAMQ_ADMIN; "
+                        f"default {DEFAULT_ADMIN_URL})")
+    p.add_argument("--token", default=argparse.SUPPRESS,
+                   help="admin token (env OLLAMAMQ_ADMIN_TOKEN)")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="print the API's JSON answer instead of a table")
+    return p
+
+
+def add_arguments(sub: Any) -> None:
+    """Add the `users`, `keys` and `backends` subcommands to the main parser."""
+    common = _common()
+    users = sub.add_parser("users", parents=[common], help="list users, set VIP/boost/weight, "
+                           "block (admin API)")
+    actions = users.add_subparsers(dest="action", required=True, parser_class=type(users),
+                                   metavar="{list,set,block,unblock}")
+    actions.add_parser("list", parents=[common], help="users with counters and settings")
+    set_p = actions.add_parser("set", parents=[common], help="change a user's fair-share settings")
+    set_p.add_argument("user")
+    set_p.add_argument("--vip", choices=["on", "off"], help="absolute priority")
+    set_p.add_argument("--boost", choices=["on", "off"], help="every second dispatch")
+    set_p.add_argument("--weight", type=_positive_int, help="turns per round")
+    for name, text in (("block", "refuse the user's requests (403)"),
+                       ("unblock", "accept the user's requests again")):
+        actions.add_parser(name, parents=[common], help=text).add_argument("user")
+
+    keys = sub.add_parser("keys", parents=[common], help="create, list, revoke API keys "
+                          "(admin API)")
+    actions = keys.add_subparsers(dest="action", required=True, parser_class=type(keys),
+                                  metavar="{create,list,revoke}")
+    create = actions.add_parser("create", parents=[common], help="a new key (secret shown once)")
+    create.add_argument("--user", required=True, help="the user the key identifies")
+    create.add_argument("--name", default="", help="a label, e.g. the device")
+    create.add_argument("--trusted", action="store_true",
+                        help="a service key that may name the user in X-User-ID")
+    actions.add_parser("list", parents=[common], help="keys (never their secrets)")
+    actions.add_parser("revoke", parents=[common], help="revoke a key").add_argument("key_id")
+
+    backends = sub.add_parser("backends", parents=[common], help="list, add, remove, drain "
+                              "backends (admin API)")
+    actions = backends.add_subparsers(dest="action", required=True, parser_class=type(backends),
+                                      metavar="{list,add,remove,drain,undrain,slots}")
+    actions.add_parser("list", parents=[common], help="backends with live state")
+    add = actions.add_parser("add", parents=[common], help="add a backend at runtime")
+    add.add_argument("url")
+    add.add_argument("--slots", type=_positive_int, help="requests at once (default: --slots)")
+    for name, text in (("remove", "remove a backend (running requests finish)"),
+                       ("drain", "send no new requests to a backend"),
+                       ("undrain", "send requests to a backend again")):
+        actions.add_parser(name, parents=[common], help=text).add_argument("url")
+    slots = actions.add_parser("slots", parents=[common], help="change a backend's slots")
+    slots.add_argument("url")
+    slots.add_argument("slots", type=_positive_int)
+
+
+# -- Commands -----------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one admin subcommand; the process exit code."""
+    base = getattr(args, "admin", None) or os.environ.get("OLLAMAMQ_ADMIN") or DEFAULT_ADMIN_URL
+    token = getattr(args, "token", None) or os.environ.get("OLLAMAMQ_ADMIN_TOKEN") or None
+    client = AdminClient(base, token)
+    as_json = getattr(args, "json", False)
+    handler = _HANDLERS[(args.command, args.action)]
+    try:
+        answer, text = handler(client, args)
+    except AdminError as exc:
+        print(f"ollamamq-fast: error: {exc}", file=sys.stderr)
+        return 1
+    except _UsageError as exc:
+        print(f"ollamamq-fast {args.command} {args.action}: error: {exc}", file=sys.stderr)
+        return 2
+    print(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() if as_json else text)
+    return 0
+
+
+class _UsageError(Exception):
+    """A command line argparse accepts but that makes no sense (exit 2)."""
+
+
+Answer = tuple[Any, str]
+
+
+def _users_list(c: AdminClient, args: argparse.Namespace) -> Answer:
+    answer = c.call("GET", "/api/users")
+    rows = [[u["user"], _yes(u["vip"]), _yes(u["boost"]), str(u["weight"]), _yes(u["blocked"]),
+             str(u.get("queued", 0)), str(u.get("in_flight", 0)), str(u.get("done", 0)),
+             str(u.get("rejected", 0) + u.get("dropped", 0)), str(u.get("prompt_tokens", 0)),
+             str(u.get("completion_tokens", 0)), u.get("last_ip", "")]
+            for u in answer["users"]]
+    return answer, table(["USER", "VIP", "BOOST", "WEIGHT", "BLOCKED", "QUEUED", "RUNNING",
+                          "DONE", "REFUSED", "TOKENS IN", "TOKENS OUT", "LAST IP"], rows,
+                         "no users yet")
+
+
+def _users_set(c: AdminClient, args: argparse.Namespace) -> Answer:
+    body: dict[str, Any] = {}
+    if args.vip is not None:
+        body["vip"] = args.vip == "on"
+    if args.boost is not None:
+        body["boost"] = args.boost == "on"
+    if args.weight is not None:
+        body["weight"] = args.weight
+    if not body:
+        raise _UsageError("nothing to change: give --vip, --boost and/or --weight")
+    u = c.call("PATCH", f"/api/users/{_seg(args.user)}", body)
+    return u, (f"{u['user']}: vip {_onoff(u['vip'])}, boost {_onoff(u['boost'])}, "
+               f"weight {u['weight']}")
+
+
+def _users_block(c: AdminClient, args: argparse.Namespace) -> Answer:
+    on = args.action == "block"
+    answer = c.call("POST", f"/api/users/{_seg(args.user)}/{args.action}")
+    return answer, f"{'blocked' if on else 'unblocked'} {args.user}"
+
+
+def _keys_create(c: AdminClient, args: argparse.Namespace) -> Answer:
+    k = c.call("POST", "/api/keys", {"user": args.user, "name": args.name,
+                                     "trusted": args.trusted})
+    text = table(["KEY ID", "USER", "NAME", "TRUSTED", "SECRET"],
+                 [[k["key_id"], k["user"], k["name"], _yes(k["trusted"]), k["secret"]]])
+    return k, text + "\nThe secret is shown only now: store it; the gateway keeps a digest."
+
+
+def _keys_list(c: AdminClient, args: argparse.Namespace) -> Answer:
+    answer = c.call("GET", "/api/keys")
+    rows = [[k["key_id"], k["user"], k["name"], _yes(k["trusted"]), _yes(k["revoked"]),
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))]
+            for k in sorted(answer["keys"], key=lambda k: k["created_at"])]
+    return answer, table(["KEY ID", "USER", "NAME", "TRUSTED", "REVOKED", "CREATED"], rows,
+                         "no keys")
+
+
+def _keys_revoke(c: AdminClient, args: argparse.Namespace) -> Answer:
+    answer = c.call("DELETE", f"/api/keys/{_seg(args.key_id)}")
+    return answer, f"revoked {args.key_id}"
+
+
+def _backend_rows(backends: list[dict[str, Any]]) -> str:
+    rows = [[b["url"], b["kind"], _backend_state(b), str(b["slots"]), str(b["in_flight"]),
+             str(b["requests_done"]), str(b["failures"]), ", ".join(b["models"])]
+            for b in backends]
+    return table(["URL", "KIND", "STATE", "SLOTS", "RUNNING", "DONE", "FAILURES", "MODELS"],
+                 rows, "no backends")
+
+
+def _backend_state(b: dict[str, Any]) -> str:
+    if b["draining"]:
+        return "draining"
+    if not b["online"]:
+        return "offline"
+    return "online" if b["breaker"] == "closed" else f"breaker {b['breaker']}"
+
+
+def _backends_list(c: AdminClient, args: argparse.Namespace) -> Answer:
+    answer = c.call("GET", "/api/backends")
+    return answer, _backend_rows(answer["backends"])
+
+
+def _backends_add(c: AdminClient, args: argparse.Namespace) -> Answer:
+    body: dict[str, Any] = {"url": args.url}
+    if args.slots is not None:
+        body["slots"] = args.slots
+    b = c.call("POST", "/api/backends", body)
+    return b, _backend_rows([b])
+
+
+def _backends_remove(c: AdminClient, args: argparse.Namespace) -> Answer:
+    answer = c.call("DELETE", "/api/backends", query={"url": args.url})
+    return answer, f"removed {answer['removed']}"
+
+
+def _backends_drain(c: AdminClient, args: argparse.Namespace) -> Answer:
+    b = c.call("POST", f"/api/backends/{args.action}", {"url": args.url})
+    return b, _backend_rows([b])
+
+
+def _backends_slots(c: AdminClient, args: argparse.Namespace) -> Answer:
+    b = c.call("PATCH", "/api/backends", {"url": args.url, "slots": args.slots})
+    return b, _backend_rows([b])
+
+
+_HANDLERS = {
+    ("users", "list"): _users_list,
+    ("users", "set"): _users_set,
+    ("users", "block"): _users_block,
+    ("users", "unblock"): _users_block,
+    ("keys", "create"): _keys_create,
+    ("keys", "list"): _keys_list,
+    ("keys", "revoke"): _keys_revoke,
+    ("backends", "list"): _backends_list,
+    ("backends", "add"): _backends_add,
+    ("backends", "remove"): _backends_remove,
+    ("backends", "drain"): _backends_drain,
+    ("backends", "undrain"): _backends_drain,
+    ("backends", "slots"): _backends_slots,
+}
+
+
+# -- Formatting ---------------------------------------------------------------
+
+
+def table(headers: list[str], rows: list[list[str]], empty: str = "") -> str:
+    """Columns aligned on the widest cell; numbers right-aligned."""
+    if not rows:
+        return empty
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    numeric = [all(r[i].isdigit() for r in rows) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        out = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers)] + [line(r) for r in rows])
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _seg(text: str) -> str:
+    """A path segment: everything percent-encoded, '/' included."""
+    return quote(text, safe="")
