@@ -171,11 +171,19 @@ class Fleet:
         return None
 
     def find_model_entry(self, model: str) -> tuple[Backend, dict] | None:
-        """Any available backend's tags entry for a normalized model name."""
+        """Any online backend's tags entry for a normalized model name.
+
+        Online, not `available`: model listings describe the fleet, and must agree
+        with /v1/models and /api/tags while a breaker is briefly open.
+        """
         for b in self._index_any.get(model, []):
-            if b.available:
+            if b.online:
                 return b, b.models[model]
         return None
+
+    def any_up(self) -> bool:
+        """Whether any backend answers probes (it may still be draining or tripped)."""
+        return any(b.online for b in self.backends)
 
     def note_model_added(self, backend: Backend, name: str) -> None:
         """A pull/create/copy succeeded: route to the model now, before the next probe."""

@@ -117,8 +117,11 @@ class Dispatcher:
         route = ex.route
         native = route.native if route is not None else True
         listed = [b for b in self.fleet.candidates(ex.model, native) if b.online]
-        if not self.fleet.any_online():
+        if not self.fleet.any_up():
             ex.respond_error(503, "no backend is online", retry_after=5)
+        elif not self.fleet.any_online() and ex.model is None:
+            ex.respond_error(503, "no backend is available right now (draining or failing)",
+                             retry_after=5)
         elif listed:
             # Known model, but every backend serving it is draining or failing.
             ex.respond_error(
