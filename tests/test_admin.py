@@ -22,11 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
+from harness import Stack, free_port, start_stack
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import Stack, free_port, start_stack
 from ollamamq_fast.cli import main as cli_main
-from ollamamq_fast.control.auth import AdminAuth
+from ollamamq_fast.control.app import AdminApp
+from ollamamq_fast.control.auth import token_digest
 from ollamamq_fast.control.events import KEEPALIVE, EventStreams, format_event
 from ollamamq_fast.control.metrics import TOP_USERS, top_users
 from ollamamq_fast.operator import EventBus
@@ -59,6 +60,11 @@ def generate(stack: Stack, user: str = "tester") -> httpx.Response:
                       timeout=10)
 
 
+def admin_app(stack: Stack) -> AdminApp:
+    assert stack.gateway.admin is not None and stack.gateway.admin.app is not None
+    return stack.gateway.admin.app
+
+
 def backend_urls(stack: Stack) -> list[str]:
     return [b["url"] for b in stack.lt.call(stack.state.operator.list_backends)]
 
@@ -67,7 +73,7 @@ def backend_urls(stack: Stack) -> list[str]:
 
 
 def test_every_route_needs_the_token(stack: Stack, admin: httpx.Client) -> None:
-    routes = stack.gateway.admin.app.routes
+    routes = admin_app(stack).routes
     assert len(routes) == 20
     with httpx.Client(base_url=admin.base_url, timeout=5) as anonymous:
         for route in routes:
@@ -98,7 +104,7 @@ def test_openapi_document_covers_every_route(stack: Stack, admin: httpx.Client) 
     assert doc["openapi"].startswith("3.1")
     assert doc["info"]["title"] and doc["info"]["version"]
     assert doc["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
-    routes = {(r.template, r.method.lower()) for r in stack.gateway.admin.app.routes}
+    routes = {(r.template, r.method.lower()) for r in admin_app(stack).routes}
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert routes == documented
     schemas = doc["components"]["schemas"]
@@ -274,6 +280,11 @@ def test_metrics_after_requests(stack: Stack, admin: httpx.Client) -> None:
     assert breaker == {"closed": 1, "open": 0, "half-open": 0}
     user = {s.labels["user"]: s.value for s in fams["ollamamq_user_requests"].samples}
     assert user["metrics-user"] == 3
+    user_tokens = {(s.labels["user"], s.labels["direction"]): s.value
+                   for s in fams["ollamamq_user_tokens"].samples}
+    assert user_tokens[("metrics-user", "out")] > 0
+    assert {s.labels["user"]: s.value
+            for s in fams["ollamamq_user_rejected"].samples}["metrics-user"] == 0
     tokens = [s for s in fams["ollamamq_completion_tokens"].samples]
     assert tokens[0].value > 0
 
@@ -351,12 +362,15 @@ def test_event_stream_keepalive_disconnect_and_close() -> None:
         task = asyncio.create_task(streams.serve(proto))
         await asyncio.sleep(0.12)
         bus.publish("user_blocked", user="x\ny")
+        bus.publish("odd", value=object())  # not JSON: must not end the stream
+        bus.publish("after", n=1)
         await asyncio.sleep(0.02)
         proto.gone.set()
         await asyncio.wait_for(task, 1)
         sent = b"".join(proto.transport.sent)
         assert sent.count(KEEPALIVE) >= 2
         assert b"event: user_blocked\ndata: {" in sent and b'"user":"x\\ny"' in sent
+        assert b"event: odd\n" in sent and b"event: after\n" in sent
         assert not bus.subscribers and streams.open == 0
         # close() ends streams whose clients never hang up.
         other = _FakeProto()
@@ -430,8 +444,9 @@ def test_generated_token_public_metrics_and_stop_with_open_stream(
         assert len(tokens) == 1
         base = f"http://127.0.0.1:{st.gateway.admin_port}"
         assert st.state.settings.admin_token is None
-        auth = st.gateway.admin.app.auth
-        assert isinstance(auth, AdminAuth) and tokens[0] not in repr(auth.__slots__)
+        # Only the digest is kept.
+        auth = admin_app(st).auth
+        assert [getattr(auth, name) for name in auth.__slots__] == [token_digest(tokens[0])]
         ok = {"Authorization": f"Bearer {tokens[0]}"}
         assert httpx.get(base + "/api/users", headers=ok).status_code == 200
         assert httpx.get(base + "/api/users").status_code == 401
@@ -516,13 +531,13 @@ def test_cli_subprocess(stack: Stack) -> None:
     base = f"http://127.0.0.1:{stack.gateway.admin_port}"
     env = {**os.environ, "OLLAMAMQ_ADMIN": base, "OLLAMAMQ_ADMIN_TOKEN": TOKEN}
     run = subprocess.run([sys.executable, "-m", "ollamamq_fast", "users", "list", "--admin",
-                          base, "--token", TOKEN], capture_output=True, text=True, timeout=20)
+                          base, "--token", TOKEN], capture_output=True, text=True, timeout=20, check=False)
     assert run.returncode == 0 and run.stdout.startswith("USER"), run.stderr
     run = subprocess.run([sys.executable, "-m", "ollamamq_fast", "backends", "list", "--json"],
-                         capture_output=True, text=True, timeout=20, env=env)
+                         capture_output=True, text=True, timeout=20, check=False, env=env)
     assert run.returncode == 0, run.stderr
     assert [b["url"] for b in json.loads(run.stdout)["backends"]] == backend_urls(stack)
     run = subprocess.run([sys.executable, "-m", "ollamamq_fast", "keys", "list"],
-                         capture_output=True, text=True, timeout=20,
+                         capture_output=True, text=True, timeout=20, check=False,
                          env={**env, "OLLAMAMQ_ADMIN_TOKEN": "nope"})
     assert run.returncode == 1 and run.stderr.count("\n") == 1 and "401" in run.stderr

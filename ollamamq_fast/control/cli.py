@@ -186,11 +186,12 @@ def _users_list(c: AdminClient, args: argparse.Namespace) -> Answer:
     answer = c.call("GET", "/api/users")
     rows = [[u["user"], _yes(u["vip"]), _yes(u["boost"]), str(u["weight"]), _yes(u["blocked"]),
              str(u.get("queued", 0)), str(u.get("in_flight", 0)), str(u.get("done", 0)),
-             str(u.get("rejected", 0) + u.get("dropped", 0)), str(u.get("prompt_tokens", 0)),
+             str(u.get("rejected", 0)), str(u.get("dropped", 0)), str(u.get("prompt_tokens", 0)),
              str(u.get("completion_tokens", 0)), u.get("last_ip", "")]
             for u in answer["users"]]
     return answer, table(["USER", "VIP", "BOOST", "WEIGHT", "BLOCKED", "QUEUED", "RUNNING",
-                          "DONE", "REFUSED", "TOKENS IN", "TOKENS OUT", "LAST IP"], rows,
+                          "DONE", "REJECTED", "DROPPED", "TOKENS IN", "TOKENS OUT", "LAST IP"],
+                         rows,
                          "no users yet")
 
 

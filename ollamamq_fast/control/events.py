@@ -48,9 +48,12 @@ class StreamProtocol(Protocol):
 
 
 def format_event(event: dict[str, Any]) -> bytes:
-    """One SSE message; the JSON has no raw newlines, so one `data:` line suffices."""
+    """One SSE message; the JSON has no raw newlines, so one `data:` line suffices.
+
+    default=str: an event field orjson cannot encode must not end the stream.
+    """
     kind = str(event.get("type", "message")).replace("\n", " ").encode()
-    return b"event: " + kind + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+    return b"event: " + kind + b"\ndata: " + orjson.dumps(event, default=str) + b"\n\n"
 
 
 class EventStreams:

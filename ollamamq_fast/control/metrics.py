@@ -167,9 +167,12 @@ class GatewayCollector(Collector):
         requests = CounterMetricFamily("ollamamq_user_requests",
                                        "Requests finished for the user" + help_suffix,
                                        labels=["user"])
-        refused = CounterMetricFamily("ollamamq_user_refused",
-                                      "Requests of the user rejected or dropped" + help_suffix,
-                                      labels=["user"])
+        rejected = CounterMetricFamily("ollamamq_user_rejected",
+                                       "Requests of the user refused by admission" + help_suffix,
+                                       labels=["user"])
+        dropped = CounterMetricFamily("ollamamq_user_dropped",
+                                      "Requests of the user whose client left before the end"
+                                      + help_suffix, labels=["user"])
         queued = GaugeMetricFamily("ollamamq_user_queued",
                                    "Requests of the user waiting" + help_suffix, labels=["user"])
         running = GaugeMetricFamily("ollamamq_user_in_flight",
@@ -179,12 +182,13 @@ class GatewayCollector(Collector):
                                      labels=["user", "direction"])
         for s in top_users(users):
             requests.add_metric([s.user], s.done)
-            refused.add_metric([s.user], s.rejected + s.dropped)
+            rejected.add_metric([s.user], s.rejected)
+            dropped.add_metric([s.user], s.dropped)
             queued.add_metric([s.user], s.queued)
             running.add_metric([s.user], s.in_flight)
             tokens.add_metric([s.user, "in"], s.prompt_tokens)
             tokens.add_metric([s.user, "out"], s.completion_tokens)
-        yield from (requests, refused, queued, running, tokens)
+        yield from (requests, rejected, dropped, queued, running, tokens)
 
 
 class Metrics:
