@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import NoReturn
 
-from ollamamq_fast import __version__
+from ollamamq_fast import __version__, argtypes
 from ollamamq_fast.config import (
     BALANCE_CHOICES,
     DEFAULT_ADMIN_PORT,
@@ -45,44 +45,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {value}: must be 0-65535")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_port = argtypes.port
+_positive_float = argtypes.positive_float
+_non_negative_float = argtypes.non_negative_float
+_positive_int = argtypes.positive_int
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

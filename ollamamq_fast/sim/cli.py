@@ -4,47 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import signal
 import sys
 
 import uvloop
 
+from .. import argtypes
 from .options import API_MODES, DEFAULT_MODELS, SimOptions
 from .server import start_sim
 
 
-def _port(text: str) -> int:
-    """A TCP port number (0 picks a free one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    """A number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
-    return value
+_port = argtypes.port
+_non_negative_float = argtypes.non_negative_float
+_non_negative_int = argtypes.non_negative_int
 
 
 def _models(text: str) -> list[str]:
