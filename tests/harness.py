@@ -120,6 +120,9 @@ def start_stack(
         urls = [srv.url for srv in servers] + list(extra_backends or [])
         s.backends = parse_backend_urls(",".join(urls))
         s.slots = 4
+        # No control plane unless a test asks for one (admin_port=0 picks a port),
+        # so parallel stacks never compete for the default admin port.
+        s.admin_port = -1
         for key, value in settings.items():
             setattr(s, key, value)
         gw = Gateway(s)
