@@ -33,7 +33,7 @@ from ollamamq_fast.config import (
 
 from ollamamq_fast.policy.identity import parse_networks
 
-SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends")
+SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends", "top")
 # On SIGTERM/SIGINT: stop accepting, let running streams finish this long, exit.
 DRAIN_GRACE_S = 30.0
 
@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,sim,bench,users,keys,backends}",
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{serve,sim,bench,users,keys,backends,top}",
                                 parser_class=_Parser)
     serve = sub.add_parser("serve", help="run the gateway in the foreground (default)")
     add_serve_arguments(serve)
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ollamamq_fast.control import cli as admin_cli
 
     admin_cli.add_arguments(sub)
+    from ollamamq_fast.tui import top as tui_top
+
+    tui_top.add_arguments(sub)
     return parser
 
 
@@ -265,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         from ollamamq_fast.control import cli as admin_cli
 
         return admin_cli.run(args)
+    if args.command == "top":
+        from ollamamq_fast.tui import top as tui_top
+
+        return tui_top.run(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
@@ -290,7 +298,12 @@ def serve(settings: Settings) -> int:
 
 async def _serve(settings: Settings) -> int:
     from ollamamq_fast.gateway import Gateway
+    from ollamamq_fast.tui.inprocess import dashboard_wanted, ensure_admin_token, run_dashboard
 
+    dashboard = dashboard_wanted(settings)
+    # Before start(): the control plane must be guarded by a token the
+    # dashboard holds, not one it generates and forgets.
+    generated_token = ensure_admin_token(settings) if dashboard else None
     gateway = Gateway(settings)
     try:
         await gateway.start()
@@ -320,10 +333,12 @@ async def _serve(settings: Settings) -> int:
         models = ", ".join(b["models"]) or "no models"
         print(f"  backend {b['url']} [{state}, {b['kind']}, {b['slots']} slot(s)]: {models}",
               file=sys.stderr)
-    if settings.tui and sys.stdout.isatty():
-        print("  (the terminal dashboard is not part of this build yet; running headless)",
-              file=sys.stderr)
-    await stop.wait()
+    if generated_token is not None and gateway.admin_port is not None:
+        print(f"admin token: {generated_token}", file=sys.stderr, flush=True)
+    if dashboard:
+        await run_dashboard(gateway, stop, generated_token)
+    else:
+        await stop.wait()
     print(f"ollamamq-fast: draining (up to {DRAIN_GRACE_S:g} s for running requests)...",
           file=sys.stderr)
     await gateway.stop(grace=DRAIN_GRACE_S)

@@ -1,0 +1,1 @@
+"""The dashboard's widgets: one job each (see ollamamq_fast/tui/app.py for the layout)."""
