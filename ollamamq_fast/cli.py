@@ -31,6 +31,7 @@ from ollamamq_fast.config import (
     parse_weights,
 )
 
+from ollamamq_fast.policy.cliargs import add_policy_arguments, apply_policy_args
 from ollamamq_fast.policy.identity import parse_networks
 
 SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends", "top")
@@ -142,6 +143,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="access log line format (default json)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (default info)")
+    add_policy_arguments(p)
 
 
 def _users(text: str) -> list[str]:
@@ -196,6 +198,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             setattr(settings, name, value)
     if args.no_admin:
         settings.admin_port = -1
+    apply_policy_args(settings, args)
     if args.vip:
         settings.vip_users.extend(_users(args.vip))
     if args.boost:

@@ -134,6 +134,17 @@ class Settings:
     sim_models: list[str] = field(default_factory=list)
     # With --sim: keep the -o backends as well (only when -o was given explicitly).
     sim_keep_backends: bool = False
+    # Usage policy (policy/, README "Usage policy"): default per-user limits in
+    # the policy/limits.py vocabulary (rate, burst, max_in_flight, max_queued,
+    # max_tokens, max_tokens_mode, quota_day/month/total; absent or 0 = none),
+    # per-user limits from the config file, the response cache, and whether
+    # OpenAI streams get include_usage injected for accounting.
+    limits: dict[str, float | int] = field(default_factory=dict)
+    user_limits: dict[str, dict[str, float | int]] = field(default_factory=dict)
+    cache_mode: str = "deterministic"
+    cache_ttl: float = 300.0
+    cache_mb: float = 64.0
+    stream_usage: str = "inject"
 
 
 def env_default(names: tuple[str, ...], default: str | None = None) -> str | None:
@@ -165,6 +176,8 @@ _TOML_SCALARS: dict[str, tuple[str, type]] = {
     "queue_timeout": ("queue_timeout", float),
 }
 BALANCE_CHOICES = ("least-conn", "round-robin", "random", "affinity")
+CACHE_CHOICES = ("deterministic", "all", "off")
+STREAM_USAGE_CHOICES = ("inject", "off")
 
 
 def load_toml(path: str) -> dict[str, object]:
@@ -198,6 +211,15 @@ def apply_toml(settings: Settings, data: dict[str, object], path: str = "config"
             _apply_backends(settings, value, path)
         elif key == "users":
             _apply_users(settings, value, path)
+        elif key == "limits":
+            _apply_limits(settings, value, path)
+        elif key == "cache":
+            _apply_cache(settings, value, path)
+        elif key == "stream_usage":
+            if value not in STREAM_USAGE_CHOICES:
+                raise ConfigError(f"{path}: stream_usage must be one of "
+                                  f"{', '.join(STREAM_USAGE_CHOICES)}")
+            settings.stream_usage = str(value)
         else:
             raise ConfigError(f"{path}: unknown setting {key!r}")
     if settings.balance not in BALANCE_CHOICES:
@@ -241,6 +263,47 @@ def _apply_users(settings: Settings, value: object, path: str) -> None:
     unknown = set(value) - {"vip", "boost", "weights"}
     if unknown:
         raise ConfigError(f"{path}: unknown users setting {sorted(unknown)[0]!r}")
+
+
+def _apply_limits(settings: Settings, value: object, path: str) -> None:
+    """`[limits]` defaults and `[limits.users.NAME]` per-user limits."""
+    from ollamamq_fast.policy.limits import check_limits
+
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: limits must be a table")
+    defaults = {k: v for k, v in value.items() if k != "users"}
+    try:
+        settings.limits.update(check_limits(defaults))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: limits: {exc}") from None
+    users = value.get("users", {})
+    if not isinstance(users, dict):
+        raise ConfigError(f"{path}: limits.users must be a table of user = {{ limits }}")
+    for user, limits in users.items():
+        if not isinstance(limits, dict):
+            raise ConfigError(f"{path}: limits.users.{user} must be a table")
+        try:
+            settings.user_limits[user] = check_limits(limits)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: limits.users.{user}: {exc}") from None
+
+
+def _apply_cache(settings: Settings, value: object, path: str) -> None:
+    """`[cache]`: mode, ttl (seconds), mb (local byte budget)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: cache must be a table")
+    for key, item in value.items():
+        if key == "mode":
+            if item not in CACHE_CHOICES:
+                raise ConfigError(f"{path}: cache.mode must be one of {', '.join(CACHE_CHOICES)}")
+            settings.cache_mode = str(item)
+        elif key in ("ttl", "mb"):
+            if isinstance(item, bool) or not isinstance(item, int | float) or item < 0 or (
+                    key == "ttl" and item == 0):
+                raise ConfigError(f"{path}: cache.{key} must be a positive number")
+            setattr(settings, "cache_ttl" if key == "ttl" else "cache_mb", float(item))
+        else:
+            raise ConfigError(f"{path}: unknown cache setting {key!r}")
 
 
 def parse_weights(text: str) -> dict[str, int]:

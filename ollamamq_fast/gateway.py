@@ -24,6 +24,7 @@ from ollamamq_fast.proxy.upstream import UpstreamPool
 from ollamamq_fast.accesslog import AccessLog
 from ollamamq_fast.control.server import AdminServer
 from ollamamq_fast.operator import Operator
+from ollamamq_fast.policy.engine import Policy
 from ollamamq_fast.policy.identity import Identity
 from ollamamq_fast.sched.dispatcher import Dispatcher
 from ollamamq_fast.state.cache import StateCache
@@ -73,6 +74,8 @@ class GatewayState:
                                  self.cache.key_by_digest)
         self.connections: set[ClientProtocol] = set()
         self.stats = GatewayStats()
+        # Rate limits, caps, quotas, response cache (policy/engine.py).
+        self.policy = Policy(self)
         self.started_at = time.monotonic()
         # Wall clock updated by the reaper tick: "last seen" stamps need no
         # clock call per request.
@@ -161,6 +164,7 @@ class Gateway:
         state.access.start()
         await state.cache.start()
         state.operator.restore()
+        await state.policy.start()
         await state.health.start()
         self.server = await loop.create_server(
             lambda: ClientProtocol(state),
@@ -244,6 +248,14 @@ class Gateway:
                      "allow_all_routes", "health_fail_threshold", "health_ok_threshold"):
             if name in data:
                 setattr(live, name, getattr(fresh, name))
+        if "limits" in data:
+            live.limits, live.user_limits = fresh.limits, fresh.user_limits
+        if "cache" in data:
+            live.cache_mode, live.cache_ttl, live.cache_mb = (
+                fresh.cache_mode, fresh.cache_ttl, fresh.cache_mb)
+        if "stream_usage" in data:
+            live.stream_usage = fresh.stream_usage
+        state.policy.reload()
         fleet = state.fleet
         if "balance" in data:
             fleet.balance = Balance(fresh.balance)
@@ -301,6 +313,7 @@ class Gateway:
                     b.pool.close_all()
             await state.health.close()
             state.access.stop()
+            await state.policy.stop()
             await state.cache.stop()
         if self.reaper is not None:
             self.reaper.cancel()

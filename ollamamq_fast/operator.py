@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
+from ollamamq_fast.policy.limits import check_limit
 from ollamamq_fast.state.cache import StateCache
 from ollamamq_fast.state.records import BackendRecord, KeyRecord, UserSettings
 
@@ -183,6 +184,60 @@ class Operator:
                "weight": queue.weight(user)}
         self.events.publish("user_changed", user=row)
         return row
+
+    # -- Usage policy: limits, quotas, usage ------------------------------------
+
+    def set_limits(self, user: str, **limits: Any) -> dict[str, Any]:
+        """Override limits for one user (policy/limits.py names; None drops an override).
+
+        Persisted with the user's settings (shared with replicas on Redis);
+        new requests see it at once. ValueError on an unknown name or bad value.
+        """
+        old = self.cache.user(user)
+        overrides: dict[str, float | int] = dict(old.limits) if old else {}
+        for name, value in limits.items():
+            if value is None:
+                check_limit(name, 0)  # the name must still be known
+                overrides.pop(name, None)
+            else:
+                overrides[name] = check_limit(name, value)
+        queue = self.state.dispatcher.queue
+        self.cache.put_user(UserSettings(user, queue.is_vip(user), queue.is_boost(user),
+                                         queue.weight(user), overrides))
+        self.state.policy.limits_changed()
+        row = self.limits(user)
+        self.events.publish("user_limits_changed", **row)
+        return row
+
+    def limits(self, user: str) -> dict[str, Any]:
+        """A user's limit overrides and the limits in effect (defaults applied)."""
+        old = self.cache.user(user)
+        effective = self.state.policy.limits_for(user).public()
+        overrides = dict(old.limits) if old else {}
+        if "max_tokens_mode" in overrides:
+            overrides["max_tokens_mode"] = effective["max_tokens_mode"]
+        return {"user": user, "overrides": overrides, "effective": effective}
+
+    def quota(self, user: str) -> dict[str, Any]:
+        """Tokens a user used today / this month / in total, as the quota check sees them."""
+        policy = self.state.policy
+        day, month, total = policy.quota.used(user)
+        limits = policy.limits_for(user)
+        return {"user": user, "used_day": day, "used_month": month, "used_total": total,
+                "quota_day": limits.quota_day, "quota_month": limits.quota_month,
+                "quota_total": limits.quota_total, "tracking": policy.quotas_on}
+
+    async def usage(self, user: str | None = None,
+                    since_day: str | None = None) -> list[dict[str, Any]]:
+        """Token usage rows per (day, user, model) from the store, pending usage flushed first."""
+        try:
+            await self.cache.flush()
+        except Exception:  # noqa: BLE001 -- answer with what the store has
+            pass
+        rows = await self.cache.store.usage(user, since_day)
+        return [{"day": r.day, "user": r.user, "model": r.model, "requests": r.requests,
+                 "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                 "total_tokens": r.prompt_tokens + r.completion_tokens} for r in rows]
 
     # -- Blocklist ------------------------------------------------------------
 

@@ -116,6 +116,19 @@ class GatewayStats:
     users: dict[str, UserStats] = field(default_factory=dict)
     # Completed requests and tokens, for per-second rates on dashboards.
     completed: int = 0
+    # Usage policy (policy/): refusals by rate limit, quota and max_in_flight
+    # (also counted in `rejected`), requests whose max_tokens was capped.
+    rate_limited: int = 0
+    quota_refused: int = 0
+    limit_refused: int = 0
+    tokens_capped: int = 0
+    # Response cache: lookups answered / not, and the local tier's size
+    # (bytes and entries are gauges; evictions count LRU budget evictions).
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_bytes: int = 0
+    cache_entries: int = 0
+    cache_evictions: int = 0
 
     def user(self, user: str) -> UserStats:
         """The stats of a user, created on first sight (bounded, LRU-evicted)."""

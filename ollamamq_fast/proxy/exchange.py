@@ -37,13 +37,17 @@ from ollamamq_fast.proxy.routes import (
     api_of_path,
     lookup,
 )
+from ollamamq_fast.policy.cache import cache_control
 from ollamamq_fast.policy.identity import AuthError
-from ollamamq_fast.proxy.sniff import SniffError, first_item, first_model, sniff_fields
+from ollamamq_fast.policy.streamusage import UsageStripper
+from ollamamq_fast.proxy.sniff import SniffError, first_item, first_model, sniff_fields, sniff_spans
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.gateway import GatewayState
+    from ollamamq_fast.policy.cache import Entry
+    from ollamamq_fast.policy.limits import Limits
     from ollamamq_fast.proxy.downstream import ClientProtocol
     from ollamamq_fast.proxy.upstream import UpstreamConnection
     from ollamamq_fast.sched.fairqueue import Ticket
@@ -54,7 +58,7 @@ MAX_ATTEMPTS = 3
 
 # Request headers the gateway handles itself instead of forwarding verbatim.
 (_H_LENGTH, _H_TE, _H_EXPECT, _H_USER, _H_XFF, _H_DROP, _H_CONNECTION, _H_ENCODING,
- _H_AUTH, _H_API_KEY) = range(10)
+ _H_AUTH, _H_API_KEY, _H_CACHE) = range(11)
 _REQUEST_SPECIAL = {
     b"content-length": _H_LENGTH,
     b"transfer-encoding": _H_TE,
@@ -66,6 +70,7 @@ _REQUEST_SPECIAL = {
     b"content-encoding": _H_ENCODING,
     b"authorization": _H_AUTH,
     b"x-api-key": _H_API_KEY,
+    b"cache-control": _H_CACHE,  # forwarded; also read by the response cache
     b"keep-alive": _H_DROP,
     b"proxy-connection": _H_DROP,
     b"proxy-authorization": _H_DROP,
@@ -118,6 +123,7 @@ class Exchange:
         "continue_sent", "early_extra", "unslot_held", "sent_at", "early_immediate",
         "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
         "prompt_tokens", "completion_tokens", "affinity",
+        "limits", "cache_key", "cache_control", "strip_usage",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -164,6 +170,13 @@ class Exchange:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.affinity = ""
+        # Usage policy (policy/engine.py): the user's limits, the response-cache
+        # key of a cacheable request, Cache-Control flags, and whether the
+        # stream's injected usage must be stripped (1 chat, 2 per chunk).
+        self.limits: Limits | None = None
+        self.cache_key: bytes | None = None
+        self.cache_control = 0
+        self.strip_usage = 0
         self.discard_body = False
         self.body_forwarded = False
         self.status = 0
@@ -213,6 +226,9 @@ class Exchange:
                 api_key = value
                 if not keys_required:
                     kept.append(name + b": " + value + b"\r\n")
+            elif action == _H_CACHE:
+                self.cache_control = cache_control(value)
+                kept.append(name + b": " + value + b"\r\n")
             elif action == _H_ENCODING:
                 # A compressed body (zstd on /v1/responses) cannot be sniffed; it
                 # is passed through untouched to any backend of the route's kind.
@@ -393,12 +409,20 @@ class Exchange:
             return
         body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
         self.body = [body]
+        policy = self.gw.policy
+        keys = policy.body_keys(self) if kind is Kind.QUEUED else ()
         if self.encoded_body:
             self.model = None
-            self.gw.dispatcher.submit(self)
+            if kind is not Kind.QUEUED or policy.admit(self, body, None, readable=False):
+                self.gw.dispatcher.submit(self)
             return
+        spans = None
         try:
-            found = sniff_fields(body, route.model_keys)
+            if keys:
+                spans = sniff_spans(body, route.model_keys, keys)
+                found = spans.found
+            else:
+                found = sniff_fields(body, route.model_keys)
         except SniffError as exc:
             self.respond_error(400, str(exc))
             return
@@ -413,7 +437,14 @@ class Exchange:
             return
         self.model_name = name
         self.model = normalize_model(name)
+        if kind is Kind.QUEUED and not policy.admit(self, body, spans):
+            return  # answered (refused, cache hit) or continued by the policy
+        self.proceed()
+
+    def proceed(self) -> None:
+        """Hand the admitted request to the dispatcher (from `_route` or the policy)."""
         if self.gw.fleet.balance is Balance.AFFINITY:
+            body = self.body[0]
             # Same user and same opening message: same backend, so its KV cache is reused.
             opening = first_item(body, "messages")
             self.affinity = self.user + ":" + (
@@ -476,7 +507,9 @@ class Exchange:
             else:
                 head.append(b"\r\n")
             head.append(body)
-            conn.send(self, [b"".join(head)], head_request)
+            strip = UsageStripper(self.strip_usage == 2) if self.strip_usage else None
+            tee = self.gw.policy.cache.entry_limit if self.cache_key is not None else 0
+            conn.send(self, [b"".join(head)], head_request, strip, tee)
             self.body_forwarded = True
             return
         if self.chunked_in:
@@ -531,13 +564,17 @@ class Exchange:
         self.status = status
         if self.started_at:
             self.gw.stats.ttfb.observe(self.gw.loop.time() - self.started_at)
-        dechunk = conn.dechunking
+        dechunk = conn.dechunking and self.http10  # else re-chunked (stream usage stripped)
         if conn.framing is framing.Framing.CLOSE or not self.request_complete or dechunk:
             self.keep_alive = False
         extra = b"X-Gateway-Backend: %b\r\nX-Gateway-Queue-Ms: %d\r\n" % (
             backend.name.encode(),
             self.queue_ms,
         )
+        if self.cache_key is not None:
+            extra += b"X-Cache: MISS\r\n"
+            if status != 200 or conn.framing not in (framing.Framing.LENGTH, framing.Framing.CHUNKED):
+                conn.tee = None  # only whole 200 answers are kept
         if self.http10 and self.keep_alive:
             extra += b"Connection: keep-alive\r\n"
         return framing.response_head(
@@ -570,6 +607,8 @@ class Exchange:
             route = self.route
             if route is not None and route.kind is Kind.QUEUED and self.status < 300:
                 self._count_tokens(conn)
+                if self.cache_key is not None:
+                    self.gw.policy.response_done(self, conn)
             if route is not None and route.refresh_models and self.status < 300:
                 self._note_model_change(backend)
                 self.gw.refresh_models(backend)
@@ -580,6 +619,7 @@ class Exchange:
         prompt, completion = tokens_in_tail(conn.tail())
         self.prompt_tokens, self.completion_tokens = prompt, completion
         self.gw.cache.add_usage(self.user, self.model_name, prompt, completion)
+        self.gw.policy.tokens_used(self.user, prompt, completion)
         if prompt or completion:
             stats = self.gw.stats
             stats.prompt_tokens += prompt
@@ -712,6 +752,16 @@ class Exchange:
             head_only=self.method == b"HEAD", extra=extra,
         )
         self.client.write(data)
+        self.finish()
+
+    def respond_cached(self, entry: "Entry") -> None:
+        """Answer from the response cache: the stored bytes, no backend (called by the policy)."""
+        if self.state is State.DONE:
+            return
+        self.status = entry.status
+        extra = b"X-Cache: HIT\r\nDate: " + framing.http_date() + b"\r\n"
+        head = framing.response_head(entry.status, b"", entry.headers, extra, not self.keep_alive)
+        self.client.write(head + entry.body)
         self.finish()
 
     def respond_error(self, status: int, message: str, *, retry_after: int | None = None) -> None:

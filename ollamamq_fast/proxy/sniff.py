@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import NamedTuple
 
 import orjson
 
@@ -262,4 +263,87 @@ def first_item(body: bytes, key: str) -> bytes:
         sep = _SEP.match(body, i)
         if sep is None or sep.group(1) == b"}":
             return b""
+        i = sep.end()
+
+
+class Sniffed(NamedTuple):
+    """What `sniff_spans` read from a body's top level."""
+
+    found: dict[str, str]  # wanted string keys, decoded (as `sniff_fields` returns)
+    spans: dict[str, tuple[int, int]]  # raw keys: byte span of the value (null included)
+    close: int  # index of the object's closing brace
+    members: int  # number of top-level members
+
+
+def sniff_spans(
+    body: bytes, string_keys: tuple[str, ...], raw_keys: tuple[str, ...]
+) -> Sniffed:
+    """`sniff_fields` plus the raw byte spans of other top-level values, in one pass.
+
+    Used by the usage policy (max_tokens caps, cacheability, stream usage),
+    which needs a few top-level values and the place to insert a key, without
+    parsing the body. Same key rules as `sniff_fields`: case-insensitive, the
+    last duplicate wins. Raises SniffError as `sniff_fields` does.
+    """
+    wanted = _wanted(string_keys)
+    raw = _wanted(raw_keys)
+    found: dict[str, str] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    m = _OPEN.match(body)
+    if m is None:
+        if not body.strip():
+            raise SniffError("missing request body")
+        raise SniffError("request body must be a JSON object")
+    if m.group(1):  # '{}'
+        return Sniffed(found, spans, m.start(1), 0)
+    i = m.end()
+    members = 0
+    while True:
+        km = _KEY.match(body, i)
+        if km is not None:
+            raw_key = km.group(1)
+            plain = raw_key.isascii()
+        else:
+            km = _KEY_ESCAPED.match(body, i)
+            if km is None:
+                raise SniffError("invalid JSON: expected a string key and ':'")
+            raw_key = km.group(1)
+            plain = False
+        key = wanted.get(raw_key.lower()) if plain else _match_key(raw_key, wanted)
+        rkey = raw.get(raw_key.lower()) if plain else _match_key(raw_key, raw)
+        members += 1
+        i = km.end()
+        start = i
+        c = body[i] if i < len(body) else -1
+        if c == _QUOTE:
+            end = _string_end(body, i + 1)
+            if key is not None:
+                found[key] = _decode_string(body[i + 1 : end])
+            i = end + 1
+        elif c == 0x7B or c == 0x5B:  # '{' or '['
+            if key is not None:
+                raise SniffError(f"json: cannot unmarshal object into field {key} of type string")
+            i = _skip_container(body, i)
+        else:
+            sm = _SCALAR.match(body, i)
+            if sm is None:
+                raise SniffError("unexpected end of JSON input")
+            if key is not None:
+                scalar = sm.group(0)
+                if scalar == b"null":
+                    found.pop(key, None)
+                else:
+                    raise SniffError(
+                        f"json: cannot unmarshal {_kind(scalar)} into field {key} of type string"
+                    )
+            i = sm.end()
+        if rkey is not None:
+            spans[rkey] = (start, i)
+        sep = _SEP.match(body, i)
+        if sep is None:
+            if i >= len(body.rstrip()):
+                raise SniffError("unexpected end of JSON input")
+            raise SniffError("invalid JSON: expected ',' or '}' after object value")
+        if sep.group(1) == b"}":
+            return Sniffed(found, spans, sep.start(1), members)
         i = sep.end()

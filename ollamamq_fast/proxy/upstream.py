@@ -20,6 +20,7 @@ from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
+    from ollamamq_fast.policy.streamusage import UsageStripper
 
 # Idle keep-alive connections kept per backend. Enough for a burst at high
 # --slots without holding thousands of sockets open.
@@ -76,10 +77,19 @@ class UpstreamConnection(asyncio.Protocol):
         # Per-response state
         self._reset_response(False)
 
-    def _reset_response(self, head_request: bool, http10: bool = False) -> None:
+    def _reset_response(self, head_request: bool, http10: bool = False,
+                        strip: "UsageStripper | None" = None, tee: int = 0) -> None:
         # HTTP/1.0 clients cannot read chunked bodies (RFC 9112 §6.1): for them a
         # parser with an on_body callback re-emits the payload, ended by close.
-        self.parser = httptools.HttpResponseParser(_Dechunker(self) if http10 else self)
+        # The same path filters a stream whose usage the gateway injected.
+        self.parser = httptools.HttpResponseParser(
+            _Dechunker(self) if http10 or strip is not None else self)
+        self.http10 = http10
+        self.strip = strip
+        # Response cache tee: the bytes forwarded to the client, up to `tee_room`
+        # bytes (then dropped: too large to keep). None when not cacheable.
+        self.tee: list[bytes] | None = [] if tee else None
+        self.tee_room = tee
         self.dechunking = False
         self.pending_body: list[bytes] = []
         self.head_request = head_request
@@ -120,6 +130,8 @@ class UpstreamConnection(asyncio.Protocol):
             client = sink.client_transport
             if client is not None and not self.dechunking:
                 client.write(data)
+                if self.tee is not None:
+                    self.keep(data)
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
@@ -157,7 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         client = sink.client_transport
         if self.dechunking:
-            body = b"".join(self.pending_body)
+            body = self.transform(b"".join(self.pending_body))
             self.pending_body = []
         if body:
             self.last_data = body
@@ -165,6 +177,8 @@ class UpstreamConnection(asyncio.Protocol):
             client.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 client.write(body)
+            if body and self.tee is not None:
+                self.keep(body)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -177,6 +191,8 @@ class UpstreamConnection(asyncio.Protocol):
                     self.parser.feed_data(b"")
                 except httptools.HttpParserError:
                     pass
+                if self.strip is not None:
+                    self.finish_strip()
                 self.complete = True
                 sink.response_complete(self)
                 return
@@ -234,13 +250,62 @@ class UpstreamConnection(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
+        if self.strip is not None:
+            self.finish_strip()
         self.complete = True
+
+    # -- Re-emitted bodies (HTTP/1.0 de-chunking, stream usage stripping) ----------
+
+    def transform(self, payload: bytes) -> bytes:
+        """A de-chunked body piece as the client gets it: filtered, re-chunked if chunked."""
+        strip = self.strip
+        if strip is not None:
+            payload = strip.feed(payload)
+            if payload and self.framing is framing.Framing.CHUNKED and not self.http10:
+                payload = framing.chunk(payload)
+        return payload
+
+    def emit(self, payload: bytes) -> None:
+        """Write a re-emitted body piece to the client (and the cache tee)."""
+        if not payload:
+            return
+        sink = self.sink
+        if sink is not None and sink.client_transport is not None:
+            sink.client_transport.write(payload)
+            if self.tee is not None:
+                self.keep(payload)
+
+    def finish_strip(self) -> None:
+        """End of a filtered body: what the stripper held back, then the last chunk."""
+        strip, self.strip = self.strip, None
+        if strip is None or not self.dechunking:
+            return
+        rest = strip.flush()
+        if self.framing is framing.Framing.CHUNKED and not self.http10:
+            rest = (framing.chunk(rest) if rest else b"") + framing.LAST_CHUNK
+        self.emit(rest)
+
+    def keep(self, data: bytes) -> None:
+        """Tee forwarded bytes for the response cache, within the entry bound."""
+        tee = self.tee
+        if tee is None:
+            return
+        self.tee_room -= len(data)
+        if self.tee_room < 0:
+            self.tee = None  # too large to cache
+        else:
+            tee.append(data)
 
     # -- Exchange-facing API ----------------------------------------------------------
 
-    def send(self, sink: ResponseSink, data: list[bytes], head_request: bool) -> None:
-        """Bind to an exchange and write its request head (and body, if any)."""
-        self._reset_response(head_request, sink.http10)
+    def send(self, sink: ResponseSink, data: list[bytes], head_request: bool,
+             strip: "UsageStripper | None" = None, tee: int = 0) -> None:
+        """Bind to an exchange and write its request head (and body, if any).
+
+        `strip` filters the injected usage out of an SSE answer; `tee` > 0 keeps
+        up to that many forwarded bytes for the response cache.
+        """
+        self._reset_response(head_request, sink.http10, strip, tee)
         self.sink = sink
         self.rx_seen = self.rx_count
         self.silent_s = 0.0
@@ -310,7 +375,16 @@ class _Dechunker:
     def on_headers_complete(self) -> None:
         conn = self.conn
         conn.on_headers_complete()
-        conn.dechunking = conn.framing is framing.Framing.CHUNKED
+        if conn.interim:
+            return
+        if conn.strip is not None and (
+            conn.status != 200 or b"event-stream" not in conn.content_type.lower()
+            or conn.framing is framing.Framing.LENGTH
+        ):
+            conn.strip = None  # not the SSE stream we asked usage for: pass it as it is
+        conn.dechunking = (conn.framing is framing.Framing.CHUNKED and conn.http10) or (
+            conn.strip is not None
+        )
 
     def on_body(self, body: bytes) -> None:
         conn = self.conn
@@ -319,9 +393,7 @@ class _Dechunker:
         if not conn.head_sent:
             conn.pending_body.append(body)
             return
-        sink = conn.sink
-        if sink is not None and sink.client_transport is not None:
-            sink.client_transport.write(body)
+        conn.emit(conn.transform(body))
 
 
 class UpstreamPool:

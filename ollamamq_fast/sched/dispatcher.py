@@ -93,15 +93,16 @@ class Dispatcher:
                 429, f"the gateway queue is full ({settings.max_queue} requests)", retry_after=5
             )
             return
-        if self.queue.depth(ex.user) >= settings.max_queue_per_user:
+        # The user's max_queued (policy/limits.py; defaults to --max-queue-per-user, 0 = none).
+        per_user = ex.limits.max_queued if ex.limits is not None else settings.max_queue_per_user
+        if per_user and self.queue.depth(ex.user) >= per_user:
             self.rejected_full += 1
             ex.gw.stats.rejected += 1
             if ex.ustats is not None:
                 ex.ustats.rejected += 1
             ex.respond_error(
                 429,
-                f"too many queued requests for user {ex.user!r} "
-                f"(at most {settings.max_queue_per_user})",
+                f"too many queued requests for user {ex.user!r} (at most {per_user})",
                 retry_after=5,
             )
             return

@@ -1,0 +1,161 @@
+"""Per-request output caps: `max_tokens` (OpenAI) and `options.num_predict` (Ollama).
+
+A request is rewritten only where it must be, by splicing bytes: the top-level
+value of the limiting key is replaced (or the key appended before the closing
+brace), and every other byte of the body is kept, so key order, number
+spellings (`1.0` stays `1.0`) and escapes are untouched. For Ollama the small
+`options` object is the only thing parsed and re-encoded (stdlib `json`, which
+keeps integers of any size exact and writes floats with `repr`, so `1.0` stays
+`1.0`; orjson would turn an integer beyond 64 bits into a float).
+
+Mode `clamp` rewrites a value above the cap to the cap; `reject` answers 400
+instead. In both modes a request that sets no limit gets the cap added:
+without it Ollama generates until the context is full. Negative values mean
+"unlimited" to Ollama (-1, -2) and count as above the cap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ollamamq_fast.proxy.sniff import Sniffed
+
+# (start, end, replacement) in the original body; start == end inserts.
+Edit = tuple[int, int, bytes]
+
+
+class CapError(ValueError):
+    """The request asks for more than its cap (reject mode) or names no usable limit (400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CapRule:
+    """Where a route keeps its output limit."""
+
+    keys: tuple[str, ...]  # top-level keys capped when present (OpenAI shapes)
+    insert: str  # the key that must end up present ("" for Ollama's options)
+    native: bool  # options.num_predict
+
+
+CAP_RULES: dict[bytes, CapRule] = {
+    b"/api/generate": CapRule((), "", True),
+    b"/api/chat": CapRule((), "", True),
+    # Ollama reads max_tokens only; vLLM and others also max_completion_tokens.
+    b"/v1/chat/completions": CapRule(("max_tokens", "max_completion_tokens"), "max_tokens", False),
+    b"/v1/completions": CapRule(("max_tokens",), "max_tokens", False),
+    b"/v1/responses": CapRule(("max_output_tokens",), "max_output_tokens", False),
+    b"/v1/messages": CapRule(("max_tokens",), "max_tokens", False),
+}
+
+
+def splice(body: bytes, edits: list[Edit]) -> bytes:
+    """Apply non-overlapping edits to `body` (any order)."""
+    out: list[bytes] = []
+    pos = 0
+    for start, end, data in sorted(edits, key=lambda e: (e[0], e[1])):
+        out.append(body[pos:start])
+        out.append(data)
+        pos = end
+    out.append(body[pos:])
+    return b"".join(out)
+
+
+def append_member(sn: Sniffed, key: str, value: bytes) -> Edit:
+    """An edit adding `"key":value` as the object's last member."""
+    member = b'"' + key.encode() + b'":' + value
+    return (sn.close, sn.close, b"," + member if sn.members else member)
+
+
+def parse_object(raw: bytes) -> dict[str, Any] | None:
+    """A small JSON object (e.g. `options`) to read, or None when it is not an object."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return exact_object(raw)  # e.g. invalid UTF-8, which Go would replace
+    return value if isinstance(value, dict) else None
+
+
+def exact_object(raw: bytes) -> dict[str, Any] | None:
+    """A small JSON object parsed for re-encoding: integers of any size stay exact."""
+    try:
+        value = json.loads(raw.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def encode_object(obj: dict[str, Any]) -> bytes:
+    """Re-encode a parsed small object: key order kept, ints exact, `1.0` kept."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def number(raw: bytes, key: str) -> int | float | None:
+    """A raw JSON number (None for null); CapError for anything else."""
+    if raw == b"null":
+        return None
+    if raw[:1] in b"-0123456789":
+        try:
+            return int(raw)
+        except ValueError:
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+    raise CapError(f"{key} must be an integer, got {raw[:40].decode('utf-8', 'replace')}")
+
+
+def _too_many(key: str, value: int | float, cap: int) -> str:
+    if value < 0:
+        return (f"{key} {value:g} (unlimited) exceeds this gateway's cap of {cap} tokens; "
+                f"ask for at most {cap}")
+    return f"{key} {value:g} exceeds this gateway's cap of {cap} tokens; ask for at most {cap}"
+
+
+def cap_openai(body: bytes, sn: Sniffed, rule: CapRule, cap: int, reject: bool) -> list[Edit]:
+    """Edits that bring an OpenAI-shaped request within `cap` (CapError in reject mode)."""
+    edits: list[Edit] = []
+    capped = str(cap).encode()
+    for key in rule.keys:
+        span = sn.spans.get(key)
+        if span is None:
+            continue
+        value = number(body[span[0] : span[1]], key)
+        if value is None or value < 0 or value > cap:
+            if value is not None and reject:
+                raise CapError(_too_many(key, value, cap))
+            edits.append((span[0], span[1], capped))
+    if rule.insert not in sn.spans:
+        edits.append(append_member(sn, rule.insert, capped))
+    return edits
+
+
+def cap_native(
+    body: bytes, sn: Sniffed, options: dict[str, Any] | None, cap: int, reject: bool
+) -> list[Edit]:
+    """Edits that bring `options.num_predict` within `cap` (CapError in reject mode).
+
+    `options` is the parsed top-level `options` object (None when absent or null).
+    """
+    span = sn.spans.get("options")
+    fresh = b'{"num_predict":%d}' % cap
+    if span is None:
+        return [append_member(sn, "options", fresh)]
+    if options is None:
+        if body[span[0] : span[1]] == b"null":
+            return [(span[0], span[1], fresh)]
+        raise CapError("options must be a JSON object")
+    value = options.get("num_predict")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CapError(f"options.num_predict must be an integer, got {value!r:.40}")
+        if 0 <= value <= cap:
+            return []
+        if reject:
+            raise CapError(_too_many("options.num_predict", value, cap))
+    rewritten = exact_object(body[span[0] : span[1]]) or dict(options)
+    rewritten["num_predict"] = cap
+    return [(span[0], span[1], encode_object(rewritten))]

@@ -1,0 +1,338 @@
+"""The usage policy at admission: one object the data plane asks about each inference request.
+
+Order of the checks (each one cheap; the body is read only where needed):
+
+1. rate limit (token bucket)            -> 429 + Retry-After
+2. token quotas (day / month / total)   -> 403
+3. max_in_flight (waiting + running)    -> 429 + Retry-After
+4. max_tokens cap (clamp or reject)     -> rewrite, or 400
+5. response cache lookup                -> HIT answered here, no backend
+6. stream usage injection               -> rewrite (the answer is filtered back)
+
+max_queued is applied by the dispatcher, where a request would wait.
+Everything runs on the event loop without locks and without waiting on the
+store; only a Redis-backed cache lookup awaits (bounded, a miss on timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ollamamq_fast.policy.cache import (
+    CACHEABLE,
+    DETERMINISM_KEYS,
+    EMBEDDINGS,
+    NO_CACHE,
+    NO_STORE,
+    RedisTier,
+    ResponseCache,
+    cache_key,
+    is_deterministic,
+)
+from ollamamq_fast.policy.caps import CAP_RULES, CapError, Edit, cap_native, cap_openai, parse_object, splice
+from ollamamq_fast.policy.limits import QUOTA_NAMES, Limits, resolve
+from ollamamq_fast.policy.quota import REFRESH_S, QuotaBook
+from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
+from ollamamq_fast.policy.streamusage import INJECT_KEYS, INJECT_ROUTES, usage_edit
+from ollamamq_fast.proxy.exchange import State
+from ollamamq_fast.proxy.sniff import Sniffed
+from ollamamq_fast.state.records import UserSettings
+
+if TYPE_CHECKING:
+    from ollamamq_fast.gateway import GatewayState
+    from ollamamq_fast.proxy.exchange import Exchange
+    from ollamamq_fast.proxy.upstream import UpstreamConnection
+
+log = logging.getLogger("ollamamq_fast.policy")
+
+# Resolved limits are memoized per user; the memo is dropped beyond this many
+# users rather than grown (a flood of ids costs a re-resolve, not memory).
+MEMO_MAX = 100_000
+# Warnings about the store at most this often.
+WARN_EVERY_S = 10.0
+# Full, idle rate buckets are dropped every this many background ticks.
+FORGET_EVERY_TICKS = 10
+# A 200 stream that carries an error object (Ollama's mid-stream error line, or
+# an SSE error event) is not an answer worth replaying.
+_ERROR_MARK = b'{"error"'
+
+
+class Policy:
+    """Limits, caps, quotas and the response cache for one gateway."""
+
+    def __init__(self, state: "GatewayState") -> None:
+        self.state = state
+        self.settings = state.settings
+        self.stats = state.stats
+        self.limiter = RateLimiter(state.loop.time)
+        self.sync: RateSync | None = None
+        self.quota = QuotaBook(state.cache.store.usage, state.cache.flush)
+        self.cache = ResponseCache(state.stats, state.loop.time)
+        self.inject = True
+        self.quotas_on = False
+        self._memo: dict[str, tuple[UserSettings | None, Limits]] = {}
+        self._keys: dict[tuple[bytes, bool, bool, bool], tuple[str, ...]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._warned = 0.0
+        self.reload()
+
+    # -- Lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load quota counts, start the background work (called by the gateway after the cache)."""
+        settings = self.settings
+        if settings.redis_url:
+            self.sync = RateSync(self.limiter, self.state.cache.incr_window)
+            self.sync.start()
+            self.cache.remote = RedisTier(settings.redis_url)
+        self.quotas_on, need_total = self._quota_flags()
+        if self.quotas_on:
+            await self.quota.refresh(need_total)
+        self._loop_task = self.state.loop.create_task(self._background(), name="ollamamq-policy")
+
+    async def stop(self) -> None:
+        """Stop background work (called by the gateway before the cache stops)."""
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+        if self.sync is not None:
+            await self.sync.stop()
+        if self.cache.remote is not None:
+            await self.cache.remote.close()
+            self.cache.remote = None
+
+    def reload(self) -> None:
+        """Settings changed (start, SIGHUP): re-resolve limits, resize the cache."""
+        s = self.settings
+        self.inject = s.stream_usage == "inject"
+        self.cache.configure(s.cache_mode, s.cache_ttl, s.cache_mb)
+        self._memo.clear()
+        self._keys.clear()
+        self.quotas_on = self.quotas_on or self._quota_flags()[0]
+
+    def limits_changed(self) -> None:
+        """A user's limits changed here (Operator.set_limits): start counting for quotas now."""
+        self.quotas_on = self.quotas_on or self._quota_flags()[0]
+
+    async def _background(self) -> None:
+        """Refresh quota counts while any quota is configured; forget idle rate buckets."""
+        ticks = 0
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            ticks += 1
+            if ticks % FORGET_EVERY_TICKS == 0 and self.sync is None:
+                self.limiter.forget_idle()  # the reconciler does it when shared
+            self.quotas_on, need_total = self._quota_flags()
+            if not self.quotas_on:
+                continue
+            try:
+                await self.quota.refresh(need_total)
+            except Exception as exc:  # noqa: BLE001 -- keep the last counts, retry next tick
+                now = time.monotonic()
+                if now - self._warned > WARN_EVERY_S:
+                    self._warned = now
+                    log.warning("quotas: cannot read usage from the store (%s); "
+                                "using the last counts", exc)
+
+    def _quota_flags(self) -> tuple[bool, bool]:
+        """(any quota configured anywhere, any total quota) -- O(users), once a second."""
+        layers: list[dict[str, Any]] = [self.settings.limits]
+        layers.extend(self.settings.user_limits.values())
+        layers.extend(u.limits for u in self.state.cache.users.values())
+        on = any(layer.get(name) for layer in layers for name in QUOTA_NAMES)
+        total = any(layer.get("quota_total") for layer in layers)
+        return on, total
+
+    # -- Reads ------------------------------------------------------------------------
+
+    def limits_for(self, user: str) -> Limits:
+        """A user's effective limits (memoized until their settings or the config change)."""
+        stored = self.state.cache.users.get(user)
+        memo = self._memo.get(user)
+        if memo is not None and memo[0] is stored:
+            return memo[1]
+        settings = self.settings
+        layers = [settings.limits, settings.user_limits.get(user, {})]
+        if stored is not None:
+            layers.append(stored.limits)
+        limits = resolve(layers, settings.max_queue_per_user)
+        if len(self._memo) >= MEMO_MAX:
+            self._memo.clear()
+        self._memo[user] = (stored, limits)
+        return limits
+
+    def body_keys(self, ex: "Exchange") -> tuple[str, ...]:
+        """Top-level body keys the policy must read for this request (sets `ex.limits`)."""
+        limits = ex.limits = self.limits_for(ex.user)
+        path = ex.path
+        cap = bool(limits.max_tokens) and path in CAP_RULES
+        det = self.cache.mode == "deterministic" and path in CACHEABLE and path not in EMBEDDINGS
+        inject = self.inject and path in INJECT_ROUTES
+        if not (cap or det or inject):
+            return ()
+        memo_key = (path, cap, det, inject)
+        keys = self._keys.get(memo_key)
+        if keys is None:
+            native = path.startswith(b"/api/")
+            wanted: list[str] = []
+            if cap:
+                rule = CAP_RULES[path]
+                wanted += ["options"] if rule.native else [*rule.keys, rule.insert]
+            if det:
+                wanted += ["options"] if native else list(DETERMINISM_KEYS)
+            if inject:
+                wanted += INJECT_KEYS
+            keys = self._keys[memo_key] = tuple(dict.fromkeys(wanted))
+        return keys
+
+    # -- Admission ----------------------------------------------------------------------
+
+    def admit(self, ex: "Exchange", body: bytes, sn: Sniffed | None,
+              readable: bool = True) -> bool:
+        """Apply the policy to an inference request whose model is known.
+
+        `sn` holds the top-level values `body_keys` asked for (None when none
+        were needed); `readable` is False for a compressed body. True: go on to
+        the dispatcher (the body may have been rewritten). False: the request
+        was answered (refused, or a cache HIT), or a Redis cache lookup will
+        continue it (`ex.proceed()`).
+        """
+        limits = ex.limits
+        if limits is None:
+            limits = ex.limits = self.limits_for(ex.user)
+        if limits.rate > 0:
+            wait = self.limiter.take(ex.user, limits.rate, limits.burst)
+            if wait:
+                after = retry_after(wait)
+                self.stats.rate_limited += 1
+                self._refuse(ex, 429, f"rate limit exceeded for user {ex.user!r}: "
+                             f"{limits.rate:g} requests/s, bursts of {limits.burst:g}; "
+                             f"retry in {after} s", after)
+                return False
+        if limits.has_quota:
+            why = self.quota.exceeded(ex.user, limits)
+            if why is not None:
+                self.stats.quota_refused += 1
+                self._refuse(ex, 403, why)
+                return False
+        if limits.max_in_flight:
+            ustats = ex.ustats
+            if ustats is not None and ustats.in_flight + ustats.queued >= limits.max_in_flight:
+                self.stats.limit_refused += 1
+                self._refuse(ex, 429, f"too many requests in flight for user {ex.user!r}: at "
+                             f"most {limits.max_in_flight} at once; retry when one finishes", 1)
+                return False
+        path = ex.path
+        rule = CAP_RULES.get(path) if limits.max_tokens else None
+        if not readable:
+            # A compressed body (zstd on /v1/responses) cannot be read or rewritten.
+            if rule is not None:
+                ex.respond_error(400, "this gateway caps max_tokens and cannot check a "
+                                      "compressed request body; send it uncompressed")
+                return False
+            return True
+        native = path.startswith(b"/api/")
+        options = None
+        span = sn.spans.get("options") if native and sn is not None else None
+        if span is not None:
+            options = parse_object(body[span[0] : span[1]])
+        edits: list[Edit] = []
+        if rule is not None and sn is not None:
+            try:
+                if rule.native:
+                    edits = cap_native(body, sn, options, limits.max_tokens, limits.reject_over_cap)
+                else:
+                    edits = cap_openai(body, sn, rule, limits.max_tokens, limits.reject_over_cap)
+            except CapError as exc:
+                ex.respond_error(400, str(exc))
+                return False
+            if edits:
+                self.stats.tokens_capped += 1
+        cache = self.cache
+        if (cache.enabled and path in CACHEABLE and not ex.http10
+                and not ex.cache_control & NO_STORE
+                and (cache.mode == "all" or path in EMBEDDINGS
+                     or (sn is not None and is_deterministic(native, body, sn, options)))):
+            key = cache_key(path, ex.url, ex.model or "", limits.max_tokens if rule else 0, body)
+            if key is not None:
+                ex.cache_key = key
+                if not ex.cache_control & NO_CACHE:
+                    entry = cache.get(key)
+                    if entry is not None:
+                        self.stats.cache_hits += 1
+                        ex.respond_cached(entry)
+                        return False
+                    if cache.remote is not None:
+                        task = self.state.loop.create_task(
+                            self._remote_lookup(ex, key, body, sn, edits))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                        return False
+                self.stats.cache_misses += 1
+        self._finish(ex, body, sn, edits)
+        return True
+
+    def _finish(self, ex: "Exchange", body: bytes, sn: Sniffed | None,
+                edits: list[Edit]) -> None:
+        """Last step: ask for stream usage if needed, apply all rewrites at once."""
+        if self.inject and sn is not None:
+            per_chunk = INJECT_ROUTES.get(ex.path)
+            if per_chunk is not None:
+                edit = usage_edit(body, sn)
+                if edit is not None:
+                    edits.append(edit)
+                    ex.strip_usage = 2 if per_chunk else 1
+        if edits:
+            ex.body = [splice(body, edits)]
+
+    async def _remote_lookup(self, ex: "Exchange", key: bytes, body: bytes, sn: Sniffed | None,
+                             edits: list[Edit]) -> None:
+        cache = self.cache
+        remote = cache.remote
+        entry = await remote.get(key, self.state.loop.time) if remote is not None else None
+        if ex.state is State.DONE:
+            return  # the client left meanwhile
+        try:
+            if entry is not None and entry.status == 200:
+                cache.adopt(key, entry)
+                self.stats.cache_hits += 1
+                ex.respond_cached(entry)
+                return
+            self.stats.cache_misses += 1
+            self._finish(ex, body, sn, edits)
+            ex.proceed()
+        except Exception:
+            log.exception("policy: cache lookup continuation failed")
+            ex.respond_error(500, "internal error in the gateway's response cache")
+
+    def _refuse(self, ex: "Exchange", status: int, message: str,
+                retry: int | None = None) -> None:
+        ex.gw.stats.rejected += 1
+        if ex.ustats is not None:
+            ex.ustats.rejected += 1
+        ex.respond_error(status, message, retry_after=retry)
+
+    # -- After the response -----------------------------------------------------------
+
+    def tokens_used(self, user: str, prompt: int, completion: int) -> None:
+        """A request finished with these token counts (called by the exchange)."""
+        if self.quotas_on:
+            self.quota.note(user, prompt + completion)
+
+    def response_done(self, ex: "Exchange", conn: "UpstreamConnection") -> None:
+        """Keep a cacheable 200 answer (called by the exchange when the response ended)."""
+        tee = conn.tee
+        key = ex.cache_key
+        if tee is None or key is None or conn.status != 200 or _ERROR_MARK in conn.tail():
+            return
+        self.cache.put(key, conn.status, conn.headers, b"".join(tee))

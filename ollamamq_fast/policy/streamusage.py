@@ -1,0 +1,109 @@
+"""Token counts for OpenAI streams that did not ask for them.
+
+An OpenAI-compatible stream carries usage only when the request sets
+`stream_options.include_usage`; most clients (openai-python 1.x by default)
+do not, so the gateway would have nothing to account. Decision: the gateway
+**injects** `"stream_options":{"include_usage":true}` into such requests and
+**strips** what that adds from the stream before the client sees it:
+
+* the extra `"choices":[]` event carrying `usage` (before `data: [DONE]`),
+  which is all it adds to chat streams on Ollama, vLLM and llama.cpp;
+* on `/v1/completions`, Ollama also puts a zero `"usage":{...}` member in every
+  chunk: that member is removed again (`per_chunk`).
+
+The client gets exactly the events it asked for, byte for byte; only the HTTP
+chunk boundaries may differ (events are re-chunked as they complete, so
+nothing is delayed). The counts are then exact, from the backend itself
+(counting content chunks instead would miss the prompt tokens and only guess
+the completion tokens). Only `200 text/event-stream` responses framed with
+chunked encoding or connection close are filtered; a backend answering an SSE
+stream with a Content-Length (none known) is passed through as it is.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ollamamq_fast.policy.caps import Edit, append_member, encode_object, exact_object
+from ollamamq_fast.proxy.sniff import Sniffed
+
+# Routes whose streams get usage injected, and whether the backend then adds a
+# zero usage member to every chunk (Ollama's /v1/completions does).
+INJECT_ROUTES: dict[bytes, bool] = {
+    b"/v1/chat/completions": False,
+    b"/v1/completions": True,
+}
+INJECT_KEYS = ("stream", "stream_options")
+
+_INCLUDE = b'{"include_usage":true}'
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
+# The zero usage member Ollama adds to every /v1/completions chunk. A JSON
+# string cannot hold a raw `"` (it is escaped), so `,"usage":{` only matches a key.
+_CHUNK_USAGE = re.compile(rb',"usage":\{[^{}]*\}')
+
+
+def usage_edit(body: bytes, sn: Sniffed) -> Edit | None:
+    """The edit that asks the backend for usage, or None (not a stream, or already asked)."""
+    span = sn.spans.get("stream")
+    if span is None or body[span[0] : span[1]] != b"true":
+        return None
+    span = sn.spans.get("stream_options")
+    if span is None:
+        return append_member(sn, "stream_options", _INCLUDE)
+    raw = body[span[0] : span[1]]
+    if raw == b"null":
+        return (span[0], span[1], _INCLUDE)
+    options = exact_object(raw)
+    if options is None or options.get("include_usage") is True:
+        return None  # the client asked for usage itself, or the backend will refuse the body
+    options["include_usage"] = True
+    return (span[0], span[1], encode_object(options))
+
+
+class UsageStripper:
+    """Removes the injected usage from an SSE byte stream, event by event."""
+
+    __slots__ = ("buf", "per_chunk")
+
+    def __init__(self, per_chunk: bool) -> None:
+        self.buf = b""
+        self.per_chunk = per_chunk
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes of complete events to pass on; an incomplete event waits for its end."""
+        buf = self.buf + data if self.buf else data
+        end = buf.rfind(b"\n\n")
+        cut = end + 2 if end >= 0 else 0
+        crlf = buf.rfind(b"\r\n\r\n")
+        if crlf >= 0 and crlf + 4 > cut:
+            cut = crlf + 4
+        if cut == 0:
+            self.buf = buf
+            return b""
+        self.buf = buf[cut:]
+        ready = buf[:cut] if cut < len(buf) else buf
+        if b'"usage"' not in ready:
+            return ready  # the common case: content events, passed as they are
+        return self._filter(ready)
+
+    def flush(self) -> bytes:
+        """What is left at the end of the stream (an unterminated last event)."""
+        rest, self.buf = self.buf, b""
+        return self._filter(rest) if b'"usage"' in rest else rest
+
+    def _filter(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        pos = 0
+        ends = [m.end() for m in _EVENT_END.finditer(data)]
+        if not ends or ends[-1] != len(data):
+            ends.append(len(data))
+        for end in ends:
+            event = data[pos:end]
+            pos = end
+            if b'"usage"' in event:
+                if b'"choices":[]' in event:
+                    continue  # the usage event the gateway asked for
+                if self.per_chunk:
+                    event = _CHUNK_USAGE.sub(b"", event, count=1)
+            out.append(event)
+        return b"".join(out)
