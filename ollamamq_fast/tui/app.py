@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from typing import Any, ClassVar
 
 from textual import on, work
@@ -43,6 +44,8 @@ POLL_INTERVAL_S = 1.0
 MIN_REFRESH_GAP_S = 0.5
 # After a lost event stream, try again this often (the server's `retry` hint).
 RECONNECT_S = 3.0
+# Events queued between two refreshes; far more than a second's worth.
+MAX_PENDING_EVENTS = 1000
 # Returned by run_async() when the operator confirmed stopping the gateway.
 STOP_GATEWAY = "stop"
 
@@ -86,6 +89,9 @@ class Dashboard(App[str | None]):
         # Created on mount: an aiohttp session belongs to the loop that runs the app.
         self.api: AdminApi | None = None
         self._wake = asyncio.Event()
+        # Events wait here for the next refresh (bounded: a stalled UI drops the oldest).
+        self._pending: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING_EVENTS)
+        self._stream_up = False
         self.refreshes = 0
 
     # -- Layout ---------------------------------------------------------------
@@ -119,14 +125,18 @@ class Dashboard(App[str | None]):
 
     @work(exclusive=True, group="poll")
     async def poll(self) -> None:
-        """Refresh the three lists every poll_interval, sooner when woken."""
+        """Refresh about once a second: on each tick, or on a timer without events."""
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
             self._wake.clear()
             await self.refresh_data()
+            self._flush_events()
+            # With the event stream up, the tick wakes us; the timer is only a
+            # fallback, made longer so it does not add a second refresh.
+            wait = self.poll_interval * (1.5 if self._stream_up else 1.0)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
             rest = MIN_REFRESH_GAP_S - (loop.time() - started)
             if rest > 0:
                 await asyncio.sleep(rest)
@@ -152,23 +162,37 @@ class Dashboard(App[str | None]):
     async def follow_events(self) -> None:
         """Follow /api/events for ever, reconnecting after RECONNECT_S."""
         assert self.api is not None
-        log = self.query_one(EventLog)
         while True:
             try:
                 async for event in self.api.events():
+                    self._stream_up = True
                     self.on_admin_event(event)
             except AdminApiError as exc:
                 self._lost(str(exc))
+            self._stream_up = False
             await asyncio.sleep(RECONNECT_S)
-            log.note("reconnecting to the event stream...", "dim")
+            self.query_one(EventLog).note("reconnecting to the event stream...", "dim")
 
     def on_admin_event(self, event: dict[str, Any]) -> None:
-        """A tick updates the header; any other event is news: log it and refresh."""
-        self.query_one(EventLog).add_event(event)
-        if event.get("type") == "tick":
-            self.tick = {k: v for k, v in event.items() if k != "backends"}
-        else:
-            self._wake.set()
+        """Queue the event and wake the poller, which shows both in one frame.
+
+        Applying a tick at once and the polled lists a few milliseconds later
+        would draw two frames a second; each frame is loop time the gateway
+        shares in `serve`.
+        """
+        self._pending.append(event)
+        self._wake.set()
+
+    def _flush_events(self) -> None:
+        log = self.query_one(EventLog)
+        tick: dict[str, Any] | None = None
+        while self._pending:
+            event = self._pending.popleft()
+            log.add_event(event)
+            if event.get("type") == "tick":
+                tick = event
+        if tick is not None:
+            self.tick = {k: v for k, v in tick.items() if k != "backends"}
 
     def _lost(self, error: str) -> None:
         if error != self.link_error:

@@ -55,12 +55,10 @@ def ensure_admin_token(settings: Settings) -> str | None:
     return settings.admin_token
 
 
-def loopback_url(gateway: Gateway) -> str | None:
+def loopback_url(host: str, port: int | None) -> str | None:
     """The admin base URL the dashboard can reach (a wildcard bind means loopback)."""
-    port = gateway.admin_port
     if port is None:
         return None
-    host = gateway.settings.admin_host
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host == "::":
@@ -72,7 +70,7 @@ def loopback_url(gateway: Gateway) -> str | None:
 async def run_dashboard(gateway: Gateway, stop: asyncio.Event,
                         generated_token: str | None) -> None:
     """Show the dashboard until q (confirmed) or a stop signal; then return to drain."""
-    url = loopback_url(gateway)
+    url = loopback_url(gateway.settings.admin_host, gateway.admin_port)
     token = gateway.settings.admin_token
     if url is None or not token:
         print("  (no dashboard: the control plane is not running; Ctrl+C stops the gateway)",

@@ -12,7 +12,9 @@ from typing import Any
 from rich.text import Text
 
 # A table row: its stable key (cursor and in-place updates follow it) and cells.
-Cell = str | Text
+# Cells are always Text: a plain str would be parsed as console markup on every
+# redraw, which costs loop time and would turn a user id like "[b]x" into bold.
+Cell = Text
 Row = tuple[str, tuple[Cell, ...]]
 
 VIP_MARK = "★"
@@ -68,9 +70,10 @@ def backend_rows(backends: list[dict[str, Any]], expanded: set[str]) -> list[Row
         if len(models) > MODELS_SHOWN:
             shown += f" +{len(models) - MODELS_SHOWN}"
         rows.append((BACKEND_KEY + url, (
-            f"{mark} {url}", backend_state(b), str(b.get("kind", "")),
-            f"{b.get('in_flight', 0)}/{b.get('slots', 0)}", str(b.get("requests_done", 0)),
-            str(b.get("failures", 0)), shown or "-")))
+            Text(f"{mark} {url}"), backend_state(b), Text(str(b.get("kind", ""))),
+            Text(f"{b.get('in_flight', 0)}/{b.get('slots', 0)}"),
+            Text(str(b.get("requests_done", 0))), Text(str(b.get("failures", 0))),
+            Text(shown or "-"))))
         if is_open:
             rows.extend(model_rows(b))
     return rows
@@ -82,14 +85,18 @@ def model_rows(b: dict[str, Any]) -> list[Row]:
     loaded = set(b.get("loaded", []))
     models = list(b.get("models", []))
     if not models:
-        return [(f"{MODEL_KEY}{url}|", ("    (no models)", "", "", "", "", "", ""))]
+        return [(f"{MODEL_KEY}{url}|", (Text("    (no models)", style="dim"), *_blank(6)))]
     rows: list[Row] = []
     for i, model in enumerate(models):
         branch = "└" if i == len(models) - 1 else "├"
         mark = Text(f"{LOADED_MARK} loaded", style="green") if model in loaded else Text("")
-        rows.append((f"{MODEL_KEY}{url}|{model}", (f"   {branch} {model}", mark, "", "", "", "",
-                                                    "")))
+        rows.append((f"{MODEL_KEY}{url}|{model}", (Text(f"   {branch} {model}"), mark,
+                                                    *_blank(5))))
     return rows
+
+
+def _blank(n: int) -> tuple[Text, ...]:
+    return tuple(Text() for _ in range(n))
 
 
 def backend_url_of(key: str) -> str | None:
@@ -121,13 +128,16 @@ def user_rows(users: list[dict[str, Any]], blocked_ips: set[str]) -> list[Row]:
     for u in users[:MAX_USER_ROWS]:
         name = str(u["user"])
         ip = str(u.get("last_ip") or "")
-        ip_cell: Cell = Text(f"{ip} {BLOCKED_MARK}", style="red") if ip in blocked_ips else ip
+        if ip in blocked_ips:
+            ip_cell = Text(f"{ip} {BLOCKED_MARK}", style="red")
+        else:
+            ip_cell = Text(ip or "-")
         tokens = int(u.get("prompt_tokens", 0)) + int(u.get("completion_tokens", 0))
         dropped = int(u.get("dropped", 0)) + int(u.get("rejected", 0))
         rows.append((USER_KEY + name, (
-            user_marks(u), name, ip_cell or "-", str(u.get("queued", 0)),
-            str(u.get("in_flight", 0)), str(u.get("done", 0)), str(dropped), str(tokens),
-            str(u.get("weight", 1)))))
+            user_marks(u), Text(name), ip_cell, Text(str(u.get("queued", 0))),
+            Text(str(u.get("in_flight", 0))), Text(str(u.get("done", 0))), Text(str(dropped)),
+            Text(str(tokens)), Text(str(u.get("weight", 1))))))
     return rows
 
 
@@ -138,9 +148,9 @@ def user_of(key: str) -> str | None:
 
 def blocked_rows(blocked: dict[str, list[str]]) -> list[Row]:
     """Blocked users first, then addresses and ranges."""
-    rows: list[Row] = [(BLOCKED_USER_KEY + u, (Text("user", style="red"), u))
+    rows: list[Row] = [(BLOCKED_USER_KEY + u, (Text("user", style="red"), Text(u)))
                        for u in blocked.get("users", [])]
-    rows += [(BLOCKED_IP_KEY + ip, (Text("ip", style="red"), ip))
+    rows += [(BLOCKED_IP_KEY + ip, (Text("ip", style="red"), Text(ip)))
              for ip in blocked.get("ips", [])]
     return rows
 

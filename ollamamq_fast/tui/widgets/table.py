@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from rich.text import Text
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable
 
 from ollamamq_fast.tui.view import Cell, Row
 
 
-class LiveTable(DataTable[Cell]):
+class LiveTable(DataTable[Text]):
     """A row-cursor table with vi keys whose content is replaced by show()."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -32,6 +33,7 @@ class LiveTable(DataTable[Cell]):
         super().__init__(cursor_type="row", id=id)
         self._keys: list[str] = []
         self._cells: list[tuple[Cell, ...]] = []
+        self._widths: list[int] = [len(label) for label, _ in self.COLUMNS]
 
     def on_mount(self) -> None:
         """Create the columns once; rows come with the first refresh."""
@@ -64,12 +66,19 @@ class LiveTable(DataTable[Cell]):
         self._cells = [cells for _, cells in rows]
 
     def _update_cells(self, rows: list[Row]) -> None:
-        for (key, cells), old in zip(rows, self._cells):
+        widths = self._widths
+        for (key, cells), old in zip(rows, self._cells, strict=True):
             if cells == old:
                 continue
-            for (_, column), new, prev in zip(self.COLUMNS, cells, old):
+            for i, ((_, column), new, prev) in enumerate(zip(self.COLUMNS, cells, old,
+                                                              strict=True)):
                 if new != prev:
-                    self.update_cell(key, column, new, update_width=True)
+                    # Re-measuring a column walks every row (DataTable's own
+                    # _update_column_widths): only when this cell outgrows it.
+                    wider = new.cell_len > widths[i]
+                    if wider:
+                        widths[i] = new.cell_len
+                    self.update_cell(key, column, new, update_width=wider)
 
     def _rebuild(self, rows: list[Row], keys: list[str]) -> None:
         selected = self.selected_key
@@ -78,6 +87,9 @@ class LiveTable(DataTable[Cell]):
         for key, cells in rows:
             self.add_row(*cells, key=key)
         self._keys = keys
+        # add_row sized the columns to fit; remember those widths.
+        self._widths = [max([len(label)] + [cells[i].cell_len for _, cells in rows])
+                        for i, (label, _) in enumerate(self.COLUMNS)]
         if selected in keys:
             self.move_cursor(row=keys.index(selected), animate=False)
         elif keys:
