@@ -33,6 +33,7 @@ from ollamamq_fast.control.http import (
 )
 from ollamamq_fast.control.metrics import CONTENT_TYPE, Metrics
 from ollamamq_fast.control.openapi import build_openapi
+from ollamamq_fast.control.web import WebRoutes
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
@@ -55,7 +56,10 @@ class AdminApp:
         self.metrics = Metrics(state)
         self.streams = streams or EventStreams(self.operator.events)
         self.routes = self._routes(metrics_public)
-        self.router = Router(self.routes)
+        # The dashboard's pages and the routes only they use (control/web/):
+        # routed here too, but not part of the API contract in self.routes.
+        self.web = WebRoutes(state)
+        self.router = Router(self.routes + self.web.routes)
         self.openapi = orjson.dumps(build_openapi(metrics_public))
 
     def _routes(self, metrics_public: bool) -> list[Route]:
@@ -98,6 +102,10 @@ class AdminApp:
 
     async def _handle(self, scope: Any, proto: Any) -> Response | None:
         method = scope.method.upper()
+        page = self.web.page(method, scope.path, scope.headers.get("if-none-match"))
+        if page is not None:
+            return page  # the page files hold no data; the login form needs no token
+        query = parse_query(scope.query_string)
         authorized = self.auth.check(scope.headers.get("authorization"))
         try:
             route, params = self.router.match(method, scope.path)
@@ -106,12 +114,23 @@ class AdminApp:
             if not authorized:
                 raise _unauthorized() from None
             raise
+        if not authorized and route.handler == self.events:
+            authorized = self._query_token(query)
         if not (authorized or route.public):
             raise _unauthorized()
         body = await _read_body(scope, proto) if method in BODY_METHODS else b""
-        request = Request(method, scope.path, params, parse_query(scope.query_string), body,
-                          proto)
+        request = Request(method, scope.path, params, query, body, proto)
         return await route.handler(request)
+
+    def _query_token(self, query: dict[str, list[str]]) -> bool:
+        """`?token=` on /api/events only: a browser's EventSource cannot send headers.
+
+        Checked by the same digest comparison as the header (constant time).
+        A URL can end up in proxy logs and browser history, so every other
+        route insists on the header.
+        """
+        values = query.get("token", [])
+        return len(values) == 1 and self.auth.check("Bearer " + values[0])
 
     # -- Backends -------------------------------------------------------------
 
