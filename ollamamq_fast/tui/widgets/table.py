@@ -1,50 +1,105 @@
-"""LiveTable: a DataTable refreshed in place from freshly built rows.
+"""LiveTable: a cheap row-cursor table refreshed in place from freshly built rows.
 
-Every panel is rebuilt from an API answer about once a second. Clearing and
-refilling a DataTable each time would redraw everything and lose the cursor;
-instead, when the row keys are the same as last time (the usual case), only
-the cells that changed are updated, and the cursor stays on its row key.
+Every panel is rebuilt from an API answer about once a second. Textual's
+DataTable was the first choice, but any cell update there drops its whole
+render cache (`_update_count` is part of every cell's cache key), so with
+busy users each refresh re-rendered every visible cell through Rich's Padding
+and Styled: measured inside `serve` at saturation, that took about a tenth
+of the gateway loop's CPU. This table uses Textual's Line API instead: one
+Strip per row, cached until that row's cells change, with the cursor applied
+as a style when the line is drawn. Redrawing the screen then costs a copy of
+cached strips, and a refresh re-renders only the rows whose numbers moved.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from rich.segment import Segment
 from rich.text import Text
+from textual import events
 from textual.binding import Binding, BindingType
-from textual.widgets import DataTable
+from textual.geometry import Size
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 
 from ollamamq_fast.tui.view import Cell, Row
 
+# Blank cells between columns.
+COLUMN_GAP = 2
 
-class LiveTable(DataTable[Text]):
-    """A row-cursor table with vi keys whose content is replaced by show()."""
+
+class LiveTable(ScrollView, can_focus=True):
+    """A fixed header and keyed rows; show() replaces them, touching only what changed."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("j", "cursor_down", "Down", show=False),
-        Binding("k", "cursor_up", "Up", show=False),
+        Binding("down,j", "cursor_down", "Down", show=False),
+        Binding("up,k", "cursor_up", "Up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("home", "first", "First", show=False),
+        Binding("end", "last", "Last", show=False),
     ]
+    COMPONENT_CLASSES: ClassVar[set[str]] = {
+        "live-table--header", "live-table--cursor",
+    }
     # (label, key) of each column, set by subclasses.
     COLUMNS: ClassVar[tuple[tuple[str, str], ...]] = ()
     # The panel's name in its border; the row count is added to it.
     TITLE: ClassVar[str] = ""
 
+    cursor_row: reactive[int] = reactive(0, always_update=True)
+
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(cursor_type="row", id=id)
+        super().__init__(id=id)
         self._keys: list[str] = []
         self._cells: list[tuple[Cell, ...]] = []
         self._widths: list[int] = [len(label) for label, _ in self.COLUMNS]
+        # Rendered rows by index; an entry is dropped when its row changes.
+        self._strips: dict[int, Strip] = {}
 
     def on_mount(self) -> None:
-        """Create the columns once; rows come with the first refresh."""
-        for label, key in self.COLUMNS:
-            self.add_column(label, key=key)
-        self.border_title = self.TITLE
+        """Show the (empty) table's title."""
+        self.border_title = f"{self.TITLE} (0)"
+
+    # -- Content --------------------------------------------------------------------
+
+    @property
+    def row_count(self) -> int:
+        """Rows in the table (the header not counted)."""
+        return len(self._keys)
+
+    def show(self, rows: list[Row], title_suffix: str = "") -> None:
+        """Replace the content with `rows`; the cursor stays on its row key."""
+        keys = [key for key, _ in rows]
+        cells = [c for _, c in rows]
+        title = f"{self.TITLE} ({title_suffix or len(rows)})"
+        if title != self.border_title:
+            self.border_title = title
+        widths = [max([len(label)] + [row[i].cell_len for row in cells])
+                  for i, (label, _) in enumerate(self.COLUMNS)]
+        if widths != self._widths or keys != self._keys:
+            self._strips.clear()
+        else:
+            for i, (new, old) in enumerate(zip(cells, self._cells, strict=True)):
+                if new != old:
+                    self._strips.pop(i, None)
+        selected, cursor = self.selected_key, self.cursor_row
+        self._keys, self._cells, self._widths = keys, cells, widths
+        self.virtual_size = Size(sum(widths) + COLUMN_GAP * len(widths), len(keys) + 1)
+        if selected in keys:
+            self.cursor_row = keys.index(selected)
+        else:
+            # The selected row went away: stay at the same height rather than
+            # jumping to the top.
+            self.cursor_row = max(0, min(cursor, len(keys) - 1))
+        self.refresh()
 
     @property
     def selected_key(self) -> str | None:
         """The key of the row under the cursor (None for an empty table)."""
-        if not self._keys or not 0 <= self.cursor_row < len(self._keys):
+        if not 0 <= self.cursor_row < len(self._keys):
             return None
         return self._keys[self.cursor_row]
 
@@ -52,50 +107,12 @@ class LiveTable(DataTable[Text]):
         """Move the cursor to the row with this key; False when there is none."""
         if key not in self._keys:
             return False
-        self.move_cursor(row=self._keys.index(key))
+        self.cursor_row = self._keys.index(key)
         return True
 
-    def show(self, rows: list[Row], title_suffix: str = "") -> None:
-        """Replace the content with `rows`, touching only what changed."""
-        keys = [key for key, _ in rows]
-        self.border_title = f"{self.TITLE} ({title_suffix or len(rows)})"
-        if keys == self._keys:
-            self._update_cells(rows)
-        else:
-            self._rebuild(rows, keys)
-        self._cells = [cells for _, cells in rows]
-
-    def _update_cells(self, rows: list[Row]) -> None:
-        widths = self._widths
-        for (key, cells), old in zip(rows, self._cells, strict=True):
-            if cells == old:
-                continue
-            for i, ((_, column), new, prev) in enumerate(zip(self.COLUMNS, cells, old,
-                                                              strict=True)):
-                if new != prev:
-                    # Re-measuring a column walks every row (DataTable's own
-                    # _update_column_widths): only when this cell outgrows it.
-                    wider = new.cell_len > widths[i]
-                    if wider:
-                        widths[i] = new.cell_len
-                    self.update_cell(key, column, new, update_width=wider)
-
-    def _rebuild(self, rows: list[Row], keys: list[str]) -> None:
-        selected = self.selected_key
-        cursor = self.cursor_row
-        self.clear()
-        for key, cells in rows:
-            self.add_row(*cells, key=key)
-        self._keys = keys
-        # add_row sized the columns to fit; remember those widths.
-        self._widths = [max([len(label)] + [cells[i].cell_len for _, cells in rows])
-                        for i, (label, _) in enumerate(self.COLUMNS)]
-        if selected in keys:
-            self.move_cursor(row=keys.index(selected), animate=False)
-        elif keys:
-            # The selected row went away: stay at the same height rather than
-            # jumping to the top.
-            self.move_cursor(row=min(cursor, len(keys) - 1), animate=False)
+    def move_cursor(self, *, row: int) -> None:
+        """Put the cursor on row `row` (clamped to the table)."""
+        self.cursor_row = max(0, min(row, len(self._keys) - 1))
 
     def row_data(self, key: str | None, items: list[dict[str, Any]], field: str,
                  key_of: Any) -> dict[str, Any] | None:
@@ -104,3 +121,77 @@ class LiveTable(DataTable[Text]):
             return None
         ident = key_of(key)
         return next((item for item in items if str(item.get(field)) == ident), None)
+
+    # -- Cursor -------------------------------------------------------------------
+
+    def watch_cursor_row(self, old: int, new: int) -> None:
+        """Keep the cursor row in view and repaint the two rows involved."""
+        visible = max(self.scrollable_content_region.height - 1, 1)
+        top = round(self.scroll_offset.y)
+        if new < top:
+            self.scroll_to(y=new, animate=False)
+        elif new >= top + visible:
+            self.scroll_to(y=new - visible + 1, animate=False)
+        self.refresh()
+
+    def action_cursor_down(self) -> None:
+        """j / ↓."""
+        self.move_cursor(row=self.cursor_row + 1)
+
+    def action_cursor_up(self) -> None:
+        """k / ↑."""
+        self.move_cursor(row=self.cursor_row - 1)
+
+    def action_page(self, direction: int) -> None:
+        """PgDn / PgUp: a screenful of rows."""
+        step = max(self.scrollable_content_region.height - 2, 1)
+        self.move_cursor(row=self.cursor_row + direction * step)
+
+    def action_first(self) -> None:
+        """Home."""
+        self.move_cursor(row=0)
+
+    def action_last(self) -> None:
+        """End."""
+        self.move_cursor(row=len(self._keys) - 1)
+
+    def on_click(self, event: events.Click) -> None:
+        """A click selects the row under the pointer (the header is line 0)."""
+        row = round(self.scroll_offset.y) + event.y - 1
+        if event.y >= 1 and 0 <= row < len(self._keys):
+            self.cursor_row = row
+
+    # -- Line API -------------------------------------------------------------------
+
+    def render_line(self, y: int) -> Strip:
+        """The header on line 0, then rows from the scroll position down."""
+        width = self.scrollable_content_region.width
+        scroll_x = round(self.scroll_offset.x)
+        base = self.rich_style
+        if y == 0:
+            header = self._line(tuple(Text(label) for label, _ in self.COLUMNS))
+            style = base + self.get_component_rich_style("live-table--header")
+            return header.apply_style(style).crop_extend(scroll_x, scroll_x + width, style)
+        index = round(self.scroll_offset.y) + y - 1
+        if index >= len(self._keys):
+            return Strip.blank(width, base)
+        strip = self._strips.get(index)
+        if strip is None:
+            strip = self._strips[index] = self._line(self._cells[index])
+        style = base
+        if index == self.cursor_row:
+            style = base + self.get_component_rich_style("live-table--cursor")
+            # Under the cells' own styles: coloured markers keep their colour.
+            strip = strip.apply_style(style)
+        return strip.crop_extend(scroll_x, scroll_x + width, style)
+
+    def _line(self, cells: tuple[Cell, ...]) -> Strip:
+        """One row padded to the column widths, as segments (no markup, no wrap)."""
+        segments: list[Segment] = []
+        gap = Segment(" " * COLUMN_GAP)
+        for cell, width in zip(cells, self._widths, strict=True):
+            piece = cell.copy()
+            piece.truncate(width, overflow="ellipsis", pad=True)
+            segments.extend(piece.render(self.app.console, end=""))
+            segments.append(gap)
+        return Strip(segments, sum(self._widths) + COLUMN_GAP * len(self._widths))
