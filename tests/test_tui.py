@@ -16,6 +16,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -442,6 +443,15 @@ def test_serve_shows_the_dashboard_in_process_and_q_drains(tmp_path: Path) -> No
                       headers={"Authorization": f"Bearer {token.group(1)}"})
         assert r.status_code == 200
         assert term.read_until(b"taking requests", 10)
+        # A log record while the dashboard runs (SIGHUP without a config
+        # file logs an error): into the log file and the log panel, never as
+        # a raw stderr line over the screen.
+        drawn = len(term.output)
+        os.kill(term.proc.pid, signal.SIGHUP)
+        assert term.read_until(b"reload failed", 5)
+        assert b"ERROR ollamamq_fast" not in term.output[drawn:]
+        logged = (tmp_path / "gw.log").read_text()
+        assert '"level":"error"' in logged and "reload failed" in logged
         term.send(b"q")
         assert term.read_until(b"Stop the gateway", 5)
         term.send(b"y")
