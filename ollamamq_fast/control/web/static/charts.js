@@ -3,6 +3,9 @@
 // only this one chart type, and a chart library is many times this file's size.
 
 const PAD = { left: 44, right: 8, top: 8, bottom: 20 };
+// The x axis starts at one minute and widens with the data up to the full
+// window, so a freshly opened page shows its first seconds legibly.
+const MIN_SPAN_S = 60;
 
 // The smallest "nice" value (1, 2, 2.5, 5 times a power of ten) >= v: the
 // step between the four grid lines, so the y axis reads in round numbers.
@@ -63,13 +66,16 @@ export class TimeChart {
 
     const plotW = width - PAD.left - PAD.right, plotH = height - PAD.top - PAD.bottom;
     const now = this.samples.length ? this.samples[this.samples.length - 1][0] : 0;
+    const oldest = this.samples.length ? this.samples[0][0] : now;
+    const span = Math.min(this.windowS, Math.max(MIN_SPAN_S, Math.ceil((now - oldest) / 60) * 60));
     let max = 0;
     for (const [, values] of this.samples) for (const v of values) max = Math.max(max, v);
     const top = 4 * niceCeil(max / 4);
-    const x = (t) => PAD.left + plotW * (1 - (now - t) / this.windowS);
+    const x = (t) => PAD.left + plotW * (1 - (now - t) / span);
     const y = (v) => PAD.top + plotH * (1 - v / top);
 
-    // Grid: four horizontal lines labelled on the left, a tick every minute.
+    // Grid: four horizontal lines labelled on the left; x ticks every 15 s
+    // on a one-minute axis, every minute beyond.
     ctx.strokeStyle = grid;
     ctx.fillStyle = text;
     ctx.lineWidth = 1;
@@ -85,9 +91,11 @@ export class TimeChart {
     }
     ctx.textAlign = "center";
     ctx.textBaseline = "top";
-    for (let m = 0; m * 60 <= this.windowS; m++) {
-      const px = Math.round(x(now - m * 60)) + 0.5;
-      ctx.fillText(m === 0 ? "now" : `-${m}m`, Math.min(px, width - PAD.right - 10), height - PAD.bottom + 5);
+    const step = span <= MIN_SPAN_S ? 15 : 60;
+    for (let k = 0; k * step <= span; k++) {
+      const px = Math.round(x(now - k * step)) + 0.5;
+      const label = k === 0 ? "now" : step === 60 ? `-${k}m` : `-${k * step}s`;
+      ctx.fillText(label, Math.min(Math.max(px, PAD.left + 10), width - PAD.right - 10), height - PAD.bottom + 5);
     }
 
     this.series.forEach((s, i) => {
