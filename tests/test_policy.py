@@ -18,8 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
-
 from harness import Stack, fast_sim_options, start_stack
+from test_state import REDIS_SERVER, RedisServer
+
 from ollamamq_fast.config import ConfigError, Settings, apply_toml
 from ollamamq_fast.policy.cache import (
     NO_CACHE,
@@ -29,14 +30,20 @@ from ollamamq_fast.policy.cache import (
     cache_control,
     cache_key,
 )
-from ollamamq_fast.policy.caps import CAP_RULES, CapError, cap_native, cap_openai, parse_object, splice
+from ollamamq_fast.policy.caps import (
+    CAP_RULES,
+    CapError,
+    cap_native,
+    cap_openai,
+    parse_object,
+    splice,
+)
 from ollamamq_fast.policy.limits import check_limit, resolve
 from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
 from ollamamq_fast.policy.streamusage import UsageStripper, usage_edit
 from ollamamq_fast.proxy.sniff import sniff_spans
 from ollamamq_fast.state.windows import LocalWindows
 from ollamamq_fast.stats import GatewayStats
-from test_state import REDIS_SERVER, RedisServer
 
 MODEL = "llama3.2"
 CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -226,6 +233,18 @@ def stack() -> Any:
     st.close()
 
 
+@pytest.fixture(scope="module", params=["paced", "instant"])
+def any_stack(request: Any, stack: Stack) -> Any:
+    """The paced stack, and one whose backend writes each answer in one piece
+    (head and whole body in one read: the filter and the tee must cope)."""
+    if request.param == "paced":
+        yield stack
+        return
+    st = start_stack(sims=[fast_sim_options(tokens_per_s=0.0)])
+    yield st
+    st.close()
+
+
 def _post(st: Stack, path: str, body: dict[str, Any], user: str, **headers: str) -> httpx.Response:
     return httpx.post(st.url + path, json=body, headers={"X-User-ID": user, **headers},
                       timeout=10)
@@ -300,7 +319,8 @@ def test_max_tokens_clamp_and_reject(stack: Stack) -> None:
     assert r.status_code == 200 and r.json()["eval_count"] == 3  # absent: the cap is added
 
 
-def test_accounting_equals_the_backends_own_counts(stack: Stack) -> None:
+def test_accounting_equals_the_backends_own_counts(any_stack: Stack) -> None:
+    stack = any_stack
     user = "acct"
     sim_url = stack.sims[0].url
     expected = [0, 0]
@@ -358,7 +378,8 @@ def test_quota_403_once_spent_and_a_running_request_finishes(stack: Stack) -> No
     assert r.status_code == 403 and "in total" in r.json()["error"]
 
 
-def test_cache_hit_is_byte_identical_and_calls_no_backend(stack: Stack) -> None:
+def test_cache_hit_is_byte_identical_and_calls_no_backend(any_stack: Stack) -> None:
+    stack = any_stack
     sim = stack.sims[0]
     cases = [
         ("/api/generate", {"model": MODEL, "prompt": "c1", "stream": False,
@@ -377,7 +398,8 @@ def test_cache_hit_is_byte_identical_and_calls_no_backend(stack: Stack) -> None:
         assert again.content == first.content, path
         assert again.headers["content-type"] == first.headers["content-type"]
         assert sim.stats.requests == before, path  # no backend call
-    assert '"usage"' not in first.text or path == "/v1/embeddings"
+        if path == "/v1/chat/completions":
+            assert '"usage"' not in first.text and first.text.endswith("data: [DONE]\n\n")
     stats = stack.state.stats
     assert stats.cache_hits >= 4 and stats.cache_entries >= 4 and stats.cache_bytes > 0
 

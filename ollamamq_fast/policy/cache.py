@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import struct
 from collections import OrderedDict
@@ -85,7 +86,7 @@ def cache_control(value: bytes) -> int:
 class Entry:
     """One cached response: status, backend headers (no Date), the forwarded body bytes."""
 
-    __slots__ = ("status", "headers", "body", "expires", "size")
+    __slots__ = ("body", "expires", "headers", "size", "status")
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
                  expires: float) -> None:
@@ -101,7 +102,7 @@ class Entry:
         return struct.pack("!HI", self.status, len(head)) + head + self.body
 
     @classmethod
-    def unpack(cls, data: bytes, expires: float) -> "Entry":
+    def unpack(cls, data: bytes, expires: float) -> Entry:
         """The inverse of `pack` (ValueError on garbage)."""
         status, hlen = struct.unpack_from("!HI", data)
         head = data[6 : 6 + hlen]
@@ -122,19 +123,21 @@ def is_deterministic(native: bool, body: bytes, sn: Sniffed,
             return False
         temp = options.get("temperature")
         seed = options.get("seed")
-        return (_is_num(temp) and temp == 0) or (_is_num(seed) and seed == int(seed))
+        if isinstance(temp, int | float) and not isinstance(temp, bool) and temp == 0:
+            return True
+        return isinstance(seed, int | float) and not isinstance(seed, bool) and _integral(seed)
     span = sn.spans.get("temperature")
     if span is not None and _raw_num(body[span[0] : span[1]]) == 0:
         return True
     span = sn.spans.get("seed")
     if span is not None:
         seed = _raw_num(body[span[0] : span[1]])
-        return seed is not None and seed == int(seed)
+        return seed is not None and _integral(seed)
     return False
 
 
-def _is_num(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _integral(value: float) -> bool:
+    return math.isfinite(value) and value == int(value)
 
 
 def _raw_num(raw: bytes) -> float | None:
@@ -169,7 +172,7 @@ def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes) -> byt
 class ResponseCache:
     """The local LRU tier plus the optional Redis tier."""
 
-    def __init__(self, stats: "GatewayStats", clock: Callable[[], float]) -> None:
+    def __init__(self, stats: GatewayStats, clock: Callable[[], float]) -> None:
         self.stats = stats
         self.clock = clock
         self.mode = "deterministic"

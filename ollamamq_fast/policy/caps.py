@@ -83,7 +83,7 @@ def exact_object(raw: bytes) -> dict[str, Any] | None:
     """A small JSON object parsed for re-encoding: integers of any size stay exact."""
     try:
         value = json.loads(raw.decode("utf-8", "replace"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 
@@ -108,7 +108,7 @@ def number(raw: bytes, key: str) -> int | float | None:
     raise CapError(f"{key} must be an integer, got {raw[:40].decode('utf-8', 'replace')}")
 
 
-def _too_many(key: str, value: int | float, cap: int) -> str:
+def _too_many(key: str, value: float, cap: int) -> str:
     if value < 0:
         return (f"{key} {value:g} (unlimited) exceeds this gateway's cap of {cap} tokens; "
                 f"ask for at most {cap}")

@@ -32,7 +32,15 @@ from ollamamq_fast.policy.cache import (
     cache_key,
     is_deterministic,
 )
-from ollamamq_fast.policy.caps import CAP_RULES, CapError, Edit, cap_native, cap_openai, parse_object, splice
+from ollamamq_fast.policy.caps import (
+    CAP_RULES,
+    CapError,
+    Edit,
+    cap_native,
+    cap_openai,
+    parse_object,
+    splice,
+)
 from ollamamq_fast.policy.limits import QUOTA_NAMES, Limits, resolve
 from ollamamq_fast.policy.quota import REFRESH_S, QuotaBook
 from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
@@ -63,7 +71,7 @@ _ERROR_MARK = b'{"error"'
 class Policy:
     """Limits, caps, quotas and the response cache for one gateway."""
 
-    def __init__(self, state: "GatewayState") -> None:
+    def __init__(self, state: GatewayState) -> None:
         self.state = state
         self.settings = state.settings
         self.stats = state.stats
@@ -171,7 +179,7 @@ class Policy:
         self._memo[user] = (stored, limits)
         return limits
 
-    def body_keys(self, ex: "Exchange") -> tuple[str, ...]:
+    def body_keys(self, ex: Exchange) -> tuple[str, ...]:
         """Top-level body keys the policy must read for this request (sets `ex.limits`)."""
         limits = ex.limits = self.limits_for(ex.user)
         path = ex.path
@@ -197,7 +205,7 @@ class Policy:
 
     # -- Admission ----------------------------------------------------------------------
 
-    def admit(self, ex: "Exchange", body: bytes, sn: Sniffed | None,
+    def admit(self, ex: Exchange, body: bytes, sn: Sniffed | None,
               readable: bool = True) -> bool:
         """Apply the policy to an inference request whose model is known.
 
@@ -282,7 +290,7 @@ class Policy:
         self._finish(ex, body, sn, edits)
         return True
 
-    def _finish(self, ex: "Exchange", body: bytes, sn: Sniffed | None,
+    def _finish(self, ex: Exchange, body: bytes, sn: Sniffed | None,
                 edits: list[Edit]) -> None:
         """Last step: ask for stream usage if needed, apply all rewrites at once."""
         if self.inject and sn is not None:
@@ -295,7 +303,7 @@ class Policy:
         if edits:
             ex.body = [splice(body, edits)]
 
-    async def _remote_lookup(self, ex: "Exchange", key: bytes, body: bytes, sn: Sniffed | None,
+    async def _remote_lookup(self, ex: Exchange, key: bytes, body: bytes, sn: Sniffed | None,
                              edits: list[Edit]) -> None:
         cache = self.cache
         remote = cache.remote
@@ -315,7 +323,7 @@ class Policy:
             log.exception("policy: cache lookup continuation failed")
             ex.respond_error(500, "internal error in the gateway's response cache")
 
-    def _refuse(self, ex: "Exchange", status: int, message: str,
+    def _refuse(self, ex: Exchange, status: int, message: str,
                 retry: int | None = None) -> None:
         ex.gw.stats.rejected += 1
         if ex.ustats is not None:
@@ -329,7 +337,7 @@ class Policy:
         if self.quotas_on:
             self.quota.note(user, prompt + completion)
 
-    def response_done(self, ex: "Exchange", conn: "UpstreamConnection") -> None:
+    def response_done(self, ex: Exchange, conn: UpstreamConnection) -> None:
         """Keep a cacheable 200 answer (called by the exchange when the response ended)."""
         tee = conn.tee
         key = ex.cache_key

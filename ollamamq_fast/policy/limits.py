@@ -31,7 +31,7 @@ from typing import Any
 MODES = ("clamp", "reject")
 _MODE_CODE = {"clamp": 0, "reject": 1}
 
-# name -> (kind, description) ; kind is "float", "int" or "mode"
+# name -> kind: "float", "int" or "mode" (clamp / reject)
 LIMIT_KINDS: dict[str, str] = {
     "rate": "float",
     "burst": "float",
@@ -93,7 +93,7 @@ def check_limit(name: str, value: Any) -> float | int:
             return int(value)
         raise ValueError(f"{name} must be one of {', '.join(MODES)}")
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004 -- a config error
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be 0 or more, got {value!r}")
     if kind == "int":

@@ -59,7 +59,7 @@ IncrWindow = Callable[[str, float, float], Awaitable[float]]
 class _Bucket:
     """One user's bucket plus what the reconciler knows of the shared counter."""
 
-    __slots__ = ("tokens", "stamp", "rate", "burst", "pending", "epoch", "seen", "touched")
+    __slots__ = ("burst", "epoch", "pending", "rate", "seen", "stamp", "tokens", "touched")
 
     def __init__(self, burst: float, now: float) -> None:
         self.tokens = burst

@@ -36,7 +36,6 @@ INJECT_ROUTES: dict[bytes, bool] = {
 INJECT_KEYS = ("stream", "stream_options")
 
 _INCLUDE = b'{"include_usage":true}'
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
 # The zero usage member Ollama adds to every /v1/completions chunk. A JSON
 # string cannot hold a raw `"` (it is escaped), so `,"usage":{` only matches a key.
 _CHUNK_USAGE = re.compile(rb',"usage":\{[^{}]*\}')
@@ -92,18 +91,39 @@ class UsageStripper:
         return self._filter(rest) if b'"usage"' in rest else rest
 
     def _filter(self, data: bytes) -> bytes:
+        """Drop the `"choices":[]` usage events, then (per_chunk) the usage members left.
+
+        Found with `find` and one regex pass, not by splitting into events:
+        the usage event is one in a whole answer.
+        """
         out: list[bytes] = []
-        pos = 0
-        ends = [m.end() for m in _EVENT_END.finditer(data)]
-        if not ends or ends[-1] != len(data):
-            ends.append(len(data))
-        for end in ends:
-            event = data[pos:end]
-            pos = end
-            if b'"usage"' in event:
-                if b'"choices":[]' in event:
-                    continue  # the usage event the gateway asked for
-                if self.per_chunk:
-                    event = _CHUNK_USAGE.sub(b"", event, count=1)
-            out.append(event)
-        return b"".join(out)
+        pos = 0  # start of what is not copied yet
+        at = data.find(b'"choices":[]')
+        while at >= 0:
+            start = _event_start(data, at)
+            end = _event_end(data, at)
+            if b'"usage"' in data[start:end]:
+                out.append(data[pos:start])
+                pos = end
+            at = data.find(b'"choices":[]', end)
+        if pos:
+            out.append(data[pos:])
+            data = b"".join(out)
+        if self.per_chunk:
+            data = _CHUNK_USAGE.sub(b"", data)
+        return data
+
+
+def _event_start(data: bytes, at: int) -> int:
+    """Index where the SSE event holding `at` starts (after the previous blank line)."""
+    lf = data.rfind(b"\n\n", 0, at)
+    crlf = data.rfind(b"\r\n\r\n", 0, at)
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def _event_end(data: bytes, at: int) -> int:
+    """Index just past the blank line that ends the SSE event holding `at` (or the end)."""
+    lf = data.find(b"\n\n", at)
+    crlf = data.find(b"\r\n\r\n", at)
+    ends = [i + n for i, n in ((lf, 2), (crlf, 4)) if i >= 0]
+    return min(ends) if ends else len(data)

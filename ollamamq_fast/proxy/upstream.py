@@ -137,6 +137,8 @@ class UpstreamConnection(asyncio.Protocol):
             except httptools.HttpParserError as exc:
                 self._protocol_error(exc)
                 return
+            if self.dechunking:
+                self.flush_body(sink)
         else:
             self._receive_head(data, sink)
             if self.sink is not sink:
@@ -168,11 +170,13 @@ class UpstreamConnection(asyncio.Protocol):
         if head is None:
             return
         client = sink.client_transport
+        if body:
+            self.last_data = body  # raw, as data_received keeps it (for the token tap)
         if self.dechunking:
             body = self.transform(b"".join(self.pending_body))
             self.pending_body = []
-        if body:
-            self.last_data = body
+            if self.complete and self.strip is not None:
+                body += self.strip_tail()  # the whole filtered answer came with its head
         if client is not None:
             client.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
@@ -191,9 +195,9 @@ class UpstreamConnection(asyncio.Protocol):
                     self.parser.feed_data(b"")
                 except httptools.HttpParserError:
                     pass
-                if self.strip is not None:
-                    self.finish_strip()
                 self.complete = True
+                if self.dechunking:
+                    self.flush_body(sink)
                 sink.response_complete(self)
                 return
             sink.upstream_lost(self, exc)
@@ -250,8 +254,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
-        if self.strip is not None:
-            self.finish_strip()
         self.complete = True
 
     # -- Re-emitted bodies (HTTP/1.0 de-chunking, stream usage stripping) ----------
@@ -265,25 +267,30 @@ class UpstreamConnection(asyncio.Protocol):
                 payload = framing.chunk(payload)
         return payload
 
-    def emit(self, payload: bytes) -> None:
-        """Write a re-emitted body piece to the client (and the cache tee)."""
-        if not payload:
-            return
-        sink = self.sink
-        if sink is not None and sink.client_transport is not None:
-            sink.client_transport.write(payload)
+    def flush_body(self, sink: ResponseSink) -> None:
+        """Write what the parser re-emitted from one read in one write (with a filter's end)."""
+        pending = self.pending_body
+        payload = b""
+        if pending:
+            self.pending_body = []
+            payload = self.transform(pending[0] if len(pending) == 1 else b"".join(pending))
+        if self.complete and self.strip is not None:
+            payload += self.strip_tail()
+        client = sink.client_transport
+        if payload and client is not None:
+            client.write(payload)
             if self.tee is not None:
                 self.keep(payload)
 
-    def finish_strip(self) -> None:
+    def strip_tail(self) -> bytes:
         """End of a filtered body: what the stripper held back, then the last chunk."""
         strip, self.strip = self.strip, None
-        if strip is None or not self.dechunking:
-            return
+        if strip is None:
+            return b""
         rest = strip.flush()
         if self.framing is framing.Framing.CHUNKED and not self.http10:
             rest = (framing.chunk(rest) if rest else b"") + framing.LAST_CHUNK
-        self.emit(rest)
+        return rest
 
     def keep(self, data: bytes) -> None:
         """Tee forwarded bytes for the response cache, within the entry bound."""
@@ -388,12 +395,9 @@ class _Dechunker:
 
     def on_body(self, body: bytes) -> None:
         conn = self.conn
-        if not conn.dechunking:
-            return
-        if not conn.head_sent:
+        if conn.dechunking:
+            # Collected, and written once per read by the connection (flush_body).
             conn.pending_body.append(body)
-            return
-        conn.emit(conn.transform(body))
 
 
 class UpstreamPool:
