@@ -265,7 +265,9 @@ def test_backend_keys_drain_and_expand(stack: Stack) -> None:
             assert backend_url_of(table.selected_key or "") == url
             await pilot.press("d")
             await wait_for(lambda: backend.draining, "backend draining")
-            await wait_for(lambda: "draining" in screen_text(app), "draining shown")
+            # d toggles from what the panel shows: wait for the refresh.
+            await wait_for(lambda: table.backends[0]["draining"], "draining in the panel")
+            assert "draining" in screen_text(app)
             await pilot.press("d")
             await wait_for(lambda: not backend.draining, "backend undrained")
             await pilot.press("enter")  # collapse, cursor back on the backend
