@@ -92,7 +92,6 @@ class Dashboard(App[str | None]):
         # Events wait here for the next refresh (bounded: a stalled UI drops the oldest).
         self._pending: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING_EVENTS)
         self._stream_up = False
-        self.refreshes = 0
 
     # -- Layout ---------------------------------------------------------------
 
@@ -156,7 +155,6 @@ class Dashboard(App[str | None]):
         self.users = users["users"]
         self.blocked = blocked
         self.blocked_ips = frozenset(blocked.get("ips", []))
-        self.refreshes += 1
 
     @work(exclusive=True, group="events")
     async def follow_events(self) -> None:
