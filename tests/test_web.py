@@ -27,6 +27,8 @@ import httpx
 import pytest
 from harness import Stack, fast_sim_options, free_port, start_stack
 
+from ollamamq_fast.operator import key_digest
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
@@ -44,8 +46,9 @@ pytestmark = pytest.mark.timeout(45)
 TOKEN = "t"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MODEL = "llama3.2:latest"
-# 24 tokens at 20/s: a reply streams for about 1.2 s, long enough to see it grow.
-SIM = fast_sim_options(tokens_per_s=20.0, tokens=24)
+# 40 tokens at 20/s: a reply streams for about 2 s, long enough to watch it
+# grow and to stop it halfway.
+SIM = fast_sim_options(tokens_per_s=20.0, tokens=40)
 # What Chromium needs to run as root in a container with no network (see
 # .library/env/machines/python.md): no sandbox, no GPU, no background fetches.
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -191,6 +194,60 @@ def test_vip_toggle_changes_the_marker_and_the_queue(
     assert not on_loop(stack, lambda: stack.state.dispatcher.queue.is_vip("web-vip"))
 
 
+def test_limits_dialog_sets_and_drops_an_override(
+        stack: Stack, admin_url: str, browser: WebDriver) -> None:
+    generate(stack, "web-limits")
+    sign_in(browser, admin_url)
+    user_row = wait_for(browser, lambda: row(browser, "data-user", "web-limits"), "the user's row",
+                        timeout=6)
+
+    def overrides() -> dict[str, Any]:
+        return dict(on_loop(stack, lambda: stack.state.operator.limits("web-limits"))["overrides"])
+
+    def edit(name: str, value: str) -> None:
+        user_row.find_element(By.CSS_SELECTOR, '[data-action="limits"]').click()
+        dialog = browser.find_element(By.ID, "limits-dialog")
+        wait_for(browser, dialog.is_displayed, "the limits dialog")
+        field = dialog.find_element(By.ID, f"limit-{name}")
+        field.clear()
+        if value:
+            field.send_keys(value)
+        browser.find_element(By.ID, "limits-save").click()
+        wait_for(browser, lambda: not dialog.is_displayed(), "the dialog closed")
+
+    edit("rate", "2.5")
+    wait_for(browser, lambda: overrides() == {"rate": 2.5}, "the rate override")
+    edit("rate", "")
+    wait_for(browser, lambda: overrides() == {}, "the override dropped")
+
+
+def test_key_secret_shown_once_then_revoked(
+        stack: Stack, admin_url: str, browser: WebDriver) -> None:
+    sign_in(browser, admin_url)
+    browser.find_element(By.ID, "key-user").send_keys("web-key")
+    browser.find_element(By.ID, "key-name").send_keys("ci")
+    browser.find_element(By.CSS_SELECTOR, '#create-key button[type="submit"]').click()
+    secret = browser.find_element(By.ID, "key-secret-value")
+    wait_for(browser, lambda: secret.text.startswith("omq-"), "the new secret")
+    keys = on_loop(stack, stack.state.operator.list_keys)
+    key_id = next(k["key_id"] for k in keys if k["user"] == "web-key")
+    # The secret works on the data plane's key lookup, and leaves the page on Done.
+    digest = key_digest(secret.text)
+    assert on_loop(stack, lambda: stack.state.cache.key_by_digest(digest)).user == "web-key"
+    browser.find_element(By.ID, "key-secret-close").click()
+    assert not browser.find_element(By.ID, "key-secret").is_displayed()
+    assert browser.execute_script("return document.getElementById('key-secret-value').textContent") == ""
+
+    key_row = wait_for(browser, lambda: row(browser, "data-key", key_id), "the key's row")
+    key_row.find_element(By.CSS_SELECTOR, '[data-action="revoke"]').click()
+    browser.switch_to.alert.accept()  # "Revoke key ...?"
+    wait_for(browser, lambda: "revoked" in key_row.find_element(By.CSS_SELECTOR, ".status").text,
+             "the revoked status")
+    assert next(k for k in on_loop(stack, stack.state.operator.list_keys)
+                if k["key_id"] == key_id)["revoked"] is True
+    assert on_loop(stack, lambda: stack.state.cache.key_by_digest(digest)) is None
+
+
 def test_drain_and_undrain_a_backend_from_the_page(
         stack: Stack, admin_url: str, browser: WebDriver) -> None:
     sign_in(browser, admin_url)
@@ -268,6 +325,30 @@ def test_playground_streams_the_reply_token_by_token(
     users = {u["user"]: u for u in on_loop(stack, stack.state.operator.list_users)}
     assert users["web-chat"]["done"] == 2
     browser.save_screenshot(str(shots / "playground.png"))
+
+
+def test_stop_button_cancels_the_reply_in_the_gateway(
+        stack: Stack, admin_url: str, browser: WebDriver) -> None:
+    sign_in(browser, admin_url, "/playground")
+    browser.find_element(By.ID, "reset").click()
+    Select(browser.find_element(By.ID, "model")).select_by_value(MODEL)
+    identity = browser.find_element(By.ID, "identity")
+    identity.clear()
+    identity.send_keys("web-stop")
+    browser.find_element(By.ID, "message").send_keys("Tell me a long story")
+    browser.find_element(By.ID, "send").click()
+    reply = wait_for(browser, lambda: browser.find_element(
+        By.CSS_SELECTOR, '#conversation .msg.assistant[data-state="streaming"]'), "the stream")
+    wait_for(browser, lambda: reply.find_element(By.CSS_SELECTOR, ".content").text, "a token")
+    browser.find_element(By.ID, "stop").click()
+    wait_for(browser, lambda: reply.get_attribute("data-state") == "stopped", "the stopped reply")
+    # The relay hung up on the data plane: the gateway counts the request as
+    # dropped and its backend slot is free again, long before the reply's end.
+    wait_for(browser, lambda: on_loop(stack, lambda: next(
+        u for u in stack.state.operator.list_users() if u["user"] == "web-stop"))["dropped"] == 1,
+        "the dropped request", timeout=3)
+    assert on_loop(stack, lambda: stack.state.fleet.find(stack.sims[0].url).in_flight) == 0
+    assert browser.find_element(By.ID, "send").is_enabled()
 
 
 def test_dashboard_screenshot_with_traffic(

@@ -59,6 +59,8 @@ export function setupLogin(onReady) {
     login.hidden = signedIn;
     app.hidden = !signedIn;
     document.getElementById("sign-out").hidden = !signedIn;
+    const live = document.getElementById("live-status"); // the dashboard only
+    if (live) live.hidden = !signedIn;
   };
   const fail = (message) => {
     error.textContent = message;
