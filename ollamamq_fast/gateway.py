@@ -173,6 +173,10 @@ class Gateway:
             backlog=4096,
             reuse_address=True,
         )
+        if not settings.port:
+            # Port 0 asked for any free port: record the bound one, so the
+            # admin plane (playground, /api/info) can reach the data plane.
+            settings.port = self.port
         self.reaper = loop.call_later(TICK_S, self._tick)
         self.admin = AdminServer(state, settings)
         await self.admin.start()

@@ -104,7 +104,8 @@ def test_openapi_document_covers_every_route(stack: Stack, admin: httpx.Client) 
     assert doc["openapi"].startswith("3.1")
     assert doc["info"]["title"] and doc["info"]["version"]
     assert doc["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
-    routes = {(r.template, r.method.lower()) for r in admin_app(stack).routes}
+    app = admin_app(stack)
+    routes = {(r.template, r.method.lower()) for r in app.routes + app.web.routes}
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert routes == documented
     schemas = doc["components"]["schemas"]

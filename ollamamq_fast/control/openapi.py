@@ -180,6 +180,45 @@ _SLOTS = {"type": "integer", "minimum": 1}
 _QUANTILE = {"type": ["number", "null"], "description": "seconds; null when infinite"}
 
 
+def _free_json(description: str, status: str = "200") -> dict[str, Any]:
+    return {status: {"description": description,
+                     "content": {JSON: {"schema": {"type": "object"}}}}}
+
+
+def _web_paths() -> dict[str, Any]:
+    """Routes used by the web dashboard and playground (control/web/)."""
+    return {
+        "/api/info": {
+            "get": _op("Version and the data plane's address", "info",
+                       _free_json("`version`, `data_plane_url`, `data_plane_host`, "
+                                  "`data_plane_port`"), tag="observability"),
+        },
+        "/api/playground/models": {
+            "get": _op("Model ids the data plane serves, loaded ones marked", "playgroundModels",
+                       _free_json("Model list"), tag="playground"),
+        },
+        "/api/playground/chat": {
+            "post": {**_op("Stream a chat through the gateway's own data plane (NDJSON)",
+                           "playgroundChat",
+                           {"200": {"description": "The data plane's /api/chat stream",
+                                    "content": {"application/x-ndjson":
+                                                {"schema": {"type": "string"}}}}},
+                           tag="playground", codes=("400", "401")),
+                     "requestBody": {"required": True, "content": {JSON: {"schema": {
+                         "type": "object", "required": ["model", "messages"],
+                         "properties": {"model": _STR, "messages": {"type": "array"},
+                                        "user": _STR, "api_key": _STR}}}}}},
+        },
+        "/api/users/{user}/limits": {
+            "get": _op("A user's limit overrides and the limits in effect", "getLimits",
+                       _free_json("Overrides and effective limits"), params=[_USER_PATH]),
+            "patch": _op("Set or drop (null) a user's limit overrides", "setLimits",
+                         _free_json("The user's limits after the change"),
+                         params=[_USER_PATH], codes=("400", "401")),
+        },
+    }
+
+
 def _schemas() -> dict[str, Any]:
     backend = _obj({
         "url": _STR, "kind": {"enum": ["unknown", "ollama", "openai", "lmstudio"]},
@@ -245,9 +284,10 @@ def build_openapi(metrics_public: bool = False) -> dict[str, Any]:
                            "needs `Authorization: Bearer <admin token>`.",
         },
         "tags": [{"name": "admin", "description": "Operator actions"},
-                 {"name": "observability", "description": "Statistics, events, metrics"}],
+                 {"name": "observability", "description": "Statistics, events, metrics"},
+                 {"name": "playground", "description": "The web chat playground"}],
         "security": [{"adminToken": []}],
-        "paths": _paths(metrics_public),
+        "paths": {**_paths(metrics_public), **_web_paths()},
         "components": {
             "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
             "schemas": _schemas(),
