@@ -542,3 +542,30 @@ def test_cli_subprocess(stack: Stack) -> None:
                          capture_output=True, text=True, timeout=20, check=False,
                          env={**env, "OLLAMAMQ_ADMIN_TOKEN": "nope"})
     assert run.returncode == 1 and run.stderr.count("\n") == 1 and "401" in run.stderr
+
+
+def test_generated_token_is_kept_across_restarts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import contextlib
+    import io
+
+    db = str(tmp_path / "gw.db")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        first = start_stack(admin_port=0, state_path=db)
+    try:
+        token = next(ln.split(": ", 1)[1] for ln in err.getvalue().splitlines()
+                     if ln.startswith("admin token: "))
+    finally:
+        first.close()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        second = start_stack(admin_port=0, state_path=db)
+    try:
+        assert "admin token: " not in err.getvalue()  # not generated (or printed) again
+        url = f"http://127.0.0.1:{second.gateway.admin_port}"
+        assert httpx.get(url + "/api/stats", headers={"Authorization": f"Bearer {token}"},
+                         timeout=5).status_code == 200
+        assert httpx.get(url + "/api/stats", headers={"Authorization": "Bearer other"},
+                         timeout=5).status_code == 401
+    finally:
+        second.close()

@@ -21,7 +21,10 @@ from granian.server.embed import Server as EmbeddedServer
 
 from ollamamq_fast.config import Settings
 from ollamamq_fast.control.app import AdminApp
-from ollamamq_fast.control.auth import AdminAuth
+from ollamamq_fast.control.auth import AdminAuth, token_digest
+
+# State-store meta key of the generated admin token's blake3 digest.
+TOKEN_META_KEY = "admin_token_digest"
 from ollamamq_fast.control.events import EventStreams
 
 if TYPE_CHECKING:
@@ -134,7 +137,7 @@ class AdminServer:
                         settings.admin_host, settings.admin_port, exc.strerror or exc)
             return
         port = int(sock.getsockname()[1])
-        auth = self._auth()
+        auth = await self._auth()
         self.streams = EventStreams(self.state.operator.events)
         self.app = AdminApp(self.state, auth, settings.metrics_public, self.streams)
         try:
@@ -154,12 +157,26 @@ class AdminServer:
         self.port = port
         log.info("admin API on %s", self.url)
 
-    def _auth(self) -> AdminAuth:
+    async def _auth(self) -> AdminAuth:
         if self.settings.admin_token:
             return AdminAuth.from_token(self.settings.admin_token)
+        store = self.state.cache.store
+        try:
+            stored = await store.get_meta(TOKEN_META_KEY)
+        except Exception as exc:  # a store hiccup must not keep the admin plane down
+            log.warning("cannot read the stored admin token digest: %s", exc)
+            stored = None
+        if stored:
+            # Generated on an earlier start and printed then; only its digest was kept.
+            log.info("admin token: the one generated on first start (stored hashed)")
+            return AdminAuth(bytes.fromhex(stored))
         auth, token = AdminAuth.generate()
         # Shown once; from here on only its digest exists (control/auth.py).
         print(f"admin token: {token}", file=sys.stderr, flush=True)
+        try:
+            await store.set_meta(TOKEN_META_KEY, token_digest(token).hex())
+        except Exception as exc:
+            log.warning("cannot store the admin token digest: %s", exc)
         return auth
 
     def _served(self, task: asyncio.Task[None]) -> None:
