@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ollamamq_fast.config import ConfigError, Settings, apply_toml, load_toml, parse_backend_url
@@ -69,6 +70,8 @@ class GatewayState:
         self.local = LocalRoutes(self)
         self.cache = StateCache(open_store(settings.state_path or ":memory:", settings.redis_url))
         self.operator = Operator(self, self.cache)
+        # Set by Gateway.start when a config file can be reloaded (admin API, SIGHUP).
+        self.reload_hook: Callable[[], dict[str, Any]] | None = None
         self.access = AccessLog(settings.log_file, settings.log_stderr, settings.log_format)
         self.identity = Identity(settings.auth, settings.trusted_proxies,
                                  self.cache.key_by_digest)
@@ -161,6 +164,8 @@ class Gateway:
             ]
         state = GatewayState(settings, loop)
         self.state = state
+        if settings.config_path:
+            state.reload_hook = self.reload
         state.access.start()
         await state.cache.start()
         state.operator.restore()

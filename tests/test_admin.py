@@ -74,7 +74,7 @@ def backend_urls(stack: Stack) -> list[str]:
 
 def test_every_route_needs_the_token(stack: Stack, admin: httpx.Client) -> None:
     routes = admin_app(stack).routes
-    assert len(routes) == 20
+    assert len(routes) == 21
     with httpx.Client(base_url=admin.base_url, timeout=5) as anonymous:
         for route in routes:
             path = route.template.replace("{user}", "alice").replace("{key_id}", "abc")
@@ -569,3 +569,31 @@ def test_generated_token_is_kept_across_restarts(tmp_path) -> None:  # type: ign
                          timeout=5).status_code == 401
     finally:
         second.close()
+
+
+def test_reload_route(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from harness import fast_sim_options
+
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text("max_queue_per_user = 7\n")
+    st = start_stack(admin_port=0, admin_token=TOKEN, config_path=str(cfg))
+    try:
+        url = f"http://127.0.0.1:{st.gateway.admin_port}/api/reload"
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        cfg.write_text("max_queue_per_user = 3\n")
+        r = httpx.post(url, headers=auth, timeout=5)
+        assert r.status_code == 200 and r.json()["reloaded"] is True
+        assert st.state.settings.max_queue_per_user == 3
+        cfg.write_text("bogus = [")
+        r = httpx.post(url, headers=auth, timeout=5)
+        assert r.status_code == 400 and "old config stays" in r.json()["error"]
+        assert st.state.settings.max_queue_per_user == 3
+    finally:
+        st.close()
+    plain = start_stack(sims=[fast_sim_options()], admin_port=0, admin_token=TOKEN)
+    try:
+        r = httpx.post(f"http://127.0.0.1:{plain.gateway.admin_port}/api/reload",
+                       headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+        assert r.status_code == 409
+    finally:
+        plain.close()

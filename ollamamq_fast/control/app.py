@@ -16,6 +16,7 @@ import orjson
 from ollamamq_fast.config import ConfigError, parse_backend_url
 from ollamamq_fast.control.auth import AdminAuth
 from ollamamq_fast.control.events import EventStreams
+from ollamamq_fast.config import ConfigError
 from ollamamq_fast.control.http import (
     ApiError,
     Request,
@@ -81,6 +82,7 @@ class AdminApp:
             Route("POST", "/api/keys", self.create_key),
             Route("DELETE", "/api/keys/{key_id}", self.revoke_key),
             Route("GET", "/api/stats", self.stats),
+            Route("POST", "/api/reload", self.reload),
             Route("GET", "/api/events", self.events),
             Route("GET", "/metrics", self.prometheus, public=metrics_public),
             Route("GET", "/openapi.json", self.openapi_document),
@@ -269,6 +271,17 @@ class AdminApp:
     async def stats(self, req: Request) -> Response:
         """GET /api/stats: gateway-wide numbers."""
         return json_response(self.operator.stats_snapshot())
+
+    async def reload(self, req: Request) -> Response:
+        """POST /api/reload: re-read the TOML config, as SIGHUP does."""
+        hook = self.state.reload_hook
+        if hook is None:
+            raise ApiError(409, "no config file to reload (start with --config FILE)")
+        try:
+            changes = hook()
+        except ConfigError as exc:
+            raise ApiError(400, f"reload failed, the old config stays: {exc}") from None
+        return json_response({"reloaded": True, **changes})
 
     async def events(self, req: Request) -> None:
         """GET /api/events: the event bus as Server-Sent Events (streamed here)."""

@@ -42,7 +42,7 @@ _ERRORS = {
     "400": "Invalid JSON, a missing, unknown or ill-typed field",
     "401": "Missing or wrong admin token",
     "404": "No such backend, key or route",
-    "409": "The backend already exists",
+    "409": "The backend already exists, or there is no config file to reload",
     "413": "Request body over 64 KiB",
 }
 
@@ -151,6 +151,13 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
         "/api/stats": {
             "get": _op("Gateway-wide numbers", "stats", _ok("Stats", "Counters and quantiles"),
                        tag="observability"),
+        },
+        "/api/reload": {
+            "post": {**_op("Re-read the TOML config file (as SIGHUP)", "reload",
+                           _free_json("`reloaded` and the backends added, removed, re-slotted"),
+                           codes=("400", "401")),
+                     "requestBody": {"required": False, "content": {JSON: {"schema": {
+                         "type": "object"}}}}},
         },
         "/api/events": {
             "get": _op(
