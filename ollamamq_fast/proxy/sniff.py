@@ -28,7 +28,7 @@ _OPEN = re.compile(rb"\s*\{\s*(\})?")
 # Keys without escapes (nearly all) take the simple pattern; the general one
 # handles `\u`-escaped keys.
 _KEY = re.compile(rb'"([^"\\]*)"\s*:\s*')
-_KEY_ESCAPED = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*', re.S)
+_KEY_ESCAPED = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*', re.DOTALL)
 _SCALAR = re.compile(rb"[^,}\]\s]+")
 _SEP = re.compile(rb"\s*([,}])\s*")
 _wanted_memo: dict[tuple[str, ...], dict[bytes, str]] = {}
@@ -69,60 +69,79 @@ def sniff_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
         flat = _FLAT.match(body)
         if flat is not None:
             return _flat_fields(body, flat.end(), wanted)
+    members, _ = _members(body)
     found: dict[str, str] = {}
+    for raw_key, plain, start, end in members:
+        key = wanted.get(raw_key.lower()) if plain else _match_key(raw_key, wanted)
+        if key is not None:
+            _take(body, start, end, key, found)
+    return found
+
+
+def _members(body: bytes) -> tuple[list[tuple[bytes, bool, int, int]], int]:
+    """The top-level members of a JSON object body, and its closing brace's index.
+
+    Each member is (raw key, key is plain ASCII without escapes, value start,
+    value end). Values are skipped, not decoded. Raises SniffError when the body
+    is not an object or its top level is malformed; bytes after the closing
+    brace are ignored, as Go's decoder ignores them.
+    """
     m = _OPEN.match(body)
     if m is None:
         if not body.strip():
             raise SniffError("missing request body")
         raise SniffError("request body must be a JSON object")
-    i = m.end()
+    members: list[tuple[bytes, bool, int, int]] = []
     if m.group(1):  # '{}'
-        return found
+        return members, m.start(1)
+    i = m.end()
     key_match = _KEY.match
-    sep_match = _SEP.match
     while True:
-        m = key_match(body, i)
-        if m is not None:
-            raw_key = m.group(1)
-            key = wanted.get(raw_key.lower()) if raw_key.isascii() else _match_key(raw_key, wanted)
+        km = key_match(body, i)
+        if km is not None:
+            raw_key = km.group(1)
+            plain = raw_key.isascii()
         else:
-            m = _KEY_ESCAPED.match(body, i)
-            if m is None:
+            km = _KEY_ESCAPED.match(body, i)
+            if km is None:
                 raise SniffError("invalid JSON: expected a string key and ':'")
-            raw_key = m.group(1)
-            key = _match_key(raw_key, wanted)
-        i = m.end()
+            raw_key = km.group(1)
+            plain = False
+        start = i = km.end()
         c = body[i] if i < len(body) else -1
         if c == _QUOTE:
-            end = _string_end(body, i + 1)
-            if key is not None:
-                found[key] = _decode_string(body[i + 1 : end])
-            i = end + 1
+            i = _string_end(body, i + 1) + 1
         elif c == 0x7B or c == 0x5B:  # '{' or '['
-            if key is not None:
-                raise SniffError(f"json: cannot unmarshal object into field {key} of type string")
             i = _skip_container(body, i)
         else:
             sm = _SCALAR.match(body, i)
             if sm is None:
                 raise SniffError("unexpected end of JSON input")
-            if key is not None:
-                scalar = sm.group(0)
-                if scalar == b"null":
-                    found.pop(key, None)
-                else:
-                    raise SniffError(
-                        f"json: cannot unmarshal {_kind(scalar)} into field {key} of type string"
-                    )
             i = sm.end()
-        m = sep_match(body, i)
-        if m is None:
+        members.append((raw_key, plain, start, i))
+        sep = _SEP.match(body, i)
+        if sep is None:
             if i >= len(body.rstrip()):
                 raise SniffError("unexpected end of JSON input")
             raise SniffError("invalid JSON: expected ',' or '}' after object value")
-        if m.group(1) == b"}":  # trailing bytes after the object are ignored, as Go does
-            return found
-        i = m.end()
+        if sep.group(1) == b"}":
+            return members, sep.start(1)
+        i = sep.end()
+
+
+def _take(body: bytes, start: int, end: int, key: str, found: dict[str, str]) -> None:
+    """Record a wanted key's value as Go would bind it to a string field."""
+    c = body[start]
+    if c == _QUOTE:
+        found[key] = _decode_string(body[start + 1 : end - 1])
+    elif c == 0x7B or c == 0x5B:
+        raise SniffError(f"json: cannot unmarshal object into field {key} of type string")
+    elif body[start:end] == b"null":
+        found.pop(key, None)
+    else:
+        raise SniffError(
+            f"json: cannot unmarshal {_kind(body[start:end])} into field {key} of type string"
+        )
 
 
 def _flat_fields(body: bytes, end: int, wanted: dict[bytes, str]) -> dict[str, str]:
@@ -225,45 +244,27 @@ def first_item(body: bytes, key: str) -> bytes:
     Used for conversation affinity: the first message of a chat stays the same
     for every turn of that conversation, so its hash picks the same backend.
     """
-    m = _OPEN.match(body)
-    if m is None or m.group(1):
+    try:
+        members, _ = _members(body)
+    except SniffError:
         return b""
-    i = m.end()
     wanted = _wanted((key,))
-    while True:
-        km = _KEY.match(body, i) or _KEY_ESCAPED.match(body, i)
-        if km is None:
-            return b""
-        raw_key = km.group(1)
-        i = km.end()
-        if i >= len(body):
-            return b""
-        c = body[i]
-        hit = _match_key(raw_key, wanted) is not None
-        if c == 0x5B and hit:  # '[': the array we want
-            j = i + 1
-            while j < len(body) and body[j] in b" \t\r\n":
-                j += 1
-            if j >= len(body) or body[j] == 0x5D:
-                return b""
-            if body[j] in (0x7B, 0x5B):
-                return body[j : _skip_container(body, j)]
-            if body[j] == _QUOTE:
-                return body[j : _string_end(body, j + 1) + 1]
-            return b""
-        if c == _QUOTE:
-            i = _string_end(body, i + 1) + 1
-        elif c in (0x7B, 0x5B):
-            i = _skip_container(body, i)
-        else:
-            sm = _SCALAR.match(body, i)
-            if sm is None:
-                return b""
-            i = sm.end()
-        sep = _SEP.match(body, i)
-        if sep is None or sep.group(1) == b"}":
-            return b""
-        i = sep.end()
+    value = b""
+    for raw_key, _plain, start, end in members:
+        if _match_key(raw_key, wanted) is not None:
+            value = body[start:end]  # the last duplicate wins, as everywhere
+    if not value.startswith(b"["):
+        return b""
+    j = 1
+    while j < len(value) and value[j] in b" \t\r\n":
+        j += 1
+    if j >= len(value) or value[j] == 0x5D:
+        return b""
+    if value[j] in (0x7B, 0x5B):
+        return value[j : _skip_container(value, j)]
+    if value[j] == _QUOTE:
+        return value[j : _string_end(value, j + 1) + 1]
+    return b""
 
 
 class Sniffed(NamedTuple):
@@ -289,61 +290,13 @@ def sniff_spans(
     raw = _wanted(raw_keys)
     found: dict[str, str] = {}
     spans: dict[str, tuple[int, int]] = {}
-    m = _OPEN.match(body)
-    if m is None:
-        if not body.strip():
-            raise SniffError("missing request body")
-        raise SniffError("request body must be a JSON object")
-    if m.group(1):  # '{}'
-        return Sniffed(found, spans, m.start(1), 0)
-    i = m.end()
-    members = 0
-    while True:
-        km = _KEY.match(body, i)
-        if km is not None:
-            raw_key = km.group(1)
-            plain = raw_key.isascii()
-        else:
-            km = _KEY_ESCAPED.match(body, i)
-            if km is None:
-                raise SniffError("invalid JSON: expected a string key and ':'")
-            raw_key = km.group(1)
-            plain = False
-        key = wanted.get(raw_key.lower()) if plain else _match_key(raw_key, wanted)
-        rkey = raw.get(raw_key.lower()) if plain else _match_key(raw_key, raw)
-        members += 1
-        i = km.end()
-        start = i
-        c = body[i] if i < len(body) else -1
-        if c == _QUOTE:
-            end = _string_end(body, i + 1)
-            if key is not None:
-                found[key] = _decode_string(body[i + 1 : end])
-            i = end + 1
-        elif c == 0x7B or c == 0x5B:  # '{' or '['
-            if key is not None:
-                raise SniffError(f"json: cannot unmarshal object into field {key} of type string")
-            i = _skip_container(body, i)
-        else:
-            sm = _SCALAR.match(body, i)
-            if sm is None:
-                raise SniffError("unexpected end of JSON input")
-            if key is not None:
-                scalar = sm.group(0)
-                if scalar == b"null":
-                    found.pop(key, None)
-                else:
-                    raise SniffError(
-                        f"json: cannot unmarshal {_kind(scalar)} into field {key} of type string"
-                    )
-            i = sm.end()
+    members, close = _members(body)
+    for raw_key, plain, start, end in members:
+        lowered = raw_key.lower()
+        key = wanted.get(lowered) if plain else _match_key(raw_key, wanted)
+        if key is not None:
+            _take(body, start, end, key, found)
+        rkey = raw.get(lowered) if plain else _match_key(raw_key, raw)
         if rkey is not None:
-            spans[rkey] = (start, i)
-        sep = _SEP.match(body, i)
-        if sep is None:
-            if i >= len(body.rstrip()):
-                raise SniffError("unexpected end of JSON input")
-            raise SniffError("invalid JSON: expected ',' or '}' after object value")
-        if sep.group(1) == b"}":
-            return Sniffed(found, spans, sep.start(1), members)
-        i = sep.end()
+            spans[rkey] = (start, end)
+    return Sniffed(found, spans, close, len(members))
