@@ -36,6 +36,18 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
                           text=True, timeout=30, env=full_env)
 
 
+def _wait_healthy(url: str, timeout: float = 15.0) -> None:
+    """Wait until a gateway subprocess answers /health (it is starting up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not come up in {timeout:g} s")
+
+
 def test_defaults_match_ollamamq() -> None:
     s = _settings([])
     assert (s.port, s.host, s.timeout, s.slots) == (11435, "127.0.0.1", 300.0, 1)
@@ -97,13 +109,7 @@ def test_serve_with_sim_answers_and_stops_on_sigterm() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--sim", "--no-tui", "--state", "", "--log-file", "",
                              "-p", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        _wait_healthy(f"http://127.0.0.1:{port}")
         r = httpx.post(f"http://127.0.0.1:{port}/api/generate", timeout=10,
                        json={"model": "llama3.2", "prompt": "hi", "stream": False})
         assert r.status_code == 200 and r.json()["done"] is True
@@ -145,13 +151,7 @@ def test_toml_config_and_sighup_reload(tmp_path) -> None:  # type: ignore[no-unt
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        _wait_healthy(url)
         body = {"model": "llama3.2", "prompt": "q", "stream": False}
         r = httpx.post(url + "/api/generate", json=body)
         assert r.headers["x-gateway-backend"] == sims[0].url
@@ -195,13 +195,7 @@ def test_sigterm_drains_running_streams() -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        _wait_healthy(url)
         lines: list[dict] = []
 
         def stream() -> None:

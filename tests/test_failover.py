@@ -173,3 +173,29 @@ def test_no_backend_online_is_503_not_a_hang() -> None:
         assert httpx.get(st.url + "/").status_code == 503
     finally:
         st.close()
+
+
+def test_probe_thresholds_take_a_backend_out_and_back() -> None:
+    from ollamamq_fast.sim import start_sim
+
+    st = start_stack(sims=[fast_sim_options()], health_interval=3600.0,
+                     health_fail_threshold=2, health_ok_threshold=2)
+    try:
+        sim = st.sims[0]
+        port = sim.port
+        backend = st.state.fleet.backends[0]
+        probe = st.state.health.probe
+        st.lt.run(sim.close())
+        st.lt.run(probe(backend))
+        assert backend.online  # one failed probe is not enough
+        st.lt.run(probe(backend))
+        assert not backend.online
+        st.sims[0] = st.lt.run(start_sim(fast_sim_options(), "127.0.0.1", port))
+        st.lt.run(probe(backend))
+        assert not backend.online  # one good probe is not enough either
+        st.lt.run(probe(backend))
+        assert backend.online
+        with httpx.Client(timeout=10) as client:
+            assert _gen(client, st.url).status_code == 200
+    finally:
+        st.close()

@@ -100,3 +100,17 @@ def test_access_log_lines(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert ok["completion_tokens"] == 4 and ok["backend"] == st.sims[0].url
     assert ok["duration_ms"] > 0 and ok["ts"].endswith("Z")
     assert any(ln["status"] == 404 for ln in lines)
+
+
+def test_access_log_logfmt(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "access.log"
+    st = start_stack(sims=[fast_sim_options(tokens=2)], log_file=str(log), log_format="logfmt")
+    try:
+        assert httpx.post(st.url + "/api/generate", headers={"X-User-ID": "a b"},
+                          json={"model": "llama3.2", "prompt": "q", "stream": False}
+                          ).status_code == 200
+    finally:
+        st.close()
+    line = log.read_text().splitlines()[0]
+    assert 'user="a b"' in line and "status=200" in line and "path=/api/generate" in line
+    assert "completion_tokens=2" in line
