@@ -109,7 +109,6 @@ class GatewayStats:
     rejected: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    bytes_out: int = 0
     queue_wait: Histogram = field(default_factory=Histogram)
     ttfb: Histogram = field(default_factory=Histogram)
     latency: Histogram = field(default_factory=Histogram)

@@ -104,20 +104,6 @@ class Backend:
         """Recompute `available` after online / draining / breaker changed."""
         self.available = self.online and not self.draining and self.breaker is not Breaker.OPEN
 
-    @property
-    def serves_native(self) -> bool:
-        """Whether native /api/* requests may go here (only to Ollama backends)."""
-        return self.kind is ApiKind.OLLAMA
-
-    @property
-    def eligible(self) -> bool:
-        """Online and accepting new requests."""
-        return self.available
-
-    def has_free_slot(self) -> bool:
-        """Whether a queued-route request can start here now."""
-        return self.available and self.in_flight < self.slots
-
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready view for status pages and the admin API."""
         return {

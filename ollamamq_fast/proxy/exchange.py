@@ -699,7 +699,7 @@ class Exchange:
             # A pooled connection the backend had already closed: not the backend's
             # fault. Reconnect to the same backend, keeping the slot; a fresh
             # connection cannot be stale, so this happens at most once in a row.
-            if replayable and backend is not None and backend.eligible:
+            if replayable and backend is not None and backend.available:
                 self.state = State.CONNECTING
                 self.connect_task = self.gw.loop.create_task(self._connect(backend))
                 return
