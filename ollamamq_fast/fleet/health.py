@@ -21,6 +21,7 @@ import orjson
 from ollamamq_fast.fleet.backend import ApiKind, Backend
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.fleet.select import Fleet
+from ollamamq_fast.tasks import cancel_and_wait
 
 log = logging.getLogger("ollamamq_fast.health")
 
@@ -60,12 +61,7 @@ class HealthChecker:
 
     async def close(self) -> None:
         """Stop probing and close the HTTP session."""
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self.task)
         for task in list(self.pending):
             task.cancel()
         if self.session is not None:

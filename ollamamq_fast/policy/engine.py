@@ -48,6 +48,7 @@ from ollamamq_fast.policy.streamusage import INJECT_KEYS, INJECT_ROUTES, usage_e
 from ollamamq_fast.proxy.exchange import State
 from ollamamq_fast.proxy.sniff import Sniffed
 from ollamamq_fast.state.records import UserSettings
+from ollamamq_fast.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
@@ -105,14 +106,7 @@ class Policy:
     async def stop(self) -> None:
         """Stop background work (called by the gateway before the cache stops)."""
         task, self._loop_task = self._loop_task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        await cancel_and_wait(task)
         if self.sync is not None:
             await self.sync.stop()
         if self.cache.remote is not None:

@@ -36,6 +36,8 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
+from ollamamq_fast.tasks import cancel_and_wait
+
 log = logging.getLogger("ollamamq_fast.policy")
 
 # How often local consumption is pushed and the global totals pulled: the lag
@@ -140,14 +142,7 @@ class RateSync:
     async def stop(self) -> None:
         """Stop the background task."""
         task, self.task = self.task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        await cancel_and_wait(task)
 
     async def _loop(self) -> None:
         while True:

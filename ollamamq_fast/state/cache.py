@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
+from ..tasks import cancel_and_wait
 from .ipblock import canonical
 from .records import (
     TOPIC_BACKENDS,
@@ -109,14 +110,7 @@ class StateCache(StateView):
     async def stop(self) -> None:
         """Write everything pending and close the store; called by the gateway at shutdown."""
         for task in (self._reloader, self._flusher):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise
+            await cancel_and_wait(task)
         self._reloader = self._flusher = None
         try:
             await self.flush()
