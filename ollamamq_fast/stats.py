@@ -21,8 +21,12 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # or metric cardinality without bound.
 MAX_TRACKED_USERS = 10_000
 
-_PROMPT_TOKENS = re.compile(rb'"(?:prompt_eval_count|prompt_tokens)":\s*(\d+)')
-_COMPLETION_TOKENS = re.compile(rb'"(?:eval_count|completion_tokens)":\s*(\d+)')
+# The counts' keys: Ollama's final line, then OpenAI's `usage` object. The
+# quote before each name keeps `"eval_count"` from matching inside
+# `"prompt_eval_count"`.
+_PROMPT_KEYS = (b'"prompt_eval_count":', b'"prompt_tokens":')
+_COMPLETION_KEYS = (b'"eval_count":', b'"completion_tokens":')
+_COUNT = re.compile(rb"\s*(\d+)")
 
 
 def tokens_in_tail(tail: bytes) -> tuple[int, int]:
@@ -30,17 +34,22 @@ def tokens_in_tail(tail: bytes) -> tuple[int, int]:
 
     The final NDJSON line carries `prompt_eval_count`/`eval_count`; OpenAI
     bodies and usage chunks carry `usage.prompt_tokens`/`completion_tokens`. Only
-    the tail is searched, with a regex: no JSON parse of the stream.
+    the tail is searched, from its end (`rfind`): no JSON parse of the stream.
     """
-    prompt = _last_int(_PROMPT_TOKENS, tail)
-    completion = _last_int(_COMPLETION_TOKENS, tail)
-    return prompt, completion
+    return _last_int(_PROMPT_KEYS, tail), _last_int(_COMPLETION_KEYS, tail)
 
 
-def _last_int(pattern: re.Pattern[bytes], data: bytes) -> int:
+def _last_int(keys: tuple[bytes, bytes], data: bytes) -> int:
+    """The number after the last occurrence of either key (0 when neither has one)."""
+    at = -1
     value = 0
-    for m in pattern.finditer(data):
-        value = int(m.group(1))
+    for key in keys:
+        i = data.rfind(key)
+        if i > at:
+            m = _COUNT.match(data, i + len(key))
+            if m is not None:
+                at = i
+                value = int(m.group(1))
     return value
 
 

@@ -67,6 +67,10 @@ FORGET_EVERY_TICKS = 10
 # A 200 stream that carries an error object (Ollama's mid-stream error line, or
 # an SSE error event) is not an answer worth replaying.
 _ERROR_MARK = b'{"error"'
+# Bodies up to this size are first searched for the policy's key names (one
+# lowercase copy); larger ones go straight to the span scan, which is cheaper
+# there than copying megabytes.
+_SUBSTRING_CHECK_MAX = 256 * 1024
 
 
 class Policy:
@@ -173,8 +177,14 @@ class Policy:
         self._memo[user] = (stored, limits)
         return limits
 
-    def body_keys(self, ex: Exchange) -> tuple[str, ...]:
-        """Top-level body keys the policy must read for this request (sets `ex.limits`)."""
+    def body_keys(self, ex: Exchange, body: bytes) -> tuple[str, ...]:
+        """Top-level body keys the policy must read for this request (sets `ex.limits`).
+
+        The determinism and stream checks only need the keys when their names
+        occur in the body at all: a substring test is far cheaper than reading
+        spans, and a miss there can only make a request uncacheable or leave a
+        non-stream alone, never change what is forwarded.
+        """
         limits = ex.limits = self.limits_for(ex.user)
         path = ex.path
         cap = bool(limits.max_tokens) and path in CAP_RULES
@@ -182,6 +192,14 @@ class Policy:
         inject = self.inject and path in INJECT_ROUTES
         if not (cap or det or inject):
             return ()
+        if (det or inject) and len(body) <= _SUBSTRING_CHECK_MAX:
+            lowered = body.lower()
+            if det and b"temperature" not in lowered and b"seed" not in lowered:
+                det = False
+            if inject and b"stream" not in lowered:
+                inject = False
+            if not (cap or det or inject):
+                return ()
         memo_key = (path, cap, det, inject)
         keys = self._keys.get(memo_key)
         if keys is None:

@@ -410,7 +410,7 @@ class Exchange:
         body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
         self.body = [body]
         policy = self.gw.policy
-        keys = policy.body_keys(self) if kind is Kind.QUEUED else ()
+        keys = policy.body_keys(self, body) if kind is Kind.QUEUED else ()
         if self.encoded_body:
             self.model = None
             if kind is not Kind.QUEUED or policy.admit(self, body, None, readable=False):
@@ -577,6 +577,10 @@ class Exchange:
                 conn.tee = None  # only whole 200 answers are kept
         if self.http10 and self.keep_alive:
             extra += b"Connection: keep-alive\r\n"
+        if conn.reason and not dechunk:
+            head = framing.relay_head(conn.raw_head, extra, not self.keep_alive)
+            if head is not None:
+                return head
         return framing.response_head(
             conn.status, conn.reason, conn.headers, extra, not self.keep_alive, dechunk
         )

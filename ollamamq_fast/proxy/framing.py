@@ -7,6 +7,7 @@ can be tested with plain bytes (as h11 does with `_body_framing`).
 from __future__ import annotations
 
 import enum
+import re
 import time
 from email.utils import formatdate
 
@@ -94,6 +95,30 @@ def response_head(
         out.append(b"Connection: close\r\n")
     out.append(b"\r\n")
     return b"".join(out)
+
+
+# A hop-by-hop header (RFC 9110 §7.6.1) stops a backend's head from being
+# relayed as it is. (llhttp has already refused bare-LF lines and obs-folds.)
+_HOP_BY_HOP_LINE = re.compile(
+    rb"\n(?:connection|keep-alive|proxy-connection|proxy-authenticate|te|trailer|upgrade)"
+    rb"[ \t]*:",
+    re.IGNORECASE,
+)
+
+
+def relay_head(raw: bytes, extra: bytes, close: bool) -> bytes | None:
+    """The client's head made from the backend's own bytes, or None to rebuild it.
+
+    `raw` is the backend's status line and header lines without the blank
+    line that ends them. Most backend heads need nothing dropped, and then
+    the bytes are the head `response_head` would build, with no per-header
+    work: only `extra` (and `Connection: close`) is added.
+    """
+    if not raw.startswith(b"HTTP/1.1 ") or _HOP_BY_HOP_LINE.search(raw) is not None:
+        return None
+    if close:
+        return raw + b"\r\n" + extra + b"Connection: close\r\n\r\n"
+    return raw + b"\r\n" + extra + b"\r\n"
 
 
 _date_cache: list[object] = [0, b""]

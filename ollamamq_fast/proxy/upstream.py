@@ -74,6 +74,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.silent_s = 0.0
         self.writing_paused = False
         self.counted = True  # still counted in pool.open
+        # The response parser is kept from one response to the next when it can be.
+        self.parser_plain = False
+        self.parser_idle = False
         # Per-response state
         self._reset_response(False)
 
@@ -82,8 +85,13 @@ class UpstreamConnection(asyncio.Protocol):
         # HTTP/1.0 clients cannot read chunked bodies (RFC 9112 §6.1): for them a
         # parser with an on_body callback re-emits the payload, ended by close.
         # The same path filters a stream whose usage the gateway injected.
-        self.parser = httptools.HttpResponseParser(
-            _Dechunker(self) if http10 or strip is not None else self)
+        plain = not http10 and strip is None
+        if not (plain and self.parser_plain and self.parser_idle):
+            # llhttp is ready for the next response only after a message it
+            # ended itself; a HEAD answer or a failed parse needs a new parser.
+            self.parser = httptools.HttpResponseParser(self if plain else _Dechunker(self))
+            self.parser_plain = plain
+        self.parser_idle = False
         self.http10 = http10
         self.strip = strip
         # Response cache tee: the bytes forwarded to the client, up to `tee_room`
@@ -94,8 +102,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.pending_body: list[bytes] = []
         self.head_request = head_request
         self.head_sent = False
-        self.head_buf = bytearray()
+        self.head_buf = b""
         self.head_scan_from = 0
+        # The final head's status and header lines as the backend sent them
+        # (b"" when it used bare LFs): relayed as they are when nothing must go.
+        self.raw_head = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
         self.status = 0
@@ -148,7 +159,8 @@ class UpstreamConnection(asyncio.Protocol):
             sink.response_complete(self)
 
     def _receive_head(self, data: bytes, sink: ResponseSink) -> None:
-        self.head_buf += data
+        # Nearly always the whole head comes in one read: then no copy is made.
+        self.head_buf = self.head_buf + data if self.head_buf else data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -158,13 +170,17 @@ class UpstreamConnection(asyncio.Protocol):
             return
         # The first blank line after the scan start ends the final head: headers
         # cannot contain one, and interim (1xx) heads were skipped past already.
-        end = self.head_buf.find(b"\r\n\r\n", self.head_scan_from)
+        buf = self.head_buf
+        start = self.head_scan_from
+        end = buf.find(b"\r\n\r\n", start)
         if end < 0:
-            end = self.head_buf.find(b"\n\n", self.head_scan_from)
-            body = bytes(self.head_buf[end + 2 :]) if end >= 0 else b""
+            end = buf.find(b"\n\n", start)
+            body = buf[end + 2 :] if end >= 0 else b""
+            self.raw_head = b""
         else:
-            body = bytes(self.head_buf[end + 4 :])
-        self.head_buf = bytearray()
+            body = buf[end + 4 :]
+            self.raw_head = buf[start:end]
+        self.head_buf = b""
         self.head_sent = True
         head = sink.response_head(self)
         if head is None:
@@ -255,6 +271,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = False
             return
         self.complete = True
+        self.parser_idle = True
 
     # -- Re-emitted bodies (HTTP/1.0 de-chunking, stream usage stripping) ----------
 
