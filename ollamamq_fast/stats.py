@@ -24,8 +24,10 @@ MAX_TRACKED_USERS = 10_000
 # The counts' keys: Ollama's final line, then OpenAI's `usage` object. The
 # quote before each name keeps `"eval_count"` from matching inside
 # `"prompt_eval_count"`.
-_PROMPT_KEYS = (b'"prompt_eval_count":', b'"prompt_tokens":')
-_COMPLETION_KEYS = (b'"eval_count":', b'"completion_tokens":')
+_COUNT_KEYS = (
+    (b'"prompt_eval_count":', b'"eval_count":'),
+    (b'"prompt_tokens":', b'"completion_tokens":'),
+)
 _COUNT = re.compile(rb"\s*(\d+)")
 
 
@@ -36,21 +38,19 @@ def tokens_in_tail(tail: bytes) -> tuple[int, int]:
     bodies and usage chunks carry `usage.prompt_tokens`/`completion_tokens`. Only
     the tail is searched, from its end (`rfind`): no JSON parse of the stream.
     """
-    return _last_int(_PROMPT_KEYS, tail), _last_int(_COMPLETION_KEYS, tail)
+    for prompt_key, completion_key in _COUNT_KEYS:
+        i = tail.rfind(completion_key)
+        if i >= 0:
+            j = tail.rfind(prompt_key)
+            return _int_at(tail, j + len(prompt_key)) if j >= 0 else 0, _int_at(
+                tail, i + len(completion_key))
+    return 0, 0
 
 
-def _last_int(keys: tuple[bytes, bytes], data: bytes) -> int:
-    """The number after the last occurrence of either key (0 when neither has one)."""
-    at = -1
-    value = 0
-    for key in keys:
-        i = data.rfind(key)
-        if i > at:
-            m = _COUNT.match(data, i + len(key))
-            if m is not None:
-                at = i
-                value = int(m.group(1))
-    return value
+def _int_at(data: bytes, at: int) -> int:
+    """The number that starts at `at` (after optional spaces); 0 if none."""
+    m = _COUNT.match(data, at)
+    return int(m.group(1)) if m is not None else 0
 
 
 class Histogram:

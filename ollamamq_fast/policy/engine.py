@@ -67,10 +67,6 @@ FORGET_EVERY_TICKS = 10
 # A 200 stream that carries an error object (Ollama's mid-stream error line, or
 # an SSE error event) is not an answer worth replaying.
 _ERROR_MARK = b'{"error"'
-# Bodies up to this size are first searched for the policy's key names (one
-# lowercase copy); larger ones go straight to the span scan, which is cheaper
-# there than copying megabytes.
-_SUBSTRING_CHECK_MAX = 256 * 1024
 
 
 class Policy:
@@ -182,8 +178,9 @@ class Policy:
 
         The determinism and stream checks only need the keys when their names
         occur in the body at all: a substring test is far cheaper than reading
-        spans, and a miss there can only make a request uncacheable or leave a
-        non-stream alone, never change what is forwarded.
+        spans. It looks for the lowercase names that clients send; a key
+        spelled otherwise only makes a request uncacheable or its stream
+        uncounted, never changes what is forwarded.
         """
         limits = ex.limits = self.limits_for(ex.user)
         path = ex.path
@@ -192,14 +189,12 @@ class Policy:
         inject = self.inject and path in INJECT_ROUTES
         if not (cap or det or inject):
             return ()
-        if (det or inject) and len(body) <= _SUBSTRING_CHECK_MAX:
-            lowered = body.lower()
-            if det and b"temperature" not in lowered and b"seed" not in lowered:
-                det = False
-            if inject and b"stream" not in lowered:
-                inject = False
-            if not (cap or det or inject):
-                return ()
+        if det and b"temperature" not in body and b"seed" not in body:
+            det = False
+        if inject and b'"stream"' not in body:
+            inject = False
+        if not (cap or det or inject):
+            return ()
         memo_key = (path, cap, det, inject)
         keys = self._keys.get(memo_key)
         if keys is None:

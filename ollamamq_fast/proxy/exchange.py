@@ -79,6 +79,22 @@ _REQUEST_SPECIAL = {
     b"upgrade": _H_DROP,
 }
 
+_H_KEEP = -1  # forwarded as it is
+# Header name as spelled on the wire -> action. Clients repeat the same few
+# spellings, so each is lowercased and looked up once; bounded, so that a
+# client inventing names cannot grow it.
+_classified: dict[bytes, int] = {}
+_CLASSIFIED_MAX = 4096
+
+
+def _classify(name: bytes) -> int:
+    """The action for a header name not seen in this spelling before."""
+    action = _REQUEST_SPECIAL.get(name.lower(), _H_KEEP)
+    if len(_classified) < _CLASSIFIED_MAX:
+        _classified[name] = action
+    return action
+
+
 _NOT_FOUND_TEXT = b"404 page not found"
 _NOT_ALLOWED_TEXT = b"405 method not allowed"
 _TEXT_PLAIN = b"text/plain"
@@ -197,17 +213,22 @@ class Exchange:
         self.path = path
         route = lookup(path)
         self.api = route.api if route is not None else api_of_path(path)
-        kept: list[bytes] = []
+        kept: list[tuple[bytes, bytes]] = []
         xff = b""
         authorization = api_key = b""
         identity = self.gw.identity
         keys_required = identity.keys_required
         connection_tokens: set[bytes] | None = None
-        for name, value in self.headers:
-            action = _REQUEST_SPECIAL.get(name.lower())
+        classified = _classified
+        for pair in self.headers:
+            action = classified.get(pair[0])
             if action is None:
-                kept.append(name + b": " + value + b"\r\n")
-            elif action == _H_LENGTH:
+                action = _classify(pair[0])
+            if action == _H_KEEP:
+                kept.append(pair)
+                continue
+            value = pair[1]
+            if action == _H_LENGTH:
                 self.content_length = int(value)
             elif action == _H_TE:
                 self.chunked_in = b"chunked" in value.lower()
@@ -215,24 +236,24 @@ class Exchange:
                 self.expect_continue = http_11 and value.strip().lower() == b"100-continue"
             elif action == _H_USER:
                 self.user = value.decode("latin-1").strip()
-                kept.append(name + b": " + value + b"\r\n")
+                kept.append(pair)
             elif action == _H_XFF:
                 xff = value + b", "
             elif action == _H_AUTH:
                 authorization = value
                 if not keys_required:  # the gateway's own keys never reach a backend
-                    kept.append(name + b": " + value + b"\r\n")
+                    kept.append(pair)
             elif action == _H_API_KEY:
                 api_key = value
                 if not keys_required:
-                    kept.append(name + b": " + value + b"\r\n")
+                    kept.append(pair)
             elif action == _H_CACHE:
                 self.cache_control = cache_control(value)
-                kept.append(name + b": " + value + b"\r\n")
+                kept.append(pair)
             elif action == _H_ENCODING:
                 # A compressed body (zstd on /v1/responses) cannot be sniffed; it
                 # is passed through untouched to any backend of the route's kind.
-                kept.append(name + b": " + value + b"\r\n")
+                kept.append(pair)
                 self.encoded_body = value.strip().lower() not in (b"", b"identity")
             elif action == _H_CONNECTION:
                 tokens = {t.strip().lower() for t in value.split(b",")}
@@ -241,9 +262,10 @@ class Exchange:
                     connection_tokens = tokens
         if connection_tokens:
             # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
-            kept = [h for h in kept if h.split(b":", 1)[0].lower() not in connection_tokens]
-        kept.append(b"X-Forwarded-For: " + xff + self.client.peer_ip_bytes + b"\r\n")
-        self.fwd_headers = b"".join(kept)
+            kept = [h for h in kept if h[0].lower() not in connection_tokens]
+        kept.append((b"X-Forwarded-For", xff + self.client.peer_ip_bytes))
+        # Each kept (name, value) pair becomes `name: value` in one C-level pass.
+        self.fwd_headers = b"\r\n".join(map(b": ".join, kept)) + b"\r\n"
         peer_ip = self.client.peer_ip
         self.client_ip = identity.client_ip(peer_ip, xff[:-2]) if identity.trusted_proxies else peer_ip
         self.started_at = self.gw.loop.time()
@@ -620,12 +642,16 @@ class Exchange:
         self.finish()
 
     def _count_tokens(self, conn: "UpstreamConnection") -> None:
-        prompt, completion = tokens_in_tail(conn.tail())
+        gw = self.gw
+        last = conn.last_data
+        prompt, completion = tokens_in_tail(last if len(last) >= 4096 or not conn.prev_data
+                                            else conn.tail())
         self.prompt_tokens, self.completion_tokens = prompt, completion
-        self.gw.cache.add_usage(self.user, self.model_name, prompt, completion)
-        self.gw.policy.tokens_used(self.user, prompt, completion)
+        gw.cache.add_usage(self.user, self.model_name, prompt, completion)
+        if gw.policy.quotas_on:
+            gw.policy.tokens_used(self.user, prompt, completion)
         if prompt or completion:
-            stats = self.gw.stats
+            stats = gw.stats
             stats.prompt_tokens += prompt
             stats.completion_tokens += completion
             ustats = self.ustats

@@ -62,6 +62,7 @@ _FLAT_PAIR = re.compile(rb'"([^"]*)"\s*:\s*(?:"([^"]*)"|([-+.\w]+))')
 # a single occurrence of `"model"` in the whole body can only be that member.
 _LEADING = re.compile(rb'\s*\{\s*"([A-Za-z_]+)"\s*:\s*(?:"([^"]*)"|null)\s*[,}]')
 _quoted_memo: dict[tuple[str, ...], tuple[bytes, ...]] = {}
+_KEY_NAMES = {b"model": "model", b"name": "name", b"source": "source"}
 
 
 def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None:
@@ -72,7 +73,8 @@ def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None
     m = _LEADING.match(body)
     if m is None or not body.isascii():
         return None
-    key = m.group(1).lower().decode()
+    raw_key = m.group(1)
+    key = _KEY_NAMES.get(raw_key) or raw_key.lower().decode()
     if key not in keys or body.count(b'"') % 2 or not body.rstrip().endswith(b"}"):
         return None
     quoted = _quoted_memo.get(keys)

@@ -55,6 +55,11 @@ class StateView:
         return ip in self._ips
 
     @property
+    def ips_blocked(self) -> bool:
+        """Whether any address or CIDR is blocked."""
+        return len(self._ips) > 0
+
+    @property
     def blocked_ips(self) -> set[str]:
         """Blocked addresses and CIDRs in canonical spelling; for the admin API."""
         return self._ips.entries
