@@ -1249,6 +1249,15 @@ def test_backend_400_relayed(stack: Stack, extra: dict) -> None:
     assert (got.status, got.body) == (want.status, want.body)
 
 
+@pytest.mark.parametrize("raw", [b'{"model":"llama3.2",}', b'{"model":"llama3.2","prompt":}'])
+def test_malformed_json_after_the_model_gets_the_backends_400(stack: Stack, raw: bytes) -> None:
+    """§1, §7.5: Go's decoder judges the body; its 400 and text come back unchanged."""
+    want = call(stack.sims[0].port, "POST", "/api/generate", raw)
+    got = call(stack.port, "POST", "/api/generate", raw)
+    assert want.status == 400 and "invalid character" in want.json()["error"]
+    assert (got.status, got.body) == (want.status, want.body)
+
+
 _VOLATILE = re.compile(rb'"created_at":"[^"]*"|"(total|load|prompt_eval|eval)_duration":\d+')
 
 

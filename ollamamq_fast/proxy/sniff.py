@@ -60,6 +60,9 @@ _FLAT_PAIR = re.compile(rb'"([^"]*)"\s*:\s*(?:"([^"]*)"|([-+.\w]+))')
 # other wanted key is written anywhere in the body. With no backslash a string
 # cannot hold a quote, and with ASCII only there is no Unicode case folding, so
 # a single occurrence of `"model"` in the whole body can only be that member.
+# Bytes after it are not checked here: a body broken further on goes to a
+# backend serving that model, whose own Go decoder answers the 400 Ollama
+# would (the same as a broken nested value after the general scan).
 _LEADING = re.compile(rb'\s*\{\s*"([A-Za-z_]+)"\s*:\s*(?:"([^"]*)"|null)\s*[,}]')
 _quoted_memo: dict[tuple[str, ...], tuple[bytes, ...]] = {}
 _KEY_NAMES = {b"model": "model", b"name": "name", b"source": "source"}
@@ -105,6 +108,12 @@ def sniff_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
         flat = _FLAT.match(body)
         if flat is not None:
             return _flat_fields(body, flat.end(), wanted)
+    return scanned_fields(body, keys)
+
+
+def scanned_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
+    """`sniff_fields` by the general member scan alone (what the fast paths must agree with)."""
+    wanted = _wanted(keys)
     members, _ = _members(body)
     found: dict[str, str] = {}
     for raw_key, plain, start, end in members:

@@ -1,0 +1,192 @@
+"""The hot path's shortcuts agree with the general code they stand in for.
+
+Each shortcut (model-first sniff, relaying the backend's head as it is, the
+reused response parser, the rfind token tap) is checked against the slow,
+general path on the same bytes, without sockets.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ollamamq_fast.proxy import framing
+from ollamamq_fast.proxy.sniff import SniffError, scanned_fields, sniff_fields
+from ollamamq_fast.proxy.upstream import UpstreamConnection
+from ollamamq_fast.stats import tokens_in_tail
+
+# -- Sniff: the model-first fast path -------------------------------------------------
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5),
+    st.text(alphabet="abcdeklmosMOD {}[]:,", max_size=8),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(["model", "Model", "x", "role", "name"]), inner,
+                        max_size=3),
+    ),
+    max_leaves=6,
+)
+_keys = st.sampled_from(["model", "MODEL", "Model", "name", "prompt", "options", "x"])
+
+
+def _outcome(fn, body: bytes, keys: tuple[str, ...]) -> object:
+    try:
+        return fn(body, keys)
+    except SniffError:
+        return "SniffError"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    first=st.one_of(st.text(alphabet="abcxyz.:/", max_size=10), st.none(), st.integers(0, 3)),
+    first_key=st.sampled_from(["model", "Model", "name", "x"]),
+    rest=st.lists(st.tuples(_keys, _values), max_size=4),
+    keys=st.sampled_from([("model",), ("model", "name"), ("source",)]),
+    spaced=st.booleans(),
+)
+def test_fast_sniff_agrees_with_the_member_scan(first, first_key, rest, keys, spaced) -> None:
+    separators = (", ", ": ") if spaced else (",", ":")
+    members = [json.dumps(first_key) + separators[1] + json.dumps(first)]
+    members += [json.dumps(k) + separators[1] + json.dumps(v, separators=separators)
+                for k, v in rest]
+    body = ("{" + separators[0].join(members) + "}").encode()
+    assert _outcome(sniff_fields, body, keys) == _outcome(scanned_fields, body, keys)
+
+
+@pytest.mark.parametrize("body, expect", [
+    (b'{"model":"a","messages":[{"role":"user","content":"hi"}]}', {"model": "a"}),
+    (b'{"model":"a","x":{"model":"decoy"}}', {"model": "a"}),  # nested: general path
+    (b'{"model":"a","MODEL":"b"}', {"model": "b"}),  # Go: the last duplicate wins
+    (b'{"model":"a","role":"model"}', {"model": "a"}),  # "model" as a value
+    (b'{"model":null,"x":1}', {}),
+    (b'{"Model":"M"}', {"model": "M"}),
+])
+def test_fast_sniff_cases(body: bytes, expect: dict[str, str]) -> None:
+    assert sniff_fields(body, ("model",)) == expect == scanned_fields(body, ("model",))
+
+
+@pytest.mark.parametrize("body", [b'{"model":"a"', b'{"model":5}', b'{"model":{"a":1}}', b"[]"])
+def test_fast_sniff_leaves_broken_bodies_to_the_scan(body: bytes) -> None:
+    with pytest.raises(SniffError):
+        sniff_fields(body, ("model",))
+
+
+@pytest.mark.parametrize("body", [b'{"model":"a",}', b'{"model":"a","x":}', b'{"model":"a","x":1,,}'])
+def test_fast_sniff_routes_a_body_broken_after_its_model(body: bytes) -> None:
+    """The backend's own decoder judges the rest (its 400 comes back as it is)."""
+    assert sniff_fields(body, ("model",)) == {"model": "a"}
+
+
+# -- Relaying the backend's head -------------------------------------------------------
+
+_EXTRA = b"X-Gateway-Backend: b\r\n"
+
+
+def _rebuilt(raw: bytes, close: bool) -> bytes:
+    """What the general head builder makes of the same raw head."""
+    lines = raw.split(b"\r\n")
+    _, status, reason_phrase = lines[0].split(b" ", 2)
+    headers = [tuple(line.split(b": ", 1)) for line in lines[1:]]
+    return framing.response_head(int(status), reason_phrase, headers, _EXTRA, close)
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_relayed_head_is_the_rebuilt_head(close: bool) -> None:
+    raw = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+           b"Date: Wed, 02 Dec 2026 07:00:00 GMT\r\nTransfer-Encoding: chunked")
+    assert framing.relay_head(raw, _EXTRA, close) == _rebuilt(raw, close)
+
+
+@pytest.mark.parametrize("header", [
+    b"Connection: close", b"connection: keep-alive", b"Keep-Alive: timeout=5", b"TE: trailers",
+    b"Trailer: X", b"Upgrade: h2c", b"Proxy-Connection: x", b"proxy-authenticate: Basic",
+])
+def test_hop_by_hop_header_forces_a_rebuild(header: bytes) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + header
+    assert framing.relay_head(raw, _EXTRA, False) is None
+    name = header.split(b":")[0].lower()
+    assert b"\r\n" + name + b":" not in _rebuilt(raw, False).lower()
+
+
+def test_http10_status_line_is_rebuilt() -> None:
+    assert framing.relay_head(b"HTTP/1.0 200 OK\r\nContent-Length: 2", _EXTRA, False) is None
+
+
+# -- The response parser kept across responses ------------------------------------------
+
+
+class _Sink:
+    """Stands in for the exchange: collects what the client would get."""
+
+    http10 = False
+
+    def __init__(self, transport: "_Recorder") -> None:
+        self.client_transport = transport
+        self.done = 0
+
+    def response_head(self, conn: UpstreamConnection) -> bytes:
+        return b"HEAD(%d)" % conn.status
+
+    def response_complete(self, conn: UpstreamConnection) -> None:
+        self.done += 1
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        raise AssertionError(f"lost: {exc!r}")
+
+    def upstream_continue(self, conn: UpstreamConnection) -> None:
+        pass
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def set_write_buffer_limits(self, high: int = 0, low: int = 0) -> None:
+        pass
+
+
+class _Pool:
+    def forget(self, conn: UpstreamConnection) -> None:
+        pass
+
+
+@pytest.mark.parametrize("order", [("GET", "HEAD", "GET"), ("HEAD", "GET", "GET")])
+def test_parser_is_kept_or_replaced_between_responses(order: tuple[str, ...]) -> None:
+    conn = UpstreamConnection(_Pool())  # type: ignore[arg-type]
+    conn.connection_made(_Recorder())  # type: ignore[arg-type]
+    client = _Recorder()
+    for i, method in enumerate(order):
+        sink = _Sink(client)
+        conn.send(sink, [b"request"], head_request=method == "HEAD")
+        body = b"" if method == "HEAD" else b"%05d" % i
+        # A HEAD answer announces a length but has no body: the parser cannot
+        # know that, so the connection must not reuse it for the next answer.
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+        assert sink.done == 1, (i, method)
+        assert conn.status == 200
+        assert client.data[-1] == b"HEAD(200)" + body
+
+
+# -- Token tap ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tail, expect", [
+    (b'{"done":true,"prompt_eval_count":21,"eval_count":7}', (21, 7)),
+    (b'{"done":true,"prompt_eval_count": 21}', (0, 0)),  # no completion count: not a final line
+    (b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}', (3, 4)),
+    (b'data: {"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\ndata: [DONE]\n\n', (3, 4)),
+    (b'{"eval_count":2}\n{"prompt_eval_count":5,"eval_count":9}\n', (5, 9)),  # last one wins
+    (b'{"eval_count":"x"}', (0, 0)),
+])
+def test_tokens_in_tail(tail: bytes, expect: tuple[int, int]) -> None:
+    assert tokens_in_tail(tail) == expect
