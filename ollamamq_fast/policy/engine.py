@@ -225,6 +225,10 @@ class Policy:
         limits = ex.limits
         if limits is None:
             limits = ex.limits = self.limits_for(ex.user)
+        if sn is None and readable and not limits.checks_requests and not (
+                self.cache.enabled and (self.cache.mode == "all" or ex.path in EMBEDDINGS)):
+            # Nothing to check, cap, look up or rewrite: the usual request.
+            return True
         if limits.rate > 0:
             wait = self.limiter.take(ex.user, limits.rate, limits.burst)
             if wait:

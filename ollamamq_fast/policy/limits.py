@@ -25,7 +25,7 @@ so `max_tokens_mode` is kept there as 0 (clamp) or 1 (reject).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 MODES = ("clamp", "reject")
@@ -60,11 +60,19 @@ class Limits:
     quota_day: int = 0
     quota_month: int = 0
     quota_total: int = 0
+    # Whether admission must look at each request (rate, quota, in-flight, cap);
+    # derived, so that the usual request costs one attribute read.
+    checks_requests: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checks_requests", bool(
+            self.rate > 0 or self.max_in_flight or self.max_tokens or self.has_quota))
 
     @property
     def has_quota(self) -> bool:
         """Whether any token quota applies."""
         return bool(self.quota_day or self.quota_month or self.quota_total)
+
 
     def public(self) -> dict[str, Any]:
         """JSON-ready view in the flag/TOML vocabulary (for the admin API)."""
