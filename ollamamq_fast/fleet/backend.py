@@ -42,6 +42,8 @@ class Backend:
         "address",
         "name",
         "host_header",
+        "gateway_headers",
+        "gateway_headers_unqueued",
         "path_prefix",
         "slots",
         "in_flight",
@@ -72,6 +74,10 @@ class Backend:
         self.name = address.url
         # Precomputed so the hot path only concatenates bytes.
         self.host_header = b"Host: " + address.authority.encode() + b"\r\n"
+        # The gateway's own response headers, all but the queue time's digits.
+        self.gateway_headers = (b"X-Gateway-Backend: " + self.name.encode()
+                                + b"\r\nX-Gateway-Queue-Ms: ")
+        self.gateway_headers_unqueued = self.gateway_headers + b"0\r\n"
         self.path_prefix = address.prefix.encode()
         self.slots = slots
         self.in_flight = 0  # queued-route requests running (bounded by slots)

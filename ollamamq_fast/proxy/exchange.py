@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import blake3
 
+from ollamamq_fast.fleet.backend import Breaker
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.fleet.select import Balance
 from ollamamq_fast.fleet.passive import FAST_FAIL_S
@@ -580,7 +581,7 @@ class Exchange:
                 self.state = State.RECEIVING
                 self.gw.dispatcher.retry(self)
                 return None
-        else:
+        elif backend.consecutive_failures or backend.breaker is not Breaker.CLOSED:
             self.gw.passive.success(backend)
         self.state = State.STREAMING
         self.status = status
@@ -589,10 +590,8 @@ class Exchange:
         dechunk = conn.dechunking and self.http10  # else re-chunked (stream usage stripped)
         if conn.framing is framing.Framing.CLOSE or not self.request_complete or dechunk:
             self.keep_alive = False
-        extra = b"X-Gateway-Backend: %b\r\nX-Gateway-Queue-Ms: %d\r\n" % (
-            backend.name.encode(),
-            self.queue_ms,
-        )
+        extra = backend.gateway_headers + b"%d\r\n" % self.queue_ms if self.queue_ms else (
+            backend.gateway_headers_unqueued)
         if self.cache_key is not None:
             extra += b"X-Cache: MISS\r\n"
             if status != 200 or conn.framing not in (framing.Framing.LENGTH, framing.Framing.CHUNKED):
