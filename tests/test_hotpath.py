@@ -190,3 +190,51 @@ def test_parser_is_kept_or_replaced_between_responses(order: tuple[str, ...]) ->
 ])
 def test_tokens_in_tail(tail: bytes, expect: tuple[int, int]) -> None:
     assert tokens_in_tail(tail) == expect
+
+
+# -- The measuring tools themselves ------------------------------------------------------
+
+_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_floor_proxy_relays_a_request() -> None:
+    """bench/floor_proxy.py, the yardstick of bench/compare_wrk.sh, still proxies."""
+    import subprocess
+    import sys
+    import time
+
+    from harness import fast_sim_options, free_port, raw_request, start_stack
+
+    stack = start_stack([fast_sim_options()])
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(_ROOT / "bench" / "floor_proxy.py"), str(port),
+                             str(stack.sims[0].port)])
+    try:
+        body = b'{"model":"llama3.2","prompt":"hi","stream":false}'
+        request = (b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b"
+                   % (len(body), body))
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                answer = raw_request(port, request)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert answer.startswith(b"HTTP/1.1 200") and b'"done":true' in answer
+    finally:
+        proc.kill()
+        proc.wait()
+        stack.close()
+
+
+def test_hotpath_script_measures() -> None:
+    """profiling/hotpath.py runs a real gateway's protocols and reports a figure."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(_ROOT / "profiling" / "hotpath.py"), "-n", "500",
+                          "--rounds", "1", "--route", "chat"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "us of gateway Python per request" in out and "HTTP/1.1 200 OK" in out
