@@ -177,6 +177,20 @@ def test_parser_is_kept_or_replaced_between_responses(order: tuple[str, ...]) ->
         assert client.data[-1] == b"HEAD(200)" + body
 
 
+def test_response_head_in_one_byte_pieces() -> None:
+    conn = UpstreamConnection(_Pool())  # type: ignore[arg-type]
+    conn.connection_made(_Recorder())  # type: ignore[arg-type]
+    client = _Recorder()
+    sink = _Sink(client)
+    conn.send(sink, [b"request"], head_request=False)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+    for i in range(len(answer)):
+        conn.data_received(answer[i : i + 1])
+    assert sink.done == 1
+    assert conn.raw_head == answer.split(b"\r\n\r\n")[0]
+    assert b"".join(client.data) == b"HEAD(200)hello"
+
+
 # -- Token tap ------------------------------------------------------------------------
 
 

@@ -102,7 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pending_body: list[bytes] = []
         self.head_request = head_request
         self.head_sent = False
-        self.head_buf = b""
+        self.head_buf: bytes | bytearray = b""
         self.head_scan_from = 0
         # The final head's status and header lines as the backend sent them
         # (b"" when it used bare LFs): relayed as they are when nothing must go.
@@ -160,7 +160,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _receive_head(self, data: bytes, sink: ResponseSink) -> None:
         # Nearly always the whole head comes in one read: then no copy is made.
-        self.head_buf = self.head_buf + data if self.head_buf else data
+        # A head in many pieces grows a bytearray (amortized, not quadratic).
+        held = self.head_buf
+        if not held:
+            self.head_buf = data
+        elif isinstance(held, bytearray):
+            held += data
+        else:
+            self.head_buf = bytearray(held) + data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -170,7 +177,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         # The first blank line after the scan start ends the final head: headers
         # cannot contain one, and interim (1xx) heads were skipped past already.
-        buf = self.head_buf
+        buf = bytes(self.head_buf)
         start = self.head_scan_from
         end = buf.find(b"\r\n\r\n", start)
         if end < 0:
