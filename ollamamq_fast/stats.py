@@ -7,7 +7,6 @@ time and renders Prometheus or JSON from them.
 
 from __future__ import annotations
 
-import re
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ _COUNT_KEYS = (
     (b'"prompt_eval_count":', b'"eval_count":'),
     (b'"prompt_tokens":', b'"completion_tokens":'),
 )
-_COUNT = re.compile(rb"\s*(\d+)")
+# Bytes after a count's key within which its value must end (spaces and 20 digits).
+_COUNT_SPAN = 32
 
 
 def tokens_in_tail(tail: bytes) -> tuple[int, int]:
@@ -49,8 +49,15 @@ def tokens_in_tail(tail: bytes) -> tuple[int, int]:
 
 def _int_at(data: bytes, at: int) -> int:
     """The number that starts at `at` (after optional spaces); 0 if none."""
-    m = _COUNT.match(data, at)
-    return int(m.group(1)) if m is not None else 0
+    # A count is followed by the next member or the object's end; int() takes
+    # the spaces around it. Anything else (a string, null) counts as none.
+    end = data.find(b",", at, at + _COUNT_SPAN)
+    if end < 0:
+        end = data.find(b"}", at, at + _COUNT_SPAN)
+        if end < 0:
+            return 0
+    digits = data[at:end]
+    return int(digits) if digits.strip().isdigit() else 0
 
 
 class Histogram:

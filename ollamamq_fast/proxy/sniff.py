@@ -78,7 +78,7 @@ def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None
         return None
     raw_key = m.group(1)
     key = _KEY_NAMES.get(raw_key) or raw_key.lower().decode()
-    if key not in keys or body.count(b'"') % 2 or not body.rstrip().endswith(b"}"):
+    if key not in keys or not (body.endswith(b"}") or body.rstrip().endswith(b"}")):
         return None
     quoted = _quoted_memo.get(keys)
     if quoted is None:
