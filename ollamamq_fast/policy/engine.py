@@ -187,8 +187,6 @@ class Policy:
         cap = bool(limits.max_tokens) and path in CAP_RULES
         det = self.cache.mode == "deterministic" and path in CACHEABLE and path not in EMBEDDINGS
         inject = self.inject and path in INJECT_ROUTES
-        if not (cap or det or inject):
-            return ()
         if det and b"temperature" not in body and b"seed" not in body:
             det = False
         if inject and b'"stream"' not in body:

@@ -73,7 +73,6 @@ class Limits:
         """Whether any token quota applies."""
         return bool(self.quota_day or self.quota_month or self.quota_total)
 
-
     def public(self) -> dict[str, Any]:
         """JSON-ready view in the flag/TOML vocabulary (for the admin API)."""
         return {

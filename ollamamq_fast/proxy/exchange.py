@@ -648,9 +648,7 @@ class Exchange:
 
     def _count_tokens(self, conn: "UpstreamConnection") -> None:
         gw = self.gw
-        last = conn.last_data
-        prompt, completion = tokens_in_tail(last if len(last) >= 4096 or not conn.prev_data
-                                            else conn.tail())
+        prompt, completion = tokens_in_tail(conn.tail())
         self.prompt_tokens, self.completion_tokens = prompt, completion
         gw.cache.add_usage(self.user, self.model_name, prompt, completion)
         if gw.policy.quotas_on:

@@ -65,7 +65,6 @@ _FLAT_PAIR = re.compile(rb'"([^"]*)"\s*:\s*(?:"([^"]*)"|([-+.\w]+))')
 # would (the same as a broken nested value after the general scan).
 _LEADING = re.compile(rb'\s*\{\s*"([A-Za-z_]+)"\s*:\s*(?:"([^"]*)"|null)\s*[,}]')
 _quoted_memo: dict[tuple[str, ...], tuple[bytes, ...]] = {}
-_KEY_NAMES = {b"model": "model", b"name": "name", b"source": "source"}
 
 
 def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None:
@@ -77,8 +76,9 @@ def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None
     if m is None or not body.isascii():
         return None
     raw_key = m.group(1)
-    key = _KEY_NAMES.get(raw_key) or raw_key.lower().decode()
-    if key not in keys or not (body.endswith(b"}") or body.rstrip().endswith(b"}")):
+    wanted = _wanted(keys)
+    key = wanted.get(raw_key) or wanted.get(raw_key.lower())
+    if key is None or not (body.endswith(b"}") or body.rstrip().endswith(b"}")):
         return None
     quoted = _quoted_memo.get(keys)
     if quoted is None:

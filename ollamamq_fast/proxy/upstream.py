@@ -104,8 +104,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_sent = False
         self.head_buf: bytes | bytearray = b""
         self.head_scan_from = 0
-        # The final head's status and header lines as the backend sent them
-        # (b"" when it used bare LFs): relayed as they are when nothing must go.
+        # The final head's status and header lines as the backend sent them:
+        # relayed as they are when nothing must go (b"" means rebuild).
         self.raw_head = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
@@ -356,7 +356,8 @@ class UpstreamConnection(asyncio.Protocol):
         last = self.last_data
         if len(last) >= 4096:
             return last[-4096:]
-        return self.prev_data[-4096:] + last
+        prev = self.prev_data
+        return prev[-4096:] + last if prev else last  # one read: no copy
 
     def finish_response(self, reusable: bool) -> None:
         """Called by the exchange after response_complete: back to the pool or closed."""
