@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 from typing import TYPE_CHECKING
 
 import blake3
@@ -43,6 +44,7 @@ from ollamamq_fast.policy.identity import AuthError
 from ollamamq_fast.policy.streamusage import UsageStripper
 from ollamamq_fast.proxy.sniff import SniffError, first_item, first_model, sniff_fields, sniff_spans
 from ollamamq_fast.stats import UserStats, tokens_in_tail
+from ollamamq_fast.wire.paths import PathError, normalize, request_path
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
@@ -101,6 +103,10 @@ def _classify(name: bytes) -> int:
 _LENGTH_LINES = 4096
 _length_lines = [b"Content-Length: %d\r\n\r\n" % n for n in range(_LENGTH_LINES)]
 
+# An authenticated user name sent on to the backend as X-User-ID: printable
+# ASCII only, so that no name can break the header it is written into.
+_PRINTABLE_ID = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?")
+
 _NOT_FOUND_TEXT = b"404 page not found"
 _NOT_ALLOWED_TEXT = b"405 method not allowed"
 _TEXT_PLAIN = b"text/plain"
@@ -145,7 +151,7 @@ class Exchange:
         "continue_sent", "early_extra", "unslot_held", "sent_at", "early_immediate",
         "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
         "prompt_tokens", "completion_tokens", "affinity",
-        "limits", "cache_key", "cache_control", "strip_usage",
+        "limits", "cache_key", "cache_control", "strip_usage", "credential",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -199,6 +205,9 @@ class Exchange:
         self.cache_key: bytes | None = None
         self.cache_control = 0
         self.strip_usage = 0
+        # The client's own credentials when the gateway does not own them (auth
+        # off): part of the cache key, since the backend may check them.
+        self.credential = b""
         self.discard_body = False
         self.body_forwarded = False
         self.status = 0
@@ -215,7 +224,21 @@ class Exchange:
         self.method = method
         self.keep_alive = keep_alive
         self.http10 = not http_11
-        path = self.url.split(b"?", 1)[0]
+        try:
+            raw_path, query = request_path(self.url)
+            path = normalize(raw_path)
+        except PathError as exc:
+            self.path = self.url.split(b"?", 1)[0]
+            self.api = api_of_path(self.path)
+            self.started_at = self.gw.loop.time()
+            self.user = self.client_ip = self.client.peer_ip
+            self.keep_alive = False
+            ctype, body = error_body(self.api, 400, str(exc))
+            self._set_early_error(400, ctype, body)
+            return
+        if path is not raw_path or len(raw_path) + len(query) != len(self.url):
+            # Forward the spelling that was routed: the backend reads what the policy saw.
+            self.url = path + query
         self.path = path
         route = lookup(path)
         self.api = route.api if route is not None else api_of_path(path)
@@ -242,7 +265,8 @@ class Exchange:
                 self.expect_continue = http_11 and value.strip().lower() == b"100-continue"
             elif action == _H_USER:
                 self.user = value.decode("latin-1").strip()
-                kept.append(pair)
+                if not keys_required:  # under keys the authenticated user is sent instead
+                    kept.append(pair)
             elif action == _H_XFF:
                 xff = value + b", "
             elif action == _H_AUTH:
@@ -266,23 +290,29 @@ class Exchange:
                 tokens -= {b"close", b"keep-alive"}
                 if tokens:
                     connection_tokens = tokens
+        if (authorization or api_key) and not keys_required:
+            self.credential = authorization + b"\n" + api_key
         if connection_tokens:
             # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
             kept = [h for h in kept if h[0].lower() not in connection_tokens]
-        kept.append((b"X-Forwarded-For", xff + self.client.peer_ip_bytes))
-        # Each kept (name, value) pair becomes `name: value` in one C-level pass.
-        self.fwd_headers = b"\r\n".join(map(b": ".join, kept)) + b"\r\n"
         peer_ip = self.client.peer_ip
         self.client_ip = identity.client_ip(peer_ip, xff[:-2]) if identity.trusted_proxies else peer_ip
         self.started_at = self.gw.loop.time()
-        self._check_route(route, method)
-        if keys_required and route is not None and route.kind is not Kind.LOCAL:
+        if keys_required and (route is None or route.kind is not Kind.LOCAL):
+            # Authentication comes before routing: an unknown path forwarded with
+            # --allow-all-routes reaches a backend too, so it needs a key as well.
             try:
                 self.user = identity.user_for_key(authorization, api_key, self.user)
             except AuthError as exc:
                 ctype, body = error_body(self.api, 401, str(exc))
                 self._set_early_error(401, ctype, body)
                 return
+            if _PRINTABLE_ID.fullmatch(self.user):
+                kept.append((b"X-User-ID", self.user.encode()))
+        kept.append((b"X-Forwarded-For", xff + self.client.peer_ip_bytes))
+        # Each kept (name, value) pair becomes `name: value` in one C-level pass.
+        self.fwd_headers = b"\r\n".join(map(b": ".join, kept)) + b"\r\n"
+        self._check_route(route, method)
         if not self.user:
             self.user = self.client_ip
 

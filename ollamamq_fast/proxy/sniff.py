@@ -312,6 +312,18 @@ def first_item(body: bytes, key: str) -> bytes:
     return b""
 
 
+def duplicate_members(body: bytes) -> bool:
+    """Whether the body's top level names a key twice, up to Go's case folding."""
+    members, _ = _members(body)
+    seen: set[bytes] = set()
+    for raw_key, plain, _start, _end in members:
+        key = raw_key.lower() if plain else _decode_string(raw_key).casefold().encode()
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
+
+
 class Sniffed(NamedTuple):
     """What `sniff_spans` read from a body's top level."""
 

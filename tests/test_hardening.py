@@ -1,0 +1,210 @@
+"""Regression tests for the adversarial pass's critical and high findings (issue 14).
+
+- Authentication does not depend on routing: with `--auth keys
+  --allow-all-routes` an unknown path, or an encoded spelling of a known one,
+  reaches no backend without a key.
+- Paths are normalized as the backend reads them, routed on that, and the
+  canonical path is what is forwarded.
+- A body with duplicate JSON keys is never cached, and a client's own
+  credentials (auth off) are part of the cache key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from harness import Stack, start_stack
+from ollamamq_fast.policy.cache import CANONICAL_MAX_BODY, cache_key
+from ollamamq_fast.wire.paths import PathError, normalize, request_path
+from test_traps import Conn, FakeBackend, wait_for
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+@pytest.mark.parametrize(("raw", "canonical"), [
+    (b"/api/chat", b"/api/chat"),
+    (b"/api/%63hat", b"/api/chat"),
+    (b"/api%2Fchat", b"/api/chat"),
+    (b"/api//chat", b"/api/chat"),
+    (b"//api/chat", b"/api/chat"),
+    (b"/api/./chat", b"/api/chat"),
+    (b"/api/x/../chat", b"/api/chat"),
+    (b"/%2e%2e/api/chat", b"/api/chat"),
+    (b"/../../api/chat", b"/api/chat"),
+    (b"/api/tags/", b"/api/tags/"),
+    (b"/api/chat/.", b"/api/chat/"),
+    (b"/api/chat%3Fx=1", b"/api/chat%3Fx=1"),  # a decoded "?" must not start a query
+    (b"/api/caf%C3%A9", b"/api/caf%C3%A9"),
+    (b"/", b"/"),
+])
+def test_paths_normalize_as_the_backend_reads_them(raw: bytes, canonical: bytes) -> None:
+    assert normalize(raw) == canonical
+    assert normalize(canonical) == canonical  # idempotent
+
+
+def test_canonical_paths_are_returned_without_copying() -> None:
+    path = b"/api/chat"
+    assert normalize(path) is path
+
+
+@pytest.mark.parametrize("bad", [b"/api/%zz", b"/api/chat%", b"/api/%0achat", b"/api/%00"])
+def test_undecodable_paths_are_refused(bad: bytes) -> None:
+    with pytest.raises(PathError):
+        normalize(bad)
+
+
+def test_request_targets_reduce_to_their_path() -> None:
+    assert request_path(b"/api/chat?x=1") == (b"/api/chat", b"?x=1")
+    assert request_path(b"http://evil.example/api/chat?x") == (b"/api/chat", b"?x")
+    assert request_path(b"http://evil.example") == (b"/", b"")
+    for target in (b"*", b"evil.example:443", b"api/chat"):
+        with pytest.raises(PathError):
+            request_path(target)
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[tuple[Stack, FakeBackend, str]]:
+    backend = FakeBackend()
+    st = start_stack(sims=[], extra_backends=[backend.url], auth="keys",
+                     allow_all_routes=True, health_interval=3600.0)
+    secret = st.lt.call(st.state.operator.create_key, "alice")["secret"]
+    yield st, backend, secret
+    st.close()
+    backend.close()
+
+
+def _raw(st: Stack, target: str, body: bytes, headers: str = "") -> tuple[int, bytes]:
+    with Conn(st.port) as c:
+        c.send((f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"{headers}Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        r = c.response()
+    return r.status, r.body
+
+
+@pytest.mark.parametrize("target", [
+    "/not/a/route", "/api/%63hat", "/api//chat", "/api/./chat", "/API/chat",
+    "http://evil.example/api/chat", "/api/blobs/sha256:abc", "/api/pull",
+])
+def test_no_key_no_backend_whatever_the_path(
+        keyed: tuple[Stack, FakeBackend, str], target: str) -> None:
+    st, backend, _ = keyed
+    before = len(backend.requests)
+    status, body = _raw(st, target, b'{"model":"fake","messages":[{"role":"user"}]}')
+    assert status == 401, (target, body)
+    assert b"API key" in body
+    assert len(backend.requests) == before
+
+
+def test_encoded_spellings_get_the_policy_of_the_route_they_name(
+        keyed: tuple[Stack, FakeBackend, str]) -> None:
+    st, backend, secret = keyed
+    auth = f"Authorization: Bearer {secret}\r\nX-User-ID: mallory\r\n"
+    for target in ("/api/%63hat", "/api//chat", "/x/../api/chat", "http://evil.example/api/chat"):
+        before = len(backend.requests)
+        stats = st.state.stats.user("alice")
+        done = stats.done
+        status, _ = _raw(st, target, b'{"model":"fake","messages":[{"role":"user"}]}', auth)
+        assert status == 200, target
+        assert wait_for(lambda: len(backend.requests) > before, 2.0)
+        head = backend.requests[-1].split(b"\r\n\r\n")[0]
+        # Forwarded as the canonical path, so the backend reads what was routed...
+        assert head.startswith(b"POST /api/chat HTTP/1.1\r\n"), head
+        # ...queued as alice's inference request, with her identity, not the client's.
+        assert stats.done == done + 1
+        lowered = head.lower()
+        assert b"x-user-id: alice" in lowered and b"mallory" not in lowered
+        assert b"authorization" not in lowered
+
+
+def test_a_bad_escape_is_a_400_in_the_route_shape(keyed: tuple[Stack, FakeBackend, str]) -> None:
+    st, backend, secret = keyed
+    before = len(backend.requests)
+    status, body = _raw(st, "/v1/chat/%zzompletions", b"{}", f"Authorization: Bearer {secret}\r\n")
+    assert status == 400 and b"percent escape" in body and b'"message"' in body
+    assert len(backend.requests) == before
+
+
+def test_unknown_paths_are_forwarded_with_a_key(keyed: tuple[Stack, FakeBackend, str]) -> None:
+    st, backend, secret = keyed
+    r = httpx.get(st.url + "/custom/thing", headers={"Authorization": f"Bearer {secret}"})
+    assert r.status_code == 200
+    assert backend.requests[-1].startswith(b"GET /custom/thing HTTP/1.1\r\n")
+    assert httpx.get(st.url + "/api/tags").status_code == 200  # local routes need no key
+
+
+def test_duplicate_keys_are_never_cached() -> None:
+    url = b"/api/chat"
+    base = b'{"model":"m","messages":[{"role":"user","content":"x"}],'
+    plain = base + b'"options":{"temperature":0}}'
+    assert cache_key(url, url, "m", 0, plain) is not None
+    for body in (
+        base + b'"options":{"temperature":0},"options":{"seed":1}}',  # Go merges the two
+        base + b'"options":{"temperature":0},"OPTIONS":{"num_ctx":9}}',  # case variants
+        base + b'"options":{"temperature":0,"temperature":1}}',  # nested
+        b'{"model":"m","messages":[{"role":"user","content":"x","Content":"y"}]}',  # deep
+        b'{"model":"m","messages":[{"role":"user","content":"x"}],"Model":"n"}',
+    ):
+        assert cache_key(url, url, "m", 0, body) is None, body
+    big = b'{"model":"m","prompt":"' + b"a" * CANONICAL_MAX_BODY + b'"'
+    gen = b"/api/generate"
+    assert cache_key(gen, gen, "m", 0, big + b"}") is not None
+    assert cache_key(gen, gen, "m", 0, big + b',"prompt":"b"}') is None
+    # NaN is not JSON: the body is keyed by its bytes, never equal to a null body's key.
+    nan = b'{"model":"m","prompt":"p","options":{"seed":NaN}}'
+    null = b'{"model":"m","prompt":"p","options":{"seed":null}}'
+    assert cache_key(gen, gen, "m", 0, nan) != cache_key(gen, gen, "m", 0, null)
+
+
+def test_credentials_not_owned_by_the_gateway_are_part_of_the_key() -> None:
+    gen = b"/api/generate"
+    body = b'{"model":"m","prompt":"p"}'
+    anonymous = cache_key(gen, gen, "m", 0, body)
+    assert anonymous is not None
+    assert cache_key(gen, gen, "m", 0, body, b"Bearer a\n") not in (None, anonymous)
+    assert cache_key(gen, gen, "m", 0, body, b"Bearer a\n") == cache_key(
+        gen, gen, "m", 0, body, b"Bearer a\n")
+    assert cache_key(gen, gen, "m", 0, body, b"Bearer a\n") != cache_key(
+        gen, gen, "m", 0, body, b"Bearer b\n")
+
+
+@pytest.fixture(scope="module")
+def caching() -> Iterator[tuple[Stack, FakeBackend]]:
+    backend = FakeBackend()
+    st = start_stack(sims=[], extra_backends=[backend.url], cache_mode="all",
+                     health_interval=3600.0)
+    yield st, backend
+    st.close()
+    backend.close()
+
+
+def test_an_attackers_duplicate_key_body_poisons_nobody(
+        caching: tuple[Stack, FakeBackend]) -> None:
+    st, backend = caching
+    attack = (b'{"model":"fake","messages":[{"role":"user","content":"q"}],"stream":false,'
+              b'"options":{"num_ctx":1},"options":{"temperature":0}}')
+    victim = (b'{"model":"fake","messages":[{"role":"user","content":"q"}],"stream":false,'
+              b'"options":{"temperature":0}}')
+    for _ in range(2):
+        r = httpx.post(st.url + "/api/chat", content=attack, headers={"X-User-ID": "mallory"})
+        assert r.status_code == 200 and "x-cache" not in r.headers
+    before = len(backend.requests)
+    r = httpx.post(st.url + "/api/chat", content=victim, headers={"X-User-ID": "victim"})
+    assert r.status_code == 200 and r.headers["x-cache"] == "MISS"
+    assert len(backend.requests) == before + 1
+
+
+def test_a_cached_answer_is_not_served_to_other_credentials(
+        caching: tuple[Stack, FakeBackend]) -> None:
+    st, backend = caching
+    body = dict(CHAT, messages=[{"role": "user", "content": "secret question"}])
+    ok = {"Authorization": "Bearer right"}
+    assert httpx.post(st.url + "/api/chat", json=body, headers=ok).headers["x-cache"] == "MISS"
+    assert httpx.post(st.url + "/api/chat", json=body, headers=ok).headers["x-cache"] == "HIT"
+    for other in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "right"}):
+        before = len(backend.requests)
+        r = httpx.post(st.url + "/api/chat", json=body, headers=other)
+        assert r.headers["x-cache"] == "MISS", other
+        assert len(backend.requests) == before + 1
