@@ -23,6 +23,7 @@ looked up there, so replicas share answers; Redis bounds its own memory
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import orjson
 
-from ollamamq_fast.proxy.sniff import Sniffed
+from ollamamq_fast.proxy.sniff import SniffError, Sniffed, duplicate_members
 
 if TYPE_CHECKING:
     from ollamamq_fast.stats import GatewayStats
@@ -149,24 +150,68 @@ def _raw_num(raw: bytes) -> float | None:
         return None
 
 
-def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes) -> bytes | None:
-    """The entry key, or None for a request that must not be cached (load/unload)."""
+def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes,
+              credential: bytes = b"") -> bytes | None:
+    """The entry key, or None for a request that must not be cached.
+
+    Not cached: a model load or unload (no prompt / no messages), and any body
+    with duplicate keys at any depth (above CANONICAL_MAX_BODY, where the raw
+    bytes are the key, at the top level). Ollama's Go decoder merges duplicate
+    objects and reuses array elements, so such a body means something other
+    than what a last-duplicate-wins parse (orjson's) says, and two different
+    requests could share one key: that is how a cache gets poisoned. Keys that
+    differ only in case count as duplicates, since Go matches field names
+    case-insensitively. `credential` is the client's own Authorization when
+    the gateway does not own it (auth off): a backend that checks it decides
+    per credential, so the answer is kept per credential too.
+    """
     canonical = body
-    if len(body) <= CANONICAL_MAX_BODY and _BIG_INT.search(body) is None:
+    if len(body) <= CANONICAL_MAX_BODY:
         try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            obj = json.loads(body, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+        except _DuplicateKey:
+            return None
+        except (ValueError, RecursionError):
             obj = None  # e.g. trailing bytes, which Go ignores: keep the raw bytes
         if isinstance(obj, dict):
             if path == b"/api/generate" and not obj.get("prompt"):
                 return None  # a model load or unload, not a question
             if path == b"/api/chat" and not obj.get("messages"):
                 return None
-            canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+            if _BIG_INT.search(body) is None:
+                canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    elif _duplicate_members(body):
+        # Too large to parse on the event loop: keyed by its exact bytes, so only
+        # a byte-identical request (which the backend reads the same) can hit.
+        return None
     h = blake3.blake3(url)
-    h.update(b"\0%s\0%d\0" % (model.encode(), cap))
+    h.update(b"\0%s\0%d\0%d\0" % (model.encode(), cap, len(credential)))
+    h.update(credential)
     h.update(canonical)
     return h.digest()
+
+
+class _DuplicateKey(Exception):
+    """A JSON object holds the same key twice (up to case)."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs) or len({k.casefold() for k in obj}) != len(obj):
+        raise _DuplicateKey
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (Go refuses them): key such a body by its bytes.
+    raise ValueError(name)
+
+
+def _duplicate_members(body: bytes) -> bool:
+    try:
+        return duplicate_members(body)
+    except SniffError:
+        return False  # unreadable: the backend refuses it, and only its own bytes match
 
 
 class ResponseCache:

@@ -280,7 +280,8 @@ class Policy:
                 and not ex.cache_control & NO_STORE
                 and (cache.mode == "all" or path in EMBEDDINGS
                      or (sn is not None and is_deterministic(native, body, sn, options)))):
-            key = cache_key(path, ex.url, ex.model or "", limits.max_tokens if rule else 0, body)
+            key = cache_key(path, ex.url, ex.model or "", limits.max_tokens if rule else 0, body,
+                            ex.credential)
             if key is not None:
                 ex.cache_key = key
                 if not ex.cache_control & NO_CACHE:
