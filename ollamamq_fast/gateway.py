@@ -19,7 +19,7 @@ from ollamamq_fast.fleet.health import HealthChecker
 from ollamamq_fast.fleet.passive import PassiveHealth
 from ollamamq_fast.fleet.select import Balance, Fleet
 from ollamamq_fast.proxy.downstream import ClientProtocol
-from ollamamq_fast.proxy.exchange import State
+from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.local import LocalRoutes
 from ollamamq_fast.proxy.upstream import UpstreamPool
 from ollamamq_fast.accesslog import AccessLog

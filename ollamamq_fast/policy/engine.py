@@ -45,7 +45,7 @@ from ollamamq_fast.policy.limits import QUOTA_NAMES, Limits, resolve
 from ollamamq_fast.policy.quota import REFRESH_S, QuotaBook
 from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
 from ollamamq_fast.policy.streamusage import INJECT_KEYS, INJECT_ROUTES, usage_edit
-from ollamamq_fast.proxy.exchange import State
+from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.sniff import Sniffed
 from ollamamq_fast.state.records import UserSettings
 from ollamamq_fast.tasks import cancel_and_wait

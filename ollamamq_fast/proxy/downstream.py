@@ -16,7 +16,8 @@ import httptools
 
 from ollamamq_fast.proxy import framing
 from ollamamq_fast.proxy.errors import Api, error_body
-from ollamamq_fast.proxy.exchange import Exchange, State
+from ollamamq_fast.proxy.exchange import Exchange
+from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES
 
 if TYPE_CHECKING:

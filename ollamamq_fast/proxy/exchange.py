@@ -5,19 +5,13 @@ each request to an Exchange. The Exchange classifies the route, reads or
 streams the body, asks the dispatcher for a backend, drives the upstream
 connection, and answers errors in the route's own format.
 
-State machine (one `State` per exchange, moves only forward):
-
-    RECEIVING -> QUEUED -> CONNECTING -> WAITING -> STREAMING -> DONE
-        |           |          |            |
-        +-----------+----------+------------+--> DONE (error, client gone)
-
-WAITING -> CONNECTING again only on a retry before any response byte.
+Its states and the moves between them are in `state.py`; every move goes
+through `_to`, which refuses a move the table does not allow.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import re
 from typing import TYPE_CHECKING
 
@@ -42,6 +36,7 @@ from ollamamq_fast.proxy.routes import (
 from ollamamq_fast.policy.cache import cache_control
 from ollamamq_fast.policy.identity import AuthError
 from ollamamq_fast.policy.streamusage import UsageStripper
+from ollamamq_fast.proxy.state import State, advance
 from ollamamq_fast.proxy.sniff import SniffError, first_item, first_model, sniff_fields, sniff_spans
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 from ollamamq_fast.wire.paths import PathError, normalize, request_path
@@ -127,17 +122,6 @@ def _path_label(path: bytes) -> str:
     return "other"
 
 
-class State(enum.Enum):
-    """Where an exchange is in its life."""
-
-    RECEIVING = "receiving"
-    QUEUED = "queued"
-    CONNECTING = "connecting"
-    WAITING = "waiting"
-    STREAMING = "streaming"
-    DONE = "done"
-
-
 class Exchange:
     """Per-request state and the logic that moves a request through the gateway."""
 
@@ -216,6 +200,19 @@ class Exchange:
         self.early_extra = b""
         self.unslot_held = False
         self.sent_at = 0.0
+
+    # -- State (state.py holds the table of allowed moves) ---------------------------
+
+    def _to(self, target: State) -> None:
+        self.state = advance(self.state, target)
+
+    def _end(self) -> None:
+        if self.state is not State.DONE:
+            self.state = advance(self.state, State.DONE)
+
+    def enter_queue(self) -> None:
+        """The request waits for a slot (called by the dispatcher: first turn or a retry)."""
+        self._to(State.QUEUED)
 
     # -- Request side (called by ClientProtocol) ----------------------------------
 
@@ -416,7 +413,7 @@ class Exchange:
     def client_gone(self) -> None:
         """The client connection closed: stop everything this exchange holds."""
         state = self.state
-        self.state = State.DONE
+        self._end()
         ustats = self.ustats
         if ustats is not None and state is not State.DONE:
             ustats.dropped += 1
@@ -522,7 +519,7 @@ class Exchange:
         else:
             backend.unslotted += 1
             self.unslot_held = True
-        self.state = State.CONNECTING
+        self._to(State.CONNECTING)
         assert backend.pool is not None
         conn = backend.pool.acquire_idle()
         if conn is not None:
@@ -551,7 +548,7 @@ class Exchange:
         backend = self.backend
         assert backend is not None
         self.upstream = conn
-        self.state = State.WAITING
+        self._to(State.WAITING)
         self.sent_at = self.gw.loop.time()
         head = [
             self.method, b" ", backend.path_prefix, self.url, b" HTTP/1.1\r\n",
@@ -614,12 +611,11 @@ class Exchange:
                 conn.abort()
                 self.attempts += 1
                 self._release_backend()
-                self.state = State.RECEIVING
                 self.gw.dispatcher.retry(self)
                 return None
         elif backend.consecutive_failures or backend.breaker is not Breaker.CLOSED:
             self.gw.passive.success(backend)
-        self.state = State.STREAMING
+        self._to(State.STREAMING)
         self.status = status
         if self.started_at:
             self.gw.stats.ttfb.observe(self.gw.loop.time() - self.started_at)
@@ -749,7 +745,7 @@ class Exchange:
             # Mid-line or unframed: no clean frame is possible; the client sees
             # a truncated message (an error in every HTTP client), never a hang.
             transport.abort()
-        self.state = State.DONE
+        self._end()
 
     def _failed_before_response(self, conn: "UpstreamConnection | None", exc: Exception | None) -> None:
         self.upstream = None
@@ -763,14 +759,13 @@ class Exchange:
             # fault. Reconnect to the same backend, keeping the slot; a fresh
             # connection cannot be stale, so this happens at most once in a row.
             if replayable and backend is not None and backend.available:
-                self.state = State.CONNECTING
+                self._to(State.CONNECTING)
                 self.connect_task = self.gw.loop.create_task(self._connect(backend))
                 return
         else:
             self._note_backend_failure(repr(exc) if exc else "connection closed before a response")
         self._release_backend()
         if replayable and backend is not None and self._can_retry_elsewhere(backend):
-            self.state = State.RECEIVING
             self.gw.dispatcher.retry(self)
             return
         self.respond_error(
@@ -846,7 +841,7 @@ class Exchange:
 
     def finish(self) -> None:
         """Mark done and let the connection move to its next request."""
-        self.state = State.DONE
+        self._end()
         gw = self.gw
         stats = gw.stats
         backend = self.backend

@@ -11,7 +11,6 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ollamamq_fast.proxy.exchange import State
 from ollamamq_fast.proxy.routes import Kind
 from ollamamq_fast.sched.fairqueue import FairQueue
 
@@ -38,6 +37,7 @@ class Dispatcher:
         for user, weight in settings.user_weights.items():
             self.queue.set_weight(user, weight)
         self.retry_line: deque[Exchange] = deque()
+        self.retry_scheduled = False
         self.pumping = False
         self.dispatched = 0
         self.rejected_full = 0
@@ -108,7 +108,7 @@ class Dispatcher:
             return
         now = self.loop.time()
         ex.enqueued_at = now
-        ex.state = State.QUEUED
+        ex.enter_queue()
         ex.ticket = self.queue.push(ex.user, ex, now)
         if ex.ustats is not None:
             ex.ustats.queued += 1
@@ -194,20 +194,33 @@ class Dispatcher:
             self.pump()
 
     def retry(self, ex: "Exchange") -> None:
-        """Run a request again after its backend failed before answering."""
+        """Run a request again after its backend failed before answering (called by the exchange).
+
+        The request waits in the retry line and is started from the dispatcher's
+        own next turn on the loop, never inside the failed connection's callback.
+        """
         ex.gw.stats.failovers += 1
-        route = ex.route
-        assert route is not None
-        if route.kind is not Kind.QUEUED:
-            self.submit(ex)
-            return
-        if ex.model is not None and not self.fleet.serves(ex.model, route.native):
-            self._no_backend_for(ex)
-            return
-        ex.state = State.QUEUED
+        ex.enter_queue()
         if not ex.enqueued_at:
             ex.enqueued_at = self.loop.time()
         self.retry_line.append(ex)
+        if not self.retry_scheduled:
+            self.retry_scheduled = True
+            self.loop.call_soon(self._run_retries)
+
+    def _run_retries(self) -> None:
+        self.retry_scheduled = False
+        line = self.retry_line
+        for _ in range(len(line)):
+            ex = line.popleft()
+            route = ex.route
+            assert route is not None
+            if route.kind is not Kind.QUEUED:
+                self.submit(ex)  # model management: picked again, unslotted
+            elif ex.model is not None and not self.fleet.serves(ex.model, route.native):
+                self._no_backend_for(ex)
+            else:
+                line.append(ex)
         self.pump()
 
     def cancel(self, ex: "Exchange") -> None:

@@ -1,0 +1,61 @@
+"""Where an exchange is in its life, and the only moves it may make.
+
+Every change of an exchange's state goes through `advance`, which checks the
+move against `TRANSITIONS` and raises `IllegalTransition` otherwise (as h11's
+`_state.py` does): a bug that would move a request backwards, or revive a
+finished one, fails loudly at the line that tried, instead of leaking a slot
+or answering twice. Everyone else reads the state; nobody assigns it.
+
+    RECEIVING --> QUEUED --> CONNECTING --> WAITING --> STREAMING --> DONE
+        |                       ^  |           |  |
+        +-----------------------+  |           |  +--> CONNECTING (stale pooled
+        |  (unqueued routes)       |           |       connection: reconnect)
+        |                          +-----------+--> QUEUED (failed before the
+        |                                           first byte: retried elsewhere)
+        +--> DONE (answered by the gateway, refused, client gone) from any state
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+
+class State(enum.Enum):
+    """Where an exchange is in its life."""
+
+    RECEIVING = "receiving"  # head parsed; body being read, admission pending
+    QUEUED = "queued"  # waiting in its user's queue (or the retry line) for a slot
+    CONNECTING = "connecting"  # has a backend; taking or opening a connection
+    WAITING = "waiting"  # request written; no response head yet
+    STREAMING = "streaming"  # response head relayed; body bytes flowing
+    DONE = "done"  # answered, refused, failed or abandoned: nothing more happens
+
+
+TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    State.RECEIVING: frozenset({State.QUEUED, State.CONNECTING, State.DONE}),
+    State.QUEUED: frozenset({State.CONNECTING, State.DONE}),
+    State.CONNECTING: frozenset({State.WAITING, State.QUEUED, State.DONE}),
+    State.WAITING: frozenset({State.STREAMING, State.CONNECTING, State.QUEUED, State.DONE}),
+    State.STREAMING: frozenset({State.DONE}),
+    State.DONE: frozenset(),
+}
+
+# Where a connection is still to hear from a backend (the reaper's silence timer runs).
+UPSTREAM_STATES: Final = frozenset({State.WAITING, State.STREAMING})
+
+
+class IllegalTransition(RuntimeError):
+    """A move the table does not allow: a bug in the gateway, never the client's doing."""
+
+    def __init__(self, current: State, target: State) -> None:
+        super().__init__(f"exchange cannot move from {current.name} to {target.name}")
+        self.current = current
+        self.target = target
+
+
+def advance(current: State, target: State) -> State:
+    """`target` if the move from `current` is allowed; IllegalTransition otherwise."""
+    if target not in TRANSITIONS[current]:
+        raise IllegalTransition(current, target)
+    return target
