@@ -203,8 +203,11 @@ class Gateway:
                 up = ex.upstream
                 if up is None or ex.state not in (State.WAITING, State.STREAMING):
                     continue
-                if up.rx_count != up.rx_seen or conn.writing_paused:
-                    # Data arrived, or we paused the backend ourselves.
+                if up.rx_count != up.rx_seen or conn.writing_paused or (
+                        not ex.request_complete and conn.idle_s < timeout):
+                    # Data arrived, or we paused the backend ourselves, or the
+                    # client is still sending the body: a backend may rightly
+                    # say nothing until the upload ends.
                     up.rx_seen = up.rx_count
                     up.silent_s = 0.0
                     continue

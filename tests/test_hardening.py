@@ -208,3 +208,53 @@ def test_a_cached_answer_is_not_served_to_other_credentials(
         r = httpx.post(st.url + "/api/chat", json=body, headers=other)
         assert r.headers["x-cache"] == "MISS", other
         assert len(backend.requests) == before + 1
+
+
+# -- medium findings fixed with the data-plane owners (flow.py, the reaper) ---------------
+
+
+@pytest.fixture(scope="module")
+def sim_stack() -> Iterator[Stack]:
+    st = start_stack(timeout=1.0)
+    yield st
+    st.close()
+
+
+def test_a_malformed_request_behind_a_waiting_one_answers_both(sim_stack: Stack) -> None:
+    """The pending answer is sent, then the 400, then the connection closes."""
+    st = sim_stack
+    chat = (b'{"model":"llama3.2","messages":[{"role":"user","content":"x"}],"stream":false}')
+    good = (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Sim-Tokens: 32\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(chat), chat))
+    with Conn(st.port) as c:
+        c.send(good + b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n" + b"BOGUS\x01 / HTTP/1.1\r\n\r\n")
+        first = c.response()
+        assert first.status == 200 and first.json()["done"] is True
+        second = c.response()
+        assert second.status == 200 and "models" in second.json()
+        third = c.response()
+        assert third.status == 400 and b"malformed" in third.body
+        with pytest.raises(EOFError):
+            c.response()
+
+
+def test_a_slow_upload_is_not_a_silent_backend(sim_stack: Stack) -> None:
+    """--timeout is backend silence; it does not run while the client still sends."""
+    import hashlib
+    import time
+
+    st = sim_stack  # timeout=1.0
+    blob = b"x" * 4000
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    with Conn(st.port) as c:
+        c.send(b"POST /api/blobs/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+               % (digest.encode(), len(blob)))
+        deadline = time.monotonic() + 2.5  # well past the 1 s timeout
+        sent = 0
+        while sent < len(blob):
+            piece = blob[sent : sent + 500]
+            c.send(piece)
+            sent += len(piece)
+            time.sleep(max(0.0, min(0.3, deadline - time.monotonic())))
+        r = c.response()
+    assert r.status in (200, 201), (r.status, r.body)

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ollamamq_fast.proxy import framing
+from ollamamq_fast.proxy.flow import FlowControl
 from ollamamq_fast.proxy.sniff import SniffError, scanned_fields, sniff_fields
 from ollamamq_fast.proxy.upstream import UpstreamConnection
 from ollamamq_fast.stats import tokens_in_tail
@@ -167,7 +168,7 @@ def test_parser_is_kept_or_replaced_between_responses(order: tuple[str, ...]) ->
     client = _Recorder()
     for i, method in enumerate(order):
         sink = _Sink(client)
-        conn.send(sink, [b"request"], head_request=method == "HEAD")
+        conn.send(sink, FlowControl(client), [b"request"], head_request=method == "HEAD")
         body = b"" if method == "HEAD" else b"%05d" % i
         # A HEAD answer announces a length but has no body: the parser cannot
         # know that, so the connection must not reuse it for the next answer.
@@ -182,7 +183,7 @@ def test_response_head_in_one_byte_pieces() -> None:
     conn.connection_made(_Recorder())  # type: ignore[arg-type]
     client = _Recorder()
     sink = _Sink(client)
-    conn.send(sink, [b"request"], head_request=False)
+    conn.send(sink, FlowControl(client), [b"request"], head_request=False)
     answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
     for i in range(len(answer)):
         conn.data_received(answer[i : i + 1])

@@ -18,7 +18,7 @@ from ollamamq_fast.proxy import framing
 from ollamamq_fast.proxy.errors import Api, error_body
 from ollamamq_fast.proxy.exchange import Exchange
 from ollamamq_fast.proxy.state import State
-from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES
+from ollamamq_fast.proxy.flow import BODY_BUFFER, HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES, FlowControl
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
@@ -37,9 +37,11 @@ class ClientProtocol(asyncio.Protocol):
         self.active: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
-        self.reading_paused = False
-        self.writing_paused = False
+        self.flow = FlowControl(None)
         self.closing = False
+        # A malformed request behind ones still being answered: its error
+        # response, written after theirs, before the connection closes.
+        self.rejected = b""
         self.advancing = False
         self.last_done: Exchange | None = None
         # Bytes of the head being parsed, for the 431 limit and the head timeout.
@@ -54,6 +56,7 @@ class ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport  # type: ignore[assignment]
+        self.flow = FlowControl(transport)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
@@ -65,7 +68,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.rx_count += 1
-        if self.closing:
+        if self.closing or self.rejected:
             return
         try:
             self.parser.feed_data(data)
@@ -88,6 +91,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.flow.client_closed()
         self.gw.connections.discard(self)
         active = self.active
         self.active = None
@@ -103,20 +107,15 @@ class ClientProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slower than the backend writes: stop reading the backend.
-        self.writing_paused = True
-        active = self.active
-        if active is not None and active.upstream is not None:
-            transport = active.upstream.transport
-            if transport is not None:
-                transport.pause_reading()
+        self.flow.client_writing_paused()
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
-        active = self.active
-        if active is not None and active.upstream is not None:
-            transport = active.upstream.transport
-            if transport is not None and not active.upstream.closed:
-                transport.resume_reading()
+        self.flow.client_writing_resumed()
+
+    @property
+    def writing_paused(self) -> bool:
+        """Whether the client's write buffer is above its high-water mark."""
+        return self.flow.client_write_blocked
 
     # -- httptools parser callbacks -----------------------------------------------
 
@@ -177,16 +176,14 @@ class ClientProtocol(asyncio.Protocol):
             transport.write(data)
 
     def pause_reading(self) -> None:
-        """Stop reading the client (body backpressure); safe to repeat."""
-        if not self.reading_paused and self.transport is not None and not self.closing:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        """Stop reading the client: request bytes held reached their bound; safe to repeat."""
+        if not self.closing:
+            self.flow.pause_client(BODY_BUFFER)
 
     def resume_reading(self) -> None:
-        """Start reading the client again; safe to repeat."""
-        if self.reading_paused and self.transport is not None and not self.closing:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        """Read the client again once nothing else holds it paused; safe to repeat."""
+        if not self.closing:
+            self.flow.resume_client(BODY_BUFFER)
 
     def exchange_done(self, ex: Exchange) -> None:
         """The active exchange has written its whole response: start the next one."""
@@ -208,6 +205,8 @@ class ClientProtocol(asyncio.Protocol):
                     return
                 if done is not None and not done.keep_alive:
                     self.closing = True
+                    if self.rejected and not self.pipeline:
+                        transport.write(self.rejected)
                     transport.close()
                     for waiting in self.pipeline:
                         waiting.client_gone()
@@ -229,13 +228,22 @@ class ClientProtocol(asyncio.Protocol):
         ctype, body = error_body(api, status, message)
         data = framing.local_response(status, ctype, body, close=True)
         transport = self.transport
+        if transport is None or self.closing:
+            self.closing = True
+            return
+        parsing = self.parsing
+        if parsing is not None and self.pipeline and self.pipeline[-1] is parsing:
+            self.pipeline.pop()  # its head was fine, its body is not: it is never answered
+            parsing.client_gone()
+        last = self.pipeline[-1] if self.pipeline else self.active
+        if last is not None and last is not parsing and last.state is not State.DONE:
+            # Requests before the bad one are answered in order; the error follows
+            # the last of them, then the connection closes (RFC 9112 §9.3.2).
+            last.keep_alive = False
+            self.rejected = data
+            self.flow.pause_client(BODY_BUFFER)
+            return
         self.closing = True
-        if transport is None:
-            return
-        if self.active is not None and self.active.state is not State.DONE and self.active is not self.parsing:
-            # Let the active response finish; the bad request ends the connection after it.
-            self.active.keep_alive = False
-            return
         transport.write(data)
         transport.close()
 
@@ -253,7 +261,7 @@ class ClientProtocol(asyncio.Protocol):
             if self.idle_s >= head_timeout:
                 self._reject(408, "request head not received in time")
         elif ex is not None and ex.state is State.RECEIVING and not ex.request_complete:
-            if self.idle_s >= head_timeout * 6 and not self.reading_paused:
+            if self.idle_s >= head_timeout * 6 and not self.flow.client_paused:
                 self._reject(408, "request body stalled")
         elif self.active is None and not self.pipeline and ex is None:
             if self.idle_s >= keepalive_timeout:

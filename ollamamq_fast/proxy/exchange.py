@@ -565,7 +565,7 @@ class Exchange:
             head.append(body)
             strip = UsageStripper(self.strip_usage == 2) if self.strip_usage else None
             tee = self.gw.policy.cache.entry_limit if self.cache_key is not None else 0
-            conn.send(self, [b"".join(head)], head_request, strip, tee)
+            conn.send(self, self.client.flow, [b"".join(head)], head_request, strip, tee)
             self.body_forwarded = True
             return
         if self.chunked_in:
@@ -581,7 +581,7 @@ class Exchange:
             data.append(framing.LAST_CHUNK)
         self.body = []
         self.body_forwarded = True
-        conn.send(self, data, head_request)
+        conn.send(self, self.client.flow, data, head_request)
         self.client.resume_reading()
 
     # -- Response side (called by UpstreamConnection) -------------------------------

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 from ollamamq_fast.proxy import framing
-from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER
+from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, FlowControl
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
@@ -73,6 +73,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.rx_seen = 0
         self.silent_s = 0.0
         self.writing_paused = False
+        # The client connection's flow control, while an exchange uses this connection.
+        self.flow: FlowControl | None = None
         self.counted = True  # still counted in pool.open
         # The response parser is kept from one response to the next when it can be.
         self.parser_plain = False
@@ -209,6 +211,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._let_go()
         sink = self.sink
         self.sink = None
         if sink is not None:
@@ -228,17 +231,23 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.forget(self)
 
     def pause_writing(self) -> None:
+        # Request body faster than the backend reads it: stop reading the client.
         self.writing_paused = True
-        sink = self.sink
-        if sink is not None and sink.client_transport is not None:
-            # Request body faster than the backend reads it: stop reading the client.
-            sink.client_transport.pause_reading()
+        if self.flow is not None:
+            self.flow.upstream_writing_paused()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        sink = self.sink
-        if sink is not None and sink.client_transport is not None:
-            sink.client_transport.resume_reading()
+        if self.flow is not None:
+            self.flow.upstream_writing_resumed()
+
+    def _let_go(self) -> None:
+        """The exchange is done with this connection: hand flow control back, unpaused."""
+        flow = self.flow
+        if flow is not None:
+            self.flow = None
+            if flow.upstream is self.transport:
+                flow.unbind()
 
     # -- httptools parser callbacks -------------------------------------------------
 
@@ -329,7 +338,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- Exchange-facing API ----------------------------------------------------------
 
-    def send(self, sink: ResponseSink, data: list[bytes], head_request: bool,
+    def send(self, sink: ResponseSink, flow: FlowControl, data: list[bytes], head_request: bool,
              strip: "UsageStripper | None" = None, tee: int = 0) -> None:
         """Bind to an exchange and write its request head (and body, if any).
 
@@ -338,6 +347,8 @@ class UpstreamConnection(asyncio.Protocol):
         """
         self._reset_response(head_request, sink.http10, strip, tee)
         self.sink = sink
+        self.flow = flow
+        flow.bind(self.transport)
         self.rx_seen = self.rx_count
         self.silent_s = 0.0
         assert self.transport is not None
@@ -362,6 +373,7 @@ class UpstreamConnection(asyncio.Protocol):
     def finish_response(self, reusable: bool) -> None:
         """Called by the exchange after response_complete: back to the pool or closed."""
         self.responses += 1
+        self._let_go()
         if reusable and not self.closed and self.backend_keep_alive:
             self.pool.release(self)
         else:
@@ -370,6 +382,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         """Close gracefully (flushes what was written)."""
         self.sink = None
+        self._let_go()
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
@@ -379,6 +392,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Close at once. The backend sees the connection drop, which is Ollama's
         only cancel signal (PROTOCOL.md §1, §7.10)."""
         self.sink = None
+        self._let_go()
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
@@ -387,6 +401,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _protocol_error(self, exc: Exception) -> None:
         sink = self.sink
         self.sink = None
+        self._let_go()
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
