@@ -31,7 +31,7 @@ from ollamamq_fast.config import (
     parse_weights,
 )
 
-from ollamamq_fast.policy.cliargs import add_policy_arguments, apply_policy_args
+from ollamamq_fast.cli_policy import add_policy_arguments, apply_policy_args
 from ollamamq_fast.policy.identity import parse_networks
 
 SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends", "top")

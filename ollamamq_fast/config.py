@@ -135,7 +135,7 @@ class Settings:
     # With --sim: keep the -o backends as well (only when -o was given explicitly).
     sim_keep_backends: bool = False
     # Usage policy (policy/, README "Usage policy"): default per-user limits in
-    # the policy/limits.py vocabulary (rate, burst, max_in_flight, max_queued,
+    # the limits.py vocabulary (rate, burst, max_in_flight, max_queued,
     # max_tokens, max_tokens_mode, quota_day/month/total; absent or 0 = none),
     # per-user limits from the config file, the response cache, and whether
     # OpenAI streams get include_usage injected for accounting.
@@ -267,7 +267,7 @@ def _apply_users(settings: Settings, value: object, path: str) -> None:
 
 def _apply_limits(settings: Settings, value: object, path: str) -> None:
     """`[limits]` defaults and `[limits.users.NAME]` per-user limits."""
-    from ollamamq_fast.policy.limits import check_limits
+    from ollamamq_fast.limits import check_limits
 
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: limits must be a table")

@@ -12,11 +12,10 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-import blake3
 
-from ollamamq_fast.policy.limits import check_limit
+from ollamamq_fast.limits import check_limit
 from ollamamq_fast.state.cache import StateCache
-from ollamamq_fast.state.records import BackendRecord, KeyRecord, UserSettings
+from ollamamq_fast.state.records import BackendRecord, KeyRecord, UserSettings, key_digest
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
@@ -50,11 +49,6 @@ class EventBus:
         for q in self.subscribers:
             if not q.full():
                 q.put_nowait(event)
-
-
-def key_digest(secret: str) -> str:
-    """The blake3 hex digest under which an API key is stored (never the key)."""
-    return blake3.blake3(secret.encode()).hexdigest()
 
 
 class Operator:
@@ -188,7 +182,7 @@ class Operator:
     # -- Usage policy: limits, quotas, usage ------------------------------------
 
     def set_limits(self, user: str, **limits: Any) -> dict[str, Any]:
-        """Override limits for one user (policy/limits.py names; None drops an override).
+        """Override limits for one user (limits.py names; None drops an override).
 
         Persisted with the user's settings (shared with replicas on Redis);
         new requests see it at once. ValueError on an unknown name or bad value.

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ollamamq_fast.proxy import framing
+from ollamamq_fast.wire import framing
 from ollamamq_fast.proxy.flow import FlowControl
-from ollamamq_fast.proxy.sniff import SniffError, scanned_fields, sniff_fields
+from ollamamq_fast.wire.sniff import SniffError, scanned_fields, sniff_fields
 from ollamamq_fast.proxy.upstream import UpstreamConnection
 from ollamamq_fast.stats import tokens_in_tail
 

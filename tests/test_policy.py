@@ -38,10 +38,10 @@ from ollamamq_fast.policy.caps import (
     parse_object,
     splice,
 )
-from ollamamq_fast.policy.limits import check_limit, resolve
+from ollamamq_fast.limits import check_limit, resolve
 from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
 from ollamamq_fast.policy.streamusage import UsageStripper, usage_edit
-from ollamamq_fast.proxy.sniff import sniff_spans
+from ollamamq_fast.wire.sniff import sniff_spans
 from ollamamq_fast.state.windows import LocalWindows
 from ollamamq_fast.stats import GatewayStats
 

@@ -2,7 +2,7 @@
 
 Only the token's blake3 digest is kept. A generated token is handed back once
 (to be printed) and then exists nowhere in the process, the same way API keys
-are stored by digest only (operator.key_digest). The digest of a generated
+are stored by digest only (state/records.py key_digest). The digest of a generated
 token is kept in the state store's meta table, so later starts accept the same
 token (control/server.py); with `--state ''` it lasts one run.
 """

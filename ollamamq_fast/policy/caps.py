@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ollamamq_fast.proxy.sniff import Sniffed
+from ollamamq_fast.wire.sniff import Sniffed
 
 # (start, end, replacement) in the original body; start == end inserts.
 Edit = tuple[int, int, bytes]

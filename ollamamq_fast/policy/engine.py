@@ -41,12 +41,12 @@ from ollamamq_fast.policy.caps import (
     parse_object,
     splice,
 )
-from ollamamq_fast.policy.limits import QUOTA_NAMES, Limits, resolve
+from ollamamq_fast.policy.gate import ADMIT, Admission, admitted, cached, pending, refused
+from ollamamq_fast.limits import QUOTA_NAMES, Limits, resolve
 from ollamamq_fast.policy.quota import REFRESH_S, QuotaBook
 from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
 from ollamamq_fast.policy.streamusage import INJECT_KEYS, INJECT_ROUTES, usage_edit
-from ollamamq_fast.proxy.state import State
-from ollamamq_fast.proxy.sniff import Sniffed
+from ollamamq_fast.wire.sniff import Sniffed
 from ollamamq_fast.state.records import UserSettings
 from ollamamq_fast.tasks import cancel_and_wait
 
@@ -211,14 +211,12 @@ class Policy:
     # -- Admission ----------------------------------------------------------------------
 
     def admit(self, ex: Exchange, body: bytes, sn: Sniffed | None,
-              readable: bool = True) -> bool:
-        """Apply the policy to an inference request whose model is known.
+              readable: bool = True) -> Admission:
+        """Apply the policy to an inference request whose model is known (called by the exchange).
 
         `sn` holds the top-level values `body_keys` asked for (None when none
-        were needed); `readable` is False for a compressed body. True: go on to
-        the dispatcher (the body may have been rewritten). False: the request
-        was answered (refused, or a cache HIT), or a Redis cache lookup will
-        continue it (`ex.proceed()`).
+        were needed); `readable` is False for a compressed body. Returns what
+        to do (policy/gate.py): the shared ADMIT for the usual request.
         """
         limits = ex.limits
         if limits is None:
@@ -226,38 +224,35 @@ class Policy:
         if sn is None and readable and not limits.checks_requests and not (
                 self.cache.enabled and (self.cache.mode == "all" or ex.path in EMBEDDINGS)):
             # Nothing to check, cap, look up or rewrite: the usual request.
-            return True
+            return ADMIT
         if limits.rate > 0:
             wait = self.limiter.take(ex.user, limits.rate, limits.burst)
             if wait:
                 after = retry_after(wait)
                 self.stats.rate_limited += 1
-                self._refuse(ex, 429, f"rate limit exceeded for user {ex.user!r}: "
-                             f"{limits.rate:g} requests/s, bursts of {limits.burst:g}; "
-                             f"retry in {after} s", after)
-                return False
+                return refused(429, f"rate limit exceeded for user {ex.user!r}: "
+                               f"{limits.rate:g} requests/s, bursts of {limits.burst:g}; "
+                               f"retry in {after} s", after)
         if limits.has_quota:
             why = self.quota.exceeded(ex.user, limits)
             if why is not None:
                 self.stats.quota_refused += 1
-                self._refuse(ex, 403, why)
-                return False
+                return refused(403, why)
         if limits.max_in_flight:
             ustats = ex.ustats
             if ustats is not None and ustats.in_flight + ustats.queued >= limits.max_in_flight:
                 self.stats.limit_refused += 1
-                self._refuse(ex, 429, f"too many requests in flight for user {ex.user!r}: at "
-                             f"most {limits.max_in_flight} at once; retry when one finishes", 1)
-                return False
+                return refused(429, f"too many requests in flight for user {ex.user!r}: at "
+                               f"most {limits.max_in_flight} at once; retry when one finishes", 1)
         path = ex.path
         rule = CAP_RULES.get(path) if limits.max_tokens else None
         if not readable:
             # A compressed body (zstd on /v1/responses) cannot be read or rewritten.
             if rule is not None:
-                ex.respond_error(400, "this gateway caps max_tokens and cannot check a "
-                                      "compressed request body; send it uncompressed")
-                return False
-            return True
+                return refused(400, "this gateway caps max_tokens and cannot check a "
+                                    "compressed request body; send it uncompressed",
+                               rejected=False)
+            return ADMIT
         native = path.startswith(b"/api/")
         options = None
         span = sn.spans.get("options") if native and sn is not None else None
@@ -271,74 +266,57 @@ class Policy:
                 else:
                     edits = cap_openai(body, sn, rule, limits.max_tokens, limits.reject_over_cap)
             except CapError as exc:
-                ex.respond_error(400, str(exc))
-                return False
+                return refused(400, str(exc), rejected=False)
             if edits:
                 self.stats.tokens_capped += 1
         cache = self.cache
+        key = None
         if (cache.enabled and path in CACHEABLE and not ex.http10
                 and not ex.cache_control & NO_STORE
                 and (cache.mode == "all" or path in EMBEDDINGS
                      or (sn is not None and is_deterministic(native, body, sn, options)))):
             key = cache_key(path, ex.url, ex.model or "", limits.max_tokens if rule else 0, body,
                             ex.credential)
+            if key is not None and not ex.cache_control & NO_CACHE:
+                entry = cache.get(key)
+                if entry is not None:
+                    self.stats.cache_hits += 1
+                    return cached(entry)
+                if cache.remote is not None:
+                    task = self.state.loop.create_task(
+                        self._remote_lookup(path, key, body, sn, edits))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    return pending(task)
             if key is not None:
-                ex.cache_key = key
-                if not ex.cache_control & NO_CACHE:
-                    entry = cache.get(key)
-                    if entry is not None:
-                        self.stats.cache_hits += 1
-                        ex.respond_cached(entry)
-                        return False
-                    if cache.remote is not None:
-                        task = self.state.loop.create_task(
-                            self._remote_lookup(ex, key, body, sn, edits))
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
-                        return False
                 self.stats.cache_misses += 1
-        self._finish(ex, body, sn, edits)
-        return True
+        return self._finish(path, body, sn, edits, key)
 
-    def _finish(self, ex: Exchange, body: bytes, sn: Sniffed | None,
-                edits: list[Edit]) -> None:
+    def _finish(self, path: bytes, body: bytes, sn: Sniffed | None, edits: list[Edit],
+                key: bytes | None) -> Admission:
         """Last step: ask for stream usage if needed, apply all rewrites at once."""
+        strip = 0
         if self.inject and sn is not None:
-            per_chunk = INJECT_ROUTES.get(ex.path)
+            per_chunk = INJECT_ROUTES.get(path)
             if per_chunk is not None:
                 edit = usage_edit(body, sn)
                 if edit is not None:
                     edits.append(edit)
-                    ex.strip_usage = 2 if per_chunk else 1
-        if edits:
-            ex.body = [splice(body, edits)]
+                    strip = 2 if per_chunk else 1
+        return admitted(splice(body, edits) if edits else None, key, strip)
 
-    async def _remote_lookup(self, ex: Exchange, key: bytes, body: bytes, sn: Sniffed | None,
-                             edits: list[Edit]) -> None:
+    async def _remote_lookup(self, path: bytes, key: bytes, body: bytes, sn: Sniffed | None,
+                             edits: list[Edit]) -> Admission:
+        """The PENDING answer: the shared cache tier, else admit as a miss."""
         cache = self.cache
         remote = cache.remote
         entry = await remote.get(key, self.state.loop.time) if remote is not None else None
-        if ex.state is State.DONE:
-            return  # the client left meanwhile
-        try:
-            if entry is not None and entry.status == 200:
-                cache.adopt(key, entry)
-                self.stats.cache_hits += 1
-                ex.respond_cached(entry)
-                return
-            self.stats.cache_misses += 1
-            self._finish(ex, body, sn, edits)
-            ex.proceed()
-        except Exception:
-            log.exception("policy: cache lookup continuation failed")
-            ex.respond_error(500, "internal error in the gateway's response cache")
-
-    def _refuse(self, ex: Exchange, status: int, message: str,
-                retry: int | None = None) -> None:
-        ex.gw.stats.rejected += 1
-        if ex.ustats is not None:
-            ex.ustats.rejected += 1
-        ex.respond_error(status, message, retry_after=retry)
+        if entry is not None and entry.status == 200:
+            cache.adopt(key, entry)
+            self.stats.cache_hits += 1
+            return cached(entry)
+        self.stats.cache_misses += 1
+        return self._finish(path, body, sn, edits, key)
 
     # -- After the response -----------------------------------------------------------
 

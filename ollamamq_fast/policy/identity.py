@@ -18,7 +18,7 @@ import hmac
 import ipaddress
 from collections.abc import Callable
 
-from ollamamq_fast.operator import key_digest
+from ollamamq_fast.state.records import key_digest
 from ollamamq_fast.state.records import KeyRecord
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

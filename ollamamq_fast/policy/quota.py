@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from ollamamq_fast.policy.limits import Limits
+from ollamamq_fast.limits import Limits
 from ollamamq_fast.state.records import Usage, utc_day
 
 log = logging.getLogger("ollamamq_fast.policy")

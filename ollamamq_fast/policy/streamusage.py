@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 
 from ollamamq_fast.policy.caps import Edit, append_member, encode_object, exact_object
-from ollamamq_fast.proxy.sniff import Sniffed
+from ollamamq_fast.wire.sniff import Sniffed
 
 # Routes whose streams get usage injected, and whether the backend then adds a
 # zero usage member to every chunk (Ollama's /v1/completions does).

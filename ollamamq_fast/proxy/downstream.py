@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from ollamamq_fast.proxy import framing
-from ollamamq_fast.proxy.errors import Api, error_body
+from ollamamq_fast.wire import framing
+from ollamamq_fast.wire.errors import Api, error_body
 from ollamamq_fast.proxy.exchange import Exchange
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.flow import BODY_BUFFER, HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES, FlowControl

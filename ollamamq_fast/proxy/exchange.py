@@ -12,6 +12,7 @@ through `_to`, which refuses a move the table does not allow.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import TYPE_CHECKING
 
@@ -21,8 +22,8 @@ from ollamamq_fast.fleet.backend import Breaker
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.fleet.select import Balance
 from ollamamq_fast.fleet.passive import FAST_FAIL_S
-from ollamamq_fast.proxy import framing
-from ollamamq_fast.proxy.errors import Api, error_body, stream_error_frame
+from ollamamq_fast.wire import framing
+from ollamamq_fast.wire.errors import Api, error_body, stream_error_frame
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.proxy.routes import (
     BLOB_ROUTE,
@@ -34,10 +35,11 @@ from ollamamq_fast.proxy.routes import (
     lookup,
 )
 from ollamamq_fast.policy.cache import cache_control
+from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
 from ollamamq_fast.policy.identity import AuthError
 from ollamamq_fast.policy.streamusage import UsageStripper
 from ollamamq_fast.proxy.state import State, advance
-from ollamamq_fast.proxy.sniff import SniffError, first_item, first_model, sniff_fields, sniff_spans
+from ollamamq_fast.wire.sniff import SniffError, first_item, first_model, sniff_fields, sniff_spans
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 from ollamamq_fast.wire.paths import PathError, normalize, request_path
 
@@ -45,10 +47,12 @@ if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.gateway import GatewayState
     from ollamamq_fast.policy.cache import Entry
-    from ollamamq_fast.policy.limits import Limits
+    from ollamamq_fast.limits import Limits
     from ollamamq_fast.proxy.downstream import ClientProtocol
     from ollamamq_fast.proxy.upstream import UpstreamConnection
     from ollamamq_fast.sched.fairqueue import Ticket
+
+log = logging.getLogger("ollamamq_fast.proxy")
 
 # A request whose backend fails before answering is tried on this many
 # connections in all (a stale pooled connection, then other backends).
@@ -468,7 +472,9 @@ class Exchange:
         keys = policy.body_keys(self, body) if kind is Kind.QUEUED else ()
         if self.encoded_body:
             self.model = None
-            if kind is not Kind.QUEUED or policy.admit(self, body, None, readable=False):
+            if kind is Kind.QUEUED:
+                self._admitted(policy.admit(self, body, None, readable=False))
+            else:
                 self.gw.dispatcher.submit(self)
             return
         spans = None
@@ -492,12 +498,48 @@ class Exchange:
             return
         self.model_name = name
         self.model = normalize_model(name)
-        if kind is Kind.QUEUED and not policy.admit(self, body, spans):
-            return  # answered (refused, cache hit) or continued by the policy
-        self.proceed()
+        if kind is Kind.QUEUED:
+            verdict = policy.admit(self, body, spans)
+            if verdict is not ADMIT:
+                self._admitted(verdict)
+                return
+        self._proceed()
 
-    def proceed(self) -> None:
-        """Hand the admitted request to the dispatcher (from `_route` or the policy)."""
+    def _admitted(self, a: Admission) -> None:
+        """Act on what admission answered (policy/gate.py)."""
+        kind = a.kind
+        if kind is Verdict.ADMIT:
+            if a.body is not None:
+                self.body = [a.body]
+            self.cache_key = a.cache_key
+            self.strip_usage = a.strip_usage
+            self._proceed()
+        elif kind is Verdict.REFUSE:
+            if a.rejected:
+                self.gw.stats.rejected += 1
+                if self.ustats is not None:
+                    self.ustats.rejected += 1
+            self.respond_error(a.status, a.message, retry_after=a.retry_after)
+        elif kind is Verdict.CACHED:
+            assert a.entry is not None
+            self.respond_cached(a.entry)
+        else:
+            assert a.pending is not None
+            a.pending.add_done_callback(self._settled)
+
+    def _settled(self, future: "asyncio.Future[Admission]") -> None:
+        # A PENDING admission resolved; the client may have left meanwhile.
+        if self.state is State.DONE or future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            log.error("policy: cache lookup failed: %r", exc)
+            self.respond_error(500, "internal error in the gateway's response cache")
+            return
+        self._admitted(future.result())
+
+    def _proceed(self) -> None:
+        """Hand the admitted request to the dispatcher."""
         if self.gw.fleet.balance is Balance.AFFINITY:
             body = self.body[0]
             # Same user and same opening message: same backend, so its KV cache is reused.

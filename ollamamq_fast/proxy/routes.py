@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from ollamamq_fast.proxy.errors import Api
+from ollamamq_fast.wire.errors import Api
 
 
 class Kind(enum.Enum):

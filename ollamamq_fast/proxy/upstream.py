@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
-from ollamamq_fast.proxy import framing
+from ollamamq_fast.wire import framing
 from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, FlowControl
 
 if TYPE_CHECKING:

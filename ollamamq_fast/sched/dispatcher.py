@@ -93,7 +93,7 @@ class Dispatcher:
                 429, f"the gateway queue is full ({settings.max_queue} requests)", retry_after=5
             )
             return
-        # The user's max_queued (policy/limits.py; defaults to --max-queue-per-user, 0 = none).
+        # The user's max_queued (limits.py; defaults to --max-queue-per-user, 0 = none).
         per_user = ex.limits.max_queued if ex.limits is not None else settings.max_queue_per_user
         if per_user and self.queue.depth(ex.user) >= per_user:
             self.rejected_full += 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import blake3
+
 # Topics a replica announces after an operator write; the cache reloads one topic
 # at a time and the gateway's `on_change` hook receives the same names.
 TOPIC_KEYS = "keys"
@@ -16,6 +18,11 @@ TOPIC_USERS = "users"
 TOPIC_BLOCKS = "blocks"
 TOPIC_BACKENDS = "backends"
 TOPICS: tuple[str, ...] = (TOPIC_KEYS, TOPIC_USERS, TOPIC_BLOCKS, TOPIC_BACKENDS)
+
+
+def key_digest(secret: str) -> str:
+    """The blake3 hex digest under which an API key is stored (never the key)."""
+    return blake3.blake3(secret.encode()).hexdigest()
 
 
 @dataclass(slots=True)

@@ -11,9 +11,9 @@ import argparse
 from ollamamq_fast import argtypes
 from ollamamq_fast.config import CACHE_CHOICES, STREAM_USAGE_CHOICES, Settings
 from ollamamq_fast.policy.cache import DEFAULT_MB, DEFAULT_TTL_S
-from ollamamq_fast.policy.limits import MODES
+from ollamamq_fast.limits import MODES
 
-# flag dest -> limit name (policy/limits.py vocabulary)
+# flag dest -> limit name (limits.py vocabulary)
 _LIMIT_FLAGS = {
     "rate_limit": "rate",
     "rate_burst": "burst",

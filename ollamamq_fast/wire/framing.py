@@ -11,7 +11,7 @@ import re
 import time
 from email.utils import formatdate
 
-from ollamamq_fast.proxy.errors import reason
+from ollamamq_fast.wire.errors import reason
 
 
 class Framing(enum.Enum):
