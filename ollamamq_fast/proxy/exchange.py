@@ -25,7 +25,7 @@ from ollamamq_fast.fleet.passive import FAST_FAIL_S
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api, error_body, stream_error_frame
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
-from ollamamq_fast.proxy.routes import (
+from ollamamq_fast.wire.routes import (
     BLOB_ROUTE,
     EXACT,
     FALLBACK_ROUTE,
@@ -40,6 +40,7 @@ from ollamamq_fast.policy.identity import AuthError
 from ollamamq_fast.policy.streamusage import UsageStripper
 from ollamamq_fast.proxy.state import State, advance
 from ollamamq_fast.wire.sniff import SniffError, first_item, first_model, sniff_fields, sniff_spans
+from ollamamq_fast.sched.dispatcher import Placed
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 from ollamamq_fast.wire.paths import PathError, normalize, request_path
 
@@ -475,7 +476,7 @@ class Exchange:
             if kind is Kind.QUEUED:
                 self._admitted(policy.admit(self, body, None, readable=False))
             else:
-                self.gw.dispatcher.submit(self)
+                self._submit()
             return
         spans = None
         try:
@@ -546,7 +547,27 @@ class Exchange:
             opening = first_item(body, "messages")
             self.affinity = self.user + ":" + (
                 blake3.blake3(opening).hexdigest()[:16] if opening else "")
-        self.gw.dispatcher.submit(self)
+        self._submit()
+
+    def _submit(self) -> None:
+        placement = self.gw.dispatcher.submit(self)
+        kind = placement.kind
+        if kind is Placed.STARTED:
+            assert placement.backend is not None
+            self.start(placement.backend, placement.slotted)
+        elif kind is Placed.REFUSED:
+            if placement.rejected:
+                self.gw.stats.rejected += 1
+                if self.ustats is not None:
+                    self.ustats.rejected += 1
+            self.respond_error(placement.status, placement.message,
+                               retry_after=placement.retry_after)
+        # QUEUED: the dispatcher starts it when a slot frees.
+
+    def resubmit(self) -> None:
+        """Ask for a backend again after a failure (called from the dispatcher's retry turn)."""
+        if self.state is State.QUEUED:
+            self._submit()
 
     def start(self, backend: "Backend", slotted: bool) -> None:
         """Run on `backend` now (called by the dispatcher or for unqueued routes)."""

@@ -15,7 +15,7 @@ from ollamamq_fast import __version__
 from ollamamq_fast.fleet.backend import ApiKind
 from ollamamq_fast.fleet.models import namespace_of, normalize_model
 from ollamamq_fast.proxy.state import State
-from ollamamq_fast.proxy.routes import V1_MODEL_PREFIX, Local, Route
+from ollamamq_fast.wire.routes import V1_MODEL_PREFIX, Local, Route
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState

@@ -8,16 +8,63 @@ is served before the fair queue: they already had their turn.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from ollamamq_fast.proxy.routes import Kind
+from ollamamq_fast.wire.routes import Kind
 from ollamamq_fast.sched.fairqueue import FairQueue
 
 if TYPE_CHECKING:
     from ollamamq_fast.config import Settings
+    from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.fleet.select import Fleet
     from ollamamq_fast.proxy.exchange import Exchange
+
+
+class Placed(enum.Enum):
+    """What `submit` decided."""
+
+    STARTED = "started"
+    QUEUED = "queued"
+    REFUSED = "refused"
+
+
+class Placement:
+    """`submit`'s answer: STARTED on `backend`, QUEUED, or REFUSED with an error to answer."""
+
+    __slots__ = ("backend", "kind", "message", "rejected", "retry_after", "slotted", "status")
+
+    def __init__(self, kind: Placed) -> None:
+        self.kind = kind
+        self.backend: Backend | None = None
+        self.slotted = False
+        self.status = 0
+        self.message = ""
+        self.retry_after: int | None = None
+        self.rejected = False  # a refusal by the gateway's limits (queue full), counted
+
+
+QUEUED: Final = Placement(Placed.QUEUED)
+
+
+def started(backend: "Backend", slotted: bool) -> Placement:
+    """Run now on `backend` (taking one of its slots when `slotted`)."""
+    p = Placement(Placed.STARTED)
+    p.backend = backend
+    p.slotted = slotted
+    return p
+
+
+def refused(status: int, message: str, retry_after: int | None = None,
+            rejected: bool = False) -> Placement:
+    """Answer this error now."""
+    p = Placement(Placed.REFUSED)
+    p.status = status
+    p.message = message
+    p.retry_after = retry_after
+    p.rejected = rejected
+    return p
 
 
 class Dispatcher:
@@ -45,8 +92,13 @@ class Dispatcher:
 
     # -- Admission --------------------------------------------------------------
 
-    def submit(self, ex: "Exchange") -> None:
-        """A request whose model is known asks to run (called by the exchange)."""
+    def submit(self, ex: "Exchange") -> Placement:
+        """Where a request whose model is known goes now (called by the exchange).
+
+        STARTED: run it on `backend` at once; QUEUED: it waits in its user's
+        queue and the dispatcher starts it when a slot frees; REFUSED: answer
+        the error.
+        """
         route = ex.route
         assert route is not None
         fleet = self.fleet
@@ -56,8 +108,7 @@ class Dispatcher:
             # The model could not be read (compressed body): any backend of the
             # route's kind may take it, through the fair queue like the rest.
             if not fleet.any_online():
-                self._no_backend_for(ex)
-                return
+                return self._no_backend_for(ex)
         elif route.kind is Kind.MODEL:
             # Model management is not queued. An unknown model goes to the
             # primary backend, which answers with authority (404, or success
@@ -69,43 +120,27 @@ class Dispatcher:
             else:
                 backend = fleet.primary(native)
             if backend is None:
-                self._no_backend_for(ex)
-                return
-            ex.start(backend, slotted=False)
-            return
+                return self._no_backend_for(ex)
+            return started(backend, False)
         elif not fleet.serves(model, native):
-            self._no_backend_for(ex)
-            return
+            return self._no_backend_for(ex)
         if not self.queue and not self.retry_line:
             # Nobody is waiting, so this request is next in fair order anyway.
             backend = fleet.pick(model, native, ex.affinity)
             if backend is not None:
                 self.dispatched += 1
-                ex.start(backend, slotted=True)
-                return
+                return started(backend, True)
         settings = self.settings
         if len(self.queue) >= settings.max_queue:
             self.rejected_full += 1
-            ex.gw.stats.rejected += 1
-            if ex.ustats is not None:
-                ex.ustats.rejected += 1
-            ex.respond_error(
-                429, f"the gateway queue is full ({settings.max_queue} requests)", retry_after=5
-            )
-            return
+            return refused(429, f"the gateway queue is full ({settings.max_queue} requests)",
+                           5, rejected=True)
         # The user's max_queued (limits.py; defaults to --max-queue-per-user, 0 = none).
         per_user = ex.limits.max_queued if ex.limits is not None else settings.max_queue_per_user
         if per_user and self.queue.depth(ex.user) >= per_user:
             self.rejected_full += 1
-            ex.gw.stats.rejected += 1
-            if ex.ustats is not None:
-                ex.ustats.rejected += 1
-            ex.respond_error(
-                429,
-                f"too many queued requests for user {ex.user!r} (at most {per_user})",
-                retry_after=5,
-            )
-            return
+            return refused(429, f"too many queued requests for user {ex.user!r} "
+                                f"(at most {per_user})", 5, rejected=True)
         now = self.loop.time()
         ex.enqueued_at = now
         ex.enter_queue()
@@ -113,26 +148,21 @@ class Dispatcher:
         if ex.ustats is not None:
             ex.ustats.queued += 1
         self.pump()
+        return QUEUED
 
-    def _no_backend_for(self, ex: "Exchange") -> None:
+    def _no_backend_for(self, ex: "Exchange") -> Placement:
         route = ex.route
         native = route.native if route is not None else True
         listed = [b for b in self.fleet.candidates(ex.model, native) if b.online]
         if not self.fleet.any_up():
-            ex.respond_error(503, "no backend is online", retry_after=5)
-        elif not self.fleet.any_online() and ex.model is None:
-            ex.respond_error(503, "no backend is available right now (draining or failing)",
-                             retry_after=5)
-        elif listed:
+            return refused(503, "no backend is online", 5)
+        if not self.fleet.any_online() and ex.model is None:
+            return refused(503, "no backend is available right now (draining or failing)", 5)
+        if listed:
             # Known model, but every backend serving it is draining or failing.
-            ex.respond_error(
-                503,
-                f"every backend serving '{ex.model_name}' is unavailable "
-                "(draining or failing); retry shortly",
-                retry_after=5,
-            )
-        else:
-            ex.respond_error(404, f"model '{ex.model_name}' not found")
+            return refused(503, f"every backend serving '{ex.model_name}' is unavailable "
+                                "(draining or failing); retry shortly", 5)
+        return refused(404, f"model '{ex.model_name}' not found")
 
     # -- Dispatch ---------------------------------------------------------------
 
@@ -215,10 +245,9 @@ class Dispatcher:
             ex = line.popleft()
             route = ex.route
             assert route is not None
-            if route.kind is not Kind.QUEUED:
-                self.submit(ex)  # model management: picked again, unslotted
-            elif ex.model is not None and not self.fleet.serves(ex.model, route.native):
-                self._no_backend_for(ex)
+            if route.kind is not Kind.QUEUED or (
+                    ex.model is not None and not self.fleet.serves(ex.model, route.native)):
+                ex.resubmit()  # model management is picked again, unslotted; or refused
             else:
                 line.append(ex)
         self.pump()
