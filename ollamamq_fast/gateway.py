@@ -25,6 +25,7 @@ from ollamamq_fast.proxy.upstream import UpstreamPool
 from ollamamq_fast.accesslog import AccessLog
 from ollamamq_fast.control.server import AdminServer
 from ollamamq_fast.operator import Operator
+from ollamamq_fast.accounting.ledger import Ledger
 from ollamamq_fast.policy.engine import Policy
 from ollamamq_fast.policy.identity import Identity
 from ollamamq_fast.sched.dispatcher import Dispatcher
@@ -79,6 +80,8 @@ class GatewayState:
         self.stats = GatewayStats()
         # Rate limits, caps, quotas, response cache (policy/engine.py).
         self.policy = Policy(self)
+        # The one owner of counters, usage, end states and access lines.
+        self.ledger = Ledger(self.stats, self.cache, self.policy, self.access, loop.time)
         self.started_at = time.monotonic()
         # Wall clock updated by the reaper tick: "last seen" stamps need no
         # clock call per request.

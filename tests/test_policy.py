@@ -353,7 +353,7 @@ def test_accounting_equals_the_backends_own_counts(any_stack: Stack) -> None:
         add(own["prompt_tokens"], own["completion_tokens"])
     rows = stack.lt.run(stack.state.operator.usage(user))
     assert [(r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [tuple(expected)]
-    assert rows[0]["requests"] == 6 and rows[0]["model"] == MODEL
+    assert rows[0]["requests"] == 6 and rows[0]["model"] == MODEL + ":latest"  # usage is keyed by the canonical name
 
 
 def test_quota_403_once_spent_and_a_running_request_finishes(stack: Stack) -> None:

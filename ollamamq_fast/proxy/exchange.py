@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import blake3
 
+from ollamamq_fast.accounting.ledger import End
 from ollamamq_fast.fleet.backend import Breaker
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.fleet.select import Balance
@@ -418,13 +419,20 @@ class Exchange:
     def client_gone(self) -> None:
         """The client connection closed: stop everything this exchange holds."""
         state = self.state
+        if state is State.DONE:
+            return
         self._end()
-        ustats = self.ustats
-        if ustats is not None and state is not State.DONE:
-            ustats.dropped += 1
-            if self.in_flight_counted:
-                self.in_flight_counted = False
-                ustats.in_flight -= 1
+        if self.ustats is not None:  # it reached admission: it ends here, in the ledger
+            end = End.CANCELLED
+            conn = self.upstream
+            if state is State.STREAMING and conn is not None and framing.terminal_event_relayed(
+                    conn.tail(), conn.content_type):
+                # The client read the last event and left before the backend's end
+                # of body (the openai SDK does): a complete answer, counted in full.
+                end = End.DONE
+                if self.status < 300 and self.route is not None and self.route.kind is Kind.QUEUED:
+                    self._count_tokens(conn)
+            self._ended(end)
         if state is State.QUEUED:
             self.gw.dispatcher.cancel(self)
         elif state is State.CONNECTING:
@@ -436,7 +444,6 @@ class Exchange:
             self.upstream = None
             if conn is not None:
                 conn.abort()
-            self.gw.stats.cancelled += 1
             self._release_backend()
 
     # -- Routing --------------------------------------------------------------------
@@ -453,11 +460,9 @@ class Exchange:
         if kind is Kind.LOCAL:
             self.gw.local.answer(self, route)
             return
-        ustats = self.ustats = self.gw.stats.user(self.user)
-        ustats.last_ip = self.client_ip
-        ustats.last_seen = self.gw.clock
+        self.ustats = self.gw.ledger.arrived(self.user, self.client_ip)
         if self.gw.operator.is_blocked(self.user, self.client_ip):
-            ustats.rejected += 1
+            self.gw.ledger.refused(self.ustats, by_policy=False)
             self.respond_error(403, "blocked by the gateway operator")
             return
         if kind is Kind.PRIMARY:
@@ -517,9 +522,7 @@ class Exchange:
             self._proceed()
         elif kind is Verdict.REFUSE:
             if a.rejected:
-                self.gw.stats.rejected += 1
-                if self.ustats is not None:
-                    self.ustats.rejected += 1
+                self.gw.ledger.refused(self.ustats, by_policy=True)
             self.respond_error(a.status, a.message, retry_after=a.retry_after)
         elif kind is Verdict.CACHED:
             assert a.entry is not None
@@ -557,9 +560,7 @@ class Exchange:
             self.start(placement.backend, placement.slotted)
         elif kind is Placed.REFUSED:
             if placement.rejected:
-                self.gw.stats.rejected += 1
-                if self.ustats is not None:
-                    self.ustats.rejected += 1
+                self.gw.ledger.refused(self.ustats, by_policy=True)
             self.respond_error(placement.status, placement.message,
                                retry_after=placement.retry_after)
         # QUEUED: the dispatcher starts it when a slot frees.
@@ -572,10 +573,7 @@ class Exchange:
     def start(self, backend: "Backend", slotted: bool) -> None:
         """Run on `backend` now (called by the dispatcher or for unqueued routes)."""
         self.backend = backend
-        ustats = self.ustats
-        if ustats is not None and not self.in_flight_counted:
-            self.in_flight_counted = True
-            ustats.in_flight += 1
+        self.gw.ledger.running(self)
         if slotted:
             backend.in_flight += 1
             self.slot_held = True
@@ -680,8 +678,7 @@ class Exchange:
             self.gw.passive.success(backend)
         self._to(State.STREAMING)
         self.status = status
-        if self.started_at:
-            self.gw.stats.ttfb.observe(self.gw.loop.time() - self.started_at)
+        self.gw.ledger.first_byte(self.started_at)
         dechunk = conn.dechunking and self.http10  # else re-chunked (stream usage stripped)
         if conn.framing is framing.Framing.CLOSE or not self.request_complete or dechunk:
             self.keep_alive = False
@@ -736,20 +733,13 @@ class Exchange:
         self.finish()
 
     def _count_tokens(self, conn: "UpstreamConnection") -> None:
-        gw = self.gw
         prompt, completion = tokens_in_tail(conn.tail())
-        self.prompt_tokens, self.completion_tokens = prompt, completion
-        gw.cache.add_usage(self.user, self.model_name, prompt, completion)
-        if gw.policy.quotas_on:
-            gw.policy.tokens_used(self.user, prompt, completion)
-        if prompt or completion:
-            stats = gw.stats
-            stats.prompt_tokens += prompt
-            stats.completion_tokens += completion
-            ustats = self.ustats
-            if ustats is not None:
-                ustats.prompt_tokens += prompt
-                ustats.completion_tokens += completion
+        self.gw.ledger.tokens(self, prompt, completion)
+
+    def _ended(self, end: End) -> None:
+        backend = self.backend
+        self.gw.ledger.ended(self, end, _path_label(self.path),
+                             backend.name if backend is not None else "")
 
     def _note_model_change(self, backend: "Backend") -> None:
         # Update the index now so that a request right after a pull/copy/delete
@@ -904,26 +894,9 @@ class Exchange:
 
     def finish(self) -> None:
         """Mark done and let the connection move to its next request."""
-        self._end()
-        gw = self.gw
-        stats = gw.stats
-        backend = self.backend
-        backend_name = backend.name if backend is not None else ""
-        stats.response(_path_label(self.path), self.status, backend_name)
-        elapsed = gw.loop.time() - self.started_at if self.started_at else 0.0
-        if self.started_at:
-            stats.latency.observe(elapsed)
-        access = gw.access
-        if access.enabled:
-            access.record(gw.clock, self.user, self.client_ip, self.method, self.path,
-                          self.model_name, self.status, backend_name, self.queue_ms,
-                          round(elapsed * 1000, 2), self.prompt_tokens, self.completion_tokens)
-        ustats = self.ustats
-        if ustats is not None and self.in_flight_counted:
-            # "done" counts requests that reached a backend and were answered.
-            self.in_flight_counted = False
-            ustats.in_flight -= 1
-            ustats.done += 1
+        if self.state is not State.DONE:
+            self._end()
+            self._ended(End.DONE)
         if not self.request_complete:
             self.keep_alive = False
         self.client.exchange_done(self)

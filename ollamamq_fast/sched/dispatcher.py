@@ -145,8 +145,7 @@ class Dispatcher:
         ex.enqueued_at = now
         ex.enter_queue()
         ex.ticket = self.queue.push(ex.user, ex, now)
-        if ex.ustats is not None:
-            ex.ustats.queued += 1
+        ex.gw.ledger.queued(ex.ustats)
         self.pump()
         return QUEUED
 
@@ -195,8 +194,7 @@ class Dispatcher:
                     break
                 ex = ticket.payload
                 ex.ticket = None
-                if ex.ustats is not None:
-                    ex.ustats.queued -= 1
+                ex.gw.ledger.left_queue(ex.ustats)
                 self._start(ex)
         finally:
             self.pumping = False
@@ -212,7 +210,7 @@ class Dispatcher:
         if ex.enqueued_at:
             waited = self.loop.time() - ex.enqueued_at
             ex.queue_ms = int(waited * 1000)
-            ex.gw.stats.queue_wait.observe(waited)
+            ex.gw.ledger.waited(waited)
         self.dispatched += 1
         route = ex.route
         assert route is not None
@@ -229,7 +227,7 @@ class Dispatcher:
         The request waits in the retry line and is started from the dispatcher's
         own next turn on the loop, never inside the failed connection's callback.
         """
-        ex.gw.stats.failovers += 1
+        ex.gw.ledger.failover()
         ex.enter_queue()
         if not ex.enqueued_at:
             ex.enqueued_at = self.loop.time()
@@ -258,8 +256,7 @@ class Dispatcher:
         if ticket is not None:
             ex.ticket = None
             self.queue.cancel(ticket)
-            if ex.ustats is not None:
-                ex.ustats.queued -= 1
+            ex.gw.ledger.left_queue(ex.ustats)
         elif ex in self.retry_line:
             self.retry_line.remove(ex)
 
@@ -273,8 +270,7 @@ class Dispatcher:
         for ticket in self.queue.expired(now - limit):
             ex = ticket.payload
             ex.ticket = None
-            if ex.ustats is not None:
-                ex.ustats.queued -= 1
+            ex.gw.ledger.left_queue(ex.ustats)
             self.expired += 1
             ex.respond_error(
                 503, f"request waited more than {limit:g} s in the queue", retry_after=10

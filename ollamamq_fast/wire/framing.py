@@ -187,3 +187,27 @@ def at_stream_boundary(last_data: bytes, content_type: bytes) -> bool:
     if b"event-stream" in ct:
         return last_data.endswith(b"\n\n\r\n") or last_data.endswith(b"\r\n\r\n\r\n")
     return False
+
+
+# The last event of a stream in each format: Ollama's NDJSON `"done": true`
+# line, OpenAI's `data: [DONE]`, the Responses API's `response.completed` and
+# Anthropic's `message_stop`. Searched in the stream's last bytes only.
+_TERMINAL_SSE = (b"data: [DONE]", b"data:[DONE]", b"event: response.completed",
+                 b"event: message_stop")
+_DONE_TRUE = re.compile(rb'"done"\s*:\s*true')
+
+
+def terminal_event_relayed(tail: bytes, content_type: bytes) -> bool:
+    """Whether a stream's last bytes hold its terminal event (the answer is complete).
+
+    A client may close as soon as it has read that event (the openai SDK does,
+    before the backend's end of body): the request is then done, not dropped.
+    """
+    ct = content_type.lower()
+    if b"event-stream" in ct:
+        return any(mark in tail for mark in _TERMINAL_SSE)
+    if b"ndjson" in ct:
+        body = tail.rstrip(b"\r\n0")  # the chunk framing after the last line, if any
+        last = body[body.rfind(b"\n", 0, len(body) - 1) + 1 :]
+        return _DONE_TRUE.search(last) is not None
+    return False

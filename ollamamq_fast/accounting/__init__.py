@@ -1,0 +1,1 @@
+"""Accounting: the ledger that counts every request, its tokens and its end."""

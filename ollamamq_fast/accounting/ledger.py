@@ -1,0 +1,171 @@
+"""The ledger: the one place that counts what happened to a request.
+
+Counters (gateway-wide and per user), token usage (the usage store and the
+quota book), the latency and first-byte histograms and the access log are
+written here and nowhere else. The exchange reports events; the ledger
+decides what each one counts as. Every request ends exactly once, in one of
+the `End` states, and gets exactly one access-log line.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from ollamamq_fast.stats import GatewayStats, UserStats
+
+if TYPE_CHECKING:
+    from ollamamq_fast.accesslog import AccessLog
+
+# The status logged for a request whose client left before its answer ended
+# (nginx's convention; no response with it is ever sent).
+CLIENT_CLOSED: Final = 499
+
+
+class End(enum.Enum):
+    """How a request ended."""
+
+    DONE = "done"  # answered (by a backend, the cache or the gateway), whatever the status
+    REFUSED = "refused"  # refused by a limit, a quota, the queue bound or a block
+    CANCELLED = "cancelled"  # the client left before the answer ended
+
+
+class Usage(Protocol):
+    """Where token counts go beyond the live counters (the state cache)."""
+
+    def add_usage(self, user: str, model: str, prompt: int, completion: int) -> None:
+        """Add one request's tokens to the user's usage for the model."""
+        ...
+
+
+class Quotas(Protocol):
+    """The quota book's side of token counting (policy/engine.py)."""
+
+    quotas_on: bool
+
+    def tokens_used(self, user: str, prompt: int, completion: int) -> None:
+        """A request finished with these counts."""
+        ...
+
+
+class Record(Protocol):
+    """What the ledger reads of a finished request (the exchange)."""
+
+    user: str
+    client_ip: str
+    method: bytes
+    path: bytes
+    model: str | None
+    model_name: str
+    status: int
+    queue_ms: int
+    started_at: float
+    prompt_tokens: int
+    completion_tokens: int
+    ustats: UserStats | None
+    in_flight_counted: bool
+
+
+class Ledger:
+    """Counts requests, tokens and end states; writes the access log."""
+
+    def __init__(self, stats: GatewayStats, usage: Usage, quotas: Quotas,
+                 access: AccessLog, loop_time: Any) -> None:
+        self.stats = stats
+        self.usage = usage
+        self.quotas = quotas
+        self.access = access
+        self.loop_time = loop_time
+        # Wall time = loop time + offset: a millisecond-good timestamp for each
+        # access line without a clock call per request beyond the loop's own.
+        self.wall_offset = time.time() - loop_time()
+
+    def arrived(self, user: str, client_ip: str) -> UserStats:
+        """A request of `user` is about to be admitted: their live record."""
+        ustats = self.stats.user(user)
+        ustats.last_ip = client_ip
+        ustats.last_seen = self.loop_time() + self.wall_offset
+        return ustats
+
+    def refused(self, ustats: UserStats | None, by_policy: bool) -> None:
+        """A request was refused by a limit, a quota, the queue bound or a block."""
+        if by_policy:
+            self.stats.rejected += 1
+        if ustats is not None:
+            ustats.rejected += 1
+
+    def queued(self, ustats: UserStats | None) -> None:
+        """A request started waiting in its user's queue."""
+        if ustats is not None:
+            ustats.queued += 1
+
+    def left_queue(self, ustats: UserStats | None) -> None:
+        """A request left its user's queue (started, cancelled or expired)."""
+        if ustats is not None:
+            ustats.queued -= 1
+
+    def waited(self, seconds: float) -> None:
+        """A request waited this long for its slot before it started."""
+        self.stats.queue_wait.observe(seconds)
+
+    def running(self, r: Record) -> None:
+        """The request was handed to a backend (counted in flight once, even across retries)."""
+        ustats = r.ustats
+        if ustats is not None and not r.in_flight_counted:
+            r.in_flight_counted = True
+            ustats.in_flight += 1
+
+    def first_byte(self, started_at: float) -> None:
+        """The response head went to the client."""
+        if started_at:
+            self.stats.ttfb.observe(self.loop_time() - started_at)
+
+    def failover(self) -> None:
+        """A request is tried again on another connection or backend."""
+        self.stats.failovers += 1
+
+    def tokens(self, r: Record, prompt: int, completion: int) -> None:
+        """The backend's own token counts for a request (exact)."""
+        r.prompt_tokens, r.completion_tokens = prompt, completion
+        if not (prompt or completion):
+            return
+        self.usage.add_usage(r.user, r.model or r.model_name, prompt, completion)
+        quotas = self.quotas
+        if quotas.quotas_on:
+            quotas.tokens_used(r.user, prompt, completion)
+        stats = self.stats
+        stats.prompt_tokens += prompt
+        stats.completion_tokens += completion
+        ustats = r.ustats
+        if ustats is not None:
+            ustats.prompt_tokens += prompt
+            ustats.completion_tokens += completion
+
+    def ended(self, r: Record, end: End, label: str, backend: str) -> None:
+        """The request's one and only end: counters, histograms, its access line."""
+        stats = self.stats
+        now = self.loop_time()
+        elapsed = now - r.started_at if r.started_at else 0.0
+        status = r.status if end is not End.CANCELLED else CLIENT_CLOSED
+        ustats = r.ustats
+        if end is End.CANCELLED:
+            if ustats is not None:
+                ustats.dropped += 1
+            if r.in_flight_counted:
+                stats.cancelled += 1
+        else:
+            stats.response(label, status, backend)
+            if r.started_at:
+                stats.latency.observe(elapsed)
+        if r.in_flight_counted:
+            r.in_flight_counted = False
+            if ustats is not None:
+                ustats.in_flight -= 1
+                if end is End.DONE:
+                    ustats.done += 1  # "done": reached a backend and was answered
+        access = self.access
+        if access.enabled:
+            access.record(now + self.wall_offset, r.user, r.client_ip, r.method, r.path,
+                          r.model_name, status, backend, r.queue_ms, round(elapsed * 1000, 2),
+                          r.prompt_tokens, r.completion_tokens)

@@ -1,0 +1,197 @@
+"""The ledger (accounting/ledger.py): one end per request, counted once, logged once."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from harness import Stack, start_stack
+from ollamamq_fast.accounting.ledger import CLIENT_CLOSED, End, Ledger
+from ollamamq_fast.stats import GatewayStats, UserStats
+from ollamamq_fast.wire.framing import terminal_event_relayed
+from test_traps import wait_for
+
+
+class Access:
+    enabled = True
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[Any, ...]] = []
+
+    def record(self, *fields: Any) -> None:
+        self.lines.append(fields)
+
+
+class Usage:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, int, int]] = []
+
+    def add_usage(self, user: str, model: str, prompt: int, completion: int) -> None:
+        self.rows.append((user, model, prompt, completion))
+
+
+class Quotas:
+    quotas_on = True
+
+    def __init__(self) -> None:
+        self.used: list[tuple[str, int]] = []
+
+    def tokens_used(self, user: str, prompt: int, completion: int) -> None:
+        self.used.append((user, prompt + completion))
+
+
+class Req:
+    def __init__(self, ustats: UserStats) -> None:
+        self.user = "alice"
+        self.client_ip = "10.0.0.1"
+        self.method = b"POST"
+        self.path = b"/api/chat"
+        self.model: str | None = "tiny:latest"
+        self.model_name = "tiny"
+        self.status = 200
+        self.queue_ms = 0
+        self.started_at = 1.0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.ustats: UserStats | None = ustats
+        self.in_flight_counted = False
+
+
+def _ledger() -> tuple[Ledger, GatewayStats, Access, Usage, Quotas]:
+    stats, access, usage, quotas = GatewayStats(), Access(), Usage(), Quotas()
+    now = [2.0]
+    ledger = Ledger(stats, usage, quotas, access, lambda: now[0])  # type: ignore[arg-type]
+    return ledger, stats, access, usage, quotas
+
+
+def test_a_done_request_is_counted_once_with_its_tokens_under_the_canonical_model() -> None:
+    ledger, stats, access, usage, quotas = _ledger()
+    ustats = ledger.arrived("alice", "10.0.0.1")
+    r = Req(ustats)
+    ledger.running(r)
+    ledger.running(r)  # a retry does not count it twice
+    assert ustats.in_flight == 1
+    ledger.tokens(r, 3, 5)
+    ledger.ended(r, End.DONE, "/api/chat", "http://b")
+    assert (ustats.in_flight, ustats.done, ustats.dropped) == (0, 1, 0)
+    assert (ustats.prompt_tokens, ustats.completion_tokens) == (3, 5)
+    assert usage.rows == [("alice", "tiny:latest", 3, 5)] and quotas.used == [("alice", 8)]
+    assert stats.responses == {("/api/chat", 200, "http://b"): 1}
+    assert len(access.lines) == 1 and access.lines[0][6] == 200 and access.lines[0][-2:] == (3, 5)
+
+
+def test_a_cancelled_request_gets_a_499_line_and_counts_as_dropped() -> None:
+    ledger, stats, access, _, _ = _ledger()
+    ustats = ledger.arrived("alice", "10.0.0.1")
+    r = Req(ustats)
+    ledger.running(r)
+    ledger.tokens(r, 2, 0)
+    ledger.ended(r, End.CANCELLED, "/api/chat", "http://b")
+    assert (ustats.in_flight, ustats.done, ustats.dropped) == (0, 0, 1)
+    assert stats.cancelled == 1 and not stats.responses
+    assert access.lines[0][6] == CLIENT_CLOSED and access.lines[0][-2:] == (2, 0)
+
+
+def test_refusals_count_by_whom() -> None:
+    ledger, stats, _, _, _ = _ledger()
+    ustats = ledger.arrived("bob", "10.0.0.2")
+    ledger.refused(ustats, by_policy=True)
+    ledger.refused(ustats, by_policy=False)
+    assert stats.rejected == 1 and ustats.rejected == 2
+
+
+@pytest.mark.parametrize(("tail", "ctype", "done"), [
+    (b'data: {"choices":[]}\n\ndata: [DONE]\n\n\r\n', b"text/event-stream", True),
+    (b'data: {"choices":[{"delta":{}}]}\n\n\r\n', b"text/event-stream", False),
+    (b'{"done":false}\n\r\n19\r\n{"done":true,"eval_count":5}\n\r\n', b"application/x-ndjson", True),
+    (b'{"done":true,"eval_count":5}\n\r\n0\r\n\r\n', b"application/x-ndjson", True),
+    (b'{"done": true}\n', b"application/x-ndjson", True),
+    (b'{"response":"said \\"done\\":true"}\n', b"application/x-ndjson", False),
+    (b'{"done":false}\n', b"application/x-ndjson", False),
+    (b'{"done":true}', b"application/json", False),
+])
+def test_terminal_events(tail: bytes, ctype: bytes, done: bool) -> None:
+    assert terminal_event_relayed(tail, ctype) is done
+
+
+class LateEndBackend:
+    """Sends a whole stream, terminal event included, then holds the end of body back."""
+
+    def __init__(self) -> None:
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.srv.getsockname()[1]}"
+        self.release = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            path = buf.split(b" ", 2)[1]
+            if path in (b"/api/tags", b"/api/ps", b"/api/version", b"/v1/models"):
+                out = orjson.dumps({"models": [{"name": "tiny:latest", "model": "tiny:latest"}]}
+                                   if path == b"/api/tags" else {"models": []})
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(out), out))
+                return
+            lines = [b'{"model":"tiny","message":{"role":"assistant","content":"hi"},"done":false}\n',
+                     b'{"model":"tiny","done":true,"done_reason":"stop",'
+                     b'"prompt_eval_count":7,"eval_count":11}\n']
+            body = b"".join(b"%x\r\n%b\r\n" % (len(line), line) for line in lines)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + body)
+            self.release.wait(10)  # the end of body comes late, or never
+            try:
+                conn.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.release.set()
+        self.srv.close()
+
+
+@pytest.fixture()
+def late() -> Iterator[tuple[Stack, LateEndBackend]]:
+    backend = LateEndBackend()
+    st = start_stack(sims=[], extra_backends=[backend.url], health_interval=3600.0)
+    yield st, backend
+    st.close()
+    backend.close()
+
+
+def test_a_client_leaving_after_the_terminal_event_is_done_not_dropped(
+        late: tuple[Stack, LateEndBackend]) -> None:
+    st, _ = late
+    body = b'{"model":"tiny","messages":[{"role":"user","content":"x"}]}'
+    with socket.create_connection(("127.0.0.1", st.port), timeout=10) as c:
+        c.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-User-ID: sdk\r\n"
+                  b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        got = b""
+        deadline = time.monotonic() + 10
+        while b'"done":true' not in got and time.monotonic() < deadline:
+            got += c.recv(65536)
+    # The client closed at its terminal event, before the backend's end of body.
+    stats = st.state.stats
+    assert wait_for(lambda: "sdk" in stats.users and stats.users["sdk"].in_flight == 0, 5.0)
+    user = stats.users["sdk"]
+    assert (user.done, user.dropped) == (1, 0)
+    assert (user.prompt_tokens, user.completion_tokens) == (7, 11)
