@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import TYPE_CHECKING
 
 import blake3
@@ -43,6 +42,7 @@ from ollamamq_fast.proxy.state import State, advance
 from ollamamq_fast.wire.sniff import SniffError, first_item, first_model, sniff_fields, sniff_spans
 from ollamamq_fast.sched.dispatcher import Placed
 from ollamamq_fast.stats import UserStats, tokens_in_tail
+from ollamamq_fast.wire.headers import forwarded_block, length_line, read_request_head
 from ollamamq_fast.wire.paths import PathError, normalize, request_path
 
 if TYPE_CHECKING:
@@ -59,54 +59,6 @@ log = logging.getLogger("ollamamq_fast.proxy")
 # A request whose backend fails before answering is tried on this many
 # connections in all (a stale pooled connection, then other backends).
 MAX_ATTEMPTS = 3
-
-# Request headers the gateway handles itself instead of forwarding verbatim.
-(_H_LENGTH, _H_TE, _H_EXPECT, _H_USER, _H_XFF, _H_DROP, _H_CONNECTION, _H_ENCODING,
- _H_AUTH, _H_API_KEY, _H_CACHE) = range(11)
-_REQUEST_SPECIAL = {
-    b"content-length": _H_LENGTH,
-    b"transfer-encoding": _H_TE,
-    b"expect": _H_EXPECT,
-    b"x-user-id": _H_USER,
-    b"x-forwarded-for": _H_XFF,
-    b"host": _H_DROP,  # rewritten to the backend's authority (PROTOCOL.md §7.17)
-    b"connection": _H_CONNECTION,
-    b"content-encoding": _H_ENCODING,
-    b"authorization": _H_AUTH,
-    b"x-api-key": _H_API_KEY,
-    b"cache-control": _H_CACHE,  # forwarded; also read by the response cache
-    b"keep-alive": _H_DROP,
-    b"proxy-connection": _H_DROP,
-    b"proxy-authorization": _H_DROP,
-    b"te": _H_DROP,
-    b"trailer": _H_DROP,
-    b"upgrade": _H_DROP,
-}
-
-_H_KEEP = -1  # forwarded as it is
-# Header name as spelled on the wire -> action. Clients repeat the same few
-# spellings, so each is lowercased and looked up once; bounded, so that a
-# client inventing names cannot grow it.
-_classified: dict[bytes, int] = {}
-_CLASSIFIED_MAX = 4096
-
-
-def _classify(name: bytes) -> int:
-    """The action for a header name not seen in this spelling before."""
-    action = _REQUEST_SPECIAL.get(name.lower(), _H_KEEP)
-    if len(_classified) < _CLASSIFIED_MAX:
-        _classified[name] = action
-    return action
-
-
-# `Content-Length: N` plus the blank line, made once for the small bodies
-# that nearly all requests have.
-_LENGTH_LINES = 4096
-_length_lines = [b"Content-Length: %d\r\n\r\n" % n for n in range(_LENGTH_LINES)]
-
-# An authenticated user name sent on to the backend as X-User-ID: printable
-# ASCII only, so that no name can break the header it is written into.
-_PRINTABLE_ID = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?")
 
 _NOT_FOUND_TEXT = b"404 page not found"
 _NOT_ALLOWED_TEXT = b"405 method not allowed"
@@ -245,76 +197,35 @@ class Exchange:
         self.path = path
         route = lookup(path)
         self.api = route.api if route is not None else api_of_path(path)
-        kept: list[tuple[bytes, bytes]] = []
-        xff = b""
-        authorization = api_key = b""
         identity = self.gw.identity
         keys_required = identity.keys_required
-        connection_tokens: set[bytes] | None = None
-        classified = _classified
-        for pair in self.headers:
-            action = classified.get(pair[0])
-            if action is None:
-                action = _classify(pair[0])
-            if action == _H_KEEP:
-                kept.append(pair)
-                continue
-            value = pair[1]
-            if action == _H_LENGTH:
-                self.content_length = int(value)
-            elif action == _H_TE:
-                self.chunked_in = b"chunked" in value.lower()
-            elif action == _H_EXPECT:
-                self.expect_continue = http_11 and value.strip().lower() == b"100-continue"
-            elif action == _H_USER:
-                self.user = value.decode("latin-1").strip()
-                if not keys_required:  # under keys the authenticated user is sent instead
-                    kept.append(pair)
-            elif action == _H_XFF:
-                xff = value + b", "
-            elif action == _H_AUTH:
-                authorization = value
-                if not keys_required:  # the gateway's own keys never reach a backend
-                    kept.append(pair)
-            elif action == _H_API_KEY:
-                api_key = value
-                if not keys_required:
-                    kept.append(pair)
-            elif action == _H_CACHE:
-                self.cache_control = cache_control(value)
-                kept.append(pair)
-            elif action == _H_ENCODING:
-                # A compressed body (zstd on /v1/responses) cannot be sniffed; it
-                # is passed through untouched to any backend of the route's kind.
-                kept.append(pair)
-                self.encoded_body = value.strip().lower() not in (b"", b"identity")
-            elif action == _H_CONNECTION:
-                tokens = {t.strip().lower() for t in value.split(b",")}
-                tokens -= {b"close", b"keep-alive"}
-                if tokens:
-                    connection_tokens = tokens
-        if (authorization or api_key) and not keys_required:
-            self.credential = authorization + b"\n" + api_key
-        if connection_tokens:
-            # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
-            kept = [h for h in kept if h[0].lower() not in connection_tokens]
+        head = read_request_head(self.headers, http_11, keys_required)
+        self.content_length = head.content_length
+        self.chunked_in = head.chunked
+        self.expect_continue = head.expect_continue
+        self.user = head.user
+        self.encoded_body = head.encoded_body
+        if head.cache_control:
+            self.cache_control = cache_control(head.cache_control)
+        if (head.authorization or head.api_key) and not keys_required:
+            self.credential = head.authorization + b"\n" + head.api_key
         peer_ip = self.client.peer_ip
-        self.client_ip = identity.client_ip(peer_ip, xff[:-2]) if identity.trusted_proxies else peer_ip
+        self.client_ip = (identity.client_ip(peer_ip, head.forwarded_for)
+                          if identity.trusted_proxies else peer_ip)
         self.started_at = self.gw.loop.time()
+        forwarded_user = None
         if keys_required and (route is None or route.kind is not Kind.LOCAL):
             # Authentication comes before routing: an unknown path forwarded with
             # --allow-all-routes reaches a backend too, so it needs a key as well.
             try:
-                self.user = identity.user_for_key(authorization, api_key, self.user)
+                self.user = forwarded_user = identity.user_for_key(
+                    head.authorization, head.api_key, self.user)
             except AuthError as exc:
                 ctype, body = error_body(self.api, 401, str(exc))
                 self._set_early_error(401, ctype, body)
                 return
-            if _PRINTABLE_ID.fullmatch(self.user):
-                kept.append((b"X-User-ID", self.user.encode()))
-        kept.append((b"X-Forwarded-For", xff + self.client.peer_ip_bytes))
-        # Each kept (name, value) pair becomes `name: value` in one C-level pass.
-        self.fwd_headers = b"\r\n".join(map(b": ".join, kept)) + b"\r\n"
+        self.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
+                                           self.client.peer_ip_bytes)
         self._check_route(route, method)
         if not self.user:
             self.user = self.client_ip
@@ -619,8 +530,7 @@ class Exchange:
         if not self.stream_body:
             body = self.body[0] if self.body else b""
             if body or self.content_length >= 0 or self.chunked_in:
-                head.append(_length_lines[len(body)] if len(body) < _LENGTH_LINES
-                            else b"Content-Length: %d\r\n\r\n" % len(body))
+                head.append(length_line(len(body)))
             else:
                 head.append(b"\r\n")
             head.append(body)

@@ -1,0 +1,173 @@
+"""Request heads: what the gateway reads from them and what it forwards. Pure functions.
+
+`read_request_head` sorts a request's header pairs once: framing headers
+(Content-Length, Transfer-Encoding, Expect), identity (X-User-ID,
+Authorization, X-API-Key, X-Forwarded-For), what the policy reads
+(Cache-Control, Content-Encoding), hop-by-hop headers that never go on
+(RFC 9110 §7.6.1), and everything else, forwarded as it came.
+`forwarded_block` builds the header lines a backend receives.
+Nothing here touches a socket, so each rule is tested with plain bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+# What happens to a request header, by lowercased name.
+KEEP: Final = 0  # forwarded as it is
+LENGTH: Final = 1
+TRANSFER_ENCODING: Final = 2
+EXPECT: Final = 3
+USER: Final = 4
+FORWARDED_FOR: Final = 5
+DROP: Final = 6
+CONNECTION: Final = 7
+CONTENT_ENCODING: Final = 8
+AUTHORIZATION: Final = 9
+API_KEY: Final = 10
+CACHE_CONTROL: Final = 11
+
+_SPECIAL: Final[dict[bytes, int]] = {
+    b"content-length": LENGTH,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"expect": EXPECT,
+    b"x-user-id": USER,
+    b"x-forwarded-for": FORWARDED_FOR,
+    b"host": DROP,  # rewritten to the backend's authority (docs/protocol-notes.md)
+    b"connection": CONNECTION,
+    b"content-encoding": CONTENT_ENCODING,
+    b"authorization": AUTHORIZATION,
+    b"x-api-key": API_KEY,
+    b"cache-control": CACHE_CONTROL,  # forwarded; also read by the response cache
+    b"keep-alive": DROP,
+    b"proxy-connection": DROP,
+    b"proxy-authorization": DROP,
+    b"te": DROP,
+    b"trailer": DROP,
+    b"upgrade": DROP,
+}
+
+# Header name as spelled on the wire -> what happens to it. Clients repeat the
+# same few spellings, so each is lowercased and looked up once; bounded, so
+# that a client inventing names cannot grow it.
+_classified: dict[bytes, int] = {}
+_CLASSIFIED_MAX: Final = 4096
+
+# `Content-Length: N` plus the blank line, made once for the small bodies
+# that nearly all requests have.
+_LENGTH_LINES: Final = 4096
+_length_lines: Final = [b"Content-Length: %d\r\n\r\n" % n for n in range(_LENGTH_LINES)]
+
+# A user name sent on to the backend as X-User-ID: printable ASCII only, so
+# that no name can break the header it is written into.
+_PRINTABLE_ID: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?")
+
+
+def classify(name: bytes) -> int:
+    """What happens to a request header called `name` (any spelling)."""
+    action = _classified.get(name)
+    if action is None:
+        action = _SPECIAL.get(name.lower(), KEEP)
+        if len(_classified) < _CLASSIFIED_MAX:
+            _classified[name] = action
+    return action
+
+
+class RequestHead:
+    """What the gateway read from a request's headers."""
+
+    __slots__ = ("api_key", "authorization", "cache_control", "chunked", "content_length",
+                 "encoded_body", "expect_continue", "forwarded_for", "kept", "user")
+
+    def __init__(self) -> None:
+        self.content_length = -1
+        self.chunked = False
+        self.expect_continue = False
+        self.user = ""  # the client's X-User-ID, stripped
+        self.forwarded_for = b""  # the client's X-Forwarded-For value
+        self.authorization = b""
+        self.api_key = b""
+        self.cache_control = b""
+        # A compressed body (zstd on /v1/responses) cannot be sniffed; it is
+        # passed through untouched to any backend of the route's kind.
+        self.encoded_body = False
+        self.kept: list[tuple[bytes, bytes]] = []  # forwarded as they came, in order
+
+
+def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
+                      owns_credentials: bool) -> RequestHead:
+    """Sort a request's headers; ValueError on a Content-Length that is not a number.
+
+    `owns_credentials` (`--auth keys`): the gateway's own keys and the
+    client's claimed identity are the gateway's to read, never forwarded.
+    """
+    head = RequestHead()
+    kept = head.kept
+    connection_tokens: set[bytes] | None = None
+    for pair in headers:
+        name = pair[0]
+        action = _classified.get(name)
+        if action is None:
+            action = classify(name)
+        if action == KEEP:
+            kept.append(pair)
+            continue
+        value = pair[1]
+        if action == LENGTH:
+            head.content_length = int(value)
+        elif action == TRANSFER_ENCODING:
+            head.chunked = b"chunked" in value.lower()
+        elif action == EXPECT:
+            head.expect_continue = http_11 and value.strip().lower() == b"100-continue"
+        elif action == USER:
+            head.user = value.decode("latin-1").strip()
+            if not owns_credentials:
+                kept.append(pair)
+        elif action == FORWARDED_FOR:
+            head.forwarded_for = value
+        elif action == AUTHORIZATION:
+            head.authorization = value
+            if not owns_credentials:
+                kept.append(pair)
+        elif action == API_KEY:
+            head.api_key = value
+            if not owns_credentials:
+                kept.append(pair)
+        elif action == CACHE_CONTROL:
+            head.cache_control = value
+            kept.append(pair)
+        elif action == CONTENT_ENCODING:
+            kept.append(pair)
+            head.encoded_body = value.strip().lower() not in (b"", b"identity")
+        elif action == CONNECTION:
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            tokens -= {b"close", b"keep-alive"}
+            if tokens:
+                connection_tokens = tokens
+    if connection_tokens:
+        # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
+        head.kept = [h for h in kept if h[0].lower() not in connection_tokens]
+    return head
+
+
+def forwarded_block(kept: list[tuple[bytes, bytes]], user: str | None,
+                    forwarded_for: bytes, peer_ip: bytes) -> bytes:
+    """The header lines a backend receives after its own Host line.
+
+    `user`: the authenticated user to send as X-User-ID (None: none is
+    added; a name that could not be a header value is left out too). The
+    client's address is appended to X-Forwarded-For.
+    """
+    lines = list(kept)
+    if user is not None and _PRINTABLE_ID.fullmatch(user):
+        lines.append((b"X-User-ID", user.encode()))
+    lines.append((b"X-Forwarded-For", forwarded_for + b", " + peer_ip if forwarded_for else peer_ip))
+    # Each (name, value) pair becomes `name: value` in one C-level pass.
+    return b"\r\n".join(map(b": ".join, lines)) + b"\r\n"
+
+
+def length_line(n: int) -> bytes:
+    """`Content-Length: n` and the blank line that ends the head."""
+    return _length_lines[n] if n < _LENGTH_LINES else b"Content-Length: %d\r\n\r\n" % n
+

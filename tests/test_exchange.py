@@ -1,0 +1,319 @@
+"""The exchange, driven sans I/O: fake client and backend transports, a real gateway state.
+
+Every path of a request's life is played by feeding bytes to the client
+protocol and to the backend connection by hand, then reading what each fake
+transport was given. No sockets, no timing: the loop is only turned to run
+the callbacks a step schedules (a connect, the dispatcher's retry turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from ollamamq_fast.config import Settings, parse_backend_urls
+from ollamamq_fast.fleet.backend import ApiKind, Backend
+from ollamamq_fast.gateway import GatewayState
+from ollamamq_fast.proxy.downstream import ClientProtocol
+from ollamamq_fast.proxy.state import State
+from ollamamq_fast.proxy.upstream import UpstreamConnection
+
+CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+
+
+class FakeTransport:
+    """Collects writes; records pauses; enough of a uvloop transport for both sides."""
+
+    def __init__(self, peer: str = "127.0.0.1") -> None:
+        self.data = bytearray()
+        self.paused = False
+        self.closing = False
+        self.aborted = False
+        self.peer = peer
+
+    def write(self, data: bytes) -> None:
+        assert not self.closing, "write after close"
+        self.data += data
+
+    def writelines(self, data: list[bytes]) -> None:
+        for piece in data:
+            self.write(piece)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+    def set_write_buffer_limits(self, high: int = 0, low: int = 0) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return (self.peer, 40000) if name == "peername" else default
+
+    def take(self) -> bytes:
+        out = bytes(self.data)
+        self.data.clear()
+        return out
+
+
+class FakePool:
+    """A backend's pool whose connections are fake transports, opened on demand."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.idle: list[UpstreamConnection] = []
+        self.opened: list[tuple[UpstreamConnection, FakeTransport]] = []
+        self.open = 0
+        self.closed = False
+
+    def acquire_idle(self) -> UpstreamConnection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        conn = UpstreamConnection(self)  # type: ignore[arg-type]
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        self.opened.append((conn, transport))
+        self.open += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def expire_idle(self, now: float) -> None:
+        pass
+
+    def close_all(self) -> None:
+        pass
+
+    @property
+    def last(self) -> tuple[UpstreamConnection, FakeTransport]:
+        return self.opened[-1]
+
+
+class Rig:
+    """A gateway state with fake backends and a way to open fake client connections."""
+
+    def __init__(self, backends: int = 1, slots: int = 1, **settings: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        s = Settings()
+        s.backends = parse_backend_urls(",".join(f"http://b{i}:11434" for i in range(backends)))
+        s.slots = slots
+        s.tui = False
+        s.log_file = None
+        s.state_path = None
+        for key, value in settings.items():
+            setattr(s, key, value)
+        self.state = GatewayState(s, self.loop)
+        self.pools: list[FakePool] = []
+        for b in self.state.fleet.backends:
+            b.kind = ApiKind.OLLAMA
+            b.online = True
+            b.models = {"m:latest": {"name": "m:latest", "model": "m:latest"}}
+            b.refresh()
+            pool = FakePool(b)
+            b.pool = pool  # type: ignore[assignment]
+            self.pools.append(pool)
+        self.state.fleet.rebuild_index()
+
+    def client(self, peer: str = "127.0.0.1") -> tuple[ClientProtocol, FakeTransport]:
+        proto = ClientProtocol(self.state)
+        transport = FakeTransport(peer)
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        return proto, transport
+
+    def turn(self) -> None:
+        """Run what the last step scheduled (connects, the dispatcher's retry turn)."""
+        for _ in range(3):
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+@pytest.fixture()
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    yield r
+    r.close()
+
+
+def post(path: bytes = b"/api/chat", body: bytes = CHAT, user: bytes = b"alice",
+         extra: bytes = b"") -> bytes:
+    return (b"POST %b HTTP/1.1\r\nHost: gw\r\nX-User-ID: %b\r\n%bContent-Length: %d\r\n\r\n%b"
+            % (path, user, extra, len(body), body))
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(line: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(line), line)
+
+
+FINAL = b'{"model":"m","done":true,"prompt_eval_count":3,"eval_count":4}\n'
+
+
+def test_success_relays_the_stream_and_counts_it(rig: Rig) -> None:
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, backend = rig.pools[0].last
+    sent = backend.take()
+    assert sent.startswith(b"POST /api/chat HTTP/1.1\r\nHost: b0:11434\r\n") and sent.endswith(CHAT)
+    conn.data_received(OK_HEAD + chunk(b'{"done":false}\n'))
+    assert b'{"done":false}' in client.data and b"X-Gateway-Backend: http://b0:11434" in client.data
+    conn.data_received(chunk(FINAL) + b"0\r\n\r\n")
+    assert client.data.endswith(b"0\r\n\r\n") and not client.closing
+    user = rig.state.stats.users["alice"]
+    assert (user.done, user.in_flight, user.prompt_tokens, user.completion_tokens) == (1, 0, 3, 4)
+    assert rig.pools[0].idle == [conn]  # back to the pool, unpaused
+    assert proto.active is None
+
+
+def test_an_early_error_never_reaches_a_backend(rig: Rig) -> None:
+    proto, client = rig.client()
+    proto.data_received(post(body=b'{"model": 12}'))
+    rig.turn()
+    assert not rig.pools[0].opened
+    head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and "error" in orjson.loads(body)
+
+
+def test_a_cache_hit_is_answered_without_a_backend() -> None:
+    rig = Rig(cache_mode="all")
+    try:
+        proto, client = rig.client()
+        body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":false}'
+        proto.data_received(post(body=body))
+        rig.turn()
+        conn, _ = rig.pools[0].last
+        answer = b'{"model":"m","done":true,"eval_count":2}'
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%b" % (len(answer), answer))
+        assert b"X-Cache: MISS" in client.take()
+        proto.data_received(post(body=body, user=b"bob"))
+        rig.turn()
+        again = client.take()
+        assert b"X-Cache: HIT" in again and again.endswith(answer)
+        assert len(rig.pools[0].opened) == 1  # no second connection, nothing sent
+    finally:
+        rig.close()
+
+
+def test_queued_then_cancelled_leaves_the_queue(rig: Rig) -> None:
+    first, _ = rig.client()
+    first.data_received(post())
+    rig.turn()
+    second, second_t = rig.client("10.0.0.2")
+    second.data_received(post(user=b"bob"))
+    rig.turn()
+    ex = second.active
+    assert ex is not None and ex.state is State.QUEUED
+    assert len(rig.state.dispatcher.queue) == 1
+    second.connection_lost(None)
+    assert len(rig.state.dispatcher.queue) == 0 and ex.state is State.DONE
+    bob = rig.state.stats.users["bob"]
+    assert (bob.queued, bob.dropped, bob.done) == (0, 1, 0)
+    assert not second_t.data
+
+
+def test_a_backend_that_fails_before_the_first_byte_is_retried_elsewhere() -> None:
+    rig = Rig(backends=2)
+    try:
+        proto, client = rig.client()
+        proto.data_received(post())
+        rig.turn()
+        used = [p for p in rig.pools if p.opened]
+        assert len(used) == 1
+        conn, _ = used[0].last
+        conn.connection_lost(ConnectionResetError("reset"))
+        rig.turn()  # the retry runs from the dispatcher's own turn
+        other = next(p for p in rig.pools if p is not used[0])
+        assert other.opened, "not retried on the other backend"
+        conn2, backend2 = other.last
+        assert backend2.data.endswith(CHAT)
+        conn2.data_received(OK_HEAD + chunk(FINAL) + b"0\r\n\r\n")
+        assert client.data.startswith(b"HTTP/1.1 200 OK")
+        assert rig.state.stats.failovers == 1
+    finally:
+        rig.close()
+
+
+def test_backend_death_mid_stream_ends_with_an_error_line(rig: Rig) -> None:
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, _ = rig.pools[0].last
+    conn.data_received(OK_HEAD + chunk(b'{"done":false}\n'))
+    conn.connection_lost(ConnectionResetError("gone"))
+    text = bytes(client.data)
+    assert b'"error"' in text.split(b'{"done":false}')[1] and text.endswith(b"0\r\n\r\n")
+    assert rig.state.stats.users["alice"].in_flight == 0
+
+
+def test_client_gone_mid_stream_aborts_the_backend(rig: Rig) -> None:
+    proto, _ = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, backend = rig.pools[0].last
+    conn.data_received(OK_HEAD + chunk(b'{"done":false}\n'))
+    proto.connection_lost(None)
+    assert backend.aborted  # Ollama's only cancel signal
+    user = rig.state.stats.users["alice"]
+    assert (user.dropped, user.done, user.in_flight) == (1, 0, 0)
+    assert rig.state.stats.cancelled == 1
+    assert rig.state.fleet.backends[0].in_flight == 0  # the slot is free again
+
+
+def test_terminal_event_relayed_then_client_gone_is_done(rig: Rig) -> None:
+    proto, _ = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, backend = rig.pools[0].last
+    conn.data_received(OK_HEAD + chunk(FINAL))  # the end of body has not come yet
+    proto.connection_lost(None)
+    user = rig.state.stats.users["alice"]
+    assert (user.done, user.dropped) == (1, 0)
+    assert (user.prompt_tokens, user.completion_tokens) == (3, 4)
+
+
+def test_backpressure_both_ways(rig: Rig) -> None:
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, backend = rig.pools[0].last
+    conn.data_received(OK_HEAD + chunk(b'{"done":false}\n'))
+    proto.pause_writing()  # the client reads slowly
+    assert backend.paused
+    proto.resume_writing()
+    assert not backend.paused
+    conn.pause_writing()  # the backend takes the upload slowly
+    assert client.paused
+    conn.resume_writing()
+    assert not client.paused
+    proto.pause_writing()
+    conn.data_received(chunk(FINAL) + b"0\r\n\r\n")  # ends while the client is slow
+    assert rig.pools[0].idle == [conn] and not backend.paused  # pooled only resumed

@@ -1,0 +1,60 @@
+"""wire/headers.py: request head rules as pure functions, bytes in, bytes out."""
+
+from __future__ import annotations
+
+import pytest
+
+from ollamamq_fast.wire.headers import (
+    DROP, KEEP, LENGTH, classify, forwarded_block, length_line, read_request_head,
+)
+
+HEADERS = [
+    (b"Host", b"gw.example"), (b"Content-Length", b"12"), (b"X-User-ID", b" alice "),
+    (b"Authorization", b"Bearer k"), (b"X-API-Key", b"k2"), (b"Cache-Control", b"no-cache"),
+    (b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5"),
+    (b"TE", b"trailers"), (b"Upgrade", b"h2c"), (b"Proxy-Authorization", b"Basic x"),
+    (b"X-Forwarded-For", b"10.1.2.3"), (b"User-Agent", b"ua"), (b"Expect", b"100-continue"),
+]
+
+
+def test_every_spelling_classifies_alike() -> None:
+    for name in (b"content-length", b"Content-Length", b"CONTENT-LENGTH", b"cOnTeNt-LeNgTh"):
+        assert classify(name) == LENGTH
+    assert classify(b"Proxy-Connection") == DROP and classify(b"X-Anything") == KEEP
+
+
+def test_auth_off_forwards_identity_and_credentials() -> None:
+    head = read_request_head(HEADERS, http_11=True, owns_credentials=False)
+    assert head.content_length == 12 and head.expect_continue and not head.chunked
+    assert head.user == "alice" and head.authorization == b"Bearer k" and head.api_key == b"k2"
+    assert head.cache_control == b"no-cache" and head.forwarded_for == b"10.1.2.3"
+    names = [n.lower() for n, _ in head.kept]
+    assert names == [b"x-user-id", b"authorization", b"x-api-key", b"cache-control", b"user-agent"]
+
+
+def test_auth_keys_forwards_neither_keys_nor_the_claimed_identity() -> None:
+    head = read_request_head(HEADERS, http_11=True, owns_credentials=True)
+    names = [n.lower() for n, _ in head.kept]
+    assert names == [b"cache-control", b"user-agent"]
+    block = forwarded_block(head.kept, "alice", head.forwarded_for, b"127.0.0.1")
+    assert block == (b"Cache-Control: no-cache\r\nUser-Agent: ua\r\nX-User-ID: alice\r\n"
+                     b"X-Forwarded-For: 10.1.2.3, 127.0.0.1\r\n")
+
+
+@pytest.mark.parametrize("user", ["", "bad\nname", "caf\u00e9", " lead", "x" * 300])
+def test_a_name_that_cannot_be_a_header_value_is_left_out(user: str) -> None:
+    assert b"X-User-ID" not in forwarded_block([], user, b"", b"1.2.3.4")
+
+
+def test_expect_only_counts_on_http_11_and_bad_lengths_raise() -> None:
+    assert not read_request_head([(b"Expect", b"100-continue")], False, False).expect_continue
+    assert read_request_head([(b"Transfer-Encoding", b"gzip, Chunked")], True, False).chunked
+    assert read_request_head([(b"Content-Encoding", b"zstd")], True, False).encoded_body
+    assert not read_request_head([(b"Content-Encoding", b"identity")], True, False).encoded_body
+    with pytest.raises(ValueError):
+        read_request_head([(b"Content-Length", b"12abc")], True, False)
+
+
+def test_length_lines() -> None:
+    assert length_line(0) == b"Content-Length: 0\r\n\r\n"
+    assert length_line(10**7) == b"Content-Length: 10000000\r\n\r\n"
