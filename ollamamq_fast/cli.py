@@ -20,6 +20,7 @@ from ollamamq_fast.config import (
     DEFAULT_BACKEND,
     DEFAULT_HOST,
     DEFAULT_MAX_BODY_MB,
+    DEFAULT_MAX_BODIES_MB,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
     ConfigError,
@@ -86,6 +87,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=_positive_float, default=None,
                    help="largest inference request body in MB; larger gets 413 "
                         f"(default {DEFAULT_MAX_BODY_MB:g}; blob uploads are streamed, not bounded)")
+    p.add_argument("--max-bodies-mb", type=_positive_float, default=None,
+                   help="request bodies held in memory at once, all clients together, in MB; "
+                        f"beyond it 503 with Retry-After (default {DEFAULT_MAX_BODIES_MB:g})")
     p.add_argument("--admin-port", type=_port, default=None,
                    help=f"control-plane port; 0 = any free port (default {DEFAULT_ADMIN_PORT})")
     p.add_argument("--admin-host", default=None,
@@ -191,6 +195,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         settings.metrics_public = True
     if args.max_body_mb is not None:
         settings.max_body_bytes = int(args.max_body_mb * 1024 * 1024)
+    if args.max_bodies_mb is not None:
+        settings.max_bodies_bytes = int(args.max_bodies_mb * 1024 * 1024)
     for name in ("slots", "balance", "admin_port", "health_interval", "health_fail_threshold",
                  "health_ok_threshold", "max_queue", "max_queue_per_user", "queue_timeout"):
         value = getattr(args, name)

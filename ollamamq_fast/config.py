@@ -19,6 +19,9 @@ DEFAULT_TIMEOUT = 300.0
 # Large enough for chat requests with several base64 images (PROTOCOL.md §7.14);
 # blob uploads are streamed and are not bound by it.
 DEFAULT_MAX_BODY_MB = 100.0
+# Request bodies held in memory at once, all clients together: a few large
+# uploads must not take the process's memory (beyond it: 503, Retry-After).
+DEFAULT_MAX_BODIES_MB = 512.0
 
 
 class ConfigError(ValueError):
@@ -92,6 +95,7 @@ class Settings:
     allow_all_routes: bool = False
     slots: int = 1
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
+    max_bodies_bytes: int = int(DEFAULT_MAX_BODIES_MB * 1024 * 1024)
     # Control plane: -1 disables it, 0 picks a free port (Gateway.admin_port).
     admin_port: int = DEFAULT_ADMIN_PORT
     admin_host: str = DEFAULT_ADMIN_HOST
@@ -203,10 +207,10 @@ def apply_toml(settings: Settings, data: dict[str, object], path: str = "config"
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ConfigError(f"{path}: {key} must be a {kind.__name__}")
             setattr(settings, field_name, value)
-        elif key == "max_body_mb":
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{path}: max_body_mb must be a positive number")
-            settings.max_body_bytes = int(value * 1024 * 1024)
+        elif key in ("max_body_mb", "max_bodies_mb"):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{path}: {key} must be a positive number")
+            setattr(settings, key.replace("_mb", "_bytes"), int(value * 1024 * 1024))
         elif key == "backends":
             _apply_backends(settings, value, path)
         elif key == "users":

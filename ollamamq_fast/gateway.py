@@ -19,6 +19,7 @@ from ollamamq_fast.fleet.health import HealthChecker
 from ollamamq_fast.fleet.passive import PassiveHealth
 from ollamamq_fast.fleet.select import Balance, Fleet
 from ollamamq_fast.proxy.downstream import ClientProtocol
+from ollamamq_fast.proxy.flow import BodyBudget
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.local import LocalRoutes
 from ollamamq_fast.proxy.upstream import UpstreamPool
@@ -44,6 +45,34 @@ TICK_S = 1.0
 HEAD_TIMEOUT_S = 10.0
 # Idle client keep-alive connections are closed after this (nginx's default).
 KEEPALIVE_TIMEOUT_S = 75.0
+
+
+# Warn when connections reach this share of the open-file limit, at most this often.
+FD_WARN_SHARE = 0.9
+FD_WARN_EVERY_S = 30.0
+
+
+def raise_fd_limit() -> int:
+    """Raise the open-file soft limit to the hard limit; the limit now in force (0: unknown).
+
+    Each client and each backend connection is a file descriptor; the usual
+    soft limit of 1024 would refuse clients long before the gateway is busy.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    log.debug("open-file limit: %d", soft)
+    return int(soft)
 
 
 class GatewayState:
@@ -77,6 +106,7 @@ class GatewayState:
         self.identity = Identity(settings.auth, settings.trusted_proxies,
                                  self.cache.key_by_digest)
         self.connections: set[ClientProtocol] = set()
+        self.bodies = BodyBudget(settings.max_bodies_bytes)
         self.stats = GatewayStats()
         # Rate limits, caps, quotas, response cache (policy/engine.py).
         self.policy = Policy(self)
@@ -138,6 +168,8 @@ class Gateway:
         self.admin: AdminServer | None = None
         self.stopped = asyncio.Event()
         self._last_tick = (0, 0)
+        self.fd_limit = 0
+        self._fd_warned = -FD_WARN_EVERY_S
 
     @property
     def port(self) -> int:
@@ -167,6 +199,7 @@ class Gateway:
             ]
         state = GatewayState(settings, loop)
         self.state = state
+        self.fd_limit = raise_fd_limit()
         if settings.config_path:
             state.reload_hook = self.reload
         state.access.start()
@@ -218,6 +251,7 @@ class Gateway:
                 if up.silent_s >= timeout:
                     ex.upstream_timeout()
             state.dispatcher.sweep(now)
+            self._check_fds(state, now)
             self._publish_tick(state)
             for b in state.fleet.backends:
                 if b.pool is not None:
@@ -225,6 +259,17 @@ class Gateway:
         except Exception:  # the reaper must survive a bug in one connection
             log.exception("reaper tick failed")
         self.reaper = loop.call_later(TICK_S, self._tick)
+
+    def _check_fds(self, state: GatewayState, now: float) -> None:
+        """Warn while client connections near the open-file limit (the OS then refuses new ones)."""
+        limit = self.fd_limit
+        if limit <= 0:
+            return
+        used = len(state.connections) + state.in_flight()
+        if used >= limit * FD_WARN_SHARE and now - self._fd_warned >= FD_WARN_EVERY_S:
+            self._fd_warned = now
+            log.warning("%d client and backend connections open, near the open-file limit of %d: "
+                        "new clients may be refused by the system (raise `ulimit -n`)", used, limit)
 
     def _publish_tick(self, state: GatewayState) -> None:
         """Per-second counters for dashboards (only when someone listens)."""
@@ -263,6 +308,10 @@ class Gateway:
                      "allow_all_routes", "health_fail_threshold", "health_ok_threshold"):
             if name in data:
                 setattr(live, name, getattr(fresh, name))
+        if "max_body_mb" in data:
+            live.max_body_bytes = fresh.max_body_bytes
+        if "max_bodies_mb" in data:
+            live.max_bodies_bytes = fresh.max_bodies_bytes
         if "limits" in data:
             live.limits, live.user_limits = fresh.limits, fresh.user_limits
         if "cache" in data:
@@ -271,6 +320,7 @@ class Gateway:
         if "stream_usage" in data:
             live.stream_usage = fresh.stream_usage
         state.policy.reload()
+        state.bodies.limit = state.settings.max_bodies_bytes
         fleet = state.fleet
         if "balance" in data:
             fleet.balance = Balance(fresh.balance)

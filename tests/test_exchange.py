@@ -317,3 +317,119 @@ def test_backpressure_both_ways(rig: Rig) -> None:
     proto.pause_writing()
     conn.data_received(chunk(FINAL) + b"0\r\n\r\n")  # ends while the client is slow
     assert rig.pools[0].idle == [conn] and not backend.paused  # pooled only resumed
+
+
+# -- limits on what clients and backends may make the gateway hold (issue 14) ------------
+
+
+def responses(data: bytes) -> list[int]:
+    """Statuses of the responses in a byte stream (bodies skipped by Content-Length)."""
+    out = []
+    rest = bytes(data)
+    while rest:
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        out.append(int(lines[0].split(b" ")[1]))
+        length = next((int(v) for n, _, v in (ln.partition(b": ") for ln in lines[1:])
+                       if n.lower() == b"content-length"), 0)
+        rest = rest[length:]
+    return out
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\nPRI * HTTP/2.0\r\n\r\n",
+    b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03\x01",
+])
+def test_an_upgrade_or_connect_gets_exactly_one_response(rig: Rig, request_bytes: bytes) -> None:
+    proto, client = rig.client()
+    proto.data_received(request_bytes)
+    rig.turn()
+    proto.data_received(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")  # nothing more is read
+    assert len(responses(client.data)) == 1 and client.closing
+
+
+def test_thousands_of_tiny_pipelined_requests_in_one_read_are_not_a_large_head(rig: Rig) -> None:
+    proto, client = rig.client()
+    one = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    data = one * 5000
+    proto.data_received(data[: len(data) - 10])  # ends inside the last head
+    proto.data_received(data[len(data) - 10 :])
+    statuses = responses(client.data)
+    assert statuses == [200] * 5000
+
+
+def test_a_head_trickling_in_is_cut_at_the_total_deadline(rig: Rig) -> None:
+    from ollamamq_fast.proxy.downstream import HEAD_DEADLINE_S
+
+    proto, client = rig.client()
+    proto.data_received(b"GET /api/tags HTTP/1.1\r\n")
+    ticks = 0
+    while not client.closing and ticks < HEAD_DEADLINE_S + 2:
+        proto.data_received(b"X-A: b\r\n")  # a byte now and then: never idle
+        proto.reap(1.0, 10.0, 75.0)
+        ticks += 1
+    assert client.closing and responses(client.data) == [408]
+    assert ticks >= HEAD_DEADLINE_S - 1
+
+
+def test_a_body_below_the_minimum_rate_is_cut(rig: Rig) -> None:
+    from ollamamq_fast.proxy.downstream import BODY_GRACE_S, BODY_MIN_RATE
+
+    proto, client = rig.client()
+    proto.data_received(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+    for _ in range(int(BODY_GRACE_S) + 1):
+        proto.data_received(b"x" * (BODY_MIN_RATE // 4))
+        proto.reap(1.0, 10.0, 75.0)
+    assert client.closing and responses(client.data) == [408]
+
+
+def test_a_backend_head_without_end_is_bounded(rig: Rig) -> None:
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, backend = rig.pools[0].last
+    conn.data_received(b"HTTP/1.1 200 OK\r\n")
+    for _ in range(100):
+        if backend.closing:
+            break
+        conn.data_received(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+    assert backend.aborted
+    assert responses(client.data) == [502] and b"response head larger" in client.data
+
+
+def test_the_global_body_budget_answers_503_with_retry_after() -> None:
+    rig = Rig(max_bodies_bytes=100_000)
+    try:
+        first, _ = rig.client()
+        first.data_received(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 90000\r\n\r\n"
+                            + b"x" * 80_000)  # held while the rest comes
+        second, second_t = rig.client("10.0.0.2")
+        second.data_received(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n"
+                             + b"y" * 30_000)
+        assert responses(second_t.data) == [503] and b"Retry-After: 5" in second_t.data
+        assert rig.state.bodies.held == 80_000
+        first.connection_lost(None)  # its bytes are given back
+        assert rig.state.bodies.held == 0
+        third, third_t = rig.client("10.0.0.3")
+        third.data_received(post())
+        rig.turn()
+        assert not third_t.data and rig.pools[0].opened  # admitted and sent on
+    finally:
+        rig.close()
+
+
+def test_nearing_the_open_file_limit_is_logged_once_in_a_while(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    from ollamamq_fast.gateway import Gateway, raise_fd_limit
+
+    assert raise_fd_limit() > 0
+    gateway = Gateway(rig.state.settings)
+    gateway.fd_limit = 10
+    for i in range(9):
+        rig.client(f"10.0.0.{i}")
+    with caplog.at_level("WARNING", logger="ollamamq_fast"):
+        gateway._check_fds(rig.state, 100.0)
+        gateway._check_fds(rig.state, 101.0)  # not again so soon
+    warnings = [r for r in caplog.records if "open-file limit" in r.getMessage()]
+    assert len(warnings) == 1 and "9 client and backend connections" in warnings[0].getMessage()

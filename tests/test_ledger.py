@@ -78,7 +78,7 @@ def test_a_done_request_is_counted_once_with_its_tokens_under_the_canonical_mode
     ledger.running(r)  # a retry does not count it twice
     assert ustats.in_flight == 1
     ledger.tokens(r, 3, 5)
-    ledger.ended(r, End.DONE, "/api/chat", "http://b")
+    ledger.ended(r, End.DONE, "http://b")
     assert (ustats.in_flight, ustats.done, ustats.dropped) == (0, 1, 0)
     assert (ustats.prompt_tokens, ustats.completion_tokens) == (3, 5)
     assert usage.rows == [("alice", "tiny:latest", 3, 5)] and quotas.used == [("alice", 8)]
@@ -92,7 +92,7 @@ def test_a_cancelled_request_gets_a_499_line_and_counts_as_dropped() -> None:
     r = Req(ustats)
     ledger.running(r)
     ledger.tokens(r, 2, 0)
-    ledger.ended(r, End.CANCELLED, "/api/chat", "http://b")
+    ledger.ended(r, End.CANCELLED, "http://b")
     assert (ustats.in_flight, ustats.done, ustats.dropped) == (0, 0, 1)
     assert stats.cancelled == 1 and not stats.responses
     assert access.lines[0][6] == CLIENT_CLOSED and access.lines[0][-2:] == (2, 0)

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ollamamq_fast.stats import GatewayStats, UserStats
+from ollamamq_fast.wire.routes import EXACT
 
 if TYPE_CHECKING:
     from ollamamq_fast.accesslog import AccessLog
@@ -21,6 +22,21 @@ if TYPE_CHECKING:
 # The status logged for a request whose client left before its answer ended
 # (nginx's convention; no response with it is ever sent).
 CLIENT_CLOSED: Final = 499
+
+
+_LABELS: Final = {path: path.decode() for path in EXACT}
+
+
+def path_label(path: bytes) -> str:
+    """A bounded metric label for a request path."""
+    label = _LABELS.get(path)
+    if label is not None:
+        return label
+    if path.startswith(b"/api/blobs/"):
+        return "/api/blobs"
+    if path.startswith(b"/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
 
 
 class End(enum.Enum):
@@ -142,7 +158,7 @@ class Ledger:
             ustats.prompt_tokens += prompt
             ustats.completion_tokens += completion
 
-    def ended(self, r: Record, end: End, label: str, backend: str) -> None:
+    def ended(self, r: Record, end: End, backend: str) -> None:
         """The request's one and only end: counters, histograms, its access line."""
         stats = self.stats
         now = self.loop_time()
@@ -155,7 +171,7 @@ class Ledger:
             if r.in_flight_counted:
                 stats.cancelled += 1
         else:
-            stats.response(label, status, backend)
+            stats.response(path_label(r.path), status, backend)
             if r.started_at:
                 stats.latency.observe(elapsed)
         if r.in_flight_counted:

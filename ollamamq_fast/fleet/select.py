@@ -16,6 +16,7 @@ import random
 import zlib
 
 from ollamamq_fast.fleet.backend import ApiKind, Backend
+from ollamamq_fast.wire.sniff import SniffError, sniff_fields
 from ollamamq_fast.fleet.models import normalize_model
 
 
@@ -192,6 +193,20 @@ class Fleet:
             backend.models[key] = {"name": name, "model": name, "size": 0, "digest": "",
                                    "details": {}}
             self.rebuild_index()
+
+    def note_model_change(self, backend: Backend, path: bytes, model: str, body: bytes) -> None:
+        """A pull, create, copy or delete succeeded on `backend`: update the index now."""
+        if path == b"/api/delete":
+            self.note_model_removed(backend, model)
+        elif path == b"/api/copy":
+            try:
+                found = sniff_fields(body, ("destination",))
+            except SniffError:
+                return
+            if found.get("destination"):
+                self.note_model_added(backend, found["destination"])
+        else:
+            self.note_model_added(backend, model)
 
     def note_model_removed(self, backend: Backend, name: str) -> None:
         """A delete succeeded: stop routing the model there at once."""

@@ -24,6 +24,16 @@ if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
 
 
+# A request head must be complete this long after it began, however it trickles
+# in (nginx's client_header_timeout is 60 s between reads; this is a total).
+HEAD_DEADLINE_S = 30.0
+# After this long, a request body must have averaged at least BODY_MIN_RATE
+# bytes a second (unless the gateway itself paused the client), so that slow
+# senders cannot hold connections for free; real uploads are far faster.
+BODY_GRACE_S = 30.0
+BODY_MIN_RATE = 1024
+
+
 class ClientProtocol(asyncio.Protocol):
     """One client connection."""
 
@@ -42,6 +52,11 @@ class ClientProtocol(asyncio.Protocol):
         # A malformed request behind ones still being answered: its error
         # response, written after theirs, before the connection closes.
         self.rejected = b""
+        # Nothing more is read: the connection ends once what was asked is answered.
+        self.stop_reading = False
+        # Seconds the request being parsed has taken so far (reaper ticks): the
+        # total deadline for a head and the minimum rate of a body.
+        self.parse_s = 0.0
         self.advancing = False
         self.last_done: Exchange | None = None
         # Bytes of the head being parsed, for the 431 limit and the head timeout.
@@ -68,12 +83,16 @@ class ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.rx_count += 1
-        if self.closing or self.rejected:
+        if self.closing or self.stop_reading:
             return
+        before = self.parsing
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reject(501, "protocol upgrades are not supported")
+            # An Upgrade (h2c, websocket) or CONNECT: the request itself was read
+            # and is answered as usual (a server may ignore Upgrade, RFC 9110
+            # §7.8); the parser cannot go on, so the connection ends after it.
+            self._last_request()
             return
         except httptools.HttpParserError as exc:
             if self.head_bytes > MAX_HEAD_BYTES:
@@ -82,9 +101,10 @@ class ClientProtocol(asyncio.Protocol):
                 self._reject(400, f"malformed HTTP request: {exc}")
             return
         ex = self.parsing
-        if ex is not None and not ex.method:
-            # Still inside a head after this read: bound it, since the parser
-            # keeps a partial header line in memory until its end arrives.
+        if ex is not None and ex is before and not ex.method:
+            # A head spread over reads: bound it, since the parser keeps a partial
+            # header line in memory until its end arrives. (Only a head that began
+            # in an earlier read: the whole of this read is then part of it.)
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._reject(431, "request head too large")
@@ -122,6 +142,7 @@ class ClientProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.parsing = Exchange(self)
         self.idle_s = 0.0
+        self.parse_s = 0.0
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
@@ -235,28 +256,55 @@ class ClientProtocol(asyncio.Protocol):
         if parsing is not None and self.pipeline and self.pipeline[-1] is parsing:
             self.pipeline.pop()  # its head was fine, its body is not: it is never answered
             parsing.client_gone()
-        last = self.pipeline[-1] if self.pipeline else self.active
-        if last is not None and last is not parsing and last.state is not State.DONE:
+        if self._answer_then_close():
             # Requests before the bad one are answered in order; the error follows
             # the last of them, then the connection closes (RFC 9112 §9.3.2).
-            last.keep_alive = False
             self.rejected = data
-            self.flow.pause_client(BODY_BUFFER)
             return
         self.closing = True
         transport.write(data)
         transport.close()
 
+    def _answer_then_close(self) -> bool:
+        """Read nothing more; close after the last unanswered request (False: none is left)."""
+        self.stop_reading = True
+        self.flow.pause_client(BODY_BUFFER)
+        last = self.pipeline[-1] if self.pipeline else self.active
+        if last is not None and last is not self.parsing and last.state is not State.DONE:
+            last.keep_alive = False
+            return True
+        return False
+
+    def _last_request(self) -> None:
+        """The parser stopped after a complete request (Upgrade, CONNECT)."""
+        if not self._answer_then_close() and self.transport is not None and not self.closing:
+            if self.active is None:
+                self.closing = True
+                self.transport.close()
+
     def reap(self, tick_s: float, head_timeout: float, keepalive_timeout: float) -> None:
         """Called by the reaper every tick: close stalled heads and idle keep-alives."""
         if self.closing or self.transport is None:
             return
+        ex = self.parsing
+        if ex is not None and not ex.request_complete:
+            # Totals, whatever trickles in: a slowloris client sending a byte now
+            # and then is never idle, so idle time alone would never close it.
+            self.parse_s += tick_s
+            if not ex.method:
+                if self.parse_s >= HEAD_DEADLINE_S:
+                    self._reject(408, "request head not received in time")
+                    return
+            elif (self.parse_s >= BODY_GRACE_S and not self.flow.client_paused
+                  and ex.body_size < BODY_MIN_RATE * self.parse_s):
+                self._reject(408, f"request body arriving too slowly (under {BODY_MIN_RATE} "
+                                  "bytes/s on average)")
+                return
         if self.rx_count != self.rx_seen:
             self.rx_seen = self.rx_count
             self.idle_s = 0.0
             return
         self.idle_s += tick_s
-        ex = self.parsing
         if ex is not None and ex.state is State.RECEIVING and not ex.method:
             if self.idle_s >= head_timeout:
                 self._reject(408, "request head not received in time")

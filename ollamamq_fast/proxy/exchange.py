@@ -27,7 +27,6 @@ from ollamamq_fast.wire.errors import Api, error_body, stream_error_frame
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.wire.routes import (
     BLOB_ROUTE,
-    EXACT,
     FALLBACK_ROUTE,
     Kind,
     Route,
@@ -65,21 +64,6 @@ _NOT_ALLOWED_TEXT = b"405 method not allowed"
 _TEXT_PLAIN = b"text/plain"
 
 
-_LABELS = {path: path.decode() for path in EXACT}
-
-
-def _path_label(path: bytes) -> str:
-    """A bounded metric label for a request path."""
-    label = _LABELS.get(path)
-    if label is not None:
-        return label
-    if path.startswith(b"/api/blobs/"):
-        return "/api/blobs"
-    if path.startswith(b"/v1/models/"):
-        return "/v1/models/{model}"
-    return "other"
-
-
 class Exchange:
     """Per-request state and the logic that moves a request through the gateway."""
 
@@ -87,13 +71,13 @@ class Exchange:
         "client", "gw", "method", "url", "path", "headers", "route", "api",
         "keep_alive", "user", "state", "body", "body_size", "request_complete",
         "stream_body", "chunked_in", "content_length", "expect_continue", "active",
-        "upstream", "backend", "slot_held", "ticket", "model", "model_name", "chosen",
+        "upstream", "backend", "lease", "ticket", "model", "model_name", "chosen",
         "enqueued_at", "queue_ms", "attempts", "fwd_headers", "connect_task",
         "early_error", "discard_body", "body_forwarded", "status", "started_at",
-        "continue_sent", "early_extra", "unslot_held", "sent_at", "early_immediate",
+        "continue_sent", "early_extra", "sent_at", "early_immediate",
         "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
         "prompt_tokens", "completion_tokens", "affinity",
-        "limits", "cache_key", "cache_control", "strip_usage", "credential",
+        "limits", "cache_key", "cache_control", "strip_usage", "credential", "body_held",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -110,6 +94,7 @@ class Exchange:
         self.state = State.RECEIVING
         self.body: list[bytes] = []
         self.body_size = 0
+        self.body_held = 0  # bytes of this body counted in the gateway's body budget
         self.request_complete = False
         self.stream_body = False
         self.chunked_in = False
@@ -118,7 +103,7 @@ class Exchange:
         self.active = False
         self.upstream: UpstreamConnection | None = None
         self.backend: Backend | None = None
-        self.slot_held = False
+        self.lease = 0  # what it holds of its backend: dispatcher.SLOT / UNSLOTTED, or 0
         self.ticket: Ticket | None = None
         self.model: str | None = None
         self.model_name = ""
@@ -156,7 +141,6 @@ class Exchange:
         self.started_at = 0.0
         self.continue_sent = False
         self.early_extra = b""
-        self.unslot_held = False
         self.sent_at = 0.0
 
     # -- State (state.py holds the table of allowed moves) ---------------------------
@@ -167,6 +151,16 @@ class Exchange:
     def _end(self) -> None:
         if self.state is not State.DONE:
             self.state = advance(self.state, State.DONE)
+            if self.body_held:
+                self.gw.bodies.give_back(self.body_held)
+                self.body_held = 0
+
+    def _drop_body(self) -> None:
+        self.body = []
+        self.discard_body = True
+        if self.body_held:
+            self.gw.bodies.give_back(self.body_held)
+            self.body_held = 0
 
     def enter_queue(self) -> None:
         """The request waits for a slot (called by the dispatcher: first turn or a retry)."""
@@ -283,10 +277,17 @@ class Exchange:
                 self.client.pause_reading()
             return
         if self.body_size > self.gw.settings.max_body_bytes:
-            self.body = []
-            self.discard_body = True
+            self._drop_body()
             self._error_now(413, self._too_large_message(), close=True)
             return
+        if not self.gw.bodies.take(len(data)):
+            self._drop_body()
+            mb = self.gw.settings.max_bodies_bytes / (1024 * 1024)
+            self._error_now(503, "the gateway is holding as many request bodies as it may "
+                                 f"({mb:g} MB in all, --max-bodies-mb); retry shortly",
+                            close=True, retry_after=5)
+            return
+        self.body_held += len(data)
         self.body.append(data)
         if not self.active and self.body_size > PIPELINE_BUFFER_LIMIT:
             self.client.pause_reading()
@@ -485,12 +486,7 @@ class Exchange:
         """Run on `backend` now (called by the dispatcher or for unqueued routes)."""
         self.backend = backend
         self.gw.ledger.running(self)
-        if slotted:
-            backend.in_flight += 1
-            self.slot_held = True
-        else:
-            backend.unslotted += 1
-            self.unslot_held = True
+        self.lease = self.gw.dispatcher.take(backend, slotted)
         self._to(State.CONNECTING)
         assert backend.pool is not None
         conn = backend.pool.acquire_idle()
@@ -637,7 +633,10 @@ class Exchange:
                 if self.cache_key is not None:
                     self.gw.policy.response_done(self, conn)
             if route is not None and route.refresh_models and self.status < 300:
-                self._note_model_change(backend)
+                # Route a request right after a pull/copy/delete correctly; the
+                # probe that follows fills in the details.
+                self.gw.fleet.note_model_change(backend, self.path, self.model_name,
+                                                self.body[0] if self.body else b"")
                 self.gw.refresh_models(backend)
         self._release_backend()
         self.finish()
@@ -648,24 +647,7 @@ class Exchange:
 
     def _ended(self, end: End) -> None:
         backend = self.backend
-        self.gw.ledger.ended(self, end, _path_label(self.path),
-                             backend.name if backend is not None else "")
-
-    def _note_model_change(self, backend: "Backend") -> None:
-        # Update the index now so that a request right after a pull/copy/delete
-        # is routed correctly; the probe that follows fills in the details.
-        fleet = self.gw.fleet
-        if self.path == b"/api/delete":
-            fleet.note_model_removed(backend, self.model_name)
-        elif self.path == b"/api/copy":
-            try:
-                found = sniff_fields(self.body[0] if self.body else b"", ("destination",))
-            except SniffError:
-                return
-            if found.get("destination"):
-                fleet.note_model_added(backend, found["destination"])
-        else:
-            fleet.note_model_added(backend, self.model_name)
+        self.gw.ledger.ended(self, end, backend.name if backend is not None else "")
 
     def upstream_lost(self, conn: "UpstreamConnection", exc: Exception | None) -> None:
         """The backend connection closed before the response ended."""
@@ -743,16 +725,10 @@ class Exchange:
             self.gw.passive.failure(backend, why)
 
     def _release_backend(self) -> None:
-        backend = self.backend
-        if backend is None:
-            return
-        if self.slot_held:
-            self.slot_held = False
-            backend.in_flight -= 1
-            self.gw.dispatcher.slot_freed()
-        elif self.unslot_held:
-            self.unslot_held = False
-            backend.unslotted -= 1
+        backend, lease = self.backend, self.lease
+        if backend is not None and lease:
+            self.lease = 0
+            self.gw.dispatcher.give_back(backend, lease)
 
     def _backend_name(self) -> str:
         return self.backend.name if self.backend is not None else "?"
@@ -793,12 +769,14 @@ class Exchange:
             extra = b"Retry-After: %d\r\n" % retry_after
         self.respond(status, ctype, body, extra=extra)
 
-    def _error_now(self, status: int, message: str, close: bool) -> None:
-        """An error answered without reading the rest of the body (413)."""
+    def _error_now(self, status: int, message: str, close: bool,
+                   retry_after: int | None = None) -> None:
+        """An error answered without reading the rest of the body (413, 503)."""
         if close:
             self.keep_alive = False
         ctype, body = error_body(self.api, status, message)
-        self._set_early_error(status, ctype, body, immediate=True)
+        extra = b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b""
+        self._set_early_error(status, ctype, body, extra=extra, immediate=True)
         if self.active and self.state is not State.DONE:
             self._route()
 

@@ -123,3 +123,30 @@ class FlowControl:
         """The client connection is gone: nothing of it may be paused or resumed again."""
         self.client = None
         self.client_reasons = 0
+
+
+class BodyBudget:
+    """Request body bytes held in memory by all exchanges together (--max-bodies-mb).
+
+    Bodies are read whole before a request is queued (the model must be read);
+    without a global bound, a few clients sending large bodies at once could
+    take the process's memory. Beyond the budget a request gets 503 with
+    Retry-After; its bytes are given back when its exchange ends.
+    """
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        """Count `n` more bytes held; False (nothing counted) when that would pass the limit."""
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give_back(self, n: int) -> None:
+        """`n` bytes are no longer held."""
+        self.held -= n

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 from ollamamq_fast.wire import framing
-from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, FlowControl
+from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES, FlowControl
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
@@ -176,6 +176,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._protocol_error(exc)
             return
         if not self.headers_done:
+            if len(self.head_buf) > MAX_HEAD_BYTES:
+                # The same bound as for client heads: a backend cannot make the
+                # gateway hold an endless head.
+                self._protocol_error(ValueError(
+                    f"response head larger than {MAX_HEAD_BYTES // 1024} KiB"))
             return
         # The first blank line after the scan start ends the final head: headers
         # cannot contain one, and interim (1xx) heads were skipped past already.

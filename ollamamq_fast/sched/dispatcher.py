@@ -47,6 +47,11 @@ class Placement:
 
 QUEUED: Final = Placement(Placed.QUEUED)
 
+# What a running request holds of its backend: one of its slots (inference),
+# or a place among the unslotted requests (model management, blobs).
+SLOT: Final = 1
+UNSLOTTED: Final = 2
+
 
 def started(backend: "Backend", slotted: bool) -> Placement:
     """Run now on `backend` (taking one of its slots when `slotted`)."""
@@ -216,10 +221,22 @@ class Dispatcher:
         assert route is not None
         ex.start(backend, slotted=route.kind is Kind.QUEUED)
 
-    def slot_freed(self) -> None:
-        """A backend slot was released (called by the exchange)."""
-        if self.queue or self.retry_line:
-            self.pump()
+    def take(self, backend: "Backend", slotted: bool) -> int:
+        """A request starts on `backend`: the lease it holds until `give_back`."""
+        if slotted:
+            backend.in_flight += 1
+            return SLOT
+        backend.unslotted += 1
+        return UNSLOTTED
+
+    def give_back(self, backend: "Backend", lease: int) -> None:
+        """A request is done with its backend (called by the exchange, once per lease)."""
+        if lease == SLOT:
+            backend.in_flight -= 1
+            if self.queue or self.retry_line:
+                self.pump()
+        elif lease == UNSLOTTED:
+            backend.unslotted -= 1
 
     def retry(self, ex: "Exchange") -> None:
         """Run a request again after its backend failed before answering (called by the exchange).
