@@ -258,3 +258,88 @@ def test_a_slow_upload_is_not_a_silent_backend(sim_stack: Stack) -> None:
             time.sleep(max(0.0, min(0.3, deadline - time.monotonic())))
         r = c.response()
     assert r.status in (200, 201), (r.status, r.body)
+
+
+# -- caps and usage decided on what every kind of backend reads (issue 14, medium) --------
+
+
+class _Pairs(list):  # type: ignore[type-arg]
+    """An object's members in order (duplicates kept)."""
+
+
+def _members(body: bytes) -> list[tuple[str, object]]:
+    import json
+
+    top = json.loads(body, object_pairs_hook=_Pairs)
+    return [(k, dict(v) if isinstance(v, _Pairs) else v) for k, v in top]
+
+
+def _go_read(body: bytes, key: str) -> object:
+    """What Go's encoding/json binds to a top-level field: any case, the last one wins."""
+    value = None
+    for k, v in _members(body):
+        if k.lower() == key:
+            value = v
+    return value
+
+
+def _exact_read(body: bytes, key: str) -> object:
+    """What an exact-name server (vLLM, llama.cpp) reads: the exact key, the last one wins."""
+    value = None
+    for k, v in _members(body):
+        if k == key:
+            value = v
+    return value
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"m","Max_Tokens":100000}',
+    b'{"model":"m","MAX_TOKENS":100000,"max_tokens":5}',
+    b'{"model":"m","max_tokens":5,"MAX_TOKENS":100000}',
+    b'{"model":"m","max_completion_tokens":100000}',
+    b'{"model":"m","n_predict":100000,"max_tokens":5}',
+    b'{"model":"m","N_Predict":-1}',
+    b'{"model":"m","max\\u005ftokens":100000}',
+])
+def test_every_spelling_of_a_limit_is_capped(body: bytes) -> None:
+    from ollamamq_fast.policy.caps import CAP_RULES, cap_openai, splice
+    from ollamamq_fast.wire.sniff import sniff_spans
+
+    rule = CAP_RULES[b"/v1/chat/completions"]
+    sn = sniff_spans(body, ("model",), (*rule.keys, rule.insert))
+    out = splice(body, cap_openai(body, sn, rule, 64, False))
+    for key in ("max_tokens", "max_completion_tokens", "n_predict"):
+        for read in (_go_read, _exact_read):
+            value = read(out, key)
+            assert value is None or 0 <= value <= 64, (key, read.__name__, out)  # type: ignore[operator]
+    assert _exact_read(out, "max_tokens") is not None and _go_read(out, "max_tokens") is not None
+
+
+def test_a_lower_limit_in_another_spelling_is_kept() -> None:
+    from ollamamq_fast.policy.caps import CAP_RULES, cap_openai, splice
+    from ollamamq_fast.wire.sniff import sniff_spans
+
+    rule = CAP_RULES[b"/v1/chat/completions"]
+    body = b'{"model":"m","Max_Tokens":5}'
+    sn = sniff_spans(body, ("model",), (*rule.keys, rule.insert))
+    out = splice(body, cap_openai(body, sn, rule, 64, False))
+    assert _go_read(out, "max_tokens") == 5 and _exact_read(out, "max_tokens") == 5
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"m","stream":true,"Stream_Options":{"include_usage":false}}',
+    b'{"model":"m","stream":true,"stream_options":{"include_usage":true},'
+    b'"STREAM_OPTIONS":{"include_usage":false}}',
+    b'{"model":"m","STREAM":true}',
+    b'{"model":"m","stream":true,"stream_options":null}',
+])
+def test_no_spelling_turns_the_usage_off(body: bytes) -> None:
+    from ollamamq_fast.policy.caps import splice
+    from ollamamq_fast.policy.streamusage import INJECT_KEYS, usage_edits
+    from ollamamq_fast.wire.sniff import sniff_spans
+
+    sn = sniff_spans(body, ("model",), INJECT_KEYS)
+    out = splice(body, usage_edits(body, sn))
+    for read in (_go_read, _exact_read):
+        options = read(out, "stream_options")
+        assert isinstance(options, dict) and options.get("include_usage") is True, (read, out)

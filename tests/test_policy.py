@@ -40,7 +40,7 @@ from ollamamq_fast.policy.caps import (
 )
 from ollamamq_fast.limits import check_limit, resolve
 from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
-from ollamamq_fast.policy.streamusage import UsageStripper, usage_edit
+from ollamamq_fast.policy.streamusage import UsageStripper, usage_edits
 from ollamamq_fast.wire.sniff import sniff_spans
 from ollamamq_fast.state.windows import LocalWindows
 from ollamamq_fast.stats import GatewayStats
@@ -134,11 +134,11 @@ def test_native_cap_reencodes_only_options_keeping_numbers_exact() -> None:
 def test_usage_edit_and_stripper_give_back_the_stream_the_client_asked_for() -> None:
     body = b'{"model":"m","stream":true,"messages":[]}'
     sn = sniff_spans(body, ("model",), ("stream", "stream_options"))
-    edit = usage_edit(body, sn)
-    assert edit is not None and splice(body, [edit]) == (
+    edits = usage_edits(body, sn)
+    assert splice(body, edits) == (
         b'{"model":"m","stream":true,"messages":[],"stream_options":{"include_usage":true}}')
     asked = b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}'
-    assert usage_edit(asked, sniff_spans(asked, ("model",), ("stream", "stream_options"))) is None
+    assert usage_edits(asked, sniff_spans(asked, ("model",), ("stream", "stream_options"))) == []
 
     wanted = (b'data: {"choices":[{"delta":{"content":"\\"usage\\""}}]}\n\n'
               b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n')

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ollamamq_fast.wire.sniff import Sniffed
+from ollamamq_fast.wire.sniff import Sniffed, key_text
 
 # (start, end, replacement) in the original body; start == end inserts.
 Edit = tuple[int, int, bytes]
@@ -44,9 +44,12 @@ class CapRule:
 CAP_RULES: dict[bytes, CapRule] = {
     b"/api/generate": CapRule((), "", True),
     b"/api/chat": CapRule((), "", True),
-    # Ollama reads max_tokens only; vLLM and others also max_completion_tokens.
-    b"/v1/chat/completions": CapRule(("max_tokens", "max_completion_tokens"), "max_tokens", False),
-    b"/v1/completions": CapRule(("max_tokens",), "max_tokens", False),
+    # Every field an OpenAI-compatible server honours for the output length:
+    # Ollama reads max_tokens, vLLM also max_completion_tokens, and llama.cpp's
+    # n_predict overrides max_tokens.
+    b"/v1/chat/completions": CapRule(("max_tokens", "max_completion_tokens", "n_predict"),
+                                     "max_tokens", False),
+    b"/v1/completions": CapRule(("max_tokens", "n_predict"), "max_tokens", False),
     b"/v1/responses": CapRule(("max_output_tokens",), "max_output_tokens", False),
     b"/v1/messages": CapRule(("max_tokens",), "max_tokens", False),
 }
@@ -116,20 +119,32 @@ def _too_many(key: str, value: float, cap: int) -> str:
 
 
 def cap_openai(body: bytes, sn: Sniffed, rule: CapRule, cap: int, reject: bool) -> list[Edit]:
-    """Edits that bring an OpenAI-shaped request within `cap` (CapError in reject mode)."""
+    """Edits that bring an OpenAI-shaped request within `cap` (CapError in reject mode).
+
+    A /v1 request may reach a Go server (Ollama: field names match in any case,
+    the last duplicate wins) or an exact-name one (vLLM, llama.cpp: only the
+    exact spelling counts). So every occurrence of a limiting field, in any
+    spelling, is brought within the cap, and the exactly spelled `insert` key
+    is added when missing, with the value a Go server would have read.
+    """
     edits: list[Edit] = []
     capped = str(cap).encode()
     for key in rule.keys:
-        span = sn.spans.get(key)
-        if span is None:
-            continue
-        value = number(body[span[0] : span[1]], key)
-        if value is None or value < 0 or value > cap:
-            if value is not None and reject:
-                raise CapError(_too_many(key, value, cap))
-            edits.append((span[0], span[1], capped))
-    if rule.insert not in sn.spans:
-        edits.append(append_member(sn, rule.insert, capped))
+        for _raw, start, end in sn.occurrences.get(key, ()):
+            value = number(body[start:end], key)
+            if value is None or value < 0 or value > cap:
+                if value is not None and reject:
+                    raise CapError(_too_many(key, value, cap))
+                edits.append((start, end, capped))
+    seen = sn.occurrences.get(rule.insert, ())
+    if not any(key_text(raw) == rule.insert for raw, _, _ in seen):
+        value_raw = capped
+        if seen:  # only case variants: keep what a Go server read, now within the cap
+            _raw, start, end = seen[-1]
+            value = number(body[start:end], rule.insert)
+            if value is not None and 0 <= value <= cap and value == int(value):
+                value_raw = b"%d" % int(value)
+        edits.append(append_member(sn, rule.insert, value_raw))
     return edits
 
 

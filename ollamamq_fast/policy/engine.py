@@ -45,7 +45,7 @@ from ollamamq_fast.policy.gate import ADMIT, Admission, admitted, cached, pendin
 from ollamamq_fast.limits import QUOTA_NAMES, Limits, resolve
 from ollamamq_fast.policy.quota import REFRESH_S, QuotaBook
 from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
-from ollamamq_fast.policy.streamusage import INJECT_KEYS, INJECT_ROUTES, usage_edit
+from ollamamq_fast.policy.streamusage import INJECT_KEYS, INJECT_ROUTES, usage_edits
 from ollamamq_fast.wire.sniff import Sniffed
 from ollamamq_fast.state.records import UserSettings
 from ollamamq_fast.tasks import cancel_and_wait
@@ -299,9 +299,9 @@ class Policy:
         if self.inject and sn is not None:
             per_chunk = INJECT_ROUTES.get(path)
             if per_chunk is not None:
-                edit = usage_edit(body, sn)
-                if edit is not None:
-                    edits.append(edit)
+                usage = usage_edits(body, sn)
+                if usage:
+                    edits.extend(usage)
                     strip = 2 if per_chunk else 1
         return admitted(splice(body, edits) if edits else None, key, strip)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 
 from ollamamq_fast.policy.caps import Edit, append_member, encode_object, exact_object
-from ollamamq_fast.wire.sniff import Sniffed
+from ollamamq_fast.wire.sniff import Sniffed, key_text
 
 # Routes whose streams get usage injected, and whether the backend then adds a
 # zero usage member to every chunk (Ollama's /v1/completions does).
@@ -41,22 +41,33 @@ _INCLUDE = b'{"include_usage":true}'
 _CHUNK_USAGE = re.compile(rb',"usage":\{[^{}]*\}')
 
 
-def usage_edit(body: bytes, sn: Sniffed) -> Edit | None:
-    """The edit that asks the backend for usage, or None (not a stream, or already asked)."""
-    span = sn.spans.get("stream")
-    if span is None or body[span[0] : span[1]] != b"true":
-        return None
-    span = sn.spans.get("stream_options")
-    if span is None:
-        return append_member(sn, "stream_options", _INCLUDE)
-    raw = body[span[0] : span[1]]
-    if raw == b"null":
-        return (span[0], span[1], _INCLUDE)
-    options = exact_object(raw)
-    if options is None or options.get("include_usage") is True:
-        return None  # the client asked for usage itself, or the backend will refuse the body
-    options["include_usage"] = True
-    return (span[0], span[1], encode_object(options))
+def usage_edits(body: bytes, sn: Sniffed) -> list[Edit]:
+    """The edits that ask the backend for usage ([] when not a stream, or already asked).
+
+    The request may reach a Go server (any spelling of a field counts, the
+    last wins) or an exact-name one: every spelling of `stream_options` asks
+    for usage, and the exact spelling is added when missing, so that no
+    variant can turn the usage (and so the quota) off.
+    """
+    if not any(body[start:end] == b"true" for _, start, end in sn.occurrences.get("stream", ())):
+        return []  # no spelling of `stream` asks for one on any server
+    edits: list[Edit] = []
+    exact = False
+    for raw, start, end in sn.occurrences.get("stream_options", ()):
+        exact = exact or key_text(raw) == "stream_options"
+        value = body[start:end]
+        if value == b"null":
+            edits.append((start, end, _INCLUDE))
+            continue
+        options = exact_object(value)
+        if options is None:
+            return []  # not an object: the backend will refuse the body itself
+        if options.get("include_usage") is not True:
+            options["include_usage"] = True
+            edits.append((start, end, encode_object(options)))
+    if not exact:
+        edits.append(append_member(sn, "stream_options", _INCLUDE))
+    return edits
 
 
 class UsageStripper:

@@ -277,6 +277,11 @@ def _decode_string(raw: bytes) -> str:
     return str(value)
 
 
+def key_text(raw: bytes) -> str:
+    """A member's key as a server decodes it (escapes resolved), for exact-name matching."""
+    return _decode_string(raw)
+
+
 def _kind(scalar: bytes) -> str:
     if scalar in (b"true", b"false"):
         return "bool"
@@ -331,6 +336,10 @@ class Sniffed(NamedTuple):
     spans: dict[str, tuple[int, int]]  # raw keys: byte span of the value (null included)
     close: int  # index of the object's closing brace
     members: int  # number of top-level members
+    # Raw keys: every occurrence, in body order, as (key as spelled, start, end).
+    # A Go server reads all case variants (the last wins, objects merge); an
+    # exact-name server reads only the exact spelling: the policy needs both.
+    occurrences: dict[str, list[tuple[bytes, int, int]]]
 
 
 def sniff_spans(
@@ -341,12 +350,14 @@ def sniff_spans(
     Used by the usage policy (max_tokens caps, cacheability, stream usage),
     which needs a few top-level values and the place to insert a key, without
     parsing the body. Same key rules as `sniff_fields`: case-insensitive, the
-    last duplicate wins. Raises SniffError as `sniff_fields` does.
+    last duplicate wins (`spans`); `occurrences` keeps every spelling.
+    Raises SniffError as `sniff_fields` does.
     """
     wanted = _wanted(string_keys)
     raw = _wanted(raw_keys)
     found: dict[str, str] = {}
     spans: dict[str, tuple[int, int]] = {}
+    occurrences: dict[str, list[tuple[bytes, int, int]]] = {}
     members, close = _members(body)
     for raw_key, plain, start, end in members:
         lowered = raw_key.lower()
@@ -356,4 +367,9 @@ def sniff_spans(
         rkey = raw.get(lowered) if plain else _match_key(raw_key, raw)
         if rkey is not None:
             spans[rkey] = (start, end)
-    return Sniffed(found, spans, close, len(members))
+            seen = occurrences.get(rkey)
+            if seen is None:
+                occurrences[rkey] = [(raw_key, start, end)]
+            else:
+                seen.append((raw_key, start, end))
+    return Sniffed(found, spans, close, len(members), occurrences)
