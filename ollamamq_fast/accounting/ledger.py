@@ -104,12 +104,33 @@ class Ledger:
         ustats.last_seen = self.loop_time() + self.wall_offset
         return ustats
 
-    def refused(self, ustats: UserStats | None, by_policy: bool) -> None:
-        """A request was refused by a limit, a quota, the queue bound or a block."""
+    def refused(self, ustats: UserStats | None, by_policy: bool, reason: str = "") -> None:
+        """A request was refused by a limit, a quota, the queue bound or a block.
+
+        `reason` names the usage-policy limit: "rate", "quota" or "in_flight".
+        """
+        stats = self.stats
         if by_policy:
-            self.stats.rejected += 1
+            stats.rejected += 1
+        if reason == "rate":
+            stats.rate_limited += 1
+        elif reason == "quota":
+            stats.quota_refused += 1
+        elif reason == "in_flight":
+            stats.limit_refused += 1
         if ustats is not None:
             ustats.rejected += 1
+
+    def admitted(self, capped: bool, cache_miss: bool) -> None:
+        """The policy let a request through: whether a cap rewrote it, whether the cache missed."""
+        if capped:
+            self.stats.tokens_capped += 1
+        if cache_miss:
+            self.stats.cache_misses += 1
+
+    def cache_hit(self) -> None:
+        """A request was answered from the response cache."""
+        self.stats.cache_hits += 1
 
     def queued(self, ustats: UserStats | None) -> None:
         """A request started waiting in its user's queue."""

@@ -75,7 +75,6 @@ class Policy:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         self.settings = state.settings
-        self.stats = state.stats
         self.limiter = RateLimiter(state.loop.time)
         self.sync: RateSync | None = None
         self.quota = QuotaBook(state.cache.store.usage, state.cache.flush)
@@ -229,21 +228,19 @@ class Policy:
             wait = self.limiter.take(ex.user, limits.rate, limits.burst)
             if wait:
                 after = retry_after(wait)
-                self.stats.rate_limited += 1
                 return refused(429, f"rate limit exceeded for user {ex.user!r}: "
                                f"{limits.rate:g} requests/s, bursts of {limits.burst:g}; "
-                               f"retry in {after} s", after)
+                               f"retry in {after} s", after, reason="rate")
         if limits.has_quota:
             why = self.quota.exceeded(ex.user, limits)
             if why is not None:
-                self.stats.quota_refused += 1
-                return refused(403, why)
+                return refused(403, why, reason="quota")
         if limits.max_in_flight:
             ustats = ex.ustats
             if ustats is not None and ustats.in_flight + ustats.queued >= limits.max_in_flight:
-                self.stats.limit_refused += 1
                 return refused(429, f"too many requests in flight for user {ex.user!r}: at "
-                               f"most {limits.max_in_flight} at once; retry when one finishes", 1)
+                               f"most {limits.max_in_flight} at once; retry when one finishes", 1,
+                               reason="in_flight")
         path = ex.path
         rule = CAP_RULES.get(path) if limits.max_tokens else None
         if not readable:
@@ -267,8 +264,6 @@ class Policy:
                     edits = cap_openai(body, sn, rule, limits.max_tokens, limits.reject_over_cap)
             except CapError as exc:
                 return refused(400, str(exc), rejected=False)
-            if edits:
-                self.stats.tokens_capped += 1
         cache = self.cache
         key = None
         if (cache.enabled and path in CACHEABLE and not ex.http10
@@ -280,7 +275,6 @@ class Policy:
             if key is not None and not ex.cache_control & NO_CACHE:
                 entry = cache.get(key)
                 if entry is not None:
-                    self.stats.cache_hits += 1
                     return cached(entry)
                 if cache.remote is not None:
                     task = self.state.loop.create_task(
@@ -288,13 +282,12 @@ class Policy:
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                     return pending(task)
-            if key is not None:
-                self.stats.cache_misses += 1
         return self._finish(path, body, sn, edits, key)
 
     def _finish(self, path: bytes, body: bytes, sn: Sniffed | None, edits: list[Edit],
                 key: bytes | None) -> Admission:
         """Last step: ask for stream usage if needed, apply all rewrites at once."""
+        capped = bool(edits)  # so far the only edits are the cap's
         strip = 0
         if self.inject and sn is not None:
             per_chunk = INJECT_ROUTES.get(path)
@@ -303,7 +296,8 @@ class Policy:
                 if usage:
                     edits.extend(usage)
                     strip = 2 if per_chunk else 1
-        return admitted(splice(body, edits) if edits else None, key, strip)
+        return admitted(splice(body, edits) if edits else None, key, strip, capped,
+                        cache_miss=key is not None)
 
     async def _remote_lookup(self, path: bytes, key: bytes, body: bytes, sn: Sniffed | None,
                              edits: list[Edit]) -> Admission:
@@ -313,9 +307,7 @@ class Policy:
         entry = await remote.get(key, self.state.loop.time) if remote is not None else None
         if entry is not None and entry.status == 200:
             cache.adopt(key, entry)
-            self.stats.cache_hits += 1
             return cached(entry)
-        self.stats.cache_misses += 1
         return self._finish(path, body, sn, edits, key)
 
     # -- After the response -----------------------------------------------------------

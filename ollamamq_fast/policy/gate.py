@@ -37,8 +37,8 @@ class Verdict(enum.Enum):
 class Admission:
     """One admission answer; build it with the functions below."""
 
-    __slots__ = ("body", "cache_key", "entry", "kind", "message", "pending", "rejected",
-                 "retry_after", "status", "strip_usage")
+    __slots__ = ("body", "cache_key", "cache_miss", "capped", "entry", "kind", "message",
+                 "pending", "reason", "rejected", "retry_after", "status", "strip_usage")
 
     def __init__(self, kind: Verdict) -> None:
         self.kind = kind
@@ -48,11 +48,15 @@ class Admission:
         self.body: bytes | None = None
         self.cache_key: bytes | None = None
         self.strip_usage = 0
+        # What the ledger counts: a cap rewrote the body; a cache lookup missed.
+        self.capped = False
+        self.cache_miss = False
         # REFUSE
         self.status = 0
         self.message = ""
         self.retry_after: int | None = None
         self.rejected = False  # counts as a refusal by the policy (not a bad request)
+        self.reason = ""  # which limit refused it: "rate", "quota" or "in_flight"
         # CACHED
         self.entry: Entry | None = None
         # PENDING
@@ -62,7 +66,8 @@ class Admission:
 ADMIT: Final = Admission(Verdict.ADMIT)
 
 
-def admitted(body: bytes | None, cache_key: bytes | None, strip_usage: int) -> Admission:
+def admitted(body: bytes | None, cache_key: bytes | None, strip_usage: int,
+             capped: bool = False, cache_miss: bool = False) -> Admission:
     """Go on to the dispatcher with these changes (the shared ADMIT when there are none)."""
     if body is None and cache_key is None and not strip_usage:
         return ADMIT
@@ -70,17 +75,20 @@ def admitted(body: bytes | None, cache_key: bytes | None, strip_usage: int) -> A
     a.body = body
     a.cache_key = cache_key
     a.strip_usage = strip_usage
+    a.capped = capped
+    a.cache_miss = cache_miss
     return a
 
 
 def refused(status: int, message: str, retry_after: int | None = None,
-            rejected: bool = True) -> Admission:
-    """Answer `status` now; `rejected` counts it as the policy's refusal."""
+            rejected: bool = True, reason: str = "") -> Admission:
+    """Answer `status` now; `rejected` counts it as the policy's refusal, `reason` by which limit."""
     a = Admission(Verdict.REFUSE)
     a.status = status
     a.message = message
     a.retry_after = retry_after
     a.rejected = rejected
+    a.reason = reason
     return a
 
 

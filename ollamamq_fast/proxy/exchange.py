@@ -427,6 +427,7 @@ class Exchange:
         """Act on what admission answered (policy/gate.py)."""
         kind = a.kind
         if kind is Verdict.ADMIT:
+            self.gw.ledger.admitted(a.capped, a.cache_miss)
             if a.body is not None:
                 self.body = [a.body]
             self.cache_key = a.cache_key
@@ -434,10 +435,11 @@ class Exchange:
             self._proceed()
         elif kind is Verdict.REFUSE:
             if a.rejected:
-                self.gw.ledger.refused(self.ustats, by_policy=True)
+                self.gw.ledger.refused(self.ustats, True, a.reason)
             self.respond_error(a.status, a.message, retry_after=a.retry_after)
         elif kind is Verdict.CACHED:
             assert a.entry is not None
+            self.gw.ledger.cache_hit()
             self.respond_cached(a.entry)
         else:
             assert a.pending is not None
