@@ -28,7 +28,7 @@ ROTATE_BYTES = 20 * 1024 * 1024
 ROTATE_KEEP = 5
 
 FIELDS = ("ts", "user", "ip", "method", "path", "model", "status", "backend", "queue_ms",
-          "duration_ms", "prompt_tokens", "completion_tokens")
+          "duration_ms", "prompt_tokens", "completion_tokens", "request_id")
 
 
 class AccessLog:
@@ -90,7 +90,7 @@ class AccessLog:
 
     def _format(self, fields: tuple[Any, ...]) -> str:
         record = dict(zip(FIELDS, fields))
-        for key in ("method", "path"):  # kept as bytes on the loop; decoded here
+        for key in ("method", "path", "request_id"):  # kept as bytes on the loop; decoded here
             value = record[key]
             if isinstance(value, bytes):
                 record[key] = value.decode("latin-1")

@@ -22,35 +22,45 @@ MAX_TRACKED_USERS = 10_000
 
 # The counts' keys: Ollama's final line, then OpenAI's `usage` object. The
 # quote before each name keeps `"eval_count"` from matching inside
-# `"prompt_eval_count"`.
+# `"prompt_eval_count"`; the closing quote keeps `"prompt_tokens"` from
+# matching `"prompt_tokens_details"`.
 _COUNT_KEYS = (
-    (b'"prompt_eval_count":', b'"eval_count":'),
-    (b'"prompt_tokens":', b'"completion_tokens":'),
+    (b'"prompt_eval_count"', b'"eval_count"'),
+    (b'"prompt_tokens"', b'"completion_tokens"'),
 )
-# Bytes after a count's key within which its value must end (spaces and 20 digits).
-_COUNT_SPAN = 32
+# Bytes after a count's key within which its value must end (spaces, the
+# colon and 20 digits).
+_COUNT_SPAN = 40
 
 
 def tokens_in_tail(tail: bytes) -> tuple[int, int]:
     """(prompt, completion) token counts from a response's last bytes.
 
     The final NDJSON line carries `prompt_eval_count`/`eval_count`; OpenAI
-    bodies and usage chunks carry `usage.prompt_tokens`/`completion_tokens`. Only
-    the tail is searched, from its end (`rfind`): no JSON parse of the stream.
+    bodies and usage chunks carry `usage.prompt_tokens`/`completion_tokens`.
+    An embedding answer has only the prompt count. Only the tail is searched,
+    from its end (`rfind`): no JSON parse of the stream. Spaces around the
+    colon are allowed (some servers write `"eval_count": 5`).
     """
     for prompt_key, completion_key in _COUNT_KEYS:
         i = tail.rfind(completion_key)
+        j = tail.rfind(prompt_key)
         if i >= 0:
-            j = tail.rfind(prompt_key)
-            return _int_at(tail, j + len(prompt_key)) if j >= 0 else 0, _int_at(
-                tail, i + len(completion_key))
+            return (_int_at(tail, j + len(prompt_key)) if j >= 0 else 0,
+                    _int_at(tail, i + len(completion_key)))
+        if j >= 0:
+            return _int_at(tail, j + len(prompt_key)), 0
     return 0, 0
 
 
 def _int_at(data: bytes, at: int) -> int:
-    """The number that starts at `at` (after optional spaces); 0 if none."""
+    """The number after the key ending at `at` (a colon, spaces around it); 0 if none."""
     # A count is followed by the next member or the object's end; int() takes
     # the spaces around it. Anything else (a string, null) counts as none.
+    colon = data.find(b":", at, at + _COUNT_SPAN)
+    if colon < 0 or data[at:colon].strip():
+        return 0
+    at = colon + 1
     end = data.find(b",", at, at + _COUNT_SPAN)
     if end < 0:
         end = data.find(b"}", at, at + _COUNT_SPAN)
@@ -94,7 +104,7 @@ class UserStats:
     """What the gateway knows about one user's traffic."""
 
     __slots__ = ("user", "queued", "in_flight", "done", "dropped", "rejected",
-                 "prompt_tokens", "completion_tokens", "last_ip", "last_seen")
+                 "prompt_tokens", "completion_tokens", "estimated_tokens", "last_ip", "last_seen")
 
     def __init__(self, user: str) -> None:
         self.user = user
@@ -105,6 +115,9 @@ class UserStats:
         self.rejected = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        # Of those tokens, how many were estimated from stream events rather
+        # than reported by the backend (shown beside the totals).
+        self.estimated_tokens = 0
         self.last_ip = ""
         self.last_seen = 0.0
 
@@ -125,6 +138,9 @@ class GatewayStats:
     rejected: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Tokens estimated from stream events (a backend that reports no usage, a
+    # stream cut short); included in the totals above.
+    estimated_tokens: int = 0
     queue_wait: Histogram = field(default_factory=Histogram)
     ttfb: Histogram = field(default_factory=Histogram)
     latency: Histogram = field(default_factory=Histogram)

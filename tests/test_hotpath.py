@@ -197,7 +197,11 @@ def test_response_head_in_one_byte_pieces() -> None:
 
 @pytest.mark.parametrize("tail, expect", [
     (b'{"done":true,"prompt_eval_count":21,"eval_count":7}', (21, 7)),
-    (b'{"done":true,"prompt_eval_count": 21}', (0, 0)),  # no completion count: not a final line
+    (b'{"done":true,"prompt_eval_count": 21}', (21, 0)),  # an embedding answer: prompt only
+    (b'"usage":{"prompt_tokens":8,"total_tokens":8}}', (8, 0)),  # OpenAI embeddings
+    (b'{"prompt_eval_count" : 4 , "eval_count" : 6 }', (4, 6)),  # spaced JSON
+    (b'"usage": {"prompt_tokens": 3, "completion_tokens": 4, "prompt_tokens_details": {}}',
+     (3, 4)),
     (b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}', (3, 4)),
     (b'data: {"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\ndata: [DONE]\n\n', (3, 4)),
     (b'{"eval_count":2}\n{"prompt_eval_count":5,"eval_count":9}\n', (5, 9)),  # last one wins

@@ -59,6 +59,7 @@ class Req:
         self.started_at = 1.0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.request_id = b"rid-1"
         self.ustats: UserStats | None = ustats
         self.in_flight_counted = False
 
@@ -83,7 +84,8 @@ def test_a_done_request_is_counted_once_with_its_tokens_under_the_canonical_mode
     assert (ustats.prompt_tokens, ustats.completion_tokens) == (3, 5)
     assert usage.rows == [("alice", "tiny:latest", 3, 5)] and quotas.used == [("alice", 8)]
     assert stats.responses == {("/api/chat", 200, "http://b"): 1}
-    assert len(access.lines) == 1 and access.lines[0][6] == 200 and access.lines[0][-2:] == (3, 5)
+    assert len(access.lines) == 1 and access.lines[0][6] == 200
+    assert access.lines[0][-3:] == (3, 5, b"rid-1")
 
 
 def test_a_cancelled_request_gets_a_499_line_and_counts_as_dropped() -> None:
@@ -95,7 +97,7 @@ def test_a_cancelled_request_gets_a_499_line_and_counts_as_dropped() -> None:
     ledger.ended(r, End.CANCELLED, "http://b")
     assert (ustats.in_flight, ustats.done, ustats.dropped) == (0, 0, 1)
     assert stats.cancelled == 1 and not stats.responses
-    assert access.lines[0][6] == CLIENT_CLOSED and access.lines[0][-2:] == (2, 0)
+    assert access.lines[0][6] == CLIENT_CLOSED and access.lines[0][-3:-1] == (2, 0)
 
 
 def test_refusals_count_by_whom() -> None:

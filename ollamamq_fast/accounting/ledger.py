@@ -10,6 +10,7 @@ the `End` states, and gets exactly one access-log line.
 from __future__ import annotations
 
 import enum
+import secrets
 import time
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -79,6 +80,7 @@ class Record(Protocol):
     started_at: float
     prompt_tokens: int
     completion_tokens: int
+    request_id: bytes
     ustats: UserStats | None
     in_flight_counted: bool
 
@@ -93,9 +95,18 @@ class Ledger:
         self.quotas = quotas
         self.access = access
         self.loop_time = loop_time
+        # Request ids: a random prefix per process and a counter, so ids are
+        # unique across replicas and restarts without a random draw per request.
+        self.id_prefix = secrets.token_hex(4).encode() + b"-"
+        self.id_counter = 0
         # Wall time = loop time + offset: a millisecond-good timestamp for each
         # access line without a clock call per request beyond the loop's own.
         self.wall_offset = time.time() - loop_time()
+
+    def request_id(self) -> bytes:
+        """A fresh id for a request that brought no (sane) X-Request-ID of its own."""
+        self.id_counter += 1
+        return b"%s%x" % (self.id_prefix, self.id_counter)
 
     def arrived(self, user: str, client_ip: str) -> UserStats:
         """A request of `user` is about to be admitted: their live record."""
@@ -162,11 +173,16 @@ class Ledger:
         """A request is tried again on another connection or backend."""
         self.stats.failovers += 1
 
-    def tokens(self, r: Record, prompt: int, completion: int) -> None:
-        """The backend's own token counts for a request (exact)."""
+    def tokens(self, r: Record, prompt: int, completion: int, estimated: bool = False) -> None:
+        """A request's token counts: the backend's own, or `estimated` from its stream's events
+        (a backend that ignores the usage request, or a stream cut short)."""
         r.prompt_tokens, r.completion_tokens = prompt, completion
         if not (prompt or completion):
             return
+        if estimated:
+            self.stats.estimated_tokens += prompt + completion
+            if r.ustats is not None:
+                r.ustats.estimated_tokens += prompt + completion
         self.usage.add_usage(r.user, r.model or r.model_name, prompt, completion)
         quotas = self.quotas
         if quotas.quotas_on:
@@ -205,4 +221,4 @@ class Ledger:
         if access.enabled:
             access.record(now + self.wall_offset, r.user, r.client_ip, r.method, r.path,
                           r.model_name, status, backend, r.queue_ms, round(elapsed * 1000, 2),
-                          r.prompt_tokens, r.completion_tokens)
+                          r.prompt_tokens, r.completion_tokens, r.request_id)

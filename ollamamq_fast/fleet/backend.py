@@ -43,7 +43,6 @@ class Backend:
         "name",
         "host_header",
         "gateway_headers",
-        "gateway_headers_unqueued",
         "path_prefix",
         "slots",
         "in_flight",
@@ -77,7 +76,6 @@ class Backend:
         # The gateway's own response headers, all but the queue time's digits.
         self.gateway_headers = (b"X-Gateway-Backend: " + self.name.encode()
                                 + b"\r\nX-Gateway-Queue-Ms: ")
-        self.gateway_headers_unqueued = self.gateway_headers + b"0\r\n"
         self.path_prefix = address.prefix.encode()
         self.slots = slots
         self.in_flight = 0  # queued-route requests running (bounded by slots)

@@ -138,14 +138,42 @@ def cap_openai(body: bytes, sn: Sniffed, rule: CapRule, cap: int, reject: bool) 
                 edits.append((start, end, capped))
     seen = sn.occurrences.get(rule.insert, ())
     if not any(key_text(raw) == rule.insert for raw, _, _ in seen):
-        value_raw = capped
-        if seen:  # only case variants: keep what a Go server read, now within the cap
-            _raw, start, end = seen[-1]
-            value = number(body[start:end], rule.insert)
-            if value is not None and 0 <= value <= cap and value == int(value):
-                value_raw = b"%d" % int(value)
+        # The smallest limit the client asked for in any field or spelling, if
+        # within the cap, else the cap: what it wanted, and no more than allowed.
+        asked = [v for v in (_limit(body, start, end) for key in rule.keys
+                             for _, start, end in sn.occurrences.get(key, ()))
+                 if v is not None and v <= cap]
+        value_raw = b"%d" % min(asked) if asked else capped
         edits.append(append_member(sn, rule.insert, value_raw))
     return edits
+
+
+def mirror_max_tokens(body: bytes, sn: Sniffed) -> Edit | None:
+    """`max_tokens` added beside a `max_completion_tokens` that has none (no cap in force).
+
+    Newer clients (LangChain's ChatOpenAI, recent openai SDKs) send only
+    `max_completion_tokens`; servers that read only `max_tokens` (Ollama,
+    llama-cpp-python) would then generate to the end of their context. Every
+    server this gateway fronts accepts both, so the value is mirrored.
+    """
+    if any(key_text(raw) == "max_tokens" for raw, _, _ in sn.occurrences.get("max_tokens", ())):
+        return None
+    for raw, start, end in reversed(sn.occurrences.get("max_completion_tokens", ())):
+        if key_text(raw) == "max_completion_tokens":
+            value = _limit(body, start, end)
+            return append_member(sn, "max_tokens", b"%d" % value) if value is not None else None
+    return None
+
+
+def _limit(body: bytes, start: int, end: int) -> int | None:
+    """A usable output limit (a non-negative integer) at body[start:end], else None."""
+    try:
+        value = number(body[start:end], "limit")
+    except CapError:
+        return None
+    if value is None or value < 0 or value != int(value):
+        return None
+    return int(value)
 
 
 def cap_native(

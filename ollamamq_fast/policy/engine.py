@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from ollamamq_fast.policy.caps import (
     Edit,
     cap_native,
     cap_openai,
+    mirror_max_tokens,
     parse_object,
     splice,
 )
@@ -56,6 +58,10 @@ if TYPE_CHECKING:
     from ollamamq_fast.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger("ollamamq_fast.policy")
+
+CHAT_COMPLETIONS = b"/v1/chat/completions"
+# `"stream"` in any spelling (a Go server reads them all), without copying the body.
+_ANY_CASE_STREAM = re.compile(rb'"[sS][tT][rR][eE][aA][mM]"')
 
 # Resolved limits are memoized per user; the memo is dropped beyond this many
 # users rather than grown (a flood of ids costs a re-resolve, not memory).
@@ -82,7 +88,7 @@ class Policy:
         self.inject = True
         self.quotas_on = False
         self._memo: dict[str, tuple[UserSettings | None, Limits]] = {}
-        self._keys: dict[tuple[bytes, bool, bool, bool], tuple[str, ...]] = {}
+        self._keys: dict[tuple[bytes, bool, bool, bool, bool], tuple[str, ...]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._warned = 0.0
@@ -186,13 +192,14 @@ class Policy:
         cap = bool(limits.max_tokens) and path in CAP_RULES
         det = self.cache.mode == "deterministic" and path in CACHEABLE and path not in EMBEDDINGS
         inject = self.inject and path in INJECT_ROUTES
+        mirror = not cap and path == CHAT_COMPLETIONS and b"max_completion_tokens" in body
         if det and b"temperature" not in body and b"seed" not in body:
             det = False
-        if inject and b'"stream"' not in body:
+        if inject and b'"stream"' not in body and _ANY_CASE_STREAM.search(body) is None:
             inject = False
-        if not (cap or det or inject):
+        if not (cap or det or inject or mirror):
             return ()
-        memo_key = (path, cap, det, inject)
+        memo_key = (path, cap, det, inject, mirror)
         keys = self._keys.get(memo_key)
         if keys is None:
             native = path.startswith(b"/api/")
@@ -204,6 +211,8 @@ class Policy:
                 wanted += ["options"] if native else list(DETERMINISM_KEYS)
             if inject:
                 wanted += INJECT_KEYS
+            if mirror:
+                wanted += ["max_tokens", "max_completion_tokens"]
             keys = self._keys[memo_key] = tuple(dict.fromkeys(wanted))
         return keys
 
@@ -264,6 +273,11 @@ class Policy:
                     edits = cap_openai(body, sn, rule, limits.max_tokens, limits.reject_over_cap)
             except CapError as exc:
                 return refused(400, str(exc), rejected=False)
+        capped = bool(edits)
+        if rule is None and sn is not None and path == CHAT_COMPLETIONS:
+            mirrored = mirror_max_tokens(body, sn)
+            if mirrored is not None:
+                edits.append(mirrored)
         cache = self.cache
         key = None
         if (cache.enabled and path in CACHEABLE and not ex.http10
@@ -278,16 +292,15 @@ class Policy:
                     return cached(entry)
                 if cache.remote is not None:
                     task = self.state.loop.create_task(
-                        self._remote_lookup(path, key, body, sn, edits))
+                        self._remote_lookup(path, key, body, sn, edits, capped))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                     return pending(task)
-        return self._finish(path, body, sn, edits, key)
+        return self._finish(path, body, sn, edits, key, capped)
 
     def _finish(self, path: bytes, body: bytes, sn: Sniffed | None, edits: list[Edit],
-                key: bytes | None) -> Admission:
+                key: bytes | None, capped: bool) -> Admission:
         """Last step: ask for stream usage if needed, apply all rewrites at once."""
-        capped = bool(edits)  # so far the only edits are the cap's
         strip = 0
         if self.inject and sn is not None:
             per_chunk = INJECT_ROUTES.get(path)
@@ -300,7 +313,7 @@ class Policy:
                         cache_miss=key is not None)
 
     async def _remote_lookup(self, path: bytes, key: bytes, body: bytes, sn: Sniffed | None,
-                             edits: list[Edit]) -> Admission:
+                             edits: list[Edit], capped: bool) -> Admission:
         """The PENDING answer: the shared cache tier, else admit as a miss."""
         cache = self.cache
         remote = cache.remote
@@ -308,7 +321,7 @@ class Policy:
         if entry is not None and entry.status == 200:
             cache.adopt(key, entry)
             return cached(entry)
-        return self._finish(path, body, sn, edits, key)
+        return self._finish(path, body, sn, edits, key, capped)
 
     # -- After the response -----------------------------------------------------------
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import re
 
+import orjson
+
 from ollamamq_fast.policy.caps import Edit, append_member, encode_object, exact_object
 from ollamamq_fast.wire.sniff import Sniffed, key_text
 
@@ -38,7 +40,9 @@ INJECT_KEYS = ("stream", "stream_options")
 _INCLUDE = b'{"include_usage":true}'
 # The zero usage member Ollama adds to every /v1/completions chunk. A JSON
 # string cannot hold a raw `"` (it is escaped), so `,"usage":{` only matches a key.
-_CHUNK_USAGE = re.compile(rb',"usage":\{[^{}]*\}')
+_CHUNK_USAGE = re.compile(rb',\s*"usage"\s*:\s*\{[^{}]*\}')
+# An empty `choices` list, however it is spaced: the usage event's mark.
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
 def usage_edits(body: bytes, sn: Sniffed) -> list[Edit]:
@@ -102,27 +106,39 @@ class UsageStripper:
         return self._filter(rest) if b'"usage"' in rest else rest
 
     def _filter(self, data: bytes) -> bytes:
-        """Drop the `"choices":[]` usage events, then (per_chunk) the usage members left.
+        """Drop the injected usage events, then (per_chunk) the usage members left.
 
-        Found with `find` and one regex pass, not by splitting into events:
-        the usage event is one in a whole answer.
+        A candidate is an event whose `choices` is an empty list, in any
+        spacing; it is parsed (the one or two such events of a stream, never
+        the content events) and dropped only if it is that usage event.
         """
         out: list[bytes] = []
         pos = 0  # start of what is not copied yet
-        at = data.find(b'"choices":[]')
-        while at >= 0:
-            start = _event_start(data, at)
-            end = _event_end(data, at)
-            if b'"usage"' in data[start:end]:
+        for m in _EMPTY_CHOICES.finditer(data):
+            if m.start() < pos:
+                continue
+            start = _event_start(data, m.start())
+            end = _event_end(data, m.start())
+            if _is_usage_event(data[start:end]):
                 out.append(data[pos:start])
                 pos = end
-            at = data.find(b'"choices":[]', end)
         if pos:
             out.append(data[pos:])
             data = b"".join(out)
         if self.per_chunk:
             data = _CHUNK_USAGE.sub(b"", data)
         return data
+
+
+def _is_usage_event(event: bytes) -> bool:
+    """Whether an SSE event is the usage-only chunk (`"choices": []` and a `usage` object)."""
+    payload = b"".join(line[5:] for line in event.splitlines() if line.startswith(b"data:"))
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False
+    return (isinstance(obj, dict) and obj.get("choices") == []
+            and isinstance(obj.get("usage"), dict))
 
 
 def _event_start(data: bytes, at: int) -> int:

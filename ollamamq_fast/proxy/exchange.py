@@ -78,6 +78,7 @@ class Exchange:
         "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
         "prompt_tokens", "completion_tokens", "affinity",
         "limits", "cache_key", "cache_control", "strip_usage", "credential", "body_held",
+        "request_id",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -95,6 +96,7 @@ class Exchange:
         self.body: list[bytes] = []
         self.body_size = 0
         self.body_held = 0  # bytes of this body counted in the gateway's body budget
+        self.request_id = b""  # X-Request-ID: the client's (if sane) or the gateway's
         self.request_complete = False
         self.stream_body = False
         self.chunked_in = False
@@ -177,6 +179,7 @@ class Exchange:
             raw_path, query = request_path(self.url)
             path = normalize(raw_path)
         except PathError as exc:
+            self.request_id = self.gw.ledger.request_id()
             self.path = self.url.split(b"?", 1)[0]
             self.api = api_of_path(self.path)
             self.started_at = self.gw.loop.time()
@@ -194,6 +197,7 @@ class Exchange:
         identity = self.gw.identity
         keys_required = identity.keys_required
         head = read_request_head(self.headers, http_11, keys_required)
+        self.request_id = head.request_id or self.gw.ledger.request_id()
         self.content_length = head.content_length
         self.chunked_in = head.chunked
         self.expect_continue = head.expect_continue
@@ -219,7 +223,7 @@ class Exchange:
                 self._set_early_error(401, ctype, body)
                 return
         self.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
-                                           self.client.peer_ip_bytes)
+                                           self.client.peer_ip_bytes, self.request_id)
         self._check_route(route, method)
         if not self.user:
             self.user = self.client_ip
@@ -337,13 +341,18 @@ class Exchange:
         if self.ustats is not None:  # it reached admission: it ends here, in the ledger
             end = End.CANCELLED
             conn = self.upstream
-            if state is State.STREAMING and conn is not None and framing.terminal_event_relayed(
-                    conn.tail(), conn.content_type):
-                # The client read the last event and left before the backend's end
-                # of body (the openai SDK does): a complete answer, counted in full.
-                end = End.DONE
-                if self.status < 300 and self.route is not None and self.route.kind is Kind.QUEUED:
-                    self._count_tokens(conn)
+            if state is State.STREAMING and conn is not None:
+                if framing.terminal_event_relayed(conn.tail(), conn.content_type):
+                    # The client read the last event and left before the backend's
+                    # end of body (the openai SDK does): a complete answer.
+                    end = End.DONE
+                    if (self.status < 300 and self.route is not None
+                            and self.route.kind is Kind.QUEUED):
+                        self._count_tokens(conn)
+                elif conn.events:
+                    # Cut short: what was generated so far still counts (quotas).
+                    self.gw.ledger.tokens(self, 0, framing.estimated_tokens(
+                        conn.events, conn.content_type), estimated=True)
             self._ended(end)
         if state is State.QUEUED:
             self.gw.dispatcher.cancel(self)
@@ -534,7 +543,9 @@ class Exchange:
             head.append(body)
             strip = UsageStripper(self.strip_usage == 2) if self.strip_usage else None
             tee = self.gw.policy.cache.entry_limit if self.cache_key is not None else 0
-            conn.send(self, self.client.flow, [b"".join(head)], head_request, strip, tee)
+            route = self.route
+            conn.send(self, self.client.flow, [b"".join(head)], head_request, strip, tee,
+                      route is not None and route.kind is Kind.QUEUED)
             self.body_forwarded = True
             return
         if self.chunked_in:
@@ -590,8 +601,8 @@ class Exchange:
         dechunk = conn.dechunking and self.http10  # else re-chunked (stream usage stripped)
         if conn.framing is framing.Framing.CLOSE or not self.request_complete or dechunk:
             self.keep_alive = False
-        extra = backend.gateway_headers + b"%d\r\n" % self.queue_ms if self.queue_ms else (
-            backend.gateway_headers_unqueued)
+        extra = (backend.gateway_headers + b"%d\r\nX-Request-ID: %s\r\n" % (
+            self.queue_ms, self.request_id))
         if self.cache_key is not None:
             extra += b"X-Cache: MISS\r\n"
             if status != 200 or conn.framing not in (framing.Framing.LENGTH, framing.Framing.CHUNKED):
@@ -645,7 +656,11 @@ class Exchange:
 
     def _count_tokens(self, conn: "UpstreamConnection") -> None:
         prompt, completion = tokens_in_tail(conn.tail())
-        self.gw.ledger.tokens(self, prompt, completion)
+        if prompt or completion or not conn.events:
+            self.gw.ledger.tokens(self, prompt, completion)
+        else:  # a stream with no usage in it: about one token an event
+            self.gw.ledger.tokens(self, 0, framing.estimated_tokens(conn.events, conn.content_type),
+                                  estimated=True)
 
     def _ended(self, end: End) -> None:
         backend = self.backend
@@ -746,6 +761,8 @@ class Exchange:
         self.status = status
         if self.http10 and self.keep_alive:
             extra += b"Connection: keep-alive\r\n"
+        if self.request_id:
+            extra += b"X-Request-ID: " + self.request_id + b"\r\n"
         data = framing.local_response(
             status, ctype, body, close=not self.keep_alive,
             head_only=self.method == b"HEAD", extra=extra,
@@ -758,7 +775,8 @@ class Exchange:
         if self.state is State.DONE:
             return
         self.status = entry.status
-        extra = b"X-Cache: HIT\r\nDate: " + framing.http_date() + b"\r\n"
+        extra = (b"X-Cache: HIT\r\nDate: " + framing.http_date() + b"\r\nX-Request-ID: "
+                 + self.request_id + b"\r\n")
         head = framing.response_head(entry.status, b"", entry.headers, extra, not self.keep_alive)
         self.client.write(head + entry.body)
         self.finish()

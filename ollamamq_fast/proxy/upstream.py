@@ -121,6 +121,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.content_type = b""
         self.framing = framing.Framing.EMPTY
         self.backend_keep_alive = False
+        # Stream events seen (counted with one C-level `count` per read, only
+        # for inference streams): the estimate when a backend reports no usage.
+        self.tally = False
+        self.event_mark = b""
+        self.events = 0
 
     # -- asyncio.Protocol interface -------------------------------------------------
 
@@ -140,6 +145,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_sent:
             self.prev_data = self.last_data
             self.last_data = data
+            if self.event_mark:
+                self.events += data.count(self.event_mark)
             client = sink.client_transport
             if client is not None and not self.dechunking:
                 client.write(data)
@@ -202,6 +209,8 @@ class UpstreamConnection(asyncio.Protocol):
         client = sink.client_transport
         if body:
             self.last_data = body  # raw, as data_received keeps it (for the token tap)
+            if self.event_mark:
+                self.events += body.count(self.event_mark)
         if self.dechunking:
             body = self.transform(b"".join(self.pending_body))
             self.pending_body = []
@@ -282,6 +291,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.framing, self.content_type = framing.response_framing(
             status, self.headers, self.head_request
         )
+        if self.tally and status == 200:
+            self.event_mark = framing.event_mark(self.content_type)
         if self.head_request or self.framing is framing.Framing.EMPTY:
             # No body follows (HEAD, 204, 304). The parser cannot be told about
             # HEAD, so the message ends here and the parser is replaced.
@@ -344,13 +355,15 @@ class UpstreamConnection(asyncio.Protocol):
     # -- Exchange-facing API ----------------------------------------------------------
 
     def send(self, sink: ResponseSink, flow: FlowControl, data: list[bytes], head_request: bool,
-             strip: "UsageStripper | None" = None, tee: int = 0) -> None:
+             strip: "UsageStripper | None" = None, tee: int = 0, tally: bool = False) -> None:
         """Bind to an exchange and write its request head (and body, if any).
 
         `strip` filters the injected usage out of an SSE answer; `tee` > 0 keeps
-        up to that many forwarded bytes for the response cache.
+        up to that many forwarded bytes for the response cache; `tally` counts
+        a 200 stream's events (a token estimate when the backend reports none).
         """
         self._reset_response(head_request, sink.http10, strip, tee)
+        self.tally = tally
         self.sink = sink
         self.flow = flow
         flow.bind(self.transport)

@@ -211,3 +211,28 @@ def terminal_event_relayed(tail: bytes, content_type: bytes) -> bool:
         last = body[body.rfind(b"\n", 0, len(body) - 1) + 1 :]
         return _DONE_TRUE.search(last) is not None
     return False
+
+
+# One occurrence per stream event: the end of an NDJSON line, an SSE `data:` field.
+_NDJSON_MARK = b"}\n"
+_SSE_MARK = b"data:"
+# Events of a stream that carry no generated token: Ollama's final line; an
+# OpenAI stream's role event, finish event and `[DONE]`.
+_NDJSON_OVERHEAD = 1
+_SSE_OVERHEAD = 3
+
+
+def event_mark(content_type: bytes) -> bytes:
+    """The bytes that occur once per event of a stream of this type (b"" if not a stream)."""
+    ct = content_type.lower()
+    if b"ndjson" in ct:
+        return _NDJSON_MARK
+    if b"event-stream" in ct:
+        return _SSE_MARK
+    return b""
+
+
+def estimated_tokens(events: int, content_type: bytes) -> int:
+    """Generated tokens estimated from a stream's event count (about one token an event)."""
+    overhead = _SSE_OVERHEAD if b"event-stream" in content_type.lower() else _NDJSON_OVERHEAD
+    return max(events - overhead, 0)

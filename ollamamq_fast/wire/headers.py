@@ -27,6 +27,7 @@ CONTENT_ENCODING: Final = 8
 AUTHORIZATION: Final = 9
 API_KEY: Final = 10
 CACHE_CONTROL: Final = 11
+REQUEST_ID: Final = 12
 
 _SPECIAL: Final[dict[bytes, int]] = {
     b"content-length": LENGTH,
@@ -40,6 +41,7 @@ _SPECIAL: Final[dict[bytes, int]] = {
     b"authorization": AUTHORIZATION,
     b"x-api-key": API_KEY,
     b"cache-control": CACHE_CONTROL,  # forwarded; also read by the response cache
+    b"x-request-id": REQUEST_ID,  # the client's, if sane, else the gateway's: sent on
     b"keep-alive": DROP,
     b"proxy-connection": DROP,
     b"proxy-authorization": DROP,
@@ -58,6 +60,11 @@ _CLASSIFIED_MAX: Final = 4096
 # that nearly all requests have.
 _LENGTH_LINES: Final = 4096
 _length_lines: Final = [b"Content-Length: %d\r\n\r\n" % n for n in range(_LENGTH_LINES)]
+
+# A client's X-Request-ID is kept when it is a sane token (what request-id
+# generators emit: UUIDs, ULIDs, hex, with dots, dashes, colons); anything
+# else is replaced by the gateway's own, so it never breaks a log line.
+_SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 
 # A user name sent on to the backend as X-User-ID: printable ASCII only, so
 # that no name can break the header it is written into.
@@ -78,7 +85,7 @@ class RequestHead:
     """What the gateway read from a request's headers."""
 
     __slots__ = ("api_key", "authorization", "cache_control", "chunked", "content_length",
-                 "encoded_body", "expect_continue", "forwarded_for", "kept", "user")
+                 "encoded_body", "expect_continue", "forwarded_for", "kept", "request_id", "user")
 
     def __init__(self) -> None:
         self.content_length = -1
@@ -93,6 +100,7 @@ class RequestHead:
         # passed through untouched to any backend of the route's kind.
         self.encoded_body = False
         self.kept: list[tuple[bytes, bytes]] = []  # forwarded as they came, in order
+        self.request_id = b""  # the client's X-Request-ID, when it is sane
 
 
 def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
@@ -140,6 +148,10 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
         elif action == CONTENT_ENCODING:
             kept.append(pair)
             head.encoded_body = value.strip().lower() not in (b"", b"identity")
+        elif action == REQUEST_ID:
+            value = value.strip()
+            if _SANE_REQUEST_ID.fullmatch(value):
+                head.request_id = value
         elif action == CONNECTION:
             tokens = {t.strip().lower() for t in value.split(b",")}
             tokens -= {b"close", b"keep-alive"}
@@ -152,14 +164,17 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
 
 
 def forwarded_block(kept: list[tuple[bytes, bytes]], user: str | None,
-                    forwarded_for: bytes, peer_ip: bytes) -> bytes:
+                    forwarded_for: bytes, peer_ip: bytes, request_id: bytes = b"") -> bytes:
     """The header lines a backend receives after its own Host line.
 
     `user`: the authenticated user to send as X-User-ID (None: none is
     added; a name that could not be a header value is left out too). The
-    client's address is appended to X-Forwarded-For.
+    client's address is appended to X-Forwarded-For; `request_id` is sent as
+    X-Request-ID, so one request can be followed into the backend's logs.
     """
     lines = list(kept)
+    if request_id:
+        lines.append((b"X-Request-ID", request_id))
     if user is not None and _PRINTABLE_ID.fullmatch(user):
         lines.append((b"X-User-ID", user.encode()))
     lines.append((b"X-Forwarded-For", forwarded_for + b", " + peer_ip if forwarded_for else peer_ip))
