@@ -300,6 +300,7 @@ class Operator:
             "rejected": stats.rejected,
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.completion_tokens,
+            "estimated_tokens": stats.estimated_tokens,
             "latency_p50_s": stats.latency.quantile(0.5),
             "latency_p99_s": stats.latency.quantile(0.99),
             "ttfb_p50_s": stats.ttfb.quantile(0.5),

@@ -237,7 +237,8 @@ def _schemas() -> dict[str, Any]:
     user = _obj({
         "user": _STR, "vip": _BOOL, "boost": _BOOL, "weight": _INT, "blocked": _BOOL,
         "queued": _INT, "in_flight": _INT, "done": _INT, "dropped": _INT, "rejected": _INT,
-        "prompt_tokens": _INT, "completion_tokens": _INT, "last_ip": _STR, "last_seen": _NUM,
+        "prompt_tokens": _INT, "completion_tokens": _INT, "estimated_tokens": _INT,
+        "last_ip": _STR, "last_seen": _NUM,
     }, ["user", "vip", "boost", "weight", "blocked"])
     key_props = {"key_id": _STR, "user": _STR, "name": _STR, "created_at": _NUM,
                  "revoked": _BOOL, "trusted": _BOOL}
@@ -272,7 +273,7 @@ def _schemas() -> dict[str, Any]:
         "Stats": _obj({
             "uptime_s": _NUM, "queued": _INT, "in_flight": _INT, "completed": _INT,
             "cancelled": _INT, "failovers": _INT, "rejected": _INT, "prompt_tokens": _INT,
-            "completion_tokens": _INT, "latency_p50_s": _QUANTILE, "latency_p99_s": _QUANTILE,
+            "completion_tokens": _INT, "estimated_tokens": _INT, "latency_p50_s": _QUANTILE, "latency_p99_s": _QUANTILE,
             "ttfb_p50_s": _QUANTILE, "queue_wait_p99_s": _QUANTILE,
             "backends": {"type": "array", "items": _ref("Backend")}, "users": _INT,
         }, ["uptime_s", "queued", "in_flight", "backends"]),
