@@ -433,3 +433,33 @@ def test_nearing_the_open_file_limit_is_logged_once_in_a_while(
         gateway._check_fds(rig.state, 101.0)  # not again so soon
     warnings = [r for r in caplog.records if "open-file limit" in r.getMessage()]
     assert len(warnings) == 1 and "9 client and backend connections" in warnings[0].getMessage()
+
+
+def test_a_retry_never_goes_back_to_a_backend_that_failed_it() -> None:
+    """Issue 16: with one backend dead and the other busy, the retry waits for the live one."""
+    rig = Rig(backends=2)
+    try:
+        busy, _ = rig.client("10.0.0.9")
+        busy.data_received(post(user=b"busy"))
+        rig.turn()
+        taken = next(p for p in rig.pools if p.opened)  # its one slot is in use
+        dead = next(p for p in rig.pools if p is not taken)
+        proto, client = rig.client()
+        proto.data_received(post())
+        rig.turn()
+        conn, _ = dead.last
+        conn.connection_lost(ConnectionResetError("killed"))
+        rig.turn()
+        # The dead backend still counts as available (its breaker needs more
+        # failures), yet the retry waits for the busy one instead of going back.
+        assert len(dead.opened) == 1 and not client.data
+        busy_conn, busy_backend = taken.last
+        busy_backend.take()
+        busy_conn.data_received(OK_HEAD + chunk(FINAL) + b"0\r\n\r\n")  # the slot frees
+        rig.turn()
+        # The retry runs on the live backend, over the connection it just pooled.
+        assert len(dead.opened) == 1 and busy_backend.take().endswith(CHAT)
+        busy_conn.data_received(OK_HEAD + chunk(FINAL) + b"0\r\n\r\n")
+        assert client.data.startswith(b"HTTP/1.1 200 OK")
+    finally:
+        rig.close()

@@ -105,9 +105,16 @@ class Fleet:
                 return True
         return False
 
-    def pick(self, model: str | None, native: bool, affinity: str = "") -> Backend | None:
-        """The backend to run a queued request on now, or None when none is free."""
+    def pick(self, model: str | None, native: bool, affinity: str = "",
+             exclude: tuple[Backend, ...] = ()) -> Backend | None:
+        """The backend to run a queued request on now, or None when none is free.
+
+        `exclude`: backends that already failed this request (a retry never
+        goes back to them while their breaker has not opened yet).
+        """
         pool = self.candidates(model, native)
+        if exclude:
+            pool = [b for b in pool if b not in exclude]
         n = len(pool)
         if n == 0:
             return None
@@ -150,11 +157,12 @@ class Fleet:
             self._rr += 1
         return best
 
-    def pick_unslotted(self, model: str | None, native: bool) -> Backend | None:
+    def pick_unslotted(self, model: str | None, native: bool,
+                       exclude: tuple[Backend, ...] = ()) -> Backend | None:
         """A backend for a request that needs no slot (show, pull, blobs...): least busy."""
         best: Backend | None = None
         for b in self.candidates(model, native):
-            if not b.available:
+            if not b.available or b in exclude:
                 continue
             if best is None or (b.in_flight + b.unslotted) < (best.in_flight + best.unslotted):
                 best = b

@@ -78,7 +78,7 @@ class Exchange:
         "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
         "prompt_tokens", "completion_tokens", "affinity",
         "limits", "cache_key", "cache_control", "strip_usage", "credential", "body_held",
-        "request_id",
+        "request_id", "failed",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -97,6 +97,8 @@ class Exchange:
         self.body_size = 0
         self.body_held = 0  # bytes of this body counted in the gateway's body budget
         self.request_id = b""  # X-Request-ID: the client's (if sane) or the gateway's
+        # Backends that failed this request: a retry never goes back to them.
+        self.failed: tuple[Backend, ...] = ()
         self.request_complete = False
         self.stream_body = False
         self.chunked_in = False
@@ -590,6 +592,8 @@ class Exchange:
                 self.upstream = None
                 conn.abort()
                 self.attempts += 1
+                if backend not in self.failed:
+                    self.failed += (backend,)
                 self._release_backend()
                 self.gw.dispatcher.retry(self)
                 return None
@@ -626,7 +630,7 @@ class Exchange:
             return False
         for b in self.gw.fleet.candidates(self.model if route.kind is not Kind.PRIMARY else None,
                                           route.native):
-            if b is not failed and b.available:
+            if b is not failed and b.available and b not in self.failed:
                 return True
         return False
 
@@ -740,6 +744,8 @@ class Exchange:
         backend = self.backend
         if backend is not None:
             self.gw.passive.failure(backend, why)
+            if backend not in self.failed:
+                self.failed += (backend,)
 
     def _release_backend(self) -> None:
         backend, lease = self.backend, self.lease

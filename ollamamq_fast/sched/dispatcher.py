@@ -119,9 +119,9 @@ class Dispatcher:
             # primary backend, which answers with authority (404, or success
             # for a model created since the last probe).
             if fleet.serves(model, native):
-                backend = fleet.pick_unslotted(model, native)
+                backend = fleet.pick_unslotted(model, native, ex.failed)
             elif route.any_backend:
-                backend = fleet.pick_unslotted(None, native)
+                backend = fleet.pick_unslotted(None, native, ex.failed)
             else:
                 backend = fleet.primary(native)
             if backend is None:
@@ -131,7 +131,7 @@ class Dispatcher:
             return self._no_backend_for(ex)
         if not self.queue and not self.retry_line:
             # Nobody is waiting, so this request is next in fair order anyway.
-            backend = fleet.pick(model, native, ex.affinity)
+            backend = fleet.pick(model, native, ex.affinity, ex.failed)
             if backend is not None:
                 self.dispatched += 1
                 return started(backend, True)
@@ -174,7 +174,7 @@ class Dispatcher:
         ex: Exchange = payload  # type: ignore[assignment]
         route = ex.route
         assert route is not None
-        backend = self.fleet.pick(ex.model, route.native, ex.affinity)
+        backend = self.fleet.pick(ex.model, route.native, ex.affinity, ex.failed)
         ex.chosen = backend
         return backend is not None
 
