@@ -22,7 +22,7 @@ from ollamamq_fast.proxy.downstream import ClientProtocol
 from ollamamq_fast.proxy.flow import BodyBudget
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.local import LocalRoutes
-from ollamamq_fast.proxy.upstream import UpstreamPool
+from ollamamq_fast.proxy.pool import UpstreamPool
 from ollamamq_fast.accesslog import AccessLog
 from ollamamq_fast.control.server import AdminServer
 from ollamamq_fast.operator import Operator

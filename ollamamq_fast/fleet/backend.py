@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ollamamq_fast.config import BackendUrl
 
 if TYPE_CHECKING:
-    from ollamamq_fast.proxy.upstream import UpstreamPool
+    from ollamamq_fast.proxy.pool import UpstreamPool
 
 
 class ApiKind(enum.Enum):
