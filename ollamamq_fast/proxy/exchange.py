@@ -1,12 +1,23 @@
-"""One request/response exchange: everything per-request lives here.
+"""One request/response exchange: the per-request driver.
 
-The client connection (`downstream.ClientProtocol`) parses bytes and hands
-each request to an Exchange. The Exchange classifies the route, reads or
-streams the body, asks the dispatcher for a backend, drives the upstream
-connection, and answers errors in the route's own format.
+A request goes, top to bottom in this file:
 
-Its states and the moves between them are in `state.py`; every move goes
-through `_to`, which refuses a move the table does not allow.
+    head      `head_complete`: path normalized as the backend reads it
+              (wire/paths.py), headers sorted (wire/headers.py)
+    auth      the key is checked before the route decides anything
+    route     `_check_route` / `_route`: local answer, model management, inference
+    admit     the usage policy answers a value (policy/gate.py): ADMIT, REFUSE,
+              CACHED or PENDING, acted on by `_admitted`
+    queue     the dispatcher answers STARTED, QUEUED or REFUSED (`_submit`)
+    start     `start` / `_send`: a pooled connection, head and body written
+    relay     the upstream connection relays bytes; `response_head`,
+              `response_complete`, and the failure paths (retry before the
+              first byte, an error frame after it)
+    finish    the ledger records the one end of the request (`_ended`)
+
+Where the request is in its life is `state.py`'s table: every move goes
+through `_to`, which refuses one the table does not allow. Pauses and
+resumes belong to flow.py, counters to the ledger, slots to the dispatcher.
 """
 
 from __future__ import annotations
@@ -20,11 +31,20 @@ import blake3
 from ollamamq_fast.accounting.ledger import End
 from ollamamq_fast.fleet.backend import Breaker
 from ollamamq_fast.fleet.models import normalize_model
-from ollamamq_fast.fleet.select import Balance
 from ollamamq_fast.fleet.passive import FAST_FAIL_S
+from ollamamq_fast.fleet.select import Balance
+from ollamamq_fast.policy.cache import cache_control
+from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
+from ollamamq_fast.policy.identity import AuthError
+from ollamamq_fast.policy.streamusage import UsageStripper
+from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
+from ollamamq_fast.proxy.state import State, advance
+from ollamamq_fast.sched.dispatcher import Placed
+from ollamamq_fast.stats import UserStats, tokens_in_tail
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api, error_body, stream_error_frame
-from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
+from ollamamq_fast.wire.headers import forwarded_block, length_line, read_request_head
+from ollamamq_fast.wire.paths import PathError, normalize, request_path
 from ollamamq_fast.wire.routes import (
     BLOB_ROUTE,
     FALLBACK_ROUTE,
@@ -33,22 +53,19 @@ from ollamamq_fast.wire.routes import (
     api_of_path,
     lookup,
 )
-from ollamamq_fast.policy.cache import cache_control
-from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
-from ollamamq_fast.policy.identity import AuthError
-from ollamamq_fast.policy.streamusage import UsageStripper
-from ollamamq_fast.proxy.state import State, advance
-from ollamamq_fast.wire.sniff import SniffError, first_item, first_model, sniff_fields, sniff_spans
-from ollamamq_fast.sched.dispatcher import Placed
-from ollamamq_fast.stats import UserStats, tokens_in_tail
-from ollamamq_fast.wire.headers import forwarded_block, length_line, read_request_head
-from ollamamq_fast.wire.paths import PathError, normalize, request_path
+from ollamamq_fast.wire.sniff import (
+    SniffError,
+    first_item,
+    first_model,
+    sniff_fields,
+    sniff_spans,
+)
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.gateway import GatewayState
-    from ollamamq_fast.policy.cache import Entry
     from ollamamq_fast.limits import Limits
+    from ollamamq_fast.policy.cache import Entry
     from ollamamq_fast.proxy.downstream import ClientProtocol
     from ollamamq_fast.proxy.upstream import UpstreamConnection
     from ollamamq_fast.sched.fairqueue import Ticket
