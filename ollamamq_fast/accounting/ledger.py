@@ -208,7 +208,8 @@ class Ledger:
             if r.in_flight_counted:
                 stats.cancelled += 1
         else:
-            stats.response(path_label(r.path), status, backend)
+            label = _LABELS.get(r.path)
+            stats.response(label if label is not None else path_label(r.path), status, backend)
             if r.started_at:
                 stats.latency.observe(elapsed)
         if r.in_flight_counted:

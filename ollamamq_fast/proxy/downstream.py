@@ -203,7 +203,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def resume_reading(self) -> None:
         """Read the client again once nothing else holds it paused; safe to repeat."""
-        if not self.closing:
+        if self.flow.client_reasons and not self.closing:
             self.flow.resume_client(BODY_BUFFER)
 
     def exchange_done(self, ex: Exchange) -> None:
@@ -234,7 +234,7 @@ class ClientProtocol(asyncio.Protocol):
                     self.pipeline.clear()
                     return
                 if not self.pipeline:
-                    if not self.writing_paused:
+                    if not self.flow.client_write_blocked:
                         self.resume_reading()
                     return
                 nxt = self.pipeline.popleft()

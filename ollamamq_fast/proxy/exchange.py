@@ -38,7 +38,7 @@ from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
 from ollamamq_fast.policy.identity import AuthError
 from ollamamq_fast.policy.streamusage import UsageStripper
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
-from ollamamq_fast.proxy.state import State, advance
+from ollamamq_fast.proxy.state import ALLOWED, IllegalTransition, State
 from ollamamq_fast.sched.dispatcher import Placed
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 from ollamamq_fast.wire import framing
@@ -167,11 +167,14 @@ class Exchange:
     # -- State (state.py holds the table of allowed moves) ---------------------------
 
     def _to(self, target: State) -> None:
-        self.state = advance(self.state, target)
+        current = self.state
+        if not (ALLOWED[current] >> target) & 1:
+            raise IllegalTransition(current, target)
+        self.state = target
 
     def _end(self) -> None:
         if self.state is not State.DONE:
-            self.state = advance(self.state, State.DONE)
+            self.state = State.DONE  # allowed from every other state (state.py)
             if self.body_held:
                 self.gw.bodies.give_back(self.body_held)
                 self.body_held = 0

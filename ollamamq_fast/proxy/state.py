@@ -21,15 +21,19 @@ import enum
 from typing import Final
 
 
-class State(enum.Enum):
-    """Where an exchange is in its life."""
+class State(enum.IntEnum):
+    """Where an exchange is in its life.
 
-    RECEIVING = "receiving"  # head parsed; body being read, admission pending
-    QUEUED = "queued"  # waiting in its user's queue (or the retry line) for a slot
-    CONNECTING = "connecting"  # has a backend; taking or opening a connection
-    WAITING = "waiting"  # request written; no response head yet
-    STREAMING = "streaming"  # response head relayed; body bytes flowing
-    DONE = "done"  # answered, refused, failed or abandoned: nothing more happens
+    An IntEnum, so that checking a move is integer arithmetic: a plain Enum
+    member hashes through a Python-level `__hash__` on every table lookup.
+    """
+
+    RECEIVING = 0  # head parsed; body being read, admission pending
+    QUEUED = 1  # waiting in its user's queue (or the retry line) for a slot
+    CONNECTING = 2  # has a backend; taking or opening a connection
+    WAITING = 3  # request written; no response head yet
+    STREAMING = 4  # response head relayed; body bytes flowing
+    DONE = 5  # answered, refused, failed or abandoned: nothing more happens
 
 
 TRANSITIONS: Final[dict[State, frozenset[State]]] = {
@@ -41,8 +45,9 @@ TRANSITIONS: Final[dict[State, frozenset[State]]] = {
     State.DONE: frozenset(),
 }
 
-# Where a connection is still to hear from a backend (the reaper's silence timer runs).
-UPSTREAM_STATES: Final = frozenset({State.WAITING, State.STREAMING})
+# The table as one bit mask per state (bit n: State(n) may follow), for `advance`.
+ALLOWED: Final[tuple[int, ...]] = tuple(
+    sum(1 << target for target in TRANSITIONS[State(n)]) for n in range(len(State)))
 
 
 class IllegalTransition(RuntimeError):
@@ -56,6 +61,6 @@ class IllegalTransition(RuntimeError):
 
 def advance(current: State, target: State) -> State:
     """`target` if the move from `current` is allowed; IllegalTransition otherwise."""
-    if target not in TRANSITIONS[current]:
+    if not (ALLOWED[current] >> target) & 1:
         raise IllegalTransition(current, target)
     return target

@@ -61,6 +61,25 @@ def started(backend: "Backend", slotted: bool) -> Placement:
     return p
 
 
+class _StartedCache:
+    """The two STARTED answers of each backend, made once (answers are never changed)."""
+
+    __slots__ = ("slotted", "unslotted")
+
+    def __init__(self) -> None:
+        self.slotted: dict[Backend, Placement] = {}
+        self.unslotted: dict[Backend, Placement] = {}
+
+    def get(self, backend: "Backend", slotted: bool) -> Placement:
+        table = self.slotted if slotted else self.unslotted
+        p = table.get(backend)
+        if p is None:
+            if len(table) > 4096:  # backends come and go at run time: stay bounded
+                table.clear()
+            p = table[backend] = started(backend, slotted)
+        return p
+
+
 def refused(status: int, message: str, retry_after: int | None = None,
             rejected: bool = False) -> Placement:
     """Answer this error now."""
@@ -89,6 +108,7 @@ class Dispatcher:
         for user, weight in settings.user_weights.items():
             self.queue.set_weight(user, weight)
         self.retry_line: deque[Exchange] = deque()
+        self._started = _StartedCache()
         self.retry_scheduled = False
         self.pumping = False
         self.dispatched = 0
@@ -126,7 +146,7 @@ class Dispatcher:
                 backend = fleet.primary(native)
             if backend is None:
                 return self._no_backend_for(ex)
-            return started(backend, False)
+            return self._started.get(backend, False)
         elif not fleet.serves(model, native):
             return self._no_backend_for(ex)
         if not self.queue and not self.retry_line:
@@ -134,7 +154,7 @@ class Dispatcher:
             backend = fleet.pick(model, native, ex.affinity, ex.failed)
             if backend is not None:
                 self.dispatched += 1
-                return started(backend, True)
+                return self._started.get(backend, True)
         settings = self.settings
         if len(self.queue) >= settings.max_queue:
             self.rejected_full += 1

@@ -36,9 +36,6 @@ _PATH_SAFE: Final = frozenset(
 _ESCAPE: Final = re.compile(rb"%([0-9A-Fa-f]{2})")
 _CONTROL: Final = re.compile(rb"[\x00-\x1f\x7f]")
 _ABSOLUTE: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
-# Anything that can make a path non-canonical: a percent escape, a repeated
-# slash or a dot segment. Paths without these are returned as they are.
-_SUSPECT: Final = (b"%", b"//", b"/.")
 
 
 def request_path(target: bytes) -> tuple[bytes, bytes]:
@@ -64,7 +61,7 @@ def request_path(target: bytes) -> tuple[bytes, bytes]:
 
 def normalize(path: bytes) -> bytes:
     """The canonical spelling of a path; the same object when it is already canonical."""
-    if not any(mark in path for mark in _SUSPECT):
+    if b"%" not in path and b"//" not in path and b"/." not in path:
         return path  # the HTTP parser has already refused control bytes in the target
     decoded = _unescape(path) if b"%" in path else path
     if _CONTROL.search(decoded) is not None:
