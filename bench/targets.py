@@ -45,8 +45,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 TINY = '{"model":"llama3.2","prompt":"hi","stream":false,"options":{"num_predict":1}}'
 STREAM_LINES = 100
-STREAM = ('{"model":"llama3.2","prompt":"hi","stream":true,"options":{"num_predict":%d}}'
-          % STREAM_LINES)
+STREAM = ('{"model":"llama3.2","prompt":"hi","stream":true,"options":{"num_predict":'
+          f'{STREAM_LINES}}}}}')
 
 # The issue's targets (issue 12): (name, comparison, bound).
 TARGETS = (
@@ -68,10 +68,10 @@ def free_port() -> int:
 def wait_ready(port: int, path: str = "/api/version", timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
-                if r.status < 500:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(
+                f"http://127.0.0.1:{port}{path}", timeout=1) as r:
+            if r.status < 500:
+                return
         time.sleep(0.1)
     raise SystemExit(f"nothing answers on port {port} after {timeout:g} s")
 
@@ -91,7 +91,7 @@ class WrkResult:
     errors: int
 
 
-_LAT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+_LAT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
 
 
 def wrk(tmp: Path, port: int, body: str, conns: int, seconds: float,
