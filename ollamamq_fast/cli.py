@@ -15,7 +15,9 @@ from typing import NoReturn
 
 from ollamamq_fast import __version__, argtypes
 from ollamamq_fast.config import (
+    BACKEND_KINDS,
     BALANCE_CHOICES,
+    BackendOptions,
     DEFAULT_ADMIN_PORT,
     DEFAULT_BACKEND,
     DEFAULT_HOST,
@@ -28,6 +30,7 @@ from ollamamq_fast.config import (
     apply_toml,
     env_default,
     load_toml,
+    parse_backend_url,
     parse_backend_urls,
     parse_weights,
 )
@@ -68,6 +71,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated backend URLs: Ollama, LM Studio, vLLM, any "
                         "OpenAI-compatible server; http:// is added when missing "
                         f"(env OLLAMA_URLS or BACKEND_URLS; default {DEFAULT_BACKEND})")
+    p.add_argument("--backend-kind", default=None, metavar="KIND|URL=KIND[,...]",
+                   help="API kind of the backends instead of detecting it at first contact: "
+                        f"{', '.join(BACKEND_KINDS)}; a bare KIND applies to every backend "
+                        "(env BACKEND_KIND; per backend also `kind` in the config file)")
     p.add_argument("-t", "--timeout", type=_positive_float, default=None,
                    help="seconds of silence allowed from a backend before the request fails; "
                         "not a cap on a long stream "
@@ -154,6 +161,24 @@ def _users(text: str) -> list[str]:
     return [u.strip() for u in text.split(",") if u.strip()]
 
 
+def _apply_backend_kinds(settings: Settings, text: str) -> None:
+    """`--backend-kind llamacpp` (every backend) or `URL=KIND,URL=KIND`."""
+    for item in text.split(","):
+        url, sep, kind = item.strip().rpartition("=")
+        kind = kind.strip()
+        if kind not in BACKEND_KINDS:
+            raise ConfigError(f"--backend-kind: {kind!r} is not one of {', '.join(BACKEND_KINDS)}")
+        if sep:
+            key = parse_backend_url(url).url
+            if key not in {b.url for b in settings.backends}:
+                raise ConfigError(f"--backend-kind: {url.strip()!r} is not a backend")
+            targets = [key]
+        else:
+            targets = [b.url for b in settings.backends]
+        for key in targets:
+            settings.backend_options.setdefault(key, BackendOptions()).kind = kind
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Build Settings: defaults < TOML config < environment < flags."""
     settings = Settings()
@@ -173,6 +198,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     urls = args.backend_urls or env_default(("OLLAMA_URLS", "BACKEND_URLS"))
     if urls:
         settings.backends = parse_backend_urls(urls)
+    kinds = args.backend_kind or env_default(("BACKEND_KIND",))
+    if kinds:
+        _apply_backend_kinds(settings, kinds)
     timeout_text = env_default(("TIMEOUT",))
     if args.timeout is not None:
         settings.timeout = args.timeout

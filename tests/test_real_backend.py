@@ -214,8 +214,8 @@ def test_backend_kinds_detected(real: RealBackend) -> None:
         return {b.name: (b.kind, set(b.models), b.online) for b in real.stack.state.fleet.backends}
 
     backends = real.on_loop(view)
-    # llama.cpp answers 404 to /api/tags and /api/v0/models: plain OpenAI-compatible.
-    assert backends[real.server_url] == (ApiKind.OPENAI, {normalize_model(MODEL)}, True)
+    # llama-cpp-python answers 404 to /api/tags; its /v1/models says owned_by "me".
+    assert backends[real.server_url] == (ApiKind.LLAMACPP, {normalize_model(MODEL)}, True)
     kind, models, online = backends[real.sim_url]
     assert kind is ApiKind.OLLAMA and online
     assert normalize_model("llama3.2") in models

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ollamamq_fast import __version__
+from ollamamq_fast.fleet.backend import ApiKind
 
 JSON = "application/json"
 
@@ -228,7 +229,7 @@ def _web_paths() -> dict[str, Any]:
 
 def _schemas() -> dict[str, Any]:
     backend = _obj({
-        "url": _STR, "kind": {"enum": ["unknown", "ollama", "openai", "lmstudio"]},
+        "url": _STR, "kind": {"enum": [k.value for k in ApiKind]},
         "online": _BOOL, "draining": _BOOL, "breaker": {"enum": ["closed", "open", "half-open"]},
         "slots": _INT, "in_flight": _INT, "requests_done": _INT, "failures": _INT,
         "models": {"type": "array", "items": _STR}, "loaded": {"type": "array", "items": _STR},
