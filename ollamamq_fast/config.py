@@ -14,9 +14,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_BACKEND = "http://localhost:11434"
 # Seconds of silence allowed from a backend. Not a cap on a long stream: a model
-# load or a pull can be silent for minutes (PROTOCOL.md §7.24).
+# load or a pull can be silent for minutes (docs/protocol-notes.md §7.24).
 DEFAULT_TIMEOUT = 300.0
-# Large enough for chat requests with several base64 images (PROTOCOL.md §7.14);
+# Large enough for chat requests with several base64 images (docs/protocol-notes.md §7.14);
 # blob uploads are streamed and are not bound by it.
 DEFAULT_MAX_BODY_MB = 100.0
 # Request bodies held in memory at once, all clients together: a few large
@@ -39,7 +39,7 @@ class BackendUrl:
 
     @property
     def authority(self) -> str:
-        """Host header value for requests to this backend (PROTOCOL.md §7.17)."""
+        """Host header value for requests to this backend (docs/protocol-notes.md §7.17)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
