@@ -72,7 +72,6 @@ class _Watch:
     next_check: float = 0.0  # loop time of the next check
     done_seen: int = -1  # backend.requests_done at the last check
     models_at: float = -math.inf  # loop time of the last model-list refresh
-    version_asked: bool = False  # an Ollama backend's version is asked once
 
 
 class HealthChecker:
@@ -241,9 +240,13 @@ class HealthChecker:
         else:
             self._take_v1_models(backend, await self._expect(backend, "/v1/models"))
             watch.models_at = loop.time()
-        if backend.kind is ApiKind.OLLAMA and not watch.version_asked:
-            watch.version_asked = True
-            _, version = await self._get_json(backend, "/api/version")
+        if backend.kind is ApiKind.OLLAMA and backend.version is None:
+            # Once, at first contact (again only until it is known); not a
+            # liveness question, so its failure is not the check's.
+            try:
+                _, version = await self._get_json(backend, "/api/version")
+            except _PROBE_ERRORS:
+                version = None
             if isinstance(version, dict):
                 backend.version = str(version.get("version") or "") or None
 
