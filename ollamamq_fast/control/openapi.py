@@ -185,7 +185,8 @@ _NUM = {"type": "number"}
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _SLOTS = {"type": "integer", "minimum": 1}
-_QUANTILE = {"type": ["number", "null"], "description": "seconds; null when infinite"}
+_QUANTILE = {"type": "number",
+             "description": "seconds, interpolated within a histogram bucket; 0 before any"}
 
 
 def _free_json(description: str, status: str = "200") -> dict[str, Any]:
