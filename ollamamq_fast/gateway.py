@@ -197,7 +197,18 @@ class Gateway:
         return self.admin.port if self.admin is not None else None
 
     async def start(self) -> None:
-        """Probe the fleet once, then listen."""
+        """Probe the fleet once, then listen.
+
+        A start that fails (the port is taken...) stops what it had started
+        (probe session, simulator, store) before the error propagates.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0.0)
+            raise
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         settings = self.settings
         if settings.sim:

@@ -172,6 +172,8 @@ def test_port_in_use_is_a_clear_error() -> None:
         r = _run("--sim", "--no-tui", "-p", str(port))
     assert r.returncode == 1
     assert "cannot listen" in r.stderr and "Traceback" not in r.stderr
+    # What had started (probe session, simulator) was closed: no asyncio noise.
+    assert "Unclosed" not in r.stderr and "ERROR" not in r.stderr, r.stderr
 
 
 def test_toml_config_and_sighup_reload(tmp_path) -> None:  # type: ignore[no-untyped-def]
