@@ -22,7 +22,7 @@ PENDING = {"ollamamq_fast/proxy/exchange.py"}
 def _commands(text: str) -> list[str]:
     """Shell commands in ```bash blocks, continuation lines joined."""
     out = []
-    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.DOTALL):
         out.extend(c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip())
     return out
 
@@ -49,8 +49,8 @@ def test_nothing_cites_notes_outside_the_repository() -> None:
 
 def test_protocol_note_citations_resolve() -> None:
     notes = (ROOT / "docs" / "protocol-notes.md").read_text()
-    sections = set(re.findall(r"^#+ (\d+(?:\.\d+)?)\.? ", notes, re.M))
-    traps = set(re.findall(r"^(\d+)\. ", notes.split("## 7.", 1)[1], re.M))
+    sections = set(re.findall(r"^#+ (\d+(?:\.\d+)?)\.? ", notes, re.MULTILINE))
+    traps = set(re.findall(r"^(\d+)\. ", notes.split("## 7.", 1)[1], re.MULTILINE))
     known = sections | {f"7.{n}" for n in traps}
     cite = re.compile(r"docs/protocol-notes\.md((?:[ ,]+§[\d.–]+)*)")
     for path in CITING:

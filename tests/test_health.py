@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
-
 from fake_llama import MODEL, FakeLlama
 from harness import LoopThread, Stack, start_stack
+
 from ollamamq_fast.config import (
     BACKEND_KINDS,
     BackendOptions,
@@ -57,19 +57,18 @@ def stream_chat(url: str, user: str, out: dict[str, Any]) -> None:
     """Stream one chat completion; record the content pieces and the finish reason."""
     pieces: list[str] = []
     finish = None
-    with httpx.Client(timeout=30) as client:
-        with client.stream("POST", url + "/v1/chat/completions", headers={"X-User-ID": user},
-                           json={"model": MODEL, "stream": True,
-                                 "messages": [{"role": "user", "content": "q"}]}) as r:
-            out["status"] = r.status_code
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                for choice in event.get("choices") or []:
-                    if choice["delta"].get("content"):
-                        pieces.append(choice["delta"]["content"])
-                    finish = choice.get("finish_reason") or finish
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "q"}]}
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", url + "/v1/chat/completions", headers={"X-User-ID": user}, json=body) as r:
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            for choice in event.get("choices") or []:
+                if choice["delta"].get("content"):
+                    pieces.append(choice["delta"]["content"])
+                finish = choice.get("finish_reason") or finish
     out["pieces"], out["finish"] = pieces, finish
 
 
