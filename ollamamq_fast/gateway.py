@@ -356,16 +356,16 @@ class Gateway:
                     state.remove_backend(backend.name)
                     changes["removed"].append(backend.name)
             for url, slots in wanted.items():
-                backend = fleet.find(url)
+                existing = fleet.find(url)
                 options = fresh.backend_options.get(url, BackendOptions())
-                if backend is None:
+                if existing is None:
                     state.add_backend(url, slots, options)
                     changes["added"].append(url)
                     continue
-                if backend.slots != slots:
-                    backend.slots = slots
+                if existing.slots != slots:
+                    existing.slots = slots
                     changes["slots"][url] = slots
-                backend.configure(options)
+                existing.configure(options)
         queue = state.dispatcher.queue
         for user in fresh.vip_users:
             queue.set_vip(user, True)

@@ -288,3 +288,21 @@ def test_backend_kind_flag() -> None:
 
 def test_kind_names_match() -> None:
     assert set(BACKEND_KINDS) - {"auto"} == {k.value for k in ApiKind} - {"unknown"}
+
+
+def test_reload_applies_backend_kind_and_probe_settings(fake_loop: LoopThread, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fake = start_fake(fake_loop)
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[[backends]]\nurl = "{fake.url}"\nkind = "vllm"\n'
+                      'probe_path = "/health"\nprobe_interval = 30\n')
+    st = start_stack(sims=[], extra_backends=[fake.url], health_interval=3600.0,
+                     config_path=str(config))
+    try:
+        backend = only_backend(st)
+        assert backend.kind is ApiKind.LLAMACPP  # detected from owned_by
+        st.lt.call(st.gateway.reload)
+        assert backend.kind is ApiKind.VLLM and backend.kind_configured
+        assert (backend.probe_path, backend.probe_interval) == ("/health", 30.0)
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
