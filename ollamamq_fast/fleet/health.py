@@ -125,8 +125,10 @@ class HealthChecker:
             await asyncio.sleep(self._sleep_time(loop.time()))
             now = loop.time()
             due = [b for b in list(self.fleet.backends) if self._watch(b).next_check <= now]
-            if due:
-                await asyncio.gather(*(self.probe(b) for b in due))
+            results = await asyncio.gather(*(self.probe(b) for b in due), return_exceptions=True)
+            for backend, result in zip(due, results):
+                if isinstance(result, Exception):  # a bug must not end all checks
+                    log.error("health check of %s failed: %r", backend.name, result)
 
     def _sleep_time(self, now: float) -> float:
         """Until the earliest backend is due (never longer than the interval)."""
