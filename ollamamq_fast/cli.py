@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import NoReturn
 
 from ollamamq_fast import __version__, argtypes
 from ollamamq_fast.config import (
+    BACKEND_KINDS,
     BALANCE_CHOICES,
+    BackendOptions,
     DEFAULT_ADMIN_PORT,
     DEFAULT_BACKEND,
     DEFAULT_HOST,
@@ -28,6 +31,7 @@ from ollamamq_fast.config import (
     apply_toml,
     env_default,
     load_toml,
+    parse_backend_url,
     parse_backend_urls,
     parse_weights,
 )
@@ -36,6 +40,9 @@ from ollamamq_fast.cli_policy import add_policy_arguments, apply_policy_args
 from ollamamq_fast.policy.identity import parse_networks
 
 SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends", "top")
+# Default file names, in the state folder (never the current folder).
+STATE_FILE = "ollamamq.db"
+LOG_FILE = "ollamamq.log"
 # On SIGTERM/SIGINT: stop accepting, let running streams finish this long, exit.
 DRAIN_GRACE_S = 30.0
 
@@ -68,6 +75,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated backend URLs: Ollama, LM Studio, vLLM, any "
                         "OpenAI-compatible server; http:// is added when missing "
                         f"(env OLLAMA_URLS or BACKEND_URLS; default {DEFAULT_BACKEND})")
+    p.add_argument("--backend-kind", default=None, metavar="KIND|URL=KIND[,...]",
+                   help="API kind of the backends instead of detecting it at first contact: "
+                        f"{', '.join(BACKEND_KINDS)}; a bare KIND applies to every backend "
+                        "(env BACKEND_KIND; per backend also `kind` in the config file)")
     p.add_argument("-t", "--timeout", type=_positive_float, default=None,
                    help="seconds of silence allowed from a backend before the request fails; "
                         "not a cap on a long stream "
@@ -120,9 +131,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="users served on every second dispatch ahead of the normal ring")
     p.add_argument("--weight", default=None, metavar="USER=N[,...]",
                    help="users that get N turns per round instead of 1")
-    p.add_argument("--state", default="ollamamq.db", metavar="PATH",
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="folder of the default state and log files (default "
+                        "$XDG_STATE_HOME/ollamamq-fast, else ~/.local/state/ollamamq-fast)")
+    p.add_argument("--state", default=None, metavar="PATH",
                    help="SQLite file keeping keys, users, blocks and runtime backends across "
-                        "restarts; '' = memory only (default ollamamq.db)")
+                        f"restarts; '' = memory only (default {STATE_FILE} in the state folder)")
     p.add_argument("--redis", default=None, metavar="URL",
                    help="share state with other replicas through this Redis "
                         "(env REDIS_URL; replaces --state)")
@@ -138,9 +152,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(a demo with no Ollama around; -o backends are added when given)")
     p.add_argument("--sim-models", default=None, metavar="M[,M...]",
                    help="models of the --sim backend (default: the simulator's own list)")
-    p.add_argument("--log-file", default="ollamamq.log", metavar="PATH",
+    p.add_argument("--log-file", default=None, metavar="PATH",
                    help="access and event log file, rotated at 20 MB, 5 kept; '' = none "
-                        "(default ollamamq.log; with --no-tui access lines also go to stderr)")
+                        f"(default {LOG_FILE} in the state folder; with --no-tui access lines "
+                        "also go to stderr)")
     p.add_argument("--no-access-log", action="store_true",
                    help="write no access lines (file or stderr), e.g. for benchmarks")
     p.add_argument("--log-format", choices=["json", "logfmt"], default="json",
@@ -150,8 +165,34 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_policy_arguments(p)
 
 
+def default_state_dir() -> str:
+    """`$XDG_STATE_HOME/ollamamq-fast`, else `~/.local/state/ollamamq-fast` (XDG base dirs)."""
+    base = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the spec says relative values are to be ignored
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "ollamamq-fast")
+
+
 def _users(text: str) -> list[str]:
     return [u.strip() for u in text.split(",") if u.strip()]
+
+
+def _apply_backend_kinds(settings: Settings, text: str) -> None:
+    """`--backend-kind llamacpp` (every backend) or `URL=KIND,URL=KIND`."""
+    for item in text.split(","):
+        url, sep, kind = item.strip().rpartition("=")
+        kind = kind.strip()
+        if kind not in BACKEND_KINDS:
+            raise ConfigError(f"--backend-kind: {kind!r} is not one of {', '.join(BACKEND_KINDS)}")
+        if sep:
+            key = parse_backend_url(url).url
+            if key not in {b.url for b in settings.backends}:
+                raise ConfigError(f"--backend-kind: {url.strip()!r} is not a backend")
+            targets = [key]
+        else:
+            targets = [b.url for b in settings.backends]
+        for key in targets:
+            settings.backend_options.setdefault(key, BackendOptions()).kind = kind
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -173,6 +214,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     urls = args.backend_urls or env_default(("OLLAMA_URLS", "BACKEND_URLS"))
     if urls:
         settings.backends = parse_backend_urls(urls)
+    kinds = args.backend_kind or env_default(("BACKEND_KIND",))
+    if kinds:
+        _apply_backend_kinds(settings, kinds)
     timeout_text = env_default(("TIMEOUT",))
     if args.timeout is not None:
         settings.timeout = args.timeout
@@ -182,7 +226,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"TIMEOUT: {exc}") from None
     settings.tui = not args.no_tui
-    settings.log_file = None if args.no_access_log else (args.log_file or None)
+    state_dir = args.state_dir or default_state_dir()
+    log_file = args.log_file if args.log_file is not None else os.path.join(state_dir, LOG_FILE)
+    settings.log_file = None if args.no_access_log else (log_file or None)
     settings.log_stderr = args.no_tui and not args.no_access_log
     settings.log_format = args.log_format
     settings.config_path = args.config
@@ -211,7 +257,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         settings.boost_users.extend(_users(args.boost))
     if args.weight:
         settings.user_weights.update(parse_weights(args.weight))
-    settings.state_path = args.state or None
+    state = args.state if args.state is not None else os.path.join(state_dir, STATE_FILE)
+    settings.state_path = state or None
     settings.redis_url = args.redis or env_default(("REDIS_URL",))
     if args.auth is not None:
         settings.auth = args.auth
@@ -313,6 +360,15 @@ async def _serve(settings: Settings) -> int:
     # Before start(): the control plane must be guarded by a token the
     # dashboard holds, not one it generates and forgets.
     generated_token = ensure_admin_token(settings) if dashboard else None
+    for path in (settings.state_path, settings.log_file):
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                print(f"ollamamq-fast: error: cannot create {folder}: {exc.strerror or exc}",
+                      file=sys.stderr)
+                return 1
     gateway = Gateway(settings)
     try:
         await gateway.start()
@@ -337,6 +393,10 @@ async def _serve(settings: Settings) -> int:
     print(f"ollamamq-fast {__version__} listening on {summary['listen']}", file=sys.stderr)
     if gateway.admin is not None and gateway.admin.url is not None:
         print(f"  admin API on {gateway.admin.url}", file=sys.stderr)
+    if settings.state_path and not settings.redis_url:
+        print(f"  state in {settings.state_path}", file=sys.stderr)
+    if settings.log_file:
+        print(f"  access log in {settings.log_file}", file=sys.stderr)
     for b in summary["backends"]:
         state = "online" if b["online"] else "offline"
         models = ", ".join(b["models"]) or "no models"

@@ -14,9 +14,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_BACKEND = "http://localhost:11434"
 # Seconds of silence allowed from a backend. Not a cap on a long stream: a model
-# load or a pull can be silent for minutes (PROTOCOL.md §7.24).
+# load or a pull can be silent for minutes (docs/protocol-notes.md §7.24).
 DEFAULT_TIMEOUT = 300.0
-# Large enough for chat requests with several base64 images (PROTOCOL.md §7.14);
+# Large enough for chat requests with several base64 images (docs/protocol-notes.md §7.14);
 # blob uploads are streamed and are not bound by it.
 DEFAULT_MAX_BODY_MB = 100.0
 # Request bodies held in memory at once, all clients together: a few large
@@ -39,7 +39,7 @@ class BackendUrl:
 
     @property
     def authority(self) -> str:
-        """Host header value for requests to this backend (PROTOCOL.md §7.17)."""
+        """Host header value for requests to this backend (docs/protocol-notes.md §7.17)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -83,6 +83,22 @@ def parse_backend_urls(raw: str) -> list[BackendUrl]:
     return list(seen.values())
 
 
+# Backend kinds an operator may set (fleet.backend.ApiKind values); "auto" =
+# detected at first contact.
+BACKEND_KINDS = ("auto", "ollama", "openai", "llamacpp", "vllm", "lmstudio")
+
+
+@dataclass(slots=True)
+class BackendOptions:
+    """Per-backend settings beyond slots: API kind and health-probe override."""
+
+    kind: str = "auto"
+    # Probe this path every probe_interval seconds even while requests run
+    # (only for paths the server answers at once while it generates).
+    probe_path: str | None = None
+    probe_interval: float | None = None
+
+
 @dataclass(slots=True)
 class Settings:
     """Everything the gateway is configured with."""
@@ -110,6 +126,8 @@ class Settings:
     balance: str = "least-conn"
     # Per-backend slot overrides (from the TOML config): normalized URL -> slots.
     backend_slots: dict[str, int] = field(default_factory=dict)
+    # Per-backend kind and probe settings (TOML, --backend-kind): normalized URL -> options.
+    backend_options: dict[str, BackendOptions] = field(default_factory=dict)
     # Fair-share settings from config: users with absolute priority, boosted
     # users, and per-user weights (turns per round).
     vip_users: list[str] = field(default_factory=list)
@@ -246,7 +264,32 @@ def _apply_backends(settings: Settings, value: object, path: str) -> None:
             if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
                 raise ConfigError(f"{path}: backend {b.url}: slots must be an integer >= 1")
             settings.backend_slots[b.url] = slots
+        options = _backend_options(item, f"{path}: backend {b.url}")
+        if options is not None:
+            settings.backend_options[b.url] = options
     settings.backends = backends
+
+
+def _backend_options(item: dict[str, Any], where: str) -> BackendOptions | None:
+    """`kind`, `probe_path` and `probe_interval` of one `[[backends]]` table."""
+    if not any(k in item for k in ("kind", "probe_path", "probe_interval")):
+        return None
+    options = BackendOptions()
+    kind = item.get("kind", "auto")
+    if kind not in BACKEND_KINDS:
+        raise ConfigError(f"{where}: kind must be one of {', '.join(BACKEND_KINDS)}")
+    options.kind = str(kind)
+    probe_path = item.get("probe_path")
+    if probe_path is not None:
+        if not isinstance(probe_path, str) or not probe_path.startswith("/"):
+            raise ConfigError(f"{where}: probe_path must be a path starting with /")
+        options.probe_path = probe_path
+    interval = item.get("probe_interval")
+    if interval is not None:
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+            raise ConfigError(f"{where}: probe_interval must be a positive number of seconds")
+        options.probe_interval = float(interval)
+    return options
 
 
 def _apply_users(settings: Settings, value: object, path: str) -> None:

@@ -13,7 +13,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ollamamq_fast.config import ConfigError, Settings, apply_toml, load_toml, parse_backend_url
+from ollamamq_fast.config import (
+    BackendOptions,
+    ConfigError,
+    Settings,
+    apply_toml,
+    load_toml,
+    parse_backend_url,
+)
 from ollamamq_fast.fleet.backend import Backend
 from ollamamq_fast.fleet.health import HealthChecker
 from ollamamq_fast.fleet.passive import PassiveHealth
@@ -87,6 +94,9 @@ class GatewayState:
         ]
         for b in backends:
             b.pool = UpstreamPool(b, loop)
+            options = settings.backend_options.get(b.name)
+            if options is not None:
+                b.configure(options)
         self.fleet = Fleet(backends, Balance(settings.balance))
         self.dispatcher = Dispatcher(self.fleet, settings, loop)
         self.health = HealthChecker(
@@ -143,10 +153,13 @@ class GatewayState:
             backend.pool.close_all()
         return backend
 
-    def add_backend(self, url: str, slots: int | None = None) -> Backend:
+    def add_backend(self, url: str, slots: int | None = None,
+                    options: BackendOptions | None = None) -> Backend:
         """Add a backend at runtime; it takes traffic after its first probe."""
         backend = Backend(parse_backend_url(url), slots or self.settings.slots)
         backend.pool = UpstreamPool(backend, self.loop)
+        if options is not None:
+            backend.configure(options)
         self.fleet.add(backend)
         self.health.refresh_soon(backend)
         return backend
@@ -184,7 +197,18 @@ class Gateway:
         return self.admin.port if self.admin is not None else None
 
     async def start(self) -> None:
-        """Probe the fleet once, then listen."""
+        """Probe the fleet once, then listen.
+
+        A start that fails (the port is taken...) stops what it had started
+        (probe session, simulator, store) before the error propagates.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0.0)
+            raise
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         settings = self.settings
         if settings.sim:
@@ -332,13 +356,16 @@ class Gateway:
                     state.remove_backend(backend.name)
                     changes["removed"].append(backend.name)
             for url, slots in wanted.items():
-                backend = fleet.find(url)
-                if backend is None:
-                    state.add_backend(url, slots)
+                existing = fleet.find(url)
+                options = fresh.backend_options.get(url, BackendOptions())
+                if existing is None:
+                    state.add_backend(url, slots, options)
                     changes["added"].append(url)
-                elif backend.slots != slots:
-                    backend.slots = slots
+                    continue
+                if existing.slots != slots:
+                    existing.slots = slots
                     changes["slots"][url] = slots
+                existing.configure(options)
         queue = state.dispatcher.queue
         for user in fresh.vip_users:
             queue.set_vip(user, True)

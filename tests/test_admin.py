@@ -528,6 +528,15 @@ def test_cli_errors(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 2
 
 
+def test_cli_commands_alone_list(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("users", "keys", "backends"):
+        alone = _cli(capsys, stack, command, "--json")
+        listed = _cli(capsys, stack, command, "list", "--json")
+        assert alone[0] == 0 and json.loads(alone[1]) == json.loads(listed[1]), command
+    code, out, _ = _cli(capsys, stack, "backends")
+    assert code == 0 and out.startswith("URL") and backend_urls(stack)[0] in out
+
+
 def test_cli_subprocess(stack: Stack) -> None:
     base = f"http://127.0.0.1:{stack.gateway.admin_port}"
     env = {**os.environ, "OLLAMAMQ_ADMIN": base, "OLLAMAMQ_ADMIN_TOKEN": TOKEN}

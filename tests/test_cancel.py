@@ -1,6 +1,6 @@
 """Cancellation: a client that leaves stops the work it asked for.
 
-Closing the connection is Ollama's only cancel signal (PROTOCOL.md §1, §7.10),
+Closing the connection is Ollama's only cancel signal (docs/protocol-notes.md §1, §7.10),
 so the backend must see its connection close within 50 ms of the client's.
 """
 

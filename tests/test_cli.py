@@ -121,6 +121,47 @@ def test_serve_with_sim_answers_and_stops_on_sigterm() -> None:
             proc.wait()
 
 
+def test_state_and_log_default_to_the_state_folder(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    xdg = tmp_path / "xdg"
+    s = _settings([], env={"XDG_STATE_HOME": str(xdg)})
+    assert s.state_path == str(xdg / "ollamamq-fast" / "ollamamq.db")
+    assert s.log_file == str(xdg / "ollamamq-fast" / "ollamamq.log")
+    # A relative XDG_STATE_HOME is ignored (XDG base directory spec): ~/.local/state.
+    home = tmp_path / "home"
+    s = _settings([], env={"XDG_STATE_HOME": "relative", "HOME": str(home)})
+    assert s.state_path == str(home / ".local" / "state" / "ollamamq-fast" / "ollamamq.db")
+    folder = tmp_path / "d"
+    s = _settings(["--state-dir", str(folder)])
+    assert (s.state_path, s.log_file) == (str(folder / "ollamamq.db"), str(folder / "ollamamq.log"))
+    s = _settings(["--state-dir", str(folder), "--state", "x.db", "--log-file", ""])
+    assert (s.state_path, s.log_file) == ("x.db", None)
+    assert _settings(["--state", ""]).state_path is None
+
+
+def test_quick_start_writes_nothing_into_the_current_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cwd, state_home = tmp_path / "cwd", tmp_path / "state"
+    cwd.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "serve", "--sim", "--no-tui",
+                             "-p", str(port), "--admin-port", "0"],
+                            cwd=cwd, env={**os.environ, "XDG_STATE_HOME": str(state_home)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}")
+        r = httpx.post(f"http://127.0.0.1:{port}/api/generate", timeout=10,
+                       json={"model": "llama3.2", "prompt": "hi", "stream": False})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert list(cwd.iterdir()) == []
+    folder = state_home / "ollamamq-fast"
+    assert (folder / "ollamamq.db").is_file() and (folder / "ollamamq.log").is_file()
+
+
 def test_port_in_use_is_a_clear_error() -> None:
     import socket
 
@@ -131,6 +172,8 @@ def test_port_in_use_is_a_clear_error() -> None:
         r = _run("--sim", "--no-tui", "-p", str(port))
     assert r.returncode == 1
     assert "cannot listen" in r.stderr and "Traceback" not in r.stderr
+    # What had started (probe session, simulator) was closed: no asyncio noise.
+    assert "Unclosed" not in r.stderr and "ERROR" not in r.stderr, r.stderr
 
 
 def test_toml_config_and_sighup_reload(tmp_path) -> None:  # type: ignore[no-untyped-def]

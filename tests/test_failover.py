@@ -175,6 +175,27 @@ def test_no_backend_online_is_503_not_a_hang() -> None:
         st.close()
 
 
+def test_api_version_invents_nothing_without_an_ollama_backend() -> None:
+    # An OpenAI-only fleet, then a dead one: 503 in Ollama's shape, as if Ollama
+    # were unreachable, never a made-up version number.
+    st = start_stack(sims=[fast_sim_options(api="openai")],
+                     extra_backends=[f"http://127.0.0.1:{free_port()}"])
+    try:
+        r = httpx.get(st.url + "/api/version", timeout=5)
+        assert r.status_code == 503 and "retry-after" in r.headers
+        assert r.json() == {"error": "no Ollama backend is online"}
+        head = httpx.head(st.url + "/api/version", timeout=5)
+        assert head.status_code == 503 and head.content == b""
+    finally:
+        st.close()
+    st = start_stack()
+    try:
+        want = httpx.get(st.sims[0].url + "/api/version", timeout=5).json()
+        assert httpx.get(st.url + "/api/version", timeout=5).json() == want
+    finally:
+        st.close()
+
+
 def test_probe_thresholds_take_a_backend_out_and_back() -> None:
     from ollamamq_fast.sim import start_sim
 

@@ -13,6 +13,7 @@ module skips at collection, before anything heavy is imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -113,16 +114,17 @@ def _openai(base: str) -> OpenAI:
     return OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
 
 
-def _start_server(model: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def _start_server(model: Path, port: int, log_path: Path, interrupt: bool = False,
+                  n_ctx: int = N_CTX) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "llama_cpp.server",
         "--model", str(model), "--model_alias", MODEL,
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(N_CTX),
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
         # By default the server ends a running stream as soon as another request
         # waits for the model. That would make a gateway that fails to cancel
         # look fine (the next request kills the orphan), so requests queue here,
-        # as they do on a single-slot server.
-        "--interrupt_requests", "False",
+        # as they do on a single-slot server (the health tests set it both ways).
+        "--interrupt_requests", str(interrupt),
     ]
     # Unbuffered, so the disconnect line is in the log file when printed.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -214,8 +216,8 @@ def test_backend_kinds_detected(real: RealBackend) -> None:
         return {b.name: (b.kind, set(b.models), b.online) for b in real.stack.state.fleet.backends}
 
     backends = real.on_loop(view)
-    # llama.cpp answers 404 to /api/tags and /api/v0/models: plain OpenAI-compatible.
-    assert backends[real.server_url] == (ApiKind.OPENAI, {normalize_model(MODEL)}, True)
+    # llama-cpp-python answers 404 to /api/tags; its /v1/models says owned_by "me".
+    assert backends[real.server_url] == (ApiKind.LLAMACPP, {normalize_model(MODEL)}, True)
     kind, models, online = backends[real.sim_url]
     assert kind is ApiKind.OLLAMA and online
     assert normalize_model("llama3.2") in models
@@ -459,3 +461,107 @@ def test_concurrent_streams_all_complete(real: RealBackend) -> None:
     assert not errors, errors
     assert sorted(results) == list(range(6))
     assert all(n >= 32 for n in results.values()), results
+
+
+# -- 6. Health checks never hurt traffic --------------------------------------------
+
+# A context long enough for a stream that outlasts many health checks.
+HEALTH_N_CTX = 2048
+HEALTH_MAX_TOKENS = 2000
+
+
+@contextlib.contextmanager
+def _own_server(real: RealBackend, interrupt: bool) -> Iterator[str]:
+    """A second llama.cpp server on the same tiny model, with interrupt_requests as given."""
+    from harness import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = real.log_path.parent / f"llama_server_{port}.log"
+    proc = _start_server(real.log_path.parent / "tiny.gguf", port, log_path, interrupt=interrupt,
+                         n_ctx=HEALTH_N_CTX)
+    try:
+        _wait_ready(proc, url, log_path)
+        yield url
+    finally:
+        _stop_server(proc)
+
+
+def _stream_tokens(base: str, user: str) -> tuple[int, str | None]:
+    """Stream HEALTH_MAX_TOKENS tokens: (content chunks, finish reason)."""
+    with _openai(base) as ai:
+        chunks = list(ai.chat.completions.create(
+            model=MODEL, messages=_MESSAGES, max_tokens=HEALTH_MAX_TOKENS, stream=True,
+            extra_headers={"X-User-ID": user}))
+    pieces = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    finish = next((c.choices[0].finish_reason for c in reversed(chunks)
+                   if c.choices and c.choices[0].finish_reason), None)
+    return pieces, finish
+
+
+def test_long_stream_is_never_cut_by_health_checks(real: RealBackend) -> None:
+    # Its default interrupt_requests=True: any request arriving during a
+    # generation (a probe included) ends the running stream early, with no
+    # finish reason. Checks run every 20 ms here, dozens during the stream.
+    from harness import start_stack
+
+    with _own_server(real, interrupt=True) as url:
+        stack = start_stack(sims=[], extra_backends=[url], slots=1, health_interval=0.02)
+        try:
+            checks = stack.lt.call(lambda: getattr(stack.state.health, "skipped_busy", 0))
+            started = time.monotonic()
+            pieces, finish = _stream_tokens(stack.url, "long")
+            took = time.monotonic() - started
+            checks = stack.lt.call(lambda: getattr(stack.state.health, "skipped_busy", 0)) - checks
+            assert finish == "length" and pieces >= HEALTH_MAX_TOKENS - 5, (pieces, finish)
+            assert checks >= 5, f"only {checks} checks during a {took:.2f} s stream"
+        finally:
+            stack.close()
+
+
+def test_busy_backend_is_never_marked_offline(real: RealBackend,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # With interrupt_requests=False its /v1/models waits for the generation: a
+    # probe then times out. The backend must stay online and a second user
+    # must wait in the gateway's queue, not get 503.
+    from harness import start_stack
+
+    from ollamamq_fast.fleet import health
+
+    monkeypatch.setattr(health, "PROBE_TIMEOUT_S", 0.2)
+    with _own_server(real, interrupt=False) as url:
+        stack = start_stack(sims=[], extra_backends=[url], slots=1, health_interval=0.02,
+                            health_fail_threshold=1)
+        try:
+            backend = stack.state.fleet.backends[0]
+            assert backend.kind is ApiKind.LLAMACPP and backend.online
+            offline_seen: list[float] = []
+            done = threading.Event()
+
+            def watch() -> None:
+                while not done.is_set():
+                    if not backend.online:
+                        offline_seen.append(time.monotonic())
+                    time.sleep(0.002)
+
+            streamed: dict[str, tuple[int, str | None]] = {}
+            streamer = threading.Thread(
+                target=lambda: streamed.update(first=_stream_tokens(stack.url, "first")))
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            streamer.start()
+            assert _wait_for(lambda: True if backend.in_flight else None, timeout=10.0)
+            with _http() as client:
+                r = client.post(stack.url + "/v1/chat/completions",
+                                headers={"X-User-ID": "second"},
+                                json={"model": MODEL, "messages": _MESSAGES, "max_tokens": 4})
+            streamer.join(60)
+            done.set()
+            watcher.join(5)
+            assert r.status_code == 200, r.text
+            assert int(r.headers["x-gateway-queue-ms"]) > 0  # it waited for the stream
+            pieces, finish = streamed["first"]
+            assert finish == "length" and pieces >= HEALTH_MAX_TOKENS - 5
+            assert not offline_seen, "the backend was marked offline while it generated"
+        finally:
+            stack.close()

@@ -29,6 +29,13 @@ def _request(user: str, tokens: int | None = None, delay_ms: int = 0) -> bytes:
 
 
 async def _one(port: int, user: str, order: list[str], **kw) -> int:  # type: ignore[no-untyped-def]
+    status, _ = await _timed(port, user, **kw)
+    order.append(user)
+    return status
+
+
+async def _timed(port: int, user: str, **kw) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """One request; its status and the backend's `created_at` (when it ran)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(_request(user, **kw))
     head = await reader.readuntil(b"\r\n\r\n")
@@ -36,38 +43,48 @@ async def _one(port: int, user: str, order: list[str], **kw) -> int:  # type: ig
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":")[1])
-    await reader.readexactly(length)
-    order.append(user)
+    body = await reader.readexactly(length)
     writer.close()
-    return int(head.split(b" ")[1])
+    status = int(head.split(b" ")[1])
+    return status, json.loads(body).get("created_at", "") if status == 200 else ""
 
 
-async def _dispatch_order(port: int, plan: list[str], queued_check) -> list[str]:  # type: ignore[no-untyped-def]
-    """Occupy the single slot, queue `plan` (users, in push order), release, and
-    return the order in which the queued requests completed."""
-    order: list[str] = []
-    blocker = asyncio.ensure_future(_one(port, "blocker", order, delay_ms=300))
-    await asyncio.sleep(0.05)
+def _ns(stamp: str) -> tuple[str, str]:
+    """A sortable form of an RFC 3339 stamp with up to 9 fractional digits."""
+    whole, _, frac = stamp.rstrip("Z").partition(".")
+    return whole, frac.ljust(9, "0")
+
+
+async def _dispatch_order(stack: Stack, plan: list[str]) -> list[str]:
+    """Queue `plan` (users, in push order) while no slot is free, then free the
+    slot and return the order in which the requests ran.
+
+    No timing is involved: the backend's only slot is withheld until every
+    request is queued, each request is pushed only after the previous one is
+    in the queue, and the run order is read from the backend's own
+    `created_at` stamps (one slot: one request at a time), not from the order
+    in which this client happens to read the answers.
+    """
+    backend = stack.state.fleet.backends[0]
+    queue = stack.state.dispatcher.queue
+    stack.lt.call(setattr, backend, "slots", 0)
     tasks = []
-    for user in plan:
-        tasks.append(asyncio.ensure_future(_one(port, user, order)))
-        await asyncio.sleep(0.002)  # keep push order deterministic
-    assert await asyncio.to_thread(queued_check, len(plan))
-    statuses = await asyncio.gather(blocker, *tasks)
-    assert set(statuses) == {200}
-    return [u for u in order if u != "blocker"]
+    for n, user in enumerate(plan, 1):
+        tasks.append(asyncio.ensure_future(_timed(stack.port, user)))
+        deadline = time.monotonic() + 10
+        while len(queue) < n:
+            assert time.monotonic() < deadline, f"request {n} of {user} was not queued"
+            await asyncio.sleep(0.001)
 
+    def release() -> None:
+        backend.slots = 1
+        stack.state.dispatcher.pump()
 
-def _wait_queued(stack: Stack):  # type: ignore[no-untyped-def]
-    def check(n: int) -> bool:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if len(stack.state.dispatcher.queue) == n:
-                return True
-            time.sleep(0.01)
-        return False
-
-    return check
+    stack.lt.call(release)
+    results = await asyncio.gather(*tasks)
+    assert {status for status, _ in results} == {200}
+    ran = sorted(zip(plan, [_ns(stamp) for _, stamp in results]), key=lambda pair: pair[1])
+    return [user for user, _ in ran]
 
 
 @pytest.fixture()
@@ -80,7 +97,7 @@ def one_slot() -> Stack:
 
 def test_round_robin_across_backlogged_users(one_slot: Stack) -> None:
     plan = ["a"] * 6 + ["b"] * 6 + ["c"] * 6 + ["d"] * 6
-    order = asyncio.run(_dispatch_order(one_slot.port, plan, _wait_queued(one_slot)))
+    order = asyncio.run(_dispatch_order(one_slot, plan))
     # Every round serves each backlogged user exactly once.
     for r in range(6):
         assert sorted(order[4 * r: 4 * r + 4]) == ["a", "b", "c", "d"]
@@ -92,20 +109,20 @@ def test_round_robin_across_backlogged_users(one_slot: Stack) -> None:
 
 def test_vip_goes_first(one_slot: Stack) -> None:
     plan = ["x"] * 5 + ["y"] * 5 + ["vip"] * 3
-    order = asyncio.run(_dispatch_order(one_slot.port, plan, _wait_queued(one_slot)))
+    order = asyncio.run(_dispatch_order(one_slot, plan))
     assert order[:3] == ["vip"] * 3
 
 
 def test_boost_gets_twice_a_normal_share(one_slot: Stack) -> None:
     plan = ["n1"] * 8 + ["n2"] * 8 + ["booster"] * 8
-    order = asyncio.run(_dispatch_order(one_slot.port, plan, _wait_queued(one_slot)))
+    order = asyncio.run(_dispatch_order(one_slot, plan))
     counts = Counter(order[:12])
     assert counts["booster"] == 6 and counts["n1"] == 3 and counts["n2"] == 3
 
 
 def test_weights_hold(one_slot: Stack) -> None:
     plan = ["heavy3"] * 9 + ["light"] * 9
-    order = asyncio.run(_dispatch_order(one_slot.port, plan, _wait_queued(one_slot)))
+    order = asyncio.run(_dispatch_order(one_slot, plan))
     counts = Counter(order[:8])
     assert counts["heavy3"] == 6 and counts["light"] == 2
 

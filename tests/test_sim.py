@@ -1,4 +1,4 @@
-"""The backend simulator (`ollamamq_fast.sim`) against PROTOCOL.md.
+"""The backend simulator (`ollamamq_fast.sim`) against docs/protocol-notes.md.
 
 The simulators run in a background thread with their own loop, so the official
 `ollama` and `openai` clients and raw sockets are used exactly as users do.

@@ -23,7 +23,25 @@ def test_histogram_quantiles() -> None:
     for v in (0.5, 0.5, 1.5, 4.0, 10.0):
         h.observe(v)
     assert h.count == 5 and h.counts == [2, 1, 1, 1]
-    assert h.quantile(0.4) == 1.0 and h.quantile(0.8) == 5.0 and h.quantile(1.0) == float("inf")
+    # Interpolated within the bucket, bounded by the smallest and largest seen.
+    assert h.quantile(0.4) == 1.0 and h.quantile(0.5) == 1.5 and h.quantile(0.8) == 5.0
+    assert h.quantile(1.0) == 10.0 and h.quantile(0.0) == 0.5
+    assert Histogram().quantile(0.5) == 0.0
+
+
+def test_histogram_quantiles_are_not_bucket_edges() -> None:
+    # Every first byte at 2.6 s, every whole answer at 4.9 s: both fall in the
+    # 2.5-5 s bucket, and neither may be reported as 5 s (nor first byte > latency).
+    ttfb, latency = Histogram(), Histogram()
+    for _ in range(10):
+        ttfb.observe(2.6)
+        latency.observe(4.9)
+    assert ttfb.quantile(0.5) == 2.6 and latency.quantile(0.5) == 4.9
+    spread = Histogram((1.0, 2.0, 5.0, 10.0))
+    for i in range(100):
+        spread.observe(2.5 + i * 0.02)  # 2.5 .. 4.48, true median 3.49
+    assert abs(spread.quantile(0.5) - 3.5) < 0.05
+    assert abs(spread.quantile(0.99) - 4.47) < 0.05
 
 
 def test_user_and_token_accounting_match_the_backend() -> None:

@@ -1,4 +1,4 @@
-"""The tricky cases of PROTOCOL.md §7, one raw-socket test each, against a real gateway.
+"""The tricky cases of docs/protocol-notes.md §7, one raw-socket test each, against a real gateway.
 
 Clients here are plain sockets so that every byte the gateway writes is seen:
 framing, blank lines, 1xx heads, what happens to the connection afterwards.
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(60)
 
 # Every socket in this file gives up after this many seconds of silence.
 SOCK_TIMEOUT = 10.0
-# A disconnect must reach the backend within this (PROTOCOL.md §7.10).
+# A disconnect must reach the backend within this (docs/protocol-notes.md §7.10).
 CANCEL_BOUND_S = 0.05
 
 MODEL_A = "llama3.2:latest"

@@ -19,7 +19,7 @@ from .stats import Histogram
 
 clock = time.perf_counter
 
-# Stream framing by response Content-Type (PROTOCOL.md §1): NDJSON lines end in
+# Stream framing by response Content-Type (docs/protocol-notes.md §1): NDJSON lines end in
 # LF, SSE events end in a blank line. The terminator proves the stream ended
 # properly: Ollama's last line has "done":true, OpenAI SSE ends with [DONE].
 NDJSON_SEP = b"\n"

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import orjson
 
 # Routes the generator knows how to build a body for. Ollama-native routes
-# stream by default; the OpenAI-compatible ones only when asked (PROTOCOL.md §3).
+# stream by default; the OpenAI-compatible ones only when asked (docs/protocol-notes.md §3).
 GENERATE_ROUTES: tuple[str, ...] = ("/api/generate", "/v1/completions")
 CHAT_ROUTES: tuple[str, ...] = ("/api/chat", "/v1/chat/completions")
 EMBED_ROUTES: tuple[str, ...] = ("/api/embed", "/api/embeddings", "/v1/embeddings")

@@ -112,7 +112,7 @@ def add_arguments(sub: Any) -> None:
     common = _common()
     users = sub.add_parser("users", parents=[common], help="list users, set VIP/boost/weight, "
                            "block (admin API)")
-    actions = users.add_subparsers(dest="action", required=True, parser_class=type(users),
+    actions = users.add_subparsers(dest="action", parser_class=type(users),
                                    metavar="{list,set,block,unblock}")
     actions.add_parser("list", parents=[common], help="users with counters and settings")
     set_p = actions.add_parser("set", parents=[common], help="change a user's fair-share settings")
@@ -126,7 +126,7 @@ def add_arguments(sub: Any) -> None:
 
     keys = sub.add_parser("keys", parents=[common], help="create, list, revoke API keys "
                           "(admin API)")
-    actions = keys.add_subparsers(dest="action", required=True, parser_class=type(keys),
+    actions = keys.add_subparsers(dest="action", parser_class=type(keys),
                                   metavar="{create,list,revoke}")
     create = actions.add_parser("create", parents=[common], help="a new key (secret shown once)")
     create.add_argument("--user", required=True, help="the user the key identifies")
@@ -138,7 +138,7 @@ def add_arguments(sub: Any) -> None:
 
     backends = sub.add_parser("backends", parents=[common], help="list, add, remove, drain "
                               "backends (admin API)")
-    actions = backends.add_subparsers(dest="action", required=True, parser_class=type(backends),
+    actions = backends.add_subparsers(dest="action", parser_class=type(backends),
                                       metavar="{list,add,remove,drain,undrain,slots}")
     actions.add_parser("list", parents=[common], help="backends with live state")
     add = actions.add_parser("add", parents=[common], help="add a backend at runtime")
@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     token = getattr(args, "token", None) or os.environ.get("OLLAMAMQ_ADMIN_TOKEN") or None
     client = AdminClient(base, token)
     as_json = getattr(args, "json", False)
+    if args.action is None:  # `ollamamq-fast backends` alone lists, like `... backends list`
+        args.action = "list"
     handler = _HANDLERS[(args.command, args.action)]
     try:
         answer, text = handler(client, args)

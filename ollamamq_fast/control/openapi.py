@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ollamamq_fast import __version__
+from ollamamq_fast.fleet.backend import ApiKind
 
 JSON = "application/json"
 
@@ -184,7 +185,8 @@ _NUM = {"type": "number"}
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _SLOTS = {"type": "integer", "minimum": 1}
-_QUANTILE = {"type": ["number", "null"], "description": "seconds; null when infinite"}
+_QUANTILE = {"type": "number",
+             "description": "seconds, interpolated within a histogram bucket; 0 before any"}
 
 
 def _free_json(description: str, status: str = "200") -> dict[str, Any]:
@@ -228,7 +230,7 @@ def _web_paths() -> dict[str, Any]:
 
 def _schemas() -> dict[str, Any]:
     backend = _obj({
-        "url": _STR, "kind": {"enum": ["unknown", "ollama", "openai", "lmstudio"]},
+        "url": _STR, "kind": {"enum": [k.value for k in ApiKind]},
         "online": _BOOL, "draining": _BOOL, "breaker": {"enum": ["closed", "open", "half-open"]},
         "slots": _INT, "in_flight": _INT, "requests_done": _INT, "failures": _INT,
         "models": {"type": "array", "items": _STR}, "loaded": {"type": "array", "items": _STR},

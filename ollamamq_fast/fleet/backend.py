@@ -5,19 +5,21 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any
 
-from ollamamq_fast.config import BackendUrl
+from ollamamq_fast.config import BackendOptions, BackendUrl
 
 if TYPE_CHECKING:
     from ollamamq_fast.proxy.pool import UpstreamPool
 
 
 class ApiKind(enum.Enum):
-    """What a backend speaks, as found by probing it."""
+    """What a backend speaks: configured per backend, else detected at first contact."""
 
     UNKNOWN = "unknown"
     OLLAMA = "ollama"  # native /api/* and /v1/*
-    OPENAI = "openai"  # /v1/* only (vLLM, llama.cpp, any OpenAI-compatible server)
-    LMSTUDIO = "lmstudio"  # OpenAI-compatible, recognised by its /api/v0/models
+    OPENAI = "openai"  # /v1/* only: any OpenAI-compatible server
+    LLAMACPP = "llamacpp"  # llama.cpp's llama-server or llama-cpp-python (/v1/*)
+    VLLM = "vllm"  # /v1/*
+    LMSTUDIO = "lmstudio"  # /v1/*
 
 
 class Breaker(enum.Enum):
@@ -48,6 +50,9 @@ class Backend:
         "in_flight",
         "unslotted",
         "kind",
+        "kind_configured",
+        "probe_path",
+        "probe_interval",
         "online",
         "draining",
         "models",
@@ -81,6 +86,12 @@ class Backend:
         self.in_flight = 0  # queued-route requests running (bounded by slots)
         self.unslotted = 0  # model-management / passthrough requests running
         self.kind = ApiKind.UNKNOWN
+        # Set by the operator (config `kind`, --backend-kind): never re-detected.
+        self.kind_configured = False
+        # Per-backend probe override: this path every probe_interval seconds,
+        # even while requests run (health.py); None = the kind's own request.
+        self.probe_path: str | None = None
+        self.probe_interval: float | None = None
         self.online = False
         self.draining = False
         # normalized name -> the backend's own /api/tags entry (or a synthesized one)
@@ -103,6 +114,19 @@ class Backend:
         self.breaker = Breaker.CLOSED
         self.breaker_cooldown = BREAKER_COOLDOWN_S
         self.breaker_timer: object | None = None
+
+    def configure(self, options: BackendOptions) -> None:
+        """Apply the operator's kind and probe settings (`auto` leaves the kind to detection)."""
+        if options.kind != "auto":
+            self.kind = ApiKind(options.kind)
+        self.kind_configured = options.kind != "auto"
+        self.probe_path = options.probe_path
+        self.probe_interval = options.probe_interval
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is running on this backend now."""
+        return self.in_flight > 0 or self.unslotted > 0
 
     def refresh(self) -> None:
         """Recompute `available` after online / draining / breaker changed."""

@@ -1,4 +1,4 @@
-"""Model-name normalization, the way Ollama resolves names (PROTOCOL.md §2, §7.6).
+"""Model-name normalization, the way Ollama resolves names (docs/protocol-notes.md §2, §7.6).
 
 `llama3.2`, `LLaMA3.2`, `llama3.2:latest`, `library/llama3.2` and
 `registry.ollama.ai/library/llama3.2:latest` are one model. Both the names a

@@ -255,7 +255,7 @@ class Exchange:
         if route is None:
             stripped = self.path.rstrip(b"/")
             if stripped != self.path and stripped and lookup(stripped) is not None:
-                # gin redirects a trailing slash (PROTOCOL.md §7.27); clients follow it.
+                # gin redirects a trailing slash (docs/protocol-notes.md §7.27); clients follow it.
                 status = 301 if method in (b"GET", b"HEAD") else 307
                 query = self.url[len(self.path) :]
                 self._set_early_error(status, b"", b"", extra=b"Location: " + stripped + query + b"\r\n")

@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 _JSON = b"application/json; charset=utf-8"
 _OPENAI_JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
-# Reported by /api/version when no backend has told us its own version yet.
-FALLBACK_OLLAMA_VERSION = "0.12.0"
 
 
 class LocalRoutes:
@@ -43,7 +41,12 @@ class LocalRoutes:
         elif which is Local.ROOT:
             self._root(ex)
         elif which is Local.VERSION:
-            ex.respond(200, _JSON, orjson.dumps({"version": self.version()}))
+            version = self.version()
+            if version is None:
+                # As if Ollama were unreachable: no version is made up.
+                ex.respond_error(503, "no Ollama backend is online", retry_after=5)
+            else:
+                ex.respond(200, _JSON, orjson.dumps({"version": version}))
         elif which is Local.TAGS:
             ex.respond(200, _JSON, orjson.dumps({"models": self.tags()}))
         elif which is Local.V1_MODELS:
@@ -80,12 +83,12 @@ class LocalRoutes:
         else:
             ex.respond(503, _TEXT, b"Ollama gateway is running, but no backend is online", extra=extra)
 
-    def version(self) -> str:
+    def version(self) -> str | None:
         """The version of the first online Ollama backend (clients compare it with theirs)."""
         for b in self.gw.fleet.backends:
             if b.online and b.kind is ApiKind.OLLAMA and b.version:
                 return b.version
-        return FALLBACK_OLLAMA_VERSION
+        return None
 
     def tags(self) -> list[dict[str, Any]]:
         """Models of all online Ollama backends, de-duplicated by normalized name."""

@@ -397,7 +397,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once. The backend sees the connection drop, which is Ollama's
-        only cancel signal (PROTOCOL.md §1, §7.10)."""
+        only cancel signal (docs/protocol-notes.md §1, §7.10)."""
         self.sink = None
         self._let_go()
         if self.transport is not None and not self.closed:

@@ -6,7 +6,7 @@ Used by the gateway's demos, tests and benchmarks instead of real backends::
     ...  # point clients or the gateway at sim.url
     await sim.close()
 
-Wire behaviour follows /work/shared/PROTOCOL.md: status codes, content types, NDJSON
+Wire behaviour follows docs/protocol-notes.md: status codes, content types, NDJSON
 and SSE shapes, Go JSON escapes (`\\u003c`), chunked framing (one line per chunk;
 JSON bodies over 2 KiB come back chunked as from Go's net/http), `Expect:
 100-continue`, HEAD, keep-alive and pipelining.

@@ -1,4 +1,4 @@
-"""Ollama's native routes (`/`, `/api/*`) with the exact statuses and bodies of PROTOCOL.md §2–§4."""
+"""Ollama's native routes (`/`, `/api/*`), statuses and bodies as in docs/protocol-notes.md §2–§4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ollama's OpenAI-compatible routes (`/v1/*`), PROTOCOL.md §5, current SSE layout."""
+"""Ollama's OpenAI-compatible routes (`/v1/*`), docs/protocol-notes.md §5, current SSE layout."""
 
 from __future__ import annotations
 

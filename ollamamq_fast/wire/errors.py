@@ -2,7 +2,7 @@
 
 Ollama native routes get `{"error": "..."}` with `application/json; charset=utf-8`;
 OpenAI-compatible `/v1` routes get the OpenAI envelope with `application/json`
-(PROTOCOL.md §4.5, §5.4). Gin's own plain-text 404/405 are kept for unknown
+(docs/protocol-notes.md §4.5, §5.4). Gin's own plain-text 404/405 are kept for unknown
 paths and wrong methods so clients see what a real Ollama would send.
 """
 
@@ -50,7 +50,7 @@ def reason(status: int) -> bytes:
 
 
 def openai_error_type(status: int) -> str:
-    """Ollama's mapping of a status to an OpenAI error `type` (PROTOCOL.md §5.4)."""
+    """Ollama's mapping of a status to an OpenAI error `type` (docs/protocol-notes.md §5.4)."""
     if status == 400:
         return "invalid_request_error"
     if status == 404:

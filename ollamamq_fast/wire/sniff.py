@@ -2,7 +2,7 @@
 
 The gateway must route on the model without parsing the whole body
 (bodies can be 50 MB of base64 images), yet must never be fooled
-(PROTOCOL.md §7.3–7.5): the key may come last, after megabytes; nested
+(docs/protocol-notes.md §7.3–7.5): the key may come last, after megabytes; nested
 `"model"` keys and string contents that look like keys are decoys; keys and
 values may use `\\u` escapes; keys match case-insensitively and the last
 duplicate wins, exactly as Go's encoding/json (which Ollama uses) resolves them.

@@ -1,0 +1,308 @@
+"""Health checks never hurt traffic (fakes of llama-cpp-python's locking, tests/fake_llama.py).
+
+- a server whose probe path blocks while it generates is not marked offline,
+  and queued users wait for it instead of getting 503;
+- a server that cuts its running stream when any other request arrives
+  streams to the end with checks running every few milliseconds;
+- each check sends one request the backend's kind understands, none while busy;
+- the kind is configured or detected once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fake_llama import MODEL, FakeLlama
+from harness import LoopThread, Stack, start_stack
+
+from ollamamq_fast.config import (
+    BACKEND_KINDS,
+    BackendOptions,
+    ConfigError,
+    Settings,
+    apply_toml,
+)
+from ollamamq_fast.fleet import health
+from ollamamq_fast.fleet.backend import ApiKind, Backend
+
+
+@pytest.fixture
+def fake_loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
+def start_fake(lt: LoopThread, **options: Any) -> FakeLlama:
+    fake = FakeLlama(**options)
+    lt.run(fake.start())
+    return fake
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def stream_chat(url: str, user: str, out: dict[str, Any]) -> None:
+    """Stream one chat completion; record the content pieces and the finish reason."""
+    pieces: list[str] = []
+    finish = None
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "q"}]}
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", url + "/v1/chat/completions", headers={"X-User-ID": user}, json=body) as r:
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            for choice in event.get("choices") or []:
+                if choice["delta"].get("content"):
+                    pieces.append(choice["delta"]["content"])
+                finish = choice.get("finish_reason") or finish
+    out["pieces"], out["finish"] = pieces, finish
+
+
+def chat(url: str, user: str) -> int:
+    with httpx.Client(timeout=30) as client:
+        r = client.post(url + "/v1/chat/completions", headers={"X-User-ID": user},
+                        json={"model": MODEL, "messages": [{"role": "user", "content": "q"}]})
+        return r.status_code
+
+
+def only_backend(st: Stack) -> Backend:
+    backend: Backend = st.state.fleet.backends[0]
+    return backend
+
+
+def hits(lt: LoopThread, fake: FakeLlama) -> dict[str, int]:
+    result: dict[str, int] = lt.call(lambda: dict(fake.hits))
+    return result
+
+
+def clear_hits(lt: LoopThread, fake: FakeLlama) -> None:
+    lt.call(fake.hits.clear)
+
+
+def watch_online(st: Stack, backend: Backend, stop: threading.Event) -> list[bool]:
+    """Sample backend.online until `stop` is set (from a thread); returns the samples."""
+    samples: list[bool] = []
+
+    def run() -> None:
+        while not stop.is_set():
+            samples.append(backend.online)
+            time.sleep(0.005)
+
+    threading.Thread(target=run, daemon=True).start()
+    return samples
+
+
+def test_blocking_probe_never_marks_a_generating_backend_offline(
+        fake_loop: LoopThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    # llama-cpp-python with interrupt_requests=False: /v1/models waits for the
+    # generation. A probe sent then would time out; the backend must stay online
+    # and users queued behind the stream must wait for it, not get 503.
+    monkeypatch.setattr(health, "PROBE_TIMEOUT_S", 0.3)
+    fake = start_fake(fake_loop, interrupt_requests=False, chunks=40, chunk_delay=0.03)
+    st = start_stack(sims=[], extra_backends=[fake.url], slots=1, health_interval=0.05,
+                     health_fail_threshold=1)
+    try:
+        backend = only_backend(st)
+        assert backend.online
+        stop = threading.Event()
+        samples = watch_online(st, backend, stop)
+        streamed: dict[str, Any] = {}
+        streamer = threading.Thread(target=stream_chat, args=(st.url, "alice", streamed))
+        streamer.start()
+        wait_for(lambda: fake.generating == 1, "the stream to start")
+        statuses: list[int] = []
+        waiters = [threading.Thread(target=lambda u=u: statuses.append(chat(st.url, u)))
+                   for u in ("bob", "carol")]
+        for t in waiters:
+            t.start()
+        for t in [streamer, *waiters]:
+            t.join(30)
+        stop.set()
+        assert statuses == [200, 200]
+        assert streamed["status"] == 200 and len(streamed["pieces"]) == 40
+        assert streamed["finish"] == "stop"
+        assert samples and all(samples), "the backend was marked offline while generating"
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_interrupting_server_long_stream_completes_with_checks_running(
+        fake_loop: LoopThread) -> None:
+    # llama-cpp-python's default: any request arriving while it generates (a
+    # probe included) stops the running stream with [DONE] and no finish reason.
+    fake = start_fake(fake_loop, interrupt_requests=True, chunks=80, chunk_delay=0.015)
+    st = start_stack(sims=[], extra_backends=[fake.url], slots=1, health_interval=0.02)
+    try:
+        checks_before = st.lt.call(lambda: getattr(st.state.health, "skipped_busy", 0))
+        streamed: dict[str, Any] = {}
+        stream_chat(st.url, "alice", streamed)
+        assert fake.interrupted == 0
+        assert len(streamed["pieces"]) == 80 and streamed["finish"] == "stop"
+        # Checks did run during the stream; they sent nothing.
+        assert st.lt.call(lambda: st.state.health.skipped_busy) > checks_before
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_one_request_per_check_and_none_while_busy(fake_loop: LoopThread) -> None:
+    fake = start_fake(fake_loop, interrupt_requests=True, chunks=40, chunk_delay=0.02)
+    st = start_stack(sims=[], extra_backends=[fake.url], slots=1, health_interval=3600.0)
+    try:
+        backend = only_backend(st)
+        # Detected once, at first contact: the only time /api/tags is tried.
+        assert backend.kind is ApiKind.LLAMACPP and backend.online
+        assert hits(fake_loop, fake) == {"/api/tags": 1, "/v1/models": 1}
+        clear_hits(fake_loop, fake)
+        probe = st.state.health.probe
+        for _ in range(5):
+            st.lt.run(probe(backend))
+        assert hits(fake_loop, fake) == {"/v1/models": 5}
+
+        clear_hits(fake_loop, fake)
+        streamed: dict[str, Any] = {}
+        streamer = threading.Thread(target=stream_chat, args=(st.url, "alice", streamed))
+        streamer.start()
+        wait_for(lambda: fake.generating == 1, "the stream to start")
+        for _ in range(5):
+            st.lt.run(probe(backend))
+        streamer.join(30)
+        assert hits(fake_loop, fake) == {"/v1/chat/completions": 1}
+        assert fake.interrupted == 0 and streamed["finish"] == "stop"
+        # The stream just answered: the next check trusts it, the one after probes.
+        st.lt.run(probe(backend))
+        assert hits(fake_loop, fake) == {"/v1/chat/completions": 1}
+        st.lt.run(probe(backend))
+        assert hits(fake_loop, fake) == {"/v1/chat/completions": 1, "/v1/models": 1}
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_ollama_kind_one_request_per_check_models_on_their_own_schedule(
+        fake_loop: LoopThread) -> None:
+    fake = start_fake(fake_loop, ollama=True)
+    st = start_stack(sims=[], extra_backends=[fake.url], health_interval=3600.0)
+    try:
+        backend = only_backend(st)
+        assert backend.kind is ApiKind.OLLAMA and backend.version == "0.12.3"
+        assert hits(fake_loop, fake) == {"/api/tags": 1, "/api/version": 1}
+        clear_hits(fake_loop, fake)
+        checker = st.state.health
+        for _ in range(3):
+            st.lt.run(checker.probe(backend))
+        assert hits(fake_loop, fake) == {"/api/ps": 3}
+        clear_hits(fake_loop, fake)
+        st.lt.call(setattr, checker, "models_interval", 0.0)
+        st.lt.run(checker.probe(backend))
+        assert hits(fake_loop, fake) == {"/api/tags": 1}
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_configured_kind_is_not_detected(fake_loop: LoopThread) -> None:
+    fake = start_fake(fake_loop)
+    st = start_stack(sims=[], extra_backends=[fake.url], health_interval=3600.0,
+                     backend_options={fake.url: BackendOptions(kind="llamacpp")})
+    try:
+        backend = only_backend(st)
+        assert backend.kind is ApiKind.LLAMACPP and backend.online
+        assert set(backend.models) == {"tiny:latest"}
+        assert hits(fake_loop, fake) == {"/v1/models": 1}  # no /api/tags 404
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_probe_path_probed_while_busy_and_its_timeout_is_not_a_failure(
+        fake_loop: LoopThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An operator-set probe path and interval are probed even while requests
+    # run; this one blocks during generation, so those probes time out.
+    monkeypatch.setattr(health, "PROBE_TIMEOUT_S", 0.1)
+    fake = start_fake(fake_loop, interrupt_requests=False, chunks=30, chunk_delay=0.03)
+    options = BackendOptions(kind="llamacpp", probe_path="/slow-health", probe_interval=0.05)
+    st = start_stack(sims=[], extra_backends=[fake.url], slots=1, health_interval=3600.0,
+                     health_fail_threshold=1, backend_options={fake.url: options})
+    try:
+        backend = only_backend(st)
+        stop = threading.Event()
+        samples = watch_online(st, backend, stop)
+        streamed: dict[str, Any] = {}
+        stream_chat(st.url, "alice", streamed)
+        stop.set()
+        assert streamed["finish"] == "stop"
+        assert hits(fake_loop, fake).get("/slow-health", 0) >= 2
+        assert samples and all(samples), "a slow probe took a busy backend offline"
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_backend_kind_and_probe_settings_in_the_config_file() -> None:
+    s = Settings()
+    apply_toml(s, {"backends": [
+        {"url": "http://a:8080", "kind": "llamacpp", "probe_path": "/health",
+         "probe_interval": 5},
+        {"url": "http://b:11434"},
+    ]})
+    assert s.backend_options == {
+        "http://a:8080": BackendOptions("llamacpp", "/health", 5.0)}
+    for bad in ({"kind": "llama"}, {"probe_path": "health"}, {"probe_interval": 0},
+                {"probe_interval": True}):
+        with pytest.raises(ConfigError):
+            apply_toml(Settings(), {"backends": [{"url": "http://a:8080", **bad}]})
+
+
+def test_backend_kind_flag() -> None:
+    from ollamamq_fast.cli import build_parser, settings_from_args
+
+    def parse(*argv: str) -> Settings:
+        return settings_from_args(build_parser().parse_args(["serve", *argv]))
+
+    s = parse("-o", "http://a:8080,http://b:8000", "--backend-kind", "llamacpp")
+    assert {u: o.kind for u, o in s.backend_options.items()} == {
+        "http://a:8080": "llamacpp", "http://b:8000": "llamacpp"}
+    s = parse("-o", "a:8080,b:8000", "--backend-kind", "http://b:8000=vllm")
+    assert {u: o.kind for u, o in s.backend_options.items()} == {"http://b:8000": "vllm"}
+    with pytest.raises(ConfigError):
+        parse("-o", "a:8080", "--backend-kind", "llama")
+    with pytest.raises(ConfigError):
+        parse("-o", "a:8080", "--backend-kind", "http://c:1=vllm")
+
+
+def test_kind_names_match() -> None:
+    assert set(BACKEND_KINDS) - {"auto"} == {k.value for k in ApiKind} - {"unknown"}
+
+
+def test_reload_applies_backend_kind_and_probe_settings(fake_loop: LoopThread, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fake = start_fake(fake_loop)
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[[backends]]\nurl = "{fake.url}"\nkind = "vllm"\n'
+                      'probe_path = "/health"\nprobe_interval = 30\n')
+    st = start_stack(sims=[], extra_backends=[fake.url], health_interval=3600.0,
+                     config_path=str(config))
+    try:
+        backend = only_backend(st)
+        assert backend.kind is ApiKind.LLAMACPP  # detected from owned_by
+        st.lt.call(st.gateway.reload)
+        assert backend.kind is ApiKind.VLLM and backend.kind_configured
+        assert (backend.probe_path, backend.probe_interval) == ("/health", 30.0)
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
