@@ -1,0 +1,35 @@
+"""Adversarial tests: a real gateway process in front of a fake backend that logs raw bytes.
+
+The helpers here are imported by the test modules of this directory as plain
+modules (`fakebackend`, `gatewayproc`, `wire`, `readers`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fakebackend import FakeBackend  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[FakeBackend]:
+    """One fake backend per test module."""
+    fake = FakeBackend()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(autouse=True)
+def nothing_malformed_forwarded(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test that used the fake backend: it never got a malformed request."""
+    yield
+    if "backend" in request.fixturenames:
+        fake: FakeBackend = request.getfixturevalue("backend")
+        bad = [(r.error, r.raw[:300]) for r in fake.errors()]
+        assert not bad, f"the gateway forwarded malformed requests: {bad}"

@@ -1,0 +1,138 @@
+"""What a backend reads from a JSON body, modelled independently of the gateway.
+
+Two readings:
+- Go's `encoding/json` as Ollama uses it (PROTOCOL.md §1): only the first
+  JSON value counts; a key binds to a struct field when it equals the field's
+  name case-insensitively (`bytes.EqualFold`, where the Kelvin sign folds to
+  `k` and the long s to `s`); later duplicates win for scalars, objects
+  decoded into a map are merged into the map already there, and `null` resets
+  a map or pointer. Map keys (inside `options`) match exactly.
+- An exact reader (Python servers, llama.cpp): exact key names, last
+  duplicate wins.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+Pairs = list[tuple[str, Any]]
+
+
+def go_fold(name: str) -> str:
+    """Go's case folding of a JSON object key (`foldName`)."""
+    out = []
+    for ch in name:
+        if ch < "\x80":
+            out.append(ch.upper())
+        else:
+            folded = ch.lower().upper()
+            out.append(folded if len(folded) == 1 else ch)
+    return "".join(out)
+
+
+def first_value(body: bytes) -> Any:
+    """The first JSON value of `body` with every object as a list of pairs, or None."""
+    try:
+        text = body.decode("utf-8", "replace")
+        value, _ = json.JSONDecoder(object_pairs_hook=list).raw_decode(text.lstrip(" \t\r\n"))
+    except ValueError:
+        return None
+    return value
+
+
+def go_field(pairs: Pairs, name: str) -> tuple[bool, Any]:
+    """The value Go binds to the scalar field `name`: (present, value), later wins."""
+    want = go_fold(name)
+    found, value = False, None
+    for key, item in pairs:
+        if key == name or go_fold(key) == want:
+            found, value = True, item
+    return found, value
+
+
+def go_map_field(pairs: Pairs, name: str) -> dict[str, Any] | None:
+    """The map Go decodes into the field `name` (merged over duplicates), or None."""
+    want = go_fold(name)
+    merged: dict[str, Any] | None = None
+    for key, item in pairs:
+        if key != name and go_fold(key) != want:
+            continue
+        if item is None:
+            merged = None
+        elif isinstance(item, list) and all(isinstance(p, tuple) for p in item):
+            merged = merged if merged is not None else {}
+            for k, v in item:
+                merged[k] = v
+        else:
+            # A non-object value is a decode error in Go: the request fails.
+            raise ValueError(f"{name} is not an object")
+    return merged
+
+
+def exact_field(pairs: Pairs, name: str) -> tuple[bool, Any]:
+    """The value an exact, last-wins reader sees for `name`."""
+    found, value = False, None
+    for key, item in pairs:
+        if key == name:
+            found, value = True, item
+    return found, value
+
+
+def within(value: Any, cap: int) -> bool:
+    """Whether a token limit is a number between 0 and `cap`."""
+    return (not isinstance(value, bool) and isinstance(value, int | float)
+            and 0 <= value <= cap)
+
+
+def native_cap_holds(body: bytes, cap: int) -> tuple[bool, str]:
+    """Go's reading of an /api/chat or /api/generate body: options.num_predict <= cap."""
+    top = first_value(body)
+    if not isinstance(top, list):
+        return True, "not an object (Ollama answers 400)"
+    try:
+        options = go_map_field(top, "options")
+    except ValueError:
+        return True, "options not an object (Ollama answers 400)"
+    value = (options or {}).get("num_predict")
+    if within(value, cap):
+        return True, ""
+    return False, f"Go reads options.num_predict = {value!r} (cap {cap})"
+
+
+V1_FIELDS_EXACT = ("max_tokens", "max_completion_tokens", "n_predict")
+
+
+def v1_cap_holds(body: bytes, cap: int) -> tuple[bool, str]:
+    """Both readings of a /v1/chat/completions body keep the output within `cap`.
+
+    Case-insensitive (Ollama's Go): the field max_tokens must be a number <= cap.
+    Exact (vLLM, llama.cpp): max_tokens must be present and <= cap, and every
+    other limit such a server honours, when present, must be <= cap too.
+    """
+    top = first_value(body)
+    if not isinstance(top, list):
+        return True, "not an object"
+    present, value = go_field(top, "max_tokens")
+    if not within(value, cap):
+        return False, f"Go reads max_tokens = {value!r} (present={present}, cap {cap})"
+    for name in V1_FIELDS_EXACT:
+        present, value = exact_field(top, name)
+        if (present or name == "max_tokens") and not within(value, cap):
+            return False, f"an exact reader sees {name} = {value!r} (cap {cap})"
+    return True, ""
+
+
+def has_duplicate_keys(body: bytes) -> bool:
+    """Whether any object in the first JSON value repeats a key, exactly or by Go's folding."""
+    def walk(value: Any) -> bool:
+        if isinstance(value, list) and value and all(isinstance(p, tuple) for p in value):
+            folded = [go_fold(k) for k, _ in value]
+            if len(set(folded)) != len(folded):
+                return True
+            return any(walk(v) for _, v in value)
+        if isinstance(value, list):
+            return any(walk(v) for v in value)
+        return False
+
+    return walk(first_value(body))
