@@ -25,11 +25,20 @@ def backend() -> Iterator[FakeBackend]:
     fake.close()
 
 
+@pytest.fixture(scope="module")
+def oa_backend() -> Iterator[FakeBackend]:
+    """An OpenAI-compatible fake backend (no /api/*), one per test module."""
+    fake = FakeBackend("openai")
+    yield fake
+    fake.close()
+
+
 @pytest.fixture(autouse=True)
 def nothing_malformed_forwarded(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After every test that used the fake backend: it never got a malformed request."""
+    """After every test that used a fake backend: it never got a malformed request."""
     yield
-    if "backend" in request.fixturenames:
-        fake: FakeBackend = request.getfixturevalue("backend")
-        bad = [(r.error, r.raw[:300]) for r in fake.errors()]
-        assert not bad, f"the gateway forwarded malformed requests: {bad}"
+    for name in ("backend", "oa_backend"):
+        if name in request.fixturenames:
+            fake: FakeBackend = request.getfixturevalue(name)
+            bad = [(r.error, r.raw[:300]) for r in fake.errors()]
+            assert not bad, f"the gateway forwarded malformed requests: {bad}"

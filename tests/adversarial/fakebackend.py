@@ -90,7 +90,8 @@ class Received:
     @property
     def is_probe(self) -> bool:
         """A health probe or model listing (the gateway's own traffic)."""
-        return self.method in (b"GET", b"HEAD") and self.path in PROBES
+        return self.method in (b"GET", b"HEAD") and (
+            self.path in PROBES or self.path.startswith(b"/api/v0/"))
 
     def json(self) -> Any:
         """The body parsed with the stdlib (None when it is not JSON)."""
@@ -112,7 +113,10 @@ def _fake_options(value: bytes | None) -> dict[str, str]:
 class FakeBackend:
     """The fake backend on 127.0.0.1, on a free port, served from its own thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "ollama") -> None:
+        # "ollama": answers /api/*; "openai": only /v1/* (as vLLM or llama.cpp's
+        # server), so the gateway takes it for an OpenAI-compatible backend.
+        self.kind = kind
         self.requests: list[Received] = []
         self.lock = threading.Lock()
         self.serial = 0
@@ -306,7 +310,9 @@ class FakeBackend:
                 return False
         path = req.path
         n = req.serial
-        if req.method in (b"GET", b"HEAD") and path == b"/api/tags":
+        if self.kind == "openai" and path.startswith(b"/api/"):
+            await self._send(writer, 404, b'{"detail":"Not Found"}')
+        elif req.method in (b"GET", b"HEAD") and path == b"/api/tags":
             await self._send(writer, 200, json.dumps(TAGS).encode(), extra=extra)
         elif req.method in (b"GET", b"HEAD") and path == b"/api/version":
             await self._send(writer, 200, b'{"version":"0.12.0"}', extra=extra)

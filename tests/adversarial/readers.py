@@ -41,11 +41,16 @@ def first_value(body: bytes) -> Any:
     return value
 
 
-def go_field(pairs: Pairs, name: str) -> tuple[bool, Any]:
-    """The value Go binds to the scalar field `name`: (present, value), later wins."""
+def go_field(pairs: Pairs, name: str, pointer: bool = True) -> tuple[bool, Any]:
+    """The value Go binds to the scalar field `name`: (present, value), later wins.
+
+    `null` resets a pointer field (`*int`) and leaves a plain one (`bool`) as it was.
+    """
     want = go_fold(name)
     found, value = False, None
     for key, item in pairs:
+        if item is None and not pointer:
+            continue
         if key == name or go_fold(key) == want:
             found, value = True, item
     return found, value
@@ -103,24 +108,34 @@ def native_cap_holds(body: bytes, cap: int) -> tuple[bool, str]:
 V1_FIELDS_EXACT = ("max_tokens", "max_completion_tokens", "n_predict")
 
 
-def v1_cap_holds(body: bytes, cap: int) -> tuple[bool, str]:
-    """Both readings of a /v1/chat/completions body keep the output within `cap`.
-
-    Case-insensitive (Ollama's Go): the field max_tokens must be a number <= cap.
-    Exact (vLLM, llama.cpp): max_tokens must be present and <= cap, and every
-    other limit such a server honours, when present, must be <= cap too.
-    """
+def v1_cap_holds_go(body: bytes, cap: int) -> tuple[bool, str]:
+    """Ollama's /v1 reading (Go, case-insensitive): the field max_tokens is a number <= cap."""
     top = first_value(body)
     if not isinstance(top, list):
         return True, "not an object"
     present, value = go_field(top, "max_tokens")
     if not within(value, cap):
         return False, f"Go reads max_tokens = {value!r} (present={present}, cap {cap})"
+    return True, ""
+
+
+def v1_cap_holds_exact(body: bytes, cap: int) -> tuple[bool, str]:
+    """An exact reader (vLLM, llama.cpp): max_tokens present and <= cap, and every
+    other limit such a server honours, when present, <= cap too."""
+    top = first_value(body)
+    if not isinstance(top, list):
+        return True, "not an object"
     for name in V1_FIELDS_EXACT:
         present, value = exact_field(top, name)
         if (present or name == "max_tokens") and not within(value, cap):
             return False, f"an exact reader sees {name} = {value!r} (cap {cap})"
     return True, ""
+
+
+def v1_cap_holds(body: bytes, cap: int) -> tuple[bool, str]:
+    """Both readings of a /v1 body keep the output within `cap`."""
+    ok, why = v1_cap_holds_go(body, cap)
+    return (ok, why) if not ok else v1_cap_holds_exact(body, cap)
 
 
 def has_duplicate_keys(body: bytes) -> bool:
@@ -136,3 +151,56 @@ def has_duplicate_keys(body: bytes) -> bool:
         return False
 
     return walk(first_value(body))
+
+
+def go_struct_field(pairs: Pairs, name: str) -> dict[str, Any] | None:
+    """A struct-pointer field (`stream_options`): merged over duplicates, inner keys folded."""
+    merged: dict[str, Any] | None = None
+    want = go_fold(name)
+    for key, item in pairs:
+        if go_fold(key) != want:
+            continue
+        if item is None:
+            merged = None
+        elif isinstance(item, list) and all(isinstance(p, tuple) for p in item):
+            merged = merged if merged is not None else {}
+            for k, v in item:
+                merged[go_fold(k)] = v
+        else:
+            raise ValueError(f"{name} is not an object")
+    return merged
+
+
+def v1_usage_holds(body: bytes) -> tuple[bool, str]:
+    """When Go reads a streamed /v1 request, it also reads include_usage true.
+
+    The gateway counts a stream's tokens from the usage chunk it asks for; a
+    stream the backend runs without it is a stream nobody pays for.
+    """
+    top = first_value(body)
+    if not isinstance(top, list):
+        return True, "not an object"
+    _, stream = go_field(top, "stream", pointer=False)
+    if stream is not True:
+        return True, ""
+    try:
+        options = go_struct_field(top, "stream_options")
+    except ValueError:
+        return True, "stream_options not an object (Ollama answers 400)"
+    if (options or {}).get(go_fold("include_usage")) is True:
+        return True, ""
+    return False, f"Go streams with stream_options = {options!r}: no usage, tokens not counted"
+
+
+def v1_usage_holds_exact(body: bytes) -> tuple[bool, str]:
+    """An exact reader that streams also reads stream_options.include_usage true."""
+    top = first_value(body)
+    if not isinstance(top, list):
+        return True, "not an object"
+    _, stream = exact_field(top, "stream")
+    if stream is not True:
+        return True, ""
+    _, options = exact_field(top, "stream_options")
+    if isinstance(options, list) and exact_field(options, "include_usage") == (True, True):
+        return True, ""
+    return False, f"an exact reader streams with stream_options = {options!r}: no usage"
