@@ -18,7 +18,7 @@ forwards as it is (`;`-separated `name=value` items):
     big=N       answer a non-stream request with an N-byte JSON body
     auth=T      answer 401 unless the request carries `Authorization: Bearer T`
     bighead=N   put an N-byte header in the response head
-    headlines   send header lines without end until the peer closes
+    headlines=N send header lines (N bytes of them) and never end the head
 
 Answers carry `"n": <serial>`, the number of the request that produced them,
 so a test can tell a cached answer from a fresh one.
@@ -207,7 +207,7 @@ class FakeBackend:
                 except asyncio.IncompleteReadError:
                     req.truncated = True
                     return
-                if not await self._answer(req, writer):
+                if not await self._answer(req, reader, writer):
                     return
         except (ConnectionError, OSError):
             return
@@ -288,7 +288,8 @@ class FakeBackend:
 
     # -- Answers ------------------------------------------------------------------------
 
-    async def _answer(self, req: Received, writer: asyncio.StreamWriter) -> bool:
+    async def _answer(self, req: Received, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> bool:
         """Write the answer; False when the connection must close."""
         opts = _fake_options(req.header(b"x-fake"))
         if "hold" in opts:
@@ -301,13 +302,17 @@ class FakeBackend:
             extra = b"X-Big: " + b"a" * int(opts["bighead"]) + b"\r\n"
         if "headlines" in opts:
             writer.write(b"HTTP/1.1 200 OK\r\n")
+            self.headline_bytes = 0
             try:
-                while True:
+                while self.headline_bytes < int(opts["headlines"]):
                     writer.write(b"X-Line: " + b"b" * 1000 + b"\r\n")
                     self.headline_bytes += 1010
                     await writer.drain()
+                while await reader.read(65536):  # until the gateway closes
+                    pass
             except (ConnectionError, OSError):
-                return False
+                pass
+            return False
         path = req.path
         n = req.serial
         if self.kind == "openai" and path.startswith(b"/api/"):
@@ -322,6 +327,8 @@ class FakeBackend:
             await self._send(writer, 200, json.dumps({"object": "list", "data": [
                 {"id": MODEL, "object": "model", "created": 1, "owned_by": "library"}]}).encode(),
                 extra=extra)
+        elif req.method == b"POST" and path.startswith(b"/api/blobs/sha256"):
+            await self._send(writer, 201, b"", "text/plain")
         elif req.method in (b"GET", b"HEAD") and path == b"/":
             await self._send(writer, 200, b"Ollama is running", "text/plain; charset=utf-8")
         elif req.method == b"POST" and path in (b"/api/chat", b"/api/generate"):
@@ -338,7 +345,7 @@ class FakeBackend:
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, body: bytes,
                     ctype: str = "application/json; charset=utf-8", extra: bytes = b"") -> None:
-        reason = {200: b"OK", 401: b"Unauthorized", 404: b"Not Found"}.get(status, b"X")
+        reason = {200: b"OK", 201: b"Created", 401: b"Unauthorized", 404: b"Not Found"}.get(status, b"X")
         writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s"
                      % (status, reason, ctype.encode(), len(body), extra, body))
         await writer.drain()
