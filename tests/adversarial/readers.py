@@ -165,7 +165,8 @@ def go_struct_field(pairs: Pairs, name: str) -> dict[str, Any] | None:
         elif isinstance(item, list) and all(isinstance(p, tuple) for p in item):
             merged = merged if merged is not None else {}
             for k, v in item:
-                merged[go_fold(k)] = v
+                if v is not None:  # null leaves a bool field as it was
+                    merged[go_fold(k)] = v
         else:
             raise ValueError(f"{name} is not an object")
     return merged
@@ -204,3 +205,38 @@ def v1_usage_holds_exact(body: bytes) -> tuple[bool, str]:
     if isinstance(options, list) and exact_field(options, "include_usage") == (True, True):
         return True, ""
     return False, f"an exact reader streams with stream_options = {options!r}: no usage"
+
+
+def capped(value: Any, cap: int) -> Any:
+    """A token limit as it ends up under a clamping cap (absent / unlimited -> cap)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return cap if value is None else value
+    return cap if value < 0 or value > cap else value
+
+
+def go_view(body: bytes, native: bool, cap: int) -> Any:
+    """What Ollama's Go decoder takes from a body, as a comparable value (None: a 400)."""
+    top = first_value(body)
+    if not isinstance(top, list):
+        return None
+    try:
+        view: dict[str, Any] = {}
+        for name in ("model", "prompt", "temperature"):
+            view[name] = go_field(top, name)[1]
+        view["stream"] = go_field(top, "stream", pointer=native)[1]
+        messages = go_field(top, "messages")[1]
+        if isinstance(messages, list):
+            view["messages"] = [
+                {f: go_field(m, f)[1] for f in ("role", "content", "images")}
+                if isinstance(m, list) else m for m in messages]
+        if native:
+            opts = dict(go_map_field(top, "options") or {})
+            opts["num_predict"] = capped(opts.get("num_predict"), cap)
+            view["options"] = sorted(opts.items())
+        else:
+            view["max_tokens"] = capped(go_field(top, "max_tokens")[1], cap)
+            so = go_struct_field(top, "stream_options")
+            view["stream_options"] = sorted(so.items()) if so is not None else None
+    except ValueError:
+        return None
+    return view

@@ -176,11 +176,15 @@ def request(method: str, path: str, body: bytes | None = None,
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
 
+# One keep-alive client for the many small requests of the fuzz tests.
+CLIENT = httpx.Client(timeout=10)
+
+
 def bystander_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> bool:
     """Another user's ordinary chat request is answered 200."""
     h = {"X-User-ID": "bystander"}
     h.update(headers or {})
-    r = httpx.post(url + "/api/chat", headers=h, timeout=timeout,
+    r = CLIENT.post(url + "/api/chat", headers=h, timeout=timeout,
                    json={"model": "fake", "stream": False,
                          "messages": [{"role": "user", "content": "hello"}]})
     return r.status_code == 200 and r.json().get("done") is True
