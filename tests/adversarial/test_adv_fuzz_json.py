@@ -144,7 +144,7 @@ def test_json_fuzz_ollama_reading(gw: GatewayProc, backend: FakeBackend,
                                   data: st.DataObject) -> None:
     """Caps as Go reads them, on /api and Ollama's /v1 (passes today)."""
     route = data.draw(st.sampled_from(ROUTES))
-    body = data.draw(inference_body(route, f"n{next(_marker)}"))
+    body = data.draw(inference_body(route, f"n{next(_marker):08d}"))
     check_example(gw, backend, route, body, exact=False, open_rules=False)
 
 
@@ -157,7 +157,7 @@ def test_json_fuzz_full(gw: GatewayProc, backend: FakeBackend, oa_gw: GatewayPro
                         oa_backend: FakeBackend, data: st.DataObject) -> None:
     """Every rule, both backend kinds, and the cache."""
     route = data.draw(st.sampled_from(ROUTES))
-    body = data.draw(inference_body(route, f"n{next(_marker)}"))
+    body = data.draw(inference_body(route, f"n{next(_marker):08d}"))
     if route.startswith("/v1/") and data.draw(st.booleans()):
         check_example(oa_gw, oa_backend, route, body, exact=True, open_rules=True)
     else:

@@ -43,12 +43,16 @@ class Response:
         return json.loads(self.body)
 
 
-def parse_responses(data: bytes, head_requests: int = 0) -> tuple[list[Response], bytes]:
+def parse_responses(data: bytes, head_requests: int | list[bool] = 0
+                    ) -> tuple[list[Response], bytes]:
     """Complete responses in `data`, and the bytes left over (an incomplete tail).
 
-    `head_requests`: how many of the first responses answer HEAD (no body).
+    `head_requests`: how many of the first responses answer HEAD (no body), or
+    for each response in order whether it answers a HEAD.
     1xx responses are dropped (interim, not answers).
     """
+    heads = (head_requests if isinstance(head_requests, list)
+             else [True] * head_requests)
     out: list[Response] = []
     rest = data
     while rest:
@@ -75,7 +79,8 @@ def parse_responses(data: bytes, head_requests: int = 0) -> tuple[list[Response]
                       for k, v in resp.headers)
         if len(lengths) > 1 or (lengths and chunked):
             raise BadResponse(f"ambiguous framing: {resp.headers!r}")
-        if len(out) < head_requests or resp.status in (204, 304):
+        is_head = len(out) < len(heads) and heads[len(out)]
+        if is_head or resp.status in (204, 304):
             out.append(resp)
             rest = rest[body_start:]
             continue
@@ -122,7 +127,7 @@ def parse_responses(data: bytes, head_requests: int = 0) -> tuple[list[Response]
 
 
 def exchange(port: int, data: bytes | list[bytes], timeout: float = 5.0,
-             expect: int | None = None, head_requests: int = 0,
+             expect: int | None = None, head_requests: int | list[bool] = 0,
              pause: float = 0.0) -> tuple[list[Response], bytes, bool]:
     """Write `data` (a list: separate writes, `pause` apart), read until close.
 
