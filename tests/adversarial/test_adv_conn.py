@@ -222,3 +222,29 @@ def test_slowloris_head_hits_a_total_deadline(gw: GatewayProc) -> None:
     drip.start()
     drip.join(60)
     assert drip.closed_after is not None, "still open after 45 s of a slow head"
+
+
+CLOSE_PIPELINED = ("beyond issue 14's list (same family as its pipelined-malformed medium): a "
+                   "closing request routed to a backend, with bytes pipelined behind it, is "
+                   "answered but the connection is never closed")
+
+
+@pytest.mark.xfail(strict=True, reason=CLOSE_PIPELINED)
+@pytest.mark.parametrize("closing", [
+    pytest.param(request("POST", "/api/chat", CHAT, [("Connection", "close")]), id="conn-close"),
+    pytest.param(b"POST /api/chat HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(CHAT), CHAT),
+                 id="http10"),
+    pytest.param(request("POST", "/api/show", b'{"model":"fake"}', [("Connection", "close")]),
+                 id="model-route"),
+])
+def test_closing_request_with_pipelined_bytes_closes(gw: GatewayProc, closing: bytes) -> None:
+    responses, _, closed = exchange(gw.port, closing + request("GET", "/api/version"), timeout=4)
+    assert [r.status for r in responses] == [200]
+    assert closed, "still open 4 s after answering a closing request"
+
+
+def test_closing_local_request_with_pipelined_bytes_closes(gw: GatewayProc) -> None:
+    """The control case: the same on a route answered by the gateway itself."""
+    data = request("GET", "/api/version", None, [("Connection", "close")])
+    responses, _, closed = exchange(gw.port, data + request("GET", "/api/version"), timeout=4)
+    assert [r.status for r in responses] == [200] and closed
