@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fakebackend import FakeBackend  # noqa: E402
+from fakebackend import FakeBackend
 
 
 @pytest.fixture(scope="module")

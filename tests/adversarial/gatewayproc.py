@@ -31,7 +31,9 @@ class GatewayProc:
 
     def __init__(self, backends: list[str], *args: str, admin: bool = False,
                  start_timeout: float = 30.0) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="adv-gw-", suffix=".log", delete=False)
+        # Closed (and removed) in close(); the child writes to it meanwhile.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="adv-gw-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "ollamamq_fast", "serve", "--no-tui", "-H", "127.0.0.1",
                "-p", "0", "--state", "", "--log-file", "", "--health-interval", "3600",
                "-o", ",".join(backends)]

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from fakebackend import FakeBackend
 from gatewayproc import GatewayProc
 from readers import native_cap_holds, v1_cap_holds

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from fakebackend import FakeBackend
 from gatewayproc import GatewayProc
 from readers import has_duplicate_keys

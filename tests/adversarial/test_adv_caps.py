@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-
 from fakebackend import FakeBackend
 from gatewayproc import GatewayProc
 from readers import (

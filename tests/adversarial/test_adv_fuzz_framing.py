@@ -43,11 +43,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
-
 from fakebackend import FakeBackend
 from gatewayproc import GatewayProc
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from wire import Response, bystander_ok, parse_responses
 
 DERANDOMIZE = os.environ.get("ADV_FUZZ_RANDOM") != "1"

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from fakebackend import FakeBackend
 from gatewayproc import GatewayProc
 from wire import Response, bystander_ok, parse_responses
