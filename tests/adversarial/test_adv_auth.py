@@ -77,6 +77,14 @@ UNKEYED = [
                  marks=pytest.mark.xfail(strict=True, reason=ABSOLUTE)),
     pytest.param("POST", "/v1/chat%2Fcompletions", V1, id="v1-encoded-slash",
                  marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
+    pytest.param("POST", "/api/chat#x", CHAT, id="fragment",
+                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
+    pytest.param("POST", "/api/generate%00", CHAT, id="encoded-nul",
+                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
+    pytest.param("OPTIONS", "*", None, id="asterisk-form",
+                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
+    pytest.param("post", "/api/chat", CHAT, id="lower-case-method"),
+    pytest.param("GET", "/api/chat", None, id="wrong-method"),
     pytest.param("POST", "/api/unknown", CHAT, id="unknown-path",
                  marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
     pytest.param("GET", "/api/unknown", None, id="unknown-get",
@@ -171,3 +179,24 @@ def test_inference_with_a_key_is_served(gw: GatewayProc, alice: str) -> None:
     r = httpx.post(gw.url + "/api/chat", timeout=10, headers={"Authorization": f"Bearer {alice}"},
                    json={"model": "fake", "stream": False, "messages": []})
     assert r.status_code == 200 and r.json()["done"] is True
+
+
+def _user(gw: GatewayProc, name: str) -> dict[str, object]:
+    users = gw.admin("GET", "/api/users").json()["users"]
+    return next((u for u in users if u["user"] == name), {})
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14 low: service-key user names can take over "
+                                       "ordinary users")
+def test_service_key_end_user_is_not_an_ordinary_user(gw: GatewayProc, alice: str) -> None:
+    """A trusted service key naming `alice` must not spend alice's own account."""
+    r = gw.admin("POST", "/api/keys", json={"user": "portal", "trusted": True})
+    service = r.json()["secret"]
+    body = {"model": "fake", "stream": False, "messages": []}
+    assert httpx.post(gw.url + "/api/chat", json=body, timeout=10,
+                      headers={"Authorization": f"Bearer {alice}"}).status_code == 200
+    before = _user(gw, "alice").get("done")
+    r = httpx.post(gw.url + "/api/chat", json=body, timeout=10,
+                   headers={"Authorization": f"Bearer {service}", "X-User-ID": "alice"})
+    assert r.status_code in (200, 400, 403)
+    assert _user(gw, "alice").get("done") == before, "the service's end user counted as alice"
