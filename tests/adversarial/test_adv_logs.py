@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from fakebackend import FakeBackend
 from gatewayproc import GatewayProc
 from wire import wait_until
