@@ -125,6 +125,7 @@ class FakeBackend:
         self.conns = 0
         self.open_conns = 0
         self.headline_bytes = 0
+        self.head_request = False  # the request being answered is a HEAD (no body back)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -317,6 +318,7 @@ class FakeBackend:
             return False
         path = req.path
         n = req.serial
+        self.head_request = req.method == b"HEAD"
         if self.kind == "openai" and path.startswith(b"/api/"):
             await self._send(writer, 404, b'{"detail":"Not Found"}')
         elif req.method in (b"GET", b"HEAD") and path == b"/api/tags":
@@ -349,7 +351,8 @@ class FakeBackend:
                     ctype: str = "application/json; charset=utf-8", extra: bytes = b"") -> None:
         reason = {200: b"OK", 201: b"Created", 401: b"Unauthorized", 404: b"Not Found"}.get(status, b"X")
         writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s"
-                     % (status, reason, ctype.encode(), len(body), extra, body))
+                     % (status, reason, ctype.encode(), len(body), extra,
+                        b"" if self.head_request else body))
         await writer.drain()
 
     async def _chunks(self, writer: asyncio.StreamWriter, ctype: bytes, parts: list[bytes],
