@@ -31,11 +31,15 @@ def _refused_at_start(backend: FakeBackend, config: Path) -> tuple[bool, str]:
 
 
 @pytest.mark.parametrize("setting", [
-    pytest.param("slots = 0", marks=pytest.mark.xfail(strict=True, reason=TOML)),
-    pytest.param("slots = -5", marks=pytest.mark.xfail(strict=True, reason=TOML)),
-    pytest.param("timeout = 0", marks=pytest.mark.xfail(strict=True, reason=TOML)),
-    pytest.param("timeout = -1.5", marks=pytest.mark.xfail(strict=True, reason=TOML)),
-    pytest.param("max_queue = 0", marks=pytest.mark.xfail(strict=True, reason=TOML)),
+    pytest.param("slots = 0", id="slots-0", marks=pytest.mark.xfail(strict=True, reason=TOML)),
+    pytest.param("slots = -5", id="slots-negative",
+                 marks=pytest.mark.xfail(strict=True, reason=TOML)),
+    pytest.param("timeout = 0", id="timeout-0",
+                 marks=pytest.mark.xfail(strict=True, reason=TOML)),
+    pytest.param("timeout = -1.5", id="timeout-negative",
+                 marks=pytest.mark.xfail(strict=True, reason=TOML)),
+    pytest.param("max_queue = 0", id="max-queue-0",
+                 marks=pytest.mark.xfail(strict=True, reason=TOML)),
     pytest.param('balance = "nope"', id="balance-control"),
 ])
 def test_bad_toml_value_stops_the_start(backend: FakeBackend, tmp_path: Path,
