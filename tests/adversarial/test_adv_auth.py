@@ -46,49 +46,30 @@ def alice(gw: GatewayProc) -> str:
     return gw.create_key("alice")
 
 
-CRITICAL = "issue 14 critical: unknown / encoded paths reach the backend without a key"
-# Beyond issue 14's list: an absolute-form target (RFC 9112 §3.2.2, which Go
-# reads as its path) is not in the route table, so it is forwarded as unknown.
-ABSOLUTE = ("issue 14 critical (absolute-form target): http://h/api/chat is /api/chat to Go "
-            "but unknown to the gateway")
-
+# Issue 14, critical: unknown and encoded paths reached the backend without a
+# key. Absolute-form (RFC 9112 §3.2.2, read by Go as its path), fragments, %00
+# and the asterisk form were found beyond the issue's list.
 # (method, target, body): none of these may reach the backend without a key.
 UNKEYED = [
-    pytest.param("POST", "/api/%63hat", CHAT, id="percent-encoded-letter",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("POST", "/api%2Fchat", CHAT, id="encoded-slash",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("POST", "/%61pi/chat", CHAT, id="encoded-first-segment",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("POST", "/api/%2563hat", CHAT, id="double-encoded",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("POST", "/api//chat", CHAT, id="double-slash",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("POST", "/api/./chat", CHAT, id="dot-segment",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("POST", "/api/x/../chat", CHAT, id="dot-dot-segment",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("POST", "/API/chat", CHAT, id="upper-case",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
+    pytest.param("POST", "/api/%63hat", CHAT, id="percent-encoded-letter"),
+    pytest.param("POST", "/api%2Fchat", CHAT, id="encoded-slash"),
+    pytest.param("POST", "/%61pi/chat", CHAT, id="encoded-first-segment"),
+    pytest.param("POST", "/api/%2563hat", CHAT, id="double-encoded"),
+    pytest.param("POST", "/api//chat", CHAT, id="double-slash"),
+    pytest.param("POST", "/api/./chat", CHAT, id="dot-segment"),
+    pytest.param("POST", "/api/x/../chat", CHAT, id="dot-dot-segment"),
+    pytest.param("POST", "/API/chat", CHAT, id="upper-case"),
     pytest.param("POST", "/api/chat/", CHAT, id="trailing-slash"),
-    pytest.param("POST", "/api/chat;x", CHAT, id="semicolon",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("POST", "http://gw/api/chat", CHAT, id="absolute-form",
-                 marks=pytest.mark.xfail(strict=True, reason=ABSOLUTE)),
-    pytest.param("POST", "/v1/chat%2Fcompletions", V1, id="v1-encoded-slash",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("POST", "/api/chat#x", CHAT, id="fragment",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("POST", "/api/generate%00", CHAT, id="encoded-nul",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("OPTIONS", "*", None, id="asterisk-form",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
+    pytest.param("POST", "/api/chat;x", CHAT, id="semicolon"),
+    pytest.param("POST", "http://gw/api/chat", CHAT, id="absolute-form"),
+    pytest.param("POST", "/v1/chat%2Fcompletions", V1, id="v1-encoded-slash"),
+    pytest.param("POST", "/api/chat#x", CHAT, id="fragment"),
+    pytest.param("POST", "/api/generate%00", CHAT, id="encoded-nul"),
+    pytest.param("OPTIONS", "*", None, id="asterisk-form"),
     pytest.param("post", "/api/chat", CHAT, id="lower-case-method"),
     pytest.param("GET", "/api/chat", None, id="wrong-method"),
-    pytest.param("POST", "/api/unknown", CHAT, id="unknown-path",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
-    pytest.param("GET", "/api/unknown", None, id="unknown-get",
-                 marks=pytest.mark.xfail(strict=True, reason=CRITICAL)),
+    pytest.param("POST", "/api/unknown", CHAT, id="unknown-path"),
+    pytest.param("GET", "/api/unknown", None, id="unknown-get"),
     pytest.param("POST", f"/api/blobs/{BLOB}", b"\0" * 100, id="blob-upload"),
     pytest.param("HEAD", f"/api/blobs/{BLOB}", None, id="blob-head"),
     pytest.param("POST", "/api/chat", CHAT, id="plain-chat"),
@@ -111,18 +92,11 @@ def test_no_request_reaches_the_backend_without_a_key(
     assert responses[0].status in (400, 401, 403, 404, 405, 307, 308)
 
 
-ENCODED = "issue 14 critical: an encoded spelling of a route skips that route's caps"
-
-
 @pytest.mark.parametrize(("target", "body", "holds"), [
-    pytest.param("/api/%63hat", CHAT, native_cap_holds, id="percent-encoded-letter",
-                 marks=pytest.mark.xfail(strict=True, reason=ENCODED)),
-    pytest.param("/api%2Fchat", CHAT, native_cap_holds, id="encoded-slash",
-                 marks=pytest.mark.xfail(strict=True, reason=ENCODED)),
-    pytest.param("http://gw/api/chat", CHAT, native_cap_holds, id="absolute-form",
-                 marks=pytest.mark.xfail(strict=True, reason=ABSOLUTE)),
-    pytest.param("/v1/chat%2Fcompletions", V1, v1_cap_holds, id="v1-encoded-slash",
-                 marks=pytest.mark.xfail(strict=True, reason=ENCODED)),
+    pytest.param("/api/%63hat", CHAT, native_cap_holds, id="percent-encoded-letter"),
+    pytest.param("/api%2Fchat", CHAT, native_cap_holds, id="encoded-slash"),
+    pytest.param("http://gw/api/chat", CHAT, native_cap_holds, id="absolute-form"),
+    pytest.param("/v1/chat%2Fcompletions", V1, v1_cap_holds, id="v1-encoded-slash"),
     pytest.param("/api/chat", CHAT, native_cap_holds, id="plain"),
 ])
 def test_encoded_route_gets_the_policy_of_the_route_it_names(
@@ -160,7 +134,6 @@ def test_model_management_needs_more_than_an_ordinary_key(
     assert r.status_code == 403, r.text
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 low: X-User-ID forwarded unverified under keys")
 def test_client_user_id_is_not_forwarded_under_keys(
         gw: GatewayProc, backend: FakeBackend, alice: str) -> None:
     mark = backend.mark()

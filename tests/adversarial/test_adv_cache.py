@@ -36,8 +36,6 @@ def post(gw: GatewayProc, path: str, body: bytes, user: str,
     return httpx.post(gw.url + path, content=body, headers=h, timeout=10)
 
 
-POISON = "issue 14 high: cache poisoning with duplicate JSON keys"
-RULE = "issue 14 high: a body with duplicate keys is cached"
 
 # (attacker body, victim body): the gateway's old cache key kept only the last
 # duplicate, so both had one key, while Ollama reads them differently.
@@ -46,19 +44,19 @@ PAIRS = [
         b'{"model":"fake","prompt":"%s","stream":false,'
         b'"options":{"num_predict":1},"options":{"temperature":0}}',
         b'{"model":"fake","prompt":"%s","stream":false,"options":{"temperature":0}}',
-        id="options-twice-merged", marks=pytest.mark.xfail(strict=True, reason=POISON)),
+        id="options-twice-merged"),
     pytest.param(
         b'{"model":"fake","prompt":"%s","stream":false,'
         b'"options":{"num_predict":1},"\\u006fptions":{"temperature":0}}',
         b'{"model":"fake","prompt":"%s","stream":false,"options":{"temperature":0}}',
-        id="escaped-key-merged", marks=pytest.mark.xfail(strict=True, reason=POISON)),
+        id="escaped-key-merged"),
     pytest.param(
         b'{"model":"fake","stream":false,"options":{"temperature":0},'
         b'"messages":[{"role":"user","content":"%s","images":["ZXZpbA=="]}],'
         b'"messages":[{"role":"user","content":"%s"}]}',
         b'{"model":"fake","stream":false,"options":{"temperature":0},'
         b'"messages":[{"role":"user","content":"%s"}]}',
-        id="messages-twice-element-reused", marks=pytest.mark.xfail(strict=True, reason=POISON)),
+        id="messages-twice-element-reused"),
     pytest.param(
         b'{"model":"fake","prompt":"%s","stream":false,"options":{"temperature":0},'
         b'"Options":{"num_predict":1}}',
@@ -86,23 +84,18 @@ def test_duplicate_keys_never_poison_another_users_answer(
 
 DUPLICATES = [
     pytest.param(b'{"model":"fake","prompt":"%s","prompt":"%s","stream":false,'
-                 b'"options":{"temperature":0}}', id="top-level-exact",
-                 marks=pytest.mark.xfail(strict=True, reason=RULE)),
+                 b'"options":{"temperature":0}}', id="top-level-exact"),
     pytest.param(b'{"model":"fake","prompt":"%s","stream":false,'
-                 b'"options":{"temperature":0,"temperature":0}}', id="nested-exact",
-                 marks=pytest.mark.xfail(strict=True, reason=RULE)),
+                 b'"options":{"temperature":0,"temperature":0}}', id="nested-exact"),
     pytest.param(b'{"model":"fake","prompt":"%s","stream":false,'
-                 b'"options":{"temperature":0},"\\u006fptions":{"seed":1}}', id="escaped",
-                 marks=pytest.mark.xfail(strict=True, reason=RULE)),
+                 b'"options":{"temperature":0},"\\u006fptions":{"seed":1}}', id="escaped"),
     pytest.param(b'{"model":"fake","stream":false,"options":{"temperature":0},'
                  b'"messages":[{"role":"user","content":"%s","content":"%s"}]}',
-                 id="in-array-element", marks=pytest.mark.xfail(strict=True, reason=RULE)),
+                 id="in-array-element"),
     pytest.param(b'{"model":"fake","prompt":"%s","stream":false,"options":{"temperature":0},'
-                 b'"OPTIONS":{"temperature":0}}', id="case-variant",
-                 marks=pytest.mark.xfail(strict=True, reason=RULE)),
+                 b'"OPTIONS":{"temperature":0}}', id="case-variant"),
     pytest.param(b'{"model":"fake","prompt":"%s","stream":false,"options":{"temperature":0},'
-                 b'"\\u212aeep_alive":"1m","keep_alive":"2m"}', id="kelvin-sign-fold",
-                 marks=pytest.mark.xfail(strict=True, reason=RULE)),
+                 b'"\\u212aeep_alive":"1m","keep_alive":"2m"}', id="kelvin-sign-fold"),
 ]
 
 
@@ -133,8 +126,6 @@ def test_a_clean_deterministic_body_is_cached(gw: GatewayProc, backend: FakeBack
     assert not backend.wait_for(1, mark, timeout=0.2)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 medium: cached 200 served to a client "
-                                       "without the backend's credentials (auth off)")
 @pytest.mark.parametrize("creds", [None, "Bearer wrong"], ids=["no-authorization", "wrong-key"])
 def test_cached_answer_not_served_without_the_backends_credentials(
         gw: GatewayProc, backend: FakeBackend, creds: str | None) -> None:
