@@ -31,38 +31,50 @@ def gw(backend: FakeBackend) -> Iterator[GatewayProc]:
 
 
 def _chunked_upload(port: int, size: int, out: list[Response | None], i: int) -> None:
-    """POST /api/chat with a `size`-byte chunked JSON body, 1 MB per chunk."""
+    """POST /api/chat with a `size`-byte chunked JSON body, 1 MB per chunk.
+
+    The answer is read while the body is still being sent: a gateway that
+    refuses early answers before the upload ends, then closes.
+    """
     prefix = b'{"model":"fake","stream":false,"messages":[{"role":"user","content":"'
     suffix = b'"}]}'
     piece = b"a" * (1 << 20)
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    received = bytearray()
+
+    def read(sock: socket.socket) -> None:
+        while True:
+            try:
+                chunk = sock.recv(1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            received.extend(chunk)
+            if parse_responses(bytes(received))[0]:
+                return
+
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        reader = threading.Thread(target=read, args=(sock,), daemon=True)
+        reader.start()
+        try:
             sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: gw\r\nX-Fake: hold=0.3\r\n"
                          b"X-User-ID: big%d\r\nTransfer-Encoding: chunked\r\n\r\n" % i)
             sock.sendall(b"%x\r\n%s\r\n" % (len(prefix), prefix))
             sent = len(prefix)
-            while sent < size - len(suffix):
+            while sent < size - len(suffix) and reader.is_alive():
                 n = min(len(piece), size - len(suffix) - sent)
                 sock.sendall(b"%x\r\n%s\r\n" % (n, piece[:n]))
                 sent += n
-            sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(suffix), suffix))
-            buf = b""
-            while True:
-                chunk = sock.recv(1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-                got, _ = parse_responses(buf)
-                if got:
-                    out[i] = got[0]
-                    return
-    except OSError:
-        # A gateway refusing early may close while we still send: read what it said.
-        pass
+            if reader.is_alive():
+                sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(suffix), suffix))
+        except OSError:
+            pass  # refused and closed while we sent: the answer came first
+        reader.join(60)
+    got, _ = parse_responses(bytes(received))
+    out[i] = got[0] if got else None
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="issue 14 medium: request bodies have no global budget")
 def test_concurrent_large_bodies_meet_a_global_budget(gw: GatewayProc) -> None:
     count, size = 8, 95 * 1024 * 1024
     base = gw.rss_kb()

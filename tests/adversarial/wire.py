@@ -185,13 +185,18 @@ def request(method: str, path: str, body: bytes | None = None,
 CLIENT = httpx.Client(timeout=10)
 
 
-def bystander_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> bool:
-    """Another user's ordinary chat request is answered 200."""
+def bystander_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 10.0,
+                 openai: bool = False) -> bool:
+    """Another user's ordinary chat request is answered 200 (`openai`: on /v1)."""
     h = {"X-User-ID": "bystander"}
     h.update(headers or {})
+    messages = [{"role": "user", "content": "hello"}]
+    if openai:
+        r = CLIENT.post(url + "/v1/chat/completions", headers=h, timeout=timeout,
+                        json={"model": "fake", "messages": messages})
+        return r.status_code == 200 and bool(r.json().get("choices"))
     r = CLIENT.post(url + "/api/chat", headers=h, timeout=timeout,
-                   json={"model": "fake", "stream": False,
-                         "messages": [{"role": "user", "content": "hello"}]})
+                    json={"model": "fake", "stream": False, "messages": messages})
     return r.status_code == 200 and r.json().get("done") is True
 
 
