@@ -463,3 +463,22 @@ def test_a_retry_never_goes_back_to_a_backend_that_failed_it() -> None:
         assert client.data.startswith(b"HTTP/1.1 200 OK")
     finally:
         rig.close()
+
+
+def test_nothing_after_a_closing_request_is_served(rig: Rig) -> None:
+    """Expect: 100-continue answered 404 closes the connection; what follows never runs."""
+    proto, client = rig.client()
+    body = b'{"model":"m","messages":[]}'
+    first = (b"POST /api/nope HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+             b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    proto.data_received(first + post(b"/api/chat") + post(b"/api/chat", user=b"bob"))
+    rig.turn()
+    assert not rig.pools[0].opened
+    assert responses(client.data) == [404] and client.closing
+
+
+def test_bytes_after_connection_close_are_ignored_not_answered(rig: Rig) -> None:
+    proto, client = rig.client()
+    proto.data_received(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                        b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert responses(client.data) == [200] and client.closing

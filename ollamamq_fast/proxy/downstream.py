@@ -95,6 +95,8 @@ class ClientProtocol(asyncio.Protocol):
             self._last_request()
             return
         except httptools.HttpParserError as exc:
+            if self.stop_reading:
+                return  # bytes after a request that closes the connection: ignored
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._reject(431, "request head too large")
             else:
@@ -140,6 +142,11 @@ class ClientProtocol(asyncio.Protocol):
     # -- httptools parser callbacks -----------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.stop_reading or self.closing:
+            # More bytes after a request that ends the connection (Connection:
+            # close, a rejected request): never served (RFC 9112 §9.6).
+            self.parsing = None
+            return
         self.parsing = Exchange(self)
         self.idle_s = 0.0
         self.parse_s = 0.0
@@ -186,6 +193,8 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         self.parsing = None
         if ex is not None:
+            if not ex.keep_alive:
+                self.stop_reading = True  # the connection ends with this request's answer
             ex.message_complete()
 
     # -- Exchange-facing API --------------------------------------------------------
@@ -267,8 +276,8 @@ class ClientProtocol(asyncio.Protocol):
 
     def _answer_then_close(self) -> bool:
         """Read nothing more; close after the last unanswered request (False: none is left)."""
+        # Still read (and drop) what comes, so that a client leaving is seen.
         self.stop_reading = True
-        self.flow.pause_client(BODY_BUFFER)
         last = self.pipeline[-1] if self.pipeline else self.active
         if last is not None and last is not self.parsing and last.state is not State.DONE:
             last.keep_alive = False

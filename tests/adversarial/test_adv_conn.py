@@ -236,13 +236,7 @@ def test_closing_local_request_with_pipelined_bytes_closes(gw: GatewayProc) -> N
     assert [r.status for r in responses] == [200] and closed
 
 
-EXPECT_RACE = ("beyond issue 14's list: a request pipelined behind one answered without its body "
-               "(Expect: 100-continue, 404, Connection: close) is sometimes still forwarded to "
-               "the backend, which runs it; its answer is never sent")
-
-
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=EXPECT_RACE)
 def test_nothing_runs_after_the_connection_is_closing(gw: GatewayProc,
                                                       backend: FakeBackend) -> None:
     """Under concurrent load, 300 tries: the request after the closing answer never runs."""
