@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from ollamamq_fast.limits import Limits
     from ollamamq_fast.policy.cache import Entry
     from ollamamq_fast.proxy.downstream import ClientProtocol
+    from ollamamq_fast.proxy.transport import Transport
     from ollamamq_fast.proxy.upstream import UpstreamConnection
     from ollamamq_fast.sched.fairqueue import Ticket
 
@@ -589,7 +590,7 @@ class Exchange:
     # -- Response side (called by UpstreamConnection) -------------------------------
 
     @property
-    def client_transport(self) -> asyncio.Transport | None:
+    def client_transport(self) -> Transport | None:
         """Where response bytes go; None once the client is gone."""
         return self.client.transport if self.state is not State.DONE else None
 
