@@ -10,6 +10,7 @@ ollamamq_fast/_build_info.json, which the package reads at import
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -67,17 +68,25 @@ def _compiler_works() -> str | None:
 # Decided once per process: setuptools may finalize build_ext more than once
 # (editable installs reinitialize it), and running mypyc takes a while.
 _plan: dict[str, Any] = {}
+# setup.py commands that only describe the package (pip's metadata hooks).
+_METADATA_COMMANDS = frozenset({"egg_info", "dist_info", "sdist", "check"})
 
 
 class BuildExt(build_ext):
     """build_ext that compiles the hot path with mypyc, or builds nothing."""
 
     def finalize_options(self) -> None:
-        if not _plan:
-            _plan.update(self._plan())
-        # The extensions must be known before the base class sets them up.
-        self.distribution.ext_modules = list(_plan["extensions"])
+        # egg_info (pip's metadata hooks) finalizes build_ext too, to list the
+        # sources of a source distribution: run mypyc only when building.
+        if self._building():
+            if not _plan:
+                _plan.update(self._plan())
+            # The extensions must be known before the base class sets them up.
+            self.distribution.ext_modules = list(_plan["extensions"])
         super().finalize_options()
+
+    def _building(self) -> bool:
+        return not _METADATA_COMMANDS.issuperset(self.distribution.commands)
 
     def _plan(self) -> dict[str, Any]:
         start = time.monotonic()
@@ -86,11 +95,17 @@ class BuildExt(build_ext):
         if reason is None:
             try:
                 extensions = self._mypyc_extensions()
+                # mypy leaves a large object graph behind; without this the
+                # interpreter's last collection at exit takes ~20 s.
+                gc.freeze()
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - never fail the install
                 reason = f"mypyc failed ({type(exc).__name__}: {exc})"
         return {"extensions": extensions, "reason": reason, "start": start}
 
     def run(self) -> None:
+        if not _plan:  # finalized for metadata only, then asked to build anyway
+            _plan.update({"extensions": [], "reason": "build_ext ran without a build command",
+                          "start": time.monotonic()})
         reason: str | None = _plan["reason"]
         if reason is None:
             try:
@@ -136,7 +151,9 @@ class BuildExt(build_ext):
             paths,
             opt_level=opt,
             group_name=buildinfo.GROUP,
-            target_dir=os.path.join(HERE, "build", "mypyc"),
+            # Relative to setup.py's directory (where pip runs it), so that
+            # setuptools can list the generated headers in its manifest.
+            target_dir=os.path.relpath(os.path.join(HERE, "build", "mypyc")),
             # Several C files so the compiler's work splits (see the `parallel` note).
             multi_file=True,
             verbose=False,
