@@ -60,8 +60,9 @@ def _compiler_works() -> str | None:
             f.write("#include <Python.h>\nint probe(void) { return PY_MAJOR_VERSION; }\n")
         try:
             compiler.compile([src], output_dir=tmp, include_dirs=[include])
-        except Exception as exc:  # noqa: BLE001 - any failure means "no compiler"
-            return f"no working C compiler ({type(exc).__name__}: {exc})".strip()
+        except Exception:  # noqa: BLE001 - any failure means "no compiler"
+            cc = (getattr(compiler, "compiler_so", None) or ["cc"])[0]
+            return f"no working C compiler ({cc} cannot build against {include}/Python.h)"
     return None
 
 
@@ -99,7 +100,7 @@ class BuildExt(build_ext):
                 # interpreter's last collection at exit takes ~20 s.
                 gc.freeze()
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - never fail the install
-                reason = f"mypyc failed ({type(exc).__name__}: {exc})"
+                reason = f"mypyc failed ({type(exc).__name__}: {str(exc)[:300]})"
         return {"extensions": extensions, "reason": reason, "start": start}
 
     def run(self) -> None:
@@ -111,9 +112,9 @@ class BuildExt(build_ext):
             try:
                 super().run()
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - never fail the install
-                reason = f"compiling failed ({type(exc).__name__}: {exc})"
-                self._remove_outputs()
+                reason = f"compiling failed ({type(exc).__name__}: {str(exc)[:300]})"
         if reason is not None:
+            self._remove_outputs()
             self.extensions = []
             _say(f"pure Python build: {reason}")
             self._write_info({"build": "python", "reason": reason})
@@ -154,24 +155,24 @@ class BuildExt(build_ext):
             # Relative to setup.py's directory (where pip runs it), so that
             # setuptools can list the generated headers in its manifest.
             target_dir=os.path.relpath(os.path.join(HERE, "build", "mypyc")),
-            # Several C files so the compiler's work splits (see the `parallel` note).
-            multi_file=True,
             verbose=False,
         )
         return exts
 
     def _remove_outputs(self) -> None:
-        """Delete what a failed compile left, so nothing half-built gets loaded."""
-        for ext in self.extensions:
-            for path in (self.get_ext_fullpath(ext.name),):
+        """Delete compiled modules a failed or earlier build left (build tree and, in place, source).
+
+        A pure build must not ship or leave stale extensions: a wheel takes
+        whatever is in the build tree.
+        """
+        roots = [self.build_lib]
+        if self.inplace or getattr(self, "editable_mode", False):
+            roots.append(HERE)
+        for name in (*buildinfo.COMPILED_MODULES, buildinfo.GROUP + "__mypyc"):
+            for root in roots:
+                path = os.path.join(root, self.get_ext_filename(name))
                 if os.path.exists(path):
                     os.remove(path)
-            if self.inplace or getattr(self, "editable_mode", False):
-                inplace = os.path.join(
-                    HERE, *ext.name.split(".")[:-1], os.path.basename(self.get_ext_filename(ext.name))
-                )
-                if os.path.exists(inplace):
-                    os.remove(inplace)
 
     def _write_info(self, info: dict[str, Any]) -> None:
         """Record the outcome in the package: in the build tree and, in place, in the source."""

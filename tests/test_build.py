@@ -31,7 +31,7 @@ def _run_python(code: str, tmp_root: Path | None = None, **env: str) -> subproce
     root = str(tmp_root if tmp_root is not None else PACKAGE_DIR.parent)
     environ["PYTHONPATH"] = os.pathsep.join([root, environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     environ.update(env)
-    return subprocess.run([sys.executable, "-c", code], env=environ, cwd=root,
+    return subprocess.run([sys.executable, "-c", code], check=False, env=environ, cwd=root,
                           capture_output=True, text=True, timeout=60)
 
 
