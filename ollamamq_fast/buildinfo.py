@@ -35,17 +35,21 @@ INFO_FILE: Final = "_build_info.json"
 GROUP: Final = "ollamamq_fast"
 
 # The per-request path, compiled together (order does not matter). Left out:
-# - policy/identity.py: the authentication code is being rewritten; add it
-#   once it settles (it compiles as it is today, see docs/compiled-build.md).
-# - fleet/health.py, policy/ratelimit.py, policy/quota.py, policy/limits.py:
-#   timers and control traffic, not per request; they stay interpreted and are
-#   called from compiled code through ordinary Python calls.
+# - policy/identity.py: the authentication code is still being reworked; it
+#   runs interpreted and is called from compiled code by ordinary calls.
+# - fleet/health.py, policy/ratelimit.py, policy/quota.py: timers and control
+#   traffic (probes, syncs), not per request.
+# - gateway.py, config.py, operator.py, control/, state/: start-up, admin and
+#   storage, not per request.
 COMPILED_MODULES: Final[tuple[str, ...]] = (
-    "ollamamq_fast.proxy.errors",
+    "ollamamq_fast.wire.errors",
+    "ollamamq_fast.wire.framing",
+    "ollamamq_fast.wire.headers",
+    "ollamamq_fast.wire.paths",
+    "ollamamq_fast.wire.routes",
+    "ollamamq_fast.wire.sniff",
+    "ollamamq_fast.proxy.state",
     "ollamamq_fast.proxy.flow",
-    "ollamamq_fast.proxy.framing",
-    "ollamamq_fast.proxy.routes",
-    "ollamamq_fast.proxy.sniff",
     "ollamamq_fast.proxy.upstream",
     "ollamamq_fast.proxy.exchange",
     "ollamamq_fast.proxy.downstream",
@@ -56,10 +60,13 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.fleet.backend",
     "ollamamq_fast.fleet.select",
     "ollamamq_fast.fleet.passive",
+    "ollamamq_fast.limits",
+    "ollamamq_fast.policy.gate",
     "ollamamq_fast.policy.caps",
     "ollamamq_fast.policy.streamusage",
     "ollamamq_fast.policy.cache",
     "ollamamq_fast.policy.engine",
+    "ollamamq_fast.accounting.ledger",
     "ollamamq_fast.stats",
 )
 
