@@ -241,8 +241,8 @@ class Exchange:
             try:
                 self.user = forwarded_user = identity.user_for_key(
                     head.authorization, head.api_key, self.user)
-            except AuthError as exc:
-                ctype, body = error_body(self.api, 401, str(exc))
+            except AuthError as denied:  # not `exc`: compiled code gives a name one type
+                ctype, body = error_body(self.api, 401, str(denied))
                 self._set_early_error(401, ctype, body)
                 return
         self.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
