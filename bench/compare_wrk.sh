@@ -8,7 +8,8 @@
 #   gateway-py the same gateway with OLLAMAMQ_FAST_PURE=1, when the install is
 #              compiled (mypyc): the compiled and the pure build side by side
 # each at c=64 and c=1, alternating for ROUNDS rounds; the gateway's CPU per
-# request is read from /proc/PID/stat around its c=64 runs.
+# request (and the pure gateway's and the floor's) is read from /proc/PID/stat
+# around their c=64 runs.
 #   bash bench/compare_wrk.sh [seconds] [rounds]      (needs: apt-get install wrk nginx-light)
 set -euo pipefail
 D=${1:-4}
@@ -37,6 +38,7 @@ if [ "$(python3 -c 'from ollamamq_fast import buildinfo; print(buildinfo.build()
     GWPY_PID=$!
 fi
 python3 bench/floor_proxy.py "$FLOOR_PORT" "$SIM_PORT" >/dev/null 2>&1 &
+FLOOR_PID=$!
 HAVE_NGINX=0
 if command -v nginx >/dev/null; then
     sed -e "s/SIM_PORT/$SIM_PORT/" -e "s/NGINX_PORT/$NGINX_PORT/" -e "s#/tmp/ollamamq-bench-nginx.pid#$TMP/nginx.pid#" \
@@ -71,6 +73,7 @@ for r in $(seq "$ROUNDS"); do
         pid=""
         [ "$name" = gateway ] && pid=$GW_PID
         [ "$name" = gateway-py ] && pid=$GWPY_PID
+        [ "$name" = floor ] && pid=$FLOOR_PID
         [ -n "$pid" ] && read -r u0 s0 < <(ticks "$pid")
         read -r rps p50 bad < <(run "$name" "$port" 64)
         cpu=""
