@@ -50,6 +50,7 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.wire.sniff",
     "ollamamq_fast.proxy.state",
     "ollamamq_fast.proxy.flow",
+    "ollamamq_fast.proxy.pool",
     "ollamamq_fast.proxy.upstream",
     "ollamamq_fast.proxy.exchange",
     "ollamamq_fast.proxy.downstream",
