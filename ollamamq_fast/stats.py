@@ -149,6 +149,7 @@ class UserStats:
             "rejected": self.rejected,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "estimated_tokens": self.estimated_tokens,
             "last_ip": self.last_ip,
             "last_seen": self.last_seen,
         }
