@@ -1,8 +1,12 @@
 # syntax=docker/dockerfile:1
 # Multi-stage: build a wheel with the toolchain, run it on a slim base as a non-root user.
 FROM python:3.11-slim AS build
+# A C compiler so the wheel's hot path is compiled with mypyc (see README
+# "Compiled build"); the run stage needs only the wheel.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY ollamamq_fast ./ollamamq_fast
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -81,8 +81,9 @@ class AccessLog:
             if self.handler.shouldRollover(_SizeProbe(text)):
                 self.handler.doRollover()
                 stream = self.handler.stream
-            stream.write(text)
-            stream.flush()
+            if stream is not None:  # None only after the handler was closed
+                stream.write(text)
+                stream.flush()
         if self.stream is not None:
             self.stream.write(text)
             self.stream.flush()

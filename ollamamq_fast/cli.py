@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import NoReturn
 
-from ollamamq_fast import __version__, argtypes
+from ollamamq_fast import __version__, argtypes, buildinfo
 from ollamamq_fast.config import (
     BACKEND_KINDS,
     BALANCE_CHOICES,
@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "OpenAI-compatible LLM servers. Without a subcommand, `serve` runs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    # The build ("mypyc" or "python: why") tells whether the hot path is compiled.
+    parser.add_argument("-V", "--version", action="version",
+                        version=f"%(prog)s {__version__} ({buildinfo.describe()})")
     sub = parser.add_subparsers(dest="command",
                                 metavar="{serve,sim,bench,users,keys,backends,top}",
                                 parser_class=_Parser)

@@ -175,7 +175,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.state: GatewayState | None = None
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.sim: SimServer | None = None
         self.reaper: asyncio.TimerHandle | None = None
         self.admin: AdminServer | None = None

@@ -139,8 +139,20 @@ class UserStats:
         self.last_seen = 0.0
 
     def snapshot(self) -> dict[str, object]:
-        """JSON-ready view."""
-        return {name: getattr(self, name) for name in self.__slots__}
+        """JSON-ready view (listed, not read from __slots__: compiled classes have none)."""
+        return {
+            "user": self.user,
+            "queued": self.queued,
+            "in_flight": self.in_flight,
+            "done": self.done,
+            "dropped": self.dropped,
+            "rejected": self.rejected,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "estimated_tokens": self.estimated_tokens,
+            "last_ip": self.last_ip,
+            "last_seen": self.last_seen,
+        }
 
 
 @dataclass

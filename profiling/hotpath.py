@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uvloop  # noqa: E402
 
+from ollamamq_fast import buildinfo  # noqa: E402
 from ollamamq_fast.config import Settings, parse_backend_url  # noqa: E402
 from ollamamq_fast.gateway import Gateway  # noqa: E402
 from ollamamq_fast.proxy.downstream import ClientProtocol  # noqa: E402
@@ -160,7 +161,7 @@ async def run(args: argparse.Namespace) -> None:
             one()
         best = min(best, (time.perf_counter() - t0) / n)
     print(f"{args.route}: {best * 1e6:.2f} us of gateway Python per request "
-          f"(best of {args.rounds} x {n})")
+          f"(best of {args.rounds} x {n}, build: {buildinfo.build()})")
     print("answer head:", client_transport.last.split(b"\r\n\r\n")[0].decode(errors="replace"))
     await gateway.stop()
     await sim.close()

@@ -25,6 +25,7 @@ import pytest
 from harness import Stack, free_port, start_stack
 from prometheus_client.parser import text_string_to_metric_families
 
+from ollamamq_fast import buildinfo
 from ollamamq_fast.cli import main as cli_main
 from ollamamq_fast.control.app import AdminApp
 from ollamamq_fast.control.auth import token_digest
@@ -248,6 +249,7 @@ def test_stats(stack: Stack, admin: httpx.Client) -> None:
     stats = admin.get("/api/stats").json()
     assert stats["completed"] >= 1 and stats["queued"] == 0
     assert stats["backends"][0]["url"] == backend_urls(stack)[0]
+    assert stats["build"] == buildinfo.build()  # "mypyc" or "python"
 
 
 # -- Metrics --------------------------------------------------------------------------

@@ -613,4 +613,9 @@ def test_pop_cost_flat_in_number_of_users() -> None:
     t_many = _best_pop_time(many, pops, repeats)
     ratio = t_many / t_few
     print(f"fairqueue: pop cost 100k users / 10 users = {ratio:.2f}")
-    assert ratio < 3
+    # A scan over users would make this ratio thousands. What remains at 100k
+    # users is memory: each pop touches another user's queue, out of cache
+    # (+300-400 ns a pop on the reference VM in either build). Compiled, a pop
+    # costs ~300 ns instead of ~1 us, so that same cost reads as a ratio of
+    # 2-4 (pure Python: 1.2-1.6).
+    assert ratio < 5

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ollamamq_fast import buildinfo
 from ollamamq_fast.config import ConfigError, parse_backend_url
 from ollamamq_fast.control.auth import AdminAuth
 from ollamamq_fast.control.events import EventStreams
@@ -269,8 +270,8 @@ class AdminApp:
     # -- Read models ----------------------------------------------------------
 
     async def stats(self, req: Request) -> Response:
-        """GET /api/stats: gateway-wide numbers."""
-        return json_response(self.operator.stats_snapshot())
+        """GET /api/stats: gateway-wide numbers, and which build runs ("mypyc" | "python")."""
+        return json_response({**self.operator.stats_snapshot(), "build": buildinfo.build()})
 
     async def reload(self, req: Request) -> Response:
         """POST /api/reload: re-read the TOML config, as SIGHUP does."""

@@ -278,7 +278,9 @@ def _schemas() -> dict[str, Any]:
             "completion_tokens": _INT, "estimated_tokens": _INT, "latency_p50_s": _QUANTILE, "latency_p99_s": _QUANTILE,
             "ttfb_p50_s": _QUANTILE, "queue_wait_p99_s": _QUANTILE,
             "backends": {"type": "array", "items": _ref("Backend")}, "users": _INT,
-        }, ["uptime_s", "queued", "in_flight", "backends"]),
+            "build": {"enum": ["mypyc", "python", "mixed"],
+                      "description": "whether the request path runs compiled (mypyc) or as Python"},
+        }, ["uptime_s", "queued", "in_flight", "backends", "build"]),
     }
 
 

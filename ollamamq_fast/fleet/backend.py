@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ollamamq_fast.config import BackendOptions, BackendUrl
 
 if TYPE_CHECKING:
-    from ollamamq_fast.proxy.pool import UpstreamPool
+    from ollamamq_fast.proxy.pool import ConnectionPool
 
 
 class ApiKind(enum.Enum):
@@ -107,7 +107,7 @@ class Backend:
         self.probe_failures = 0
         self.probes_ok = 0
         self.last_error = ""
-        self.pool: UpstreamPool | None = None
+        self.pool: ConnectionPool | None = None
         # online and not draining and breaker not open: kept up to date by
         # refresh(), so the dispatcher's hot path reads one attribute.
         self.available = False

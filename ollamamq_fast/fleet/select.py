@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import random
 import zlib
+from typing import Any
 
 from ollamamq_fast.fleet.backend import ApiKind, Backend
 from ollamamq_fast.wire.sniff import SniffError, sniff_fields
@@ -179,7 +180,7 @@ class Fleet:
                 return b
         return None
 
-    def find_model_entry(self, model: str) -> tuple[Backend, dict] | None:
+    def find_model_entry(self, model: str) -> tuple[Backend, dict[str, Any]] | None:
         """Any online backend's tags entry for a normalized model name.
 
         Online, not `available`: model listings describe the fleet, and must agree

@@ -89,7 +89,7 @@ class Policy:
         self.quotas_on = False
         self._memo: dict[str, tuple[UserSettings | None, Limits]] = {}
         self._keys: dict[tuple[bytes, bool, bool, bool, bool], tuple[str, ...]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._warned = 0.0
         self.reload()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -19,6 +19,7 @@ from ollamamq_fast.wire.errors import Api, error_body
 from ollamamq_fast.proxy.exchange import Exchange
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.flow import BODY_BUFFER, HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES, FlowControl
+from ollamamq_fast.proxy.transport import Transport
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
@@ -40,7 +41,7 @@ class ClientProtocol(asyncio.Protocol):
     def __init__(self, gw: "GatewayState") -> None:
         # Per-connection state
         self.gw = gw
-        self.transport: asyncio.Transport | None = None
+        self.transport: Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = ""
         self.peer_ip_bytes = b""
@@ -70,9 +71,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(Transport, transport)
         self.flow = FlowControl(transport)
-        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer_ip = str(peer[0])

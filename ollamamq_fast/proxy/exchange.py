@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from ollamamq_fast.limits import Limits
     from ollamamq_fast.policy.cache import Entry
     from ollamamq_fast.proxy.downstream import ClientProtocol
+    from ollamamq_fast.proxy.transport import Transport
     from ollamamq_fast.proxy.upstream import UpstreamConnection
     from ollamamq_fast.sched.fairqueue import Ticket
 
@@ -240,8 +241,8 @@ class Exchange:
             try:
                 self.user = forwarded_user = identity.user_for_key(
                     head.authorization, head.api_key, self.user)
-            except AuthError as exc:
-                ctype, body = error_body(self.api, 401, str(exc))
+            except AuthError as denied:  # not `exc`: compiled code gives a name one type
+                ctype, body = error_body(self.api, 401, str(denied))
                 self._set_early_error(401, ctype, body)
                 return
         self.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
@@ -589,7 +590,7 @@ class Exchange:
     # -- Response side (called by UpstreamConnection) -------------------------------
 
     @property
-    def client_transport(self) -> asyncio.Transport | None:
+    def client_transport(self) -> Transport | None:
         """Where response bytes go; None once the client is gone."""
         return self.client.transport if self.state is not State.DONE else None
 

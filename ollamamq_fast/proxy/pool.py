@@ -8,7 +8,7 @@ only after a clean response and only unpaused (flow.py lets go of it first).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ollamamq_fast.proxy.upstream import UpstreamConnection
 
@@ -24,6 +24,26 @@ MAX_IDLE_PER_BACKEND = 256
 IDLE_EXPIRY_S = 30.0
 # A backend that does not accept a TCP connection within this is failing.
 CONNECT_TIMEOUT_S = 5.0
+
+
+class ConnectionPool(Protocol):
+    """What a backend's pool offers: UpstreamPool, or a test's pool of fake connections.
+
+    Connections and backends name this Protocol, not the class: compiled
+    (mypyc) code checks class annotations at run time and would refuse a fake.
+    """
+
+    def acquire_idle(self) -> UpstreamConnection | None: ...
+
+    async def connect(self) -> UpstreamConnection: ...
+
+    def release(self, conn: UpstreamConnection) -> None: ...
+
+    def forget(self, conn: UpstreamConnection) -> None: ...
+
+    def expire_idle(self, now: float) -> None: ...
+
+    def close_all(self) -> None: ...
 
 
 class UpstreamPool:

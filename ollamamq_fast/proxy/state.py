@@ -50,8 +50,12 @@ ALLOWED: Final[tuple[int, ...]] = tuple(
     sum(1 << target for target in TRANSITIONS[State(n)]) for n in range(len(State)))
 
 
-class IllegalTransition(RuntimeError):
-    """A move the table does not allow: a bug in the gateway, never the client's doing."""
+class IllegalTransition(Exception):
+    """A move the table does not allow: a bug in the gateway, never the client's doing.
+
+    (An Exception, not a RuntimeError: mypyc compiles subclasses of only a few
+    built-in exceptions.)
+    """
 
     def __init__(self, current: State, target: State) -> None:
         super().__init__(f"exchange cannot move from {current.name} to {target.name}")

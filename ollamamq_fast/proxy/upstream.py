@@ -11,21 +11,24 @@ backend dies mid-stream.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
 from ollamamq_fast.wire import framing
 from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES, FlowControl
+from ollamamq_fast.proxy.transport import Transport
 
 if TYPE_CHECKING:
     from ollamamq_fast.policy.streamusage import UsageStripper
-    from ollamamq_fast.proxy.pool import UpstreamPool
+    from ollamamq_fast.proxy.pool import ConnectionPool
 
 class ResponseSink(Protocol):
     """What an upstream connection reports to: the exchange it is bound to."""
 
-    client_transport: asyncio.Transport | None
+    @property
+    def client_transport(self) -> Transport | None: ...
+
     http10: bool  # the client speaks HTTP/1.0: chunked bodies must be de-chunked
 
     def response_head(self, conn: "UpstreamConnection") -> bytes | None:
@@ -48,10 +51,10 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a backend; carries one exchange at a time."""
 
-    def __init__(self, pool: "UpstreamPool") -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         # Per-connection state
         self.pool = pool
-        self.transport: asyncio.Transport | None = None
+        self.transport: Transport | None = None
         self.closed = False
         self.sink: ResponseSink | None = None
         self.responses = 0  # completed responses; > 0 means it came from the pool
@@ -120,8 +123,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        self.transport = cast(Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
         self.rx_count += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from ollamamq_fast.wire.routes import Kind
 from ollamamq_fast.sched.fairqueue import FairQueue
@@ -217,7 +217,7 @@ class Dispatcher:
                 ticket = queue.pop(self._can_run)
                 if ticket is None:
                     break
-                ex = ticket.payload
+                ex = cast("Exchange", ticket.payload)
                 ex.ticket = None
                 ex.gw.ledger.left_queue(ex.ustats)
                 self._start(ex)
@@ -305,7 +305,7 @@ class Dispatcher:
         if limit <= 0:
             return
         for ticket in self.queue.expired(now - limit):
-            ex = ticket.payload
+            ex = cast("Exchange", ticket.payload)
             ex.ticket = None
             ex.gw.ledger.left_queue(ex.ustats)
             self.expired += 1

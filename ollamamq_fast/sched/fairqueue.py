@@ -234,8 +234,12 @@ class FairQueue:
             self._boost.discard(user)
         self._rering(user)
 
-    def set_weight(self, user: str, weight: int) -> None:
-        """Set the user's turns per round (admin API); ValueError if weight < 1."""
+    def set_weight(self, user: str, weight: object) -> None:
+        """Set the user's turns per round (admin API); ValueError if weight < 1.
+
+        `weight` is typed object because it is checked here: compiled code would
+        otherwise turn True into 1 and refuse 1.5 with a TypeError at the call.
+        """
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
             raise ValueError(f"weight must be an integer >= 1, got {weight!r}")
         if weight == DEFAULT_WEIGHT:

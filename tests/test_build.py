@@ -1,0 +1,197 @@
+"""The compiled build: what setup.py recorded is what runs, and the pure switch works.
+
+The suite runs once against whatever the install produced (compiled when a C
+compiler was there) and a subset runs again with OLLAMAMQ_FAST_PURE=1 (see the
+README's test command); these tests make sure neither run is silently the
+other one.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import types
+from pathlib import Path
+
+import pytest
+
+from ollamamq_fast import buildinfo
+
+PACKAGE_DIR = Path(buildinfo.__file__).resolve().parent
+
+
+def _run_python(code: str, tmp_root: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter that imports the package from here (or tmp_root)."""
+    environ = {k: v for k, v in os.environ.items() if k != buildinfo.PURE_ENV}
+    root = str(tmp_root if tmp_root is not None else PACKAGE_DIR.parent)
+    environ["PYTHONPATH"] = os.pathsep.join([root, environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    environ.update(env)
+    return subprocess.run([sys.executable, "-c", code], check=False, env=environ, cwd=root,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _compiler_present() -> bool:
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return shutil.which(cc) is not None and header.exists()
+
+
+_LOAD_ALL = (
+    "import json, sys\n"
+    "import ollamamq_fast.gateway\n"
+    "from ollamamq_fast import buildinfo\n"
+    "for m in buildinfo.COMPILED_MODULES: __import__(m)\n"
+    "print(json.dumps({'build': buildinfo.build(), 'describe': buildinfo.describe(),\n"
+    "  'files': {m: sys.modules[m].__file__ for m in buildinfo.COMPILED_MODULES}}))\n"
+)
+
+
+def test_the_install_compiled_what_it_could() -> None:
+    """With a C compiler at install, every hot-path module runs compiled (unless forced pure)."""
+    info = buildinfo.read_info()
+    if info is None:
+        pytest.skip("package not installed by setup.py (no _build_info.json): nothing to check")
+    forced = os.environ.get(buildinfo.PURE_ENV, "") not in ("", "0")
+    if info["build"] == "python":
+        reason = str(info.get("reason", ""))
+        if buildinfo.PURE_ENV in reason:
+            pytest.skip(f"installed pure on purpose: {reason}")
+        if _compiler_present():
+            pytest.fail(f"a C compiler is here but the install built pure Python: {reason}")
+        pytest.skip(f"no C compiler at install: {reason}")
+    assert info["build"] == "mypyc"
+    for module in buildinfo.COMPILED_MODULES:
+        importlib.import_module(module)
+    if forced:
+        assert buildinfo.build() == "python", buildinfo.compiled_modules()
+        return
+    assert buildinfo.pure_reason() is None, (
+        f"compiled at install but running pure: {buildinfo.pure_reason()}")
+    assert buildinfo.compiled_modules() == list(buildinfo.COMPILED_MODULES)
+    assert buildinfo.build() == "mypyc"
+    # Functions of a compiled module are C functions, not Python ones.
+    from ollamamq_fast.stats import tokens_in_tail
+
+    assert isinstance(tokens_in_tail, types.BuiltinFunctionType)
+
+
+def test_pure_switch_loads_the_py_sources() -> None:
+    done = _run_python(_LOAD_ALL, **{buildinfo.PURE_ENV: "1"})
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["build"] == "python"
+    assert out["describe"] == f"python: {buildinfo.PURE_ENV} is set"
+    for module, path in out["files"].items():
+        assert path == buildinfo.source_path(module), (module, path)
+
+
+def test_without_the_switch_the_recorded_build_runs() -> None:
+    done = _run_python(_LOAD_ALL)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    info = buildinfo.read_info()
+    expected = "mypyc" if info is not None and info.get("build") == "mypyc" else "python"
+    if expected == "mypyc" and "changed after it was compiled" in out["describe"]:
+        pytest.skip(f"this checkout's compiled build is stale: {out['describe']}")
+    assert out["build"] == expected, out
+    suffix = tuple(importlib.machinery.EXTENSION_SUFFIXES) if expected == "mypyc" else (".py",)
+    assert all(path.endswith(suffix) for path in out["files"].values()), out["files"]
+
+
+def _copy_sources(tmp_path: Path) -> Path:
+    """The package's .py files (no extensions) under tmp_path/ollamamq_fast."""
+    dest = tmp_path / "ollamamq_fast"
+    shutil.copytree(PACKAGE_DIR, dest, ignore=shutil.ignore_patterns(
+        "*.so", "*.pyd", "__pycache__", buildinfo.INFO_FILE))
+    return dest
+
+
+def test_a_source_edited_after_the_build_runs_as_python(tmp_path: Path) -> None:
+    """A stale compiled module would run old code: all of the hot path then loads the .py files."""
+    dest = _copy_sources(tmp_path)
+    digests = {m: buildinfo.source_digest(buildinfo.source_path(m, str(dest)))
+               for m in buildinfo.COMPILED_MODULES}
+    digests["ollamamq_fast.stats"] = "0" * 64  # as if stats.py changed since
+    (dest / buildinfo.INFO_FILE).write_text(json.dumps({"build": "mypyc", "sources": digests}))
+    done = _run_python("from ollamamq_fast import buildinfo; print(buildinfo.describe())", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "python: ollamamq_fast.stats changed after it was compiled (reinstall to recompile)")
+    assert "RuntimeWarning: ollamamq-fast runs pure Python" in done.stderr
+
+
+def test_no_build_record_runs_python(tmp_path: Path) -> None:
+    _copy_sources(tmp_path)
+    done = _run_python("from ollamamq_fast import buildinfo; print(buildinfo.describe())", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "python: not built by setup.py"
+    assert done.stderr == ""
+
+
+def test_version_names_the_build() -> None:
+    done = _run_python("from ollamamq_fast.cli import main; main(['--version'])")
+    assert done.returncode == 0, done.stderr
+    out = " ".join(done.stdout.split())  # argparse wraps a long line
+    build = _run_python("from ollamamq_fast import buildinfo; print(buildinfo.describe())")
+    assert out == f"ollamamq-fast 0.1.0 ({build.stdout.strip()})"
+    assert build.stdout.startswith(("mypyc", "python"))
+    pure = _run_python("from ollamamq_fast.cli import main; main(['--version'])",
+                       **{buildinfo.PURE_ENV: "1"})
+    assert pure.stdout.strip() == f"ollamamq-fast 0.1.0 (python: {buildinfo.PURE_ENV} is set)"
+
+
+def test_user_stats_snapshot_lists_every_field() -> None:
+    """snapshot() names its fields (compiled classes have no __slots__ to read)."""
+    from ollamamq_fast.stats import UserStats
+
+    snap = UserStats("u").snapshot()
+    slots = getattr(UserStats, "__slots__", None)
+    if slots is None:
+        pytest.skip("compiled: __slots__ is not there to compare with (the pure run checks it)")
+    assert list(snap) == list(slots)
+
+
+def _except_names_with_two_types(path: str) -> list[str]:
+    """`except A as e` and `except B as e` in one function: mypyc gives `e` A's type.
+
+    Compiled, the second handler then fails with a TypeError when it catches a
+    B (mypy accepts it, so only running the compiled build would show it).
+    """
+    tree = ast.parse(Path(path).read_text(), path)
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        seen: dict[str, str] = {}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.ExceptHandler) and node.name and node.type is not None:
+                caught = ast.unparse(node.type)
+                if seen.setdefault(node.name, caught) != caught:
+                    found.append(f"{path}:{node.lineno} {fn.name}: `{node.name}` is "
+                                 f"{seen[node.name]} and {caught}")
+    return found
+
+
+def test_compiled_modules_avoid_what_mypyc_runs_differently() -> None:
+    """Checked on the sources, so the pure build and a machine with no compiler see it too."""
+    problems = []
+    for module in buildinfo.COMPILED_MODULES:
+        path = buildinfo.source_path(module)
+        problems += _except_names_with_two_types(path)
+        text = Path(path).read_text()
+        if ".__slots__" in text:  # compiled classes have none at run time
+            problems.append(f"{path}: reads __slots__")
+    assert problems == []
+
+
+def test_the_lint_finds_a_reused_except_name(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    try:\n        g()\n    except KeyError as e:\n        pass\n"
+                   "    try:\n        g()\n    except ValueError as e:\n        pass\n")
+    assert len(_except_names_with_two_types(str(bad))) == 1
