@@ -79,7 +79,7 @@ class StateCache(StateView):
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._usage: dict[tuple[str, str, str], list[int]] = {}
         # (hour, user, key, model, backend) -> requests, errors, cancelled,
-        # estimated, prompt tokens, completion tokens
+        # estimated tokens, prompt tokens, completion tokens
         self._hours: dict[tuple[str, str, str, str, str], list[int]] = {}
         self._hour = ""
         self._hour_ends = 0.0
@@ -226,7 +226,8 @@ class StateCache(StateView):
         hour[0] += 1
         hour[1] += error
         hour[2] += cancelled
-        hour[3] += estimated
+        if estimated:
+            hour[3] += prompt_tokens + completion_tokens
         hour[4] += prompt_tokens
         hour[5] += completion_tokens
         counts = self._usage.get((user, model, self._day))

@@ -75,8 +75,8 @@ class UsageHour:
 
     `requests` counts every inference request that ended in the hour, of which
     `errors` were answered with a status >= 400 (refusals included) and
-    `cancelled` were left by their client; `estimated` requests had their
-    tokens estimated from stream events instead of reported by the backend.
+    `cancelled` were left by their client; `estimated_tokens` of the tokens were
+    estimated from stream events instead of reported by the backend.
     `key` is the API key id ("" without one), `backend` the backend URL ("" when
     none was reached).
     """
@@ -89,14 +89,14 @@ class UsageHour:
     requests: int = 0
     errors: int = 0
     cancelled: int = 0
-    estimated: int = 0
+    estimated_tokens: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
 # The summed fields of a UsageHour, in storage order.
 USAGE_COUNTERS: tuple[str, ...] = (
-    "requests", "errors", "cancelled", "estimated", "prompt_tokens", "completion_tokens")
+    "requests", "errors", "cancelled", "estimated_tokens", "prompt_tokens", "completion_tokens")
 # The fields that say whose usage a UsageHour is (besides its hour).
 USAGE_DIMENSIONS: tuple[str, ...] = ("user", "key", "model", "backend")
 

@@ -11,7 +11,7 @@ Layout, every key under `{namespace}:`
     usage:{day}   hash  one counter per (kind, user, model), kind r/p/c
     usage:hours   zset  every hour (YYYY-MM-DDTHH) that has hourly usage (scores 0)
     usage:h:{hour} hash one counter per (kind, user, key, model, backend),
-                  kind r/e/x/s/p/c (requests, errors, cancelled, estimated, tokens)
+                  kind r/e/x/s/p/c (requests, errors, cancelled, estimated tokens, tokens)
     win:{key}     string, incr_window counters with a TTL
     changes       pub/sub channel: "{topic} {origin}" after each operator write
 

@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS usage_hours (
     hour TEXT NOT NULL, user TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL,
     backend TEXT NOT NULL,
     requests INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,
-    cancelled INTEGER NOT NULL DEFAULT 0, estimated INTEGER NOT NULL DEFAULT 0,
+    cancelled INTEGER NOT NULL DEFAULT 0, estimated_tokens INTEGER NOT NULL DEFAULT 0,
     prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (hour, user, key_id, model, backend)) WITHOUT ROWID;
 """
@@ -72,13 +72,13 @@ SELECT day || 'T00', user, '', model, '', requests, prompt_tokens, completion_to
 
 _ADD_USAGE_HOUR = """
 INSERT INTO usage_hours (hour, user, key_id, model, backend, requests, errors, cancelled,
-    estimated, prompt_tokens, completion_tokens)
+    estimated_tokens, prompt_tokens, completion_tokens)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (hour, user, key_id, model, backend) DO UPDATE SET
     requests = requests + excluded.requests,
     errors = errors + excluded.errors,
     cancelled = cancelled + excluded.cancelled,
-    estimated = estimated + excluded.estimated,
+    estimated_tokens = estimated_tokens + excluded.estimated_tokens,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens
 """
@@ -342,7 +342,7 @@ class SQLiteStore:
         ]
         hour_rows = [
             (h.hour, h.user, h.key, h.model, h.backend, h.requests, h.errors, h.cancelled,
-             h.estimated, h.prompt_tokens, h.completion_tokens)
+             h.estimated_tokens, h.prompt_tokens, h.completion_tokens)
             for h in hours
         ]
 
@@ -360,7 +360,7 @@ class SQLiteStore:
         rows = await self._run(
             lambda db: db.execute(
                 "SELECT hour, user, key_id, model, backend, requests, errors, cancelled,"
-                " estimated, prompt_tokens, completion_tokens FROM usage_hours"
+                " estimated_tokens, prompt_tokens, completion_tokens FROM usage_hours"
                 " WHERE (? IS NULL OR hour >= ?) AND (? IS NULL OR hour < ?)"
                 " ORDER BY hour, user, key_id, model, backend",
                 params,
