@@ -997,7 +997,7 @@ def test_cache_counts_hourly_usage_with_outcomes(tmp_path: Path) -> None:
             hour = rows[0].hour
             assert rows == [
                 UsageHour(hour, "alice", "k1", "m", "", 1, 1, 0, 0, 0, 0),
-                UsageHour(hour, "alice", "k1", "m", "http://b", 2, 0, 1, 1, 10, 25),
+                UsageHour(hour, "alice", "k1", "m", "http://b", 2, 0, 1, 5, 10, 25),
             ]
             assert await cache.store.usage() == [Usage("alice", "m", utc_day(), 3, 10, 25)]
         finally:
