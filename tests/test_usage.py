@@ -369,3 +369,20 @@ def test_hourly_rows_past_the_retention_are_pruned(tmp_path: Path) -> None:
             await rig.store.close()
 
     run(body())
+
+
+def test_budgets_and_retention_from_the_config_file() -> None:
+    from ollamamq_fast.config import ConfigError, Settings, apply_toml
+
+    s = Settings()
+    apply_toml(s, {"usage_retention_days": 30, "limits": {
+        "budget_month": 1000, "users": {"alice": {"budget_day": 10}},
+        "keys": {"k1": {"budget_day": 5, "budget_month": 50}}}})
+    assert s.usage_retention_days == 30 and s.limits == {"budget_month": 1000}
+    assert s.user_limits == {"alice": {"budget_day": 10}}
+    assert s.key_budgets == {"k1": {"budget_day": 5, "budget_month": 50}}
+    for bad in ({"limits": {"keys": {"k1": {"quota_day": 5}}}},
+                {"limits": {"keys": {"k1": {"budget_day": -1}}}},
+                {"usage_retention_days": -1}):
+        with pytest.raises(ConfigError):
+            apply_toml(Settings(), bad)
