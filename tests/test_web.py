@@ -8,7 +8,7 @@ Debian's chromium through its chromedriver; nothing is downloaded at run time
 idle). The routes the pages use are also checked over plain HTTP.
 
 Screenshots go to pytest's temporary folder; with OLLAMAMQ_UPDATE_SCREENSHOTS=1
-they replace docs/screenshots/{dashboard,playground}.png (the README shows them).
+they replace docs/screenshots/{dashboard,playground,usage}.png (the README shows the first two).
 """
 
 from __future__ import annotations
