@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from harness import Stack, start_stack
+from test_traps import wait_for
 
 from ollamamq_fast.accounting import keeper as keeper_mod
 from ollamamq_fast.accounting.keeper import UsageKeeper
@@ -36,7 +37,6 @@ from ollamamq_fast.limits import Limits
 from ollamamq_fast.state.records import Usage, UsageHour
 from ollamamq_fast.state.sqlite import SQLiteStore
 from ollamamq_fast.stats import GatewayStats
-from test_traps import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
