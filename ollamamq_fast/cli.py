@@ -39,7 +39,7 @@ from ollamamq_fast.config import (
 from ollamamq_fast.cli_policy import add_policy_arguments, apply_policy_args
 from ollamamq_fast.policy.identity import parse_networks
 
-SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends", "top")
+SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends", "usage", "top")
 # Default file names, in the state folder (never the current folder).
 STATE_FILE = "ollamamq.db"
 LOG_FILE = "ollamamq.log"
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version",
                         version=f"%(prog)s {__version__} ({buildinfo.describe()})")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{serve,sim,bench,users,keys,backends,top}",
+                                metavar="{serve,sim,bench,users,keys,backends,usage,top}",
                                 parser_class=_Parser)
     serve = sub.add_parser("serve", help="run the gateway in the foreground (default)")
     add_serve_arguments(serve)
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ollamamq_fast.control import cli as admin_cli
 
     admin_cli.add_arguments(sub)
+    from ollamamq_fast.control import usage_cli
+
+    usage_cli.add_arguments(sub)
     from ollamamq_fast.tui import top as tui_top
 
     tui_top.add_arguments(sub)
@@ -327,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         from ollamamq_fast.control import cli as admin_cli
 
         return admin_cli.run(args)
+    if args.command == "usage":
+        from ollamamq_fast.control import usage_cli
+
+        return usage_cli.run(args)
     if args.command == "top":
         from ollamamq_fast.tui import top as tui_top
 

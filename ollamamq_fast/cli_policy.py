@@ -23,6 +23,8 @@ _LIMIT_FLAGS = {
     "quota_day": "quota_day",
     "quota_month": "quota_month",
     "quota_total": "quota_total",
+    "budget_day": "budget_day",
+    "budget_month": "budget_month",
 }
 
 
@@ -51,6 +53,14 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="TOKENS", help="tokens per user per UTC month (default 0 = none)")
     g.add_argument("--quota-total", type=argtypes.non_negative_int, default=None,
                    metavar="TOKENS", help="tokens per user in total (default 0 = none)")
+    g.add_argument("--budget-day", type=argtypes.non_negative_int, default=None,
+                   metavar="TOKENS", help="tokens per user per UTC day after which a "
+                   "budget_alert event is sent (at 80 %% and 100 %%; never refuses)")
+    g.add_argument("--budget-month", type=argtypes.non_negative_int, default=None,
+                   metavar="TOKENS", help="the same per UTC month (default 0 = none)")
+    g.add_argument("--usage-retention-days", type=argtypes.non_negative_int, default=None,
+                   metavar="DAYS", help="hourly usage rows (GET /api/usage) are kept this "
+                   "long; 0 = for ever (default 90)")
     g.add_argument("--cache", dest="cache_mode", choices=CACHE_CHOICES, default=None,
                    help="response cache: deterministic requests only (temperature 0, a "
                         "fixed seed, embeddings), all inference requests, or off "
@@ -72,7 +82,7 @@ def apply_policy_args(settings: Settings, args: argparse.Namespace) -> None:
         value = getattr(args, dest, None)
         if value is not None:
             settings.limits[name] = 1 if value == "reject" else 0 if value == "clamp" else value
-    for name in ("cache_mode", "cache_ttl", "cache_mb", "stream_usage"):
+    for name in ("cache_mode", "cache_ttl", "cache_mb", "stream_usage", "usage_retention_days"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)

@@ -167,6 +167,11 @@ class Settings:
     cache_ttl: float = 300.0
     cache_mb: float = 64.0
     stream_usage: str = "inject"
+    # Token budgets per API key id (`[limits.keys.ID]`: budget_day, budget_month),
+    # alerted on the event stream like the per-user budgets of `limits`.
+    key_budgets: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Hourly usage rows (GET /api/usage) are kept this many days; 0 = for ever.
+    usage_retention_days: int = 90
 
 
 def env_default(names: tuple[str, ...], default: str | None = None) -> str | None:
@@ -196,6 +201,7 @@ _TOML_SCALARS: dict[str, tuple[str, type]] = {
     "max_queue": ("max_queue", int),
     "max_queue_per_user": ("max_queue_per_user", int),
     "queue_timeout": ("queue_timeout", float),
+    "usage_retention_days": ("usage_retention_days", int),
 }
 BALANCE_CHOICES = ("least-conn", "round-robin", "random", "affinity")
 CACHE_CHOICES = ("deterministic", "all", "off")
@@ -246,6 +252,8 @@ def apply_toml(settings: Settings, data: dict[str, object], path: str = "config"
             raise ConfigError(f"{path}: unknown setting {key!r}")
     if settings.balance not in BALANCE_CHOICES:
         raise ConfigError(f"{path}: balance must be one of {', '.join(BALANCE_CHOICES)}")
+    if settings.usage_retention_days < 0:
+        raise ConfigError(f"{path}: usage_retention_days must be 0 (for ever) or more")
 
 
 def _apply_backends(settings: Settings, value: object, path: str) -> None:
@@ -318,7 +326,7 @@ def _apply_limits(settings: Settings, value: object, path: str) -> None:
 
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: limits must be a table")
-    defaults = {k: v for k, v in value.items() if k != "users"}
+    defaults = {k: v for k, v in value.items() if k not in ("users", "keys")}
     try:
         settings.limits.update(check_limits(defaults))
     except ValueError as exc:
@@ -333,6 +341,21 @@ def _apply_limits(settings: Settings, value: object, path: str) -> None:
             settings.user_limits[user] = check_limits(limits)
         except ValueError as exc:
             raise ConfigError(f"{path}: limits.users.{user}: {exc}") from None
+    keys = value.get("keys", {})
+    if not isinstance(keys, dict):
+        raise ConfigError(f"{path}: limits.keys must be a table of key_id = {{ budgets }}")
+    for key_id, budgets in keys.items():
+        if not isinstance(budgets, dict):
+            raise ConfigError(f"{path}: limits.keys.{key_id} must be a table")
+        unknown = set(budgets) - {"budget_day", "budget_month"}
+        if unknown:
+            raise ConfigError(f"{path}: limits.keys.{key_id}: only budget_day and "
+                              f"budget_month apply to a key, not {', '.join(sorted(unknown))}")
+        try:
+            settings.key_budgets[key_id] = {
+                name: int(v) for name, v in check_limits(budgets).items()}
+        except ValueError as exc:
+            raise ConfigError(f"{path}: limits.keys.{key_id}: {exc}") from None
 
 
 def _apply_cache(settings: Settings, value: object, path: str) -> None:

@@ -32,8 +32,10 @@ from ollamamq_fast.proxy.local import LocalRoutes
 from ollamamq_fast.proxy.pool import UpstreamPool
 from ollamamq_fast.accesslog import AccessLog
 from ollamamq_fast.control.server import AdminServer
+from ollamamq_fast.limits import any_budget
 from ollamamq_fast.operator import Operator
 from ollamamq_fast.accounting.ledger import Ledger
+from ollamamq_fast.accounting.keeper import UsageKeeper
 from ollamamq_fast.policy.engine import Policy
 from ollamamq_fast.policy.identity import Identity
 from ollamamq_fast.sched.dispatcher import Dispatcher
@@ -122,6 +124,12 @@ class GatewayState:
         self.policy = Policy(self)
         # The one owner of counters, usage, end states and access lines.
         self.ledger = Ledger(self.stats, self.cache, self.policy, self.access, loop.time)
+        # Stored usage: counters at start, hourly retention, budget alerts.
+        self.usage_keeper = UsageKeeper(
+            self.cache.store, self.cache.flush, self.stats, self.operator.events.publish,
+            self.policy.limits_for, settings.key_budgets, settings.usage_retention_days,
+            lambda: any_budget([settings.limits, *settings.user_limits.values(),
+                                *(u.limits for u in self.cache.users.values())]))
         self.started_at = time.monotonic()
         # Wall clock updated by the reaper tick: "last seen" stamps need no
         # clock call per request.
@@ -230,6 +238,7 @@ class Gateway:
         await state.cache.start()
         state.operator.restore()
         await state.policy.start()
+        await state.usage_keeper.start()
         await state.health.start()
         self.server = await loop.create_server(
             lambda: ClientProtocol(state),
@@ -406,6 +415,7 @@ class Gateway:
             await state.health.close()
             state.access.stop()
             await state.policy.stop()
+            await state.usage_keeper.stop()
             await state.cache.stop()
         if self.reaper is not None:
             self.reaper.cancel()

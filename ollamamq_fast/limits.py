@@ -13,6 +13,9 @@ One vocabulary serves the flags, the TOML file and `Operator.set_limits`:
     quota_day        tokens (prompt + completion) per UTC day, 0 = none
     quota_month      tokens per UTC calendar month, 0 = none
     quota_total      tokens ever, 0 = none
+    budget_day       tokens per UTC day after which the operator is alerted (events
+                     `budget_alert` at 80 % and 100 %); never refuses, 0 = none
+    budget_month     the same per UTC calendar month
 
 Resolution, later wins: built-in defaults < flags/TOML `[limits]` < TOML
 `[limits.users.NAME]` < the operator's per-user overrides (persisted in the
@@ -25,6 +28,7 @@ so `max_tokens_mode` is kept there as 0 (clamp) or 1 (reject).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +46,12 @@ LIMIT_KINDS: dict[str, str] = {
     "quota_day": "int",
     "quota_month": "int",
     "quota_total": "int",
+    "budget_day": "int",
+    "budget_month": "int",
 }
 LIMIT_NAMES = tuple(LIMIT_KINDS)
 QUOTA_NAMES = ("quota_day", "quota_month", "quota_total")
+BUDGET_NAMES = ("budget_day", "budget_month")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +67,8 @@ class Limits:
     quota_day: int = 0
     quota_month: int = 0
     quota_total: int = 0
+    budget_day: int = 0
+    budget_month: int = 0
     # Whether admission must look at each request (rate, quota, in-flight, cap);
     # derived, so that the usual request costs one attribute read.
     checks_requests: bool = field(init=False, repr=False, compare=False)
@@ -85,7 +94,14 @@ class Limits:
             "quota_day": self.quota_day,
             "quota_month": self.quota_month,
             "quota_total": self.quota_total,
+            "budget_day": self.budget_day,
+            "budget_month": self.budget_month,
         }
+
+
+def any_budget(layers: Iterable[dict[str, Any]]) -> bool:
+    """Whether any layer of limits sets a token budget (the usage keeper then checks them)."""
+    return any(layer.get(name) for layer in layers for name in BUDGET_NAMES)
 
 
 def check_limit(name: str, value: Any) -> float | int:
@@ -138,4 +154,6 @@ def resolve(
         quota_day=int(merged.get("quota_day", 0)),
         quota_month=int(merged.get("quota_month", 0)),
         quota_total=int(merged.get("quota_total", 0)),
+        budget_day=int(merged.get("budget_day", 0)),
+        budget_month=int(merged.get("budget_month", 0)),
     )

@@ -8,6 +8,7 @@ then announced on the event bus. Runs on the gateway's event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from ollamamq_fast.limits import check_limit
 from ollamamq_fast.state.cache import StateCache
-from ollamamq_fast.state.records import BackendRecord, KeyRecord, UserSettings, key_digest
+from ollamamq_fast.state.records import (
+    BackendRecord,
+    KeyRecord,
+    UsageHour,
+    UserSettings,
+    key_digest,
+)
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
@@ -232,6 +239,13 @@ class Operator:
         return [{"day": r.day, "user": r.user, "model": r.model, "requests": r.requests,
                  "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                  "total_tokens": r.prompt_tokens + r.completion_tokens} for r in rows]
+
+    async def usage_hours(self, since_hour: str | None = None,
+                          until_hour: str | None = None) -> list[UsageHour]:
+        """Hourly usage rows from the store (since <= hour < until), pending usage flushed first."""
+        with contextlib.suppress(Exception):  # a failed flush: answer with what the store has
+            await self.cache.flush()
+        return await self.cache.store.usage_hours(since_hour, until_hour)
 
     # -- Blocklist ------------------------------------------------------------
 

@@ -31,9 +31,13 @@ class Access:
 class Usage:
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, int, int]] = []
+        self.ends: list[tuple[str, str, bool, bool, bool]] = []
 
-    def add_usage(self, user: str, model: str, prompt: int, completion: int) -> None:
+    def add_usage(self, user: str, model: str, prompt: int, completion: int, key: str = "",
+                  backend: str = "", error: bool = False, cancelled: bool = False,
+                  estimated: bool = False) -> None:
         self.rows.append((user, model, prompt, completion))
+        self.ends.append((key, backend, error, cancelled, estimated))
 
 
 class Quotas:
@@ -62,6 +66,8 @@ class Req:
         self.request_id = b"rid-1"
         self.ustats: UserStats | None = ustats
         self.in_flight_counted = False
+        self.key_id = "k1"
+        self.tokens_estimated = False
 
 
 def _ledger() -> tuple[Ledger, GatewayStats, Access, Usage, Quotas]:
@@ -83,21 +89,33 @@ def test_a_done_request_is_counted_once_with_its_tokens_under_the_canonical_mode
     assert (ustats.in_flight, ustats.done, ustats.dropped) == (0, 1, 0)
     assert (ustats.prompt_tokens, ustats.completion_tokens) == (3, 5)
     assert usage.rows == [("alice", "tiny:latest", 3, 5)] and quotas.used == [("alice", 8)]
+    assert usage.ends == [("k1", "http://b", False, False, False)]
     assert stats.responses == {("/api/chat", 200, "http://b"): 1}
     assert len(access.lines) == 1 and access.lines[0][6] == 200
     assert access.lines[0][-3:] == (3, 5, b"rid-1")
 
 
 def test_a_cancelled_request_gets_a_499_line_and_counts_as_dropped() -> None:
-    ledger, stats, access, _, _ = _ledger()
+    ledger, stats, access, usage, _ = _ledger()
     ustats = ledger.arrived("alice", "10.0.0.1")
     r = Req(ustats)
     ledger.running(r)
-    ledger.tokens(r, 2, 0)
+    ledger.tokens(r, 0, 2, estimated=True)
     ledger.ended(r, End.CANCELLED, "http://b")
+    assert usage.rows == [("alice", "tiny:latest", 0, 2)]
+    assert usage.ends == [("k1", "http://b", False, True, True)]
     assert (ustats.in_flight, ustats.done, ustats.dropped) == (0, 0, 1)
     assert stats.cancelled == 1 and not stats.responses
-    assert access.lines[0][6] == CLIENT_CLOSED and access.lines[0][-3:-1] == (2, 0)
+    assert access.lines[0][6] == CLIENT_CLOSED and access.lines[0][-3:-1] == (0, 2)
+
+
+def test_an_error_without_tokens_is_a_usage_row_with_its_error() -> None:
+    ledger, _, _, usage, _ = _ledger()
+    r = Req(ledger.arrived("alice", "10.0.0.1"))
+    r.status = 403  # refused by a quota: no backend, no tokens
+    ledger.ended(r, End.DONE, "")
+    assert usage.rows == [("alice", "tiny:latest", 0, 0)]
+    assert usage.ends == [("k1", "", True, False, False)]
 
 
 def test_refusals_count_by_whom() -> None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from ipaddress import (
     IPv4Address,
     IPv4Network,
@@ -43,6 +43,7 @@ from ollamamq_fast.state import (
     Store,
     StoreError,
     Usage,
+    UsageHour,
     UserSettings,
     open_store,
     utc_day,
@@ -671,11 +672,11 @@ class FlakyStore(SQLiteStore):
             raise OSError("store unreachable")
         await super().put_user(s)
 
-    async def add_usage(self, items: list[Usage]) -> None:
+    async def add_usage(self, items: list[Usage], hours: Sequence[UsageHour] = ()) -> None:
         """Fail like an unreachable store would, or write."""
         if self.broken:
             raise OSError("store unreachable")
-        await super().add_usage(items)
+        await super().add_usage(items, hours)
 
 
 def test_failed_flush_keeps_every_write_for_the_retry(tmp_path: Path) -> None:
@@ -943,3 +944,131 @@ def test_replicas_resync_after_redis_restarts(own_redis: RedisServer) -> None:
 def test_records_are_plain_slotted_dataclasses() -> None:
     for cls in (KeyRecord, UserSettings, BackendRecord, Usage):
         assert dataclasses.is_dataclass(cls) and hasattr(cls, "__slots__")
+
+
+# Hourly usage (issue 15: usage an operator can see)
+
+
+def test_hourly_usage_round_trip_and_prune(make_store: StoreFactory) -> None:
+    odd = 'we"ird\x1f user'
+
+    async def body() -> None:
+        store = make_store()
+        await store.open()
+        try:
+            await store.add_usage([], [
+                UsageHour("2024-01-01T09", "alice", "k1", "llama3", "http://b1", 1, 0, 0, 1, 10, 20),
+                UsageHour("2024-01-01T09", "alice", "k1", "llama3", "http://b1", 2, 1, 1, 0, 5, 5),
+                UsageHour("2024-01-01T10", odd, "", "m:1", "", 1, 1, 0, 0, 0, 0),
+            ])
+            await store.add_usage([Usage("bob", "qwen", "2024-01-03", 1, 3, 4)], [
+                UsageHour("2024-01-03T00", "bob", "k2", "qwen", "http://b2", 1, 0, 0, 0, 3, 4),
+            ])
+            everything = await store.usage_hours()
+            assert everything == [
+                UsageHour("2024-01-01T09", "alice", "k1", "llama3", "http://b1", 3, 1, 1, 1, 15, 25),
+                UsageHour("2024-01-01T10", odd, "", "m:1", "", 1, 1, 0, 0, 0, 0),
+                UsageHour("2024-01-03T00", "bob", "k2", "qwen", "http://b2", 1, 0, 0, 0, 3, 4),
+            ]
+            assert await store.usage() == [Usage("bob", "qwen", "2024-01-03", 1, 3, 4)]
+            assert await store.usage_hours("2024-01-01T10", "2024-01-03T00") == everything[1:2]
+            assert await store.usage_hours(since_hour="2024-01-02") == everything[2:]
+            assert await store.usage_hours(until_hour="2024-01-01T10") == everything[:1]
+            assert await store.prune_usage_hours("2024-01-02T00") == 2
+            assert await store.usage_hours() == everything[2:]
+            assert await store.prune_usage_hours("2024-01-02T00") == 0
+        finally:
+            await store.close()
+
+    run(body())
+
+
+def test_cache_counts_hourly_usage_with_outcomes(tmp_path: Path) -> None:
+    async def body() -> None:
+        cache = StateCache(SQLiteStore(str(tmp_path / "state.db")), flush_interval=30)
+        await cache.start()
+        try:
+            cache.add_usage("alice", "m", 10, 20, key="k1", backend="http://b")
+            cache.add_usage("alice", "m", 0, 5, key="k1", backend="http://b",
+                            cancelled=True, estimated=True)
+            cache.add_usage("alice", "m", 0, 0, key="k1", error=True)
+            await cache.flush()
+            rows = await cache.store.usage_hours()
+            hour = rows[0].hour
+            assert rows == [
+                UsageHour(hour, "alice", "k1", "m", "", 1, 1, 0, 0, 0, 0),
+                UsageHour(hour, "alice", "k1", "m", "http://b", 2, 0, 1, 5, 10, 25),
+            ]
+            assert await cache.store.usage() == [Usage("alice", "m", utc_day(), 3, 10, 25)]
+        finally:
+            await cache.stop()
+
+    run(body())
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE usage (
+    user TEXT NOT NULL, model TEXT NOT NULL, day TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user, model, day)) WITHOUT ROWID;
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO usage VALUES ('alice', 'llama3', '2024-01-01', 3, 30, 300);
+"""
+
+
+def test_sqlite_v1_database_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.close()
+
+    async def body() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            assert await store.get_meta("schema_version") == str(SCHEMA_VERSION)
+            assert await store.usage_hours() == [
+                UsageHour("2024-01-01T00", "alice", "", "llama3", "", 3, 0, 0, 0, 30, 300)]
+            assert await store.usage() == [Usage("alice", "llama3", "2024-01-01", 3, 30, 300)]
+        finally:
+            await store.close()
+        reopened = SQLiteStore(path)  # migrating again must not add the rows twice
+        await reopened.open()
+        try:
+            assert len(await reopened.usage_hours()) == 1
+        finally:
+            await reopened.close()
+
+    run(body())
+
+
+@needs_redis
+def test_redis_v1_usage_is_migrated(redis_server: RedisServer) -> None:
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+
+    async def body() -> None:
+        r = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await r.hset(f"{namespace}:meta", "schema_version", "1")
+            await r.hset(f"{namespace}:usage:2024-01-01",
+                         mapping={b"r" + b'["alice","llama3"]': 3,
+                                  b"p" + b'["alice","llama3"]': 30,
+                                  b"c" + b'["alice","llama3"]': 300})
+            await r.zadd(f"{namespace}:usage:days", {"2024-01-01": 0})
+        finally:
+            await r.aclose()
+        for _ in range(2):  # a second open must not migrate again
+            store = RedisStore(redis_server.url, namespace=namespace)
+            await store.open()
+            try:
+                assert await store.get_meta("schema_version") == str(SCHEMA_VERSION)
+                assert await store.usage_hours() == [
+                    UsageHour("2024-01-01T00", "alice", "", "llama3", "", 3, 0, 0, 0, 30, 300)]
+            finally:
+                await store.close()
+
+    run(body())

@@ -524,3 +524,31 @@ def test_in_process_token_and_log_format() -> None:
                                None)
     assert '"msg":"say \\"hi\\""' in LineFormatter("json").format(record)
     assert 'msg="say \\"hi\\""' in LineFormatter("logfmt").format(record)
+
+
+# -- Usage screen --------------------------------------------------------------------
+
+
+def test_usage_screen_shows_stored_usage_per_user_and_model(stack: Stack) -> None:
+    from ollamamq_fast.tui.widgets.usage import UsageScreen
+
+    for _ in range(2):
+        assert generate(stack, "tui-usage") == 200
+
+    async def scenario() -> None:
+        app = Dashboard(admin_url(stack), TOKEN)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("t")
+            assert isinstance(app.screen, UsageScreen)
+            await wait_for(lambda: "Per model" in screen_text(app), "the usage report")
+            text = screen_text(app)
+            assert "Usage of the last 7 days (UTC)" in text and "Per user" in text
+            assert "tui-usage" in text and "llama3.2:latest" in text
+            today = time.strftime("%Y-%m-%d", time.gmtime())
+            assert today in text and "█" in text
+            await pilot.press("n")  # a longer range
+            await wait_for(lambda: "last 30 days" in screen_text(app), "the 30-day range")
+            await pilot.press("escape")
+            assert not isinstance(app.screen, UsageScreen)
+
+    run(scenario)

@@ -8,7 +8,7 @@ Debian's chromium through its chromedriver; nothing is downloaded at run time
 idle). The routes the pages use are also checked over plain HTTP.
 
 Screenshots go to pytest's temporary folder; with OLLAMAMQ_UPDATE_SCREENSHOTS=1
-they replace docs/screenshots/{dashboard,playground}.png (the README shows them).
+they replace docs/screenshots/{dashboard,playground,usage}.png (the README shows the first two).
 """
 
 from __future__ import annotations
@@ -473,3 +473,29 @@ def test_limits_round_trip(stack: Stack, admin_url: str) -> None:
             "max_tokens_mode": "reject"}
         for bad in ({}, {"rate": -1}, {"nope": 1}, {"max_tokens_mode": "maybe"}):
             assert admin.patch("/api/users/limited/limits", json=bad).status_code == 400, bad
+
+
+def test_usage_page_charts_tokens_per_user_and_per_model(
+        stack: Stack, admin_url: str, browser: WebDriver, shots: Path) -> None:
+    generate(stack, "web-usage-a", tokens=6)
+    generate(stack, "web-usage-b", tokens=3)
+    sign_in(browser, admin_url, "/usage")
+    wait_for(browser, lambda: row(browser, "data-group", "web-usage-a"), "alice's usage row")
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    a_row = row(browser, "data-group", "web-usage-a")
+    assert a_row.get_attribute("data-period") == today
+    cells = [c.text for c in a_row.find_elements(By.TAG_NAME, "td")]
+    assert cells[1] == "web-usage-a" and cells[2] == "1" and cells[8] == "exact"
+    assert int(cells[6]) > 0  # tokens out
+    chart = browser.find_element(By.ID, "usage-chart")
+    assert chart.get_attribute("data-periods") == "14"  # every day of the default range
+    # Other tests' users share this gateway: the six biggest get their own colour.
+    groups = (chart.get_attribute("data-groups") or "").split("\n")
+    legend = browser.find_element(By.ID, "usage-legend").text
+    assert groups and all(g in legend for g in groups)
+
+    Select(browser.find_element(By.ID, "usage-by")).select_by_value("model")
+    wait_for(browser, lambda: row(browser, "data-group", MODEL), "the per-model row")
+    assert browser.find_element(By.ID, "usage-group-heading").text == "Model"
+    assert row(browser, "data-group", "web-usage-a") is None
+    browser.save_screenshot(str(shots / "usage.png"))

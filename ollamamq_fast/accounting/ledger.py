@@ -51,8 +51,9 @@ class End(enum.Enum):
 class Usage(Protocol):
     """Where token counts go beyond the live counters (the state cache)."""
 
-    def add_usage(self, user: str, model: str, prompt: int, completion: int) -> None:
-        """Add one request's tokens to the user's usage for the model."""
+    def add_usage(self, user: str, model: str, prompt: int, completion: int, key: str,
+                  backend: str, error: bool, cancelled: bool, estimated: bool) -> None:
+        """Add one ended request and its tokens to the usage rows (state/cache.py)."""
         ...
 
 
@@ -83,6 +84,8 @@ class Record(Protocol):
     request_id: bytes
     ustats: UserStats | None
     in_flight_counted: bool
+    key_id: str  # the API key's id, "" without one
+    tokens_estimated: bool  # set by `tokens`
 
 
 class Ledger:
@@ -179,11 +182,11 @@ class Ledger:
         r.prompt_tokens, r.completion_tokens = prompt, completion
         if not (prompt or completion):
             return
+        r.tokens_estimated = estimated
         if estimated:
             self.stats.estimated_tokens += prompt + completion
             if r.ustats is not None:
                 r.ustats.estimated_tokens += prompt + completion
-        self.usage.add_usage(r.user, r.model or r.model_name, prompt, completion)
         quotas = self.quotas
         if quotas.quotas_on:
             quotas.tokens_used(r.user, prompt, completion)
@@ -212,6 +215,11 @@ class Ledger:
             stats.response(label if label is not None else path_label(r.path), status, backend)
             if r.started_at:
                 stats.latency.observe(elapsed)
+        if ustats is not None:  # it reached admission: an inference request, in the usage rows
+            self.usage.add_usage(r.user, r.model or r.model_name, r.prompt_tokens,
+                                 r.completion_tokens, r.key_id, backend,
+                                 end is not End.CANCELLED and status >= 400,
+                                 end is End.CANCELLED, r.tokens_estimated)
         if r.in_flight_counted:
             r.in_flight_counted = False
             if ustats is not None:

@@ -35,6 +35,7 @@ from ollamamq_fast.control.http import (
 )
 from ollamamq_fast.control.metrics import CONTENT_TYPE, Metrics
 from ollamamq_fast.control.openapi import build_openapi
+from ollamamq_fast.control.usage import UsageQueryError, usage_response
 from ollamamq_fast.control.web import WebRoutes
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class AdminApp:
             Route("POST", "/api/keys", self.create_key),
             Route("DELETE", "/api/keys/{key_id}", self.revoke_key),
             Route("GET", "/api/stats", self.stats),
+            Route("GET", "/api/usage", self.usage),
             Route("POST", "/api/reload", self.reload),
             Route("GET", "/api/events", self.events),
             Route("GET", "/metrics", self.prometheus, public=metrics_public),
@@ -122,7 +124,8 @@ class AdminApp:
         if not (authorized or route.public):
             raise _unauthorized()
         body = await _read_body(scope, proto) if method in BODY_METHODS else b""
-        request = Request(method, scope.path, params, query, body, proto)
+        request = Request(method, scope.path, params, query, body, proto,
+                          scope.headers.get("accept"))
         return await route.handler(request)
 
     def _query_token(self, query: dict[str, list[str]]) -> bool:
@@ -272,6 +275,13 @@ class AdminApp:
     async def stats(self, req: Request) -> Response:
         """GET /api/stats: gateway-wide numbers, and which build runs ("mypyc" | "python")."""
         return json_response({**self.operator.stats_snapshot(), "build": buildinfo.build()})
+
+    async def usage(self, req: Request) -> Response:
+        """GET /api/usage: stored usage grouped and summed (control/usage.py), JSON or CSV."""
+        try:
+            return await usage_response(self.operator, req.query, req.accept)
+        except UsageQueryError as exc:
+            raise ApiError(400, str(exc)) from None
 
     async def reload(self, req: Request) -> Response:
         """POST /api/reload: re-read the TOML config, as SIGHUP does."""

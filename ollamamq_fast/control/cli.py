@@ -107,6 +107,11 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def common_options() -> argparse.ArgumentParser:
+    """--admin, --token and --json, for admin commands defined in other modules."""
+    return _common()
+
+
 def add_arguments(sub: Any) -> None:
     """Add the `users`, `keys` and `backends` subcommands to the main parser."""
     common = _common()

@@ -61,6 +61,8 @@ class Request:
     body: bytes
     # The server protocol object, for the handlers that stream (events).
     proto: Any = None
+    # The Accept header, for the handlers that answer in more than one format.
+    accept: str | None = None
 
     def json(self) -> dict[str, Any]:
         """The body as a JSON object (400 when it is not one)."""

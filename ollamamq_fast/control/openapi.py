@@ -228,6 +228,61 @@ def _web_paths() -> dict[str, Any]:
     }
 
 
+def _query(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", **schema}}
+
+
+def _usage_paths() -> dict[str, Any]:
+    """`GET /api/usage` (control/usage.py)."""
+    params = [
+        _query("from", "First day or hour, UTC: YYYY-MM-DD or YYYY-MM-DDTHH (default: 6 days "
+                       "before today)"),
+        _query("to", "Last day or hour, UTC, included (default: now)"),
+        _query("step", "Time bucket of each row", enum=["hour", "day", "month", "total"],
+               default="day"),
+        _query("by", "Comma-separated dimensions to group by: user, key, model, backend",
+               default="user,model"),
+        _query("user", "Only this user"),
+        _query("key", "Only this API key id (\"\" = requests without a key)"),
+        _query("model", "Only this model"),
+        _query("backend", "Only this backend URL"),
+        _query("format", "Answer format (default: JSON, or CSV when Accept asks for text/csv)",
+               enum=["json", "csv"]),
+    ]
+    return {"/api/usage": {"get": _op(
+        "Stored usage (tokens in/out, requests, errors, cancelled, estimated tokens) per hour, day or "
+        "month, grouped by user, key, model and/or backend", "usage",
+        {"200": {"description": "The report",
+                 "content": {JSON: {"schema": _ref("UsageReport")},
+                             "text/csv": {"schema": {"type": "string"}}}}},
+        params=params, tag="observability", codes=("400", "401"))}}
+
+
+def _usage_schemas() -> dict[str, Any]:
+    counters = {"requests": _INT, "errors": _INT, "cancelled": _INT,
+                "estimated_tokens": {"type": "integer",
+                                     "description": "of the tokens, those estimated from "
+                                                    "stream events (the backend reported none)"},
+                "prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
+                "exact": {"type": "boolean",
+                          "description": "every token figure was the backend's own"}}
+    row = _obj({"period": {"type": "string", "description": "hour, day or month (absent for "
+                                                              "step=total)"},
+                "user": _STR, "key": _STR, "model": _STR, "backend": _STR, **counters},
+               list(counters))
+    return {
+        "UsageRow": row,
+        "UsageReport": _obj({
+            "from": _STR, "to": {"type": "string", "description": "exclusive hour"},
+            "step": _STR, "by": {"type": "array", "items": _STR},
+            "filters": {"type": "object"},
+            "rows": {"type": "array", "items": _ref("UsageRow")},
+            "totals": _obj(counters, list(counters)),
+        }, ["from", "to", "step", "by", "rows", "totals"]),
+    }
+
+
 def _schemas() -> dict[str, Any]:
     backend = _obj({
         "url": _STR, "kind": {"enum": [k.value for k in ApiKind]},
@@ -299,9 +354,9 @@ def build_openapi(metrics_public: bool = False) -> dict[str, Any]:
                  {"name": "observability", "description": "Statistics, events, metrics"},
                  {"name": "playground", "description": "The web chat playground"}],
         "security": [{"adminToken": []}],
-        "paths": {**_paths(metrics_public), **_web_paths()},
+        "paths": {**_paths(metrics_public), **_web_paths(), **_usage_paths()},
         "components": {
             "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **_usage_schemas()},
         },
     }

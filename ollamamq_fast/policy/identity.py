@@ -62,6 +62,11 @@ class Identity:
 
     def user_for_key(self, authorization: bytes, api_key: bytes, header_user: str) -> str:
         """The user a request's key stands for (raises AuthError)."""
+        return self.user_and_key(authorization, api_key, header_user)[0]
+
+    def user_and_key(self, authorization: bytes, api_key: bytes,
+                     header_user: str) -> tuple[str, str]:
+        """The user a request's key stands for and the key's id (raises AuthError)."""
         secret = b""
         if authorization:
             scheme, _, value = authorization.strip().partition(b" ")
@@ -76,5 +81,5 @@ class Identity:
         if record is None or record.revoked or not hmac.compare_digest(record.digest, digest):
             raise AuthError("invalid or revoked API key")
         if record.trusted and header_user:
-            return header_user
-        return record.user
+            return header_user, record.key_id
+        return record.user, record.key_id

@@ -96,7 +96,7 @@ class Exchange:
         "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
         "prompt_tokens", "completion_tokens", "affinity",
         "limits", "cache_key", "cache_control", "strip_usage", "credential", "body_held",
-        "request_id", "failed",
+        "request_id", "failed", "key_id", "tokens_estimated",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -146,6 +146,8 @@ class Exchange:
         self.client_ip = ""
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.tokens_estimated = False
+        self.key_id = ""  # the API key's id, for usage rows and budgets
         self.affinity = ""
         # Usage policy (policy/engine.py): the user's limits, the response-cache
         # key of a cacheable request, Cache-Control flags, and whether the
@@ -239,8 +241,9 @@ class Exchange:
             # Authentication comes before routing: an unknown path forwarded with
             # --allow-all-routes reaches a backend too, so it needs a key as well.
             try:
-                self.user = forwarded_user = identity.user_for_key(
+                self.user, self.key_id = identity.user_and_key(
                     head.authorization, head.api_key, self.user)
+                forwarded_user = self.user
             except AuthError as denied:  # not `exc`: compiled code gives a name one type
                 ctype, body = error_body(self.api, 401, str(denied))
                 self._set_early_error(401, ctype, body)

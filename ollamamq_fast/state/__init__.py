@@ -5,7 +5,16 @@
 """
 
 from .cache import StateCache
-from .records import BackendRecord, KeyRecord, Snapshot, Usage, UserSettings, utc_day
+from .records import (
+    BackendRecord,
+    KeyRecord,
+    Snapshot,
+    Usage,
+    UsageHour,
+    UserSettings,
+    utc_day,
+    utc_hour,
+)
 from .store import Store, StoreError, open_store
 
 __all__ = [
@@ -16,7 +25,9 @@ __all__ = [
     "Store",
     "StoreError",
     "Usage",
+    "UsageHour",
     "UserSettings",
     "open_store",
     "utc_day",
+    "utc_hour",
 ]

@@ -9,7 +9,7 @@ round of store calls.
 Queued operator writes are coalesced per entity (the last write to a key, user,
 block entry or backend wins) and are all idempotent, so a write that failed or
 was interrupted is simply queued again. Usage is summed per (user, model, day)
-and flushed as deltas; a flush whose commit succeeded but whose reply was lost
+and per (hour, user, key, model, backend), and flushed as deltas; a flush whose commit succeeded but whose reply was lost
 (a dropped Redis connection) is retried and counted twice, the price of never
 dropping usage.
 """
@@ -33,8 +33,10 @@ from .records import (
     BackendRecord,
     KeyRecord,
     Usage,
+    UsageHour,
     UserSettings,
     utc_day,
+    utc_hour,
 )
 from .store import Store
 from .view import StateView
@@ -46,6 +48,9 @@ log = logging.getLogger("ollamamq_fast.state")
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
 SECONDS_PER_DAY = 86400  # Unix time has no leap seconds, so UTC days are exactly this
+SECONDS_PER_HOUR = 3600
+# The counters of an hourly usage delta, in UsageHour field order.
+_HOUR_SLOTS = 6
 
 
 class _Pending(NamedTuple):
@@ -73,6 +78,11 @@ class StateCache(StateView):
         # Write-behind
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._usage: dict[tuple[str, str, str], list[int]] = {}
+        # (hour, user, key, model, backend) -> requests, errors, cancelled,
+        # estimated tokens, prompt tokens, completion tokens
+        self._hours: dict[tuple[str, str, str, str, str], list[int]] = {}
+        self._hour = ""
+        self._hour_ends = 0.0
         self._dirty = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
@@ -119,7 +129,7 @@ class StateCache(StateView):
 
     @property
     def pending(self) -> int:
-        """Writes and usage rows not yet in the store; for metrics and tests."""
+        """Writes and daily usage rows not yet in the store (each has its hourly rows with it)."""
         return len(self._pending) + len(self._usage)
 
     # Writes: the view changes now, the store write is queued
@@ -197,13 +207,29 @@ class StateCache(StateView):
         )
 
     def add_usage(
-        self, user: str, model: str, prompt_tokens: int, completion_tokens: int
+        self, user: str, model: str, prompt_tokens: int, completion_tokens: int,
+        key: str = "", backend: str = "", error: bool = False, cancelled: bool = False,
+        estimated: bool = False,
     ) -> None:
         """Count one finished request; called by the data plane, summed until the next flush."""
         now = time.time()
-        if now >= self._day_ends:
-            self._day = utc_day(now)
-            self._day_ends = (now // SECONDS_PER_DAY + 1) * SECONDS_PER_DAY
+        if now >= self._hour_ends:
+            self._hour = utc_hour(now)
+            self._hour_ends = (now // SECONDS_PER_HOUR + 1) * SECONDS_PER_HOUR
+            if now >= self._day_ends:
+                self._day = utc_day(now)
+                self._day_ends = (now // SECONDS_PER_DAY + 1) * SECONDS_PER_DAY
+        hour_key = (self._hour, user, key, model, backend)
+        hour = self._hours.get(hour_key)
+        if hour is None:
+            hour = self._hours[hour_key] = [0] * _HOUR_SLOTS
+        hour[0] += 1
+        hour[1] += error
+        hour[2] += cancelled
+        if estimated:
+            hour[3] += prompt_tokens + completion_tokens
+        hour[4] += prompt_tokens
+        hour[5] += completion_tokens
         counts = self._usage.get((user, model, self._day))
         if counts is None:
             self._usage[(user, model, self._day)] = [
@@ -264,16 +290,22 @@ class StateCache(StateView):
 
     async def _flush_usage(self) -> None:
         """Store summed usage as one batch of deltas; on failure add it back for the next try."""
-        if not self._usage:
+        if not self._usage and not self._hours:
             return
         batch, self._usage = self._usage, {}
+        hours, self._hours = self._hours, {}
         items = [Usage(u, m, d, c[0], c[1], c[2]) for (u, m, d), c in batch.items()]
+        hour_items = [UsageHour(*dims, *c) for dims, c in hours.items()]
         try:
-            await self.store.add_usage(items)
+            await self.store.add_usage(items, hour_items)
         except BaseException:
             for key, counts in batch.items():
                 now = self._usage.setdefault(key, [0, 0, 0])
                 for j in range(3):
+                    now[j] += counts[j]
+            for dims, counts in hours.items():
+                now = self._hours.setdefault(dims, [0] * _HOUR_SLOTS)
+                for j in range(_HOUR_SLOTS):
                     now[j] += counts[j]
             raise
 

@@ -70,6 +70,38 @@ class Usage:
 
 
 @dataclass(slots=True)
+class UsageHour:
+    """Usage of one (UTC hour, user, key, model, backend); also used as a batched delta.
+
+    `requests` counts every inference request that ended in the hour, of which
+    `errors` were answered with a status >= 400 (refusals included) and
+    `cancelled` were left by their client; `estimated_tokens` of the tokens were
+    estimated from stream events instead of reported by the backend.
+    `key` is the API key id ("" without one), `backend` the backend URL ("" when
+    none was reached).
+    """
+
+    hour: str  # YYYY-MM-DDTHH (UTC)
+    user: str
+    key: str = ""
+    model: str = ""
+    backend: str = ""
+    requests: int = 0
+    errors: int = 0
+    cancelled: int = 0
+    estimated_tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# The summed fields of a UsageHour, in storage order.
+USAGE_COUNTERS: tuple[str, ...] = (
+    "requests", "errors", "cancelled", "estimated_tokens", "prompt_tokens", "completion_tokens")
+# The fields that say whose usage a UsageHour is (besides its hour).
+USAGE_DIMENSIONS: tuple[str, ...] = ("user", "key", "model", "backend")
+
+
+@dataclass(slots=True)
 class Snapshot:
     """Everything but usage, as `Store.load_all` returns it to warm the cache."""
 
@@ -78,6 +110,11 @@ class Snapshot:
     blocked_users: set[str] = field(default_factory=set)
     blocked_ips: set[str] = field(default_factory=set)
     backends: list[BackendRecord] = field(default_factory=list)
+
+
+def utc_hour(ts: float | None = None) -> str:
+    """The UTC hour (YYYY-MM-DDTHH) of a wall-clock time, now by default; hourly usage key."""
+    return time.strftime("%Y-%m-%dT%H", time.gmtime(time.time() if ts is None else ts))
 
 
 def utc_day(ts: float | None = None) -> str:

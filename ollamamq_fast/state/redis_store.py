@@ -9,6 +9,9 @@ Layout, every key under `{namespace}:`
     meta          hash  includes schema_version
     usage:days    zset  every day that has usage (all scores 0, ordered by name)
     usage:{day}   hash  one counter per (kind, user, model), kind r/p/c
+    usage:hours   zset  every hour (YYYY-MM-DDTHH) that has hourly usage (scores 0)
+    usage:h:{hour} hash one counter per (kind, user, key, model, backend),
+                  kind r/e/x/s/p/c (requests, errors, cancelled, estimated tokens, tokens)
     win:{key}     string, incr_window counters with a TTL
     changes       pub/sub channel: "{topic} {origin}" after each operator write
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import orjson
@@ -43,10 +46,12 @@ from .records import (
     TOPIC_KEYS,
     TOPIC_USERS,
     TOPICS,
+    USAGE_COUNTERS,
     BackendRecord,
     KeyRecord,
     Snapshot,
     Usage,
+    UsageHour,
     UserSettings,
 )
 from .store import SCHEMA_VERSION, StoreError
@@ -72,6 +77,8 @@ RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 5.0
 
 _USAGE_KINDS = (b"r", b"p", b"c")  # requests, prompt tokens, completion tokens
+# One kind letter per UsageHour counter, in USAGE_COUNTERS order.
+_HOUR_KINDS = dict(zip((b"r", b"e", b"x", b"s", b"p", b"c"), USAGE_COUNTERS, strict=True))
 
 # redis-py leaves these two unannotated; typed here so mypy --strict still checks
 # their callers.
@@ -110,6 +117,7 @@ class RedisStore:
         self._blocked_ips = f"{ns}:blocked_ips"
         self._meta = f"{ns}:meta"
         self._days = f"{ns}:usage:days"
+        self._hours = f"{ns}:usage:hours"
         self._channel = f"{ns}:changes"
 
     # Lifecycle
@@ -127,6 +135,8 @@ class RedisStore:
                     f"state schema v{int(stored)} in {self.url} is newer than"
                     f" this gateway's v{SCHEMA_VERSION}"
                 )
+            if stored is not None and int(stored) < SCHEMA_VERSION:
+                await self._migrate(r, int(stored))
             pubsub = r.pubsub()
             await pubsub.subscribe(self._channel)
             # Wait for the confirmation: from here on no announcement is missed,
@@ -167,6 +177,29 @@ class RedisStore:
         self._incr_window = None
         if r is not None:
             await r.aclose()
+
+    async def _migrate(self, r: aioredis.Redis, version: int) -> None:
+        """Bring a store written by an older gateway up to SCHEMA_VERSION (once, by one replica)."""
+        if version < 2 and await r.hsetnx(self._meta, "migrated_v2", "1"):
+            # v1 kept daily rows only: each becomes hour 00 of its day, no key or backend.
+            ns = self.namespace
+            raw_days = cast(list[bytes], await r.zrange(self._days, 0, -1))
+            for raw_day in raw_days:
+                day = _text(raw_day)
+                fields = cast(dict[bytes, bytes], await r.hgetall(f"{ns}:usage:{day}"))
+                if not fields:
+                    continue
+                hour = f"{day}T00"
+                mapping: dict[bytes | bytearray | memoryview | str | int | float,
+                              bytes | bytearray | memoryview | str | int | float] = {}
+                for raw_field, value in fields.items():
+                    u_name, model = orjson.loads(raw_field[1:])
+                    mapping[_hour_field(raw_field[:1], UsageHour(hour, u_name, "", model))] = value
+                async with r.pipeline(transaction=True) as pipe:
+                    pipe.hset(f"{ns}:usage:h:{hour}", mapping=mapping)
+                    pipe.zadd(self._hours, {hour: 0})
+                    await pipe.execute()
+        await r.hset(self._meta, "schema_version", str(SCHEMA_VERSION))
 
     @property
     def _r(self) -> aioredis.Redis:
@@ -315,11 +348,21 @@ class RedisStore:
 
     # Usage accounting
 
-    async def add_usage(self, items: list[Usage]) -> None:
+    async def add_usage(self, items: list[Usage], hours: Sequence[UsageHour] = ()) -> None:
         """Add a batch of deltas with HINCRBY in one MULTI/EXEC (all or none)."""
-        if not items:
+        if not items and not hours:
             return
         async with self._r.pipeline(transaction=True) as pipe:
+            hour_names: set[str] = set()
+            for h in hours:
+                hour_hash = f"{self.namespace}:usage:h:{h.hour}"
+                hour_names.add(h.hour)
+                for kind, name in _HOUR_KINDS.items():
+                    delta = getattr(h, name)
+                    if delta:
+                        pipe.hincrby(hour_hash, _hour_field(kind, h), delta)
+            if hour_names:
+                pipe.zadd(self._hours, {hour: 0 for hour in hour_names})
             days: set[str] = set()
             for u in items:
                 day_hash = f"{self.namespace}:usage:{u.day}"
@@ -333,7 +376,8 @@ class RedisStore:
                         pipe.hincrby(
                             day_hash, _usage_field(kind, u.user, u.model), delta
                         )
-            pipe.zadd(self._days, {day: 0 for day in days})
+            if days:
+                pipe.zadd(self._days, {day: 0 for day in days})
             await pipe.execute()
 
     async def usage(
@@ -362,6 +406,46 @@ class RedisStore:
                 _add_counter(row, kind, int(raw_value))
         return [rows[k] for k in sorted(rows)]
 
+    async def usage_hours(
+        self, since_hour: str | None = None, until_hour: str | None = None
+    ) -> list[UsageHour]:
+        """Hourly rows with since_hour <= hour < until_hour, ordered by hour."""
+        low = f"[{since_hour}" if since_hour else "-"
+        high = f"({until_hour}" if until_hour else "+"
+        hours = [_text(h) for h in await self._r.zrangebylex(self._hours, low, high)]
+        if not hours:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for hour in hours:
+                pipe.hgetall(f"{self.namespace}:usage:h:{hour}")
+            hashes: list[dict[bytes, bytes]] = await pipe.execute()
+        out: list[UsageHour] = []
+        for hour, fields in zip(hours, hashes, strict=True):
+            rows: dict[tuple[str, str, str, str], UsageHour] = {}
+            for raw_field, raw_value in fields.items():
+                name = _HOUR_KINDS.get(raw_field[:1])
+                if name is None:
+                    continue
+                dims = tuple(orjson.loads(raw_field[1:]))
+                row = rows.get(dims)
+                if row is None:
+                    row = rows[dims] = UsageHour(hour, *dims)
+                setattr(row, name, getattr(row, name) + int(raw_value))
+            out.extend(rows[k] for k in sorted(rows))
+        return out
+
+    async def prune_usage_hours(self, before_hour: str) -> int:
+        """Drop hourly hashes older than `before_hour`; returns the number of hours dropped."""
+        hours = [_text(h) for h in await self._r.zrangebylex(
+            self._hours, "-", f"({before_hour}")]
+        if not hours:
+            return 0
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.delete(*(f"{self.namespace}:usage:h:{hour}" for hour in hours))
+            pipe.zrem(self._hours, *hours)
+            await pipe.execute()
+        return len(hours)
+
     # Metadata, windows
 
     async def get_meta(self, key: str) -> str | None:
@@ -383,6 +467,11 @@ class RedisStore:
             keys=[f"{self.namespace}:win:{key}"], args=[repr(float(amount)), ttl_ms]
         )
         return float(total)
+
+
+def _hour_field(kind: bytes, h: UsageHour) -> bytes:
+    """One counter's field in an hour hash: the kind letter, then the row's dimensions."""
+    return kind + orjson.dumps([h.user, h.key, h.model, h.backend])
 
 
 def _add_counter(row: Usage, kind: bytes, value: int) -> None:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
 
 import orjson
 
 from .codec import limits_from
-from .records import BackendRecord, KeyRecord, Snapshot, Usage, UserSettings
+from .records import BackendRecord, KeyRecord, Snapshot, Usage, UsageHour, UserSettings
 from .store import SCHEMA_VERSION, StoreError
 from .windows import LocalWindows
 
@@ -53,6 +53,34 @@ CREATE TABLE IF NOT EXISTS usage (
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user, model, day)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS usage_by_day ON usage (day);
+CREATE TABLE IF NOT EXISTS usage_hours (
+    hour TEXT NOT NULL, user TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,
+    cancelled INTEGER NOT NULL DEFAULT 0, estimated_tokens INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (hour, user, key_id, model, backend)) WITHOUT ROWID;
+"""
+
+# v1 kept daily rows only: each becomes hour 00 of its day, with no key or
+# backend, so the history before the upgrade still shows in /api/usage.
+_MIGRATE_V1_USAGE = """
+INSERT OR IGNORE INTO usage_hours
+    (hour, user, key_id, model, backend, requests, prompt_tokens, completion_tokens)
+SELECT day || 'T00', user, '', model, '', requests, prompt_tokens, completion_tokens FROM usage
+"""
+
+_ADD_USAGE_HOUR = """
+INSERT INTO usage_hours (hour, user, key_id, model, backend, requests, errors, cancelled,
+    estimated_tokens, prompt_tokens, completion_tokens)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (hour, user, key_id, model, backend) DO UPDATE SET
+    requests = requests + excluded.requests,
+    errors = errors + excluded.errors,
+    cancelled = cancelled + excluded.cancelled,
+    estimated_tokens = estimated_tokens + excluded.estimated_tokens,
+    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = completion_tokens + excluded.completion_tokens
 """
 
 _ADD_USAGE = """
@@ -146,6 +174,13 @@ class SQLiteStore:
         elif int(row[0]) > SCHEMA_VERSION:
             raise StoreError(
                 f"state schema v{row[0]} is newer than this gateway's v{SCHEMA_VERSION}"
+            )
+        elif int(row[0]) < SCHEMA_VERSION:
+            if int(row[0]) < 2:
+                db.execute(_MIGRATE_V1_USAGE)
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                (str(SCHEMA_VERSION),),
             )
 
     async def close(self) -> None:
@@ -297,17 +332,48 @@ class SQLiteStore:
 
     # Usage accounting
 
-    async def add_usage(self, items: list[Usage]) -> None:
+    async def add_usage(self, items: list[Usage], hours: Sequence[UsageHour] = ()) -> None:
         """Add a batch of deltas in one transaction (all rows or none)."""
-        if not items:
+        if not items and not hours:
             return
         rows = [
             (u.user, u.model, u.day, u.requests, u.prompt_tokens, u.completion_tokens)
             for u in items
         ]
-        await self._run(
-            lambda db: _in_transaction(db, lambda d: d.executemany(_ADD_USAGE, rows))
+        hour_rows = [
+            (h.hour, h.user, h.key, h.model, h.backend, h.requests, h.errors, h.cancelled,
+             h.estimated_tokens, h.prompt_tokens, h.completion_tokens)
+            for h in hours
+        ]
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany(_ADD_USAGE, rows)
+            db.executemany(_ADD_USAGE_HOUR, hour_rows)
+
+        await self._run(lambda db: _in_transaction(db, write))
+
+    async def usage_hours(
+        self, since_hour: str | None = None, until_hour: str | None = None
+    ) -> list[UsageHour]:
+        """Hourly rows with since_hour <= hour < until_hour, ordered by hour."""
+        params = (since_hour, since_hour, until_hour, until_hour)
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT hour, user, key_id, model, backend, requests, errors, cancelled,"
+                " estimated_tokens, prompt_tokens, completion_tokens FROM usage_hours"
+                " WHERE (? IS NULL OR hour >= ?) AND (? IS NULL OR hour < ?)"
+                " ORDER BY hour, user, key_id, model, backend",
+                params,
+            ).fetchall()
         )
+        return [UsageHour(*row) for row in rows]
+
+    async def prune_usage_hours(self, before_hour: str) -> int:
+        """Drop hourly rows older than `before_hour`; returns the number of rows dropped."""
+        cur = await self._run(
+            lambda db: db.execute("DELETE FROM usage_hours WHERE hour < ?", (before_hour,))
+        )
+        return int(cur.rowcount)
 
     async def usage(
         self, user: str | None = None, since_day: str | None = None

@@ -8,10 +8,10 @@ round trip.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from .records import BackendRecord, KeyRecord, Snapshot, Usage, UserSettings
+from .records import BackendRecord, KeyRecord, Snapshot, Usage, UsageHour, UserSettings
 
 __all__ = [
     "DEFAULT_SQLITE_PATH",
@@ -24,7 +24,9 @@ __all__ = [
 
 # Bumped when a stored layout changes incompatibly; a gateway refuses to open a
 # store written by a newer schema instead of misreading it.
-SCHEMA_VERSION = 1
+# v2 added hourly usage rows (key, backend, errors, cancelled, estimated); a v1
+# store is migrated on open.
+SCHEMA_VERSION = 2
 DEFAULT_SQLITE_PATH = "./ollamamq.db"
 
 
@@ -80,8 +82,18 @@ class Store(Protocol):
         """Forget a runtime backend."""
         ...
 
-    async def add_usage(self, items: list[Usage]) -> None:
-        """Add batched deltas to the (user, model, day) rows, atomically per batch."""
+    async def add_usage(self, items: list[Usage], hours: Sequence[UsageHour] = ()) -> None:
+        """Add batched deltas to the (user, model, day) rows and the hourly rows, atomically."""
+        ...
+
+    async def usage_hours(
+        self, since_hour: str | None = None, until_hour: str | None = None
+    ) -> list[UsageHour]:
+        """Hourly rows with since_hour <= hour < until_hour (YYYY-MM-DDTHH), ordered by hour."""
+        ...
+
+    async def prune_usage_hours(self, before_hour: str) -> int:
+        """Drop hourly rows older than `before_hour`; returns how many hours or rows went."""
         ...
 
     async def usage(

@@ -33,6 +33,7 @@ from ollamamq_fast.tui.widgets.blocked import BlockedTable
 from ollamamq_fast.tui.widgets.dialogs import ConfirmScreen, HelpScreen, WeightScreen
 from ollamamq_fast.tui.widgets.eventlog import EventLog
 from ollamamq_fast.tui.widgets.header import StatsHeader
+from ollamamq_fast.tui.widgets.usage import UsageScreen
 from ollamamq_fast.tui.widgets.users import UsersTable
 
 # About once a second, like ollamaMQ's own refresh; the admin API answers
@@ -63,6 +64,7 @@ class Dashboard(App[str | None]):
         # In raw mode Ctrl+C is a key, not SIGINT: treat it as q.
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("question_mark", "help", "Help"),
+        Binding("t", "usage", "Usage"),
         Binding("l", "app.focus_next", "Next panel", show=False),
         Binding("h", "app.focus_previous", "Previous panel", show=False),
         # Keys that belong to one panel: pressed elsewhere, say where they work.
@@ -264,6 +266,11 @@ class Dashboard(App[str | None]):
         """?: the help overlay."""
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen(self._help_footer()))
+
+    def action_usage(self) -> None:
+        """t: stored token usage of the last days (GET /api/usage)."""
+        if self.api is not None and not isinstance(self.screen, UsageScreen):
+            self.push_screen(UsageScreen(self.api))
 
     def _help_footer(self) -> str:
         if self.in_process:

@@ -14,7 +14,7 @@ import blake3
 from ollamamq_fast.control.http import Response
 
 # Pages by path; everything else under static/ is served at /static/<name>.
-PAGES = {"/": "index.html", "/playground": "playground.html"}
+PAGES = {"/": "index.html", "/usage": "usage.html", "/playground": "playground.html"}
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",

@@ -31,6 +31,7 @@ HELP_TEXT = """\
 [b]Backends panel[/b]
   d   drain / undrain (no new requests; running ones finish)
 
+  t   token usage of the last days, per user and model (stored)
   ?   this help        q   quit
 """
 
