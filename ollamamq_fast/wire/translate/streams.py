@@ -92,6 +92,8 @@ class SseToNdjson:
         self._done_reason: str | None = None
         self._usage: Any = None
         self._timings: Any = None
+        # After the end of body, an unreadable last event is a cut stream, not a bad event.
+        self._not_json = "the backend sent an event that is not JSON"
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.complete = False
@@ -110,6 +112,7 @@ class SseToNdjson:
     def finish(self) -> bytes:
         out: list[bytes] = []
         if not (self.complete or self.error is not None):
+            self._not_json = ENDED_EARLY
             tail = self._lines.rest()
             if tail:
                 self._line(tail, out)
@@ -142,7 +145,7 @@ class SseToNdjson:
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            self._fail("the backend sent an event that is not JSON", out)
+            self._fail(self._not_json, out)
             return
         if not isinstance(obj, dict):
             return
@@ -264,6 +267,7 @@ class NdjsonToSse:
         self._id_prefix = t.response_id[-8:]
         self._role_sent = not self._chat
         self._tool_count = 0
+        self._not_json = "the backend sent a line that is not JSON"
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.complete = False
@@ -280,6 +284,7 @@ class NdjsonToSse:
     def finish(self) -> bytes:
         out: list[bytes] = []
         if not (self.complete or self.error is not None):
+            self._not_json = ENDED_EARLY
             tail = self._lines.rest()
             if tail:
                 self._line(tail, out)
@@ -295,7 +300,7 @@ class NdjsonToSse:
         try:
             obj = orjson.loads(line)
         except orjson.JSONDecodeError:
-            self._fail("the backend sent a line that is not JSON", out)
+            self._fail(self._not_json, out)
             return
         if not isinstance(obj, dict):
             return
