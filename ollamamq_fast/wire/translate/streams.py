@@ -128,14 +128,12 @@ class SseToNdjson:
     def _line(self, line: bytes, out: list[bytes]) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
-        if not line:
-            if self._data:
-                payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
-                self._data.clear()
-                self._event(payload, out)
-        elif line.startswith(b"data:"):
-            value = line[5:]
-            self._data.append(value[1:] if value.startswith(b" ") else value)
+        if line.startswith(b"data:"):
+            self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif not line and self._data:
+            payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+            self._data.clear()
+            self._event(payload, out)
         # comments (":"), event:, id: and retry: lines carry nothing to translate
 
     def _event(self, payload: bytes, out: list[bytes]) -> None:
@@ -152,19 +150,20 @@ class SseToNdjson:
         if "error" in obj or obj.get("object") == "error":
             self._fail(error_message(obj), out)
             return
-        if obj.get("usage") is not None:
-            self._count(obj["usage"])
-        if obj.get("timings") is not None:
-            self._timings = obj["timings"]
+        if "usage" in obj or "timings" in obj:
+            self._count(obj.get("usage"), obj.get("timings"))
         choices = obj.get("choices")
         if not choices or not isinstance(choices, list):
             return
         choice = choices[0]
+        thinking = None
         if self._text_key is not None:
-            text, thinking = choice.get("text"), None
+            text = choice.get("text")
         else:
             delta = choice.get("delta") or {}
-            text, thinking = delta.get("content"), reasoning_of(delta)
+            text = delta.get("content")
+            if "reasoning_content" in delta or "reasoning" in delta:
+                thinking = reasoning_of(delta)
             if delta.get("tool_calls"):
                 self._gather(delta["tool_calls"])
         if text or thinking:
@@ -173,7 +172,9 @@ class SseToNdjson:
             self._done_reason = done_reason(choice["finish_reason"])
             self._flush_tools(out)
 
-    def _count(self, usage: Any) -> None:
+    def _count(self, usage: Any, timings: Any) -> None:
+        if timings is not None:
+            self._timings = timings
         if isinstance(usage, dict):
             self._usage = usage
             if isinstance(usage.get("prompt_tokens"), int):
@@ -201,8 +202,8 @@ class SseToNdjson:
     # -- output -----------------------------------------------------------------
 
     def _chunk(self, text: Any, thinking: str | None) -> bytes:
-        body = dumps(text if isinstance(text, str) else "")
-        think = b',"thinking":' + dumps(thinking) if thinking else b""
+        body = orjson.dumps(text if isinstance(text, str) else "")
+        think = b',"thinking":' + orjson.dumps(thinking) if thinking else b""
         if self._chat:
             middle = b'","message":{"role":"assistant","content":' + body + think + b"}"
         else:
