@@ -808,3 +808,66 @@ def test_ollama_tags_to_openai_models() -> None:
     ]
     assert ollama_model_items(b'{"models":[]}') == []
     assert openai_model_from_show("llama3.2", {"modified_at": "2025-05-04T17:37:44Z"})["created"] == 1746380264
+
+
+# ---------------------------------------------------------------------------
+# The official clients' own types accept what the translation produces
+# ---------------------------------------------------------------------------
+
+
+def test_ollama_python_types_accept_translated_answers() -> None:
+    from ollama import _types as ot
+
+    chat = plan(Endpoint.OLLAMA_CHAT, Endpoint.OPENAI_CHAT)
+    s = open_stream(chat)
+    for line in (s.feed(OPENAI_CHAT_STREAM + b"") + s.finish()).splitlines():
+        ot.ChatResponse.model_validate_json(line)
+    s = open_stream(chat)
+    lines = (s.feed(OPENAI_TOOL_STREAM) + s.finish()).splitlines()
+    call = ot.ChatResponse.model_validate_json(lines[0]).message.tool_calls
+    assert call is not None and call[0].function.arguments == {"location": "Paris, France"}
+    body = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+    ot.ChatResponse.model_validate_json(translate_response(plan(Endpoint.OLLAMA_CHAT, Endpoint.OPENAI_CHAT), body))
+    ot.GenerateResponse.model_validate_json(
+        translate_response(plan(Endpoint.OLLAMA_GENERATE, Endpoint.OPENAI_CHAT), body))
+    emb = b'{"data":[{"embedding":[0.1,0.2],"index":0}],"usage":{"prompt_tokens":2,"total_tokens":2}}'
+    ot.EmbedResponse.model_validate_json(translate_response(plan(Endpoint.OLLAMA_EMBED, Endpoint.OPENAI_EMBEDDINGS), emb))
+    ot.EmbeddingsResponse.model_validate_json(
+        translate_response(plan(Endpoint.OLLAMA_EMBEDDINGS, Endpoint.OPENAI_EMBEDDINGS), emb))
+    item = {"id": "m", "object": "model", "created": 1, "owned_by": "vllm", "max_model_len": 4096}
+    ot.ListResponse.model_validate({"models": [tag_from_openai_model(item)]})
+    ot.ProcessResponse.model_validate({"models": [ps_from_openai_model(item)]})
+    ot.ShowResponse.model_validate(show_from_openai_model(item))
+    # And the native requests made from OpenAI ones.
+    body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, {
+        "type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}],
+        "tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}, "max_tokens": 3}
+    ot.ChatRequest.model_validate_json(to_ollama("/v1/chat/completions", body).body)
+    ot.GenerateRequest.model_validate_json(to_ollama("/v1/completions", {"model": "m", "prompt": "p"}).body)
+    ot.EmbedRequest.model_validate_json(to_ollama("/v1/embeddings", {"model": "m", "input": ["a"]}).body)
+
+
+def test_openai_python_types_accept_translated_answers() -> None:
+    from openai.types import Completion, CreateEmbeddingResponse, Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    s = open_stream(plan(Endpoint.OPENAI_CHAT, Endpoint.OLLAMA_CHAT, include_usage=True))
+    chunks = [ChatCompletionChunk.model_validate(e) for e in sse(s.feed(OLLAMA_CHAT_STREAM) + s.finish())[:-1]]
+    tool_delta = chunks[4].choices[0].delta.tool_calls
+    assert tool_delta is not None and tool_delta[0].function is not None
+    assert tool_delta[0].function.arguments == '{"city":"Tokyo"}'
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 308
+    s = open_stream(plan(Endpoint.OPENAI_COMPLETIONS, Endpoint.OLLAMA_GENERATE, include_usage=True))
+    events = sse(s.feed(b'{"response":"a","done":false}\n{"response":"","done":true,"done_reason":"stop"}\n'))
+    # The SDK's type wants a finish reason on every choice (OpenAI streams null until the
+    # last one, and the SDK does not validate streamed chunks): check the last two.
+    for event in events[-3:-1]:
+        Completion.model_validate(event)
+    answer = b'{"model":"m","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"f","arguments":{"a":1}}}]},"done":true,"done_reason":"stop","prompt_eval_count":1,"eval_count":2}'
+    done = ChatCompletion.model_validate_json(translate_response(plan(Endpoint.OPENAI_CHAT, Endpoint.OLLAMA_CHAT), answer))
+    assert done.choices[0].finish_reason == "tool_calls"
+    Completion.model_validate_json(translate_response(
+        plan(Endpoint.OPENAI_COMPLETIONS, Endpoint.OLLAMA_GENERATE), b'{"response":"x","done":true}'))
+    CreateEmbeddingResponse.model_validate_json(translate_response(
+        plan(Endpoint.OPENAI_EMBEDDINGS, Endpoint.OLLAMA_EMBED), b'{"embeddings":[[0.5]],"prompt_eval_count":1}'))
+    Model.model_validate(openai_model_from_tag({"name": "llama3.2:latest", "modified_at": "2025-05-04T00:00:00Z"}))
