@@ -332,7 +332,7 @@ def test_openai_chat_reference_example() -> None:
 
 
 def test_openai_image_input() -> None:
-    url_body = {"model": "gpt-4o", "max_tokens": 300, "messages": [{"role": "user", "content": [
+    url_body: Any = {"model": "gpt-4o", "max_tokens": 300, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What's in this image?"},
         {"type": "image_url", "image_url": {"url": "https://upload.wikimedia.org/wikipedia/commons/thumb/d/dd/Gfp-wisconsin-madison-the-nature-boardwalk.jpg/2560px-Gfp-wisconsin-madison-the-nature-boardwalk.jpg"}}]}]}
     with pytest.raises(TranslationError) as err:
@@ -839,10 +839,10 @@ def test_ollama_python_types_accept_translated_answers() -> None:
     ot.ProcessResponse.model_validate({"models": [ps_from_openai_model(item)]})
     ot.ShowResponse.model_validate(show_from_openai_model(item))
     # And the native requests made from OpenAI ones.
-    body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, {
+    request = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, {
         "type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}],
         "tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}, "max_tokens": 3}
-    ot.ChatRequest.model_validate_json(to_ollama("/v1/chat/completions", body).body)
+    ot.ChatRequest.model_validate_json(to_ollama("/v1/chat/completions", request).body)
     ot.GenerateRequest.model_validate_json(to_ollama("/v1/completions", {"model": "m", "prompt": "p"}).body)
     ot.EmbedRequest.model_validate_json(to_ollama("/v1/embeddings", {"model": "m", "input": ["a"]}).body)
 
