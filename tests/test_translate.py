@@ -698,6 +698,18 @@ def test_mid_stream_errors_keep_the_clients_shape() -> None:
     assert ndjson(out) == [{"error": "overloaded"}]
 
 
+def test_streamed_logprobs_both_ways() -> None:
+    tokens = [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105], "top_logprobs": []}]
+    s = open_stream(plan(Endpoint.OLLAMA_CHAT, Endpoint.OPENAI_CHAT))
+    event = orjson.dumps({"choices": [{"index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": tokens}}]})
+    assert ndjson(s.feed(b"data: " + event + b"\n\n")) == [
+        {"model": "llama3.2", "message": {"role": "assistant", "content": "Hi"}, "logprobs": tokens, "done": False}]
+    s = open_stream(plan(Endpoint.OPENAI_CHAT, Endpoint.OLLAMA_CHAT))
+    line = orjson.dumps({"message": {"role": "assistant", "content": "Hi"}, "logprobs": tokens, "done": False})
+    assert sse(s.feed(line + b"\n"))[1]["choices"][0] == {
+        "index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": tokens}, "finish_reason": None}
+
+
 def test_a_cut_stream_ends_with_an_error_event() -> None:
     s = open_stream(plan(Endpoint.OLLAMA_CHAT, Endpoint.OPENAI_CHAT))
     half = OPENAI_CHAT_STREAM[:OPENAI_CHAT_STREAM.index(b"data: {", 400)]

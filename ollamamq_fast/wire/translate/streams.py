@@ -166,8 +166,10 @@ class SseToNdjson:
                 thinking = reasoning_of(delta)
             if delta.get("tool_calls"):
                 self._gather(delta["tool_calls"])
-        if text or thinking:
-            out.append(self._chunk(text, thinking))
+        logprobs = choice.get("logprobs")
+        tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if text or thinking or tokens:
+            out.append(self._chunk(text, thinking, tokens))
         if choice.get("finish_reason"):
             self._done_reason = done_reason(choice["finish_reason"])
             self._flush_tools(out)
@@ -201,13 +203,15 @@ class SseToNdjson:
 
     # -- output -----------------------------------------------------------------
 
-    def _chunk(self, text: Any, thinking: str | None) -> bytes:
+    def _chunk(self, text: Any, thinking: str | None, tokens: Any = None) -> bytes:
         body = orjson.dumps(text if isinstance(text, str) else "")
         think = b',"thinking":' + orjson.dumps(thinking) if thinking else b""
         if self._chat:
             middle = b'","message":{"role":"assistant","content":' + body + think + b"}"
         else:
             middle = b'","response":' + body + think
+        if tokens:
+            middle += b',"logprobs":' + orjson.dumps(tokens)
         return self._head + self._clock.now().encode() + middle + b',"done":false}\n'
 
     def _flush_tools(self, out: list[bytes]) -> None:
