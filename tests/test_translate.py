@@ -312,6 +312,7 @@ def test_only_cross_api_inference_routes_translate() -> None:
     assert not needs_translation(b"/api/chat", Api.OLLAMA)
     assert needs_translation(b"/v1/embeddings", Api.OLLAMA)
     assert not needs_translation(b"/api/pull", Api.OPENAI)
+    assert needs_translation(b"/api/chat?x=1", Api.OPENAI)
     with pytest.raises(ValueError):
         translate_request(b"/api/chat", b"{}", Api.OLLAMA)
 

@@ -54,6 +54,7 @@ _BY_PATH: Final = {e.value: e for e in Endpoint}
 def endpoint_for(path: bytes | str) -> Endpoint | None:
     """The inference endpoint a (normalized) path names, None for any other path."""
     key = path.decode("latin-1") if isinstance(path, bytes) else path
+    key = key.split("?", 1)[0]
     return _BY_PATH.get(key.rstrip("/") if len(key) > 1 else key)
 
 
