@@ -1,7 +1,7 @@
 """Ollama <-> OpenAI translation as pure functions (ollamamq_fast/wire/translate).
 
 Golden examples are the request and response bodies printed in the APIs' own
-documentation (Ollama docs/api.md, the OpenAI API reference and its function
+documentation (Ollama's API reference, api.md in its repository; the OpenAI API reference and its function
 calling guide), written out literally; what the gateway must produce for
 them is written out literally too, and compared as parsed JSON.
 """
@@ -80,7 +80,7 @@ def sse(data: bytes) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------
-# Requests: Ollama -> OpenAI (examples from Ollama docs/api.md)
+# Requests: Ollama -> OpenAI (examples from Ollama's API reference)
 # ---------------------------------------------------------------------------
 
 WEATHER_TOOL = {
@@ -591,7 +591,7 @@ OPENAI_TOOL_STREAM = b"".join([
     b"data: [DONE]\n\n",
 ])
 
-# Ollama's documented chat stream (PROTOCOL §4.2 shapes), with thinking and a whole tool call.
+# Ollama's documented chat stream (docs/protocol-notes.md §4), with thinking and a whole tool call.
 OLLAMA_CHAT_STREAM = (
     b'{"model":"llama3.2","created_at":"2025-07-07T20:22:19.0Z","message":{"role":"assistant","content":"","thinking":"Let me"},"done":false}\n'
     b'{"model":"llama3.2","created_at":"2025-07-07T20:22:19.1Z","message":{"role":"assistant","content":"The \\u003csky\\u003e"},"done":false}\n'

@@ -152,7 +152,7 @@ def content_type(client: Endpoint, stream: bool) -> bytes:
 
 
 # orjson reads integers beyond 64 bits as floats, which would change a schema's
-# numbers (PROTOCOL: pass `format` on number for number). A run of 19 digits
+# numbers (docs/protocol-notes.md §7.22). A run of 19 digits
 # anywhere (even inside a string) sends the body to the exact stdlib parser.
 _LONG_DIGITS: Final = re.compile(rb"\d{19}")
 
