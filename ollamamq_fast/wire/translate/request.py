@@ -1,0 +1,111 @@
+"""translate_request: a client's inference request rewritten for the other API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ollamamq_fast.wire.errors import Api
+from ollamamq_fast.wire.translate import to_ollama, to_openai
+from ollamamq_fast.wire.translate.common import (
+    DEFAULT_TRAITS,
+    BackendTraits,
+    Clock,
+    Endpoint,
+    Translated,
+    TranslationError,
+    dumps,
+    endpoint_for,
+    loads_object,
+)
+
+
+def needs_translation(path: bytes | str, backend: Api) -> bool:
+    """True when `path` is an inference route of the other API than the backend's."""
+    client = endpoint_for(path)
+    return client is not None and client.api is not backend
+
+
+def translate_request(
+    path: bytes | str, body: bytes, target: Api, traits: BackendTraits = DEFAULT_TRAITS
+) -> Translated:
+    """Rewrite a request to `path` with `body` for a backend speaking `target`.
+
+    Raises TranslationError (status and message) for a body the client must
+    fix; ValueError when the path is not an inference route of the other API.
+    """
+    client = endpoint_for(path)
+    if client is None or client.api is target:
+        raise ValueError(f"no translation from {path!r} to {target.value}")
+    req = loads_object(body)
+    model = req.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise TranslationError(400, "model is required")
+    notes: list[str] = []
+    if target is Api.OPENAI:
+        return _to_openai(client, req, model, traits, notes)
+    return _to_ollama(client, req, model, notes)
+
+
+def _to_openai(
+    client: Endpoint, req: dict[str, Any], model: str, traits: BackendTraits, notes: list[str]
+) -> Translated:
+    if client is Endpoint.OLLAMA_CHAT:
+        if not req.get("messages"):
+            return _load_reply(client, req, model)
+        out = to_openai.chat(req, traits, notes)
+        backend = Endpoint.OPENAI_CHAT
+    elif client is Endpoint.OLLAMA_GENERATE:
+        if not req.get("prompt") and not req.get("images"):
+            return _load_reply(client, req, model)
+        backend = to_openai.generate_route(req, traits)
+        if backend is Endpoint.OPENAI_COMPLETIONS:
+            out = to_openai.generate_as_completion(req, traits, notes)
+        else:
+            out = to_openai.generate_as_chat(req, traits, notes)
+    else:
+        legacy = client is Endpoint.OLLAMA_EMBEDDINGS
+        if legacy and not req.get("prompt"):
+            return _local(client, model, b'{"embedding":[]}')
+        out = to_openai.embed(req, legacy, notes)
+        backend = Endpoint.OPENAI_EMBEDDINGS
+    stream = bool(out.get("stream"))
+    return Translated(backend.path, dumps(out), client, backend, model, stream, notes=tuple(notes))
+
+
+def _to_ollama(client: Endpoint, req: dict[str, Any], model: str, notes: list[str]) -> Translated:
+    include_usage = False
+    base64_vectors = False
+    if client is Endpoint.OPENAI_CHAT:
+        out = to_ollama.chat(req, notes)
+        include_usage = to_ollama.openai_stream(req)[1]
+        backend = Endpoint.OLLAMA_CHAT
+    elif client is Endpoint.OPENAI_COMPLETIONS:
+        out = to_ollama.completion(req, notes)
+        include_usage = to_ollama.openai_stream(req)[1]
+        backend = Endpoint.OLLAMA_GENERATE
+    else:
+        out, base64_vectors = to_ollama.embeddings(req)
+        backend = Endpoint.OLLAMA_EMBED
+    stream = bool(out.get("stream"))
+    return Translated(
+        backend.path, dumps(out), client, backend, model, stream,
+        include_usage=include_usage, base64_embeddings=base64_vectors, notes=tuple(notes),
+    )
+
+
+def _load_reply(client: Endpoint, req: dict[str, Any], model: str) -> Translated:
+    """Ollama's load/unload form (no prompt, no messages): an OpenAI backend has
+    no such route, and loads on its own, so the gateway answers it."""
+    unload = req.get("keep_alive") in (0, "0", "0s")
+    reply: dict[str, Any] = {"model": model, "created_at": Clock().now()}
+    if client is Endpoint.OLLAMA_CHAT:
+        reply["message"] = {"role": "assistant", "content": ""}
+    else:
+        reply["response"] = ""
+    reply["done"] = True
+    reply["done_reason"] = "unload" if unload else "load"
+    return _local(client, model, dumps(reply))
+
+
+def _local(client: Endpoint, model: str, reply: bytes) -> Translated:
+    return Translated(b"", b"", client, client, model, False, local_reply=reply)
