@@ -19,3 +19,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 _STATE_HOME = tempfile.mkdtemp(prefix="ollamamq-test-state-")
 os.environ["XDG_STATE_HOME"] = _STATE_HOME
 atexit.register(shutil.rmtree, _STATE_HOME, ignore_errors=True)
+
+# The fast subset CI runs a second time with OLLAMAMQ_FAST_PURE=1 (the same
+# code uncompiled): the data plane's unit tests and its traps.
+PURE_SUBSET = {
+    "test_build.py", "test_exchange.py", "test_exchange_state.py", "test_flow.py",
+    "test_headers.py", "test_ledger.py", "test_hotpath.py", "test_fairqueue.py",
+    "test_scheduling.py", "test_policy.py", "test_stats.py", "test_balance.py",
+    "test_traps.py", "test_hardening.py", "test_accounting.py",
+}
+
+
+def pytest_collection_modifyitems(config: object, items: list) -> None:  # type: ignore[type-arg]
+    """Mark the pure-Python subset (`pytest -m pure`)."""
+    import pytest
+
+    for item in items:
+        if Path(str(item.fspath)).name in PURE_SUBSET:
+            item.add_marker(pytest.mark.pure)
