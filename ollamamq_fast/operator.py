@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 
+from ollamamq_fast.config import check_setting
 from ollamamq_fast.limits import check_limit
 from ollamamq_fast.state.cache import StateCache
 from ollamamq_fast.state.records import BackendRecord, KeyRecord, UserSettings, key_digest
@@ -111,6 +112,8 @@ class Operator:
 
     def add_backend(self, url: str, slots: int | None = None) -> dict[str, Any]:
         """Add a backend at runtime (serves traffic after its first probe); persisted."""
+        if slots is not None:
+            check_setting("slots", slots)
         if self.state.fleet.find(url) is not None:
             raise ValueError(f"backend {url} already exists")
         backend = self.state.add_backend(url, slots)
@@ -132,8 +135,7 @@ class Operator:
 
     def set_slots(self, url: str, slots: int) -> dict[str, Any]:
         """Change how many requests run at once on a backend."""
-        if slots < 1:
-            raise ValueError("slots must be at least 1")
+        check_setting("slots", slots)
         backend = self._backend(url)
         backend.slots = slots
         if backend.name in self.cache.backends:
@@ -165,7 +167,7 @@ class Operator:
         """Change a user's VIP / Boost / weight; takes effect on the next dispatch."""
         queue = self.state.dispatcher.queue
         if weight is not None:
-            queue.set_weight(user, weight)
+            queue.set_weight(user, check_setting("weight", weight))
         if vip is not None:
             queue.set_vip(user, vip)
         if boost is not None:

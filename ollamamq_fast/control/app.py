@@ -16,7 +16,6 @@ import orjson
 from ollamamq_fast.config import ConfigError, parse_backend_url
 from ollamamq_fast.control.auth import AdminAuth
 from ollamamq_fast.control.events import EventStreams
-from ollamamq_fast.config import ConfigError
 from ollamamq_fast.control.http import (
     ApiError,
     Request,
@@ -96,6 +95,8 @@ class AdminApp:
             response = await self._handle(scope, proto)
         except ApiError as err:
             response = error_response(err)
+        except ConfigError as exc:  # a value outside config.RULES (slots, weight...)
+            response = error_response(ApiError(400, str(exc)))
         except Exception:  # a bug in one handler must not take the admin port down
             log.exception("admin request %s %s failed", scope.method, scope.path)
             response = error_response(ApiError(500, "internal error (see the gateway log)"))
