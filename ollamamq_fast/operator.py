@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 EVENT_QUEUE_LIMIT = 1000
 
 
+class NotStored(Exception):
+    """An operator change is live but the store has not taken it yet (retried in the background)."""
+
+
 class EventBus:
     """In-process publish/subscribe for state changes and per-second counters."""
 
@@ -65,6 +69,17 @@ class Operator:
         self.cache = cache
         self.events = EventBus()
         cache.on_change = self._changed_elsewhere
+
+    async def stored(self) -> None:
+        """Return once every change made so far is in the store (committed to SQLite,
+        acknowledged by Redis): an admin answer of 200 promises the change survives a
+        kill -9. Raises NotStored when the store fails; the write stays queued.
+        """
+        try:
+            await self.cache.flush()
+        except Exception as exc:  # any store failure is reported the same way
+            raise NotStored(f"the change is live but not stored yet ({exc}); it is retried in "
+                            "the background, and a restart before then loses it") from exc
 
     def restore(self) -> None:
         """Apply what the store remembers (at start, after the cache has loaded)."""
