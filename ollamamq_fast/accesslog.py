@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import logging.handlers
+import re
 import sys
 import threading
 import time
@@ -76,12 +77,12 @@ class AccessLog:
         while pending:
             lines.append(self._format(pending.popleft()))
         text = "".join(lines)
-        if self.handler is not None:
-            stream = self.handler.stream
-            if self.handler.shouldRollover(_SizeProbe(text)):
-                self.handler.doRollover()
-                stream = self.handler.stream
-            if stream is not None:  # None only after the handler was closed
+        handler = self.handler
+        if handler is not None:
+            if handler.shouldRollover(_SizeProbe(text)):
+                handler.doRollover()
+            stream = handler.stream
+            if stream is not None:  # reopened by doRollover (the handler is not delayed)
                 stream.write(text)
                 stream.flush()
         if self.stream is not None:
@@ -99,8 +100,8 @@ class AccessLog:
             ".%03dZ" % int((record["ts"] % 1) * 1000)
         )
         if self.fmt == "logfmt":
-            return " ".join(f"{k}={_logfmt(v)}" for k, v in record.items()) + "\n"
-        return orjson.dumps(record).decode() + "\n"
+            return logfmt_line(record) + "\n"
+        return json_line(record) + "\n"
 
     def stop(self) -> None:
         """Flush and stop the writer thread."""
@@ -122,8 +123,49 @@ class _SizeProbe(logging.LogRecord):
         return str(self.args[0]) if isinstance(self.args, tuple) else ""
 
 
-def _logfmt(value: Any) -> str:
+# Client-controlled text (user id, path, request id, model) reaches the log:
+# no value may end a line or forge a field. Characters a line reader could
+# take as a line break or control (C0, DEL, C1 such as NEL, U+2028/2029,
+# format characters) are written as \\uXXXX escapes in both formats.
+_LOGFMT_SAFE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, '"', '=', '\\'
+
+
+def _escape_unprintable(text: str) -> str:
+    """`text` with every non-printable character as a JSON \\uXXXX escape (pairs above U+FFFF)."""
+    out = []
+    for c in text:
+        if c.isprintable():
+            out.append(c)
+            continue
+        code = ord(c)
+        if code > 0xFFFF:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
+def _json_safe(text: str) -> str:
+    """JSON text from orjson, with the characters it leaves raw escaped (still valid JSON)."""
+    if text.isascii() and "\x7f" not in text:
+        return text  # orjson already escapes every control character below 0x20
+    return _escape_unprintable(text)
+
+
+def logfmt_value(value: Any) -> str:
+    """One logfmt value: bare when plainly safe, else a JSON-style quoted string."""
     text = "" if value is None else str(value)
-    if not text or any(c in text for c in ' ="'):
-        return '"' + text.replace('"', '\\"') + '"'
-    return text
+    if _LOGFMT_SAFE.fullmatch(text):
+        return text
+    return _json_safe(orjson.dumps(text).decode())
+
+
+def logfmt_line(fields: dict[str, Any]) -> str:
+    """`key=value ...` with every value escaped (keys are ours)."""
+    return " ".join(f"{k}={logfmt_value(v)}" for k, v in fields.items())
+
+
+def json_line(fields: dict[str, Any]) -> str:
+    """One JSON object on one line, whatever the values hold."""
+    return _json_safe(orjson.dumps(fields).decode())

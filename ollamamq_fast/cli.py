@@ -34,6 +34,7 @@ from ollamamq_fast.config import (
     parse_backend_url,
     parse_backend_urls,
     parse_weights,
+    validate_settings,
 )
 
 from ollamamq_fast.cli_policy import add_policy_arguments, apply_policy_args
@@ -271,6 +272,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     settings.sim_keep_backends = bool(urls)
     if args.sim_models:
         settings.sim_models = _users(args.sim_models)
+    validate_settings(settings)
     return settings
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,6 +175,96 @@ class Settings:
     usage_retention_days: int = 90
 
 
+# -- Validation ---------------------------------------------------------------
+# One table of what each numeric setting may be, read by every way a value
+# comes in: flags and env vars (settings_from_args ends with validate_settings),
+# the TOML file (at start and on reload), and the admin API (slots, weights).
+# A value outside it would make the gateway hang or refuse everything (slots
+# 0 runs nothing, timeout 0 fails every request), so it is refused with one
+# line naming the setting, and a reload keeps the old config.
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """The accepted range of one numeric setting."""
+
+    integer: bool
+    minimum: float
+    # True: the value must be greater than `minimum`; False: at least `minimum`.
+    exclusive: bool = False
+    maximum: float | None = None
+    note: str = ""
+
+    def describe(self) -> str:
+        """The rule in words, for error messages."""
+        kind = "an integer" if self.integer else "a number"
+        if self.maximum is not None:
+            text = f"{kind} from {self.minimum:g} to {self.maximum:g}"
+        elif self.exclusive:
+            text = f"{kind} greater than {self.minimum:g}"
+        else:
+            text = f"{kind} >= {self.minimum:g}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+RULES: dict[str, Rule] = {
+    "port": Rule(True, 0, maximum=65535, note="0 = any free port"),
+    "admin_port": Rule(True, -1, maximum=65535, note="-1 = no admin API, 0 = any free port"),
+    "timeout": Rule(False, 0, exclusive=True),
+    "slots": Rule(True, 1),
+    "weight": Rule(True, 1),
+    "health_interval": Rule(False, 0, exclusive=True),
+    "health_fail_threshold": Rule(True, 1),
+    "health_ok_threshold": Rule(True, 1),
+    "max_queue": Rule(True, 1),
+    "max_queue_per_user": Rule(True, 1),
+    "queue_timeout": Rule(False, 0, note="0 = no limit"),
+    "max_body_mb": Rule(False, 0, exclusive=True),
+    "max_bodies_mb": Rule(False, 0, exclusive=True),
+    "max_body_bytes": Rule(True, 1),
+    "max_bodies_bytes": Rule(True, 1),
+    "cache_ttl": Rule(False, 0, exclusive=True),
+    "cache_mb": Rule(False, 0),
+}
+CHOICES: dict[str, tuple[str, ...]] = {}  # filled below, once the choice tuples exist
+
+
+def check_setting(name: str, value: object, where: str | None = None) -> Any:
+    """`value` if it is valid for setting `name` (RULES), else ConfigError naming `where`."""
+    rule = RULES[name]
+    label = where or name
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            rule.integer and not isinstance(value, int)):
+        raise ConfigError(f"{label} must be {rule.describe()}, got {value!r}")
+    if not math.isfinite(value) or value < rule.minimum or (
+            rule.exclusive and value == rule.minimum) or (
+            rule.maximum is not None and value > rule.maximum):
+        raise ConfigError(f"{label} must be {rule.describe()}, got {value!r}")
+    return value
+
+
+def validate_settings(settings: Settings, where: str = "settings") -> None:
+    """Check every setting against RULES and CHOICES (ConfigError on the first bad one).
+
+    Called on the finished Settings of a start (flags > env > file) and on the
+    fresh Settings of a reload before anything live is changed.
+    """
+    for name in RULES:
+        if hasattr(settings, name):
+            check_setting(name, getattr(settings, name), f"{where}: {name}")
+    for name, choices in CHOICES.items():
+        if getattr(settings, name) not in choices:
+            raise ConfigError(f"{where}: {name} must be one of {', '.join(choices)}, "
+                              f"got {getattr(settings, name)!r}")
+    for url, slots in settings.backend_slots.items():
+        check_setting("slots", slots, f"{where}: backend {url}: slots")
+    for user, weight in settings.user_weights.items():
+        check_setting("weight", weight, f"{where}: weight of {user}")
+    if not settings.backends:
+        raise ConfigError(f"{where}: no backend URL given")
+
+
+
 def env_default(names: tuple[str, ...], default: str | None = None) -> str | None:
     """The first set, non-empty environment variable of `names`, else `default`."""
     for name in names:
@@ -206,6 +297,9 @@ _TOML_SCALARS: dict[str, tuple[str, type]] = {
 BALANCE_CHOICES = ("least-conn", "round-robin", "random", "affinity")
 CACHE_CHOICES = ("deterministic", "all", "off")
 STREAM_USAGE_CHOICES = ("inject", "off")
+CHOICES.update(balance=BALANCE_CHOICES, cache_mode=CACHE_CHOICES,
+               stream_usage=STREAM_USAGE_CHOICES, auth=("off", "keys"),
+               log_format=("json", "logfmt"))
 
 
 def load_toml(path: str) -> dict[str, object]:
@@ -219,6 +313,9 @@ def load_toml(path: str) -> dict[str, object]:
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                          f"at offset {exc.start})") from None
 
 
 def apply_toml(settings: Settings, data: dict[str, object], path: str = "config") -> None:
@@ -230,11 +327,12 @@ def apply_toml(settings: Settings, data: dict[str, object], path: str = "config"
                 value = float(value)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ConfigError(f"{path}: {key} must be a {kind.__name__}")
+            if field_name in RULES:
+                value = check_setting(field_name, value, f"{path}: {key}")
             setattr(settings, field_name, value)
         elif key in ("max_body_mb", "max_bodies_mb"):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{path}: {key} must be a positive number")
-            setattr(settings, key.replace("_mb", "_bytes"), int(value * 1024 * 1024))
+            mb = check_setting(key, value, f"{path}: {key}")
+            setattr(settings, key.replace("_mb", "_bytes"), int(mb * 1024 * 1024))
         elif key == "backends":
             _apply_backends(settings, value, path)
         elif key == "users":
@@ -250,10 +348,9 @@ def apply_toml(settings: Settings, data: dict[str, object], path: str = "config"
             settings.stream_usage = str(value)
         else:
             raise ConfigError(f"{path}: unknown setting {key!r}")
-    if settings.balance not in BALANCE_CHOICES:
-        raise ConfigError(f"{path}: balance must be one of {', '.join(BALANCE_CHOICES)}")
     if settings.usage_retention_days < 0:
         raise ConfigError(f"{path}: usage_retention_days must be 0 (for ever) or more")
+    validate_settings(settings, path)
 
 
 def _apply_backends(settings: Settings, value: object, path: str) -> None:
@@ -269,9 +366,8 @@ def _apply_backends(settings: Settings, value: object, path: str) -> None:
         backends.append(b)
         slots = item.get("slots")
         if slots is not None:
-            if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-                raise ConfigError(f"{path}: backend {b.url}: slots must be an integer >= 1")
-            settings.backend_slots[b.url] = slots
+            settings.backend_slots[b.url] = check_setting(
+                "slots", slots, f"{path}: backend {b.url}: slots")
         options = _backend_options(item, f"{path}: backend {b.url}")
         if options is not None:
             settings.backend_options[b.url] = options
@@ -312,9 +408,8 @@ def _apply_users(settings: Settings, value: object, path: str) -> None:
     if not isinstance(weights, dict):
         raise ConfigError(f"{path}: users.weights must be a table of user = weight")
     for user, weight in weights.items():
-        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
-            raise ConfigError(f"{path}: users.weights.{user} must be an integer >= 1")
-        settings.user_weights[user] = weight
+        settings.user_weights[user] = check_setting("weight", weight,
+                                                    f"{path}: users.weights.{user}")
     unknown = set(value) - {"vip", "boost", "weights"}
     if unknown:
         raise ConfigError(f"{path}: unknown users setting {sorted(unknown)[0]!r}")
@@ -368,10 +463,8 @@ def _apply_cache(settings: Settings, value: object, path: str) -> None:
                 raise ConfigError(f"{path}: cache.mode must be one of {', '.join(CACHE_CHOICES)}")
             settings.cache_mode = str(item)
         elif key in ("ttl", "mb"):
-            if isinstance(item, bool) or not isinstance(item, int | float) or item < 0 or (
-                    key == "ttl" and item == 0):
-                raise ConfigError(f"{path}: cache.{key} must be a positive number")
-            setattr(settings, "cache_ttl" if key == "ttl" else "cache_mb", float(item))
+            name = "cache_ttl" if key == "ttl" else "cache_mb"
+            setattr(settings, name, float(check_setting(name, item, f"{path}: cache.{key}")))
         else:
             raise ConfigError(f"{path}: unknown cache setting {key!r}")
 
@@ -389,7 +482,5 @@ def parse_weights(text: str) -> dict[str, int]:
             weight = int(num)
         except ValueError:
             raise ConfigError(f"--weight: {item!r}: weight must be an integer") from None
-        if weight < 1:
-            raise ConfigError(f"--weight: {item!r}: weight must be at least 1")
-        out[user.strip()] = weight
+        out[user.strip()] = check_setting("weight", weight, f"--weight: {item!r}: weight")
     return out

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 
+from ollamamq_fast.config import check_setting
 from ollamamq_fast.limits import check_limit
 from ollamamq_fast.state.cache import StateCache
 from ollamamq_fast.state.records import (
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 
 # Subscribers that fall this far behind lose events rather than grow memory.
 EVENT_QUEUE_LIMIT = 1000
+
+
+class NotStored(Exception):
+    """An operator change is live but the store has not taken it yet (retried in the background)."""
 
 
 class EventBus:
@@ -71,6 +76,17 @@ class Operator:
         self.cache = cache
         self.events = EventBus()
         cache.on_change = self._changed_elsewhere
+
+    async def stored(self) -> None:
+        """Return once every change made so far is in the store (committed to SQLite,
+        acknowledged by Redis): an admin answer of 200 promises the change survives a
+        kill -9. Raises NotStored when the store fails; the write stays queued.
+        """
+        try:
+            await self.cache.flush()
+        except Exception as exc:  # any store failure is reported the same way
+            raise NotStored(f"the change is live but not stored yet ({exc}); it is retried in "
+                            "the background, and a restart before then loses it") from exc
 
     def restore(self) -> None:
         """Apply what the store remembers (at start, after the cache has loaded)."""
@@ -118,6 +134,8 @@ class Operator:
 
     def add_backend(self, url: str, slots: int | None = None) -> dict[str, Any]:
         """Add a backend at runtime (serves traffic after its first probe); persisted."""
+        if slots is not None:
+            check_setting("slots", slots)
         if self.state.fleet.find(url) is not None:
             raise ValueError(f"backend {url} already exists")
         backend = self.state.add_backend(url, slots)
@@ -139,8 +157,7 @@ class Operator:
 
     def set_slots(self, url: str, slots: int) -> dict[str, Any]:
         """Change how many requests run at once on a backend."""
-        if slots < 1:
-            raise ValueError("slots must be at least 1")
+        check_setting("slots", slots)
         backend = self._backend(url)
         backend.slots = slots
         if backend.name in self.cache.backends:
@@ -172,7 +189,7 @@ class Operator:
         """Change a user's VIP / Boost / weight; takes effect on the next dispatch."""
         queue = self.state.dispatcher.queue
         if weight is not None:
-            queue.set_weight(user, weight)
+            queue.set_weight(user, check_setting("weight", weight))
         if vip is not None:
             queue.set_vip(user, vip)
         if boost is not None:

@@ -17,7 +17,6 @@ from ollamamq_fast import buildinfo
 from ollamamq_fast.config import ConfigError, parse_backend_url
 from ollamamq_fast.control.auth import AdminAuth
 from ollamamq_fast.control.events import EventStreams
-from ollamamq_fast.config import ConfigError
 from ollamamq_fast.control.http import (
     ApiError,
     Request,
@@ -37,6 +36,7 @@ from ollamamq_fast.control.metrics import CONTENT_TYPE, Metrics
 from ollamamq_fast.control.openapi import build_openapi
 from ollamamq_fast.control.usage import UsageQueryError, usage_response
 from ollamamq_fast.control.web import WebRoutes
+from ollamamq_fast.operator import NotStored
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
@@ -99,6 +99,10 @@ class AdminApp:
             response = await self._handle(scope, proto)
         except ApiError as err:
             response = error_response(err)
+        except ConfigError as exc:  # a value outside config.RULES (slots, weight...)
+            response = error_response(ApiError(400, str(exc)))
+        except NotStored as exc:
+            response = error_response(ApiError(503, str(exc), [("retry-after", "5")]))
         except Exception:  # a bug in one handler must not take the admin port down
             log.exception("admin request %s %s failed", scope.method, scope.path)
             response = error_response(ApiError(500, "internal error (see the gateway log)"))
@@ -152,7 +156,9 @@ class AdminApp:
         slots = int_field(data, "slots")
         if any(b["url"] == url for b in self.operator.list_backends()):
             raise ApiError(409, f"backend {url} already exists")
-        return json_response(self.operator.add_backend(url, slots), 201)
+        answer = self.operator.add_backend(url, slots)
+        await self.operator.stored()
+        return json_response(answer, 201)
 
     async def remove_backend(self, req: Request) -> Response:
         """DELETE /api/backends?url=: remove a backend (running requests finish)."""
@@ -161,6 +167,7 @@ class AdminApp:
             self.operator.remove_backend(url)
         except KeyError:
             raise ApiError(404, f"no backend {url}") from None
+        await self.operator.stored()
         return json_response({"removed": url})
 
     async def set_slots(self, req: Request) -> Response:
@@ -171,9 +178,11 @@ class AdminApp:
         slots = int_field(data, "slots")
         assert slots is not None  # required above
         try:
-            return json_response(self.operator.set_slots(url, slots))
+            answer = self.operator.set_slots(url, slots)
         except KeyError:
             raise ApiError(404, f"no backend {url}") from None
+        await self.operator.stored()
+        return json_response(answer)
 
     async def drain(self, req: Request) -> Response:
         """POST /api/backends/drain {url}: no new requests to the backend."""
@@ -206,16 +215,20 @@ class AdminApp:
             raise ApiError(400, "nothing to change: give vip, boost and/or weight")
         vip, boost = bool_field(data, "vip"), bool_field(data, "boost")
         weight = int_field(data, "weight")
-        return json_response(self.operator.set_user(req.params["user"], vip, boost, weight))
+        answer = self.operator.set_user(req.params["user"], vip, boost, weight)
+        await self.operator.stored()
+        return json_response(answer)
 
     async def block_user(self, req: Request) -> Response:
         """POST /api/users/{user}/block: refuse the user's requests with 403."""
         self.operator.block_user(req.params["user"], True)
+        await self.operator.stored()
         return json_response({"user": req.params["user"], "blocked": True})
 
     async def unblock_user(self, req: Request) -> Response:
         """POST /api/users/{user}/unblock: accept the user's requests again."""
         self.operator.block_user(req.params["user"], False)
+        await self.operator.stored()
         return json_response({"user": req.params["user"], "blocked": False})
 
     # -- Blocklist ------------------------------------------------------------
@@ -230,12 +243,14 @@ class AdminApp:
         check_fields(data, {"ip"}, {"ip"})
         ip = ip_or_cidr(str_field(data, "ip") or "")
         self._block_ip(ip, True)
+        await self.operator.stored()
         return json_response(self.operator.list_blocked())
 
     async def unblock_ip(self, req: Request) -> Response:
         """DELETE /api/blocked/ips?ip=: unblock an address or range (idempotent)."""
         ip = ip_or_cidr(req.query_one("ip"))
         self._block_ip(ip, False)
+        await self.operator.stored()
         return json_response(self.operator.list_blocked())
 
     def _block_ip(self, ip: str, on: bool) -> None:
@@ -259,7 +274,9 @@ class AdminApp:
         if not isinstance(name, str):
             raise ApiError(400, "'name' must be a string")
         trusted = bool_field(data, "trusted") or False
-        return json_response(self.operator.create_key(user, name, trusted), 201)
+        answer = self.operator.create_key(user, name, trusted)
+        await self.operator.stored()
+        return json_response(answer, 201)
 
     async def revoke_key(self, req: Request) -> Response:
         """DELETE /api/keys/{key_id}: requests with the key get 401 from now on."""
@@ -268,6 +285,7 @@ class AdminApp:
             self.operator.revoke_key(key_id)
         except KeyError:
             raise ApiError(404, f"no key {key_id}") from None
+        await self.operator.stored()
         return json_response({"key_id": key_id, "revoked": True})
 
     # -- Read models ----------------------------------------------------------

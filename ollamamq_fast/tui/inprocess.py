@@ -19,8 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import orjson
-
+from ollamamq_fast.accesslog import json_line, logfmt_line
 from ollamamq_fast.config import Settings
 from ollamamq_fast.control.auth import TOKEN_BYTES
 
@@ -186,10 +185,5 @@ class LineFormatter(logging.Formatter):
         fields = {"ts": ts, "level": record.levelname.lower(), "logger": record.name,
                   "msg": message}
         if self.fmt == "logfmt":
-            return " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
-        return orjson.dumps(fields).decode()
-
-
-def _logfmt(value: str) -> str:
-    value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{value}"' if not value or any(c in value for c in ' ="') else value
+            return logfmt_line(fields)
+        return json_line(fields)

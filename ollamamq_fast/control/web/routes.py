@@ -73,6 +73,8 @@ class WebRoutes:
         if not data:
             raise ApiError(400, "nothing to change: give one or more limits")
         try:
-            return json_response(self.operator.set_limits(req.params["user"], **data))
+            answer = self.operator.set_limits(req.params["user"], **data)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+        await self.operator.stored()
+        return json_response(answer)
