@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -18,11 +19,13 @@ from ollamamq_fast.config import check_setting
 from ollamamq_fast.limits import check_limit
 from ollamamq_fast.state.cache import StateCache
 from ollamamq_fast.state.records import (
+    DEFAULT_SCOPES,
     BackendRecord,
     KeyRecord,
     UsageHour,
     UserSettings,
     key_digest,
+    parse_scopes,
 )
 
 if TYPE_CHECKING:
@@ -289,11 +292,16 @@ class Operator:
 
     # -- API keys ---------------------------------------------------------------
 
-    def create_key(self, user: str, name: str = "", trusted: bool = False) -> dict[str, Any]:
-        """Create a key for `user`; the secret is in the answer and nowhere else."""
+    def create_key(self, user: str, name: str = "", trusted: bool = False,
+                   scopes: tuple[str, ...] = DEFAULT_SCOPES) -> dict[str, Any]:
+        """Create a key for `user`; the secret is in the answer and nowhere else.
+
+        ValueError for an unknown scope.
+        """
+        scopes = parse_scopes(list(scopes))
         secret = "omq-" + secrets.token_urlsafe(32)
         record = KeyRecord(secrets.token_hex(6), key_digest(secret), user, name, time.time(),
-                           False, trusted)
+                           False, trusted, scopes)
         self.cache.put_key(record)
         self.events.publish("key_created", key_id=record.key_id, user=user)
         return {**self._public(record), "secret": secret}
@@ -301,6 +309,16 @@ class Operator:
     def list_keys(self) -> list[dict[str, Any]]:
         """Keys without their digests."""
         return [self._public(r) for r in self.cache.keys.values()]
+
+    def set_key_scopes(self, key_id: str, scopes: tuple[str, ...]) -> dict[str, Any]:
+        """Change what a key may do (KeyError: no such key; ValueError: unknown scope)."""
+        old = self.cache.keys.get(key_id)
+        if old is None:
+            raise KeyError(f"no key {key_id}")
+        record = dataclasses.replace(old, scopes=parse_scopes(list(scopes)))
+        self.cache.put_key(record)
+        self.events.publish("key_changed", key_id=key_id, scopes=list(record.scopes))
+        return self._public(record)
 
     def revoke_key(self, key_id: str) -> None:
         """Revoke a key: requests with it get 401 from now on."""
@@ -312,7 +330,7 @@ class Operator:
     def _public(record: KeyRecord) -> dict[str, Any]:
         return {"key_id": record.key_id, "user": record.user, "name": record.name,
                 "created_at": record.created_at, "revoked": record.revoked,
-                "trusted": record.trusted}
+                "trusted": record.trusted, "scopes": list(record.scopes)}
 
     # -- Snapshots -------------------------------------------------------------
 

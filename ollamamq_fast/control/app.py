@@ -37,6 +37,7 @@ from ollamamq_fast.control.openapi import build_openapi
 from ollamamq_fast.control.usage import UsageQueryError, usage_response
 from ollamamq_fast.control.web import WebRoutes
 from ollamamq_fast.operator import NotStored
+from ollamamq_fast.state.records import DEFAULT_SCOPES, parse_scopes
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
@@ -83,6 +84,7 @@ class AdminApp:
             Route("GET", "/api/keys", self.list_keys),
             Route("POST", "/api/keys", self.create_key),
             Route("DELETE", "/api/keys/{key_id}", self.revoke_key),
+            Route("PATCH", "/api/keys/{key_id}", self.set_key_scopes),
             Route("GET", "/api/stats", self.stats),
             Route("GET", "/api/usage", self.usage),
             Route("POST", "/api/reload", self.reload),
@@ -268,15 +270,33 @@ class AdminApp:
     async def create_key(self, req: Request) -> Response:
         """POST /api/keys {user, name?, trusted?}: a new key; the secret is shown once."""
         data = req.json()
-        check_fields(data, {"user", "name", "trusted"}, {"user"})
+        check_fields(data, {"user", "name", "trusted", "scopes"}, {"user"})
         user = str_field(data, "user") or ""
         name = data.get("name", "")
         if not isinstance(name, str):
             raise ApiError(400, "'name' must be a string")
         trusted = bool_field(data, "trusted") or False
-        answer = self.operator.create_key(user, name, trusted)
+        try:
+            answer = self.operator.create_key(user, name, trusted,
+                                              _scopes(data.get("scopes", DEFAULT_SCOPES)))
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
         await self.operator.stored()
         return json_response(answer, 201)
+
+    async def set_key_scopes(self, req: Request) -> Response:
+        """PATCH /api/keys/{key_id} {scopes}: change what a key may do."""
+        data = req.json()
+        check_fields(data, {"scopes"}, {"scopes"})
+        key_id = req.params["key_id"]
+        try:
+            answer = self.operator.set_key_scopes(key_id, _scopes(data["scopes"]))
+        except KeyError:
+            raise ApiError(404, f"no key {key_id}") from None
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        await self.operator.stored()
+        return json_response(answer)
 
     async def revoke_key(self, req: Request) -> Response:
         """DELETE /api/keys/{key_id}: requests with the key get 401 from now on."""
@@ -329,6 +349,16 @@ class AdminApp:
 def _unauthorized() -> ApiError:
     return ApiError(401, "missing or wrong admin token (Authorization: Bearer <token>)",
                     [("www-authenticate", 'Bearer realm="ollamamq-fast admin"')])
+
+
+def _scopes(value: object) -> tuple[str, ...]:
+    """A `scopes` field: a list of scope names (400 otherwise)."""
+    if not isinstance(value, list | tuple):
+        raise ApiError(400, "'scopes' must be a list, e.g. [\"inference\", \"models\"]")
+    try:
+        return parse_scopes(value)
+    except ValueError as exc:
+        raise ApiError(400, f"'scopes': {exc}") from None
 
 
 def _backend_url(text: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ollamamq_fast import __version__
 from ollamamq_fast.fleet.backend import ApiKind
+from ollamamq_fast.state.records import SCOPES
 
 JSON = "application/json"
 
@@ -148,6 +149,10 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
             "delete": _op("Revoke an API key", "revokeKey", _ok("KeyRevoked", "Revoked"),
                           params=[_param("key_id", "path", "Key id from the key list")],
                           codes=("401", "404")),
+            "patch": _op("Change an API key's scopes", "setKeyScopes", _ok("Key", "The key"),
+                         body="KeyPatch",
+                         params=[_param("key_id", "path", "Key id from the key list")],
+                         codes=("400", "401", "404", "413")),
         },
         "/api/stats": {
             "get": _op("Gateway-wide numbers", "stats", _ok("Stats", "Counters and quantiles"),
@@ -297,9 +302,12 @@ def _schemas() -> dict[str, Any]:
         "prompt_tokens": _INT, "completion_tokens": _INT, "estimated_tokens": _INT,
         "last_ip": _STR, "last_seen": _NUM,
     }, ["user", "vip", "boost", "weight", "blocked"])
+    scopes = {"type": "array", "items": {"type": "string", "enum": list(SCOPES)},
+              "minItems": 1, "description": "inference: chat, generate, embed, show, /v1 and "
+              "forwarded unknown paths; models: pull, push, create, copy, delete, blobs"}
     key_props = {"key_id": _STR, "user": _STR, "name": _STR, "created_at": _NUM,
-                 "revoked": _BOOL, "trusted": _BOOL}
-    key_required = ["key_id", "user", "name", "created_at", "revoked", "trusted"]
+                 "revoked": _BOOL, "trusted": _BOOL, "scopes": scopes}
+    key_required = ["key_id", "user", "name", "created_at", "revoked", "trusted", "scopes"]
     return {
         "Error": _obj({"error": _STR}, ["error"]),
         "Backend": backend,
@@ -320,7 +328,9 @@ def _schemas() -> dict[str, Any]:
                          "ips": {"type": "array", "items": _STR}}, ["users", "ips"]),
         "IpBlock": _obj({"ip": {"type": "string", "description": "address or CIDR"}}, ["ip"],
                         closed=True),
-        "KeyCreate": _obj({"user": _STR, "name": _STR, "trusted": _BOOL}, ["user"], closed=True),
+        "KeyCreate": _obj({"user": _STR, "name": _STR, "trusted": _BOOL, "scopes": scopes},
+                          ["user"], closed=True),
+        "KeyPatch": _obj({"scopes": scopes}, ["scopes"], closed=True),
         "Key": _obj(key_props, key_required),
         "KeyCreated": _obj({**key_props, "secret": {
             "type": "string", "description": "the API key; not retrievable later"}},

@@ -4,6 +4,9 @@
 - `--auth keys`: `Authorization: Bearer <key>` or `X-API-Key: <key>` is
   required; the key decides the user. A client's `X-User-ID` is ignored unless
   the key is a trusted service key, which may name its own end users.
+- Key scopes: `inference` for every route that reads or generates, `models`
+  for model management (`scope_for`); a key without the scope a path needs
+  gets 403.
 - `--trusted-proxies CIDR,...`: only connections from these addresses may set
   the client address through `X-Forwarded-For` (used for IP blocks and the
   address fallback); otherwise the socket's peer address is the client.
@@ -17,15 +20,49 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from collections.abc import Callable
+from typing import NamedTuple
 
-from ollamamq_fast.state.records import key_digest
-from ollamamq_fast.state.records import KeyRecord
+from ollamamq_fast.state.records import (
+    SCOPE_INFERENCE,
+    SCOPE_MODELS,
+    KeyRecord,
+    key_digest,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Model management: these change what a backend holds, so they need the
+# `models` scope (paths as the route table knows them, after normalization).
+MODEL_MANAGEMENT_PATHS = frozenset({b"/api/delete", b"/api/pull", b"/api/push", b"/api/create",
+                                    b"/api/copy"})
+BLOBS_PREFIX = b"/api/blobs/"
 
 
 class AuthError(Exception):
     """The request has no valid key (answered 401 in the route's shape)."""
+
+    status = 401
+
+
+class ScopeError(AuthError):
+    """The key is valid but lacks the scope the path needs (answered 403)."""
+
+    status = 403
+
+
+class Principal(NamedTuple):
+    """Who a keyed request is from, and what its key may do."""
+
+    user: str
+    key_id: str
+    scopes: tuple[str, ...]
+
+
+def scope_for(path: bytes) -> str:
+    """The scope a request to this normalized path needs."""
+    if path in MODEL_MANAGEMENT_PATHS or path.startswith(BLOBS_PREFIX):
+        return SCOPE_MODELS
+    return SCOPE_INFERENCE
 
 
 def parse_networks(text: str) -> list[Network]:
@@ -60,13 +97,8 @@ class Identity:
             return False
         return any(addr in net for net in self.trusted_proxies)
 
-    def user_for_key(self, authorization: bytes, api_key: bytes, header_user: str) -> str:
-        """The user a request's key stands for (raises AuthError)."""
-        return self.user_and_key(authorization, api_key, header_user)[0]
-
-    def user_and_key(self, authorization: bytes, api_key: bytes,
-                     header_user: str) -> tuple[str, str]:
-        """The user a request's key stands for and the key's id (raises AuthError)."""
+    def authenticate(self, authorization: bytes, api_key: bytes, header_user: str) -> Principal:
+        """The user a request's key stands for, the key's id and scopes (raises AuthError)."""
         secret = b""
         if authorization:
             scheme, _, value = authorization.strip().partition(b" ")
@@ -81,5 +113,26 @@ class Identity:
         if record is None or record.revoked or not hmac.compare_digest(record.digest, digest):
             raise AuthError("invalid or revoked API key")
         if record.trusted and header_user:
-            return header_user, record.key_id
-        return record.user, record.key_id
+            return Principal(header_user, record.key_id, record.scopes)
+        return Principal(record.user, record.key_id, record.scopes)
+
+    def user_and_key(self, authorization: bytes, api_key: bytes, header_user: str,
+                     path: bytes | None = None) -> tuple[str, str]:
+        """The user a request's key stands for and the key's id.
+
+        Raises AuthError (401) without a valid key, and ScopeError (403) when
+        the key lacks the scope `path` needs (scope_for).
+        """
+        principal = self.authenticate(authorization, api_key, header_user)
+        if path is not None:
+            needed = scope_for(path)
+            if needed not in principal.scopes:
+                raise ScopeError(f"this API key may not call {path.decode('latin-1')}: it needs "
+                                 f"the {needed!r} scope (the key has: "
+                                 f"{', '.join(principal.scopes)})")
+        return principal.user, principal.key_id
+
+    def user_for_key(self, authorization: bytes, api_key: bytes, header_user: str,
+                     path: bytes | None = None) -> str:
+        """The user a request's key stands for (as user_and_key)."""
+        return self.user_and_key(authorization, api_key, header_user, path)[0]
