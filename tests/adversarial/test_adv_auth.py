@@ -113,10 +113,6 @@ def test_encoded_route_gets_the_policy_of_the_route_it_names(
             assert ok, f"{target}: {why}"
 
 
-MANAGEMENT = "issue 14 medium: any ordinary key can call model management"
-
-
-@pytest.mark.xfail(strict=True, reason=MANAGEMENT)
 @pytest.mark.parametrize(("method", "path", "body"), [
     ("POST", "/api/pull", {"model": "fake", "stream": False}),
     ("DELETE", "/api/delete", {"model": "fake"}),
