@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ollamamq_fast.config import check_setting
 from ollamamq_fast.limits import check_limit
+from ollamamq_fast.policy.identity import check_key_user
 from ollamamq_fast.state.cache import StateCache
 from ollamamq_fast.state.records import (
     DEFAULT_SCOPES,
@@ -296,8 +297,10 @@ class Operator:
                    scopes: tuple[str, ...] = DEFAULT_SCOPES) -> dict[str, Any]:
         """Create a key for `user`; the secret is in the answer and nowhere else.
 
-        ValueError for an unknown scope.
+        ValueError for an unknown scope or a user a key may not have
+        (policy.identity.check_key_user: empty, or with the service separator ':').
         """
+        user = check_key_user(user)
         scopes = parse_scopes(list(scopes))
         secret = "omq-" + secrets.token_urlsafe(32)
         record = KeyRecord(secrets.token_hex(6), key_digest(secret), user, name, time.time(),

@@ -3,7 +3,11 @@
 - `--auth off` (default): the user is `X-User-ID`, else the client address.
 - `--auth keys`: `Authorization: Bearer <key>` or `X-API-Key: <key>` is
   required; the key decides the user. A client's `X-User-ID` is ignored unless
-  the key is a trusted service key, which may name its own end users.
+  the key is a trusted service key, which may name its own end users: they
+  are the service's users, `SERVICE:NAME` (the key's user, a colon, the name),
+  so a service can never act as an ordinary user (spend its quota, take its
+  VIP rank, weight or limits, or dodge its block), nor as another service's
+  user. A key's own user may not contain the colon (`check_key_user`).
 - Key scopes: `inference` for every route that reads or generates, `models`
   for model management (`scope_for`); a key without the scope a path needs
   gets 403.
@@ -36,6 +40,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MODEL_MANAGEMENT_PATHS = frozenset({b"/api/delete", b"/api/pull", b"/api/push", b"/api/create",
                                     b"/api/copy"})
 BLOBS_PREFIX = b"/api/blobs/"
+# Separates a service key's user from the end user it names (`portal:alice`);
+# not allowed in the user of a key, so the two never meet.
+SERVICE_SEPARATOR = ":"
 
 
 class AuthError(Exception):
@@ -63,6 +70,17 @@ def scope_for(path: bytes) -> str:
     if path in MODEL_MANAGEMENT_PATHS or path.startswith(BLOBS_PREFIX):
         return SCOPE_MODELS
     return SCOPE_INFERENCE
+
+
+def check_key_user(user: str) -> str:
+    """The user of a new key, stripped: not empty, without SERVICE_SEPARATOR (ValueError)."""
+    name = user.strip()
+    if not name:
+        raise ValueError("a key needs a user")
+    if SERVICE_SEPARATOR in name:
+        raise ValueError(f"a key's user may not contain {SERVICE_SEPARATOR!r}: it names the "
+                         "end users of service keys (SERVICE:USER)")
+    return name
 
 
 def parse_networks(text: str) -> list[Network]:
@@ -98,7 +116,11 @@ class Identity:
         return any(addr in net for net in self.trusted_proxies)
 
     def authenticate(self, authorization: bytes, api_key: bytes, header_user: str) -> Principal:
-        """The user a request's key stands for, the key's id and scopes (raises AuthError)."""
+        """The user a request's key stands for, the key's id and scopes (raises AuthError).
+
+        A trusted service key naming an end user in `header_user` acts as
+        `KEYUSER:END_USER`, never as the end user's bare name.
+        """
         secret = b""
         if authorization:
             scheme, _, value = authorization.strip().partition(b" ")
@@ -113,7 +135,8 @@ class Identity:
         if record is None or record.revoked or not hmac.compare_digest(record.digest, digest):
             raise AuthError("invalid or revoked API key")
         if record.trusted and header_user:
-            return Principal(header_user, record.key_id, record.scopes)
+            return Principal(record.user + SERVICE_SEPARATOR + header_user, record.key_id,
+                             record.scopes)
         return Principal(record.user, record.key_id, record.scopes)
 
     def user_and_key(self, authorization: bytes, api_key: bytes, header_user: str,
