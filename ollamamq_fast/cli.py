@@ -26,6 +26,7 @@ from ollamamq_fast.config import (
     DEFAULT_MAX_BODIES_MB,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
+    DEFAULT_USER_IDLE_DAYS,
     ConfigError,
     Settings,
     apply_toml,
@@ -126,6 +127,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-timeout", type=_non_negative_float, default=None,
                    help="seconds a request may wait in the queue before 503; 0 = no limit "
                         "(default 600)")
+    p.add_argument("--user-idle-days", type=_non_negative_float, default=None,
+                   help="forget users (counters in memory, usage in the store) with no request "
+                        "for this many days and no settings, limits, key or block; 0 = never "
+                        f"(default {DEFAULT_USER_IDLE_DAYS:g})")
     p.add_argument("--vip", default=None, metavar="USER[,USER...]",
                    help="users with absolute priority (round robin among themselves)")
     p.add_argument("--boost", default=None, metavar="USER[,USER...]",
@@ -245,7 +250,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.max_bodies_mb is not None:
         settings.max_bodies_bytes = int(args.max_bodies_mb * 1024 * 1024)
     for name in ("slots", "balance", "admin_port", "health_interval", "health_fail_threshold",
-                 "health_ok_threshold", "max_queue", "max_queue_per_user", "queue_timeout"):
+                 "health_ok_threshold", "max_queue", "max_queue_per_user", "queue_timeout",
+                 "user_idle_days"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)

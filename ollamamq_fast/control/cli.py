@@ -24,6 +24,8 @@ COMMANDS = ("users", "keys", "backends")
 DEFAULT_ADMIN_URL = f"http://127.0.0.1:{DEFAULT_ADMIN_PORT}"
 # Every admin call answers from memory; a gateway that takes longer is stuck.
 TIMEOUT_S = 10.0
+# Rows asked for per call of a paged list (the API's own largest page).
+PAGE = 10_000
 
 
 class AdminError(Exception):
@@ -197,8 +199,18 @@ class _UsageError(Exception):
 Answer = tuple[Any, str]
 
 
+def _all_pages(c: AdminClient, path: str, field: str) -> dict[str, Any]:
+    """Every row of a paged list route, fetched a page at a time."""
+    rows: list[Any] = []
+    while True:
+        page = c.call("GET", path, query={"offset": str(len(rows)), "limit": str(PAGE)})
+        rows.extend(page[field])
+        if not page[field] or len(rows) >= page.get("total", len(rows)):
+            return {field: rows, "total": len(rows)}
+
+
 def _users_list(c: AdminClient, args: argparse.Namespace) -> Answer:
-    answer = c.call("GET", "/api/users")
+    answer = _all_pages(c, "/api/users", "users")
     rows = [[u["user"], _yes(u["vip"]), _yes(u["boost"]), str(u["weight"]), _yes(u["blocked"]),
              str(u.get("queued", 0)), str(u.get("in_flight", 0)), str(u.get("done", 0)),
              str(u.get("rejected", 0)), str(u.get("dropped", 0)), str(u.get("prompt_tokens", 0)),
@@ -241,7 +253,7 @@ def _keys_create(c: AdminClient, args: argparse.Namespace) -> Answer:
 
 
 def _keys_list(c: AdminClient, args: argparse.Namespace) -> Answer:
-    answer = c.call("GET", "/api/keys")
+    answer = _all_pages(c, "/api/keys", "keys")
     rows = [[k["key_id"], k["user"], k["name"], _yes(k["trusted"]),
              ",".join(k.get("scopes", [])), _yes(k["revoked"]),
              time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))]

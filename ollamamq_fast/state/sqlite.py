@@ -413,6 +413,20 @@ class SQLiteStore:
         )
         return [Usage(*row) for row in rows]
 
+    async def prune_usage(self, before_day: str, keep: set[str]) -> int:
+        """Delete all usage of users last seen before `before_day`, except `keep`."""
+        def prune(db: sqlite3.Connection) -> int:
+            idle = [u for (u,) in db.execute(
+                "SELECT user FROM usage GROUP BY user HAVING MAX(day) < ?", (before_day,))
+                if u not in keep]
+            for i in range(0, len(idle), 500):
+                batch = idle[i:i + 500]
+                db.execute(f"DELETE FROM usage WHERE user IN ({','.join('?' * len(batch))})",
+                           batch)
+            return len(idle)
+
+        return await self._run(lambda db: _in_transaction(db, prune))
+
     # Metadata, windows, notifications
 
     async def get_meta(self, key: str) -> str | None:
