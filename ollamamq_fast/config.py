@@ -141,9 +141,9 @@ class Settings:
     max_queue: int = 200_000
     max_queue_per_user: int = 1_000
     queue_timeout: float = 600.0
-    # Access log: a rotated file (None = none) and/or stderr; "json" or "logfmt".
+    # Access log: a rotated file, "-" for stderr (unrotated), None for none;
+    # "json" or "logfmt" (accesslog.py).
     log_file: str | None = None
-    log_stderr: bool = False
     log_format: str = "json"
     # The TOML file the settings came from, re-read on SIGHUP.
     config_path: str | None = None

@@ -115,7 +115,7 @@ class GatewayState:
         self.operator = Operator(self, self.cache)
         # Set by Gateway.start when a config file can be reloaded (admin API, SIGHUP).
         self.reload_hook: Callable[[], dict[str, Any]] | None = None
-        self.access = AccessLog(settings.log_file, settings.log_stderr, settings.log_format)
+        self.access = AccessLog(settings.log_file, settings.log_format)
         self.identity = Identity(settings.auth, settings.trusted_proxies,
                                  self.cache.key_by_digest)
         self.connections: set[ClientProtocol] = set()

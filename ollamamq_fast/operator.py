@@ -391,4 +391,6 @@ class Operator:
             "queue_wait_p99_s": stats.queue_wait.quantile(0.99),
             "backends": self.list_backends(),
             "users": len(stats.users),
+            # Access lines written, dropped (the writer thread was behind), waiting.
+            "access_log": state.access.counters(),
         }

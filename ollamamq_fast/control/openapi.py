@@ -372,6 +372,8 @@ def _schemas() -> dict[str, Any]:
             "backends": {"type": "array", "items": _ref("Backend")}, "users": _INT,
             "build": {"enum": ["mypyc", "python", "mixed"],
                       "description": "whether the request path runs compiled (mypyc) or as Python"},
+            "access_log": _obj({"written": _INT, "dropped": _INT, "pending": _INT},
+                               ["written", "dropped", "pending"]),
         }, ["uptime_s", "queued", "in_flight", "backends", "build"]),
     }
 
