@@ -22,4 +22,5 @@ ENV HOST=0.0.0.0 \
     OLLAMA_URLS=http://host.docker.internal:11434 \
     TIMEOUT=300
 EXPOSE 11435
-ENTRYPOINT ["ollamamq-fast", "serve", "--no-tui"]
+# Access lines on stderr for `docker logs` (rotate with the log driver's max-size).
+ENTRYPOINT ["ollamamq-fast", "serve", "--no-tui", "--log-file", "-"]

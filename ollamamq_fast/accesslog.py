@@ -1,11 +1,17 @@
 """Structured access log, written off the event loop.
 
-The data plane appends one tuple per finished request to a bounded deque (a
-C-level append, no formatting, no I/O, no logging call). A writer thread
-drains it a few times a second, formats JSON (or logfmt) lines and writes them
-to a size-rotated file and, when wanted, to stderr. If the writer falls behind
-by more than MAX_PENDING lines, new lines are counted as dropped instead of
-growing memory.
+Where the lines go (one place, `--log-file`): a size-rotated file (default
+`ollamamq.log` in the state folder, with or without the dashboard); `-` for
+stderr, unrotated, for a supervisor or collector that keeps it (the Docker
+image does so); `''` or `--no-access-log` for none.
+
+The data plane appends one tuple per finished request to a deque (a C-level
+append, no formatting, no I/O, no logging call, no lock). A writer thread
+drains it a few times a second, formats JSON (or logfmt) lines and writes
+them in batches. If the writer falls behind (a stalled disk, a stderr pipe
+nobody reads) by more than `max_pending` lines, new lines are counted as
+dropped instead of growing memory; `written`, `dropped` and `pending` are in
+/api/stats and /metrics.
 """
 
 from __future__ import annotations
@@ -24,9 +30,14 @@ import orjson
 # Lines waiting for the writer thread; beyond this they are dropped (and counted).
 MAX_PENDING = 100_000
 FLUSH_INTERVAL_S = 0.2
+# Lines formatted and written per write call: a backlog is written in pieces,
+# so the thread never holds a huge string.
+BATCH_LINES = 5_000
 # Rotation: 20 MB per file, 5 old files kept.
 ROTATE_BYTES = 20 * 1024 * 1024
 ROTATE_KEEP = 5
+# `--log-file -`: the lines go to stderr.
+STDERR = "-"
 
 FIELDS = ("ts", "user", "ip", "method", "path", "model", "status", "backend", "queue_ms",
           "duration_ms", "prompt_tokens", "completion_tokens", "request_id")
@@ -35,14 +46,17 @@ FIELDS = ("ts", "user", "ip", "method", "path", "model", "status", "backend", "q
 class AccessLog:
     """Collects access records on the loop; writes them from a thread."""
 
-    def __init__(self, path: str | None, stderr: bool, fmt: str = "json") -> None:
+    def __init__(self, path: str | None, fmt: str = "json", max_pending: int = MAX_PENDING,
+                 stream: TextIO | None = None) -> None:
         self.pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.max_pending = max_pending
         self.dropped = 0
         self.written = 0
         self.fmt = fmt
-        self.stream: TextIO | None = sys.stderr if stderr else None
+        # `stream` is for tests; `-` is stderr.
+        self.stream: TextIO | None = stream or (sys.stderr if path == STDERR else None)
         self.handler: logging.handlers.RotatingFileHandler | None = None
-        if path:
+        if path and path != STDERR and stream is None:
             self.handler = logging.handlers.RotatingFileHandler(
                 path, maxBytes=ROTATE_BYTES, backupCount=ROTATE_KEEP, encoding="utf-8"
             )
@@ -58,7 +72,7 @@ class AccessLog:
 
     def record(self, *fields: Any) -> None:
         """Queue one line (hot path: an append, or a counter bump when full)."""
-        if len(self.pending) < MAX_PENDING:
+        if len(self.pending) < self.max_pending:
             self.pending.append(fields)
         else:
             self.dropped += 1
@@ -69,14 +83,16 @@ class AccessLog:
         self.flush()
 
     def flush(self) -> None:
-        """Write everything queued so far (writer thread, or at stop)."""
+        """Write everything queued so far, BATCH_LINES at a time (writer thread, or at stop)."""
         pending = self.pending
-        if not pending:
-            return
-        lines = []
         while pending:
-            lines.append(self._format(pending.popleft()))
-        text = "".join(lines)
+            lines: list[str] = []
+            while pending and len(lines) < BATCH_LINES:
+                lines.append(self._format(pending.popleft()))
+            self._write("".join(lines))
+            self.written += len(lines)
+
+    def _write(self, text: str) -> None:
         handler = self.handler
         if handler is not None:
             if handler.shouldRollover(_SizeProbe(text)):
@@ -88,7 +104,10 @@ class AccessLog:
         if self.stream is not None:
             self.stream.write(text)
             self.stream.flush()
-        self.written += len(lines)
+
+    def counters(self) -> dict[str, int]:
+        """Lines written, dropped (the writer was behind), and waiting; for stats and metrics."""
+        return {"written": self.written, "dropped": self.dropped, "pending": len(self.pending)}
 
     def _format(self, fields: tuple[Any, ...]) -> str:
         record = dict(zip(FIELDS, fields))

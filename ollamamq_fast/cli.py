@@ -26,6 +26,7 @@ from ollamamq_fast.config import (
     DEFAULT_MAX_BODIES_MB,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
+    DEFAULT_USER_IDLE_DAYS,
     ConfigError,
     Settings,
     apply_toml,
@@ -37,6 +38,7 @@ from ollamamq_fast.config import (
     validate_settings,
 )
 
+from ollamamq_fast.accesslog import STDERR
 from ollamamq_fast.cli_policy import add_policy_arguments, apply_policy_args
 from ollamamq_fast.policy.identity import parse_networks
 
@@ -126,6 +128,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-timeout", type=_non_negative_float, default=None,
                    help="seconds a request may wait in the queue before 503; 0 = no limit "
                         "(default 600)")
+    p.add_argument("--user-idle-days", type=_non_negative_float, default=None,
+                   help="forget users (counters in memory, usage in the store) with no request "
+                        "for this many days and no settings, limits, key or block; 0 = never "
+                        f"(default {DEFAULT_USER_IDLE_DAYS:g})")
     p.add_argument("--vip", default=None, metavar="USER[,USER...]",
                    help="users with absolute priority (round robin among themselves)")
     p.add_argument("--boost", default=None, metavar="USER[,USER...]",
@@ -154,9 +160,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim-models", default=None, metavar="M[,M...]",
                    help="models of the --sim backend (default: the simulator's own list)")
     p.add_argument("--log-file", default=None, metavar="PATH",
-                   help="access and event log file, rotated at 20 MB, 5 kept; '' = none "
-                        f"(default {LOG_FILE} in the state folder; with --no-tui access lines "
-                        "also go to stderr)")
+                   help="access log file (and the dashboard's event log), rotated at 20 MB, "
+                        "5 kept; '-' = stderr, unrotated (for a supervisor or collector; not "
+                        f"with the dashboard); '' = none (default {LOG_FILE} in the state "
+                        "folder, with or without --no-tui)")
     p.add_argument("--no-access-log", action="store_true",
                    help="write no access lines (file or stderr), e.g. for benchmarks")
     p.add_argument("--log-format", choices=["json", "logfmt"], default="json",
@@ -230,7 +237,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     state_dir = args.state_dir or default_state_dir()
     log_file = args.log_file if args.log_file is not None else os.path.join(state_dir, LOG_FILE)
     settings.log_file = None if args.no_access_log else (log_file or None)
-    settings.log_stderr = args.no_tui and not args.no_access_log
     settings.log_format = args.log_format
     settings.config_path = args.config
     if args.allow_all_routes:
@@ -245,7 +251,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.max_bodies_mb is not None:
         settings.max_bodies_bytes = int(args.max_bodies_mb * 1024 * 1024)
     for name in ("slots", "balance", "admin_port", "health_interval", "health_fail_threshold",
-                 "health_ok_threshold", "max_queue", "max_queue_per_user", "queue_timeout"):
+                 "health_ok_threshold", "max_queue", "max_queue_per_user", "queue_timeout",
+                 "user_idle_days"):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
@@ -371,8 +378,12 @@ async def _serve(settings: Settings) -> int:
     # Before start(): the control plane must be guarded by a token the
     # dashboard holds, not one it generates and forgets.
     generated_token = ensure_admin_token(settings) if dashboard else None
+    if dashboard and settings.log_file == STDERR:
+        print("ollamamq-fast: error: --log-file -: stderr is the dashboard's terminal; "
+              "add --no-tui, or give a file", file=sys.stderr)
+        return 2
     for path in (settings.state_path, settings.log_file):
-        if path:
+        if path and path != STDERR:
             folder = os.path.dirname(os.path.abspath(path))
             try:
                 os.makedirs(folder, exist_ok=True)
@@ -406,7 +417,9 @@ async def _serve(settings: Settings) -> int:
         print(f"  admin API on {gateway.admin.url}", file=sys.stderr)
     if settings.state_path and not settings.redis_url:
         print(f"  state in {settings.state_path}", file=sys.stderr)
-    if settings.log_file:
+    if settings.log_file == STDERR:
+        print("  access log on stderr", file=sys.stderr)
+    elif settings.log_file:
         print(f"  access log in {settings.log_file}", file=sys.stderr)
     for b in summary["backends"]:
         state = "online" if b["online"] else "offline"

@@ -23,6 +23,8 @@ DEFAULT_MAX_BODY_MB = 100.0
 # Request bodies held in memory at once, all clients together: a few large
 # uploads must not take the process's memory (beyond it: 503, Retry-After).
 DEFAULT_MAX_BODIES_MB = 512.0
+# Idle users are forgotten after this many days without a request (idle.py).
+DEFAULT_USER_IDLE_DAYS = 30.0
 
 
 class ConfigError(ValueError):
@@ -139,9 +141,9 @@ class Settings:
     max_queue: int = 200_000
     max_queue_per_user: int = 1_000
     queue_timeout: float = 600.0
-    # Access log: a rotated file (None = none) and/or stderr; "json" or "logfmt".
+    # Access log: a rotated file, "-" for stderr (unrotated), None for none;
+    # "json" or "logfmt" (accesslog.py).
     log_file: str | None = None
-    log_stderr: bool = False
     log_format: str = "json"
     # The TOML file the settings came from, re-read on SIGHUP.
     config_path: str | None = None
@@ -173,6 +175,10 @@ class Settings:
     key_budgets: dict[str, dict[str, int]] = field(default_factory=dict)
     # Hourly usage rows (GET /api/usage) are kept this many days; 0 = for ever.
     usage_retention_days: int = 90
+    # Users with no request for this many days and nothing the operator set
+    # (settings, limits, key, block) are dropped from memory and the store
+    # (idle.py); 0 = never.
+    user_idle_days: float = DEFAULT_USER_IDLE_DAYS
 
 
 # -- Validation ---------------------------------------------------------------
@@ -225,6 +231,7 @@ RULES: dict[str, Rule] = {
     "max_bodies_bytes": Rule(True, 1),
     "cache_ttl": Rule(False, 0, exclusive=True),
     "cache_mb": Rule(False, 0),
+    "user_idle_days": Rule(False, 0, note="0 = never prune"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {}  # filled below, once the choice tuples exist
 
@@ -293,6 +300,7 @@ _TOML_SCALARS: dict[str, tuple[str, type]] = {
     "max_queue_per_user": ("max_queue_per_user", int),
     "queue_timeout": ("queue_timeout", float),
     "usage_retention_days": ("usage_retention_days", int),
+    "user_idle_days": ("user_idle_days", float),
 }
 BALANCE_CHOICES = ("least-conn", "round-robin", "random", "affinity")
 CACHE_CHOICES = ("deterministic", "all", "off")

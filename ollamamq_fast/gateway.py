@@ -31,6 +31,7 @@ from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.local import LocalRoutes
 from ollamamq_fast.proxy.pool import UpstreamPool
 from ollamamq_fast.accesslog import AccessLog
+from ollamamq_fast.idle import IdlePruner
 from ollamamq_fast.control.server import AdminServer
 from ollamamq_fast.limits import any_budget
 from ollamamq_fast.operator import Operator
@@ -114,7 +115,7 @@ class GatewayState:
         self.operator = Operator(self, self.cache)
         # Set by Gateway.start when a config file can be reloaded (admin API, SIGHUP).
         self.reload_hook: Callable[[], dict[str, Any]] | None = None
-        self.access = AccessLog(settings.log_file, settings.log_stderr, settings.log_format)
+        self.access = AccessLog(settings.log_file, settings.log_format)
         self.identity = Identity(settings.auth, settings.trusted_proxies,
                                  self.cache.key_by_digest)
         self.connections: set[ClientProtocol] = set()
@@ -130,6 +131,8 @@ class GatewayState:
             self.policy.limits_for, settings.key_budgets, settings.usage_retention_days,
             lambda: any_budget([settings.limits, *settings.user_limits.values(),
                                 *(u.limits for u in self.cache.users.values())]))
+        # Forgets users idle for --user-idle-days (memory and store).
+        self.idle = IdlePruner(self)
         self.started_at = time.monotonic()
         # Wall clock updated by the reaper tick: "last seen" stamps need no
         # clock call per request.
@@ -239,6 +242,7 @@ class Gateway:
         state.operator.restore()
         await state.policy.start()
         await state.usage_keeper.start()
+        state.idle.start()
         await state.health.start()
         self.server = await loop.create_server(
             lambda: ClientProtocol(state),
@@ -338,7 +342,8 @@ class Gateway:
         apply_toml(fresh, data, path)
         live = self.settings
         for name in ("timeout", "max_queue", "max_queue_per_user", "queue_timeout", "slots",
-                     "allow_all_routes", "health_fail_threshold", "health_ok_threshold"):
+                     "allow_all_routes", "health_fail_threshold", "health_ok_threshold",
+                     "user_idle_days"):
             if name in data:
                 setattr(live, name, getattr(fresh, name))
         if "max_body_mb" in data:
@@ -353,6 +358,7 @@ class Gateway:
         if "stream_usage" in data:
             live.stream_usage = fresh.stream_usage
         state.policy.reload()
+        state.idle.start()  # user_idle_days may have turned pruning on
         state.bodies.limit = state.settings.max_bodies_bytes
         fleet = state.fleet
         if "balance" in data:
@@ -414,6 +420,7 @@ class Gateway:
                     b.pool.close_all()
             await state.health.close()
             state.access.stop()
+            await state.idle.stop()
             await state.policy.stop()
             await state.usage_keeper.stop()
             await state.cache.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -16,19 +17,26 @@ from typing import TYPE_CHECKING, Any
 
 from ollamamq_fast.config import check_setting
 from ollamamq_fast.limits import check_limit
+from ollamamq_fast.policy.identity import check_key_user
 from ollamamq_fast.state.cache import StateCache
 from ollamamq_fast.state.records import (
+    DEFAULT_SCOPES,
     BackendRecord,
     KeyRecord,
     UsageHour,
     UserSettings,
     key_digest,
+    parse_scopes,
 )
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.gateway import GatewayState
 
+# Admin lists are answered a page at a time: this many rows unless asked
+# otherwise, never more than MAX_PAGE (an answer must not hold the loop long).
+DEFAULT_PAGE = 1000
+MAX_PAGE = 10_000
 # Subscribers that fall this far behind lose events rather than grow memory.
 EVENT_QUEUE_LIMIT = 1000
 
@@ -169,20 +177,38 @@ class Operator:
     # -- Users ----------------------------------------------------------------
 
     def list_users(self) -> list[dict[str, Any]]:
-        """Users seen or configured, with traffic counters and fair-share settings."""
+        """Every user seen or configured (in-process callers; the admin API pages)."""
+        return self.users_page(None)[0]
+
+    def users_page(self, limit: int | None = DEFAULT_PAGE, offset: int = 0,
+                   sort: str = "name") -> tuple[list[dict[str, Any]], int]:
+        """One page of users with traffic counters and fair-share settings, and the total.
+
+        `sort`: "name", or "active" (queued + running first, then most recently
+        seen), the order dashboards show. Only the page's rows are built, so
+        an answer costs the page, not the user count.
+        """
         queue = self.state.dispatcher.queue
         stats = self.state.stats.users
         blocked = self.cache.blocked_users
-        names = set(stats) | set(blocked) | set(self.cache.users)
+        names = list(set(stats) | set(blocked) | set(self.cache.users))
+        if sort == "active":
+            def activity(name: str) -> tuple[int, float]:
+                s = stats.get(name)
+                return (0, 0.0) if s is None else (s.queued + s.in_flight, s.last_seen)
+            names.sort(key=activity, reverse=True)
+        else:
+            names.sort()
+        page = names[offset:] if limit is None else names[offset:offset + limit]
         out = []
-        for name in sorted(names):
+        for name in page:
             row: dict[str, Any] = stats[name].snapshot() if name in stats else {"user": name}
             row["vip"] = queue.is_vip(name)
             row["boost"] = queue.is_boost(name)
             row["weight"] = queue.weight(name)
             row["blocked"] = name in blocked
             out.append(row)
-        return out
+        return out, len(names)
 
     def set_user(self, user: str, vip: bool | None = None, boost: bool | None = None,
                  weight: int | None = None) -> dict[str, Any]:
@@ -283,24 +309,51 @@ class Operator:
             return False  # the usual case: nothing is blocked
         return cache.is_blocked_user(user) or cache.is_blocked_ip(ip)
 
-    def list_blocked(self) -> dict[str, list[str]]:
-        """Blocked users and IPs."""
-        return {"users": sorted(self.cache.blocked_users), "ips": sorted(self.cache.blocked_ips)}
+    def list_blocked(self, limit: int | None = None, offset: int = 0) -> dict[str, Any]:
+        """Blocked users and IPs (each list paged alike), with their totals."""
+        users, ips = sorted(self.cache.blocked_users), sorted(self.cache.blocked_ips)
+        end = None if limit is None else offset + limit
+        return {"users": users[offset:end], "ips": ips[offset:end],
+                "total_users": len(users), "total_ips": len(ips)}
 
     # -- API keys ---------------------------------------------------------------
 
-    def create_key(self, user: str, name: str = "", trusted: bool = False) -> dict[str, Any]:
-        """Create a key for `user`; the secret is in the answer and nowhere else."""
+    def create_key(self, user: str, name: str = "", trusted: bool = False,
+                   scopes: tuple[str, ...] = DEFAULT_SCOPES) -> dict[str, Any]:
+        """Create a key for `user`; the secret is in the answer and nowhere else.
+
+        ValueError for an unknown scope or a user a key may not have
+        (policy.identity.check_key_user: empty, or with the service separator ':').
+        """
+        user = check_key_user(user)
+        scopes = parse_scopes(list(scopes))
         secret = "omq-" + secrets.token_urlsafe(32)
         record = KeyRecord(secrets.token_hex(6), key_digest(secret), user, name, time.time(),
-                           False, trusted)
+                           False, trusted, scopes)
         self.cache.put_key(record)
         self.events.publish("key_created", key_id=record.key_id, user=user)
         return {**self._public(record), "secret": secret}
 
     def list_keys(self) -> list[dict[str, Any]]:
-        """Keys without their digests."""
-        return [self._public(r) for r in self.cache.keys.values()]
+        """Keys without their digests (in-process callers; the admin API pages)."""
+        return self.keys_page(None)[0]
+
+    def keys_page(self, limit: int | None = DEFAULT_PAGE,
+                  offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """One page of keys, oldest first, without their digests; and the total."""
+        records = sorted(self.cache.keys.values(), key=lambda r: (r.created_at, r.key_id))
+        end = None if limit is None else offset + limit
+        return [self._public(r) for r in records[offset:end]], len(records)
+
+    def set_key_scopes(self, key_id: str, scopes: tuple[str, ...]) -> dict[str, Any]:
+        """Change what a key may do (KeyError: no such key; ValueError: unknown scope)."""
+        old = self.cache.keys.get(key_id)
+        if old is None:
+            raise KeyError(f"no key {key_id}")
+        record = dataclasses.replace(old, scopes=parse_scopes(list(scopes)))
+        self.cache.put_key(record)
+        self.events.publish("key_changed", key_id=key_id, scopes=list(record.scopes))
+        return self._public(record)
 
     def revoke_key(self, key_id: str) -> None:
         """Revoke a key: requests with it get 401 from now on."""
@@ -312,7 +365,7 @@ class Operator:
     def _public(record: KeyRecord) -> dict[str, Any]:
         return {"key_id": record.key_id, "user": record.user, "name": record.name,
                 "created_at": record.created_at, "revoked": record.revoked,
-                "trusted": record.trusted}
+                "trusted": record.trusted, "scopes": list(record.scopes)}
 
     # -- Snapshots -------------------------------------------------------------
 
@@ -338,4 +391,6 @@ class Operator:
             "queue_wait_p99_s": stats.queue_wait.quantile(0.99),
             "backends": self.list_backends(),
             "users": len(stats.users),
+            # Access lines written, dropped (the writer thread was behind), waiting.
+            "access_log": state.access.counters(),
         }

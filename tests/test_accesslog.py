@@ -8,11 +8,20 @@ idea of a line break.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+from harness import free_port, start_stack
 
 from ollamamq_fast.accesslog import FIELDS, AccessLog
 
@@ -38,7 +47,7 @@ def parse_logfmt(line: str) -> list[tuple[str, str]]:
 
 def _write(tmp_path: Path, fmt: str) -> list[str]:
     path = tmp_path / "access.log"
-    log = AccessLog(str(path), False, fmt)
+    log = AccessLog(str(path), fmt)
     for i, text in enumerate(HOSTILE):
         log.record(1_700_000_000.5 + i, text, "10.0.0.1", b"POST", ("/api/" + text).encode(
             "latin-1", "replace"), text, 200, "http://b:1", 1, 2, 3, 4, text.encode(
@@ -64,3 +73,91 @@ def test_logfmt_values_never_forge_or_split(tmp_path: Path) -> None:
 def test_json_lines_are_one_object_each(tmp_path: Path, fmt: str) -> None:
     for text, line in zip(HOSTILE, _write(tmp_path, fmt), strict=True):
         assert json.loads(line)["user"] == text
+
+
+class _StalledStream(io.StringIO):
+    """A log destination that blocks every write until released (a stalled disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.release.wait(10)
+        return super().write(text)
+
+
+def test_a_stalled_disk_never_blocks_the_loop_and_drops_with_a_count() -> None:
+    stream = _StalledStream()
+    log = AccessLog(None, "json", max_pending=1000, stream=stream)
+    log.start()
+    fields = (1.0, "u", "ip", b"GET", b"/", "m", 200, "b", 0, 0, 0, 0, b"r")
+    t0 = time.perf_counter()
+    for _ in range(20_000):
+        log.record(*fields)
+    took = time.perf_counter() - t0
+    assert took < 1.0, took  # appends only, however stuck the writer is
+    assert log.dropped >= 20_000 - 1000 - 5_000 and len(log.pending) <= 1000
+    counters = log.counters()
+    assert counters["dropped"] == log.dropped and counters["pending"] <= 1000
+    stream.release.set()
+    log.stop()
+    assert log.written + log.dropped == 20_000
+    assert stream.getvalue().count("\n") == log.written
+
+
+def _serve_one_request(tmp_path: Path, *args: str) -> tuple[str, str]:
+    """Run `serve --no-tui` with `args`, send one request, stop; (stderr, log file text)."""
+    port = free_port()
+    log = tmp_path / "access.log"
+    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--sim", "--no-tui",
+                             "--state", "", "--no-admin", "-p", str(port),
+                             "--log-format", "logfmt", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/api/generate",
+                               json={"model": "llama3.2", "prompt": "q", "stream": False},
+                               headers={"X-User-ID": "probe-user"}, timeout=5)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "gateway did not start"
+                time.sleep(0.05)
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return err, log.read_text() if log.exists() else ""
+
+
+def test_no_tui_access_lines_go_to_the_rotated_file_only(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    err, text = _serve_one_request(tmp_path, "--log-file", str(log))
+    assert "user=probe-user" in text
+    assert "probe-user" not in err, err
+
+
+def test_log_file_dash_is_stderr(tmp_path: Path) -> None:
+    err, text = _serve_one_request(tmp_path, "--log-file", "-")
+    assert "user=probe-user" in err and text == ""
+
+
+def test_counters_are_in_stats_and_metrics(tmp_path: Path) -> None:
+    st = start_stack(admin_port=0, admin_token="t0k", log_file=str(tmp_path / "a.log"))
+    try:
+        st.state.access.dropped = 7
+        admin = f"http://127.0.0.1:{st.gateway.admin_port}"
+        auth = {"Authorization": "Bearer t0k"}
+        stats = httpx.get(admin + "/api/stats", headers=auth, timeout=5).json()
+        assert stats["access_log"]["dropped"] == 7
+        metrics = httpx.get(admin + "/metrics", headers=auth, timeout=5).text
+        assert 'ollamamq_access_log_lines_total{state="dropped"} 7.0' in metrics
+        assert "ollamamq_access_log_pending" in metrics
+    finally:
+        st.close()

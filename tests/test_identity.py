@@ -33,10 +33,11 @@ def test_keys_required_and_decide_the_user() -> None:
                        headers={"Authorization": f"Bearer {alice}", "X-User-ID": "mallory"})
         assert r.status_code == 200
         assert "alice" in st.state.stats.users and "mallory" not in st.state.stats.users
-        # ...unless the key is a trusted service key naming its end user.
+        # ...unless the key is a trusted service key naming its end user (as SERVICE:NAME).
         r = httpx.post(st.url + "/api/generate", json=BODY,
                        headers={"X-API-Key": service, "X-User-ID": "end-user-7"})
-        assert r.status_code == 200 and "end-user-7" in st.state.stats.users
+        assert r.status_code == 200 and "svc:end-user-7" in st.state.stats.users
+        assert "end-user-7" not in st.state.stats.users  # never a bare (ordinary) user
         # Official clients pass keys the usual way.
         oc = ollama.Client(host=st.url, headers={"Authorization": f"Bearer {alice}"})
         assert oc.generate(model="llama3.2", prompt="hi").done

@@ -36,7 +36,8 @@ from ollamamq_fast.control.metrics import CONTENT_TYPE, Metrics
 from ollamamq_fast.control.openapi import build_openapi
 from ollamamq_fast.control.usage import UsageQueryError, usage_response
 from ollamamq_fast.control.web import WebRoutes
-from ollamamq_fast.operator import NotStored
+from ollamamq_fast.operator import DEFAULT_PAGE, MAX_PAGE, NotStored
+from ollamamq_fast.state.records import DEFAULT_SCOPES, parse_scopes
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
@@ -83,6 +84,7 @@ class AdminApp:
             Route("GET", "/api/keys", self.list_keys),
             Route("POST", "/api/keys", self.create_key),
             Route("DELETE", "/api/keys/{key_id}", self.revoke_key),
+            Route("PATCH", "/api/keys/{key_id}", self.set_key_scopes),
             Route("GET", "/api/stats", self.stats),
             Route("GET", "/api/usage", self.usage),
             Route("POST", "/api/reload", self.reload),
@@ -204,8 +206,13 @@ class AdminApp:
     # -- Users ----------------------------------------------------------------
 
     async def list_users(self, req: Request) -> Response:
-        """GET /api/users: users with counters and fair-share settings."""
-        return json_response({"users": self.operator.list_users()})
+        """GET /api/users?limit=&offset=&sort=name|active: a page of users, and the total."""
+        limit, offset = _page(req)
+        sort = req.query.get("sort", ["name"])[-1]
+        if sort not in ("name", "active"):
+            raise ApiError(400, "sort must be name or active")
+        rows, total = self.operator.users_page(limit, offset, sort)
+        return json_response({"users": rows, "total": total, "limit": limit, "offset": offset})
 
     async def set_user(self, req: Request) -> Response:
         """PATCH /api/users/{user} {vip?, boost?, weight?}: fair-share settings."""
@@ -234,8 +241,9 @@ class AdminApp:
     # -- Blocklist ------------------------------------------------------------
 
     async def list_blocked(self, req: Request) -> Response:
-        """GET /api/blocked: blocked users and addresses."""
-        return json_response(self.operator.list_blocked())
+        """GET /api/blocked?limit=&offset=: blocked users and addresses (each list paged)."""
+        limit, offset = _page(req)
+        return json_response(self.operator.list_blocked(limit, offset))
 
     async def block_ip(self, req: Request) -> Response:
         """POST /api/blocked/ips {ip}: block an address or CIDR range."""
@@ -244,14 +252,14 @@ class AdminApp:
         ip = ip_or_cidr(str_field(data, "ip") or "")
         self._block_ip(ip, True)
         await self.operator.stored()
-        return json_response(self.operator.list_blocked())
+        return json_response(self.operator.list_blocked(DEFAULT_PAGE))
 
     async def unblock_ip(self, req: Request) -> Response:
         """DELETE /api/blocked/ips?ip=: unblock an address or range (idempotent)."""
         ip = ip_or_cidr(req.query_one("ip"))
         self._block_ip(ip, False)
         await self.operator.stored()
-        return json_response(self.operator.list_blocked())
+        return json_response(self.operator.list_blocked(DEFAULT_PAGE))
 
     def _block_ip(self, ip: str, on: bool) -> None:
         try:
@@ -262,21 +270,41 @@ class AdminApp:
     # -- API keys -------------------------------------------------------------
 
     async def list_keys(self, req: Request) -> Response:
-        """GET /api/keys: key records, never the secrets or their digests."""
-        return json_response({"keys": self.operator.list_keys()})
+        """GET /api/keys?limit=&offset=: a page of key records (never secrets), and the total."""
+        limit, offset = _page(req)
+        rows, total = self.operator.keys_page(limit, offset)
+        return json_response({"keys": rows, "total": total, "limit": limit, "offset": offset})
 
     async def create_key(self, req: Request) -> Response:
         """POST /api/keys {user, name?, trusted?}: a new key; the secret is shown once."""
         data = req.json()
-        check_fields(data, {"user", "name", "trusted"}, {"user"})
+        check_fields(data, {"user", "name", "trusted", "scopes"}, {"user"})
         user = str_field(data, "user") or ""
         name = data.get("name", "")
         if not isinstance(name, str):
             raise ApiError(400, "'name' must be a string")
         trusted = bool_field(data, "trusted") or False
-        answer = self.operator.create_key(user, name, trusted)
+        try:
+            answer = self.operator.create_key(user, name, trusted,
+                                              _scopes(data.get("scopes", DEFAULT_SCOPES)))
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
         await self.operator.stored()
         return json_response(answer, 201)
+
+    async def set_key_scopes(self, req: Request) -> Response:
+        """PATCH /api/keys/{key_id} {scopes}: change what a key may do."""
+        data = req.json()
+        check_fields(data, {"scopes"}, {"scopes"})
+        key_id = req.params["key_id"]
+        try:
+            answer = self.operator.set_key_scopes(key_id, _scopes(data["scopes"]))
+        except KeyError:
+            raise ApiError(404, f"no key {key_id}") from None
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        await self.operator.stored()
+        return json_response(answer)
 
     async def revoke_key(self, req: Request) -> Response:
         """DELETE /api/keys/{key_id}: requests with the key get 401 from now on."""
@@ -329,6 +357,33 @@ class AdminApp:
 def _unauthorized() -> ApiError:
     return ApiError(401, "missing or wrong admin token (Authorization: Bearer <token>)",
                     [("www-authenticate", 'Bearer realm="ollamamq-fast admin"')])
+
+
+def _page(req: Request) -> tuple[int, int]:
+    """`limit` (1..MAX_PAGE, default DEFAULT_PAGE) and `offset` (>= 0) of a list route."""
+    out = []
+    for name, default, low, high in (("limit", DEFAULT_PAGE, 1, MAX_PAGE),
+                                     ("offset", 0, 0, None)):
+        values = req.query.get(name)
+        if not values:
+            out.append(default)
+            continue
+        text = values[-1]
+        if not text.isdigit() or int(text) < low or (high is not None and int(text) > high):
+            upper = f" to {high}" if high is not None else " or more"
+            raise ApiError(400, f"{name} must be an integer from {low}{upper}")
+        out.append(int(text))
+    return out[0], out[1]
+
+
+def _scopes(value: object) -> tuple[str, ...]:
+    """A `scopes` field: a list of scope names (400 otherwise)."""
+    if not isinstance(value, list | tuple):
+        raise ApiError(400, "'scopes' must be a list, e.g. [\"inference\", \"models\"]")
+    try:
+        return parse_scopes(value)
+    except ValueError as exc:
+        raise ApiError(400, f"'scopes': {exc}") from None
 
 
 def _backend_url(text: str) -> str:

@@ -24,6 +24,8 @@ COMMANDS = ("users", "keys", "backends")
 DEFAULT_ADMIN_URL = f"http://127.0.0.1:{DEFAULT_ADMIN_PORT}"
 # Every admin call answers from memory; a gateway that takes longer is stuck.
 TIMEOUT_S = 10.0
+# Rows asked for per call of a paged list (the API's own largest page).
+PAGE = 10_000
 
 
 class AdminError(Exception):
@@ -132,13 +134,21 @@ def add_arguments(sub: Any) -> None:
     keys = sub.add_parser("keys", parents=[common], help="create, list, revoke API keys "
                           "(admin API)")
     actions = keys.add_subparsers(dest="action", parser_class=type(keys),
-                                  metavar="{create,list,revoke}")
+                                  metavar="{create,list,scopes,revoke}")
     create = actions.add_parser("create", parents=[common], help="a new key (secret shown once)")
     create.add_argument("--user", required=True, help="the user the key identifies")
     create.add_argument("--name", default="", help="a label, e.g. the device")
     create.add_argument("--trusted", action="store_true",
-                        help="a service key that may name the user in X-User-ID")
+                        help="a service key that may name its end users in X-User-ID "
+                             "(they act as USER:NAME)")
+    create.add_argument("--scopes", default="inference", metavar="SCOPE[,SCOPE]",
+                        help="what the key may do: inference (chat, generate, embed, /v1...), "
+                             "models (pull, push, create, copy, delete, blobs) "
+                             "(default inference)")
     actions.add_parser("list", parents=[common], help="keys (never their secrets)")
+    scopes = actions.add_parser("scopes", parents=[common], help="change what a key may do")
+    scopes.add_argument("key_id")
+    scopes.add_argument("scopes", metavar="SCOPE[,SCOPE]", help="inference and/or models")
     actions.add_parser("revoke", parents=[common], help="revoke a key").add_argument("key_id")
 
     backends = sub.add_parser("backends", parents=[common], help="list, add, remove, drain "
@@ -189,8 +199,18 @@ class _UsageError(Exception):
 Answer = tuple[Any, str]
 
 
+def _all_pages(c: AdminClient, path: str, field: str) -> dict[str, Any]:
+    """Every row of a paged list route, fetched a page at a time."""
+    rows: list[Any] = []
+    while True:
+        page = c.call("GET", path, query={"offset": str(len(rows)), "limit": str(PAGE)})
+        rows.extend(page[field])
+        if not page[field] or len(rows) >= page.get("total", len(rows)):
+            return {field: rows, "total": len(rows)}
+
+
 def _users_list(c: AdminClient, args: argparse.Namespace) -> Answer:
-    answer = c.call("GET", "/api/users")
+    answer = _all_pages(c, "/api/users", "users")
     rows = [[u["user"], _yes(u["vip"]), _yes(u["boost"]), str(u["weight"]), _yes(u["blocked"]),
              str(u.get("queued", 0)), str(u.get("in_flight", 0)), str(u.get("done", 0)),
              str(u.get("rejected", 0)), str(u.get("dropped", 0)), str(u.get("prompt_tokens", 0)),
@@ -225,19 +245,30 @@ def _users_block(c: AdminClient, args: argparse.Namespace) -> Answer:
 
 def _keys_create(c: AdminClient, args: argparse.Namespace) -> Answer:
     k = c.call("POST", "/api/keys", {"user": args.user, "name": args.name,
-                                     "trusted": args.trusted})
-    text = table(["KEY ID", "USER", "NAME", "TRUSTED", "SECRET"],
-                 [[k["key_id"], k["user"], k["name"], _yes(k["trusted"]), k["secret"]]])
+                                     "trusted": args.trusted, "scopes": _split(args.scopes)})
+    text = table(["KEY ID", "USER", "NAME", "TRUSTED", "SCOPES", "SECRET"],
+                 [[k["key_id"], k["user"], k["name"], _yes(k["trusted"]),
+                   ",".join(k.get("scopes", [])), k["secret"]]])
     return k, text + "\nThe secret is shown only now: store it; the gateway keeps a digest."
 
 
 def _keys_list(c: AdminClient, args: argparse.Namespace) -> Answer:
-    answer = c.call("GET", "/api/keys")
-    rows = [[k["key_id"], k["user"], k["name"], _yes(k["trusted"]), _yes(k["revoked"]),
+    answer = _all_pages(c, "/api/keys", "keys")
+    rows = [[k["key_id"], k["user"], k["name"], _yes(k["trusted"]),
+             ",".join(k.get("scopes", [])), _yes(k["revoked"]),
              time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))]
             for k in sorted(answer["keys"], key=lambda k: k["created_at"])]
-    return answer, table(["KEY ID", "USER", "NAME", "TRUSTED", "REVOKED", "CREATED"], rows,
-                         "no keys")
+    return answer, table(["KEY ID", "USER", "NAME", "TRUSTED", "SCOPES", "REVOKED", "CREATED"],
+                         rows, "no keys")
+
+
+def _keys_scopes(c: AdminClient, args: argparse.Namespace) -> Answer:
+    k = c.call("PATCH", f"/api/keys/{_seg(args.key_id)}", {"scopes": _split(args.scopes)})
+    return k, f"{k['key_id']}: scopes {','.join(k['scopes'])}"
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _keys_revoke(c: AdminClient, args: argparse.Namespace) -> Answer:
@@ -297,6 +328,7 @@ _HANDLERS = {
     ("keys", "create"): _keys_create,
     ("keys", "list"): _keys_list,
     ("keys", "revoke"): _keys_revoke,
+    ("keys", "scopes"): _keys_scopes,
     ("backends", "list"): _backends_list,
     ("backends", "add"): _backends_add,
     ("backends", "remove"): _backends_remove,

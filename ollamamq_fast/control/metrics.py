@@ -134,6 +134,17 @@ class GatewayCollector(Collector):
             yield CounterMetricFamily(name, doc, value=value)
         yield GaugeMetricFamily("ollamamq_users_tracked", "Users with live counters.",
                                 value=len(stats.users))
+        access = snapshot["access_log"]
+        lines = CounterMetricFamily(
+            "ollamamq_access_log_lines",
+            "Access-log lines written, and dropped because the writer was behind "
+            "(a stalled disk or an unread stderr).", labels=["state"])
+        lines.add_metric(["written"], access["written"])
+        lines.add_metric(["dropped"], access["dropped"])
+        yield lines
+        yield GaugeMetricFamily("ollamamq_access_log_pending",
+                                "Access-log lines waiting for the writer thread.",
+                                value=access["pending"])
 
     def _backends(self, backends: list[dict[str, Any]]) -> Iterator[Metric]:
         up = GaugeMetricFamily("ollamamq_backend_up", "1 if the backend passes health probes.",

@@ -11,6 +11,7 @@ from typing import Any
 
 from ollamamq_fast import __version__
 from ollamamq_fast.fleet.backend import ApiKind
+from ollamamq_fast.state.records import SCOPES
 
 JSON = "application/json"
 
@@ -70,6 +71,24 @@ def _param(name: str, where: str, description: str) -> dict[str, Any]:
             "schema": {"type": "string"}}
 
 
+def _page_params(sort: bool = False) -> list[dict[str, Any]]:
+    """`limit` and `offset` of a paged list (and `sort` for users)."""
+    out: list[dict[str, Any]] = [
+        {"name": "limit", "in": "query", "required": False,
+         "description": "rows per page (default 1000, at most 10000)",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}},
+        {"name": "offset", "in": "query", "required": False, "description": "rows to skip",
+         "schema": {"type": "integer", "minimum": 0, "default": 0}},
+    ]
+    if sort:
+        out.append({"name": "sort", "in": "query", "required": False,
+                    "description": "name, or active: queued and running first, then most "
+                                   "recently seen",
+                    "schema": {"type": "string", "enum": ["name", "active"],
+                               "default": "name"}})
+    return out
+
+
 _URL_QUERY = _param("url", "query", "Backend URL (http:// is added when missing)")
 _USER_PATH = _param("user", "path",
                     "User id, percent-encoded (an id containing '/' cannot be addressed)")
@@ -109,8 +128,9 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
                         codes=("400", "401", "404", "413")),
         },
         "/api/users": {
-            "get": _op("List users with counters and fair-share settings", "listUsers",
-                       _ok("UserList", "Users seen or configured")),
+            "get": _op("List users with counters and fair-share settings (paged)", "listUsers",
+                       _ok("UserList", "A page of the users seen or configured"),
+                       params=_page_params(sort=True), codes=("400", "401")),
         },
         "/api/users/{user}": {
             "patch": _op("Set a user's VIP, Boost and/or weight", "setUser",
@@ -126,8 +146,9 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
                         _ok("UserBlocked", "The user is not blocked"), params=[_USER_PATH]),
         },
         "/api/blocked": {
-            "get": _op("Blocked users and addresses", "listBlocked",
-                       _ok("Blocked", "The blocklist")),
+            "get": _op("Blocked users and addresses (each list paged)", "listBlocked",
+                       _ok("Blocked", "The blocklist"), params=_page_params(),
+                       codes=("400", "401")),
         },
         "/api/blocked/ips": {
             "post": _op("Block an IP address or CIDR range", "blockIp",
@@ -138,8 +159,9 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
                           params=[_param("ip", "query", "Address or CIDR range")], codes=bad),
         },
         "/api/keys": {
-            "get": _op("List API keys (never the secrets)", "listKeys",
-                       _ok("KeyList", "Key records")),
+            "get": _op("List API keys (never the secrets; paged, oldest first)", "listKeys",
+                       _ok("KeyList", "Key records"), params=_page_params(),
+                       codes=("400", "401")),
             "post": _op("Create an API key; the secret is in this answer only", "createKey",
                         _ok("KeyCreated", "The key with its secret", "201"), body="KeyCreate",
                         codes=("400", "401", "413")),
@@ -148,6 +170,10 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
             "delete": _op("Revoke an API key", "revokeKey", _ok("KeyRevoked", "Revoked"),
                           params=[_param("key_id", "path", "Key id from the key list")],
                           codes=("401", "404")),
+            "patch": _op("Change an API key's scopes", "setKeyScopes", _ok("Key", "The key"),
+                         body="KeyPatch",
+                         params=[_param("key_id", "path", "Key id from the key list")],
+                         codes=("400", "401", "404", "413")),
         },
         "/api/stats": {
             "get": _op("Gateway-wide numbers", "stats", _ok("Stats", "Counters and quantiles"),
@@ -297,9 +323,14 @@ def _schemas() -> dict[str, Any]:
         "prompt_tokens": _INT, "completion_tokens": _INT, "estimated_tokens": _INT,
         "last_ip": _STR, "last_seen": _NUM,
     }, ["user", "vip", "boost", "weight", "blocked"])
+    scopes = {"type": "array", "items": {"type": "string", "enum": list(SCOPES)},
+              "minItems": 1, "description": "inference: chat, generate, embed, show, /v1 and "
+              "forwarded unknown paths; models: pull, push, create, copy, delete, blobs"}
+    page = {"total": {"type": "integer", "description": "rows in all pages"},
+            "limit": _INT, "offset": _INT}
     key_props = {"key_id": _STR, "user": _STR, "name": _STR, "created_at": _NUM,
-                 "revoked": _BOOL, "trusted": _BOOL}
-    key_required = ["key_id", "user", "name", "created_at", "revoked", "trusted"]
+                 "revoked": _BOOL, "trusted": _BOOL, "scopes": scopes}
+    key_required = ["key_id", "user", "name", "created_at", "revoked", "trusted", "scopes"]
     return {
         "Error": _obj({"error": _STR}, ["error"]),
         "Backend": backend,
@@ -310,22 +341,28 @@ def _schemas() -> dict[str, Any]:
         "BackendUrl": _obj({"url": _STR}, ["url"], closed=True),
         "Removed": _obj({"removed": _STR}, ["removed"]),
         "User": user,
-        "UserList": _obj({"users": {"type": "array", "items": _ref("User")}}, ["users"]),
+        "UserList": _obj({"users": {"type": "array", "items": _ref("User")}, **page},
+                         ["users", "total", "limit", "offset"]),
         "UserPatch": {**_obj({"vip": _BOOL, "boost": _BOOL, "weight": _SLOTS}, closed=True),
                       "minProperties": 1},
         "UserSettings": _obj({"user": _STR, "vip": _BOOL, "boost": _BOOL, "weight": _INT},
                              ["user", "vip", "boost", "weight"]),
         "UserBlocked": _obj({"user": _STR, "blocked": _BOOL}, ["user", "blocked"]),
         "Blocked": _obj({"users": {"type": "array", "items": _STR},
-                         "ips": {"type": "array", "items": _STR}}, ["users", "ips"]),
+                         "ips": {"type": "array", "items": _STR},
+                         "total_users": _INT, "total_ips": _INT},
+                        ["users", "ips", "total_users", "total_ips"]),
         "IpBlock": _obj({"ip": {"type": "string", "description": "address or CIDR"}}, ["ip"],
                         closed=True),
-        "KeyCreate": _obj({"user": _STR, "name": _STR, "trusted": _BOOL}, ["user"], closed=True),
+        "KeyCreate": _obj({"user": _STR, "name": _STR, "trusted": _BOOL, "scopes": scopes},
+                          ["user"], closed=True),
+        "KeyPatch": _obj({"scopes": scopes}, ["scopes"], closed=True),
         "Key": _obj(key_props, key_required),
         "KeyCreated": _obj({**key_props, "secret": {
             "type": "string", "description": "the API key; not retrievable later"}},
             key_required + ["secret"]),
-        "KeyList": _obj({"keys": {"type": "array", "items": _ref("Key")}}, ["keys"]),
+        "KeyList": _obj({"keys": {"type": "array", "items": _ref("Key")}, **page},
+                        ["keys", "total", "limit", "offset"]),
         "KeyRevoked": _obj({"key_id": _STR, "revoked": _BOOL}, ["key_id", "revoked"]),
         "Stats": _obj({
             "uptime_s": _NUM, "queued": _INT, "in_flight": _INT, "completed": _INT,
@@ -335,6 +372,8 @@ def _schemas() -> dict[str, Any]:
             "backends": {"type": "array", "items": _ref("Backend")}, "users": _INT,
             "build": {"enum": ["mypyc", "python", "mixed"],
                       "description": "whether the request path runs compiled (mypyc) or as Python"},
+            "access_log": _obj({"written": _INT, "dropped": _INT, "pending": _INT},
+                               ["written", "dropped", "pending"]),
         }, ["uptime_s", "queued", "in_flight", "backends", "build"]),
     }
 

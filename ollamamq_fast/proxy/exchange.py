@@ -242,11 +242,12 @@ class Exchange:
             # --allow-all-routes reaches a backend too, so it needs a key as well.
             try:
                 self.user, self.key_id = identity.user_and_key(
-                    head.authorization, head.api_key, self.user)
+                    head.authorization, head.api_key, self.user, path)
                 forwarded_user = self.user
             except AuthError as denied:  # not `exc`: compiled code gives a name one type
-                ctype, body = error_body(self.api, 401, str(denied))
-                self._set_early_error(401, ctype, body)
+                # 401 without a valid key, 403 (ScopeError) without the path's scope.
+                ctype, body = error_body(self.api, denied.status, str(denied))
+                self._set_early_error(denied.status, ctype, body)
                 return
         self.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
                                            self.client.peer_ip_bytes, self.request_id)

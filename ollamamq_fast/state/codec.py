@@ -12,7 +12,14 @@ from typing import Any
 
 import orjson
 
-from .records import BackendRecord, KeyRecord, UserSettings
+from .records import (
+    DEFAULT_SCOPES,
+    SCOPES,
+    BackendRecord,
+    KeyRecord,
+    UserSettings,
+    parse_scopes,
+)
 
 
 def dumps(rec: KeyRecord | UserSettings | BackendRecord) -> bytes:
@@ -50,7 +57,17 @@ def load_key(raw: bytes | str) -> KeyRecord:
         created_at=float(d.get("created_at", 0.0)),
         revoked=bool(d.get("revoked", False)),
         trusted=bool(d.get("trusted", False)),
+        scopes=_scopes(d.get("scopes")),
     )
+
+
+def _scopes(value: object) -> tuple[str, ...]:
+    """A stored key's scopes; a record written before scopes existed gets the default."""
+    try:
+        return parse_scopes(value) if value is not None else DEFAULT_SCOPES
+    except ValueError:  # a scope a newer gateway knows: keep the ones we know
+        known = [v for v in value if v in SCOPES] if isinstance(value, list) else []
+        return tuple(known) or DEFAULT_SCOPES
 
 
 def load_user(raw: bytes | str) -> UserSettings:

@@ -20,6 +20,33 @@ TOPIC_BACKENDS = "backends"
 TOPICS: tuple[str, ...] = (TOPIC_KEYS, TOPIC_USERS, TOPIC_BLOCKS, TOPIC_BACKENDS)
 
 
+# What a key may do (docs: SECURITY.md "Key scopes"). `inference` covers every
+# route that reads or generates (chat, generate, embed, show, /v1, unknown
+# paths forwarded with --allow-all-routes); `models` covers model management
+# (pull, push, create, copy, delete, blob uploads). A key stored before scopes
+# existed has `inference` only.
+SCOPE_INFERENCE = "inference"
+SCOPE_MODELS = "models"
+SCOPES: tuple[str, ...] = (SCOPE_INFERENCE, SCOPE_MODELS)
+DEFAULT_SCOPES: tuple[str, ...] = (SCOPE_INFERENCE,)
+
+
+def parse_scopes(value: object) -> tuple[str, ...]:
+    """Scopes from a list or a comma-separated string, in SCOPES order (ValueError if unknown)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("scopes must be a list of: " + ", ".join(SCOPES))  # noqa: TRY004
+    wanted = set()
+    for item in items:
+        name = item.strip() if isinstance(item, str) else item
+        if name not in SCOPES:
+            raise ValueError(f"unknown scope {name!r} (known: {', '.join(SCOPES)})")
+        wanted.add(name)
+    if not wanted:
+        raise ValueError("a key needs at least one scope: " + ", ".join(SCOPES))
+    return tuple(s for s in SCOPES if s in wanted)
+
+
 def key_digest(secret: str) -> str:
     """The blake3 hex digest under which an API key is stored (never the key)."""
     return blake3.blake3(secret.encode()).hexdigest()
@@ -36,6 +63,7 @@ class KeyRecord:
     created_at: float
     revoked: bool = False
     trusted: bool = False  # a service key that may name its end users via X-User-ID
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
 
 
 @dataclass(slots=True)

@@ -446,6 +446,39 @@ class RedisStore:
             await pipe.execute()
         return len(hours)
 
+    async def prune_usage(self, before_day: str, keep: set[str]) -> int:
+        """Delete all usage of users last seen before `before_day`, except `keep`.
+
+        Reads the day hashes once (a background job, hourly at most); HDEL is
+        idempotent, so replicas pruning at once agree.
+        """
+        days = [_text(d) for d in await self._r.zrangebylex(self._days, "-", "+")]
+        old = [d for d in days if d < before_day]
+        if not old:
+            return 0
+        async with self._r.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.hkeys(f"{self.namespace}:usage:{day}")
+            fields_by_day: list[list[bytes]] = await pipe.execute()
+        recent: set[str] = set()
+        old_fields: dict[str, list[tuple[str, bytes]]] = {}
+        for day, fields in zip(days, fields_by_day, strict=True):
+            for raw in fields:
+                user = orjson.loads(raw[1:])[0]
+                if day >= before_day:
+                    recent.add(user)
+                else:
+                    old_fields.setdefault(user, []).append((day, raw))
+        idle = [u for u in old_fields if u not in recent and u not in keep]
+        if not idle:
+            return 0
+        async with self._r.pipeline(transaction=True) as pipe:
+            for user in idle:
+                for day, raw in old_fields[user]:
+                    pipe.hdel(f"{self.namespace}:usage:{day}", raw)
+            await pipe.execute()
+        return len(idle)
+
     # Metadata, windows
 
     async def get_meta(self, key: str) -> str | None:

@@ -23,7 +23,16 @@ from typing import Literal, TypeVar
 import orjson
 
 from .codec import limits_from
-from .records import BackendRecord, KeyRecord, Snapshot, Usage, UsageHour, UserSettings
+from .records import (
+    DEFAULT_SCOPES,
+    SCOPES,
+    BackendRecord,
+    KeyRecord,
+    Snapshot,
+    Usage,
+    UsageHour,
+    UserSettings,
+)
 from .store import SCHEMA_VERSION, StoreError
 from .windows import LocalWindows
 
@@ -40,7 +49,8 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY, digest TEXT NOT NULL, user TEXT NOT NULL,
     name TEXT NOT NULL, created_at REAL NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0, trusted INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+    revoked INTEGER NOT NULL DEFAULT 0, trusted INTEGER NOT NULL DEFAULT 0,
+    scopes TEXT NOT NULL DEFAULT 'inference') WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS users (
     user TEXT PRIMARY KEY, vip INTEGER NOT NULL, boost INTEGER NOT NULL,
     weight INTEGER NOT NULL, limits TEXT NOT NULL) WITHOUT ROWID;
@@ -105,6 +115,12 @@ def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T
     return result
 
 
+def _scopes(text: str) -> tuple[str, ...]:
+    """A stored key's scopes ('inference,models'); unknown names (a newer gateway's) are skipped."""
+    known = tuple(s for s in SCOPES if s in text.split(","))
+    return known or DEFAULT_SCOPES
+
+
 class SQLiteStore:
     """The Store for one gateway process, in a single SQLite file."""
 
@@ -163,6 +179,12 @@ class SQLiteStore:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 db.execute(statement)
+        columns = {name for _, name, *_ in db.execute("PRAGMA table_info(api_keys)")}
+        if "scopes" not in columns:
+            # A file from before key scopes: its keys keep inference only. Older
+            # gateways still read the file (they name their columns).
+            db.execute("ALTER TABLE api_keys ADD COLUMN scopes TEXT NOT NULL"
+                       " DEFAULT 'inference'")
         row = db.execute(
             "SELECT value FROM meta WHERE key = 'schema_version'"
         ).fetchone()
@@ -225,9 +247,9 @@ class SQLiteStore:
         db.execute("BEGIN")
         try:
             keys = [
-                KeyRecord(k, d, u, n, c, bool(r), bool(t))
-                for k, d, u, n, c, r, t in db.execute(
-                    "SELECT key_id, digest, user, name, created_at, revoked, trusted"
+                KeyRecord(k, d, u, n, c, bool(r), bool(t), _scopes(sc))
+                for k, d, u, n, c, r, t, sc in db.execute(
+                    "SELECT key_id, digest, user, name, created_at, revoked, trusted, scopes"
                     " FROM api_keys ORDER BY key_id"
                 )
             ]
@@ -261,12 +283,13 @@ class SQLiteStore:
             rec.created_at,
             rec.revoked,
             rec.trusted,
+            ",".join(rec.scopes),
         )
         await self._run(
             lambda db: db.execute(
                 "INSERT OR REPLACE INTO api_keys"
-                " (key_id, digest, user, name, created_at, revoked, trusted)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " (key_id, digest, user, name, created_at, revoked, trusted, scopes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
         )
@@ -389,6 +412,20 @@ class SQLiteStore:
             ).fetchall()
         )
         return [Usage(*row) for row in rows]
+
+    async def prune_usage(self, before_day: str, keep: set[str]) -> int:
+        """Delete all usage of users last seen before `before_day`, except `keep`."""
+        def prune(db: sqlite3.Connection) -> int:
+            idle = [u for (u,) in db.execute(
+                "SELECT user FROM usage GROUP BY user HAVING MAX(day) < ?", (before_day,))
+                if u not in keep]
+            for i in range(0, len(idle), 500):
+                batch = idle[i:i + 500]
+                db.execute(f"DELETE FROM usage WHERE user IN ({','.join('?' * len(batch))})",
+                           batch)
+            return len(idle)
+
+        return await self._run(lambda db: _in_transaction(db, prune))
 
     # Metadata, windows, notifications
 

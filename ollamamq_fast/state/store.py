@@ -102,6 +102,11 @@ class Store(Protocol):
         """Usage rows, filtered by user and first day, ordered by (day, user, model)."""
         ...
 
+    async def prune_usage(self, before_day: str, keep: set[str]) -> int:
+        """Delete every usage row of each user whose latest row is older than `before_day`
+        (YYYY-MM-DD), except the users in `keep`; the number of users pruned."""
+        ...
+
     async def get_meta(self, key: str) -> str | None:
         """Read one free-form metadata value."""
         ...

@@ -147,7 +147,7 @@ class Dashboard(App[str | None]):
         assert self.api is not None
         try:
             backends, users, blocked = await asyncio.gather(
-                self.api.call("GET", "/api/backends"), self.api.call("GET", "/api/users"),
+                self.api.call("GET", "/api/backends"), self.api.call("GET", "/api/users?sort=active"),
                 self.api.call("GET", "/api/blocked"))
         except AdminApiError as exc:
             self._lost(str(exc))

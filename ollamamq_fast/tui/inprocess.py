@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ollamamq_fast.accesslog import json_line, logfmt_line
+from ollamamq_fast.accesslog import STDERR, json_line, logfmt_line
 from ollamamq_fast.config import Settings
 from ollamamq_fast.control.auth import TOKEN_BYTES
 
@@ -111,7 +111,7 @@ def logs_off_the_terminal(settings: Settings, app: Dashboard) -> Iterator[None]:
     root = logging.getLogger()
     removed = [h for h in root.handlers if _on_terminal(h)]
     added: list[logging.Handler] = [PanelHandler(app, asyncio.get_running_loop())]
-    if settings.log_file:
+    if settings.log_file and settings.log_file != STDERR:
         # Watched: the access log rotates the same file; this handler then
         # reopens the new one instead of writing into the rotated copy.
         file_handler = logging.handlers.WatchedFileHandler(settings.log_file, encoding="utf-8")

@@ -113,10 +113,6 @@ def test_encoded_route_gets_the_policy_of_the_route_it_names(
             assert ok, f"{target}: {why}"
 
 
-MANAGEMENT = "issue 14 medium: any ordinary key can call model management"
-
-
-@pytest.mark.xfail(strict=True, reason=MANAGEMENT)
 @pytest.mark.parametrize(("method", "path", "body"), [
     ("POST", "/api/pull", {"model": "fake", "stream": False}),
     ("DELETE", "/api/delete", {"model": "fake"}),
@@ -159,8 +155,6 @@ def _user(gw: GatewayProc, name: str) -> dict[str, object]:
     return next((u for u in users if u["user"] == name), {})
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 low: service-key user names can take over "
-                                       "ordinary users")
 def test_service_key_end_user_is_not_an_ordinary_user(gw: GatewayProc, alice: str) -> None:
     """A trusted service key naming `alice` must not spend alice's own account."""
     r = gw.admin("POST", "/api/keys", json={"user": "portal", "trusted": True})

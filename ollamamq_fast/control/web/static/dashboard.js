@@ -27,6 +27,7 @@ const REFRESHES = {
 
 let charts = null;
 let users = [];
+let usersTotal = 0; // all users the gateway knows (the page may hold fewer)
 let pollTimer = 0;
 const stale = new Set();
 let staleTimer = 0;
@@ -109,7 +110,11 @@ function markStale(view) {
 
 const LOADERS = {
   backends: async () => renderBackends((await api("GET", "/api/backends")).backends),
-  users: async () => { users = (await api("GET", "/api/users")).users; renderUsers(); },
+  // The busiest first: beyond one page (1000) the quiet users are the ones left out.
+  users: async () => {
+    const page = await api("GET", "/api/users?sort=active");
+    users = page.users; usersTotal = page.total ?? page.users.length; renderUsers();
+  },
   blocked: async () => renderBlocked(await api("GET", "/api/blocked")),
   keys: async () => renderKeys((await api("GET", "/api/keys")).keys),
   stats: async () => renderStats(await api("GET", "/api/stats")),
@@ -238,8 +243,10 @@ function renderUsers() {
       || (b.last_seen || 0) - (a.last_seen || 0)).slice(0, USERS_SHOWN);
     shown.sort((a, b) => a.user.localeCompare(b.user));
   }
-  setText("user-count", total > USERS_SHOWN
-    ? `showing ${USERS_SHOWN} of ${total}: filter to narrow` : `${total} user${total === 1 ? "" : "s"}`);
+  const known = filter ? total : Math.max(total, usersTotal);
+  setText("user-count", known > Math.min(total, USERS_SHOWN)
+    ? `showing ${Math.min(total, USERS_SHOWN)} of ${known}: filter to narrow`
+    : `${known} user${known === 1 ? "" : "s"}`);
   syncRows(document.querySelector("#users-table tbody"), shown, (u) => u.user, createUserRow, updateUserRow);
 }
 
