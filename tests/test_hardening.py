@@ -343,3 +343,15 @@ def test_no_spelling_turns_the_usage_off(body: bytes) -> None:
     for read in (_go_read, _exact_read):
         options = read(out, "stream_options")
         assert isinstance(options, dict) and options.get("include_usage") is True, (read, out)
+
+
+def test_user_ids_are_bounded_and_printable(sim_stack: Stack) -> None:
+    st = sim_stack
+    chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": False}
+    for bad in (b"u" * 200, "a\u200bb".encode(), b"\xff\xfe"):
+        r = httpx.post(st.url + "/api/chat", json=chat, headers={"X-User-ID": bad})
+        assert r.status_code == 400 and "X-User-ID" in r.json()["error"]
+    r = httpx.post(st.url + "/v1/chat/completions", json=chat, headers={"X-User-ID": "x" * 129})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = httpx.post(st.url + "/api/chat", json=chat, headers={"X-User-ID": "ok-user"})
+    assert r.status_code == 200 and "ok-user" in st.state.stats.users

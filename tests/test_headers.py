@@ -26,7 +26,7 @@ def test_every_spelling_classifies_alike() -> None:
 def test_auth_off_forwards_identity_and_credentials() -> None:
     head = read_request_head(HEADERS, http_11=True, owns_credentials=False)
     assert head.content_length == 12 and head.expect_continue and not head.chunked
-    assert head.user == "alice" and head.authorization == b"Bearer k" and head.api_key == b"k2"
+    assert head.user == b" alice " and head.authorization == b"Bearer k" and head.api_key == b"k2"
     assert head.cache_control == b"no-cache" and head.forwarded_for == b"10.1.2.3"
     names = [n.lower() for n, _ in head.kept]
     assert names == [b"x-user-id", b"authorization", b"x-api-key", b"cache-control", b"user-agent"]

@@ -35,7 +35,7 @@ from ollamamq_fast.fleet.passive import FAST_FAIL_S
 from ollamamq_fast.fleet.select import Balance
 from ollamamq_fast.policy.cache import cache_control
 from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
-from ollamamq_fast.policy.identity import AuthError
+from ollamamq_fast.policy.identity import AuthError, UserIdError, check_user_id
 from ollamamq_fast.policy.streamusage import UsageStripper
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.proxy.state import ALLOWED, IllegalTransition, State
@@ -226,7 +226,6 @@ class Exchange:
         self.content_length = head.content_length
         self.chunked_in = head.chunked
         self.expect_continue = head.expect_continue
-        self.user = head.user
         self.encoded_body = head.encoded_body
         if head.cache_control:
             self.cache_control = cache_control(head.cache_control)
@@ -236,6 +235,13 @@ class Exchange:
         self.client_ip = (identity.client_ip(peer_ip, head.forwarded_for)
                           if identity.trusted_proxies else peer_ip)
         self.started_at = self.gw.loop.time()
+        try:
+            self.user = check_user_id(head.user) if head.user else ""
+        except UserIdError as bad_id:
+            self.user = self.client_ip  # the id is not one: logged by address
+            ctype, body = error_body(self.api, 400, str(bad_id))
+            self._set_early_error(400, ctype, body)
+            return
         forwarded_user = None
         if keys_required and (route is None or route.kind is not Kind.LOCAL):
             # Authentication comes before routing: an unknown path forwarded with

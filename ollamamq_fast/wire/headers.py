@@ -91,7 +91,7 @@ class RequestHead:
         self.content_length = -1
         self.chunked = False
         self.expect_continue = False
-        self.user = ""  # the client's X-User-ID, stripped
+        self.user = b""  # the client's X-User-ID, as sent
         self.forwarded_for = b""  # the client's X-Forwarded-For value
         self.authorization = b""
         self.api_key = b""
@@ -129,7 +129,7 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
         elif action == EXPECT:
             head.expect_continue = http_11 and value.strip().lower() == b"100-continue"
         elif action == USER:
-            head.user = value.decode("latin-1").strip()
+            head.user = value  # checked by the policy (policy/identity.check_user_id)
             if not owns_credentials:
                 kept.append(pair)
         elif action == FORWARDED_FOR:
