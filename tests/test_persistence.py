@@ -45,7 +45,8 @@ def test_operator_state_survives_restart(tmp_path: Path) -> None:
                            headers={"Authorization": f"Bearer {secret}"})
             assert r.status_code == 200
             op = st.state.operator
-            assert op.list_blocked() == {"users": ["mallory"], "ips": ["203.0.113.0/24"]}
+            assert op.list_blocked() == {"users": ["mallory"], "ips": ["203.0.113.0/24"],
+                                         "total_users": 1, "total_ips": 1}
             queue = st.state.dispatcher.queue
             assert queue.is_vip("boss") and queue.weight("boss") == 4
             restored = st.state.fleet.find(runtime_url)
