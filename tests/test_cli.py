@@ -261,3 +261,9 @@ def test_sigterm_drains_running_streams() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_body_limits_from_flags() -> None:
+    s = _settings(["--max-body-mb", "2", "--max-bodies-mb", "8"])
+    assert s.max_body_bytes == 2 * 1024 * 1024 and s.max_bodies_bytes == 8 * 1024 * 1024
+    assert _settings([]).max_bodies_bytes == 512 * 1024 * 1024  # the README's default

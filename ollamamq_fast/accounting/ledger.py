@@ -211,8 +211,7 @@ class Ledger:
             if r.in_flight_counted:
                 stats.cancelled += 1
         else:
-            label = _LABELS.get(r.path)
-            stats.response(label if label is not None else path_label(r.path), status, backend)
+            stats.response(path_label(r.path), status, backend)
             if r.started_at:
                 stats.latency.observe(elapsed)
         if ustats is not None:  # it reached admission: an inference request, in the usage rows

@@ -38,7 +38,7 @@ from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
 from ollamamq_fast.policy.identity import AuthError, UserIdError, check_user_id
 from ollamamq_fast.policy.streamusage import UsageStripper
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
-from ollamamq_fast.proxy.state import ALLOWED, IllegalTransition, State
+from ollamamq_fast.proxy.state import State, advance
 from ollamamq_fast.sched.dispatcher import Placed
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 from ollamamq_fast.wire import framing
@@ -170,21 +170,19 @@ class Exchange:
     # -- State (state.py holds the table of allowed moves) ---------------------------
 
     def _to(self, target: State) -> None:
-        current = self.state
-        if not (ALLOWED[current] >> target) & 1:
-            raise IllegalTransition(current, target)
-        self.state = target
+        self.state = advance(self.state, target)
 
     def _end(self) -> None:
         if self.state is not State.DONE:
             self.state = State.DONE  # allowed from every other state (state.py)
-            if self.body_held:
-                self.gw.bodies.give_back(self.body_held)
-                self.body_held = 0
+            self._give_back_body()
 
     def _drop_body(self) -> None:
         self.body = []
         self.discard_body = True
+        self._give_back_body()
+
+    def _give_back_body(self) -> None:
         if self.body_held:
             self.gw.bodies.give_back(self.body_held)
             self.body_held = 0
@@ -383,9 +381,7 @@ class Exchange:
                             and self.route.kind is Kind.QUEUED):
                         self._count_tokens(conn)
                 elif conn.events:
-                    # Cut short: what was generated so far still counts (quotas).
-                    self.gw.ledger.tokens(self, 0, framing.estimated_tokens(
-                        conn.events, conn.content_type), estimated=True)
+                    self._estimate_tokens(conn)  # cut short: what was generated still counts
             self._ended(end)
         if state is State.QUEUED:
             self.gw.dispatcher.cancel(self)
@@ -693,9 +689,13 @@ class Exchange:
         prompt, completion = tokens_in_tail(conn.tail())
         if prompt or completion or not conn.events:
             self.gw.ledger.tokens(self, prompt, completion)
-        else:  # a stream with no usage in it: about one token an event
-            self.gw.ledger.tokens(self, 0, framing.estimated_tokens(conn.events, conn.content_type),
-                                  estimated=True)
+        else:  # a stream with no usage in it
+            self._estimate_tokens(conn)
+
+    def _estimate_tokens(self, conn: "UpstreamConnection") -> None:
+        """Count a stream's tokens from its events (about one token an event), marked estimated."""
+        self.gw.ledger.tokens(self, 0, framing.estimated_tokens(conn.events, conn.content_type),
+                              estimated=True)
 
     def _ended(self, end: End) -> None:
         backend = self.backend
