@@ -77,9 +77,9 @@ def cache_control(value: bytes) -> int:
     """NO_CACHE / NO_STORE flags of a request's Cache-Control header."""
     v = value.lower()
     flags = 0
-    if b"no-store" in v:
+    if v.find(b"no-store") >= 0:
         flags |= NO_STORE
-    if b"no-cache" in v or b"max-age=0" in v:
+    if v.find(b"no-cache") >= 0 or v.find(b"max-age=0") >= 0:
         flags |= NO_CACHE
     return flags
 
@@ -142,7 +142,7 @@ def _integral(value: float) -> bool:
 
 
 def _raw_num(raw: bytes) -> float | None:
-    if raw[:1] not in b"-0123456789":
+    if b"-0123456789".find(raw[:1]) < 0:
         return None
     try:
         return float(raw)

@@ -100,7 +100,7 @@ def number(raw: bytes, key: str) -> int | float | None:
     """A raw JSON number (None for null); CapError for anything else."""
     if raw == b"null":
         return None
-    if raw[:1] in b"-0123456789":
+    if b"-0123456789".find(raw[:1]) >= 0:
         try:
             return int(raw)
         except ValueError:

@@ -192,10 +192,10 @@ class Policy:
         cap = bool(limits.max_tokens) and path in CAP_RULES
         det = self.cache.mode == "deterministic" and path in CACHEABLE and path not in EMBEDDINGS
         inject = self.inject and path in INJECT_ROUTES
-        mirror = not cap and path == CHAT_COMPLETIONS and b"max_completion_tokens" in body
-        if det and b"temperature" not in body and b"seed" not in body:
+        mirror = not cap and path == CHAT_COMPLETIONS and body.find(b"max_completion_tokens") >= 0
+        if det and body.find(b"temperature") < 0 and body.find(b"seed") < 0:
             det = False
-        if inject and b'"stream"' not in body and _ANY_CASE_STREAM.search(body) is None:
+        if inject and body.find(b'"stream"') < 0 and _ANY_CASE_STREAM.search(body) is None:
             inject = False
         if not (cap or det or inject or mirror):
             return ()
@@ -334,6 +334,6 @@ class Policy:
         """Keep a cacheable 200 answer (called by the exchange when the response ended)."""
         tee = conn.tee
         key = ex.cache_key
-        if tee is None or key is None or conn.status != 200 or _ERROR_MARK in conn.tail():
+        if tee is None or key is None or conn.status != 200 or conn.tail().find(_ERROR_MARK) >= 0:
             return
         self.cache.put(key, conn.status, conn.headers, b"".join(tee))

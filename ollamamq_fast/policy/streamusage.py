@@ -96,14 +96,14 @@ class UsageStripper:
             return b""
         self.buf = buf[cut:]
         ready = buf[:cut] if cut < len(buf) else buf
-        if b'"usage"' not in ready:
+        if ready.find(b'"usage"') < 0:
             return ready  # the common case: content events, passed as they are
         return self._filter(ready)
 
     def flush(self) -> bytes:
         """What is left at the end of the stream (an unterminated last event)."""
         rest, self.buf = self.buf, b""
-        return self._filter(rest) if b'"usage"' in rest else rest
+        return self._filter(rest) if rest.find(b'"usage"') >= 0 else rest
 
     def _filter(self, data: bytes) -> bytes:
         """Drop the injected usage events, then (per_chunk) the usage members left.

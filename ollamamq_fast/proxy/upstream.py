@@ -435,7 +435,7 @@ class _Dechunker:
         if conn.interim:
             return
         if conn.strip is not None and (
-            conn.status != 200 or b"event-stream" not in conn.content_type.lower()
+            conn.status != 200 or conn.content_type.lower().find(b"event-stream") < 0
             or conn.framing is framing.Framing.LENGTH
         ):
             conn.strip = None  # not the SSE stream we asked usage for: pass it as it is

@@ -86,9 +86,9 @@ def stream_error_frame(content_type: bytes, message: str) -> bytes | None:
     SSE gets a data event with an OpenAI error object. None for other formats.
     """
     ct = content_type.lower()
-    if b"ndjson" in ct:
+    if ct.find(b"ndjson") >= 0:
         return orjson.dumps({"error": message}) + b"\n"
-    if b"event-stream" in ct:
+    if ct.find(b"event-stream") >= 0:
         payload = orjson.dumps(
             {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
         )

@@ -182,9 +182,9 @@ def at_stream_boundary(last_data: bytes, content_type: bytes) -> bool:
     raw CR (JSON escapes it), so `}\\n\\r\\n` only occurs at a chunk's end.
     """
     ct = content_type.lower()
-    if b"ndjson" in ct:
+    if ct.find(b"ndjson") >= 0:
         return last_data.endswith(b"\n\r\n")
-    if b"event-stream" in ct:
+    if ct.find(b"event-stream") >= 0:
         return last_data.endswith(b"\n\n\r\n") or last_data.endswith(b"\r\n\r\n\r\n")
     return False
 
@@ -204,9 +204,9 @@ def terminal_event_relayed(tail: bytes, content_type: bytes) -> bool:
     before the backend's end of body): the request is then done, not dropped.
     """
     ct = content_type.lower()
-    if b"event-stream" in ct:
+    if ct.find(b"event-stream") >= 0:
         return any(mark in tail for mark in _TERMINAL_SSE)
-    if b"ndjson" in ct:
+    if ct.find(b"ndjson") >= 0:
         body = tail.rstrip(b"\r\n0")  # the chunk framing after the last line, if any
         last = body[body.rfind(b"\n", 0, len(body) - 1) + 1 :]
         return _DONE_TRUE.search(last) is not None
@@ -225,14 +225,14 @@ _SSE_OVERHEAD = 3
 def event_mark(content_type: bytes) -> bytes:
     """The bytes that occur once per event of a stream of this type (b"" if not a stream)."""
     ct = content_type.lower()
-    if b"ndjson" in ct:
+    if ct.find(b"ndjson") >= 0:
         return _NDJSON_MARK
-    if b"event-stream" in ct:
+    if ct.find(b"event-stream") >= 0:
         return _SSE_MARK
     return b""
 
 
 def estimated_tokens(events: int, content_type: bytes) -> int:
     """Generated tokens estimated from a stream's event count (about one token an event)."""
-    overhead = _SSE_OVERHEAD if b"event-stream" in content_type.lower() else _NDJSON_OVERHEAD
+    overhead = _SSE_OVERHEAD if content_type.lower().find(b"event-stream") >= 0 else _NDJSON_OVERHEAD
     return max(events - overhead, 0)

@@ -125,7 +125,7 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
         if action == LENGTH:
             head.content_length = int(value)
         elif action == TRANSFER_ENCODING:
-            head.chunked = b"chunked" in value.lower()
+            head.chunked = value.lower().find(b"chunked") >= 0
         elif action == EXPECT:
             head.expect_continue = http_11 and value.strip().lower() == b"100-continue"
         elif action == USER:

@@ -61,9 +61,9 @@ def request_path(target: bytes) -> tuple[bytes, bytes]:
 
 def normalize(path: bytes) -> bytes:
     """The canonical spelling of a path; the same object when it is already canonical."""
-    if b"%" not in path and b"//" not in path and b"/." not in path:
+    if path.find(b"%") < 0 and path.find(b"//") < 0 and path.find(b"/.") < 0:
         return path  # the HTTP parser has already refused control bytes in the target
-    decoded = _unescape(path) if b"%" in path else path
+    decoded = _unescape(path) if path.find(b"%") >= 0 else path
     if _CONTROL.search(decoded) is not None:
         raise PathError("the request path holds a control character")
     out: list[bytes] = []

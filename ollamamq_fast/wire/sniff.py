@@ -98,7 +98,7 @@ def sniff_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
     rules). A `null` value counts as absent. A wanted key holding a non-string
     value raises SniffError, as Go's decoder rejects it.
     """
-    small = len(body) <= _FAST_MAX and _BACKSLASH not in body
+    small = len(body) <= _FAST_MAX and body.find(_BACKSLASH) < 0
     if small:
         leading = _leading_fields(body, keys)
         if leading is not None:
@@ -257,7 +257,7 @@ def _skip_container(body: bytes, i: int) -> int:
 
 def _match_key(raw: bytes, wanted: dict[bytes, str]) -> str | None:
     """The wanted key name this raw key selects, under Go's case folding."""
-    if _BACKSLASH not in raw and raw.isascii():
+    if raw.find(_BACKSLASH) < 0 and raw.isascii():
         return wanted.get(raw.lower())
     folded = _decode_string(raw).casefold().encode()
     return wanted.get(folded)
@@ -265,7 +265,7 @@ def _match_key(raw: bytes, wanted: dict[bytes, str]) -> str | None:
 
 def _decode_string(raw: bytes) -> str:
     """Decode JSON string content; invalid UTF-8 becomes U+FFFD, as in Go."""
-    if _BACKSLASH not in raw:
+    if raw.find(_BACKSLASH) < 0:
         return raw.decode("utf-8", "replace")
     try:
         value = orjson.loads(b'"' + raw + b'"')
