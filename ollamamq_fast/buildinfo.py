@@ -39,8 +39,8 @@ GROUP: Final = "ollamamq_fast"
 #   runs interpreted and is called from compiled code by ordinary calls.
 # - fleet/health.py, policy/ratelimit.py, policy/quota.py: timers and control
 #   traffic (probes, syncs), not per request.
-# - gateway.py, config.py, operator.py, control/, state/: start-up, admin and
-#   storage, not per request.
+# - gateway.py, config.py, operator.py, control/, state/ (but state/tally.py,
+#   which sums a usage row per request): start-up, admin and storage.
 COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.wire.errors",
     "ollamamq_fast.wire.framing",
@@ -68,6 +68,7 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.policy.cache",
     "ollamamq_fast.policy.engine",
     "ollamamq_fast.accounting.ledger",
+    "ollamamq_fast.state.tally",
     "ollamamq_fast.stats",
 )
 

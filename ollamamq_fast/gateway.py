@@ -124,7 +124,7 @@ class GatewayState:
         # Rate limits, caps, quotas, response cache (policy/engine.py).
         self.policy = Policy(self)
         # The one owner of counters, usage, end states and access lines.
-        self.ledger = Ledger(self.stats, self.cache, self.policy, self.access, loop.time)
+        self.ledger = Ledger(self.stats, self.cache.tally, self.policy, self.access, loop.time)
         # Stored usage: counters at start, hourly retention, budget alerts.
         self.usage_keeper = UsageKeeper(
             self.cache.store, self.cache.flush, self.stats, self.operator.events.publish,

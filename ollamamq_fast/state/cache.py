@@ -35,10 +35,9 @@ from .records import (
     Usage,
     UsageHour,
     UserSettings,
-    utc_day,
-    utc_hour,
 )
 from .store import Store
+from .tally import UsageTally
 from .view import StateView
 
 log = logging.getLogger("ollamamq_fast.state")
@@ -47,10 +46,6 @@ log = logging.getLogger("ollamamq_fast.state")
 # failover takes about a second), later ones slow down to keep the log readable.
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
-SECONDS_PER_DAY = 86400  # Unix time has no leap seconds, so UTC days are exactly this
-SECONDS_PER_HOUR = 3600
-# The counters of an hourly usage delta, in UsageHour field order.
-_HOUR_SLOTS = 6
 
 
 class _Pending(NamedTuple):
@@ -77,17 +72,12 @@ class StateCache(StateView):
 
         # Write-behind
         self._pending: dict[tuple[str, str], _Pending] = {}
-        self._usage: dict[tuple[str, str, str], list[int]] = {}
-        # (hour, user, key, model, backend) -> requests, errors, cancelled,
-        # estimated tokens, prompt tokens, completion tokens
-        self._hours: dict[tuple[str, str, str, str, str], list[int]] = {}
-        self._hour = ""
-        self._hour_ends = 0.0
         self._dirty = asyncio.Event()
+        # Usage rows of ended requests, summed until the next flush (the ledger
+        # adds to it directly: it is compiled, this class is not).
+        self.tally = UsageTally(on_first=self._dirty.set)
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
-        self._day = ""
-        self._day_ends = 0.0
 
         # Reloads after another replica's change
         self._stale: set[str] = set()
@@ -130,7 +120,7 @@ class StateCache(StateView):
     @property
     def pending(self) -> int:
         """Writes and daily usage rows not yet in the store (each has its hourly rows with it)."""
-        return len(self._pending) + len(self._usage)
+        return len(self._pending) + len(self.tally.days)
 
     # Writes: the view changes now, the store write is queued
 
@@ -211,37 +201,10 @@ class StateCache(StateView):
         key: str = "", backend: str = "", error: bool = False, cancelled: bool = False,
         estimated: bool = False,
     ) -> None:
-        """Count one finished request; called by the data plane, summed until the next flush."""
-        now = time.time()
-        if now >= self._hour_ends:
-            self._hour = utc_hour(now)
-            self._hour_ends = (now // SECONDS_PER_HOUR + 1) * SECONDS_PER_HOUR
-            if now >= self._day_ends:
-                self._day = utc_day(now)
-                self._day_ends = (now // SECONDS_PER_DAY + 1) * SECONDS_PER_DAY
-        hour_key = (self._hour, user, key, model, backend)
-        hour = self._hours.get(hour_key)
-        if hour is None:
-            hour = self._hours[hour_key] = [0] * _HOUR_SLOTS
-        hour[0] += 1
-        hour[1] += error
-        hour[2] += cancelled
-        if estimated:
-            hour[3] += prompt_tokens + completion_tokens
-        hour[4] += prompt_tokens
-        hour[5] += completion_tokens
-        counts = self._usage.get((user, model, self._day))
-        if counts is None:
-            self._usage[(user, model, self._day)] = [
-                1,
-                prompt_tokens,
-                completion_tokens,
-            ]
-        else:
-            counts[0] += 1
-            counts[1] += prompt_tokens
-            counts[2] += completion_tokens
-        self._dirty.set()
+        """Count one finished request, summed until the next flush (the data plane
+        calls `tally.add_usage` directly)."""
+        self.tally.add_usage(user, model, prompt_tokens, completion_tokens, key, backend,
+                             error, cancelled, estimated)
 
     async def incr_window(self, key: str, window_s: float, amount: float) -> float:
         """The store's shared window counter, for rate limits that must hold across replicas."""
@@ -290,23 +253,16 @@ class StateCache(StateView):
 
     async def _flush_usage(self) -> None:
         """Store summed usage as one batch of deltas; on failure add it back for the next try."""
-        if not self._usage and not self._hours:
+        tally = self.tally
+        if not tally.days and not tally.hours:
             return
-        batch, self._usage = self._usage, {}
-        hours, self._hours = self._hours, {}
+        batch, hours = tally.take()
         items = [Usage(u, m, d, c[0], c[1], c[2]) for (u, m, d), c in batch.items()]
         hour_items = [UsageHour(*dims, *c) for dims, c in hours.items()]
         try:
             await self.store.add_usage(items, hour_items)
         except BaseException:
-            for key, counts in batch.items():
-                now = self._usage.setdefault(key, [0, 0, 0])
-                for j in range(3):
-                    now[j] += counts[j]
-            for dims, counts in hours.items():
-                now = self._hours.setdefault(dims, [0] * _HOUR_SLOTS)
-                for j in range(_HOUR_SLOTS):
-                    now[j] += counts[j]
+            tally.give_back(batch, hours)
             raise
 
     async def _flush_loop(self) -> None:
