@@ -63,7 +63,7 @@ def _int_at(data: bytes, at: int) -> int:
     """
     n = len(data)
     end = at + _COUNT_SPAN
-    if end > n:
+    if end > n:  # noqa: PLR1730 - a compare, not a call, on the per-request path
         end = n
     i = _skip_space(data, at, end)
     if i >= end or data[i] != 0x3A:  # ':'

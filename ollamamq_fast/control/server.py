@@ -196,7 +196,7 @@ class AdminServer:
         self.port = None
         if server is None or task is None:
             return
-        server.stop()
+        server.stop()  # type: ignore[no-untyped-call,unused-ignore]  # untyped in granian 2.8.9
         # asyncio.wait, not wait_for: a failed task was already logged by _served.
         done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
         if not done:
