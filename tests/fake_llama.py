@@ -12,7 +12,8 @@ Paths it does not serve (`/api/tags`...) answer 404 without touching the locks.
 
 With `ollama=True` it answers the few native paths a health check uses
 instead (`/api/tags`, `/api/ps`, `/api/version`), without locks.
-Every request is counted by path, so tests can check what probes send.
+Every request is counted by path, so tests can check what probes send. As
+the real server, it refuses (400) an X-Request-ID that is not a UUID.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -38,6 +40,7 @@ class FakeLlama:
         self.chunks = chunks
         self.chunk_delay = chunk_delay
         self.ollama = ollama
+        self.bad_request_ids: list[str] = []
         self.hits: Counter[str] = Counter()
         self.interrupted = 0
         self.generating = 0
@@ -75,6 +78,15 @@ class FakeLlama:
     @web.middleware
     async def _count(self, request: web.Request, handler: web.Handler) -> web.StreamResponse:
         self.hits[request.path] += 1
+        # starlette-context's RequestIdPlugin: an X-Request-ID that is not a
+        # UUID gets 400 with an empty body, before any route runs.
+        rid = request.headers.get("X-Request-ID")
+        if rid is not None:
+            try:
+                uuid.UUID(rid)
+            except ValueError:
+                self.bad_request_ids.append(rid)
+                return web.Response(status=400)
         return await handler(request)
 
     @contextlib.asynccontextmanager

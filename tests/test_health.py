@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -303,6 +304,30 @@ def test_reload_applies_backend_kind_and_probe_settings(fake_loop: LoopThread, t
         st.lt.call(st.gateway.reload)
         assert backend.kind is ApiKind.VLLM and backend.kind_configured
         assert (backend.probe_path, backend.probe_interval) == ("/health", 30.0)
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_request_ids_a_uuid_only_server_accepts(fake_loop: LoopThread) -> None:
+    # llama-cpp-python refuses (400, empty body) any X-Request-ID that is not a
+    # UUID: the gateway's own ids are UUIDs, and a client's other id is kept for
+    # the client and the access log but not sent on.
+    fake = start_fake(fake_loop, interrupt_requests=False, chunks=2, chunk_delay=0.0)
+    st = start_stack(sims=[], extra_backends=[fake.url])
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "q"}]}
+    try:
+        with httpx.Client(timeout=10) as client:
+            for sent in (None, "trace-42.a", "0f8fad5b-d9cb-469f-a165-70867728950e"):
+                headers = {"X-Request-ID": sent} if sent else {}
+                r = client.post(st.url + "/v1/chat/completions", json=body, headers=headers)
+                assert r.status_code == 200, (sent, r.status_code, r.text)
+                rid = r.headers["x-request-id"]
+                if sent:
+                    assert rid == sent
+                else:
+                    uuid.UUID(rid)  # the gateway's own id is a UUID
+        assert fake.bad_request_ids == []
     finally:
         st.close()
         fake_loop.run(fake.close())

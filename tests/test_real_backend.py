@@ -115,7 +115,7 @@ def _openai(base: str) -> OpenAI:
 
 
 def _start_server(model: Path, port: int, log_path: Path, interrupt: bool = False,
-                  n_ctx: int = N_CTX) -> subprocess.Popen[bytes]:
+                  n_ctx: int = N_CTX, embedding: bool = False) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "llama_cpp.server",
         "--model", str(model), "--model_alias", MODEL,
@@ -126,6 +126,8 @@ def _start_server(model: Path, port: int, log_path: Path, interrupt: bool = Fals
         # as they do on a single-slot server (the health tests set it both ways).
         "--interrupt_requests", str(interrupt),
     ]
+    if embedding:  # /v1/embeddings as well; chat and completions still work
+        cmd += ["--embedding", "true"]
     # Unbuffered, so the disconnect line is in the log file when printed.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
@@ -565,3 +567,118 @@ def test_busy_backend_is_never_marked_offline(real: RealBackend,
             assert not offline_seen, "the backend was marked offline while it generated"
         finally:
             stack.close()
+
+
+# -- 6. Every token counted, for every client, kept across a restart --------------------
+
+ADMIN_TOKEN = "real-backend-admin"
+
+
+def _usage_rows(stack: Stack) -> dict[tuple[str, str], dict[str, object]]:
+    """/api/usage of today, per user and model."""
+    with _http() as client:
+        r = client.get(f"http://127.0.0.1:{stack.gateway.admin_port}/api/usage",
+                       params={"by": "user,model", "step": "day"},
+                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 200, r.text
+    return {(str(row["user"]), str(row["model"])): row for row in r.json()["rows"]}
+
+
+def test_usage_of_every_client_counted_and_kept_after_restart(
+        real: RealBackend, tmp_path: Path) -> None:
+    """The openai SDK, LangChain and the ollama client on a real llama.cpp server: every
+    request counted with the server's own figures (or marked estimated where it reports
+    none), per user and model and day in /api/usage, and still there after a restart."""
+    from harness import free_port, start_stack
+
+    langchain_openai = pytest.importorskip("langchain_openai")
+    import ollama
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "llama_embedding.log"
+    proc = _start_server(real.log_path.parent / "tiny.gguf", port, log_path, embedding=True)
+    state = str(tmp_path / "state.db")
+    model = normalize_model(MODEL)
+
+    def gateway() -> Stack:
+        return start_stack(sims=[], extra_backends=[url], admin_port=0,
+                           admin_token=ADMIN_TOKEN, state_path=state)
+
+    try:
+        _wait_ready(proc, url, log_path)
+        stack = gateway()
+        try:
+            # The openai SDK: a chat, a stream (llama.cpp ignores the usage
+            # request: estimated), a completion and an embedding (prompt only).
+            from openai import OpenAI
+            with OpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0,
+                        default_headers={"X-User-ID": "sdk"}) as ai:
+                chat = ai.chat.completions.create(model=MODEL, messages=_MESSAGES, max_tokens=8)
+                assert chat.usage is not None and chat.usage.completion_tokens == 8
+                streamed = list(ai.chat.completions.create(
+                    model=MODEL, messages=_MESSAGES, max_tokens=12, stream=True))
+                assert streamed[-1].choices and streamed[-1].choices[0].finish_reason == "length"
+                comp = ai.completions.create(model=MODEL, prompt="the quick brown fox",
+                                             max_tokens=6)
+                assert comp.usage is not None and comp.usage.completion_tokens == 6
+                emb = ai.embeddings.create(model=MODEL, input="hello world")
+                assert emb.usage is not None and emb.usage.prompt_tokens > 0
+            sdk_exact = (chat.usage.prompt_tokens + comp.usage.prompt_tokens
+                         + emb.usage.prompt_tokens, 8 + 6)
+
+            # LangChain's ChatOpenAI sends max_completion_tokens, which llama.cpp
+            # ignores: the gateway mirrors it as max_tokens, so the answer stops.
+            lc = langchain_openai.ChatOpenAI(
+                base_url=stack.url + "/v1", api_key="x", model=MODEL, max_tokens=5,
+                max_retries=0, default_headers={"X-User-ID": "langchain"})
+            answer = lc.invoke("say hello")
+            assert answer.content and answer.usage_metadata is not None
+            assert answer.usage_metadata["output_tokens"] == 5
+            pieces = [c.content for c in lc.stream("say hello")]
+            assert "".join(str(p) for p in pieces)
+
+            # The ollama client speaks /api/*: translated to the OpenAI server.
+            oc = ollama.Client(host=stack.url, headers={"X-User-ID": "ollama"})
+            reply = oc.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                            options={"num_predict": 7})
+            assert reply.message.content and reply.eval_count == 7
+            parts = list(oc.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                 options={"num_predict": 9}, stream=True))
+            assert parts[-1].done and sum(1 for p in parts if p.message.content) >= 5
+
+            def settled() -> dict[tuple[str, str], dict[str, object]] | None:
+                stack.lt.run(stack.state.cache.flush())
+                rows = _usage_rows(stack)
+                done = rows.get(("sdk", model), {}).get("requests") == 4 and \
+                    rows.get(("langchain", model), {}).get("requests") == 2 and \
+                    rows.get(("ollama", model), {}).get("requests") == 2
+                return rows if done else None
+
+            rows = _wait_for(settled, timeout=10.0, step=0.1)
+            assert rows is not None, _usage_rows(stack)
+            sdk = rows[("sdk", model)]
+            # The server's own figures for the three answers that carry usage, and
+            # the stream's 12 tokens counted from its events, marked estimated.
+            assert sdk["prompt_tokens"] == sdk_exact[0], sdk
+            assert sdk["completion_tokens"] == sdk_exact[1] + 12, sdk
+            assert sdk["estimated_tokens"] == 12 and sdk["exact"] is False, sdk
+            lang = rows[("langchain", model)]
+            assert lang["completion_tokens"] >= 5 + 4 and lang["prompt_tokens"] > 0, lang
+            oll = rows[("ollama", model)]
+            assert oll["completion_tokens"] >= 7 + 5 and oll["prompt_tokens"] > 0, oll
+            assert all(row["errors"] == 0 and row["cancelled"] == 0
+                       for row in (sdk, lang, oll)), rows
+        finally:
+            stack.close()
+
+        # A new process on the same state: the same report.
+        stack = gateway()
+        try:
+            after = _usage_rows(stack)
+            for who in ("sdk", "langchain", "ollama"):
+                assert after[(who, model)] == rows[(who, model)], (who, after)
+        finally:
+            stack.close()
+    finally:
+        _stop_server(proc)

@@ -100,7 +100,11 @@ class Ledger:
         self.loop_time = loop_time
         # Request ids: a random prefix per process and a counter, so ids are
         # unique across replicas and restarts without a random draw per request.
-        self.id_prefix = secrets.token_hex(4).encode() + b"-"
+        # Shaped as a UUID (version 4 and variant bits set), because some
+        # backends refuse any other X-Request-ID (llama-cpp-python: 400).
+        r = secrets.token_hex(10)
+        variant = "89ab"[int(r[15], 16) % 4]
+        self.id_prefix = f"{r[:8]}-{r[8:12]}-4{r[12:15]}-{variant}{r[16:19]}-".encode()
         self.id_counter = 0
         # Wall time = loop time + offset: a millisecond-good timestamp for each
         # access line without a clock call per request beyond the loop's own.
@@ -109,7 +113,7 @@ class Ledger:
     def request_id(self) -> bytes:
         """A fresh id for a request that brought no (sane) X-Request-ID of its own."""
         self.id_counter += 1
-        return b"%s%x" % (self.id_prefix, self.id_counter)
+        return b"%s%012x" % (self.id_prefix, self.id_counter & 0xFFFFFFFFFFFF)
 
     def arrived(self, user: str, client_ip: str) -> UserStats:
         """A request of `user` is about to be admitted: their live record."""

@@ -43,7 +43,12 @@ from ollamamq_fast.sched.dispatcher import Placed
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api, error_body, stream_error_frame
-from ollamamq_fast.wire.headers import forwarded_block, length_line, read_request_head
+from ollamamq_fast.wire.headers import (
+    backend_request_id,
+    forwarded_block,
+    length_line,
+    read_request_head,
+)
 from ollamamq_fast.wire.paths import PathError, normalize, request_path
 from ollamamq_fast.wire.routes import (
     BLOB_ROUTE,
@@ -220,7 +225,8 @@ class Exchange:
         identity = self.gw.identity
         keys_required = identity.keys_required
         head = read_request_head(self.headers, http_11, keys_required)
-        self.request_id = head.request_id or self.gw.ledger.request_id()
+        own_id = self.gw.ledger.request_id() if not head.request_id else b""
+        self.request_id = head.request_id or own_id
         self.content_length = head.content_length
         self.chunked_in = head.chunked
         self.expect_continue = head.expect_continue
@@ -254,7 +260,8 @@ class Exchange:
                 self._set_early_error(denied.status, ctype, body)
                 return
         self.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
-                                           self.client.peer_ip_bytes, self.request_id)
+                                           self.client.peer_ip_bytes,
+                                           backend_request_id(head.request_id, own_id))
         self._check_route(route, method)
         if not self.user:
             self.user = self.client_ip

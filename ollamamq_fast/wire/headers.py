@@ -65,6 +65,10 @@ _length_lines: Final = [b"Content-Length: %d\r\n\r\n" % n for n in range(_LENGTH
 # generators emit: UUIDs, ULIDs, hex, with dots, dashes, colons); anything
 # else is replaced by the gateway's own, so it never breaks a log line.
 _SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+# What some backends accept as X-Request-ID: llama-cpp-python's server
+# (starlette-context) answers 400 to any request whose id is not a UUID.
+_UUID_ID: Final = re.compile(
+    rb"[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12}")
 
 # A user name sent on to the backend as X-User-ID: printable ASCII only, so
 # that no name can break the header it is written into.
@@ -180,6 +184,14 @@ def forwarded_block(kept: list[tuple[bytes, bytes]], user: str | None,
     lines.append((b"X-Forwarded-For", forwarded_for + b", " + peer_ip if forwarded_for else peer_ip))
     # Each (name, value) pair becomes `name: value` in one C-level pass.
     return b"\r\n".join(map(b": ".join, lines)) + b"\r\n"
+
+
+def backend_request_id(client_id: bytes, own_id: bytes) -> bytes:
+    """The X-Request-ID a backend is sent: the gateway's own (always a UUID), or the
+    client's when it is a UUID too; b"" (none) for any other client id."""
+    if not client_id:
+        return own_id
+    return client_id if _UUID_ID.fullmatch(client_id) else b""
 
 
 def length_line(n: int) -> bytes:
