@@ -305,7 +305,7 @@ class Operator:
     def is_blocked(self, user: str, ip: str) -> bool:
         """Whether a request from this user / address must be refused (hot path)."""
         cache = self.cache
-        if not cache.blocked_users and not cache.ips_blocked:
+        if not cache.any_blocked:
             return False  # the usual case: nothing is blocked
         return cache.is_blocked_user(user) or cache.is_blocked_ip(ip)
 

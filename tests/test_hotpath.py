@@ -103,6 +103,10 @@ def test_relayed_head_is_the_rebuilt_head(close: bool) -> None:
     raw = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
            b"Date: Wed, 02 Dec 2026 07:00:00 GMT\r\nTransfer-Encoding: chunked")
     assert framing.relay_head(raw, _EXTRA, close) == _rebuilt(raw, close)
+    headers = [tuple(line.split(b": ", 1)) for line in raw.split(b"\r\n")[1:]]
+    found = framing.response_framing(200, headers, False)  # type: ignore[arg-type]
+    assert found == (framing.Framing.CHUNKED, b"application/x-ndjson", False)
+    assert framing.relay_head(raw, _EXTRA, close, found[2]) == _rebuilt(raw, close)
 
 
 @pytest.mark.parametrize("header", [
@@ -112,6 +116,11 @@ def test_relayed_head_is_the_rebuilt_head(close: bool) -> None:
 def test_hop_by_hop_header_forces_a_rebuild(header: bytes) -> None:
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + header
     assert framing.relay_head(raw, _EXTRA, False) is None
+    # The same answer from the header list the parser collected (the hot path's way).
+    headers = [tuple(line.split(b": ", 1)) for line in raw.split(b"\r\n")[1:]]
+    found = framing.response_framing(200, headers, False)  # type: ignore[arg-type]
+    assert found[2] is True
+    assert framing.relay_head(raw, _EXTRA, False, found[2]) is None
     name = header.split(b":")[0].lower()
     assert b"\r\n" + name + b":" not in _rebuilt(raw, False).lower()
 

@@ -418,7 +418,7 @@ class Exchange:
             self.gw.local.answer(self, route)
             return
         self.ustats = self.gw.ledger.arrived(self.user, self.client_ip)
-        if self.gw.operator.is_blocked(self.user, self.client_ip):
+        if self.gw.cache.any_blocked and self.gw.operator.is_blocked(self.user, self.client_ip):
             self.gw.ledger.refused(self.ustats, by_policy=False)
             self.respond_error(403, "blocked by the gateway operator")
             return
@@ -648,7 +648,8 @@ class Exchange:
         if self.http10 and self.keep_alive:
             extra += b"Connection: keep-alive\r\n"
         if conn.reason and not dechunk:
-            head = framing.relay_head(conn.raw_head, extra, not self.keep_alive)
+            head = framing.relay_head(conn.raw_head, extra, not self.keep_alive,
+                                     conn.hop_by_hop)
             if head is not None:
                 return head
         return framing.response_head(

@@ -111,6 +111,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_data = b""
         self.prev_data = b""
         self.content_type = b""
+        self.hop_by_hop = False  # the head names a hop-by-hop header: rebuilt, not relayed
         self.framing = framing.Framing.EMPTY
         self.backend_keep_alive = False
         # Stream events seen (counted with one C-level `count` per read, only
@@ -280,7 +281,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers_done = True
         # Only meaningful inside a parser callback: llhttp resets it afterwards.
         self.backend_keep_alive = self.parser.should_keep_alive()
-        self.framing, self.content_type = framing.response_framing(
+        self.framing, self.content_type, self.hop_by_hop = framing.response_framing(
             status, self.headers, self.head_request
         )
         if self.tally and status == 200:

@@ -228,7 +228,7 @@ class Dispatcher:
         backend = ex.chosen
         assert backend is not None
         ex.chosen = None
-        if ex.gw.operator.is_blocked(ex.user, ex.client_ip):
+        if ex.gw.cache.any_blocked and ex.gw.operator.is_blocked(ex.user, ex.client_ip):
             # Blocked while it waited: refuse it now rather than run it.
             ex.respond_error(403, "blocked by the gateway operator")
             return

@@ -34,6 +34,9 @@ class StateView:
         self.blocked_users: set[str] = set()
         self._ips = IpBlocklist()
         self.backends: dict[str, BackendRecord] = {}  # url ->
+        # Whether anything at all is blocked: one attribute read on the data
+        # plane for the usual answer (nothing is), kept in step by every update.
+        self.any_blocked = False
 
     # Reads (synchronous, O(1))
 
@@ -85,6 +88,7 @@ class StateView:
                         entry,
                     )
             self._ips = ips
+            self._blocks_changed()
         if TOPIC_BACKENDS in topics:
             self.backends = {b.url: b for b in snap.backends}
 
@@ -109,6 +113,7 @@ class StateView:
             self.blocked_users.add(user)
         else:
             self.blocked_users.discard(user)
+        self._blocks_changed()
 
     def _set_blocked_ip(self, key: str, blocked: bool) -> None:
         """Add or remove a blocked address or CIDR (canonical spelling) in the view."""
@@ -116,6 +121,10 @@ class StateView:
             self._ips.add(key)
         else:
             self._ips.discard(key)
+        self._blocks_changed()
+
+    def _blocks_changed(self) -> None:
+        self.any_blocked = bool(self.blocked_users) or len(self._ips) > 0
 
     def _set_backend(self, url: str, rec: BackendRecord | None) -> None:
         """Put or drop a runtime backend in the view."""

@@ -34,11 +34,16 @@ _RESPONSE_DROP = frozenset(
 
 def response_framing(
     status: int, headers: list[tuple[bytes, bytes]], head_request: bool
-) -> tuple[Framing, bytes]:
-    """(framing, content type) of a backend response."""
+) -> tuple[Framing, bytes, bool]:
+    """(framing, content type, has a hop-by-hop header) of a backend response.
+
+    The third says whether the head can be relayed as the backend wrote it
+    (`relay_head`): found here, in the loop over the names that runs anyway.
+    """
     content_type = b""
     chunked = False
     has_length = False
+    hop_by_hop = False
     for name, value in headers:
         lname = name.lower()
         if lname == b"content-type":
@@ -47,13 +52,15 @@ def response_framing(
             chunked = value.lower().rstrip().endswith(b"chunked")
         elif lname == b"content-length":
             has_length = True
+        elif lname in _RESPONSE_DROP:
+            hop_by_hop = True
     if head_request or status < 200 or status in (204, 304):
-        return Framing.EMPTY, content_type
+        return Framing.EMPTY, content_type, hop_by_hop
     if chunked:
-        return Framing.CHUNKED, content_type
+        return Framing.CHUNKED, content_type, hop_by_hop
     if has_length:
-        return Framing.LENGTH, content_type
-    return Framing.CLOSE, content_type
+        return Framing.LENGTH, content_type, hop_by_hop
+    return Framing.CLOSE, content_type, hop_by_hop
 
 
 def response_head(
@@ -106,15 +113,20 @@ _HOP_BY_HOP_LINE = re.compile(
 )
 
 
-def relay_head(raw: bytes, extra: bytes, close: bool) -> bytes | None:
+def relay_head(raw: bytes, extra: bytes, close: bool,
+               hop_by_hop: bool | None = None) -> bytes | None:
     """The client's head made from the backend's own bytes, or None to rebuild it.
 
     `raw` is the backend's status line and header lines without the blank
     line that ends them. Most backend heads need nothing dropped, and then
     the bytes are the head `response_head` would build, with no per-header
-    work: only `extra` (and `Connection: close`) is added.
+    work: only `extra` (and `Connection: close`) is added. `hop_by_hop`:
+    whether the head has a hop-by-hop header, when the caller knows
+    (`response_framing` says); None to look for one in `raw`.
     """
-    if not raw.startswith(b"HTTP/1.1 ") or _HOP_BY_HOP_LINE.search(raw) is not None:
+    if not raw.startswith(b"HTTP/1.1 "):
+        return None
+    if hop_by_hop if hop_by_hop is not None else _HOP_BY_HOP_LINE.search(raw) is not None:
         return None
     if close:
         return raw + b"\r\n" + extra + b"Connection: close\r\n\r\n"
