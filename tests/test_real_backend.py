@@ -637,6 +637,13 @@ def test_usage_of_every_client_counted_and_kept_after_restart(
             assert answer.usage_metadata["output_tokens"] == 5
             pieces = [c.content for c in lc.stream("say hello")]
             assert "".join(str(p) for p in pieces)
+            # check_embedding_ctx_length=False: else it tokenizes with tiktoken,
+            # whose tables come from the network.
+            vectors = langchain_openai.OpenAIEmbeddings(
+                base_url=stack.url + "/v1", api_key="x", model=MODEL, max_retries=0,
+                check_embedding_ctx_length=False,
+                default_headers={"X-User-ID": "langchain"}).embed_documents(["hello world"])
+            assert len(vectors) == 1 and vectors[0]
 
             # The ollama client speaks /api/*: translated to the OpenAI server.
             oc = ollama.Client(host=stack.url, headers={"X-User-ID": "ollama"})
@@ -646,13 +653,15 @@ def test_usage_of_every_client_counted_and_kept_after_restart(
             parts = list(oc.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                  options={"num_predict": 9}, stream=True))
             assert parts[-1].done and sum(1 for p in parts if p.message.content) >= 5
+            embedded = oc.embed(model=MODEL, input="hello world")
+            assert embedded.embeddings and embedded.prompt_eval_count
 
             def settled() -> dict[tuple[str, str], dict[str, object]] | None:
                 stack.lt.run(stack.state.cache.flush())
                 rows = _usage_rows(stack)
                 done = rows.get(("sdk", model), {}).get("requests") == 4 and \
-                    rows.get(("langchain", model), {}).get("requests") == 2 and \
-                    rows.get(("ollama", model), {}).get("requests") == 2
+                    rows.get(("langchain", model), {}).get("requests") == 3 and \
+                    rows.get(("ollama", model), {}).get("requests") == 3
                 return rows if done else None
 
             rows = _wait_for(settled, timeout=10.0, step=0.1)
