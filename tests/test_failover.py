@@ -220,3 +220,27 @@ def test_probe_thresholds_take_a_backend_out_and_back() -> None:
             assert _gen(client, st.url).status_code == 200
     finally:
         st.close()
+
+
+def test_reset_cancels_the_breaker_timer_on_uvloop() -> None:
+    # uvloop's TimerHandle is not an asyncio.TimerHandle: reset() must cancel
+    # it all the same, or an old cool-down half-opens a later breaker early.
+    import uvloop
+
+    from ollamamq_fast.config import parse_backend_url
+    from ollamamq_fast.fleet.backend import Backend, Breaker
+    from ollamamq_fast.fleet.passive import BREAKER_THRESHOLD, PassiveHealth
+
+    loop = uvloop.new_event_loop()
+    try:
+        passive = PassiveHealth(loop, lambda: None)
+        backend = Backend(parse_backend_url("http://127.0.0.1:9"), 1)
+        for _ in range(BREAKER_THRESHOLD):
+            passive.failure(backend, "test")
+        timer = backend.breaker_timer
+        assert backend.breaker is Breaker.OPEN and timer is not None
+        passive.reset(backend)
+        assert backend.breaker is Breaker.CLOSED and backend.breaker_timer is None
+        assert timer.cancelled()  # type: ignore[attr-defined]
+    finally:
+        loop.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ollamamq_fast.config import BackendOptions, BackendUrl
 
@@ -20,6 +20,13 @@ class ApiKind(enum.Enum):
     LLAMACPP = "llamacpp"  # llama.cpp's llama-server or llama-cpp-python (/v1/*)
     VLLM = "vllm"  # /v1/*
     LMSTUDIO = "lmstudio"  # /v1/*
+
+
+class Cancellable(Protocol):
+    """A scheduled call (asyncio's or uvloop's TimerHandle: uvloop's is not a subclass)."""
+
+    def cancel(self) -> None:
+        """Do not run it."""
 
 
 class Breaker(enum.Enum):
@@ -113,7 +120,7 @@ class Backend:
         self.available = False
         self.breaker = Breaker.CLOSED
         self.breaker_cooldown = BREAKER_COOLDOWN_S
-        self.breaker_timer: object | None = None
+        self.breaker_timer: Cancellable | None = None
 
     def configure(self, options: BackendOptions) -> None:
         """Apply the operator's kind and probe settings (`auto` leaves the kind to detection)."""

@@ -72,7 +72,7 @@ class PassiveHealth:
     def reset(self, backend: Backend) -> None:
         """Close the breaker (e.g. the backend was removed or re-added)."""
         timer = backend.breaker_timer
-        if isinstance(timer, asyncio.TimerHandle):
+        if timer is not None:
             timer.cancel()
         backend.breaker_timer = None
         backend.breaker = Breaker.CLOSED
