@@ -19,6 +19,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # evict the least recently seen), so a flood of distinct ids cannot grow memory
 # or metric cardinality without bound.
 MAX_TRACKED_USERS = 10_000
+# How much of the table one eviction frees: a tenth.
+EVICT_DIVISOR = 10
 
 # The counts' keys: Ollama's final line, then OpenAI's `usage` object. The
 # quote before each name keeps `"eval_count"` from matching inside
@@ -93,6 +95,10 @@ def _skip_space(data: bytes, i: int, end: int) -> int:
             return i
         i += 1
     return end
+
+
+def _last_seen(s: UserStats) -> float:
+    return s.last_seen
 
 
 class Histogram:
@@ -226,10 +232,12 @@ class GatewayStats:
         return stats
 
     def _evict(self) -> None:
-        # Drop the idle user seen longest ago; users with work in the gateway stay.
+        # Drop the idle users seen longest ago (users with work in the gateway
+        # stay), a tenth of the table at a time: one scan per thousand new users
+        # in a flood of distinct ids, not one per new user.
         idle = [s for s in self.users.values() if not s.queued and not s.in_flight]
-        if idle:
-            victim = min(idle, key=lambda s: s.last_seen)
+        idle.sort(key=_last_seen)
+        for victim in idle[: max(1, len(self.users) // EVICT_DIVISOR)]:
             del self.users[victim.user]
 
     def response(self, path: str, status: int, backend: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 import openai
 
 from harness import fast_sim_options, start_stack
@@ -132,3 +133,19 @@ def test_access_log_logfmt(tmp_path) -> None:  # type: ignore[no-untyped-def]
     line = log.read_text().splitlines()[0]
     assert 'user="a b"' in line and "status=200" in line and "path=/api/generate" in line
     assert "completion_tokens=2" in line
+
+
+def test_user_table_is_bounded_and_keeps_busy_and_recent_users(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ollamamq_fast import stats as stats_module
+    from ollamamq_fast.stats import GatewayStats
+
+    monkeypatch.setattr(stats_module, "MAX_TRACKED_USERS", 100)
+    stats = GatewayStats()
+    busy = stats.user("busy")
+    busy.in_flight = 1
+    for i in range(1000):
+        stats.user(f"u{i}").last_seen = float(i)
+    assert len(stats.users) <= 100
+    assert "busy" in stats.users  # work in the gateway: never evicted
+    assert "u999" in stats.users and "u0" not in stats.users  # the longest idle go first
