@@ -15,6 +15,7 @@ bench/RESULTS.md for those.
 
     python profiling/hotpath.py                 # default: tiny /api/generate
     python profiling/hotpath.py --route chat    # /v1/chat/completions
+    python profiling/hotpath.py --route stream  # a 100-line stream, one line a read
     python profiling/hotpath.py --profile       # cProfile the loop (top 30)
 """
 
@@ -49,7 +50,14 @@ REQUESTS = {
         b"/v1/chat/completions",
         b'{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"max_tokens":1}',
     ),
+    # A 100-line NDJSON stream, fed one chunk (one line) per read: the relay's
+    # per-event cost is the per-request figure over STREAM_EVENTS.
+    "stream": (
+        b"/api/generate",
+        b'{"model":"llama3.2","prompt":"hi","stream":true,"options":{"num_predict":100}}',
+    ),
 }
+STREAM_EVENTS = 100
 
 
 class RecordingTransport:
@@ -99,17 +107,41 @@ def backend_response(port: int, path: bytes, body: bytes) -> bytes:
         while b"\r\n\r\n" not in data:
             data += s.recv(65536)
         head, _, rest = data.partition(b"\r\n\r\n")
+        if b"transfer-encoding: chunked" in head.lower():
+            while not rest.endswith(b"0\r\n\r\n"):
+                rest += s.recv(65536)
+            return head + b"\r\n\r\n" + rest
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         while len(rest) < length:
             rest += s.recv(65536)
         return head + b"\r\n\r\n" + rest
 
 
+def reads_of(response: bytes) -> list[bytes]:
+    """A chunked response as a backend streams it: the head, then one read per chunk."""
+    head, sep, body = response.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return [response]
+    payload = b""
+    at = 0
+    while at < len(body):
+        size_end = body.index(b"\r\n", at)
+        size = int(body[at:size_end], 16)
+        payload += body[size_end + 2 : size_end + 2 + size]
+        at = size_end + 2 + size + 2
+        if size == 0:
+            break
+    # One line a chunk, one chunk a read: what a backend generating token by
+    # token sends (the simulator, unpaced, writes many lines at once).
+    lines = payload.splitlines(keepends=True)
+    return [head + sep] + [b"%x\r\n%b\r\n" % (len(line), line) for line in lines] + [b"0\r\n\r\n"]
+
+
 async def run(args: argparse.Namespace) -> None:
     options = SimOptions()
     options.ttft_ms = 0
     options.tokens_per_s = 0
-    options.tokens = 1
+    options.tokens = STREAM_EVENTS if args.route == "stream" else 1
     sim = await start_sim(options, "127.0.0.1", 0)
     settings = Settings()
     settings.port = 0
@@ -138,13 +170,18 @@ async def run(args: argparse.Namespace) -> None:
     backend.pool.open += 1
     backend.pool.release(upstream)
 
+    reads = reads_of(response)
+
     def one() -> None:
         client.data_received(request)
-        upstream.data_received(response)
+        for piece in reads:
+            upstream.data_received(piece)
 
     for _ in range(2000):
         one()
-    if not client_transport.last.startswith(b"HTTP/1.1 200"):
+    ok = (client_transport.last.endswith(b"0\r\n\r\n") if len(reads) > 1
+          else client_transport.last.startswith(b"HTTP/1.1 200"))
+    if not ok:
         raise SystemExit(f"unexpected answer: {client_transport.last[:200]!r}")
     n = args.n
     if args.profile:
@@ -162,6 +199,9 @@ async def run(args: argparse.Namespace) -> None:
         best = min(best, (time.perf_counter() - t0) / n)
     print(f"{args.route}: {best * 1e6:.2f} us of gateway Python per request "
           f"(best of {args.rounds} x {n}, build: {buildinfo.build()})")
+    if len(reads) > 1:
+        print(f"  {len(reads) - 1} chunk reads per request: "
+              f"{best * 1e6 / (len(reads) - 1):.2f} us per read")
     print("answer head:", client_transport.last.split(b"\r\n\r\n")[0].decode(errors="replace"))
     await gateway.stop()
     await sim.close()
