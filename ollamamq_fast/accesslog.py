@@ -135,7 +135,7 @@ class AccessLog:
         }
         if self.fmt == "logfmt":
             return logfmt_line(record) + "\n"
-        return _json_safe(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE).decode())
+        return _json_safe(orjson.dumps(record).decode()) + "\n"
 
     def stop(self) -> None:
         """Flush and stop the writer thread."""
