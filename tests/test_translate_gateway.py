@@ -20,7 +20,6 @@ import ollama
 import openai
 import orjson
 import pytest
-
 from harness import Stack, fast_sim_options, start_stack
 
 TOOL = {"type": "function", "function": {

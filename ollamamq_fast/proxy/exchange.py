@@ -701,6 +701,10 @@ class Exchange:
         self.finish()
 
     def _count_tokens(self, conn: "UpstreamConnection") -> None:
+        relay = self.xlate
+        if relay is not None and relay.conn is conn:
+            relay.count_tokens()  # the counts its translator read from the backend
+            return
         prompt, completion = tokens_in_tail(conn.tail())
         if prompt or completion or not conn.events:
             self.gw.ledger.tokens(self, prompt, completion)

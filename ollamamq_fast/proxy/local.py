@@ -16,7 +16,10 @@ from ollamamq_fast.fleet.backend import ApiKind
 from ollamamq_fast.fleet.models import namespace_of, normalize_model
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.wire.routes import V1_MODEL_PREFIX, Local, Route
-from ollamamq_fast.wire.translate.models import ps_from_openai_model, tag_from_openai_model
+from ollamamq_fast.wire.translate.models import (
+    ps_from_openai_model,
+    tag_from_openai_model,
+)
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState

@@ -35,8 +35,9 @@ import orjson
 from ollamamq_fast.fleet.backend import ApiKind
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.proxy.state import State
+from ollamamq_fast.stats import tokens_in_tail
 from ollamamq_fast.wire import framing
-from ollamamq_fast.wire.errors import Api, error_body
+from ollamamq_fast.wire.errors import Api, error_body, stream_error_frame
 from ollamamq_fast.wire.headers import length_line
 from ollamamq_fast.wire.routes import SPEAKS_OLLAMA
 from ollamamq_fast.wire.translate import (
@@ -62,6 +63,10 @@ if TYPE_CHECKING:
 # translated: at most this much (a large batch of embeddings fits).
 MAX_WHOLE_BYTES: Final = 256 * 1024 * 1024
 
+# Where a whole answer's token counts are looked for: its last bytes (both
+# APIs write them at the end).
+_COUNTS_TAIL: Final = 8192
+
 # What a backend of each kind accepts beyond the common OpenAI subset.
 _TRAITS: Final[dict[ApiKind, BackendTraits]] = {
     ApiKind.LMSTUDIO: BackendTraits(completions_route=False),
@@ -79,7 +84,7 @@ WHOLE: Final = 2  # 2xx JSON: held, translated at the end
 ERROR: Final = 3  # any other status: held, answered in the client's error shape
 
 
-def traits_for(backend: "Backend") -> BackendTraits:
+def traits_for(backend: Backend) -> BackendTraits:
     """The translation settings for a backend's server kind."""
     return _TRAITS.get(backend.kind, DEFAULT_TRAITS)
 
@@ -90,7 +95,7 @@ def header_value(text: str) -> bytes:
     return clean[:1024].encode()
 
 
-def send(ex: "Exchange", conn: "UpstreamConnection", backend: "Backend") -> None:
+def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     """Translate `ex`'s request for `backend` and write it on `conn` (called by `Exchange._send`).
 
     A body the client must fix is answered 400 in its API's shape; Ollama's
@@ -135,7 +140,7 @@ def send(ex: "Exchange", conn: "UpstreamConnection", backend: "Backend") -> None
     ex.body_forwarded = True
 
 
-def _answer_here(ex: "Exchange", conn: "UpstreamConnection", status: int, ctype: bytes,
+def _answer_here(ex: Exchange, conn: UpstreamConnection, status: int, ctype: bytes,
                  body: bytes, extra: bytes = b"") -> None:
     """Answer without the backend: its unused connection goes back to the pool."""
     ex.upstream = None
@@ -145,7 +150,7 @@ def _answer_here(ex: "Exchange", conn: "UpstreamConnection", status: int, ctype:
     ex.respond(status, ctype, body, extra=extra)
 
 
-def _answer_show(ex: "Exchange", conn: "UpstreamConnection", backend: "Backend") -> None:
+def _answer_show(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     for item in backend.v1_models:
         if normalize_model(str(item.get("id", ""))) == ex.model:
             body = orjson.dumps(show_from_openai_model(item))
@@ -157,10 +162,10 @@ def _answer_show(ex: "Exchange", conn: "UpstreamConnection", backend: "Backend")
 class TranslatingRelay:
     """The backend connection's sink for a translated exchange (upstream.ResponseSink)."""
 
-    __slots__ = ("conn", "ex", "extra", "held", "held_bytes", "http10", "mode", "stream",
-                 "translated", "chunked")
+    __slots__ = ("chunked", "completion", "conn", "ex", "extra", "held", "held_bytes", "http10",
+                 "mode", "prompt", "stream", "translated")
 
-    def __init__(self, ex: "Exchange", t: Translated, conn: "UpstreamConnection",
+    def __init__(self, ex: Exchange, t: Translated, conn: UpstreamConnection,
                  extra: bytes) -> None:
         self.ex = ex
         self.translated = t
@@ -174,15 +179,18 @@ class TranslatingRelay:
         self.held: list[bytes] = []
         self.held_bytes = 0
         self.chunked = not ex.http10
+        # The backend's own token counts of a whole answer (a stream's are its translator's).
+        self.prompt = 0
+        self.completion = 0
 
     # -- ResponseSink -------------------------------------------------------------
 
     @property
-    def client_transport(self) -> "Transport | None":
+    def client_transport(self) -> Transport | None:
         """The relay itself receives the body (translated, then written to the client)."""
         return cast("Transport", self) if self.ex.state is not State.DONE else None
 
-    def response_head(self, conn: "UpstreamConnection") -> bytes | None:
+    def response_head(self, conn: UpstreamConnection) -> bytes | None:
         """The backend's head arrived: decide how its body is translated.
 
         The exchange's own bookkeeping runs first (a retry elsewhere on a fast
@@ -206,7 +214,7 @@ class TranslatingRelay:
             self.mode = ERROR
         return b""
 
-    def upstream_continue(self, conn: "UpstreamConnection") -> None:
+    def upstream_continue(self, conn: UpstreamConnection) -> None:
         """Nothing to do (the gateway sends no Expect upstream)."""
 
     def write(self, data: bytes) -> None:
@@ -231,7 +239,7 @@ class TranslatingRelay:
             return
         self.held.append(data)
 
-    def response_complete(self, conn: "UpstreamConnection") -> None:
+    def response_complete(self, conn: UpstreamConnection) -> None:
         """The backend's answer ended: write the rest, then let the exchange finish."""
         ex = self.ex
         transport = ex.client_transport
@@ -251,7 +259,7 @@ class TranslatingRelay:
                 status, ctype, body, close=not ex.keep_alive, extra=self._extra()))
         ex.response_complete(conn)
 
-    def upstream_lost(self, conn: "UpstreamConnection", exc: Exception | None) -> None:
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The backend connection closed before its answer ended."""
         if self.mode == WAITING:
             self.ex.upstream_lost(conn, exc)  # nothing sent yet: the exchange may retry
@@ -278,6 +286,8 @@ class TranslatingRelay:
             stream = self.stream
             assert stream is not None
             out = stream.finish()
+            if not stream.complete:  # cut short: say why, in the client's stream format
+                out = stream_error_frame(self.translated.content_type, why) or out
             transport = ex.client_transport
             if transport is not None and not transport.is_closing():
                 if self.chunked:
@@ -289,6 +299,23 @@ class TranslatingRelay:
             ex.finish()
             return
         ex.respond_error(502, f"backend {ex._backend_name()} failed mid-answer: {why}")
+
+    def count_tokens(self) -> None:
+        """Record the request's tokens (called by the exchange where it counts an answer's).
+
+        The backend's own figures, read whole by the translator (the usage
+        chunk, or the final NDJSON line), wherever the reads split them; an
+        estimate from the stream's events when the backend gave none.
+        """
+        ex = self.ex
+        stream = self.stream
+        if stream is not None:
+            self.prompt = stream.prompt_tokens or 0
+            self.completion = stream.completion_tokens or 0
+        if self.prompt or self.completion or not self.conn.events:
+            ex.gw.ledger.tokens(ex, self.prompt, self.completion)
+        else:
+            ex._estimate_tokens(self.conn)
 
     def _cut(self, why: str) -> None:
         conn = self.conn
@@ -324,7 +351,7 @@ class TranslatingRelay:
             extra += b"Connection: keep-alive\r\n"
         return framing.response_head(status, b"", headers, extra, not ex.keep_alive)
 
-    def _whole_answer(self, conn: "UpstreamConnection") -> tuple[int, bytes, bytes]:
+    def _whole_answer(self, conn: UpstreamConnection) -> tuple[int, bytes, bytes]:
         t = self.translated
         body = b"".join(self.held)
         self.held = []
@@ -332,6 +359,7 @@ class TranslatingRelay:
         if self.mode == ERROR:
             ctype, out = translate_error(t.client.api, status, body)
             return status, ctype, out
+        self.prompt, self.completion = tokens_in_tail(body[-_COUNTS_TAIL:])
         ex = self.ex
         elapsed = int((ex.gw.loop.time() - ex.sent_at) * 1e9)
         try:
