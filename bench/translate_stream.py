@@ -3,7 +3,7 @@
 
 Starts the simulator (one process) and the gateway (another) on free loopback
 ports, then reads long streams through the gateway from raw sockets and counts
-the events the client gets (NDJSON lines, or SSE `data:` events). The
+the events the client gets (NDJSON lines, or SSE `data:` events; the final `[DONE]` counts as one). The
 simulator writes its tokens as fast as it can (`--tokens-per-s 0`), so the
 figure is what the gateway sustains, as long as the simulator and the reader
 keep up (all three share the machine's cores: see the CPU columns).
@@ -104,7 +104,8 @@ def run_mode(mode: str, events: int, streams: int, rounds: int) -> list[dict[str
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(gw_port)
-        mark = b"data: " if mode == "openai->ollama" else b"\n"
+        # One per event: SSE `data: ` lines; NDJSON lines all carry `"done":`.
+        mark = b"data: " if mode == "openai->ollama" else b'"done":'
         req = request(mode, events)
         read_stream(gw_port, request(mode, 1000), mark, [])  # warm up
         results = []
