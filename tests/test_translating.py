@@ -298,3 +298,32 @@ def test_show_prefers_an_ollama_backend_and_primary_is_ollama() -> None:
     for _ in range(3):
         assert fleet.pick_unslotted("m:latest", show.native, (), show.native_first) is not oai
     assert fleet.primary(show.native or show.native_first) is ollama_a
+
+
+def test_openai_via_is_read_from_the_config_file_and_checked() -> None:
+    from ollamamq_fast.config import BackendOptions, ConfigError, Settings, apply_toml
+
+    s = Settings()
+    apply_toml(s, {"backends": [{"url": "http://a:11434", "openai_via": "native"}]})
+    assert s.backend_options == {"http://a:11434": BackendOptions(openai_via="native")}
+    with pytest.raises(ConfigError, match="openai_via"):
+        apply_toml(Settings(), {"backends": [{"url": "http://a:11434", "openai_via": "both"}]})
+
+
+def test_openai_via_native_translates_openai_requests_for_an_ollama_backend_with_v1() -> None:
+    from ollamamq_fast.config import BackendOptions
+
+    rig = Rig()
+    try:
+        b = rig.state.fleet.backends[0]
+        b.v1 = True  # it has /v1, but the operator wants the native API
+        b.configure(BackendOptions(kind="ollama", openai_via="native"))
+        assert b.speaks == 1
+        body = b'{"model":"m","top_k":5,"messages":[{"role":"user","content":"hi"}]}'
+        _proto, _client, _conn, backend = start(rig, path=b"/v1/chat/completions", body=body)
+        head, _, sent = backend.take().partition(b"\r\n\r\n")
+        assert head.startswith(b"POST /api/chat ") and orjson.loads(sent)["options"]["top_k"] == 5
+        b.configure(BackendOptions(kind="ollama"))  # back to auto: its /v1 is used again
+        assert b.speaks == 3
+    finally:
+        rig.close()

@@ -60,6 +60,7 @@ class Backend:
         "kind",
         "kind_configured",
         "v1",
+        "openai_via",
         "speaks",
         "probe_path",
         "probe_interval",
@@ -101,6 +102,9 @@ class Backend:
         # An Ollama backend's own /v1 layer: None until the health check asked
         # (assumed there), False when /v1/models is not served (native API only).
         self.v1: bool | None = None
+        # The operator's choice for OpenAI requests to an Ollama backend
+        # (config.OPENAI_VIA): "auto" follows `v1`; "v1" or "native" are kept.
+        self.openai_via = "auto"
         # The APIs it speaks (wire/routes.py SPEAKS_*), kept by refresh(): a
         # request to a route whose bit is missing is translated.
         self.speaks = SPEAKS_ALL
@@ -138,6 +142,8 @@ class Backend:
         self.kind_configured = options.kind != "auto"
         self.probe_path = options.probe_path
         self.probe_interval = options.probe_interval
+        self.openai_via = options.openai_via
+        self.refresh()
 
     @property
     def busy(self) -> bool:
@@ -149,7 +155,9 @@ class Backend:
         self.available = self.online and not self.draining and self.breaker is not Breaker.OPEN
         kind = self.kind
         if kind is ApiKind.OLLAMA:
-            self.speaks = SPEAKS_OLLAMA if self.v1 is False else SPEAKS_ALL
+            via = self.openai_via
+            native_only = via == "native" or (via == "auto" and self.v1 is False)
+            self.speaks = SPEAKS_OLLAMA if native_only else SPEAKS_ALL
         elif kind is ApiKind.UNKNOWN:
             self.speaks = SPEAKS_ALL  # serves nothing until detected
         else:

@@ -251,7 +251,7 @@ class HealthChecker:
                 version = None
             if isinstance(version, dict):
                 backend.version = str(version.get("version") or "") or None
-        if backend.kind is ApiKind.OLLAMA and backend.v1 is None:
+        if backend.kind is ApiKind.OLLAMA and backend.v1 is None and backend.openai_via == "auto":
             # Once: whether its own /v1 layer is there. Without it, OpenAI
             # requests sent there are translated to the native API.
             try:
