@@ -327,3 +327,9 @@ def test_openai_via_native_translates_openai_requests_for_an_ollama_backend_with
         assert b.speaks == 3
     finally:
         rig.close()
+
+
+def test_a_translated_request_asks_for_an_uncompressed_answer(rig: Rig) -> None:
+    _proto, _client, _conn, backend = start(rig, extra=b"Accept-Encoding: gzip, br\r\nX-Trace: 7\r\n")
+    head = backend.take().partition(b"\r\n\r\n")[0].lower()
+    assert b"accept-encoding" not in head and b"x-trace: 7" in head

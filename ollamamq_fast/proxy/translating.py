@@ -135,16 +135,26 @@ def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     # backend sent, which are not the client's).
     ex.cache_key = None
     head = b"".join((b"POST ", backend.path_prefix, t.path, b" HTTP/1.1\r\n", backend.host_header,
-                     ex.fwd_headers, length_line(len(t.body))))
+                     _identity_only(ex.fwd_headers), length_line(len(t.body))))
     conn.send(relay, ex.client.flow, [head + t.body], False, None, 0, True)
     ex.body_forwarded = True
+
+
+def _identity_only(headers: bytes) -> bytes:
+    """The forwarded header lines without Accept-Encoding: the relay must read the answer."""
+    if b"ccept-encoding" not in headers.lower():
+        return headers
+    lines = headers.split(b"\r\n")
+    return b"\r\n".join(line for line in lines if not line.lower().startswith(b"accept-encoding:"))
 
 
 def _answer_here(ex: Exchange, conn: UpstreamConnection, status: int, ctype: bytes,
                  body: bytes, extra: bytes = b"") -> None:
     """Answer without the backend: its unused connection goes back to the pool."""
     ex.upstream = None
-    assert conn.pool is not None
+    # Unused, it goes back to the pool; counted as having served, like every
+    # pooled connection (a stale one is then reconnected, not blamed).
+    conn.responses += 1
     conn.pool.release(conn)
     ex._release_backend()
     ex.respond(status, ctype, body, extra=extra)
