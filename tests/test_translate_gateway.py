@@ -345,3 +345,31 @@ def test_native_openai_and_ollama_requests_are_not_translated() -> None:
     finally:
         st.close()
 
+
+
+def test_a_mixed_fleet_routes_by_model_and_translates_only_where_needed() -> None:
+    st = start_stack(sims=[fast_sim_options(api="ollama", tokens=4, models=["llama3.2"]),
+                           fast_sim_options(api="openai", tokens=4, models=["qwen2.5:0.5b"])])
+    try:
+        ollama_url, openai_url = (sim.url for sim in st.sims)
+        c = ollama_client(st, "mixed")
+        names = {m.model for m in c.list().models}
+        assert {"llama3.2:latest", "qwen2.5:0.5b"} <= names
+        for model, backend, translated in (("llama3.2", ollama_url, None),
+                                           ("qwen2.5:0.5b", openai_url, "ollama->openai")):
+            r = httpx.post(st.url + "/api/chat", json={
+                "model": model, "stream": False, "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 200 and r.json()["done"] is True
+            assert r.headers["x-gateway-backend"] == backend
+            assert r.headers.get("x-translated") == translated
+        # OpenAI clients: the OpenAI server directly, the Ollama without /v1 translated.
+        ai = openai_client(st, "mixed")
+        for model, backend, translated in (("qwen2.5:0.5b", openai_url, None),
+                                           ("llama3.2", ollama_url, "openai->ollama")):
+            raw = ai.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": "x"}])
+            assert raw.headers["x-gateway-backend"] == backend
+            assert raw.headers.get("x-translated") == translated
+            assert raw.parse().choices[0].message.content
+    finally:
+        st.close()
