@@ -333,3 +333,17 @@ def test_a_translated_request_asks_for_an_uncompressed_answer(rig: Rig) -> None:
     _proto, _client, _conn, backend = start(rig, extra=b"Accept-Encoding: gzip, br\r\nX-Trace: 7\r\n")
     head = backend.take().partition(b"\r\n\r\n")[0].lower()
     assert b"accept-encoding" not in head and b"x-trace: 7" in head
+
+
+def test_an_http10_client_gets_the_translated_stream_unchunked_to_the_close(rig: Rig) -> None:
+    proto, client = rig.client()
+    proto.data_received(b"POST /api/chat HTTP/1.0\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%b"
+                        % (len(CHAT), CHAT))
+    rig.turn()
+    conn, _backend = rig.pools[0].last
+    conn.data_received(SSE_HEAD + chunk(SSE_BODY) + b"0\r\n\r\n")
+    head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    lines = [orjson.loads(line) for line in body.split(b"\n") if line]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 3
+    assert client.closing
