@@ -91,6 +91,9 @@ def parse_backend_urls(raw: str) -> list[BackendUrl]:
 BACKEND_KINDS = ("auto", "ollama", "openai", "llamacpp", "vllm", "lmstudio")
 
 
+OPENAI_VIA = ("auto", "v1", "native")
+
+
 @dataclass(slots=True)
 class BackendOptions:
     """Per-backend settings beyond slots: API kind and health-probe override."""
@@ -100,6 +103,10 @@ class BackendOptions:
     # (only for paths the server answers at once while it generates).
     probe_path: str | None = None
     probe_interval: float | None = None
+    # How OpenAI requests reach an Ollama backend: "auto" (its own /v1 layer
+    # when it has one, asked at first contact), "v1", or "native" (translated to
+    # /api/*, which honours top_k, min_p, repeat_penalty, num_ctx...).
+    openai_via: str = "auto"
 
 
 @dataclass(slots=True)
@@ -383,8 +390,8 @@ def _apply_backends(settings: Settings, value: object, path: str) -> None:
 
 
 def _backend_options(item: dict[str, Any], where: str) -> BackendOptions | None:
-    """`kind`, `probe_path` and `probe_interval` of one `[[backends]]` table."""
-    if not any(k in item for k in ("kind", "probe_path", "probe_interval")):
+    """`kind`, `probe_path`, `probe_interval` and `openai_via` of one `[[backends]]` table."""
+    if not any(k in item for k in ("kind", "probe_path", "probe_interval", "openai_via")):
         return None
     options = BackendOptions()
     kind = item.get("kind", "auto")
@@ -401,6 +408,10 @@ def _backend_options(item: dict[str, Any], where: str) -> BackendOptions | None:
         if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
             raise ConfigError(f"{where}: probe_interval must be a positive number of seconds")
         options.probe_interval = float(interval)
+    via = item.get("openai_via", "auto")
+    if via not in OPENAI_VIA:
+        raise ConfigError(f"{where}: openai_via must be one of {', '.join(OPENAI_VIA)}")
+    options.openai_via = str(via)
     return options
 
 

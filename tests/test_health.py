@@ -202,7 +202,8 @@ def test_ollama_kind_one_request_per_check_models_on_their_own_schedule(
     try:
         backend = only_backend(st)
         assert backend.kind is ApiKind.OLLAMA and backend.version == "0.12.3"
-        assert hits(fake_loop, fake) == {"/api/tags": 1, "/api/version": 1}
+        # First contact also asks once whether its /v1 layer is there (translation).
+        assert hits(fake_loop, fake) == {"/api/tags": 1, "/api/version": 1, "/v1/models": 1}
         clear_hits(fake_loop, fake)
         checker = st.state.health
         for _ in range(3):

@@ -242,20 +242,27 @@ def test_routing_by_model_and_api(real: RealBackend) -> None:
         assert r.status_code == 200, r.text
         assert r.headers["x-gateway-backend"] == real.sim_url
 
-        # Native routes go only to Ollama backends, and no Ollama backend lists
-        # tiny: the gateway answers 404 itself, at once, in Ollama's error shape.
+        # No Ollama backend lists tiny: native requests for it go to the
+        # llama.cpp server, translated (proxy/translating.py).
         for path, body in (
-            ("/api/chat", {"model": MODEL, "messages": _MESSAGES}),
-            ("/api/generate", {"model": MODEL, "prompt": "hi"}),
+            ("/api/chat", {"model": MODEL, "messages": _MESSAGES, "options": {"num_predict": 4}}),
+            ("/api/generate", {"model": MODEL, "prompt": "hi", "stream": False,
+                               "options": {"num_predict": 4}}),
         ):
-            started = time.monotonic()
-            r = client.post(url + path, json=body, timeout=5.0)
-            elapsed = time.monotonic() - started
-            assert r.status_code == 404, (path, r.status_code, r.text)
-            assert r.headers["content-type"].startswith("application/json")
-            assert r.json() == {"error": f"model '{MODEL}' not found"}
-            assert "x-gateway-backend" not in r.headers  # never reached a backend
-            assert elapsed < 1.0, f"{path} took {elapsed:.2f} s to answer 404"
+            r = client.post(url + path, json=body, timeout=30.0)
+            assert r.status_code == 200, (path, r.status_code, r.text)
+            assert r.headers["x-gateway-backend"] == real.server_url
+            assert r.headers["x-translated"] == "ollama->openai"
+            assert r.text.rstrip().splitlines()[-1].startswith('{"model":"tiny"')
+        # A model no backend lists: the gateway answers 404 itself, at once,
+        # in Ollama's error shape.
+        started = time.monotonic()
+        r = client.post(url + "/api/chat", json={"model": "nonexistent", "messages": _MESSAGES},
+                        timeout=5.0)
+        elapsed = time.monotonic() - started
+        assert r.status_code == 404 and r.json() == {"error": "model 'nonexistent' not found"}
+        assert "x-gateway-backend" not in r.headers  # never reached a backend
+        assert elapsed < 1.0, f"took {elapsed:.2f} s to answer 404"
 
         # llama.cpp itself answers 200 for any model name; the gateway must not
         # send it a model it does not list, and answers in the OpenAI shape.
@@ -415,6 +422,42 @@ def test_client_disconnect_stops_real_generation(real: RealBackend) -> None:
     print(f"\nfull {LONG_MAX_TOKENS}-token stream {full_s * 1000:.0f} ms; "
           f"follow-up after cancel {follow_s * 1000:.0f} ms; "
           f"server noticed the close {notice_s * 1000:.0f} ms after the client left")
+
+
+def test_translated_ollama_stream_and_its_cancel_on_the_real_server(real: RealBackend) -> None:
+    """The ollama client's stream on llama.cpp (translated SSE -> NDJSON), read whole,
+    then one left midway: the server sees its connection close and stops."""
+    import ollama
+
+    client = ollama.Client(host=real.stack.url, headers={"X-User-ID": "translated"})
+    parts = list(client.chat(model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                             options={"num_predict": 20}, stream=True))
+    assert parts[-1].done and parts[-1].done_reason == "length"
+    assert sum(1 for p in parts if p.message.content) == 20
+    # llama-cpp-python sends no usage chunk: no counts are made up (Ollama omits
+    # unknown metrics), and the gateway estimates the tokens from the events.
+    assert parts[-1].eval_count is None
+    estimated = _wait_for(lambda: real.on_loop(
+        lambda: real.stack.state.stats.users["translated"].estimated_tokens or None), timeout=2.0)
+    assert estimated is not None and estimated >= 20
+
+    log_offset = len(real.log())
+    with _http() as http, http.stream("POST", real.stack.url + "/api/chat", json={
+            "model": MODEL, "messages": _MESSAGES,
+            "options": {"num_predict": LONG_MAX_TOKENS}}) as r:
+        assert r.headers["x-translated"] == "ollama->openai"
+        lines = r.iter_lines()
+        assert '"done":false' in next(lines) and '"done":false' in next(lines)
+        # Leaving the block closes the connection before the stream's end.
+    noticed = _wait_for(lambda: _DISCONNECT_RE.search(real.log()[log_offset:]), timeout=5.0)
+    assert noticed, "llama.cpp never saw the translated stream's client leave"
+
+    def idle() -> bool | None:
+        backend = real.stack.state.fleet.find(real.server_url)
+        assert backend is not None
+        return True if backend.in_flight == 0 else None
+
+    assert _wait_for(lambda: real.on_loop(idle), timeout=2.0, step=0.02)
 
 
 # -- 5. The server's idle keep-alive timeout ------------------------------------------

@@ -489,6 +489,9 @@ def test_embedding_responses_both_ways() -> None:
     back = plan(Endpoint.OLLAMA_EMBED, Endpoint.OPENAI_EMBEDDINGS, stream=False)
     data = b'{"data":[{"embedding":"' + encoded.encode() + b'","index":0}]}'
     assert j(translate_response(back, data))["embeddings"] == [[0.5, -2.0]]
+    # One vector per token (llama-cpp-python, a model without pooling): averaged.
+    tokens = b'{"data":[{"embedding":[[1.0,2.0],[3.0,-2.0]],"index":0}],"usage":{"prompt_tokens":2}}'
+    assert j(translate_response(back, tokens))["embeddings"] == [[2.0, 0.0]]
 
 
 def test_ollama_chat_response_to_openai() -> None:

@@ -6,6 +6,7 @@ import enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ollamamq_fast.config import BackendOptions, BackendUrl
+from ollamamq_fast.wire.routes import SPEAKS_ALL, SPEAKS_OLLAMA, SPEAKS_OPENAI
 
 if TYPE_CHECKING:
     from ollamamq_fast.proxy.pool import ConnectionPool
@@ -58,6 +59,9 @@ class Backend:
         "unslotted",
         "kind",
         "kind_configured",
+        "v1",
+        "openai_via",
+        "speaks",
         "probe_path",
         "probe_interval",
         "online",
@@ -95,6 +99,15 @@ class Backend:
         self.kind = ApiKind.UNKNOWN
         # Set by the operator (config `kind`, --backend-kind): never re-detected.
         self.kind_configured = False
+        # An Ollama backend's own /v1 layer: None until the health check asked
+        # (assumed there), False when /v1/models is not served (native API only).
+        self.v1: bool | None = None
+        # The operator's choice for OpenAI requests to an Ollama backend
+        # (config.OPENAI_VIA): "auto" follows `v1`; "v1" or "native" are kept.
+        self.openai_via = "auto"
+        # The APIs it speaks (wire/routes.py SPEAKS_*), kept by refresh(): a
+        # request to a route whose bit is missing is translated.
+        self.speaks = SPEAKS_ALL
         # Per-backend probe override: this path every probe_interval seconds,
         # even while requests run (health.py); None = the kind's own request.
         self.probe_path: str | None = None
@@ -129,6 +142,8 @@ class Backend:
         self.kind_configured = options.kind != "auto"
         self.probe_path = options.probe_path
         self.probe_interval = options.probe_interval
+        self.openai_via = options.openai_via
+        self.refresh()
 
     @property
     def busy(self) -> bool:
@@ -138,6 +153,15 @@ class Backend:
     def refresh(self) -> None:
         """Recompute `available` after online / draining / breaker changed."""
         self.available = self.online and not self.draining and self.breaker is not Breaker.OPEN
+        kind = self.kind
+        if kind is ApiKind.OLLAMA:
+            via = self.openai_via
+            native_only = via == "native" or (via == "auto" and self.v1 is False)
+            self.speaks = SPEAKS_OLLAMA if native_only else SPEAKS_ALL
+        elif kind is ApiKind.UNKNOWN:
+            self.speaks = SPEAKS_ALL  # serves nothing until detected
+        else:
+            self.speaks = SPEAKS_OPENAI
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready view for status pages and the admin API."""

@@ -251,6 +251,15 @@ class HealthChecker:
                 version = None
             if isinstance(version, dict):
                 backend.version = str(version.get("version") or "") or None
+        if backend.kind is ApiKind.OLLAMA and backend.v1 is None and backend.openai_via == "auto":
+            # Once: whether its own /v1 layer is there. Without it, OpenAI
+            # requests sent there are translated to the native API.
+            try:
+                status, _ = await self._get_json(backend, "/v1/models", parse=False)
+            except _PROBE_ERRORS:
+                status = 0
+            if status:
+                backend.v1 = status == 200
 
     async def _detect(self, backend: Backend) -> None:
         """Find the API kind at first contact (the only time more than one path is tried)."""

@@ -42,6 +42,9 @@ class Fleet:
         self._index_native: dict[str, list[Backend]] = {}
         self._index_any: dict[str, list[Backend]] = {}
         self._native_all: list[Backend] = []
+        # Models listed by both an Ollama backend and one of another kind: where a
+        # native request first tries an Ollama backend with the model loaded.
+        self._mixed: frozenset[str] = frozenset()
         for b in backends:
             b.refresh()
         self.rebuild_index()
@@ -59,6 +62,7 @@ class Fleet:
         self._index_native = native
         self._index_any = anyk
         self._native_all = [b for b in self.backends if b.kind is ApiKind.OLLAMA]
+        self._mixed = frozenset(m for m, listed in native.items() if len(listed) != len(anyk[m]))
 
     def add(self, backend: Backend) -> None:
         """Add a backend (it serves nothing until its first probe)."""
@@ -107,12 +111,23 @@ class Fleet:
         return False
 
     def pick(self, model: str | None, native: bool, affinity: str = "",
-             exclude: tuple[Backend, ...] = ()) -> Backend | None:
+             exclude: tuple[Backend, ...] = (), native_first: bool = False) -> Backend | None:
         """The backend to run a queued request on now, or None when none is free.
 
         `exclude`: backends that already failed this request (a retry never
         goes back to them while their breaker has not opened yet).
+        `native_first` (a native route any backend may serve, translated): an
+        Ollama backend with the model loaded first, then the policy among all
+        backends listing it. A request whose model could not be read stays on
+        Ollama backends (its body cannot be translated).
         """
+        if native_first:
+            if model is None:
+                native = True
+            elif model in self._mixed:
+                loaded = self._loaded_native(model, exclude)
+                if loaded is not None:
+                    return loaded
         pool = self.candidates(model, native)
         if exclude:
             pool = [b for b in pool if b not in exclude]
@@ -140,6 +155,16 @@ class Fleet:
             return self._random.choice(free) if free else None
         return self._least_conn(pool, model)
 
+    def _loaded_native(self, model: str, exclude: tuple[Backend, ...]) -> Backend | None:
+        """The least loaded Ollama backend with `model` in memory and a free slot."""
+        best: Backend | None = None
+        best_load = 2.0
+        for b in self._index_native.get(model, ()):
+            if (b.available and b.in_flight < b.slots and model in b.loaded
+                    and b not in exclude and b.in_flight / b.slots < best_load):
+                best, best_load = b, b.in_flight / b.slots
+        return best
+
     def _least_conn(self, pool: list[Backend], model: str | None) -> Backend | None:
         best: Backend | None = None
         best_key = (2.0, 1)
@@ -159,9 +184,17 @@ class Fleet:
         return best
 
     def pick_unslotted(self, model: str | None, native: bool,
-                       exclude: tuple[Backend, ...] = ()) -> Backend | None:
-        """A backend for a request that needs no slot (show, pull, blobs...): least busy."""
-        best: Backend | None = None
+                       exclude: tuple[Backend, ...] = (), native_first: bool = False,
+                       ) -> Backend | None:
+        """A backend for a request that needs no slot (show, pull, blobs...): least busy.
+
+        `native_first`: an Ollama backend listing the model when there is one.
+        """
+        if native_first and model is not None and model in self._mixed:
+            best = self.pick_unslotted(model, True, exclude)
+            if best is not None:
+                return best
+        best = None
         for b in self.candidates(model, native):
             if not b.available or b in exclude:
                 continue

@@ -37,6 +37,7 @@ from ollamamq_fast.policy.cache import cache_control
 from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
 from ollamamq_fast.policy.identity import AuthError, UserIdError, check_user_id
 from ollamamq_fast.policy.streamusage import UsageStripper
+from ollamamq_fast.proxy import translating
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.proxy.state import State, advance
 from ollamamq_fast.sched.dispatcher import Placed
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
     from ollamamq_fast.limits import Limits
     from ollamamq_fast.policy.cache import Entry
     from ollamamq_fast.proxy.downstream import ClientProtocol
+    from ollamamq_fast.proxy.translating import TranslatingRelay
     from ollamamq_fast.proxy.transport import Transport
     from ollamamq_fast.proxy.upstream import UpstreamConnection
     from ollamamq_fast.sched.fairqueue import Ticket
@@ -101,7 +103,7 @@ class Exchange:
         "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
         "prompt_tokens", "completion_tokens", "affinity",
         "limits", "cache_key", "cache_control", "strip_usage", "credential", "body_held",
-        "request_id", "failed", "key_id", "tokens_estimated",
+        "request_id", "failed", "key_id", "tokens_estimated", "xlate",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
@@ -171,6 +173,8 @@ class Exchange:
         self.continue_sent = False
         self.early_extra = b""
         self.sent_at = 0.0
+        # The translating relay (proxy/translating.py) when the backend speaks the other API.
+        self.xlate: TranslatingRelay | None = None
 
     # -- State (state.py holds the table of allowed moves) ---------------------------
 
@@ -565,6 +569,10 @@ class Exchange:
         self.upstream = conn
         self._to(State.WAITING)
         self.sent_at = self.gw.loop.time()
+        route = self.route
+        if route is not None and route.translate & ~backend.speaks:
+            translating.send(self, conn, backend)  # the backend speaks the other API
+            return
         head = [
             self.method, b" ", backend.path_prefix, self.url, b" HTTP/1.1\r\n",
             backend.host_header, self.fwd_headers,
@@ -579,7 +587,6 @@ class Exchange:
             head.append(body)
             strip = UsageStripper(self.strip_usage == 2) if self.strip_usage else None
             tee = self.gw.policy.cache.entry_limit if self.cache_key is not None else 0
-            route = self.route
             conn.send(self, self.client.flow, [b"".join(head)], head_request, strip, tee,
                       route is not None and route.kind is Kind.QUEUED)
             self.body_forwarded = True
@@ -694,6 +701,10 @@ class Exchange:
         self.finish()
 
     def _count_tokens(self, conn: "UpstreamConnection") -> None:
+        relay = self.xlate
+        if relay is not None and relay.conn is conn:
+            relay.count_tokens()  # the counts its translator read from the backend
+            return
         prompt, completion = tokens_in_tail(conn.tail())
         if prompt or completion or not conn.events:
             self.gw.ledger.tokens(self, prompt, completion)
@@ -733,6 +744,10 @@ class Exchange:
             self.respond_error(504, f"backend {self._backend_name()} sent nothing for {secs:g} s")
 
     def _broken_stream(self, conn: "UpstreamConnection", why: str) -> None:
+        relay = self.xlate
+        if relay is not None and relay.conn is conn:
+            relay.broken(why)  # the client's stream is in the other API's format
+            return
         self._note_backend_failure(why)
         self._release_backend()
         self.keep_alive = False

@@ -16,6 +16,10 @@ from ollamamq_fast.fleet.backend import ApiKind
 from ollamamq_fast.fleet.models import namespace_of, normalize_model
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.wire.routes import V1_MODEL_PREFIX, Local, Route
+from ollamamq_fast.wire.translate.models import (
+    ps_from_openai_model,
+    tag_from_openai_model,
+)
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
@@ -91,12 +95,24 @@ class LocalRoutes:
         return None
 
     def tags(self) -> list[dict[str, Any]]:
-        """Models of all online Ollama backends, de-duplicated by normalized name."""
+        """Models of all online backends, de-duplicated by normalized name.
+
+        Ollama backends' own entries come first; a model only OpenAI-compatible
+        servers list is described from their /v1/models items (its requests
+        are translated, proxy/translating.py).
+        """
         merged: dict[str, dict[str, Any]] = {}
-        for b in self.gw.fleet.backends:
+        backends = self.gw.fleet.backends
+        for b in backends:
             if b.online and b.kind is ApiKind.OLLAMA:
                 for key, entry in b.models.items():
                     merged.setdefault(key, entry)
+        for b in backends:
+            if b.online and b.kind is not ApiKind.OLLAMA:
+                for item in b.v1_models:
+                    key = normalize_model(str(item.get("id", "")))
+                    if key not in merged:
+                        merged[key] = tag_from_openai_model(item)
         return list(merged.values())
 
     def v1_models(self) -> list[dict[str, Any]]:
@@ -142,6 +158,15 @@ class LocalRoutes:
 
     async def _ps(self, ex: "Exchange") -> None:
         models = await self.gw.health.fetch_ps()
+        seen = {normalize_model(str(m.get("name") or m.get("model") or "")) for m in models}
+        for b in self.gw.fleet.backends:
+            # An OpenAI-compatible server keeps the models it serves loaded.
+            if b.online and b.kind is not ApiKind.OLLAMA:
+                for item in b.v1_models:
+                    key = normalize_model(str(item.get("id", "")))
+                    if key not in seen:
+                        seen.add(key)
+                        models.append(ps_from_openai_model(item))
         if ex.state is not State.DONE:
             ex.respond(200, _JSON, orjson.dumps({"models": models}))
 

@@ -139,11 +139,11 @@ class Dispatcher:
             # primary backend, which answers with authority (404, or success
             # for a model created since the last probe).
             if fleet.serves(model, native):
-                backend = fleet.pick_unslotted(model, native, ex.failed)
+                backend = fleet.pick_unslotted(model, native, ex.failed, route.native_first)
             elif route.any_backend:
                 backend = fleet.pick_unslotted(None, native, ex.failed)
             else:
-                backend = fleet.primary(native)
+                backend = fleet.primary(native or route.native_first)
             if backend is None:
                 return self._no_backend_for(ex)
             return self._started.get(backend, False)
@@ -151,7 +151,7 @@ class Dispatcher:
             return self._no_backend_for(ex)
         if not self.queue and not self.retry_line:
             # Nobody is waiting, so this request is next in fair order anyway.
-            backend = fleet.pick(model, native, ex.affinity, ex.failed)
+            backend = fleet.pick(model, native, ex.affinity, ex.failed, route.native_first)
             if backend is not None:
                 self.dispatched += 1
                 return self._started.get(backend, True)
@@ -194,7 +194,8 @@ class Dispatcher:
         ex: Exchange = payload  # type: ignore[assignment]
         route = ex.route
         assert route is not None
-        backend = self.fleet.pick(ex.model, route.native, ex.affinity, ex.failed)
+        backend = self.fleet.pick(ex.model, route.native, ex.affinity, ex.failed,
+                                  route.native_first)
         ex.chosen = backend
         return backend is not None
 

@@ -57,14 +57,34 @@ class Route:
     local: Local | None = None
     # Model lists change after these succeed: refresh that backend's models.
     refresh_models: bool = False
+    # Translatable (wire/translate): the API bit (SPEAKS_OLLAMA or SPEAKS_OPENAI)
+    # of this inference route. A backend whose `speaks` lacks the bit gets the
+    # request translated (proxy/translating.py); 0 = never translated.
+    translate: int = 0
+    # Native routes that any backend may serve (translated): an Ollama backend
+    # with the model loaded is tried first (fleet/select.py).
+    native_first: bool = False
 
+
+# What a backend speaks (Backend.speaks), as bits a route's `translate` is tested against.
+SPEAKS_OLLAMA = 1  # native /api/*
+SPEAKS_OPENAI = 2  # OpenAI-compatible /v1/*
+SPEAKS_ALL = SPEAKS_OLLAMA | SPEAKS_OPENAI
 
 _GET = frozenset({b"GET", b"HEAD"})
 _POST = frozenset({b"POST"})
 
 
-def _queued(api: Api, native: bool) -> Route:
-    return Route(Kind.QUEUED, api, _POST, ("model",), native=native)
+def _queued(api: Api, native: bool, translate: int = 0) -> Route:
+    return Route(Kind.QUEUED, api, _POST, ("model",), native=native, translate=translate)
+
+
+def _translated(api: Api) -> Route:
+    # Any backend with the model may run it: translated when it speaks the other API.
+    if api is Api.OLLAMA:
+        return Route(Kind.QUEUED, api, _POST, ("model",), native=False,
+                     translate=SPEAKS_OLLAMA, native_first=True)
+    return _queued(api, False, SPEAKS_OPENAI)
 
 
 _OLLAMA, _OPENAI = Api.OLLAMA, Api.OPENAI
@@ -75,11 +95,13 @@ EXACT: dict[bytes, Route] = {
     b"/api/version": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.VERSION),
     b"/api/tags": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.TAGS),
     b"/api/ps": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.PS),
-    b"/api/generate": _queued(_OLLAMA, True),
-    b"/api/chat": _queued(_OLLAMA, True),
-    b"/api/embed": _queued(_OLLAMA, True),
-    b"/api/embeddings": _queued(_OLLAMA, True),
-    b"/api/show": Route(Kind.MODEL, _OLLAMA, _POST, ("model", "name")),
+    b"/api/generate": _translated(_OLLAMA),
+    b"/api/chat": _translated(_OLLAMA),
+    b"/api/embed": _translated(_OLLAMA),
+    b"/api/embeddings": _translated(_OLLAMA),
+    # Answered by the gateway for a model only OpenAI-compatible backends serve.
+    b"/api/show": Route(Kind.MODEL, _OLLAMA, _POST, ("model", "name"), native=False,
+                        translate=SPEAKS_OLLAMA, native_first=True),
     b"/api/delete": Route(
         Kind.MODEL, _OLLAMA, frozenset({b"DELETE"}), ("model", "name"), refresh_models=True
     ),
@@ -91,9 +113,9 @@ EXACT: dict[bytes, Route] = {
     b"/api/create": Route(
         Kind.MODEL, _OLLAMA, _POST, ("model", "name"), any_backend=True, refresh_models=True
     ),
-    b"/v1/chat/completions": _queued(_OPENAI, False),
-    b"/v1/completions": _queued(_OPENAI, False),
-    b"/v1/embeddings": _queued(_OPENAI, False),
+    b"/v1/chat/completions": _translated(_OPENAI),
+    b"/v1/completions": _translated(_OPENAI),
+    b"/v1/embeddings": _translated(_OPENAI),
     b"/v1/responses": _queued(_OPENAI, False),
     b"/v1/messages": _queued(_OPENAI, False),
     b"/v1/models": Route(Kind.LOCAL, _OPENAI, frozenset({b"GET"}), local=Local.V1_MODELS, native=False),

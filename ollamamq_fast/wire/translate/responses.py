@@ -182,6 +182,12 @@ def _vector(value: Any) -> Any:
     if isinstance(value, str):  # base64 of little-endian float32s
         raw = base64.b64decode(value)
         return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    if isinstance(value, list) and value and all(isinstance(row, list) and row for row in value):
+        # One vector per token (llama-cpp-python's server, for a model without
+        # pooling): Ollama gives one per input, so they are averaged.
+        width = len(value[0])
+        if all(len(row) == width for row in value):
+            return [sum(column) / len(value) for column in zip(*value)]
     return value
 
 

@@ -103,10 +103,20 @@ class SseToNdjson:
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
+        pending = self._data
         for line in self._lines.lines(data):
             if self.complete or self.error is not None:
                 break
-            self._line(line, out)
+            # The usual event, `data: {...}` then a blank line (LF endings), is
+            # handled here; every other line goes through _line.
+            if not pending and line.startswith(b"data: {"):
+                pending.append(line[6:])
+            elif not line and len(pending) == 1:
+                payload = pending[0]
+                pending.clear()
+                self._event(payload, out)
+            else:
+                self._line(line, out)
         return b"".join(out)
 
     def finish(self) -> bytes:
