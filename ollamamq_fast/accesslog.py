@@ -153,7 +153,7 @@ class _SizeProbe(logging.LogRecord):
     def __init__(self, text: str) -> None:
         super().__init__("access", logging.INFO, "", 0, "%s", (text,), None)
 
-    def getMessage(self) -> str:  # noqa: N802 (logging's name)
+    def getMessage(self) -> str:
         return str(self.args[0]) if isinstance(self.args, tuple) else ""
 
 

@@ -10,8 +10,8 @@ import argparse
 
 from ollamamq_fast import argtypes
 from ollamamq_fast.config import CACHE_CHOICES, STREAM_USAGE_CHOICES, Settings
-from ollamamq_fast.policy.cache import DEFAULT_MB, DEFAULT_TTL_S
 from ollamamq_fast.limits import MODES
+from ollamamq_fast.policy.cache import DEFAULT_MB, DEFAULT_TTL_S
 
 # flag dest -> limit name (limits.py vocabulary)
 _LIMIT_FLAGS = {

@@ -151,8 +151,19 @@ class Histogram:
 class UserStats:
     """What the gateway knows about one user's traffic."""
 
-    __slots__ = ("user", "queued", "in_flight", "done", "dropped", "rejected",
-                 "prompt_tokens", "completion_tokens", "estimated_tokens", "last_ip", "last_seen")
+    __slots__ = (
+        "completion_tokens",
+        "done",
+        "dropped",
+        "estimated_tokens",
+        "in_flight",
+        "last_ip",
+        "last_seen",
+        "prompt_tokens",
+        "queued",
+        "rejected",
+        "user",
+    )
 
     def __init__(self, user: str) -> None:
         self.user = user

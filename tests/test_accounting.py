@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from harness import fast_sim_options, start_stack
+from test_exchange import OK_HEAD, Rig, chunk, post
+
 from ollamamq_fast.policy.caps import CAP_RULES, cap_openai, mirror_max_tokens, splice
 from ollamamq_fast.policy.streamusage import UsageStripper
 from ollamamq_fast.wire.sniff import sniff_spans
-from test_exchange import OK_HEAD, Rig, chunk, post
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")

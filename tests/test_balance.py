@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 
 import httpx
-
 from harness import fast_sim_options, start_stack
 
 

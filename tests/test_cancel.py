@@ -11,7 +11,6 @@ import socket
 import time
 
 import pytest
-
 from harness import Stack, fast_sim_options, read_response, start_stack
 
 CANCEL_BOUND_S = 0.050

@@ -10,8 +10,8 @@ import time
 
 import httpx
 import pytest
-
 from harness import free_port
+
 from ollamamq_fast.cli import _Parser, add_serve_arguments, settings_from_args
 from ollamamq_fast.config import ConfigError, parse_backend_url
 
@@ -33,7 +33,7 @@ def _settings(argv: list[str], env: dict[str, str] | None = None):  # type: igno
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "ollamamq_fast", *args], capture_output=True,
-                          text=True, timeout=30, env=full_env)
+                          text=True, timeout=30, env=full_env, check=False)
 
 
 def _wait_healthy(url: str, timeout: float = 15.0) -> None:
@@ -179,9 +179,9 @@ def test_port_in_use_is_a_clear_error() -> None:
 def test_toml_config_and_sighup_reload(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import socket as _socket
 
-    from harness import LoopThread
+    from harness import LoopThread, fast_sim_options
+
     from ollamamq_fast.sim import start_sim
-    from harness import fast_sim_options
 
     lt = LoopThread()
     sims = [lt.run(start_sim(fast_sim_options())) for _ in range(2)]

@@ -8,7 +8,6 @@ import httpx
 import ollama
 import openai
 import pytest
-
 from harness import Stack, start_stack
 
 

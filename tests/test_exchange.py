@@ -292,7 +292,7 @@ def test_terminal_event_relayed_then_client_gone_is_done(rig: Rig) -> None:
     proto, _ = rig.client()
     proto.data_received(post())
     rig.turn()
-    conn, backend = rig.pools[0].last
+    conn, _ = rig.pools[0].last
     conn.data_received(OK_HEAD + chunk(FINAL))  # the end of body has not come yet
     proto.connection_lost(None)
     user = rig.state.stats.users["alice"]
@@ -337,8 +337,8 @@ def responses(data: bytes) -> list[int]:
 
 
 @pytest.mark.parametrize("request_bytes", [
-    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\nPRI * HTTP/2.0\r\n\r\n",
+    (b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\nPRI * HTTP/2.0\r\n\r\n"),
     b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03\x01",
 ])
 def test_an_upgrade_or_connect_gets_exactly_one_response(rig: Rig, request_bytes: bytes) -> None:

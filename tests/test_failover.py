@@ -10,8 +10,7 @@ import time
 
 import httpx
 import pytest
-
-from harness import LoopThread, Stack, fast_sim_options, free_port, start_stack
+from harness import LoopThread, fast_sim_options, free_port, start_stack
 
 
 def _gen(client: httpx.Client, url: str, user: str = "u", stream: bool = False) -> httpx.Response:
@@ -39,18 +38,24 @@ def test_backend_killed_mid_run() -> None:
     st = start_stack(sims=[slow, fast_sim_options(tokens=3)], slots=1)
     try:
         results: dict[str, object] = {}
+        streaming = threading.Event()
 
         def stream_on_first() -> None:
-            with httpx.Client(timeout=10) as client:
-                with client.stream("POST", st.url + "/api/chat", headers={"X-User-ID": "s"},
-                                   json={"model": "llama3.2",
-                                         "messages": [{"role": "user", "content": "q"}]}) as r:
-                    results["backend"] = r.headers["x-gateway-backend"]
-                    results["lines"] = [json.loads(ln) for ln in r.iter_lines() if ln]
+            with httpx.Client(timeout=10) as client, client.stream(
+                    "POST", st.url + "/api/chat", headers={"X-User-ID": "s"},
+                    json={"model": "llama3.2",
+                          "messages": [{"role": "user", "content": "q"}]}) as r:
+                results["backend"] = r.headers["x-gateway-backend"]
+                lines: list[dict[str, object]] = []
+                results["lines"] = lines
+                for ln in r.iter_lines():
+                    if ln:
+                        lines.append(json.loads(ln))
+                        streaming.set()  # its backend is generating: the time to kill it
 
         t = threading.Thread(target=stream_on_first)
         t.start()
-        time.sleep(0.3)
+        assert streaming.wait(10), "the stream never started"
         busy = next(i for i, b in enumerate(st.state.fleet.backends) if b.in_flight)
         st.lt.run(st.sims[busy].close())
         t.join(10)

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from harness import Stack, start_stack
+from test_traps import Conn, FakeBackend, wait_for
+
 from ollamamq_fast.policy.cache import CANONICAL_MAX_BODY, cache_key
 from ollamamq_fast.wire.paths import PathError, normalize, request_path
-from test_traps import Conn, FakeBackend, wait_for
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
@@ -108,7 +108,7 @@ def test_encoded_spellings_get_the_policy_of_the_route_they_name(
         done = stats.done
         status, _ = _raw(st, target, b'{"model":"fake","messages":[{"role":"user"}]}', auth)
         assert status == 200, target
-        assert wait_for(lambda: len(backend.requests) > before, 2.0)
+        assert wait_for(lambda before=before: len(backend.requests) > before, 2.0)
         head = backend.requests[-1].split(b"\r\n\r\n")[0]
         # Forwarded as the canonical path, so the backend reads what was routed...
         assert head.startswith(b"POST /api/chat HTTP/1.1\r\n"), head
@@ -328,8 +328,8 @@ def test_a_lower_limit_in_another_spelling_is_kept() -> None:
 
 @pytest.mark.parametrize("body", [
     b'{"model":"m","stream":true,"Stream_Options":{"include_usage":false}}',
-    b'{"model":"m","stream":true,"stream_options":{"include_usage":true},'
-    b'"STREAM_OPTIONS":{"include_usage":false}}',
+    (b'{"model":"m","stream":true,"stream_options":{"include_usage":true},'
+     b'"STREAM_OPTIONS":{"include_usage":false}}'),
     b'{"model":"m","STREAM":true}',
     b'{"model":"m","stream":true,"stream_options":null}',
 ])

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from ollamamq_fast.wire.headers import (
-    DROP, KEEP, LENGTH, classify, forwarded_block, length_line, read_request_head,
+    DROP,
+    KEEP,
+    LENGTH,
+    classify,
+    forwarded_block,
+    length_line,
+    read_request_head,
 )
 
 HEADERS = [

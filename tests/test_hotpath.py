@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ollamamq_fast.wire import framing
 from ollamamq_fast.proxy.flow import FlowControl
-from ollamamq_fast.wire.sniff import SniffError, scanned_fields, sniff_fields
 from ollamamq_fast.proxy.upstream import UpstreamConnection
 from ollamamq_fast.stats import tokens_in_tail
+from ollamamq_fast.wire import framing
+from ollamamq_fast.wire.sniff import SniffError, scanned_fields, sniff_fields
 
 # -- Sniff: the model-first fast path -------------------------------------------------
 
@@ -137,7 +137,7 @@ class _Sink:
 
     http10 = False
 
-    def __init__(self, transport: "_Recorder") -> None:
+    def __init__(self, transport: _Recorder) -> None:
         self.client_transport = transport
         self.done = 0
 

@@ -8,8 +8,8 @@ import httpx
 import ollama
 import openai
 import pytest
-
 from harness import fast_sim_options, start_stack
+
 from ollamamq_fast.policy.identity import AuthError, Identity, parse_networks
 
 BODY = {"model": "llama3.2", "prompt": "q", "stream": False}

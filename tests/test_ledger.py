@@ -10,12 +10,12 @@ from typing import Any
 
 import orjson
 import pytest
-
 from harness import Stack, start_stack
+from test_traps import wait_for
+
 from ollamamq_fast.accounting.ledger import CLIENT_CLOSED, End, Ledger
 from ollamamq_fast.stats import GatewayStats, UserStats
 from ollamamq_fast.wire.framing import terminal_event_relayed
-from test_traps import wait_for
 
 
 class Access:
@@ -173,8 +173,8 @@ class LateEndBackend:
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(out), out))
                 return
             lines = [b'{"model":"tiny","message":{"role":"assistant","content":"hi"},"done":false}\n',
-                     b'{"model":"tiny","done":true,"done_reason":"stop",'
-                     b'"prompt_eval_count":7,"eval_count":11}\n']
+                     (b'{"model":"tiny","done":true,"done_reason":"stop",'
+                      b'"prompt_eval_count":7,"eval_count":11}\n')]
             body = b"".join(b"%x\r\n%b\r\n" % (len(line), line) for line in lines)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n" + body)

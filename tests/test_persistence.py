@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from harness import fast_sim_options, start_stack
 from test_state import REDIS_SERVER, RedisServer
 

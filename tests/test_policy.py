@@ -22,6 +22,7 @@ from harness import Stack, fast_sim_options, start_stack
 from test_state import REDIS_SERVER, RedisServer
 
 from ollamamq_fast.config import ConfigError, Settings, apply_toml
+from ollamamq_fast.limits import check_limit, resolve
 from ollamamq_fast.policy.cache import (
     NO_CACHE,
     NO_STORE,
@@ -38,12 +39,11 @@ from ollamamq_fast.policy.caps import (
     parse_object,
     splice,
 )
-from ollamamq_fast.limits import check_limit, resolve
 from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
 from ollamamq_fast.policy.streamusage import UsageStripper, usage_edits
-from ollamamq_fast.wire.sniff import sniff_spans
 from ollamamq_fast.state.windows import LocalWindows
 from ollamamq_fast.stats import GatewayStats
+from ollamamq_fast.wire.sniff import sniff_spans
 
 MODEL = "llama3.2"
 CHAT = [{"role": "user", "content": "Why is the sky blue?"}]

@@ -10,7 +10,6 @@ from collections import Counter
 
 import httpx
 import pytest
-
 from harness import Stack, fast_sim_options, start_stack
 
 # ~2 tokens at 200 tokens/s after a 5 ms TTFT: a service time of ~15 ms.

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 import openai
-
+import pytest
 from harness import fast_sim_options, start_stack
+
 from ollamamq_fast.stats import Histogram, tokens_in_tail
 
 

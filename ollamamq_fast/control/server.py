@@ -163,7 +163,7 @@ class AdminServer:
         store = self.state.cache.store
         try:
             stored = await store.get_meta(TOKEN_META_KEY)
-        except Exception as exc:  # a store hiccup must not keep the admin plane down
+        except Exception as exc:  # noqa: BLE001 - a store hiccup must not keep the admin plane down
             log.warning("cannot read the stored admin token digest: %s", exc)
             stored = None
         if stored:
@@ -175,7 +175,7 @@ class AdminServer:
         print(f"admin token: {token}", file=sys.stderr, flush=True)
         try:
             await store.set_meta(TOKEN_META_KEY, token_digest(token).hex())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - nor a failed write of the digest
             log.warning("cannot store the admin token digest: %s", exc)
         return auth
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import orjson
 
-from ollamamq_fast.wire.sniff import SniffError, Sniffed, duplicate_members
+from ollamamq_fast.wire.sniff import Sniffed, SniffError, duplicate_members
 
 if TYPE_CHECKING:
     from ollamamq_fast.stats import GatewayStats

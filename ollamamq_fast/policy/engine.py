@@ -22,6 +22,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from ollamamq_fast.limits import QUOTA_NAMES, Limits, resolve
 from ollamamq_fast.policy.cache import (
     CACHEABLE,
     DETERMINISM_KEYS,
@@ -43,14 +44,20 @@ from ollamamq_fast.policy.caps import (
     parse_object,
     splice,
 )
-from ollamamq_fast.policy.gate import ADMIT, Admission, admitted, cached, pending, refused
-from ollamamq_fast.limits import QUOTA_NAMES, Limits, resolve
+from ollamamq_fast.policy.gate import (
+    ADMIT,
+    Admission,
+    admitted,
+    cached,
+    pending,
+    refused,
+)
 from ollamamq_fast.policy.quota import REFRESH_S, QuotaBook
 from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
 from ollamamq_fast.policy.streamusage import INJECT_KEYS, INJECT_ROUTES, usage_edits
-from ollamamq_fast.wire.sniff import Sniffed
 from ollamamq_fast.state.records import UserSettings
 from ollamamq_fast.tasks import cancel_and_wait
+from ollamamq_fast.wire.sniff import Sniffed
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState

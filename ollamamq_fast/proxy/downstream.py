@@ -14,12 +14,18 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from ollamamq_fast.proxy.exchange import Exchange
+from ollamamq_fast.proxy.flow import (
+    BODY_BUFFER,
+    HIGH_WATER,
+    LOW_WATER,
+    MAX_HEAD_BYTES,
+    FlowControl,
+)
+from ollamamq_fast.proxy.state import State
+from ollamamq_fast.proxy.transport import Transport
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api, error_body
-from ollamamq_fast.proxy.exchange import Exchange
-from ollamamq_fast.proxy.state import State
-from ollamamq_fast.proxy.flow import BODY_BUFFER, HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES, FlowControl
-from ollamamq_fast.proxy.transport import Transport
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
@@ -38,7 +44,7 @@ BODY_MIN_RATE = 1024
 class ClientProtocol(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, gw: "GatewayState") -> None:
+    def __init__(self, gw: GatewayState) -> None:
         # Per-connection state
         self.gw = gw
         self.transport: Transport | None = None
@@ -287,10 +293,10 @@ class ClientProtocol(asyncio.Protocol):
 
     def _last_request(self) -> None:
         """The parser stopped after a complete request (Upgrade, CONNECT)."""
-        if not self._answer_then_close() and self.transport is not None and not self.closing:
-            if self.active is None:
-                self.closing = True
-                self.transport.close()
+        if (not self._answer_then_close() and self.transport is not None
+                and not self.closing and self.active is None):
+            self.closing = True
+            self.transport.close()
 
     def reap(self, tick_s: float, head_timeout: float, keepalive_timeout: float) -> None:
         """Called by the reaper every tick: close stalled heads and idle keep-alives."""
@@ -321,7 +327,7 @@ class ClientProtocol(asyncio.Protocol):
         elif ex is not None and ex.state is State.RECEIVING and not ex.request_complete:
             if self.idle_s >= head_timeout * 6 and not self.flow.client_paused:
                 self._reject(408, "request body stalled")
-        elif self.active is None and not self.pipeline and ex is None:
-            if self.idle_s >= keepalive_timeout:
-                self.closing = True
-                self.transport.close()
+        elif (self.active is None and not self.pipeline and ex is None
+              and self.idle_s >= keepalive_timeout):
+            self.closing = True
+            self.transport.close()

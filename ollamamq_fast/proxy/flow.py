@@ -42,7 +42,7 @@ class FlowControl:
     typed loosely: uvloop's are not `asyncio.Transport` subclasses.
     """
 
-    __slots__ = ("client", "client_reasons", "upstream", "upstream_reasons", "client_write_blocked")
+    __slots__ = ("client", "client_reasons", "client_write_blocked", "upstream", "upstream_reasons")
 
     def __init__(self, client: Any) -> None:
         self.client: Any = client

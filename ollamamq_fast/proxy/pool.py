@@ -49,7 +49,7 @@ class ConnectionPool(Protocol):
 class UpstreamPool:
     """Idle keep-alive connections to one backend, most recently used first."""
 
-    def __init__(self, backend: "Backend", loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
         self.loop = loop
         self.idle: list[UpstreamConnection] = []

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from ollamamq_fast.wire import framing
 from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES, FlowControl
 from ollamamq_fast.proxy.transport import Transport
+from ollamamq_fast.wire import framing
 
 if TYPE_CHECKING:
     from ollamamq_fast.policy.streamusage import UsageStripper
@@ -31,19 +31,19 @@ class ResponseSink(Protocol):
 
     http10: bool  # the client speaks HTTP/1.0: chunked bodies must be de-chunked
 
-    def response_head(self, conn: "UpstreamConnection") -> bytes | None:
+    def response_head(self, conn: UpstreamConnection) -> bytes | None:
         """Build the head to send to the client; None if the exchange retries elsewhere."""
         ...
 
-    def response_complete(self, conn: "UpstreamConnection") -> None:
+    def response_complete(self, conn: UpstreamConnection) -> None:
         """The backend's response ended cleanly."""
         ...
 
-    def upstream_lost(self, conn: "UpstreamConnection", exc: Exception | None) -> None:
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The connection closed before the response ended."""
         ...
 
-    def upstream_continue(self, conn: "UpstreamConnection") -> None:
+    def upstream_continue(self, conn: UpstreamConnection) -> None:
         """The backend answered 100 Continue."""
         ...
 
@@ -75,7 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset_response(False)
 
     def _reset_response(self, head_request: bool, http10: bool = False,
-                        strip: "UsageStripper | None" = None, tee: int = 0) -> None:
+                        strip: UsageStripper | None = None, tee: int = 0) -> None:
         # HTTP/1.0 clients cannot read chunked bodies (RFC 9112 §6.1): for them a
         # parser with an on_body callback re-emits the payload, ended by close.
         # The same path filters a stream whose usage the gateway injected.
@@ -348,7 +348,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- Exchange-facing API ----------------------------------------------------------
 
     def send(self, sink: ResponseSink, flow: FlowControl, data: list[bytes], head_request: bool,
-             strip: "UsageStripper | None" = None, tee: int = 0, tally: bool = False) -> None:
+             strip: UsageStripper | None = None, tee: int = 0, tally: bool = False) -> None:
         """Bind to an exchange and write its request head (and body, if any).
 
         `strip` filters the injected usage out of an SSE answer; `tee` > 0 keeps

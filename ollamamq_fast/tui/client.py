@@ -8,7 +8,6 @@ modes and lets the TUI see exactly what any admin client sees.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -79,7 +78,7 @@ class AdminApi:
         except (aiohttp.ClientError, orjson.JSONDecodeError) as exc:
             raise AdminApiError(f"admin API at {self.base}: {type(exc).__name__}: {exc}") \
                 from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AdminApiError(f"the admin API at {self.base} did not answer within "
                                 f"{CALL_TIMEOUT_S:g} s") from None
 
@@ -118,7 +117,7 @@ class AdminApi:
                         yield event
         except aiohttp.ClientConnectorError as exc:
             raise AdminApiError(self._unreachable(exc)) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             # ValueError: aiohttp's "Chunk too big" for an over-long line.
             raise AdminApiError(f"event stream lost: {type(exc).__name__}") from None
 

@@ -160,7 +160,7 @@ class PanelHandler(logging.Handler):
             self.loop.call_soon_threadsafe(self._show, text, style)
         except RuntimeError:  # the loop is closed: the dashboard is gone
             pass
-        except Exception:
+        except Exception:  # noqa: BLE001 - logging's own convention (Handler.emit)
             self.handleError(record)
 
     def _show(self, text: str, style: str) -> None:
@@ -178,7 +178,7 @@ class LineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """One JSON object or one logfmt line."""
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + (
-            ".%03dZ" % int(record.msecs))
+            f".{int(record.msecs):03d}Z")
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)

@@ -197,7 +197,7 @@ def at_stream_boundary(last_data: bytes, content_type: bytes) -> bool:
     if ct.find(b"ndjson") >= 0:
         return last_data.endswith(b"\n\r\n")
     if ct.find(b"event-stream") >= 0:
-        return last_data.endswith(b"\n\n\r\n") or last_data.endswith(b"\r\n\r\n\r\n")
+        return last_data.endswith((b"\n\n\r\n", b"\r\n\r\n\r\n"))
     return False
 
 
