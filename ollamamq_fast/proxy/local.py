@@ -22,6 +22,7 @@ from ollamamq_fast.wire.translate.models import (
 )
 
 if TYPE_CHECKING:
+    from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.gateway import GatewayState
     from ollamamq_fast.proxy.exchange import Exchange
 
@@ -52,9 +53,13 @@ class LocalRoutes:
             else:
                 ex.respond(200, _JSON, orjson.dumps({"version": version}))
         elif which is Local.TAGS:
-            ex.respond(200, _JSON, orjson.dumps({"models": self.tags()}))
+            tags = self.tags() if ex.pool is self.gw.pools.default and not ex.pool.aliases \
+                else ex.pool.tags()
+            ex.respond(200, _JSON, orjson.dumps({"models": tags}))
         elif which is Local.V1_MODELS:
-            data = self.v1_models()
+            data = self.v1_models(ex.fleet.backends)
+            if ex.pool.aliases:
+                data += ex.pool.v1_aliases(data)
             body = orjson.dumps({"object": "list", "data": data or None}) + b"\n"
             ex.respond(200, _OPENAI_JSON, body)
         elif which is Local.V1_MODEL:
@@ -115,10 +120,10 @@ class LocalRoutes:
                         merged[key] = tag_from_openai_model(item)
         return list(merged.values())
 
-    def v1_models(self) -> list[dict[str, Any]]:
-        """OpenAI model objects across all online backends, de-duplicated by id."""
+    def v1_models(self, backends: list[Backend] | None = None) -> list[dict[str, Any]]:
+        """OpenAI model objects across all online backends (of a pool), de-duplicated by id."""
         merged: dict[str, dict[str, Any]] = {}
-        for b in self.gw.fleet.backends:
+        for b in self.gw.fleet.backends if backends is None else backends:
             if not b.online:
                 continue
             if b.kind is not ApiKind.OLLAMA:
@@ -143,7 +148,9 @@ class LocalRoutes:
         name = urllib.parse.unquote(raw)
         found = None
         if "/" not in name:
-            found = self.gw.fleet.find_model_entry(normalize_model(name))
+            model = normalize_model(name)
+            target = ex.pool.alias_target(model) if ex.pool.aliases else None
+            found = ex.fleet.find_model_entry(normalize_model(target) if target else model)
         if found is None:
             ex.respond_error(404, f"model '{name}' not found")
             return

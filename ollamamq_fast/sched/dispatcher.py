@@ -256,6 +256,9 @@ class Dispatcher:
             backend.in_flight -= 1
             if self.queue or self.retry_line:
                 self.pump()
+            if backend.pumps:  # listed by several pools (pools.py): each may use the slot
+                for pump in backend.pumps:
+                    pump()
         elif lease == UNSLOTTED:
             backend.unslotted -= 1
 

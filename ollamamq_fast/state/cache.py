@@ -45,6 +45,8 @@ log = logging.getLogger("ollamamq_fast.state")
 # failover takes about a second), later ones slow down to keep the log readable.
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
+# Metadata keys loaded at start (operator-made pools and pool access rules).
+META_KEYS = ("pools", "pool_access")
 
 
 class _Pending(NamedTuple):
@@ -78,6 +80,10 @@ class StateCache(StateView):
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
 
+        # Operator state kept as free-form metadata (pools.py's pools and
+        # access rules, as JSON): loaded at start, written behind like the rest.
+        self.meta: dict[str, str] = {}
+
         # Reloads after another replica's change
         self._stale: set[str] = set()
         self._reloader: asyncio.Task[None] | None = None
@@ -100,6 +106,10 @@ class StateCache(StateView):
         finally:
             replay, self._replay = self._replay, None
         self._install(snapshot, set(TOPICS))
+        for key in META_KEYS:
+            value = await self.store.get_meta(key)
+            if value is not None:
+                self.meta.setdefault(key, value)
         for pending in replay.values():
             pending.apply()
         self._flusher = asyncio.get_running_loop().create_task(
@@ -194,6 +204,11 @@ class StateCache(StateView):
             lambda s: s.delete_backend(url),
             lambda: self._set_backend(url, None),
         )
+
+    def put_meta(self, key: str, value: str) -> None:
+        """Set one metadata value (pools, pool access), stored by the flusher."""
+        self._queue("meta", key, lambda s: s.set_meta(key, value),
+                    lambda: self.meta.__setitem__(key, value))
 
     def add_usage(
         self, user: str, model: str, prompt_tokens: int, completion_tokens: int,
