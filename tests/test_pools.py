@@ -18,7 +18,7 @@ import pytest
 from ollamamq_fast.config import ConfigError, Settings, apply_toml, parse_pool
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.pools import unalias
-from tests.harness import Stack, fast_sim_options, start_stack
+from harness import Stack, fast_sim_options, start_stack
 
 A_MODELS = ["llama3.2:latest"]
 B_MODELS = ["qwen2.5:0.5b", "llama3.2:1b"]
@@ -141,3 +141,192 @@ def test_pool_config_is_checked() -> None:
                             "aliases": {"fast": "m:1b"}, "required_models": ["m:1b"],
                             "users": {"vip": ["ann"], "weights": {"bob": 2}}})
     assert parse_pool("p", {k: v for k, v in pool.to_dict().items() if k != "name"}) == pool
+
+
+TOKEN = "t0k"
+
+
+def admin(stack: Stack, method: str, path: str, **kw: Any) -> httpx.Response:
+    port = stack.gateway.admin_port
+    return httpx.request(method, f"http://127.0.0.1:{port}{path}",
+                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10, **kw)
+
+
+def test_access_rules_give_403_in_the_routes_shape() -> None:
+    def configure(s: Settings, sims: list[Any]) -> None:
+        pools_config()(s, sims)
+        apply_toml(s, {"pool_access": {"users": {"alice": ["gpu"]}}})
+
+    st = start_stack([fast_sim_options(models=list(A_MODELS)),
+                      fast_sim_options(models=list(B_MODELS))], configure=configure)
+    try:
+        wait_for(lambda: httpx.get(st.url + "/pool/gpu/api/tags").json()["models"],
+                 what="pool gpu models")
+        r = chat(st.url, "llama3.2", **{"X-User-ID": "alice"})
+        assert r.status_code == 403 and r.json() == {
+            "error": "user 'alice' may not use pool 'default'"}
+        r = httpx.post(st.url + "/v1/chat/completions", headers={"X-User-ID": "alice"},
+                       json={"model": "llama3.2", "messages": []})
+        assert r.status_code == 403 and "may not use pool" in r.json()["error"]["message"]
+        assert chat(st.url, "qwen2.5:0.5b", "/pool/gpu/api/chat",
+                    **{"X-User-ID": "alice"}).status_code == 200
+        assert chat(st.url, "llama3.2", **{"X-User-ID": "bob"}).status_code == 200
+    finally:
+        st.close()
+
+
+def test_admin_api_creates_changes_and_deletes_pools_persisted(tmp_path: Any) -> None:
+    db = str(tmp_path / "gw.db")
+    sims = [fast_sim_options(models=list(A_MODELS)), fast_sim_options(models=list(B_MODELS))]
+
+    def configure(s: Settings, servers: list[Any]) -> None:
+        s.backends = s.backends[:1]
+
+    st = start_stack(sims, configure=configure, admin_port=0, admin_token=TOKEN, state_path=db)
+    b_url = st.sims[1].url
+    try:
+        r = admin(st, "POST", "/api/pools", json={"name": "gpu", "backends": [b_url],
+                                                  "aliases": {"fast": "llama3.2:1b"}})
+        assert r.status_code == 201, r.text
+        assert r.json()["backends"] == [b_url]
+        assert admin(st, "POST", "/api/pools", json={"name": "gpu",
+                                                     "backends": [b_url]}).status_code == 409
+        bad = admin(st, "POST", "/api/pools", json={"name": "x", "backends": []})
+        assert bad.status_code == 400 and "at least one backend" in bad.json()["error"]
+        wait_for(lambda: chat(st.url, "fast", "/pool/gpu/api/chat").status_code == 200,
+                 what="pool gpu serving")
+        r = admin(st, "PATCH", "/api/pools/gpu", json={"aliases": {"quick": "qwen2.5:0.5b"}})
+        assert r.status_code == 200 and r.json()["aliases"] == {"quick": "qwen2.5:0.5b"}
+        assert chat(st.url, "quick", "/pool/gpu/api/chat").json()["model"] == "qwen2.5:0.5b"
+        assert chat(st.url, "fast", "/pool/gpu/api/chat").status_code == 404
+        listed = admin(st, "GET", "/api/pools").json()["pools"]
+        assert [p["name"] for p in listed] == ["default", "gpu"]
+        backends = admin(st, "GET", "/api/backends").json()["backends"]
+        assert {b["url"]: b["pools"] for b in backends}[b_url] == ["gpu"]
+        r = admin(st, "PUT", "/api/pool-access/users/carol", json={"pools": ["gpu"]})
+        assert r.status_code == 200
+        assert admin(st, "GET", "/api/pool-access").json()["users"] == {"carol": ["gpu"]}
+        assert chat(st.url, "llama3.2", **{"X-User-ID": "carol"}).status_code == 403
+        assert admin(st, "DELETE", "/api/pools/default").status_code == 400
+        assert admin(st, "DELETE", "/api/pools/nope").status_code == 404
+    finally:
+        st.close()
+    # Restart on the same store: the pool, its aliases and the access rule are back.
+    st = start_stack(sims, configure=configure, admin_port=0, admin_token=TOKEN, state_path=db)
+    try:
+        b_url = st.sims[1].url  # a new simulator: the stored pool points at the old URL
+        pool = admin(st, "GET", "/api/pools/gpu").json()
+        assert pool["aliases"] == {"quick": "qwen2.5:0.5b"}
+        assert chat(st.url, "llama3.2", **{"X-User-ID": "carol"}).status_code == 403
+        assert admin(st, "DELETE", "/api/pools/gpu").status_code == 200
+        assert chat(st.url, "quick", "/pool/gpu/api/chat").status_code == 404
+    finally:
+        st.close()
+    st = start_stack(sims, configure=configure, admin_port=0, admin_token=TOKEN, state_path=db)
+    try:
+        assert admin(st, "GET", "/api/pools/gpu").status_code == 404
+    finally:
+        st.close()
+
+
+def test_required_models_are_pulled_and_the_backend_is_skipped_until_present() -> None:
+    sims = [fast_sim_options(models=list(A_MODELS)),
+            fast_sim_options(models=["qwen2.5:0.5b", "llama3.2:1b"]),
+            fast_sim_options(models=["llama3.2:1b"], pull_step_s=0.1, pull_failures=1)]
+
+    def configure(s: Settings, servers: list[Any]) -> None:
+        apply_toml(s, {"pools": {"gpu": {"backends": [servers[1].url, servers[2].url],
+                                         "required_models": ["qwen2.5:0.5b"]}}})
+        s.backends = s.backends[:1]
+
+    st = start_stack(sims, configure=configure, admin_port=0, admin_token=TOKEN)
+    b1, b2 = st.sims[1], st.sims[2]
+    try:
+        required = st.state.required
+        # The first pull fails mid-stream (the simulator says so once), the retry succeeds.
+        wait_for(lambda: b2.stats.pulls, what="the gateway's first pull")
+        served = set()
+        while not st.lt.call(lambda: [j for j in required.work[
+                st.state.pools.find_backend(b2.url)].history if j.state == "done"]):
+            r = chat(st.url, "qwen2.5:0.5b", "/pool/gpu/api/chat")
+            assert r.status_code == 200
+            served.add(r.headers["x-gateway-backend"])
+        assert served == {b1.url}, "a backend without the model was chosen"
+        assert b2.stats.pulls == ["qwen2.5:0.5b", "qwen2.5:0.5b"] and b1.stats.pulls == []
+        status = admin(st, "GET", "/api/pools/gpu/models").json()
+        row = {b["backend"]: b for b in status["backends"]}[b2.url]
+        assert row["missing"] == [] and row["present"] == ["qwen2.5:0.5b"]
+        done = row["recent"][-1]
+        assert done["state"] == "done" and done["attempts"] == 2 and done["percent"] == 100.0
+        # Now both serve it.
+        wait_for(lambda: chat(st.url, "qwen2.5:0.5b", "/pool/gpu/api/chat").headers[
+            "x-gateway-backend"] == b2.url, what="the pulled backend serving")
+        # The default pool has no required models: nothing pulled there.
+        assert st.sims[0].stats.pulls == []
+    finally:
+        st.close()
+
+
+def test_sync_on_demand_streams_progress_and_removal_is_opt_in() -> None:
+    sims = [fast_sim_options(models=list(A_MODELS)),
+            fast_sim_options(models=["qwen2.5:0.5b", "llama3.2:1b"], pull_step_s=0.02)]
+
+    def configure(s: Settings, servers: list[Any]) -> None:
+        apply_toml(s, {"pools": {"gpu": {"backends": [servers[1].url],
+                                         "required_models": ["qwen2.5:0.5b", "all-minilm"]}}})
+        s.backends = s.backends[:1]
+
+    st = start_stack(sims, configure=configure, admin_port=0, admin_token=TOKEN)
+    sim = st.sims[1]
+    try:
+        wait_for(lambda: "all-minilm:latest" in {
+            m["name"] for m in httpx.get(st.url + "/pool/gpu/api/tags").json()["models"]},
+            what="all-minilm pulled at start")
+        assert sim.stats.deletes == []  # removal is opt-in
+        # A client request never pulls: an unknown model is a 404, the simulator saw no pull.
+        pulls = list(sim.stats.pulls)
+        assert chat(st.url, "phi3", "/pool/gpu/api/chat").status_code == 404
+        assert sim.stats.pulls == pulls
+        # The model goes away behind the gateway's back; a sync puts it back.
+        r = httpx.request("DELETE", sim.url + "/api/delete", json={"model": "qwen2.5:0.5b"})
+        assert r.status_code == 200
+        events = st.lt.call(st.state.operator.events.subscribe)
+        report = admin(st, "POST", "/api/pools/gpu/sync?remove=true").json()
+        (row,) = report["backends"]
+        assert row["missing"] == ["qwen2.5:0.5b"] and row["removed"] == ["llama3.2:1b"]
+        assert sim.stats.deletes == ["qwen2.5:0.5b", "llama3.2:1b"]  # ours, then the gateway's
+        wait_for(lambda: sim.stats.pulls[-1:] == ["qwen2.5:0.5b"] and not admin(
+            st, "GET", "/api/pulls").json()["pulls"], what="the pull to finish")
+        kinds = []
+        while not events.empty():
+            kinds.append(events.get_nowait())
+        types = [e["type"] for e in kinds]
+        assert {"required_check", "pull_queued", "pull_started", "pull_progress",
+                "pull_done", "model_removed"} <= set(types)
+        percents = [e["percent"] for e in kinds if e["type"] == "pull_progress"
+                    and e["percent"] is not None]
+        assert percents and percents == sorted(percents)
+        assert types.index("pull_started") < types.index("pull_done")
+        names = {m["name"] for m in httpx.get(st.url + "/pool/gpu/api/tags").json()["models"]}
+        assert names == {"qwen2.5:0.5b", "all-minilm:latest"}
+    finally:
+        st.close()
+
+
+def test_failed_pulls_are_retried_then_reported() -> None:
+    sims = [fast_sim_options(models=list(A_MODELS), pull_step_s=0.01)]
+
+    def configure(s: Settings, servers: list[Any]) -> None:
+        apply_toml(s, {"pools": {"default": {"required_models": ["missing-model:1b"]}}})
+
+    st = start_stack(sims, configure=configure, admin_port=0, admin_token=TOKEN)
+    try:
+        required = st.state.required
+        st.lt.call(lambda: setattr(required, "retry_min_s", 0.01))
+        st.lt.call(lambda: setattr(required, "max_attempts", 2))
+        admin(st, "POST", "/api/pools/default/sync")
+        row = wait_for(lambda: [j for b in admin(st, "GET", "/api/pools/default/models").json()[
+            "backends"] for j in b["recent"] if j["state"] == "failed"], what="a failed pull")[0]
+        assert "file does not exist" in row["error"] and row["attempts"] >= 2
+    finally:
+        st.close()
