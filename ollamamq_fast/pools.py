@@ -77,6 +77,8 @@ class Pool:
         self.dispatcher = dispatcher
         self.config = config
         self.aliases: dict[str, str] = {}
+        # Requests that named this pool (path or Host); not counted for the default pool.
+        self.requests = 0
         self.apply(config)
 
     def apply(self, config: PoolConfig) -> None:
@@ -134,6 +136,7 @@ class Pool:
             "slots_total": sum(b.slots for b in backends),
             "in_flight": sum(b.in_flight for b in backends),
             "queued": len(self.dispatcher.queue),
+            "requests": self.requests,
             "models": sorted({m for b in backends if b.online for m in b.models}),
         }
 
@@ -335,5 +338,6 @@ class Pools:
                 "in_flight": sum(b.in_flight for b in backends),
                 "slots": sum(b.slots for b in backends),
                 "backends_online": sum(1 for b in backends if b.online),
+                "backends_total": len(backends),
             }
         return out

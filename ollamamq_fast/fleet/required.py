@@ -115,6 +115,9 @@ class RequiredModels:
         self.max_attempts = MAX_ATTEMPTS
         self.started = False
         self.last_check: dict[str, Any] = {}
+        # Pulls that ended, for /metrics.
+        self.done = 0
+        self.failed = 0
 
     # -- Lifecycle ------------------------------------------------------------
 
@@ -303,6 +306,7 @@ class RequiredModels:
             else:
                 job.state, job.error = "done", ""
                 job.finished_at = time.time()
+                self.done += 1
                 self._arrived(backend, job.model)
                 self.publish("pull_done", **job.snapshot())
                 log.info("pulled %s on %s", job.model, backend.name)
@@ -318,6 +322,7 @@ class RequiredModels:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max_s)
         job.finished_at = time.time()
+        self.failed += 1
         self.publish("pull_failed", **job.snapshot())
         log.warning("pull of %s on %s failed: %s", job.model, backend.name, job.error)
 

@@ -297,6 +297,7 @@ class Exchange:
         self.pool = pool
         self.fleet = pool.fleet
         self.dispatcher = pool.dispatcher
+        pool.requests += 1
         return "", rest
 
     def _check_pool(self, missing: str, host: bytes) -> bool:
@@ -308,10 +309,11 @@ class Exchange:
         else:
             if self.pool is pools.default and host:
                 chosen = pools.for_host(host)
-                if chosen is not None:
+                if chosen is not None and chosen is not pools.default:
                     self.pool = chosen
                     self.fleet = chosen.fleet
                     self.dispatcher = chosen.dispatcher
+                    chosen.requests += 1
             try:
                 pools.check_access(self.pool, self.user or self.client_ip, self.key_id)
             except PoolError as err:
