@@ -334,7 +334,7 @@ class Pools:
         for pool in self.pools():
             backends = pool.fleet.backends
             out[pool.name] = {
-                "queued": len(pool.dispatcher.queue) + len(pool.dispatcher.retry_line),
+                "queued": len(pool.dispatcher.queue),
                 "in_flight": sum(b.in_flight for b in backends),
                 "slots": sum(b.slots for b in backends),
                 "backends_online": sum(1 for b in backends if b.online),

@@ -332,9 +332,10 @@ class HealthChecker:
         backend.models = {normalize_model(str(i["id"])): _tags_entry(i) for i in items}
         backend.loaded = set()
 
-    async def fetch_ps(self) -> list[dict[str, Any]]:
-        """Loaded models across online Ollama backends, asked live, de-duplicated."""
-        backends = [b for b in self.fleet.backends if b.online and b.kind is ApiKind.OLLAMA]
+    async def fetch_ps(self, among: list[Backend] | None = None) -> list[dict[str, Any]]:
+        """Loaded models across online Ollama backends (of `among`), asked live, de-duplicated."""
+        backends = [b for b in (self.fleet.backends if among is None else among)
+                    if b.online and b.kind is ApiKind.OLLAMA]
 
         async def one(b: Backend) -> list[dict[str, Any]]:
             try:

@@ -164,9 +164,9 @@ class LocalRoutes:
         ex.respond(200, _OPENAI_JSON, orjson.dumps(body) + b"\n")
 
     async def _ps(self, ex: "Exchange") -> None:
-        models = await self.gw.health.fetch_ps()
+        models = await self.gw.health.fetch_ps(ex.fleet.backends)
         seen = {normalize_model(str(m.get("name") or m.get("model") or "")) for m in models}
-        for b in self.gw.fleet.backends:
+        for b in ex.fleet.backends:
             # An OpenAI-compatible server keeps the models it serves loaded.
             if b.online and b.kind is not ApiKind.OLLAMA:
                 for item in b.v1_models:
