@@ -274,7 +274,7 @@ def parse_pool(name: str, value: object, where: str = "pool") -> PoolConfig:
         raise ConfigError(f"{where}: must be a table")
     unknown = set(value) - _POOL_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown pool setting {sorted(unknown)[0]!r}")
+        raise ConfigError(f"{where}: unknown pool setting {min(unknown)!r}")
     pool = PoolConfig(name)
     raw_backends = value.get("backends", [])
     if name == DEFAULT_POOL and raw_backends:
@@ -288,7 +288,7 @@ def parse_pool(name: str, value: object, where: str = "pool") -> PoolConfig:
             raise ConfigError(f"{where}: each backend needs a url")
         extra = set(item) - {"url", "slots", "kind", "probe_path", "probe_interval"}
         if extra:
-            raise ConfigError(f"{where}: unknown backend setting {sorted(extra)[0]!r}")
+            raise ConfigError(f"{where}: unknown backend setting {min(extra)!r}")
         b = parse_backend_url(item["url"])
         if any(o.url == b.url for o in pool.backends):
             raise ConfigError(f"{where}: backend {b.url} is listed twice")

@@ -121,7 +121,7 @@ class GatewayState:
         self.passive = PassiveHealth(loop, self.pools.pump_all)
         for config in settings.pools.values():
             if config.name != DEFAULT_POOL:
-                self.pools.set(config)
+                self.pools.put(config)
         self.pools.set_access(settings.pool_access_users, settings.pool_access_keys)
         # Required models of every pool (fleet/required.py): compared and pulled off the data plane.
         self.required = RequiredModels(self.pools, self.health)
@@ -451,9 +451,9 @@ class Gateway:
                 pools.remove(name)
                 out["removed"].append(name)
         if DEFAULT_POOL not in fresh.pools and DEFAULT_POOL in self.file_pools:
-            pools.set(PoolConfig(DEFAULT_POOL))
+            pools.put(PoolConfig(DEFAULT_POOL))
         for config in fresh.pools.values():
-            pools.set(config)
+            pools.put(config)
             out["set"].append(config.name)
         self.file_pools = set(fresh.pools)
         live = self.settings

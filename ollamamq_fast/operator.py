@@ -174,7 +174,7 @@ class Operator:
                     if name in pools.by_name and name != DEFAULT_POOL:
                         pools.remove(name)
                     continue
-                pools.set(parse_pool(name, data, "stored pool"))
+                pools.put(parse_pool(name, data, "stored pool"))
             except (ConfigError, KeyError, ValueError) as exc:
                 log.warning("stored pool %s not applied: %s", name, exc)
         pools.set_access(*self._access())
@@ -223,7 +223,7 @@ class Operator:
         config = parse_pool(name, {k: v for k, v in data.items() if k != "name"}, "pool")
         others = {p.name: p.config for p in pools.pools() if p.name != name}
         check_pools({**others, name: config}, self.state.settings.backends)
-        pool = pools.set(config)
+        pool = pools.put(config)
         stored = self._stored("pools")
         stored[name] = config.to_dict()
         self.cache.put_meta("pools", orjson.dumps(stored).decode())

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-
-import orjson
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
+
+import orjson
 
 from ollamamq_fast.config import DEFAULT_POOL, BackendOptions, PoolConfig
 from ollamamq_fast.fleet.backend import ApiKind, Backend
@@ -82,7 +82,7 @@ class Pool:
         self.apply(config)
 
     def apply(self, config: PoolConfig) -> None:
-        """Take a (new) definition's aliases and fair-share defaults (backends: Pools.set)."""
+        """Take a (new) definition's aliases and fair-share defaults (backends: Pools.put)."""
         self.config = config
         # Normalized alias -> the model name the backend reads.
         self.aliases = {normalize_model(k): v for k, v in config.aliases.items()}
@@ -144,7 +144,7 @@ class Pool:
 class Pools:
     """Every pool by name and Host, the access rules, and the union of their backends."""
 
-    def __init__(self, default: Pool, settings: "Settings", loop: asyncio.AbstractEventLoop,
+    def __init__(self, default: Pool, settings: Settings, loop: asyncio.AbstractEventLoop,
                  make_backend: Callable[[str, int, BackendOptions | None], Backend],
                  drop_backend: Callable[[Backend], None]) -> None:
         self.default = default
@@ -252,7 +252,7 @@ class Pools:
                 return b
         return None
 
-    def set(self, config: PoolConfig) -> Pool:
+    def put(self, config: PoolConfig) -> Pool:
         """Create or replace a pool (the default pool: aliases, hosts, required models only).
 
         Requests queued in a changed pool stay queued; backends no pool lists

@@ -14,11 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
+from harness import Stack, fast_sim_options, start_stack
 
 from ollamamq_fast.config import ConfigError, Settings, apply_toml, parse_pool
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.pools import unalias
-from harness import Stack, fast_sim_options, start_stack
 
 A_MODELS = ["llama3.2:latest"]
 B_MODELS = ["qwen2.5:0.5b", "llama3.2:1b"]

@@ -103,7 +103,7 @@ class _BackendWork:
 class RequiredModels:
     """Keeps every pool's required models on its Ollama backends."""
 
-    def __init__(self, pools: "Pools", health: "HealthChecker") -> None:
+    def __init__(self, pools: Pools, health: HealthChecker) -> None:
         self.pools = pools
         self.health = health
         self.publish: Callable[..., None] = _no_publish
@@ -158,7 +158,7 @@ class RequiredModels:
             p.config.required_models for p in listing)
         return wanted, asking, remove
 
-    def check_soon(self, pool: "Pool | None", reason: str) -> None:
+    def check_soon(self, pool: Pool | None, reason: str) -> None:
         """Compare and pull in the background (start, reload, pool change)."""
         if not self.started:
             return
@@ -174,7 +174,7 @@ class RequiredModels:
         self.checks.add(task)
         task.add_done_callback(self.checks.discard)
 
-    async def check(self, pool: "Pool | None" = None, reason: str = "on demand",
+    async def check(self, pool: Pool | None = None, reason: str = "on demand",
                     remove: bool | None = None) -> dict[str, Any]:
         """Compare the required lists with each backend's /api/tags now and queue the pulls.
 
@@ -381,7 +381,7 @@ class RequiredModels:
             out.extend(j.snapshot() for j in work.queue)
         return out
 
-    def status(self, pool: "Pool | None" = None) -> dict[str, Any]:
+    def status(self, pool: Pool | None = None) -> dict[str, Any]:
         """Per backend of `pool` (None: all): required, present, pulls running, queued, recent."""
         backends = pool.fleet.backends if pool is not None else self.pools.backends
         rows = []

@@ -70,16 +70,16 @@ from ollamamq_fast.wire.sniff import (
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
+    from ollamamq_fast.fleet.select import Fleet
     from ollamamq_fast.gateway import GatewayState
     from ollamamq_fast.limits import Limits
-    from ollamamq_fast.fleet.select import Fleet
     from ollamamq_fast.policy.cache import Entry
     from ollamamq_fast.pools import Pool
-    from ollamamq_fast.sched.dispatcher import Dispatcher
     from ollamamq_fast.proxy.downstream import ClientProtocol
     from ollamamq_fast.proxy.translating import TranslatingRelay
     from ollamamq_fast.proxy.transport import Transport
     from ollamamq_fast.proxy.upstream import UpstreamConnection
+    from ollamamq_fast.sched.dispatcher import Dispatcher
     from ollamamq_fast.sched.fairqueue import Ticket
 
 log = logging.getLogger("ollamamq_fast.proxy")
@@ -281,10 +281,8 @@ class Exchange:
         self.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
                                            self.client.peer_ip_bytes,
                                            backend_request_id(head.request_id, own_id))
-        if pool_missing or self.gw.pools.active:
-            denied = self._check_pool(pool_missing, head.host)
-            if denied:
-                return
+        if (pool_missing or self.gw.pools.active) and self._check_pool(pool_missing, head.host):
+            return
         self._check_route(route, method)
         if not self.user:
             self.user = self.client_ip

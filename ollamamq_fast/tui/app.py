@@ -29,11 +29,11 @@ from ollamamq_fast.tui import actions
 from ollamamq_fast.tui.actions import AdminCall, NoTarget
 from ollamamq_fast.tui.client import AdminApi, AdminApiError
 from ollamamq_fast.tui.widgets.backends import BackendsTable
-from ollamamq_fast.tui.widgets.pools import PoolsTable
 from ollamamq_fast.tui.widgets.blocked import BlockedTable
 from ollamamq_fast.tui.widgets.dialogs import ConfirmScreen, HelpScreen, WeightScreen
 from ollamamq_fast.tui.widgets.eventlog import EventLog
 from ollamamq_fast.tui.widgets.header import StatsHeader
+from ollamamq_fast.tui.widgets.pools import PoolsTable
 from ollamamq_fast.tui.widgets.usage import UsageScreen
 from ollamamq_fast.tui.widgets.users import UsersTable
 
