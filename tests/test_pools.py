@@ -8,6 +8,7 @@ and required models are pulled (progress, retries, removal) by the gateway.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -330,3 +331,117 @@ def test_failed_pulls_are_retried_then_reported() -> None:
         assert "file does not exist" in row["error"] and row["attempts"] >= 2
     finally:
         st.close()
+
+
+def test_reload_adds_changes_and_removes_pools_of_the_file(tmp_path: Any) -> None:
+    sims = [fast_sim_options(models=list(A_MODELS)), fast_sim_options(models=list(B_MODELS))]
+    cfg = tmp_path / "gw.toml"
+
+    def write(pools: str) -> None:
+        cfg.write_text(f'backends = ["{st_urls[0]}"]\n{pools}')
+
+    st_urls: list[str] = []
+
+    def configure(s: Settings, servers: list[Any]) -> None:
+        st_urls.extend(srv.url for srv in servers)
+        s.backends = s.backends[:1]
+        write("")
+        s.config_path = str(cfg)
+
+    st = start_stack(sims, configure=configure, admin_port=0, admin_token=TOKEN)
+    try:
+        assert chat(st.url, "qwen2.5:0.5b", "/pool/gpu/api/chat").status_code == 404
+        write(f'[pools.gpu]\nbackends = ["{st_urls[1]}"]\naliases = {{ fast = "llama3.2:1b" }}\n'
+              '[pool_access.users]\ndave = ["gpu"]\n')
+        r = admin(st, "POST", "/api/reload")
+        assert r.status_code == 200 and r.json()["pools"]["set"] == ["gpu"], r.text
+        wait_for(lambda: chat(st.url, "fast", "/pool/gpu/api/chat").status_code == 200,
+                 what="pool gpu after the reload")
+        assert chat(st.url, "llama3.2", **{"X-User-ID": "dave"}).status_code == 403
+        write('[pools.default]\naliases = { small = "llama3.2" }\n')
+        r = admin(st, "POST", "/api/reload")
+        assert r.json()["pools"]["removed"] == ["gpu"]
+        assert chat(st.url, "fast", "/pool/gpu/api/chat").status_code == 404
+        assert chat(st.url, "small", **{"X-User-ID": "dave"}).json()["model"] == "llama3.2"
+        write('[pools.gpu]\nbackends = []\n')
+        r = admin(st, "POST", "/api/reload")
+        assert r.status_code == 400 and "at least one backend" in r.json()["error"]
+    finally:
+        st.close()
+
+
+def test_api_keys_limited_to_pools() -> None:
+    st = start_stack([fast_sim_options(models=list(A_MODELS)),
+                      fast_sim_options(models=list(B_MODELS))], configure=pools_config(),
+                     auth="keys", admin_port=0, admin_token=TOKEN)
+    try:
+        key = admin(st, "POST", "/api/keys", json={"user": "erin"}).json()
+        auth = {"Authorization": f"Bearer {key['secret']}"}
+        wait_for(lambda: httpx.get(st.url + "/pool/gpu/api/tags").json()["models"],
+                 what="pool gpu models")
+        assert chat(st.url, "llama3.2", **auth).status_code == 200
+        r = admin(st, "PUT", f"/api/pool-access/keys/{key['key_id']}", json={"pools": ["gpu"]})
+        assert r.status_code == 200
+        r = chat(st.url, "llama3.2", **auth)
+        assert r.status_code == 403 and r.json() == {
+            "error": "this API key may not use pool 'default'"}
+        assert chat(st.url, "qwen2.5:0.5b", "/pool/gpu/api/chat", **auth).status_code == 200
+        assert admin(st, "PUT", f"/api/pool-access/keys/{key['key_id']}",
+                     json={"pools": None}).status_code == 200
+        assert chat(st.url, "llama3.2", **auth).status_code == 200
+        assert admin(st, "PUT", "/api/pool-access/keys/x", json={"pools": "gpu"}).status_code == 400
+    finally:
+        st.close()
+
+
+def test_cli_pools_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from ollamamq_fast.cli import main as cli_main
+
+    sims = [fast_sim_options(models=list(A_MODELS)),
+            fast_sim_options(models=list(B_MODELS), pull_step_s=0.01)]
+
+    def configure(s: Settings, servers: list[Any]) -> None:
+        s.backends = s.backends[:1]
+
+    st = start_stack(sims, configure=configure, admin_port=0, admin_token=TOKEN)
+    base = ["--admin", f"http://127.0.0.1:{st.gateway.admin_port}", "--token", TOKEN]
+    try:
+        def cli(*argv: str) -> str:
+            capsys.readouterr()
+            assert cli_main([*argv, *base]) == 0, capsys.readouterr().err
+            return capsys.readouterr().out
+
+        out = cli("pools", "create", "gpu", "--backend", st.sims[1].url, "--alias",
+                  "fast=llama3.2:1b", "--require", "all-minilm", "--host", "gpu.test")
+        assert "gpu" in out and "fast=llama3.2:1b" in out and "all-minilm" in out
+        wait_for(lambda: "all-minilm" in st.sims[1].stats.pulls, what="the pull")
+        out = cli("pools", "sync", "gpu")
+        assert st.sims[1].url in out
+        def present() -> bool:
+            (row,) = json.loads(cli("pools", "show", "gpu", "--json"))["backends"]
+            return bool(row["present"] == ["all-minilm"] and row["missing"] == [])
+
+        wait_for(present, what="all-minilm present")
+        assert "all-minilm" in cli("pools", "show", "gpu")
+        assert "default" in cli("pools", "list") and "gpu" in cli("pools", "list")
+        assert "no pulls" in cli("pools", "pulls")
+        assert "all pools" in cli("pools", "access", "user", "zed", "all")
+        assert "zed: gpu" in cli("pools", "access", "user", "zed", "gpu")
+        assert "deleted pool gpu" in cli("pools", "delete", "gpu")
+        capsys.readouterr()
+        assert cli_main(["pools", "show", "gpu", *base]) == 1
+        assert "no pool gpu" in capsys.readouterr().err
+    finally:
+        st.close()
+
+
+def test_bench_pool_option_targets_the_pool_prefix() -> None:
+    import argparse
+
+    from ollamamq_fast.bench import cli as bench_cli
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    args = parser.parse_args(["http://127.0.0.1:11435", "--pool", "gpu"])
+    (target,) = bench_cli.targets_from_args(args)
+    assert target.path_prefix == "/pool/gpu" and target.label == "target"
