@@ -445,3 +445,25 @@ def test_bench_pool_option_targets_the_pool_prefix() -> None:
     args = parser.parse_args(["http://127.0.0.1:11435", "--pool", "gpu"])
     (target,) = bench_cli.targets_from_args(args)
     assert target.path_prefix == "/pool/gpu" and target.label == "target"
+
+
+def test_official_clients_through_a_pool(stack: Stack) -> None:
+    import ollama
+    import openai
+
+    wait_for(lambda: httpx.get(stack.url + "/pool/gpu/api/tags").json()["models"],
+             what="pool gpu models")
+    client = ollama.Client(host=stack.url + "/pool/gpu")
+    names = {m.model for m in client.list().models}
+    assert {"fast", "qwen2.5:0.5b"} <= names
+    parts = list(client.chat(model="fast", messages=[{"role": "user", "content": "hi"}],
+                             stream=True))
+    assert parts[-1].done and parts[-1].model == "llama3.2:1b"
+    oa = openai.OpenAI(base_url=stack.url + "/pool/gpu/v1", api_key="unused")
+    chunks = list(oa.chat.completions.create(
+        model="fast", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert chunks and chunks[0].model == "llama3.2:1b"
+    assert "fast" in {m.id for m in oa.models.list()}
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=stack.url + "/pool/nope").chat(model="fast", messages=[])
+    assert err.value.status_code == 404 and "pool 'nope' not found" in str(err.value)
