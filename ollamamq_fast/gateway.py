@@ -427,7 +427,8 @@ class Gateway:
                     existing.slots = slots
                     changes["slots"][url] = slots
                 existing.configure(options)
-        if "pools" in data or "pool_access" in data or self.file_pools:
+        if ("pools" in data or "pool_access" in data or self.file_pools
+                or live.pool_access_users or live.pool_access_keys):
             changes["pools"] = self._reload_pools(state, fresh, data)
         queue = state.dispatcher.queue
         for user in fresh.vip_users:
