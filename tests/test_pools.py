@@ -467,3 +467,62 @@ def test_official_clients_through_a_pool(stack: Stack) -> None:
     with pytest.raises(ollama.ResponseError) as err:
         ollama.Client(host=stack.url + "/pool/nope").chat(model="fast", messages=[])
     assert err.value.status_code == 404 and "pool 'nope' not found" in str(err.value)
+
+
+def shared_backend_stack(**settings: Any) -> Stack:
+    """One slow simulator in the default pool and in pool gpu, one slot."""
+    def configure(s: Settings, servers: list[Any]) -> None:
+        apply_toml(s, {"pools": {"gpu": {"backends": [servers[0].url],
+                                         "users": {"vip": ["ann"]}}}})
+        s.slots = 1
+        s.health_interval = 60.0  # no probe may pump the queues for us
+
+    return start_stack([fast_sim_options(models=list(A_MODELS), tokens_per_s=20.0, tokens=16)],
+                       configure=configure, **settings)
+
+
+def test_a_slot_freed_by_one_pool_starts_the_request_waiting_in_another() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    st = shared_backend_stack()
+    try:
+        pools = st.state.pools
+        assert st.lt.call(lambda: pools.by_name["gpu"].dispatcher.queue.is_vip("ann"))
+        assert not st.lt.call(lambda: st.state.dispatcher.queue.is_vip("ann"))
+        backend = st.lt.call(lambda: pools.find_backend(st.sims[0].url))
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(chat, st.url, "llama3.2")
+            wait_for(lambda: backend.in_flight == 1, what="the first request running")
+            second = pool.submit(chat, st.url, "llama3.2", "/pool/gpu/api/chat")
+            wait_for(lambda: st.lt.call(lambda: len(pools.by_name["gpu"].dispatcher.queue)) == 1,
+                     what="the second request queued in pool gpu")
+            assert first.result(10).status_code == 200
+            t0 = time.monotonic()
+            r = second.result(10)
+        assert r.status_code == 200 and time.monotonic() - t0 < 5.0
+        assert int(r.headers["x-gateway-queue-ms"]) > 0
+    finally:
+        st.close()
+
+
+def test_deleting_a_pool_answers_its_queued_requests() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    st = shared_backend_stack(admin_port=0, admin_token=TOKEN)
+    try:
+        pools = st.state.pools
+        backend = st.lt.call(lambda: pools.find_backend(st.sims[0].url))
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(chat, st.url, "llama3.2")
+            wait_for(lambda: backend.in_flight == 1, what="the first request running")
+            second = pool.submit(chat, st.url, "llama3.2", "/pool/gpu/api/chat")
+            wait_for(lambda: st.lt.call(lambda: len(pools.by_name["gpu"].dispatcher.queue)) == 1,
+                     what="the second request queued in pool gpu")
+            assert admin(st, "DELETE", "/api/pools/gpu").status_code == 200
+            r = second.result(10)
+            assert r.status_code == 503 and r.json() == {"error": "pool 'gpu' was removed"}
+            assert first.result(10).status_code == 200
+        # The backend is still the default pool's.
+        assert chat(st.url, "llama3.2").status_code == 200
+    finally:
+        st.close()
