@@ -79,6 +79,9 @@ class Pool:
         self.aliases: dict[str, str] = {}
         # Requests that named this pool (path or Host); not counted for the default pool.
         self.requests = 0
+        # Normalized models being pulled to its backends (fleet/required.py):
+        # a request for one that no backend has yet gets 503, not 404.
+        self.pulling: set[str] = set()
         self.apply(config)
 
     def apply(self, config: PoolConfig) -> None:

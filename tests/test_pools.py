@@ -526,3 +526,22 @@ def test_deleting_a_pool_answers_its_queued_requests() -> None:
         assert chat(st.url, "llama3.2").status_code == 200
     finally:
         st.close()
+
+
+def test_a_required_model_no_backend_has_yet_is_503_while_it_is_pulled() -> None:
+    sims = [fast_sim_options(models=list(A_MODELS), pull_step_s=0.3)]
+
+    def configure(s: Settings, servers: list[Any]) -> None:
+        apply_toml(s, {"pools": {"default": {"required_models": ["phi3:mini"]}}})
+
+    st = start_stack(sims, configure=configure)
+    try:
+        wait_for(lambda: st.sims[0].stats.pulls, what="the pull")
+        r = chat(st.url, "phi3:mini")
+        assert r.status_code == 503 and "being pulled" in r.json()["error"]
+        assert r.headers["retry-after"] == "30"
+        assert st.sims[0].stats.pulls == ["phi3:mini"]  # the request pulled nothing
+        wait_for(lambda: chat(st.url, "phi3:mini").status_code == 200, what="the model served")
+        assert chat(st.url, "phi3:medium").status_code == 404
+    finally:
+        st.close()

@@ -274,6 +274,7 @@ class RequiredModels:
             return
         job = PullJob(backend.name, name, pools)
         work.queue.append(job)
+        self._mark_pulling()
         self.publish("pull_queued", **job.snapshot())
         if work.worker is None or work.worker.done():
             work.worker = asyncio.get_running_loop().create_task(self._run(backend, work))
@@ -288,6 +289,19 @@ class RequiredModels:
             finally:
                 work.current = None
                 work.history.append(job)
+                self._mark_pulling()
+
+    def _mark_pulling(self) -> None:
+        """Tell each pool which models are on their way to its backends."""
+        for pool in self.pools.pools():
+            models: set[str] = set()
+            for b in pool.fleet.backends:
+                work = self.work.get(b)
+                if work is not None:
+                    if work.current is not None:
+                        models.add(normalize_model(work.current.model))
+                    models.update(normalize_model(j.model) for j in work.queue)
+            pool.pulling = models
 
     async def _pull_with_retries(self, backend: Backend, job: PullJob) -> None:
         delay = self.retry_min_s

@@ -186,6 +186,10 @@ class Dispatcher:
             # Known model, but every backend serving it is draining or failing.
             return refused(503, f"every backend serving '{ex.model_name}' is unavailable "
                                 "(draining or failing); retry shortly", 5)
+        if ex.model in ex.pool.pulling:
+            # A required model on its way (fleet/required.py): not a client error.
+            return refused(503, f"model '{ex.model_name}' is being pulled to the backends; "
+                                "retry shortly", 30)
         return refused(404, f"model '{ex.model_name}' not found")
 
     # -- Dispatch ---------------------------------------------------------------
