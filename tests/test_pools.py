@@ -81,6 +81,10 @@ def test_path_prefix_reaches_the_pool_and_default_is_unchanged(stack: Stack) -> 
     assert default == {"llama3.2:latest"}
     ids = {m["id"] for m in httpx.get(stack.url + "/pool/gpu/v1/models").json()["data"]}
     assert {"qwen2.5:0.5b", "fast"} <= ids and "llama3.2:latest" not in ids
+    health = httpx.get(stack.url + "/pool/gpu/health").json()
+    assert health["backends_total"] == 1 and health["backends_online"] == 1
+    assert httpx.get(stack.url + "/pool/gpu/").headers["x-gateway-backends-online"] == "1/1"
+    assert httpx.get(stack.url + "/pool/gpu/api/version").status_code == 200
     # OpenAI route through the pool.
     r = httpx.post(stack.url + "/pool/gpu/v1/chat/completions", timeout=10, json={
         "model": "qwen2.5:0.5b", "messages": [{"role": "user", "content": "hi"}]})

@@ -42,11 +42,11 @@ class LocalRoutes:
         """Write the answer for a local route (async ones finish later)."""
         which = route.local
         if which is Local.HEALTH:
-            ex.respond(200, _JSON, orjson.dumps(self.health()))
+            ex.respond(200, _JSON, orjson.dumps(self.health(ex)))
         elif which is Local.ROOT:
             self._root(ex)
         elif which is Local.VERSION:
-            version = self.version()
+            version = self.version(ex)
             if version is None:
                 # As if Ollama were unreachable: no version is made up.
                 ex.respond_error(503, "no Ollama backend is online", retry_after=5)
@@ -69,22 +69,23 @@ class LocalRoutes:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    def health(self) -> dict[str, Any]:
-        """Liveness plus a short summary of the fleet and queue."""
-        fleet = self.gw.fleet
+    def health(self, ex: "Exchange | None" = None) -> dict[str, Any]:
+        """Liveness plus a short summary of the fleet and queue (of the request's pool)."""
+        fleet = self.gw.fleet if ex is None else ex.fleet
+        dispatcher = self.gw.dispatcher if ex is None else ex.dispatcher
         online = sum(1 for b in fleet.backends if b.online)
         return {
             "status": "ok" if online else "degraded",
             "version": __version__,
             "backends_online": online,
             "backends_total": len(fleet.backends),
-            "queued": len(self.gw.dispatcher.queue),
+            "queued": len(dispatcher.queue),
             "in_flight": sum(b.in_flight for b in fleet.backends),
             "uptime_s": round(time.monotonic() - self.gw.started_at, 1),
         }
 
     def _root(self, ex: "Exchange") -> None:
-        fleet = self.gw.fleet
+        fleet = ex.fleet
         online = sum(1 for b in fleet.backends if b.online)
         extra = b"X-Gateway-Backends-Online: %d/%d\r\n" % (online, len(fleet.backends))
         if online:
@@ -92,9 +93,9 @@ class LocalRoutes:
         else:
             ex.respond(503, _TEXT, b"Ollama gateway is running, but no backend is online", extra=extra)
 
-    def version(self) -> str | None:
+    def version(self, ex: "Exchange | None" = None) -> str | None:
         """The version of the first online Ollama backend (clients compare it with theirs)."""
-        for b in self.gw.fleet.backends:
+        for b in (self.gw.fleet if ex is None else ex.fleet).backends:
             if b.online and b.kind is ApiKind.OLLAMA and b.version:
                 return b.version
         return None
