@@ -549,3 +549,36 @@ def test_a_required_model_no_backend_has_yet_is_503_while_it_is_pulled() -> None
         assert chat(st.url, "phi3:medium").status_code == 404
     finally:
         st.close()
+
+
+def test_a_backend_joining_gets_the_required_models_and_metrics_show_pools() -> None:
+    from harness import free_port
+
+    from ollamamq_fast.sim import start_sim
+
+    port = free_port()
+
+    def configure(s: Settings, servers: list[Any]) -> None:
+        apply_toml(s, {"pools": {"gpu": {"backends": [f"http://127.0.0.1:{port}"],
+                                         "required_models": ["phi3:mini"]}}})
+        s.health_interval = 0.1
+
+    st = start_stack([fast_sim_options(models=list(A_MODELS))], configure=configure,
+                     admin_port=0, admin_token=TOKEN)
+    try:
+        late = st.lt.run(start_sim(fast_sim_options(models=["llama3.2:1b"]), "127.0.0.1", port))
+        st.sims.append(late)  # closed with the stack
+        wait_for(lambda: late.stats.pulls == ["phi3:mini"], what="the pull when it joined")
+        wait_for(lambda: chat(st.url, "phi3:mini", "/pool/gpu/api/chat").status_code == 200,
+                 what="the pulled model served")
+        metrics = admin(st, "GET", "/metrics").text
+        assert 'ollamamq_pool_backends_up{pool="gpu"} 1.0' in metrics
+        assert 'ollamamq_pool_slots{pool="default"} 4.0' in metrics
+        assert f'ollamamq_backend_pool{{backend="http://127.0.0.1:{port}",pool="gpu"}} 1.0' \
+            in metrics
+        assert 'ollamamq_pool_requests_total{pool="gpu"}' in metrics
+        assert 'ollamamq_model_pulls_total{result="done"} 1.0' in metrics
+        stats = admin(st, "GET", "/api/stats").json()
+        assert set(stats["pools"]) == {"default", "gpu"}
+    finally:
+        st.close()
