@@ -582,3 +582,54 @@ def test_a_backend_joining_gets_the_required_models_and_metrics_show_pools() -> 
         assert set(stats["pools"]) == {"default", "gpu"}
     finally:
         st.close()
+
+
+def test_pool_lookup_by_path_and_host_and_access_rules() -> None:
+    import asyncio
+
+    from ollamamq_fast.config import PoolConfig
+    from ollamamq_fast.fleet.select import Fleet
+    from ollamamq_fast.pools import Pool, PoolError, Pools
+    from ollamamq_fast.sched.dispatcher import Dispatcher
+
+    loop = asyncio.new_event_loop()
+    try:
+        settings = Settings()
+        fleet = Fleet([])
+        default = Pool(PoolConfig("default"), fleet, Dispatcher(fleet, settings, loop))
+        made: list[str] = []
+
+        def make(url: str, slots: int, options: Any) -> Any:
+            from ollamamq_fast.config import parse_backend_url
+            from ollamamq_fast.fleet.backend import Backend
+
+            made.append(url)
+            return Backend(parse_backend_url(url), slots)
+
+        pools = Pools(default, settings, loop, make, lambda b: None)
+        assert not pools.active
+        gpu = pools.put(parse_pool("gpu", {"backends": ["h:1"], "hosts": ["gpu.test"],
+                                           "slots": 3}))
+        assert made == ["http://h:1"] and gpu.fleet.backends[0].slots == 3
+        assert pools.by_path(b"/pool/gpu/api/chat") == (gpu, b"/api/chat", "gpu")
+        assert pools.by_path(b"/pool/gpu") == (gpu, b"/", "gpu")
+        assert pools.by_path(b"/pool/x/v1/models")[0] is None
+        assert pools.active  # a Host-routed pool
+        assert pools.for_host(b"GPU.test:8080") is gpu and pools.for_host(b"gpu.test") is gpu
+        assert pools.for_host(b"other.test") is None and pools.for_host(b"[::1]:80") is None
+        pools.set_access({"ann": ["gpu"]}, {"k1": ["default"]})
+        pools.check_access(gpu, "ann", "")
+        pools.check_access(gpu, "bob", "")
+        with pytest.raises(PoolError, match="user 'ann' may not use pool 'default'"):
+            pools.check_access(default, "ann", "")
+        with pytest.raises(PoolError, match="this API key may not use pool 'gpu'"):
+            pools.check_access(gpu, "bob", "k1")
+        # A second pool on the same backend shares it, with dispatch turns for both.
+        pools.put(parse_pool("fast", {"backends": ["h:1"]}))
+        assert made == ["http://h:1"] and len(gpu.fleet.backends[0].pumps) == 2
+        pools.remove("fast")
+        assert gpu.fleet.backends[0].pumps == ()
+        with pytest.raises(ValueError):
+            pools.remove("default")
+    finally:
+        loop.close()
