@@ -122,6 +122,8 @@ class Operator:
             self._apply_users()
         elif topic == "backends":
             self._apply_backends()
+        elif topic in ("pools", "pool_access"):
+            self._apply_pools()
         self.events.publish("state_reloaded", topic=topic)
 
     def _apply_users(self) -> None:

@@ -633,3 +633,40 @@ def test_pool_lookup_by_path_and_host_and_access_rules() -> None:
             pools.remove("default")
     finally:
         loop.close()
+
+
+def test_two_replicas_on_one_redis_share_pools_and_access_rules(tmp_path: Any) -> None:
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    from test_state import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.dir.mkdir()
+    server.start()
+    try:
+        sims = [fast_sim_options(models=list(A_MODELS)), fast_sim_options(models=list(B_MODELS))]
+
+        def configure(s: Settings, servers: list[Any]) -> None:
+            s.backends = s.backends[:1]
+
+        a = start_stack(sims, configure=configure, redis_url=server.url)
+        b = start_stack(sims, configure=configure, redis_url=server.url)
+        try:
+            b_url = a.sims[1].url
+            a.lt.call(a.state.operator.set_pool, "gpu",
+                      {"backends": [b_url], "aliases": {"fast": "llama3.2:1b"}}, True)
+            wait_for(lambda: chat(b.url, "fast", "/pool/gpu/api/chat").status_code == 200,
+                     what="pool gpu on the other replica")
+            a.lt.call(a.state.operator.set_pool_access, "users", "fay", ["gpu"])
+            wait_for(lambda: chat(b.url, "llama3.2", **{"X-User-ID": "fay"}).status_code == 403,
+                     what="the access rule on the other replica")
+            b.lt.call(b.state.operator.remove_pool, "gpu")
+            wait_for(lambda: chat(a.url, "fast", "/pool/gpu/api/chat").status_code == 404,
+                     what="the pool gone on the first replica")
+        finally:
+            a.close()
+            b.close()
+    finally:
+        server.stop()

@@ -25,6 +25,7 @@ from typing import NamedTuple
 from ..tasks import cancel_and_wait
 from .ipblock import canonical
 from .records import (
+    META_TOPICS,
     TOPIC_BACKENDS,
     TOPIC_KEYS,
     TOPIC_USERS,
@@ -45,8 +46,9 @@ log = logging.getLogger("ollamamq_fast.state")
 # failover takes about a second), later ones slow down to keep the log readable.
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
-# Metadata keys loaded at start (operator-made pools and pool access rules).
-META_KEYS = ("pools", "pool_access")
+# Metadata keys loaded at start and re-read when another replica writes them
+# (operator-made pools and pool access rules).
+META_KEYS = META_TOPICS
 
 
 class _Pending(NamedTuple):
@@ -321,6 +323,10 @@ class StateCache(StateView):
             self._replay = dict(self._pending)
             try:
                 snapshot = await self.store.load_all()
+                # Pools and access rules (META_KEYS) are metadata values, read
+                # while the replay still records local writes made meanwhile.
+                metas = {key: await self.store.get_meta(key)
+                         for key in sorted(topics & set(META_KEYS))}
             except Exception as exc:  # noqa: BLE001 -- any store failure: retry the reload
                 log.warning(
                     "state: reload of %s failed (%s)", ",".join(sorted(topics)), exc
@@ -333,6 +339,9 @@ class StateCache(StateView):
                 replay, self._replay = self._replay, None
             delay = RETRY_MIN_S
             self._install(snapshot, topics)
+            for key, value in metas.items():
+                if value is not None:
+                    self.meta[key] = value
             for pending in replay.values():
                 pending.apply()
             for topic in sorted(topics):
