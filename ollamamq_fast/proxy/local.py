@@ -69,7 +69,7 @@ class LocalRoutes:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    def health(self, ex: "Exchange | None" = None) -> dict[str, Any]:
+    def health(self, ex: Exchange | None = None) -> dict[str, Any]:
         """Liveness plus a short summary of the fleet and queue (of the request's pool)."""
         fleet = self.gw.fleet if ex is None else ex.fleet
         dispatcher = self.gw.dispatcher if ex is None else ex.dispatcher
@@ -93,7 +93,7 @@ class LocalRoutes:
         else:
             ex.respond(503, _TEXT, b"Ollama gateway is running, but no backend is online", extra=extra)
 
-    def version(self, ex: "Exchange | None" = None) -> str | None:
+    def version(self, ex: Exchange | None = None) -> str | None:
         """The version of the first online Ollama backend (clients compare it with theirs)."""
         for b in (self.gw.fleet if ex is None else ex.fleet).backends:
             if b.online and b.kind is ApiKind.OLLAMA and b.version:

@@ -41,12 +41,12 @@ from redis.exceptions import RedisError, WatchError
 
 from . import codec
 from .records import (
+    META_TOPICS,
     TOPIC_BACKENDS,
     TOPIC_BLOCKS,
     TOPIC_KEYS,
     TOPIC_USERS,
     TOPICS,
-    META_TOPICS,
     USAGE_COUNTERS,
     BackendRecord,
     KeyRecord,
