@@ -103,19 +103,16 @@ class Pool:
         """The model name an alias stands for (None: `model` is no alias here)."""
         return self.aliases.get(model)
 
-    def tags(self) -> list[dict[str, Any]]:
-        """Models of the pool's online Ollama backends, merged, plus its aliases."""
-        merged: dict[str, dict[str, Any]] = {}
-        for b in self.fleet.backends:
-            if b.online and b.kind is ApiKind.OLLAMA:
-                for key, entry in b.models.items():
-                    merged.setdefault(key, entry)
+    def tag_aliases(self, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """/api/tags entries for the aliases whose model is in `listed`."""
+        by_name = {normalize_model(str(e.get("name") or e.get("model") or "")): e
+                   for e in listed}
+        out = []
         for alias, target in self.config.aliases.items():
-            found = merged.get(normalize_model(target))
-            if found is not None:
-                merged.setdefault(normalize_model(alias),
-                                  {**found, "name": alias, "model": alias})
-        return list(merged.values())
+            found = by_name.get(normalize_model(target))
+            if found is not None and normalize_model(alias) not in by_name:
+                out.append({**found, "name": alias, "model": alias})
+        return out
 
     def v1_aliases(self, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """/v1/models objects for the aliases whose model is in `listed`."""

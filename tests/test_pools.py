@@ -670,3 +670,27 @@ def test_two_replicas_on_one_redis_share_pools_and_access_rules(tmp_path: Any) -
             b.close()
     finally:
         server.stop()
+
+
+def test_a_pool_of_an_openai_only_backend_translates_with_aliases() -> None:
+    sims = [fast_sim_options(models=list(A_MODELS)),
+            fast_sim_options(models=["qwen2.5:0.5b"], api="openai")]
+
+    def configure(s: Settings, servers: list[Any]) -> None:
+        apply_toml(s, {"pools": {"vllm": {"backends": [servers[1].url],
+                                          "aliases": {"small": "qwen2.5:0.5b"}}}})
+        s.backends = s.backends[:1]
+
+    st = start_stack(sims, configure=configure)
+    try:
+        names = wait_for(lambda: {m["name"] for m in httpx.get(
+            st.url + "/pool/vllm/api/tags").json()["models"]}, what="the pool's models")
+        assert {"qwen2.5:0.5b", "small"} <= names
+        r = chat(st.url, "small", "/pool/vllm/api/chat")
+        assert r.status_code == 200, r.text
+        assert r.headers["x-translated"] == "ollama->openai"
+        assert r.headers["x-gateway-backend"] == st.sims[1].url
+        assert r.json()["message"]["role"] == "assistant"
+        assert chat(st.url, "small").status_code == 404  # the default pool has no such alias
+    finally:
+        st.close()

@@ -53,8 +53,9 @@ class LocalRoutes:
             else:
                 ex.respond(200, _JSON, orjson.dumps({"version": version}))
         elif which is Local.TAGS:
-            tags = self.tags() if ex.pool is self.gw.pools.default and not ex.pool.aliases \
-                else ex.pool.tags()
+            tags = self.tags(ex.fleet.backends)
+            if ex.pool.aliases:
+                tags += ex.pool.tag_aliases(tags)
             ex.respond(200, _JSON, orjson.dumps({"models": tags}))
         elif which is Local.V1_MODELS:
             data = self.v1_models(ex.fleet.backends)
@@ -100,15 +101,16 @@ class LocalRoutes:
                 return b.version
         return None
 
-    def tags(self) -> list[dict[str, Any]]:
-        """Models of all online backends, de-duplicated by normalized name.
+    def tags(self, backends: list[Backend] | None = None) -> list[dict[str, Any]]:
+        """Models of all online backends (of a pool), de-duplicated by normalized name.
 
         Ollama backends' own entries come first; a model only OpenAI-compatible
         servers list is described from their /v1/models items (its requests
         are translated, proxy/translating.py).
         """
         merged: dict[str, dict[str, Any]] = {}
-        backends = self.gw.fleet.backends
+        if backends is None:
+            backends = self.gw.fleet.backends
         for b in backends:
             if b.online and b.kind is ApiKind.OLLAMA:
                 for key, entry in b.models.items():
