@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 
 from ollamamq_fast.config import DEFAULT_POOL, BackendOptions, PoolConfig
-from ollamamq_fast.fleet.backend import ApiKind, Backend
+from ollamamq_fast.fleet.backend import Backend
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.fleet.select import Balance, Fleet
 from ollamamq_fast.sched.dispatcher import Dispatcher
