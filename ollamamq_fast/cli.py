@@ -42,7 +42,7 @@ from ollamamq_fast.accesslog import STDERR
 from ollamamq_fast.cli_policy import add_policy_arguments, apply_policy_args
 from ollamamq_fast.policy.identity import parse_networks
 
-SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends", "usage", "top")
+SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends", "pools", "usage", "top")
 # Default file names, in the state folder (never the current folder).
 STATE_FILE = "ollamamq.db"
 LOG_FILE = "ollamamq.log"
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version",
                         version=f"%(prog)s {__version__} ({buildinfo.describe()})")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{serve,sim,bench,users,keys,backends,usage,top}",
+                                metavar="{serve,sim,bench,users,keys,backends,pools,usage,top}",
                                 parser_class=_Parser)
     serve = sub.add_parser("serve", help="run the gateway in the foreground (default)")
     add_serve_arguments(serve)
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         from ollamamq_fast.bench import cli as bench_cli
 
         return bench_cli.run(args)
-    if args.command in ("users", "keys", "backends"):
+    if args.command in ("users", "keys", "backends", "pools"):
         from ollamamq_fast.control import cli as admin_cli
 
         return admin_cli.run(args)

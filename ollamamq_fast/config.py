@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -186,6 +187,192 @@ class Settings:
     # (settings, limits, key, block) are dropped from memory and the store
     # (idle.py); 0 = never.
     user_idle_days: float = DEFAULT_USER_IDLE_DAYS
+    # Named pools of backends (`[pools.NAME]`, README "Pools"); the default
+    # pool is the top-level `backends`, and `[pools.default]` may give it
+    # aliases, hosts and required models.
+    pools: dict[str, PoolConfig] = field(default_factory=dict)
+    # Which pools a user or an API key id may use (`[pool_access]`); absent = all.
+    pool_access_users: dict[str, list[str]] = field(default_factory=dict)
+    pool_access_keys: dict[str, list[str]] = field(default_factory=dict)
+
+
+DEFAULT_POOL = "default"
+_POOL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_HOST_NAME = re.compile(r"[a-z0-9.-]{1,253}(:[0-9]{1,5})?")
+
+
+@dataclass(slots=True)
+class PoolConfig:
+    """One pool as configured (TOML `[pools.NAME]` or the admin API); see parse_pool."""
+
+    name: str
+    backends: list[BackendUrl] = field(default_factory=list)
+    backend_slots: dict[str, int] = field(default_factory=dict)
+    backend_options: dict[str, BackendOptions] = field(default_factory=dict)
+    # Slots of its backends that set none (None: the gateway's --slots).
+    slots: int | None = None
+    balance: str | None = None
+    # alias -> model name the backend reads ("fast" -> "llama3.2:1b").
+    aliases: dict[str, str] = field(default_factory=dict)
+    # Host header values (lower case, port optional) that reach this pool.
+    hosts: list[str] = field(default_factory=list)
+    # Fair-share defaults of the pool's own queue.
+    vip_users: list[str] = field(default_factory=list)
+    boost_users: list[str] = field(default_factory=list)
+    user_weights: dict[str, int] = field(default_factory=dict)
+    # Models each of its Ollama backends must have (pulled when missing).
+    required_models: list[str] = field(default_factory=list)
+    # Delete models a backend has that are not required (opt-in).
+    remove_unlisted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form parse_pool reads back (admin API answers, the store)."""
+        backends: list[dict[str, Any]] = []
+        for b in self.backends:
+            item: dict[str, Any] = {"url": b.url}
+            if b.url in self.backend_slots:
+                item["slots"] = self.backend_slots[b.url]
+            opts = self.backend_options.get(b.url)
+            if opts is not None:
+                item["kind"] = opts.kind
+                if opts.probe_path is not None:
+                    item["probe_path"] = opts.probe_path
+                if opts.probe_interval is not None:
+                    item["probe_interval"] = opts.probe_interval
+            backends.append(item)
+        out: dict[str, Any] = {
+            "name": self.name, "backends": backends, "aliases": dict(self.aliases),
+            "hosts": list(self.hosts), "required_models": list(self.required_models),
+            "remove_unlisted": self.remove_unlisted,
+            "users": {"vip": list(self.vip_users), "boost": list(self.boost_users),
+                      "weights": dict(self.user_weights)},
+        }
+        if self.slots is not None:
+            out["slots"] = self.slots
+        if self.balance is not None:
+            out["balance"] = self.balance
+        return out
+
+
+_POOL_KEYS = {"name", "backends", "slots", "balance", "aliases", "hosts", "users",
+              "required_models", "remove_unlisted"}
+
+
+def check_pool_name(name: object, where: str = "pool") -> str:
+    """A pool name: 1-63 of a-z, 0-9, '-', '_' (it appears in URL paths and metric labels)."""
+    if not isinstance(name, str) or not _POOL_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: a pool name is 1-63 characters of a-z, 0-9, '-' and '_' "
+                          f"starting with a letter or digit, got {name!r}")
+    return name
+
+
+def parse_pool(name: str, value: object, where: str = "pool") -> PoolConfig:
+    """One pool's definition from its TOML table or admin-API JSON (ConfigError if invalid)."""
+    where = f"{where} {name}"
+    check_pool_name(name, where)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = set(value) - _POOL_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown pool setting {min(unknown)!r}")
+    pool = PoolConfig(name)
+    raw_backends = value.get("backends", [])
+    if name == DEFAULT_POOL and raw_backends:
+        raise ConfigError(f"{where}: the default pool's backends are the top-level `backends`")
+    if not isinstance(raw_backends, list):
+        raise ConfigError(f"{where}: backends must be an array of URLs or tables")
+    for item in raw_backends:
+        if isinstance(item, str):
+            item = {"url": item}
+        if not isinstance(item, dict) or not isinstance(item.get("url"), str):
+            raise ConfigError(f"{where}: each backend needs a url")
+        extra = set(item) - {"url", "slots", "kind", "probe_path", "probe_interval"}
+        if extra:
+            raise ConfigError(f"{where}: unknown backend setting {min(extra)!r}")
+        b = parse_backend_url(item["url"])
+        if any(o.url == b.url for o in pool.backends):
+            raise ConfigError(f"{where}: backend {b.url} is listed twice")
+        pool.backends.append(b)
+        if item.get("slots") is not None:
+            pool.backend_slots[b.url] = check_setting("slots", item["slots"],
+                                                      f"{where}: backend {b.url}: slots")
+        options = _backend_options(item, f"{where}: backend {b.url}")
+        if options is not None:
+            pool.backend_options[b.url] = options
+    if name != DEFAULT_POOL and not pool.backends:
+        raise ConfigError(f"{where}: a pool needs at least one backend")
+    if value.get("slots") is not None:
+        pool.slots = check_setting("slots", value["slots"], f"{where}: slots")
+    balance = value.get("balance")
+    if balance is not None:
+        if balance not in BALANCE_CHOICES:
+            raise ConfigError(f"{where}: balance must be one of {', '.join(BALANCE_CHOICES)}")
+        pool.balance = str(balance)
+    aliases = value.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip()
+            for k, v in aliases.items()):
+        raise ConfigError(f"{where}: aliases must be a table of alias = \"model name\"")
+    pool.aliases = {k.strip(): v.strip() for k, v in aliases.items()}
+    hosts = value.get("hosts", [])
+    if not isinstance(hosts, list) or not all(
+            isinstance(h, str) and _HOST_NAME.fullmatch(h.strip().lower()) for h in hosts):
+        raise ConfigError(f"{where}: hosts must be a list of host names (port optional)")
+    pool.hosts = [h.strip().lower() for h in hosts]
+    required = value.get("required_models", [])
+    if not isinstance(required, list) or not all(isinstance(m, str) and m.strip()
+                                                  for m in required):
+        raise ConfigError(f"{where}: required_models must be a list of model names")
+    pool.required_models = [m.strip() for m in required]
+    remove = value.get("remove_unlisted", False)
+    if not isinstance(remove, bool):
+        raise ConfigError(f"{where}: remove_unlisted must be true or false")
+    pool.remove_unlisted = remove
+    users = value.get("users", {})
+    if users:
+        shadow = Settings()
+        _apply_users(shadow, users, where)
+        pool.vip_users, pool.boost_users = shadow.vip_users, shadow.boost_users
+        pool.user_weights = shadow.user_weights
+    return pool
+
+
+def check_pools(pools: dict[str, PoolConfig], default_backends: list[BackendUrl],
+                where: str = "pools") -> None:
+    """Rules across pools: a host reaches one pool; a backend shared by pools has one slot count."""
+    hosts: dict[str, str] = {}
+    slots: dict[str, tuple[str, int]] = {}
+    for pool in pools.values():
+        for host in pool.hosts:
+            if host in hosts and hosts[host] != pool.name:
+                raise ConfigError(f"{where}: host {host} is given to pools {hosts[host]} "
+                                  f"and {pool.name}")
+            hosts[host] = pool.name
+        for url, n in pool.backend_slots.items():
+            if url in slots and slots[url][1] != n:
+                raise ConfigError(f"{where}: backend {url} has {slots[url][1]} slots in pool "
+                                  f"{slots[url][0]} and {n} in pool {pool.name}")
+            slots[url] = (pool.name, n)
+    del default_backends
+
+
+def parse_pool_access(value: object, where: str) -> tuple[dict[str, list[str]],
+                                                           dict[str, list[str]]]:
+    """`[pool_access]`: `users = {NAME = [pools]}`, `keys = {KEY_ID = [pools]}`."""
+    if not isinstance(value, dict) or set(value) - {"users", "keys"}:
+        raise ConfigError(f"{where}: pool_access must be a table with `users` and/or `keys`")
+    out: list[dict[str, list[str]]] = []
+    for part in ("users", "keys"):
+        table = value.get(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: pool_access.{part} must be a table of name = [pools]")
+        rows: dict[str, list[str]] = {}
+        for who, pools in table.items():
+            if not isinstance(pools, list):
+                raise ConfigError(f"{where}: pool_access.{part}.{who} must be a list of pools")
+            rows[who] = [check_pool_name(p, f"{where}: pool_access.{part}.{who}") for p in pools]
+        out.append(rows)
+    return out[0], out[1]
 
 
 # -- Validation ---------------------------------------------------------------
@@ -356,6 +543,14 @@ def apply_toml(settings: Settings, data: dict[str, object], path: str = "config"
             _apply_limits(settings, value, path)
         elif key == "cache":
             _apply_cache(settings, value, path)
+        elif key == "pools":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: pools must be a table of [pools.NAME] tables")
+            settings.pools = {name: parse_pool(name, item, f"{path}: pool")
+                              for name, item in value.items()}
+        elif key == "pool_access":
+            settings.pool_access_users, settings.pool_access_keys = parse_pool_access(
+                value, path)
         elif key == "stream_usage":
             if value not in STREAM_USAGE_CHOICES:
                 raise ConfigError(f"{path}: stream_usage must be one of "
@@ -365,6 +560,7 @@ def apply_toml(settings: Settings, data: dict[str, object], path: str = "config"
             raise ConfigError(f"{path}: unknown setting {key!r}")
     if settings.usage_retention_days < 0:
         raise ConfigError(f"{path}: usage_retention_days must be 0 (for ever) or more")
+    check_pools(settings.pools, settings.backends, f"{path}: pools")
     validate_settings(settings, path)
 
 

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ollamamq_fast.config import (
+    DEFAULT_POOL,
     BackendOptions,
+    PoolConfig,
     ConfigError,
     Settings,
     apply_toml,
@@ -24,6 +26,7 @@ from ollamamq_fast.config import (
 from ollamamq_fast.fleet.backend import Backend
 from ollamamq_fast.fleet.health import HealthChecker
 from ollamamq_fast.fleet.passive import PassiveHealth
+from ollamamq_fast.fleet.required import RequiredModels
 from ollamamq_fast.fleet.select import Balance, Fleet
 from ollamamq_fast.proxy.downstream import ClientProtocol
 from ollamamq_fast.proxy.flow import BodyBudget
@@ -35,6 +38,7 @@ from ollamamq_fast.idle import IdlePruner
 from ollamamq_fast.control.server import AdminServer
 from ollamamq_fast.limits import any_budget
 from ollamamq_fast.operator import Operator
+from ollamamq_fast.pools import Pool, Pools
 from ollamamq_fast.accounting.ledger import Ledger
 from ollamamq_fast.accounting.keeper import UsageKeeper
 from ollamamq_fast.policy.engine import Policy
@@ -102,17 +106,31 @@ class GatewayState:
                 b.configure(options)
         self.fleet = Fleet(backends, Balance(settings.balance))
         self.dispatcher = Dispatcher(self.fleet, settings, loop)
+        # The default pool is this fleet and dispatcher; named pools beside it.
+        self.pools = Pools(
+            Pool(settings.pools.get(DEFAULT_POOL) or PoolConfig(DEFAULT_POOL), self.fleet,
+                 self.dispatcher),
+            settings, loop, self._make_backend, self._drop_backend)
         self.health = HealthChecker(
-            self.fleet,
+            self.pools,
             settings.health_interval,
             fail_threshold=settings.health_fail_threshold,
             ok_threshold=settings.health_ok_threshold,
-            on_change=self.dispatcher.pump,
+            on_change=self.pools.pump_all,
         )
-        self.passive = PassiveHealth(loop, self.dispatcher.pump)
+        self.passive = PassiveHealth(loop, self.pools.pump_all)
+        for config in settings.pools.values():
+            if config.name != DEFAULT_POOL:
+                self.pools.put(config)
+        self.pools.set_access(settings.pool_access_users, settings.pool_access_keys)
+        # Required models of every pool (fleet/required.py): compared and pulled off the data plane.
+        self.required = RequiredModels(self.pools, self.health)
         self.local = LocalRoutes(self)
         self.cache = StateCache(open_store(settings.state_path or ":memory:", settings.redis_url))
         self.operator = Operator(self, self.cache)
+        self.required.publish = self.operator.events.publish
+        self.health.on_online = self.required.backend_joined
+        self.pools.on_change = lambda pool, what: self.required.check_soon(pool, f"pool {what}")
         # Set by Gateway.start when a config file can be reloaded (admin API, SIGHUP).
         self.reload_hook: Callable[[], dict[str, Any]] | None = None
         self.access = AccessLog(settings.log_file, settings.log_format)
@@ -138,19 +156,35 @@ class GatewayState:
         # clock call per request.
         self.clock = time.time()
 
+    def _make_backend(self, url: str, slots: int, options: BackendOptions | None) -> Backend:
+        """A new backend for a pool: pooled connections, probed soon (pools.py)."""
+        backend = Backend(parse_backend_url(url), slots)
+        backend.pool = UpstreamPool(backend, self.loop)
+        if options is not None:
+            backend.configure(options)
+        if self.health.session is not None:
+            self.health.refresh_soon(backend)
+        return backend
+
+    def _drop_backend(self, backend: Backend) -> None:
+        """No pool lists `backend` any more: stop using it (running requests finish)."""
+        self.passive.reset(backend)
+        if backend.pool is not None:
+            backend.pool.close_all()
+
     def refresh_models(self, backend: Backend) -> None:
         """A model-changing request succeeded on `backend`: re-read its models."""
         self.health.refresh_soon(backend)
 
     def set_draining(self, url: str, on: bool) -> Backend:
         """Drain (no new requests; running ones finish) or undrain a backend."""
-        backend = self.fleet.find(url)
+        backend = self.pools.find_backend(url)
         if backend is None:
             raise KeyError(url)
         backend.draining = on
         backend.refresh()
         if not on:
-            self.dispatcher.pump()
+            self.pools.pump_all()
         return backend
 
     def remove_backend(self, url: str) -> Backend:
@@ -158,26 +192,31 @@ class GatewayState:
         backend = self.fleet.find(url)
         if backend is None:
             raise KeyError(url)
-        self.passive.reset(backend)
         self.fleet.remove(backend)
-        if backend.pool is not None:
-            backend.pool.close_all()
+        self.pools.relink()
+        if backend not in self.pools.backends:
+            self._drop_backend(backend)
         return backend
 
     def add_backend(self, url: str, slots: int | None = None,
                     options: BackendOptions | None = None) -> Backend:
         """Add a backend at runtime; it takes traffic after its first probe."""
-        backend = Backend(parse_backend_url(url), slots or self.settings.slots)
-        backend.pool = UpstreamPool(backend, self.loop)
+        backend = self.pools.find_backend(parse_backend_url(url).url)
+        if backend is None:
+            backend = Backend(parse_backend_url(url), slots or self.settings.slots)
+            backend.pool = UpstreamPool(backend, self.loop)
+        elif slots:
+            backend.slots = slots
         if options is not None:
             backend.configure(options)
         self.fleet.add(backend)
+        self.pools.relink()
         self.health.refresh_soon(backend)
         return backend
 
     def in_flight(self) -> int:
         """Exchanges currently talking to a backend."""
-        return sum(b.in_flight + b.unslotted for b in self.fleet.backends)
+        return sum(b.in_flight + b.unslotted for b in self.pools.backends)
 
 
 class Gateway:
@@ -194,6 +233,8 @@ class Gateway:
         self._last_tick = (0, 0)
         self.fd_limit = 0
         self._fd_warned = -FD_WARN_EVERY_S
+        # Pools the config file defines (a reload removes those it no longer lists).
+        self.file_pools: set[str] = set(settings.pools)
 
     @property
     def port(self) -> int:
@@ -244,6 +285,7 @@ class Gateway:
         await state.usage_keeper.start()
         state.idle.start()
         await state.health.start()
+        state.required.start()
         self.server = await loop.create_server(
             lambda: ClientProtocol(state),
             settings.host,
@@ -287,10 +329,11 @@ class Gateway:
                 up.silent_s += TICK_S
                 if up.silent_s >= timeout:
                     ex.upstream_timeout()
-            state.dispatcher.sweep(now)
+            for dispatcher in state.pools.dispatchers():
+                dispatcher.sweep(now)
             self._check_fds(state, now)
             self._publish_tick(state)
-            for b in state.fleet.backends:
+            for b in state.pools.backends:
                 if b.pool is not None:
                     b.pool.expire_idle(now)
         except Exception:  # the reaper must survive a bug in one connection
@@ -317,13 +360,16 @@ class Gateway:
         self._last_tick = (completed, tokens)
         if not events.subscribers:
             return
+        pools = state.pools.totals()
         events.publish(
             "tick",
-            queued=len(state.dispatcher.queue),
-            in_flight=sum(b.in_flight for b in state.fleet.backends),
+            queued=sum(p["queued"] for p in pools.values()),
+            in_flight=sum(b.in_flight for b in state.pools.backends),
             requests_per_s=completed - last[0],
             tokens_per_s=tokens - last[1],
-            backends=[b.snapshot() for b in state.fleet.backends],
+            backends=state.operator.list_backends(),
+            pools=pools,
+            pulls=state.required.progress(),
         )
 
     def reload(self) -> dict[str, Any]:
@@ -381,6 +427,9 @@ class Gateway:
                     existing.slots = slots
                     changes["slots"][url] = slots
                 existing.configure(options)
+        if ("pools" in data or "pool_access" in data or self.file_pools
+                or live.pool_access_users or live.pool_access_keys):
+            changes["pools"] = self._reload_pools(state, fresh, data)
         queue = state.dispatcher.queue
         for user in fresh.vip_users:
             queue.set_vip(user, True)
@@ -393,12 +442,35 @@ class Gateway:
         log.info("config reloaded from %s: %s", path, changes)
         return changes
 
+    def _reload_pools(self, state: GatewayState, fresh: Settings,
+                      data: dict[str, object]) -> dict[str, list[str]]:
+        """Pools of the file: added, changed, and removed when the file no longer has them."""
+        pools = state.pools
+        out: dict[str, list[str]] = {"set": [], "removed": []}
+        for name in sorted(self.file_pools - set(fresh.pools)):
+            if name in pools.by_name and name != DEFAULT_POOL:
+                pools.remove(name)
+                out["removed"].append(name)
+        if DEFAULT_POOL not in fresh.pools and DEFAULT_POOL in self.file_pools:
+            pools.put(PoolConfig(DEFAULT_POOL))
+        for config in fresh.pools.values():
+            pools.put(config)
+            out["set"].append(config.name)
+        self.file_pools = set(fresh.pools)
+        live = self.settings
+        live.pools = fresh.pools
+        live.pool_access_users = fresh.pool_access_users
+        live.pool_access_keys = fresh.pool_access_keys
+        state.operator.restore_pools()
+        state.required.check_soon(None, "reload")
+        return out
+
     def summary(self) -> dict[str, Any]:
         """Backends and queue in one dict (for the startup banner and status)."""
         assert self.state is not None
         return {
             "listen": f"http://{self.settings.host}:{self.port}",
-            "backends": [b.snapshot() for b in self.state.fleet.backends],
+            "backends": [b.snapshot() for b in self.state.pools.backends],
         }
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -415,7 +487,8 @@ class Gateway:
             for conn in list(state.connections):
                 if conn.transport is not None:
                     conn.transport.close()
-            for b in state.fleet.backends:
+            await state.required.stop()
+            for b in state.pools.backends:
                 if b.pool is not None:
                     b.pool.close_all()
             await state.health.close()

@@ -15,7 +15,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 
-from ollamamq_fast.config import check_setting
+import logging
+
+import orjson
+
+from ollamamq_fast.config import (
+    DEFAULT_POOL,
+    ConfigError,
+    check_pool_name,
+    check_pools,
+    check_setting,
+    parse_pool,
+)
 from ollamamq_fast.limits import check_limit
 from ollamamq_fast.policy.identity import check_key_user
 from ollamamq_fast.state.cache import StateCache
@@ -32,6 +43,8 @@ from ollamamq_fast.state.records import (
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.gateway import GatewayState
+
+log = logging.getLogger("ollamamq_fast.operator")
 
 # Admin lists are answered a page at a time: this many rows unless asked
 # otherwise, never more than MAX_PAGE (an answer must not hold the loop long).
@@ -98,6 +111,7 @@ class Operator:
 
     def restore(self) -> None:
         """Apply what the store remembers (at start, after the cache has loaded)."""
+        self._apply_pools()
         self._apply_users()
         self._apply_backends()
 
@@ -108,15 +122,18 @@ class Operator:
             self._apply_users()
         elif topic == "backends":
             self._apply_backends()
+        elif topic in ("pools", "pool_access"):
+            self._apply_pools()
         self.events.publish("state_reloaded", topic=topic)
 
     def _apply_users(self) -> None:
-        queue = self.state.dispatcher.queue
-        for s in list(self.cache.users.values()):
-            queue.set_vip(s.user, s.vip)
-            queue.set_boost(s.user, s.boost)
-            queue.set_weight(s.user, max(1, int(s.weight)))
-        self.state.dispatcher.pump()
+        for dispatcher in self.state.pools.dispatchers():
+            queue = dispatcher.queue
+            for s in list(self.cache.users.values()):
+                queue.set_vip(s.user, s.vip)
+                queue.set_boost(s.user, s.boost)
+                queue.set_weight(s.user, max(1, int(s.weight)))
+        self.state.pools.pump_all()
 
     def _apply_backends(self) -> None:
         fleet = self.state.fleet
@@ -131,11 +148,131 @@ class Operator:
     # -- Backends -----------------------------------------------------------
 
     def list_backends(self) -> list[dict[str, Any]]:
-        """Every backend with its live state."""
-        return [b.snapshot() for b in self.state.fleet.backends]
+        """Every backend of every pool with its live state and the pools listing it."""
+        pools = self.state.pools
+        out = []
+        for b in pools.backends:
+            row = b.snapshot()
+            row["pools"] = pools.pools_of(b)
+            out.append(row)
+        return out
+
+    # -- Pools ----------------------------------------------------------------
+    # Pools made or changed here are stored (one JSON document in the store's
+    # metadata, "pools"; a removed pool as null) and applied over the config
+    # file's at the next start. Access rules alike ("pool_access").
+
+    def restore_pools(self) -> None:
+        """Re-apply the stored pools and access rules over the config file's (after a reload)."""
+        self._apply_pools()
+
+    def _apply_pools(self) -> None:
+        pools = self.state.pools
+        raw = self.cache.meta.get("pools")
+        stored: dict[str, Any] = orjson.loads(raw) if raw else {}
+        for name, data in stored.items():
+            try:
+                if data is None:
+                    if name in pools.by_name and name != DEFAULT_POOL:
+                        pools.remove(name)
+                    continue
+                pools.put(parse_pool(name, data, "stored pool"))
+            except (ConfigError, KeyError, ValueError) as exc:
+                log.warning("stored pool %s not applied: %s", name, exc)
+        pools.set_access(*self._access())
+
+    def _stored(self, key: str) -> dict[str, Any]:
+        raw = self.cache.meta.get(key)
+        return dict(orjson.loads(raw)) if raw else {}
+
+    def _access(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """The access rules in force: the config file's, overridden by the stored ones."""
+        settings = self.state.settings
+        users, keys = dict(settings.pool_access_users), dict(settings.pool_access_keys)
+        stored = self._stored("pool_access")
+        for table, part in ((users, "users"), (keys, "keys")):
+            for who, allowed in (stored.get(part) or {}).items():
+                if allowed is None:
+                    table.pop(who, None)
+                else:
+                    table[who] = list(allowed)
+        return users, keys
+
+    def list_pools(self) -> list[dict[str, Any]]:
+        """Every pool with its definition and live numbers, default first."""
+        return [self.pool_snapshot(p.name) for p in self.state.pools.pools()]
+
+    def pool_snapshot(self, name: str) -> dict[str, Any]:
+        """One pool (KeyError: unknown)."""
+        pool = self.state.pools.by_name[name]
+        row = pool.snapshot()
+        row["pulls"] = [j for j in self.state.required.progress()
+                        if name in j["pools"]]
+        return row
+
+    def set_pool(self, name: str, data: dict[str, Any], create: bool) -> dict[str, Any]:
+        """Create (`create`) or replace a pool from its JSON definition; stored.
+
+        ValueError: it exists (create) or does not (replace); ConfigError: invalid.
+        """
+        pools = self.state.pools
+        check_pool_name(name)
+        exists = name in pools.by_name
+        if create and exists:
+            raise ValueError(f"pool {name} already exists")
+        if not create and not exists:
+            raise KeyError(f"no pool {name}")
+        config = parse_pool(name, {k: v for k, v in data.items() if k != "name"}, "pool")
+        others = {p.name: p.config for p in pools.pools() if p.name != name}
+        check_pools({**others, name: config}, self.state.settings.backends)
+        pool = pools.put(config)
+        stored = self._stored("pools")
+        stored[name] = config.to_dict()
+        self.cache.put_meta("pools", orjson.dumps(stored).decode())
+        self.events.publish("pool_added" if create else "pool_changed", pool=pool.snapshot())
+        return self.pool_snapshot(name)
+
+    def patch_pool(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Change some fields of a pool's definition (the others are kept)."""
+        pool = self.state.pools.by_name.get(name)
+        if pool is None:
+            raise KeyError(f"no pool {name}")
+        merged = pool.config.to_dict()
+        merged.update(data)
+        if name == DEFAULT_POOL:
+            merged.pop("backends", None)
+        return self.set_pool(name, merged, create=False)
+
+    def remove_pool(self, name: str) -> None:
+        """Delete a named pool (KeyError: unknown; ValueError: the default pool)."""
+        self.state.pools.remove(name)
+        stored = self._stored("pools")
+        stored[name] = None
+        self.cache.put_meta("pools", orjson.dumps(stored).decode())
+        self.events.publish("pool_removed", pool=name)
+
+    def set_pool_access(self, part: str, who: str, allowed: list[str] | None) -> dict[str, Any]:
+        """Limit a user ("users") or an API key id ("keys") to some pools; None lifts it."""
+        if part not in ("users", "keys"):
+            raise ValueError("part must be users or keys")
+        checked = None if allowed is None else [check_pool_name(p) for p in allowed]
+        stored = self._stored("pool_access")
+        table = dict(stored.get(part) or {})
+        table[who] = checked
+        stored[part] = table
+        self.cache.put_meta("pool_access", orjson.dumps(stored).decode())
+        self.state.pools.set_access(*self._access())
+        row = {part[:-1]: who, "pools": checked}
+        self.events.publish("pool_access_changed", **row)
+        return row
+
+    def pool_access(self) -> dict[str, Any]:
+        """The access rules in force: user / key id -> pools it may use."""
+        users, keys = self._access()
+        return {"users": users, "keys": keys}
 
     def _backend(self, url: str) -> "Backend":
-        backend = self.state.fleet.find(url)
+        backend = self.state.pools.find_backend(url)
         if backend is None:
             raise KeyError(f"no backend {url}")
         return backend
@@ -170,7 +307,7 @@ class Operator:
         backend.slots = slots
         if backend.name in self.cache.backends:
             self.cache.put_backend(BackendRecord(backend.name, slots))
-        self.state.dispatcher.pump()
+        self.state.pools.pump_all()
         self.events.publish("backend_changed", backend=backend.snapshot())
         return backend.snapshot()
 
@@ -215,15 +352,18 @@ class Operator:
         """Change a user's VIP / Boost / weight; takes effect on the next dispatch."""
         queue = self.state.dispatcher.queue
         if weight is not None:
-            queue.set_weight(user, check_setting("weight", weight))
-        if vip is not None:
-            queue.set_vip(user, vip)
-        if boost is not None:
-            queue.set_boost(user, boost)
+            check_setting("weight", weight)
+        for dispatcher in self.state.pools.dispatchers():
+            if weight is not None:
+                dispatcher.queue.set_weight(user, weight)
+            if vip is not None:
+                dispatcher.queue.set_vip(user, vip)
+            if boost is not None:
+                dispatcher.queue.set_boost(user, boost)
         old = self.cache.user(user)
         self.cache.put_user(UserSettings(user, queue.is_vip(user), queue.is_boost(user),
                                          queue.weight(user), dict(old.limits) if old else {}))
-        self.state.dispatcher.pump()
+        self.state.pools.pump_all()
         row = {"user": user, "vip": queue.is_vip(user), "boost": queue.is_boost(user),
                "weight": queue.weight(user)}
         self.events.publish("user_changed", user=row)
@@ -374,10 +514,13 @@ class Operator:
         state = self.state
         stats = state.stats
         queue = state.dispatcher.queue
+        pools = state.pools.totals()
         return {
             "uptime_s": round(time.monotonic() - state.started_at, 1),
-            "queued": len(queue),
-            "in_flight": sum(b.in_flight for b in state.fleet.backends),
+            "queued": sum(p["queued"] for p in pools.values()) if pools else len(queue),
+            "in_flight": sum(b.in_flight for b in state.pools.backends),
+            "pools": pools,
+            "pulls": state.required.progress(),
             "completed": stats.completed,
             "cancelled": stats.cancelled,
             "failovers": stats.failovers,

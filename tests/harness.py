@@ -11,7 +11,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -105,9 +105,14 @@ def fast_sim_options(**overrides: Any) -> SimOptions:
 def start_stack(
     sims: list[SimOptions] | None = None,
     extra_backends: list[str] | None = None,
+    configure: Callable[[Settings, list[SimServer]], None] | None = None,
     **settings: Any,
 ) -> Stack:
-    """Start simulators and a gateway in front of them, on free loopback ports."""
+    """Start simulators and a gateway in front of them, on free loopback ports.
+
+    `configure(settings, sims)` may change the settings last, knowing the
+    simulators' URLs (pools of some of them, for instance).
+    """
     lt = LoopThread()
     sim_options = sims if sims is not None else [fast_sim_options()]
 
@@ -125,6 +130,8 @@ def start_stack(
         s.admin_port = -1
         for key, value in settings.items():
             setattr(s, key, value)
+        if configure is not None:
+            configure(s, servers)
         gw = Gateway(s)
         await gw.start()
         return gw, servers

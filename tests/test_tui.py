@@ -552,3 +552,45 @@ def test_usage_screen_shows_stored_usage_per_user_and_model(stack: Stack) -> Non
             assert not isinstance(app.screen, UsageScreen)
 
     run(scenario)
+
+
+def test_pools_panel_shows_pools_and_a_running_pull(stack: Stack) -> None:
+    from ollamamq_fast.tui.view import pool_rows
+    from ollamamq_fast.tui.widgets.pools import PoolsTable
+
+    sim = stack.sims[0]
+    sim.app.options.pull_step_s = 0.3  # about 3 s of progress: long enough to see it
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(admin_url(stack) + "/api/pools", headers=headers, timeout=10, json={
+        "name": "tui-gpu", "backends": [sim.url], "required_models": ["phi3:mini"]})
+    assert r.status_code == 201, r.text
+
+    async def scenario() -> None:
+        app = Dashboard(admin_url(stack), TOKEN)
+        async with app.run_test(size=SIZE):
+            pools = app.query_one(PoolsTable)
+            await wait_for(lambda: pools.select_key("p|tui-gpu"), "the pool row")
+            def pull_shown() -> bool:
+                rows = dict(pool_rows(pools.pools))
+                cells = rows.get("p|tui-gpu")
+                return cells is not None and "phi3:mini" in cells[5].plain and "% on" in cells[
+                    5].plain
+
+            await wait_for(pull_shown, "the pull's progress in the Pools panel")
+            assert "pull(s) running" in str(pools.border_title)
+            await wait_for(lambda: any("pull_done" in line.plain
+                                       for line in app.query_one(EventLog).lines),
+                           "the pull's end in the log", timeout=10)
+            assert "tui-gpu" in screen_text(app) and "default" in screen_text(app)
+
+    try:
+        run(scenario)
+    finally:
+        sim.app.options.pull_step_s = None
+        httpx.delete(admin_url(stack) + "/api/pools/tui-gpu", headers=headers, timeout=10)
+    (key, cells), = pool_rows([{"name": "p", "backends_online": 1, "backends_total": 2,
+                               "in_flight": 1, "slots_total": 4, "queued": 3,
+                               "required_models": ["m"], "pulls": [
+                                   {"model": "m", "percent": 50.0, "backend": "http://h:1"}]}])
+    assert key == "p|p" and [c.plain for c in cells] == ["p", "1/2", "1/4", "3", "m",
+                                                         "m 50% on h:1"]

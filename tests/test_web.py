@@ -499,3 +499,30 @@ def test_usage_page_charts_tokens_per_user_and_per_model(
     assert browser.find_element(By.ID, "usage-group-heading").text == "Model"
     assert row(browser, "data-group", "web-usage-a") is None
     browser.save_screenshot(str(shots / "usage.png"))
+
+
+def test_pools_and_a_required_model_pull_on_the_page(
+        stack: Stack, admin_url: str, browser: WebDriver) -> None:
+    sim = stack.sims[0]
+    sim.app.options.pull_step_s = 0.3  # about 3 s of progress lines: long enough to watch
+    sign_in(browser, admin_url)
+    r = httpx.post(admin_url + "/api/pools", headers=AUTH, timeout=10, json={
+        "name": "gpu", "backends": [sim.url], "aliases": {"fast": MODEL},
+        "required_models": ["phi3:mini"]})
+    assert r.status_code == 201, r.text
+    try:
+        pool = wait_for(browser, lambda: row(browser, "data-pool", "gpu"), "the pool row")
+        assert "phi3:mini" in pool.find_element(By.CSS_SELECTOR, ".required").text
+        assert "fast → llama3.2:latest" in pool.find_element(By.CSS_SELECTOR, ".aliases").text
+        bar = wait_for(browser, lambda: browser.find_elements(
+            By.CSS_SELECTOR, "#pulls-table tbody tr progress"), "a pull with a progress bar")
+        assert "phi3:mini" in browser.find_element(By.ID, "pulls-table").text
+        assert bar[0].get_attribute("max") == "100"
+        wait_for(browser, lambda: "phi3:mini pulled on" in browser.find_element(
+            By.ID, "event-log").text, "the pull's end in the event log", timeout=15)
+        wait_for(browser, lambda: browser.find_element(By.ID, "pulls-empty").get_attribute(
+            "hidden") is None, "the pull table emptied", timeout=5)
+        assert not browser.find_elements(By.CSS_SELECTOR, "#pulls-table tbody tr")
+    finally:
+        httpx.delete(admin_url + "/api/pools/gpu", headers=AUTH, timeout=10)
+        sim.app.options.pull_step_s = None

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "percentiles, time to first byte/token, chunk gaps, status and error mix, per-user fairness."
     )
     parser.add_argument("url", nargs="?", metavar="URL", help="server to load, e.g. http://127.0.0.1:11435")
+    parser.add_argument("--pool", default=None, metavar="NAME",
+                        help="load one pool of the gateway: requests go to URL/pool/NAME/... "
+                             "(the --baseline and --compare targets are left as given)")
     load = parser.add_argument_group("load shape")
     load.add_argument("-c", "--concurrency", type=int, default=None,
                       help=f"connections (closed loop, default {DEFAULT_CONCURRENCY}); "
@@ -170,7 +173,11 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 def targets_from_args(args: argparse.Namespace) -> list[Target]:
     """The main URL plus --baseline/--compare, labelled for the report."""
     extra = bool(args.baseline or args.compare)
-    targets = [Target.parse(args.url, "gateway" if extra else "target")]
+    url = args.url
+    pool = getattr(args, "pool", None)
+    if pool:
+        url = url.rstrip("/") + "/pool/" + pool
+    targets = [Target.parse(url, "gateway" if extra else "target")]
     if args.baseline:
         targets.append(Target.parse(args.baseline, "direct"))
     if args.compare:

@@ -85,6 +85,18 @@ class AdminApp:
             Route("POST", "/api/keys", self.create_key),
             Route("DELETE", "/api/keys/{key_id}", self.revoke_key),
             Route("PATCH", "/api/keys/{key_id}", self.set_key_scopes),
+            Route("GET", "/api/pools", self.list_pools),
+            Route("POST", "/api/pools", self.create_pool),
+            Route("GET", "/api/pools/{name}", self.get_pool),
+            Route("PUT", "/api/pools/{name}", self.replace_pool),
+            Route("PATCH", "/api/pools/{name}", self.patch_pool),
+            Route("DELETE", "/api/pools/{name}", self.remove_pool),
+            Route("GET", "/api/pools/{name}/models", self.pool_models),
+            Route("POST", "/api/pools/{name}/sync", self.sync_pool),
+            Route("GET", "/api/pulls", self.pulls),
+            Route("GET", "/api/pool-access", self.pool_access),
+            Route("PUT", "/api/pool-access/users/{user}", self.set_user_pools),
+            Route("PUT", "/api/pool-access/keys/{key_id}", self.set_key_pools),
             Route("GET", "/api/stats", self.stats),
             Route("GET", "/api/usage", self.usage),
             Route("POST", "/api/reload", self.reload),
@@ -315,6 +327,109 @@ class AdminApp:
             raise ApiError(404, f"no key {key_id}") from None
         await self.operator.stored()
         return json_response({"key_id": key_id, "revoked": True})
+
+    # -- Pools ----------------------------------------------------------------
+
+    def _pool(self, name: str) -> Any:
+        pool = self.state.pools.by_name.get(name)
+        if pool is None:
+            raise ApiError(404, f"no pool {name}")
+        return pool
+
+    async def list_pools(self, req: Request) -> Response:
+        """GET /api/pools: every pool with its definition and live numbers."""
+        return json_response({"pools": self.operator.list_pools()})
+
+    async def get_pool(self, req: Request) -> Response:
+        """GET /api/pools/{name}: one pool."""
+        self._pool(req.params["name"])
+        return json_response(self.operator.pool_snapshot(req.params["name"]))
+
+    async def create_pool(self, req: Request) -> Response:
+        """POST /api/pools {name, backends, ...}: a new pool (stored)."""
+        data = req.json()
+        name = str_field(data, "name")
+        if not name:
+            raise ApiError(400, "'name' is required")
+        try:
+            answer = self.operator.set_pool(name, data, create=True)
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ApiError(409, str(exc)) from None
+        await self.operator.stored()
+        return json_response(answer, 201)
+
+    async def replace_pool(self, req: Request) -> Response:
+        """PUT /api/pools/{name} {backends, ...}: replace a pool's definition (created if new)."""
+        name = req.params["name"]
+        create = name not in self.state.pools.by_name
+        answer = self.operator.set_pool(name, req.json(), create=create)
+        await self.operator.stored()
+        return json_response(answer, 201 if create else 200)
+
+    async def patch_pool(self, req: Request) -> Response:
+        """PATCH /api/pools/{name} {field: value, ...}: change some fields of a pool."""
+        self._pool(req.params["name"])
+        data = req.json()
+        if not data:
+            raise ApiError(400, "nothing to change")
+        answer = self.operator.patch_pool(req.params["name"], data)
+        await self.operator.stored()
+        return json_response(answer)
+
+    async def remove_pool(self, req: Request) -> Response:
+        """DELETE /api/pools/{name}: delete a pool; its queued requests get 503."""
+        name = req.params["name"]
+        self._pool(name)
+        try:
+            self.operator.remove_pool(name)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        await self.operator.stored()
+        return json_response({"removed": name})
+
+    async def pool_models(self, req: Request) -> Response:
+        """GET /api/pools/{name}/models: required models per backend, pulls and their progress."""
+        return json_response(self.state.required.status(self._pool(req.params["name"])))
+
+    async def sync_pool(self, req: Request) -> Response:
+        """POST /api/pools/{name}/sync[?remove=true]: compare with /api/tags now, pull what is missing."""
+        pool = self._pool(req.params["name"])
+        values = req.query.get("remove")
+        remove = None
+        if values:
+            if values[-1] not in ("true", "false"):
+                raise ApiError(400, "remove must be true or false")
+            remove = values[-1] == "true"
+        return json_response(await self.state.required.check(pool, "on demand", remove))
+
+    async def pulls(self, req: Request) -> Response:
+        """GET /api/pulls: model pulls running or queued now, every pool."""
+        return json_response({"pulls": self.state.required.progress()})
+
+    async def pool_access(self, req: Request) -> Response:
+        """GET /api/pool-access: users and API keys limited to some pools."""
+        return json_response(self.operator.pool_access())
+
+    async def set_user_pools(self, req: Request) -> Response:
+        """PUT /api/pool-access/users/{user} {pools: [...] | null}: limit a user to pools."""
+        return await self._set_access(req, "users", req.params["user"])
+
+    async def set_key_pools(self, req: Request) -> Response:
+        """PUT /api/pool-access/keys/{key_id} {pools: [...] | null}: limit a key to pools."""
+        return await self._set_access(req, "keys", req.params["key_id"])
+
+    async def _set_access(self, req: Request, part: str, who: str) -> Response:
+        data = req.json()
+        check_fields(data, {"pools"}, {"pools"})
+        pools = data["pools"]
+        if pools is not None and (not isinstance(pools, list)
+                                  or not all(isinstance(p, str) for p in pools)):
+            raise ApiError(400, "'pools' must be a list of pool names or null")
+        answer = self.operator.set_pool_access(part, who, pools)
+        await self.operator.stored()
+        return json_response(answer)
 
     # -- Read models ----------------------------------------------------------
 

@@ -20,7 +20,7 @@ import orjson
 
 from ollamamq_fast.config import DEFAULT_ADMIN_PORT
 
-COMMANDS = ("users", "keys", "backends")
+COMMANDS = ("users", "keys", "backends", "pools")
 DEFAULT_ADMIN_URL = f"http://127.0.0.1:{DEFAULT_ADMIN_PORT}"
 # Every admin call answers from memory; a gateway that takes longer is stuck.
 TIMEOUT_S = 10.0
@@ -115,7 +115,7 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def add_arguments(sub: Any) -> None:
-    """Add the `users`, `keys` and `backends` subcommands to the main parser."""
+    """Add the `users`, `keys`, `backends` and `pools` subcommands to the main parser."""
     common = _common()
     users = sub.add_parser("users", parents=[common], help="list users, set VIP/boost/weight, "
                            "block (admin API)")
@@ -166,6 +166,39 @@ def add_arguments(sub: Any) -> None:
     slots = actions.add_parser("slots", parents=[common], help="change a backend's slots")
     slots.add_argument("url")
     slots.add_argument("slots", type=_positive_int)
+
+    pools = sub.add_parser("pools", parents=[common], help="list, create, delete pools; "
+                           "required models and pulls (admin API)")
+    actions = pools.add_subparsers(dest="action", parser_class=type(pools),
+                                   metavar="{list,show,create,delete,sync,pulls,access}")
+    actions.add_parser("list", parents=[common], help="pools with live numbers")
+    actions.add_parser("show", parents=[common],
+                       help="a pool's required models per backend and its pulls").add_argument("name")
+    create = actions.add_parser("create", parents=[common], help="create or replace a pool")
+    create.add_argument("name")
+    create.add_argument("--backend", action="append", default=[], metavar="URL",
+                        help="a backend of the pool (repeat)")
+    create.add_argument("--slots", type=_positive_int, help="slots of its backends")
+    create.add_argument("--alias", action="append", default=[], metavar="ALIAS=MODEL",
+                        help="a model alias (repeat)")
+    create.add_argument("--host", action="append", default=[], metavar="HOST",
+                        help="a Host header that reaches the pool (repeat)")
+    create.add_argument("--require", action="append", default=[], metavar="MODEL",
+                        help="a model each of its Ollama backends must have (repeat)")
+    create.add_argument("--remove-unlisted", action="store_true",
+                        help="delete models no pool of a backend requires")
+    actions.add_parser("delete", parents=[common], help="delete a pool").add_argument("name")
+    sync = actions.add_parser("sync", parents=[common],
+                              help="compare required models with each backend now; pull the missing")
+    sync.add_argument("name")
+    sync.add_argument("--remove", action="store_true",
+                      help="also delete models the pool does not require (this time)")
+    actions.add_parser("pulls", parents=[common], help="model pulls running or queued")
+    access = actions.add_parser("access", parents=[common],
+                                help="limit a user or an API key to some pools")
+    access.add_argument("who", choices=("user", "key"))
+    access.add_argument("id", help="user name or key id")
+    access.add_argument("pools", metavar="POOL[,POOL]|all", help="pools it may use; 'all' lifts the limit")
 
 
 # -- Commands -----------------------------------------------------------------
@@ -320,7 +353,90 @@ def _backends_slots(c: AdminClient, args: argparse.Namespace) -> Answer:
     return b, _backend_rows([b])
 
 
+def _pool_rows(pools: list[dict[str, Any]]) -> str:
+    rows = [[p["name"], f"{p['backends_online']}/{p['backends_total']}", str(p["slots_total"]),
+             str(p["in_flight"]), str(p["queued"]), ", ".join(p["hosts"]),
+             ", ".join(f"{a}={m}" for a, m in p["aliases"].items()),
+             ", ".join(p["required_models"]), str(len(p.get("pulls", [])))]
+            for p in pools]
+    return table(["POOL", "ONLINE", "SLOTS", "RUNNING", "QUEUED", "HOSTS", "ALIASES",
+                  "REQUIRED", "PULLS"], rows, "no pools")
+
+
+def _pull_rows(pulls: list[dict[str, Any]]) -> str:
+    rows = [[p["backend"], p["model"], p["state"], p["status"],
+             "" if p["percent"] is None else f"{p['percent']:g}%", str(p["attempts"]), p["error"]]
+            for p in pulls]
+    return table(["BACKEND", "MODEL", "STATE", "STATUS", "DONE", "TRIES", "ERROR"], rows,
+                 "no pulls")
+
+
+def _pools_list(c: AdminClient, args: argparse.Namespace) -> Answer:
+    answer = c.call("GET", "/api/pools")
+    return answer, _pool_rows(answer["pools"])
+
+
+def _pools_show(c: AdminClient, args: argparse.Namespace) -> Answer:
+    answer = c.call("GET", f"/api/pools/{_seg(args.name)}/models")
+    rows = [[b["backend"], b["kind"], ", ".join(b["present"]), ", ".join(b["missing"]),
+             "" if b["pulling"] is None else f"{b['pulling']['model']} {b['pulling']['state']}",
+             str(len(b["queued"]))]
+            for b in answer["backends"]]
+    return answer, table(["BACKEND", "KIND", "PRESENT", "MISSING", "PULLING", "QUEUED"], rows,
+                         "no backends")
+
+
+def _pools_create(c: AdminClient, args: argparse.Namespace) -> Answer:
+    aliases = {}
+    for item in args.alias:
+        alias, sep, model = item.partition("=")
+        if not sep or not alias.strip() or not model.strip():
+            raise _UsageError(f"--alias: expected ALIAS=MODEL, got {item!r}")
+        aliases[alias.strip()] = model.strip()
+    body: dict[str, Any] = {"backends": args.backend, "aliases": aliases, "hosts": args.host,
+                            "required_models": args.require,
+                            "remove_unlisted": args.remove_unlisted}
+    if args.slots is not None:
+        body["slots"] = args.slots
+    p = c.call("PUT", f"/api/pools/{_seg(args.name)}", body)
+    return p, _pool_rows([p])
+
+
+def _pools_delete(c: AdminClient, args: argparse.Namespace) -> Answer:
+    answer = c.call("DELETE", f"/api/pools/{_seg(args.name)}")
+    return answer, f"deleted pool {args.name}"
+
+
+def _pools_sync(c: AdminClient, args: argparse.Namespace) -> Answer:
+    query = {"remove": "true"} if args.remove else None
+    answer = c.call("POST", f"/api/pools/{_seg(args.name)}/sync", query=query)
+    rows = [[b["backend"], ", ".join(b.get("present", [])), ", ".join(b.get("missing", [])),
+             ", ".join(b.get("removed", [])), b.get("error", b.get("skipped", ""))]
+            for b in answer["backends"]]
+    return answer, table(["BACKEND", "PRESENT", "PULLING", "REMOVED", "NOTE"], rows,
+                         "no backend has required models")
+
+
+def _pools_pulls(c: AdminClient, args: argparse.Namespace) -> Answer:
+    answer = c.call("GET", "/api/pulls")
+    return answer, _pull_rows(answer["pulls"])
+
+
+def _pools_access(c: AdminClient, args: argparse.Namespace) -> Answer:
+    pools = None if args.pools == "all" else _split(args.pools)
+    part = "users" if args.who == "user" else "keys"
+    answer = c.call("PUT", f"/api/pool-access/{part}/{_seg(args.id)}", {"pools": pools})
+    return answer, f"{args.who} {args.id}: " + ("all pools" if pools is None else ", ".join(pools))
+
+
 _HANDLERS = {
+    ("pools", "list"): _pools_list,
+    ("pools", "show"): _pools_show,
+    ("pools", "create"): _pools_create,
+    ("pools", "delete"): _pools_delete,
+    ("pools", "sync"): _pools_sync,
+    ("pools", "pulls"): _pools_pulls,
+    ("pools", "access"): _pools_access,
     ("users", "list"): _users_list,
     ("users", "set"): _users_set,
     ("users", "block"): _users_block,

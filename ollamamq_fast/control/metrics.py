@@ -88,7 +88,53 @@ class GatewayCollector(Collector):
         snapshot = state.operator.stats_snapshot()
         yield from self._gateway(snapshot, stats)
         yield from self._backends(snapshot["backends"])
+        yield from self._pools(snapshot["backends"])
         yield from self._users(stats.users)
+
+    def _pools(self, backends: list[dict[str, Any]]) -> Iterator[Metric]:
+        """Per pool: queue, running, slots, backends up, arrivals; backend membership; pulls."""
+        pools = self.state.pools
+        families = {
+            "queued": GaugeMetricFamily("ollamamq_pool_queue_depth",
+                                        "Requests waiting in the pool's queue.", labels=["pool"]),
+            "in_flight": GaugeMetricFamily("ollamamq_pool_in_flight",
+                                           "Requests running on the pool's backends.",
+                                           labels=["pool"]),
+            "slots": GaugeMetricFamily("ollamamq_pool_slots",
+                                       "Slots of the pool's backends.", labels=["pool"]),
+            "backends_online": GaugeMetricFamily("ollamamq_pool_backends_up",
+                                                 "The pool's backends passing health probes.",
+                                                 labels=["pool"]),
+        }
+        for name, row in pools.totals().items():
+            for key, family in families.items():
+                family.add_metric([name], row[key])
+        yield from families.values()
+        arrivals = CounterMetricFamily(
+            "ollamamq_pool_requests",
+            "Requests that named a pool (path prefix or Host); the default pool's are the "
+            "total minus these.", labels=["pool"])
+        for pool in pools.pools()[1:]:
+            arrivals.add_metric([pool.name], pool.requests)
+        yield arrivals
+        member = GaugeMetricFamily("ollamamq_backend_pool", "1 for each pool listing a backend.",
+                                   labels=["backend", "pool"])
+        for b in backends:
+            for name in b.get("pools", []):
+                member.add_metric([b["url"], name], 1)
+        yield member
+        required = self.state.required
+        active = GaugeMetricFamily("ollamamq_model_pulls_active",
+                                   "Required-model pulls running or queued.", labels=["state"])
+        progress = required.progress()
+        for kind in ("queued", "pulling", "retrying"):
+            active.add_metric([kind], sum(1 for j in progress if j["state"] == kind))
+        yield active
+        ended = CounterMetricFamily("ollamamq_model_pulls", "Required-model pulls that ended.",
+                                    labels=["result"])
+        ended.add_metric(["done"], required.done)
+        ended.add_metric(["failed"], required.failed)
+        yield ended
 
     def _gateway(self, snapshot: dict[str, Any], stats: Any) -> Iterator[Metric]:
         info = InfoMetricFamily("ollamamq", "Gateway build information.")

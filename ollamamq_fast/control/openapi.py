@@ -43,8 +43,8 @@ def _ok(schema_name: str, description: str, status: str = "200") -> dict[str, An
 _ERRORS = {
     "400": "Invalid JSON, a missing, unknown or ill-typed field",
     "401": "Missing or wrong admin token",
-    "404": "No such backend, key or route",
-    "409": "The backend already exists, or there is no config file to reload",
+    "404": "No such backend, key, pool or route",
+    "409": "The backend or pool already exists, or there is no config file to reload",
     "413": "Request body over 64 KiB",
 }
 
@@ -309,6 +309,132 @@ def _usage_schemas() -> dict[str, Any]:
     }
 
 
+_POOL_PATH = _param("name", "path", "Pool name ('default' is the top-level backends)")
+
+
+def _pool_paths() -> dict[str, Any]:
+    bad = ("400", "401", "413")
+    access = {"requestBody": _json_body("PoolAccessSet")}
+    return {
+        "/api/pools": {
+            "get": _op("List pools with their definitions and live numbers", "listPools",
+                       _ok("PoolList", "Every pool, default first"), tag="pools"),
+            "post": _op("Create a pool (stored)", "createPool", _ok("Pool", "The pool", "201"),
+                        body="PoolCreate", tag="pools", codes=(*bad, "409")),
+        },
+        "/api/pools/{name}": {
+            "get": _op("One pool", "getPool", _ok("Pool", "The pool"), params=[_POOL_PATH],
+                       tag="pools", codes=("401", "404")),
+            "put": _op("Replace a pool's definition, or create it (stored)", "replacePool",
+                       {**_ok("Pool", "The pool"), **_ok("Pool", "Created", "201")},
+                       body="PoolDefinition", params=[_POOL_PATH], tag="pools", codes=bad),
+            "patch": _op("Change some fields of a pool's definition (stored)", "patchPool",
+                         _ok("Pool", "The pool"), body="PoolDefinition", params=[_POOL_PATH],
+                         tag="pools", codes=(*bad, "404")),
+            "delete": _op("Delete a pool; its queued requests are answered 503", "removePool",
+                          _free_json("`removed`: the pool's name"), params=[_POOL_PATH],
+                          tag="pools", codes=("400", "401", "404")),
+        },
+        "/api/pools/{name}/models": {
+            "get": _op("Required models per backend of the pool: present, missing, the pull "
+                       "running, queued and recent pulls", "poolModels",
+                       _ok("RequiredStatus", "Per backend"), params=[_POOL_PATH], tag="pools",
+                       codes=("401", "404")),
+        },
+        "/api/pools/{name}/sync": {
+            "post": _op("Compare the required models with each backend's /api/tags now and "
+                        "pull what is missing (one pull per backend at a time)", "syncPool",
+                        _ok("RequiredCheck", "What each backend has, lacks and lost"),
+                        params=[_POOL_PATH, {
+                            "name": "remove", "in": "query", "required": False,
+                            "description": "true: also delete models no pool of the backend "
+                                           "requires (this time); false: never; absent: the "
+                                           "pools' remove_unlisted",
+                            "schema": {"type": "string", "enum": ["true", "false"]}}],
+                        tag="pools", codes=("400", "401", "404")),
+        },
+        "/api/pulls": {
+            "get": _op("Model pulls running or queued now", "listPulls",
+                       _ok("PullList", "Pulls with progress"), tag="pools"),
+        },
+        "/api/pool-access": {
+            "get": _op("Users and API keys limited to some pools", "poolAccess",
+                       _ok("PoolAccess", "user / key id -> pools"), tag="pools"),
+        },
+        "/api/pool-access/users/{user}": {
+            "put": {**_op("Limit a user to some pools (null: all pools)", "setUserPools",
+                          _free_json("`user` and its `pools`"), params=[_USER_PATH],
+                          tag="pools", codes=bad), **access},
+        },
+        "/api/pool-access/keys/{key_id}": {
+            "put": {**_op("Limit an API key to some pools (null: all pools)", "setKeyPools",
+                          _free_json("`key` and its `pools`"),
+                          params=[_param("key_id", "path", "Key id from the key list")],
+                          tag="pools", codes=bad), **access},
+        },
+    }
+
+
+def _pool_schemas() -> dict[str, Any]:
+    names = {"type": "array", "items": _STR}
+    backend = {"oneOf": [_STR, _obj({
+        "url": _STR, "slots": _SLOTS, "kind": {"enum": ["auto", "ollama", "openai", "llamacpp",
+                                                       "vllm", "lmstudio"]},
+        "probe_path": _STR, "probe_interval": _NUM}, ["url"], closed=True)]}
+    definition = {
+        "backends": {"type": "array", "items": backend,
+                     "description": "required except for the default pool, which has none"},
+        "slots": _SLOTS, "balance": {"enum": ["least-conn", "round-robin", "random", "affinity"]},
+        "aliases": {"type": "object", "additionalProperties": _STR,
+                    "description": "alias -> model name the backend reads"},
+        "hosts": names, "required_models": names, "remove_unlisted": _BOOL,
+        "users": _obj({"vip": names, "boost": names,
+                       "weights": {"type": "object", "additionalProperties": _INT}}),
+    }
+    job = _obj({
+        "backend": _STR, "model": _STR, "pools": names,
+        "state": {"enum": ["queued", "pulling", "retrying", "done", "failed"]},
+        "status": _STR, "completed": _INT, "total": _INT,
+        "percent": {"type": ["number", "null"]}, "attempts": _INT, "error": _STR,
+        "queued_at": _NUM, "started_at": _NUM, "finished_at": _NUM, "next_try_at": _NUM,
+    }, ["backend", "model", "state", "percent", "attempts", "error"])
+    return {
+        "PoolDefinition": _obj(definition, closed=True),
+        "PoolCreate": _obj({"name": _STR, **definition}, ["name"], closed=True),
+        "Pool": _obj({
+            "name": _STR, "backends": names, "definition": _obj(definition),
+            "aliases": {"type": "object"}, "hosts": names, "required_models": names,
+            "remove_unlisted": _BOOL, "backends_online": _INT, "backends_total": _INT,
+            "slots_total": _INT, "in_flight": _INT, "queued": _INT, "requests": _INT,
+            "models": names, "pulls": {"type": "array", "items": _ref("PullJob")},
+        }, ["name", "backends", "definition", "backends_online", "backends_total"]),
+        "PoolList": _obj({"pools": {"type": "array", "items": _ref("Pool")}}, ["pools"]),
+        "PullJob": job,
+        "PullList": _obj({"pulls": {"type": "array", "items": _ref("PullJob")}}, ["pulls"]),
+        "RequiredStatus": _obj({"pool": {"type": ["string", "null"]}, "backends": {
+            "type": "array", "items": _obj({
+                "backend": _STR, "kind": _STR, "online": _BOOL, "pools": names,
+                "required": names, "present": names, "missing": names,
+                "remove_unlisted": _BOOL, "pulling": {"oneOf": [_ref("PullJob"),
+                                                                {"type": "null"}]},
+                "queued": {"type": "array", "items": _ref("PullJob")},
+                "recent": {"type": "array", "items": _ref("PullJob")}, "removed": names,
+            }, ["backend", "required", "present", "missing"])}, "last_check": {
+                "type": "object"}}, ["backends"]),
+        "RequiredCheck": _obj({"reason": _STR, "pool": {"type": ["string", "null"]},
+                               "at": _NUM, "backends": {"type": "array", "items": _obj({
+                                   "backend": _STR, "pools": names, "present": names,
+                                   "missing": names, "extra": names, "removed": names,
+                                   "error": _STR, "skipped": _STR}, ["backend"])}},
+                              ["backends"]),
+        "PoolAccess": _obj({"users": {"type": "object", "additionalProperties": names},
+                            "keys": {"type": "object", "additionalProperties": names}},
+                           ["users", "keys"]),
+        "PoolAccessSet": _obj({"pools": {"oneOf": [names, {"type": "null"}]}}, ["pools"],
+                              closed=True),
+    }
+
+
 def _schemas() -> dict[str, Any]:
     backend = _obj({
         "url": _STR, "kind": {"enum": [k.value for k in ApiKind]},
@@ -316,6 +442,7 @@ def _schemas() -> dict[str, Any]:
         "slots": _INT, "in_flight": _INT, "requests_done": _INT, "failures": _INT,
         "models": {"type": "array", "items": _STR}, "loaded": {"type": "array", "items": _STR},
         "version": {"type": ["string", "null"]}, "last_error": _STR,
+        "pools": {"type": "array", "items": _STR, "description": "pools listing the backend"},
     }, ["url", "kind", "online", "draining", "breaker", "slots", "in_flight"])
     user = _obj({
         "user": _STR, "vip": _BOOL, "boost": _BOOL, "weight": _INT, "blocked": _BOOL,
@@ -391,11 +518,12 @@ def build_openapi(metrics_public: bool = False) -> dict[str, Any]:
         },
         "tags": [{"name": "admin", "description": "Operator actions"},
                  {"name": "observability", "description": "Statistics, events, metrics"},
-                 {"name": "playground", "description": "The web chat playground"}],
+                 {"name": "playground", "description": "The web chat playground"},
+                 {"name": "pools", "description": "Pools of backends, access, required models"}],
         "security": [{"adminToken": []}],
-        "paths": {**_paths(metrics_public), **_web_paths(), **_usage_paths()},
+        "paths": {**_paths(metrics_public), **_web_paths(), **_usage_paths(), **_pool_paths()},
         "components": {
             "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
-            "schemas": {**_schemas(), **_usage_schemas()},
+            "schemas": {**_schemas(), **_usage_schemas(), **_pool_schemas()},
         },
     }

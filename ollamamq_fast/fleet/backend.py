@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ollamamq_fast.config import BackendOptions, BackendUrl
@@ -82,6 +83,7 @@ class Backend:
         "breaker",
         "breaker_cooldown",
         "breaker_timer",
+        "pumps",
     )
 
     def __init__(self, address: BackendUrl, slots: int) -> None:
@@ -134,6 +136,9 @@ class Backend:
         self.breaker = Breaker.CLOSED
         self.breaker_cooldown = BREAKER_COOLDOWN_S
         self.breaker_timer: Cancellable | None = None
+        # Dispatch turns of every pool listing this backend, when more than one
+        # does (pools.py): a freed slot is offered to each. Empty otherwise.
+        self.pumps: tuple[Callable[[], None], ...] = ()
 
     def configure(self, options: BackendOptions) -> None:
         """Apply the operator's kind and probe settings (`auto` leaves the kind to detection)."""

@@ -32,14 +32,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 
 from ollamamq_fast.fleet.backend import ApiKind, Backend
 from ollamamq_fast.fleet.models import normalize_model
-from ollamamq_fast.fleet.select import Fleet
 from ollamamq_fast.tasks import cancel_and_wait
 
 log = logging.getLogger("ollamamq_fast.health")
@@ -65,6 +64,19 @@ _OWNERS = {
 _PROBE_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError)
 
 
+class FleetView(Protocol):
+    """What the checker needs of the fleet: every backend, and a model index to rebuild."""
+
+    @property
+    def backends(self) -> list[Backend]:
+        """Every backend to check."""
+        ...
+
+    def rebuild_index(self) -> None:
+        """Recompute model indexes after a check."""
+        ...
+
+
 @dataclass(slots=True)
 class _Watch:
     """What the checker remembers about one backend between checks."""
@@ -79,7 +91,7 @@ class HealthChecker:
 
     def __init__(
         self,
-        fleet: Fleet,
+        fleet: FleetView,
         interval: float,
         fail_threshold: int = 2,
         ok_threshold: int = 1,
@@ -92,6 +104,8 @@ class HealthChecker:
         self.fail_threshold = fail_threshold
         self.ok_threshold = ok_threshold
         self.on_change = on_change
+        # Called when a backend comes online (required models compare then).
+        self.on_online: Callable[[Backend], None] | None = None
         self.probe_timeout = PROBE_TIMEOUT_S if probe_timeout is None else probe_timeout
         self.models_interval = MODELS_REFRESH_S if models_interval is None else models_interval
         self.session: aiohttp.ClientSession | None = None
@@ -206,6 +220,8 @@ class HealthChecker:
             if not backend.online and (first or backend.consecutive_successes >= self.ok_threshold):
                 log.info("backend %s is online (%s)", backend.name, backend.kind.value)
                 backend.online = True
+                if self.on_online is not None:
+                    self.on_online(backend)
         self.fleet.rebuild_index()
         if self.on_change is not None:
             self.on_change()
@@ -316,9 +332,10 @@ class HealthChecker:
         backend.models = {normalize_model(str(i["id"])): _tags_entry(i) for i in items}
         backend.loaded = set()
 
-    async def fetch_ps(self) -> list[dict[str, Any]]:
-        """Loaded models across online Ollama backends, asked live, de-duplicated."""
-        backends = [b for b in self.fleet.backends if b.online and b.kind is ApiKind.OLLAMA]
+    async def fetch_ps(self, among: list[Backend] | None = None) -> list[dict[str, Any]]:
+        """Loaded models across online Ollama backends (of `among`), asked live, de-duplicated."""
+        backends = [b for b in (self.fleet.backends if among is None else among)
+                    if b.online and b.kind is ApiKind.OLLAMA]
 
         async def one(b: Backend) -> list[dict[str, Any]]:
             try:

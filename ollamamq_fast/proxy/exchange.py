@@ -37,6 +37,7 @@ from ollamamq_fast.policy.cache import cache_control
 from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
 from ollamamq_fast.policy.identity import AuthError, UserIdError, check_user_id
 from ollamamq_fast.policy.streamusage import UsageStripper
+from ollamamq_fast.pools import PoolError, unalias
 from ollamamq_fast.proxy import translating
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.proxy.state import State, advance
@@ -69,13 +70,16 @@ from ollamamq_fast.wire.sniff import (
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
+    from ollamamq_fast.fleet.select import Fleet
     from ollamamq_fast.gateway import GatewayState
     from ollamamq_fast.limits import Limits
     from ollamamq_fast.policy.cache import Entry
+    from ollamamq_fast.pools import Pool
     from ollamamq_fast.proxy.downstream import ClientProtocol
     from ollamamq_fast.proxy.translating import TranslatingRelay
     from ollamamq_fast.proxy.transport import Transport
     from ollamamq_fast.proxy.upstream import UpstreamConnection
+    from ollamamq_fast.sched.dispatcher import Dispatcher
     from ollamamq_fast.sched.fairqueue import Ticket
 
 log = logging.getLogger("ollamamq_fast.proxy")
@@ -103,12 +107,20 @@ class Exchange:
         "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
         "prompt_tokens", "completion_tokens", "affinity",
         "limits", "cache_key", "cache_control", "strip_usage", "credential", "body_held",
-        "request_id", "failed", "key_id", "tokens_estimated", "xlate",
+        "request_id", "failed", "key_id", "tokens_estimated", "xlate", "pool", "fleet",
+        "dispatcher",
     )
 
     def __init__(self, client: "ClientProtocol") -> None:
         self.client = client
-        self.gw: GatewayState = client.gw
+        gw: GatewayState = client.gw
+        self.gw = gw
+        # The pool the request is in (pools.py): the default one unless its
+        # path or Host names another; its fleet and dispatcher serve it.
+        pool = gw.pools.default
+        self.pool: Pool = pool
+        self.fleet: Fleet = pool.fleet
+        self.dispatcher: Dispatcher = pool.dispatcher
         self.method = b""
         self.url = b""
         self.path = b""
@@ -220,6 +232,9 @@ class Exchange:
             ctype, body = error_body(self.api, 400, str(exc))
             self._set_early_error(400, ctype, body)
             return
+        pool_missing = ""
+        if path.startswith(b"/pool/"):  # a named pool (pools.py); the default costs this test
+            pool_missing, path = self._enter_pool(path)
         if path is not raw_path or len(raw_path) + len(query) != len(self.url):
             # Forward the spelling that was routed: the backend reads what the policy saw.
             self.url = path + query
@@ -266,9 +281,48 @@ class Exchange:
         self.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
                                            self.client.peer_ip_bytes,
                                            backend_request_id(head.request_id, own_id))
+        if (pool_missing or self.gw.pools.active) and self._check_pool(pool_missing, head.host):
+            return
         self._check_route(route, method)
         if not self.user:
             self.user = self.client_ip
+
+    def _enter_pool(self, path: bytes) -> tuple[str, bytes]:
+        """Cut `/pool/NAME` off the path and join that pool; the name when it is unknown."""
+        pool, rest, name = self.gw.pools.by_path(path)
+        if pool is None:
+            return name or "?", rest
+        self.pool = pool
+        self.fleet = pool.fleet
+        self.dispatcher = pool.dispatcher
+        pool.requests += 1
+        return "", rest
+
+    def _check_pool(self, missing: str, host: bytes) -> bool:
+        """Unknown pool (404), Host routing, access rules (403); True when answered."""
+        pools = self.gw.pools
+        status, message = 0, ""
+        if missing:
+            status, message = 404, f"pool '{missing}' not found"
+        else:
+            if self.pool is pools.default and host:
+                chosen = pools.for_host(host)
+                if chosen is not None and chosen is not pools.default:
+                    self.pool = chosen
+                    self.fleet = chosen.fleet
+                    self.dispatcher = chosen.dispatcher
+                    chosen.requests += 1
+            try:
+                pools.check_access(self.pool, self.user or self.client_ip, self.key_id)
+            except PoolError as err:
+                status, message = err.status, err.message
+        if not status:
+            return False
+        if not self.user:
+            self.user = self.client_ip
+        ctype, body = error_body(self.api, status, message)
+        self._set_early_error(status, ctype, body)
+        return True
 
     def _check_route(self, route: Route | None, method: bytes) -> None:
         settings = self.gw.settings
@@ -395,7 +449,7 @@ class Exchange:
                     self._estimate_tokens(conn)  # cut short: what was generated still counts
             self._ended(end)
         if state is State.QUEUED:
-            self.gw.dispatcher.cancel(self)
+            self.dispatcher.cancel(self)
         elif state is State.CONNECTING:
             if self.connect_task is not None:
                 self.connect_task.cancel()
@@ -427,7 +481,7 @@ class Exchange:
             self.respond_error(403, "blocked by the gateway operator")
             return
         if kind is Kind.PRIMARY:
-            backend = self.gw.fleet.primary(native=route is BLOB_ROUTE)
+            backend = self.fleet.primary(native=route is BLOB_ROUTE)
             if backend is None:
                 self.respond_error(503, "no backend is online", retry_after=5)
                 return
@@ -463,6 +517,18 @@ class Exchange:
             else:
                 self.respond_error(400, "model is required")
             return
+        aliases = self.pool.aliases
+        if aliases and normalize_model(name) in aliases:
+            # The backend reads the model the alias stands for, and so does
+            # the policy: the body is spliced, then read again.
+            body = unalias(body, route.model_keys, aliases[normalize_model(name)])
+            self.body = [body]
+            if keys:
+                spans = sniff_spans(body, route.model_keys, keys)
+                found = spans.found
+            else:
+                found = sniff_fields(body, route.model_keys)
+            name = first_model(found, route.model_keys)
         self.model_name = name
         self.model = normalize_model(name)
         if kind is Kind.QUEUED:
@@ -507,7 +573,7 @@ class Exchange:
 
     def _proceed(self) -> None:
         """Hand the admitted request to the dispatcher."""
-        if self.gw.fleet.balance is Balance.AFFINITY:
+        if self.fleet.balance is Balance.AFFINITY:
             body = self.body[0]
             # Same user and same opening message: same backend, so its KV cache is reused.
             opening = first_item(body, "messages")
@@ -516,7 +582,7 @@ class Exchange:
         self._submit()
 
     def _submit(self) -> None:
-        placement = self.gw.dispatcher.submit(self)
+        placement = self.dispatcher.submit(self)
         kind = placement.kind
         if kind is Placed.STARTED:
             assert placement.backend is not None
@@ -537,7 +603,7 @@ class Exchange:
         """Run on `backend` now (called by the dispatcher or for unqueued routes)."""
         self.backend = backend
         self.gw.ledger.running(self)
-        self.lease = self.gw.dispatcher.take(backend, slotted)
+        self.lease = self.dispatcher.take(backend, slotted)
         self._to(State.CONNECTING)
         assert backend.pool is not None
         conn = backend.pool.acquire_idle()
@@ -636,7 +702,7 @@ class Exchange:
                 if backend not in self.failed:
                     self.failed += (backend,)
                 self._release_backend()
-                self.gw.dispatcher.retry(self)
+                self.dispatcher.retry(self)
                 return None
         elif backend.consecutive_failures or backend.breaker is not Breaker.CLOSED:
             self.gw.passive.success(backend)
@@ -670,7 +736,7 @@ class Exchange:
         route = self.route
         if route is None:
             return False
-        for b in self.gw.fleet.candidates(self.model if route.kind is not Kind.PRIMARY else None,
+        for b in self.fleet.candidates(self.model if route.kind is not Kind.PRIMARY else None,
                                           route.native):
             if b is not failed and b.available and b not in self.failed:
                 return True
@@ -694,7 +760,7 @@ class Exchange:
             if route is not None and route.refresh_models and self.status < 300:
                 # Route a request right after a pull/copy/delete correctly; the
                 # probe that follows fills in the details.
-                self.gw.fleet.note_model_change(backend, self.path, self.model_name,
+                self.fleet.note_model_change(backend, self.path, self.model_name,
                                                 self.body[0] if self.body else b"")
                 self.gw.refresh_models(backend)
         self._release_backend()
@@ -786,7 +852,7 @@ class Exchange:
             self._note_backend_failure(repr(exc) if exc else "connection closed before a response")
         self._release_backend()
         if replayable and backend is not None and self._can_retry_elsewhere(backend):
-            self.gw.dispatcher.retry(self)
+            self.dispatcher.retry(self)
             return
         self.respond_error(
             502,
@@ -805,7 +871,7 @@ class Exchange:
         backend, lease = self.backend, self.lease
         if backend is not None and lease:
             self.lease = 0
-            self.gw.dispatcher.give_back(backend, lease)
+            self.dispatcher.give_back(backend, lease)
 
     def _backend_name(self) -> str:
         return self.backend.name if self.backend is not None else "?"

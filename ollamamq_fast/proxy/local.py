@@ -22,6 +22,7 @@ from ollamamq_fast.wire.translate.models import (
 )
 
 if TYPE_CHECKING:
+    from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.gateway import GatewayState
     from ollamamq_fast.proxy.exchange import Exchange
 
@@ -41,20 +42,25 @@ class LocalRoutes:
         """Write the answer for a local route (async ones finish later)."""
         which = route.local
         if which is Local.HEALTH:
-            ex.respond(200, _JSON, orjson.dumps(self.health()))
+            ex.respond(200, _JSON, orjson.dumps(self.health(ex)))
         elif which is Local.ROOT:
             self._root(ex)
         elif which is Local.VERSION:
-            version = self.version()
+            version = self.version(ex)
             if version is None:
                 # As if Ollama were unreachable: no version is made up.
                 ex.respond_error(503, "no Ollama backend is online", retry_after=5)
             else:
                 ex.respond(200, _JSON, orjson.dumps({"version": version}))
         elif which is Local.TAGS:
-            ex.respond(200, _JSON, orjson.dumps({"models": self.tags()}))
+            tags = self.tags(ex.fleet.backends)
+            if ex.pool.aliases:
+                tags += ex.pool.tag_aliases(tags)
+            ex.respond(200, _JSON, orjson.dumps({"models": tags}))
         elif which is Local.V1_MODELS:
-            data = self.v1_models()
+            data = self.v1_models(ex.fleet.backends)
+            if ex.pool.aliases:
+                data += ex.pool.v1_aliases(data)
             body = orjson.dumps({"object": "list", "data": data or None}) + b"\n"
             ex.respond(200, _OPENAI_JSON, body)
         elif which is Local.V1_MODEL:
@@ -64,22 +70,23 @@ class LocalRoutes:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    def health(self) -> dict[str, Any]:
-        """Liveness plus a short summary of the fleet and queue."""
-        fleet = self.gw.fleet
+    def health(self, ex: Exchange | None = None) -> dict[str, Any]:
+        """Liveness plus a short summary of the fleet and queue (of the request's pool)."""
+        fleet = self.gw.fleet if ex is None else ex.fleet
+        dispatcher = self.gw.dispatcher if ex is None else ex.dispatcher
         online = sum(1 for b in fleet.backends if b.online)
         return {
             "status": "ok" if online else "degraded",
             "version": __version__,
             "backends_online": online,
             "backends_total": len(fleet.backends),
-            "queued": len(self.gw.dispatcher.queue),
+            "queued": len(dispatcher.queue),
             "in_flight": sum(b.in_flight for b in fleet.backends),
             "uptime_s": round(time.monotonic() - self.gw.started_at, 1),
         }
 
     def _root(self, ex: "Exchange") -> None:
-        fleet = self.gw.fleet
+        fleet = ex.fleet
         online = sum(1 for b in fleet.backends if b.online)
         extra = b"X-Gateway-Backends-Online: %d/%d\r\n" % (online, len(fleet.backends))
         if online:
@@ -87,22 +94,23 @@ class LocalRoutes:
         else:
             ex.respond(503, _TEXT, b"Ollama gateway is running, but no backend is online", extra=extra)
 
-    def version(self) -> str | None:
+    def version(self, ex: Exchange | None = None) -> str | None:
         """The version of the first online Ollama backend (clients compare it with theirs)."""
-        for b in self.gw.fleet.backends:
+        for b in (self.gw.fleet if ex is None else ex.fleet).backends:
             if b.online and b.kind is ApiKind.OLLAMA and b.version:
                 return b.version
         return None
 
-    def tags(self) -> list[dict[str, Any]]:
-        """Models of all online backends, de-duplicated by normalized name.
+    def tags(self, backends: list[Backend] | None = None) -> list[dict[str, Any]]:
+        """Models of all online backends (of a pool), de-duplicated by normalized name.
 
         Ollama backends' own entries come first; a model only OpenAI-compatible
         servers list is described from their /v1/models items (its requests
         are translated, proxy/translating.py).
         """
         merged: dict[str, dict[str, Any]] = {}
-        backends = self.gw.fleet.backends
+        if backends is None:
+            backends = self.gw.fleet.backends
         for b in backends:
             if b.online and b.kind is ApiKind.OLLAMA:
                 for key, entry in b.models.items():
@@ -115,10 +123,10 @@ class LocalRoutes:
                         merged[key] = tag_from_openai_model(item)
         return list(merged.values())
 
-    def v1_models(self) -> list[dict[str, Any]]:
-        """OpenAI model objects across all online backends, de-duplicated by id."""
+    def v1_models(self, backends: list[Backend] | None = None) -> list[dict[str, Any]]:
+        """OpenAI model objects across all online backends (of a pool), de-duplicated by id."""
         merged: dict[str, dict[str, Any]] = {}
-        for b in self.gw.fleet.backends:
+        for b in self.gw.fleet.backends if backends is None else backends:
             if not b.online:
                 continue
             if b.kind is not ApiKind.OLLAMA:
@@ -143,7 +151,9 @@ class LocalRoutes:
         name = urllib.parse.unquote(raw)
         found = None
         if "/" not in name:
-            found = self.gw.fleet.find_model_entry(normalize_model(name))
+            model = normalize_model(name)
+            target = ex.pool.alias_target(model) if ex.pool.aliases else None
+            found = ex.fleet.find_model_entry(normalize_model(target) if target else model)
         if found is None:
             ex.respond_error(404, f"model '{name}' not found")
             return
@@ -157,9 +167,9 @@ class LocalRoutes:
         ex.respond(200, _OPENAI_JSON, orjson.dumps(body) + b"\n")
 
     async def _ps(self, ex: "Exchange") -> None:
-        models = await self.gw.health.fetch_ps()
+        models = await self.gw.health.fetch_ps(ex.fleet.backends)
         seen = {normalize_model(str(m.get("name") or m.get("model") or "")) for m in models}
-        for b in self.gw.fleet.backends:
+        for b in ex.fleet.backends:
             # An OpenAI-compatible server keeps the models it serves loaded.
             if b.online and b.kind is not ApiKind.OLLAMA:
                 for item in b.v1_models:

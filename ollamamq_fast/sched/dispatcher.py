@@ -186,6 +186,10 @@ class Dispatcher:
             # Known model, but every backend serving it is draining or failing.
             return refused(503, f"every backend serving '{ex.model_name}' is unavailable "
                                 "(draining or failing); retry shortly", 5)
+        if ex.model in ex.pool.pulling:
+            # A required model on its way (fleet/required.py): not a client error.
+            return refused(503, f"model '{ex.model_name}' is being pulled to the backends; "
+                                "retry shortly", 30)
         return refused(404, f"model '{ex.model_name}' not found")
 
     # -- Dispatch ---------------------------------------------------------------
@@ -256,6 +260,9 @@ class Dispatcher:
             backend.in_flight -= 1
             if self.queue or self.retry_line:
                 self.pump()
+            if backend.pumps:  # listed by several pools (pools.py): each may use the slot
+                for pump in backend.pumps:
+                    pump()
         elif lease == UNSLOTTED:
             backend.unslotted -= 1
 

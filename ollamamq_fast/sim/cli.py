@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ollama: native /api/* only; openai: /v1/* only (like vLLM); both (default: %(default)s)")
     parser.add_argument("--ollama-version", default="0.12.0", metavar="V",
                         help="version reported by /api/version (default: %(default)s)")
+    parser.add_argument("--pull-failures", type=_non_negative_int, default=0, metavar="N",
+                        help="the first N /api/pull requests fail mid-stream (default: %(default)s)")
+    parser.add_argument("--pull-step-s", type=_non_negative_float, default=None, metavar="S",
+                        help="seconds between a pull's progress lines (default: the token interval)")
 
 
 def options_from(args: argparse.Namespace) -> SimOptions:
@@ -59,6 +63,8 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         max_parallel=args.max_parallel,
         api=args.api,
         version=getattr(args, "ollama_version", "0.12.0"),
+        pull_failures=getattr(args, "pull_failures", 0),
+        pull_step_s=getattr(args, "pull_step_s", None),
     )
 
 

@@ -94,7 +94,8 @@ def run_progress(
     An `{"error":...}` event ends the stream; as the first event it becomes a 500
     (Go's streamResponse / waitForStream), with `application/json` as content type.
     """
-    interval = app.interval_s
+    step = app.options.pull_step_s
+    interval = app.interval_s if step is None else step
     error = next((e["error"] for e in events if "error" in e), None)
     if error is not None and "error" in events[0]:
         ex.send(500, dumps({"error": error}), wire.CT_JSON)

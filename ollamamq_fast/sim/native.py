@@ -330,6 +330,10 @@ class NativeRoutes:
         if name is None:
             ex.send_error(400, "invalid model name")
             return
+        self.app.stats.pulls.append(raw)
+        failing = self.app.options.pull_failures > 0
+        if failing:
+            self.app.options.pull_failures -= 1
         if name.model.lower().startswith(MISSING_PREFIXES):
             events: list[dict[str, Any]] = [
                 {"status": "pulling manifest"},
@@ -350,7 +354,11 @@ class NativeRoutes:
             })
         small = hashlib.sha256(digest.encode()).hexdigest()
         events.append({"status": f"pulling {small[:12]}", "digest": f"sha256:{small}", "total": 1482, "completed": 1482})
-        events += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+        if failing:
+            events.append({"error": "max retries exceeded: read tcp: connection reset by peer"})
+        else:
+            events += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"},
+                       {"status": "success"}]
 
         def commit() -> None:
             """The model is now local."""
@@ -488,6 +496,7 @@ class NativeRoutes:
             ex.send_error(404, f"model '{raw}' not found")
             return
         self.store.remove(entry)
+        self.app.stats.deletes.append(raw)
         ex.send(200, b"", None)
 
     # -- blobs -----------------------------------------------------------------

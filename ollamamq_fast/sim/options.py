@@ -25,6 +25,11 @@ class SimOptions:
     # "ollama": /api/* and /, "openai": /v1/* only (vLLM, llama.cpp), "both": everything.
     api: str = "both"
     version: str = "0.12.0"
+    # The first N pulls fail mid-stream ("pull model manifest: ... connection reset"),
+    # so a gateway's retries can be tested; 0 = pulls succeed.
+    pull_failures: int = 0
+    # Seconds between a pull's progress lines (None: the token interval).
+    pull_step_s: float | None = None
 
     def __post_init__(self) -> None:
         """Reject settings that would make the simulator misbehave silently."""
@@ -55,5 +60,8 @@ class SimStats:
     connections_total: int = 0
     # Requests refused with 503 because max_parallel was reached.
     rejected: int = 0
+    # Models asked for by /api/pull and removed by /api/delete, in order.
+    pulls: list[str] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
     # NDJSON lines / SSE events written by streams.
     lines: int = 0

@@ -25,6 +25,7 @@ from typing import NamedTuple
 from ..tasks import cancel_and_wait
 from .ipblock import canonical
 from .records import (
+    META_TOPICS,
     TOPIC_BACKENDS,
     TOPIC_KEYS,
     TOPIC_USERS,
@@ -45,6 +46,9 @@ log = logging.getLogger("ollamamq_fast.state")
 # failover takes about a second), later ones slow down to keep the log readable.
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
+# Metadata keys loaded at start and re-read when another replica writes them
+# (operator-made pools and pool access rules).
+META_KEYS = META_TOPICS
 
 
 class _Pending(NamedTuple):
@@ -78,6 +82,10 @@ class StateCache(StateView):
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
 
+        # Operator state kept as free-form metadata (pools.py's pools and
+        # access rules, as JSON): loaded at start, written behind like the rest.
+        self.meta: dict[str, str] = {}
+
         # Reloads after another replica's change
         self._stale: set[str] = set()
         self._reloader: asyncio.Task[None] | None = None
@@ -100,6 +108,10 @@ class StateCache(StateView):
         finally:
             replay, self._replay = self._replay, None
         self._install(snapshot, set(TOPICS))
+        for key in META_KEYS:
+            value = await self.store.get_meta(key)
+            if value is not None:
+                self.meta.setdefault(key, value)
         for pending in replay.values():
             pending.apply()
         self._flusher = asyncio.get_running_loop().create_task(
@@ -194,6 +206,11 @@ class StateCache(StateView):
             lambda s: s.delete_backend(url),
             lambda: self._set_backend(url, None),
         )
+
+    def put_meta(self, key: str, value: str) -> None:
+        """Set one metadata value (pools, pool access), stored by the flusher."""
+        self._queue("meta", key, lambda s: s.set_meta(key, value),
+                    lambda: self.meta.__setitem__(key, value))
 
     def add_usage(
         self, user: str, model: str, prompt_tokens: int, completion_tokens: int,
@@ -306,6 +323,10 @@ class StateCache(StateView):
             self._replay = dict(self._pending)
             try:
                 snapshot = await self.store.load_all()
+                # Pools and access rules (META_KEYS) are metadata values, read
+                # while the replay still records local writes made meanwhile.
+                metas = {key: await self.store.get_meta(key)
+                         for key in sorted(topics & set(META_KEYS))}
             except Exception as exc:  # noqa: BLE001 -- any store failure: retry the reload
                 log.warning(
                     "state: reload of %s failed (%s)", ",".join(sorted(topics)), exc
@@ -318,6 +339,9 @@ class StateCache(StateView):
                 replay, self._replay = self._replay, None
             delay = RETRY_MIN_S
             self._install(snapshot, topics)
+            for key, value in metas.items():
+                if value is not None:
+                    self.meta[key] = value
             for pending in replay.values():
                 pending.apply()
             for topic in sorted(topics):

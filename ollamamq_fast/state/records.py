@@ -18,6 +18,9 @@ TOPIC_USERS = "users"
 TOPIC_BLOCKS = "blocks"
 TOPIC_BACKENDS = "backends"
 TOPICS: tuple[str, ...] = (TOPIC_KEYS, TOPIC_USERS, TOPIC_BLOCKS, TOPIC_BACKENDS)
+# Metadata values announced to the other replicas when written (pools.py's
+# pools and pool access rules): each is its own topic, re-read with get_meta.
+META_TOPICS: tuple[str, ...] = ("pools", "pool_access")
 
 
 # What a key may do (docs: SECURITY.md "Key scopes"). `inference` covers every

@@ -41,6 +41,7 @@ from redis.exceptions import RedisError, WatchError
 
 from . import codec
 from .records import (
+    META_TOPICS,
     TOPIC_BACKENDS,
     TOPIC_BLOCKS,
     TOPIC_KEYS,
@@ -238,11 +239,11 @@ class RedisStore:
                 continue
             if msg["type"] == "subscribe":
                 # A reconnect re-subscribed us: what was published meanwhile is gone.
-                for topic in TOPICS:
+                for topic in TOPICS + META_TOPICS:
                     self._dispatch(topic)
             elif msg["type"] == "message":
                 topic, _, origin = _text(msg["data"]).partition(" ")
-                if origin != self.origin and topic in TOPICS:
+                if origin != self.origin and (topic in TOPICS or topic in META_TOPICS):
                     self._dispatch(topic)
 
     def _dispatch(self, topic: str) -> None:
@@ -487,8 +488,11 @@ class RedisStore:
         return None if raw is None else _text(raw)
 
     async def set_meta(self, key: str, value: str) -> None:
-        """Write one free-form metadata value."""
-        await self._r.hset(self._meta, key, value)
+        """Write one free-form metadata value (announced when it is one of META_TOPICS)."""
+        if key in META_TOPICS:
+            await self._put(key, self._meta, key, value.encode())
+        else:
+            await self._r.hset(self._meta, key, value)
 
     async def incr_window(self, key: str, window_s: float, amount: float) -> float:
         """Add to a counter shared by all replicas; it expires `window_s` after its first hit."""

@@ -33,6 +33,7 @@ from ollamamq_fast.tui.widgets.blocked import BlockedTable
 from ollamamq_fast.tui.widgets.dialogs import ConfirmScreen, HelpScreen, WeightScreen
 from ollamamq_fast.tui.widgets.eventlog import EventLog
 from ollamamq_fast.tui.widgets.header import StatsHeader
+from ollamamq_fast.tui.widgets.pools import PoolsTable
 from ollamamq_fast.tui.widgets.usage import UsageScreen
 from ollamamq_fast.tui.widgets.users import UsersTable
 
@@ -74,6 +75,7 @@ class Dashboard(App[str | None]):
     ]
 
     backends: var[list[dict[str, Any]]] = var(list)
+    pools: var[list[dict[str, Any]]] = var(list)
     users: var[list[dict[str, Any]]] = var(list)
     blocked: var[dict[str, list[str]]] = var(dict)
     blocked_ips: var[frozenset[str]] = var(frozenset)
@@ -102,7 +104,9 @@ class Dashboard(App[str | None]):
         header = StatsHeader(id="stats")
         header.source = self.admin_url
         yield header.data_bind(tick=Dashboard.tick, link_error=Dashboard.link_error)
-        yield BackendsTable(id="backends").data_bind(backends=Dashboard.backends)
+        with Horizontal(id="top"):
+            yield BackendsTable(id="backends").data_bind(backends=Dashboard.backends)
+            yield PoolsTable(id="pools").data_bind(pools=Dashboard.pools)
         with Horizontal(id="middle"):
             yield UsersTable(id="users").data_bind(users=Dashboard.users,
                                                    blocked_ips=Dashboard.blocked_ips)
@@ -146,14 +150,15 @@ class Dashboard(App[str | None]):
         """One round of GETs; the reactives change only when the data did."""
         assert self.api is not None
         try:
-            backends, users, blocked = await asyncio.gather(
+            backends, users, blocked, pools = await asyncio.gather(
                 self.api.call("GET", "/api/backends"), self.api.call("GET", "/api/users?sort=active"),
-                self.api.call("GET", "/api/blocked"))
+                self.api.call("GET", "/api/blocked"), self.api.call("GET", "/api/pools"))
         except AdminApiError as exc:
             self._lost(str(exc))
             return
         self.link_error = ""
         self.backends = backends["backends"]
+        self.pools = pools["pools"]
         self.users = users["users"]
         self.blocked = blocked
         self.blocked_ips = frozenset(blocked.get("ips", []))

@@ -33,11 +33,14 @@ BLOCKED_IP_KEY = "ip|"
 
 BACKEND_COLUMNS = (("Backend", "url"), ("State", "state"), ("API", "kind"),
                    ("Slots", "slots"), ("Done", "done"), ("Fail", "failures"),
-                   ("Models", "models"))
+                   ("Models", "models"), ("Pools", "pools"))
 USER_COLUMNS = (("", "marks"), ("User", "user"), ("Last IP", "ip"), ("Queued", "queued"),
                 ("Running", "in_flight"), ("Done", "done"), ("Dropped", "dropped"),
                 ("Tokens", "tokens"), ("Weight", "weight"))
 BLOCKED_COLUMNS = (("Kind", "kind"), ("Blocked", "value"))
+POOL_COLUMNS = (("Pool", "name"), ("Up", "up"), ("Slots", "slots"), ("Queued", "queued"),
+                ("Required", "required"), ("Pulls", "pulls"))
+POOL_KEY = "p|"
 
 # Rows beyond this would make every refresh slower for no one: nobody reads
 # ten thousand lines in a terminal. The title says how many were left out.
@@ -73,7 +76,7 @@ def backend_rows(backends: list[dict[str, Any]], expanded: set[str]) -> list[Row
             Text(f"{mark} {url}"), backend_state(b), Text(str(b.get("kind", ""))),
             Text(f"{b.get('in_flight', 0)}/{b.get('slots', 0)}"),
             Text(str(b.get("requests_done", 0))), Text(str(b.get("failures", 0))),
-            Text(shown or "-"))))
+            Text(shown or "-"), Text(",".join(b.get("pools", [])) or "-"))))
         if is_open:
             rows.extend(model_rows(b))
     return rows
@@ -85,13 +88,38 @@ def model_rows(b: dict[str, Any]) -> list[Row]:
     loaded = set(b.get("loaded", []))
     models = list(b.get("models", []))
     if not models:
-        return [(f"{MODEL_KEY}{url}|", (Text("    (no models)", style="dim"), *_blank(6)))]
+        return [(f"{MODEL_KEY}{url}|", (Text("    (no models)", style="dim"), *_blank(7)))]
     rows: list[Row] = []
     for i, model in enumerate(models):
         branch = "└" if i == len(models) - 1 else "├"
         mark = Text(f"{LOADED_MARK} loaded", style="green") if model in loaded else Text("")
         rows.append((f"{MODEL_KEY}{url}|{model}", (Text(f"   {branch} {model}"), mark,
-                                                    *_blank(5))))
+                                                    *_blank(6))))
+    return rows
+
+
+def pull_text(job: dict[str, Any]) -> str:
+    """`phi3:mini 45% on host:port` (or its state when it has no size yet)."""
+    percent = job.get("percent")
+    done = f"{percent:g}%" if isinstance(percent, int | float) else str(job.get("state", ""))
+    where = str(job.get("backend", "")).split("://", 1)[-1]
+    return f"{job.get('model')} {done} on {where}"
+
+
+def pool_rows(pools: list[dict[str, Any]]) -> list[Row]:
+    """One row per pool: backends up, slots used, queue, required models, pulls running."""
+    rows: list[Row] = []
+    for p in pools:
+        pulls = list(p.get("pulls", []))
+        required = list(p.get("required_models", []))
+        rows.append((POOL_KEY + str(p["name"]), (
+            Text(str(p["name"]), style="bold"),
+            Text(f"{p.get('backends_online', 0)}/{p.get('backends_total', 0)}"),
+            Text(f"{p.get('in_flight', 0)}/{p.get('slots_total', 0)}"),
+            Text(str(p.get("queued", 0))),
+            Text(", ".join(required) or "-"),
+            Text("; ".join(pull_text(j) for j in pulls) or "-",
+                 style="yellow" if pulls else "dim"))))
     return rows
 
 

@@ -28,6 +28,7 @@ AUTHORIZATION: Final = 9
 API_KEY: Final = 10
 CACHE_CONTROL: Final = 11
 REQUEST_ID: Final = 12
+HOST: Final = 13  # not forwarded (the backend gets its own); read for Host-routed pools
 
 _SPECIAL: Final[dict[bytes, int]] = {
     b"content-length": LENGTH,
@@ -35,7 +36,7 @@ _SPECIAL: Final[dict[bytes, int]] = {
     b"expect": EXPECT,
     b"x-user-id": USER,
     b"x-forwarded-for": FORWARDED_FOR,
-    b"host": DROP,  # rewritten to the backend's authority (docs/protocol-notes.md)
+    b"host": HOST,  # rewritten to the backend's authority (docs/protocol-notes.md)
     b"connection": CONNECTION,
     b"content-encoding": CONTENT_ENCODING,
     b"authorization": AUTHORIZATION,
@@ -89,7 +90,8 @@ class RequestHead:
     """What the gateway read from a request's headers."""
 
     __slots__ = ("api_key", "authorization", "cache_control", "chunked", "content_length",
-                 "encoded_body", "expect_continue", "forwarded_for", "kept", "request_id", "user")
+                 "encoded_body", "expect_continue", "forwarded_for", "host", "kept", "request_id",
+                 "user")
 
     def __init__(self) -> None:
         self.content_length = -1
@@ -105,6 +107,7 @@ class RequestHead:
         self.encoded_body = False
         self.kept: list[tuple[bytes, bytes]] = []  # forwarded as they came, in order
         self.request_id = b""  # the client's X-Request-ID, when it is sane
+        self.host = b""  # the Host header as sent (pools may be chosen by it)
 
 
 def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
@@ -156,6 +159,8 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
             value = value.strip()
             if _SANE_REQUEST_ID.fullmatch(value):
                 head.request_id = value
+        elif action == HOST:
+            head.host = value
         elif action == CONNECTION:
             tokens = {t.strip().lower() for t in value.split(b",")}
             tokens -= {b"close", b"keep-alive"}

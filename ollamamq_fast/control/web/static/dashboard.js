@@ -17,12 +17,15 @@ const RECONNECT_MS = 3000;
 const CHANGE_EVENTS = [
   "backend_added", "backend_removed", "backend_changed", "user_changed", "user_blocked",
   "user_unblocked", "user_limits_changed", "ip_blocked", "ip_unblocked", "key_created",
-  "key_revoked", "state_reloaded", "config_reloaded",
+  "key_revoked", "state_reloaded", "config_reloaded", "pool_added", "pool_changed",
+  "pool_removed", "pool_access_changed", "pull_done", "pull_failed", "pull_retrying",
+  "model_removed",
 ];
 // Which views each change event makes stale.
 const REFRESHES = {
   backend: ["backends"], user: ["users"], ip: ["blocked"], key: ["keys"],
-  state: ["backends", "users", "blocked", "keys"], config: ["backends", "users"],
+  state: ["backends", "users", "blocked", "keys"], config: ["backends", "users", "pools"],
+  pool: ["pools", "backends"], pull: ["pools"], model: ["backends"],
 };
 
 let charts = null;
@@ -43,7 +46,7 @@ function start() {
       style([["queued", "--series-3"], ["in flight", "--series-1"]])),
   };
   wireForms();
-  for (const view of ["backends", "users", "blocked", "keys", "stats"]) stale.add(view);
+  for (const view of ["backends", "users", "blocked", "keys", "stats", "pools"]) stale.add(view);
   refreshStale();
   connectEvents();
   pollTimer = setInterval(poll, POLL_MS);
@@ -92,6 +95,8 @@ function onTick(tick) {
   charts.tps.push(tick.ts, [tick.tokens_per_s]);
   charts.queue.push(tick.ts, [tick.queued, tick.in_flight]);
   renderBackends(tick.backends);
+  if (tick.pulls) renderPulls(tick.pulls);
+  if (tick.pools) updatePoolNumbers(tick.pools);
 }
 
 function onChange(event) {
@@ -118,6 +123,11 @@ const LOADERS = {
   blocked: async () => renderBlocked(await api("GET", "/api/blocked")),
   keys: async () => renderKeys((await api("GET", "/api/keys")).keys),
   stats: async () => renderStats(await api("GET", "/api/stats")),
+  pools: async () => {
+    const answer = await api("GET", "/api/pools");
+    renderPools(answer.pools);
+    renderPulls(answer.pools.flatMap((p) => p.pulls || []));
+  },
 };
 
 async function refreshStale() {
@@ -180,6 +190,56 @@ function backendState(b) {
 function renderBackends(backends) {
   syncRows(document.querySelector("#backends-table tbody"), backends, (b) => b.url,
     createBackendRow, updateBackendRow);
+}
+
+// -- Pools and model pulls --------------------------------------------------------
+
+function renderPools(pools) {
+  syncRows(document.querySelector("#pools-table tbody"), pools, (p) => p.name,
+    () => el("tr", {}, el("td", { class: "mono name" }), el("td", { class: "num up" }),
+      el("td", { class: "num slots" }), el("td", { class: "num queued" }), el("td", { class: "hosts" }),
+      el("td", { class: "aliases" }), el("td", { class: "required" })),
+    (row, p) => {
+      row.dataset.pool = p.name;
+      row.querySelector(".name").textContent = p.name;
+      row.querySelector(".up").textContent = `${p.backends_online} / ${p.backends_total}`;
+      row.querySelector(".slots").textContent = `${p.in_flight} / ${p.slots_total}`;
+      row.querySelector(".queued").textContent = formatNumber(p.queued);
+      row.querySelector(".hosts").textContent = (p.hosts || []).join(", ");
+      row.querySelector(".aliases").textContent =
+        Object.entries(p.aliases || {}).map(([a, m]) => `${a} → ${m}`).join(", ");
+      row.querySelector(".required").textContent = (p.required_models || []).join(", ");
+    });
+}
+
+// Live numbers from the tick, between full refreshes of the pool list.
+function updatePoolNumbers(totals) {
+  for (const row of document.querySelectorAll("#pools-table tbody tr")) {
+    const t = totals[row.dataset.pool];
+    if (!t) continue;
+    row.querySelector(".up").textContent = `${t.backends_online} / ${t.backends_total}`;
+    row.querySelector(".slots").textContent = `${t.in_flight} / ${t.slots}`;
+    row.querySelector(".queued").textContent = formatNumber(t.queued);
+  }
+}
+
+function renderPulls(pulls) {
+  document.getElementById("pulls-empty").hidden = pulls.length > 0;
+  syncRows(document.querySelector("#pulls-table tbody"), pulls, (j) => `${j.backend} ${j.model}`,
+    () => el("tr", {}, el("td", { class: "mono backend" }), el("td", { class: "mono model" }),
+      el("td", { class: "state" }), el("td", {}, el("progress", { max: "100" }), el("span", { class: "hint status" })),
+      el("td", { class: "num tries" }), el("td", { class: "error" })),
+    (row, j) => {
+      row.querySelector(".backend").textContent = j.backend;
+      row.querySelector(".model").textContent = j.model;
+      row.querySelector(".state").textContent = j.state;
+      const bar = row.querySelector("progress");
+      if (j.percent === null) bar.removeAttribute("value"); else bar.value = j.percent;
+      bar.setAttribute("aria-label", `${j.model} on ${j.backend}: ${j.percent ?? 0}%`);
+      row.querySelector(".status").textContent = ` ${j.status}`;
+      row.querySelector(".tries").textContent = j.attempts;
+      row.querySelector(".error").textContent = j.error;
+    });
 }
 
 function createBackendRow(b) {
@@ -354,6 +414,14 @@ function describe(ev) {
     case "key_revoked": return `key ${ev.key_id} revoked`;
     case "state_reloaded": return `${ev.topic} changed on another replica`;
     case "config_reloaded": return "configuration file reloaded";
+    case "pool_added": return `pool ${ev.pool.name} added`;
+    case "pool_changed": return `pool ${ev.pool.name} changed`;
+    case "pool_removed": return `pool ${ev.pool} removed`;
+    case "pool_access_changed": return `pool access of ${ev.user || ev.key} changed`;
+    case "pull_done": return `${ev.model} pulled on ${ev.backend}`;
+    case "pull_failed": return `pull of ${ev.model} on ${ev.backend} failed: ${ev.error}`;
+    case "pull_retrying": return `pull of ${ev.model} on ${ev.backend} failed (try ${ev.attempts}), retrying`;
+    case "model_removed": return `${ev.model} removed from ${ev.backend}`;
     default: return ev.type;
   }
 }
