@@ -129,7 +129,8 @@ def process(which: str, n: int) -> float:
         deadline = time.monotonic() + 30
         while not os.path.exists(dumped) and time.monotonic() < deadline:
             time.sleep(0.1)
-        summary = re.search(r"^summary: (\d+)", Path(dumped).read_text(errors="replace"), re.M)
+        summary = re.search(r"^summary: (\d+)", Path(dumped).read_text(errors="replace"),
+                            re.MULTILINE)
         if summary is None:
             raise SystemExit(f"no summary line in {dumped}")
         return int(summary.group(1)) / n
