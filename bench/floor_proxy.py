@@ -19,7 +19,7 @@ import httptools
 import uvloop
 
 BACKEND = ("127.0.0.1", 0)
-idle: list["Upstream"] = []
+idle: list[Upstream] = []
 
 
 class Upstream(asyncio.Protocol):

@@ -15,18 +15,20 @@ import sys
 from typing import NoReturn
 
 from ollamamq_fast import __version__, argtypes, buildinfo
+from ollamamq_fast.accesslog import STDERR
+from ollamamq_fast.cli_policy import add_policy_arguments, apply_policy_args
 from ollamamq_fast.config import (
     BACKEND_KINDS,
     BALANCE_CHOICES,
-    BackendOptions,
     DEFAULT_ADMIN_PORT,
     DEFAULT_BACKEND,
     DEFAULT_HOST,
-    DEFAULT_MAX_BODY_MB,
     DEFAULT_MAX_BODIES_MB,
+    DEFAULT_MAX_BODY_MB,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
     DEFAULT_USER_IDLE_DAYS,
+    BackendOptions,
     ConfigError,
     Settings,
     apply_toml,
@@ -37,9 +39,6 @@ from ollamamq_fast.config import (
     parse_weights,
     validate_settings,
 )
-
-from ollamamq_fast.accesslog import STDERR
-from ollamamq_fast.cli_policy import add_policy_arguments, apply_policy_args
 from ollamamq_fast.policy.identity import parse_networks
 
 SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends", "pools", "usage", "top")
@@ -372,7 +371,11 @@ def serve(settings: Settings) -> int:
 
 async def _serve(settings: Settings) -> int:
     from ollamamq_fast.gateway import Gateway
-    from ollamamq_fast.tui.inprocess import dashboard_wanted, ensure_admin_token, run_dashboard
+    from ollamamq_fast.tui.inprocess import (
+        dashboard_wanted,
+        ensure_admin_token,
+        run_dashboard,
+    )
 
     dashboard = dashboard_wanted(settings)
     # Before start(): the control plane must be guarded by a token the

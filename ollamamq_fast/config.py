@@ -627,7 +627,7 @@ def _apply_users(settings: Settings, value: object, path: str) -> None:
                                                     f"{path}: users.weights.{user}")
     unknown = set(value) - {"vip", "boost", "weights"}
     if unknown:
-        raise ConfigError(f"{path}: unknown users setting {sorted(unknown)[0]!r}")
+        raise ConfigError(f"{path}: unknown users setting {min(unknown)!r}")
 
 
 def _apply_limits(settings: Settings, value: object, path: str) -> None:

@@ -32,14 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import uvloop  # noqa: E402
+import uvloop
 
-from ollamamq_fast import buildinfo  # noqa: E402
-from ollamamq_fast.config import Settings, parse_backend_url  # noqa: E402
-from ollamamq_fast.gateway import Gateway  # noqa: E402
-from ollamamq_fast.proxy.downstream import ClientProtocol  # noqa: E402
-from ollamamq_fast.proxy.upstream import UpstreamConnection  # noqa: E402
-from ollamamq_fast.sim import SimOptions, start_sim  # noqa: E402
+from ollamamq_fast import buildinfo
+from ollamamq_fast.config import Settings, parse_backend_url
+from ollamamq_fast.gateway import Gateway
+from ollamamq_fast.proxy.downstream import ClientProtocol
+from ollamamq_fast.proxy.upstream import UpstreamConnection
+from ollamamq_fast.sim import SimOptions, start_sim
 
 REQUESTS = {
     "generate": (

@@ -97,21 +97,71 @@ class Exchange:
     """Per-request state and the logic that moves a request through the gateway."""
 
     __slots__ = (
-        "client", "gw", "method", "url", "path", "headers", "route", "api",
-        "keep_alive", "user", "state", "body", "body_size", "request_complete",
-        "stream_body", "chunked_in", "content_length", "expect_continue", "active",
-        "upstream", "backend", "lease", "ticket", "model", "model_name", "chosen",
-        "enqueued_at", "queue_ms", "attempts", "fwd_headers", "connect_task",
-        "early_error", "discard_body", "body_forwarded", "status", "started_at",
-        "continue_sent", "early_extra", "sent_at", "early_immediate",
-        "encoded_body", "http10", "ustats", "in_flight_counted", "client_ip",
-        "prompt_tokens", "completion_tokens", "affinity",
-        "limits", "cache_key", "cache_control", "strip_usage", "credential", "body_held",
-        "request_id", "failed", "key_id", "tokens_estimated", "xlate", "pool", "fleet",
+        "active",
+        "affinity",
+        "api",
+        "attempts",
+        "backend",
+        "body",
+        "body_forwarded",
+        "body_held",
+        "body_size",
+        "cache_control",
+        "cache_key",
+        "chosen",
+        "chunked_in",
+        "client",
+        "client_ip",
+        "completion_tokens",
+        "connect_task",
+        "content_length",
+        "continue_sent",
+        "credential",
+        "discard_body",
         "dispatcher",
+        "early_error",
+        "early_extra",
+        "early_immediate",
+        "encoded_body",
+        "enqueued_at",
+        "expect_continue",
+        "failed",
+        "fleet",
+        "fwd_headers",
+        "gw",
+        "headers",
+        "http10",
+        "in_flight_counted",
+        "keep_alive",
+        "key_id",
+        "lease",
+        "limits",
+        "method",
+        "model",
+        "model_name",
+        "path",
+        "pool",
+        "prompt_tokens",
+        "queue_ms",
+        "request_complete",
+        "request_id",
+        "route",
+        "sent_at",
+        "started_at",
+        "state",
+        "status",
+        "stream_body",
+        "strip_usage",
+        "ticket",
+        "tokens_estimated",
+        "upstream",
+        "url",
+        "user",
+        "ustats",
+        "xlate",
     )
 
-    def __init__(self, client: "ClientProtocol") -> None:
+    def __init__(self, client: ClientProtocol) -> None:
         self.client = client
         gw: GatewayState = client.gw
         self.gw = gw
@@ -560,7 +610,7 @@ class Exchange:
             assert a.pending is not None
             a.pending.add_done_callback(self._settled)
 
-    def _settled(self, future: "asyncio.Future[Admission]") -> None:
+    def _settled(self, future: asyncio.Future[Admission]) -> None:
         # A PENDING admission resolved; the client may have left meanwhile.
         if self.state is State.DONE or future.cancelled():
             return
@@ -599,7 +649,7 @@ class Exchange:
         if self.state is State.QUEUED:
             self._submit()
 
-    def start(self, backend: "Backend", slotted: bool) -> None:
+    def start(self, backend: Backend, slotted: bool) -> None:
         """Run on `backend` now (called by the dispatcher or for unqueued routes)."""
         self.backend = backend
         self.gw.ledger.running(self)
@@ -612,13 +662,13 @@ class Exchange:
         else:
             self.connect_task = self.gw.loop.create_task(self._connect(backend))
 
-    async def _connect(self, backend: "Backend") -> None:
+    async def _connect(self, backend: Backend) -> None:
         assert backend.pool is not None
         try:
             conn = await backend.pool.connect()
         except asyncio.CancelledError:
             raise
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.connect_task = None
             if self.state is State.CONNECTING:
                 self._failed_before_response(None, exc)
@@ -629,7 +679,7 @@ class Exchange:
             return
         self._send(conn)
 
-    def _send(self, conn: "UpstreamConnection") -> None:
+    def _send(self, conn: UpstreamConnection) -> None:
         backend = self.backend
         assert backend is not None
         self.upstream = conn
@@ -680,7 +730,7 @@ class Exchange:
         """Where response bytes go; None once the client is gone."""
         return self.client.transport if self.state is not State.DONE else None
 
-    def response_head(self, conn: "UpstreamConnection") -> bytes | None:
+    def response_head(self, conn: UpstreamConnection) -> bytes | None:
         """The head for the client: backend headers minus hop-by-hop, plus ours.
 
         A 5xx answered fast counts against the backend's breaker; a 502/503/504
@@ -729,7 +779,7 @@ class Exchange:
             conn.status, conn.reason, conn.headers, extra, not self.keep_alive, dechunk
         )
 
-    def _can_retry_elsewhere(self, failed: "Backend") -> bool:
+    def _can_retry_elsewhere(self, failed: Backend) -> bool:
         """Whether another available backend could take this request (bounded tries)."""
         if self.attempts >= MAX_ATTEMPTS or (self.stream_body and self.body_forwarded):
             return False
@@ -742,10 +792,10 @@ class Exchange:
                 return True
         return False
 
-    def upstream_continue(self, conn: "UpstreamConnection") -> None:
+    def upstream_continue(self, conn: UpstreamConnection) -> None:
         """Nothing to do: the gateway answers Expect itself and never forwards it."""
 
-    def response_complete(self, conn: "UpstreamConnection") -> None:
+    def response_complete(self, conn: UpstreamConnection) -> None:
         """The backend's response ended; recycle the connection and finish."""
         self.upstream = None
         conn.finish_response(reusable=self.request_complete)
@@ -766,7 +816,7 @@ class Exchange:
         self._release_backend()
         self.finish()
 
-    def _count_tokens(self, conn: "UpstreamConnection") -> None:
+    def _count_tokens(self, conn: UpstreamConnection) -> None:
         relay = self.xlate
         if relay is not None and relay.conn is conn:
             relay.count_tokens()  # the counts its translator read from the backend
@@ -777,7 +827,7 @@ class Exchange:
         else:  # a stream with no usage in it
             self._estimate_tokens(conn)
 
-    def _estimate_tokens(self, conn: "UpstreamConnection") -> None:
+    def _estimate_tokens(self, conn: UpstreamConnection) -> None:
         """Count a stream's tokens from its events (about one token an event), marked estimated."""
         self.gw.ledger.tokens(self, 0, framing.estimated_tokens(conn.events, conn.content_type),
                               estimated=True)
@@ -786,7 +836,7 @@ class Exchange:
         backend = self.backend
         self.gw.ledger.ended(self, end, backend.name if backend is not None else "")
 
-    def upstream_lost(self, conn: "UpstreamConnection", exc: Exception | None) -> None:
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The backend connection closed before the response ended."""
         self.upstream = None
         if self.state is State.STREAMING:
@@ -809,7 +859,7 @@ class Exchange:
             self._release_backend()
             self.respond_error(504, f"backend {self._backend_name()} sent nothing for {secs:g} s")
 
-    def _broken_stream(self, conn: "UpstreamConnection", why: str) -> None:
+    def _broken_stream(self, conn: UpstreamConnection, why: str) -> None:
         relay = self.xlate
         if relay is not None and relay.conn is conn:
             relay.broken(why)  # the client's stream is in the other API's format
@@ -833,7 +883,7 @@ class Exchange:
             transport.abort()
         self._end()
 
-    def _failed_before_response(self, conn: "UpstreamConnection | None", exc: Exception | None) -> None:
+    def _failed_before_response(self, conn: UpstreamConnection | None, exc: Exception | None) -> None:
         self.upstream = None
         self.attempts += 1
         replayable = (not self.stream_body or not self.body_forwarded) and (
@@ -896,7 +946,7 @@ class Exchange:
         self.client.write(data)
         self.finish()
 
-    def respond_cached(self, entry: "Entry") -> None:
+    def respond_cached(self, entry: Entry) -> None:
         """Answer from the response cache: the stored bytes, no backend (called by the policy)."""
         if self.state is State.DONE:
             return

@@ -13,7 +13,6 @@ from .. import argtypes
 from .options import API_MODES, DEFAULT_MODELS, SimOptions
 from .server import start_sim
 
-
 _port = argtypes.port
 _non_negative_float = argtypes.non_negative_float
 _non_negative_int = argtypes.non_negative_int
