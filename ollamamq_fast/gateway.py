@@ -105,6 +105,10 @@ class GatewayState:
             if options is not None:
                 b.configure(options)
         self.fleet = Fleet(backends, Balance(settings.balance))
+        # The configured list (command line, TOML file; replaced by a reload):
+        # URL -> slots. Runtime changes are stored as overrides of it
+        # (operator.py), so the fleet is this list with the overrides applied.
+        self.configured: dict[str, int] = {b.name: b.slots for b in backends}
         self.dispatcher = Dispatcher(self.fleet, settings, loop)
         # The default pool is this fleet and dispatcher; named pools beside it.
         self.pools = Pools(
@@ -411,22 +415,13 @@ class Gateway:
             fleet.balance = Balance(fresh.balance)
         changes: dict[str, Any] = {"added": [], "removed": [], "slots": {}}
         if "backends" in data:
-            wanted = {b.url: fresh.backend_slots.get(b.url, fresh.slots) for b in fresh.backends}
-            for backend in list(fleet.backends):
-                if backend.name not in wanted:
-                    state.remove_backend(backend.name)
-                    changes["removed"].append(backend.name)
-            for url, slots in wanted.items():
-                existing = fleet.find(url)
-                options = fresh.backend_options.get(url, BackendOptions())
-                if existing is None:
-                    state.add_backend(url, slots, options)
-                    changes["added"].append(url)
-                    continue
-                if existing.slots != slots:
-                    existing.slots = slots
-                    changes["slots"][url] = slots
-                existing.configure(options)
+            # The file is the new configured list; runtime overrides still
+            # apply over it (operator.reconcile_backends).
+            state.configured = {
+                b.url: fresh.backend_slots.get(b.url, fresh.slots) for b in fresh.backends}
+            live.backend_options = dict(fresh.backend_options)
+            changes = state.operator.reconcile_backends(
+                {url: fresh.backend_options.get(url, BackendOptions()) for url in state.configured})
         if ("pools" in data or "pool_access" in data or self.file_pools
                 or live.pool_access_users or live.pool_access_keys):
             changes["pools"] = self._reload_pools(state, fresh, data)

@@ -75,7 +75,7 @@ def backend_urls(stack: Stack) -> list[str]:
 
 def test_every_route_needs_the_token(stack: Stack, admin: httpx.Client) -> None:
     routes = admin_app(stack).routes
-    assert len(routes) == 35  # 23 + 12 for pools, access and required models
+    assert len(routes) == 36  # 24 + 12 for pools, access and required models
     with httpx.Client(base_url=admin.base_url, timeout=5) as anonymous:
         for route in routes:
             path = route.template.replace("{user}", "alice").replace("{key_id}", "abc")

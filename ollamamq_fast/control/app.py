@@ -72,6 +72,7 @@ class AdminApp:
             Route("POST", "/api/backends", self.add_backend),
             Route("PATCH", "/api/backends", self.set_slots),
             Route("DELETE", "/api/backends", self.remove_backend),
+            Route("DELETE", "/api/backends/override", self.reset_backend),
             Route("POST", "/api/backends/drain", self.drain),
             Route("POST", "/api/backends/undrain", self.undrain),
             Route("GET", "/api/users", self.list_users),
@@ -159,8 +160,9 @@ class AdminApp:
     # -- Backends -------------------------------------------------------------
 
     async def list_backends(self, req: Request) -> Response:
-        """GET /api/backends: every backend with its live state."""
-        return json_response({"backends": self.operator.list_backends()})
+        """GET /api/backends: every backend with its live state, and configured ones removed."""
+        return json_response({"backends": self.operator.list_backends(),
+                              "removed": self.operator.removed_backends()})
 
     async def add_backend(self, req: Request) -> Response:
         """POST /api/backends {url, slots?}: add a backend at runtime."""
@@ -183,6 +185,18 @@ class AdminApp:
             raise ApiError(404, f"no backend {url}") from None
         await self.operator.stored()
         return json_response({"removed": url})
+
+    async def reset_backend(self, req: Request) -> Response:
+        """DELETE /api/backends/override?url=: a configured backend's entry applies again."""
+        url = _backend_url(req.query_one("url"))
+        try:
+            answer = self.operator.reset_backend(url)
+        except KeyError:
+            raise ApiError(404, f"{url} is not a configured backend") from None
+        except ValueError as exc:
+            raise ApiError(404, str(exc)) from None
+        await self.operator.stored()
+        return json_response(answer)
 
     async def set_slots(self, req: Request) -> Response:
         """PATCH /api/backends {url, slots}: change a backend's concurrency."""

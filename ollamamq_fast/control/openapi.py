@@ -117,6 +117,12 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
                           _ok("Removed", "The backend is gone"), params=[_URL_QUERY],
                           codes=("400", "401", "404")),
         },
+        "/api/backends/override": {
+            "delete": _op("Drop a configured backend's runtime override (removal or slots): "
+                          "its command-line or file entry applies again", "resetBackend",
+                          _ok("Backend", "The backend as configured"), params=[_URL_QUERY],
+                          codes=("400", "401", "404")),
+        },
         "/api/backends/drain": {
             "post": _op("Drain a backend: no new requests", "drainBackend",
                         _ok("Backend", "The draining backend"), body="BackendUrl",
@@ -443,6 +449,14 @@ def _schemas() -> dict[str, Any]:
         "models": {"type": "array", "items": _STR}, "loaded": {"type": "array", "items": _STR},
         "version": {"type": ["string", "null"]}, "last_error": _STR,
         "pools": {"type": "array", "items": _STR, "description": "pools listing the backend"},
+        "source": {"enum": ["config", "runtime"],
+                   "description": "config: from the command line or the TOML file; "
+                                  "runtime: added through the admin API"},
+        "configured_slots": {"type": "integer",
+                             "description": "slots in the configured entry (config only)"},
+        "override": {"type": ["object", "null"], "properties": {"slots": _INT},
+                     "description": "the runtime change replacing the configured entry, "
+                                    "stored and applied on every replica and restart"},
     }, ["url", "kind", "online", "draining", "breaker", "slots", "in_flight"])
     user = _obj({
         "user": _STR, "vip": _BOOL, "boost": _BOOL, "weight": _INT, "blocked": _BOOL,
@@ -461,7 +475,10 @@ def _schemas() -> dict[str, Any]:
     return {
         "Error": _obj({"error": _STR}, ["error"]),
         "Backend": backend,
-        "BackendList": _obj({"backends": {"type": "array", "items": _ref("Backend")}},
+        "BackendList": _obj({"backends": {"type": "array", "items": _ref("Backend")},
+                             "removed": {"type": "array", "items": _STR,
+                                         "description": "configured backends removed at "
+                                                        "runtime (removal overrides)"}},
                             ["backends"]),
         "BackendAdd": _obj({"url": _STR, "slots": _SLOTS}, ["url"], closed=True),
         "BackendSlots": _obj({"url": _STR, "slots": _SLOTS}, ["url", "slots"], closed=True),
