@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ from ollamamq_fast.accounting.keeper import UsageKeeper
 from ollamamq_fast.policy.engine import Policy
 from ollamamq_fast.policy.identity import Identity
 from ollamamq_fast.sched.dispatcher import Dispatcher
+from ollamamq_fast.sched.shared_slots import SharedSlots
 from ollamamq_fast.state.cache import StateCache
 from ollamamq_fast.state.store import open_store
 from ollamamq_fast.stats import GatewayStats
@@ -115,6 +117,12 @@ class GatewayState:
             Pool(settings.pools.get(DEFAULT_POOL) or PoolConfig(DEFAULT_POOL), self.fleet,
                  self.dispatcher),
             settings, loop, self._make_backend, self._drop_backend)
+        # With Redis, slots and fair share are shared with the other replicas.
+        self.shared: SharedSlots | None = None
+        if settings.redis_url:
+            self.shared = SharedSlots(settings.redis_url, "ollamamq", uuid.uuid4().hex,
+                                      self.fleet, self.dispatcher, loop)
+            self.dispatcher.shared = self.shared
         self.health = HealthChecker(
             self.pools,
             settings.health_interval,
@@ -285,6 +293,8 @@ class Gateway:
         state.access.start()
         await state.cache.start()
         state.operator.restore()
+        if state.shared is not None:
+            await state.shared.start()
         await state.policy.start()
         await state.usage_keeper.start()
         state.idle.start()
@@ -479,6 +489,8 @@ class Gateway:
                 await asyncio.sleep(0.05)
             if self.admin is not None:
                 await self.admin.stop()
+            if state.shared is not None:
+                await state.shared.stop()
             for conn in list(state.connections):
                 if conn.transport is not None:
                     conn.transport.close()

@@ -75,7 +75,10 @@ class Exchange:
     def mark_inference(self) -> None:
         """Count this request in stats.active until it ends."""
         self.inference = True
-        self.conn.app.stats.active += 1
+        stats = self.conn.app.stats
+        stats.active += 1
+        if stats.active > stats.peak_active:
+            stats.peak_active = stats.active
 
     def _release(self) -> None:
         """Leave stats.active and forget timers."""
