@@ -164,6 +164,8 @@ class GatewayState:
         # Forgets users idle for --user-idle-days (memory and store).
         self.idle = IdlePruner(self)
         self.started_at = time.monotonic()
+        # Set when a stop (SIGTERM) begins: /ready answers 503 from then on.
+        self.stopping = False
         # Wall clock updated by the reaper tick: "last seen" stamps need no
         # clock call per request.
         self.clock = time.time()
@@ -225,6 +227,30 @@ class GatewayState:
         self.pools.relink()
         self.health.refresh_soon(backend)
         return backend
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this gateway can serve now (`/ready`), with the reasons when it cannot.
+
+        Ready: not stopping, at least one backend takes traffic, and Redis
+        answers when one is configured. `/health` only says the process is alive.
+        """
+        reasons: list[str] = []
+        if self.stopping:
+            reasons.append("the gateway is stopping (draining its running requests)")
+        online = sum(1 for b in self.fleet.backends if b.available)
+        if not online:
+            reasons.append("no backend is online (or every one is draining or failing)")
+        redis = "off"
+        if self.settings.redis_url:
+            shared = self.shared
+            if shared is not None and shared.rounds and not shared.degraded:
+                redis = "ok"
+            else:
+                redis = "unreachable"
+                reasons.append("Redis is unreachable: scheduling locally, state not shared")
+        return not reasons, {"ready": not reasons, "reasons": reasons,
+                             "backends_available": online,
+                             "backends_total": len(self.fleet.backends), "redis": redis}
 
     def in_flight(self) -> int:
         """Exchanges currently talking to a backend."""
@@ -481,6 +507,8 @@ class Gateway:
     async def stop(self, grace: float = 10.0) -> None:
         """Drain: stop accepting, let in-flight responses finish up to `grace`, close."""
         state = self.state
+        if state is not None:
+            state.stopping = True
         if self.server is not None:
             self.server.close()
         if state is not None:

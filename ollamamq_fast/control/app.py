@@ -104,6 +104,8 @@ class AdminApp:
             Route("GET", "/api/events", self.events),
             Route("GET", "/metrics", self.prometheus, public=metrics_public),
             Route("GET", "/openapi.json", self.openapi_document),
+            Route("GET", "/health", self.health, public=True),
+            Route("GET", "/ready", self.ready, public=True),
         ]
 
     # -- RSGI interface -------------------------------------------------------
@@ -477,6 +479,15 @@ class AdminApp:
         """GET /metrics: Prometheus text exposition."""
         return Response(200, self.metrics.render(),
                         [("content-type", CONTENT_TYPE), ("cache-control", "no-store")])
+
+    async def health(self, req: Request) -> Response:
+        """GET /health: the process is alive (public, for liveness probes)."""
+        return json_response({"status": "alive"})
+
+    async def ready(self, req: Request) -> Response:
+        """GET /ready: 200 when the gateway can serve, else 503 with the reasons (public)."""
+        ready, body = self.state.readiness()
+        return json_response(body, 200 if ready else 503)
 
     async def openapi_document(self, req: Request) -> Response:
         """GET /openapi.json: the OpenAPI 3.1 description of this API."""

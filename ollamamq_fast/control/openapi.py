@@ -209,6 +209,22 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
                                 "content": {JSON: {"schema": {"type": "object"}}}}},
                        tag="observability"),
         },
+        "/health": {
+            "get": {**_op("Liveness: the process is alive (no token needed)", "health",
+                          _ok("Alive", "Alive"), tag="observability", codes=()),
+                    "security": []},
+        },
+        "/ready": {
+            "get": {**_op("Readiness: 200 when the gateway can serve (not stopping, a backend "
+                          "available, Redis answering when configured), else 503 with the "
+                          "reasons; the data port answers the same at /ready (no token needed)",
+                          "ready",
+                          {**_ok("Readiness", "Ready"),
+                           "503": {"description": "Not ready: see `reasons`",
+                                   "content": {JSON: {"schema": _ref("Readiness")}}}},
+                          tag="observability", codes=()),
+                    "security": []},
+        },
     }
 
 
@@ -484,6 +500,12 @@ def _schemas() -> dict[str, Any]:
         "BackendSlots": _obj({"url": _STR, "slots": _SLOTS}, ["url", "slots"], closed=True),
         "BackendUrl": _obj({"url": _STR}, ["url"], closed=True),
         "Removed": _obj({"removed": _STR}, ["removed"]),
+        "Alive": _obj({"status": {"enum": ["alive"]}}, ["status"]),
+        "Readiness": _obj({
+            "ready": _BOOL, "reasons": {"type": "array", "items": _STR},
+            "backends_available": _INT, "backends_total": _INT,
+            "redis": {"enum": ["off", "ok", "unreachable"]},
+        }, ["ready", "reasons", "backends_available", "backends_total", "redis"]),
         "User": user,
         "UserList": _obj({"users": {"type": "array", "items": _ref("User")}, **page},
                          ["users", "total", "limit", "offset"]),

@@ -96,23 +96,40 @@ local function served(user)
 end
 local i = 6
 local n = tonumber(ARGV[i])
-i = i + 1
-for c = 1, n do
-  local user = ARGV[i]
-  local v = served(user) + tonumber(ARGV[i + 1])
-  i = i + 2
+local charges = i + 1
+i = charges + 2 * n
+n = tonumber(ARGV[i])
+local users = i + 1
+local first = users + 2 * n
+-- The least service among the users other replicas wait for: a user starting
+-- to be served joins at that level, less one request, rather than at zero
+-- (so a newcomer is served first once, then shares; no long catch-up burst).
+local floor_v = 1e15
+for b = first, #ARGV, 5 do
+  local waits = redis.call('HGETALL', prefix .. 'wait:' .. ARGV[b])
+  for j = 1, #waits, 2 do
+    if waits[j] ~= me then
+      local p = tonumber(string.match(waits[j + 1], '([^:]+):'))
+      if p >= 0 and p < floor_v then floor_v = p end
+    end
+  end
+end
+floor_v = floor_v - 1
+for c = charges, users - 3, 2 do
+  local user = ARGV[c]
+  local v = served(user)
+  if floor_v < 1e14 and v < floor_v then v = floor_v end
+  v = v + tonumber(ARGV[c + 1])
   redis.call('SET', prefix .. 'svc:' .. user, string.format('%.6f:%d', v, now),
              'PX', math.floor(half * 10))
 end
-n = tonumber(ARGV[i])
-i = i + 1
 local prio = 1e15
-for c = 1, n do
+for c = users, first - 1, 2 do
   local p = -1
-  if ARGV[i + 1] ~= '0' then p = served(ARGV[i]) / tonumber(ARGV[i + 1]) end
+  if ARGV[c + 1] ~= '0' then p = served(ARGV[c]) / tonumber(ARGV[c + 1]) end
   if p < prio then prio = p end
-  i = i + 2
 end
+i = first
 local out = {tostring(prio)}
 while i <= #ARGV do
   local url = ARGV[i]
@@ -192,8 +209,8 @@ return 1
 class SharedSlots:
     """This replica's side of the shared slots; runs one background task on the loop."""
 
-    def __init__(self, url: str, namespace: str, replica: str, fleet: "Fleet",
-                 dispatcher: "Dispatcher", loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, url: str, namespace: str, replica: str, fleet: Fleet,
+                 dispatcher: Dispatcher, loop: asyncio.AbstractEventLoop) -> None:
         self.url = url
         self.prefix = f"{namespace}:sched:"
         self.replica = replica
@@ -233,6 +250,10 @@ class SharedSlots:
         self._leave = r.register_script(_LEAVE_LUA)
         for b in self.fleet.backends:
             self._share(b)
+        try:
+            await self._round_once()  # registers this replica; /ready waits for it
+        except Exception as exc:  # noqa: BLE001 -- start degraded, recover in the background
+            self._go_local(exc)
         self._task = self.loop.create_task(self._run(), name="ollamamq-shared-slots")
 
     async def stop(self) -> None:
@@ -272,7 +293,7 @@ class SharedSlots:
         if not self.degraded:
             self._wake.set()
 
-    def gave_back(self, backend: "Backend") -> None:
+    def gave_back(self, backend: Backend) -> None:
         """A slot freed: keep it for the next request unless someone may be owed it."""
         if not backend.shared or backend.cap <= backend.in_flight:
             return
@@ -291,7 +312,7 @@ class SharedSlots:
 
     # -- Background task ------------------------------------------------------------
 
-    def _share(self, backend: "Backend") -> None:
+    def _share(self, backend: Backend) -> None:
         """Put a backend under shared slots: it runs only what this replica leases."""
         if backend.shared:
             return
@@ -369,7 +390,10 @@ class SharedSlots:
         return demand
 
     def _users(self) -> list[str]:
-        """Waiting users and their shared weight ("0": VIP), flattened for the script."""
+        """Waiting users, each followed by "0" for a VIP, else "1", flattened for the script.
+
+        Their counters are already divided by their weight (see `_round_once`).
+        """
         queue = self.dispatcher.queue
         names = queue.users()[:USERS_LIMIT]
         for ex in list(self.dispatcher.retry_line)[:USERS_LIMIT]:
@@ -377,11 +401,7 @@ class SharedSlots:
                 names.append(ex.user)
         out: list[str] = []
         for user in names:
-            if queue.is_vip(user):
-                weight = 0
-            else:
-                weight = queue.weight(user) * (2 if queue.is_boost(user) else 1)
-            out += [user, str(weight)]
+            out += [user, "0" if queue.is_vip(user) else "1"]
         return out
 
     async def _round_once(self) -> float:
