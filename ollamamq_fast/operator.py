@@ -643,4 +643,6 @@ class Operator:
             "users": len(stats.users),
             # Access lines written, dropped (the writer thread was behind), waiting.
             "access_log": state.access.counters(),
+            # With --redis: this replica's slot leases and whether it schedules locally.
+            "shared_slots": state.shared.snapshot() if state.shared is not None else None,
         }

@@ -540,6 +540,10 @@ def _schemas() -> dict[str, Any]:
                       "description": "whether the request path runs compiled (mypyc) or as Python"},
             "access_log": _obj({"written": _INT, "dropped": _INT, "pending": _INT},
                                ["written", "dropped", "pending"]),
+            "shared_slots": {"type": ["object", "null"],
+                             "description": "with --redis: `leases` (backend URL -> slots this "
+                                            "replica holds), `degraded` (scheduling locally: "
+                                            "Redis unreachable), `rounds`, `failures`"},
         }, ["uptime_s", "queued", "in_flight", "backends", "build"]),
     }
 
