@@ -24,7 +24,7 @@ class SharedSlotsHook(Protocol):
     def wanted(self) -> None:
         """Requests wait in the queue: lease more slots."""
 
-    def gave_back(self, backend: "Backend") -> None:
+    def gave_back(self, backend: Backend) -> None:
         """A slot of `backend` freed (it may be handed to another replica)."""
 
 

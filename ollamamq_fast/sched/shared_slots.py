@@ -431,8 +431,8 @@ class SharedSlots:
         for url, b in list(self.tracked.items()):
             removed = url not in live
             usable = b.available and not removed
-            if b.cap > b.slots:
-                b.cap = b.slots  # the operator lowered the slots: lease no more than that
+            # The operator may have lowered the slots: lease no more than that.
+            b.cap = min(b.cap, b.slots)
             need = max(0, demand.get(url, 0) - (b.cap - b.in_flight)) if usable else 0
             if b.cap > b.in_flight:
                 idle = self.idle_rounds.get(url, 0) + 1 if need == 0 else 0

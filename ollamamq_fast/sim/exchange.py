@@ -77,8 +77,7 @@ class Exchange:
         self.inference = True
         stats = self.conn.app.stats
         stats.active += 1
-        if stats.active > stats.peak_active:
-            stats.peak_active = stats.active
+        stats.peak_active = max(stats.peak_active, stats.active)
 
     def _release(self) -> None:
         """Leave stats.active and forget timers."""
