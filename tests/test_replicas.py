@@ -171,7 +171,7 @@ def test_slot_cap_holds_across_three_replicas(fleet: Fleet) -> None:
 
 def test_fair_share_across_replicas(fleet: Fleet) -> None:
     sim = fleet.sim()
-    a, b = fleet.start(2, sim.url, slots=2, extra=("--weight", "wendy=3"))
+    a, b = fleet.start(2, sim.url, slots=2, extra=("--weight", "wendy=3", "--vip", "boss"))
     # A light user on B while a heavy user floods A with 8 clients.
     results = _run([(a.url, "heavy", 8, 0.0), (b.url, "light", 1, 0.15)], 3.0)
     light = [q for s, q, end in results["light"] if s == 200]
@@ -188,6 +188,10 @@ def test_fair_share_across_replicas(fleet: Fleet) -> None:
     results = _run([(a.url, "wendy", 6, 0.0), (b.url, "bob", 6, 0.0)], 3.0)
     ratio = len(results["wendy"]) / max(1, len(results["bob"]))
     assert 2.0 <= ratio <= 4.5, (len(results["wendy"]), len(results["bob"]))
+    # A VIP on one replica goes ahead of everyone on the other.
+    results = _run([(a.url, "ann", 6, 0.0), (b.url, "boss", 6, 0.0)], 2.0)
+    assert len(results["boss"]) >= 3 * len(results["ann"]), (
+        len(results["boss"]), len(results["ann"]))
     assert sim.stats.peak_active == 2
 
 
