@@ -45,12 +45,12 @@ from ollamamq_fast.accounting.keeper import UsageKeeper
 from ollamamq_fast.policy.engine import Policy
 from ollamamq_fast.policy.identity import Identity
 from ollamamq_fast.sched.dispatcher import Dispatcher
-from ollamamq_fast.sched.shared_slots import SharedSlots
 from ollamamq_fast.state.cache import StateCache
 from ollamamq_fast.state.store import open_store
 from ollamamq_fast.stats import GatewayStats
 
 if TYPE_CHECKING:
+    from ollamamq_fast.sched.shared_slots import SharedSlots
     from ollamamq_fast.sim import SimServer
 
 log = logging.getLogger("ollamamq_fast")
@@ -120,6 +120,9 @@ class GatewayState:
         # With Redis, slots and fair share are shared with the other replicas.
         self.shared: SharedSlots | None = None
         if settings.redis_url:
+            # Imported here: a single gateway never imports redis-py.
+            from ollamamq_fast.sched.shared_slots import SharedSlots
+
             self.shared = SharedSlots(settings.redis_url, "ollamamq", uuid.uuid4().hex,
                                       self.fleet, self.dispatcher, loop)
             self.dispatcher.shared = self.shared

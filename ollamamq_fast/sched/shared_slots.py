@@ -41,6 +41,8 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import RedisError
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
@@ -353,7 +355,11 @@ class SharedSlots:
                 delay = await self._round_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 -- any Redis or socket failure
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._go_local(exc)
+                delay = RETRY_S
+            except Exception as exc:  # a bug: say so, and stay safe (local)
+                log.exception("shared slots: round failed")
                 self._go_local(exc)
                 delay = RETRY_S
 
