@@ -4,7 +4,8 @@ Each call is one replica's round: (replica, slots, floor = slots it keeps,
 need = requests waiting, extra = batch headroom). Checked: grants never make
 the leases exceed the slots; a dead replica's lease is dropped once its
 liveness key expires; a waiting replica with a less-served user gets a freed
-slot before a replica whose user was served more; a VIP is ahead of all.
+slot before a replica whose user was served more; a VIP is ahead of all; a
+new user starts at the shared virtual clock.
 """
 
 from __future__ import annotations
@@ -99,10 +100,13 @@ def test_a_less_served_waiter_gets_the_freed_slot(r: redis.Redis) -> None:
     assert call(r, "c", floor=0, need=1, users={"boss": "0"})[0] == -1
 
 
-def test_a_newcomer_joins_at_the_waiters_level(r: redis.Redis) -> None:
-    call(r, "a", floor=0, need=0, charges={"old": 20.0})
-    call(r, "a", floor=4, need=1, users={"old": "1"})  # a waits for old (priority ~20)
+def test_a_newcomer_joins_at_the_virtual_clock(r: redis.Redis) -> None:
+    for _ in range(20):  # old is served 20 times, one request a round
+        call(r, "a", floor=0, need=0, charges={"old": 1.0})
     call(r, "b", floor=0, need=0, charges={"new": 1.0})
     served = float(r.get(PREFIX + "svc:new").decode().split(":")[0])
-    # Raised to old's level less one request, plus its own request: ~20, not 1.
+    # It starts at the clock (old's last start, 19), not at zero: no catch-up burst.
     assert served == pytest.approx(20.0, abs=0.1)
+    # A user served less recently than the clock still comes first (priority).
+    prio, _, _ = call(r, "a", floor=0, need=1, users={"old": "1", "new": "1"})
+    assert prio == pytest.approx(20.0, abs=0.1)

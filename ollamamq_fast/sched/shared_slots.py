@@ -19,7 +19,10 @@ slowed for a light user on another. With Redis:
   once when another replica waits.
 * Fair share. Each replica counts the service every user got (one per started
   request, divided by the user's weight, doubled weight for Boost) in
-  `{ns}:sched:svc:{user}`, a counter that halves every HALF_LIFE_S. A replica
+  `{ns}:sched:svc:{user}`, a counter that halves every HALF_LIFE_S, as in
+  start-time fair queuing: a request starts at the later of its user's counter
+  and a shared virtual clock (`{ns}:sched:vclock`, the latest start served),
+  so a new or returning user joins at the clock, not far behind. A replica
   with requests waiting announces the smallest count among its waiting users
   (its priority; -1 for a VIP) in `{ns}:sched:wait:{url}`; a free slot goes to
   the waiting replica with the smallest one, and while anybody waits a replica
@@ -87,15 +90,20 @@ local stale = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('SET', prefix .. 'alive:' .. me, '1', 'PX', ttl)
-local function served(user)
-  local raw = redis.call('GET', prefix .. 'svc:' .. user)
-  if not raw then return 0 end
+-- A decaying counter and when it was last written (0: never).
+local function decayed(key)
+  local raw = redis.call('GET', key)
+  if not raw then return 0, 0 end
   local v, s = string.match(raw, '([^:]+):([^:]+)')
   v = tonumber(v)
   s = tonumber(s)
   if now > s then v = v * math.pow(0.5, (now - s) / half) end
-  return v
+  return v, s
 end
+local function served(user)
+  return (decayed(prefix .. 'svc:' .. user))
+end
+local keep = math.floor(half * 10)
 local i = 6
 local n = tonumber(ARGV[i])
 local charges = i + 1
@@ -103,34 +111,36 @@ i = charges + 2 * n
 n = tonumber(ARGV[i])
 local users = i + 1
 local first = users + 2 * n
--- The least service among the users other replicas wait for: a user starting
--- to be served joins at that level, less one request, rather than at zero
--- (so a newcomer is served first once, then shares; no long catch-up burst).
-local floor_v = 1e15
-for b = first, #ARGV, 5 do
-  local waits = redis.call('HGETALL', prefix .. 'wait:' .. ARGV[b])
-  for j = 1, #waits, 2 do
-    if waits[j] ~= me then
-      local p = tonumber(string.match(waits[j + 1], '([^:]+):'))
-      if p >= 0 and p < floor_v then floor_v = p end
-    end
-  end
-end
-floor_v = floor_v - 1
+-- Start-time fair queuing over decaying counters: a user's counter is the
+-- finish tag of its last request. A user served within the last second goes
+-- on from there; a new one, or one back after a pause, starts at the virtual
+-- clock (the latest start served) instead of far behind: it is served first
+-- once, then shares, with no catch-up burst.
+local vclock = (decayed(prefix .. 'vclock'))
 for c = charges, users - 3, 2 do
   local user = ARGV[c]
-  local v = served(user)
-  if floor_v < 1e14 and v < floor_v then v = floor_v end
-  v = v + tonumber(ARGV[c + 1])
-  redis.call('SET', prefix .. 'svc:' .. user, string.format('%.6f:%d', v, now),
-             'PX', math.floor(half * 10))
+  local start, stamp = decayed(prefix .. 'svc:' .. user)
+  if now - stamp > 1000 and vclock > start then start = vclock end
+  redis.call('SET', prefix .. 'svc:' .. user,
+             string.format('%.6f:%d', start + tonumber(ARGV[c + 1]), now), 'PX', keep)
+  if start > vclock then vclock = start end
 end
+if charges < users - 1 then  -- there were charges
+  redis.call('SET', prefix .. 'vclock', string.format('%.6f:%d', vclock, now), 'PX', keep)
+end
+-- Priority: the least service among this replica's waiting users (-1: a VIP);
+-- `unit` is what one request of that user adds (1 / weight).
 local prio = 1e15
+local unit = 0
 for c = users, first - 1, 2 do
   local p = -1
-  if ARGV[c + 1] ~= '0' then p = served(ARGV[c]) / tonumber(ARGV[c + 1]) end
-  if p < prio then prio = p end
+  if ARGV[c + 1] ~= '0' then p = served(ARGV[c]) end
+  if p < prio then
+    prio = p
+    unit = tonumber(ARGV[c + 1])
+  end
 end
+local granted = 0
 i = first
 local out = {tostring(prio)}
 while i <= #ARGV do
@@ -183,8 +193,11 @@ while i <= #ARGV do
   else
     redis.call('HDEL', hk, me)
   end
+  granted = granted + grant
   if need > grant then
-    redis.call('HSET', wk, me, tostring(prio) .. ':' .. now)
+    -- Announced as if the slots just granted were already charged (they are
+    -- at this replica's next round), so others do not see it better than it is.
+    redis.call('HSET', wk, me, tostring(prio + granted * unit) .. ':' .. now)
     redis.call('PEXPIRE', wk, ttl * 10)
   else
     redis.call('HDEL', wk, me)
@@ -396,9 +409,8 @@ class SharedSlots:
         return demand
 
     def _users(self) -> list[str]:
-        """Waiting users, each followed by "0" for a VIP, else "1", flattened for the script.
-
-        Their counters are already divided by their weight (see `_round_once`).
+        """Waiting users, each followed by what one request adds to its counter
+        (1 / weight, Boost doubling the weight) or "0" for a VIP, flattened for the script.
         """
         queue = self.dispatcher.queue
         names = queue.users()[:USERS_LIMIT]
@@ -407,8 +419,13 @@ class SharedSlots:
                 names.append(ex.user)
         out: list[str] = []
         for user in names:
-            out += [user, "0" if queue.is_vip(user) else "1"]
+            out += [user, "0" if queue.is_vip(user) else repr(1.0 / self._weight(user))]
         return out
+
+    def _weight(self, user: str) -> int:
+        """A user's weight in the shared counters: its fair-queue weight, doubled by Boost."""
+        queue = self.dispatcher.queue
+        return queue.weight(user) * (2 if queue.is_boost(user) else 1)
 
     async def _round_once(self) -> float:
         """One script call: renew, charge, lease. Returns the wait before the next round."""
@@ -424,8 +441,7 @@ class SharedSlots:
         charges, self.charges = self.charges, {}
         args.append(len(charges))
         for user, count in charges.items():
-            weight = 1 if queue.is_vip(user) else queue.weight(user) * (
-                2 if queue.is_boost(user) else 1)
+            weight = 1 if queue.is_vip(user) else self._weight(user)
             args += [user, repr(count / weight)]
         users = self._users()
         args.append(len(users) // 2)
