@@ -164,3 +164,34 @@ def test_reload_keeps_a_runtime_removal(tmp_path: Path) -> None:
             st.close()
     finally:
         backend.close()
+
+
+def test_cli_shows_overrides_and_resets_them(capsys: pytest.CaptureFixture[str]) -> None:
+    from ollamamq_fast.cli import main as cli_main
+
+    other = start_stack(sims=[fast_sim_options()])
+    gone = other.sims[0].url
+    st = start_stack(extra_backends=[gone], admin_port=0, admin_token=TOKEN)
+    try:
+        kept = st.sims[0].url
+        admin = ["--admin", f"http://127.0.0.1:{st.gateway.admin_port}", "--token", TOKEN]
+
+        def cli(*argv: str) -> str:
+            capsys.readouterr()
+            assert cli_main([*argv, *admin]) == 0
+            return capsys.readouterr().out
+
+        cli("backends", "slots", kept, "6")
+        cli("backends", "remove", gone)
+        out = cli("backends", "list")
+        row = next(line for line in out.splitlines() if line.startswith(kept))
+        assert "6 (config 4)" in row
+        assert out.splitlines()[-1].endswith(gone) and "removed at runtime" in out
+        out = cli("backends", "reset", gone)
+        assert gone in out and gone in _urls(st)
+        out = cli("backends", "reset", kept)
+        row = next(line for line in out.splitlines() if line.startswith(kept))
+        assert row.split()[3] == "4"
+    finally:
+        st.close()
+        other.close()
