@@ -110,3 +110,32 @@ def test_a_newcomer_joins_at_the_virtual_clock(r: redis.Redis) -> None:
     # A user served less recently than the clock still comes first (priority).
     prio, _, _ = call(r, "a", floor=0, need=1, users={"old": "1", "new": "1"})
     assert prio == pytest.approx(20.0, abs=0.1)
+
+
+def test_vip_boost_and_weights_in_the_shared_counters() -> None:
+    import asyncio
+
+    from ollamamq_fast.config import Settings
+    from ollamamq_fast.fleet.select import Fleet
+    from ollamamq_fast.sched.dispatcher import Dispatcher
+    from ollamamq_fast.sched.shared_slots import SharedSlots
+
+    loop = asyncio.new_event_loop()
+    try:
+        fleet = Fleet([])
+        dispatcher = Dispatcher(fleet, Settings(), loop)
+        shared = SharedSlots("redis://127.0.0.1:1/0", "t", "me", fleet, dispatcher, loop)
+        queue = dispatcher.queue
+        queue.set_vip("vip", True)
+        queue.set_boost("boosted", True)
+        queue.set_weight("heavy", 3)
+        queue.set_weight("both", 2)
+        queue.set_boost("both", True)
+        for user in ("vip", "boosted", "heavy", "both", "plain"):
+            queue.push(user, object(), 0.0)
+        units = dict(zip(shared._users()[::2], shared._users()[1::2], strict=True))
+        # What one request adds to the counter: 1 / weight, Boost doubling it; VIP: "0".
+        assert units == {"vip": "0", "boosted": "0.5", "heavy": repr(1 / 3), "both": "0.25",
+                         "plain": "1.0"}
+    finally:
+        loop.close()
