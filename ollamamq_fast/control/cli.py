@@ -162,8 +162,8 @@ def add_arguments(sub: Any) -> None:
     for name, text in (("remove", "remove a backend (running requests finish)"),
                        ("drain", "send no new requests to a backend"),
                        ("undrain", "send requests to a backend again"),
-                       ("reset", "drop a configured backend's runtime override (removal or "
-                                 "slots): its command-line or file entry applies again")):
+                       ("reset", ("drop a configured backend's runtime override (removal "
+                                  "or slots): its command-line or file entry applies again"))):
         actions.add_parser(name, parents=[common], help=text).add_argument("url")
     slots = actions.add_parser("slots", parents=[common], help="change a backend's slots")
     slots.add_argument("url")
