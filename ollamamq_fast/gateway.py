@@ -124,8 +124,7 @@ class GatewayState:
             from ollamamq_fast.sched.shared_slots import SharedSlots
 
             self.shared = SharedSlots(settings.redis_url, "ollamamq", uuid.uuid4().hex,
-                                      self.fleet, self.dispatcher, loop)
-            self.dispatcher.shared = self.shared
+                                      self.pools, loop)
         self.health = HealthChecker(
             self.pools,
             settings.health_interval,
@@ -240,7 +239,7 @@ class GatewayState:
         reasons: list[str] = []
         if self.stopping:
             reasons.append("the gateway is stopping (draining its running requests)")
-        online = sum(1 for b in self.fleet.backends if b.available)
+        online = sum(1 for b in self.pools.backends if b.available)
         if not online:
             reasons.append("no backend is online (or every one is draining or failing)")
         redis = "off"
@@ -253,7 +252,7 @@ class GatewayState:
                 reasons.append("Redis is unreachable: scheduling locally, state not shared")
         return not reasons, {"ready": not reasons, "reasons": reasons,
                              "backends_available": online,
-                             "backends_total": len(self.fleet.backends), "redis": redis}
+                             "backends_total": len(self.pools.backends), "redis": redis}
 
     def in_flight(self) -> int:
         """Exchanges currently talking to a backend."""

@@ -275,3 +275,15 @@ def test_redis_restarted_under_load(fleet: Fleet) -> None:
     results = _run([(a.url, "ann", 4, 0.0), (b.url, "bob", 4, 0.0)], 1.5)
     assert {s for rows in results.values() for s, _, _ in rows} == {200}
     assert sim.stats.peak_active <= 2
+
+
+def test_slot_cap_holds_for_a_backend_of_a_named_pool(fleet: Fleet) -> None:
+    default, pooled = fleet.sim(), fleet.sim()
+    cfg = fleet.tmp / "pools.toml"
+    cfg.write_text(f'[pools.team]\nbackends = [{{ url = "{pooled.url}", slots = 2 }}]\n')
+    a, b = fleet.start(2, default.url, slots=2, extra=("--config", str(cfg)))
+    results = _run([(a.url + "/pool/team", "ann", 4, 0.0),
+                    (b.url + "/pool/team", "bob", 4, 0.0)], 2.0)
+    statuses = [s for rows in results.values() for s, _, _ in rows]
+    assert statuses and set(statuses) == {200}
+    assert pooled.stats.peak_active == 2 and default.stats.peak_active == 0

@@ -122,9 +122,18 @@ def test_vip_boost_and_weights_in_the_shared_counters() -> None:
 
     loop = asyncio.new_event_loop()
     try:
-        fleet = Fleet([])
-        dispatcher = Dispatcher(fleet, Settings(), loop)
-        shared = SharedSlots("redis://127.0.0.1:1/0", "t", "me", fleet, dispatcher, loop)
+        dispatcher = Dispatcher(Fleet([]), Settings(), loop)
+
+        class OnePool:
+            backends: list = []  # type: ignore[type-arg]
+
+            def dispatchers(self) -> list[Dispatcher]:
+                return [dispatcher]
+
+            def pump_all(self) -> None:
+                dispatcher.pump()
+
+        shared = SharedSlots("redis://127.0.0.1:1/0", "t", "me", OnePool(), loop)
         queue = dispatcher.queue
         queue.set_vip("vip", True)
         queue.set_boost("boosted", True)
@@ -137,5 +146,9 @@ def test_vip_boost_and_weights_in_the_shared_counters() -> None:
         # What one request adds to the counter: 1 / weight, Boost doubling it; VIP: "0".
         assert units == {"vip": "0", "boosted": "0.5", "heavy": repr(1 / 3), "both": "0.25",
                          "plain": "1.0"}
+        # Charges alike (a VIP's request counts 1: its priority is -1 anyway).
+        for user in ("vip", "heavy", "both"):
+            shared.charge(user, queue)
+        assert shared.charges == {"vip": 1.0, "heavy": 1 / 3, "both": 0.25}
     finally:
         loop.close()

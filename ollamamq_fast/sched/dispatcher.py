@@ -18,8 +18,8 @@ from ollamamq_fast.sched.fairqueue import FairQueue
 class SharedSlotsHook(Protocol):
     """What the dispatcher tells the Redis slot sharing (sched/shared_slots.py), when on."""
 
-    def charge(self, user: str) -> None:
-        """A slotted request of `user` starts (its service is counted fleet-wide)."""
+    def charge(self, user: str, queue: FairQueue) -> None:
+        """A slotted request of `user` starts from `queue` (its service is counted fleet-wide)."""
 
     def wanted(self) -> None:
         """Requests wait in the queue: lease more slots."""
@@ -170,7 +170,7 @@ class Dispatcher:
             if backend is not None:
                 self.dispatched += 1
                 if self.shared is not None:
-                    self.shared.charge(ex.user)
+                    self.shared.charge(ex.user, self.queue)
                 return self._started.get(backend, True)
         settings = self.settings
         if len(self.queue) >= settings.max_queue:
@@ -265,7 +265,7 @@ class Dispatcher:
         assert route is not None
         slotted = route.kind is Kind.QUEUED
         if slotted and self.shared is not None:
-            self.shared.charge(ex.user)
+            self.shared.charge(ex.user, self.queue)
         ex.start(backend, slotted=slotted)
 
     def take(self, backend: "Backend", slotted: bool) -> int:

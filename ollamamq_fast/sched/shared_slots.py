@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import RedisError
 
@@ -51,9 +51,9 @@ if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
     from ollamamq_fast.fleet.backend import Backend
-    from ollamamq_fast.fleet.select import Fleet
     from ollamamq_fast.proxy.exchange import Exchange
     from ollamamq_fast.sched.dispatcher import Dispatcher
+    from ollamamq_fast.sched.fairqueue import FairQueue
 
 log = logging.getLogger("ollamamq_fast.sched")
 
@@ -221,16 +221,33 @@ return 1
 """
 
 
-class SharedSlots:
-    """This replica's side of the shared slots; runs one background task on the loop."""
+class PoolsView(Protocol):
+    """What shared slots read of the gateway's pools (pools.py `Pools`)."""
 
-    def __init__(self, url: str, namespace: str, replica: str, fleet: Fleet,
-                 dispatcher: Dispatcher, loop: asyncio.AbstractEventLoop) -> None:
+    @property
+    def backends(self) -> list[Backend]:
+        """Every backend of every pool, each once."""
+
+    def dispatchers(self) -> list[Dispatcher]:
+        """Every pool's dispatcher, default first."""
+
+    def pump_all(self) -> None:
+        """Let every pool start what it can."""
+
+
+class SharedSlots:
+    """This replica's side of the shared slots; runs one background task on the loop.
+
+    A backend listed by several pools is one set of slots: its lease serves
+    every pool, and the demand and waiting users of every pool count.
+    """
+
+    def __init__(self, url: str, namespace: str, replica: str, pools: PoolsView,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.url = url
         self.prefix = f"{namespace}:sched:"
         self.replica = replica
-        self.fleet = fleet
-        self.dispatcher = dispatcher
+        self.pools = pools
         self.loop = loop
         self.degraded = False
         self.rounds = 0
@@ -263,7 +280,8 @@ class SharedSlots:
         self._redis = r
         self._round = r.register_script(_ROUND_LUA)
         self._leave = r.register_script(_LEAVE_LUA)
-        for b in self.fleet.backends:
+        self._attach()
+        for b in self.pools.backends:
             self._share(b)
         try:
             await self._round_once()  # registers this replica; /ready waits for it
@@ -299,9 +317,13 @@ class SharedSlots:
 
     # -- Hooks (the dispatcher, on the loop) -------------------------------------------
 
-    def charge(self, user: str) -> None:
-        """A slotted request of `user` starts: count its service fleet-wide."""
-        self.charges[user] = self.charges.get(user, 0.0) + 1.0
+    def charge(self, user: str, queue: FairQueue) -> None:
+        """A slotted request of `user` starts (from `queue`): count its service fleet-wide.
+
+        One request adds 1 / weight (Boost doubles the weight; a VIP counts 1).
+        """
+        unit = 1.0 if queue.is_vip(user) else 1.0 / _weight(queue, user)
+        self.charges[user] = self.charges.get(user, 0.0) + unit
 
     def wanted(self) -> None:
         """Requests wait: lease slots now rather than at the next tick."""
@@ -312,8 +334,7 @@ class SharedSlots:
         """A slot freed: keep it for the next request unless someone may be owed it."""
         if not backend.shared or backend.cap <= backend.in_flight:
             return
-        dispatcher = self.dispatcher
-        if backend.name in self.contended or dispatcher.queue or dispatcher.retry_line:
+        if backend.name in self.contended or self._backlogged():
             # Waiters here or elsewhere: Redis decides who gets the slot next.
             backend.cap = backend.in_flight
             self._wake.set()
@@ -351,7 +372,7 @@ class SharedSlots:
         self.tracked.clear()
         self.contended.clear()
         self.reported.clear()
-        self.dispatcher.pump()
+        self.pools.pump_all()
 
     async def _run(self) -> None:
         delay = TICK_S
@@ -387,62 +408,76 @@ class SharedSlots:
             return RETRY_S
         log.warning("shared slots: Redis at %s answers again; slots are shared again", self.url)
         self.degraded = False
-        for b in self.fleet.backends:
+        for b in self.pools.backends:
             self._share(b)
         return 0.0
 
+    def _attach(self) -> None:
+        """Give every pool's dispatcher the hooks (pools may be added at run time)."""
+        for d in self.pools.dispatchers():
+            if d.shared is not self:
+                d.shared = self
+
+    def _backlogged(self) -> bool:
+        """Whether requests wait in any pool (a freed slot may be owed elsewhere)."""
+        for d in self.pools.dispatchers():
+            if d.queue or d.retry_line:
+                return True
+        return False
+
     def _demand(self) -> dict[str, int]:
-        """Queued requests each backend could take (the oldest SCAN_LIMIT, and retries)."""
+        """Queued requests each backend could take (per pool the oldest SCAN_LIMIT, and retries)."""
         demand: dict[str, int] = {}
-        dispatcher = self.dispatcher
-        waiting: list[Exchange] = [t.payload for t in  # type: ignore[misc]
-                                   dispatcher.queue.oldest(SCAN_LIMIT)]
-        waiting.extend(list(dispatcher.retry_line)[:SCAN_LIMIT])
-        fleet = self.fleet
-        for ex in waiting:
-            route = ex.route
-            if route is None:
+        for d in self.pools.dispatchers():
+            if not d.queue and not d.retry_line:
                 continue
-            for b in fleet.candidates(ex.model, route.native):
-                if b.available and b not in ex.failed:
-                    demand[b.name] = demand.get(b.name, 0) + 1
+            waiting: list[Exchange] = [t.payload for t in  # type: ignore[misc]
+                                       d.queue.oldest(SCAN_LIMIT)]
+            waiting.extend(list(d.retry_line)[:SCAN_LIMIT])
+            fleet = d.fleet
+            for ex in waiting:
+                route = ex.route
+                if route is None:
+                    continue
+                for b in fleet.candidates(ex.model, route.native):
+                    if b.available and b not in ex.failed:
+                        demand[b.name] = demand.get(b.name, 0) + 1
         return demand
 
     def _users(self) -> list[str]:
         """Waiting users, each followed by what one request adds to its counter
         (1 / weight, Boost doubling the weight) or "0" for a VIP, flattened for the script.
         """
-        queue = self.dispatcher.queue
-        names = queue.users()[:USERS_LIMIT]
-        for ex in list(self.dispatcher.retry_line)[:USERS_LIMIT]:
-            if ex.user not in names:
-                names.append(ex.user)
+        seen: dict[str, FairQueue] = {}
+        for d in self.pools.dispatchers():
+            queue = d.queue
+            for user in queue.users()[:USERS_LIMIT]:
+                seen.setdefault(user, queue)
+            for ex in list(d.retry_line)[:USERS_LIMIT]:
+                seen.setdefault(ex.user, queue)
+            if len(seen) >= USERS_LIMIT:
+                break
         out: list[str] = []
-        for user in names:
-            out += [user, "0" if queue.is_vip(user) else repr(1.0 / self._weight(user))]
+        for user, queue in seen.items():
+            out += [user, "0" if queue.is_vip(user) else repr(1.0 / _weight(queue, user))]
         return out
-
-    def _weight(self, user: str) -> int:
-        """A user's weight in the shared counters: its fair-queue weight, doubled by Boost."""
-        queue = self.dispatcher.queue
-        return queue.weight(user) * (2 if queue.is_boost(user) else 1)
 
     async def _round_once(self) -> float:
         """One script call: renew, charge, lease. Returns the wait before the next round."""
         script = self._round
         assert script is not None
-        for b in self.fleet.backends:
+        self._attach()
+        backends = self.pools.backends
+        for b in backends:
             self._share(b)
-        live = {b.name for b in self.fleet.backends}
+        live = {b.name for b in backends}
         demand = self._demand()
-        queue = self.dispatcher.queue
         args: list[str | int | float] = [self.replica, self.prefix, int(LEASE_TTL_S * 1000),
                                          int(HALF_LIFE_S * 1000), int(STALE_S * 1000)]
         charges, self.charges = self.charges, {}
         args.append(len(charges))
-        for user, count in charges.items():
-            weight = 1 if queue.is_vip(user) else self._weight(user)
-            args += [user, repr(count / weight)]
+        for user, amount in charges.items():
+            args += [user, repr(amount)]
         users = self._users()
         args.append(len(users) // 2)
         args += users
@@ -489,5 +524,10 @@ class SharedSlots:
             if needs[k] > grant:
                 waiting_more = True
         if granted:
-            self.dispatcher.pump()
+            self.pools.pump_all()
         return POLL_S if waiting_more else TICK_S
+
+
+def _weight(queue: FairQueue, user: str) -> int:
+    """A user's weight in the shared counters: its fair-queue weight, doubled by Boost."""
+    return queue.weight(user) * (2 if queue.is_boost(user) else 1)
