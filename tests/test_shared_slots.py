@@ -125,7 +125,8 @@ def test_vip_boost_and_weights_in_the_shared_counters() -> None:
         dispatcher = Dispatcher(Fleet([]), Settings(), loop)
 
         class OnePool:
-            backends: list = []  # type: ignore[type-arg]
+            def __init__(self) -> None:
+                self.backends: list[object] = []
 
             def dispatchers(self) -> list[Dispatcher]:
                 return [dispatcher]
