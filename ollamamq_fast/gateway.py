@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ from ollamamq_fast.state.store import open_store
 from ollamamq_fast.stats import GatewayStats
 
 if TYPE_CHECKING:
+    from ollamamq_fast.sched.shared_slots import SharedSlots
     from ollamamq_fast.sim import SimServer
 
 log = logging.getLogger("ollamamq_fast")
@@ -105,12 +107,24 @@ class GatewayState:
             if options is not None:
                 b.configure(options)
         self.fleet = Fleet(backends, Balance(settings.balance))
+        # The configured list (command line, TOML file; replaced by a reload):
+        # URL -> slots. Runtime changes are stored as overrides of it
+        # (operator.py), so the fleet is this list with the overrides applied.
+        self.configured: dict[str, int] = {b.name: b.slots for b in backends}
         self.dispatcher = Dispatcher(self.fleet, settings, loop)
         # The default pool is this fleet and dispatcher; named pools beside it.
         self.pools = Pools(
             Pool(settings.pools.get(DEFAULT_POOL) or PoolConfig(DEFAULT_POOL), self.fleet,
                  self.dispatcher),
             settings, loop, self._make_backend, self._drop_backend)
+        # With Redis, slots and fair share are shared with the other replicas.
+        self.shared: SharedSlots | None = None
+        if settings.redis_url:
+            # Imported here: a single gateway never imports redis-py.
+            from ollamamq_fast.sched.shared_slots import SharedSlots
+
+            self.shared = SharedSlots(settings.redis_url, "ollamamq", uuid.uuid4().hex,
+                                      self.pools, loop)
         self.health = HealthChecker(
             self.pools,
             settings.health_interval,
@@ -152,6 +166,8 @@ class GatewayState:
         # Forgets users idle for --user-idle-days (memory and store).
         self.idle = IdlePruner(self)
         self.started_at = time.monotonic()
+        # Set when a stop (SIGTERM) begins: /ready answers 503 from then on.
+        self.stopping = False
         # Wall clock updated by the reaper tick: "last seen" stamps need no
         # clock call per request.
         self.clock = time.time()
@@ -213,6 +229,30 @@ class GatewayState:
         self.pools.relink()
         self.health.refresh_soon(backend)
         return backend
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this gateway can serve now (`/ready`), with the reasons when it cannot.
+
+        Ready: not stopping, at least one backend takes traffic, and Redis
+        answers when one is configured. `/health` only says the process is alive.
+        """
+        reasons: list[str] = []
+        if self.stopping:
+            reasons.append("the gateway is stopping (draining its running requests)")
+        online = sum(1 for b in self.pools.backends if b.available)
+        if not online:
+            reasons.append("no backend is online (or every one is draining or failing)")
+        redis = "off"
+        if self.settings.redis_url:
+            shared = self.shared
+            if shared is not None and shared.rounds and not shared.degraded:
+                redis = "ok"
+            else:
+                redis = "unreachable"
+                reasons.append("Redis is unreachable: scheduling locally, state not shared")
+        return not reasons, {"ready": not reasons, "reasons": reasons,
+                             "backends_available": online,
+                             "backends_total": len(self.pools.backends), "redis": redis}
 
     def in_flight(self) -> int:
         """Exchanges currently talking to a backend."""
@@ -281,6 +321,8 @@ class Gateway:
         state.access.start()
         await state.cache.start()
         state.operator.restore()
+        if state.shared is not None:
+            await state.shared.start()
         await state.policy.start()
         await state.usage_keeper.start()
         state.idle.start()
@@ -411,22 +453,13 @@ class Gateway:
             fleet.balance = Balance(fresh.balance)
         changes: dict[str, Any] = {"added": [], "removed": [], "slots": {}}
         if "backends" in data:
-            wanted = {b.url: fresh.backend_slots.get(b.url, fresh.slots) for b in fresh.backends}
-            for backend in list(fleet.backends):
-                if backend.name not in wanted:
-                    state.remove_backend(backend.name)
-                    changes["removed"].append(backend.name)
-            for url, slots in wanted.items():
-                existing = fleet.find(url)
-                options = fresh.backend_options.get(url, BackendOptions())
-                if existing is None:
-                    state.add_backend(url, slots, options)
-                    changes["added"].append(url)
-                    continue
-                if existing.slots != slots:
-                    existing.slots = slots
-                    changes["slots"][url] = slots
-                existing.configure(options)
+            # The file is the new configured list; runtime overrides still
+            # apply over it (operator.reconcile_backends).
+            state.configured = {
+                b.url: fresh.backend_slots.get(b.url, fresh.slots) for b in fresh.backends}
+            live.backend_options = dict(fresh.backend_options)
+            changes = state.operator.reconcile_backends(
+                {url: fresh.backend_options.get(url, BackendOptions()) for url in state.configured})
         if ("pools" in data or "pool_access" in data or self.file_pools
                 or live.pool_access_users or live.pool_access_keys):
             changes["pools"] = self._reload_pools(state, fresh, data)
@@ -476,6 +509,8 @@ class Gateway:
     async def stop(self, grace: float = 10.0) -> None:
         """Drain: stop accepting, let in-flight responses finish up to `grace`, close."""
         state = self.state
+        if state is not None:
+            state.stopping = True
         if self.server is not None:
             self.server.close()
         if state is not None:
@@ -484,6 +519,8 @@ class Gateway:
                 await asyncio.sleep(0.05)
             if self.admin is not None:
                 await self.admin.stop()
+            if state.shared is not None:
+                await state.shared.stop()
             for conn in list(state.connections):
                 if conn.transport is not None:
                     conn.transport.close()

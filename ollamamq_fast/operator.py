@@ -21,6 +21,7 @@ import orjson
 
 from ollamamq_fast.config import (
     DEFAULT_POOL,
+    BackendOptions,
     ConfigError,
     check_pool_name,
     check_pools,
@@ -136,26 +137,86 @@ class Operator:
         self.state.pools.pump_all()
 
     def _apply_backends(self) -> None:
-        fleet = self.state.fleet
+        self.reconcile_backends()
+
+    def _desired_backends(self) -> dict[str, int | None]:
+        """URL -> slots (None: the default) of the fleet: the configured list with overrides."""
+        desired: dict[str, int | None] = dict(self.state.configured)
         for rec in list(self.cache.backends.values()):
-            backend = fleet.find(rec.url)
-            if backend is None:
-                self.state.add_backend(rec.url, rec.slots)
-            elif rec.slots is not None and backend.slots != rec.slots:
-                backend.slots = rec.slots
-        self.state.dispatcher.pump()
+            if rec.removed:
+                desired.pop(rec.url, None)
+            elif rec.url not in desired or rec.slots is not None:
+                desired[rec.url] = rec.slots
+        return desired
+
+    def reconcile_backends(
+        self, options: dict[str, BackendOptions] | None = None
+    ) -> dict[str, Any]:
+        """Make the live fleet the configured list with the stored overrides applied.
+
+        Called at start, when another replica changed the backends, and by a
+        config reload (with the file's per-backend `options`). Backends no
+        longer wanted stop receiving requests (running ones finish). Returns
+        what changed: {"added": [...], "removed": [...], "slots": {url: n}}.
+        """
+        state = self.state
+        fleet = state.fleet
+        desired = self._desired_backends()
+        changes: dict[str, Any] = {"added": [], "removed": [], "slots": {}}
+        for backend in list(fleet.backends):
+            if backend.name not in desired:
+                state.remove_backend(backend.name)
+                changes["removed"].append(backend.name)
+        for url, slots in desired.items():
+            want = slots or state.settings.slots
+            opts = options.get(url) if options is not None else None
+            existing = fleet.find(url)
+            if existing is None:
+                state.add_backend(url, want, opts)
+                changes["added"].append(url)
+                continue
+            if existing.slots != want:
+                existing.slots = want
+                changes["slots"][url] = want
+            if options is not None:
+                existing.configure(opts if opts is not None else BackendOptions())
+        state.pools.pump_all()
+        return changes
 
     # -- Backends -----------------------------------------------------------
 
     def list_backends(self) -> list[dict[str, Any]]:
-        """Every backend of every pool with its live state and the pools listing it."""
+        """Every backend of every pool with its live state, the pools listing it, where it
+        comes from and its runtime override.
+
+        `source`: "config" (command line, TOML file or a pool's definition) or
+        "runtime" (added through the admin API); `override`: null, or what a
+        runtime change replaced in the configured entry ({"slots": n}).
+        """
         pools = self.state.pools
+        configured = self.state.configured
+        records = self.cache.backends
         out = []
         for b in pools.backends:
             row = b.snapshot()
             row["pools"] = pools.pools_of(b)
+            rec = records.get(b.name)
+            if b.name in configured:
+                row["source"] = "config"
+                row["configured_slots"] = configured[b.name]
+                row["override"] = ({"slots": rec.slots}
+                                   if rec is not None and rec.slots is not None else None)
+            else:
+                row["source"] = "runtime" if rec is not None and not rec.removed else "config"
+                row["override"] = None
             out.append(row)
         return out
+
+    def removed_backends(self) -> list[str]:
+        """Configured backends an operator removed at runtime (removal overrides), sorted."""
+        configured = self.state.configured
+        return sorted(r.url for r in list(self.cache.backends.values())
+                      if r.removed and r.url in configured)
 
     # -- Pools ----------------------------------------------------------------
     # Pools made or changed here are stored (one JSON document in the store's
@@ -278,21 +339,58 @@ class Operator:
         return backend
 
     def add_backend(self, url: str, slots: int | None = None) -> dict[str, Any]:
-        """Add a backend at runtime (serves traffic after its first probe); persisted."""
+        """Add a backend at runtime (serves traffic after its first probe); persisted.
+
+        Re-adding a configured backend that was removed clears its removal
+        override (with `slots`, they become its slots override).
+        """
         if slots is not None:
             check_setting("slots", slots)
         if self.state.fleet.find(url) is not None:
             raise ValueError(f"backend {url} already exists")
-        backend = self.state.add_backend(url, slots)
-        self.cache.put_backend(BackendRecord(backend.name, slots))
+        configured = self.state.configured.get(url)
+        backend = self.state.add_backend(url, slots or configured)
+        if configured is not None and (slots is None or slots == configured):
+            self.cache.delete_backend(backend.name)
+        else:
+            self.cache.put_backend(BackendRecord(backend.name, slots))
+        self.state.pools.pump_all()
         self.events.publish("backend_added", backend=backend.snapshot())
         return backend.snapshot()
 
     def remove_backend(self, url: str) -> None:
-        """Remove a backend; requests running on it finish."""
+        """Remove a backend; requests running on it finish.
+
+        A configured backend stays removed (across restarts and reloads, on
+        every replica) through a removal override; a runtime one is forgotten.
+        """
         backend = self.state.remove_backend(url)
-        self.cache.delete_backend(backend.name)
+        if backend.name in self.state.configured:
+            self.cache.put_backend(BackendRecord(backend.name, None, removed=True))
+        else:
+            self.cache.delete_backend(backend.name)
         self.events.publish("backend_removed", url=backend.name)
+
+    def reset_backend(self, url: str) -> dict[str, Any]:
+        """Drop the runtime override of a configured backend: its configured entry applies again.
+
+        KeyError: the URL is not in the configured list; ValueError: it has no override.
+        """
+        configured = self.state.configured
+        name = url.rstrip("/")
+        if name not in configured:
+            raise KeyError(f"{url} is not a configured backend (remove a runtime one instead)")
+        if name not in self.cache.backends:
+            raise ValueError(f"backend {name} has no runtime override")
+        self.cache.delete_backend(name)
+        changes = self.reconcile_backends()
+        backend = self.state.fleet.find(name)
+        assert backend is not None
+        if name in changes["added"]:
+            self.events.publish("backend_added", backend=backend.snapshot())
+        else:
+            self.events.publish("backend_changed", backend=backend.snapshot())
+        return backend.snapshot()
 
     def set_draining(self, url: str, on: bool) -> dict[str, Any]:
         """Drain (no new requests) or undrain a backend."""
@@ -301,12 +399,21 @@ class Operator:
         return backend.snapshot()
 
     def set_slots(self, url: str, slots: int) -> dict[str, Any]:
-        """Change how many requests run at once on a backend."""
+        """Change how many requests run at once on a backend; persisted.
+
+        For a configured backend this is a slots override (shown as such);
+        setting its configured value again clears the override.
+        """
         check_setting("slots", slots)
         backend = self._backend(url)
         backend.slots = slots
-        if backend.name in self.cache.backends:
+        configured = self.state.configured.get(backend.name)
+        if configured is not None and slots == configured:
+            if backend.name in self.cache.backends:
+                self.cache.delete_backend(backend.name)
+        elif configured is not None or backend.name in self.cache.backends:
             self.cache.put_backend(BackendRecord(backend.name, slots))
+        # else: a backend only named pools list; their definitions own its slots.
         self.state.pools.pump_all()
         self.events.publish("backend_changed", backend=backend.snapshot())
         return backend.snapshot()
@@ -536,4 +643,6 @@ class Operator:
             "users": len(stats.users),
             # Access lines written, dropped (the writer thread was behind), waiting.
             "access_log": state.access.counters(),
+            # With --redis: this replica's slot leases and whether it schedules locally.
+            "shared_slots": state.shared.snapshot() if state.shared is not None else None,
         }

@@ -484,6 +484,12 @@ def test_rows_and_actions() -> None:
          "models": ["a", "b", "c", "d"], "loaded": ["b"]}
     (key, cells), = backend_rows([b], set())
     assert key == "b|http://h:1" and cells[3].plain == "1/4" and cells[6].plain == "a, b, c +1"
+    # Runtime changes show as such: a slots override, a backend added at runtime.
+    (_, cells), = backend_rows([{**b, "source": "config", "configured_slots": 2,
+                                 "override": {"slots": 4}}], set())
+    assert cells[3].plain == "1/4 (config 2)"
+    (_, cells), = backend_rows([{**b, "source": "runtime", "override": None}], set())
+    assert cells[3].plain == "1/4 +"
     rows = backend_rows([b], {"http://h:1"})
     assert [backend_url_of(k) for k, _ in rows] == ["http://h:1"] * 5
     assert [str(c[1]) for _, c in rows[1:]] == ["", "● loaded", "", ""]

@@ -72,6 +72,7 @@ class AdminApp:
             Route("POST", "/api/backends", self.add_backend),
             Route("PATCH", "/api/backends", self.set_slots),
             Route("DELETE", "/api/backends", self.remove_backend),
+            Route("DELETE", "/api/backends/override", self.reset_backend),
             Route("POST", "/api/backends/drain", self.drain),
             Route("POST", "/api/backends/undrain", self.undrain),
             Route("GET", "/api/users", self.list_users),
@@ -103,6 +104,8 @@ class AdminApp:
             Route("GET", "/api/events", self.events),
             Route("GET", "/metrics", self.prometheus, public=metrics_public),
             Route("GET", "/openapi.json", self.openapi_document),
+            Route("GET", "/health", self.health, public=True),
+            Route("GET", "/ready", self.ready, public=True),
         ]
 
     # -- RSGI interface -------------------------------------------------------
@@ -159,8 +162,9 @@ class AdminApp:
     # -- Backends -------------------------------------------------------------
 
     async def list_backends(self, req: Request) -> Response:
-        """GET /api/backends: every backend with its live state."""
-        return json_response({"backends": self.operator.list_backends()})
+        """GET /api/backends: every backend with its live state, and configured ones removed."""
+        return json_response({"backends": self.operator.list_backends(),
+                              "removed": self.operator.removed_backends()})
 
     async def add_backend(self, req: Request) -> Response:
         """POST /api/backends {url, slots?}: add a backend at runtime."""
@@ -183,6 +187,18 @@ class AdminApp:
             raise ApiError(404, f"no backend {url}") from None
         await self.operator.stored()
         return json_response({"removed": url})
+
+    async def reset_backend(self, req: Request) -> Response:
+        """DELETE /api/backends/override?url=: a configured backend's entry applies again."""
+        url = _backend_url(req.query_one("url"))
+        try:
+            answer = self.operator.reset_backend(url)
+        except KeyError:
+            raise ApiError(404, f"{url} is not a configured backend") from None
+        except ValueError as exc:
+            raise ApiError(404, str(exc)) from None
+        await self.operator.stored()
+        return json_response(answer)
 
     async def set_slots(self, req: Request) -> Response:
         """PATCH /api/backends {url, slots}: change a backend's concurrency."""
@@ -463,6 +479,15 @@ class AdminApp:
         """GET /metrics: Prometheus text exposition."""
         return Response(200, self.metrics.render(),
                         [("content-type", CONTENT_TYPE), ("cache-control", "no-store")])
+
+    async def health(self, req: Request) -> Response:
+        """GET /health: the process is alive (public, for liveness probes)."""
+        return json_response({"status": "alive"})
+
+    async def ready(self, req: Request) -> Response:
+        """GET /ready: 200 when the gateway can serve, else 503 with the reasons (public)."""
+        ready, body = self.state.readiness()
+        return json_response(body, 200 if ready else 503)
 
     async def openapi_document(self, req: Request) -> Response:
         """GET /openapi.json: the OpenAPI 3.1 description of this API."""

@@ -154,14 +154,16 @@ def add_arguments(sub: Any) -> None:
     backends = sub.add_parser("backends", parents=[common], help="list, add, remove, drain "
                               "backends (admin API)")
     actions = backends.add_subparsers(dest="action", parser_class=type(backends),
-                                      metavar="{list,add,remove,drain,undrain,slots}")
+                                      metavar="{list,add,remove,drain,undrain,slots,reset}")
     actions.add_parser("list", parents=[common], help="backends with live state")
     add = actions.add_parser("add", parents=[common], help="add a backend at runtime")
     add.add_argument("url")
     add.add_argument("--slots", type=_positive_int, help="requests at once (default: --slots)")
     for name, text in (("remove", "remove a backend (running requests finish)"),
                        ("drain", "send no new requests to a backend"),
-                       ("undrain", "send requests to a backend again")):
+                       ("undrain", "send requests to a backend again"),
+                       ("reset", ("drop a configured backend's runtime override (removal "
+                                  "or slots): its command-line or file entry applies again"))):
         actions.add_parser(name, parents=[common], help=text).add_argument("url")
     slots = actions.add_parser("slots", parents=[common], help="change a backend's slots")
     slots.add_argument("url")
@@ -310,11 +312,20 @@ def _keys_revoke(c: AdminClient, args: argparse.Namespace) -> Answer:
 
 
 def _backend_rows(backends: list[dict[str, Any]]) -> str:
-    rows = [[b["url"], b["kind"], _backend_state(b), str(b["slots"]), str(b["in_flight"]),
+    rows = [[b["url"], b["kind"], _backend_state(b), _slots_text(b), str(b["in_flight"]),
              str(b["requests_done"]), str(b["failures"]), ", ".join(b["models"])]
             for b in backends]
     return table(["URL", "KIND", "STATE", "SLOTS", "RUNNING", "DONE", "FAILURES", "MODELS"],
                  rows, "no backends")
+
+
+def _slots_text(b: dict[str, Any]) -> str:
+    """Slots, marked when a runtime change overrides the configuration (README)."""
+    if b.get("override"):
+        return f"{b['slots']} (config {b.get('configured_slots', '?')})"
+    if b.get("source") == "runtime":
+        return f"{b['slots']} (runtime)"
+    return str(b["slots"])
 
 
 def _backend_state(b: dict[str, Any]) -> str:
@@ -327,7 +338,16 @@ def _backend_state(b: dict[str, Any]) -> str:
 
 def _backends_list(c: AdminClient, args: argparse.Namespace) -> Answer:
     answer = c.call("GET", "/api/backends")
-    return answer, _backend_rows(answer["backends"])
+    text = _backend_rows(answer["backends"])
+    if answer.get("removed"):
+        text += "\nremoved at runtime (configured; `backends reset URL` brings one back): " \
+                + ", ".join(answer["removed"])
+    return answer, text
+
+
+def _backends_reset(c: AdminClient, args: argparse.Namespace) -> Answer:
+    b = c.call("DELETE", "/api/backends/override", query={"url": args.url})
+    return b, _backend_rows([b])
 
 
 def _backends_add(c: AdminClient, args: argparse.Namespace) -> Answer:
@@ -451,6 +471,7 @@ _HANDLERS = {
     ("backends", "drain"): _backends_drain,
     ("backends", "undrain"): _backends_drain,
     ("backends", "slots"): _backends_slots,
+    ("backends", "reset"): _backends_reset,
 }
 
 

@@ -117,6 +117,12 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
                           _ok("Removed", "The backend is gone"), params=[_URL_QUERY],
                           codes=("400", "401", "404")),
         },
+        "/api/backends/override": {
+            "delete": _op("Drop a configured backend's runtime override (removal or slots): "
+                          "its command-line or file entry applies again", "resetBackend",
+                          _ok("Backend", "The backend as configured"), params=[_URL_QUERY],
+                          codes=("400", "401", "404")),
+        },
         "/api/backends/drain": {
             "post": _op("Drain a backend: no new requests", "drainBackend",
                         _ok("Backend", "The draining backend"), body="BackendUrl",
@@ -202,6 +208,22 @@ def _paths(metrics_public: bool) -> dict[str, Any]:
                        {"200": {"description": "OpenAPI 3.1",
                                 "content": {JSON: {"schema": {"type": "object"}}}}},
                        tag="observability"),
+        },
+        "/health": {
+            "get": {**_op("Liveness: the process is alive (no token needed)", "health",
+                          _ok("Alive", "Alive"), tag="observability", codes=()),
+                    "security": []},
+        },
+        "/ready": {
+            "get": {**_op("Readiness: 200 when the gateway can serve (not stopping, a backend "
+                          "available, Redis answering when configured), else 503 with the "
+                          "reasons; the data port answers the same at /ready (no token needed)",
+                          "ready",
+                          {**_ok("Readiness", "Ready"),
+                           "503": {"description": "Not ready: see `reasons`",
+                                   "content": {JSON: {"schema": _ref("Readiness")}}}},
+                          tag="observability", codes=()),
+                    "security": []},
         },
     }
 
@@ -443,6 +465,14 @@ def _schemas() -> dict[str, Any]:
         "models": {"type": "array", "items": _STR}, "loaded": {"type": "array", "items": _STR},
         "version": {"type": ["string", "null"]}, "last_error": _STR,
         "pools": {"type": "array", "items": _STR, "description": "pools listing the backend"},
+        "source": {"enum": ["config", "runtime"],
+                   "description": "config: from the command line or the TOML file; "
+                                  "runtime: added through the admin API"},
+        "configured_slots": {"type": "integer",
+                             "description": "slots in the configured entry (config only)"},
+        "override": {"type": ["object", "null"], "properties": {"slots": _INT},
+                     "description": "the runtime change replacing the configured entry, "
+                                    "stored and applied on every replica and restart"},
     }, ["url", "kind", "online", "draining", "breaker", "slots", "in_flight"])
     user = _obj({
         "user": _STR, "vip": _BOOL, "boost": _BOOL, "weight": _INT, "blocked": _BOOL,
@@ -461,12 +491,21 @@ def _schemas() -> dict[str, Any]:
     return {
         "Error": _obj({"error": _STR}, ["error"]),
         "Backend": backend,
-        "BackendList": _obj({"backends": {"type": "array", "items": _ref("Backend")}},
+        "BackendList": _obj({"backends": {"type": "array", "items": _ref("Backend")},
+                             "removed": {"type": "array", "items": _STR,
+                                         "description": "configured backends removed at "
+                                                        "runtime (removal overrides)"}},
                             ["backends"]),
         "BackendAdd": _obj({"url": _STR, "slots": _SLOTS}, ["url"], closed=True),
         "BackendSlots": _obj({"url": _STR, "slots": _SLOTS}, ["url", "slots"], closed=True),
         "BackendUrl": _obj({"url": _STR}, ["url"], closed=True),
         "Removed": _obj({"removed": _STR}, ["removed"]),
+        "Alive": _obj({"status": {"enum": ["alive"]}}, ["status"]),
+        "Readiness": _obj({
+            "ready": _BOOL, "reasons": {"type": "array", "items": _STR},
+            "backends_available": _INT, "backends_total": _INT,
+            "redis": {"enum": ["off", "ok", "unreachable"]},
+        }, ["ready", "reasons", "backends_available", "backends_total", "redis"]),
         "User": user,
         "UserList": _obj({"users": {"type": "array", "items": _ref("User")}, **page},
                          ["users", "total", "limit", "offset"]),
@@ -501,6 +540,10 @@ def _schemas() -> dict[str, Any]:
                       "description": "whether the request path runs compiled (mypyc) or as Python"},
             "access_log": _obj({"written": _INT, "dropped": _INT, "pending": _INT},
                                ["written", "dropped", "pending"]),
+            "shared_slots": {"type": ["object", "null"],
+                             "description": "with --redis: `leases` (backend URL -> slots this "
+                                            "replica holds), `degraded` (scheduling locally: "
+                                            "Redis unreachable), `rounds`, `failures`"},
         }, ["uptime_s", "queued", "in_flight", "backends", "build"]),
     }
 

@@ -55,7 +55,9 @@ class Backend:
         "host_header",
         "gateway_headers",
         "path_prefix",
-        "slots",
+        "_slots",
+        "cap",
+        "shared",
         "in_flight",
         "unslotted",
         "kind",
@@ -95,8 +97,13 @@ class Backend:
         self.gateway_headers = (b"X-Gateway-Backend: " + self.name.encode()
                                 + b"\r\nX-Gateway-Queue-Ms: ")
         self.path_prefix = address.prefix.encode()
-        self.slots = slots
-        self.in_flight = 0  # queued-route requests running (bounded by slots)
+        self._slots = slots
+        # Slotted requests this gateway may run here now: `slots`, unless the
+        # slots are shared with other replicas through Redis, where it is this
+        # replica's lease (sched/shared_slots.py sets `shared` and keeps it).
+        self.cap = slots
+        self.shared = False
+        self.in_flight = 0  # queued-route requests running (bounded by cap)
         self.unslotted = 0  # model-management / passthrough requests running
         self.kind = ApiKind.UNKNOWN
         # Set by the operator (config `kind`, --backend-kind): never re-detected.
@@ -149,6 +156,17 @@ class Backend:
         self.probe_interval = options.probe_interval
         self.openai_via = options.openai_via
         self.refresh()
+
+    @property
+    def slots(self) -> int:
+        """How many inference requests run at once on this backend (fleet-wide with Redis)."""
+        return self._slots
+
+    @slots.setter
+    def slots(self, value: int) -> None:
+        self._slots = value
+        if not self.shared:
+            self.cap = value
 
     @property
     def busy(self) -> bool:

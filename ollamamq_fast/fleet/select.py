@@ -106,7 +106,7 @@ class Fleet:
     def has_free_slot(self) -> bool:
         """Whether any backend could start a queued request now (the dispatcher's fast exit)."""
         for b in self.backends:
-            if b.available and b.in_flight < b.slots:
+            if b.available and b.in_flight < b.cap:
                 return True
         return False
 
@@ -136,22 +136,22 @@ class Fleet:
             return None
         if n == 1:
             b = pool[0]
-            return b if b.available and b.in_flight < b.slots else None
+            return b if b.available and b.in_flight < b.cap else None
         policy = self.balance
         if policy is Balance.AFFINITY and affinity:
             preferred = pool[zlib.crc32(affinity.encode()) % n]
-            if preferred.available and preferred.in_flight < preferred.slots:
+            if preferred.available and preferred.in_flight < preferred.cap:
                 return preferred
         elif policy is Balance.ROUND_ROBIN:
             start = self._rr
             for k in range(n):
                 b = pool[(start + k) % n]
-                if b.available and b.in_flight < b.slots:
+                if b.available and b.in_flight < b.cap:
                     self._rr = start + k + 1
                     return b
             return None
         elif policy is Balance.RANDOM:
-            free = [b for b in pool if b.available and b.in_flight < b.slots]
+            free = [b for b in pool if b.available and b.in_flight < b.cap]
             return self._random.choice(free) if free else None
         return self._least_conn(pool, model)
 
@@ -172,7 +172,7 @@ class Fleet:
         start = self._rr % n
         for k in range(n):
             b = pool[(start + k) % n]
-            if not b.available or b.in_flight >= b.slots:
+            if not b.available or b.in_flight >= b.cap:
                 continue
             # Lower load first; at equal load, a backend with the model already
             # in memory (no load time) first. The rotating start breaks ties.

@@ -43,6 +43,9 @@ class LocalRoutes:
         which = route.local
         if which is Local.HEALTH:
             ex.respond(200, _JSON, orjson.dumps(self.health(ex)))
+        elif which is Local.READY:
+            ready, answer = self.gw.readiness()
+            ex.respond(200 if ready else 503, _JSON, orjson.dumps(answer))
         elif which is Local.ROOT:
             self._root(ex)
         elif which is Local.VERSION:

@@ -10,10 +10,23 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from ollamamq_fast.wire.routes import Kind
 from ollamamq_fast.sched.fairqueue import FairQueue
+
+class SharedSlotsHook(Protocol):
+    """What the dispatcher tells the Redis slot sharing (sched/shared_slots.py), when on."""
+
+    def charge(self, user: str, queue: FairQueue) -> None:
+        """A slotted request of `user` starts from `queue` (its service is counted fleet-wide)."""
+
+    def wanted(self) -> None:
+        """Requests wait in the queue: lease more slots."""
+
+    def gave_back(self, backend: Backend) -> None:
+        """A slot of `backend` freed (it may be handed to another replica)."""
+
 
 if TYPE_CHECKING:
     from ollamamq_fast.config import Settings
@@ -108,6 +121,8 @@ class Dispatcher:
         for user, weight in settings.user_weights.items():
             self.queue.set_weight(user, weight)
         self.retry_line: deque[Exchange] = deque()
+        # Set when slots are shared with other replicas through Redis (--redis).
+        self.shared: SharedSlotsHook | None = None
         self._started = _StartedCache()
         self.retry_scheduled = False
         self.pumping = False
@@ -154,6 +169,8 @@ class Dispatcher:
             backend = fleet.pick(model, native, ex.affinity, ex.failed, route.native_first)
             if backend is not None:
                 self.dispatched += 1
+                if self.shared is not None:
+                    self.shared.charge(ex.user, self.queue)
                 return self._started.get(backend, True)
         settings = self.settings
         if len(self.queue) >= settings.max_queue:
@@ -172,6 +189,8 @@ class Dispatcher:
         ex.ticket = self.queue.push(ex.user, ex, now)
         ex.gw.ledger.queued(ex.ustats)
         self.pump()
+        if self.shared is not None and ex.ticket is not None:
+            self.shared.wanted()
         return QUEUED
 
     def _no_backend_for(self, ex: "Exchange") -> Placement:
@@ -244,7 +263,10 @@ class Dispatcher:
         self.dispatched += 1
         route = ex.route
         assert route is not None
-        ex.start(backend, slotted=route.kind is Kind.QUEUED)
+        slotted = route.kind is Kind.QUEUED
+        if slotted and self.shared is not None:
+            self.shared.charge(ex.user, self.queue)
+        ex.start(backend, slotted=slotted)
 
     def take(self, backend: "Backend", slotted: bool) -> int:
         """A request starts on `backend`: the lease it holds until `give_back`."""
@@ -258,6 +280,8 @@ class Dispatcher:
         """A request is done with its backend (called by the exchange, once per lease)."""
         if lease == SLOT:
             backend.in_flight -= 1
+            if self.shared is not None:
+                self.shared.gave_back(backend)
             if self.queue or self.retry_line:
                 self.pump()
             if backend.pumps:  # listed by several pools (pools.py): each may use the slot
@@ -277,6 +301,8 @@ class Dispatcher:
         if not ex.enqueued_at:
             ex.enqueued_at = self.loop.time()
         self.retry_line.append(ex)
+        if self.shared is not None:
+            self.shared.wanted()
         if not self.retry_scheduled:
             self.retry_scheduled = True
             self.loop.call_soon(self._run_retries)

@@ -275,6 +275,15 @@ class FairQueue:
         """Live queued requests in total (metrics); O(1)."""
         return self._len
 
+    def oldest(self, limit: int) -> list[Ticket]:
+        """Up to `limit` live tickets, oldest first (demand estimates); O(limit)."""
+        out: list[Ticket] = []
+        ticket = self._all_head
+        while ticket is not None and len(out) < limit:
+            out.append(ticket)
+            ticket = ticket._all_next
+        return out
+
     def users(self) -> list[str]:
         """Users with live queued requests (metrics, TUI); O(users)."""
         return list(self._queues)

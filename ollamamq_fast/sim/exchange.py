@@ -75,7 +75,9 @@ class Exchange:
     def mark_inference(self) -> None:
         """Count this request in stats.active until it ends."""
         self.inference = True
-        self.conn.app.stats.active += 1
+        stats = self.conn.app.stats
+        stats.active += 1
+        stats.peak_active = max(stats.peak_active, stats.active)
 
     def _release(self) -> None:
         """Leave stats.active and forget timers."""

@@ -49,6 +49,8 @@ class SimStats:
     requests: int = 0
     # Inference requests (generate, chat, embed, /v1 completions, ...) in progress now.
     active: int = 0
+    # The most inference requests ever in progress at once (shared-slot tests).
+    peak_active: int = 0
     # Responses left unfinished because the client closed the connection.
     cancelled: int = 0
     # loop.time() of each such cancellation, recorded inside connection_lost.

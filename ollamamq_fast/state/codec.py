@@ -86,4 +86,5 @@ def load_backend(raw: bytes | str) -> BackendRecord:
     """Decode a BackendRecord written by `dumps`."""
     d = _obj(raw)
     slots = d.get("slots")
-    return BackendRecord(url=str(d["url"]), slots=None if slots is None else int(slots))
+    return BackendRecord(url=str(d["url"]), slots=None if slots is None else int(slots),
+                         removed=bool(d.get("removed", False)))

@@ -82,10 +82,18 @@ class UserSettings:
 
 @dataclass(slots=True)
 class BackendRecord:
-    """A backend the operator added at runtime; `slots=None` means the fleet default."""
+    """A runtime change to the fleet, kept as an override of the configured list.
+
+    For a URL that is not in the configured list (command line, TOML file):
+    a backend the operator added at runtime (`slots=None`: the fleet default).
+    For a configured URL: its slots override (`slots` set), or, with
+    `removed`, the operator removed it and it stays removed across restarts
+    and config reloads until the override is cleared or the backend re-added.
+    """
 
     url: str
     slots: int | None = None
+    removed: bool = False
 
 
 @dataclass(slots=True)

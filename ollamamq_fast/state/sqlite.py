@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS users (
     weight INTEGER NOT NULL, limits TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blocked_users (user TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blocked_ips (ip TEXT PRIMARY KEY) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS backends (url TEXT PRIMARY KEY, slots INTEGER) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS backends (
+    url TEXT PRIMARY KEY, slots INTEGER, removed INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS usage (
     user TEXT NOT NULL, model TEXT NOT NULL, day TEXT NOT NULL,
     requests INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
@@ -185,6 +186,10 @@ class SQLiteStore:
             # gateways still read the file (they name their columns).
             db.execute("ALTER TABLE api_keys ADD COLUMN scopes TEXT NOT NULL"
                        " DEFAULT 'inference'")
+        columns = {name for _, name, *_ in db.execute("PRAGMA table_info(backends)")}
+        if "removed" not in columns:
+            # A file from before removal overrides of configured backends.
+            db.execute("ALTER TABLE backends ADD COLUMN removed INTEGER NOT NULL DEFAULT 0")
         row = db.execute(
             "SELECT value FROM meta WHERE key = 'schema_version'"
         ).fetchone()
@@ -264,9 +269,9 @@ class SQLiteStore:
             blocked_users = {u for (u,) in db.execute("SELECT user FROM blocked_users")}
             blocked_ips = {ip for (ip,) in db.execute("SELECT ip FROM blocked_ips")}
             backends = [
-                BackendRecord(url, slots)
-                for url, slots in db.execute(
-                    "SELECT url, slots FROM backends ORDER BY url"
+                BackendRecord(url, slots, bool(removed))
+                for url, slots, removed in db.execute(
+                    "SELECT url, slots, removed FROM backends ORDER BY url"
                 )
             ]
         finally:
@@ -340,10 +345,10 @@ class SQLiteStore:
 
     async def put_backend(self, rec: BackendRecord) -> None:
         """Insert or replace a runtime backend by URL."""
-        row = (rec.url, rec.slots)
+        row = (rec.url, rec.slots, int(rec.removed))
         await self._run(
             lambda db: db.execute(
-                "INSERT OR REPLACE INTO backends (url, slots) VALUES (?, ?)", row
+                "INSERT OR REPLACE INTO backends (url, slots, removed) VALUES (?, ?, ?)", row
             )
         )
 

@@ -61,6 +61,21 @@ def backend_state(b: dict[str, Any]) -> Text:
     return Text("online", style="green")
 
 
+def slots_text(b: dict[str, Any]) -> Text:
+    """Slots used / total, marked when a runtime change overrides the configuration.
+
+    "(config N)" (yellow): the slots override a configured backend's N;
+    "+" (cyan): a backend added at runtime (README: "Backends: configured
+    list and runtime overrides").
+    """
+    text = Text(f"{b.get('in_flight', 0)}/{b.get('slots', 0)}")
+    if b.get("override"):
+        text.append(f" (config {b.get('configured_slots', '?')})", style="yellow")
+    elif b.get("source") == "runtime":
+        text.append(" +", style="cyan")
+    return text
+
+
 def backend_rows(backends: list[dict[str, Any]], expanded: set[str]) -> list[Row]:
     """One row per backend, followed by its models when it is expanded."""
     rows: list[Row] = []
@@ -74,7 +89,7 @@ def backend_rows(backends: list[dict[str, Any]], expanded: set[str]) -> list[Row
             shown += f" +{len(models) - MODELS_SHOWN}"
         rows.append((BACKEND_KEY + url, (
             Text(f"{mark} {url}"), backend_state(b), Text(str(b.get("kind", ""))),
-            Text(f"{b.get('in_flight', 0)}/{b.get('slots', 0)}"),
+            slots_text(b),
             Text(str(b.get("requests_done", 0))), Text(str(b.get("failures", 0))),
             Text(shown or "-"), Text(",".join(b.get("pools", [])) or "-"))))
         if is_open:

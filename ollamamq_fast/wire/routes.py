@@ -33,6 +33,7 @@ class Local(enum.Enum):
     """Which local handler answers a LOCAL route."""
 
     HEALTH = "health"
+    READY = "ready"
     ROOT = "root"
     VERSION = "version"
     TAGS = "tags"
@@ -91,6 +92,7 @@ _OLLAMA, _OPENAI = Api.OLLAMA, Api.OPENAI
 
 EXACT: dict[bytes, Route] = {
     b"/health": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.HEALTH),
+    b"/ready": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.READY),
     b"/": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.ROOT),
     b"/api/version": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.VERSION),
     b"/api/tags": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.TAGS),

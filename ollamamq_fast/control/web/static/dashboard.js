@@ -114,7 +114,11 @@ function markStale(view) {
 }
 
 const LOADERS = {
-  backends: async () => renderBackends((await api("GET", "/api/backends")).backends),
+  backends: async () => {
+    const answer = await api("GET", "/api/backends");
+    renderBackends(answer.backends);
+    renderRemovedBackends(answer.removed || []);
+  },
   // The busiest first: beyond one page (1000) the quiet users are the ones left out.
   users: async () => {
     const page = await api("GET", "/api/users?sort=active");
@@ -242,11 +246,27 @@ function renderPulls(pulls) {
     });
 }
 
+// Configured backends removed at runtime: the removal is an override that
+// survives restarts; re-adding the URL (or DELETE /api/backends/override) undoes it.
+function renderRemovedBackends(urls) {
+  const p = document.getElementById("backends-removed");
+  p.hidden = urls.length === 0;
+  p.textContent = urls.length ? `Configured but removed at runtime (override): ${urls.join(", ")}` : "";
+}
+
+function backendOrigin(b) {
+  if (b.source === "runtime") return "added at runtime";
+  if (b.override && b.override.slots !== undefined) {
+    return `slots override (configured: ${b.configured_slots})`;
+  }
+  return "";
+}
+
 function createBackendRow(b) {
   const url = b.url;
   const slots = el("input", { type: "number", min: "1", class: "narrow", "aria-label": `Slots for ${url}` });
   const row = el("tr", { "data-backend": url },
-    el("td", { class: "mono" }, url, el("div", { class: "hint last-error" })),
+    el("td", { class: "mono" }, url, el("div", { class: "hint origin" }), el("div", { class: "hint last-error" })),
     el("td", { class: "kind" }),
     el("td", {}, el("span", { class: "badge state" })),
     el("td", { class: "num slots" }),
@@ -269,6 +289,7 @@ function updateBackendRow(row, b) {
   row.querySelector(".kind").textContent = b.kind;
   row.querySelector(".last-error").textContent = b.online ? "" : b.last_error || "";
   row.querySelector(".slots").textContent = `${b.in_flight} / ${b.slots}`;
+  if (b.source !== undefined) row.querySelector(".origin").textContent = backendOrigin(b);
   row.querySelector(".done").textContent = formatNumber(b.requests_done);
   row.querySelector(".failures").textContent = formatNumber(b.failures);
   row.dataset.draining = b.draining;

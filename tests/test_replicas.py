@@ -1,0 +1,289 @@
+"""Several gateway replicas, one fleet, through one Redis (issue 16, part 2).
+
+Real processes: a redis-server, two or three `ollamamq-fast serve --redis`
+replicas and simulators in this process. Checked from outside:
+
+- the fleet-wide number of requests running on a backend never exceeds its
+  slots (the simulator records its peak);
+- a light user on one replica waits about one service time while a heavy
+  user floods another; two backlogged users on two replicas get equal
+  service (Jain >= 0.95), and weights hold across replicas;
+- a replica killed with -9 while holding leases frees them within seconds;
+- Redis restarted under load: replicas schedule locally meanwhile (warning),
+  nothing is lost, and slots are shared again afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import LoopThread, free_port
+from test_state import REDIS_SERVER, RedisServer
+
+from ollamamq_fast.sim import SimOptions, SimServer, start_sim
+
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")
+
+BODY = {"model": "llama3.2", "prompt": "q", "stream": False}
+# Simulated service time: 100 ms to the first token, then 4 tokens at 400/s.
+SERVICE_S = 0.11
+
+
+class Replica:
+    """One `ollamamq-fast serve --redis` process on a free port."""
+
+    def __init__(self, redis_url: str, backend: str, slots: int, tmp: Path,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"replica-{self.port}.log"
+        self._log = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ollamamq_fast", "serve", "--no-tui", "--no-admin",
+             "-p", str(self.port), "--backend-urls", backend, "--slots", str(slots),
+             "--redis", redis_url, "--state", "", "--log-file", "", "--no-access-log",
+             "--health-interval", "0.5", *extra],
+            stdout=subprocess.DEVNULL, stderr=self._log,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{self.url} not ready in {timeout:g} s: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class Fleet:
+    """Redis, one simulator and the replicas in front of it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.redis = RedisServer(tmp / "redis")
+        self.redis.dir.mkdir()
+        self.redis.start()
+        self.lt = LoopThread()
+        self.sims: list[SimServer] = []
+        self.replicas: list[Replica] = []
+
+    def sim(self, **options: Any) -> SimServer:
+        opts = SimOptions(ttft_ms=100.0, tokens_per_s=400.0, tokens=4)
+        for key, value in options.items():
+            setattr(opts, key, value)
+        server = self.lt.run(start_sim(opts, "127.0.0.1", 0))
+        self.sims.append(server)
+        return server
+
+    def start(self, n: int, backend: str, slots: int, extra: tuple[str, ...] = ()) -> list[Replica]:
+        new = [Replica(self.redis.url, backend, slots, self.tmp, extra) for _ in range(n)]
+        self.replicas += new
+        for r in new:
+            r.wait_ready()
+        return new
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.stop()
+        for s in self.sims:
+            self.lt.run(s.close())
+        self.lt.stop()
+        self.redis.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def _loop(url: str, user: str, until: float, out: list[tuple[int, float, float]],
+          gap: float = 0.0) -> None:
+    """Send requests as `user` until `until`; record (status, wait in queue s, end)."""
+    with httpx.Client(timeout=30) as client:
+        while time.monotonic() < until:
+            r = client.post(url + "/api/generate", json=BODY, headers={"X-User-ID": user})
+            queued = int(r.headers.get("x-gateway-queue-ms", "0")) / 1000
+            out.append((r.status_code, queued, time.monotonic()))
+            if gap:
+                time.sleep(gap)
+
+
+def _run(jobs: list[tuple[str, str, int, float]], seconds: float
+         ) -> dict[str, list[tuple[int, float, float]]]:
+    """Run (url, user, clients, gap) loops in threads for `seconds`; results per user."""
+    until = time.monotonic() + seconds
+    results: dict[str, list[tuple[int, float, float]]] = {}
+    threads = []
+    for url, user, clients, gap in jobs:
+        out = results.setdefault(user, [])
+        for _ in range(clients):
+            threads.append(threading.Thread(target=_loop, args=(url, user, until, out, gap)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def _jain(xs: list[float]) -> float:
+    return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs))
+
+
+def test_slot_cap_holds_across_three_replicas(fleet: Fleet) -> None:
+    sim = fleet.sim()
+    a, b, c = fleet.start(3, sim.url, slots=2)
+    results = _run([(r.url, f"user{i}", 4, 0.0) for i, r in enumerate((a, b, c))], 2.0)
+    statuses = [s for rows in results.values() for s, _, _ in rows]
+    assert statuses and set(statuses) == {200}
+    # 3 replicas x 4 clients, each replica alone would run 2: the backend saw 2 at most.
+    assert sim.stats.peak_active == 2
+    # ...and the slots were used: about 2 / SERVICE_S requests per second.
+    assert len(statuses) >= 0.6 * 2.0 * 2 / SERVICE_S, len(statuses)
+
+
+def test_fair_share_across_replicas(fleet: Fleet) -> None:
+    sim = fleet.sim()
+    a, b = fleet.start(2, sim.url, slots=2, extra=("--weight", "wendy=3", "--vip", "boss"))
+    # A light user on B while a heavy user floods A with 8 clients.
+    results = _run([(a.url, "heavy", 8, 0.0), (b.url, "light", 1, 0.15)], 3.0)
+    light = [q for s, q, end in results["light"] if s == 200]
+    assert len(light) >= 8 and all(s == 200 for s, _, _ in results["heavy"])
+    light.sort()
+    # Without sharing, light would queue behind ~8 heavy requests (0.4 s and more).
+    assert light[len(light) // 2] <= SERVICE_S, light
+    assert light[-1] <= 2.5 * SERVICE_S, light
+    # Two backlogged users on two replicas: equal service.
+    results = _run([(a.url, "ann", 6, 0.0), (b.url, "bob", 6, 0.0)], 3.0)
+    counts = [len(results["ann"]), len(results["bob"])]
+    assert _jain([float(n) for n in counts]) >= 0.95, counts
+    # Weights hold across replicas as within one: wendy (weight 3) against carl
+    # on one replica, then against bob on the other (2.4x both ways here: the
+    # fair queue's turns with 6 clients each and 2 slots).
+    results = _run([(a.url, "wendy", 6, 0.0), (a.url, "carl", 6, 0.0)], 3.0)
+    local = len(results["wendy"]) / max(1, len(results["carl"]))
+    results = _run([(a.url, "wendy", 6, 0.0), (b.url, "bob", 6, 0.0)], 3.0)
+    ratio = len(results["wendy"]) / max(1, len(results["bob"]))
+    assert 1.8 <= ratio and abs(ratio - local) <= 0.3 * local, (ratio, local)
+    # A VIP on one replica goes ahead of everyone on the other.
+    results = _run([(a.url, "ann", 6, 0.0), (b.url, "boss", 6, 0.0)], 2.0)
+    assert len(results["boss"]) >= 3 * len(results["ann"]), (
+        len(results["boss"]), len(results["ann"]))
+    assert sim.stats.peak_active == 2
+
+
+def test_replica_killed_while_holding_leases(fleet: Fleet) -> None:
+    sim = fleet.sim()
+    a, b = fleet.start(2, sim.url, slots=2)
+
+    def hold() -> None:
+        try:  # a request that holds its slot for 20 s
+            httpx.post(a.url + "/api/generate", json=BODY, timeout=30,
+                       headers={"X-User-ID": "holder", "X-Sim-Delay-Ms": "20000"})
+        except httpx.HTTPError:
+            pass  # the replica is killed under it
+
+    holders = [threading.Thread(target=hold, daemon=True) for _ in range(2)]
+    for t in holders:
+        t.start()
+    deadline = time.monotonic() + 5
+    while sim.stats.active < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sim.stats.active == 2
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait()
+    killed = time.monotonic()
+    done: list[float] = []
+
+    def on_b() -> None:
+        r = httpx.post(b.url + "/api/generate", json=BODY, timeout=30,
+                       headers={"X-User-ID": "after"})
+        if r.status_code == 200:
+            done.append(time.monotonic() - killed)
+
+    workers = [threading.Thread(target=on_b) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(15)
+    # The dead replica's leases lasted until their TTL (3 s), not forever.
+    assert len(done) == 2, done
+    assert max(done) <= 5.0, done
+    assert sim.stats.peak_active == 2
+
+
+def test_redis_restarted_under_load(fleet: Fleet) -> None:
+    sim = fleet.sim()
+    a, b = fleet.start(2, sim.url, slots=2)
+    results: dict[str, list[tuple[int, float, float]]] = {}
+
+    def load() -> None:
+        results.update(_run([(a.url, "ann", 3, 0.0), (b.url, "bob", 3, 0.0)], 4.0))
+
+    t = threading.Thread(target=load)
+    t.start()
+    time.sleep(0.8)
+    fleet.redis.kill()
+    # Both replicas notice and say so on /ready (503, with the reason).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        answers = [httpx.get(r.url + "/ready", timeout=2) for r in (a, b)]
+        if all(x.status_code == 503 for x in answers):
+            break
+        time.sleep(0.05)
+    assert all(x.status_code == 503 for x in answers)
+    assert "Redis is unreachable" in answers[0].json()["reasons"][0]
+    time.sleep(0.8)
+    fleet.redis.start()
+    t.join(30)
+    statuses = [s for rows in results.values() for s, _, _ in rows]
+    # Nothing lost: every request of the run was answered 200.
+    assert statuses and set(statuses) == {200}, {s for s in statuses if s != 200}
+    for r in (a, b):
+        r.wait_ready(10)
+        text = r.log.read_text()
+        assert "unreachable" in text and "answers again" in text, text
+    # Shared again: a fresh burst stays within the slots fleet-wide.
+    sim.stats.peak_active = sim.stats.active
+    results = _run([(a.url, "ann", 4, 0.0), (b.url, "bob", 4, 0.0)], 1.5)
+    assert {s for rows in results.values() for s, _, _ in rows} == {200}
+    assert sim.stats.peak_active <= 2
+
+
+def test_slot_cap_holds_for_a_backend_of_a_named_pool(fleet: Fleet) -> None:
+    default, pooled = fleet.sim(), fleet.sim()
+    cfg = fleet.tmp / "pools.toml"
+    cfg.write_text(f'[pools.team]\nbackends = [{{ url = "{pooled.url}", slots = 2 }}]\n')
+    a, b = fleet.start(2, default.url, slots=2, extra=("--config", str(cfg)))
+    results = _run([(a.url + "/pool/team", "ann", 4, 0.0),
+                    (b.url + "/pool/team", "bob", 4, 0.0)], 2.0)
+    statuses = [s for rows in results.values() for s, _, _ in rows]
+    assert statuses and set(statuses) == {200}
+    assert pooled.stats.peak_active == 2 and default.stats.peak_active == 0
