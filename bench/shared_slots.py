@@ -97,7 +97,7 @@ def script_cost(rport: int, n: int) -> None:
         prefix = "bench:sched:"
         # Another replica waits for the backend (so the script reads its entry).
         await r.set(prefix + "alive:other", "1", px=60_000)
-        await r.hset(prefix + "wait:http://b", "other", "5:%d" % int(time.time() * 1000))
+        await r.hset(prefix + "wait:http://b", "other", f"5:{int(time.time() * 1000)}")
         out = []
         for k in range(n):
             args = ["me", prefix, 3000, 10_000, 60_000, 1, "alice", "1.0", 1, "alice", "1",

@@ -14,36 +14,36 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ollamamq_fast.accesslog import AccessLog
+from ollamamq_fast.accounting.keeper import UsageKeeper
+from ollamamq_fast.accounting.ledger import Ledger
 from ollamamq_fast.config import (
     DEFAULT_POOL,
     BackendOptions,
-    PoolConfig,
     ConfigError,
+    PoolConfig,
     Settings,
     apply_toml,
     load_toml,
     parse_backend_url,
 )
+from ollamamq_fast.control.server import AdminServer
 from ollamamq_fast.fleet.backend import Backend
 from ollamamq_fast.fleet.health import HealthChecker
 from ollamamq_fast.fleet.passive import PassiveHealth
 from ollamamq_fast.fleet.required import RequiredModels
 from ollamamq_fast.fleet.select import Balance, Fleet
-from ollamamq_fast.proxy.downstream import ClientProtocol
-from ollamamq_fast.proxy.flow import BodyBudget
-from ollamamq_fast.proxy.state import State
-from ollamamq_fast.proxy.local import LocalRoutes
-from ollamamq_fast.proxy.pool import UpstreamPool
-from ollamamq_fast.accesslog import AccessLog
 from ollamamq_fast.idle import IdlePruner
-from ollamamq_fast.control.server import AdminServer
 from ollamamq_fast.limits import any_budget
 from ollamamq_fast.operator import Operator
-from ollamamq_fast.pools import Pool, Pools
-from ollamamq_fast.accounting.ledger import Ledger
-from ollamamq_fast.accounting.keeper import UsageKeeper
 from ollamamq_fast.policy.engine import Policy
 from ollamamq_fast.policy.identity import Identity
+from ollamamq_fast.pools import Pool, Pools
+from ollamamq_fast.proxy.downstream import ClientProtocol
+from ollamamq_fast.proxy.flow import BodyBudget
+from ollamamq_fast.proxy.local import LocalRoutes
+from ollamamq_fast.proxy.pool import UpstreamPool
+from ollamamq_fast.proxy.state import State
 from ollamamq_fast.sched.dispatcher import Dispatcher
 from ollamamq_fast.state.cache import StateCache
 from ollamamq_fast.state.store import open_store
@@ -539,7 +539,7 @@ class Gateway:
         if self.server is not None:
             try:
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if self.sim is not None:
             await self.sim.close()

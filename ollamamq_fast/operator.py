@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
-
-
-import logging
 
 import orjson
 
@@ -93,7 +91,7 @@ class Operator:
     the fair queue and the fleet get the same settings applied live.
     """
 
-    def __init__(self, state: "GatewayState", cache: StateCache) -> None:
+    def __init__(self, state: GatewayState, cache: StateCache) -> None:
         self.state = state
         self.cache = cache
         self.events = EventBus()
@@ -332,7 +330,7 @@ class Operator:
         users, keys = self._access()
         return {"users": users, "keys": keys}
 
-    def _backend(self, url: str) -> "Backend":
+    def _backend(self, url: str) -> Backend:
         backend = self.state.pools.find_backend(url)
         if backend is None:
             raise KeyError(f"no backend {url}")
@@ -523,8 +521,8 @@ class Operator:
         """Token usage rows per (day, user, model) from the store, pending usage flushed first."""
         try:
             await self.cache.flush()
-        except Exception:  # noqa: BLE001 -- answer with what the store has
-            pass
+        except Exception as exc:  # noqa: BLE001 -- answer with what the store has
+            log.debug("usage report: pending usage not flushed first: %r", exc)
         rows = await self.cache.store.usage(user, since_day)
         return [{"day": r.day, "user": r.user, "model": r.model, "requests": r.requests,
                  "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,

@@ -28,9 +28,9 @@ from typing import Any
 
 import httpx
 import pytest
+from harness import Stack, free_port, start_stack
 from textual.widget import Widget
 
-from harness import Stack, free_port, start_stack
 from ollamamq_fast.config import Settings
 from ollamamq_fast.tui.actions import (
     NoTarget,
@@ -43,7 +43,12 @@ from ollamamq_fast.tui.actions import (
 from ollamamq_fast.tui.app import STOP_GATEWAY, Dashboard
 from ollamamq_fast.tui.client import SseParser
 from ollamamq_fast.tui.inprocess import LineFormatter, ensure_admin_token, loopback_url
-from ollamamq_fast.tui.view import backend_rows, backend_url_of, blocked_item, user_marks
+from ollamamq_fast.tui.view import (
+    backend_rows,
+    backend_url_of,
+    blocked_item,
+    user_marks,
+)
 from ollamamq_fast.tui.widgets.backends import BackendsTable
 from ollamamq_fast.tui.widgets.blocked import BlockedTable
 from ollamamq_fast.tui.widgets.dialogs import ConfirmScreen, HelpScreen, WeightScreen
@@ -366,7 +371,7 @@ def test_lost_gateway_is_shown_not_fatal() -> None:
 def run_top(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ollamamq_fast", "top", *args],
                           capture_output=True, text=True, timeout=20, cwd=ROOT,
-                          env={**os.environ, **env})
+                          env={**os.environ, **env}, check=False)
 
 
 def test_top_refuses_a_wrong_token_in_one_line(stack: Stack) -> None:

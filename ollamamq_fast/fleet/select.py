@@ -17,8 +17,8 @@ import zlib
 from typing import Any
 
 from ollamamq_fast.fleet.backend import ApiKind, Backend
-from ollamamq_fast.wire.sniff import SniffError, sniff_fields
 from ollamamq_fast.fleet.models import normalize_model
+from ollamamq_fast.wire.sniff import SniffError, sniff_fields
 
 
 class Balance(enum.Enum):

@@ -34,11 +34,11 @@ _TEXT = b"text/plain; charset=utf-8"
 class LocalRoutes:
     """Answers LOCAL routes for an exchange."""
 
-    def __init__(self, gw: "GatewayState") -> None:
+    def __init__(self, gw: GatewayState) -> None:
         self.gw = gw
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def answer(self, ex: "Exchange", route: Route) -> None:
+    def answer(self, ex: Exchange, route: Route) -> None:
         """Write the answer for a local route (async ones finish later)."""
         which = route.local
         if which is Local.HEALTH:
@@ -88,7 +88,7 @@ class LocalRoutes:
             "uptime_s": round(time.monotonic() - self.gw.started_at, 1),
         }
 
-    def _root(self, ex: "Exchange") -> None:
+    def _root(self, ex: Exchange) -> None:
         fleet = ex.fleet
         online = sum(1 for b in fleet.backends if b.online)
         extra = b"X-Gateway-Backends-Online: %d/%d\r\n" % (online, len(fleet.backends))
@@ -149,7 +149,7 @@ class LocalRoutes:
                     )
         return list(merged.values())
 
-    def _v1_model(self, ex: "Exchange") -> None:
+    def _v1_model(self, ex: Exchange) -> None:
         raw = ex.path[len(V1_MODEL_PREFIX) :].decode("utf-8", "replace")
         name = urllib.parse.unquote(raw)
         found = None
@@ -169,7 +169,7 @@ class LocalRoutes:
         body = {"id": name, "object": "model", "created": created, "owned_by": namespace_of(name)}
         ex.respond(200, _OPENAI_JSON, orjson.dumps(body) + b"\n")
 
-    async def _ps(self, ex: "Exchange") -> None:
+    async def _ps(self, ex: Exchange) -> None:
         models = await self.gw.health.fetch_ps(ex.fleet.backends)
         seen = {normalize_model(str(m.get("name") or m.get("model") or "")) for m in models}
         for b in ex.fleet.backends:

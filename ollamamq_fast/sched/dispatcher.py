@@ -12,8 +12,9 @@ import enum
 from collections import deque
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
-from ollamamq_fast.wire.routes import Kind
 from ollamamq_fast.sched.fairqueue import FairQueue
+from ollamamq_fast.wire.routes import Kind
+
 
 class SharedSlotsHook(Protocol):
     """What the dispatcher tells the Redis slot sharing (sched/shared_slots.py), when on."""
@@ -66,7 +67,7 @@ SLOT: Final = 1
 UNSLOTTED: Final = 2
 
 
-def started(backend: "Backend", slotted: bool) -> Placement:
+def started(backend: Backend, slotted: bool) -> Placement:
     """Run now on `backend` (taking one of its slots when `slotted`)."""
     p = Placement(Placed.STARTED)
     p.backend = backend
@@ -83,7 +84,7 @@ class _StartedCache:
         self.slotted: dict[Backend, Placement] = {}
         self.unslotted: dict[Backend, Placement] = {}
 
-    def get(self, backend: "Backend", slotted: bool) -> Placement:
+    def get(self, backend: Backend, slotted: bool) -> Placement:
         table = self.slotted if slotted else self.unslotted
         p = table.get(backend)
         if p is None:
@@ -108,7 +109,7 @@ class Dispatcher:
     """The scheduler's front: admission to the fair queue and dispatch out of it."""
 
     def __init__(
-        self, fleet: "Fleet", settings: "Settings", loop: asyncio.AbstractEventLoop
+        self, fleet: Fleet, settings: Settings, loop: asyncio.AbstractEventLoop
     ) -> None:
         self.fleet = fleet
         self.settings = settings
@@ -132,7 +133,7 @@ class Dispatcher:
 
     # -- Admission --------------------------------------------------------------
 
-    def submit(self, ex: "Exchange") -> Placement:
+    def submit(self, ex: Exchange) -> Placement:
         """Where a request whose model is known goes now (called by the exchange).
 
         STARTED: run it on `backend` at once; QUEUED: it waits in its user's
@@ -193,7 +194,7 @@ class Dispatcher:
             self.shared.wanted()
         return QUEUED
 
-    def _no_backend_for(self, ex: "Exchange") -> Placement:
+    def _no_backend_for(self, ex: Exchange) -> Placement:
         route = ex.route
         native = route.native if route is not None else True
         listed = [b for b in self.fleet.candidates(ex.model, native) if b.online]
@@ -248,7 +249,7 @@ class Dispatcher:
         finally:
             self.pumping = False
 
-    def _start(self, ex: "Exchange") -> None:
+    def _start(self, ex: Exchange) -> None:
         backend = ex.chosen
         assert backend is not None
         ex.chosen = None
@@ -268,7 +269,7 @@ class Dispatcher:
             self.shared.charge(ex.user, self.queue)
         ex.start(backend, slotted=slotted)
 
-    def take(self, backend: "Backend", slotted: bool) -> int:
+    def take(self, backend: Backend, slotted: bool) -> int:
         """A request starts on `backend`: the lease it holds until `give_back`."""
         if slotted:
             backend.in_flight += 1
@@ -276,7 +277,7 @@ class Dispatcher:
         backend.unslotted += 1
         return UNSLOTTED
 
-    def give_back(self, backend: "Backend", lease: int) -> None:
+    def give_back(self, backend: Backend, lease: int) -> None:
         """A request is done with its backend (called by the exchange, once per lease)."""
         if lease == SLOT:
             backend.in_flight -= 1
@@ -290,7 +291,7 @@ class Dispatcher:
         elif lease == UNSLOTTED:
             backend.unslotted -= 1
 
-    def retry(self, ex: "Exchange") -> None:
+    def retry(self, ex: Exchange) -> None:
         """Run a request again after its backend failed before answering (called by the exchange).
 
         The request waits in the retry line and is started from the dispatcher's
@@ -321,7 +322,7 @@ class Dispatcher:
                 line.append(ex)
         self.pump()
 
-    def cancel(self, ex: "Exchange") -> None:
+    def cancel(self, ex: Exchange) -> None:
         """The client of a waiting request left: forget it, O(1)."""
         ticket = ex.ticket
         if ticket is not None:
