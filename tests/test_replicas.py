@@ -286,4 +286,6 @@ def test_slot_cap_holds_for_a_backend_of_a_named_pool(fleet: Fleet) -> None:
                     (b.url + "/pool/team", "bob", 4, 0.0)], 2.0)
     statuses = [s for rows in results.values() for s, _, _ in rows]
     assert statuses and set(statuses) == {200}
-    assert pooled.stats.peak_active == 2 and default.stats.peak_active == 0
+    # A replica that found Redis slow or gone would schedule locally: its log says so.
+    logs = "\n".join(r.log.read_text() for r in (a, b))
+    assert pooled.stats.peak_active == 2 and default.stats.peak_active == 0, logs

@@ -71,8 +71,11 @@ HALF_LIFE_S = 10.0
 STALE_S = 1.0
 # While Redis is unreachable, it is tried again this often.
 RETRY_S = 0.5
-# Redis must answer within this, or the replica schedules locally.
-REDIS_TIMEOUT_S = 0.5
+# Redis must answer within this, or the replica schedules locally. Going local
+# lets every replica run a backend's full slots (over-commit until Redis is
+# back), so a Redis that is merely slow for a moment (a busy host) must not
+# trigger it; a Redis that is down refuses connections at once anyway.
+REDIS_TIMEOUT_S = 2.0
 # At most this many queued requests and users are looked at per round.
 SCAN_LIMIT = 256
 USERS_LIMIT = 64
