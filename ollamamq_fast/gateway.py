@@ -178,6 +178,8 @@ class GatewayState:
         backend.pool = UpstreamPool(backend, self.loop)
         if options is not None:
             backend.configure(options)
+        if self.shared is not None:
+            self.shared.adopt(backend)
         if self.health.session is not None:
             self.health.refresh_soon(backend)
         return backend
@@ -221,6 +223,8 @@ class GatewayState:
         if backend is None:
             backend = Backend(parse_backend_url(url), slots or self.settings.slots)
             backend.pool = UpstreamPool(backend, self.loop)
+            if self.shared is not None:
+                self.shared.adopt(backend)
         elif slots:
             backend.slots = slots
         if options is not None:

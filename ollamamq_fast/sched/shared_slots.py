@@ -342,6 +342,12 @@ class SharedSlots:
             backend.cap = backend.in_flight
             self._wake.set()
 
+    def adopt(self, backend: Backend) -> None:
+        """A backend made at run time (a pool, the admin API): under shared slots at once,
+        not at the next round, so it never runs its full slots here meanwhile."""
+        if not self.degraded and self._redis is not None:
+            self._share(backend)
+
     # -- Readiness, status -----------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
