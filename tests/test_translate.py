@@ -887,3 +887,36 @@ def test_openai_python_types_accept_translated_answers() -> None:
     CreateEmbeddingResponse.model_validate_json(translate_response(
         plan(Endpoint.OPENAI_EMBEDDINGS, Endpoint.OLLAMA_EMBED), b'{"embeddings":[[0.5]],"prompt_eval_count":1}'))
     Model.model_validate(openai_model_from_tag({"name": "llama3.2:latest", "modified_at": "2025-05-04T00:00:00Z"}))
+
+
+# -- A native body read as Ollama's Go server reads it (wire/translate/gobody.py) -------
+
+
+def test_go_body_field_names_in_any_case_last_one_wins() -> None:
+    from ollamamq_fast.wire.translate.gobody import loads_go_object
+
+    req = loads_go_object(b'{"model":"a","MODEL":"b","Messages":[{"ROLE":"user","content":"x",'
+                          b'"Tool_Calls":[{"Function":{"NAME":"f","Arguments":{"City":"Paris"}}}]}],'
+                          b'"unknown":1}')
+    assert req == {"model": "b", "messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"function": {"name": "f", "arguments": {"City": "Paris"}}}]}]}
+
+
+def test_go_body_repeated_objects_merge_and_map_keys_stay_exact() -> None:
+    from ollamamq_fast.wire.translate.gobody import loads_go_object
+
+    req = loads_go_object(b'{"model":"m","options":{"num_predict":5,"seed":1},'
+                          b'"OPTIONS":{"num_predict":7,"Top_K":3},"stream":true,"Stream":false}')
+    # A map (options): merged, the later value wins, keys exact as Go's map keys.
+    assert req["options"] == {"num_predict": 7, "seed": 1, "Top_K": 3}
+    assert req["stream"] is False
+
+
+def test_go_body_errors_are_400s() -> None:
+    from ollamamq_fast.wire.translate.common import TranslationError
+    from ollamamq_fast.wire.translate.gobody import loads_go_object
+
+    for body in (b"", b"[1]", b'{"model":', b'{"model":"m","x":NaN}'):
+        with pytest.raises(TranslationError) as err:
+            loads_go_object(body)
+        assert err.value.status == 400

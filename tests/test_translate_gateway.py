@@ -373,3 +373,18 @@ def test_a_mixed_fleet_routes_by_model_and_translates_only_where_needed() -> Non
             assert raw.parse().choices[0].message.content
     finally:
         st.close()
+
+
+def test_a_native_body_is_translated_as_go_reads_it(openai_backend: Stack) -> None:
+    # Go matches field names in any case and merges a repeated object: the
+    # translation reads the same, so the model routed on and the cap the
+    # gateway applied are the ones the OpenAI server gets.
+    st = openai_backend
+    body = (b'{"MODEL":"llama3.2","Messages":[{"ROLE":"user","Content":"hi"}],'
+            b'"stream":false,"Options":{"num_predict":3},"options":{"temperature":0.1}}')
+    r = httpx.post(st.url + "/api/chat", content=body, timeout=10,
+                   headers={"Content-Type": "application/json", "X-User-ID": "go-case"})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["eval_count"] == 3 and answer["done_reason"] == "length", answer
+    assert r.headers["x-translated"] == "ollama->openai"

@@ -17,6 +17,7 @@ from ollamamq_fast.wire.translate.common import (
     endpoint_for,
     loads_object,
 )
+from ollamamq_fast.wire.translate.gobody import loads_go_object
 
 
 def needs_translation(path: bytes | str, backend: Api) -> bool:
@@ -36,7 +37,9 @@ def translate_request(
     client = endpoint_for(path)
     if client is None or client.api is target:
         raise ValueError(f"no translation from {path!r} to {target.value}")
-    req = loads_object(body)
+    # A native body is read as Ollama's Go server would have read it (field
+    # names in any case, repeated objects merged); an OpenAI one by exact names.
+    req = loads_go_object(body) if target is Api.OPENAI else loads_object(body)
     model = req.get("model")
     if not isinstance(model, str) or not model.strip():
         raise TranslationError(400, "model is required")
