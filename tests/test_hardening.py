@@ -355,3 +355,47 @@ def test_user_ids_are_bounded_and_printable(sim_stack: Stack) -> None:
     assert r.status_code == 400 and r.json()["error"]["message"]
     r = httpx.post(st.url + "/api/chat", json=chat, headers={"X-User-ID": "ok-user"})
     assert r.status_code == 200 and "ok-user" in st.state.stats.users
+
+
+def test_http_version_with_and_without_a_connection_header() -> None:
+    # The version decides the answer's framing and whether the connection stays:
+    # HTTP/1.0 never gets a chunked body (a stream then ends with the close) and
+    # keeps the connection only when it asks; HTTP/1.1 keeps it unless told not to.
+    import socket
+
+    from harness import fast_sim_options, read_response
+
+    st = start_stack(sims=[fast_sim_options(tokens=5)])
+
+    def post(sock: socket.socket, version: bytes, connection: bytes, body: bytes) -> None:
+        sock.sendall(b"POST /api/generate %b\r\nHost: x\r\n%bContent-Length: %d\r\n\r\n%b"
+                     % (version, connection, len(body), body))
+
+    whole = b'{"model":"llama3.2","prompt":"q","stream":false}'
+    stream = b'{"model":"llama3.2","prompt":"q","stream":true}'
+    try:
+        for version, connection, kept in (
+            (b"HTTP/1.0", b"", False),
+            (b"HTTP/1.0", b"Connection: keep-alive\r\n", True),
+            (b"HTTP/1.1", b"", True),
+            (b"HTTP/1.1", b"Connection: keep-alive\r\n", True),
+            (b"HTTP/1.1", b"Connection: close\r\n", False),
+        ):
+            case = (version, connection)
+            with socket.create_connection(("127.0.0.1", st.port), timeout=5) as sock:
+                post(sock, version, connection, whole)
+                head = read_response(sock, 5.0).split(b"\r\n\r\n", 1)[0].lower()
+                assert head.startswith(b"http/1.1 200"), (case, head)
+                assert (b"connection: close" in head) is (not kept), (case, head)
+                if version == b"HTTP/1.0" and kept:
+                    assert b"connection: keep-alive" in head, (case, head)
+                if kept:  # the same connection answers a streamed request next
+                    post(sock, version, connection, stream)
+                    answer = read_response(sock, 5.0, until_close=version == b"HTTP/1.0")
+                    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+                    assert head.startswith(b"http/1.1 200"), (case, answer[:200])
+                    chunked = b"transfer-encoding: chunked" in head
+                    assert chunked is (version == b"HTTP/1.1"), (case, head)
+                    assert answer.count(b'"done":true') == 1, (case, answer[-300:])
+    finally:
+        st.close()

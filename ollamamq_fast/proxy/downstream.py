@@ -72,6 +72,8 @@ class ClientProtocol(asyncio.Protocol):
         self.idle_s = 0.0
         self.rx_count = 0
         self.rx_seen = 0
+        # The head being parsed has a Connection header (see on_headers_complete).
+        self.connection_named = False
 
     # -- asyncio.Protocol interface ---------------------------------------------
 
@@ -157,6 +159,7 @@ class ClientProtocol(asyncio.Protocol):
         self.parsing = Exchange(self)
         self.idle_s = 0.0
         self.parse_s = 0.0
+        self.connection_named = False
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
@@ -168,6 +171,8 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         if ex is not None:
             ex.headers.append((name, value))
+            if len(name) == 10 and name.lower() == b"connection":
+                self.connection_named = True
             self.head_bytes += len(name) + len(value) + 4
             if self.head_bytes > MAX_HEAD_BYTES:
                 raise ValueError("request head too large")
@@ -178,10 +183,14 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.head_bytes = 0
         parser = self.parser
+        keep_alive = parser.should_keep_alive()
+        # Kept alive with no Connection header means HTTP/1.1 (1.0 closes by
+        # default): httptools builds the version string with str.format, so it
+        # is asked for only when the answer is not already known.
+        http_11 = (keep_alive and not self.connection_named) or \
+            parser.get_http_version() == "1.1"
         try:
-            ex.head_complete(
-                parser.get_method(), parser.should_keep_alive(), parser.get_http_version() == "1.1"
-            )
+            ex.head_complete(parser.get_method(), keep_alive, http_11)
         except ValueError as exc:
             self._reject(400, f"malformed HTTP request: {exc}")
             return
