@@ -266,3 +266,14 @@ def test_hotpath_script_measures() -> None:
                           "--rounds", "1", "--route", "chat"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "us of gateway Python per request" in out and "HTTP/1.1 200 OK" in out
+
+
+@pytest.mark.parametrize(("content_type", "mark"), [
+    (b"application/x-ndjson", b"}\n"), (b"Application/X-NDJSON; charset=utf-8", b"}\n"),
+    (b"text/event-stream; charset=utf-8", b"data:"), (b"application/json; charset=utf-8", b""),
+    (b"", b""),
+])
+def test_event_mark_of_a_content_type_the_same_on_every_call(content_type: bytes,
+                                                              mark: bytes) -> None:
+    assert framing.event_mark(content_type) == mark
+    assert framing.event_mark(content_type) == mark  # the second answer comes from the memo

@@ -234,14 +234,28 @@ _NDJSON_OVERHEAD = 1
 _SSE_OVERHEAD = 3
 
 
+# Content types seen -> their event mark: a backend answers with the same few
+# types, and one dict lookup is cheaper than lower() and two finds. Bounded: a
+# backend inventing types gets them computed each time, not kept.
+_marks: dict[bytes, bytes] = {}
+_MARKS_KEPT = 64
+
+
 def event_mark(content_type: bytes) -> bytes:
     """The bytes that occur once per event of a stream of this type (b"" if not a stream)."""
+    mark = _marks.get(content_type)
+    if mark is not None:
+        return mark
     ct = content_type.lower()
     if ct.find(b"ndjson") >= 0:
-        return _NDJSON_MARK
-    if ct.find(b"event-stream") >= 0:
-        return _SSE_MARK
-    return b""
+        mark = _NDJSON_MARK
+    elif ct.find(b"event-stream") >= 0:
+        mark = _SSE_MARK
+    else:
+        mark = b""
+    if len(_marks) < _MARKS_KEPT:
+        _marks[content_type] = mark
+    return mark
 
 
 def estimated_tokens(events: int, content_type: bytes) -> int:
