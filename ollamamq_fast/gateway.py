@@ -467,13 +467,7 @@ class Gateway:
         if ("pools" in data or "pool_access" in data or self.file_pools
                 or live.pool_access_users or live.pool_access_keys):
             changes["pools"] = self._reload_pools(state, fresh, data)
-        queue = state.dispatcher.queue
-        for user in fresh.vip_users:
-            queue.set_vip(user, True)
-        for user in fresh.boost_users:
-            queue.set_boost(user, True)
-        for user, weight in fresh.user_weights.items():
-            queue.set_weight(user, weight)
+        state.dispatcher.queue.grant(fresh.vip_users, fresh.boost_users, fresh.user_weights)
         state.dispatcher.pump()
         state.operator.events.publish("config_reloaded", **changes)
         log.info("config reloaded from %s: %s", path, changes)

@@ -91,13 +91,7 @@ class Pool:
         self.aliases = {normalize_model(k): v for k, v in config.aliases.items()}
         if config.balance is not None:
             self.fleet.balance = Balance(config.balance)
-        queue = self.dispatcher.queue
-        for user in config.vip_users:
-            queue.set_vip(user, True)
-        for user in config.boost_users:
-            queue.set_boost(user, True)
-        for user, weight in config.user_weights.items():
-            queue.set_weight(user, weight)
+        self.dispatcher.queue.grant(config.vip_users, config.boost_users, config.user_weights)
 
     def alias_target(self, model: str) -> str | None:
         """The model name an alias stands for (None: `model` is no alias here)."""

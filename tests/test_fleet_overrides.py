@@ -10,26 +10,16 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from harness import Stack, fast_sim_options, start_stack
 from test_state import REDIS_SERVER, RedisServer
+from test_traps import wait_for
 
 TOKEN = "t0k"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _wait(pred: Any, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _urls(st: Stack) -> set[str]:
@@ -51,12 +41,12 @@ def test_removal_on_one_replica_applies_on_the_others(tmp_path: Path) -> None:
         try:
             # A runtime backend added on A reaches B; removed on A, it leaves B.
             a.lt.call(a.state.operator.add_backend, runtime, 2)
-            assert _wait(lambda: runtime in _urls(b))
+            assert wait_for(lambda: runtime in _urls(b))
             a.lt.call(a.state.operator.remove_backend, runtime)
-            assert _wait(lambda: runtime not in _urls(b)), _urls(b)
+            assert wait_for(lambda: runtime not in _urls(b)), _urls(b)
             # A configured backend removed on B leaves A too (the defect: A kept it).
             b.lt.call(b.state.operator.remove_backend, configured)
-            assert _wait(lambda: configured not in _urls(a)), _urls(a)
+            assert wait_for(lambda: configured not in _urls(a)), _urls(a)
             assert a.lt.call(a.state.operator.removed_backends) == [configured]
         finally:
             a.close()
@@ -67,7 +57,7 @@ def test_removal_on_one_replica_applies_on_the_others(tmp_path: Path) -> None:
             assert configured not in _urls(c)
             # Re-adding it on C clears the removal everywhere.
             c.lt.call(c.state.operator.add_backend, configured, None)
-            assert _wait(lambda: configured in _urls(b))
+            assert wait_for(lambda: configured in _urls(b))
             assert b.lt.call(b.state.operator.removed_backends) == []
         finally:
             c.close()

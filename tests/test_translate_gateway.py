@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ import openai
 import orjson
 import pytest
 from harness import Stack, fast_sim_options, start_stack
+from test_traps import wait_for
 
 TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -31,15 +31,6 @@ PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGA
        "rkJggg==")
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
           "required": ["city", "days"]}
-
-
-def wait(pred: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +105,7 @@ def test_ollama_chat_whole_and_streamed(openai_backend: Stack) -> None:
     last = parts[-1]
     assert last.eval_count == 8 and last.prompt_eval_count
     # Accounting uses the backend's own counts for both requests.
-    assert wait(lambda: done_count(st, "chat") == 2)
+    assert wait_for(lambda: done_count(st, "chat") == 2, 5.0)
     prompt, completion = tokens_of(st, "chat")
     assert completion == 5 + 8 and prompt == (whole.prompt_eval_count or 0) + last.prompt_eval_count
     assert not st.state.stats.users["chat"].estimated_tokens
@@ -212,8 +203,8 @@ def _cancel_translated_stream(st: Stack, request: bytes) -> None:
         got += sock.recv(65536)
     assert b"X-Translated" in got
     sock.close()
-    assert wait(lambda: sim.stats.cancelled > before), "the backend never saw the client leave"
-    assert wait(lambda: st.state.fleet.backends[0].in_flight == 0)
+    assert wait_for(lambda: sim.stats.cancelled > before, 5.0), "the backend never saw the client leave"
+    assert wait_for(lambda: st.state.fleet.backends[0].in_flight == 0, 5.0)
 
 
 def test_leaving_a_translated_ollama_stream_cancels_the_backend(openai_backend: Stack) -> None:
@@ -240,7 +231,7 @@ def test_openai_models_and_chat_whole(ollama_backend: Stack) -> None:
     answer = raw.parse()
     assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
     assert answer.usage is not None and answer.usage.completion_tokens == 4
-    assert wait(lambda: done_count(st, "oa-chat") == 1)
+    assert wait_for(lambda: done_count(st, "oa-chat") == 1, 5.0)
     assert tokens_of(st, "oa-chat") == (answer.usage.prompt_tokens, 4)
 
 
@@ -258,7 +249,7 @@ def test_openai_chat_streamed_with_and_without_usage(ollama_backend: Stack) -> N
         model="llama3.2", messages=[{"role": "user", "content": "hello"}], stream=True))
     assert all(ch.usage is None for ch in plain) and plain[-1].choices[0].finish_reason == "stop"
     # Both counted from the backend's own eval counts, the second too (no usage chunk asked).
-    assert wait(lambda: done_count(st, "oa-stream") == 2)
+    assert wait_for(lambda: done_count(st, "oa-stream") == 2, 5.0)
     prompt, completion = tokens_of(st, "oa-stream")
     assert completion == 16 and prompt == 2 * usage.prompt_tokens
     assert not st.state.stats.users["oa-stream"].estimated_tokens

@@ -115,12 +115,7 @@ class Dispatcher:
         self.settings = settings
         self.loop = loop
         self.queue = FairQueue()
-        for user in settings.vip_users:
-            self.queue.set_vip(user, True)
-        for user in settings.boost_users:
-            self.queue.set_boost(user, True)
-        for user, weight in settings.user_weights.items():
-            self.queue.set_weight(user, weight)
+        self.queue.grant(settings.vip_users, settings.boost_users, settings.user_weights)
         self.retry_line: deque[Exchange] = deque()
         # Set when slots are shared with other replicas through Redis (--redis).
         self.shared: SharedSlotsHook | None = None

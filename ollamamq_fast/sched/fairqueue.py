@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 # Dispatch bookkeeping lives in dicts keyed by user, so users must be hashable
 # strings; the payload is never inspected except by the caller's can_run.
@@ -233,6 +233,16 @@ class FairQueue:
         else:
             self._boost.discard(user)
         self._rering(user)
+
+    def grant(self, vip: Iterable[str], boost: Iterable[str],
+              weights: Mapping[str, object]) -> None:
+        """Configured VIP, Boost and weights (the config file, a pool's defaults)."""
+        for user in vip:
+            self.set_vip(user, True)
+        for user in boost:
+            self.set_boost(user, True)
+        for user, weight in weights.items():
+            self.set_weight(user, weight)
 
     def set_weight(self, user: str, weight: object) -> None:
         """Set the user's turns per round (admin API); ValueError if weight < 1.

@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import RedisError
 
+from ollamamq_fast.tasks import cancel_and_wait
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
@@ -295,14 +297,7 @@ class SharedSlots:
     async def stop(self) -> None:
         """Stop the task and give back every lease (requests have drained by now)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        await cancel_and_wait(task)
         r, self._redis = self._redis, None
         if r is None:
             return

@@ -104,29 +104,17 @@ def response_head(
     return b"".join(out)
 
 
-# A hop-by-hop header (RFC 9110 §7.6.1) stops a backend's head from being
-# relayed as it is. (llhttp has already refused bare-LF lines and obs-folds.)
-_HOP_BY_HOP_LINE = re.compile(
-    rb"\n(?:connection|keep-alive|proxy-connection|proxy-authenticate|te|trailer|upgrade)"
-    rb"[ \t]*:",
-    re.IGNORECASE,
-)
-
-
-def relay_head(raw: bytes, extra: bytes, close: bool,
-               hop_by_hop: bool | None = None) -> bytes | None:
+def relay_head(raw: bytes, extra: bytes, close: bool, hop_by_hop: bool) -> bytes | None:
     """The client's head made from the backend's own bytes, or None to rebuild it.
 
     `raw` is the backend's status line and header lines without the blank
     line that ends them. Most backend heads need nothing dropped, and then
     the bytes are the head `response_head` would build, with no per-header
     work: only `extra` (and `Connection: close`) is added. `hop_by_hop`:
-    whether the head has a hop-by-hop header, when the caller knows
-    (`response_framing` says); None to look for one in `raw`.
+    whether the head has a hop-by-hop header (RFC 9110 §7.6.1), which must
+    go, as `response_framing` found among the parser's header names.
     """
-    if not raw.startswith(b"HTTP/1.1 "):
-        return None
-    if hop_by_hop if hop_by_hop is not None else _HOP_BY_HOP_LINE.search(raw) is not None:
+    if hop_by_hop or not raw.startswith(b"HTTP/1.1 "):
         return None
     if close:
         return raw + b"\r\n" + extra + b"Connection: close\r\n\r\n"

@@ -165,7 +165,7 @@ def loads_object(body: bytes, what: str = "request body") -> dict[str, Any]:
         if _LONG_DIGITS.search(body) is None:
             value = orjson.loads(body)
         else:
-            value = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+            value = json.loads(body, parse_constant=refuse_constant, parse_float=finite_float)
     except ValueError as exc:
         raise TranslationError(400, f"invalid JSON in {what}: {exc}") from None
     if not isinstance(value, dict):
@@ -173,14 +173,16 @@ def loads_object(body: bytes, what: str = "request body") -> dict[str, Any]:
     return value
 
 
-def _finite(text: str) -> float:
+def finite_float(text: str) -> float:
+    """json's parse_float: a number beyond a float's range is an error, not infinity."""
     value = float(text)
     if value in (float("inf"), float("-inf")):
         raise ValueError(f"number {text} is out of range")
     return value
 
 
-def _no_constant(name: str) -> Any:
+def refuse_constant(name: str) -> Any:
+    """json's parse_constant: NaN and Infinity are not JSON."""
     raise ValueError(f"{name} is not JSON")
 
 

@@ -22,7 +22,11 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-from ollamamq_fast.wire.translate.common import TranslationError
+from ollamamq_fast.wire.translate.common import (
+    TranslationError,
+    finite_float,
+    refuse_constant,
+)
 
 
 class _Pairs(list[tuple[str, Any]]):
@@ -64,7 +68,7 @@ def loads_go_object(body: bytes, what: str = "request body") -> dict[str, Any]:
         raise TranslationError(400, f"missing {what}")
     try:
         value = json.loads(body, object_pairs_hook=_Pairs,
-                           parse_constant=_no_constant, parse_float=_finite)
+                           parse_constant=refuse_constant, parse_float=finite_float)
     except ValueError as exc:
         raise TranslationError(400, f"invalid JSON in {what}: {exc}") from None
     if not isinstance(value, _Pairs):
@@ -107,13 +111,3 @@ def _plain(value: Any) -> Any:
         return [_plain(item) for item in value]
     return value
 
-
-def _finite(text: str) -> float:
-    number = float(text)
-    if number in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text} is out of range")
-    return number
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
