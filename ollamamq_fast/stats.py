@@ -8,7 +8,6 @@ time and renders Prometheus or JSON from them.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from dataclasses import dataclass, field
 
 # Latency buckets in seconds: sub-millisecond proxy overheads up to long generations.
@@ -116,7 +115,18 @@ class Histogram:
 
     def observe(self, value: float) -> None:
         """Record one observation (O(log buckets))."""
-        self.counts[bisect_left(self.bounds, value)] += 1
+        # bisect_left by hand: compiled, a few compares instead of a call
+        # through the C API (about 800 instructions on every request).
+        bounds = self.bounds
+        lo = 0
+        hi = len(bounds)
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if bounds[mid] < value:
+                lo = mid + 1
+            else:
+                hi = mid
+        self.counts[lo] += 1
         self.total += value
         self.count += 1
         # Compares, not max()/min(): no call on the per-request path.

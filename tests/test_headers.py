@@ -57,8 +57,11 @@ def test_expect_only_counts_on_http_11_and_bad_lengths_raise() -> None:
     assert read_request_head([(b"Transfer-Encoding", b"gzip, Chunked")], True, False).chunked
     assert read_request_head([(b"Content-Encoding", b"zstd")], True, False).encoded_body
     assert not read_request_head([(b"Content-Encoding", b"identity")], True, False).encoded_body
-    with pytest.raises(ValueError):
-        read_request_head([(b"Content-Length", b"12abc")], True, False)
+    for bad in (b"12abc", b"", b" 12", b"+12", b"1_2", b"-1", b"\xd9\xa1"):
+        with pytest.raises(ValueError):
+            read_request_head([(b"Content-Length", bad)], True, False)
+    for good in (b"0", b"7", b"0012", b"123456789012345678", b"99999999999999999999"):
+        assert read_request_head([(b"Content-Length", good)], True, False).content_length == int(good)
 
 
 def test_length_lines() -> None:

@@ -23,7 +23,7 @@ from ollamamq_fast.wire.sniff import SniffError, scanned_fields, sniff_fields
 
 _scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 5),
-    st.text(alphabet="abcdeklmosMOD {}[]:,", max_size=8),
+    st.text(alphabet='abcdeklmosMOD {}[]:,"\\\u017f\u212a', max_size=8),
 )
 _values = st.recursive(
     _scalars,
@@ -34,7 +34,9 @@ _values = st.recursive(
     ),
     max_leaves=6,
 )
-_keys = st.sampled_from(["model", "MODEL", "Model", "name", "prompt", "options", "x"])
+# With the letters Go folds from non-ASCII ones: the long s (to s), the Kelvin sign (to k).
+_keys = st.sampled_from(["model", "MODEL", "Model", "name", "prompt", "options", "x",
+                         "source", "\u017fource", "\u212aey"])
 
 
 def _outcome(fn, body: bytes, keys: tuple[str, ...]) -> object:
@@ -46,17 +48,23 @@ def _outcome(fn, body: bytes, keys: tuple[str, ...]) -> object:
 
 @settings(max_examples=400, deadline=None)
 @given(
-    first=st.one_of(st.text(alphabet="abcxyz.:/", max_size=10), st.none(), st.integers(0, 3)),
-    first_key=st.sampled_from(["model", "Model", "name", "x"]),
+    first=st.one_of(st.text(alphabet='abcxyz.:/"\\\u00e9', max_size=10), st.none(),
+                    st.integers(0, 3)),
+    first_key=st.sampled_from(["model", "Model", "name", "x", "source", "key"]),
     rest=st.lists(st.tuples(_keys, _values), max_size=4),
-    keys=st.sampled_from([("model",), ("model", "name"), ("source",)]),
+    keys=st.sampled_from([("model",), ("model", "name"), ("source",), ("key",)]),
     spaced=st.booleans(),
+    ascii_only=st.booleans(),
 )
-def test_fast_sniff_agrees_with_the_member_scan(first, first_key, rest, keys, spaced) -> None:
+def test_fast_sniff_agrees_with_the_member_scan(first, first_key, rest, keys, spaced,
+                                                ascii_only) -> None:
     separators = (", ", ": ") if spaced else (",", ":")
-    members = [json.dumps(first_key) + separators[1] + json.dumps(first)]
-    members += [json.dumps(k) + separators[1] + json.dumps(v, separators=separators)
-                for k, v in rest]
+
+    def dumps(v: object) -> str:
+        return json.dumps(v, separators=separators, ensure_ascii=ascii_only)
+
+    members = [dumps(first_key) + separators[1] + dumps(first)]
+    members += [dumps(k) + separators[1] + dumps(v) for k, v in rest]
     body = ("{" + separators[0].join(members) + "}").encode()
     assert _outcome(sniff_fields, body, keys) == _outcome(scanned_fields, body, keys)
 
@@ -68,9 +76,22 @@ def test_fast_sniff_agrees_with_the_member_scan(first, first_key, rest, keys, sp
     (b'{"model":"a","role":"model"}', {"model": "a"}),  # "model" as a value
     (b'{"model":null,"x":1}', {}),
     (b'{"Model":"M"}', {"model": "M"}),
+    (b'{"model":"a\\"b"}', {"model": 'a"b'}),  # an escape in the first value: general path
+    (b'{"model":"a","x":"\\"model\\""}', {"model": "a"}),  # a key-like escaped value
+    (b'{"model":"\xc3\xa9t\xc3\xa9"}', {"model": "\u00e9t\u00e9"}),  # UTF-8 in the value
 ])
 def test_fast_sniff_cases(body: bytes, expect: dict[str, str]) -> None:
     assert sniff_fields(body, ("model",)) == expect == scanned_fields(body, ("model",))
+
+
+@pytest.mark.parametrize("body, keys, expect", [
+    ('{"source":"a","\u017fource":"b"}'.encode(), ("source",), {"source": "b"}),
+    ('{"key":"a","\u212aEY":"b"}'.encode(), ("key",), {"key": "b"}),
+    ('{"model":"a","\u017f":"b"}'.encode(), ("model",), {"model": "a"}),
+])
+def test_fast_sniff_folds_keys_as_go_does(body: bytes, keys: tuple[str, ...],
+                                          expect: dict[str, str]) -> None:
+    assert sniff_fields(body, keys) == expect == scanned_fields(body, keys)
 
 
 @pytest.mark.parametrize("body", [b'{"model":"a"', b'{"model":5}', b'{"model":{"a":1}}', b"[]"])

@@ -19,6 +19,18 @@ def test_tokens_in_tail_reads_last_frames() -> None:
     assert tokens_in_tail(b'{"response":"no counts"}') == (0, 0)
 
 
+def test_an_observation_lands_in_the_bucket_bisect_would_choose() -> None:
+    from bisect import bisect_left
+
+    from ollamamq_fast.stats import LATENCY_BUCKETS
+    for bounds in (LATENCY_BUCKETS, (1.0,), (1.0, 2.0)):
+        values = [b + d for b in bounds for d in (-1e-9, 0.0, 1e-9)] + [-1.0, 0.0, 1e9]
+        for v in values:
+            h = Histogram(bounds)
+            h.observe(v)
+            assert h.counts.index(1) == bisect_left(bounds, v), (bounds, v)
+
+
 def test_histogram_quantiles() -> None:
     h = Histogram((1.0, 2.0, 5.0))
     for v in (0.5, 0.5, 1.5, 4.0, 10.0):

@@ -184,7 +184,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         # The first blank line after the scan start ends the final head: headers
         # cannot contain one, and interim (1xx) heads were skipped past already.
-        buf = bytes(self.head_buf)
+        held = self.head_buf
+        buf = held if isinstance(held, bytes) else bytes(held)
         start = self.head_scan_from
         end = buf.find(b"\r\n\r\n", start)
         if end < 0:

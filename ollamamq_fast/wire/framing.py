@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import re
 import time
+from typing import Final
 from email.utils import formatdate
 
 from ollamamq_fast.wire.errors import reason
@@ -32,6 +33,35 @@ _RESPONSE_DROP = frozenset(
 )
 
 
+# What response_framing does with a header, by the name as a backend spells
+# it: a backend writes the same few spellings on every answer, so each is
+# lowercased once (bounded, so that a backend inventing names cannot grow it).
+_OTHER: Final = 0
+_CONTENT_TYPE: Final = 1
+_TRANSFER_ENCODING: Final = 2
+_CONTENT_LENGTH: Final = 3
+_HOP_BY_HOP: Final = 4
+_response_names: dict[bytes, int] = {}
+_RESPONSE_NAMES_MAX: Final = 4096
+
+
+def _response_name(name: bytes) -> int:
+    lname = name.lower()
+    if lname == b"content-type":
+        kind = _CONTENT_TYPE
+    elif lname == b"transfer-encoding":
+        kind = _TRANSFER_ENCODING
+    elif lname == b"content-length":
+        kind = _CONTENT_LENGTH
+    elif lname in _RESPONSE_DROP:
+        kind = _HOP_BY_HOP
+    else:
+        kind = _OTHER
+    if len(_response_names) < _RESPONSE_NAMES_MAX:
+        _response_names[name] = kind
+    return kind
+
+
 def response_framing(
     status: int, headers: list[tuple[bytes, bytes]], head_request: bool
 ) -> tuple[Framing, bytes, bool]:
@@ -45,14 +75,18 @@ def response_framing(
     has_length = False
     hop_by_hop = False
     for name, value in headers:
-        lname = name.lower()
-        if lname == b"content-type":
+        kind = _response_names.get(name)
+        if kind is None:
+            kind = _response_name(name)
+        if kind == _OTHER:
+            continue
+        if kind == _CONTENT_TYPE:
             content_type = value
-        elif lname == b"transfer-encoding":
-            chunked = value.lower().rstrip().endswith(b"chunked")
-        elif lname == b"content-length":
+        elif kind == _TRANSFER_ENCODING:
+            chunked = value == b"chunked" or value.lower().rstrip().endswith(b"chunked")
+        elif kind == _CONTENT_LENGTH:
             has_length = True
-        elif lname in _RESPONSE_DROP:
+        else:
             hop_by_hop = True
     if head_request or status < 200 or status in (204, 304):
         return Framing.EMPTY, content_type, hop_by_hop

@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from ollamamq_fast.wire.routes import EXACT
+
 
 class PathError(ValueError):
     """The request target cannot be read as a path (answered 400)."""
@@ -61,6 +63,8 @@ def request_path(target: bytes) -> tuple[bytes, bytes]:
 
 def normalize(path: bytes) -> bytes:
     """The canonical spelling of a path; the same object when it is already canonical."""
+    if path in EXACT:
+        return path  # a route's own spelling is canonical: one dict lookup, no scan
     if path.find(b"%") < 0 and path.find(b"//") < 0 and path.find(b"/.") < 0:
         return path  # the HTTP parser has already refused control bytes in the target
     decoded = _unescape(path) if path.find(b"%") >= 0 else path

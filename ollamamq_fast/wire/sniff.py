@@ -57,38 +57,58 @@ _FLAT = re.compile(
 _FLAT_PAIR = re.compile(rb'"([^"]*)"\s*:\s*(?:"([^"]*)"|([-+.\w]+))')
 # Faster still, and for nested bodies too: the wanted key is the first member
 # (the ollama client, curl, LangChain and openai >= 3 put `model` first) and no
-# other wanted key is written anywhere in the body. With no backslash a string
-# cannot hold a quote, and with ASCII only there is no Unicode case folding, so
-# a single occurrence of `"model"` in the whole body can only be that member.
-# Bytes after it are not checked here: a body broken further on goes to a
-# backend serving that model, whose own Go decoder answers the 400 Ollama
-# would (the same as a broken nested value after the general scan).
-_LEADING = re.compile(rb'\s*\{\s*"([A-Za-z_]+)"\s*:\s*(?:"([^"]*)"|null)\s*[,}]')
-_quoted_memo: dict[tuple[str, ...], tuple[bytes, ...]] = {}
+# wanted key is written anywhere after it. The first member holds no backslash
+# (the pattern refuses one), and one search of the rest finds either a
+# backslash or a wanted key in any ASCII case: with no backslash a string
+# cannot hold a quote, so a single `"model"` can only be that member. Go also
+# folds two non-ASCII letters to ASCII ones (the Kelvin sign to k, the long s
+# to s); a body with non-ASCII bytes takes the general path when a wanted key
+# has either letter. Bytes after the member are not checked otherwise: a body
+# broken further on goes to a backend serving that model, whose own Go
+# decoder answers the 400 Ollama would (the same as a broken nested value
+# after the general scan).
+_LEADING = re.compile(rb'\s*\{\s*"([A-Za-z_]+)"\s*:\s*(?:"([^"\\]*)"|null)\s*[,}]')
+
+
+class _Leading(NamedTuple):
+    wanted: dict[bytes, str]
+    again: re.Pattern[bytes]  # a backslash, or any wanted key quoted, in any ASCII case
+    fold_sensitive: bool  # a wanted key has a letter Go folds from a non-ASCII one
+
+
+_leading_memo: dict[tuple[str, ...], _Leading] = {}
+
+
+def _leading_for(keys: tuple[str, ...]) -> _Leading:
+    found = _leading_memo.get(keys)
+    if found is None:
+        names = b"|".join(re.escape(k.encode()) for k in keys)
+        found = _leading_memo[keys] = _Leading(
+            _wanted(keys), re.compile(rb'\\|"(?i:' + names + rb')"'),
+            any(c in k.lower() for k in keys for c in "ks"))
+    return found
 
 
 def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None:
     """`sniff_fields` for a body whose first member is the only wanted key; else None.
 
-    The caller has checked the body is small and has no backslash.
+    The caller has checked the body is small.
     """
     m = _LEADING.match(body)
-    if m is None or not body.isascii():
+    if m is None:
         return None
-    raw_key = m.group(1)
-    wanted = _wanted(keys)
+    raw_key = m[1]
+    memo = _leading_for(keys)
+    wanted = memo.wanted
     key = wanted.get(raw_key) or wanted.get(raw_key.lower())
     if key is None or not (body.endswith(b"}") or body.rstrip().endswith(b"}")):
         return None
-    quoted = _quoted_memo.get(keys)
-    if quoted is None:
-        quoted = _quoted_memo[keys] = tuple(b'"' + k.encode() + b'"' for k in keys)
-    lowered = body.lower()
-    for name, q in zip(keys, quoted):
-        if lowered.count(q) != (1 if name == key else 0):
-            return None
-    value = m.group(2)
-    return {key: value.decode()} if value is not None else {}
+    if memo.again.search(body, m.end() - 1) is not None:
+        return None
+    if memo.fold_sensitive and not body.isascii():
+        return None
+    value = m[2]
+    return {key: value.decode("utf-8", "replace")} if value is not None else {}
 
 
 def sniff_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
@@ -98,16 +118,14 @@ def sniff_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
     rules). A `null` value counts as absent. A wanted key holding a non-string
     value raises SniffError, as Go's decoder rejects it.
     """
-    small = len(body) <= _FAST_MAX and body.find(_BACKSLASH) < 0
-    if small:
+    if len(body) <= _FAST_MAX:
         leading = _leading_fields(body, keys)
         if leading is not None:
             return leading
-    wanted = _wanted(keys)
-    if small:
-        flat = _FLAT.match(body)
-        if flat is not None:
-            return _flat_fields(body, flat.end(), wanted)
+        if body.find(_BACKSLASH) < 0:
+            flat = _FLAT.match(body)
+            if flat is not None:
+                return _flat_fields(body, flat.end(), _wanted(keys))
     return scanned_fields(body, keys)
 
 
