@@ -9,8 +9,8 @@ from __future__ import annotations
 import enum
 import re
 import time
-from typing import Final
 from email.utils import formatdate
+from typing import Final
 
 from ollamamq_fast.wire.errors import reason
 
