@@ -14,6 +14,7 @@ from harness import Stack, start_stack
 from test_traps import wait_for
 
 from ollamamq_fast.accounting.ledger import CLIENT_CLOSED, End, Ledger
+from ollamamq_fast.state.tally import UsageTally
 from ollamamq_fast.stats import GatewayStats, UserStats
 from ollamamq_fast.wire.framing import terminal_event_relayed
 
@@ -28,16 +29,15 @@ class Access:
         self.lines.append(fields)
 
 
-class Usage:
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, int, int]] = []
-        self.ends: list[tuple[str, str, bool, bool, bool]] = []
+def rows(usage: UsageTally) -> list[tuple[str, str, int, int]]:
+    """The real tally read back: (user, model, prompt, completion) per ended request."""
+    return [(user, model, c[4], c[5]) for (_, user, _, model, _), c in usage.hours.items()]
 
-    def add_usage(self, user: str, model: str, prompt: int, completion: int, key: str = "",
-                  backend: str = "", error: bool = False, cancelled: bool = False,
-                  estimated: bool = False) -> None:
-        self.rows.append((user, model, prompt, completion))
-        self.ends.append((key, backend, error, cancelled, estimated))
+
+def ends(usage: UsageTally) -> list[tuple[str, str, bool, bool, bool]]:
+    """(key, backend, error, cancelled, estimated) per ended request."""
+    return [(key, backend, c[1] > 0, c[2] > 0, c[3] > 0)
+            for (_, _, key, _, backend), c in usage.hours.items()]
 
 
 class Quotas:
@@ -70,8 +70,8 @@ class Req:
         self.tokens_estimated = False
 
 
-def _ledger() -> tuple[Ledger, GatewayStats, Access, Usage, Quotas]:
-    stats, access, usage, quotas = GatewayStats(), Access(), Usage(), Quotas()
+def _ledger() -> tuple[Ledger, GatewayStats, Access, UsageTally, Quotas]:
+    stats, access, usage, quotas = GatewayStats(), Access(), UsageTally(), Quotas()
     now = [2.0]
     ledger = Ledger(stats, usage, quotas, access, lambda: now[0])  # type: ignore[arg-type]
     return ledger, stats, access, usage, quotas
@@ -88,8 +88,8 @@ def test_a_done_request_is_counted_once_with_its_tokens_under_the_canonical_mode
     ledger.ended(r, End.DONE, "http://b")
     assert (ustats.in_flight, ustats.done, ustats.dropped) == (0, 1, 0)
     assert (ustats.prompt_tokens, ustats.completion_tokens) == (3, 5)
-    assert usage.rows == [("alice", "tiny:latest", 3, 5)] and quotas.used == [("alice", 8)]
-    assert usage.ends == [("k1", "http://b", False, False, False)]
+    assert rows(usage) == [("alice", "tiny:latest", 3, 5)] and quotas.used == [("alice", 8)]
+    assert ends(usage) == [("k1", "http://b", False, False, False)]
     assert stats.responses == {("/api/chat", 200, "http://b"): 1}
     assert len(access.lines) == 1 and access.lines[0][6] == 200
     assert access.lines[0][-3:] == (3, 5, b"rid-1")
@@ -102,8 +102,8 @@ def test_a_cancelled_request_gets_a_499_line_and_counts_as_dropped() -> None:
     ledger.running(r)
     ledger.tokens(r, 0, 2, estimated=True)
     ledger.ended(r, End.CANCELLED, "http://b")
-    assert usage.rows == [("alice", "tiny:latest", 0, 2)]
-    assert usage.ends == [("k1", "http://b", False, True, True)]
+    assert rows(usage) == [("alice", "tiny:latest", 0, 2)]
+    assert ends(usage) == [("k1", "http://b", False, True, True)]
     assert (ustats.in_flight, ustats.done, ustats.dropped) == (0, 0, 1)
     assert stats.cancelled == 1 and not stats.responses
     assert access.lines[0][6] == CLIENT_CLOSED and access.lines[0][-3:-1] == (0, 2)
@@ -114,8 +114,8 @@ def test_an_error_without_tokens_is_a_usage_row_with_its_error() -> None:
     r = Req(ledger.arrived("alice", "10.0.0.1"))
     r.status = 403  # refused by a quota: no backend, no tokens
     ledger.ended(r, End.DONE, "")
-    assert usage.rows == [("alice", "tiny:latest", 0, 0)]
-    assert usage.ends == [("k1", "", True, False, False)]
+    assert rows(usage) == [("alice", "tiny:latest", 0, 0)]
+    assert ends(usage) == [("k1", "", True, False, False)]
 
 
 def test_refusals_count_by_whom() -> None:

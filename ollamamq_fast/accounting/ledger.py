@@ -14,6 +14,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from ollamamq_fast.state.tally import UsageTally
 from ollamamq_fast.stats import GatewayStats, UserStats
 from ollamamq_fast.wire.routes import EXACT
 
@@ -46,15 +47,6 @@ class End(enum.Enum):
     DONE = "done"  # answered (by a backend, the cache or the gateway), whatever the status
     REFUSED = "refused"  # refused by a limit, a quota, the queue bound or a block
     CANCELLED = "cancelled"  # the client left before the answer ended
-
-
-class Usage(Protocol):
-    """Where token counts go beyond the live counters (the state cache)."""
-
-    def add_usage(self, user: str, model: str, prompt: int, completion: int, key: str,
-                  backend: str, error: bool, cancelled: bool, estimated: bool) -> None:
-        """Add one ended request and its tokens to the usage rows (state/cache.py)."""
-        ...
 
 
 class Quotas(Protocol):
@@ -91,7 +83,7 @@ class Record(Protocol):
 class Ledger:
     """Counts requests, tokens and end states; writes the access log."""
 
-    def __init__(self, stats: GatewayStats, usage: Usage, quotas: Quotas,
+    def __init__(self, stats: GatewayStats, usage: UsageTally, quotas: Quotas,
                  access: AccessLog, loop_time: Any) -> None:
         self.stats = stats
         self.usage = usage
@@ -222,7 +214,8 @@ class Ledger:
             self.usage.add_usage(r.user, r.model or r.model_name, r.prompt_tokens,
                                  r.completion_tokens, r.key_id, backend,
                                  end is not End.CANCELLED and status >= 400,
-                                 end is End.CANCELLED, r.tokens_estimated)
+                                 end is End.CANCELLED, r.tokens_estimated,
+                                 now + self.wall_offset)
         if r.in_flight_counted:
             r.in_flight_counted = False
             if ustats is not None:

@@ -39,9 +39,10 @@ class UsageTally:
 
     def add_usage(self, user: str, model: str, prompt: int, completion: int, key: str = "",
                   backend: str = "", error: bool = False, cancelled: bool = False,
-                  estimated: bool = False) -> None:
-        """Count one ended request and its tokens."""
-        now = time.time()
+                  estimated: bool = False, now: float = 0.0) -> None:
+        """Count one ended request and its tokens; `now`: the wall clock if the caller has it."""
+        if not now:
+            now = time.time()
         if now >= self._hour_ends:
             self._hour = utc_hour(now)
             self._hour_ends = (now // SECONDS_PER_HOUR + 1) * SECONDS_PER_HOUR

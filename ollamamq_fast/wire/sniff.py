@@ -57,22 +57,26 @@ _FLAT = re.compile(
 _FLAT_PAIR = re.compile(rb'"([^"]*)"\s*:\s*(?:"([^"]*)"|([-+.\w]+))')
 # Faster still, and for nested bodies too: the wanted key is the first member
 # (the ollama client, curl, LangChain and openai >= 3 put `model` first) and no
-# wanted key is written anywhere after it. The first member holds no backslash
-# (the pattern refuses one), and one search of the rest finds either a
-# backslash or a wanted key in any ASCII case: with no backslash a string
-# cannot hold a quote, so a single `"model"` can only be that member. Go also
-# folds two non-ASCII letters to ASCII ones (the Kelvin sign to k, the long s
-# to s); a body with non-ASCII bytes takes the general path when a wanted key
-# has either letter. Bytes after the member are not checked otherwise: a body
-# broken further on goes to a backend serving that model, whose own Go
-# decoder answers the 400 Ollama would (the same as a broken nested value
-# after the general scan).
-_LEADING = re.compile(rb'\s*\{\s*"([A-Za-z_]+)"\s*:\s*(?:"([^"\\]*)"|null)\s*[,}]')
+# wanted key is written anywhere after it, in any ASCII case, and the body has
+# no backslash: then a string cannot hold a quote, so a single `"model"` can
+# only be that member. Go also folds two non-ASCII letters to ASCII ones (the
+# Kelvin sign to k, the long s to s): a body with non-ASCII bytes takes the
+# general path when a wanted key has either letter. Bytes after the member are
+# not checked otherwise: a body broken further on goes to a backend serving
+# that model, whose own Go decoder answers the 400 Ollama would (the same as a
+# broken nested value after the general scan).
+#
+# The usual spellings (`{"model":"` and `{"model": "`, as JSON encoders write
+# them) are recognised by a prefix compare; any other spacing, case or a null
+# value by the pattern. Each bytes method or regex call costs about a
+# thousand instructions, so the common case makes as few as it can.
+_LEADING = re.compile(rb'\s*\{\s*"([A-Za-z_]+)"\s*:\s*(?:"([^"]*)"|null)\s*[,}]')
 
 
 class _Leading(NamedTuple):
     wanted: dict[bytes, str]
-    again: re.Pattern[bytes]  # a backslash, or any wanted key quoted, in any ASCII case
+    prefixes: tuple[tuple[bytes, str], ...]  # the usual openings, and the key each names
+    quoted: tuple[bytes, ...]  # each wanted key in quotes, lowercase
     fold_sensitive: bool  # a wanted key has a letter Go folds from a non-ASCII one
 
 
@@ -82,9 +86,10 @@ _leading_memo: dict[tuple[str, ...], _Leading] = {}
 def _leading_for(keys: tuple[str, ...]) -> _Leading:
     found = _leading_memo.get(keys)
     if found is None:
-        names = b"|".join(re.escape(k.encode()) for k in keys)
+        prefixes = tuple((b'{"' + k.encode() + sep + b'"', k)
+                         for k in keys for sep in (b'":', b'": '))
         found = _leading_memo[keys] = _Leading(
-            _wanted(keys), re.compile(rb'\\|"(?i:' + names + rb')"'),
+            _wanted(keys), prefixes, tuple(b'"' + k.lower().encode() + b'"' for k in keys),
             any(c in k.lower() for k in keys for c in "ks"))
     return found
 
@@ -94,20 +99,41 @@ def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None
 
     The caller has checked the body is small.
     """
-    m = _LEADING.match(body)
-    if m is None:
-        return None
-    raw_key = m[1]
     memo = _leading_for(keys)
-    wanted = memo.wanted
-    key = wanted.get(raw_key) or wanted.get(raw_key.lower())
-    if key is None or not (body.endswith(b"}") or body.rstrip().endswith(b"}")):
+    key = ""
+    value: bytes | None = None
+    after = 0  # where the first member's value ends
+    for prefix, name in memo.prefixes:
+        if body.startswith(prefix):
+            at = len(prefix)
+            end = body.find(b'"', at)
+            if end < 0 or end + 1 >= len(body):
+                return None
+            c = body[end + 1]
+            if c != 0x2C and c != 0x7D:  # ',' or '}' right after: else the pattern decides
+                break
+            key, value, after = name, body[at:end], end + 1
+            break
+    if not key:
+        m = _LEADING.match(body)
+        if m is None:
+            return None
+        raw_key = m[1]
+        wanted = memo.wanted
+        found = wanted.get(raw_key) or wanted.get(raw_key.lower())
+        if found is None:
+            return None
+        key, value, after = found, m[2], m.end() - 1
+    if not (body.endswith(b"}") or body.rstrip().endswith(b"}")):
         return None
-    if memo.again.search(body, m.end() - 1) is not None:
+    if body.find(_BACKSLASH) >= 0:
         return None
+    lowered = body.lower()
+    for q in memo.quoted:
+        if lowered.find(q, after) >= 0:
+            return None
     if memo.fold_sensitive and not body.isascii():
         return None
-    value = m[2]
     return {key: value.decode("utf-8", "replace")} if value is not None else {}
 
 
