@@ -7,8 +7,8 @@ image does so); `''` or `--no-access-log` for none.
 
 The data plane appends one tuple per finished request to a deque (a C-level
 append, no formatting, no I/O, no logging call, no lock). A writer thread
-drains it a few times a second, formats JSON (or logfmt) lines and writes
-them in batches. If the writer falls behind (a stalled disk, a stderr pipe
+drains it a few times a second, formats JSON (compiled, accessline.py) or
+logfmt lines and writes them as bytes in batches. If the writer falls behind (a stalled disk, a stderr pipe
 nobody reads) by more than `max_pending` lines, new lines are counted as
 dropped instead of growing memory; `written`, `dropped` and `pending` are in
 /api/stats and /metrics.
@@ -22,10 +22,11 @@ import logging.handlers
 import re
 import sys
 import threading
-import time
 from typing import Any, TextIO
 
 import orjson
+
+from ollamamq_fast.accessline import Stamp, escape_unprintable, json_batch
 
 # Lines waiting for the writer thread; beyond this they are dropped (and counted).
 MAX_PENDING = 100_000
@@ -63,8 +64,7 @@ class AccessLog:
         self.enabled = self.handler is not None or self.stream is not None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ts_second = -1  # the second whose text is _ts_prefix
-        self._ts_prefix = ""
+        self._stamp = Stamp()
 
     def start(self) -> None:
         """Start the writer thread (no-op when logging nowhere)."""
@@ -88,42 +88,38 @@ class AccessLog:
         """Write everything queued so far, BATCH_LINES at a time (writer thread, or at stop)."""
         pending = self.pending
         while pending:
-            lines: list[str] = []
-            while pending and len(lines) < BATCH_LINES:
-                lines.append(self._format(pending.popleft()))
-            self._write("".join(lines))
-            self.written += len(lines)
+            if self.fmt == "logfmt":
+                lines: list[bytes] = []
+                while pending and len(lines) < BATCH_LINES:
+                    lines.append(self._logfmt(pending.popleft()))
+                data, n = b"".join(lines), len(lines)
+            else:
+                data, n = json_batch(self._stamp, pending, BATCH_LINES)
+            self._write(data)
+            self.written += n
 
-    def _write(self, text: str) -> None:
+    def _write(self, data: bytes) -> None:
         handler = self.handler
         if handler is not None:
-            if handler.shouldRollover(_SizeProbe(text)):
-                handler.doRollover()
             stream = handler.stream
-            if stream is not None:  # reopened by doRollover (the handler is not delayed)
-                stream.write(text)
-                stream.flush()
+            if (stream is not None and handler.maxBytes > 0 and stream.tell()
+                    and stream.tell() + len(data) >= handler.maxBytes):
+                handler.doRollover()  # reopens the stream (the handler is not delayed)
+                stream = handler.stream
+            if stream is not None:
+                _write_bytes(stream, data)
         if self.stream is not None:
-            self.stream.write(text)
-            self.stream.flush()
+            _write_bytes(self.stream, data)
 
     def counters(self) -> dict[str, int]:
         """Lines written, dropped (the writer was behind), and waiting; for stats and metrics."""
         return {"written": self.written, "dropped": self.dropped, "pending": len(self.pending)}
 
-    def _format(self, fields: tuple[Any, ...]) -> str:
+    def _logfmt(self, fields: tuple[Any, ...]) -> bytes:
         (ts, user, ip, method, path, model, status, backend, queue_ms, duration_ms,
          prompt_tokens, completion_tokens, request_id) = fields
-        # The writer thread's CPU is the event loop's too (one GIL): a line is
-        # built in one dict display and one orjson call, the second of its
-        # time stamp formatted once per second.
-        second = int(ts)
-        if second != self._ts_second:
-            self._ts_second = second
-            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         record = {
-            "ts": f"{self._ts_prefix}.{int((ts - second) * 1000):03d}Z",
-            "user": user, "ip": ip,
+            "ts": self._stamp.text(ts), "user": user, "ip": ip,
             # Kept as bytes on the loop; decoded here.
             "method": method.decode("latin-1") if isinstance(method, bytes) else method,
             "path": path.decode("latin-1") if isinstance(path, bytes) else path,
@@ -133,9 +129,7 @@ class AccessLog:
             "request_id": (request_id.decode("latin-1") if isinstance(request_id, bytes)
                            else request_id),
         }
-        if self.fmt == "logfmt":
-            return logfmt_line(record) + "\n"
-        return _json_safe(orjson.dumps(record).decode()) + "\n"
+        return (logfmt_line(record) + "\n").encode()
 
     def stop(self) -> None:
         """Flush and stop the writer thread."""
@@ -147,14 +141,16 @@ class AccessLog:
             self.handler.close()
 
 
-class _SizeProbe(logging.LogRecord):
-    """Lets RotatingFileHandler.shouldRollover size a batch of lines."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__("access", logging.INFO, "", 0, "%s", (text,), None)
-
-    def getMessage(self) -> str:
-        return str(self.args[0]) if isinstance(self.args, tuple) else ""
+def _write_bytes(stream: TextIO, data: bytes) -> None:
+    """Bytes to a text stream's binary buffer (files, stderr); decoded for one without."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        stream.write(data.decode())
+        stream.flush()
+        return
+    stream.flush()  # anything written as text goes first
+    buffer.write(data)
+    buffer.flush()
 
 
 # Client-controlled text (user id, path, request id, model) reaches the log:
@@ -164,27 +160,11 @@ class _SizeProbe(logging.LogRecord):
 _LOGFMT_SAFE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, '"', '=', '\\'
 
 
-def _escape_unprintable(text: str) -> str:
-    """`text` with every non-printable character as a JSON \\uXXXX escape (pairs above U+FFFF)."""
-    out = []
-    for c in text:
-        if c.isprintable():
-            out.append(c)
-            continue
-        code = ord(c)
-        if code > 0xFFFF:
-            code -= 0x10000
-            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
-        else:
-            out.append(f"\\u{code:04x}")
-    return "".join(out)
-
-
 def _json_safe(text: str) -> str:
     """JSON text from orjson, with the characters it leaves raw escaped (still valid JSON)."""
     if text.isascii() and "\x7f" not in text:
         return text  # orjson already escapes every control character below 0x20
-    return _escape_unprintable(text)
+    return escape_unprintable(text)
 
 
 def logfmt_value(value: Any) -> str:

@@ -41,6 +41,8 @@ GROUP: Final = "ollamamq_fast"
 #   traffic (probes, syncs), not per request.
 # - gateway.py, config.py, operator.py, control/, state/ (but state/tally.py,
 #   which sums a usage row per request): start-up, admin and storage.
+# - accesslog.py: the writer thread's loop and file handling (but accessline.py,
+#   which formats a line per request on that thread, under the loop's GIL).
 COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.wire.errors",
     "ollamamq_fast.wire.framing",
@@ -70,6 +72,7 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.accounting.ledger",
     "ollamamq_fast.state.tally",
     "ollamamq_fast.stats",
+    "ollamamq_fast.accessline",
 )
 
 _HERE: Final = os.path.dirname(os.path.abspath(__file__))

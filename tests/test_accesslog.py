@@ -161,3 +161,25 @@ def test_counters_are_in_stats_and_metrics(tmp_path: Path) -> None:
         assert "ollamamq_access_log_pending" in metrics
     finally:
         st.close()
+
+
+def test_a_compiled_line_carries_every_field_and_the_batch_takes_its_limit() -> None:
+    import collections
+
+    from ollamamq_fast.accessline import Stamp, json_batch, json_line
+
+    stamp = Stamp()
+    assert stamp.text(1_700_000_000.5) == "2023-11-14T22:13:20.500Z"
+    assert stamp.text(1_700_000_001.0429) == "2023-11-14T22:13:21.042Z"
+    fields = (1_700_000_000.25, "alice", "10.0.0.1", b"POST", b"/api/chat", "m:latest", 200,
+              "http://b:1", 3, 1.25, 7, 9, b"rid")
+    line = json_line(stamp, fields)
+    assert line.endswith(b"}\n") and line.count(b"\n") == 1
+    record = json.loads(line)
+    assert list(record) == list(FIELDS)
+    assert list(record.values())[1:] == ["alice", "10.0.0.1", "POST", "/api/chat", "m:latest",
+                                         200, "http://b:1", 3, 1.25, 7, 9, "rid"]
+    assert record["ts"] == "2023-11-14T22:13:20.250Z"
+    pending = collections.deque([fields] * 5)
+    data, n = json_batch(stamp, pending, 3)
+    assert n == 3 and data.count(b"\n") == 3 and len(pending) == 2

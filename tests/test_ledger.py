@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,13 +21,18 @@ from ollamamq_fast.wire.framing import terminal_event_relayed
 
 
 class Access:
+    """The access log's side the ledger writes to: its queue of records."""
+
     enabled = True
+    max_pending = 1000
 
     def __init__(self) -> None:
-        self.lines: list[tuple[Any, ...]] = []
+        self.pending: deque[tuple[Any, ...]] = deque()
+        self.dropped = 0
 
-    def record(self, *fields: Any) -> None:
-        self.lines.append(fields)
+    @property
+    def lines(self) -> list[tuple[Any, ...]]:
+        return list(self.pending)
 
 
 def rows(usage: UsageTally) -> list[tuple[str, str, int, int]]:
@@ -70,8 +76,9 @@ class Req:
         self.tokens_estimated = False
 
 
-def _ledger() -> tuple[Ledger, GatewayStats, Access, UsageTally, Quotas]:
+def _ledger(max_pending: int = 1000) -> tuple[Ledger, GatewayStats, Access, UsageTally, Quotas]:
     stats, access, usage, quotas = GatewayStats(), Access(), UsageTally(), Quotas()
+    access.max_pending = max_pending
     now = [2.0]
     ledger = Ledger(stats, usage, quotas, access, lambda: now[0])  # type: ignore[arg-type]
     return ledger, stats, access, usage, quotas
@@ -215,3 +222,11 @@ def test_a_client_leaving_after_the_terminal_event_is_done_not_dropped(
     user = stats.users["sdk"]
     assert (user.done, user.dropped) == (1, 0)
     assert (user.prompt_tokens, user.completion_tokens) == (7, 11)
+
+
+def test_a_full_access_queue_drops_the_line_with_a_count() -> None:
+    ledger, _, access, _, _ = _ledger(max_pending=1)  # the writer is behind (a stalled disk)
+    for _ in range(3):
+        ustats = ledger.arrived("alice", "10.0.0.1")
+        ledger.ended(Req(ustats), End.DONE, "http://b")
+    assert len(access.lines) == 1 and access.dropped == 2

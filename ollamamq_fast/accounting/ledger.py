@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import secrets
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ollamamq_fast.state.tally import UsageTally
@@ -89,6 +90,11 @@ class Ledger:
         self.usage = usage
         self.quotas = quotas
         self.access = access
+        # The access log's queue, appended to directly (a C-level append; a call
+        # into the interpreted AccessLog.record cost more than the append).
+        self.access_on: bool = access.enabled
+        self.access_pending: deque[tuple[Any, ...]] = access.pending
+        self.access_max: int = access.max_pending
         self.loop_time = loop_time
         # Request ids: a random prefix per process and a counter, so ids are
         # unique across replicas and restarts without a random draw per request.
@@ -222,10 +228,13 @@ class Ledger:
                 ustats.in_flight -= 1
                 if end is End.DONE:
                     ustats.done += 1  # "done": reached a backend and was answered
-        access = self.access
-        if access.enabled:
-            # Milliseconds to two places; round(x, 2) costs twice this on every request.
-            ms = int(elapsed * 100000.0 + 0.5) / 100
-            access.record(now + self.wall_offset, r.user, r.client_ip, r.method, r.path,
-                          r.model_name, status, backend, r.queue_ms, ms,
-                          r.prompt_tokens, r.completion_tokens, r.request_id)
+        if self.access_on:
+            pending = self.access_pending
+            if len(pending) < self.access_max:
+                # Milliseconds to two places; round(x, 2) costs twice this on every request.
+                ms = int(elapsed * 100000.0 + 0.5) / 100
+                pending.append((now + self.wall_offset, r.user, r.client_ip, r.method, r.path,
+                                r.model_name, status, backend, r.queue_ms, ms,
+                                r.prompt_tokens, r.completion_tokens, r.request_id))
+            else:
+                self.access.dropped += 1
