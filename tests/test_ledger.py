@@ -230,3 +230,13 @@ def test_a_full_access_queue_drops_the_line_with_a_count() -> None:
         ustats = ledger.arrived("alice", "10.0.0.1")
         ledger.ended(Req(ustats), End.DONE, "http://b")
     assert len(access.lines) == 1 and access.dropped == 2
+
+
+def test_request_ids_are_the_prefix_and_the_counter_in_twelve_hex_digits() -> None:
+    ledger, *_ = _ledger()
+    for start in (0, 250, 0xFFFFFFFFFFF0):
+        ledger.id_counter = start
+        ledger.id_head = b""
+        for k in range(1, 40):
+            n = (start + k) & 0xFFFFFFFFFFFF
+            assert ledger.request_id() == b"%s%012x" % (ledger.id_prefix, n), (start, k)
