@@ -3,8 +3,10 @@
 The access log's writer thread formats the lines, and it shares the GIL with
 the event loop: every instruction spent here is one the loop cannot spend on
 requests. Interpreted, a line cost about 25,000 instructions (a frame, a
-13-entry dict, three decodes, a str round trip); compiled and kept as bytes
-from orjson to the file it costs a fraction of that.
+13-entry dict, three decodes, a str round trip, one big orjson call); here it
+is joined from a dozen pieces: the values that repeat (user, address,
+method, path, model, backend, and the numbers) are encoded once and kept with
+their key, and only the request id is new on each line.
 
 Client-controlled text (user id, path, request id, model) reaches the log, so
 no value may end a line or forge a field: orjson escapes quotes, backslashes
@@ -21,12 +23,16 @@ from typing import Any, Final
 
 import orjson
 
-# Each line ends with "\n", added by orjson itself (no concatenation).
-_NEWLINE = orjson.OPT_APPEND_NEWLINE
-
+# The fields of a line, in order (the records are tuples in this order).
+FIELDS: Final = ("ts", "user", "ip", "method", "path", "model", "status", "backend",
+                 "queue_ms", "duration_ms", "prompt_tokens", "completion_tokens", "request_id")
 
 # ".000Z" to ".999Z": a table look-up, not a format call per line.
-_MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
+_MILLIS: Final = tuple(b".%03dZ" % ms for ms in range(1000))
+# Encoded values kept per writer; cleared when full, so a flood of distinct
+# values costs their encoding, never memory.
+_KEPT_MAX: Final = 4096
+_KEPT_LEN: Final = 256
 
 
 class Stamp:
@@ -34,48 +40,110 @@ class Stamp:
 
     def __init__(self) -> None:
         self.second = -1
-        self.prefix = ""
+        self.prefix = b""
 
-    def text(self, ts: float) -> str:
+    def text(self, ts: float) -> bytes:
         """`2026-12-06T22:43:45.123Z` for a Unix time."""
         second = int(ts)
         if second != self.second:
             self.second = second
-            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
         ms = int((ts - second) * 1000)
         if ms < 0 or ms > 999:  # a negative time stamp; never on a sane clock
             ms = 0
         return self.prefix + _MILLIS[ms]
 
 
-def _text(value: Any) -> Any:
-    """Bytes kept on the loop (method, path, request id) decoded here, byte for byte."""
-    return value.decode("latin-1") if isinstance(value, bytes) else value
+_dumps = orjson.dumps
+# Bytes a request id may hold without escaping (the gateway's ids are UUIDs;
+# a client's is kept only when it is made of these, wire/headers.py).
+_PLAIN_ID: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@/+=-"
+# ".00" .. ".99": the hundredths of a duration (the ledger rounds to two places).
+_HUNDREDTHS: Final = tuple(b".%02d" % n for n in range(100))
 
 
-def json_line(stamp: Stamp, fields: tuple[Any, ...]) -> bytes:
-    """One access record (accesslog.FIELDS order) as one JSON line, newline included."""
-    (ts, user, ip, method, path, model, status, backend, queue_ms, duration_ms,
-     prompt_tokens, completion_tokens, request_id) = fields
-    line: bytes = orjson.dumps({
-        "ts": stamp.text(ts), "user": user, "ip": ip, "method": _text(method),
-        "path": _text(path), "model": model, "status": status, "backend": backend,
-        "queue_ms": queue_ms, "duration_ms": duration_ms, "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens, "request_id": _text(request_id),
-    }, option=_NEWLINE)
-    if line.isascii() and line.find(b"\x7f") < 0:
-        return line
-    return escape_unprintable(line.decode()).encode()
+def json_text(value: Any) -> bytes:
+    """A value as JSON, safe to put in a line (bytes are read as Latin-1, byte for byte)."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    out: bytes = _dumps(value)
+    if out.isascii() and out.find(b"\x7f") < 0:
+        return out
+    return escape_unprintable(out.decode()).encode()
 
 
-def json_batch(stamp: Stamp, pending: deque[tuple[Any, ...]], limit: int) -> tuple[bytes, int]:
-    """Up to `limit` queued records as JSON lines, joined; and how many were taken."""
-    lines: list[bytes] = []
-    n = 0
-    while n < limit and pending:
-        lines.append(json_line(stamp, pending.popleft()))
-        n += 1
-    return b"".join(lines), n
+def _kept(kept: dict[Any, bytes], prefix: bytes, value: Any) -> bytes:
+    """`prefix` and the JSON of a value that repeats, made once (a few thousand kept)."""
+    out = kept.get(value)
+    if out is None:
+        out = prefix + (json_text(value) if isinstance(value, (str, bytes)) or value is None
+                        else _dumps(value))
+        if len(out) <= _KEPT_LEN:  # a client's megabyte model name is not kept
+            if len(kept) >= _KEPT_MAX:
+                kept.clear()
+            kept[value] = out
+    return out
+
+
+class LineWriter:
+    """Access records (tuples in FIELDS order) to JSON lines. Used by the writer thread only.
+
+    A line is joined from few pieces: each repeated value is kept with its
+    key already in front of it (`,"user":"alice"`), numbers too.
+    """
+
+    def __init__(self) -> None:
+        self.stamp = Stamp()
+        self.users: dict[Any, bytes] = {}
+        self.ips: dict[Any, bytes] = {}
+        self.methods: dict[Any, bytes] = {}
+        self.paths: dict[Any, bytes] = {}
+        self.models: dict[Any, bytes] = {}
+        self.statuses: dict[Any, bytes] = {}
+        self.backends: dict[Any, bytes] = {}
+        self.queue_ms: dict[Any, bytes] = {}
+        self.whole_ms: dict[Any, bytes] = {}
+        self.prompts: dict[Any, bytes] = {}
+        self.completions: dict[Any, bytes] = {}
+
+    def line(self, fields: tuple[Any, ...]) -> bytes:
+        """One access record as one JSON object on one line, newline included."""
+        (ts, user, ip, method, path, model, status, backend, queue_ms, duration_ms,
+         prompt_tokens, completion_tokens, request_id) = fields
+        if isinstance(duration_ms, float) and 0.0 <= duration_ms < 1e12:
+            hundredths = int(duration_ms * 100.0 + 0.5)
+            whole = _kept(self.whole_ms, b',"duration_ms":', hundredths // 100)
+            duration = whole + _HUNDREDTHS[hundredths % 100]
+        else:
+            duration = b',"duration_ms":' + _dumps(duration_ms)
+        if isinstance(request_id, bytes) and not request_id.translate(None, _PLAIN_ID):
+            rid = b',"request_id":"' + request_id + b'"}\n'
+        else:
+            rid = b',"request_id":' + json_text(request_id) + b"}\n"
+        return b"".join((
+            b'{"ts":"', self.stamp.text(ts),
+            _kept(self.users, b'","user":', user),
+            _kept(self.ips, b',"ip":', ip),
+            _kept(self.methods, b',"method":', method),
+            _kept(self.paths, b',"path":', path),
+            _kept(self.models, b',"model":', model),
+            _kept(self.statuses, b',"status":', status),
+            _kept(self.backends, b',"backend":', backend),
+            _kept(self.queue_ms, b',"queue_ms":', queue_ms),
+            duration,
+            _kept(self.prompts, b',"prompt_tokens":', prompt_tokens),
+            _kept(self.completions, b',"completion_tokens":', completion_tokens),
+            rid,
+        ))
+
+    def batch(self, pending: deque[tuple[Any, ...]], limit: int) -> tuple[bytes, int]:
+        """Up to `limit` queued records as JSON lines, joined; and how many were taken."""
+        lines: list[bytes] = []
+        n = 0
+        while n < limit and pending:
+            lines.append(self.line(pending.popleft()))
+            n += 1
+        return b"".join(lines), n
 
 
 def escape_unprintable(text: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from ollamamq_fast.accessline import Stamp, escape_unprintable, json_batch
+from ollamamq_fast.accessline import FIELDS, LineWriter, escape_unprintable
 
 # Lines waiting for the writer thread; beyond this they are dropped (and counted).
 MAX_PENDING = 100_000
@@ -40,8 +40,7 @@ ROTATE_KEEP = 5
 # `--log-file -`: the lines go to stderr.
 STDERR = "-"
 
-FIELDS = ("ts", "user", "ip", "method", "path", "model", "status", "backend", "queue_ms",
-          "duration_ms", "prompt_tokens", "completion_tokens", "request_id")
+__all__ = ["FIELDS", "AccessLog", "json_line", "logfmt_line"]
 
 
 class AccessLog:
@@ -64,7 +63,7 @@ class AccessLog:
         self.enabled = self.handler is not None or self.stream is not None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stamp = Stamp()
+        self._lines = LineWriter()
 
     def start(self) -> None:
         """Start the writer thread (no-op when logging nowhere)."""
@@ -94,7 +93,7 @@ class AccessLog:
                     lines.append(self._logfmt(pending.popleft()))
                 data, n = b"".join(lines), len(lines)
             else:
-                data, n = json_batch(self._stamp, pending, BATCH_LINES)
+                data, n = self._lines.batch(pending, BATCH_LINES)
             self._write(data)
             self.written += n
 
@@ -119,7 +118,7 @@ class AccessLog:
         (ts, user, ip, method, path, model, status, backend, queue_ms, duration_ms,
          prompt_tokens, completion_tokens, request_id) = fields
         record = {
-            "ts": self._stamp.text(ts), "user": user, "ip": ip,
+            "ts": self._lines.stamp.text(ts).decode(), "user": user, "ip": ip,
             # Kept as bytes on the loop; decoded here.
             "method": method.decode("latin-1") if isinstance(method, bytes) else method,
             "path": path.decode("latin-1") if isinstance(path, bytes) else path,
@@ -136,6 +135,10 @@ class AccessLog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+            if self._thread.is_alive():
+                # The writer is stuck in a write (a stalled disk): it still owns the
+                # line writer, and what it has not written is counted as pending.
+                return
         self.flush()
         if self.handler is not None:
             self.handler.close()

@@ -166,20 +166,48 @@ def test_counters_are_in_stats_and_metrics(tmp_path: Path) -> None:
 def test_a_compiled_line_carries_every_field_and_the_batch_takes_its_limit() -> None:
     import collections
 
-    from ollamamq_fast.accessline import Stamp, json_batch, json_line
+    from ollamamq_fast.accessline import LineWriter
 
-    stamp = Stamp()
-    assert stamp.text(1_700_000_000.5) == "2023-11-14T22:13:20.500Z"
-    assert stamp.text(1_700_000_001.0429) == "2023-11-14T22:13:21.042Z"
+    writer = LineWriter()
+    stamp = writer.stamp
+    assert stamp.text(1_700_000_000.5) == b"2023-11-14T22:13:20.500Z"
+    assert stamp.text(1_700_000_001.0429) == b"2023-11-14T22:13:21.042Z"
     fields = (1_700_000_000.25, "alice", "10.0.0.1", b"POST", b"/api/chat", "m:latest", 200,
               "http://b:1", 3, 1.25, 7, 9, b"rid")
-    line = json_line(stamp, fields)
+    line = writer.line(fields)
     assert line.endswith(b"}\n") and line.count(b"\n") == 1
     record = json.loads(line)
     assert list(record) == list(FIELDS)
     assert list(record.values())[1:] == ["alice", "10.0.0.1", "POST", "/api/chat", "m:latest",
                                          200, "http://b:1", 3, 1.25, 7, 9, "rid"]
     assert record["ts"] == "2023-11-14T22:13:20.250Z"
+    # Large numbers, other types and a value already kept give the same JSON.
+    big = (*fields[:6], 599, "http://b:1", 100_000, 0.5, 1024, 10**12, "rid2")
+    assert json.loads(writer.line(big)) == dict(zip(FIELDS, [
+        "2023-11-14T22:13:20.250Z", "alice", "10.0.0.1", "POST", "/api/chat", "m:latest", 599,
+        "http://b:1", 100_000, 0.5, 1024, 10**12, "rid2"], strict=True))
     pending = collections.deque([fields] * 5)
-    data, n = json_batch(stamp, pending, 3)
+    data, n = writer.batch(pending, 3)
     assert n == 3 and data.count(b"\n") == 3 and len(pending) == 2
+
+
+def test_the_line_writer_keeps_few_and_short_values() -> None:
+    from ollamamq_fast.accessline import LineWriter
+
+    writer = LineWriter()
+    fields = [1.0, "u", "ip", b"GET", b"/", "m", 200, "b", 0, 0.25, 0, 0, b"r"]
+    for i in range(10_000):
+        fields[1] = f"user-{i}"
+        writer.line(tuple(fields))
+    assert 0 < len(writer.users) <= 4096
+    fields[5] = "m" * 100_000
+    assert json.loads(writer.line(tuple(fields)))["model"] == "m" * 100_000
+    assert "m" * 100_000 not in writer.models
+
+
+@pytest.mark.parametrize("ms", [0.0, 0.01, 0.5, 1.25, 9.99, 10.0, 1023.99, 1024.5, 123456.78])
+def test_durations_keep_their_two_places(ms: float) -> None:
+    from ollamamq_fast.accessline import LineWriter
+
+    fields = (1.0, "u", "ip", b"GET", b"/", "m", 200, "b", 0, ms, 0, 0, b"r")
+    assert json.loads(LineWriter().line(fields))["duration_ms"] == ms
