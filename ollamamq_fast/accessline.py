@@ -58,6 +58,8 @@ _dumps = orjson.dumps
 # Bytes a request id may hold without escaping (the gateway's ids are UUIDs;
 # a client's is kept only when it is made of these, wire/headers.py).
 _PLAIN_ID: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@/+=-"
+# 1 where a byte is one of those, by byte value.
+_PLAIN_MAP: Final = bytes(1 if c in _PLAIN_ID else 0 for c in range(256))
 # ".00" .. ".99": the hundredths of a duration (the ledger rounds to two places).
 _HUNDREDTHS: Final = tuple(b".%02d" % n for n in range(100))
 
@@ -70,6 +72,14 @@ def json_text(value: Any) -> bytes:
     if out.isascii() and out.find(b"\x7f") < 0:
         return out
     return escape_unprintable(out.decode()).encode()
+
+
+def _plain_id(request_id: bytes) -> bool:
+    """Whether a request id needs no escaping (a byte loop: compiled, cheaper than a call)."""
+    for c in request_id:
+        if not _PLAIN_MAP[c]:
+            return False
+    return True
 
 
 def _kept(kept: dict[Any, bytes], prefix: bytes, value: Any) -> bytes:
@@ -116,7 +126,7 @@ class LineWriter:
             duration = whole + _HUNDREDTHS[hundredths % 100]
         else:
             duration = b',"duration_ms":' + _dumps(duration_ms)
-        if isinstance(request_id, bytes) and not request_id.translate(None, _PLAIN_ID):
+        if isinstance(request_id, bytes) and _plain_id(request_id):
             rid = b',"request_id":"' + request_id + b'"}\n'
         else:
             rid = b',"request_id":' + json_text(request_id) + b"}\n"

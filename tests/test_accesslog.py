@@ -211,3 +211,12 @@ def test_durations_keep_their_two_places(ms: float) -> None:
 
     fields = (1.0, "u", "ip", b"GET", b"/", "m", 200, "b", 0, ms, 0, 0, b"r")
     assert json.loads(LineWriter().line(fields))["duration_ms"] == ms
+
+
+@pytest.mark.parametrize("rid", [b"", b"5f0e-aa", b"a b", b'q"x', b"back\\slash", b"\xff", b"x\x7f"])
+def test_request_ids_are_written_as_json_whatever_they_hold(rid: bytes) -> None:
+    from ollamamq_fast.accessline import LineWriter
+
+    fields = (1.0, "u", "ip", b"GET", b"/", "m", 200, "b", 0, 0.0, 0, 0, rid)
+    line = LineWriter().line(fields)
+    assert line.count(b"\n") == 1 and json.loads(line)["request_id"] == rid.decode("latin-1")
