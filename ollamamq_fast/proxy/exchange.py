@@ -2,18 +2,25 @@
 
 A request goes, top to bottom in this file:
 
-    head      `head_complete`: path normalized as the backend reads it
-              (wire/paths.py), headers sorted (wire/headers.py)
-    auth      the key is checked before the route decides anything
-    route     `_check_route` / `_route`: local answer, model management, inference
+    head      `head_complete`: intake.py reads the head (path normalized as
+              the backend reads it, headers sorted, the key checked before the
+              route decides anything, pool and route checked) and returns
+              None or the gateway's own answer, held until the body is read
+    route     `_route`: local answer, model management, inference
     admit     the usage policy answers a value (policy/gate.py): ADMIT, REFUSE,
               CACHED or PENDING, acted on by `_admitted`
     queue     the dispatcher answers STARTED, QUEUED or REFUSED (`_submit`)
     start     `start` / `_send`: a pooled connection, head and body written
-    relay     the upstream connection relays bytes; `response_head`,
-              `response_complete`, and the failure paths (retry before the
-              first byte, an error frame after it)
+    relay     the upstream connection relays bytes; `response_head` and
+              `response_complete`
     finish    the ledger records the one end of the request (`_ended`)
+
+Off the straight line, each in its own module: answers.py writes the
+gateway's own answers (errors, local replies, cache hits); recovery.py
+handles failures (retry before the first byte, an error frame after it, the
+client leaving). Their public names stay methods here (`respond_error`,
+`upstream_lost`, `client_gone`...) for the connection, the dispatcher and the
+policy, which hold an exchange and must not import the data plane.
 
 Where the request is in its life is `state.py`'s table: every move goes
 through `_to`, which refuses one the table does not allow. Pauses and
@@ -31,35 +38,19 @@ import blake3
 from ollamamq_fast.accounting.ledger import End
 from ollamamq_fast.fleet.backend import Breaker
 from ollamamq_fast.fleet.models import normalize_model
-from ollamamq_fast.fleet.passive import FAST_FAIL_S
 from ollamamq_fast.fleet.select import Balance
-from ollamamq_fast.policy.cache import cache_control
 from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
-from ollamamq_fast.policy.identity import AuthError, UserIdError, check_user_id
 from ollamamq_fast.policy.streamusage import UsageStripper
-from ollamamq_fast.pools import PoolError, unalias
-from ollamamq_fast.proxy import translating
+from ollamamq_fast.pools import unalias
+from ollamamq_fast.proxy import answers, intake, recovery, translating
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.proxy.state import State, advance
 from ollamamq_fast.sched.dispatcher import Placed
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 from ollamamq_fast.wire import framing
-from ollamamq_fast.wire.errors import Api, error_body, stream_error_frame
-from ollamamq_fast.wire.headers import (
-    backend_request_id,
-    forwarded_block,
-    length_line,
-    read_request_head,
-)
-from ollamamq_fast.wire.paths import PathError, normalize, request_path
-from ollamamq_fast.wire.routes import (
-    BLOB_ROUTE,
-    FALLBACK_ROUTE,
-    Kind,
-    Route,
-    api_of_path,
-    lookup,
-)
+from ollamamq_fast.wire.errors import Api
+from ollamamq_fast.wire.headers import length_line
+from ollamamq_fast.wire.routes import BLOB_ROUTE, Kind, Route
 from ollamamq_fast.wire.sniff import (
     SniffError,
     first_item,
@@ -76,6 +67,7 @@ if TYPE_CHECKING:
     from ollamamq_fast.policy.cache import Entry
     from ollamamq_fast.pools import Pool
     from ollamamq_fast.proxy.downstream import ClientProtocol
+    from ollamamq_fast.proxy.intake import Early
     from ollamamq_fast.proxy.translating import TranslatingRelay
     from ollamamq_fast.proxy.transport import Transport
     from ollamamq_fast.proxy.upstream import UpstreamConnection
@@ -84,81 +76,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ollamamq_fast.proxy")
 
-# A request whose backend fails before answering is tried on this many
-# connections in all (a stale pooled connection, then other backends).
-MAX_ATTEMPTS = 3
-
-_NOT_FOUND_TEXT = b"404 page not found"
-_NOT_ALLOWED_TEXT = b"405 method not allowed"
-_TEXT_PLAIN = b"text/plain"
-
 
 class Exchange:
     """Per-request state and the logic that moves a request through the gateway."""
 
     __slots__ = (
-        "active",
-        "affinity",
-        "api",
-        "attempts",
-        "backend",
-        "body",
-        "body_forwarded",
-        "body_held",
-        "body_size",
-        "cache_control",
-        "cache_key",
-        "chosen",
-        "chunked_in",
-        "client",
-        "client_ip",
-        "completion_tokens",
-        "connect_task",
-        "content_length",
-        "continue_sent",
-        "credential",
-        "discard_body",
-        "dispatcher",
-        "early_error",
-        "early_extra",
-        "early_immediate",
-        "encoded_body",
-        "enqueued_at",
-        "expect_continue",
-        "failed",
-        "fleet",
-        "fwd_headers",
-        "gw",
-        "headers",
-        "http10",
-        "in_flight_counted",
-        "keep_alive",
-        "key_id",
-        "lease",
-        "limits",
-        "method",
-        "model",
-        "model_name",
-        "path",
-        "pool",
-        "prompt_tokens",
-        "queue_ms",
-        "request_complete",
-        "request_id",
-        "route",
-        "sent_at",
-        "started_at",
-        "state",
-        "status",
-        "stream_body",
-        "strip_usage",
-        "ticket",
-        "tokens_estimated",
-        "upstream",
-        "url",
-        "user",
-        "ustats",
-        "xlate",
+        "active", "affinity", "api", "attempts", "backend", "body", "body_forwarded",
+        "body_held", "body_size", "cache_control", "cache_key", "chosen", "chunked_in",
+        "client", "client_ip", "completion_tokens", "connect_task", "content_length",
+        "continue_sent", "credential", "discard_body", "dispatcher", "early_error",
+        "encoded_body", "enqueued_at", "expect_continue", "failed", "fleet", "fwd_headers",
+        "gw", "headers", "http10", "in_flight_counted", "keep_alive", "key_id", "lease",
+        "limits", "method", "model", "model_name", "path", "pool", "prompt_tokens",
+        "queue_ms", "request_complete", "request_id", "route", "sent_at", "started_at",
+        "state", "status", "stream_body", "strip_usage", "ticket", "tokens_estimated",
+        "upstream", "url", "user", "ustats", "xlate",
     )
 
     def __init__(self, client: ClientProtocol) -> None:
@@ -171,72 +103,58 @@ class Exchange:
         self.pool: Pool = pool
         self.fleet: Fleet = pool.fleet
         self.dispatcher: Dispatcher = pool.dispatcher
-        self.method = b""
-        self.url = b""
-        self.path = b""
+        self.state = State.RECEIVING
+        self.active = False  # the request the connection answers now (pipelining order)
+        # The request, as intake.py reads its head. X-Request-ID is the
+        # client's (if sane) or the gateway's.
+        self.method = self.url = self.path = self.request_id = self.fwd_headers = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.route: Route | None = None
         self.api = Api.OLLAMA
         self.keep_alive = True
-        self.user = ""
-        self.state = State.RECEIVING
-        self.body: list[bytes] = []
-        self.body_size = 0
-        self.body_held = 0  # bytes of this body counted in the gateway's body budget
-        self.request_id = b""  # X-Request-ID: the client's (if sane) or the gateway's
-        # Backends that failed this request: a retry never goes back to them.
-        self.failed: tuple[Backend, ...] = ()
-        self.request_complete = False
-        self.stream_body = False
-        self.chunked_in = False
+        self.http10 = self.chunked_in = self.expect_continue = self.encoded_body = False
+        self.stream_body = self.continue_sent = False
         self.content_length = -1
-        self.expect_continue = False
-        self.active = False
-        self.upstream: UpstreamConnection | None = None
-        self.backend: Backend | None = None
-        self.lease = 0  # what it holds of its backend: dispatcher.SLOT / UNSLOTTED, or 0
-        self.ticket: Ticket | None = None
-        self.model: str | None = None
-        self.model_name = ""
-        self.chosen: Backend | None = None
-        self.enqueued_at = 0.0
-        self.queue_ms = 0
-        self.attempts = 0
-        self.fwd_headers = b""
-        self.connect_task: asyncio.Task[None] | None = None
-        # (status, content type, body) answered instead of routing; "immediate"
-        # ones are answered without reading the body (and close the connection).
-        self.early_error: tuple[int, bytes, bytes] | None = None
-        self.early_immediate = False
-        self.encoded_body = False
-        self.http10 = False
+        # (status, content type, body, extra head lines, immediate) answered
+        # instead of routing (intake.Early); an immediate one is answered
+        # without reading the body (and closes the connection).
+        self.early_error: Early | None = None
+        # The body; body_held is what of it counts in the gateway's body budget.
+        self.body: list[bytes] = []
+        self.body_size = self.body_held = 0
+        self.request_complete = self.discard_body = self.body_forwarded = False
+        # Who asks: the user (or address), the API key's id (usage rows,
+        # budgets), and the client's own credentials when the gateway does not
+        # own them (auth off): part of the cache key, the backend may check them.
+        self.user = self.client_ip = self.key_id = ""
+        self.credential = b""
         self.ustats: UserStats | None = None
         self.in_flight_counted = False
-        self.client_ip = ""
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.tokens_estimated = False
-        self.key_id = ""  # the API key's id, for usage rows and budgets
-        self.affinity = ""
         # Usage policy (policy/engine.py): the user's limits, the response-cache
         # key of a cacheable request, Cache-Control flags, and whether the
         # stream's injected usage must be stripped (1 chat, 2 per chunk).
         self.limits: Limits | None = None
         self.cache_key: bytes | None = None
-        self.cache_control = 0
-        self.strip_usage = 0
-        # The client's own credentials when the gateway does not own them (auth
-        # off): part of the cache key, since the backend may check them.
-        self.credential = b""
-        self.discard_body = False
-        self.body_forwarded = False
-        self.status = 0
-        self.started_at = 0.0
-        self.continue_sent = False
-        self.early_extra = b""
-        self.sent_at = 0.0
+        self.cache_control = self.strip_usage = 0
+        self.model: str | None = None
+        self.model_name = self.affinity = ""
+        # Queue, backend and connection. lease: what it holds of its backend
+        # (dispatcher.SLOT / UNSLOTTED, or 0). failed: backends that failed
+        # this request; a retry never goes back to them.
+        self.ticket: Ticket | None = None
+        self.enqueued_at = 0.0
+        self.queue_ms = 0
+        self.chosen: Backend | None = None
+        self.backend: Backend | None = None
+        self.lease = self.attempts = 0
+        self.upstream: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.failed: tuple[Backend, ...] = ()
         # The translating relay (proxy/translating.py) when the backend speaks the other API.
         self.xlate: TranslatingRelay | None = None
+        self.started_at = self.sent_at = 0.0
+        self.status = self.prompt_tokens = self.completion_tokens = 0
+        self.tokens_estimated = False
 
     # -- State (state.py holds the table of allowed moves) ---------------------------
 
@@ -265,152 +183,21 @@ class Exchange:
     # -- Request side (called by ClientProtocol) ----------------------------------
 
     def head_complete(self, method: bytes, keep_alive: bool, http_11: bool) -> None:
-        """The request head is parsed: classify the route and process headers."""
-        self.method = method
-        self.keep_alive = keep_alive
-        self.http10 = not http_11
-        try:
-            raw_path, query = request_path(self.url)
-            path = normalize(raw_path)
-        except PathError as exc:
-            self.request_id = self.gw.ledger.request_id()
-            self.path = self.url.split(b"?", 1)[0]
-            self.api = api_of_path(self.path)
-            self.started_at = self.gw.loop.time()
-            self.user = self.client_ip = self.client.peer_ip
-            self.keep_alive = False
-            ctype, body = error_body(self.api, 400, str(exc))
-            self._set_early_error(400, ctype, body)
-            return
-        pool_missing = ""
-        if path.startswith(b"/pool/"):  # a named pool (pools.py); the default costs this test
-            pool_missing, path = self._enter_pool(path)
-        if path is not raw_path or len(raw_path) + len(query) != len(self.url):
-            # Forward the spelling that was routed: the backend reads what the policy saw.
-            self.url = path + query
-        self.path = path
-        route = lookup(path)
-        self.api = route.api if route is not None else api_of_path(path)
-        identity = self.gw.identity
-        keys_required = identity.keys_required
-        head = read_request_head(self.headers, http_11, keys_required)
-        own_id = self.gw.ledger.request_id() if not head.request_id else b""
-        self.request_id = head.request_id or own_id
-        self.content_length = head.content_length
-        self.chunked_in = head.chunked
-        self.expect_continue = head.expect_continue
-        self.encoded_body = head.encoded_body
-        if head.cache_control:
-            self.cache_control = cache_control(head.cache_control)
-        if (head.authorization or head.api_key) and not keys_required:
-            self.credential = head.authorization + b"\n" + head.api_key
-        peer_ip = self.client.peer_ip
-        self.client_ip = (identity.client_ip(peer_ip, head.forwarded_for)
-                          if identity.trusted_proxies else peer_ip)
-        self.started_at = self.gw.loop.time()
-        try:
-            self.user = check_user_id(head.user) if head.user else ""
-        except UserIdError as bad_id:
-            self.user = self.client_ip  # the id is not one: logged by address
-            ctype, body = error_body(self.api, 400, str(bad_id))
-            self._set_early_error(400, ctype, body)
-            return
-        forwarded_user = None
-        if keys_required and (route is None or route.kind is not Kind.LOCAL):
-            # Authentication comes before routing: an unknown path forwarded with
-            # --allow-all-routes reaches a backend too, so it needs a key as well.
-            try:
-                self.user, self.key_id = identity.user_and_key(
-                    head.authorization, head.api_key, self.user, path)
-                forwarded_user = self.user
-            except AuthError as denied:  # not `exc`: compiled code gives a name one type
-                # 401 without a valid key, 403 (ScopeError) without the path's scope.
-                ctype, body = error_body(self.api, denied.status, str(denied))
-                self._set_early_error(denied.status, ctype, body)
-                return
-        self.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
-                                           self.client.peer_ip_bytes,
-                                           backend_request_id(head.request_id, own_id))
-        if (pool_missing or self.gw.pools.active) and self._check_pool(pool_missing, head.host):
-            return
-        self._check_route(route, method)
-        if not self.user:
-            self.user = self.client_ip
+        """The request head is parsed: read it, authenticate, check pool and route (intake.py)."""
+        early = intake.read_head(self, method, keep_alive, http_11)
+        if early is not None:
+            self._hold(early)
 
-    def _enter_pool(self, path: bytes) -> tuple[str, bytes]:
-        """Cut `/pool/NAME` off the path and join that pool; the name when it is unknown."""
-        pool, rest, name = self.gw.pools.by_path(path)
-        if pool is None:
-            return name or "?", rest
-        self.pool = pool
-        self.fleet = pool.fleet
-        self.dispatcher = pool.dispatcher
-        pool.requests += 1
-        return "", rest
-
-    def _check_pool(self, missing: str, host: bytes) -> bool:
-        """Unknown pool (404), Host routing, access rules (403); True when answered."""
-        pools = self.gw.pools
-        status, message = 0, ""
-        if missing:
-            status, message = 404, f"pool '{missing}' not found"
-        else:
-            if self.pool is pools.default and host:
-                chosen = pools.for_host(host)
-                if chosen is not None and chosen is not pools.default:
-                    self.pool = chosen
-                    self.fleet = chosen.fleet
-                    self.dispatcher = chosen.dispatcher
-                    chosen.requests += 1
-            try:
-                pools.check_access(self.pool, self.user or self.client_ip, self.key_id)
-            except PoolError as err:
-                status, message = err.status, err.message
-        if not status:
-            return False
-        if not self.user:
-            self.user = self.client_ip
-        ctype, body = error_body(self.api, status, message)
-        self._set_early_error(status, ctype, body)
-        return True
-
-    def _check_route(self, route: Route | None, method: bytes) -> None:
-        settings = self.gw.settings
-        if route is None:
-            stripped = self.path.rstrip(b"/")
-            if stripped != self.path and stripped and lookup(stripped) is not None:
-                # gin redirects a trailing slash (docs/protocol-notes.md §7.27); clients follow it.
-                status = 301 if method in (b"GET", b"HEAD") else 307
-                query = self.url[len(self.path) :]
-                self._set_early_error(status, b"", b"", extra=b"Location: " + stripped + query + b"\r\n")
-                return
-            if settings.allow_all_routes:
-                route = FALLBACK_ROUTE
-            else:
-                self._set_early_error(404, _TEXT_PLAIN, _NOT_FOUND_TEXT)
-                return
-        elif route.methods and method not in route.methods:
-            self._set_early_error(405, _TEXT_PLAIN, _NOT_ALLOWED_TEXT)
-            return
-        self.route = route
-        if route.kind is Kind.PRIMARY:
-            self.stream_body = True
-        elif route.kind is not Kind.LOCAL and self.content_length > settings.max_body_bytes:
-            self._error_now(413, self._too_large_message(), close=True)
-
-    def _too_large_message(self) -> str:
-        mb = self.gw.settings.max_body_bytes / (1024 * 1024)
-        return f"request body too large: the gateway accepts at most {mb:g} MB (--max-body-mb)"
-
-    def _set_early_error(
-        self, status: int, ctype: bytes, body: bytes, extra: bytes = b"", immediate: bool = False
-    ) -> None:
-        # Answered once the request body is read, so the connection stays usable;
-        # or at once (413, or a client waiting on Expect: 100-continue), closing it.
-        self.early_error = (status, ctype, body)
-        self.early_extra = extra
-        self.early_immediate = immediate
+    def _hold(self, early: Early) -> None:
+        """Keep the gateway's own answer for when the body is read, so the
+        connection stays usable; an immediate one (413, 503) closes it and is
+        answered now if this is the request the connection answers."""
+        self.early_error = early
         self.discard_body = True
+        if early[4]:
+            self.keep_alive = False
+            if self.active and self.state is not State.DONE:
+                self._route()
 
     def body_received(self, data: bytes) -> None:
         """A piece of request body (de-chunked by the parser)."""
@@ -428,14 +215,11 @@ class Exchange:
             return
         if self.body_size > self.gw.settings.max_body_bytes:
             self._drop_body()
-            self._error_now(413, self._too_large_message(), close=True)
+            self._hold(intake.too_large(self))
             return
         if not self.gw.bodies.take(len(data)):
             self._drop_body()
-            mb = self.gw.settings.max_bodies_bytes / (1024 * 1024)
-            self._error_now(503, "the gateway is holding as many request bodies as it may "
-                                 f"({mb:g} MB in all, --max-bodies-mb); retry shortly",
-                            close=True, retry_after=5)
+            self._hold(intake.bodies_full(self))
             return
         self.body_held += len(data)
         self.body.append(data)
@@ -457,11 +241,12 @@ class Exchange:
         self.active = True
         if self.state is State.DONE:
             return
-        if self.early_error is not None:
-            if self.early_immediate or (self.expect_continue and not self.request_complete):
-                # Go answers the final status without reading the body; so do we.
-                self._route()
-            elif self.request_complete:
+        early = self.early_error
+        if early is not None:
+            # Answered once the body is read; at once when immediate, or when the
+            # client waits on Expect: 100-continue (Go answers the final status
+            # without reading the body; so do we).
+            if early[4] or self.expect_continue or self.request_complete:
                 self._route()
             return
         if (
@@ -479,45 +264,15 @@ class Exchange:
             self.client.resume_reading()
 
     def client_gone(self) -> None:
-        """The client connection closed: stop everything this exchange holds."""
-        state = self.state
-        if state is State.DONE:
-            return
-        self._end()
-        if self.ustats is not None:  # it reached admission: it ends here, in the ledger
-            end = End.CANCELLED
-            conn = self.upstream
-            if state is State.STREAMING and conn is not None:
-                if framing.terminal_event_relayed(conn.tail(), conn.content_type):
-                    # The client read the last event and left before the backend's
-                    # end of body (the openai SDK does): a complete answer.
-                    end = End.DONE
-                    if (self.status < 300 and self.route is not None
-                            and self.route.kind is Kind.QUEUED):
-                        self._count_tokens(conn)
-                elif conn.events:
-                    self._estimate_tokens(conn)  # cut short: what was generated still counts
-            self._ended(end)
-        if state is State.QUEUED:
-            self.dispatcher.cancel(self)
-        elif state is State.CONNECTING:
-            if self.connect_task is not None:
-                self.connect_task.cancel()
-            self._release_backend()
-        elif state in (State.WAITING, State.STREAMING):
-            conn = self.upstream
-            self.upstream = None
-            if conn is not None:
-                conn.abort()
-            self._release_backend()
+        """The client connection closed: stop everything this exchange holds (recovery.py)."""
+        recovery.client_gone(self)
 
     # -- Routing --------------------------------------------------------------------
 
     def _route(self) -> None:
         early = self.early_error
         if early is not None:
-            status, ctype, body = early
-            self.respond(status, ctype, body, extra=self.early_extra)
+            answers.respond(self, early[0], early[1], early[2], early[3])
             return
         route = self.route
         assert route is not None
@@ -528,12 +283,12 @@ class Exchange:
         self.ustats = self.gw.ledger.arrived(self.user, self.client_ip)
         if self.gw.cache.any_blocked and self.gw.operator.is_blocked(self.user, self.client_ip):
             self.gw.ledger.refused(self.ustats, by_policy=False)
-            self.respond_error(403, "blocked by the gateway operator")
+            answers.respond_error(self, 403, "blocked by the gateway operator")
             return
         if kind is Kind.PRIMARY:
             backend = self.fleet.primary(native=route is BLOB_ROUTE)
             if backend is None:
-                self.respond_error(503, "no backend is online", retry_after=5)
+                answers.respond_error(self, 503, "no backend is online", retry_after=5)
                 return
             self.start(backend, slotted=False)
             return
@@ -556,16 +311,16 @@ class Exchange:
             else:
                 found = sniff_fields(body, route.model_keys)
         except SniffError as exc:
-            self.respond_error(400, str(exc))
+            answers.respond_error(self, 400, str(exc))
             return
         name = first_model(found, route.model_keys)
         if not name:
             # Ollama's own answers: generate looks the empty name up (404),
             # the other handlers check for it first (400).
             if self.path == b"/api/generate":
-                self.respond_error(404, "model '' not found")
+                answers.respond_error(self, 404, "model '' not found")
             else:
-                self.respond_error(400, "model is required")
+                answers.respond_error(self, 400, "model is required")
             return
         aliases = self.pool.aliases
         if aliases and normalize_model(name) in aliases:
@@ -601,11 +356,11 @@ class Exchange:
         elif kind is Verdict.REFUSE:
             if a.rejected:
                 self.gw.ledger.refused(self.ustats, True, a.reason)
-            self.respond_error(a.status, a.message, retry_after=a.retry_after)
+            answers.respond_error(self, a.status, a.message, retry_after=a.retry_after)
         elif kind is Verdict.CACHED:
             assert a.entry is not None
             self.gw.ledger.cache_hit()
-            self.respond_cached(a.entry)
+            answers.respond_cached(self, a.entry)
         else:
             assert a.pending is not None
             a.pending.add_done_callback(self._settled)
@@ -617,7 +372,7 @@ class Exchange:
         exc = future.exception()
         if exc is not None:
             log.error("policy: cache lookup failed: %r", exc)
-            self.respond_error(500, "internal error in the gateway's response cache")
+            answers.respond_error(self, 500, "internal error in the gateway's response cache")
             return
         self._admitted(future.result())
 
@@ -640,7 +395,7 @@ class Exchange:
         elif kind is Placed.REFUSED:
             if placement.rejected:
                 self.gw.ledger.refused(self.ustats, by_policy=True)
-            self.respond_error(placement.status, placement.message,
+            answers.respond_error(self, placement.status, placement.message,
                                retry_after=placement.retry_after)
         # QUEUED: the dispatcher starts it when a slot frees.
 
@@ -671,7 +426,7 @@ class Exchange:
         except (TimeoutError, OSError) as exc:
             self.connect_task = None
             if self.state is State.CONNECTING:
-                self._failed_before_response(None, exc)
+                recovery.failed_before_response(self, None, exc)
             return
         self.connect_task = None
         if self.state is not State.CONNECTING:
@@ -740,19 +495,7 @@ class Exchange:
         backend = self.backend
         assert backend is not None
         if status in (502, 503, 504):
-            # Busy or unavailable, answered fast: the backend's state, not the
-            # request's. A 500 is usually about one request (bad template, a
-            # model that fails to load) and is relayed without blame.
-            if self.gw.loop.time() - self.sent_at < FAST_FAIL_S:
-                self._note_backend_failure(f"answered {status}")
-            if self._can_retry_elsewhere(backend):
-                self.upstream = None
-                conn.abort()
-                self.attempts += 1
-                if backend not in self.failed:
-                    self.failed += (backend,)
-                self._release_backend()
-                self.dispatcher.retry(self)
+            if recovery.retried_on_status(self, conn, backend, status):
                 return None
         elif backend.consecutive_failures or backend.breaker is not Breaker.CLOSED:
             self.gw.passive.success(backend)
@@ -778,19 +521,6 @@ class Exchange:
         return framing.response_head(
             conn.status, conn.reason, conn.headers, extra, not self.keep_alive, dechunk
         )
-
-    def _can_retry_elsewhere(self, failed: Backend) -> bool:
-        """Whether another available backend could take this request (bounded tries)."""
-        if self.attempts >= MAX_ATTEMPTS or (self.stream_body and self.body_forwarded):
-            return False
-        route = self.route
-        if route is None:
-            return False
-        for b in self.fleet.candidates(self.model if route.kind is not Kind.PRIMARY else None,
-                                          route.native):
-            if b is not failed and b.available and b not in self.failed:
-                return True
-        return False
 
     def upstream_continue(self, conn: UpstreamConnection) -> None:
         """Nothing to do: the gateway answers Expect itself and never forwards it."""
@@ -836,145 +566,33 @@ class Exchange:
         backend = self.backend
         self.gw.ledger.ended(self, end, backend.name if backend is not None else "")
 
-    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
-        """The backend connection closed before the response ended."""
-        self.upstream = None
-        if self.state is State.STREAMING:
-            self._broken_stream(conn, "the backend closed the connection mid-response")
-            return
-        if self.state is State.WAITING:
-            self._failed_before_response(conn, exc)
-
-    def upstream_timeout(self) -> None:
-        """The backend was silent longer than --timeout (called by the reaper)."""
-        conn = self.upstream
-        self.upstream = None
-        secs = self.gw.settings.timeout
-        if conn is not None:
-            conn.abort()
-        if self.state is State.STREAMING and conn is not None:
-            self._broken_stream(conn, f"the backend sent nothing for {secs:g} s")
-        elif self.state in (State.WAITING, State.CONNECTING):
-            self._note_backend_failure(f"timed out after {secs:g} s of silence")
-            self._release_backend()
-            self.respond_error(504, f"backend {self._backend_name()} sent nothing for {secs:g} s")
-
-    def _broken_stream(self, conn: UpstreamConnection, why: str) -> None:
-        relay = self.xlate
-        if relay is not None and relay.conn is conn:
-            relay.broken(why)  # the client's stream is in the other API's format
-            return
-        self._note_backend_failure(why)
-        self._release_backend()
-        self.keep_alive = False
-        transport = self.client.transport
-        if transport is not None and not transport.is_closing():
-            frame = None
-            if conn.framing is framing.Framing.CHUNKED and (
-                not conn.last_data or framing.at_stream_boundary(conn.last_data, conn.content_type)
-            ):
-                frame = stream_error_frame(conn.content_type, why)
-            if frame is not None:
-                transport.write(framing.chunk(frame) + framing.LAST_CHUNK)
-                self.finish()
-                return
-            # Mid-line or unframed: no clean frame is possible; the client sees
-            # a truncated message (an error in every HTTP client), never a hang.
-            transport.abort()
-        self._end()
-
-    def _failed_before_response(self, conn: UpstreamConnection | None, exc: Exception | None) -> None:
-        self.upstream = None
-        self.attempts += 1
-        replayable = (not self.stream_body or not self.body_forwarded) and (
-            conn is None or not conn.got_bytes
-        )
-        backend = self.backend
-        if conn is not None and conn.responses > 0 and not conn.got_bytes:
-            # A pooled connection the backend had already closed: not the backend's
-            # fault. Reconnect to the same backend, keeping the slot; a fresh
-            # connection cannot be stale, so this happens at most once in a row.
-            if replayable and backend is not None and backend.available:
-                self._to(State.CONNECTING)
-                self.connect_task = self.gw.loop.create_task(self._connect(backend))
-                return
-        else:
-            self._note_backend_failure(repr(exc) if exc else "connection closed before a response")
-        self._release_backend()
-        if replayable and backend is not None and self._can_retry_elsewhere(backend):
-            self.dispatcher.retry(self)
-            return
-        self.respond_error(
-            502,
-            f"backend {self._backend_name()} failed before answering: {exc or 'connection closed'}",
-            retry_after=5,
-        )
-
-    def _note_backend_failure(self, why: str) -> None:
-        backend = self.backend
-        if backend is not None:
-            self.gw.passive.failure(backend, why)
-            if backend not in self.failed:
-                self.failed += (backend,)
-
     def _release_backend(self) -> None:
         backend, lease = self.backend, self.lease
         if backend is not None and lease:
             self.lease = 0
             self.dispatcher.give_back(backend, lease)
 
-    def _backend_name(self) -> str:
-        return self.backend.name if self.backend is not None else "?"
+    # -- Failures and the gateway's own answers: recovery.py, answers.py ---------------
 
-    # -- Answering --------------------------------------------------------------
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        """The backend connection closed before the response ended."""
+        recovery.upstream_lost(self, conn, exc)
+
+    def upstream_timeout(self) -> None:
+        """The backend was silent longer than --timeout (called by the reaper)."""
+        recovery.upstream_timeout(self)
 
     def respond(self, status: int, ctype: bytes, body: bytes, *, extra: bytes = b"") -> None:
         """Answer from the gateway itself and finish the exchange."""
-        if self.state is State.DONE:
-            return
-        if not self.request_complete:
-            self.keep_alive = False
-        self.status = status
-        if self.http10 and self.keep_alive:
-            extra += b"Connection: keep-alive\r\n"
-        if self.request_id:
-            extra += b"X-Request-ID: " + self.request_id + b"\r\n"
-        data = framing.local_response(
-            status, ctype, body, close=not self.keep_alive,
-            head_only=self.method == b"HEAD", extra=extra,
-        )
-        self.client.write(data)
-        self.finish()
+        answers.respond(self, status, ctype, body, extra)
 
     def respond_cached(self, entry: Entry) -> None:
-        """Answer from the response cache: the stored bytes, no backend (called by the policy)."""
-        if self.state is State.DONE:
-            return
-        self.status = entry.status
-        extra = (b"X-Cache: HIT\r\nDate: " + framing.http_date() + b"\r\nX-Request-ID: "
-                 + self.request_id + b"\r\n")
-        head = framing.response_head(entry.status, b"", entry.headers, extra, not self.keep_alive)
-        self.client.write(head + entry.body)
-        self.finish()
+        """Answer from the response cache: the stored bytes, no backend."""
+        answers.respond_cached(self, entry)
 
     def respond_error(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         """Answer an error in the route's own format (Ollama or OpenAI)."""
-        ctype, body = error_body(self.api, status, message)
-        extra = b""
-        if retry_after is not None:
-            extra = b"Retry-After: %d\r\n" % retry_after
-        self.respond(status, ctype, body, extra=extra)
-
-    def _error_now(self, status: int, message: str, close: bool,
-                   retry_after: int | None = None) -> None:
-        """An error answered without reading the rest of the body (413, 503)."""
-        if close:
-            self.keep_alive = False
-        ctype, body = error_body(self.api, status, message)
-        extra = b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b""
-        self._set_early_error(status, ctype, body, extra=extra, immediate=True)
-        if self.active and self.state is not State.DONE:
-            self._route()
+        answers.respond_error(self, status, message, retry_after)
 
     def finish(self) -> None:
         """Mark done and let the connection move to its next request."""

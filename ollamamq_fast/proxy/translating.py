@@ -34,6 +34,7 @@ import orjson
 
 from ollamamq_fast.fleet.backend import ApiKind
 from ollamamq_fast.fleet.models import normalize_model
+from ollamamq_fast.proxy import recovery
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.stats import tokens_in_tail
 from ollamamq_fast.wire import framing
@@ -287,7 +288,7 @@ class TranslatingRelay:
         """
         ex = self.ex
         ex.upstream = None
-        ex._note_backend_failure(why)
+        recovery.note_backend_failure(ex, why)
         ex._release_backend()
         ex.keep_alive = False
         if ex.state is State.DONE:
@@ -308,7 +309,7 @@ class TranslatingRelay:
                 ex._count_tokens(self.conn)
             ex.finish()
             return
-        ex.respond_error(502, f"backend {ex._backend_name()} failed mid-answer: {why}")
+        ex.respond_error(502, f"backend {recovery.backend_name(ex)} failed mid-answer: {why}")
 
     def count_tokens(self) -> None:
         """Record the request's tokens (called by the exchange where it counts an answer's).

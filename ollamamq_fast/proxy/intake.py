@@ -1,0 +1,197 @@
+"""A request's head, read once: path, headers, identity, pool and route check.
+
+Why apart from the exchange: everything here decides *whether* a request may
+go on, before anything is queued or sent, and it is the part that keeps
+growing (pools, scopes, trusted proxies, user ids). Each function fills in
+the exchange's request fields and returns a value: None when the request may
+go on, or the gateway's own answer (an `Early`) that the exchange holds until
+the body is read (`Exchange._hold`). Nothing here calls back into the
+exchange's driver.
+
+The order is the security order: the path is normalized as the backend will
+read it, then the key is checked (before routing, so an unknown path
+forwarded with --allow-all-routes needs a key too), then the pool's access
+rules, then the route and its method and body size.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ollamamq_fast.policy.cache import cache_control
+from ollamamq_fast.policy.identity import AuthError, UserIdError, check_user_id
+from ollamamq_fast.pools import PoolError
+from ollamamq_fast.wire.errors import error_body
+from ollamamq_fast.wire.headers import (
+    backend_request_id,
+    forwarded_block,
+    read_request_head,
+)
+from ollamamq_fast.wire.paths import PathError, normalize, request_path
+from ollamamq_fast.wire.routes import FALLBACK_ROUTE, Kind, Route, api_of_path, lookup
+
+if TYPE_CHECKING:
+    from ollamamq_fast.proxy.exchange import Exchange
+
+# The gateway's own answer to a request it will not forward: status, content
+# type, body, extra head lines, and whether it is answered at once, without
+# reading the body, closing the connection (413, 503) rather than once the
+# body is read (so the connection stays usable).
+Early = tuple[int, bytes, bytes, bytes, bool]
+
+_NOT_FOUND: Early = (404, b"text/plain", b"404 page not found", b"", False)
+_NOT_ALLOWED: Early = (405, b"text/plain", b"405 method not allowed", b"", False)
+
+
+def _error(ex: Exchange, status: int, message: str) -> Early:
+    ctype, body = error_body(ex.api, status, message)
+    return status, ctype, body, b"", False
+
+
+def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> Early | None:
+    """The request head is parsed: classify the route and process headers."""
+    ex.method = method
+    ex.keep_alive = keep_alive
+    ex.http10 = not http_11
+    gw = ex.gw
+    try:
+        raw_path, query = request_path(ex.url)
+        path = normalize(raw_path)
+    except PathError as exc:
+        ex.request_id = gw.ledger.request_id()
+        ex.path = ex.url.split(b"?", 1)[0]
+        ex.api = api_of_path(ex.path)
+        ex.started_at = gw.loop.time()
+        ex.user = ex.client_ip = ex.client.peer_ip
+        ex.keep_alive = False
+        return _error(ex, 400, str(exc))
+    pool_missing = ""
+    if path.startswith(b"/pool/"):  # a named pool (pools.py); the default costs this test
+        pool_missing, path = _enter_pool(ex, path)
+    if path is not raw_path or len(raw_path) + len(query) != len(ex.url):
+        # Forward the spelling that was routed: the backend reads what the policy saw.
+        ex.url = path + query
+    ex.path = path
+    route = lookup(path)
+    ex.api = route.api if route is not None else api_of_path(path)
+    identity = gw.identity
+    keys_required = identity.keys_required
+    head = read_request_head(ex.headers, http_11, keys_required)
+    own_id = gw.ledger.request_id() if not head.request_id else b""
+    ex.request_id = head.request_id or own_id
+    ex.content_length = head.content_length
+    ex.chunked_in = head.chunked
+    ex.expect_continue = head.expect_continue
+    ex.encoded_body = head.encoded_body
+    if head.cache_control:
+        ex.cache_control = cache_control(head.cache_control)
+    if (head.authorization or head.api_key) and not keys_required:
+        ex.credential = head.authorization + b"\n" + head.api_key
+    peer_ip = ex.client.peer_ip
+    ex.client_ip = (identity.client_ip(peer_ip, head.forwarded_for)
+                    if identity.trusted_proxies else peer_ip)
+    ex.started_at = gw.loop.time()
+    try:
+        ex.user = check_user_id(head.user) if head.user else ""
+    except UserIdError as bad_id:
+        ex.user = ex.client_ip  # the id is not one: logged by address
+        return _error(ex, 400, str(bad_id))
+    forwarded_user = None
+    if keys_required and (route is None or route.kind is not Kind.LOCAL):
+        # Authentication comes before routing: an unknown path forwarded with
+        # --allow-all-routes reaches a backend too, so it needs a key as well.
+        try:
+            ex.user, ex.key_id = identity.user_and_key(
+                head.authorization, head.api_key, ex.user, path)
+            forwarded_user = ex.user
+        except AuthError as denied:  # not `exc`: compiled code gives a name one type
+            # 401 without a valid key, 403 (ScopeError) without the path's scope.
+            return _error(ex, denied.status, str(denied))
+    ex.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
+                                     ex.client.peer_ip_bytes,
+                                     backend_request_id(head.request_id, own_id))
+    if pool_missing or gw.pools.active:
+        early = _check_pool(ex, pool_missing, head.host)
+        if early is not None:
+            return early
+    early = _check_route(ex, route, method)
+    if not ex.user:
+        ex.user = ex.client_ip
+    return early
+
+
+def _enter_pool(ex: Exchange, path: bytes) -> tuple[str, bytes]:
+    """Cut `/pool/NAME` off the path and join that pool; the name when it is unknown."""
+    pool, rest, name = ex.gw.pools.by_path(path)
+    if pool is None:
+        return name or "?", rest
+    ex.pool = pool
+    ex.fleet = pool.fleet
+    ex.dispatcher = pool.dispatcher
+    pool.requests += 1
+    return "", rest
+
+
+def _check_pool(ex: Exchange, missing: str, host: bytes) -> Early | None:
+    """Unknown pool (404), Host routing, access rules (403)."""
+    pools = ex.gw.pools
+    status, message = 0, ""
+    if missing:
+        status, message = 404, f"pool '{missing}' not found"
+    else:
+        if ex.pool is pools.default and host:
+            chosen = pools.for_host(host)
+            if chosen is not None and chosen is not pools.default:
+                ex.pool = chosen
+                ex.fleet = chosen.fleet
+                ex.dispatcher = chosen.dispatcher
+                chosen.requests += 1
+        try:
+            pools.check_access(ex.pool, ex.user or ex.client_ip, ex.key_id)
+        except PoolError as err:
+            status, message = err.status, err.message
+    if not status:
+        return None
+    if not ex.user:
+        ex.user = ex.client_ip
+    return _error(ex, status, message)
+
+
+def _check_route(ex: Exchange, route: Route | None, method: bytes) -> Early | None:
+    """A known route and method (or a redirect), and a body the gateway may hold."""
+    settings = ex.gw.settings
+    if route is None:
+        path = ex.path
+        stripped = path.rstrip(b"/")
+        if stripped != path and stripped and lookup(stripped) is not None:
+            # gin redirects a trailing slash (docs/protocol-notes.md §7.27); clients follow it.
+            status = 301 if method in (b"GET", b"HEAD") else 307
+            query = ex.url[len(path) :]
+            return status, b"", b"", b"Location: " + stripped + query + b"\r\n", False
+        if not settings.allow_all_routes:
+            return _NOT_FOUND
+        route = FALLBACK_ROUTE
+    elif route.methods and method not in route.methods:
+        return _NOT_ALLOWED
+    ex.route = route
+    if route.kind is Kind.PRIMARY:
+        ex.stream_body = True
+    elif route.kind is not Kind.LOCAL and ex.content_length > settings.max_body_bytes:
+        return too_large(ex)
+    return None
+
+
+def too_large(ex: Exchange) -> Early:
+    """413, answered at once: the body is over --max-body-mb."""
+    mb = ex.gw.settings.max_body_bytes / (1024 * 1024)
+    ctype, body = error_body(
+        ex.api, 413, f"request body too large: the gateway accepts at most {mb:g} MB (--max-body-mb)")
+    return 413, ctype, body, b"", True
+
+
+def bodies_full(ex: Exchange) -> Early:
+    """503, answered at once: the gateway holds as many request bodies as it may."""
+    mb = ex.gw.settings.max_bodies_bytes / (1024 * 1024)
+    ctype, body = error_body(ex.api, 503, "the gateway is holding as many request bodies as "
+                                          f"it may ({mb:g} MB in all, --max-bodies-mb); retry shortly")
+    return 503, ctype, body, b"Retry-After: 5\r\n", True

@@ -1,0 +1,194 @@
+"""When a side of an exchange fails: the backend dies, goes silent or answers busy, or the client leaves.
+
+Why apart from the exchange: the success path is one straight line, and
+every failure branches off it differently depending on how far the request
+got. Before the first response byte a request can be tried again (a stale
+pooled connection on the same backend, else another backend, at most
+MAX_ATTEMPTS connections); after it, the client gets an error frame in its
+stream's own format when the stream is at a clean boundary, or a cut
+connection (an error in every HTTP client) when it is not, never a hang.
+The backend's blame goes to passive health (fleet/passive.py), a retry to
+the dispatcher's retry turn, and the request's end to the ledger.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ollamamq_fast.accounting.ledger import End
+from ollamamq_fast.fleet.passive import FAST_FAIL_S
+from ollamamq_fast.proxy import answers
+from ollamamq_fast.proxy.state import State
+from ollamamq_fast.wire import framing
+from ollamamq_fast.wire.errors import stream_error_frame
+from ollamamq_fast.wire.routes import Kind
+
+if TYPE_CHECKING:
+    from ollamamq_fast.fleet.backend import Backend
+    from ollamamq_fast.proxy.exchange import Exchange
+    from ollamamq_fast.proxy.upstream import UpstreamConnection
+
+# A request whose backend fails before answering is tried on this many
+# connections in all (a stale pooled connection, then other backends).
+MAX_ATTEMPTS = 3
+
+
+def retried_on_status(ex: Exchange, conn: UpstreamConnection, backend: Backend, status: int) -> bool:
+    """A 502/503/504 answer: True when the request goes to another backend instead of relaying it."""
+    # Busy or unavailable, answered fast: the backend's state, not the
+    # request's. A 500 is usually about one request (bad template, a
+    # model that fails to load) and is relayed without blame.
+    if ex.gw.loop.time() - ex.sent_at < FAST_FAIL_S:
+        note_backend_failure(ex, f"answered {status}")
+    if not can_retry_elsewhere(ex, backend):
+        return False
+    ex.upstream = None
+    conn.abort()
+    ex.attempts += 1
+    if backend not in ex.failed:
+        ex.failed += (backend,)
+    ex._release_backend()
+    ex.dispatcher.retry(ex)
+    return True
+
+
+def can_retry_elsewhere(ex: Exchange, failed: Backend) -> bool:
+    """Whether another available backend could take this request (bounded tries)."""
+    if ex.attempts >= MAX_ATTEMPTS or (ex.stream_body and ex.body_forwarded):
+        return False
+    route = ex.route
+    if route is None:
+        return False
+    for b in ex.fleet.candidates(ex.model if route.kind is not Kind.PRIMARY else None,
+                                 route.native):
+        if b is not failed and b.available and b not in ex.failed:
+            return True
+    return False
+
+
+def upstream_lost(ex: Exchange, conn: UpstreamConnection, exc: Exception | None) -> None:
+    """The backend connection closed before the response ended."""
+    ex.upstream = None
+    if ex.state is State.STREAMING:
+        broken_stream(ex, conn, "the backend closed the connection mid-response")
+        return
+    if ex.state is State.WAITING:
+        failed_before_response(ex, conn, exc)
+
+
+def upstream_timeout(ex: Exchange) -> None:
+    """The backend was silent longer than --timeout (called by the reaper)."""
+    conn = ex.upstream
+    ex.upstream = None
+    secs = ex.gw.settings.timeout
+    if conn is not None:
+        conn.abort()
+    if ex.state is State.STREAMING and conn is not None:
+        broken_stream(ex, conn, f"the backend sent nothing for {secs:g} s")
+    elif ex.state in (State.WAITING, State.CONNECTING):
+        note_backend_failure(ex, f"timed out after {secs:g} s of silence")
+        ex._release_backend()
+        answers.respond_error(ex, 504, f"backend {backend_name(ex)} sent nothing for {secs:g} s")
+
+
+def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
+    """The backend failed after the response began: end the client's stream as cleanly as it can be."""
+    relay = ex.xlate
+    if relay is not None and relay.conn is conn:
+        relay.broken(why)  # the client's stream is in the other API's format
+        return
+    note_backend_failure(ex, why)
+    ex._release_backend()
+    ex.keep_alive = False
+    transport = ex.client.transport
+    if transport is not None and not transport.is_closing():
+        frame = None
+        if conn.framing is framing.Framing.CHUNKED and (
+            not conn.last_data or framing.at_stream_boundary(conn.last_data, conn.content_type)
+        ):
+            frame = stream_error_frame(conn.content_type, why)
+        if frame is not None:
+            transport.write(framing.chunk(frame) + framing.LAST_CHUNK)
+            ex.finish()
+            return
+        # Mid-line or unframed: no clean frame is possible; the client sees
+        # a truncated message (an error in every HTTP client), never a hang.
+        transport.abort()
+    ex._end()
+
+
+def failed_before_response(ex: Exchange, conn: UpstreamConnection | None,
+                           exc: Exception | None) -> None:
+    """No response byte yet: reconnect, retry on another backend, or answer 502."""
+    ex.upstream = None
+    ex.attempts += 1
+    replayable = (not ex.stream_body or not ex.body_forwarded) and (
+        conn is None or not conn.got_bytes
+    )
+    backend = ex.backend
+    if conn is not None and conn.responses > 0 and not conn.got_bytes:
+        # A pooled connection the backend had already closed: not the backend's
+        # fault. Reconnect to the same backend, keeping the slot; a fresh
+        # connection cannot be stale, so this happens at most once in a row.
+        if replayable and backend is not None and backend.available:
+            ex._to(State.CONNECTING)
+            ex.connect_task = ex.gw.loop.create_task(ex._connect(backend))
+            return
+    else:
+        note_backend_failure(ex, repr(exc) if exc else "connection closed before a response")
+    ex._release_backend()
+    if replayable and backend is not None and can_retry_elsewhere(ex, backend):
+        ex.dispatcher.retry(ex)
+        return
+    answers.respond_error(
+        ex, 502,
+        f"backend {backend_name(ex)} failed before answering: {exc or 'connection closed'}",
+        retry_after=5,
+    )
+
+
+def note_backend_failure(ex: Exchange, why: str) -> None:
+    """Blame the backend (passive health) and never send this request back to it."""
+    backend = ex.backend
+    if backend is not None:
+        ex.gw.passive.failure(backend, why)
+        if backend not in ex.failed:
+            ex.failed += (backend,)
+
+
+def backend_name(ex: Exchange) -> str:
+    return ex.backend.name if ex.backend is not None else "?"
+
+
+def client_gone(ex: Exchange) -> None:
+    """The client connection closed: stop everything the exchange holds."""
+    state = ex.state
+    if state is State.DONE:
+        return
+    ex._end()
+    if ex.ustats is not None:  # it reached admission: it ends here, in the ledger
+        end = End.CANCELLED
+        conn = ex.upstream
+        if state is State.STREAMING and conn is not None:
+            if framing.terminal_event_relayed(conn.tail(), conn.content_type):
+                # The client read the last event and left before the backend's
+                # end of body (the openai SDK does): a complete answer.
+                end = End.DONE
+                if (ex.status < 300 and ex.route is not None
+                        and ex.route.kind is Kind.QUEUED):
+                    ex._count_tokens(conn)
+            elif conn.events:
+                ex._estimate_tokens(conn)  # cut short: what was generated still counts
+        ex._ended(end)
+    if state is State.QUEUED:
+        ex.dispatcher.cancel(ex)
+    elif state is State.CONNECTING:
+        if ex.connect_task is not None:
+            ex.connect_task.cancel()
+        ex._release_backend()
+    elif state in (State.WAITING, State.STREAMING):
+        conn = ex.upstream
+        ex.upstream = None
+        if conn is not None:
+            conn.abort()
+        ex._release_backend()
