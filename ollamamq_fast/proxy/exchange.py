@@ -37,34 +37,23 @@ import blake3
 
 from ollamamq_fast.accounting.ledger import End
 from ollamamq_fast.fleet.backend import Breaker
-from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.fleet.select import Balance
 from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
-from ollamamq_fast.policy.streamusage import UsageStripper
-from ollamamq_fast.pools import unalias
-from ollamamq_fast.proxy import answers, intake, recovery, translating
+from ollamamq_fast.proxy import answers, forward, intake, recovery
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.proxy.state import State, advance
 from ollamamq_fast.sched.dispatcher import Placed
 from ollamamq_fast.stats import UserStats, tokens_in_tail
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api
-from ollamamq_fast.wire.headers import length_line
 from ollamamq_fast.wire.routes import BLOB_ROUTE, Kind, Route
-from ollamamq_fast.wire.sniff import (
-    SniffError,
-    first_item,
-    first_model,
-    sniff_fields,
-    sniff_spans,
-)
+from ollamamq_fast.wire.sniff import first_item
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.fleet.select import Fleet
     from ollamamq_fast.gateway import GatewayState
     from ollamamq_fast.limits import Limits
-    from ollamamq_fast.policy.cache import Entry
     from ollamamq_fast.pools import Pool
     from ollamamq_fast.proxy.downstream import ClientProtocol
     from ollamamq_fast.proxy.intake import Early
@@ -303,41 +292,13 @@ class Exchange:
             else:
                 self._submit()
             return
-        spans = None
         try:
-            if keys:
-                spans = sniff_spans(body, route.model_keys, keys)
-                found = spans.found
-            else:
-                found = sniff_fields(body, route.model_keys)
-        except SniffError as exc:
-            answers.respond_error(self, 400, str(exc))
+            spans = intake.read_model(self, route, body, keys)
+        except intake.Unroutable as bad:
+            answers.respond_error(self, bad.status, bad.message)
             return
-        name = first_model(found, route.model_keys)
-        if not name:
-            # Ollama's own answers: generate looks the empty name up (404),
-            # the other handlers check for it first (400).
-            if self.path == b"/api/generate":
-                answers.respond_error(self, 404, "model '' not found")
-            else:
-                answers.respond_error(self, 400, "model is required")
-            return
-        aliases = self.pool.aliases
-        if aliases and normalize_model(name) in aliases:
-            # The backend reads the model the alias stands for, and so does
-            # the policy: the body is spliced, then read again.
-            body = unalias(body, route.model_keys, aliases[normalize_model(name)])
-            self.body = [body]
-            if keys:
-                spans = sniff_spans(body, route.model_keys, keys)
-                found = spans.found
-            else:
-                found = sniff_fields(body, route.model_keys)
-            name = first_model(found, route.model_keys)
-        self.model_name = name
-        self.model = normalize_model(name)
         if kind is Kind.QUEUED:
-            verdict = policy.admit(self, body, spans)
+            verdict = policy.admit(self, self.body[0], spans)
             if verdict is not ADMIT:
                 self._admitted(verdict)
                 return
@@ -396,7 +357,7 @@ class Exchange:
             if placement.rejected:
                 self.gw.ledger.refused(self.ustats, by_policy=True)
             answers.respond_error(self, placement.status, placement.message,
-                               retry_after=placement.retry_after)
+                                  retry_after=placement.retry_after)
         # QUEUED: the dispatcher starts it when a slot frees.
 
     def resubmit(self) -> None:
@@ -440,43 +401,7 @@ class Exchange:
         self.upstream = conn
         self._to(State.WAITING)
         self.sent_at = self.gw.loop.time()
-        route = self.route
-        if route is not None and route.translate & ~backend.speaks:
-            translating.send(self, conn, backend)  # the backend speaks the other API
-            return
-        head = [
-            self.method, b" ", backend.path_prefix, self.url, b" HTTP/1.1\r\n",
-            backend.host_header, self.fwd_headers,
-        ]
-        head_request = self.method == b"HEAD"
-        if not self.stream_body:
-            body = self.body[0] if self.body else b""
-            if body or self.content_length >= 0 or self.chunked_in:
-                head.append(length_line(len(body)))
-            else:
-                head.append(b"\r\n")
-            head.append(body)
-            strip = UsageStripper(self.strip_usage == 2) if self.strip_usage else None
-            tee = self.gw.policy.cache.entry_limit if self.cache_key is not None else 0
-            conn.send(self, self.client.flow, [b"".join(head)], head_request, strip, tee,
-                      route is not None and route.kind is Kind.QUEUED)
-            self.body_forwarded = True
-            return
-        if self.chunked_in:
-            head.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        elif self.content_length >= 0:
-            head.append(b"Content-Length: %d\r\n\r\n" % self.content_length)
-        else:
-            head.append(b"\r\n")
-        data = [b"".join(head)]
-        for piece in self.body:
-            data.append(framing.chunk(piece) if self.chunked_in else piece)
-        if self.request_complete and self.chunked_in:
-            data.append(framing.LAST_CHUNK)
-        self.body = []
-        self.body_forwarded = True
-        conn.send(self, self.client.flow, data, head_request)
-        self.client.resume_reading()
+        forward.send(self, conn, backend)
 
     # -- Response side (called by UpstreamConnection) -------------------------------
 
@@ -502,25 +427,7 @@ class Exchange:
         self._to(State.STREAMING)
         self.status = status
         self.gw.ledger.first_byte(self.started_at)
-        dechunk = conn.dechunking and self.http10  # else re-chunked (stream usage stripped)
-        if conn.framing is framing.Framing.CLOSE or not self.request_complete or dechunk:
-            self.keep_alive = False
-        extra = (backend.gateway_headers + b"%d\r\nX-Request-ID: %s\r\n" % (
-            self.queue_ms, self.request_id))
-        if self.cache_key is not None:
-            extra += b"X-Cache: MISS\r\n"
-            if status != 200 or conn.framing not in (framing.Framing.LENGTH, framing.Framing.CHUNKED):
-                conn.tee = None  # only whole 200 answers are kept
-        if self.http10 and self.keep_alive:
-            extra += b"Connection: keep-alive\r\n"
-        if conn.reason and not dechunk:
-            head = framing.relay_head(conn.raw_head, extra, not self.keep_alive,
-                                     conn.hop_by_hop)
-            if head is not None:
-                return head
-        return framing.response_head(
-            conn.status, conn.reason, conn.headers, extra, not self.keep_alive, dechunk
-        )
+        return forward.client_head(self, conn, backend, status)
 
     def upstream_continue(self, conn: UpstreamConnection) -> None:
         """Nothing to do: the gateway answers Expect itself and never forwards it."""
@@ -585,10 +492,6 @@ class Exchange:
     def respond(self, status: int, ctype: bytes, body: bytes, *, extra: bytes = b"") -> None:
         """Answer from the gateway itself and finish the exchange."""
         answers.respond(self, status, ctype, body, extra)
-
-    def respond_cached(self, entry: Entry) -> None:
-        """Answer from the response cache: the stored bytes, no backend."""
-        answers.respond_cached(self, entry)
 
     def respond_error(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         """Answer an error in the route's own format (Ollama or OpenAI)."""

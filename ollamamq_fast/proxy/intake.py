@@ -1,4 +1,4 @@
-"""A request's head, read once: path, headers, identity, pool and route check.
+"""What a request says, read once: its head (path, identity, pool, route) and its model.
 
 Why apart from the exchange: everything here decides *whether* a request may
 go on, before anything is queued or sent, and it is the part that keeps
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.policy.cache import cache_control
 from ollamamq_fast.policy.identity import AuthError, UserIdError, check_user_id
-from ollamamq_fast.pools import PoolError
+from ollamamq_fast.pools import PoolError, unalias
 from ollamamq_fast.wire.errors import error_body
 from ollamamq_fast.wire.headers import (
     backend_request_id,
@@ -29,6 +30,13 @@ from ollamamq_fast.wire.headers import (
 )
 from ollamamq_fast.wire.paths import PathError, normalize, request_path
 from ollamamq_fast.wire.routes import FALLBACK_ROUTE, Kind, Route, api_of_path, lookup
+from ollamamq_fast.wire.sniff import (
+    Sniffed,
+    SniffError,
+    first_model,
+    sniff_fields,
+    sniff_spans,
+)
 
 if TYPE_CHECKING:
     from ollamamq_fast.proxy.exchange import Exchange
@@ -195,3 +203,52 @@ def bodies_full(ex: Exchange) -> Early:
     ctype, body = error_body(ex.api, 503, "the gateway is holding as many request bodies as "
                                           f"it may ({mb:g} MB in all, --max-bodies-mb); retry shortly")
     return 503, ctype, body, b"Retry-After: 5\r\n", True
+
+
+class Unroutable(Exception):
+    """A body that names no model the gateway can route by (answered 400, or 404 as Ollama does)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def read_model(ex: Exchange, route: Route, body: bytes, keys: tuple[str, ...]) -> Sniffed | None:
+    """The model the body names, as the backend will read it; the values the policy asked for.
+
+    Sets the exchange's model (and its body, when the pool's alias is spliced
+    in) and returns the spans of `keys` (None when the policy asked for none).
+    Raises Unroutable when there is no model to route by.
+    """
+    spans = None
+    try:
+        if keys:
+            spans = sniff_spans(body, route.model_keys, keys)
+            found = spans.found
+        else:
+            found = sniff_fields(body, route.model_keys)
+    except SniffError as exc:
+        raise Unroutable(400, str(exc)) from None
+    name = first_model(found, route.model_keys)
+    if not name:
+        # Ollama's own answers: generate looks the empty name up (404),
+        # the other handlers check for it first (400).
+        if ex.path == b"/api/generate":
+            raise Unroutable(404, "model '' not found")
+        raise Unroutable(400, "model is required")
+    aliases = ex.pool.aliases
+    if aliases and normalize_model(name) in aliases:
+        # The backend reads the model the alias stands for, and so does
+        # the policy: the body is spliced, then read again.
+        body = unalias(body, route.model_keys, aliases[normalize_model(name)])
+        ex.body = [body]
+        if keys:
+            spans = sniff_spans(body, route.model_keys, keys)
+            found = spans.found
+        else:
+            found = sniff_fields(body, route.model_keys)
+        name = first_model(found, route.model_keys)
+    ex.model_name = name
+    ex.model = normalize_model(name)
+    return spans

@@ -1,0 +1,96 @@
+"""What each side reads of a forwarded request: the request as the backend gets it, the response head as the client gets it.
+
+Why apart from the exchange: these are the bytes, not the decisions. The
+exchange decides when a request is written and when a response starts;
+here the request head is built from the head intake.py kept (the routed
+path, the backend's prefix and Host, the forwarding headers) with its body
+framed as the backend expects (the whole body with a Content-Length, or a
+streamed body as it came), and the backend's response head is relayed minus
+hop-by-hop headers plus the gateway's own (X-Request-ID, queue time,
+X-Cache, keep-alive for HTTP/1.0). A backend that speaks the other API gets
+the translating relay instead (translating.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ollamamq_fast.policy.streamusage import UsageStripper
+from ollamamq_fast.proxy import translating
+from ollamamq_fast.wire import framing
+from ollamamq_fast.wire.headers import length_line
+from ollamamq_fast.wire.routes import Kind
+
+if TYPE_CHECKING:
+    from ollamamq_fast.fleet.backend import Backend
+    from ollamamq_fast.proxy.exchange import Exchange
+    from ollamamq_fast.proxy.upstream import UpstreamConnection
+
+
+def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
+    """Write the request on `conn`, the connection to `backend`, and hand it the response."""
+    route = ex.route
+    if route is not None and route.translate & ~backend.speaks:
+        translating.send(ex, conn, backend)  # the backend speaks the other API
+        return
+    head = [
+        ex.method, b" ", backend.path_prefix, ex.url, b" HTTP/1.1\r\n",
+        backend.host_header, ex.fwd_headers,
+    ]
+    head_request = ex.method == b"HEAD"
+    if not ex.stream_body:
+        body = ex.body[0] if ex.body else b""
+        if body or ex.content_length >= 0 or ex.chunked_in:
+            head.append(length_line(len(body)))
+        else:
+            head.append(b"\r\n")
+        head.append(body)
+        strip = UsageStripper(ex.strip_usage == 2) if ex.strip_usage else None
+        tee = ex.gw.policy.cache.entry_limit if ex.cache_key is not None else 0
+        conn.send(ex, ex.client.flow, [b"".join(head)], head_request, strip, tee,
+                  route is not None and route.kind is Kind.QUEUED)
+        ex.body_forwarded = True
+        return
+    if ex.chunked_in:
+        head.append(b"Transfer-Encoding: chunked\r\n\r\n")
+    elif ex.content_length >= 0:
+        head.append(b"Content-Length: %d\r\n\r\n" % ex.content_length)
+    else:
+        head.append(b"\r\n")
+    data = [b"".join(head)]
+    for piece in ex.body:
+        data.append(framing.chunk(piece) if ex.chunked_in else piece)
+    if ex.request_complete and ex.chunked_in:
+        data.append(framing.LAST_CHUNK)
+    ex.body = []
+    ex.body_forwarded = True
+    conn.send(ex, ex.client.flow, data, head_request)
+    ex.client.resume_reading()
+
+
+def client_head(ex: Exchange, conn: UpstreamConnection, backend: Backend, status: int) -> bytes:
+    """The response head for the client: the backend's minus hop-by-hop, plus the gateway's.
+
+    Decides here whether the client connection stays open after this answer
+    (not when the backend's body ends with its connection, the request body
+    is still arriving, or an HTTP/1.0 client gets a de-chunked body).
+    """
+    dechunk = conn.dechunking and ex.http10  # else re-chunked (stream usage stripped)
+    if conn.framing is framing.Framing.CLOSE or not ex.request_complete or dechunk:
+        ex.keep_alive = False
+    extra = (backend.gateway_headers + b"%d\r\nX-Request-ID: %s\r\n" % (
+        ex.queue_ms, ex.request_id))
+    if ex.cache_key is not None:
+        extra += b"X-Cache: MISS\r\n"
+        if status != 200 or conn.framing not in (framing.Framing.LENGTH, framing.Framing.CHUNKED):
+            conn.tee = None  # only whole 200 answers are kept
+    if ex.http10 and ex.keep_alive:
+        extra += b"Connection: keep-alive\r\n"
+    if conn.reason and not dechunk:
+        head = framing.relay_head(conn.raw_head, extra, not ex.keep_alive,
+                                 conn.hop_by_hop)
+        if head is not None:
+            return head
+    return framing.response_head(
+        conn.status, conn.reason, conn.headers, extra, not ex.keep_alive, dechunk
+    )
