@@ -57,6 +57,7 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.proxy.intake",
     "ollamamq_fast.proxy.answers",
     "ollamamq_fast.proxy.recovery",
+    "ollamamq_fast.proxy.forward",
     "ollamamq_fast.proxy.exchange",
     "ollamamq_fast.proxy.downstream",
     "ollamamq_fast.proxy.local",

@@ -6,21 +6,23 @@ A request goes, top to bottom in this file:
               the backend reads it, headers sorted, the key checked before the
               route decides anything, pool and route checked) and returns
               None or the gateway's own answer, held until the body is read
-    route     `_route`: local answer, model management, inference
+    route     `_route`: local answer, model management, inference; intake.py
+              reads the model from the body
     admit     the usage policy answers a value (policy/gate.py): ADMIT, REFUSE,
               CACHED or PENDING, acted on by `_admitted`
     queue     the dispatcher answers STARTED, QUEUED or REFUSED (`_submit`)
-    start     `start` / `_send`: a pooled connection, head and body written
-    relay     the upstream connection relays bytes; `response_head` and
-              `response_complete`
+    start     `start`: a pooled connection (or a new one); forward.py writes
+              the request's head and body
+    relay     the upstream connection relays bytes; `response_head` (its bytes
+              from forward.py) and `response_complete`
     finish    the ledger records the one end of the request (`_ended`)
 
 Off the straight line, each in its own module: answers.py writes the
 gateway's own answers (errors, local replies, cache hits); recovery.py
 handles failures (retry before the first byte, an error frame after it, the
-client leaving). Their public names stay methods here (`respond_error`,
-`upstream_lost`, `client_gone`...) for the connection, the dispatcher and the
-policy, which hold an exchange and must not import the data plane.
+client leaving). Their entry points stay methods here (`respond_error`,
+`upstream_lost`, `upstream_timeout`, `client_gone`): the dispatcher may not
+import the data plane, and the backend connection calls its sink by protocol.
 
 Where the request is in its life is `state.py`'s table: every move goes
 through `_to`, which refuses one the table does not allow. Pauses and
@@ -374,7 +376,7 @@ class Exchange:
         assert backend.pool is not None
         conn = backend.pool.acquire_idle()
         if conn is not None:
-            self._send(conn)
+            forward.send(self, conn, backend)  # WAITING: the request is on the wire
         else:
             self.connect_task = self.gw.loop.create_task(self._connect(backend))
 
@@ -393,14 +395,6 @@ class Exchange:
         if self.state is not State.CONNECTING:
             conn.close()
             return
-        self._send(conn)
-
-    def _send(self, conn: UpstreamConnection) -> None:
-        backend = self.backend
-        assert backend is not None
-        self.upstream = conn
-        self._to(State.WAITING)
-        self.sent_at = self.gw.loop.time()
         forward.send(self, conn, backend)
 
     # -- Response side (called by UpstreamConnection) -------------------------------

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ollamamq_fast.policy.streamusage import UsageStripper
 from ollamamq_fast.proxy import translating
+from ollamamq_fast.proxy.state import State
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.headers import length_line
 from ollamamq_fast.wire.routes import Kind
@@ -28,7 +29,10 @@ if TYPE_CHECKING:
 
 
 def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
-    """Write the request on `conn`, the connection to `backend`, and hand it the response."""
+    """Write the request on `conn`, a connection to `backend`: the exchange now waits for its answer."""
+    ex.upstream = conn
+    ex._to(State.WAITING)
+    ex.sent_at = ex.gw.loop.time()
     route = ex.route
     if route is not None and route.translate & ~backend.speaks:
         translating.send(ex, conn, backend)  # the backend speaks the other API

@@ -1,6 +1,6 @@
 """The translating relay: a request whose backend speaks the other API.
 
-The exchange hands a request here (one check in `Exchange._send`) only when
+The exchange hands a request here (one check in `forward.send`) only when
 its route is an inference route of one API and the chosen backend does not
 speak that API: an Ollama client on an OpenAI-compatible server, or an OpenAI
 client on an Ollama backend without its `/v1` layer. Everything else keeps
@@ -97,7 +97,7 @@ def header_value(text: str) -> bytes:
 
 
 def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
-    """Translate `ex`'s request for `backend` and write it on `conn` (called by `Exchange._send`).
+    """Translate `ex`'s request for `backend` and write it on `conn` (called by `forward.send`).
 
     A body the client must fix is answered 400 in its API's shape; Ollama's
     load/unload form (nothing to generate) and `/api/show` of a model only an
