@@ -13,8 +13,8 @@ A request goes, top to bottom in this file:
     queue     the dispatcher answers STARTED, QUEUED or REFUSED (`_submit`)
     start     `start`: a pooled connection (or a new one); forward.py writes
               the request's head and body
-    relay     the upstream connection relays bytes; `response_head` (its bytes
-              from forward.py) and `response_complete`
+    relay     the upstream connection relays bytes; `response_head` and
+              `response_complete`
     finish    the ledger records the one end of the request (`_ended`)
 
 Off the straight line, each in its own module: answers.py writes the
@@ -421,7 +421,25 @@ class Exchange:
         self._to(State.STREAMING)
         self.status = status
         self.gw.ledger.first_byte(self.started_at)
-        return forward.client_head(self, conn, backend, status)
+        dechunk = conn.dechunking and self.http10  # else re-chunked (stream usage stripped)
+        if conn.framing is framing.Framing.CLOSE or not self.request_complete or dechunk:
+            self.keep_alive = False
+        extra = (backend.gateway_headers + b"%d\r\nX-Request-ID: %s\r\n" % (
+            self.queue_ms, self.request_id))
+        if self.cache_key is not None:
+            extra += b"X-Cache: MISS\r\n"
+            if status != 200 or conn.framing not in (framing.Framing.LENGTH, framing.Framing.CHUNKED):
+                conn.tee = None  # only whole 200 answers are kept
+        if self.http10 and self.keep_alive:
+            extra += b"Connection: keep-alive\r\n"
+        if conn.reason and not dechunk:
+            head = framing.relay_head(conn.raw_head, extra, not self.keep_alive,
+                                     conn.hop_by_hop)
+            if head is not None:
+                return head
+        return framing.response_head(
+            conn.status, conn.reason, conn.headers, extra, not self.keep_alive, dechunk
+        )
 
     def upstream_continue(self, conn: UpstreamConnection) -> None:
         """Nothing to do: the gateway answers Expect itself and never forwards it."""

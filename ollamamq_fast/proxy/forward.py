@@ -1,14 +1,12 @@
-"""What each side reads of a forwarded request: the request as the backend gets it, the response head as the client gets it.
+"""The request as the backend reads it: head and body written on a backend connection.
 
 Why apart from the exchange: these are the bytes, not the decisions. The
-exchange decides when a request is written and when a response starts;
-here the request head is built from the head intake.py kept (the routed
-path, the backend's prefix and Host, the forwarding headers) with its body
-framed as the backend expects (the whole body with a Content-Length, or a
-streamed body as it came), and the backend's response head is relayed minus
-hop-by-hop headers plus the gateway's own (X-Request-ID, queue time,
-X-Cache, keep-alive for HTTP/1.0). A backend that speaks the other API gets
-the translating relay instead (translating.py).
+exchange decides when a request is written; here its head is built from what
+intake.py kept (the routed path, with the backend's prefix and Host, and the
+forwarding headers) and its body is framed as the backend expects: a whole
+body with its Content-Length, or a streamed body as it came (re-chunked when
+it came chunked), the rest following as the client sends it. A backend that
+speaks the other API gets the translating relay instead (translating.py).
 """
 
 from __future__ import annotations
@@ -71,30 +69,3 @@ def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     conn.send(ex, ex.client.flow, data, head_request)
     ex.client.resume_reading()
 
-
-def client_head(ex: Exchange, conn: UpstreamConnection, backend: Backend, status: int) -> bytes:
-    """The response head for the client: the backend's minus hop-by-hop, plus the gateway's.
-
-    Decides here whether the client connection stays open after this answer
-    (not when the backend's body ends with its connection, the request body
-    is still arriving, or an HTTP/1.0 client gets a de-chunked body).
-    """
-    dechunk = conn.dechunking and ex.http10  # else re-chunked (stream usage stripped)
-    if conn.framing is framing.Framing.CLOSE or not ex.request_complete or dechunk:
-        ex.keep_alive = False
-    extra = (backend.gateway_headers + b"%d\r\nX-Request-ID: %s\r\n" % (
-        ex.queue_ms, ex.request_id))
-    if ex.cache_key is not None:
-        extra += b"X-Cache: MISS\r\n"
-        if status != 200 or conn.framing not in (framing.Framing.LENGTH, framing.Framing.CHUNKED):
-            conn.tee = None  # only whole 200 answers are kept
-    if ex.http10 and ex.keep_alive:
-        extra += b"Connection: keep-alive\r\n"
-    if conn.reason and not dechunk:
-        head = framing.relay_head(conn.raw_head, extra, not ex.keep_alive,
-                                 conn.hop_by_hop)
-        if head is not None:
-            return head
-    return framing.response_head(
-        conn.status, conn.reason, conn.headers, extra, not ex.keep_alive, dechunk
-    )
