@@ -5,13 +5,15 @@ go on, before anything is queued or sent, and it is the part that keeps
 growing (pools, scopes, trusted proxies, user ids). Each function fills in
 the exchange's request fields and returns a value: None when the request may
 go on, or the gateway's own answer (an `Early`) that the exchange holds until
-the body is read (`Exchange._hold`). Nothing here calls back into the
+the body is read (`Exchange._hold`); `read_model` returns what the policy
+asked to see, or raises Unroutable. Nothing here calls back into the
 exchange's driver.
 
-The order is the security order: the path is normalized as the backend will
-read it, then the key is checked (before routing, so an unknown path
-forwarded with --allow-all-routes needs a key too), then the pool's access
-rules, then the route and its method and body size.
+`read_head` goes in the security order, top to bottom: the path is
+normalized as the backend will read it, then the key is checked (before
+routing, so an unknown path forwarded with --allow-all-routes needs a key
+too), then the pool's access rules, then the route, its method and the body
+size. `read_model` reads the model from the body when the request is routed.
 """
 
 from __future__ import annotations
@@ -122,10 +124,29 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
         early = _check_pool(ex, pool_missing, head.host)
         if early is not None:
             return early
-    early = _check_route(ex, route, method)
     if not ex.user:
         ex.user = ex.client_ip
-    return early
+    # The route: known, or a redirect, or forwarded as it is (--allow-all-routes);
+    # its method; a body the gateway may hold.
+    settings = gw.settings
+    if route is None:
+        stripped = path.rstrip(b"/")
+        if stripped != path and stripped and lookup(stripped) is not None:
+            # gin redirects a trailing slash (docs/protocol-notes.md §7.27); clients follow it.
+            status = 301 if method in (b"GET", b"HEAD") else 307
+            location = b"Location: " + stripped + ex.url[len(path) :] + b"\r\n"
+            return status, b"", b"", location, False
+        if not settings.allow_all_routes:
+            return _NOT_FOUND
+        route = FALLBACK_ROUTE
+    elif route.methods and method not in route.methods:
+        return _NOT_ALLOWED
+    ex.route = route
+    if route.kind is Kind.PRIMARY:
+        ex.stream_body = True
+    elif route.kind is not Kind.LOCAL and ex.content_length > settings.max_body_bytes:
+        return too_large(ex)
+    return None
 
 
 def _enter_pool(ex: Exchange, path: bytes) -> tuple[str, bytes]:
@@ -163,30 +184,6 @@ def _check_pool(ex: Exchange, missing: str, host: bytes) -> Early | None:
     if not ex.user:
         ex.user = ex.client_ip
     return _error(ex, status, message)
-
-
-def _check_route(ex: Exchange, route: Route | None, method: bytes) -> Early | None:
-    """A known route and method (or a redirect), and a body the gateway may hold."""
-    settings = ex.gw.settings
-    if route is None:
-        path = ex.path
-        stripped = path.rstrip(b"/")
-        if stripped != path and stripped and lookup(stripped) is not None:
-            # gin redirects a trailing slash (docs/protocol-notes.md §7.27); clients follow it.
-            status = 301 if method in (b"GET", b"HEAD") else 307
-            query = ex.url[len(path) :]
-            return status, b"", b"", b"Location: " + stripped + query + b"\r\n", False
-        if not settings.allow_all_routes:
-            return _NOT_FOUND
-        route = FALLBACK_ROUTE
-    elif route.methods and method not in route.methods:
-        return _NOT_ALLOWED
-    ex.route = route
-    if route.kind is Kind.PRIMARY:
-        ex.stream_body = True
-    elif route.kind is not Kind.LOCAL and ex.content_length > settings.max_body_bytes:
-        return too_large(ex)
-    return None
 
 
 def too_large(ex: Exchange) -> Early:
