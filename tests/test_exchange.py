@@ -19,6 +19,7 @@ from ollamamq_fast.config import Settings, parse_backend_urls
 from ollamamq_fast.fleet.backend import ApiKind, Backend
 from ollamamq_fast.gateway import GatewayState
 from ollamamq_fast.proxy.downstream import ClientProtocol
+from ollamamq_fast.proxy.pool import UpstreamPool
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.upstream import UpstreamConnection
 
@@ -70,11 +71,11 @@ class FakeTransport:
         return out
 
 
-class FakePool:
+class FakePool(UpstreamPool):
     """A backend's pool whose connections are fake transports, opened on demand."""
 
     def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+        super().__init__(backend, None)  # type: ignore[arg-type]
         self.idle: list[UpstreamConnection] = []
         self.opened: list[tuple[UpstreamConnection, FakeTransport]] = []
         self.open = 0
@@ -134,7 +135,7 @@ class Rig:
             b.models = {"m:latest": {"name": "m:latest", "model": "m:latest"}}
             b.refresh()
             pool = FakePool(b)
-            b.pool = pool  # type: ignore[assignment]
+            b.pool = pool
             self.pools.append(pool)
         self.state.fleet.rebuild_index()
 

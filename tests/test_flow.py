@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ollamamq_fast.config import parse_backend_url
+from ollamamq_fast.fleet.backend import Backend
 from ollamamq_fast.proxy.flow import BODY_BUFFER, FlowControl
-from ollamamq_fast.proxy.upstream import UpstreamConnection
+from ollamamq_fast.proxy.pool import UpstreamPool
+from ollamamq_fast.proxy.upstream import ResponseSink, UpstreamConnection
 
 
 class FakeTransport:
@@ -46,8 +49,9 @@ class FakeTransport:
         self.closing = True
 
 
-class FakePool:
+class FakePool(UpstreamPool):
     def __init__(self) -> None:
+        super().__init__(Backend(parse_backend_url("http://b:1"), 1), None)  # type: ignore[arg-type]
         self.released: list[UpstreamConnection] = []
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -57,12 +61,15 @@ class FakePool:
         pass
 
 
-class Sink:
-    http10 = False
-
+class Sink(ResponseSink):
     def __init__(self, client: FakeTransport) -> None:
-        self.client_transport: Any = client
+        super().__init__()
+        self.client = client
         self.done = False
+
+    @property
+    def client_transport(self) -> Any:
+        return self.client
 
     def response_head(self, conn: UpstreamConnection) -> bytes | None:
         return b"HTTP/1.1 200 OK\r\n\r\n"

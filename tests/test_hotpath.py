@@ -8,13 +8,14 @@ general path on the same bytes, without sockets.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ollamamq_fast.proxy.flow import FlowControl
-from ollamamq_fast.proxy.upstream import UpstreamConnection
+from ollamamq_fast.proxy.upstream import ResponseSink, UpstreamConnection
 from ollamamq_fast.stats import tokens_in_tail
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.sniff import SniffError, scanned_fields, sniff_fields
@@ -155,14 +156,17 @@ def test_http10_status_line_is_rebuilt() -> None:
 # -- The response parser kept across responses ------------------------------------------
 
 
-class _Sink:
+class _Sink(ResponseSink):
     """Stands in for the exchange: collects what the client would get."""
 
-    http10 = False
-
     def __init__(self, transport: _Recorder) -> None:
-        self.client_transport = transport
+        super().__init__()
+        self.transport = transport
         self.done = 0
+
+    @property
+    def client_transport(self) -> Any:
+        return self.transport
 
     def response_head(self, conn: UpstreamConnection) -> bytes:
         return b"HEAD(%d)" % conn.status

@@ -14,7 +14,7 @@ import pytest
 from harness import Stack, start_stack
 from test_traps import wait_for
 
-from ollamamq_fast.accounting.ledger import CLIENT_CLOSED, End, Ledger
+from ollamamq_fast.accounting.ledger import CLIENT_CLOSED, End, Ledger, Record
 from ollamamq_fast.state.tally import UsageTally
 from ollamamq_fast.stats import GatewayStats, UserStats
 from ollamamq_fast.wire.framing import terminal_event_relayed
@@ -56,8 +56,9 @@ class Quotas:
         self.used.append((user, prompt + completion))
 
 
-class Req:
+class Req(Record):
     def __init__(self, ustats: UserStats) -> None:
+        super().__init__()
         self.user = "alice"
         self.client_ip = "10.0.0.1"
         self.method = b"POST"

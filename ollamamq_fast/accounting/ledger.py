@@ -15,6 +15,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from ollamamq_fast.state.tally import UsageTally
 from ollamamq_fast.stats import GatewayStats, UserStats
 from ollamamq_fast.wire.routes import EXACT
@@ -61,25 +63,36 @@ class Quotas(Protocol):
         ...
 
 
-class Record(Protocol):
-    """What the ledger reads of a finished request (the exchange)."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Record:
+    """What the ledger reads of a request; the exchange is one (its base class).
 
-    user: str
-    client_ip: str
-    method: bytes
-    path: bytes
-    model: str | None
-    model_name: str
-    status: int
-    queue_ms: int
-    started_at: float
-    prompt_tokens: int
-    completion_tokens: int
-    request_id: bytes
-    ustats: UserStats | None
-    in_flight_counted: bool
-    key_id: str  # the API key's id, "" without one
-    tokens_estimated: bool  # set by `tokens`
+    A class, not a Protocol: compiled, the ledger then reads these fields from
+    the object's struct instead of looking each one up by name (about 3,000
+    instructions a request). Tests' stand-ins subclass it.
+    """
+
+    __slots__ = ("client_ip", "completion_tokens", "in_flight_counted", "key_id", "method",
+                 "model", "model_name", "path", "prompt_tokens", "queue_ms", "request_id",
+                 "started_at", "status", "tokens_estimated", "user", "ustats")
+
+    def __init__(self) -> None:
+        self.user = ""
+        self.client_ip = ""
+        self.method = b""
+        self.path = b""
+        self.model: str | None = None
+        self.model_name = ""
+        self.status = 0
+        self.queue_ms = 0
+        self.started_at = 0.0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.request_id = b""  # X-Request-ID: the client's (if sane) or the gateway's
+        self.ustats: UserStats | None = None
+        self.in_flight_counted = False
+        self.key_id = ""  # the API key's id, for usage rows and budgets; "" without one
+        self.tokens_estimated = False  # set by `Ledger.tokens`
 
 
 class Ledger:

@@ -10,7 +10,7 @@ from ollamamq_fast.config import BackendOptions, BackendUrl
 from ollamamq_fast.wire.routes import SPEAKS_ALL, SPEAKS_OLLAMA, SPEAKS_OPENAI
 
 if TYPE_CHECKING:
-    from ollamamq_fast.proxy.pool import ConnectionPool
+    from ollamamq_fast.proxy.pool import UpstreamPool
 
 
 class ApiKind(enum.Enum):
@@ -136,7 +136,7 @@ class Backend:
         self.probe_failures = 0
         self.probes_ok = 0
         self.last_error = ""
-        self.pool: ConnectionPool | None = None
+        self.pool: UpstreamPool | None = None
         # online and not draining and breaker not open: kept up to date by
         # refresh(), so the dispatcher's hot path reads one attribute.
         self.available = False

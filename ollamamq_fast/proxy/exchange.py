@@ -22,7 +22,8 @@ gateway's own answers (errors, local replies, cache hits); recovery.py
 handles failures (retry before the first byte, an error frame after it, the
 client leaving). Their entry points stay methods here (`respond_error`,
 `upstream_lost`, `upstream_timeout`, `client_gone`): the dispatcher may not
-import the data plane, and the backend connection calls its sink by protocol.
+import the data plane, and the backend connection calls the exchange as its
+ResponseSink (upstream.py).
 
 Where the request is in its life is `state.py`'s table: every move goes
 through `_to`, which refuses one the table does not allow. Pauses and
@@ -36,6 +37,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import blake3
+from mypy_extensions import mypyc_attr
 
 from ollamamq_fast.accounting.ledger import End
 from ollamamq_fast.fleet.backend import Breaker
@@ -44,8 +46,9 @@ from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
 from ollamamq_fast.proxy import answers, forward, intake, recovery
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.proxy.state import State, advance
+from ollamamq_fast.proxy.upstream import ResponseSink
 from ollamamq_fast.sched.dispatcher import Placed
-from ollamamq_fast.stats import UserStats, tokens_in_tail
+from ollamamq_fast.stats import tokens_in_tail
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api
 from ollamamq_fast.wire.routes import BLOB_ROUTE, Kind, Route
@@ -68,23 +71,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("ollamamq_fast.proxy")
 
 
-class Exchange:
-    """Per-request state and the logic that moves a request through the gateway."""
+# One request at a time on most connections: the freed exchange's memory is
+# reused for the next one (mypyc keeps one; plain Python ignores this).
+@mypyc_attr(free_list_len=1)
+class Exchange(ResponseSink):
+    """Per-request state and the logic that moves a request through the gateway.
 
+    A ResponseSink (what its backend connection reports to), and so a Record
+    (what the ledger reads): see upstream.py and accounting/ledger.py.
+    """
+
+    # The fields the ledger reads (Record) and http10 are the base classes'.
     __slots__ = (
         "active", "affinity", "api", "attempts", "backend", "body", "body_forwarded",
         "body_held", "body_size", "cache_control", "cache_key", "chosen", "chunked_in",
-        "client", "client_ip", "completion_tokens", "connect_task", "content_length",
-        "continue_sent", "credential", "discard_body", "dispatcher", "early_error",
-        "encoded_body", "enqueued_at", "expect_continue", "failed", "fleet", "fwd_headers",
-        "gw", "headers", "http10", "in_flight_counted", "keep_alive", "key_id", "lease",
-        "limits", "method", "model", "model_name", "path", "pool", "prompt_tokens",
-        "queue_ms", "request_complete", "request_id", "route", "sent_at", "started_at",
-        "state", "status", "stream_body", "strip_usage", "ticket", "tokens_estimated",
-        "upstream", "url", "user", "ustats", "xlate",
+        "client", "connect_task", "content_length", "continue_sent", "credential",
+        "discard_body", "dispatcher", "early_error", "encoded_body", "enqueued_at",
+        "expect_continue", "failed", "fleet", "fwd_headers", "gw", "headers", "keep_alive",
+        "lease", "limits", "pool", "request_complete", "route", "sent_at", "state",
+        "stream_body", "strip_usage", "ticket", "upstream", "url", "xlate",
     )
 
     def __init__(self, client: ClientProtocol) -> None:
+        super().__init__()  # the request's record (user, path, status, tokens...) and http10
         self.client = client
         gw: GatewayState = client.gw
         self.gw = gw
@@ -98,12 +107,12 @@ class Exchange:
         self.active = False  # the request the connection answers now (pipelining order)
         # The request, as intake.py reads its head. X-Request-ID is the
         # client's (if sane) or the gateway's.
-        self.method = self.url = self.path = self.request_id = self.fwd_headers = b""
+        self.url = self.fwd_headers = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.route: Route | None = None
         self.api = Api.OLLAMA
         self.keep_alive = True
-        self.http10 = self.chunked_in = self.expect_continue = self.encoded_body = False
+        self.chunked_in = self.expect_continue = self.encoded_body = False
         self.stream_body = self.continue_sent = False
         self.content_length = -1
         # (status, content type, body, extra head lines, immediate) answered
@@ -117,24 +126,19 @@ class Exchange:
         # Who asks: the user (or address), the API key's id (usage rows,
         # budgets), and the client's own credentials when the gateway does not
         # own them (auth off): part of the cache key, the backend may check them.
-        self.user = self.client_ip = self.key_id = ""
         self.credential = b""
-        self.ustats: UserStats | None = None
-        self.in_flight_counted = False
         # Usage policy (policy/engine.py): the user's limits, the response-cache
         # key of a cacheable request, Cache-Control flags, and whether the
         # stream's injected usage must be stripped (1 chat, 2 per chunk).
         self.limits: Limits | None = None
         self.cache_key: bytes | None = None
         self.cache_control = self.strip_usage = 0
-        self.model: str | None = None
-        self.model_name = self.affinity = ""
+        self.affinity = ""
         # Queue, backend and connection. lease: what it holds of its backend
         # (dispatcher.SLOT / UNSLOTTED, or 0). failed: backends that failed
         # this request; a retry never goes back to them.
         self.ticket: Ticket | None = None
         self.enqueued_at = 0.0
-        self.queue_ms = 0
         self.chosen: Backend | None = None
         self.backend: Backend | None = None
         self.lease = self.attempts = 0
@@ -143,9 +147,7 @@ class Exchange:
         self.failed: tuple[Backend, ...] = ()
         # The translating relay (proxy/translating.py) when the backend speaks the other API.
         self.xlate: TranslatingRelay | None = None
-        self.started_at = self.sent_at = 0.0
-        self.status = self.prompt_tokens = self.completion_tokens = 0
-        self.tokens_estimated = False
+        self.sent_at = 0.0
 
     # -- State (state.py holds the table of allowed moves) ---------------------------
 

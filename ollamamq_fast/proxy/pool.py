@@ -8,7 +8,9 @@ only after a clean response and only unpaused (flow.py lets go of it first).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
+
+from mypy_extensions import mypyc_attr
 
 from ollamamq_fast.proxy.upstream import UpstreamConnection
 
@@ -26,28 +28,13 @@ IDLE_EXPIRY_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 
 
-class ConnectionPool(Protocol):
-    """What a backend's pool offers: UpstreamPool, or a test's pool of fake connections.
-
-    Connections and backends name this Protocol, not the class: compiled
-    (mypyc) code checks class annotations at run time and would refuse a fake.
-    """
-
-    def acquire_idle(self) -> UpstreamConnection | None: ...
-
-    async def connect(self) -> UpstreamConnection: ...
-
-    def release(self, conn: UpstreamConnection) -> None: ...
-
-    def forget(self, conn: UpstreamConnection) -> None: ...
-
-    def expire_idle(self, now: float) -> None: ...
-
-    def close_all(self) -> None: ...
-
-
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UpstreamPool:
-    """Idle keep-alive connections to one backend, most recently used first."""
+    """Idle keep-alive connections to one backend, most recently used first.
+
+    Connections and backends name this class, so that compiled code calls its
+    methods directly; a test's pool of fake connections subclasses it.
+    """
 
     def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend

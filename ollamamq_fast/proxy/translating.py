@@ -36,6 +36,7 @@ from ollamamq_fast.fleet.backend import ApiKind
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.proxy import recovery
 from ollamamq_fast.proxy.state import State
+from ollamamq_fast.proxy.upstream import ResponseSink
 from ollamamq_fast.stats import tokens_in_tail
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api, error_body, stream_error_frame
@@ -170,14 +171,16 @@ def _answer_show(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> No
     _answer_here(ex, conn, 404, *error_body(Api.OLLAMA, 404, f"model '{ex.model_name}' not found"))
 
 
-class TranslatingRelay:
-    """The backend connection's sink for a translated exchange (upstream.ResponseSink)."""
+class TranslatingRelay(ResponseSink):
+    """The backend connection's sink for a translated exchange (an upstream.ResponseSink;
+    the ledger's record is the exchange's, not this one's)."""
 
-    __slots__ = ("chunked", "completion", "conn", "ex", "extra", "held", "held_bytes", "http10",
+    __slots__ = ("chunked", "completion", "conn", "ex", "extra", "held", "held_bytes",
                  "mode", "prompt", "stream", "translated")
 
     def __init__(self, ex: Exchange, t: Translated, conn: UpstreamConnection,
                  extra: bytes) -> None:
+        super().__init__()
         self.ex = ex
         self.translated = t
         self.conn = conn

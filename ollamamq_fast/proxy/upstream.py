@@ -11,47 +11,63 @@ backend dies mid-stream.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
+from ollamamq_fast.accounting.ledger import Record
 from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES, FlowControl
 from ollamamq_fast.proxy.transport import Transport
 from ollamamq_fast.wire import framing
 
 if TYPE_CHECKING:
     from ollamamq_fast.policy.streamusage import UsageStripper
-    from ollamamq_fast.proxy.pool import ConnectionPool
+    from ollamamq_fast.proxy.pool import UpstreamPool
 
-class ResponseSink(Protocol):
-    """What an upstream connection reports to: the exchange it is bound to."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ResponseSink(Record):
+    """What an upstream connection reports to: the exchange it is bound to, or
+    the translating relay that stands for it (proxy/translating.py).
+
+    A base class, not a Protocol: compiled, the connection then calls these
+    methods directly (a Protocol call is a lookup by name and an argument
+    check, on every response and every streamed read). It extends the ledger's
+    Record only because a class has one base and the exchange is both.
+    """
+
+    __slots__ = ("http10",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.http10 = False  # the client speaks HTTP/1.0: chunked bodies must be de-chunked
 
     @property
-    def client_transport(self) -> Transport | None: ...
-
-    http10: bool  # the client speaks HTTP/1.0: chunked bodies must be de-chunked
+    def client_transport(self) -> Transport | None:
+        """Where response bytes go; None once the client is gone."""
+        raise NotImplementedError
 
     def response_head(self, conn: UpstreamConnection) -> bytes | None:
         """Build the head to send to the client; None if the exchange retries elsewhere."""
-        ...
+        raise NotImplementedError
 
     def response_complete(self, conn: UpstreamConnection) -> None:
         """The backend's response ended cleanly."""
-        ...
+        raise NotImplementedError
 
     def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         """The connection closed before the response ended."""
-        ...
+        raise NotImplementedError
 
     def upstream_continue(self, conn: UpstreamConnection) -> None:
         """The backend answered 100 Continue."""
-        ...
+        raise NotImplementedError
 
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a backend; carries one exchange at a time."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: UpstreamPool) -> None:
         # Per-connection state
         self.pool = pool
         self.transport: Transport | None = None
