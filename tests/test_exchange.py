@@ -89,7 +89,7 @@ class FakePool(UpstreamPool):
         return None
 
     async def connect(self) -> UpstreamConnection:
-        conn = UpstreamConnection(self)  # type: ignore[arg-type]
+        conn = UpstreamConnection(self)
         transport = FakeTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         self.opened.append((conn, transport))

@@ -103,7 +103,7 @@ def test_a_connection_goes_back_to_the_pool_only_resumed() -> None:
     """The adversarial pass's finding: released while paused, the next user timed out."""
     client, backend = FakeTransport(), FakeTransport()
     pool = FakePool()
-    conn = UpstreamConnection(pool)  # type: ignore[arg-type]
+    conn = UpstreamConnection(pool)
     conn.connection_made(backend)  # type: ignore[arg-type]
     flow = FlowControl(client)
     sink = Sink(client)

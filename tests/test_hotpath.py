@@ -14,7 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ollamamq_fast.config import parse_backend_url
+from ollamamq_fast.fleet.backend import Backend
 from ollamamq_fast.proxy.flow import FlowControl
+from ollamamq_fast.proxy.pool import UpstreamPool
 from ollamamq_fast.proxy.upstream import ResponseSink, UpstreamConnection
 from ollamamq_fast.stats import tokens_in_tail
 from ollamamq_fast.wire import framing
@@ -192,14 +195,17 @@ class _Recorder:
         pass
 
 
-class _Pool:
+class _Pool(UpstreamPool):
+    def __init__(self) -> None:
+        super().__init__(Backend(parse_backend_url("http://b:1"), 1), None)  # type: ignore[arg-type]
+
     def forget(self, conn: UpstreamConnection) -> None:
         pass
 
 
 @pytest.mark.parametrize("order", [("GET", "HEAD", "GET"), ("HEAD", "GET", "GET")])
 def test_parser_is_kept_or_replaced_between_responses(order: tuple[str, ...]) -> None:
-    conn = UpstreamConnection(_Pool())  # type: ignore[arg-type]
+    conn = UpstreamConnection(_Pool())
     conn.connection_made(_Recorder())  # type: ignore[arg-type]
     client = _Recorder()
     for i, method in enumerate(order):
@@ -215,7 +221,7 @@ def test_parser_is_kept_or_replaced_between_responses(order: tuple[str, ...]) ->
 
 
 def test_response_head_in_one_byte_pieces() -> None:
-    conn = UpstreamConnection(_Pool())  # type: ignore[arg-type]
+    conn = UpstreamConnection(_Pool())
     conn.connection_made(_Recorder())  # type: ignore[arg-type]
     client = _Recorder()
     sink = _Sink(client)
