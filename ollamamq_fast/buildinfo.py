@@ -77,6 +77,7 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.state.tally",
     "ollamamq_fast.stats",
     "ollamamq_fast.accessline",
+    "ollamamq_fast.plane",
 )
 
 _HERE: Final = os.path.dirname(os.path.abspath(__file__))

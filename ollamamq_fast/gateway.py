@@ -36,6 +36,7 @@ from ollamamq_fast.fleet.select import Balance, Fleet
 from ollamamq_fast.idle import IdlePruner
 from ollamamq_fast.limits import any_budget
 from ollamamq_fast.operator import Operator
+from ollamamq_fast.plane import DataPlane
 from ollamamq_fast.policy.engine import Policy
 from ollamamq_fast.policy.identity import Identity
 from ollamamq_fast.pools import Pool, Pools
@@ -91,12 +92,11 @@ def raise_fd_limit() -> int:
     return int(soft)
 
 
-class GatewayState:
-    """Shared state of a running gateway, read by the data plane."""
+class GatewayState(DataPlane):
+    """Shared state of a running gateway; the data plane reads it as a DataPlane (plane.py)."""
 
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
-        self.settings = settings
-        self.loop = loop
+        super().__init__(settings, loop)
         backends = [
             Backend(addr, settings.backend_slots.get(addr.url, settings.slots))
             for addr in settings.backends

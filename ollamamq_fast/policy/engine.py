@@ -60,7 +60,7 @@ from ollamamq_fast.tasks import cancel_and_wait
 from ollamamq_fast.wire.sniff import Sniffed
 
 if TYPE_CHECKING:
-    from ollamamq_fast.gateway import GatewayState
+    from ollamamq_fast.plane import DataPlane
     from ollamamq_fast.proxy.exchange import Exchange
     from ollamamq_fast.proxy.upstream import UpstreamConnection
 
@@ -85,7 +85,7 @@ _ERROR_MARK = b'{"error"'
 class Policy:
     """Limits, caps, quotas and the response cache for one gateway."""
 
-    def __init__(self, state: GatewayState) -> None:
+    def __init__(self, state: DataPlane) -> None:
         self.state = state
         self.settings = state.settings
         self.limiter = RateLimiter(state.loop.time)

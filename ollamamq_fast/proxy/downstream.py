@@ -28,7 +28,7 @@ from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api, error_body
 
 if TYPE_CHECKING:
-    from ollamamq_fast.gateway import GatewayState
+    from ollamamq_fast.plane import DataPlane
 
 
 # A request head must be complete this long after it began, however it trickles
@@ -44,7 +44,7 @@ BODY_MIN_RATE = 1024
 class ClientProtocol(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, gw: GatewayState) -> None:
+    def __init__(self, gw: DataPlane) -> None:
         # Per-connection state
         self.gw = gw
         self.transport: Transport | None = None

@@ -57,8 +57,8 @@ from ollamamq_fast.wire.sniff import first_item
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.fleet.select import Fleet
-    from ollamamq_fast.gateway import GatewayState
     from ollamamq_fast.limits import Limits
+    from ollamamq_fast.plane import DataPlane
     from ollamamq_fast.pools import Pool
     from ollamamq_fast.proxy.downstream import ClientProtocol
     from ollamamq_fast.proxy.intake import Early
@@ -95,7 +95,7 @@ class Exchange(ResponseSink):
     def __init__(self, client: ClientProtocol) -> None:
         super().__init__()  # the request's record (user, path, status, tokens...) and http10
         self.client = client
-        gw: GatewayState = client.gw
+        gw: DataPlane = client.gw
         self.gw = gw
         # The pool the request is in (pools.py): the default one unless its
         # path or Host names another; its fleet and dispatcher serve it.

@@ -30,7 +30,7 @@ def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     """Write the request on `conn`, a connection to `backend`: the exchange now waits for its answer."""
     ex.upstream = conn
     ex._to(State.WAITING)
-    ex.sent_at = ex.gw.loop.time()
+    ex.sent_at = ex.gw.loop_time()
     route = ex.route
     if route is not None and route.translate & ~backend.speaks:
         translating.send(ex, conn, backend)  # the backend speaks the other API

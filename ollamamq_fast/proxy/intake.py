@@ -71,7 +71,7 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
         ex.request_id = gw.ledger.request_id()
         ex.path = ex.url.split(b"?", 1)[0]
         ex.api = api_of_path(ex.path)
-        ex.started_at = gw.loop.time()
+        ex.started_at = gw.loop_time()
         ex.user = ex.client_ip = ex.client.peer_ip
         ex.keep_alive = False
         return _error(ex, 400, str(exc))
@@ -100,7 +100,7 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
     peer_ip = ex.client.peer_ip
     ex.client_ip = (identity.client_ip(peer_ip, head.forwarded_for)
                     if identity.trusted_proxies else peer_ip)
-    ex.started_at = gw.loop.time()
+    ex.started_at = gw.loop_time()
     try:
         ex.user = check_user_id(head.user) if head.user else ""
     except UserIdError as bad_id:

@@ -23,7 +23,7 @@ from ollamamq_fast.wire.translate.models import (
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
-    from ollamamq_fast.gateway import GatewayState
+    from ollamamq_fast.plane import DataPlane
     from ollamamq_fast.proxy.exchange import Exchange
 
 _JSON = b"application/json; charset=utf-8"
@@ -34,7 +34,7 @@ _TEXT = b"text/plain; charset=utf-8"
 class LocalRoutes:
     """Answers LOCAL routes for an exchange."""
 
-    def __init__(self, gw: GatewayState) -> None:
+    def __init__(self, gw: DataPlane) -> None:
         self.gw = gw
         self.tasks: set[asyncio.Task[None]] = set()
 

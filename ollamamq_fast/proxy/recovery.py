@@ -38,7 +38,7 @@ def retried_on_status(ex: Exchange, conn: UpstreamConnection, backend: Backend, 
     # Busy or unavailable, answered fast: the backend's state, not the
     # request's. A 500 is usually about one request (bad template, a
     # model that fails to load) and is relayed without blame.
-    if ex.gw.loop.time() - ex.sent_at < FAST_FAIL_S:
+    if ex.gw.loop_time() - ex.sent_at < FAST_FAIL_S:
         note_backend_failure(ex, f"answered {status}")
     if not can_retry_elsewhere(ex, backend):
         return False

@@ -375,7 +375,7 @@ class TranslatingRelay(ResponseSink):
             return status, ctype, out
         self.prompt, self.completion = tokens_in_tail(body[-_COUNTS_TAIL:])
         ex = self.ex
-        elapsed = int((ex.gw.loop.time() - ex.sent_at) * 1e9)
+        elapsed = int((ex.gw.loop_time() - ex.sent_at) * 1e9)
         try:
             return status, t.content_type, translate_response(t, body, elapsed)
         except TranslationError as bad:
