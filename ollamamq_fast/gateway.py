@@ -117,6 +117,7 @@ class GatewayState(DataPlane):
             Pool(settings.pools.get(DEFAULT_POOL) or PoolConfig(DEFAULT_POOL), self.fleet,
                  self.dispatcher),
             settings, loop, self._make_backend, self._drop_backend)
+        self.default_pool = self.pools.default
         # With Redis, slots and fair share are shared with the other replicas.
         self.shared: SharedSlots | None = None
         if settings.redis_url:

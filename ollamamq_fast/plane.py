@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ollamamq_fast.operator import Operator
     from ollamamq_fast.policy.engine import Policy
     from ollamamq_fast.policy.identity import Identity
-    from ollamamq_fast.pools import Pools
+    from ollamamq_fast.pools import Pool, Pools
     from ollamamq_fast.proxy.downstream import ClientProtocol
     from ollamamq_fast.proxy.flow import BodyBudget
     from ollamamq_fast.proxy.local import LocalRoutes
@@ -48,9 +48,10 @@ class DataPlane:
     loop: asyncio.AbstractEventLoop
     # The loop's clock, bound once: a call, not an attribute lookup and a call.
     loop_time: Callable[[], float]
-    fleet: Fleet  # the default pool's
-    dispatcher: Dispatcher  # the default pool's
     pools: Pools
+    default_pool: Pool  # pools.default, which never changes
+    fleet: Fleet  # the default pool's (its fleet and dispatcher never change either)
+    dispatcher: Dispatcher  # the default pool's
     passive: PassiveHealth
     health: HealthChecker
     local: LocalRoutes

@@ -99,10 +99,9 @@ class Exchange(ResponseSink):
         self.gw = gw
         # The pool the request is in (pools.py): the default one unless its
         # path or Host names another; its fleet and dispatcher serve it.
-        pool = gw.pools.default
-        self.pool: Pool = pool
-        self.fleet: Fleet = pool.fleet
-        self.dispatcher: Dispatcher = pool.dispatcher
+        self.pool: Pool = gw.default_pool
+        self.fleet: Fleet = gw.fleet
+        self.dispatcher: Dispatcher = gw.dispatcher
         self.state = State.RECEIVING
         self.active = False  # the request the connection answers now (pipelining order)
         # The request, as intake.py reads its head. X-Request-ID is the
