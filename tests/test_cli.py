@@ -121,6 +121,28 @@ def test_serve_with_sim_answers_and_stops_on_sigterm() -> None:
             proc.wait()
 
 
+def test_serve_freezes_what_start_up_built_out_of_the_collectors_passes() -> None:
+    """A full collection over every module and class stalled the loop (~20 ms): the
+    serve command freezes start-up's objects; /api/stats shows it."""
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", "--sim", "--no-tui", "--state", "",
+                             "--log-file", "", "-p", str(port), "--admin-port", str(admin),
+                             "--admin-token", "t0k"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}")
+        stats = httpx.get(f"http://127.0.0.1:{admin}/api/stats", timeout=10,
+                          headers={"Authorization": "Bearer t0k"}).json()
+        assert stats["gc"]["frozen"] > 10_000, stats["gc"]
+        assert len(stats["gc"]["collections"]) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_state_and_log_default_to_the_state_folder(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     xdg = tmp_path / "xdg"
     s = _settings([], env={"XDG_STATE_HOME": str(xdg)})

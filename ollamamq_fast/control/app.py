@@ -8,6 +8,7 @@ scrape, a pass over the counters.
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,13 @@ log = logging.getLogger("ollamamq_fast.control")
 # Admin requests are small JSON objects; anything bigger is a mistake or abuse.
 MAX_BODY_BYTES = 64 * 1024
 BODY_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
+
+
+def gc_figures() -> dict[str, Any]:
+    """The garbage collector's work: objects frozen at start (out of its passes), and
+    collections so far per generation (a full one, generation 2, pauses the loop)."""
+    return {"frozen": gc.get_freeze_count(),
+            "collections": [g["collections"] for g in gc.get_stats()]}
 
 
 class AdminApp:
@@ -451,7 +459,8 @@ class AdminApp:
 
     async def stats(self, req: Request) -> Response:
         """GET /api/stats: gateway-wide numbers, and which build runs ("mypyc" | "python")."""
-        return json_response({**self.operator.stats_snapshot(), "build": buildinfo.build()})
+        return json_response({**self.operator.stats_snapshot(), "build": buildinfo.build(),
+                              "gc": gc_figures()})
 
     async def usage(self, req: Request) -> Response:
         """GET /api/usage: stored usage grouped and summed (control/usage.py), JSON or CSV."""

@@ -540,6 +540,8 @@ def _schemas() -> dict[str, Any]:
                       "description": "whether the request path runs compiled (mypyc) or as Python"},
             "access_log": _obj({"written": _INT, "dropped": _INT, "pending": _INT},
                                ["written", "dropped", "pending"]),
+            "gc": _obj({"frozen": _INT, "collections": {"type": "array", "items": _INT}},
+                       ["frozen", "collections"]),
             "shared_slots": {"type": ["object", "null"],
                              "description": "with --redis: `leases` (backend URL -> slots this "
                                             "replica holds), `degraded` (scheduling locally: "
