@@ -22,6 +22,7 @@ import logging.handlers
 import re
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 import orjson
@@ -34,6 +35,8 @@ FLUSH_INTERVAL_S = 0.2
 # Lines formatted and written per write call: a backlog is written in pieces,
 # so the thread never holds a huge string.
 BATCH_LINES = 5_000
+# Lines formatted per compiled call (about 0.2 ms of the GIL), then a yield.
+SLICE_LINES = 128
 # Rotation: 20 MB per file, 5 old files kept.
 ROTATE_BYTES = 20 * 1024 * 1024
 ROTATE_KEEP = 5
@@ -93,7 +96,18 @@ class AccessLog:
                     lines.append(self._logfmt(pending.popleft()))
                 data, n = b"".join(lines), len(lines)
             else:
-                data, n = self._lines.batch(pending, BATCH_LINES)
+                # Formatted in slices: compiled code never hands the GIL back on
+                # its own, so one call over a whole batch (thousands of lines
+                # under load, ~10 ms) would stall the event loop that long.
+                # Between slices the thread yields, and the loop runs.
+                parts: list[bytes] = []
+                n = 0
+                while pending and n < BATCH_LINES:
+                    part, k = self._lines.batch(pending, SLICE_LINES)
+                    parts.append(part)
+                    n += k
+                    time.sleep(0)
+                data = b"".join(parts)
             self._write(data)
             self.written += n
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -220,3 +221,29 @@ def test_request_ids_are_written_as_json_whatever_they_hold(rid: bytes) -> None:
     fields = (1.0, "u", "ip", b"GET", b"/", "m", 200, "b", 0, 0.0, 0, 0, rid)
     line = LineWriter().line(fields)
     assert line.count(b"\n") == 1 and json.loads(line)["request_id"] == rid.decode("latin-1")
+
+
+def test_the_writer_formats_in_slices_so_the_loop_gets_the_gil_between_them() -> None:
+    """Compiled formatting never lets go of the GIL by itself: a batch of thousands of
+    lines in one call would stall the event loop for milliseconds."""
+    from ollamamq_fast.accesslog import SLICE_LINES
+
+    stream = io.StringIO()
+    log = AccessLog(None, "json", stream=stream)
+    asked: list[int] = []
+    real = log._lines
+
+    class Slices:
+        stamp = real.stamp
+
+        def batch(self, pending: Any, limit: int) -> tuple[bytes, int]:
+            asked.append(limit)
+            return real.batch(pending, limit)
+
+    log._lines = Slices()  # type: ignore[assignment]
+    fields = (1.0, "u", "ip", b"GET", b"/", "m", 200, "b", 0, 0.0, 0, 0, b"r")
+    for _ in range(1000):
+        log.record(*fields)
+    log.flush()
+    assert stream.getvalue().count("\n") == 1000 and log.written == 1000
+    assert len(asked) >= 1000 // SLICE_LINES and max(asked) <= SLICE_LINES
