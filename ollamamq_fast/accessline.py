@@ -64,11 +64,14 @@ _PLAIN_MAP: Final = bytes(1 if c in _PLAIN_ID else 0 for c in range(256))
 _HUNDREDTHS: Final = tuple(b".%02d" % n for n in range(100))
 
 
+def text_of(value: Any) -> Any:
+    """Bytes kept on the loop (method, path, request id) as text, byte for byte (Latin-1)."""
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
 def json_text(value: Any) -> bytes:
     """A value as JSON, safe to put in a line (bytes are read as Latin-1, byte for byte)."""
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    out: bytes = _dumps(value)
+    out: bytes = _dumps(text_of(value))
     if out.isascii() and out.find(b"\x7f") < 0:
         return out
     return escape_unprintable(out.decode()).encode()
@@ -86,8 +89,7 @@ def _kept(kept: dict[Any, bytes], prefix: bytes, value: Any) -> bytes:
     """`prefix` and the JSON of a value that repeats, made once (a few thousand kept)."""
     out = kept.get(value)
     if out is None:
-        out = prefix + (json_text(value) if isinstance(value, (str, bytes)) or value is None
-                        else _dumps(value))
+        out = prefix + json_text(value)
         if len(out) <= _KEPT_LEN:  # a client's megabyte model name is not kept
             if len(kept) >= _KEPT_MAX:
                 kept.clear()

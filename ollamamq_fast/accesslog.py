@@ -25,9 +25,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-import orjson
-
-from ollamamq_fast.accessline import FIELDS, LineWriter, escape_unprintable
+from ollamamq_fast.accessline import FIELDS, LineWriter, json_text, text_of
 
 # Lines waiting for the writer thread; beyond this they are dropped (and counted).
 MAX_PENDING = 100_000
@@ -75,7 +73,9 @@ class AccessLog:
             self._thread.start()
 
     def record(self, *fields: Any) -> None:
-        """Queue one line (hot path: an append, or a counter bump when full)."""
+        """Queue one line: an append, or a counter bump when full. The ledger applies
+        the same rule to `pending` itself (a call into this interpreted method cost
+        more than the append)."""
         if len(self.pending) < self.max_pending:
             self.pending.append(fields)
         else:
@@ -129,19 +129,8 @@ class AccessLog:
         return {"written": self.written, "dropped": self.dropped, "pending": len(self.pending)}
 
     def _logfmt(self, fields: tuple[Any, ...]) -> bytes:
-        (ts, user, ip, method, path, model, status, backend, queue_ms, duration_ms,
-         prompt_tokens, completion_tokens, request_id) = fields
-        record = {
-            "ts": self._lines.stamp.text(ts).decode(), "user": user, "ip": ip,
-            # Kept as bytes on the loop; decoded here.
-            "method": method.decode("latin-1") if isinstance(method, bytes) else method,
-            "path": path.decode("latin-1") if isinstance(path, bytes) else path,
-            "model": model, "status": status, "backend": backend, "queue_ms": queue_ms,
-            "duration_ms": duration_ms, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "request_id": (request_id.decode("latin-1") if isinstance(request_id, bytes)
-                           else request_id),
-        }
+        record = {name: text_of(value) for name, value in zip(FIELDS, fields, strict=True)}
+        record["ts"] = self._lines.stamp.text(fields[0]).decode()
         return (logfmt_line(record) + "\n").encode()
 
     def stop(self) -> None:
@@ -177,19 +166,12 @@ def _write_bytes(stream: TextIO, data: bytes) -> None:
 _LOGFMT_SAFE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, '"', '=', '\\'
 
 
-def _json_safe(text: str) -> str:
-    """JSON text from orjson, with the characters it leaves raw escaped (still valid JSON)."""
-    if text.isascii() and "\x7f" not in text:
-        return text  # orjson already escapes every control character below 0x20
-    return escape_unprintable(text)
-
-
 def logfmt_value(value: Any) -> str:
     """One logfmt value: bare when plainly safe, else a JSON-style quoted string."""
     text = "" if value is None else str(value)
     if _LOGFMT_SAFE.fullmatch(text):
         return text
-    return _json_safe(orjson.dumps(text).decode())
+    return json_text(text).decode()
 
 
 def logfmt_line(fields: dict[str, Any]) -> str:
@@ -199,4 +181,4 @@ def logfmt_line(fields: dict[str, Any]) -> str:
 
 def json_line(fields: dict[str, Any]) -> str:
     """One JSON object on one line, whatever the values hold."""
-    return _json_safe(orjson.dumps(fields).decode())
+    return json_text(fields).decode()

@@ -58,23 +58,18 @@ class Quotas:
 
 class Req(Record):
     def __init__(self, ustats: UserStats) -> None:
-        super().__init__()
+        super().__init__()  # the rest as a fresh exchange has them
         self.user = "alice"
         self.client_ip = "10.0.0.1"
         self.method = b"POST"
         self.path = b"/api/chat"
-        self.model: str | None = "tiny:latest"
+        self.model = "tiny:latest"
         self.model_name = "tiny"
         self.status = 200
-        self.queue_ms = 0
         self.started_at = 1.0
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
         self.request_id = b"rid-1"
-        self.ustats: UserStats | None = ustats
-        self.in_flight_counted = False
+        self.ustats = ustats
         self.key_id = "k1"
-        self.tokens_estimated = False
 
 
 def _ledger(max_pending: int = 1000) -> tuple[Ledger, GatewayStats, Access, UsageTally, Quotas]:

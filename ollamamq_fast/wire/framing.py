@@ -13,6 +13,7 @@ from email.utils import formatdate
 from typing import Final
 
 from ollamamq_fast.wire.errors import reason
+from ollamamq_fast.wire.headers import NameKinds
 
 
 class Framing(enum.Enum):
@@ -33,33 +34,16 @@ _RESPONSE_DROP = frozenset(
 )
 
 
-# What response_framing does with a header, by the name as a backend spells
-# it: a backend writes the same few spellings on every answer, so each is
-# lowercased once (bounded, so that a backend inventing names cannot grow it).
+# What response_framing does with a header (by name, any spelling).
 _OTHER: Final = 0
 _CONTENT_TYPE: Final = 1
 _TRANSFER_ENCODING: Final = 2
 _CONTENT_LENGTH: Final = 3
 _HOP_BY_HOP: Final = 4
-_response_names: dict[bytes, int] = {}
-_RESPONSE_NAMES_MAX: Final = 4096
-
-
-def _response_name(name: bytes) -> int:
-    lname = name.lower()
-    if lname == b"content-type":
-        kind = _CONTENT_TYPE
-    elif lname == b"transfer-encoding":
-        kind = _TRANSFER_ENCODING
-    elif lname == b"content-length":
-        kind = _CONTENT_LENGTH
-    elif lname in _RESPONSE_DROP:
-        kind = _HOP_BY_HOP
-    else:
-        kind = _OTHER
-    if len(_response_names) < _RESPONSE_NAMES_MAX:
-        _response_names[name] = kind
-    return kind
+_RESPONSE_NAMES: Final = NameKinds(
+    {b"content-type": _CONTENT_TYPE, b"transfer-encoding": _TRANSFER_ENCODING,
+     b"content-length": _CONTENT_LENGTH, **dict.fromkeys(_RESPONSE_DROP, _HOP_BY_HOP)},
+    _OTHER)
 
 
 def response_framing(
@@ -74,10 +58,11 @@ def response_framing(
     chunked = False
     has_length = False
     hop_by_hop = False
+    known = _RESPONSE_NAMES.known
     for name, value in headers:
-        kind = _response_names.get(name)
+        kind = known.get(name)
         if kind is None:
-            kind = _response_name(name)
+            kind = _RESPONSE_NAMES.learn(name)
         if kind == _OTHER:
             continue
         if kind == _CONTENT_TYPE:

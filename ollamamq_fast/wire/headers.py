@@ -53,11 +53,31 @@ _SPECIAL: Final[dict[bytes, int]] = {
     b"upgrade": DROP,
 }
 
-# Header name as spelled on the wire -> what happens to it. Clients repeat the
+# Header names as spelled on the wire -> what happens to them. Peers repeat the
 # same few spellings, so each is lowercased and looked up once; bounded, so
-# that a client inventing names cannot grow it.
-_classified: dict[bytes, int] = {}
-_CLASSIFIED_MAX: Final = 4096
+# that a peer inventing names cannot grow it.
+_SPELLINGS_MAX: Final = 4096
+
+
+class NameKinds:
+    """What a table of lowercase header names says of a name, by its spelling.
+
+    Callers read `known` themselves (one dict lookup) and call `learn` for a
+    spelling not seen yet. Used for request heads here and response heads in
+    framing.py.
+    """
+
+    def __init__(self, table: dict[bytes, int], default: int) -> None:
+        self.table = table
+        self.default = default
+        self.known: dict[bytes, int] = {}
+
+    def learn(self, name: bytes) -> int:
+        """The kind of a spelling not in `known` yet (then kept, within the bound)."""
+        kind = self.table.get(name.lower(), self.default)
+        if len(self.known) < _SPELLINGS_MAX:
+            self.known[name] = kind
+        return kind
 
 # `Content-Length: N` plus the blank line, made once for the small bodies
 # that nearly all requests have.
@@ -78,14 +98,13 @@ _UUID_ID: Final = re.compile(
 _PRINTABLE_ID: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?")
 
 
+_REQUEST_NAMES: Final = NameKinds(_SPECIAL, KEEP)
+
+
 def classify(name: bytes) -> int:
     """What happens to a request header called `name` (any spelling)."""
-    action = _classified.get(name)
-    if action is None:
-        action = _SPECIAL.get(name.lower(), KEEP)
-        if len(_classified) < _CLASSIFIED_MAX:
-            _classified[name] = action
-    return action
+    action = _REQUEST_NAMES.known.get(name)
+    return action if action is not None else _REQUEST_NAMES.learn(name)
 
 
 @mypyc_attr(free_list_len=1)  # one per request: the freed one's memory is reused
@@ -142,11 +161,12 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
     head = RequestHead()
     kept = head.kept
     connection_tokens: set[bytes] | None = None
+    known = _REQUEST_NAMES.known
     for pair in headers:
         name = pair[0]
-        action = _classified.get(name)
+        action = known.get(name)
         if action is None:
-            action = classify(name)
+            action = _REQUEST_NAMES.learn(name)
         if action == KEEP:
             kept.append(pair)
             continue

@@ -97,7 +97,7 @@ def _leading_for(keys: tuple[str, ...]) -> _Leading:
 def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None:
     """`sniff_fields` for a body whose first member is the only wanted key; else None.
 
-    The caller has checked the body is small.
+    The caller has checked the body is small and has no backslash.
     """
     memo = _leading_for(keys)
     key = ""
@@ -126,8 +126,6 @@ def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None
         key, value, after = found, m[2], m.end() - 1
     if not (body.endswith(b"}") or body.rstrip().endswith(b"}")):
         return None
-    if body.find(_BACKSLASH) >= 0:
-        return None
     lowered = body.lower()
     for q in memo.quoted:
         if lowered.find(q, after) >= 0:
@@ -144,14 +142,13 @@ def sniff_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
     rules). A `null` value counts as absent. A wanted key holding a non-string
     value raises SniffError, as Go's decoder rejects it.
     """
-    if len(body) <= _FAST_MAX:
+    if len(body) <= _FAST_MAX and body.find(_BACKSLASH) < 0:
         leading = _leading_fields(body, keys)
         if leading is not None:
             return leading
-        if body.find(_BACKSLASH) < 0:
-            flat = _FLAT.match(body)
-            if flat is not None:
-                return _flat_fields(body, flat.end(), _wanted(keys))
+        flat = _FLAT.match(body)
+        if flat is not None:
+            return _flat_fields(body, flat.end(), _wanted(keys))
     return scanned_fields(body, keys)
 
 
