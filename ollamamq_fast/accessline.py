@@ -58,8 +58,10 @@ _dumps = orjson.dumps
 # Bytes a request id may hold without escaping (the gateway's ids are UUIDs;
 # a client's is kept only when it is made of these, wire/headers.py).
 _PLAIN_ID: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@/+=-"
-# 1 where a byte is one of those, by byte value.
-_PLAIN_MAP: Final = bytes(1 if c in _PLAIN_ID else 0 for c in range(256))
+# Each of those bytes maps to itself, every other byte to another one (NUL to
+# "!", the rest to NUL): an id is plain when translating it changes nothing.
+# One translate (a C loop; mypyc calls it directly) instead of a loop per byte.
+_PLAIN_TABLE: Final = bytes(c if c in _PLAIN_ID else (33 if c == 0 else 0) for c in range(256))
 # ".00" .. ".99": the hundredths of a duration (the ledger rounds to two places).
 _HUNDREDTHS: Final = tuple(b".%02d" % n for n in range(100))
 
@@ -78,11 +80,8 @@ def json_text(value: Any) -> bytes:
 
 
 def _plain_id(request_id: bytes) -> bool:
-    """Whether a request id needs no escaping (a byte loop: compiled, cheaper than a call)."""
-    for c in request_id:
-        if not _PLAIN_MAP[c]:
-            return False
-    return True
+    """Whether a request id needs no escaping: every byte is one of _PLAIN_ID."""
+    return request_id.translate(_PLAIN_TABLE) == request_id
 
 
 def _kept(kept: dict[Any, bytes], prefix: bytes, value: Any) -> bytes:

@@ -24,10 +24,11 @@ EVICT_DIVISOR = 10
 # The counts' keys: Ollama's final line, then OpenAI's `usage` object. The
 # quote before each name keeps `"eval_count"` from matching inside
 # `"prompt_eval_count"`; the closing quote keeps `"prompt_tokens"` from
-# matching `"prompt_tokens_details"`.
+# matching `"prompt_tokens_details"`. Text, not bytes: the tail is searched
+# as Latin-1 text (see tokens_in_tail).
 _COUNT_KEYS = (
-    (b'"prompt_eval_count"', b'"eval_count"'),
-    (b'"prompt_tokens"', b'"completion_tokens"'),
+    ('"prompt_eval_count"', '"eval_count"'),
+    ('"prompt_tokens"', '"completion_tokens"'),
 )
 # Bytes after a count's key within which its value must end (spaces, the
 # colon and 20 digits).
@@ -42,10 +43,16 @@ def tokens_in_tail(tail: bytes) -> tuple[int, int]:
     An embedding answer has only the prompt count. Only the tail is searched,
     from its end (`rfind`): no JSON parse of the stream. Spaces around the
     colon are allowed (some servers write `"eval_count": 5`).
+
+    The tail (at most 8 KiB) is decoded as Latin-1, byte for byte, so that the
+    searches are str.rfind: compiled, a direct call, where bytes.rfind goes
+    through Python's argument parsing (about 900 instructions each). Indexes
+    are the same in both.
     """
+    text = tail.decode("latin-1")
     for prompt_key, completion_key in _COUNT_KEYS:
-        i = tail.rfind(completion_key)
-        j = tail.rfind(prompt_key)
+        i = text.rfind(completion_key)
+        j = text.rfind(prompt_key)
         if i >= 0:
             return (_int_at(tail, j + len(prompt_key)) if j >= 0 else 0,
                     _int_at(tail, i + len(completion_key)))

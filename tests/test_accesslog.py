@@ -223,6 +223,16 @@ def test_request_ids_are_written_as_json_whatever_they_hold(rid: bytes) -> None:
     assert line.count(b"\n") == 1 and json.loads(line)["request_id"] == rid.decode("latin-1")
 
 
+def test_a_request_id_is_plain_exactly_when_every_byte_is_a_plain_one() -> None:
+    from ollamamq_fast.accessline import _PLAIN_ID, _plain_id
+
+    for c in range(256):  # NUL too: the table must not map it to itself
+        one = bytes([c])
+        assert _plain_id(one) is (c in _PLAIN_ID), c
+        assert _plain_id(b"abc" + one + b"xyz") is (c in _PLAIN_ID), c
+    assert _plain_id(b"") and _plain_id(_PLAIN_ID)
+
+
 def test_the_writer_formats_in_slices_so_the_loop_gets_the_gil_between_them() -> None:
     """Compiled formatting never lets go of the GIL by itself: a batch of thousands of
     lines in one call would stall the event loop for milliseconds."""

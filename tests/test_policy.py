@@ -404,6 +404,18 @@ def test_cache_hit_is_byte_identical_and_calls_no_backend(any_stack: Stack) -> N
     assert stats.cache_hits >= 4 and stats.cache_entries >= 4 and stats.cache_bytes > 0
 
 
+@pytest.mark.parametrize("size", [10, 70_000])  # searched as text, then as bytes
+def test_determinism_is_seen_in_small_and_large_bodies(stack: Stack, size: int) -> None:
+    sim = stack.sims[0]
+    det = {"model": MODEL, "prompt": "p" * size, "stream": False, "options": {"seed": 7}}
+    assert _post(stack, "/api/generate", det, "big").headers["x-cache"] == "MISS"
+    before = sim.stats.requests
+    assert _post(stack, "/api/generate", det, "big").headers["x-cache"] == "HIT"
+    assert sim.stats.requests == before
+    hot = {"model": MODEL, "prompt": "q" * size, "stream": False}
+    assert "x-cache" not in _post(stack, "/api/generate", hot, "big").headers
+
+
 def test_cache_no_cache_bypasses_and_nondeterministic_is_not_cached(stack: Stack) -> None:
     sim = stack.sims[0]
     det = {"model": MODEL, "prompt": "nc", "stream": False, "options": {"temperature": 0}}

@@ -69,6 +69,16 @@ log = logging.getLogger("ollamamq_fast.policy")
 CHAT_COMPLETIONS = b"/v1/chat/completions"
 # `"stream"` in any spelling (a Go server reads them all), without copying the body.
 _ANY_CASE_STREAM = re.compile(rb'"[sS][tT][rR][eE][aA][mM]"')
+# Bodies up to this size are searched as text by body_keys.
+_TEXT_MAX = 64 * 1024
+
+
+def _mentions(body: bytes, text: str | None, word: str, raw: bytes) -> bool:
+    """Whether the body holds `word` (`raw` is the same in bytes); `text` is the body as Latin-1."""
+    if text is not None:
+        return word in text
+    return body.find(raw) >= 0
+
 
 # Resolved limits are memoized per user; the memo is dropped beyond this many
 # users rather than grown (a flood of ids costs a re-resolve, not memory).
@@ -199,10 +209,18 @@ class Policy:
         cap = bool(limits.max_tokens) and path in CAP_RULES
         det = self.cache.mode == "deterministic" and path in CACHEABLE and path not in EMBEDDINGS
         inject = self.inject and path in INJECT_ROUTES
-        mirror = not cap and path == CHAT_COMPLETIONS and body.find(b"max_completion_tokens") >= 0
-        if det and body.find(b"temperature") < 0 and body.find(b"seed") < 0:
+        # A body up to _TEXT_MAX is searched as Latin-1 text (the same bytes):
+        # compiled, `in` on a str is a direct call, where each bytes.find goes
+        # through Python's argument parsing (about 800 instructions). Larger
+        # bodies are not copied for it.
+        text = body.decode("latin-1") if len(body) <= _TEXT_MAX else None
+        mirror = (not cap and path == CHAT_COMPLETIONS
+                  and _mentions(body, text, "max_completion_tokens", b"max_completion_tokens"))
+        if det and not (_mentions(body, text, "temperature", b"temperature")
+                        or _mentions(body, text, "seed", b"seed")):
             det = False
-        if inject and body.find(b'"stream"') < 0 and _ANY_CASE_STREAM.search(body) is None:
+        if (inject and not _mentions(body, text, '"stream"', b'"stream"')
+                and _ANY_CASE_STREAM.search(body) is None):
             inject = False
         if not (cap or det or inject or mirror):
             return ()

@@ -55,7 +55,9 @@ def request_path(target: bytes) -> tuple[bytes, bytes]:
         target = target[m.end() :] or b"/"
         if not target.startswith(b"/"):
             target = b"/" + target
-    query = target.find(b"?")
+    # Searched as Latin-1 text (the same indexes): compiled, str.find is a
+    # direct call where bytes.find goes through Python's argument parsing.
+    query = target.decode("latin-1").find("?")
     if query < 0:
         return target, b""
     return target[:query], target[query:]

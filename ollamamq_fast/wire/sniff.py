@@ -76,7 +76,7 @@ _LEADING = re.compile(rb'\s*\{\s*"([A-Za-z_]+)"\s*:\s*(?:"([^"]*)"|null)\s*[,}]'
 class _Leading(NamedTuple):
     wanted: dict[bytes, str]
     prefixes: tuple[tuple[bytes, str], ...]  # the usual openings, and the key each names
-    quoted: tuple[bytes, ...]  # each wanted key in quotes, lowercase
+    quoted: tuple[str, ...]  # each wanted key in quotes, lowercase
     fold_sensitive: bool  # a wanted key has a letter Go folds from a non-ASCII one
 
 
@@ -89,15 +89,20 @@ def _leading_for(keys: tuple[str, ...]) -> _Leading:
         prefixes = tuple((b'{"' + k.encode() + sep + b'"', k)
                          for k in keys for sep in (b'":', b'": '))
         found = _leading_memo[keys] = _Leading(
-            _wanted(keys), prefixes, tuple(b'"' + k.lower().encode() + b'"' for k in keys),
+            _wanted(keys), prefixes, tuple('"' + k.lower() + '"' for k in keys),
             any(c in k.lower() for k in keys for c in "ks"))
     return found
 
 
-def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None:
+def _leading_fields(body: bytes, text: str, keys: tuple[str, ...]) -> dict[str, str] | None:
     """`sniff_fields` for a body whose first member is the only wanted key; else None.
 
-    The caller has checked the body is small and has no backslash.
+    `text` is the body decoded as Latin-1 (byte for byte, the same indexes):
+    compiled, its searches are direct calls where each bytes.find goes through
+    Python's argument parsing. Its lower() folds only ASCII letters to ASCII
+    ones, as bytes.lower() does (Latin-1 letters fold to Latin-1 letters, one
+    character each). The caller has checked the body is small and has no
+    backslash.
     """
     memo = _leading_for(keys)
     key = ""
@@ -106,7 +111,7 @@ def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None
     for prefix, name in memo.prefixes:
         if body.startswith(prefix):
             at = len(prefix)
-            end = body.find(b'"', at)
+            end = text.find('"', at)
             if end < 0 or end + 1 >= len(body):
                 return None
             c = body[end + 1]
@@ -126,7 +131,7 @@ def _leading_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str] | None
         key, value, after = found, m[2], m.end() - 1
     if not (body.endswith(b"}") or body.rstrip().endswith(b"}")):
         return None
-    lowered = body.lower()
+    lowered = text.lower()
     for q in memo.quoted:
         if lowered.find(q, after) >= 0:
             return None
@@ -142,13 +147,15 @@ def sniff_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
     rules). A `null` value counts as absent. A wanted key holding a non-string
     value raises SniffError, as Go's decoder rejects it.
     """
-    if len(body) <= _FAST_MAX and body.find(_BACKSLASH) < 0:
-        leading = _leading_fields(body, keys)
-        if leading is not None:
-            return leading
-        flat = _FLAT.match(body)
-        if flat is not None:
-            return _flat_fields(body, flat.end(), _wanted(keys))
+    if len(body) <= _FAST_MAX:
+        text = body.decode("latin-1")
+        if "\\" not in text:
+            leading = _leading_fields(body, text, keys)
+            if leading is not None:
+                return leading
+            flat = _FLAT.match(body)
+            if flat is not None:
+                return _flat_fields(body, flat.end(), _wanted(keys))
     return scanned_fields(body, keys)
 
 
