@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Final
 
 # Latency buckets in seconds: sub-millisecond proxy overheads up to long generations.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -26,10 +27,10 @@ EVICT_DIVISOR = 10
 # `"prompt_eval_count"`; the closing quote keeps `"prompt_tokens"` from
 # matching `"prompt_tokens_details"`. Text, not bytes: the tail is searched
 # as Latin-1 text (see tokens_in_tail).
-_COUNT_KEYS = (
-    ('"prompt_eval_count"', '"eval_count"'),
-    ('"prompt_tokens"', '"completion_tokens"'),
-)
+_OLLAMA_PROMPT: Final = '"prompt_eval_count"'
+_OLLAMA_COMPLETION: Final = '"eval_count"'
+_OPENAI_PROMPT: Final = '"prompt_tokens"'
+_OPENAI_COMPLETION: Final = '"completion_tokens"'
 # Bytes after a count's key within which its value must end (spaces, the
 # colon and 20 digits).
 _COUNT_SPAN = 40
@@ -50,15 +51,22 @@ def tokens_in_tail(tail: bytes) -> tuple[int, int]:
     are the same in both.
     """
     text = tail.decode("latin-1")
-    for prompt_key, completion_key in _COUNT_KEYS:
-        i = text.rfind(completion_key)
-        j = text.rfind(prompt_key)
-        if i >= 0:
-            return (_int_at(tail, j + len(prompt_key)) if j >= 0 else 0,
-                    _int_at(tail, i + len(completion_key)))
-        if j >= 0:
-            return _int_at(tail, j + len(prompt_key)), 0
-    return 0, 0
+    found = _counts(tail, text, _OLLAMA_PROMPT, _OLLAMA_COMPLETION)
+    if found is None:
+        found = _counts(tail, text, _OPENAI_PROMPT, _OPENAI_COMPLETION)
+    return found if found is not None else (0, 0)
+
+
+def _counts(tail: bytes, text: str, prompt_key: str, completion_key: str) -> tuple[int, int] | None:
+    """The two counts under these keys (0 for a missing one); None when neither is there."""
+    i = text.rfind(completion_key)
+    j = text.rfind(prompt_key)
+    if i >= 0:
+        return (_int_at(tail, j + len(prompt_key)) if j >= 0 else 0,
+                _int_at(tail, i + len(completion_key)))
+    if j >= 0:
+        return _int_at(tail, j + len(prompt_key)), 0
+    return None
 
 
 def _int_at(data: bytes, at: int) -> int:

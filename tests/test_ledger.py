@@ -37,12 +37,13 @@ class Access:
 
 def rows(usage: UsageTally) -> list[tuple[str, str, int, int]]:
     """The real tally read back: (user, model, prompt, completion) per ended request."""
-    return [(user, model, c[4], c[5]) for (_, user, _, model, _), c in usage.hours.items()]
+    return [(user, model, c.prompt, c.completion)
+            for (_, user, _, model, _), c in usage.hours.items()]
 
 
 def ends(usage: UsageTally) -> list[tuple[str, str, bool, bool, bool]]:
     """(key, backend, error, cancelled, estimated) per ended request."""
-    return [(key, backend, c[1] > 0, c[2] > 0, c[3] > 0)
+    return [(key, backend, c.errors > 0, c.cancelled > 0, c.estimated > 0)
             for (_, _, key, _, backend), c in usage.hours.items()]
 
 

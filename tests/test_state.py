@@ -1006,6 +1006,36 @@ def test_cache_counts_hourly_usage_with_outcomes(tmp_path: Path) -> None:
     run(body())
 
 
+def test_usage_of_a_failed_write_is_added_back_and_merged(tmp_path: Path) -> None:
+    class FailingOnce(SQLiteStore):
+        failed = False
+
+        async def add_usage(self, items: list[Usage], hours: Sequence[UsageHour] = ()) -> None:
+            if not self.failed:
+                self.failed = True
+                raise OSError("disk full")
+            await super().add_usage(items, hours)
+
+    async def body() -> None:
+        cache = StateCache(FailingOnce(str(tmp_path / "state.db")), flush_interval=30)
+        await cache.start()
+        try:
+            cache.add_usage("alice", "m", 10, 20, key="k", backend="http://b", estimated=True)
+            with pytest.raises(OSError):
+                await cache.flush()
+            cache.add_usage("alice", "m", 1, 2, key="k", backend="http://b", error=True)
+            cache.add_usage("alice", "m", 0, 0, key="k", backend="http://b", cancelled=True)
+            await cache.flush()
+            hour = (await cache.store.usage_hours())[0].hour
+            assert await cache.store.usage_hours() == [
+                UsageHour(hour, "alice", "k", "m", "http://b", 3, 1, 1, 30, 11, 22)]
+            assert await cache.store.usage() == [Usage("alice", "m", utc_day(), 3, 11, 22)]
+        finally:
+            await cache.stop()
+
+    run(body())
+
+
 V1_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE usage (

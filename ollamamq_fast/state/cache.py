@@ -273,8 +273,9 @@ class StateCache(StateView):
         if not tally.days and not tally.hours:
             return
         batch, hours = tally.take()
-        items = [Usage(u, m, d, c[0], c[1], c[2]) for (u, m, d), c in batch.items()]
-        hour_items = [UsageHour(*dims, *c) for dims, c in hours.items()]
+        items = [Usage(u, m, d, c.requests, c.prompt, c.completion)
+                 for (u, m, d), c in batch.items()]
+        hour_items = [UsageHour(*dims, *c.counts()) for dims, c in hours.items()]
         try:
             await self.store.add_usage(items, hour_items)
         except BaseException:

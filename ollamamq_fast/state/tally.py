@@ -15,20 +15,58 @@ from .records import utc_day, utc_hour
 
 SECONDS_PER_DAY = 86400  # Unix time has no leap seconds, so UTC days are exactly this
 SECONDS_PER_HOUR = 3600
-# The counters of an hourly usage delta, in UsageHour field order: requests,
-# errors, cancelled, estimated tokens, prompt tokens, completion tokens.
-HOUR_SLOTS = 6
 
 DayKey = tuple[str, str, str]  # user, model, day
 HourKey = tuple[str, str, str, str, str]  # hour, user, key, model, backend
+
+
+class DaySums:
+    """The sums of one (user, model, day). A native class: compiled, adding to
+    its fields is plain integer arithmetic, where list slots are boxed ints."""
+
+    def __init__(self, requests: int = 0, prompt: int = 0, completion: int = 0) -> None:
+        self.requests = requests
+        self.prompt = prompt
+        self.completion = completion
+
+    def add(self, other: DaySums) -> None:
+        self.requests += other.requests
+        self.prompt += other.prompt
+        self.completion += other.completion
+
+
+class HourSums:
+    """The sums of one (hour, user, key, model, backend), in UsageHour's field order:
+    requests, of which errors and cancelled; estimated, prompt and completion tokens."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.cancelled = 0
+        self.estimated = 0
+        self.prompt = 0
+        self.completion = 0
+
+    def add(self, other: HourSums) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.cancelled += other.cancelled
+        self.estimated += other.estimated
+        self.prompt += other.prompt
+        self.completion += other.completion
+
+    def counts(self) -> tuple[int, int, int, int, int, int]:
+        """The sums in UsageHour's field order."""
+        return (self.requests, self.errors, self.cancelled, self.estimated, self.prompt,
+                self.completion)
 
 
 class UsageTally:
     """Sums per (user, model, day) and per (hour, user, key, model, backend)."""
 
     def __init__(self, on_first: Callable[[], None] | None = None) -> None:
-        self.days: dict[DayKey, list[int]] = {}
-        self.hours: dict[HourKey, list[int]] = {}
+        self.days: dict[DayKey, DaySums] = {}
+        self.hours: dict[HourKey, HourSums] = {}
         # Called when the first row after a flush arrives (wakes the flusher),
         # not on every request.
         self.on_first = on_first
@@ -55,39 +93,40 @@ class UsageTally:
         hour_key = (self._hour, user, key, model, backend)
         hour = hours.get(hour_key)
         if hour is None:
-            hour = [0, 0, 0, 0, 0, 0]
-            hours[hour_key] = hour
-        hour[0] += 1
+            hour = hours[hour_key] = HourSums()
+        hour.requests += 1
         if error:
-            hour[1] += 1
+            hour.errors += 1
         if cancelled:
-            hour[2] += 1
+            hour.cancelled += 1
         if estimated:
-            hour[3] += prompt + completion
-        hour[4] += prompt
-        hour[5] += completion
+            hour.estimated += prompt + completion
+        hour.prompt += prompt
+        hour.completion += completion
         day_key = (user, model, self._day)
         day = self.days.get(day_key)
         if day is None:
-            self.days[day_key] = [1, prompt, completion]
+            self.days[day_key] = DaySums(1, prompt, completion)
         else:
-            day[0] += 1
-            day[1] += prompt
-            day[2] += completion
+            day.requests += 1
+            day.prompt += prompt
+            day.completion += completion
 
-    def take(self) -> tuple[dict[DayKey, list[int]], dict[HourKey, list[int]]]:
+    def take(self) -> tuple[dict[DayKey, DaySums], dict[HourKey, HourSums]]:
         """The sums so far, leaving the tally empty (the flusher writes them)."""
         days, hours = self.days, self.hours
         self.days, self.hours = {}, {}
         return days, hours
 
-    def give_back(self, days: dict[DayKey, list[int]], hours: dict[HourKey, list[int]]) -> None:
+    def give_back(self, days: dict[DayKey, DaySums], hours: dict[HourKey, HourSums]) -> None:
         """Sums whose write failed: added back, to go with the next flush."""
-        for key, counts in days.items():
-            now = self.days.setdefault(key, [0, 0, 0])
-            for j in range(3):
-                now[j] += counts[j]
+        for key, sums in days.items():
+            now = self.days.get(key)
+            if now is None:
+                self.days[key] = now = DaySums()
+            now.add(sums)
         for dims, counts in hours.items():
-            now = self.hours.setdefault(dims, [0] * HOUR_SLOTS)
-            for j in range(HOUR_SLOTS):
-                now[j] += counts[j]
+            hour = self.hours.get(dims)
+            if hour is None:
+                self.hours[dims] = hour = HourSums()
+            hour.add(counts)
