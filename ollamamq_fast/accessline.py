@@ -33,6 +33,7 @@ _MILLIS: Final = tuple(b".%03dZ" % ms for ms in range(1000))
 # values costs their encoding, never memory.
 _KEPT_MAX: Final = 4096
 _KEPT_LEN: Final = 256
+_ROW_LEN: Final = 1024
 
 
 class Stamp:
@@ -99,19 +100,16 @@ def _kept(kept: dict[Any, bytes], prefix: bytes, value: Any) -> bytes:
 class LineWriter:
     """Access records (tuples in FIELDS order) to JSON lines. Used by the writer thread only.
 
-    A line is joined from few pieces: each repeated value is kept with its
-    key already in front of it (`,"user":"alice"`), numbers too.
+    A line is joined from few pieces: the fields from user to backend, which
+    repeat together (one client, one route, one model, one backend), are kept
+    as one piece by their tuple; the numbers are kept each with its key in
+    front (`,"queue_ms":3`); only the time stamp and the request id are new.
     """
 
     def __init__(self) -> None:
         self.stamp = Stamp()
-        self.users: dict[Any, bytes] = {}
-        self.ips: dict[Any, bytes] = {}
-        self.methods: dict[Any, bytes] = {}
-        self.paths: dict[Any, bytes] = {}
-        self.models: dict[Any, bytes] = {}
-        self.statuses: dict[Any, bytes] = {}
-        self.backends: dict[Any, bytes] = {}
+        # (user, ip, method, path, model, status, backend) -> their part of a line.
+        self.rows: dict[tuple[Any, ...], bytes] = {}
         self.queue_ms: dict[Any, bytes] = {}
         self.whole_ms: dict[Any, bytes] = {}
         self.prompts: dict[Any, bytes] = {}
@@ -121,6 +119,19 @@ class LineWriter:
         """One access record as one JSON object on one line, newline included."""
         (ts, user, ip, method, path, model, status, backend, queue_ms, duration_ms,
          prompt_tokens, completion_tokens, request_id) = fields
+        row = (user, ip, method, path, model, status, backend)
+        middle = self.rows.get(row)
+        if middle is None:
+            middle = b"".join((
+                b'","user":', json_text(user), b',"ip":', json_text(ip),
+                b',"method":', json_text(method), b',"path":', json_text(path),
+                b',"model":', json_text(model), b',"status":', json_text(status),
+                b',"backend":', json_text(backend)))
+            if len(middle) <= _ROW_LEN:  # a client's megabyte model name is not kept
+                rows = self.rows
+                if len(rows) >= _KEPT_MAX:
+                    rows.clear()
+                rows[row] = middle
         if isinstance(duration_ms, float) and 0.0 <= duration_ms < 1e12:
             hundredths = int(duration_ms * 100.0 + 0.5)
             whole = _kept(self.whole_ms, b',"duration_ms":', hundredths // 100)
@@ -133,13 +144,7 @@ class LineWriter:
             rid = b',"request_id":' + json_text(request_id) + b"}\n"
         return b"".join((
             b'{"ts":"', self.stamp.text(ts),
-            _kept(self.users, b'","user":', user),
-            _kept(self.ips, b',"ip":', ip),
-            _kept(self.methods, b',"method":', method),
-            _kept(self.paths, b',"path":', path),
-            _kept(self.models, b',"model":', model),
-            _kept(self.statuses, b',"status":', status),
-            _kept(self.backends, b',"backend":', backend),
+            middle,
             _kept(self.queue_ms, b',"queue_ms":', queue_ms),
             duration,
             _kept(self.prompts, b',"prompt_tokens":', prompt_tokens),

@@ -30,13 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-MODES = ("clamp", "reject")
-_MODE_CODE = {"clamp": 0, "reject": 1}
+MODES: Final = ("clamp", "reject")
+_MODE_CODE: Final = {"clamp": 0, "reject": 1}
 
 # name -> kind: "float", "int" or "mode" (clamp / reject)
-LIMIT_KINDS: dict[str, str] = {
+LIMIT_KINDS: Final[dict[str, str]] = {
     "rate": "float",
     "burst": "float",
     "max_in_flight": "int",
@@ -49,9 +49,9 @@ LIMIT_KINDS: dict[str, str] = {
     "budget_day": "int",
     "budget_month": "int",
 }
-LIMIT_NAMES = tuple(LIMIT_KINDS)
-QUOTA_NAMES = ("quota_day", "quota_month", "quota_total")
-BUDGET_NAMES = ("budget_day", "budget_month")
+LIMIT_NAMES: Final = tuple(LIMIT_KINDS)
+QUOTA_NAMES: Final = ("quota_day", "quota_month", "quota_total")
+BUDGET_NAMES: Final = ("budget_day", "budget_month")
 
 
 @dataclass(frozen=True, slots=True)

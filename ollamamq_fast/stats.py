@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 # Latency buckets in seconds: sub-millisecond proxy overheads up to long generations.
+# Not Final: mypyc leaves a Final that is a default argument unset (NameError).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -20,7 +21,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # or metric cardinality without bound.
 MAX_TRACKED_USERS = 10_000
 # How much of the table one eviction frees: a tenth.
-EVICT_DIVISOR = 10
+EVICT_DIVISOR: Final = 10
 
 # The counts' keys: Ollama's final line, then OpenAI's `usage` object. The
 # quote before each name keeps `"eval_count"` from matching inside
@@ -33,7 +34,7 @@ _OPENAI_PROMPT: Final = '"prompt_tokens"'
 _OPENAI_COMPLETION: Final = '"completion_tokens"'
 # Bytes after a count's key within which its value must end (spaces, the
 # colon and 20 digits).
-_COUNT_SPAN = 40
+_COUNT_SPAN: Final = 40
 
 
 def tokens_in_tail(tail: bytes) -> tuple[int, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ollamamq_fast.config import BackendOptions, BackendUrl
 from ollamamq_fast.wire.routes import SPEAKS_ALL, SPEAKS_OLLAMA, SPEAKS_OPENAI
@@ -41,9 +41,9 @@ class Breaker(enum.Enum):
 
 # Consecutive passive failures that open the breaker. A backend that fails fast
 # looks idle to least-connections, so without this it would attract traffic.
-BREAKER_THRESHOLD = 3
-BREAKER_COOLDOWN_S = 2.0
-BREAKER_MAX_COOLDOWN_S = 30.0
+BREAKER_THRESHOLD: Final = 3
+BREAKER_COOLDOWN_S: Final = 2.0
+BREAKER_MAX_COOLDOWN_S: Final = 30.0
 
 
 class Backend:

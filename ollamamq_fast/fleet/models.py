@@ -8,14 +8,16 @@ OpenAI-style names (`meta-llama/Llama-3-8B`) compare consistently too.
 
 from __future__ import annotations
 
-DEFAULT_HOST = "registry.ollama.ai"
-DEFAULT_NAMESPACE = "library"
-DEFAULT_TAG = "latest"
+from typing import Final
+
+DEFAULT_HOST: Final = "registry.ollama.ai"
+DEFAULT_NAMESPACE: Final = "library"
+DEFAULT_TAG: Final = "latest"
 
 # Names repeat endlessly on the hot path; a small memo avoids re-splitting them.
 # Bounded so that a client inventing names cannot grow it without limit.
-_MEMO_LIMIT = 4096
-_memo: dict[str, str] = {}
+_MEMO_LIMIT: Final = 4096
+_memo: Final[dict[str, str]] = {}
 
 
 def normalize_model(name: str) -> str:

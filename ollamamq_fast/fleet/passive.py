@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Final
 
 from ollamamq_fast.fleet.backend import (
     BREAKER_COOLDOWN_S,
@@ -25,7 +26,7 @@ from ollamamq_fast.fleet.backend import (
 log = logging.getLogger("ollamamq_fast.breaker")
 
 # A 5xx answered faster than this is a failing backend, not a slow model.
-FAST_FAIL_S = 0.5
+FAST_FAIL_S: Final = 0.5
 
 
 class PassiveHealth:

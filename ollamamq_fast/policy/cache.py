@@ -30,7 +30,7 @@ import re
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import blake3
 import orjson
@@ -42,35 +42,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ollamamq_fast.policy")
 
-CACHE_MODES = ("deterministic", "all", "off")
-DEFAULT_TTL_S = 300.0
-DEFAULT_MB = 64.0
+CACHE_MODES: Final = ("deterministic", "all", "off")
+DEFAULT_TTL_S: Final = 300.0
+DEFAULT_MB: Final = 64.0
 # Canonicalizing means a full parse on the event loop; above this size (images)
 # the raw bytes are the key, which still matches a client repeating itself.
-CANONICAL_MAX_BODY = 256 * 1024
+CANONICAL_MAX_BODY: Final = 256 * 1024
 # One answer may take at most this share of the budget, and never more than
 # MAX_ENTRY_BYTES: a few huge answers must not flush every other entry.
-ENTRY_SHARE = 8
-MAX_ENTRY_BYTES = 8 * 1024 * 1024
+ENTRY_SHARE: Final = 8
+MAX_ENTRY_BYTES: Final = 8 * 1024 * 1024
 # Bookkeeping per entry beyond its bytes (dict slot, object, key), for the budget.
-ENTRY_OVERHEAD = 200
+ENTRY_OVERHEAD: Final = 200
 # A Redis lookup slower than this counts as a miss: the backend is the fallback.
-REDIS_TIMEOUT_S = 0.05
+REDIS_TIMEOUT_S: Final = 0.05
 
-CACHEABLE = frozenset({
+CACHEABLE: Final = frozenset({
     b"/api/generate", b"/api/chat", b"/api/embed", b"/api/embeddings",
     b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings",
 })
-EMBEDDINGS = frozenset({b"/api/embed", b"/api/embeddings", b"/v1/embeddings"})
-DETERMINISM_KEYS = ("temperature", "seed")  # OpenAI: top level; Ollama: inside options
+EMBEDDINGS: Final = frozenset({b"/api/embed", b"/api/embeddings", b"/v1/embeddings"})
+DETERMINISM_KEYS: Final = ("temperature", "seed")  # OpenAI: top level; Ollama: inside options
 
 # Request Cache-Control directives the cache honours (RFC 9111 §5.2.1).
-NO_CACHE = 1  # do not answer from the cache (the answer still refreshes it)
-NO_STORE = 2  # neither answer from nor store in the cache
+NO_CACHE: Final = 1  # do not answer from the cache (the answer still refreshes it)
+NO_STORE: Final = 2  # neither answer from nor store in the cache
 
 # orjson turns integers beyond 64 bits into floats, which could make two
 # different bodies one key: such bodies are keyed by their raw bytes.
-_BIG_INT = re.compile(rb"\d{20}")
+_BIG_INT: Final = re.compile(rb"\d{20}")
 
 
 def cache_control(value: bytes) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -41,7 +41,7 @@ class CapRule:
     native: bool  # options.num_predict
 
 
-CAP_RULES: dict[bytes, CapRule] = {
+CAP_RULES: Final[dict[bytes, CapRule]] = {
     b"/api/generate": CapRule((), "", True),
     b"/api/chat": CapRule((), "", True),
     # Every field an OpenAI-compatible server honours for the output length:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ollamamq_fast.limits import QUOTA_NAMES, Limits, resolve
 from ollamamq_fast.policy.cache import (
@@ -66,11 +66,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ollamamq_fast.policy")
 
-CHAT_COMPLETIONS = b"/v1/chat/completions"
+CHAT_COMPLETIONS: Final = b"/v1/chat/completions"
 # `"stream"` in any spelling (a Go server reads them all), without copying the body.
-_ANY_CASE_STREAM = re.compile(rb'"[sS][tT][rR][eE][aA][mM]"')
+_ANY_CASE_STREAM: Final = re.compile(rb'"[sS][tT][rR][eE][aA][mM]"')
 # Bodies up to this size are searched as text by body_keys.
-_TEXT_MAX = 64 * 1024
+_TEXT_MAX: Final = 64 * 1024
 
 
 def _mentions(body: bytes, text: str | None, word: str, raw: bytes) -> bool:
@@ -82,14 +82,14 @@ def _mentions(body: bytes, text: str | None, word: str, raw: bytes) -> bool:
 
 # Resolved limits are memoized per user; the memo is dropped beyond this many
 # users rather than grown (a flood of ids costs a re-resolve, not memory).
-MEMO_MAX = 100_000
+MEMO_MAX: Final = 100_000
 # Warnings about the store at most this often.
-WARN_EVERY_S = 10.0
+WARN_EVERY_S: Final = 10.0
 # Full, idle rate buckets are dropped every this many background ticks.
-FORGET_EVERY_TICKS = 10
+FORGET_EVERY_TICKS: Final = 10
 # A 200 stream that carries an error object (Ollama's mid-stream error line, or
 # an SSE error event) is not an answer worth replaying.
-_ERROR_MARK = b'{"error"'
+_ERROR_MARK: Final = b'{"error"'
 
 
 class Policy:

@@ -23,6 +23,7 @@ stream with a Content-Length (none known) is passed through as it is.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 import orjson
 
@@ -31,18 +32,18 @@ from ollamamq_fast.wire.sniff import Sniffed, key_text
 
 # Routes whose streams get usage injected, and whether the backend then adds a
 # zero usage member to every chunk (Ollama's /v1/completions does).
-INJECT_ROUTES: dict[bytes, bool] = {
+INJECT_ROUTES: Final[dict[bytes, bool]] = {
     b"/v1/chat/completions": False,
     b"/v1/completions": True,
 }
-INJECT_KEYS = ("stream", "stream_options")
+INJECT_KEYS: Final = ("stream", "stream_options")
 
-_INCLUDE = b'{"include_usage":true}'
+_INCLUDE: Final = b'{"include_usage":true}'
 # The zero usage member Ollama adds to every /v1/completions chunk. A JSON
 # string cannot hold a raw `"` (it is escaped), so `,"usage":{` only matches a key.
-_CHUNK_USAGE = re.compile(rb',\s*"usage"\s*:\s*\{[^{}]*\}')
+_CHUNK_USAGE: Final = re.compile(rb',\s*"usage"\s*:\s*\{[^{}]*\}')
 # An empty `choices` list, however it is spaced: the usage event's mark.
-_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+_EMPTY_CHOICES: Final = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
 def usage_edits(body: bytes, sn: Sniffed) -> list[Edit]:

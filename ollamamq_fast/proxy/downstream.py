@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -33,12 +33,12 @@ if TYPE_CHECKING:
 
 # A request head must be complete this long after it began, however it trickles
 # in (nginx's client_header_timeout is 60 s between reads; this is a total).
-HEAD_DEADLINE_S = 30.0
+HEAD_DEADLINE_S: Final = 30.0
 # After this long, a request body must have averaged at least BODY_MIN_RATE
 # bytes a second (unless the gateway itself paused the client), so that slow
 # senders cannot hold connections for free; real uploads are far faster.
-BODY_GRACE_S = 30.0
-BODY_MIN_RATE = 1024
+BODY_GRACE_S: Final = 30.0
+BODY_MIN_RATE: Final = 1024
 
 
 class ClientProtocol(asyncio.Protocol):

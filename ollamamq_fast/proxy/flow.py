@@ -13,25 +13,25 @@ it, so a connection returned to the pool is never paused.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 # 256 KiB: a few hundred NDJSON lines, far above one token chunk, so a healthy
 # client never trips it, while a stalled one costs at most this much memory.
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+HIGH_WATER: Final = 256 * 1024
+LOW_WATER: Final = 64 * 1024
 
 # Request bytes of pipelined requests queued behind the active one before the
 # client is paused (each pipelined request waits its turn, RFC 9112 §9.3.2).
-PIPELINE_BUFFER_LIMIT = 1024 * 1024
+PIPELINE_BUFFER_LIMIT: Final = 1024 * 1024
 
 # Request heads larger than this get 431 (h11 and nginx use limits of this order).
-MAX_HEAD_BYTES = 64 * 1024
+MAX_HEAD_BYTES: Final = 64 * 1024
 
 # Why a transport's reading is paused. Reading resumes only when no reason is
 # left, so one side letting go cannot undo another's pause.
-CLIENT_SLOW = 1  # the client reads responses slower than the backend sends them
-BACKEND_SLOW = 2  # the backend takes the upload slower than the client sends it
-BODY_BUFFER = 4  # request bytes held in the gateway reached their bound
+CLIENT_SLOW: Final = 1  # the client reads responses slower than the backend sends them
+BACKEND_SLOW: Final = 2  # the backend takes the upload slower than the client sends it
+BODY_BUFFER: Final = 4  # request bytes held in the gateway reached their bound
 
 
 class FlowControl:

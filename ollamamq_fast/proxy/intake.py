@@ -18,7 +18,7 @@ size. `read_model` reads the model from the body when the request is routed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.policy.cache import cache_control
@@ -49,8 +49,8 @@ if TYPE_CHECKING:
 # body is read (so the connection stays usable).
 Early = tuple[int, bytes, bytes, bytes, bool]
 
-_NOT_FOUND: Early = (404, b"text/plain", b"404 page not found", b"", False)
-_NOT_ALLOWED: Early = (405, b"text/plain", b"405 method not allowed", b"", False)
+_NOT_FOUND: Final[Early] = (404, b"text/plain", b"404 page not found", b"", False)
+_NOT_ALLOWED: Final[Early] = (405, b"text/plain", b"405 method not allowed", b"", False)
 
 
 def _error(ex: Exchange, status: int, message: str) -> Early:

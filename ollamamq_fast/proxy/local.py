@@ -7,7 +7,7 @@ import re
 import time
 import urllib.parse
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from ollamamq_fast.plane import DataPlane
     from ollamamq_fast.proxy.exchange import Exchange
 
-_JSON = b"application/json; charset=utf-8"
-_OPENAI_JSON = b"application/json"
-_TEXT = b"text/plain; charset=utf-8"
+_JSON: Final = b"application/json; charset=utf-8"
+_OPENAI_JSON: Final = b"application/json"
+_TEXT: Final = b"text/plain; charset=utf-8"
 
 
 class LocalRoutes:
@@ -184,7 +184,7 @@ class LocalRoutes:
             ex.respond(200, _JSON, orjson.dumps({"models": models}))
 
 
-_FRACTION = re.compile(r"(\.\d{1,6})\d*")
+_FRACTION: Final = re.compile(r"(\.\d{1,6})\d*")
 
 
 def _epoch(stamp: object) -> int:

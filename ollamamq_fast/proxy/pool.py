@@ -8,7 +8,7 @@ only after a clean response and only unpaused (flow.py lets go of it first).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -19,13 +19,13 @@ if TYPE_CHECKING:
 
 # Idle keep-alive connections kept per backend. Enough for a burst at high
 # --slots without holding thousands of sockets open.
-MAX_IDLE_PER_BACKEND = 256
+MAX_IDLE_PER_BACKEND: Final = 256
 # Seconds an idle pooled connection is kept. Shorter than common server idle
 # timeouts (Go's default keep-alive is longer), so we close first and rarely
 # pick a connection the backend is closing.
-IDLE_EXPIRY_S = 30.0
+IDLE_EXPIRY_S: Final = 30.0
 # A backend that does not accept a TCP connection within this is failing.
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S: Final = 5.0
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

@@ -13,7 +13,7 @@ the dispatcher's retry turn, and the request's end to the ledger.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ollamamq_fast.accounting.ledger import End
 from ollamamq_fast.fleet.passive import FAST_FAIL_S
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # A request whose backend fails before answering is tried on this many
 # connections in all (a stale pooled connection, then other backends).
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS: Final = 3
 
 
 def retried_on_status(ex: Exchange, conn: UpstreamConnection, backend: Backend, status: int) -> bool:

@@ -37,13 +37,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from typing import Final
 
 # Dispatch bookkeeping lives in dicts keyed by user, so users must be hashable
 # strings; the payload is never inspected except by the caller's can_run.
 RunPredicate = Callable[[object], bool]
 Ring = OrderedDict[str, "_UserQueue"]
 
-DEFAULT_WEIGHT = 1  # every user gets one request per round unless told otherwise
+DEFAULT_WEIGHT: Final = 1  # every user gets one request per round unless told otherwise
 
 
 class Ticket:

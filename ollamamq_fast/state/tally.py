@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Final
 
 from .records import utc_day, utc_hour
 
-SECONDS_PER_DAY = 86400  # Unix time has no leap seconds, so UTC days are exactly this
-SECONDS_PER_HOUR = 3600
+SECONDS_PER_DAY: Final = 86400  # Unix time has no leap seconds, so UTC days are exactly this
+SECONDS_PER_HOUR: Final = 3600
 
 DayKey = tuple[str, str, str]  # user, model, day
 HourKey = tuple[str, str, str, str, str]  # hour, user, key, model, backend

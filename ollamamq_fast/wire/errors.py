@@ -9,6 +9,7 @@ paths and wrong methods so clients see what a real Ollama would send.
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 import orjson
 
@@ -20,7 +21,7 @@ class Api(enum.Enum):
     OPENAI = "openai"
 
 
-_REASONS = {
+_REASONS: Final = {
     200: b"OK",
     201: b"Created",
     204: b"No Content",

@@ -28,7 +28,7 @@ class Framing(enum.Enum):
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones we set ourselves.
 # Transfer-Encoding and Content-Length are NOT dropped from responses: the
 # body bytes are passed through as they are, chunk framing included.
-_RESPONSE_DROP = frozenset(
+_RESPONSE_DROP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
      b"proxy-authenticate"}
 )
@@ -140,7 +140,7 @@ def relay_head(raw: bytes, extra: bytes, close: bool, hop_by_hop: bool) -> bytes
     return raw + b"\r\n" + extra + b"\r\n"
 
 
-_date_cache: list[object] = [0, b""]
+_date_cache: Final[list[object]] = [0, b""]
 
 
 def http_date() -> bytes:
@@ -189,8 +189,8 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-LAST_CHUNK = b"0\r\n\r\n"
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def at_stream_boundary(last_data: bytes, content_type: bytes) -> bool:
@@ -211,9 +211,9 @@ def at_stream_boundary(last_data: bytes, content_type: bytes) -> bool:
 # The last event of a stream in each format: Ollama's NDJSON `"done": true`
 # line, OpenAI's `data: [DONE]`, the Responses API's `response.completed` and
 # Anthropic's `message_stop`. Searched in the stream's last bytes only.
-_TERMINAL_SSE = (b"data: [DONE]", b"data:[DONE]", b"event: response.completed",
-                 b"event: message_stop")
-_DONE_TRUE = re.compile(rb'"done"\s*:\s*true')
+_TERMINAL_SSE: Final = (b"data: [DONE]", b"data:[DONE]", b"event: response.completed",
+                        b"event: message_stop")
+_DONE_TRUE: Final = re.compile(rb'"done"\s*:\s*true')
 
 
 def terminal_event_relayed(tail: bytes, content_type: bytes) -> bool:
@@ -233,19 +233,19 @@ def terminal_event_relayed(tail: bytes, content_type: bytes) -> bool:
 
 
 # One occurrence per stream event: the end of an NDJSON line, an SSE `data:` field.
-_NDJSON_MARK = b"}\n"
-_SSE_MARK = b"data:"
+_NDJSON_MARK: Final = b"}\n"
+_SSE_MARK: Final = b"data:"
 # Events of a stream that carry no generated token: Ollama's final line; an
 # OpenAI stream's role event, finish event and `[DONE]`.
-_NDJSON_OVERHEAD = 1
-_SSE_OVERHEAD = 3
+_NDJSON_OVERHEAD: Final = 1
+_SSE_OVERHEAD: Final = 3
 
 
 # Content types seen -> their event mark: a backend answers with the same few
 # types, and one dict lookup is cheaper than lower() and two finds. Bounded: a
 # backend inventing types gets them computed each time, not kept.
-_marks: dict[bytes, bytes] = {}
-_MARKS_KEPT = 64
+_marks: Final[dict[bytes, bytes]] = {}
+_MARKS_KEPT: Final = 64
 
 
 def event_mark(content_type: bytes) -> bytes:

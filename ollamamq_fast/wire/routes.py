@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 from ollamamq_fast.wire.errors import Api
 
@@ -68,12 +69,12 @@ class Route:
 
 
 # What a backend speaks (Backend.speaks), as bits a route's `translate` is tested against.
-SPEAKS_OLLAMA = 1  # native /api/*
-SPEAKS_OPENAI = 2  # OpenAI-compatible /v1/*
-SPEAKS_ALL = SPEAKS_OLLAMA | SPEAKS_OPENAI
+SPEAKS_OLLAMA: Final = 1  # native /api/*
+SPEAKS_OPENAI: Final = 2  # OpenAI-compatible /v1/*
+SPEAKS_ALL: Final = SPEAKS_OLLAMA | SPEAKS_OPENAI
 
-_GET = frozenset({b"GET", b"HEAD"})
-_POST = frozenset({b"POST"})
+_GET: Final = frozenset({b"GET", b"HEAD"})
+_POST: Final = frozenset({b"POST"})
 
 
 def _queued(api: Api, native: bool, translate: int = 0) -> Route:
@@ -90,7 +91,7 @@ def _translated(api: Api) -> Route:
 
 _OLLAMA, _OPENAI = Api.OLLAMA, Api.OPENAI
 
-EXACT: dict[bytes, Route] = {
+EXACT: Final[dict[bytes, Route]] = {
     b"/health": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.HEALTH),
     b"/ready": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.READY),
     b"/": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.ROOT),
@@ -123,15 +124,15 @@ EXACT: dict[bytes, Route] = {
     b"/v1/models": Route(Kind.LOCAL, _OPENAI, frozenset({b"GET"}), local=Local.V1_MODELS, native=False),
 }
 
-BLOBS_PREFIX = b"/api/blobs/"
-V1_MODEL_PREFIX = b"/v1/models/"
+BLOBS_PREFIX: Final = b"/api/blobs/"
+V1_MODEL_PREFIX: Final = b"/v1/models/"
 
-BLOB_ROUTE = Route(Kind.PRIMARY, _OLLAMA, frozenset({b"HEAD", b"POST"}))
-V1_MODEL_ROUTE = Route(
+BLOB_ROUTE: Final = Route(Kind.PRIMARY, _OLLAMA, frozenset({b"HEAD", b"POST"}))
+V1_MODEL_ROUTE: Final = Route(
     Kind.LOCAL, _OPENAI, frozenset({b"GET"}), local=Local.V1_MODEL, native=False
 )
 # Unknown paths forwarded with --allow-all-routes: any method, to the primary backend.
-FALLBACK_ROUTE = Route(Kind.PRIMARY, _OLLAMA, frozenset(), native=False)
+FALLBACK_ROUTE: Final = Route(Kind.PRIMARY, _OLLAMA, frozenset(), native=False)
 
 
 def lookup(path: bytes) -> Route | None:

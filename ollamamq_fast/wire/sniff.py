@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import json
 import re
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import orjson
 
-_QUOTE = 0x22
-_BACKSLASH = 0x5C
-_STRUCT = re.compile(rb'["{}\[\]]')
-_OPEN = re.compile(rb"\s*\{\s*(\})?")
+_QUOTE: Final = 0x22
+_BACKSLASH: Final = 0x5C
+_STRUCT: Final = re.compile(rb'["{}\[\]]')
+_OPEN: Final = re.compile(rb"\s*\{\s*(\})?")
 # Keys without escapes (nearly all) take the simple pattern; the general one
 # handles `\u`-escaped keys.
-_KEY = re.compile(rb'"([^"\\]*)"\s*:\s*')
-_KEY_ESCAPED = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*', re.DOTALL)
-_SCALAR = re.compile(rb"[^,}\]\s]+")
-_SEP = re.compile(rb"\s*([,}])\s*")
-_wanted_memo: dict[tuple[str, ...], dict[bytes, str]] = {}
+_KEY: Final = re.compile(rb'"([^"\\]*)"\s*:\s*')
+_KEY_ESCAPED: Final = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*', re.DOTALL)
+_SCALAR: Final = re.compile(rb"[^,}\]\s]+")
+_SEP: Final = re.compile(rb"\s*([,}])\s*")
+_wanted_memo: Final[dict[tuple[str, ...], dict[bytes, str]]] = {}
 
 
 def _wanted(keys: tuple[str, ...]) -> dict[bytes, str]:
@@ -48,13 +48,13 @@ class SniffError(ValueError):
 # Fast path: a small object with no escapes and no nesting (curl's and most
 # generate bodies). One C-level regex proves the shape; with no backslashes a
 # string cannot contain a quote, so every key/value match is a top-level pair.
-_FAST_MAX = 16 * 1024
-_FLAT_SCALAR = rb'(?:"[^"]*"|[-+.\w]+)'
-_FLAT = re.compile(
+_FAST_MAX: Final = 16 * 1024
+_FLAT_SCALAR: Final = rb'(?:"[^"]*"|[-+.\w]+)'
+_FLAT: Final = re.compile(
     rb'\s*\{\s*"[^"]*"\s*:\s*' + _FLAT_SCALAR
     + rb'(?:\s*,\s*"[^"]*"\s*:\s*' + _FLAT_SCALAR + rb')*\s*\}'
 )
-_FLAT_PAIR = re.compile(rb'"([^"]*)"\s*:\s*(?:"([^"]*)"|([-+.\w]+))')
+_FLAT_PAIR: Final = re.compile(rb'"([^"]*)"\s*:\s*(?:"([^"]*)"|([-+.\w]+))')
 # Faster still, and for nested bodies too: the wanted key is the first member
 # (the ollama client, curl, LangChain and openai >= 3 put `model` first) and no
 # wanted key is written anywhere after it, in any ASCII case, and the body has
@@ -70,7 +70,7 @@ _FLAT_PAIR = re.compile(rb'"([^"]*)"\s*:\s*(?:"([^"]*)"|([-+.\w]+))')
 # them) are recognised by a prefix compare; any other spacing, case or a null
 # value by the pattern. Each bytes method or regex call costs about a
 # thousand instructions, so the common case makes as few as it can.
-_LEADING = re.compile(rb'\s*\{\s*"([A-Za-z_]+)"\s*:\s*(?:"([^"]*)"|null)\s*[,}]')
+_LEADING: Final = re.compile(rb'\s*\{\s*"([A-Za-z_]+)"\s*:\s*(?:"([^"]*)"|null)\s*[,}]')
 
 
 class _Leading(NamedTuple):
@@ -80,7 +80,7 @@ class _Leading(NamedTuple):
     fold_sensitive: bool  # a wanted key has a letter Go folds from a non-ASCII one
 
 
-_leading_memo: dict[tuple[str, ...], _Leading] = {}
+_leading_memo: Final[dict[tuple[str, ...], _Leading]] = {}
 
 
 def _leading_for(keys: tuple[str, ...]) -> _Leading:
