@@ -483,3 +483,24 @@ def test_bytes_after_connection_close_are_ignored_not_answered(rig: Rig) -> None
     proto.data_received(b"GET /api/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
                         b"GET /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
     assert responses(client.data) == [200] and client.closing
+
+
+@pytest.mark.parametrize(("status_line", "expected"), [
+    (b"HTTP/1.1 201 Made Here", b"HTTP/1.1 201 Made Here\r\n"),  # relayed as it came
+    (b"HTTP/1.1 200", b"HTTP/1.1 200 OK\r\n"),  # no phrase: the usual one
+    (b"HTTP/1.1 200 ", b"HTTP/1.1 200 OK\r\n"),
+    (b"HTTP/1.0 202 Taken", b"HTTP/1.1 202 Taken\r\n"),  # rebuilt, the phrase kept
+])
+@pytest.mark.parametrize("hop_by_hop", [b"", b"Keep-Alive: timeout=5\r\n"])
+def test_the_reason_phrase_reaches_the_client(rig: Rig, status_line: bytes, expected: bytes,
+                                              hop_by_hop: bytes) -> None:
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, backend = rig.pools[0].last
+    backend.take()
+    conn.data_received(status_line + b"\r\nContent-Type: application/json\r\n" + hop_by_hop
+                       + b"Content-Length: 2\r\n\r\nok")
+    head = bytes(client.data)
+    assert head.startswith(expected) and head.endswith(b"\r\n\r\nok"), head
+    assert b"Keep-Alive" not in head  # hop-by-hop: never relayed

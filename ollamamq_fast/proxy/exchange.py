@@ -433,14 +433,13 @@ class Exchange(ResponseSink):
                 conn.tee = None  # only whole 200 answers are kept
         if self.http10 and self.keep_alive:
             extra += b"Connection: keep-alive\r\n"
-        if conn.reason and not dechunk:
-            head = framing.relay_head(conn.raw_head, extra, not self.keep_alive,
-                                     conn.hop_by_hop)
+        raw = conn.raw_head
+        if not dechunk:
+            head = framing.relay_head(raw, extra, not self.keep_alive, conn.hop_by_hop)
             if head is not None:
                 return head
-        return framing.response_head(
-            conn.status, conn.reason, conn.headers, extra, not self.keep_alive, dechunk
-        )
+        return framing.response_head(conn.status, framing.reason_phrase(raw), conn.headers,
+                                     extra, not self.keep_alive, dechunk)
 
     def upstream_continue(self, conn: UpstreamConnection) -> None:
         """Nothing to do: the gateway answers Expect itself and never forwards it."""

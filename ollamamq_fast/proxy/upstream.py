@@ -118,7 +118,6 @@ class UpstreamConnection(asyncio.Protocol):
         # relayed as they are when nothing must go (b"" means rebuild).
         self.raw_head = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
         self.status = 0
         self.headers_done = False
         self.interim = False
@@ -275,8 +274,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools parser callbacks -------------------------------------------------
 
-    def on_status(self, status: bytes) -> None:
-        self.reason += status
+    # No on_status: the reason phrase is read from the relayed head when a head
+    # is rebuilt (framing.reason_phrase), not collected by a callback per response.
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
@@ -290,7 +289,6 @@ class UpstreamConnection(asyncio.Protocol):
             end = self.head_buf.find(b"\r\n\r\n", self.head_scan_from)
             self.head_scan_from = end + 4 if end >= 0 else len(self.head_buf)
             self.headers = []
-            self.reason = b""
             if status == 100 and self.sink is not None:
                 self.sink.upstream_continue(self)
             return
@@ -443,7 +441,6 @@ class _Dechunker:
 
     def __init__(self, conn: UpstreamConnection) -> None:
         self.conn = conn
-        self.on_status = conn.on_status
         self.on_header = conn.on_header
         self.on_message_complete = conn.on_message_complete
 

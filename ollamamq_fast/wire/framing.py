@@ -133,11 +133,22 @@ def relay_head(raw: bytes, extra: bytes, close: bool, hop_by_hop: bool) -> bytes
     whether the head has a hop-by-hop header (RFC 9110 §7.6.1), which must
     go, as `response_framing` found among the parser's header names.
     """
-    if hop_by_hop or not raw.startswith(b"HTTP/1.1 "):
+    # `HTTP/1.1 200 ` and a reason phrase: a status line without one is rebuilt
+    # with the usual phrase (byte 12 is the space after the three digits).
+    if (hop_by_hop or len(raw) < 14 or raw[12] != 0x20 or raw[13] == 0x0D
+            or not raw.startswith(b"HTTP/1.1 ")):
         return None
     if close:
         return raw + b"\r\n" + extra + b"Connection: close\r\n\r\n"
     return raw + b"\r\n" + extra + b"\r\n"
+
+
+def reason_phrase(raw: bytes) -> bytes:
+    """The reason phrase of a head's status line (`HTTP/1.1 200 OK` -> b"OK"); b"" if none."""
+    end = raw.find(b"\r\n")
+    line = raw if end < 0 else raw[:end]
+    parts = line.split(b" ", 2)
+    return parts[2] if len(parts) == 3 else b""
 
 
 _date_cache: Final[list[object]] = [0, b""]
