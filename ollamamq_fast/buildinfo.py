@@ -35,8 +35,6 @@ INFO_FILE: Final = "_build_info.json"
 GROUP: Final = "ollamamq_fast"
 
 # The per-request path, compiled together (order does not matter). Left out:
-# - policy/identity.py: the authentication code is still being reworked; it
-#   runs interpreted and is called from compiled code by ordinary calls.
 # - fleet/health.py, policy/ratelimit.py, policy/quota.py: timers and control
 #   traffic (probes, syncs), not per request.
 # - gateway.py, config.py, operator.py, control/, state/ (but state/tally.py,
@@ -69,6 +67,7 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.fleet.passive",
     "ollamamq_fast.limits",
     "ollamamq_fast.policy.gate",
+    "ollamamq_fast.policy.identity",
     "ollamamq_fast.policy.caps",
     "ollamamq_fast.policy.streamusage",
     "ollamamq_fast.policy.cache",

@@ -25,7 +25,7 @@ import hmac
 import ipaddress
 import re
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from ollamamq_fast.state.records import (
     SCOPE_INFERENCE,
@@ -38,29 +38,36 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Model management: these change what a backend holds, so they need the
 # `models` scope (paths as the route table knows them, after normalization).
-MODEL_MANAGEMENT_PATHS = frozenset({b"/api/delete", b"/api/pull", b"/api/push", b"/api/create",
+MODEL_MANAGEMENT_PATHS: Final = frozenset({b"/api/delete", b"/api/pull", b"/api/push", b"/api/create",
                                     b"/api/copy"})
-BLOBS_PREFIX = b"/api/blobs/"
+BLOBS_PREFIX: Final = b"/api/blobs/"
 # Separates a service key's user from the end user it names (`portal:alice`);
 # not allowed in the user of a key, so the two never meet.
-SERVICE_SEPARATOR = ":"
+SERVICE_SEPARATOR: Final = ":"
 
 # User ids (X-User-ID; the users of keys): at most this many bytes...
-MAX_USER_ID_BYTES = 128
+MAX_USER_ID_BYTES: Final = 128
 # ...of printable ASCII (the common case, one C-level match), else printable UTF-8.
-_PRINTABLE_ASCII_ID = re.compile(rb"[\x20-\x7e]{1,%d}" % MAX_USER_ID_BYTES)
+_PRINTABLE_ASCII_ID: Final = re.compile(rb"[\x20-\x7e]{1,%d}" % MAX_USER_ID_BYTES)
 
 
 class AuthError(Exception):
-    """The request has no valid key (answered 401 in the route's shape)."""
+    """The request has no valid key (answered 401 in the route's shape).
 
-    status = 401
+    The status is set per instance: compiled by mypyc, an exception class's
+    class attributes are not visible on its instances.
+    """
+
+    def __init__(self, message: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ScopeError(AuthError):
     """The key is valid but lacks the scope the path needs (answered 403)."""
 
-    status = 403
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 403)
 
 
 class UserIdError(ValueError):
