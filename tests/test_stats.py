@@ -75,7 +75,7 @@ def test_user_and_token_accounting_match_the_backend() -> None:
         assert user.done == 3 and user.in_flight == 0 and user.queued == 0
         assert user.completion_tokens == 15
         assert user.prompt_tokens > 0 and user.last_ip == "127.0.0.1"
-        assert stats.responses[("/api/generate", 200, st.sims[0].url)] == 2
+        assert stats.responses[("/api/generate", 200, st.sims[0].url)].n == 2
         assert stats.latency.count >= 3 and stats.ttfb.count >= 3
     finally:
         st.close()

@@ -146,8 +146,8 @@ class GatewayCollector(Collector):
             "ollamamq_requests",
             "Responses sent, by route, status and backend ('' when no backend was involved).",
             labels=["route", "status", "backend"])
-        for (route, status, backend), n in sorted(stats.responses.items()):
-            requests.add_metric([route, str(status), backend], n)
+        for (route, status, backend), count in sorted(stats.responses.items()):
+            requests.add_metric([route, str(status), backend], count.n)
         yield requests
         yield GaugeMetricFamily("ollamamq_queue_depth", "Requests waiting in the fair queue.",
                                 value=snapshot["queued"])
