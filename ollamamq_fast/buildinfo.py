@@ -56,6 +56,8 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.proxy.answers",
     "ollamamq_fast.proxy.recovery",
     "ollamamq_fast.proxy.forward",
+    "ollamamq_fast.proxy.admission",
+    "ollamamq_fast.proxy.response",
     "ollamamq_fast.proxy.exchange",
     "ollamamq_fast.proxy.downstream",
     "ollamamq_fast.proxy.local",

@@ -6,17 +6,17 @@ A request goes, top to bottom in this file:
               the backend reads it, headers sorted, the key checked before the
               route decides anything, pool and route checked) and returns
               None or the gateway's own answer, held until the body is read
-    route     `_route`: local answer, model management, inference; intake.py
-              reads the model from the body
-    admit     the usage policy answers a value (policy/gate.py): ADMIT, REFUSE,
-              CACHED or PENDING, acted on by `_admitted`
+    route     `_route`: local answer, model management, inference
+    admit     admission.py reads the model (intake.py) and asks the usage
+              policy (policy/gate.py): ADMIT, REFUSE, CACHED or PENDING
     queue     the dispatcher answers STARTED, QUEUED or REFUSED (`_submit`)
     start     `start`: a pooled connection (or a new one); forward.py writes
               the request's head and body
-    relay     the upstream connection relays bytes; `response_head` and
-              `response_complete`
+    relay     the upstream connection relays bytes; response.py builds the
+              client's head and, at `response_complete`, counts the answer
     finish    the ledger records the one end of the request (`_ended`)
 
+Each step's helper returns a value the driver acts on; none calls back.
 Off the straight line, each in its own module: answers.py writes the
 gateway's own answers (errors, local replies, cache hits); recovery.py
 handles failures (retry before the first byte, an error frame after it, the
@@ -33,26 +33,21 @@ resumes belong to flow.py, counters to the ledger, slots to the dispatcher.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import TYPE_CHECKING
 
-import blake3
 from mypy_extensions import mypyc_attr
 
 from ollamamq_fast.accounting.ledger import End
-from ollamamq_fast.fleet.backend import Breaker
 from ollamamq_fast.fleet.select import Balance
 from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
-from ollamamq_fast.proxy import answers, forward, intake, recovery
+from ollamamq_fast.proxy import admission, answers, forward, intake, recovery, response
 from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.proxy.state import State, advance
 from ollamamq_fast.proxy.upstream import ResponseSink
 from ollamamq_fast.sched.dispatcher import Placed
-from ollamamq_fast.stats import tokens_in_tail
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api
 from ollamamq_fast.wire.routes import BLOB_ROUTE, Kind, Route
-from ollamamq_fast.wire.sniff import first_item
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
@@ -67,8 +62,6 @@ if TYPE_CHECKING:
     from ollamamq_fast.proxy.upstream import UpstreamConnection
     from ollamamq_fast.sched.dispatcher import Dispatcher
     from ollamamq_fast.sched.fairqueue import Ticket
-
-log = logging.getLogger("ollamamq_fast.proxy")
 
 
 # One request at a time on most connections: the freed exchange's memory is
@@ -259,7 +252,7 @@ class Exchange(ResponseSink):
         """The client connection closed: stop everything this exchange holds (recovery.py)."""
         recovery.client_gone(self)
 
-    # -- Routing --------------------------------------------------------------------
+    # -- Route, admit, queue, start --------------------------------------------------
 
     def _route(self) -> None:
         early = self.early_error
@@ -284,70 +277,30 @@ class Exchange(ResponseSink):
                 return
             self.start(backend, slotted=False)
             return
-        body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
-        self.body = [body]
-        policy = self.gw.policy
-        keys = policy.body_keys(self, body) if kind is Kind.QUEUED else ()
-        if self.encoded_body:
-            self.model = None
-            if kind is Kind.QUEUED:
-                self._admitted(policy.admit(self, body, None, readable=False))
-            else:
-                self._submit()
-            return
-        try:
-            spans = intake.read_model(self, route, body, keys)
-        except intake.Unroutable as bad:
-            answers.respond_error(self, bad.status, bad.message)
-            return
-        if kind is Kind.QUEUED:
-            verdict = policy.admit(self, self.body[0], spans)
-            if verdict is not ADMIT:
-                self._admitted(verdict)
-                return
-        self._proceed()
+        verdict = admission.admit(self, route)  # the model read, the policy asked; None: answered
+        if verdict is ADMIT or verdict is not None and self._admitted(verdict):
+            self._queue()
 
-    def _admitted(self, a: Admission) -> None:
-        """Act on what admission answered (policy/gate.py)."""
-        kind = a.kind
-        if kind is Verdict.ADMIT:
-            self.gw.ledger.admitted(a.capped, a.cache_miss)
-            if a.body is not None:
-                self.body = [a.body]
-            self.cache_key = a.cache_key
-            self.strip_usage = a.strip_usage
-            self._proceed()
-        elif kind is Verdict.REFUSE:
-            if a.rejected:
-                self.gw.ledger.refused(self.ustats, True, a.reason)
-            answers.respond_error(self, a.status, a.message, retry_after=a.retry_after)
-        elif kind is Verdict.CACHED:
-            assert a.entry is not None
-            self.gw.ledger.cache_hit()
-            answers.respond_cached(self, a.entry)
-        else:
+    def _admitted(self, a: Admission) -> bool:
+        """Whether the request goes on to the dispatcher (admission.py acts on the verdict)."""
+        if a.kind is Verdict.PENDING:
             assert a.pending is not None
             a.pending.add_done_callback(self._settled)
+            return False
+        return admission.admitted(self, a)
 
     def _settled(self, future: asyncio.Future[Admission]) -> None:
         # A PENDING admission resolved; the client may have left meanwhile.
         if self.state is State.DONE or future.cancelled():
             return
-        exc = future.exception()
-        if exc is not None:
-            log.error("policy: cache lookup failed: %r", exc)
-            answers.respond_error(self, 500, "internal error in the gateway's response cache")
-            return
-        self._admitted(future.result())
+        verdict = admission.settled(self, future)
+        if verdict is not None and self._admitted(verdict):
+            self._queue()
 
-    def _proceed(self) -> None:
+    def _queue(self) -> None:
         """Hand the admitted request to the dispatcher."""
         if self.fleet.balance is Balance.AFFINITY:
-            body = self.body[0]
-            # Same user and same opening message: same backend, so its KV cache is reused.
-            opening = first_item(body, "messages")
-            self.affinity = self.user + ":" + (
-                blake3.blake3(opening).hexdigest()[:16] if opening else "")
+            self.affinity = admission.affinity(self)
         self._submit()
 
     def _submit(self) -> None:
@@ -357,10 +310,7 @@ class Exchange(ResponseSink):
             assert placement.backend is not None
             self.start(placement.backend, placement.slotted)
         elif kind is Placed.REFUSED:
-            if placement.rejected:
-                self.gw.ledger.refused(self.ustats, by_policy=True)
-            answers.respond_error(self, placement.status, placement.message,
-                                  retry_after=placement.retry_after)
+            admission.refused(self, placement)
         # QUEUED: the dispatcher starts it when a slot frees.
 
     def resubmit(self) -> None:
@@ -398,7 +348,7 @@ class Exchange(ResponseSink):
             return
         forward.send(self, conn, backend)
 
-    # -- Response side (called by UpstreamConnection) -------------------------------
+    # -- Relay and finish (called by UpstreamConnection) -----------------------------
 
     @property
     def client_transport(self) -> Transport | None:
@@ -406,80 +356,27 @@ class Exchange(ResponseSink):
         return self.client.transport if self.state is not State.DONE else None
 
     def response_head(self, conn: UpstreamConnection) -> bytes | None:
-        """The head for the client: backend headers minus hop-by-hop, plus ours.
-
-        A 5xx answered fast counts against the backend's breaker; a 502/503/504
-        is not relayed when another backend can take the request instead.
-        """
+        """The head for the client (response.py), or None: a fast 502/503/504 is
+        not relayed when another backend can take the request instead (recovery.py)."""
         status = conn.status
         backend = self.backend
         assert backend is not None
-        if status in (502, 503, 504):
-            if recovery.retried_on_status(self, conn, backend, status):
-                return None
-        elif backend.consecutive_failures or backend.breaker is not Breaker.CLOSED:
-            self.gw.passive.success(backend)
-        self._to(State.STREAMING)
-        self.status = status
-        self.gw.ledger.first_byte(self.started_at)
-        dechunk = conn.dechunking and self.http10  # else re-chunked (stream usage stripped)
-        if conn.framing is framing.Framing.CLOSE or not self.request_complete or dechunk:
-            self.keep_alive = False
-        extra = (backend.gateway_headers + b"%d\r\nX-Request-ID: %s\r\n" % (
-            self.queue_ms, self.request_id))
-        if self.cache_key is not None:
-            extra += b"X-Cache: MISS\r\n"
-            if status != 200 or conn.framing not in (framing.Framing.LENGTH, framing.Framing.CHUNKED):
-                conn.tee = None  # only whole 200 answers are kept
-        if self.http10 and self.keep_alive:
-            extra += b"Connection: keep-alive\r\n"
-        raw = conn.raw_head
-        if not dechunk:
-            head = framing.relay_head(raw, extra, not self.keep_alive, conn.hop_by_hop)
-            if head is not None:
-                return head
-        return framing.response_head(conn.status, framing.reason_phrase(raw), conn.headers,
-                                     extra, not self.keep_alive, dechunk)
+        if status in (502, 503, 504) and recovery.retried_on_status(self, conn, backend, status):
+            return None
+        return response.head(self, conn, backend)
 
     def upstream_continue(self, conn: UpstreamConnection) -> None:
         """Nothing to do: the gateway answers Expect itself and never forwards it."""
 
     def response_complete(self, conn: UpstreamConnection) -> None:
-        """The backend's response ended; recycle the connection and finish."""
+        """The backend's response ended; recycle the connection, count it (response.py), finish."""
         self.upstream = None
         conn.finish_response(reusable=self.request_complete)
         backend = self.backend
         if backend is not None:
-            backend.requests_done += 1
-            route = self.route
-            if route is not None and route.kind is Kind.QUEUED and self.status < 300:
-                self._count_tokens(conn)
-                if self.cache_key is not None:
-                    self.gw.policy.response_done(self, conn)
-            if route is not None and route.refresh_models and self.status < 300:
-                # Route a request right after a pull/copy/delete correctly; the
-                # probe that follows fills in the details.
-                self.fleet.note_model_change(backend, self.path, self.model_name,
-                                                self.body[0] if self.body else b"")
-                self.gw.refresh_models(backend)
+            response.completed(self, conn, backend)
         self._release_backend()
         self.finish()
-
-    def _count_tokens(self, conn: UpstreamConnection) -> None:
-        relay = self.xlate
-        if relay is not None and relay.conn is conn:
-            relay.count_tokens()  # the counts its translator read from the backend
-            return
-        prompt, completion = tokens_in_tail(conn.tail())
-        if prompt or completion or not conn.events:
-            self.gw.ledger.tokens(self, prompt, completion)
-        else:  # a stream with no usage in it
-            self._estimate_tokens(conn)
-
-    def _estimate_tokens(self, conn: UpstreamConnection) -> None:
-        """Count a stream's tokens from its events (about one token an event), marked estimated."""
-        self.gw.ledger.tokens(self, 0, framing.estimated_tokens(conn.events, conn.content_type),
-                              estimated=True)
 
     def _ended(self, end: End) -> None:
         backend = self.backend

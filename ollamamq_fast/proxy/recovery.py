@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 from ollamamq_fast.accounting.ledger import End
 from ollamamq_fast.fleet.passive import FAST_FAIL_S
-from ollamamq_fast.proxy import answers
+from ollamamq_fast.proxy import answers, response
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import stream_error_frame
@@ -176,9 +176,9 @@ def client_gone(ex: Exchange) -> None:
                 end = End.DONE
                 if (ex.status < 300 and ex.route is not None
                         and ex.route.kind is Kind.QUEUED):
-                    ex._count_tokens(conn)
+                    response.count_tokens(ex, conn)
             elif conn.events:
-                ex._estimate_tokens(conn)  # cut short: what was generated still counts
+                response.estimate_tokens(ex, conn)  # cut short: what was generated still counts
         ex._ended(end)
     if state is State.QUEUED:
         ex.dispatcher.cancel(ex)

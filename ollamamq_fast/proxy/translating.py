@@ -34,7 +34,7 @@ import orjson
 
 from ollamamq_fast.fleet.backend import ApiKind
 from ollamamq_fast.fleet.models import normalize_model
-from ollamamq_fast.proxy import recovery
+from ollamamq_fast.proxy import recovery, response
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.upstream import ResponseSink
 from ollamamq_fast.stats import tokens_in_tail
@@ -309,7 +309,7 @@ class TranslatingRelay(ResponseSink):
                 elif out:
                     transport.write(out)
             if stream.complete:
-                ex._count_tokens(self.conn)
+                response.count_tokens(ex, self.conn)
             ex.finish()
             return
         ex.respond_error(502, f"backend {recovery.backend_name(ex)} failed mid-answer: {why}")
@@ -329,7 +329,7 @@ class TranslatingRelay(ResponseSink):
         if self.prompt or self.completion or not self.conn.events:
             ex.gw.ledger.tokens(ex, self.prompt, self.completion)
         else:
-            ex._estimate_tokens(self.conn)
+            response.estimate_tokens(ex, self.conn)
 
     def _cut(self, why: str) -> None:
         conn = self.conn
