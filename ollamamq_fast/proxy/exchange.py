@@ -41,7 +41,6 @@ from ollamamq_fast.accounting.ledger import End
 from ollamamq_fast.fleet.select import Balance
 from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
 from ollamamq_fast.proxy import admission, answers, forward, intake, recovery, response
-from ollamamq_fast.proxy.flow import HIGH_WATER, PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.proxy.state import State, advance
 from ollamamq_fast.proxy.upstream import ResponseSink
 from ollamamq_fast.sched.dispatcher import Placed
@@ -185,39 +184,23 @@ class Exchange(ResponseSink):
                 self._route()
 
     def body_received(self, data: bytes) -> None:
-        """A piece of request body (de-chunked by the parser)."""
+        """A piece of request body (de-chunked by the parser): streamed on (forward.py) or held (intake.py)."""
         if self.discard_body:
             return
         self.body_size += len(data)
         if self.stream_body:
-            conn = self.upstream
-            if conn is not None and self.state in (State.WAITING, State.STREAMING) and self.body_forwarded:
-                conn.write(framing.chunk(data) if self.chunked_in else data)
-                return
-            self.body.append(data)
-            if self.body_size > HIGH_WATER:
-                self.client.pause_reading()
+            forward.body_piece(self, data)
             return
-        if self.body_size > self.gw.settings.max_body_bytes:
+        early = intake.hold_body(self, data)  # None, or 413/503: over a body limit
+        if early is not None:
             self._drop_body()
-            self._hold(intake.too_large(self))
-            return
-        if not self.gw.bodies.take(len(data)):
-            self._drop_body()
-            self._hold(intake.bodies_full(self))
-            return
-        self.body_held += len(data)
-        self.body.append(data)
-        if not self.active and self.body_size > PIPELINE_BUFFER_LIMIT:
-            self.client.pause_reading()
+            self._hold(early)
 
     def message_complete(self) -> None:
         """The whole request has been read."""
         self.request_complete = True
-        if self.stream_body and self.body_forwarded and self.chunked_in:
-            conn = self.upstream
-            if conn is not None:
-                conn.write(framing.LAST_CHUNK)
+        if self.stream_body:
+            forward.body_end(self)
         if self.active and self.state is State.RECEIVING:
             self._route()
 

@@ -5,8 +5,9 @@ exchange decides when a request is written; here its head is built from what
 intake.py kept (the routed path, with the backend's prefix and Host, and the
 forwarding headers) and its body is framed as the backend expects: a whole
 body with its Content-Length, or a streamed body as it came (re-chunked when
-it came chunked), the rest following as the client sends it. A backend that
-speaks the other API gets the translating relay instead (translating.py).
+it came chunked), the rest following as the client sends it (`body_piece`,
+`body_end`). A backend that speaks the other API gets the translating relay
+instead (translating.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ollamamq_fast.policy.streamusage import UsageStripper
 from ollamamq_fast.proxy import translating
+from ollamamq_fast.proxy.flow import HIGH_WATER
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.headers import length_line
@@ -69,3 +71,26 @@ def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     conn.send(ex, ex.client.flow, data, head_request)
     ex.client.resume_reading()
 
+
+
+def body_piece(ex: Exchange, data: bytes) -> None:
+    """A piece of a streamed body: written on once the request is on the wire, else kept for `send`.
+
+    Kept pieces are bounded: the client is paused past HIGH_WATER (`send`
+    resumes it).
+    """
+    conn = ex.upstream
+    if conn is not None and ex.state in (State.WAITING, State.STREAMING) and ex.body_forwarded:
+        conn.write(framing.chunk(data) if ex.chunked_in else data)
+        return
+    ex.body.append(data)
+    if ex.body_size > HIGH_WATER:
+        ex.client.pause_reading()
+
+
+def body_end(ex: Exchange) -> None:
+    """A streamed body ended: a chunked one already on the wire gets its last chunk."""
+    if ex.body_forwarded and ex.chunked_in:
+        conn = ex.upstream
+        if conn is not None:
+            conn.write(framing.LAST_CHUNK)

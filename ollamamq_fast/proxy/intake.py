@@ -1,4 +1,4 @@
-"""What a request says, read once: its head (path, identity, pool, route) and its model.
+"""What a request says, read once: its head (path, identity, pool, route), its body and its model.
 
 Why apart from the exchange: everything here decides *whether* a request may
 go on, before anything is queued or sent, and it is the part that keeps
@@ -13,7 +13,9 @@ exchange's driver.
 normalized as the backend will read it, then the key is checked (before
 routing, so an unknown path forwarded with --allow-all-routes needs a key
 too), then the pool's access rules, then the route, its method and the body
-size. `read_model` reads the model from the body when the request is routed.
+size. `hold_body` keeps a body the gateway reads (not a streamed one, which
+forward.py passes on) within --max-body-mb and the gateway's body budget.
+`read_model` reads the model from the body when the request is routed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.policy.cache import cache_control
 from ollamamq_fast.policy.identity import AuthError, UserIdError, check_user_id
 from ollamamq_fast.pools import PoolError, unalias
+from ollamamq_fast.proxy.flow import PIPELINE_BUFFER_LIMIT
 from ollamamq_fast.wire.errors import error_body
 from ollamamq_fast.wire.headers import (
     backend_request_id,
@@ -200,6 +203,24 @@ def bodies_full(ex: Exchange) -> Early:
     ctype, body = error_body(ex.api, 503, "the gateway is holding as many request bodies as "
                                           f"it may ({mb:g} MB in all, --max-bodies-mb); retry shortly")
     return 503, ctype, body, b"Retry-After: 5\r\n", True
+
+
+def hold_body(ex: Exchange, data: bytes) -> Early | None:
+    """Keep a piece of a body the gateway holds until it is routed (`ex.body_size` counts it).
+
+    Returns the answer when the body goes over --max-body-mb or the gateway's
+    body budget (the exchange drops what it holds). A request read ahead of
+    the one the connection answers pauses the client past its share.
+    """
+    if ex.body_size > ex.gw.settings.max_body_bytes:
+        return too_large(ex)
+    if not ex.gw.bodies.take(len(data)):
+        return bodies_full(ex)
+    ex.body_held += len(data)
+    ex.body.append(data)
+    if not ex.active and ex.body_size > PIPELINE_BUFFER_LIMIT:
+        ex.client.pause_reading()
+    return None
 
 
 class Unroutable(Exception):
