@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ollamamq_fast.wire.headers import (
     DROP,
@@ -67,3 +69,29 @@ def test_expect_only_counts_on_http_11_and_bad_lengths_raise() -> None:
 def test_length_lines() -> None:
     assert length_line(0) == b"Content-Length: 0\r\n\r\n"
     assert length_line(10**7) == b"Content-Length: 10000000\r\n\r\n"
+
+
+def _spellings(draw: st.DrawFn) -> bytes:
+    from ollamamq_fast.wire.framing import _RESPONSE_NAMES
+    from ollamamq_fast.wire.headers import _SPECIAL
+
+    names = sorted({*_SPECIAL, *_RESPONSE_NAMES.table})
+    token = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_!#$%&'*+.^`|~",
+                    min_size=1, max_size=40)
+    base = draw(st.one_of(st.sampled_from([n.decode() for n in names]), token))
+    flips = draw(st.lists(st.booleans(), min_size=len(base), max_size=len(base)))
+    return "".join(c.upper() if f else c for c, f in zip(base, flips, strict=True)).encode()
+
+
+@given(st.lists(st.composite(_spellings)(), min_size=1, max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_a_name_kind_is_the_table_s_word_for_its_lowercase_whatever_the_shape(
+        names: list[bytes]) -> None:
+    from ollamamq_fast.wire.framing import _RESPONSE_NAMES
+    from ollamamq_fast.wire.headers import _SPECIAL, KEEP, NameKinds
+
+    fresh = NameKinds(_SPECIAL, KEEP)  # an empty memo: learn and then recall
+    for name in names + names:
+        assert fresh.kind(name) == _SPECIAL.get(name.lower(), KEEP), name
+        assert _RESPONSE_NAMES.kind(name) == _RESPONSE_NAMES.table.get(
+            name.lower(), _RESPONSE_NAMES.default), name

@@ -58,11 +58,9 @@ def response_framing(
     chunked = False
     has_length = False
     hop_by_hop = False
-    known = _RESPONSE_NAMES.known
+    names = _RESPONSE_NAMES
     for name, value in headers:
-        kind = known.get(name)
-        if kind is None:
-            kind = _RESPONSE_NAMES.learn(name)
+        kind = names.kind(name)
         if kind == _OTHER:
             continue
         if kind == _CONTENT_TYPE:

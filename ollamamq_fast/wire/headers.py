@@ -59,18 +59,41 @@ _SPECIAL: Final[dict[bytes, int]] = {
 _SPELLINGS_MAX: Final = 4096
 
 
+# Names are pre-sorted by (length, first letter): a table of this many shapes,
+# for names shorter than _SHAPE_LEN bytes.
+_SHAPE_LEN: Final = 32
+
+
 class NameKinds:
     """What a table of lowercase header names says of a name, by its spelling.
 
-    Callers read `known` themselves (one dict lookup) and call `learn` for a
-    spelling not seen yet. Used for request heads here and response heads in
-    framing.py.
+    `kind` answers for any spelling. Header names arrive as new bytes objects
+    on every request, so a dict lookup hashes each one (about 400
+    instructions); most names are not in the table, and their length and
+    first letter already say so: those answer the default with no lookup.
+    A name that may be in the table is looked up by its spelling in `known`,
+    which is filled on first sight (bounded). Used for request heads here and
+    response heads in framing.py.
     """
 
     def __init__(self, table: dict[bytes, int], default: int) -> None:
         self.table = table
         self.default = default
         self.known: dict[bytes, int] = {}
+        shapes = bytearray(_SHAPE_LEN * 256)
+        for name in table:
+            assert 0 < len(name) < _SHAPE_LEN and name == name.lower(), name
+            shapes[len(name) << 8 | name[0]] = 1
+        self.shapes = bytes(shapes)
+
+    def kind(self, name: bytes) -> int:
+        """The kind of a header called `name`, in any spelling."""
+        n = len(name)
+        # `| 0x20` lowercases an ASCII letter; table names start with one.
+        if n == 0 or n >= _SHAPE_LEN or not self.shapes[n << 8 | (name[0] | 0x20)]:
+            return self.default
+        kind = self.known.get(name)
+        return kind if kind is not None else self.learn(name)
 
     def learn(self, name: bytes) -> int:
         """The kind of a spelling not in `known` yet (then kept, within the bound)."""
@@ -103,8 +126,7 @@ _REQUEST_NAMES: Final = NameKinds(_SPECIAL, KEEP)
 
 def classify(name: bytes) -> int:
     """What happens to a request header called `name` (any spelling)."""
-    action = _REQUEST_NAMES.known.get(name)
-    return action if action is not None else _REQUEST_NAMES.learn(name)
+    return _REQUEST_NAMES.kind(name)
 
 
 @mypyc_attr(free_list_len=1)  # one per request: the freed one's memory is reused
@@ -161,12 +183,9 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
     head = RequestHead()
     kept = head.kept
     connection_tokens: set[bytes] | None = None
-    known = _REQUEST_NAMES.known
+    names = _REQUEST_NAMES
     for pair in headers:
-        name = pair[0]
-        action = known.get(name)
-        if action is None:
-            action = _REQUEST_NAMES.learn(name)
+        action = names.kind(pair[0])
         if action == KEEP:
             kept.append(pair)
             continue
