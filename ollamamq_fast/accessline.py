@@ -85,15 +85,21 @@ def _plain_id(request_id: bytes) -> bool:
     return request_id.translate(_PLAIN_TABLE) == request_id
 
 
+def _keep(kept: dict[Any, bytes], key: Any, out: bytes, longest: int) -> bytes:
+    """`out`, kept under `key` when it is at most `longest` bytes (a client's
+    megabyte model name is not kept); the table is emptied when full."""
+    if len(out) <= longest:
+        if len(kept) >= _KEPT_MAX:
+            kept.clear()
+        kept[key] = out
+    return out
+
+
 def _kept(kept: dict[Any, bytes], prefix: bytes, value: Any) -> bytes:
     """`prefix` and the JSON of a value that repeats, made once (a few thousand kept)."""
     out = kept.get(value)
     if out is None:
-        out = prefix + json_text(value)
-        if len(out) <= _KEPT_LEN:  # a client's megabyte model name is not kept
-            if len(kept) >= _KEPT_MAX:
-                kept.clear()
-            kept[value] = out
+        out = _keep(kept, value, prefix + json_text(value), _KEPT_LEN)
     return out
 
 
@@ -122,16 +128,11 @@ class LineWriter:
         row = (user, ip, method, path, model, status, backend)
         middle = self.rows.get(row)
         if middle is None:
-            middle = b"".join((
+            middle = _keep(self.rows, row, b"".join((
                 b'","user":', json_text(user), b',"ip":', json_text(ip),
                 b',"method":', json_text(method), b',"path":', json_text(path),
                 b',"model":', json_text(model), b',"status":', json_text(status),
-                b',"backend":', json_text(backend)))
-            if len(middle) <= _ROW_LEN:  # a client's megabyte model name is not kept
-                rows = self.rows
-                if len(rows) >= _KEPT_MAX:
-                    rows.clear()
-                rows[row] = middle
+                b',"backend":', json_text(backend))), _ROW_LEN)
         if isinstance(duration_ms, float) and 0.0 <= duration_ms < 1e12:
             hundredths = int(duration_ms * 100.0 + 0.5)
             whole = _kept(self.whole_ms, b',"duration_ms":', hundredths // 100)

@@ -73,11 +73,11 @@ _ANY_CASE_STREAM: Final = re.compile(rb'"[sS][tT][rR][eE][aA][mM]"')
 _TEXT_MAX: Final = 64 * 1024
 
 
-def _mentions(body: bytes, text: str | None, word: str, raw: bytes) -> bool:
-    """Whether the body holds `word` (`raw` is the same in bytes); `text` is the body as Latin-1."""
+def _mentions(body: bytes, text: str | None, word: str) -> bool:
+    """Whether the body holds the ASCII `word`; `text` is the body as Latin-1, None if too large."""
     if text is not None:
         return word in text
-    return body.find(raw) >= 0
+    return body.find(word.encode()) >= 0
 
 
 # Resolved limits are memoized per user; the memo is dropped beyond this many
@@ -215,11 +215,11 @@ class Policy:
         # bodies are not copied for it.
         text = body.decode("latin-1") if len(body) <= _TEXT_MAX else None
         mirror = (not cap and path == CHAT_COMPLETIONS
-                  and _mentions(body, text, "max_completion_tokens", b"max_completion_tokens"))
-        if det and not (_mentions(body, text, "temperature", b"temperature")
-                        or _mentions(body, text, "seed", b"seed")):
+                  and _mentions(body, text, "max_completion_tokens"))
+        if det and not (_mentions(body, text, "temperature")
+                        or _mentions(body, text, "seed")):
             det = False
-        if (inject and not _mentions(body, text, '"stream"', b'"stream"')
+        if (inject and not _mentions(body, text, '"stream"')
                 and _ANY_CASE_STREAM.search(body) is None):
             inject = False
         if not (cap or det or inject or mirror):

@@ -261,7 +261,7 @@ class Exchange(ResponseSink):
             self.start(backend, slotted=False)
             return
         verdict = admission.admit(self, route)  # the model read, the policy asked; None: answered
-        if verdict is ADMIT or verdict is not None and self._admitted(verdict):
+        if verdict is ADMIT or (verdict is not None and self._admitted(verdict)):
             self._queue()
 
     def _admitted(self, a: Admission) -> bool:

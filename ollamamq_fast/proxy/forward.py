@@ -72,7 +72,6 @@ def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     ex.client.resume_reading()
 
 
-
 def body_piece(ex: Exchange, data: bytes) -> None:
     """A piece of a streamed body: written on once the request is on the wire, else kept for `send`.
 
