@@ -32,6 +32,8 @@ _OLLAMA_PROMPT: Final = '"prompt_eval_count"'
 _OLLAMA_COMPLETION: Final = '"eval_count"'
 _OPENAI_PROMPT: Final = '"prompt_tokens"'
 _OPENAI_COMPLETION: Final = '"completion_tokens"'
+# The tail's end searched first (see tokens_in_tail).
+_NEAR: Final = 1024
 # Bytes after a count's key within which its value must end (spaces, the
 # colon and 20 digits).
 _COUNT_SPAN: Final = 40
@@ -51,6 +53,14 @@ def tokens_in_tail(tail: bytes) -> tuple[int, int]:
     through Python's argument parsing (about 900 instructions each). Indexes
     are the same in both.
     """
+    if len(tail) > _NEAR:
+        # Ollama's counts are in its final line's last 100 bytes: when both
+        # are in the tail's last KiB, the rest need not be decoded. The last
+        # occurrence of a key in that suffix is its last in the whole tail.
+        near = tail[-_NEAR:]
+        near_text = near.decode("latin-1")
+        if near_text.rfind(_OLLAMA_PROMPT) >= 0 and near_text.rfind(_OLLAMA_COMPLETION) >= 0:
+            return _counts(near, near_text, _OLLAMA_PROMPT, _OLLAMA_COMPLETION) or (0, 0)
     text = tail.decode("latin-1")
     found = _counts(tail, text, _OLLAMA_PROMPT, _OLLAMA_COMPLETION)
     if found is None:

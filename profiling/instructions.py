@@ -10,11 +10,14 @@ speed with the interleaved bench (`bench/targets.py`).
     python profiling/instructions.py hotpath [--route generate|chat|stream]
         the gateway's own Python per request (profiling/hotpath.py, no sockets),
         by difference of two runs, so start-up cancels out
-    python profiling/instructions.py process gateway|floor [-n 2000]
+    python profiling/instructions.py process gateway|floor [-n 2000] [--stream]
         a whole proxy process under load (uvloop, httptools, syscall wrappers,
         the access-log thread: all user-space work, no kernel time), the
         gateway in the quick-start configuration, counted between
-        `callgrind_control --zero` and `--dump` while N keep-alive requests run
+        `callgrind_control --zero` and `--dump` while N keep-alive requests run;
+        with --stream each request is a 100-line NDJSON stream from
+        bench/stream_source.py (the stream target's backend) instead of a tiny
+        answer from the simulator
 
 Needs valgrind (Debian package `valgrind`). About a minute per figure.
 """
@@ -82,8 +85,8 @@ def _wait_port(port: int, timeout: float) -> None:
     raise SystemExit(f"nothing listens on port {port} after {timeout:g} s")
 
 
-def _requests(port: int, n: int) -> None:
-    body = json.dumps(TINY)
+def _requests(port: int, n: int, stream: bool = False) -> None:
+    body = json.dumps({**TINY, "stream": True} if stream else TINY)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         for _ in range(n):
@@ -96,14 +99,16 @@ def _requests(port: int, n: int) -> None:
         conn.close()
 
 
-def process(which: str, n: int) -> float:
+def process(which: str, n: int, stream: bool = False) -> float:
     """User-space instructions per request of a whole proxy process under load."""
     sim_port, port = _free_port(), _free_port()
     state = tempfile.mkdtemp(prefix="instructions.")
     out = os.path.join(state, "callgrind.out")
-    sim = subprocess.Popen([PYTHON, "-m", "ollamamq_fast", "sim", "-p", str(sim_port),
-                            "--ttft-ms", "0", "--tokens-per-s", "0"], cwd=state,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backend = ([PYTHON, str(ROOT / "bench" / "stream_source.py"), str(sim_port), "100"] if stream
+               else [PYTHON, "-m", "ollamamq_fast", "sim", "-p", str(sim_port),
+                     "--ttft-ms", "0", "--tokens-per-s", "0"])
+    sim = subprocess.Popen(backend, cwd=state, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
     if which == "floor":
         cmd = [PYTHON, str(ROOT / "bench" / "floor_proxy.py"), str(port), str(sim_port)]
     else:  # the quick-start configuration, as bench/targets.py runs it
@@ -119,10 +124,10 @@ def process(which: str, n: int) -> float:
                                    *cmd], cwd=state, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         _wait_port(port, 300)
-        _requests(port, 300)  # warm: connections pooled, caches filled
+        _requests(port, 300, stream)  # warm: connections pooled, caches filled
         subprocess.run(["callgrind_control", "--zero", str(target.pid)], capture_output=True,
                        check=True)
-        _requests(port, n)
+        _requests(port, n, stream)
         subprocess.run(["callgrind_control", "--dump", str(target.pid)], capture_output=True,
                        check=True)
         dumped = out + ".1"
@@ -154,13 +159,17 @@ def main() -> None:
     pr = sub.add_parser("process", help="a whole proxy process under load")
     pr.add_argument("target", choices=("gateway", "floor"))
     pr.add_argument("-n", type=int, default=2000)
+    pr.add_argument("--stream", action="store_true",
+                    help="100-line NDJSON streams from bench/stream_source.py")
     args = ap.parse_args()
     if args.what == "hotpath":
         per = hotpath(args.route, args.low, args.high)
         print(f"hotpath {args.route}: {per:,.0f} instructions per request")
     else:
-        per = process(args.target, args.n)
-        print(f"process {args.target}: {per:,.0f} user-space instructions per request")
+        per = process(args.target, args.n, args.stream)
+        kind = "100-line stream" if args.stream else "request"
+        print(f"process {args.target}: {per:,.0f} user-space instructions per {kind}"
+              f" (counts in {os.path.dirname(PYTHON) and tempfile.gettempdir()}/instructions.*)")
 
 
 if __name__ == "__main__":

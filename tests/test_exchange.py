@@ -194,6 +194,81 @@ def test_success_relays_the_stream_and_counts_it(rig: Rig) -> None:
     assert proto.active is None
 
 
+LINE = b'{"model":"m","response":" word","done":false}\n'
+NO_USAGE_FINAL = b'{"model":"m","done":true}\n'
+
+
+def start_stream(rig: Rig) -> tuple[ClientProtocol, FakeTransport, UpstreamConnection]:
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, _ = rig.pools[0].last
+    return proto, client, conn
+
+
+def test_a_whole_stream_in_the_head_read_is_relayed_exactly_and_not_scanned(rig: Rig) -> None:
+    # A fast backend writes head and every line at once (as the simulator and
+    # bench/stream_source.py do): the body is written from the read itself.
+    body = b"".join(chunk(LINE) for _ in range(200)) + chunk(FINAL) + b"0\r\n\r\n"
+    assert len(body) > 4096
+    _, client, conn = start_stream(rig)
+    conn.data_received(OK_HEAD + body)
+    head, _, relayed = bytes(client.data).partition(b"\r\n\r\n")
+    assert relayed == body and b"X-Gateway-Backend: http://b0:11434" in head
+    user = rig.state.stats.users["alice"]
+    assert (user.done, user.prompt_tokens, user.completion_tokens, user.estimated_tokens) == (1, 3, 4, 0)
+    assert conn.events == 0  # the usage was in the tail: no read was ever counted
+
+
+@pytest.mark.parametrize("lines", [3, 200])
+def test_a_stream_without_usage_in_one_read_is_estimated_from_its_events(rig: Rig, lines: int) -> None:
+    body = b"".join(chunk(LINE) for _ in range(lines)) + chunk(NO_USAGE_FINAL) + b"0\r\n\r\n"
+    _, client, conn = start_stream(rig)
+    conn.data_received(OK_HEAD + body)
+    assert bytes(client.data).endswith(body)
+    user = rig.state.stats.users["alice"]
+    assert (user.done, user.completion_tokens, user.estimated_tokens) == (1, lines, lines)
+
+
+@pytest.mark.parametrize("head_with_first", [False, True])
+def test_events_of_a_stream_over_many_reads_are_each_counted_once(rig: Rig, head_with_first: bool) -> None:
+    _, client, conn = start_stream(rig)
+    conn.data_received(OK_HEAD + (chunk(LINE) if head_with_first else b""))
+    for _ in range(9 if head_with_first else 10):
+        conn.data_received(chunk(LINE))
+        assert conn.events_seen() <= 10
+    conn.data_received(chunk(LINE) + chunk(LINE))  # two events in one read
+    conn.data_received(chunk(NO_USAGE_FINAL))
+    conn.data_received(b"0\r\n\r\n")
+    user = rig.state.stats.users["alice"]
+    assert (user.done, user.completion_tokens, user.estimated_tokens) == (1, 12, 12)
+    assert client.data.endswith(b"0\r\n\r\n")
+
+
+def test_a_backend_dead_after_its_head_read_ends_the_stream_cleanly(rig: Rig) -> None:
+    body = b"".join(chunk(LINE) for _ in range(100))
+    _, client, conn = start_stream(rig)
+    conn.data_received(OK_HEAD + body)
+    assert conn.tail() == body[-4096:]
+    conn.connection_lost(ConnectionResetError("gone"))
+    text = bytes(client.data)
+    assert text.partition(b"\r\n\r\n")[2].startswith(body)
+    assert b'"error"' in text[-200:] and text.endswith(b"0\r\n\r\n")
+    assert rig.state.stats.users["alice"].in_flight == 0
+
+
+@pytest.mark.parametrize("later_reads", [0, 1, 5])
+def test_a_client_gone_mid_stream_is_charged_the_events_it_was_sent(rig: Rig, later_reads: int) -> None:
+    proto, _, conn = start_stream(rig)
+    conn.data_received(OK_HEAD + b"".join(chunk(LINE) for _ in range(100)))
+    for _ in range(later_reads):
+        conn.data_received(chunk(LINE))
+    proto.connection_lost(None)
+    user = rig.state.stats.users["alice"]
+    expected = 100 + later_reads - 1  # less Ollama's final line, which never came
+    assert (user.dropped, user.completion_tokens, user.estimated_tokens) == (1, expected, expected)
+
+
 def test_an_early_error_never_reaches_a_backend(rig: Rig) -> None:
     proto, client = rig.client()
     proto.data_received(post(body=b'{"model": 12}'))

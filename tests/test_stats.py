@@ -6,6 +6,8 @@ import httpx
 import openai
 import pytest
 from harness import fast_sim_options, start_stack
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ollamamq_fast.stats import Histogram, tokens_in_tail
 
@@ -17,6 +19,40 @@ def test_tokens_in_tail_reads_last_frames() -> None:
            b'"total_tokens":10}}\n\ndata: [DONE]\n\n')
     assert tokens_in_tail(sse) == (7, 3)
     assert tokens_in_tail(b'{"response":"no counts"}') == (0, 0)
+
+
+def _whole_tail_counts(tail: bytes) -> tuple[int, int]:
+    """tokens_in_tail as it reads the whole tail, without its look at the last KiB first."""
+    from ollamamq_fast import stats
+    text = tail.decode("latin-1")
+    found = stats._counts(tail, text, stats._OLLAMA_PROMPT, stats._OLLAMA_COMPLETION)
+    if found is None:
+        found = stats._counts(tail, text, stats._OPENAI_PROMPT, stats._OPENAI_COMPLETION)
+    return found if found is not None else (0, 0)
+
+
+def test_a_long_ndjson_tail_is_read_from_its_last_kib() -> None:
+    line = b'{"model":"m","response":" word","done":false}\n'
+    final = (b'{"model":"m","done":true,"context":[%b],"total_duration":5,'
+             b'"prompt_eval_count":26,"prompt_eval_duration":1,"eval_count":259,"eval_duration":2}\n'
+             % b",".join(b"%d" % i for i in range(300)))
+    tail = (line * 100 + final)[-8192:]
+    assert tokens_in_tail(tail) == (26, 259) == _whole_tail_counts(tail)
+
+
+_KEYS = (b'"prompt_eval_count"', b'"eval_count"', b'"prompt_tokens"', b'"completion_tokens"')
+_VALUES = (b":7,", b": 42}", b":-1,", b':"x",', b"")
+
+
+@given(st.lists(st.tuples(st.integers(0, 1500), st.sampled_from(_KEYS), st.sampled_from(_VALUES)),
+                max_size=6), st.integers(0, 1500))
+@settings(max_examples=500, deadline=None)
+def test_the_last_kib_first_gives_what_the_whole_tail_gives(
+        fields: list[tuple[int, bytes, bytes]], end: int) -> None:
+    # Keys with their values (or junk), apart by gaps that put some before
+    # the last KiB and some inside it.
+    tail = b"".join(b"y" * gap + key + value for gap, key, value in fields) + b"z" * end
+    assert tokens_in_tail(tail) == _whole_tail_counts(tail)
 
 
 def test_an_observation_lands_in_the_bucket_bisect_would_choose() -> None:

@@ -103,8 +103,9 @@ def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
     transport = ex.client.transport
     if transport is not None and not transport.is_closing():
         frame = None
+        tail = conn.tail()
         if conn.framing is framing.Framing.CHUNKED and (
-            not conn.last_data or framing.at_stream_boundary(conn.last_data, conn.content_type)
+            not tail or framing.at_stream_boundary(tail, conn.content_type)
         ):
             frame = stream_error_frame(conn.content_type, why)
         if frame is not None:
@@ -177,7 +178,7 @@ def client_gone(ex: Exchange) -> None:
                 if (ex.status < 300 and ex.route is not None
                         and ex.route.kind is Kind.QUEUED):
                     response.count_tokens(ex, conn)
-            elif conn.events:
+            elif conn.events_seen():
                 response.estimate_tokens(ex, conn)  # cut short: what was generated still counts
         ex._ended(end)
     if state is State.QUEUED:

@@ -84,7 +84,7 @@ def count_tokens(ex: Exchange, conn: UpstreamConnection) -> None:
         relay.count_tokens()  # the counts its translator read from the backend
         return
     prompt, completion = tokens_in_tail(conn.tail())
-    if prompt or completion or not conn.events:
+    if prompt or completion or not conn.events_seen():
         ex.gw.ledger.tokens(ex, prompt, completion)
     else:  # a stream with no usage in it
         estimate_tokens(ex, conn)
@@ -92,5 +92,5 @@ def count_tokens(ex: Exchange, conn: UpstreamConnection) -> None:
 
 def estimate_tokens(ex: Exchange, conn: UpstreamConnection) -> None:
     """Count a stream's tokens from its events (about one token an event), marked estimated."""
-    ex.gw.ledger.tokens(ex, 0, framing.estimated_tokens(conn.events, conn.content_type),
+    ex.gw.ledger.tokens(ex, 0, framing.estimated_tokens(conn.events_seen(), conn.content_type),
                         estimated=True)

@@ -326,7 +326,7 @@ class TranslatingRelay(ResponseSink):
         if stream is not None:
             self.prompt = stream.prompt_tokens or 0
             self.completion = stream.completion_tokens or 0
-        if self.prompt or self.completion or not self.conn.events:
+        if self.prompt or self.completion or not self.conn.events_seen():
             ex.gw.ledger.tokens(ex, self.prompt, self.completion)
         else:
             response.estimate_tokens(ex, self.conn)

@@ -11,7 +11,7 @@ backend dies mid-stream.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 from mypy_extensions import mypyc_attr
@@ -20,6 +20,12 @@ from ollamamq_fast.accounting.ledger import Record
 from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES, FlowControl
 from ollamamq_fast.proxy.transport import Transport
 from ollamamq_fast.wire import framing
+
+# A body that came with the head is joined to the rebuilt head below this size
+# (one small copy) and written from the read itself above it.
+_JOIN_BELOW: Final = 4096
+# How much of the body's end the token tap and the end-of-stream checks see.
+_TAIL: Final = 4096
 
 if TYPE_CHECKING:
     from ollamamq_fast.policy.streamusage import UsageStripper
@@ -123,14 +129,22 @@ class UpstreamConnection(asyncio.Protocol):
         self.interim = False
         self.complete = False
         self.got_bytes = False
+        # The last two reads of the body, kept by reference for the token tap
+        # and a clean end if the backend dies; a read that came with the head
+        # starts its body at `*_from` (the head is not sliced off: no copy).
         self.last_data = b""
+        self.last_from = 0
         self.prev_data = b""
+        self.prev_from = 0
         self.content_type = b""
         self.hop_by_hop = False  # the head names a hop-by-hop header: rebuilt, not relayed
         self.framing = framing.Framing.EMPTY
         self.backend_keep_alive = False
-        # Stream events seen (counted with one C-level `count` per read, only
-        # for inference streams): the estimate when a backend reports no usage.
+        # Stream events (only for inference streams): the estimate when a
+        # backend reports no usage. A read's events are counted (one C-level
+        # `count`) when it leaves the two kept reads; the kept ones only if
+        # the estimate is asked for (events_seen), so an answer that comes in
+        # one or two reads with its usage is never scanned.
         self.tally = False
         self.event_mark = b""
         self.events = 0
@@ -151,10 +165,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         if self.head_sent:
+            gone = self.prev_data
+            if gone and self.event_mark:
+                self.events += _count(gone, self.event_mark, self.prev_from)
             self.prev_data = self.last_data
+            self.prev_from = self.last_from
             self.last_data = data
-            if self.event_mark:
-                self.events += data.count(self.event_mark)
+            self.last_from = 0
             client = sink.client_transport
             if client is not None and not self.dechunking:
                 client.write(data)
@@ -205,10 +222,10 @@ class UpstreamConnection(asyncio.Protocol):
         end = buf.find(b"\r\n\r\n", start)
         if end < 0:
             end = buf.find(b"\n\n", start)
-            body = buf[end + 2 :] if end >= 0 else b""
+            body_at = end + 2 if end >= 0 else len(buf)
             self.raw_head = b""
         else:
-            body = buf[end + 4 :]
+            body_at = end + 4
             self.raw_head = buf[start:end]
         self.head_buf = b""
         self.head_sent = True
@@ -216,21 +233,38 @@ class UpstreamConnection(asyncio.Protocol):
         if head is None:
             return
         client = sink.client_transport
-        if body:
-            self.last_data = body  # raw, as data_received keeps it (for the token tap)
-            if self.event_mark:
-                self.events += body.count(self.event_mark)
+        size = len(buf) - body_at
+        if size > 0:
+            # Raw, as data_received keeps it (for the token tap).
+            self.last_data = buf
+            self.last_from = body_at
         if self.dechunking:
             body = self.transform(b"".join(self.pending_body))
             self.pending_body = []
             if self.complete and self.strip is not None:
                 body += self.strip_tail()  # the whole filtered answer came with its head
-        if client is not None:
-            client.write(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
-                client.write(body)
-            if body and self.tee is not None:
+            if client is not None:
+                client.write(head + body)
+                if body and self.tee is not None:
+                    self.keep(body)
+            return
+        if client is None:
+            return
+        if size <= 0:
+            client.write(head)
+        elif size < _JOIN_BELOW:
+            body = buf[body_at:]
+            client.write(head + body)
+            if self.tee is not None:
                 self.keep(body)
+        else:
+            # A large body that came with the head (a whole stream from a fast
+            # backend, a big embedding): written from the read itself, not
+            # copied twice (slice, join); the loop sends both in one writev.
+            client.write(head)
+            client.write(memoryview(buf)[body_at:])
+            if self.tee is not None:
+                self.keep(buf[body_at:])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -389,12 +423,30 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def tail(self) -> bytes:
-        """The last bytes of the response body (for the token-count tap)."""
+        """The last bytes of the response body (for the token-count tap), at most 8 KiB."""
         last = self.last_data
-        if len(last) >= 4096:
-            return last[-4096:]
+        start = self.last_from
+        if len(last) - start >= _TAIL:
+            return last[-_TAIL:]
+        if start:
+            return last[start:]  # the body came with the head, in one read
         prev = self.prev_data
-        return prev[-4096:] + last if prev else last  # one read: no copy
+        if not prev:
+            return last  # one read: no copy
+        cut = len(prev) - _TAIL
+        return prev[max(self.prev_from, cut) :] + last
+
+    def events_seen(self) -> int:
+        """The stream's events so far (0 unless it is an inference stream)."""
+        mark = self.event_mark
+        if not mark:
+            return 0
+        events = self.events
+        if self.prev_data:
+            events += _count(self.prev_data, mark, self.prev_from)
+        if self.last_data:
+            events += _count(self.last_data, mark, self.last_from)
+        return events
 
     def finish_response(self, reusable: bool) -> None:
         """Called by the exchange after response_complete: back to the pool or closed."""
@@ -434,6 +486,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
         if sink is not None:
             sink.upstream_lost(self, exc)
+
+
+def _count(data: bytes, mark: bytes, start: int) -> int:
+    """Occurrences of `mark` in data[start:] (the start argument only when needed: it costs)."""
+    return data.count(mark, start) if start else data.count(mark)
 
 
 class _Dechunker:
