@@ -269,6 +269,29 @@ def test_a_client_gone_mid_stream_is_charged_the_events_it_was_sent(rig: Rig, la
     assert (user.dropped, user.completion_tokens, user.estimated_tokens) == (1, expected, expected)
 
 
+def test_a_chunked_answer_split_anywhere_is_relayed_whole_and_the_connection_reused(rig: Rig) -> None:
+    body = chunk(LINE) * 3 + chunk(FINAL) + b"0\r\n\r\n"
+    answer = OK_HEAD + body
+    for cut in range(1, len(answer)):
+        proto, client = rig.client()
+        proto.data_received(post())
+        rig.turn()
+        conn, _ = rig.pools[0].last
+        conn.data_received(answer[:cut])
+        conn.data_received(answer[cut:])
+        assert bytes(client.data).partition(b"\r\n\r\n")[2] == body, cut
+        assert rig.pools[0].idle == [conn], cut
+        # The same connection, and its parser, serve the next request.
+        proto.data_received(post())
+        rig.turn()
+        assert rig.pools[0].last[0] is conn and len(rig.pools[0].opened) == 1
+        client.take()
+        conn.data_received(answer)
+        assert client.take().endswith(body) and rig.pools[0].idle == [conn]
+        proto.connection_lost(None)
+    assert rig.state.stats.users["alice"].completion_tokens == 4 * 2 * (len(answer) - 1)
+
+
 def test_an_early_error_never_reaches_a_backend(rig: Rig) -> None:
     proto, client = rig.client()
     proto.data_received(post(body=b'{"model": 12}'))
