@@ -6,23 +6,30 @@ stderr, unrotated, for a supervisor or collector that keeps it (the Docker
 image does so); `''` or `--no-access-log` for none.
 
 The data plane appends one tuple per finished request to a deque (a C-level
-append, no formatting, no I/O, no logging call, no lock). A writer thread
-drains it a few times a second, formats JSON (compiled, accessline.py) or
-logfmt lines and writes them as bytes in batches. If the writer falls behind (a stalled disk, a stderr pipe
-nobody reads) by more than `max_pending` lines, new lines are counted as
-dropped instead of growing memory; `written`, `dropped` and `pending` are in
-/api/stats and /metrics.
+append, no formatting, no I/O, no logging call, no lock). The event loop
+formats them (compiled, accessline.py: about a microsecond a line) in slices
+of SLICE_LINES every FORMAT_INTERVAL_S, and a writer thread writes the
+formatted bytes in batches a few times a second, the GIL released during the
+write. The thread used to format the lines itself: then it held the GIL about
+a fifth of the time and every loop callback in that time waited for it, which
+cost the loop more than the formatting (bench/RESULTS.md, round 7).
+
+If the writer falls behind (a stalled disk, a stderr pipe nobody reads),
+formatted bytes stop at MAX_READY_BYTES, the loop stops formatting, and beyond
+`max_pending` waiting lines new lines are counted as dropped instead of
+growing memory; `written`, `dropped` and `pending` are in /api/stats and
+/metrics. The loop never waits for the disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import logging.handlers
 import re
 import sys
 import threading
-import time
 from typing import Any, TextIO
 
 from ollamamq_fast.accessline import FIELDS, LineWriter, json_text, text_of
@@ -30,11 +37,15 @@ from ollamamq_fast.accessline import FIELDS, LineWriter, json_text, text_of
 # Lines waiting for the writer thread; beyond this they are dropped (and counted).
 MAX_PENDING = 100_000
 FLUSH_INTERVAL_S = 0.2
-# Lines formatted and written per write call: a backlog is written in pieces,
-# so the thread never holds a huge string.
-BATCH_LINES = 5_000
-# Lines formatted per compiled call (about 0.2 ms of the GIL), then a yield.
+# The loop formats what is waiting this often, SLICE_LINES per callback
+# (about 0.1 ms), with more slices right after while lines remain.
+FORMAT_INTERVAL_S = 0.02
 SLICE_LINES = 128
+# Formatted bytes not yet written, at most: then the loop stops formatting.
+MAX_READY_BYTES = 16 * 1024 * 1024
+# Lines formatted per write call by flush() (at stop): a backlog is written in
+# pieces, so no huge string is held.
+BATCH_LINES = 5_000
 # Rotation: 20 MB per file, 5 old files kept.
 ROTATE_BYTES = 20 * 1024 * 1024
 ROTATE_KEEP = 5
@@ -45,14 +56,13 @@ __all__ = ["FIELDS", "AccessLog", "json_line", "logfmt_line"]
 
 
 class AccessLog:
-    """Collects access records on the loop; writes them from a thread."""
+    """Collects access records on the loop, formats them there; writes them from a thread."""
 
     def __init__(self, path: str | None, fmt: str = "json", max_pending: int = MAX_PENDING,
                  stream: TextIO | None = None) -> None:
         self.pending: collections.deque[tuple[Any, ...]] = collections.deque()
         self.max_pending = max_pending
         self.dropped = 0
-        self.written = 0
         self.fmt = fmt
         # `stream` is for tests; `-` is stderr.
         self.stream: TextIO | None = stream or (sys.stderr if path == STDERR else None)
@@ -65,12 +75,28 @@ class AccessLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lines = LineWriter()
+        # Formatted pieces (bytes, lines) for the writer. Each counter has one
+        # writer thread: the loop the `formatted_*`, the writer the `written*`.
+        self.ready: collections.deque[tuple[bytes, int]] = collections.deque()
+        self.formatted_lines = 0
+        self.formatted_bytes = 0
+        self.written = 0
+        self.written_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_lock = threading.Lock()  # the writer thread, or stop() after it
 
-    def start(self) -> None:
-        """Start the writer thread (no-op when logging nowhere)."""
-        if self.enabled and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
-            self._thread.start()
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start formatting on `loop` and the writer thread (no-op when logging nowhere).
+
+        Without a loop nothing is formatted until flush() (tests, tools)."""
+        if not self.enabled or self._thread is not None:
+            return
+        if loop is not None:
+            self._loop = loop
+            self._timer = loop.call_later(FORMAT_INTERVAL_S, self._format_slice)
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
 
     def record(self, *fields: Any) -> None:
         """Queue one line: an append, or a counter bump when full. The ledger applies
@@ -81,35 +107,67 @@ class AccessLog:
         else:
             self.dropped += 1
 
+    # -- on the loop ------------------------------------------------------------------
+
+    def _format_slice(self) -> None:
+        """Format up to SLICE_LINES waiting lines; again at once while more wait."""
+        loop = self._loop
+        if loop is None or self._stop.is_set():
+            return
+        if self.pending and self.formatted_bytes - self.written_bytes < MAX_READY_BYTES:
+            self._format(SLICE_LINES)
+            if self.pending:
+                self._timer = None
+                loop.call_soon(self._format_slice)
+                return
+        self._timer = loop.call_later(FORMAT_INTERVAL_S, self._format_slice)
+
+    def _format(self, limit: int) -> None:
+        """Format up to `limit` waiting lines into one piece for the writer."""
+        pending = self.pending
+        if self.fmt == "logfmt":
+            lines: list[bytes] = []
+            while pending and len(lines) < limit:
+                lines.append(self._logfmt(pending.popleft()))
+            data, n = b"".join(lines), len(lines)
+        else:
+            data, n = self._lines.batch(pending, limit)
+        if n:
+            self.ready.append((data, n))
+            self.formatted_lines += n
+            self.formatted_bytes += len(data)
+
+    # -- on the writer thread ---------------------------------------------------------
+
     def _run(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL_S):
-            self.flush()
-        self.flush()
+            self._write_ready()
+
+    def _write_ready(self) -> None:
+        """Write every formatted piece so far in one write (the GIL is let go in it)."""
+        with self._write_lock:
+            ready = self.ready
+            parts: list[bytes] = []
+            lines = 0
+            while ready:
+                data, n = ready.popleft()
+                parts.append(data)
+                lines += n
+            if not parts:
+                return
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._write(data)
+            self.written += lines
+            self.written_bytes += len(data)
 
     def flush(self) -> None:
-        """Write everything queued so far, BATCH_LINES at a time (writer thread, or at stop)."""
-        pending = self.pending
-        while pending:
-            if self.fmt == "logfmt":
-                lines: list[bytes] = []
-                while pending and len(lines) < BATCH_LINES:
-                    lines.append(self._logfmt(pending.popleft()))
-                data, n = b"".join(lines), len(lines)
-            else:
-                # Formatted in slices: compiled code never hands the GIL back on
-                # its own, so one call over a whole batch (thousands of lines
-                # under load, ~10 ms) would stall the event loop that long.
-                # Between slices the thread yields, and the loop runs.
-                parts: list[bytes] = []
-                n = 0
-                while pending and n < BATCH_LINES:
-                    part, k = self._lines.batch(pending, SLICE_LINES)
-                    parts.append(part)
-                    n += k
-                    time.sleep(0)
-                data = b"".join(parts)
-            self._write(data)
-            self.written += n
+        """Format and write everything waiting (at stop; tests), BATCH_LINES at a time."""
+        while True:
+            self._write_ready()
+            if not self.pending:
+                return
+            while self.pending and len(self.ready) * SLICE_LINES < BATCH_LINES:
+                self._format(SLICE_LINES)
 
     def _write(self, data: bytes) -> None:
         handler = self.handler
@@ -126,7 +184,8 @@ class AccessLog:
 
     def counters(self) -> dict[str, int]:
         """Lines written, dropped (the writer was behind), and waiting; for stats and metrics."""
-        return {"written": self.written, "dropped": self.dropped, "pending": len(self.pending)}
+        waiting = len(self.pending) + self.formatted_lines - self.written
+        return {"written": self.written, "dropped": self.dropped, "pending": waiting}
 
     def _logfmt(self, fields: tuple[Any, ...]) -> bytes:
         record = {name: text_of(value) for name, value in zip(FIELDS, fields, strict=True)}
@@ -136,6 +195,9 @@ class AccessLog:
     def stop(self) -> None:
         """Flush and stop the writer thread."""
         self._stop.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._thread is not None:
             self._thread.join(5)
             if self._thread.is_alive():

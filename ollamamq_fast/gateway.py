@@ -323,7 +323,7 @@ class Gateway:
         self.fd_limit = raise_fd_limit()
         if settings.config_path:
             state.reload_hook = self.reload
-        state.access.start()
+        state.access.start(loop)
         await state.cache.start()
         state.operator.restore()
         if state.shared is not None:

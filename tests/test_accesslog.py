@@ -257,3 +257,78 @@ def test_the_writer_formats_in_slices_so_the_loop_gets_the_gil_between_them() ->
     log.flush()
     assert stream.getvalue().count("\n") == 1000 and log.written == 1000
     assert len(asked) >= 1000 // SLICE_LINES and max(asked) <= SLICE_LINES
+
+
+def test_the_loop_formats_in_slices_and_the_thread_only_writes() -> None:
+    """The writer thread must not format (it would hold the GIL the loop needs)."""
+    import asyncio
+
+    from ollamamq_fast.accesslog import SLICE_LINES
+
+    stream = io.StringIO()
+    log = AccessLog(None, "json", stream=stream)
+    formatted_on: set[str] = set()
+    real = log._lines
+
+    class Spy:
+        stamp = real.stamp
+
+        def batch(self, pending: Any, limit: int) -> tuple[bytes, int]:
+            formatted_on.add(threading.current_thread().name)
+            assert limit <= SLICE_LINES
+            return real.batch(pending, limit)
+
+    log._lines = Spy()  # type: ignore[assignment]
+    fields = (1.0, "u", "ip", b"GET", b"/", "m", 200, "b", 0, 0.0, 0, 0, b"r")
+
+    async def run() -> None:
+        log.start(asyncio.get_running_loop())
+        for _ in range(1000):
+            log.record(*fields)
+        deadline = time.monotonic() + 20
+        while log.written < 1000:
+            assert time.monotonic() < deadline, log.counters()
+            await asyncio.sleep(0.01)
+        log.stop()
+
+    asyncio.run(run())
+    assert formatted_on == {"MainThread"}
+    assert stream.getvalue().count("\n") == 1000
+    assert log.counters() == {"written": 1000, "dropped": 0, "pending": 0}
+
+
+def test_a_stalled_disk_stops_the_formatting_then_drops_and_the_loop_runs_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from ollamamq_fast import accesslog
+
+    monkeypatch.setattr(accesslog, "MAX_READY_BYTES", 20_000)
+    stream = _StalledStream()
+    log = AccessLog(None, "json", max_pending=500, stream=stream)
+    fields = (1.0, "u", "ip", b"GET", b"/", "m", 200, "b", 0, 0.0, 0, 0, b"r")
+    ticks: list[float] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        log.start(loop)
+        deadline = time.monotonic() + 20
+        for _ in range(200):
+            for _ in range(50):
+                log.record(*fields)
+            t0 = loop.time()
+            await asyncio.sleep(0.005)
+            ticks.append(loop.time() - t0)
+            assert time.monotonic() < deadline
+        # Formatted bytes stopped within one slice of the bound (lines are
+        # under 200 bytes); the rest waits or was dropped.
+        waiting = log.formatted_bytes - log.written_bytes
+        assert waiting < 20_000 + accesslog.SLICE_LINES * 200, waiting
+        assert len(log.pending) <= 500 and log.dropped > 0
+        stream.release.set()
+        log.stop()
+
+    asyncio.run(run())
+    assert max(ticks) < 1.0  # the loop was never held by the stalled write
+    assert log.written + log.dropped == 200 * 50
+    assert stream.getvalue().count("\n") == log.written
