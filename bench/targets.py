@@ -9,11 +9,19 @@ quick-start configuration -- access log, admin API and SQLite state on, in a
 temporary folder, `--slots` high enough not to queue -- plus the same gateway
 forced to pure Python when the install is compiled. Every measurement
 alternates the targets within a round, so the machine's drift between runs
-(up to 1.6x here) cancels out of the ratios. What it measures:
+(up to 1.6x here) cancels out of the ratios.
+
+Streams come from a second backend, bench/stream_source.py, which writes the
+same pre-built 100-line Ollama stream (head and every line in one write, as
+the unpaced simulator does) for every request: the simulator renders each
+line in Python and was the slowest process in the chain, so every proxy in
+front of it relayed exactly its rate. A second nginx, floor and gateway stand
+in front of that source. What it measures:
 
 1. tiny non-stream POST /api/generate at c=64: req/s and CPU per request
    (utime+stime from /proc around the run) -> gateway/floor;
-2. a 100-line NDJSON stream at c=32: lines/s -> gateway/nginx;
+2. a 100-line NDJSON stream at c=32 from the stream source: lines/s ->
+   gateway/nginx;
 3. c=1: the p50 each proxy adds over the direct backend -> gateway/floor;
 4. paced load at half of nginx's maximum rate: the p99 the gateway adds over
    the direct backend. wrk is a closed-loop generator: each connection waits
@@ -81,6 +89,7 @@ class Target:
     name: str
     port: int
     pids: list[int] = field(default_factory=list)  # whose CPU is counted (empty: not counted)
+    stream_port: int = 0  # the same proxy in front of the stream source
 
 
 @dataclass
@@ -171,40 +180,53 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ollamamq-targets-"))
     py = sys.executable
     with processes() as procs:
-        sim_port = free_port()
+        sim_port, source_port = free_port(), free_port()
         spawn(procs, [py, "-m", "ollamamq_fast", "sim", "-p", str(sim_port), "--ttft-ms", "0",
                       "--tokens-per-s", "0", "--tokens", str(STREAM_LINES)])
+        spawn(procs, [py, str(HERE / "stream_source.py"), str(source_port), str(STREAM_LINES)])
         wait_ready(sim_port)
-        targets = [Target("direct", sim_port)]
+        wait_ready(source_port)
+        targets = [Target("direct", sim_port, stream_port=source_port)]
 
-        def gateway(name: str, env: dict[str, str] | None = None) -> Target:
+        def gateway(name: str, backend: int, env: dict[str, str] | None = None
+                    ) -> tuple[int, int]:
             port = free_port()
-            state = tmp / name
+            state = tmp / f"{name}-{backend}"
             state.mkdir()
             p = spawn(procs, [py, "-m", "ollamamq_fast", "serve", "--no-tui", "-p", str(port),
-                              "-o", f"127.0.0.1:{sim_port}", "--slots", "1024",
+                              "-o", f"127.0.0.1:{backend}", "--slots", "1024",
                               "--state", str(state / "state.db"),
                               "--log-file", str(state / "access.log"), "--admin-port", "0",
                               "--log-level", "warning"], env)
             wait_ready(port)
-            return Target(name, port, [p.pid])
+            return port, p.pid
 
-        targets.append(gateway("gateway"))
-        if compiled():
-            targets.append(gateway("gateway-py", {"OLLAMAMQ_FAST_PURE": "1"}))
-        floor_port = free_port()
-        floor = spawn(procs, [py, str(HERE / "floor_proxy.py"), str(floor_port), str(sim_port)])
-        wait_ready(floor_port)
-        targets.append(Target("floor", floor_port, [floor.pid]))
+        def floor(backend: int) -> tuple[int, int]:
+            port = free_port()
+            p = spawn(procs, [py, str(HERE / "floor_proxy.py"), str(port), str(backend)])
+            wait_ready(port)
+            return port, p.pid
+
+        def nginx(backend: int) -> tuple[int, list[int]]:
+            port = free_port()
+            conf = tmp / f"nginx-{backend}.conf"
+            conf.write_text((HERE / "nginx.conf").read_text().replace(
+                "SIM_PORT", str(backend)).replace("NGINX_PORT", str(port)).replace(
+                "/tmp/ollamamq-bench-nginx.pid", str(tmp / f"nginx-{backend}.pid")))
+            master = spawn(procs, ["nginx", "-c", str(conf), "-p", str(tmp)])
+            wait_ready(port)
+            return port, [master.pid, *children(master.pid)]
+
+        for name, env in (("gateway", None), ("gateway-py", {"OLLAMAMQ_FAST_PURE": "1"})):
+            if name == "gateway-py" and not compiled():
+                continue
+            port, pid = gateway(name, sim_port, env)
+            targets.append(Target(name, port, [pid], gateway(name, source_port, env)[0]))
+        port, pid = floor(sim_port)
+        targets.append(Target("floor", port, [pid], floor(source_port)[0]))
         if shutil.which("nginx"):
-            nginx_port = free_port()
-            conf = (HERE / "nginx.conf").read_text().replace("SIM_PORT", str(sim_port)).replace(
-                "NGINX_PORT", str(nginx_port)).replace("/tmp/ollamamq-bench-nginx.pid",
-                                                       str(tmp / "nginx.pid"))
-            (tmp / "nginx.conf").write_text(conf)
-            master = spawn(procs, ["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)])
-            wait_ready(nginx_port)
-            targets.append(Target("nginx", nginx_port, [master.pid, *children(master.pid)]))
+            port, pids = nginx(sim_port)
+            targets.append(Target("nginx", port, pids, nginx(source_port)[0]))
         names = [t.name for t in targets]
         print(f"targets: {', '.join(names)}; {rounds} rounds of {d:g} s each, alternating")
         print(f"{'round':<6}{'target':<12}{'tiny r/s':>10}{'cpu us/req':>11}{'c1 p50 us':>10}"
@@ -223,7 +245,8 @@ def main() -> int:
                 if t.pids and res.rps:
                     cpu[t.name].append(used / TICK * 1e6 / (res.rps * d))
                 c1[t.name].append(wrk(tmp, t.port, TINY, 1, d).p50_us)
-                st = wrk(tmp, t.port, STREAM, 32, d)
+                wrk(tmp, t.stream_port, STREAM, 32, 1)  # warm up
+                st = wrk(tmp, t.stream_port, STREAM, 32, d)
                 stream[t.name].append(st.rps * STREAM_LINES)
                 errors = res.errors + st.errors
                 cpu_txt = f"{cpu[t.name][-1]:.1f}" if t.pids else "-"
