@@ -332,3 +332,25 @@ def test_a_stalled_disk_stops_the_formatting_then_drops_and_the_loop_runs_on(
     assert max(ticks) < 1.0  # the loop was never held by the stalled write
     assert log.written + log.dropped == 200 * 50
     assert stream.getvalue().count("\n") == log.written
+
+
+def test_durations_are_timed_finer_than_the_loops_millisecond(tmp_path: Path) -> None:
+    # uvloop's loop.time() moves in whole milliseconds: durations read from it
+    # were 0.00 or 1.00 for every fast answer.
+    st = start_stack(log_file=str(tmp_path / "a.log"))
+    try:
+        with httpx.Client(timeout=10) as client:
+            for _ in range(20):
+                r = client.post(f"{st.url}/api/generate",
+                                json={"model": "llama3.2", "prompt": "hi", "stream": False})
+                assert r.status_code == 200
+        deadline = time.monotonic() + 20
+        while st.state.access.written < 20:
+            assert time.monotonic() < deadline, st.state.access.counters()
+            time.sleep(0.05)
+    finally:
+        st.close()
+    lines = [json.loads(x) for x in (tmp_path / "a.log").read_text().splitlines()]
+    durations = [x["duration_ms"] for x in lines if x["path"] == "/api/generate"]
+    assert len(durations) == 20
+    assert any(d != int(d) for d in durations), durations
