@@ -10,8 +10,10 @@ from ollamamq_fast.wire.headers import (
     DROP,
     KEEP,
     LENGTH,
+    KeptLines,
     classify,
     forwarded_block,
+    kept_lines,
     length_line,
     read_request_head,
 )
@@ -44,14 +46,14 @@ def test_auth_keys_forwards_neither_keys_nor_the_claimed_identity() -> None:
     head = read_request_head(HEADERS, http_11=True, owns_credentials=True)
     names = [n.lower() for n, _ in head.kept]
     assert names == [b"cache-control", b"user-agent"]
-    block = forwarded_block(head.kept, "alice", head.forwarded_for, b"127.0.0.1")
+    block = forwarded_block(kept_lines(head.kept), "alice", head.forwarded_for, b"127.0.0.1")
     assert block == (b"Cache-Control: no-cache\r\nUser-Agent: ua\r\nX-User-ID: alice\r\n"
                      b"X-Forwarded-For: 10.1.2.3, 127.0.0.1\r\n")
 
 
 @pytest.mark.parametrize("user", ["", "bad\nname", "caf\u00e9", " lead", "x" * 300])
 def test_a_name_that_cannot_be_a_header_value_is_left_out(user: str) -> None:
-    assert b"X-User-ID" not in forwarded_block([], user, b"", b"1.2.3.4")
+    assert b"X-User-ID" not in forwarded_block(b"", user, b"", b"1.2.3.4")
 
 
 def test_expect_only_counts_on_http_11_and_bad_lengths_raise() -> None:
@@ -95,3 +97,27 @@ def test_a_name_kind_is_the_table_s_word_for_its_lowercase_whatever_the_shape(
         assert fresh.kind(name) == _SPECIAL.get(name.lower(), KEEP), name
         assert _RESPONSE_NAMES.kind(name) == _RESPONSE_NAMES.table.get(
             name.lower(), _RESPONSE_NAMES.default), name
+
+
+def test_a_connections_kept_lines_are_reused_only_for_the_same_headers() -> None:
+    memo = KeptLines()
+    assert memo.of([]) == b""
+    first = [(b"User-Agent", b"ua"), (b"Accept", b"*/*")]
+    lines = memo.of(first)
+    assert lines == b"User-Agent: ua\r\nAccept: */*\r\n" == kept_lines(first)
+    assert memo.of(list(first)) is lines  # the next request's equal list: no new join
+    for other in ([(b"User-Agent", b"ua")], [(b"User-Agent", b"ub"), (b"Accept", b"*/*")],
+                  [(b"user-agent", b"ua"), (b"Accept", b"*/*")], []):
+        assert memo.of(other) == kept_lines(other)
+    assert memo.of(first) == kept_lines(first)
+
+
+@given(st.lists(st.lists(st.tuples(st.sampled_from([b"A", b"B", b"a"]),
+                                   st.sampled_from([b"1", b"2", b""])), max_size=3),
+                max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_kept_lines_through_the_memo_are_always_the_requests_own(
+        requests: list[list[tuple[bytes, bytes]]]) -> None:
+    memo = KeptLines()
+    for kept in requests:
+        assert memo.of(kept) == kept_lines(kept)

@@ -26,6 +26,7 @@ from ollamamq_fast.proxy.state import State
 from ollamamq_fast.proxy.transport import Transport
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api, error_body
+from ollamamq_fast.wire.headers import KeptLines
 
 if TYPE_CHECKING:
     from ollamamq_fast.plane import DataPlane
@@ -51,6 +52,8 @@ class ClientProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = ""
         self.peer_ip_bytes = b""
+        # The last request's forwarded header lines (the next one's are usually the same).
+        self.kept_lines = KeptLines()
         self.active: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
         self.parsing: Exchange | None = None

@@ -120,8 +120,9 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
         except AuthError as denied:  # not `exc`: compiled code gives a name one type
             # 401 without a valid key, 403 (ScopeError) without the path's scope.
             return _error(ex, denied.status, str(denied))
-    ex.fwd_headers = forwarded_block(head.kept, forwarded_user, head.forwarded_for,
-                                     ex.client.peer_ip_bytes,
+    client = ex.client
+    ex.fwd_headers = forwarded_block(client.kept_lines.of(head.kept), forwarded_user,
+                                     head.forwarded_for, client.peer_ip_bytes,
                                      backend_request_id(head.request_id, own_id))
     if pool_missing or gw.pools.active:
         early = _check_pool(ex, pool_missing, head.host)

@@ -5,7 +5,8 @@
 Authorization, X-API-Key, X-Forwarded-For), what the policy reads
 (Cache-Control, Content-Encoding), hop-by-hop headers that never go on
 (RFC 9110 §7.6.1), and everything else, forwarded as it came.
-`forwarded_block` builds the header lines a backend receives.
+`forwarded_block` builds the header lines a backend receives (`KeptLines` keeps a
+connection's last ones).
 Nothing here touches a socket, so each rule is tested with plain bytes.
 """
 
@@ -233,15 +234,8 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
     return head
 
 
-def forwarded_block(kept: list[tuple[bytes, bytes]], user: str | None,
-                    forwarded_for: bytes, peer_ip: bytes, request_id: bytes = b"") -> bytes:
-    """The header lines a backend receives after its own Host line.
-
-    `user`: the authenticated user to send as X-User-ID (None: none is
-    added; a name that could not be a header value is left out too). The
-    client's address is appended to X-Forwarded-For; `request_id` is sent as
-    X-Request-ID, so one request can be followed into the backend's logs.
-    """
+def kept_lines(kept: list[tuple[bytes, bytes]]) -> bytes:
+    """The `Name: value` lines of the headers a backend receives as the client sent them."""
     # The pieces of every line, joined once (compiled, appends are cheap and
     # each intermediate `name: value` would be an allocation).
     parts: list[bytes] = []
@@ -250,21 +244,45 @@ def forwarded_block(kept: list[tuple[bytes, bytes]], user: str | None,
         parts.append(b": ")
         parts.append(value)
         parts.append(b"\r\n")
-    if request_id:
-        parts.append(b"X-Request-ID: ")
-        parts.append(request_id)
-        parts.append(b"\r\n")
-    if user is not None and _PRINTABLE_ID.fullmatch(user):
-        parts.append(b"X-User-ID: ")
-        parts.append(user.encode())
-        parts.append(b"\r\n")
-    parts.append(b"X-Forwarded-For: ")
-    if forwarded_for:
-        parts.append(forwarded_for)
-        parts.append(b", ")
-    parts.append(peer_ip)
-    parts.append(b"\r\n")
     return b"".join(parts)
+
+
+class KeptLines:
+    """A connection's last kept header lines, reused while its requests keep the same headers.
+
+    A client sends the same headers on every request of a connection (its
+    library's defaults): comparing the parsed list with the last one is a few
+    byte compares, where joining the lines again is a dozen appends and a join.
+    """
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[bytes, bytes]] = []
+        self.lines = b""
+
+    def of(self, kept: list[tuple[bytes, bytes]]) -> bytes:
+        """kept_lines(kept), from the last request's when the headers are the same."""
+        if kept != self.kept:
+            self.kept = kept
+            self.lines = kept_lines(kept)
+        return self.lines
+
+
+def forwarded_block(lines: bytes, user: str | None,
+                    forwarded_for: bytes, peer_ip: bytes, request_id: bytes = b"") -> bytes:
+    """The header lines a backend receives after its own Host line.
+
+    `lines`: the client's headers that are kept (kept_lines). `user`: the
+    authenticated user to send as X-User-ID (None: none is added; a name
+    that could not be a header value is left out too). The client's address
+    is appended to X-Forwarded-For; `request_id` is sent as X-Request-ID, so
+    one request can be followed into the backend's logs.
+    """
+    rid = b"X-Request-ID: " + request_id + b"\r\n" if request_id else b""
+    uid = b""
+    if user is not None and _PRINTABLE_ID.fullmatch(user):
+        uid = b"X-User-ID: " + user.encode() + b"\r\n"
+    xff = forwarded_for + b", " + peer_ip if forwarded_for else peer_ip
+    return b"".join((lines, rid, uid, b"X-Forwarded-For: ", xff, b"\r\n"))
 
 
 def backend_request_id(client_id: bytes, own_id: bytes) -> bytes:
