@@ -8,7 +8,9 @@ image does so); `''` or `--no-access-log` for none.
 The data plane appends one tuple per finished request to a deque (a C-level
 append, no formatting, no I/O, no logging call, no lock). The event loop
 formats them (compiled, accessline.py: about a microsecond a line) in slices
-of SLICE_LINES every FORMAT_INTERVAL_S, and a writer thread writes the
+of SLICE_LINES, from FORMAT_INTERVAL_S after a line reaches an empty queue
+until the queue is empty again (an idle gateway is not woken), and a writer
+thread writes the
 formatted bytes in batches a few times a second, the GIL released during the
 write. The thread used to format the lines itself: then it held the GIL about
 a fifth of the time and every loop callback in that time waited for it, which
@@ -40,7 +42,7 @@ FLUSH_INTERVAL_S = 0.2
 # The loop formats what is waiting this often, SLICE_LINES per callback
 # (about 50 µs: a request that arrives meanwhile waits no longer than that),
 # with more slices right after while lines remain.
-FORMAT_INTERVAL_S = 0.005
+FORMAT_INTERVAL_S = 0.02
 SLICE_LINES = 64
 # Formatted bytes not yet written, at most: then the loop stops formatting.
 MAX_READY_BYTES = 16 * 1024 * 1024
@@ -84,7 +86,8 @@ class AccessLog:
         self.written = 0
         self.written_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # The next formatting slice, when lines wait; none while idle (no wake-ups).
+        self._timer: asyncio.Handle | None = None
         self._write_lock = threading.Lock()  # the writer thread, or stop() after it
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -95,7 +98,8 @@ class AccessLog:
             return
         if loop is not None:
             self._loop = loop
-            self._timer = loop.call_later(FORMAT_INTERVAL_S, self._format_slice)
+            if self.pending:
+                self.arm()
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()
 
@@ -105,23 +109,34 @@ class AccessLog:
         more than the append)."""
         if len(self.pending) < self.max_pending:
             self.pending.append(fields)
+            if len(self.pending) == 1:
+                self.arm()
         else:
             self.dropped += 1
 
     # -- on the loop ------------------------------------------------------------------
 
+    def arm(self) -> None:
+        """Lines wait: format them in FORMAT_INTERVAL_S, unless a slice is due already.
+
+        Whoever appends the first line to an empty queue calls this (the
+        ledger, record()); the slices re-arm while lines remain."""
+        loop = self._loop
+        if self._timer is None and loop is not None and not self._stop.is_set():
+            self._timer = loop.call_later(FORMAT_INTERVAL_S, self._format_slice)
+
     def _format_slice(self) -> None:
         """Format up to SLICE_LINES waiting lines; again at once while more wait."""
+        self._timer = None
         loop = self._loop
-        if loop is None or self._stop.is_set():
+        if loop is None or self._stop.is_set() or not self.pending:
             return
-        if self.pending and self.formatted_bytes - self.written_bytes < MAX_READY_BYTES:
-            self._format(SLICE_LINES)
-            if self.pending:
-                self._timer = None
-                loop.call_soon(self._format_slice)
-                return
-        self._timer = loop.call_later(FORMAT_INTERVAL_S, self._format_slice)
+        if self.formatted_bytes - self.written_bytes >= MAX_READY_BYTES:
+            self.arm()  # the writer is behind: try again later
+            return
+        self._format(SLICE_LINES)
+        if self.pending:
+            self._timer = loop.call_soon(self._format_slice)
 
     def _format(self, limit: int) -> None:
         """Format up to `limit` waiting lines into one piece for the writer."""

@@ -283,15 +283,19 @@ def test_the_loop_formats_in_slices_and_the_thread_only_writes() -> None:
 
     async def run() -> None:
         log.start(asyncio.get_running_loop())
-        for _ in range(1000):
-            log.record(*fields)
-        deadline = time.monotonic() + 20
-        while log.written < 1000:
-            assert time.monotonic() < deadline, log.counters()
-            await asyncio.sleep(0.01)
+        assert log._timer is None  # nothing to format: no wake-ups
+        for burst in range(2):
+            for _ in range(500):
+                log.record(*fields)
+            deadline = time.monotonic() + 20
+            while log.written < 500 * (burst + 1):
+                assert time.monotonic() < deadline, log.counters()
+                await asyncio.sleep(0.01)
+            assert not log.pending and log._timer is None
         log.stop()
 
     asyncio.run(run())
+    assert log._timer is None  # all formatted: nothing scheduled while idle
     assert formatted_on == {"MainThread"}
     assert stream.getvalue().count("\n") == 1000
     assert log.counters() == {"written": 1000, "dropped": 0, "pending": 0}

@@ -29,6 +29,11 @@ class Access:
     def __init__(self) -> None:
         self.pending: deque[tuple[Any, ...]] = deque()
         self.dropped = 0
+        self.armed = 0
+
+    def arm(self) -> None:
+        """Told that a line reached an empty queue (the log then formats it)."""
+        self.armed += 1
 
     @property
     def lines(self) -> list[tuple[Any, ...]]:
@@ -227,6 +232,16 @@ def test_a_full_access_queue_drops_the_line_with_a_count() -> None:
         ustats = ledger.arrived("alice", "10.0.0.1")
         ledger.ended(Req(ustats), End.DONE, "http://b")
     assert len(access.lines) == 1 and access.dropped == 2
+
+
+def test_the_log_is_told_when_a_line_reaches_an_empty_queue_and_only_then() -> None:
+    ledger, _, access, _, _ = _ledger()
+    for n in range(3):
+        ledger.ended(Req(ledger.arrived("alice", "10.0.0.1")), End.DONE, "http://b")
+        assert access.armed == 1 and len(access.lines) == n + 1
+    access.pending.clear()  # formatted
+    ledger.ended(Req(ledger.arrived("alice", "10.0.0.1")), End.DONE, "http://b")
+    assert access.armed == 2
 
 
 def test_request_ids_are_the_prefix_and_the_counter_in_twelve_hex_digits() -> None:

@@ -258,5 +258,7 @@ class Ledger:
                 pending.append((now + self.wall_offset, r.user, r.client_ip, r.method, r.path,
                                 r.model_name, status, backend, r.queue_ms, ms,
                                 r.prompt_tokens, r.completion_tokens, r.request_id))
+                if len(pending) == 1:
+                    self.access.arm()  # the first line since the queue was empty
             else:
                 self.access.dropped += 1
