@@ -23,6 +23,8 @@ from typing import Any, Final
 
 import orjson
 
+from ollamamq_fast.wire.errors import printable_message
+
 # The fields of a line, in order (the records are tuples in this order).
 FIELDS: Final = ("ts", "user", "ip", "method", "path", "model", "status", "backend",
                  "queue_ms", "duration_ms", "prompt_tokens", "completion_tokens", "request_id")
@@ -74,7 +76,11 @@ def text_of(value: Any) -> Any:
 
 def json_text(value: Any) -> bytes:
     """A value as JSON, safe to put in a line (bytes are read as Latin-1, byte for byte)."""
-    out: bytes = _dumps(text_of(value))
+    text = text_of(value)
+    try:
+        out: bytes = _dumps(text)
+    except TypeError:  # a str with a lone surrogate: written as U+FFFD
+        out = _dumps(printable_message(text) if isinstance(text, str) else repr(text))
     if out.isascii() and out.find(b"\x7f") < 0:
         return out
     return escape_unprintable(out.decode()).encode()

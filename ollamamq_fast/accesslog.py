@@ -36,6 +36,8 @@ from typing import Any, TextIO
 
 from ollamamq_fast.accessline import FIELDS, LineWriter, json_text, text_of
 
+_log = logging.getLogger("ollamamq_fast.accesslog")
+
 # Lines waiting for the writer thread; beyond this they are dropped (and counted).
 MAX_PENDING = 100_000
 FLUSH_INTERVAL_S = 0.2
@@ -139,15 +141,26 @@ class AccessLog:
             self._timer = loop.call_soon(self._format_slice)
 
     def _format(self, limit: int) -> None:
-        """Format up to `limit` waiting lines into one piece for the writer."""
+        """Format up to `limit` waiting lines into one piece for the writer.
+
+        A record that cannot be formatted (a bug: client text is escaped)
+        costs its slice, counted as dropped and logged; never the log itself."""
         pending = self.pending
-        if self.fmt == "logfmt":
-            lines: list[bytes] = []
-            while pending and len(lines) < limit:
-                lines.append(self._logfmt(pending.popleft()))
-            data, n = b"".join(lines), len(lines)
-        else:
-            data, n = self._lines.batch(pending, limit)
+        waiting = len(pending)
+        try:
+            if self.fmt == "logfmt":
+                lines: list[bytes] = []
+                while pending and len(lines) < limit:
+                    lines.append(self._logfmt(pending.popleft()))
+                data, n = b"".join(lines), len(lines)
+            else:
+                data, n = self._lines.batch(pending, limit)
+        except Exception:  # noqa: BLE001 - whatever it is, the next lines still go out
+            lost = waiting - len(pending)
+            self.dropped += lost
+            _log.exception("access log: %d line(s) could not be formatted and were dropped",
+                           lost)
+            return
         if n:
             self.ready.append((data, n))
             self.formatted_lines += n

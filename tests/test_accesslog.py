@@ -358,3 +358,56 @@ def test_durations_are_timed_finer_than_the_loops_millisecond(tmp_path: Path) ->
     durations = [x["duration_ms"] for x in lines if x["path"] == "/api/generate"]
     assert len(durations) == 20
     assert any(d != int(d) for d in durations), durations
+
+
+def test_a_lone_surrogate_in_a_model_name_is_answered_logged_and_harmless(
+        tmp_path: Path) -> None:
+    # `\ud800` is valid JSON escape syntax but no character: Go (Ollama) reads
+    # it as U+FFFD. Read as a lone surrogate it broke every UTF-8 writer: the
+    # error answer (the request hung), the access line, the usage store.
+    st = start_stack(log_file=str(tmp_path / "a.log"))
+    try:
+        with httpx.Client(timeout=10) as client:
+            r = client.post(f"{st.url}/api/generate",
+                            content=b'{"model":"\\ud800x","prompt":"hi","stream":false}')
+            assert r.status_code == 404 and r.json() == {"error": "model '\ufffdx' not found"}
+            r = client.post(f"{st.url}/v1/chat/completions",
+                            content=b'{"model":"\\udfff","messages":[]}')
+            assert r.status_code == 404 and "\ufffd" in r.json()["error"]["message"]
+            r = client.post(f"{st.url}/api/generate",
+                            json={"model": "llama3.2", "prompt": "hi", "stream": False})
+            assert r.status_code == 200
+        deadline = time.monotonic() + 20
+        while st.state.access.written < 3:
+            assert time.monotonic() < deadline, st.state.access.counters()
+            time.sleep(0.05)
+        assert st.state.access.dropped == 0
+    finally:
+        st.close()
+    lines = [json.loads(x) for x in (tmp_path / "a.log").read_text().splitlines()]
+    assert [x["model"] for x in lines] == ["\ufffdx", "\ufffd", "llama3.2"]
+
+
+def test_a_line_that_cannot_be_formatted_is_dropped_with_a_count_not_the_log() -> None:
+    import asyncio
+
+    stream = io.StringIO()
+    log = AccessLog(None, "json", stream=stream)
+    good = (1.0, "u", "ip", b"GET", b"/", "m", 200, "b", 0, 0.0, 0, 0, b"r")
+    bad = ("not a time", "u", "ip", b"GET", b"/", "m", 200, "b", 0, 0.0, 0, 0, b"r")
+
+    async def run() -> None:
+        log.start(asyncio.get_running_loop())
+        log.record(*bad)
+        deadline = time.monotonic() + 20
+        while not log.dropped:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        log.record(*good)
+        while log.written < 1:
+            assert time.monotonic() < deadline, log.counters()
+            await asyncio.sleep(0.01)
+        log.stop()
+
+    asyncio.run(run())
+    assert log.dropped == 1 and stream.getvalue().count("\n") == 1

@@ -83,6 +83,11 @@ def test_fast_sniff_agrees_with_the_member_scan(first, first_key, rest, keys, sp
     (b'{"model":"a\\"b"}', {"model": 'a"b'}),  # an escape in the first value: general path
     (b'{"model":"a","x":"\\"model\\""}', {"model": "a"}),  # a key-like escaped value
     (b'{"model":"\xc3\xa9t\xc3\xa9"}', {"model": "\u00e9t\u00e9"}),  # UTF-8 in the value
+    # A lone surrogate escape is U+FFFD, as Go decodes it; a valid pair is one character.
+    (b'{"model":"\\ud800x"}', {"model": "\ufffdx"}),
+    (b'{"model":"\\udc00\\ud800\\ud800"}', {"model": "\ufffd\ufffd\ufffd"}),
+    (b'{"model":"\\ud83d\\ude00"}', {"model": "\U0001f600"}),
+    (b'{"\\u006dodel":"\\ud800"}', {"model": "\ufffd"}),
 ])
 def test_fast_sniff_cases(body: bytes, expect: dict[str, str]) -> None:
     assert sniff_fields(body, ("model",)) == expect == scanned_fields(body, ("model",))

@@ -330,6 +330,28 @@ def test_usage_deltas_add_up(make_store: StoreFactory) -> None:
     run(body())
 
 
+def test_a_name_no_utf8_writer_takes_is_stored_with_a_replacement(
+        make_store: StoreFactory) -> None:
+    # A lone surrogate (a client's `\ud800`) cannot be UTF-8: a batch holding one
+    # failed and was retried forever, blocking every later usage write.
+    lone = "m\ud800"
+
+    async def body() -> None:
+        store = make_store()
+        await store.open()
+        try:
+            await store.add_usage([Usage("alice", lone, "2024-01-01", 1, 2, 3)],
+                                  [UsageHour("2024-01-01T00", "alice", "", lone, "b", 1, 0, 0,
+                                             0, 2, 3)])
+            assert await store.usage() == [Usage("alice", "m\ufffd", "2024-01-01", 1, 2, 3)]
+            hours = await store.usage_hours()
+            assert [(h.model, h.prompt_tokens) for h in hours] == [("m\ufffd", 2)]
+        finally:
+            await store.close()
+
+    run(body())
+
+
 def test_schema_version_guards_newer_data(make_store: StoreFactory) -> None:
     async def body() -> None:
         store = make_store()

@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from ollamamq_fast.wire.errors import printable_message
+
 from .records import (
     DEFAULT_SCOPES,
     SCOPES,
@@ -20,6 +22,17 @@ from .records import (
     UserSettings,
     parse_scopes,
 )
+
+
+def storable(name: str) -> str:
+    """A usage row's name (user, key, model, backend) as the stores can write it.
+
+    A model name a client sent can hold a lone UTF-16 surrogate; UTF-8 (SQLite,
+    Redis, orjson) cannot encode one, and a failed batch is kept and retried,
+    so one such name would block every later usage write. It is stored with
+    U+FFFD instead, as Go's decoder (Ollama) reads it.
+    """
+    return name if name.isascii() else printable_message(name)
 
 
 def dumps(rec: KeyRecord | UserSettings | BackendRecord) -> bytes:

@@ -94,7 +94,7 @@ def _text(value: bytes | str) -> str:
 
 def _usage_field(kind: bytes, user: str, model: str) -> bytes:
     """One counter's field in a day hash; JSON keeps any user or model name unambiguous."""
-    return kind + orjson.dumps([user, model])
+    return kind + orjson.dumps([codec.storable(user), codec.storable(model)])
 
 
 class RedisStore:
@@ -508,7 +508,8 @@ class RedisStore:
 
 def _hour_field(kind: bytes, h: UsageHour) -> bytes:
     """One counter's field in an hour hash: the kind letter, then the row's dimensions."""
-    return kind + orjson.dumps([h.user, h.key, h.model, h.backend])
+    return kind + orjson.dumps([codec.storable(h.user), codec.storable(h.key),
+                                codec.storable(h.model), codec.storable(h.backend)])
 
 
 def _add_counter(row: Usage, kind: bytes, value: int) -> None:

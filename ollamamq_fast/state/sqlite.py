@@ -22,7 +22,7 @@ from typing import Literal, TypeVar
 
 import orjson
 
-from .codec import limits_from
+from .codec import limits_from, storable
 from .records import (
     DEFAULT_SCOPES,
     SCOPES,
@@ -365,12 +365,14 @@ class SQLiteStore:
         if not items and not hours:
             return
         rows = [
-            (u.user, u.model, u.day, u.requests, u.prompt_tokens, u.completion_tokens)
+            (storable(u.user), storable(u.model), u.day, u.requests, u.prompt_tokens,
+             u.completion_tokens)
             for u in items
         ]
         hour_rows = [
-            (h.hour, h.user, h.key, h.model, h.backend, h.requests, h.errors, h.cancelled,
-             h.estimated_tokens, h.prompt_tokens, h.completion_tokens)
+            (h.hour, storable(h.user), storable(h.key), storable(h.model), storable(h.backend),
+             h.requests, h.errors, h.cancelled, h.estimated_tokens, h.prompt_tokens,
+             h.completion_tokens)
             for h in hours
         ]
 

@@ -9,6 +9,7 @@ paths and wrong methods so clients see what a real Ollama would send.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Final
 
 import orjson
@@ -21,6 +22,9 @@ class Api(enum.Enum):
     OPENAI = "openai"
 
 
+# A UTF-16 surrogate alone (orjson refuses to write one). Not a literal:
+# mypyc refuses surrogates in one.
+_LONE_SURROGATE: Final = re.compile(f"[{chr(0xD800)}-{chr(0xDFFF)}]")
 _REASONS: Final = {
     200: b"OK",
     201: b"Created",
@@ -63,8 +67,17 @@ def openai_error_type(status: int) -> str:
     return "api_error"
 
 
+def printable_message(message: str) -> str:
+    """`message` that any JSON writer takes: a lone UTF-16 surrogate (text from a
+    client can hold one) becomes U+FFFD, as Go's decoder reads it."""
+    if message.isascii():
+        return message
+    return _LONE_SURROGATE.sub("\ufffd", message)
+
+
 def error_body(api: Api, status: int, message: str) -> tuple[bytes, bytes]:
     """(content type, body) of an error in the route's own format."""
+    message = printable_message(message)
     if api is Api.OPENAI:
         body = orjson.dumps(
             {
@@ -86,6 +99,7 @@ def stream_error_frame(content_type: bytes, message: str) -> bytes | None:
     NDJSON gets one more `{"error": ...}` line (both official clients raise on it);
     SSE gets a data event with an OpenAI error object. None for other formats.
     """
+    message = printable_message(message)
     ct = content_type.lower()
     if ct.find(b"ndjson") >= 0:
         return orjson.dumps({"error": message}) + b"\n"

@@ -21,6 +21,8 @@ from typing import Final, NamedTuple
 
 import orjson
 
+from ollamamq_fast.wire.errors import printable_message
+
 _QUOTE: Final = 0x22
 _BACKSLASH: Final = 0x5C
 _STRUCT: Final = re.compile(rb'["{}\[\]]')
@@ -318,10 +320,14 @@ def _decode_string(raw: bytes) -> str:
     try:
         value = orjson.loads(b'"' + raw + b'"')
     except orjson.JSONDecodeError:
+        # orjson refuses a lone surrogate escape (`\ud800`); Go reads it as
+        # U+FFFD, and so does this: json.loads keeps it as a lone surrogate,
+        # which no UTF-8 writer (the access log, SQLite) could encode.
         try:
             value = json.loads('"' + raw.decode("utf-8", "replace") + '"')
         except json.JSONDecodeError as exc:
             raise SniffError(f"invalid JSON string: {exc.msg}") from None
+        return printable_message(str(value))  # json.loads pairs the valid ones
     return str(value)
 
 
