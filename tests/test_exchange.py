@@ -292,6 +292,35 @@ def test_a_chunked_answer_split_anywhere_is_relayed_whole_and_the_connection_reu
     assert rig.state.stats.users["alice"].completion_tokens == 4 * 2 * (len(answer) - 1)
 
 
+class _Broken:
+    """A setting whose every comparison raises: a stand-in for a bug in the data plane."""
+
+    def __gt__(self, other: object) -> bool:
+        raise RuntimeError("a bug")
+
+    __lt__ = __ge__ = __le__ = __gt__
+
+
+@pytest.mark.parametrize("path, body, expect", [
+    (b"/api/chat", CHAT, b'{"error":"internal error'),
+    (b"/v1/chat/completions", CHAT, b'{"error":{"message":"internal error'),
+])
+def test_a_bug_in_a_request_callback_answers_500_and_ends_the_connection(
+        rig: Rig, caplog: pytest.LogCaptureFixture, path: bytes, body: bytes,
+        expect: bytes) -> None:
+    rig.state.settings.max_body_bytes = _Broken()  # read for every body a request holds
+    proto, client = rig.client()
+    with caplog.at_level("ERROR", logger="ollamamq_fast.proxy"):
+        proto.data_received(post(path, body))
+    head, _, answer = bytes(client.data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ") and b"Connection: close" in head
+    assert answer.startswith(expect) and client.closing
+    # Logged with its cause (compiled, the bug shows as a type check instead).
+    [record] = [r for r in caplog.records if r.name == "ollamamq_fast.proxy"]
+    assert "internal error" in record.getMessage() and record.exc_info is not None
+    assert not rig.pools[0].opened
+
+
 def test_an_early_error_never_reaches_a_backend(rig: Rig) -> None:
     proto, client = rig.client()
     proto.data_received(post(body=b'{"model": 12}'))

@@ -9,6 +9,7 @@ with their bodies buffered (bounded, then the socket is paused).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
@@ -27,6 +28,8 @@ from ollamamq_fast.proxy.transport import Transport
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api, error_body
 from ollamamq_fast.wire.headers import KeptLines
+
+_log = logging.getLogger("ollamamq_fast.proxy")
 
 if TYPE_CHECKING:
     from ollamamq_fast.plane import DataPlane
@@ -100,6 +103,11 @@ class ClientProtocol(asyncio.Protocol):
         before = self.parsing
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            # A bug of the gateway's raised inside a parser callback: not the
+            # client's fault, and never a request left without an answer.
+            self._internal_error(exc)
+            return
         except httptools.HttpParserUpgrade:
             # An Upgrade (h2c, websocket) or CONNECT: the request itself was read
             # and is answered as usual (a server may ignore Upgrade, RFC 9110
@@ -270,6 +278,26 @@ class ClientProtocol(asyncio.Protocol):
                 nxt.activate()
         finally:
             self.advancing = False
+
+    def _internal_error(self, exc: Exception) -> None:
+        """Log a bug with its cause; answer 500 unless an answer had begun; end the connection."""
+        cause = exc.__cause__ or exc.__context__ or exc
+        _log.error("internal error on a connection from %s (the client gets a 500): %r",
+                   self.peer_ip, cause, exc_info=cause)
+        transport = self.transport
+        already = self.closing
+        self.closing = True
+        if transport is None or already:
+            return
+        ex = self.active if self.active is not None else self.parsing
+        if ex is not None and ex.state >= State.STREAMING:
+            transport.abort()  # its answer had begun: a cut is all that is honest
+            return
+        api = ex.api if ex is not None else Api.OLLAMA
+        ctype, body = error_body(api, 500, "internal error in the gateway (it is in the "
+                                           "gateway's log)")
+        transport.write(framing.local_response(500, ctype, body, close=True))
+        transport.close()
 
     def _reject(self, status: int, message: str) -> None:
         """A request we cannot parse: answer in order if possible, then close."""
