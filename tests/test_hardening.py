@@ -158,6 +158,16 @@ def test_duplicate_keys_are_never_cached() -> None:
     assert cache_key(gen, gen, "m", 0, nan) != cache_key(gen, gen, "m", 0, null)
 
 
+def test_a_lone_surrogate_escape_is_not_cached_and_raises_nothing() -> None:
+    # Valid JSON syntax, no character: Go reads U+FFFD, json.loads a lone surrogate
+    # that no UTF-8 writer takes (the canonical key raised: the request got a 500).
+    gen = b"/api/generate"
+    for body in (b'{"model":"m","prompt":"\\ud800"}', b'{"model":"m","prompt":"p","format":"\\udfff"}',
+                 b'{"model":"m","prompt":"p","options":{"stop":["\\ud800x"]}}'):
+        assert cache_key(gen, gen, "m", 0, body) is None, body
+    assert cache_key(gen, gen, "m\ud800", 0, b'{"model":"m","prompt":"p"}') is not None
+
+
 def test_credentials_not_owned_by_the_gateway_are_part_of_the_key() -> None:
     gen = b"/api/generate"
     body = b'{"model":"m","prompt":"p"}'

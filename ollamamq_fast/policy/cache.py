@@ -179,13 +179,18 @@ def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes,
             if path == b"/api/chat" and not obj.get("messages"):
                 return None
             if _BIG_INT.search(body) is None:
-                canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+                try:
+                    canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+                except TypeError:
+                    # A lone surrogate escape (`"\ud800"`): Go reads it as U+FFFD,
+                    # json.loads keeps it. Too odd to be worth a key: not cached.
+                    return None
     elif _duplicate_members(body):
         # Too large to parse on the event loop: keyed by its exact bytes, so only
         # a byte-identical request (which the backend reads the same) can hit.
         return None
     h = blake3.blake3(url)
-    h.update(b"\0%s\0%d\0%d\0" % (model.encode(), cap, len(credential)))
+    h.update(b"\0%s\0%d\0%d\0" % (model.encode("utf-8", "surrogatepass"), cap, len(credential)))
     h.update(credential)
     h.update(canonical)
     return h.digest()
