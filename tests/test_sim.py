@@ -292,6 +292,17 @@ def test_go_json_escaping_and_decoding() -> None:
         decode_object(b"  ", "x")
     with pytest.raises(BodyError, match="cannot unmarshal array"):
         decode_object(b"[]", "api.ChatRequest")
+    # A lone surrogate escape is U+FFFD, keys and nested values too (a valid pair is one).
+    assert decode_object(b'{"model":"\\ud800x","\\udfffk":["\\ud83d\\ude00","\\ud83d"]}',
+                         "x") == {"model": "\ufffdx", "\ufffdk": ["\U0001f600", "\ufffd"]}
+
+
+def test_a_lone_surrogate_is_read_as_go_reads_it(sim: SimServer) -> None:
+    r = call(sim.port, "POST", "/api/show", b'{"model":"\\ud800"}')
+    assert (r.status, r.json()) == (404, {"error": "model '\ufffd' not found"})
+    r = call(sim.port, "POST", "/api/generate",
+             b'{"model":"llama3.2","prompt":"\\ud800","keep_alive":"5m","stream":false}')
+    assert r.status == 200 and r.json()["done"] is True
 
 
 def test_token_walk_is_lazy_and_consistent() -> None:

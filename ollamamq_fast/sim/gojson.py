@@ -13,6 +13,7 @@ and replaces invalid UTF-8 with U+FFFD.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -87,6 +88,21 @@ def decode_value(body: bytes) -> Any:
         value, _end = json.JSONDecoder().raw_decode(text, start)
     except json.JSONDecodeError as err:
         raise BodyError(_go_syntax_error(text, err)) from None
+    return _go_strings(value)
+
+
+_LONE_SURROGATE = re.compile(f"[{chr(0xD800)}-{chr(0xDFFF)}]")
+
+
+def _go_strings(value: Any) -> Any:
+    """`value` with every lone surrogate escape (`"\\ud800"`) as U+FFFD, as Go decodes
+    it (json.loads keeps them; orjson, which refuses them, sent the body here)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_go_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {_go_strings(k): _go_strings(v) for k, v in value.items()}
     return value
 
 
