@@ -31,6 +31,10 @@ from ollamamq_fast.wire.headers import KeptLines
 
 _log = logging.getLogger("ollamamq_fast.proxy")
 
+
+class HeadTooLarge(Exception):
+    """Raised by a header callback to stop the parser: the head passed MAX_HEAD_BYTES."""
+
 if TYPE_CHECKING:
     from ollamamq_fast.plane import DataPlane
 
@@ -103,10 +107,14 @@ class ClientProtocol(asyncio.Protocol):
         before = self.parsing
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            # A bug of the gateway's raised inside a parser callback: not the
-            # client's fault, and never a request left without an answer.
-            self._internal_error(exc)
+        except httptools.HttpParserCallbackError as failed:
+            # Raised inside a callback: a head over the bound (on purpose), or a
+            # bug of the gateway's, which is never a request left unanswered.
+            if isinstance(failed.__context__, HeadTooLarge):
+                if not self.stop_reading:  # else: bytes after a closing request, ignored
+                    self._reject(431, "request head too large")
+            else:
+                self._internal_error(failed)
             return
         except httptools.HttpParserUpgrade:
             # An Upgrade (h2c, websocket) or CONNECT: the request itself was read
@@ -186,7 +194,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.connection_named = True
             self.head_bytes += len(name) + len(value) + 4
             if self.head_bytes > MAX_HEAD_BYTES:
-                raise ValueError("request head too large")
+                raise HeadTooLarge()
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
