@@ -321,6 +321,19 @@ def test_a_bug_in_a_request_callback_answers_500_and_ends_the_connection(
     assert not rig.pools[0].opened
 
 
+def test_an_unexpected_error_while_connecting_answers_instead_of_hanging(rig: Rig) -> None:
+    async def broken_connect() -> UpstreamConnection:
+        raise RuntimeError("not an OSError")
+
+    rig.pools[0].connect = broken_connect  # type: ignore[method-assign]
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and b"not an OSError" in body
+    assert rig.state.stats.users["alice"].in_flight == 0
+
+
 def test_an_early_error_never_reaches_a_backend(rig: Rig) -> None:
     proto, client = rig.client()
     proto.data_received(post(body=b'{"model": 12}'))

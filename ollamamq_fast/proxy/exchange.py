@@ -320,7 +320,7 @@ class Exchange(ResponseSink):
             conn = await backend.pool.connect()
         except asyncio.CancelledError:
             raise
-        except (TimeoutError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - OSError, a timeout, or a bug: never a hang
             self.connect_task = None
             if self.state is State.CONNECTING:
                 recovery.failed_before_response(self, None, exc)
