@@ -59,8 +59,11 @@ def tokens_in_tail(tail: bytes) -> tuple[int, int]:
         # occurrence of a key in that suffix is its last in the whole tail.
         near = tail[-_NEAR:]
         near_text = near.decode("latin-1")
-        if near_text.rfind(_OLLAMA_PROMPT) >= 0 and near_text.rfind(_OLLAMA_COMPLETION) >= 0:
-            return _counts(near, near_text, _OLLAMA_PROMPT, _OLLAMA_COMPLETION) or (0, 0)
+        i = near_text.rfind(_OLLAMA_COMPLETION)
+        j = near_text.rfind(_OLLAMA_PROMPT)
+        if i >= 0 and j >= 0:  # what _counts gives when both keys are there
+            return (_int_at(near, j + len(_OLLAMA_PROMPT)),
+                    _int_at(near, i + len(_OLLAMA_COMPLETION)))
     text = tail.decode("latin-1")
     found = _counts(tail, text, _OLLAMA_PROMPT, _OLLAMA_COMPLETION)
     if found is None:

@@ -338,23 +338,33 @@ def test_a_stalled_disk_stops_the_formatting_then_drops_and_the_loop_runs_on(
     assert stream.getvalue().count("\n") == log.written
 
 
-def test_durations_are_timed_finer_than_the_loops_millisecond(tmp_path: Path) -> None:
-    # uvloop's loop.time() moves in whole milliseconds: durations read from it
-    # were 0.00 or 1.00 for every fast answer.
+def _logged(tmp_path: Path, send: Any, lines: int) -> list[dict[str, Any]]:
+    """Run `send(client, url)` against a gateway (uvloop, simulator) that logs to a
+    file; its JSON lines once `lines` of them are written, with none dropped."""
     st = start_stack(log_file=str(tmp_path / "a.log"))
     try:
         with httpx.Client(timeout=10) as client:
-            for _ in range(20):
-                r = client.post(f"{st.url}/api/generate",
-                                json={"model": "llama3.2", "prompt": "hi", "stream": False})
-                assert r.status_code == 200
+            send(client, st.url)
         deadline = time.monotonic() + 20
-        while st.state.access.written < 20:
+        while st.state.access.written < lines:
             assert time.monotonic() < deadline, st.state.access.counters()
             time.sleep(0.05)
+        assert st.state.access.dropped == 0
     finally:
         st.close()
-    lines = [json.loads(x) for x in (tmp_path / "a.log").read_text().splitlines()]
+    return [json.loads(x) for x in (tmp_path / "a.log").read_text().splitlines()]
+
+
+def test_durations_are_timed_finer_than_the_loops_millisecond(tmp_path: Path) -> None:
+    # uvloop's loop.time() moves in whole milliseconds: durations read from it
+    # were 0.00 or 1.00 for every fast answer.
+    def send(client: httpx.Client, url: str) -> None:
+        for _ in range(20):
+            r = client.post(f"{url}/api/generate",
+                            json={"model": "llama3.2", "prompt": "hi", "stream": False})
+            assert r.status_code == 200
+
+    lines = _logged(tmp_path, send, 20)
     durations = [x["duration_ms"] for x in lines if x["path"] == "/api/generate"]
     assert len(durations) == 20
     assert any(d != int(d) for d in durations), durations
@@ -365,26 +375,17 @@ def test_a_lone_surrogate_in_a_model_name_is_answered_logged_and_harmless(
     # `\ud800` is valid JSON escape syntax but no character: Go (Ollama) reads
     # it as U+FFFD. Read as a lone surrogate it broke every UTF-8 writer: the
     # error answer (the request hung), the access line, the usage store.
-    st = start_stack(log_file=str(tmp_path / "a.log"))
-    try:
-        with httpx.Client(timeout=10) as client:
-            r = client.post(f"{st.url}/api/generate",
-                            content=b'{"model":"\\ud800x","prompt":"hi","stream":false}')
-            assert r.status_code == 404 and r.json() == {"error": "model '\ufffdx' not found"}
-            r = client.post(f"{st.url}/v1/chat/completions",
-                            content=b'{"model":"\\udfff","messages":[]}')
-            assert r.status_code == 404 and "\ufffd" in r.json()["error"]["message"]
-            r = client.post(f"{st.url}/api/generate",
-                            json={"model": "llama3.2", "prompt": "hi", "stream": False})
-            assert r.status_code == 200
-        deadline = time.monotonic() + 20
-        while st.state.access.written < 3:
-            assert time.monotonic() < deadline, st.state.access.counters()
-            time.sleep(0.05)
-        assert st.state.access.dropped == 0
-    finally:
-        st.close()
-    lines = [json.loads(x) for x in (tmp_path / "a.log").read_text().splitlines()]
+    def send(client: httpx.Client, url: str) -> None:
+        r = client.post(f"{url}/api/generate",
+                        content=b'{"model":"\\ud800x","prompt":"hi","stream":false}')
+        assert r.status_code == 404 and r.json() == {"error": "model '\ufffdx' not found"}
+        r = client.post(f"{url}/v1/chat/completions", content=b'{"model":"\\udfff","messages":[]}')
+        assert r.status_code == 404 and "\ufffd" in r.json()["error"]["message"]
+        r = client.post(f"{url}/api/generate",
+                        json={"model": "llama3.2", "prompt": "hi", "stream": False})
+        assert r.status_code == 200
+
+    lines = _logged(tmp_path, send, 3)
     assert [x["model"] for x in lines] == ["\ufffdx", "\ufffd", "llama3.2"]
 
 

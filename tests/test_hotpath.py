@@ -295,6 +295,47 @@ def test_floor_proxy_relays_a_request() -> None:
         stack.close()
 
 
+def test_stream_source_streams_through_a_gateway() -> None:
+    """bench/stream_source.py, the stream target's backend, is a backend the gateway
+    takes (model discovery, health) and its stream is relayed and counted whole."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from harness import free_port, start_stack
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(_ROOT / "bench" / "stream_source.py"),
+                             str(port), "100"])
+    stack = None
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/api/version", timeout=2).status_code == 200
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "stream_source did not start"
+                time.sleep(0.1)
+        stack = start_stack([], extra_backends=[f"http://127.0.0.1:{port}"])
+        r = httpx.post(f"{stack.url}/api/generate", json={"model": "llama3.2", "prompt": "hi"},
+                       timeout=10)
+        lines = r.text.splitlines()
+        assert r.status_code == 200 and len(lines) == 100
+        assert '"done":true' in lines[-1] and '"eval_count":99' in lines[-1]
+        deadline = time.monotonic() + 10
+        while stack.state.stats.completion_tokens < 99:  # counted when the answer ends
+            assert time.monotonic() < deadline, stack.state.stats.completion_tokens
+            time.sleep(0.02)
+        assert stack.state.stats.prompt_tokens == 1
+    finally:
+        if stack is not None:
+            stack.close()
+        proc.kill()
+        proc.wait()
+
+
 def test_hotpath_script_measures() -> None:
     """profiling/hotpath.py runs a real gateway's protocols and reports a figure."""
     import subprocess

@@ -215,14 +215,14 @@ class UpstreamConnection(asyncio.Protocol):
                     f"response head larger than {MAX_HEAD_BYTES // 1024} KiB"))
             return
         # The first blank line after the scan start ends the final head: headers
-        # cannot contain one, and interim (1xx) heads were skipped past already.
+        # cannot contain one, interim (1xx) heads were skipped past already, and
+        # llhttp refuses a bare LF, so it is a CRLFCRLF.
         held = self.head_buf
         buf = held if isinstance(held, bytes) else bytes(held)
         start = self.head_scan_from
         end = buf.find(b"\r\n\r\n", start)
-        if end < 0:
-            end = buf.find(b"\n\n", start)
-            body_at = end + 2 if end >= 0 else len(buf)
+        if end < 0:  # cannot happen after llhttp ended a head; rebuild, relay no body
+            body_at = len(buf)
             self.raw_head = b""
         else:
             body_at = end + 4
