@@ -122,6 +122,8 @@ class LineWriter:
         self.stamp = Stamp()
         # (user, ip, method, path, model, status, backend) -> their part of a line.
         self.rows: dict[tuple[Any, ...], bytes] = {}
+        self.last_row: tuple[Any, ...] = ()
+        self.last_middle = b""
         self.queue_ms: dict[Any, bytes] = {}
         self.whole_ms: dict[Any, bytes] = {}
         self.prompts: dict[Any, bytes] = {}
@@ -132,13 +134,22 @@ class LineWriter:
         (ts, user, ip, method, path, model, status, backend, queue_ms, duration_ms,
          prompt_tokens, completion_tokens, request_id) = fields
         row = (user, ip, method, path, model, status, backend)
-        middle = self.rows.get(row)
-        if middle is None:
-            middle = _keep(self.rows, row, b"".join((
-                b'","user":', json_text(user), b',"ip":', json_text(ip),
-                b',"method":', json_text(method), b',"path":', json_text(path),
-                b',"model":', json_text(model), b',"status":', json_text(status),
-                b',"backend":', json_text(backend))), _ROW_LEN)
+        # Consecutive lines mostly share their row: comparing with the last one
+        # costs a fraction of hashing the tuple (its path and request text are
+        # new objects on every request, so their hashes are not cached).
+        if row == self.last_row:
+            middle = self.last_middle
+        else:
+            found = self.rows.get(row)
+            if found is None:
+                found = _keep(self.rows, row, b"".join((
+                    b'","user":', json_text(user), b',"ip":', json_text(ip),
+                    b',"method":', json_text(method), b',"path":', json_text(path),
+                    b',"model":', json_text(model), b',"status":', json_text(status),
+                    b',"backend":', json_text(backend))), _ROW_LEN)
+            middle = found
+            self.last_row = row
+            self.last_middle = middle
         if isinstance(duration_ms, float) and 0.0 <= duration_ms < 1e12:
             hundredths = int(duration_ms * 100.0 + 0.5)
             whole = _kept(self.whole_ms, b',"duration_ms":', hundredths // 100)

@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 import pytest
 from harness import free_port, start_stack
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from ollamamq_fast.accesslog import FIELDS, AccessLog
 
@@ -204,6 +206,27 @@ def test_the_line_writer_keeps_few_and_short_values() -> None:
     fields[5] = "m" * 100_000
     assert json.loads(writer.line(tuple(fields)))["model"] == "m" * 100_000
     assert not any(len(part) > 1024 for part in writer.rows.values())
+
+
+@given(hst.lists(hst.tuples(hst.sampled_from(["u", "v"]), hst.sampled_from([b"/a", b"/b"]),
+                           hst.sampled_from([200, 404]), hst.sampled_from(["m", "n"])),
+                 max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_each_line_has_its_own_row_whatever_came_before(
+        rows: list[tuple[str, bytes, int, str]]) -> None:
+    # The writer reuses the last line's row when the next has the same one
+    # (accessline.py): a line must never carry a neighbour's user, path,
+    # status or model. Paths are fresh bytes, as they are per request.
+    from ollamamq_fast.accessline import LineWriter
+
+    writer = LineWriter()
+    for user, path, status, model in rows:
+        fields = (1.0, user, "ip", b"GET", bytes(path), model, status, "b", 0, 0.5, 0, 0, b"r")
+        line = writer.line(fields)
+        assert line == LineWriter().line(fields)
+        record = json.loads(line)
+        assert (record["user"], record["path"], record["status"], record["model"]) == (
+            user, path.decode(), status, model)
 
 
 @pytest.mark.parametrize("ms", [0.0, 0.01, 0.5, 1.25, 9.99, 10.0, 1023.99, 1024.5, 123456.78])

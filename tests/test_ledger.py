@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 import pytest
 from harness import Stack, start_stack
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_traps import wait_for
 
 from ollamamq_fast.accounting.ledger import CLIENT_CLOSED, End, Ledger, Record
@@ -252,3 +254,53 @@ def test_request_ids_are_the_prefix_and_the_counter_in_twelve_hex_digits() -> No
         for k in range(1, 40):
             n = (start + k) & 0xFFFFFFFFFFFF
             assert ledger.request_id() == b"%s%012x" % (ledger.id_prefix, n), (start, k)
+
+
+_ROW = st.tuples(st.sampled_from(["ann", "bob"]), st.sampled_from(["m1", "m2"]),
+                 st.sampled_from(["", "k1"]), st.sampled_from(["b1", "b2"]),
+                 st.integers(0, 5), st.integers(0, 5), st.booleans(),
+                 # a step: 0 the same hour, 1 a later hour, 2 a later day
+                 st.sampled_from([0, 0, 0, 1, 2]), st.booleans())
+
+
+@given(st.lists(_ROW, max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_the_tally_sums_every_row_under_its_own_key_across_takes_and_hours(
+        steps: list[tuple[str, str, str, str, int, int, bool, int, bool]]) -> None:
+    # The tally remembers the sums its last row went to (state/tally.py); whatever
+    # the order of users, keys, models and backends, hour and day changes and takes
+    # in between, every row is summed under its own key, exactly as a plain count would.
+    tally = UsageTally()
+    now = 1_700_000_000.0
+    want_hours: dict[tuple[str, ...], list[int]] = {}
+    want_days: dict[tuple[str, ...], list[int]] = {}
+    got_hours: dict[tuple[str, ...], list[int]] = {}
+    got_days: dict[tuple[str, ...], list[int]] = {}
+
+    def take() -> None:
+        days, hours = tally.take()
+        for k, h in hours.items():
+            got = got_hours.setdefault(k, [0, 0, 0, 0])
+            for i, v in enumerate((h.requests, h.errors, h.prompt, h.completion)):
+                got[i] += v
+        for k, d in days.items():
+            got = got_days.setdefault(k, [0, 0, 0])
+            for i, v in enumerate((d.requests, d.prompt, d.completion)):
+                got[i] += v
+
+    for user, model, key, backend, prompt, completion, error, step, taken in steps:
+        now += (0.0, 3600.0, 86400.0)[step] + 1.0
+        tally.add_usage(user, model, prompt, completion, key, backend, error, now=now)
+        hour = time.strftime("%Y-%m-%dT%H", time.gmtime(now))
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        h = want_hours.setdefault((hour, user, key, model, backend), [0, 0, 0, 0])
+        for i, v in enumerate((1, int(error), prompt, completion)):
+            h[i] += v
+        d = want_days.setdefault((user, model, day), [0, 0, 0])
+        for i, v in enumerate((1, prompt, completion)):
+            d[i] += v
+        if taken:
+            take()
+    take()
+    assert got_hours == want_hours
+    assert got_days == want_days

@@ -75,6 +75,13 @@ class UsageTally:
         self._hour_ends = 0.0
         self._day = ""
         self._day_ends = 0.0
+        # The sums the last row went to, and its key (see add_usage).
+        self._last_hour: HourSums | None = None
+        self._last_day: DaySums | None = None
+        self._last_user = ""
+        self._last_model = ""
+        self._last_key = ""
+        self._last_backend = ""
 
     def add_usage(self, user: str, model: str, prompt: int, completion: int, key: str = "",
                   backend: str = "", error: bool = False, cancelled: bool = False,
@@ -85,16 +92,30 @@ class UsageTally:
         if now >= self._hour_ends:
             self._hour = utc_hour(now)
             self._hour_ends = (now // SECONDS_PER_HOUR + 1) * SECONDS_PER_HOUR
+            self._last_hour = None  # the memo's sums are the last hour's
             if now >= self._day_ends:
                 self._day = utc_day(now)
                 self._day_ends = (now // SECONDS_PER_DAY + 1) * SECONDS_PER_DAY
         hours = self.hours
         if not hours and self.on_first is not None:
             self.on_first()
-        hour_key = (self._hour, user, key, model, backend)
-        hour = hours.get(hour_key)
-        if hour is None:
-            hour = hours[hour_key] = HourSums()
+        # Consecutive rows mostly have the same user, key, model and backend:
+        # four string compares cost a fraction of hashing two fresh key tuples.
+        hour = self._last_hour
+        day = self._last_day
+        if (hour is None or day is None or user != self._last_user or model != self._last_model
+                or key != self._last_key or backend != self._last_backend):
+            hour_key = (self._hour, user, key, model, backend)
+            hour = hours.get(hour_key)
+            if hour is None:
+                hour = hours[hour_key] = HourSums()
+            day_key = (user, model, self._day)
+            day = self.days.get(day_key)
+            if day is None:
+                day = self.days[day_key] = DaySums()
+            self._last_hour, self._last_day = hour, day
+            self._last_user, self._last_model = user, model
+            self._last_key, self._last_backend = key, backend
         hour.requests += 1
         if error:
             hour.errors += 1
@@ -104,19 +125,16 @@ class UsageTally:
             hour.estimated += prompt + completion
         hour.prompt += prompt
         hour.completion += completion
-        day_key = (user, model, self._day)
-        day = self.days.get(day_key)
-        if day is None:
-            self.days[day_key] = DaySums(1, prompt, completion)
-        else:
-            day.requests += 1
-            day.prompt += prompt
-            day.completion += completion
+        day.requests += 1
+        day.prompt += prompt
+        day.completion += completion
 
     def take(self) -> tuple[dict[DayKey, DaySums], dict[HourKey, HourSums]]:
         """The sums so far, leaving the tally empty (the flusher writes them)."""
         days, hours = self.days, self.hours
         self.days, self.hours = {}, {}
+        self._last_hour = None  # its sums went with the taken ones
+        self._last_day = None
         return days, hours
 
     def give_back(self, days: dict[DayKey, DaySums], hours: dict[HourKey, HourSums]) -> None:

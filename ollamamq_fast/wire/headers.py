@@ -55,13 +55,14 @@ _SPECIAL: Final[dict[bytes, int]] = {
 }
 
 # Header names as spelled on the wire -> what happens to them. Peers repeat the
-# same few spellings, so each is lowercased and looked up once; bounded, so
-# that a peer inventing names cannot grow it.
-_SPELLINGS_MAX: Final = 4096
+# same few spellings, so each is lowercased and looked up once, then kept with
+# the others of its shape; at most this many per shape, so that a peer
+# inventing spellings cannot grow the table (beyond it: a lowercase and a look-up).
+_SPELLINGS_PER_SHAPE: Final = 8
 
 
-# Names are pre-sorted by (length, first letter): a table of this many shapes,
-# for names shorter than _SHAPE_LEN bytes.
+# Names are sorted by shape, (length, first letter lowercased): a table of
+# this many shapes, for names shorter than _SHAPE_LEN bytes.
 _SHAPE_LEN: Final = 32
 
 
@@ -69,38 +70,42 @@ class NameKinds:
     """What a table of lowercase header names says of a name, by its spelling.
 
     `kind` answers for any spelling. Header names arrive as new bytes objects
-    on every request, so a dict lookup hashes each one (about 400
-    instructions); most names are not in the table, and their length and
-    first letter already say so: those answer the default with no lookup.
-    A name that may be in the table is looked up by its spelling in `known`,
-    which is filled on first sight (bounded). Used for request heads here and
-    response heads in framing.py.
+    on every request, so a dict lookup would hash each one (about 400
+    instructions). Instead names are sorted by shape: most names have a shape
+    no table name has, and answer the default at once; the others are
+    compared with the few spellings of their shape seen before (a length
+    check and a memcmp each), learned on first sight. Used for request heads
+    here and response heads in framing.py.
     """
 
     def __init__(self, table: dict[bytes, int], default: int) -> None:
         self.table = table
         self.default = default
-        self.known: dict[bytes, int] = {}
-        shapes = bytearray(_SHAPE_LEN * 256)
+        spellings: list[list[tuple[bytes, int]] | None] = [None] * (_SHAPE_LEN * 256)
         for name in table:
             assert 0 < len(name) < _SHAPE_LEN and name == name.lower(), name
-            shapes[len(name) << 8 | name[0]] = 1
-        self.shapes = bytes(shapes)
+            spellings[len(name) << 8 | name[0]] = []
+        self.spellings = spellings
 
     def kind(self, name: bytes) -> int:
         """The kind of a header called `name`, in any spelling."""
         n = len(name)
-        # `| 0x20` lowercases an ASCII letter; table names start with one.
-        if n == 0 or n >= _SHAPE_LEN or not self.shapes[n << 8 | (name[0] | 0x20)]:
+        if n == 0 or n >= _SHAPE_LEN:
             return self.default
-        kind = self.known.get(name)
-        return kind if kind is not None else self.learn(name)
+        # `| 0x20` lowercases an ASCII letter; table names start with one.
+        seen = self.spellings[n << 8 | (name[0] | 0x20)]
+        if seen is None:
+            return self.default
+        for spelling, kind in seen:
+            if spelling == name:
+                return kind
+        return self.learn(name, seen)
 
-    def learn(self, name: bytes) -> int:
-        """The kind of a spelling not in `known` yet (then kept, within the bound)."""
+    def learn(self, name: bytes, seen: list[tuple[bytes, int]]) -> int:
+        """The kind of a spelling not seen yet (then kept with its shape's, within the bound)."""
         kind = self.table.get(name.lower(), self.default)
-        if len(self.known) < _SPELLINGS_MAX:
-            self.known[name] = kind
+        if len(seen) < _SPELLINGS_PER_SHAPE:
+            seen.append((name, kind))
         return kind
 
 # `Content-Length: N` plus the blank line, made once for the small bodies
