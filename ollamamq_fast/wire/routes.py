@@ -49,7 +49,9 @@ class Route:
 
     kind: Kind
     api: Api
-    methods: frozenset[bytes]
+    # A tuple, not a set: the method is a new bytes object on every request, and
+    # comparing it with one or two names costs less than hashing it.
+    methods: tuple[bytes, ...]
     # Top-level JSON keys naming the model, in Go's cmp.Or order (first non-empty wins).
     model_keys: tuple[str, ...] = ()
     # Any backend may serve it when the model is not known yet (pull, create).
@@ -73,8 +75,8 @@ SPEAKS_OLLAMA: Final = 1  # native /api/*
 SPEAKS_OPENAI: Final = 2  # OpenAI-compatible /v1/*
 SPEAKS_ALL: Final = SPEAKS_OLLAMA | SPEAKS_OPENAI
 
-_GET: Final = frozenset({b"GET", b"HEAD"})
-_POST: Final = frozenset({b"POST"})
+_GET: Final = (b"GET", b"HEAD")
+_POST: Final = (b"POST",)
 
 
 def _queued(api: Api, native: bool, translate: int = 0) -> Route:
@@ -106,7 +108,7 @@ EXACT: Final[dict[bytes, Route]] = {
     b"/api/show": Route(Kind.MODEL, _OLLAMA, _POST, ("model", "name"), native=False,
                         translate=SPEAKS_OLLAMA, native_first=True),
     b"/api/delete": Route(
-        Kind.MODEL, _OLLAMA, frozenset({b"DELETE"}), ("model", "name"), refresh_models=True
+        Kind.MODEL, _OLLAMA, (b"DELETE",), ("model", "name"), refresh_models=True
     ),
     b"/api/copy": Route(Kind.MODEL, _OLLAMA, _POST, ("source",), refresh_models=True),
     b"/api/push": Route(Kind.MODEL, _OLLAMA, _POST, ("model", "name")),
@@ -121,18 +123,18 @@ EXACT: Final[dict[bytes, Route]] = {
     b"/v1/embeddings": _translated(_OPENAI),
     b"/v1/responses": _queued(_OPENAI, False),
     b"/v1/messages": _queued(_OPENAI, False),
-    b"/v1/models": Route(Kind.LOCAL, _OPENAI, frozenset({b"GET"}), local=Local.V1_MODELS, native=False),
+    b"/v1/models": Route(Kind.LOCAL, _OPENAI, (b"GET",), local=Local.V1_MODELS, native=False),
 }
 
 BLOBS_PREFIX: Final = b"/api/blobs/"
 V1_MODEL_PREFIX: Final = b"/v1/models/"
 
-BLOB_ROUTE: Final = Route(Kind.PRIMARY, _OLLAMA, frozenset({b"HEAD", b"POST"}))
+BLOB_ROUTE: Final = Route(Kind.PRIMARY, _OLLAMA, (b"HEAD", b"POST"))
 V1_MODEL_ROUTE: Final = Route(
-    Kind.LOCAL, _OPENAI, frozenset({b"GET"}), local=Local.V1_MODEL, native=False
+    Kind.LOCAL, _OPENAI, (b"GET",), local=Local.V1_MODEL, native=False
 )
 # Unknown paths forwarded with --allow-all-routes: any method, to the primary backend.
-FALLBACK_ROUTE: Final = Route(Kind.PRIMARY, _OLLAMA, frozenset(), native=False)
+FALLBACK_ROUTE: Final = Route(Kind.PRIMARY, _OLLAMA, (), native=False)
 
 
 def lookup(path: bytes) -> Route | None:
