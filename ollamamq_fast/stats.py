@@ -32,8 +32,9 @@ _OLLAMA_PROMPT: Final = '"prompt_eval_count"'
 _OLLAMA_COMPLETION: Final = '"eval_count"'
 _OPENAI_PROMPT: Final = '"prompt_tokens"'
 _OPENAI_COMPLETION: Final = '"completion_tokens"'
-# The tail's end searched first (see tokens_in_tail).
-_NEAR: Final = 1024
+# The tail's end searched first (see tokens_in_tail): Ollama's final line ends
+# with its counts and two durations, about 100 bytes.
+_NEAR: Final = 256
 # Bytes after a count's key within which its value must end (spaces, the
 # colon and 20 digits).
 _COUNT_SPAN: Final = 40
@@ -55,8 +56,8 @@ def tokens_in_tail(tail: bytes) -> tuple[int, int]:
     """
     if len(tail) > _NEAR:
         # Ollama's counts are in its final line's last 100 bytes: when both
-        # are in the tail's last KiB, the rest need not be decoded. The last
-        # occurrence of a key in that suffix is its last in the whole tail.
+        # are in the tail's last 256 bytes, the rest need not be decoded. The
+        # last occurrence of a key in that suffix is its last in the whole tail.
         near = tail[-_NEAR:]
         near_text = near.decode("latin-1")
         i = near_text.rfind(_OLLAMA_COMPLETION)

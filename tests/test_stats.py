@@ -22,7 +22,7 @@ def test_tokens_in_tail_reads_last_frames() -> None:
 
 
 def _whole_tail_counts(tail: bytes) -> tuple[int, int]:
-    """tokens_in_tail as it reads the whole tail, without its look at the last KiB first."""
+    """tokens_in_tail as it reads the whole tail, without its look at the tail's end first."""
     from ollamamq_fast import stats
     text = tail.decode("latin-1")
     found = stats._counts(tail, text, stats._OLLAMA_PROMPT, stats._OLLAMA_COMPLETION)
@@ -31,7 +31,7 @@ def _whole_tail_counts(tail: bytes) -> tuple[int, int]:
     return found if found is not None else (0, 0)
 
 
-def test_a_long_ndjson_tail_is_read_from_its_last_kib() -> None:
+def test_a_long_ndjson_tail_is_read_from_its_end() -> None:
     line = b'{"model":"m","response":" word","done":false}\n'
     final = (b'{"model":"m","done":true,"context":[%b],"total_duration":5,'
              b'"prompt_eval_count":26,"prompt_eval_duration":1,"eval_count":259,"eval_duration":2}\n'
@@ -47,10 +47,10 @@ _VALUES = (b":7,", b": 42}", b":-1,", b':"x",', b"")
 @given(st.lists(st.tuples(st.integers(0, 1500), st.sampled_from(_KEYS), st.sampled_from(_VALUES)),
                 max_size=6), st.integers(0, 1500))
 @settings(max_examples=500, deadline=None)
-def test_the_last_kib_first_gives_what_the_whole_tail_gives(
+def test_the_tail_end_first_gives_what_the_whole_tail_gives(
         fields: list[tuple[int, bytes, bytes]], end: int) -> None:
     # Keys with their values (or junk), apart by gaps that put some before
-    # the last KiB and some inside it.
+    # the tail's end (stats._NEAR bytes) and some inside it.
     tail = b"".join(b"y" * gap + key + value for gap, key, value in fields) + b"z" * end
     assert tokens_in_tail(tail) == _whole_tail_counts(tail)
 
