@@ -34,7 +34,7 @@ _OPENAI_PROMPT: Final = '"prompt_tokens"'
 _OPENAI_COMPLETION: Final = '"completion_tokens"'
 # The tail's end searched first (see tokens_in_tail): Ollama's final line ends
 # with its counts and two durations, about 100 bytes.
-_NEAR: Final = 256
+NEAR_BYTES: Final = 256
 # Bytes after a count's key within which its value must end (spaces, the
 # colon and 20 digits).
 _COUNT_SPAN: Final = 40
@@ -49,22 +49,40 @@ def tokens_in_tail(tail: bytes) -> tuple[int, int]:
     from its end (`rfind`): no JSON parse of the stream. Spaces around the
     colon are allowed (some servers write `"eval_count": 5`).
 
-    The tail (at most 8 KiB) is decoded as Latin-1, byte for byte, so that the
-    searches are str.rfind: compiled, a direct call, where bytes.rfind goes
-    through Python's argument parsing (about 900 instructions each). Indexes
-    are the same in both.
+    The tail's last NEAR_BYTES are looked at first (ollama_counts_near); the
+    rest is read only when both of Ollama's counts are not there.
     """
-    if len(tail) > _NEAR:
-        # Ollama's counts are in its final line's last 100 bytes: when both
-        # are in the tail's last 256 bytes, the rest need not be decoded. The
-        # last occurrence of a key in that suffix is its last in the whole tail.
-        near = tail[-_NEAR:]
-        near_text = near.decode("latin-1")
-        i = near_text.rfind(_OLLAMA_COMPLETION)
-        j = near_text.rfind(_OLLAMA_PROMPT)
-        if i >= 0 and j >= 0:  # what _counts gives when both keys are there
-            return (_int_at(near, j + len(_OLLAMA_PROMPT)),
-                    _int_at(near, i + len(_OLLAMA_COMPLETION)))
+    if len(tail) > NEAR_BYTES:
+        found = ollama_counts_near(tail[-NEAR_BYTES:])
+        if found is not None:
+            return found
+    return whole_tail_counts(tail)
+
+
+def ollama_counts_near(near: bytes) -> tuple[int, int] | None:
+    """Ollama's two counts when both keys are in `near`, a tail's last NEAR_BYTES; else None.
+
+    Ollama's counts end its final line (two durations follow them), so for
+    Ollama answers the rest of the tail need not be decoded. The last
+    occurrence of a key in such a suffix is its last in the whole tail, so
+    this agrees with whole_tail_counts whenever it answers.
+
+    The bytes are decoded as Latin-1, byte for byte, so that the searches are
+    str.rfind: compiled, a direct call, where bytes.rfind goes through
+    Python's argument parsing (about 900 instructions each). Indexes are the
+    same in both.
+    """
+    text = near.decode("latin-1")
+    i = text.rfind(_OLLAMA_COMPLETION)
+    j = text.rfind(_OLLAMA_PROMPT)
+    if i >= 0 and j >= 0:  # what _counts gives when both keys are there
+        return (_int_at(near, j + len(_OLLAMA_PROMPT)),
+                _int_at(near, i + len(_OLLAMA_COMPLETION)))
+    return None
+
+
+def whole_tail_counts(tail: bytes) -> tuple[int, int]:
+    """tokens_in_tail's answer from the whole tail: Ollama's keys, else OpenAI's, else (0, 0)."""
     text = tail.decode("latin-1")
     found = _counts(tail, text, _OLLAMA_PROMPT, _OLLAMA_COMPLETION)
     if found is None:

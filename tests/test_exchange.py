@@ -9,6 +9,7 @@ the callbacks a step schedules (a connect, the dispatcher's retry turn).
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -251,6 +252,30 @@ def test_events_of_a_stream_over_many_reads_are_each_counted_once(rig: Rig, head
     user = rig.state.stats.users["alice"]
     assert (user.done, user.completion_tokens, user.estimated_tokens) == (1, 12, 12)
     assert client.data.endswith(b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_tail_is_the_end_of_the_two_reads_kept_whatever_their_sizes(rig: Rig, seed: int) -> None:
+    # A stream in reads of random sizes, the first with the head: tail(n) is
+    # the last n body bytes of the last two reads, for n below, at and above
+    # their size (the token tap asks for 256 bytes, the end checks for 4 KiB).
+    rnd = random.Random(seed)
+    body = b"".join(chunk(LINE) for _ in range(300))
+    cuts = sorted(rnd.sample(range(1, len(body)), rnd.randint(0, 6)))
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    if rnd.random() < 0.3:
+        pieces.insert(0, b"")  # a head alone in its read
+    _, _, conn = start_stream(rig)
+    conn.data_received(OK_HEAD + pieces[0])
+    kept = [pieces[0]]
+    for piece in pieces[1:]:
+        conn.data_received(piece)
+        kept = [kept[-1], piece]
+    both = b"".join(kept)
+    for n in (1, 100, 256, 4096, len(both), len(both) + 1, 3 * len(both)):
+        if n > 0:
+            assert conn.tail(n) == both[-n:], (n, [len(p) for p in kept])
+    assert conn.tail() == both[-4096:]
 
 
 def test_a_backend_dead_after_its_head_read_ends_the_stream_cleanly(rig: Rig) -> None:

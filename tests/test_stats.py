@@ -24,11 +24,7 @@ def test_tokens_in_tail_reads_last_frames() -> None:
 def _whole_tail_counts(tail: bytes) -> tuple[int, int]:
     """tokens_in_tail as it reads the whole tail, without its look at the tail's end first."""
     from ollamamq_fast import stats
-    text = tail.decode("latin-1")
-    found = stats._counts(tail, text, stats._OLLAMA_PROMPT, stats._OLLAMA_COMPLETION)
-    if found is None:
-        found = stats._counts(tail, text, stats._OPENAI_PROMPT, stats._OPENAI_COMPLETION)
-    return found if found is not None else (0, 0)
+    return stats.whole_tail_counts(tail)
 
 
 def test_a_long_ndjson_tail_is_read_from_its_end() -> None:
@@ -50,9 +46,12 @@ _VALUES = (b":7,", b": 42}", b":-1,", b':"x",', b"")
 def test_the_tail_end_first_gives_what_the_whole_tail_gives(
         fields: list[tuple[int, bytes, bytes]], end: int) -> None:
     # Keys with their values (or junk), apart by gaps that put some before
-    # the tail's end (stats._NEAR bytes) and some inside it.
+    # the tail's end (stats.NEAR_BYTES) and some inside it.
+    from ollamamq_fast.stats import NEAR_BYTES, ollama_counts_near
     tail = b"".join(b"y" * gap + key + value for gap, key, value in fields) + b"z" * end
     assert tokens_in_tail(tail) == _whole_tail_counts(tail)
+    near = ollama_counts_near(tail[-NEAR_BYTES:])
+    assert near is None or near == _whole_tail_counts(tail)
 
 
 def test_an_observation_lands_in_the_bucket_bisect_would_choose() -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ollamamq_fast.fleet.backend import Breaker
 from ollamamq_fast.proxy.state import State
-from ollamamq_fast.stats import tokens_in_tail
+from ollamamq_fast.stats import NEAR_BYTES, ollama_counts_near, whole_tail_counts
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.routes import Kind
 
@@ -83,7 +83,10 @@ def count_tokens(ex: Exchange, conn: UpstreamConnection) -> None:
     if relay is not None and relay.conn is conn:
         relay.count_tokens()  # the counts its translator read from the backend
         return
-    prompt, completion = tokens_in_tail(conn.tail())
+    # stats.tokens_in_tail, without copying more of the tail than its end
+    # when Ollama's counts are there (a whole stream's tail is 4 KiB).
+    found = ollama_counts_near(conn.tail(NEAR_BYTES))
+    prompt, completion = found if found is not None else whole_tail_counts(conn.tail())
     if prompt or completion or not conn.events_seen():
         ex.gw.ledger.tokens(ex, prompt, completion)
     else:  # a stream with no usage in it

@@ -423,19 +423,23 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def tail(self) -> bytes:
-        """The last bytes of the response body (for the token-count tap), at most 8 KiB."""
+    def tail(self, limit: int = _TAIL) -> bytes:
+        """The body's last `limit` bytes (all of it when shorter) of the two reads kept.
+
+        For the token tap and the end-of-stream checks; the body of a read
+        that came with the head starts at its `last_from`. One read that
+        holds them all is sliced, never joined.
+        """
         last = self.last_data
         start = self.last_from
-        if len(last) - start >= _TAIL:
-            return last[-_TAIL:]
-        if start:
-            return last[start:]  # the body came with the head, in one read
+        size = len(last) - start
+        if size >= limit:
+            return last[-limit:]
+        body = last[start:] if start else last
         prev = self.prev_data
         if not prev:
-            return last  # one read: no copy
-        cut = len(prev) - _TAIL
-        return prev[max(self.prev_from, cut) :] + last
+            return body
+        return prev[max(self.prev_from, len(prev) - (limit - size)) :] + body
 
     def events_seen(self) -> int:
         """The stream's events so far (0 unless it is an inference stream)."""
