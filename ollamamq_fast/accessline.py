@@ -34,6 +34,8 @@ _MILLIS: Final = tuple(b".%03dZ" % ms for ms in range(1000))
 # Encoded values kept per writer; cleared when full, so a flood of distinct
 # values costs their encoding, never memory.
 _KEPT_MAX: Final = 4096
+# No value yet (a line's numbers may be None).
+_UNSET: Final = object()
 _KEPT_LEN: Final = 256
 _ROW_LEN: Final = 1024
 
@@ -47,6 +49,11 @@ class Stamp:
 
     def text(self, ts: float) -> bytes:
         """`2026-12-06T22:43:45.123Z` for a Unix time."""
+        second, millis = self.parts(ts)
+        return second + millis
+
+    def parts(self, ts: float) -> tuple[bytes, bytes]:
+        """`2026-12-06T22:43:45` and `.123Z` for a Unix time (joined by the caller)."""
         second = int(ts)
         if second != self.second:
             self.second = second
@@ -54,7 +61,7 @@ class Stamp:
         ms = int((ts - second) * 1000)
         if ms < 0 or ms > 999:  # a negative time stamp; never on a sane clock
             ms = 0
-        return self.prefix + _MILLIS[ms]
+        return self.prefix, _MILLIS[ms]
 
 
 _dumps = orjson.dumps
@@ -110,12 +117,14 @@ def _kept(kept: dict[Any, bytes], prefix: bytes, value: Any) -> bytes:
 
 
 class LineWriter:
-    """Access records (tuples in FIELDS order) to JSON lines. Used by the writer thread only.
+    """Access records (tuples in FIELDS order) to JSON lines. Used by one thread at a time.
 
-    A line is joined from few pieces: the fields from user to backend, which
-    repeat together (one client, one route, one model, one backend), are kept
-    as one piece by their tuple; the numbers are kept each with its key in
-    front (`,"queue_ms":3`); only the time stamp and the request id are new.
+    A line is joined from few pieces, in one join: the fields from user to
+    backend, which repeat together (one client, one route, one model, one
+    backend), are kept as one piece by their tuple; the numbers are kept each
+    with its key in front (`,"queue_ms":3`), and the last one of each is
+    reused when the next line has the same; only the time stamp, the
+    duration's hundredths and the request id are new.
     """
 
     def __init__(self) -> None:
@@ -128,6 +137,15 @@ class LineWriter:
         self.whole_ms: dict[Any, bytes] = {}
         self.prompts: dict[Any, bytes] = {}
         self.completions: dict[Any, bytes] = {}
+        # The last value (the object) of each kept number and its piece.
+        self.last_queue: Any = _UNSET
+        self.last_queue_piece = b""
+        self.last_whole = -1
+        self.last_whole_piece = b""
+        self.last_prompt: Any = _UNSET
+        self.last_prompt_piece = b""
+        self.last_completion: Any = _UNSET
+        self.last_completion_piece = b""
 
     def line(self, fields: tuple[Any, ...]) -> bytes:
         """One access record as one JSON object on one line, newline included."""
@@ -150,24 +168,48 @@ class LineWriter:
             middle = found
             self.last_row = row
             self.last_middle = middle
+        # The numbers: often the very ones of the last line (a queue of 0 ms,
+        # small token counts: CPython keeps one object per small int), which
+        # an identity test finds without a look-up.
+        if queue_ms is self.last_queue:
+            queue = self.last_queue_piece
+        else:
+            queue = _kept(self.queue_ms, b',"queue_ms":', queue_ms)
+            self.last_queue = queue_ms
+            self.last_queue_piece = queue
+        if prompt_tokens is self.last_prompt:
+            prompts = self.last_prompt_piece
+        else:
+            prompts = _kept(self.prompts, b',"prompt_tokens":', prompt_tokens)
+            self.last_prompt = prompt_tokens
+            self.last_prompt_piece = prompts
+        if completion_tokens is self.last_completion:
+            completions = self.last_completion_piece
+        else:
+            completions = _kept(self.completions, b',"completion_tokens":', completion_tokens)
+            self.last_completion = completion_tokens
+            self.last_completion_piece = completions
         if isinstance(duration_ms, float) and 0.0 <= duration_ms < 1e12:
             hundredths = int(duration_ms * 100.0 + 0.5)
-            whole = _kept(self.whole_ms, b',"duration_ms":', hundredths // 100)
-            duration = whole + _HUNDREDTHS[hundredths % 100]
+            whole_ms = hundredths // 100
+            if whole_ms == self.last_whole:
+                whole = self.last_whole_piece
+            else:
+                whole = _kept(self.whole_ms, b',"duration_ms":', whole_ms)
+                self.last_whole = whole_ms
+                self.last_whole_piece = whole
+            fraction = _HUNDREDTHS[hundredths % 100]
         else:
-            duration = b',"duration_ms":' + _dumps(duration_ms)
+            whole = b',"duration_ms":' + _dumps(duration_ms)
+            fraction = b""
         if isinstance(request_id, bytes) and _plain_id(request_id):
-            rid = b',"request_id":"' + request_id + b'"}\n'
+            rid_open, rid, rid_close = b',"request_id":"', request_id, b'"}\n'
         else:
-            rid = b',"request_id":' + json_text(request_id) + b"}\n"
+            rid_open, rid, rid_close = b',"request_id":', json_text(request_id), b"}\n"
+        second, millis = self.stamp.parts(ts)
         return b"".join((
-            b'{"ts":"', self.stamp.text(ts),
-            middle,
-            _kept(self.queue_ms, b',"queue_ms":', queue_ms),
-            duration,
-            _kept(self.prompts, b',"prompt_tokens":', prompt_tokens),
-            _kept(self.completions, b',"completion_tokens":', completion_tokens),
-            rid,
+            b'{"ts":"', second, millis, middle, queue, whole, fraction, prompts, completions,
+            rid_open, rid, rid_close,
         ))
 
     def batch(self, pending: deque[tuple[Any, ...]], limit: int) -> tuple[bytes, int]:

@@ -208,25 +208,35 @@ def test_the_line_writer_keeps_few_and_short_values() -> None:
     assert not any(len(part) > 1024 for part in writer.rows.values())
 
 
+_NUMBERS = hst.sampled_from([0, 1, 7, 300, 10**6, None])
+
+
 @given(hst.lists(hst.tuples(hst.sampled_from(["u", "v"]), hst.sampled_from([b"/a", b"/b"]),
-                           hst.sampled_from([200, 404]), hst.sampled_from(["m", "n"])),
+                           hst.sampled_from([200, 404]), hst.sampled_from(["m", "n"]),
+                           _NUMBERS, hst.sampled_from([0.0, 0.5, 1.25, 1.5, 250.0]),
+                           _NUMBERS, _NUMBERS),
                  max_size=30))
-@settings(max_examples=200, deadline=None)
-def test_each_line_has_its_own_row_whatever_came_before(
-        rows: list[tuple[str, bytes, int, str]]) -> None:
-    # The writer reuses the last line's row when the next has the same one
-    # (accessline.py): a line must never carry a neighbour's user, path,
-    # status or model. Paths are fresh bytes, as they are per request.
+@settings(max_examples=300, deadline=None)
+def test_each_line_has_its_own_fields_whatever_came_before(
+        rows: list[tuple[str, bytes, int, str, int | None, float, int | None, int | None]]) -> None:
+    # The writer reuses the last line's row and numbers when the next has
+    # the same ones (accessline.py): a line must never carry a neighbour's
+    # user, path, status, model, queue time, duration or token counts. Paths
+    # and big numbers are fresh objects, as they are per request.
     from ollamamq_fast.accessline import LineWriter
 
     writer = LineWriter()
-    for user, path, status, model in rows:
-        fields = (1.0, user, "ip", b"GET", bytes(path), model, status, "b", 0, 0.5, 0, 0, b"r")
+    for user, path, status, model, queue, ms, prompt, completion in rows:
+        fresh = [int(str(n)) if n is not None else None for n in (queue, prompt, completion)]
+        fields = (1.0, user, "ip", b"GET", bytes(path), model, status, "b", fresh[0], ms,
+                  fresh[1], fresh[2], b"r")
         line = writer.line(fields)
         assert line == LineWriter().line(fields)
         record = json.loads(line)
         assert (record["user"], record["path"], record["status"], record["model"]) == (
             user, path.decode(), status, model)
+        assert (record["queue_ms"], record["duration_ms"], record["prompt_tokens"],
+                record["completion_tokens"]) == (queue, ms, prompt, completion)
 
 
 @pytest.mark.parametrize("ms", [0.0, 0.01, 0.5, 1.25, 9.99, 10.0, 1023.99, 1024.5, 123456.78])
