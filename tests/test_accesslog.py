@@ -401,6 +401,25 @@ def test_durations_are_timed_finer_than_the_loops_millisecond(tmp_path: Path) ->
     durations = [x["duration_ms"] for x in lines if x["path"] == "/api/generate"]
     assert len(durations) == 20
     assert any(d != int(d) for d in durations), durations
+    # One clock for a request's start and end: the ledger once read the end
+    # from the loop's whole milliseconds, and fast answers took "-0.4 ms".
+    assert all(d > 0 for d in durations), durations
+
+
+def test_the_ledger_times_requests_with_the_clock_that_stamps_their_start() -> None:
+    st = start_stack()
+    try:
+        state = st.state
+        assert state.ledger.loop_time is state.loop_time
+        with httpx.Client(timeout=10) as client:
+            for _ in range(30):
+                r = client.post(f"{st.url}/api/generate",
+                                json={"model": "llama3.2", "prompt": "hi", "stream": False})
+                assert r.status_code == 200
+        assert state.stats.latency.count >= 30
+        assert state.stats.latency.low > 0 and state.stats.ttfb.low > 0
+    finally:
+        st.close()
 
 
 def test_a_lone_surrogate_in_a_model_name_is_answered_logged_and_harmless(
