@@ -385,9 +385,10 @@ class Gateway:
                 dispatcher.sweep(now)
             self._check_fds(state, now)
             self._publish_tick(state)
+            idle_now = state.loop_time()  # the clock pools stamp idle connections with
             for b in state.pools.backends:
                 if b.pool is not None:
-                    b.pool.expire_idle(now)
+                    b.pool.expire_idle(idle_now)
         except Exception:  # the reaper must survive a bug in one connection
             log.exception("reaper tick failed")
         self.reaper = loop.call_later(TICK_S, self._tick)

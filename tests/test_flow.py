@@ -141,3 +141,31 @@ def test_a_closed_client_is_never_touched_again() -> None:
     flow.resume_client(BODY_BUFFER)
     flow.pause_client(BODY_BUFFER)
     assert client.calls == ["pause"]
+
+
+def test_idle_pooled_connections_expire_after_their_time_and_not_before() -> None:
+    # The real pool (not FakePool): release stamps a connection with the data
+    # plane's clock (time.monotonic), which the reaper passes to expire_idle.
+    import time
+
+    from ollamamq_fast.proxy.pool import IDLE_EXPIRY_S
+
+    pool = UpstreamPool(Backend(parse_backend_url("http://b:1"), 1), None)  # type: ignore[arg-type]
+    stale, fresh = UpstreamConnection(pool), UpstreamConnection(pool)
+    transports = {}
+    for conn in (stale, fresh):
+        transports[id(conn)] = transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        pool.open += 1
+    before = time.monotonic()
+    pool.release(stale)
+    pool.release(fresh)
+    assert before <= stale.idle_since <= time.monotonic()
+    pool.expire_idle(time.monotonic())
+    assert pool.idle == [stale, fresh]  # nothing is idle for long yet
+    stale.idle_since -= IDLE_EXPIRY_S + 1  # idle for longer than the expiry
+    pool.expire_idle(time.monotonic())
+    assert pool.idle == [fresh]
+    assert stale.closed and transports[id(stale)].closing
+    assert not fresh.closed and not transports[id(fresh)].closing
+    assert pool.acquire_idle() is fresh and pool.acquire_idle() is None

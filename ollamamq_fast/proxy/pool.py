@@ -8,6 +8,7 @@ only after a clean response and only unpaused (flow.py lets go of it first).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Final
 
 from mypy_extensions import mypyc_attr
@@ -69,7 +70,9 @@ class UpstreamPool:
         if self.closed or len(self.idle) >= MAX_IDLE_PER_BACKEND:
             conn.close()
             return
-        conn.idle_since = self.loop.time()
+        # The data plane's clock (plane.py), a C call; the loop's time() is a
+        # Python-level call into uvloop on every response.
+        conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -81,7 +84,8 @@ class UpstreamPool:
             self.open -= 1
 
     def expire_idle(self, now: float) -> None:
-        """Close connections idle longer than IDLE_EXPIRY_S (called by the reaper)."""
+        """Close connections idle longer than IDLE_EXPIRY_S at `now` (time.monotonic;
+        called by the reaper)."""
         if not self.idle:
             return
         keep = []
