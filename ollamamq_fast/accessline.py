@@ -34,7 +34,7 @@ _MILLIS: Final = tuple(b".%03dZ" % ms for ms in range(1000))
 # Encoded values kept per writer; cleared when full, so a flood of distinct
 # values costs their encoding, never memory.
 _KEPT_MAX: Final = 4096
-# No value yet (a line's numbers may be None).
+# No value yet (NumberPieces.last).
 _UNSET: Final = object()
 _KEPT_LEN: Final = 256
 _ROW_LEN: Final = 1024
@@ -116,6 +116,31 @@ def _kept(kept: dict[Any, bytes], prefix: bytes, value: Any) -> bytes:
     return out
 
 
+class NumberPieces:
+    """The `,"key":N` pieces of one number field of the access lines.
+
+    The last piece is reused when the next line has the very same value
+    object (CPython keeps one object per small int: a 0 ms queue, small token
+    counts are found by an identity test, without a look-up); other values
+    are made once and kept in a bounded table (_kept).
+    """
+
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = prefix
+        self.kept: dict[Any, bytes] = {}
+        self.last: Any = _UNSET  # a line's numbers may be None
+        self.last_piece = b""
+
+    def of(self, value: Any) -> bytes:
+        """The piece for `value`."""
+        if value is self.last:
+            return self.last_piece
+        piece = _kept(self.kept, self.prefix, value)
+        self.last = value
+        self.last_piece = piece
+        return piece
+
+
 class LineWriter:
     """Access records (tuples in FIELDS order) to JSON lines. Used by one thread at a time.
 
@@ -133,19 +158,10 @@ class LineWriter:
         self.rows: dict[tuple[Any, ...], bytes] = {}
         self.last_row: tuple[Any, ...] = ()
         self.last_middle = b""
-        self.queue_ms: dict[Any, bytes] = {}
-        self.whole_ms: dict[Any, bytes] = {}
-        self.prompts: dict[Any, bytes] = {}
-        self.completions: dict[Any, bytes] = {}
-        # The last value (the object) of each kept number and its piece.
-        self.last_queue: Any = _UNSET
-        self.last_queue_piece = b""
-        self.last_whole = -1
-        self.last_whole_piece = b""
-        self.last_prompt: Any = _UNSET
-        self.last_prompt_piece = b""
-        self.last_completion: Any = _UNSET
-        self.last_completion_piece = b""
+        self.queue_ms = NumberPieces(b',"queue_ms":')
+        self.whole_ms = NumberPieces(b',"duration_ms":')  # whole milliseconds
+        self.prompts = NumberPieces(b',"prompt_tokens":')
+        self.completions = NumberPieces(b',"completion_tokens":')
 
     def line(self, fields: tuple[Any, ...]) -> bytes:
         """One access record as one JSON object on one line, newline included."""
@@ -168,36 +184,9 @@ class LineWriter:
             middle = found
             self.last_row = row
             self.last_middle = middle
-        # The numbers: often the very ones of the last line (a queue of 0 ms,
-        # small token counts: CPython keeps one object per small int), which
-        # an identity test finds without a look-up.
-        if queue_ms is self.last_queue:
-            queue = self.last_queue_piece
-        else:
-            queue = _kept(self.queue_ms, b',"queue_ms":', queue_ms)
-            self.last_queue = queue_ms
-            self.last_queue_piece = queue
-        if prompt_tokens is self.last_prompt:
-            prompts = self.last_prompt_piece
-        else:
-            prompts = _kept(self.prompts, b',"prompt_tokens":', prompt_tokens)
-            self.last_prompt = prompt_tokens
-            self.last_prompt_piece = prompts
-        if completion_tokens is self.last_completion:
-            completions = self.last_completion_piece
-        else:
-            completions = _kept(self.completions, b',"completion_tokens":', completion_tokens)
-            self.last_completion = completion_tokens
-            self.last_completion_piece = completions
         if isinstance(duration_ms, float) and 0.0 <= duration_ms < 1e12:
             hundredths = int(duration_ms * 100.0 + 0.5)
-            whole_ms = hundredths // 100
-            if whole_ms == self.last_whole:
-                whole = self.last_whole_piece
-            else:
-                whole = _kept(self.whole_ms, b',"duration_ms":', whole_ms)
-                self.last_whole = whole_ms
-                self.last_whole_piece = whole
+            whole = self.whole_ms.of(hundredths // 100)
             fraction = _HUNDREDTHS[hundredths % 100]
         else:
             whole = b',"duration_ms":' + _dumps(duration_ms)
@@ -208,7 +197,8 @@ class LineWriter:
             rid_open, rid, rid_close = b',"request_id":', json_text(request_id), b"}\n"
         second, millis = self.stamp.parts(ts)
         return b"".join((
-            b'{"ts":"', second, millis, middle, queue, whole, fraction, prompts, completions,
+            b'{"ts":"', second, millis, middle, self.queue_ms.of(queue_ms), whole, fraction,
+            self.prompts.of(prompt_tokens), self.completions.of(completion_tokens),
             rid_open, rid, rid_close,
         ))
 
