@@ -146,6 +146,34 @@ def test_version_names_the_build() -> None:
     assert pure.stdout.strip() == f"ollamamq-fast 0.1.0 (python: {buildinfo.PURE_ENV} is set)"
 
 
+# setup.py's EXTRA_CFLAGS (setup.py runs setup() when imported, so not imported here).
+_EXTRA_CFLAGS = ("-fno-semantic-interposition", "-fno-plt")
+
+
+def test_the_compiled_library_was_built_with_the_extra_flags() -> None:
+    """The flags setup.py found the compiler to take are recorded and are in the library's code.
+
+    GCC writes its command line into the debug info's producer string (mypyc
+    builds with -g1), so the library itself shows whether they were used: a
+    build that recorded them but compiled without them fails here.
+    """
+    info = buildinfo.read_info()
+    if info is None or info.get("build") != "mypyc":
+        pytest.skip("not a compiled install: no compiler flags to check")
+    recorded = info.get("cflags")
+    assert isinstance(recorded, list) and set(recorded) <= set(_EXTRA_CFLAGS), info
+    library = PACKAGE_DIR.parent / (buildinfo.GROUP + "__mypyc" + sysconfig.get_config_var("EXT_SUFFIX"))
+    assert library.exists(), library
+    data = library.read_bytes()
+    at = data.find(b"GNU C")
+    if at < 0:
+        pytest.skip("the library names no GCC command line (another compiler, or stripped)")
+    producer = data[at : data.find(b"\0", at)].decode("latin-1")
+    # Every GCC since 6 takes both; the probe must not have dropped them.
+    assert list(recorded) == list(_EXTRA_CFLAGS), (recorded, producer)
+    for flag in recorded:
+        assert f" {flag}" in producer, (flag, producer)
+
 def test_user_stats_snapshot_lists_every_field() -> None:
     """snapshot() names its fields (compiled classes have no __slots__ to read)."""
     from ollamamq_fast.stats import UserStats
