@@ -1,6 +1,7 @@
 """A backend that answers inference requests with exactly the bytes a test gives it.
 
-Probes and model lists are answered like Ollama (one model, `fake:latest`), so
+Probes and model lists are answered like Ollama (one model, `fake:latest`,
+loaded; `/api/ps` after `ps_delay` seconds, counted in `ps_count`), so
 the gateway takes it for an online Ollama backend. Any other request is
 answered by the `Script` registered under its `X-Mode` header (the gateway
 forwards that header as it is), else with a plain non-stream chat answer. A
@@ -68,8 +69,10 @@ class Got:
 class RawBackend:
     """The scripted backend on 127.0.0.1, on a free port, served from its own thread."""
 
-    def __init__(self, scripts: dict[str, Script]) -> None:
+    def __init__(self, scripts: dict[str, Script], ps_delay: float = 0.0) -> None:
         self.scripts = scripts
+        self.ps_delay = ps_delay  # seconds before /api/ps is answered
+        self.ps_count = 0
         self.requests: list[Got] = []
         self.lock = threading.Lock()
         self.conns = 0
@@ -120,7 +123,9 @@ class RawBackend:
                 elif path.startswith(b"/api/version"):
                     writer.write(answer(b'{"version":"0.12.0"}'))
                 elif path.startswith(b"/api/ps"):
-                    writer.write(answer(b'{"models":[]}'))
+                    self.ps_count += 1
+                    await asyncio.sleep(self.ps_delay)
+                    writer.write(answer(b'{"models":[{"name":"fake:latest","model":"fake:latest"}]}'))
                 elif path.startswith(b"/v1/models"):
                     writer.write(answer(b'{"object":"list","data":[]}'))
                 elif script is not None:
