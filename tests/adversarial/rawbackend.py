@@ -91,6 +91,9 @@ class RawBackend:
         """Stop serving and end the thread."""
         async def stop() -> None:
             self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
         try:
             self._run(stop())
         finally:

@@ -15,7 +15,9 @@ second one pipelined behind it (`GET /api/version`) and checks that:
 - the connection the backend misbehaved on is not used again, the process is
   alive and another user is served.
 
-Gateway: auth off, `--timeout 3`, one slot; a second one with `--cache all`.
+Gateway: auth off, `--timeout 3`, one slot; a second one with `--cache all`;
+a third with `--max-in-flight-per-user 1`, for answers cut after their head:
+the request must still end (its user's in-flight count given back, counted).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Iterator
 import pytest
 from gatewayproc import GatewayProc
 from rawbackend import CHAT_OK, RawBackend, Script, answer, chunked
-from wire import exchange, request
+from wire import exchange, request, wait_until
 
 SMUGGLED = b'{"smuggled":true}'
 CHAT = json.dumps({"model": "fake", "stream": False, "temperature": 0,
@@ -48,6 +50,12 @@ SCRIPTS = {
     "switching": Script([(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n"
                           b"Connection: Upgrade\r\n\r\nRAW")], close=True),
     "plain": Script([answer(CHAT_OK)]),
+    # Answers cut after their head was relayed, where no clean error frame fits.
+    "cut-length": Script([HEAD_OF_OK, 0.05, b'{"mod'], close=True),
+    "cut-mid-line": Script([(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n"), 0.05, b'5\r\n{"mod\r\n'],
+                           close=True),
+    "silent-after-head": Script([HEAD_OF_OK, 0.05, b'{"mod', 6.0]),
 }
 
 
@@ -68,6 +76,14 @@ def gw(raw: RawBackend) -> Iterator[GatewayProc]:
 @pytest.fixture(scope="module")
 def cache_gw(raw: RawBackend) -> Iterator[GatewayProc]:
     proc = GatewayProc([raw.url], "--timeout", "3", "--slots", "1", "--cache", "all")
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def limited_gw(raw: RawBackend) -> Iterator[GatewayProc]:
+    proc = GatewayProc([raw.url], "--timeout", "1", "--slots", "1", "--cache", "off",
+                       "--max-in-flight-per-user", "1", admin=True)
     yield proc
     proc.close()
 
@@ -141,3 +157,23 @@ def test_a_cached_answer_never_carries_the_backends_extra_bytes(
     assert [r.status for r in responses] == [200, 200] and not rest
     assert responses[0].body == CHAT_OK
     assert responses[1].json() == {"version": "0.12.0"}
+
+
+@pytest.mark.parametrize("mode", ["cut-length", "cut-mid-line", "silent-after-head"])
+def test_an_answer_cut_after_its_head_still_ends_the_request(
+        limited_gw: GatewayProc, raw: RawBackend, mode: str) -> None:
+    user = f"cut-{mode}"
+    responses, rest, closed = exchange(
+        limited_gw.port, request("POST", "/api/chat", CHAT, [("X-Mode", mode), ("X-User-ID", user)]),
+        timeout=5)
+    assert not responses and rest.startswith(b"HTTP/1.1 200") and closed, "a cut answer"
+
+    def ended() -> bool:
+        users = limited_gw.admin("GET", "/api/users").json()["users"]
+        return any(u["user"] == user and u["in_flight"] == 0 for u in users)
+
+    assert wait_until(ended, 3), f"{user} still has a request in flight"
+    # With at most one request in flight, the user can ask again.
+    responses, _, _ = exchange(limited_gw.port, request(
+        "POST", "/api/chat", CHAT, [("X-Mode", "plain"), ("X-User-ID", user)]), expect=1)
+    assert responses and responses[0].status == 200, responses and responses[0].body
