@@ -290,6 +290,44 @@ def test_a_backend_dead_after_its_head_read_ends_the_stream_cleanly(rig: Rig) ->
     assert rig.state.stats.users["alice"].in_flight == 0
 
 
+@pytest.mark.parametrize("cut", [
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b'{"mod', id="length"),
+    pytest.param(OK_HEAD + b'9\r\n{"model":', id="mid-line"),
+])
+def test_a_stream_cut_where_no_error_frame_fits_still_ends_the_request(rig: Rig, cut: bytes) -> None:
+    """The client's connection is cut, and the request has its one end: its user's in-flight
+    count is given back (it was not, and a user with a limit of one was locked out)."""
+    proto, client, conn = start_stream(rig)
+    conn.data_received(cut)
+    conn.connection_lost(ConnectionResetError("gone"))
+    assert client.aborted
+    proto.connection_lost(None)
+    user = rig.state.stats.users["alice"]
+    assert user.in_flight == 0 and user.done == 1 and user.dropped == 0
+
+
+@pytest.mark.parametrize(("reads", "relayed"), [
+    pytest.param([OK_HEAD + chunk(FINAL) + b"0\r\n\r\n" + b"HTTP/1.1 200 OK\r\n"], b"",
+                 id="one-read"),
+    pytest.param([OK_HEAD, chunk(FINAL) + b"0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+                 OK_HEAD, id="later-read"),
+])
+def test_bytes_past_the_answer_are_never_relayed(rig: Rig, reads: list[bytes],
+                                                 relayed: bytes) -> None:
+    """A second response (or the start of one) after the answer: never written to the client,
+    whose next request would read it as its answer; the backend connection is dropped."""
+    _, client, conn = start_stream(rig)
+    for data in reads:
+        conn.data_received(data)
+    text = bytes(client.data)
+    assert text.count(b"HTTP/1.1") <= 1 and FINAL not in text
+    if relayed:  # the head was relayed: the stream ends with an error line (or a cut)
+        assert text.startswith(relayed[:15]) and (client.aborted or b'"error"' in text)
+    else:
+        assert text.startswith(b"HTTP/1.1 502")
+    assert conn.closed and conn not in rig.pools[0].idle
+
+
 @pytest.mark.parametrize("later_reads", [0, 1, 5])
 def test_a_client_gone_mid_stream_is_charged_the_events_it_was_sent(rig: Rig, later_reads: int) -> None:
     proto, _, conn = start_stream(rig)

@@ -310,6 +310,9 @@ def _exact_read(body: bytes, key: str) -> object:
     b'{"model":"m","n_predict":100000,"max_tokens":5}',
     b'{"model":"m","N_Predict":-1}',
     b'{"model":"m","max\\u005ftokens":100000}',
+    b'{"model":"m","max_tokens":0}',
+    b'{"model":"m","Max_Tokens":0}',
+    b'{"model":"m","max_completion_tokens":0}',
 ])
 def test_every_spelling_of_a_limit_is_capped(body: bytes) -> None:
     from ollamamq_fast.policy.caps import CAP_RULES, cap_openai, splice
@@ -321,8 +324,28 @@ def test_every_spelling_of_a_limit_is_capped(body: bytes) -> None:
     for key in ("max_tokens", "max_completion_tokens", "n_predict"):
         for read in (_go_read, _exact_read):
             value = read(out, key)
-            assert value is None or 0 <= value <= 64, (key, read.__name__, out)  # type: ignore[operator]
+            # Not 0: Ollama stops at num_predict (its max_tokens) only above 0.
+            assert value is None or 1 <= value <= 64, (key, read.__name__, out)  # type: ignore[operator]
     assert _exact_read(out, "max_tokens") is not None and _go_read(out, "max_tokens") is not None
+
+
+@pytest.mark.parametrize("limit", [b"0", b"-0", b"0.5", b"1e-400", b"-1", b"100000"])
+@pytest.mark.parametrize("reject", [False, True])
+def test_a_native_limit_ollama_reads_as_none_is_capped(limit: bytes, reject: bool) -> None:
+    """num_predict 0 (or a float Go truncates to 0) is no limit to Ollama's runner, like -1."""
+    from ollamamq_fast.policy.caps import CapError, cap_native, parse_object, splice
+    from ollamamq_fast.wire.sniff import sniff_spans
+
+    body = b'{"model":"m","options":{"num_predict":' + limit + b'}}'
+    sn = sniff_spans(body, ("model",), ("options",))
+    start, end = sn.spans["options"]
+    options = parse_object(body[start:end])
+    if reject:
+        with pytest.raises(CapError):
+            cap_native(body, sn, options, 64, True)
+        return
+    out = splice(body, cap_native(body, sn, options, 64, False))
+    assert _go_read(out, "options") == {"num_predict": 64}, out
 
 
 def test_a_lower_limit_in_another_spelling_is_kept() -> None:

@@ -11,7 +11,9 @@ keeps integers of any size exact and writes floats with `repr`, so `1.0` stays
 Mode `clamp` rewrites a value above the cap to the cap; `reject` answers 400
 instead. In both modes a request that sets no limit gets the cap added:
 without it Ollama generates until the context is full. Negative values mean
-"unlimited" to Ollama (-1, -2) and count as above the cap.
+"unlimited" to Ollama (-1, -2) and count as above the cap; so does 0 (and a
+float Go truncates to 0): Ollama's runner stops at num_predict only when it is
+above 0, and its OpenAI layer passes `max_tokens` on as num_predict.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def number(raw: bytes, key: str) -> int | float | None:
 
 
 def _too_many(key: str, value: float, cap: int) -> str:
-    if value < 0:
+    if value < 1:
         return (f"{key} {value:g} (unlimited) exceeds this gateway's cap of {cap} tokens; "
                 f"ask for at most {cap}")
     return f"{key} {value:g} exceeds this gateway's cap of {cap} tokens; ask for at most {cap}"
@@ -132,7 +134,7 @@ def cap_openai(body: bytes, sn: Sniffed, rule: CapRule, cap: int, reject: bool) 
     for key in rule.keys:
         for _raw, start, end in sn.occurrences.get(key, ()):
             value = number(body[start:end], key)
-            if value is None or value < 0 or value > cap:
+            if value is None or value < 1 or value > cap:
                 if value is not None and reject:
                     raise CapError(_too_many(key, value, cap))
                 edits.append((start, end, capped))
@@ -166,12 +168,12 @@ def mirror_max_tokens(body: bytes, sn: Sniffed) -> Edit | None:
 
 
 def _limit(body: bytes, start: int, end: int) -> int | None:
-    """A usable output limit (a non-negative integer) at body[start:end], else None."""
+    """A usable output limit (a positive integer: 0 is none to Ollama) at body[start:end], else None."""
     try:
         value = number(body[start:end], "limit")
     except CapError:
         return None
-    if value is None or value < 0 or value != int(value):
+    if value is None or value < 1 or value != int(value):
         return None
     return int(value)
 
@@ -195,7 +197,7 @@ def cap_native(
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise CapError(f"options.num_predict must be an integer, got {value!r:.40}")
-        if 0 <= value <= cap:
+        if 1 <= value <= cap:  # Go truncates a float; below 1 is 0, no limit
             return []
         if reject:
             raise CapError(_too_many("options.num_predict", value, cap))

@@ -28,6 +28,7 @@ from ollamamq_fast.proxy.transport import Transport
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api, error_body
 from ollamamq_fast.wire.headers import KeptLines
+from ollamamq_fast.wire.routes import api_of_path
 
 _log = logging.getLogger("ollamamq_fast.proxy")
 
@@ -309,14 +310,17 @@ class ClientProtocol(asyncio.Protocol):
 
     def _reject(self, status: int, message: str) -> None:
         """A request we cannot parse: answer in order if possible, then close."""
-        api = self.parsing.api if self.parsing is not None else Api.OLLAMA
+        parsing = self.parsing
+        api = Api.OLLAMA
+        if parsing is not None:
+            # Refused before its head was read (no route yet): its path says which API.
+            api = parsing.api if parsing.method or not parsing.url else api_of_path(parsing.url)
         ctype, body = error_body(api, status, message)
         data = framing.local_response(status, ctype, body, close=True)
         transport = self.transport
         if transport is None or self.closing:
             self.closing = True
             return
-        parsing = self.parsing
         if parsing is not None and self.pipeline and self.pipeline[-1] is parsing:
             self.pipeline.pop()  # its head was fine, its body is not: it is never answered
             parsing.client_gone()

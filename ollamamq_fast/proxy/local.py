@@ -23,6 +23,7 @@ from ollamamq_fast.wire.translate.models import (
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
+    from ollamamq_fast.fleet.select import Fleet
     from ollamamq_fast.plane import DataPlane
     from ollamamq_fast.proxy.exchange import Exchange
 
@@ -37,6 +38,10 @@ class LocalRoutes:
     def __init__(self, gw: DataPlane) -> None:
         self.gw = gw
         self.tasks: set[asyncio.Task[None]] = set()
+        # /api/ps fetches under way, by fleet: requests that arrive meanwhile
+        # share one (the route needs no key; one fetch per request would let
+        # any client multiply backend requests and starve the health probes).
+        self.ps_flights: dict[Fleet, asyncio.Task[list[dict[str, Any]]]] = {}
 
     def answer(self, ex: Exchange, route: Route) -> None:
         """Write the answer for a local route (async ones finish later)."""
@@ -170,7 +175,13 @@ class LocalRoutes:
         ex.respond(200, _OPENAI_JSON, orjson.dumps(body) + b"\n")
 
     async def _ps(self, ex: Exchange) -> None:
-        models = await self.gw.health.fetch_ps(ex.fleet.backends)
+        fleet = ex.fleet
+        flight = self.ps_flights.get(fleet)
+        if flight is None:
+            flight = self.gw.loop.create_task(self.gw.health.fetch_ps(fleet.backends))
+            self.ps_flights[fleet] = flight
+            flight.add_done_callback(lambda _done: self.ps_flights.pop(fleet, None))
+        models = list(await asyncio.shield(flight))  # a copy: the others' answers share it
         seen = {normalize_model(str(m.get("name") or m.get("model") or "")) for m in models}
         for b in ex.fleet.backends:
             # An OpenAI-compatible server keeps the models it serves loaded.

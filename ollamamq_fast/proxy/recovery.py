@@ -101,7 +101,9 @@ def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
     ex._release_backend()
     ex.keep_alive = False
     transport = ex.client.transport
+    end = End.CANCELLED  # the client is leaving anyway
     if transport is not None and not transport.is_closing():
+        end = End.DONE
         frame = None
         tail = conn.tail()
         if conn.framing is framing.Framing.CHUNKED and (
@@ -115,7 +117,10 @@ def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
         # Mid-line or unframed: no clean frame is possible; the client sees
         # a truncated message (an error in every HTTP client), never a hang.
         transport.abort()
-    ex._end()
+    if ex.state is not State.DONE:
+        # Its one end, recorded here: the client's connection_lost finds it done.
+        ex._end()
+        ex._ended(end)
 
 
 def failed_before_response(ex: Exchange, conn: UpstreamConnection | None,

@@ -128,6 +128,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers_done = False
         self.interim = False
         self.complete = False
+        # A message began after this one ended: the backend sent bytes past its answer.
+        self.overrun = False
         self.got_bytes = False
         # The last two reads of the body, kept by reference for the token tap
         # and a clean end if the backend dies; a read that came with the head
@@ -165,6 +167,20 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         if self.head_sent:
+            # Parsed before it is relayed: bytes past the answer's end (a second
+            # response, the start of one) would be read by the client as the
+            # answer to its next request. Such a read is never relayed.
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                self._protocol_error(exc)
+                return
+            except httptools.HttpParserUpgrade:
+                self._protocol_error(_Overrun())
+                return
+            if self.overrun:
+                self._protocol_error(_Overrun())
+                return
             gone = self.prev_data
             if gone and self.event_mark:
                 self.events += _count(gone, self.event_mark, self.prev_from)
@@ -177,11 +193,6 @@ class UpstreamConnection(asyncio.Protocol):
                 client.write(data)
                 if self.tee is not None:
                     self.keep(data)
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserError as exc:
-                self._protocol_error(exc)
-                return
             if self.dechunking:
                 self.flush_body(sink)
         else:
@@ -207,6 +218,11 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._protocol_error(exc)
             return
+        except httptools.HttpParserUpgrade:
+            self._protocol_error(ValueError(
+                "the backend answered 101 Switching Protocols to a request that asked for no "
+                "upgrade"))
+            return
         if not self.headers_done:
             if len(self.head_buf) > MAX_HEAD_BYTES:
                 # The same bound as for client heads: a backend cannot make the
@@ -227,6 +243,10 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             body_at = end + 4
             self.raw_head = buf[start:end]
+        if self.overrun or (self.head_request and len(buf) > body_at):
+            # More than one answer (or a body after a HEAD answer's head): not relayed.
+            self._protocol_error(_Overrun())
+            return
         self.head_buf = b""
         self.head_sent = True
         head = sink.response_head(self)
@@ -340,6 +360,14 @@ class UpstreamConnection(asyncio.Protocol):
             # No body follows (HEAD, 204, 304). The parser cannot be told about
             # HEAD, so the message ends here and the parser is replaced.
             self.complete = True
+            if self.head_request:
+                # Nor is the connection kept: a body the backend sent after a
+                # HEAD answer anyway would be read as the next request's answer.
+                self.backend_keep_alive = False
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.overrun = True
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -493,6 +521,14 @@ class UpstreamConnection(asyncio.Protocol):
             sink.upstream_lost(self, exc)
 
 
+class _Overrun(ValueError):
+    """The backend sent bytes past the end of its answer (a second response, or
+    the start of one): the connection is dropped and those bytes are not relayed."""
+
+    def __init__(self) -> None:
+        super().__init__("the backend sent more than one answer to one request")
+
+
 def _count(data: bytes, mark: bytes, start: int) -> int:
     """Occurrences of `mark` in data[start:] (the start argument only when needed: it costs)."""
     return data.count(mark, start) if start else data.count(mark)
@@ -503,6 +539,7 @@ class _Dechunker:
 
     def __init__(self, conn: UpstreamConnection) -> None:
         self.conn = conn
+        self.on_message_begin = conn.on_message_begin
         self.on_header = conn.on_header
         self.on_message_complete = conn.on_message_complete
 

@@ -85,9 +85,13 @@ def exact_field(pairs: Pairs, name: str) -> tuple[bool, Any]:
 
 
 def within(value: Any, cap: int) -> bool:
-    """Whether a token limit is a number between 0 and `cap`."""
+    """Whether a token limit is a number between 1 and `cap`.
+
+    Not 0: Ollama's runner stops at num_predict only when it is above 0, so 0
+    (and a float Go truncates to 0) means no limit at all, as a negative one does.
+    """
     return (not isinstance(value, bool) and isinstance(value, int | float)
-            and 0 <= value <= cap)
+            and 1 <= value <= cap)
 
 
 def native_cap_holds(body: bytes, cap: int) -> tuple[bool, str]:

@@ -58,6 +58,12 @@ V1_BODIES = {
     "null": b'"max_tokens":null',
     "n_predict": b'"n_predict":100000',
     "n_predict-small-max-tokens": b'"max_tokens":10,"n_predict":100000',
+    # 0 is no limit to Ollama (its runner stops at num_predict only above 0).
+    "zero": b'"max_tokens":0',
+    "minus-zero": b'"max_tokens":-0',
+    "zero-in-another-spelling": b'"Max_Tokens":0',
+    "zero-after-small": b'"max_tokens":10,"Max_Tokens":0',
+    "max_completion_tokens-zero": b'"max_completion_tokens":0',
 }
 V1_GO_XFAIL: dict[str, str] = {}
 V1_EXACT_XFAIL: dict[str, str] = {}
@@ -92,6 +98,10 @@ NATIVE = [
                  b'"\\u006fptions":{"num_predict":100000}}', id="escaped-key"),
     pytest.param(b'{"model":"fake","stream":false,' + MSG + b',"options":null,'
                  b'"Options":{"num_predict":100000}}', id="null-then-Options"),
+    # 0, and what Go truncates to 0, is no limit to Ollama's runner.
+    *[pytest.param(b'{"model":"fake","stream":false,' + MSG + b',"options":{"num_predict":'
+                   + zero + b'}}', id=f"zero-{zero.decode()}")
+      for zero in (b"0", b"-0", b"0.5", b"-0.5", b"1e-400", b"0.0")],
 ]
 
 

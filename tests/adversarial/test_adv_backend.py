@@ -1,0 +1,179 @@
+"""A backend that breaks HTTP/1.1 framing must never desynchronise a client connection.
+
+The gateway relays a backend's answer raw. Bytes a backend sends past the end
+of its answer (a second, unsolicited response; the start of one; a body after
+the head of a HEAD answer) are not part of the answer: relayed, the client
+reads them as the answer to its *next* request (response splitting), and a
+cached copy hands them to other users. Each probe sends the request with a
+second one pipelined behind it (`GET /api/version`) and checks that:
+
+- the bytes the client gets parse strictly as one answer per request, and
+  none of them is the backend's extra response;
+- the first answer is the backend's (200) or a clean 502 in Ollama's shape
+  (an answer whose head was already relayed may end in a cut connection,
+  which every client reports as an error);
+- the connection the backend misbehaved on is not used again, the process is
+  alive and another user is served.
+
+Gateway: auth off, `--timeout 3`, one slot; a second one with `--cache all`;
+a third with `--max-in-flight-per-user 1`, for answers cut after their head:
+the request must still end (its user's in-flight count given back, counted).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from gatewayproc import GatewayProc
+from rawbackend import CHAT_OK, RawBackend, Script, answer, chunked
+from wire import exchange, request, wait_until
+
+SMUGGLED = b'{"smuggled":true}'
+CHAT = json.dumps({"model": "fake", "stream": False, "temperature": 0,
+                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+HEAD_OF_OK = answer(CHAT_OK)[: answer(CHAT_OK).index(b"\r\n\r\n") + 4]
+BLOB = "/api/blobs/sha256:" + "ab" * 32
+
+SCRIPTS = {
+    # A whole second response in the read that ends the first.
+    "second-response": Script([answer(CHAT_OK) + answer(SMUGGLED)]),
+    "second-after-chunked": Script([chunked([CHAT_OK + b"\n"]) + answer(SMUGGLED)]),
+    # The head first, then the body and a second response in a later read.
+    "second-after-body": Script([HEAD_OF_OK, 0.05, CHAT_OK + answer(SMUGGLED)]),
+    # Only the start of a second response: it would prefix the client's next answer.
+    "partial-second": Script([answer(CHAT_OK) + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-J: "]),
+    # A body after the head of a HEAD answer (a HEAD answer has none).
+    "head-with-body": Script([answer(b"HTTP/1.1 200 OK\r\n")]),
+    # An upgrade nobody asked for.
+    "switching": Script([(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n"
+                          b"Connection: Upgrade\r\n\r\nRAW")], close=True),
+    "plain": Script([answer(CHAT_OK)]),
+    # Answers cut after their head was relayed, where no clean error frame fits.
+    "cut-length": Script([HEAD_OF_OK, 0.05, b'{"mod'], close=True),
+    "cut-mid-line": Script([(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n"), 0.05, b'5\r\n{"mod\r\n'],
+                           close=True),
+    "silent-after-head": Script([HEAD_OF_OK, 0.05, b'{"mod', 6.0]),
+}
+
+
+@pytest.fixture(scope="module")
+def raw() -> Iterator[RawBackend]:
+    fake = RawBackend(SCRIPTS)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def gw(raw: RawBackend) -> Iterator[GatewayProc]:
+    proc = GatewayProc([raw.url], "--timeout", "3", "--slots", "1", "--cache", "off")
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def cache_gw(raw: RawBackend) -> Iterator[GatewayProc]:
+    proc = GatewayProc([raw.url], "--timeout", "3", "--slots", "1", "--cache", "all")
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def limited_gw(raw: RawBackend) -> Iterator[GatewayProc]:
+    proc = GatewayProc([raw.url], "--timeout", "1", "--slots", "1", "--cache", "off",
+                       "--max-in-flight-per-user", "1", admin=True)
+    yield proc
+    proc.close()
+
+
+def _served(gw: GatewayProc, raw: RawBackend, user: str) -> bool:
+    """Another user's request is answered 200 by the backend, on a connection of its own."""
+    before = {g.conn for g in raw.inference()}
+    responses, _, _ = exchange(gw.port, request("POST", "/api/chat", CHAT,
+                                                [("X-User-ID", user), ("X-Mode", "plain")]),
+                               expect=1)
+    got = raw.inference("plain")
+    return (bool(responses) and responses[0].status == 200
+            and responses[0].body == CHAT_OK and bool(got) and got[-1].conn not in before)
+
+
+@pytest.mark.parametrize("mode", ["second-response", "second-after-chunked", "second-after-body",
+                                  "partial-second"])
+def test_bytes_after_the_answer_never_reach_the_client(gw: GatewayProc, raw: RawBackend,
+                                                       mode: str) -> None:
+    data = (request("POST", "/api/chat", CHAT, [("X-Mode", mode)])
+            + request("GET", "/api/version?after"))
+    responses, rest, closed = exchange(gw.port, data, timeout=3)
+    statuses = [r.status for r in responses]
+    assert all(SMUGGLED not in r.body for r in responses), f"{mode}: the extra answer was relayed"
+    assert len(responses) <= 2 and SMUGGLED not in rest, (statuses, rest)
+    if rest:  # an answer whose head was relayed, cut: the client sees the connection close
+        assert closed and not responses and rest.count(b"HTTP/1.1") == 1, (statuses, rest)
+    if responses:
+        first = responses[0]
+        assert first.status in (200, 502), statuses
+        if first.status == 200:
+            assert first.body.rstrip(b"\n").endswith(CHAT_OK) or first.body == CHAT_OK
+        else:
+            assert "error" in first.json()
+    if len(responses) == 2:
+        assert responses[1].status == 200 and responses[1].json() == {"version": "0.12.0"}
+    assert gw.alive(), gw.stderr()[-3000:]
+    assert _served(gw, raw, f"next-{mode}")
+
+
+def test_a_head_answer_with_a_body_does_not_prefix_the_next_answer(
+        gw: GatewayProc, raw: RawBackend) -> None:
+    data = request("HEAD", BLOB, None, [("X-Mode", "head-with-body")]) + request("GET",
+                                                                              "/api/version")
+    responses, rest, _ = exchange(gw.port, data, timeout=3, head_requests=[True, False])
+    assert b"HTTP/1.1" not in rest and len(responses) <= 2, ([r.status for r in responses], rest)
+    assert responses and responses[0].status in (200, 502)
+    if len(responses) == 2:
+        assert responses[1].status == 200 and responses[1].json() == {"version": "0.12.0"}
+    assert _served(gw, raw, "next-head")
+
+
+def test_an_upgrade_nobody_asked_for_is_a_clean_502(gw: GatewayProc, raw: RawBackend) -> None:
+    responses, _, _ = exchange(gw.port, request("POST", "/api/chat", CHAT,
+                                                [("X-Mode", "switching")]), expect=1)
+    assert responses and responses[0].status == 502
+    assert "101" in responses[0].json()["error"]
+    assert "Fatal error on transport" not in gw.stderr()
+    assert _served(gw, raw, "next-switching")
+
+
+def test_a_cached_answer_never_carries_the_backends_extra_bytes(
+        cache_gw: GatewayProc, raw: RawBackend) -> None:
+    """One user's answer with a second response behind it; another user asks the same."""
+    exchange(cache_gw.port, request("POST", "/api/chat", CHAT,
+                                    [("X-Mode", "second-response"), ("X-User-ID", "mallory")]),
+             timeout=2)
+    data = (request("POST", "/api/chat", CHAT, [("X-User-ID", "victim"), ("X-Mode", "plain")])
+            + request("GET", "/api/version"))
+    responses, rest, _ = exchange(cache_gw.port, data, timeout=3)  # parses strictly
+    assert [r.status for r in responses] == [200, 200] and not rest
+    assert responses[0].body == CHAT_OK
+    assert responses[1].json() == {"version": "0.12.0"}
+
+
+@pytest.mark.parametrize("mode", ["cut-length", "cut-mid-line", "silent-after-head"])
+def test_an_answer_cut_after_its_head_still_ends_the_request(
+        limited_gw: GatewayProc, raw: RawBackend, mode: str) -> None:
+    user = f"cut-{mode}"
+    responses, rest, closed = exchange(
+        limited_gw.port, request("POST", "/api/chat", CHAT, [("X-Mode", mode), ("X-User-ID", user)]),
+        timeout=5)
+    assert not responses and rest.startswith(b"HTTP/1.1 200") and closed, "a cut answer"
+
+    def ended() -> bool:
+        users = limited_gw.admin("GET", "/api/users").json()["users"]
+        return any(u["user"] == user and u["in_flight"] == 0 for u in users)
+
+    assert wait_until(ended, 3), f"{user} still has a request in flight"
+    # With at most one request in flight, the user can ask again.
+    responses, _, _ = exchange(limited_gw.port, request(
+        "POST", "/api/chat", CHAT, [("X-Mode", "plain"), ("X-User-ID", user)]), expect=1)
+    assert responses and responses[0].status == 200, responses and responses[0].body
