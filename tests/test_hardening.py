@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -82,6 +83,40 @@ def _raw(st: Stack, target: str, body: bytes, headers: str = "") -> tuple[int, b
                 f"{headers}Content-Length: {len(body)}\r\n\r\n").encode() + body)
         r = c.response()
     return r.status, r.body
+
+
+def test_an_endless_body_after_an_early_answer_is_not_read_for_ever(
+        keyed: tuple[Stack, FakeBackend, str]) -> None:
+    """A refused request's body is read (and dropped) to keep the connection only up
+    to 256 KiB, as Go's server does: past that the answer comes at once and the
+    connection closes, so an unauthenticated client cannot keep it reading."""
+    st, backend, _ = keyed
+    before = len(backend.requests)
+    piece = b"%x\r\n%s\r\n" % (16384, b"x" * 16384)
+    with Conn(st.port) as c:
+        c.send(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(8):  # 128 KiB: still read to keep the connection, no answer yet
+            c.send(piece)
+        c.sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            c.sock.recv(1)
+        c.sock.settimeout(10.0)
+        for _ in range(9):  # past 256 KiB: the 401 comes without the body's end
+            c.send(piece)
+        r = c.response()
+        assert r.status == 401, r.body
+        assert r.headers.get("connection") == "close", r.headers
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:  # then the gateway closes the connection
+            try:
+                c.send(piece)
+                if c.sock.recv(1 << 16) == b"":
+                    break
+            except OSError:
+                break
+        else:
+            pytest.fail("the gateway kept reading the refused body")
+    assert len(backend.requests) == before
 
 
 @pytest.mark.parametrize("target", [

@@ -33,7 +33,7 @@ resumes belong to flow.py, counters to the ledger, slots to the dispatcher.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -62,6 +62,11 @@ if TYPE_CHECKING:
     from ollamamq_fast.sched.dispatcher import Dispatcher
     from ollamamq_fast.sched.fairqueue import Ticket
 
+# Body bytes read and dropped after an early answer (401, 404...) before the
+# connection is given up on: Go's server reads up to 256 KiB of an unread body
+# to keep a connection, then closes it.
+DISCARD_MAX: Final = 256 * 1024
+
 
 # One request at a time on most connections: the freed exchange's memory is
 # reused for the next one (mypyc keeps one; plain Python ignores this).
@@ -78,7 +83,7 @@ class Exchange(ResponseSink):
         "active", "affinity", "api", "attempts", "backend", "body", "body_forwarded",
         "body_held", "body_size", "cache_control", "cache_key", "chosen", "chunked_in",
         "client", "connect_task", "content_length", "continue_sent", "credential",
-        "discard_body", "dispatcher", "early_error", "encoded_body", "enqueued_at",
+        "discard_body", "discarded", "dispatcher", "early_error", "encoded_body", "enqueued_at",
         "expect_continue", "failed", "fleet", "fwd_headers", "gw", "headers", "keep_alive",
         "lease", "limits", "pool", "request_complete", "route", "sent_at", "state",
         "stream_body", "strip_usage", "ticket", "upstream", "url", "xlate",
@@ -114,6 +119,7 @@ class Exchange(ResponseSink):
         self.body: list[bytes] = []
         self.body_size = self.body_held = 0
         self.request_complete = self.discard_body = self.body_forwarded = False
+        self.discarded = 0  # body bytes read and dropped after an early answer
         # Who asks: the user (or address), the API key's id (usage rows,
         # budgets), and the client's own credentials when the gateway does not
         # own them (auth off): part of the cache key, the backend may check them.
@@ -186,6 +192,13 @@ class Exchange(ResponseSink):
     def body_received(self, data: bytes) -> None:
         """A piece of request body (de-chunked by the parser): streamed on (forward.py) or held (intake.py)."""
         if self.discard_body:
+            self.discarded += len(data)
+            early = self.early_error
+            if self.discarded > DISCARD_MAX and early is not None and not early[4]:
+                # Not worth reading on to keep the connection (an endless body
+                # would never be answered): answered now, and the connection
+                # closes after it, as Go's server does past 256 KiB.
+                self._hold((early[0], early[1], early[2], early[3], True))
             return
         self.body_size += len(data)
         if self.stream_body:
