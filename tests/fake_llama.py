@@ -135,11 +135,16 @@ class FakeLlama:
                 return web.json_response({
                     "id": "c", "object": "chat.completion", "created": int(time.time()),
                     "model": MODEL, "choices": [{"index": 0, "finish_reason": "stop",
-                                                 "message": {"role": "assistant", "content": "ok"}}],
+                                                 "message": {"role": "assistant",
+                                                             "content": self._words()}}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": self.chunks,
                               "total_tokens": 1 + self.chunks}})
             finally:
                 self.generating -= 1
+
+    def _words(self) -> str:
+        """A whole answer's text: the stream's pieces, joined (one word a token)."""
+        return "".join(f"w{i} " for i in range(self.chunks))
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})

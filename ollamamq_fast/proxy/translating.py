@@ -56,9 +56,11 @@ from ollamamq_fast.wire.translate import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ollamamq_fast.fleet.backend import Backend
     from ollamamq_fast.proxy.exchange import Exchange
-    from ollamamq_fast.proxy.transport import Transport
+    from ollamamq_fast.proxy.transport import Buffer, Transport
     from ollamamq_fast.proxy.upstream import UpstreamConnection
 
 # A whole (non-stream) answer or an error body is held until its end to be
@@ -252,6 +254,13 @@ class TranslatingRelay(ResponseSink):
                       f"({MAX_WHOLE_BYTES // (1024 * 1024)} MB)")
             return
         self.held.append(data)
+
+    def writelines(self, list_of_data: Iterable[Buffer], /) -> None:
+        """Pieces of the body at once: the backend connection writes a large body
+        that came in one read with its head as (head, view of the read), and the
+        head it gets from `response_head` here is empty."""
+        for piece in list_of_data:
+            self.write(bytes(piece))
 
     def response_complete(self, conn: UpstreamConnection) -> None:
         """The backend's answer ended: write the rest, then let the exchange finish."""
