@@ -35,8 +35,11 @@ class FakeLlama:
     """One fake server; start() and close() on the loop that serves it."""
 
     def __init__(self, interrupt_requests: bool = True, chunks: int = 20,
-                 chunk_delay: float = 0.02, ollama: bool = False) -> None:
+                 chunk_delay: float = 0.02, ollama: bool = False,
+                 die_after: int | None = None, die_mid_event: bool = False) -> None:
         self.interrupt_requests = interrupt_requests
+        self.die_after = die_after
+        self.die_mid_event = die_mid_event
         self.chunks = chunks
         self.chunk_delay = chunk_delay
         self.ollama = ollama
@@ -58,6 +61,7 @@ class FakeLlama:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/slow-health", self._slow_health)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
         if self.ollama:
             app.router.add_get("/api/tags", self._tags)
             app.router.add_get("/api/ps", self._ps)
@@ -124,41 +128,82 @@ class FakeLlama:
     async def _version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": "0.12.3"})
 
+    def _count_of(self, body: dict[str, object]) -> int:
+        """Tokens to generate: `max_tokens` caps them, as on the real server; it
+        ignores `max_completion_tokens` (and generates to the end of its context)."""
+        cap = body.get("max_tokens")
+        return min(self.chunks, cap) if isinstance(cap, int) and cap > 0 else self.chunks
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = orjson.loads(await request.read())
+        tokens = self._count_of(body)
         async with self._model_lock():
             self.generating += 1
             try:
                 if body.get("stream"):
-                    return await self._stream(request)
-                await asyncio.sleep(self.chunks * self.chunk_delay)
+                    return await self._stream(request, chat, tokens)
+                await asyncio.sleep(tokens * self.chunk_delay)
+                finish = "length" if tokens < self.chunks else "stop"
+                if chat:
+                    choice: dict[str, object] = {
+                        "index": 0, "finish_reason": finish,
+                        "message": {"role": "assistant", "content": self._words(tokens)}}
+                else:
+                    choice = {"index": 0, "text": self._words(tokens), "logprobs": None,
+                              "finish_reason": finish}
                 return web.json_response({
-                    "id": "c", "object": "chat.completion", "created": int(time.time()),
-                    "model": MODEL, "choices": [{"index": 0, "finish_reason": "stop",
-                                                 "message": {"role": "assistant",
-                                                             "content": self._words()}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": self.chunks,
-                              "total_tokens": 1 + self.chunks}})
+                    "id": "c", "object": "chat.completion" if chat else "text_completion",
+                    "created": int(time.time()), "model": MODEL, "choices": [choice],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": tokens,
+                              "total_tokens": 1 + tokens}})
             finally:
                 self.generating -= 1
 
-    def _words(self) -> str:
+    def _words(self, tokens: int) -> str:
         """A whole answer's text: the stream's pieces, joined (one word a token)."""
-        return "".join(f"w{i} " for i in range(self.chunks))
+        return "".join(f"w{i} " for i in range(tokens))
 
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, chat: bool, tokens: int) -> web.StreamResponse:
+        """The real server's events: a chat stream opens with a role event; one
+        event a token; a finish event with no content; `[DONE]`. With `die_after`,
+        the connection is cut after that many tokens (mid-event with `die_mid_event`)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
-        for i in range(self.chunks + 1):
+        finish = "length" if tokens < self.chunks else "stop"
+
+        def event(content: str | None, finish_reason: str | None) -> bytes:
+            if chat:
+                delta = {} if content is None else {"content": content}
+                choice: dict[str, object] = {"index": 0, "delta": delta,
+                                             "finish_reason": finish_reason}
+            else:
+                choice = {"text": content or "", "index": 0, "logprobs": None,
+                          "finish_reason": finish_reason}
+            data = {"id": "c", "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": 0, "model": MODEL, "choices": [choice]}
+            return b"data: " + orjson.dumps(data) + b"\r\n\r\n"
+
+        if chat:
+            await resp.write(event(None, None).replace(b'"delta":{}', b'"delta":{"role":"assistant"}'))
+        for i in range(tokens + 1):
             if self.interrupt_requests and self._outer.locked():
                 self.interrupted += 1
                 break
-            last = i == self.chunks
-            choice = {"index": 0, "delta": {} if last else {"content": f"w{i} "},
-                      "finish_reason": "stop" if last else None}
-            event = {"id": "c", "object": "chat.completion.chunk", "created": 0,
-                     "model": MODEL, "choices": [choice]}
-            await resp.write(b"data: " + orjson.dumps(event) + b"\r\n\r\n")
+            if self.die_after is not None and i == self.die_after:
+                if self.die_mid_event:
+                    piece = event(f"w{i} ", None)
+                    await resp.write(piece[: len(piece) // 2])
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            last = i == tokens
+            await resp.write(event(None, finish) if last else event(f"w{i} ", None))
             if not last:
                 await asyncio.sleep(self.chunk_delay)
         await resp.write(b"data: [DONE]\r\n\r\n")

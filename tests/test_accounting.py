@@ -86,7 +86,8 @@ def test_a_stream_cut_short_still_counts_what_was_generated() -> None:
         conn.data_received(OK_HEAD + lines)
         proto.connection_lost(None)
         user = rig.state.stats.users["alice"]
-        assert user.dropped == 1 and user.completion_tokens == 5 and user.estimated_tokens == 5
+        # Six lines, each a token; no final line came, so none is taken off.
+        assert user.dropped == 1 and user.completion_tokens == 6 and user.estimated_tokens == 6
     finally:
         rig.close()
 

@@ -240,8 +240,8 @@ def test_count_tokens_reads_the_backends_counts_else_estimates(rig: Rig) -> None
     _, ex, conn = _waiting(rig, OK_HEAD)
     conn.sink = _Spy()
     conn.data_received(chunk(b'{"done":false}\n') * 3)
-    response.count_tokens(ex, conn)  # no usage in it: one token an event, but the final line
-    assert (ex.prompt_tokens, ex.completion_tokens, ex.tokens_estimated) == (0, 2, True)
+    response.count_tokens(ex, conn)  # no usage in it: one token an event (no final line yet)
+    assert (ex.prompt_tokens, ex.completion_tokens, ex.tokens_estimated) == (0, 3, True)
     conn.data_received(chunk(b'{"done":true,"prompt_eval_count":5,"eval_count":6}\n'))
     response.count_tokens(ex, conn)
     assert (ex.prompt_tokens, ex.completion_tokens) == (5, 6)

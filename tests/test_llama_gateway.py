@@ -12,10 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import ollama
 import pytest
 from fake_llama import MODEL, FakeLlama
 from harness import LoopThread, Stack, start_stack
+
+from ollamamq_fast.wire import framing
 
 
 @pytest.fixture
@@ -59,3 +62,126 @@ def test_a_whole_ollama_chat_answer_larger_than_4_kib(fake_loop: LoopThread) -> 
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def user_stats(st: Stack, user: str) -> Any:
+    return st.state.stats.users.get(user)
+
+
+def ended(st: Stack, user: str, done: int = 0, dropped: int = 0) -> Callable[[], bool]:
+    def check() -> bool:
+        u = user_stats(st, user)
+        return u is not None and u.in_flight == 0 and (u.done, u.dropped) == (done, dropped)
+    return check
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_without_usage_is_estimated_one_token_an_event(
+        fake_loop: LoopThread, path: str) -> None:
+    """llama-cpp-python sends no usage (it ignores include_usage): a chat stream's
+    role event, finish event and [DONE] carry no token, a completions stream has no
+    role event. The estimate is exact for it: one token an event."""
+    fake, st = stack(fake_loop, chunks=12, chunk_delay=0.01)
+    try:
+        body: dict[str, Any] = {"model": MODEL, "stream": True}
+        body.update({"messages": [{"role": "user", "content": "q"}]} if "chat" in path
+                    else {"prompt": "q"})
+        r = httpx.post(st.url + path, json=body, headers={"X-User-ID": "est"}, timeout=30)
+        assert r.status_code == 200 and r.text.count("w") == 12
+        wait_for(ended(st, "est", done=1), "the request's end")
+        u = user_stats(st, "est")
+        assert (u.completion_tokens, u.estimated_tokens) == (12, 12)
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_a_translated_raw_generate_stream_is_estimated_exactly(fake_loop: LoopThread) -> None:
+    """Ollama's raw generate goes to /v1/completions: no role event there either."""
+    fake, st = stack(fake_loop, chunks=12, chunk_delay=0.01)
+    try:
+        c = ollama.Client(host=st.url, headers={"X-User-ID": "raw"})
+        parts = list(c.generate(model=MODEL, prompt="q", raw=True, stream=True))
+        assert sum(1 for p in parts if p.response) == 12 and parts[-1].done
+        wait_for(ended(st, "raw", done=1), "the request's end")
+        assert user_stats(st, "raw").completion_tokens == 12
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def read_then_leave(url: str, path: str, user: str, events: int) -> None:
+    """Stream, read `events` token events, close the connection."""
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "q"}]}
+    seen = 0
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", url + path, headers={"X-User-ID": user}, json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if '"content":"w' in line or '"content": "w' in line:
+                seen += 1
+                if seen == events:
+                    break
+    assert seen == events
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_a_client_leaving_mid_stream_is_charged_what_it_was_sent(
+        fake_loop: LoopThread, path: str) -> None:
+    """A cut stream has no finish event and no [DONE] (no final line on /api/chat):
+    what it was sent is counted, estimated, and the generation stops."""
+    fake, st = stack(fake_loop, chunks=40, chunk_delay=0.25)
+    try:
+        read_then_leave(st.url, path, "leaver", 4)
+        wait_for(ended(st, "leaver", dropped=1), "the request's end")
+        wait_for(lambda: fake_loop.call(lambda: fake.generating) == 0, "the generation's end")
+        u = user_stats(st, "leaver")
+        assert (u.completion_tokens, u.estimated_tokens) == (4, 4)
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+@pytest.mark.parametrize("mid_event", [False, True])
+def test_a_backend_dying_mid_stream_counts_what_was_relayed(
+        fake_loop: LoopThread, mid_event: bool) -> None:
+    """The server killed after 5 tokens: the client's stream ends with an error event
+    (or is cut, when the server died mid-event), the request ends once, and the
+    tokens it was sent count (estimated), as for a client that leaves."""
+    fake, st = stack(fake_loop, chunks=20, chunk_delay=0.0, die_after=5, die_mid_event=mid_event)
+    try:
+        body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "q"}]}
+        if mid_event:
+            with pytest.raises(httpx.RemoteProtocolError):
+                httpx.post(st.url + "/v1/chat/completions", json=body,
+                           headers={"X-User-ID": "died"}, timeout=30)
+        else:
+            r = httpx.post(st.url + "/v1/chat/completions", json=body,
+                           headers={"X-User-ID": "died"}, timeout=30)
+            assert r.status_code == 200 and r.text.count('"content":"w') == 5
+            assert '"error"' in r.text.rstrip().splitlines()[-1]
+        wait_for(ended(st, "died", done=1), "the request's end")
+        u = user_stats(st, "died")
+        # Mid-event, the sixth token's event had begun: it was generated.
+        assert u.completion_tokens == u.estimated_tokens == (6 if mid_event else 5)
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_the_estimate_takes_off_only_the_token_less_events_that_came() -> None:
+    sse, ndjson = b"text/event-stream; charset=utf-8", b"application/x-ndjson"
+    chat = b'data: {"choices":[{"delta":{"content":"w"},"finish_reason":null}]}\r\n\r\n'
+    finish = b'data: {"choices":[{"delta":{},"finish_reason": "length"}]}\r\n\r\n'
+    text = b'data: {"choices":[{"text":"w","finish_reason":null}]}\r\n\r\n'
+    done = b"data: [DONE]\r\n\r\n"
+    # role + 10 + finish + [DONE]; interrupted by llama-cpp-python: no finish; cut: neither
+    assert framing.estimated_tokens(13, sse, chat + finish + done) == 10
+    assert framing.estimated_tokens(12, sse, chat + done) == 10
+    assert framing.estimated_tokens(11, sse, chat * 2) == 10
+    # completions: no role event
+    assert framing.estimated_tokens(12, sse, text + finish.replace(b'"delta":{},', b"") + done) == 10
+    assert framing.estimated_tokens(10, sse, text) == 10
+    line = b'{"message":{"content":"w"},"done":false}\n'
+    assert framing.estimated_tokens(11, ndjson, line + b'{"done":true,"eval_count":10}\n') == 10
+    assert framing.estimated_tokens(10, ndjson, line) == 10

@@ -100,6 +100,8 @@ def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
     note_backend_failure(ex, why)
     ex._release_backend()
     ex.keep_alive = False
+    if conn.events_seen():
+        response.estimate_tokens(ex, conn)  # what was relayed was generated: it counts
     transport = ex.client.transport
     end = End.CANCELLED  # the client is leaving anyway
     if transport is not None and not transport.is_closing():

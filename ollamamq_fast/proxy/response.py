@@ -95,5 +95,5 @@ def count_tokens(ex: Exchange, conn: UpstreamConnection) -> None:
 
 def estimate_tokens(ex: Exchange, conn: UpstreamConnection) -> None:
     """Count a stream's tokens from its events (about one token an event), marked estimated."""
-    ex.gw.ledger.tokens(ex, 0, framing.estimated_tokens(conn.events_seen(), conn.content_type),
-                        estimated=True)
+    ex.gw.ledger.tokens(ex, 0, framing.estimated_tokens(conn.events_seen(), conn.content_type,
+                                                        conn.tail()), estimated=True)

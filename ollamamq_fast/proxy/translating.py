@@ -319,6 +319,8 @@ class TranslatingRelay(ResponseSink):
                     transport.write(out)
             if stream.complete:
                 response.count_tokens(ex, self.conn)
+            elif self.conn.events_seen():
+                response.estimate_tokens(ex, self.conn)  # what was relayed was generated
             ex.finish()
             return
         ex.respond_error(502, f"backend {recovery.backend_name(ex)} failed mid-answer: {why}")

@@ -244,10 +244,13 @@ def terminal_event_relayed(tail: bytes, content_type: bytes) -> bool:
 # One occurrence per stream event: the end of an NDJSON line, an SSE `data:` field.
 _NDJSON_MARK: Final = b"}\n"
 _SSE_MARK: Final = b"data:"
-# Events of a stream that carry no generated token: Ollama's final line; an
-# OpenAI stream's role event, finish event and `[DONE]`.
-_NDJSON_OVERHEAD: Final = 1
-_SSE_OVERHEAD: Final = 3
+# Events of a stream that carry no generated token, when they came (a stream cut
+# short has no last ones): Ollama's final line; an OpenAI chat stream's role
+# event (every event of a chat stream has a `delta`, so the tail says which
+# stream it is; a completions stream has no role event), a finish event (no
+# content on the servers that send no usage: llama-cpp-python) and `[DONE]`.
+_CHAT_DELTA: Final = b'"delta"'
+_FINISHED: Final = re.compile(rb'"finish_reason"\s*:\s*"')
 
 
 # Content types seen -> their event mark: a backend answers with the same few
@@ -274,7 +277,17 @@ def event_mark(content_type: bytes) -> bytes:
     return mark
 
 
-def estimated_tokens(events: int, content_type: bytes) -> int:
-    """Generated tokens estimated from a stream's event count (about one token an event)."""
-    overhead = _SSE_OVERHEAD if content_type.lower().find(b"event-stream") >= 0 else _NDJSON_OVERHEAD
+def estimated_tokens(events: int, content_type: bytes, tail: bytes) -> int:
+    """Generated tokens estimated from a stream's event count (about one token an
+    event), less the events without a token that its last bytes `tail` show came."""
+    overhead = 0
+    if content_type.lower().find(b"event-stream") >= 0:
+        if tail.find(_CHAT_DELTA) >= 0:
+            overhead += 1
+        if _FINISHED.search(tail) is not None:
+            overhead += 1
+        if tail.find(b"[DONE]") >= 0:
+            overhead += 1
+    elif terminal_event_relayed(tail, content_type):
+        overhead = 1
     return max(events - overhead, 0)
