@@ -44,6 +44,7 @@ class FakeLlama:
         self.chunk_delay = chunk_delay
         self.ollama = ollama
         self.bad_request_ids: list[str] = []
+        self.wrong_content_types: list[str] = []
         self.hits: Counter[str] = Counter()
         self.interrupted = 0
         self.generating = 0
@@ -141,6 +142,15 @@ class FakeLlama:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        ctype = request.headers.get("Content-Type", "")
+        if ctype and "json" not in ctype.split(";")[0]:
+            # FastAPI reads a body without a Content-Type as JSON, but a body sent
+            # as another type (curl -d's form type) is not an object: 500 from the
+            # server's exception handler, in the OpenAI envelope.
+            self.wrong_content_types.append(ctype)
+            return web.json_response({"error": {"message": "1 validation error: Input should be "
+                                                "a valid dictionary", "type": "internal_server_error",
+                                                "param": None, "code": None}}, status=500)
         body = orjson.loads(await request.read())
         tokens = self._count_of(body)
         async with self._model_lock():

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import ollama
+import orjson
 import pytest
 from fake_llama import MODEL, FakeLlama
 from harness import LoopThread, Stack, start_stack
@@ -185,3 +186,24 @@ def test_the_estimate_takes_off_only_the_token_less_events_that_came() -> None:
     line = b'{"message":{"content":"w"},"done":false}\n'
     assert framing.estimated_tokens(11, ndjson, line + b'{"done":true,"eval_count":10}\n') == 10
     assert framing.estimated_tokens(10, ndjson, line) == 10
+
+
+def test_a_translated_request_is_sent_as_json_whatever_the_client_said(
+        fake_loop: LoopThread) -> None:
+    """Ollama reads any body as JSON and its docs' curl examples send none
+    (`curl -d` says application/x-www-form-urlencoded); the translated body is the
+    gateway's own JSON, and llama-cpp-python refuses (500) a body of another type."""
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0)
+    try:
+        for stream in (False, True):
+            body = orjson.dumps({"model": MODEL, "stream": stream,
+                                 "messages": [{"role": "user", "content": "q"}]})
+            r = httpx.post(st.url + "/api/chat", content=body, timeout=30, headers={
+                "Content-Type": "application/x-www-form-urlencoded"})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-translated"] == "ollama->openai"
+            assert "w2" in r.text
+        assert fake_loop.call(lambda: list(fake.wrong_content_types)) == []
+    finally:
+        st.close()
+        fake_loop.run(fake.close())

@@ -80,6 +80,9 @@ _TRAITS: Final[dict[ApiKind, BackendTraits]] = {
 _TO_OPENAI: Final = b"X-Translated: ollama->openai\r\n"
 _TO_OLLAMA: Final = b"X-Translated: openai->ollama\r\n"
 _JSON: Final = b"application/json; charset=utf-8"
+_JSON_TYPE: Final = b"Content-Type: application/json\r\n"
+# Client header lines a translated request does not carry (lowercased prefixes).
+_NOT_FORWARDED: Final = (b"accept-encoding:", b"content-type:")
 
 # What the relay does with the backend's body, decided at its head.
 WAITING: Final = 0  # no head yet
@@ -139,17 +142,21 @@ def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     # backend sent, which are not the client's).
     ex.cache_key = None
     head = b"".join((b"POST ", backend.path_prefix, t.path, b" HTTP/1.1\r\n", backend.host_header,
-                     _identity_only(ex.fwd_headers), length_line(len(t.body))))
+                     _translated_headers(ex.fwd_headers), _JSON_TYPE, length_line(len(t.body))))
     conn.send(relay, ex.client.flow, [head + t.body], False, None, 0, True)
     ex.body_forwarded = True
 
 
-def _identity_only(headers: bytes) -> bytes:
-    """The forwarded header lines without Accept-Encoding: the relay must read the answer."""
-    if b"ccept-encoding" not in headers.lower():
+def _translated_headers(headers: bytes) -> bytes:
+    """The forwarded header lines without Accept-Encoding (the relay must read the
+    answer) and Content-Type: the body is the gateway's own JSON, whatever type the
+    client named (Ollama reads any body as JSON, and its docs' `curl -d` examples send
+    a form type, which OpenAI-compatible servers such as llama-cpp-python refuse)."""
+    low = headers.lower()
+    if b"ccept-encoding" not in low and b"ontent-type" not in low:
         return headers
     lines = headers.split(b"\r\n")
-    return b"\r\n".join(line for line in lines if not line.lower().startswith(b"accept-encoding:"))
+    return b"\r\n".join(line for line in lines if not line.lower().startswith(_NOT_FORWARDED))
 
 
 def _answer_here(ex: Exchange, conn: UpstreamConnection, status: int, ctype: bytes,
