@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from ollamamq_fast import __version__, argtypes, buildinfo
@@ -338,11 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("users", "keys", "backends", "pools"):
         from ollamamq_fast.control import cli as admin_cli
 
-        return admin_cli.run(args)
+        return _to_a_pipe(admin_cli.run, args)
     if args.command == "usage":
         from ollamamq_fast.control import usage_cli
 
-        return usage_cli.run(args)
+        return _to_a_pipe(usage_cli.run, args)
     if args.command == "top":
         from ollamamq_fast.tui import top as tui_top
 
@@ -358,6 +359,19 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     return serve(settings)
+
+
+def _to_a_pipe(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command whose output may go to a pipe that closes early (`| head`):
+    that ends it quietly (exit 1), as for other command-line tools, not with a traceback."""
+    try:
+        code = run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
 
 
 def serve(settings: Settings) -> int:

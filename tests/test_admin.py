@@ -611,3 +611,16 @@ def test_reload_route(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert r.status_code == 409
     finally:
         plain.close()
+
+
+def test_cli_output_into_a_pipe_closed_early_ends_quietly(stack: Stack) -> None:
+    """`ollamamq-fast users list | head -3`: the reader leaves before the table is
+    written; no traceback on the terminal."""
+    base = f"http://127.0.0.1:{stack.gateway.admin_port}"
+    for argv in (["users", "list"], ["usage"]):
+        proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", *argv, "--admin", base,
+                                 "--token", TOKEN], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # before the command has written anything
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=20) == 1 and "Traceback" not in err and "Broken" not in err, err
