@@ -55,19 +55,40 @@ def test_a_cap_keeps_the_smaller_limit_the_client_asked_for() -> None:
     assert out.endswith(b'"max_completion_tokens":50,"max_tokens":50}')
 
 
-def test_a_stream_without_usage_is_counted_as_estimated() -> None:
+@pytest.mark.parametrize("one_read", [True, False])
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_stream_without_usage_is_counted_as_estimated(one_read: bool, chat: bool) -> None:
+    """One token an event, less the events that carry none: a chat stream's role
+    event (a completions stream has none), the finish event and [DONE]. The same
+    count whether the stream comes in one read or one read an event, the end of
+    body last (as uvicorn writes llama-cpp-python's: the finish event is then not
+    among the last two reads)."""
     rig = Rig()
     try:
         proto, _ = rig.client()
-        proto.data_received(post(b"/v1/chat/completions",
-                                 b'{"model":"m","messages":[],"stream":true}'))
+        if chat:
+            proto.data_received(post(b"/v1/chat/completions",
+                                     b'{"model":"m","messages":[],"stream":true}'))
+        else:
+            proto.data_received(post(b"/v1/completions", b'{"model":"m","prompt":"","stream":true}'))
         rig.turn()
         conn, _ = rig.pools[0].last
-        events = [b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n']
-        events += [b'data: {"choices":[{"delta":{"content":"t%d"}}]}\n\n' % i for i in range(10)]
-        events += [b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n',
-                   b"data: [DONE]\n\n"]
-        conn.data_received(SSE_HEAD + b"".join(chunk(e) for e in events) + b"0\r\n\r\n")
+        if chat:
+            events = [b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n']
+            events += [b'data: {"choices":[{"delta":{"content":"t%d"}}]}\n\n' % i for i in range(10)]
+            events += [b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n']
+        else:
+            events = [b'data: {"choices":[{"text":"t%d","finish_reason":null}]}\n\n' % i
+                      for i in range(10)]
+            events += [b'data: {"choices":[{"text":"","finish_reason":"length"}]}\n\n']
+        events.append(b"data: [DONE]\n\n")
+        if one_read:
+            conn.data_received(SSE_HEAD + b"".join(chunk(e) for e in events) + b"0\r\n\r\n")
+        else:
+            conn.data_received(SSE_HEAD)
+            for e in events:
+                conn.data_received(chunk(e))
+            conn.data_received(b"0\r\n\r\n")
         user = rig.state.stats.users["alice"]
         assert (user.done, user.completion_tokens, user.estimated_tokens) == (1, 10, 10)
         assert rig.state.stats.estimated_tokens == 10

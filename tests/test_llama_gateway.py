@@ -175,17 +175,21 @@ def test_the_estimate_takes_off_only_the_token_less_events_that_came() -> None:
     chat = b'data: {"choices":[{"delta":{"content":"w"},"finish_reason":null}]}\r\n\r\n'
     finish = b'data: {"choices":[{"delta":{},"finish_reason": "length"}]}\r\n\r\n'
     text = b'data: {"choices":[{"text":"w","finish_reason":null}]}\r\n\r\n'
+    text_finish = b'data: {"choices":[{"text":"","finish_reason":"length"}]}\r\n\r\n'
     done = b"data: [DONE]\r\n\r\n"
-    # role + 10 + finish + [DONE]; interrupted by llama-cpp-python: no finish; cut: neither
-    assert framing.estimated_tokens(13, sse, chat + finish + done) == 10
-    assert framing.estimated_tokens(12, sse, chat + done) == 10
-    assert framing.estimated_tokens(11, sse, chat * 2) == 10
-    # completions: no role event
-    assert framing.estimated_tokens(12, sse, text + finish.replace(b'"delta":{},', b"") + done) == 10
-    assert framing.estimated_tokens(10, sse, text) == 10
+    # A chat stream: role + 10 + finish + [DONE], whatever of it the tail shows;
+    # interrupted by llama-cpp-python (no finish); cut short (neither).
+    assert framing.estimated_tokens(13, sse, chat + finish + done, True) == 10
+    assert framing.estimated_tokens(13, sse, done + b"0\r\n\r\n", True) == 10
+    assert framing.estimated_tokens(12, sse, chat + done, True) == 10
+    assert framing.estimated_tokens(11, sse, chat * 2, True) == 10
+    # A completions stream has no role event.
+    assert framing.estimated_tokens(12, sse, text + text_finish + done, False) == 10
+    assert framing.estimated_tokens(12, sse, done, False) == 10
+    assert framing.estimated_tokens(10, sse, text, False) == 10
     line = b'{"message":{"content":"w"},"done":false}\n'
-    assert framing.estimated_tokens(11, ndjson, line + b'{"done":true,"eval_count":10}\n') == 10
-    assert framing.estimated_tokens(10, ndjson, line) == 10
+    assert framing.estimated_tokens(11, ndjson, line + b'{"done":true,"eval_count":10}\n', False) == 10
+    assert framing.estimated_tokens(10, ndjson, line, False) == 10
 
 
 def test_a_translated_request_is_sent_as_json_whatever_the_client_said(

@@ -95,5 +95,8 @@ def count_tokens(ex: Exchange, conn: UpstreamConnection) -> None:
 
 def estimate_tokens(ex: Exchange, conn: UpstreamConnection) -> None:
     """Count a stream's tokens from its events (about one token an event), marked estimated."""
-    ex.gw.ledger.tokens(ex, 0, framing.estimated_tokens(conn.events_seen(), conn.content_type,
-                                                        conn.tail()), estimated=True)
+    relay = ex.xlate
+    path = relay.translated.path if relay is not None and relay.conn is conn else ex.path
+    ex.gw.ledger.tokens(ex, 0, framing.estimated_tokens(
+        conn.events_seen(), conn.content_type, conn.tail(), path.endswith(b"/chat/completions")),
+        estimated=True)

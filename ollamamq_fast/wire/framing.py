@@ -246,10 +246,10 @@ _NDJSON_MARK: Final = b"}\n"
 _SSE_MARK: Final = b"data:"
 # Events of a stream that carry no generated token, when they came (a stream cut
 # short has no last ones): Ollama's final line; an OpenAI chat stream's role
-# event (every event of a chat stream has a `delta`, so the tail says which
-# stream it is; a completions stream has no role event), a finish event (no
-# content on the servers that send no usage: llama-cpp-python) and `[DONE]`.
-_CHAT_DELTA: Final = b'"delta"'
+# event (a completions stream has none), its finish event (no content on the
+# servers that send no usage: llama-cpp-python) and `[DONE]`.
+_DONE_EVENT: Final = b"[DONE]"
+_FINISH_KEY: Final = b'"finish_reason"'
 _FINISHED: Final = re.compile(rb'"finish_reason"\s*:\s*"')
 
 
@@ -277,16 +277,27 @@ def event_mark(content_type: bytes) -> bytes:
     return mark
 
 
-def estimated_tokens(events: int, content_type: bytes, tail: bytes) -> int:
+def estimated_tokens(events: int, content_type: bytes, tail: bytes, chat: bool) -> int:
     """Generated tokens estimated from a stream's event count (about one token an
-    event), less the events without a token that its last bytes `tail` show came."""
+    event), less the events without a token that came: `tail` is the stream's last
+    bytes (at least its last read), `chat` whether it is an OpenAI chat stream.
+
+    The finish event comes just before `[DONE]`, but maybe not among the last
+    reads (a server may write each event, and the end of body, apart): a
+    complete stream is taken to have one unless the event before `[DONE]` is in
+    `tail` and has no finish reason (llama-cpp-python's interrupted stream).
+    """
     overhead = 0
     if content_type.lower().find(b"event-stream") >= 0:
-        if tail.find(_CHAT_DELTA) >= 0:
+        if chat:
+            overhead = 1
+        at = tail.rfind(_DONE_EVENT)
+        if at >= 0:
             overhead += 1
-        if _FINISHED.search(tail) is not None:
-            overhead += 1
-        if tail.find(b"[DONE]") >= 0:
+            before = tail[:at]
+            if before.find(_FINISH_KEY) < 0 or _FINISHED.search(before) is not None:
+                overhead += 1
+        elif _FINISHED.search(tail) is not None:
             overhead += 1
     elif terminal_event_relayed(tail, content_type):
         overhead = 1
