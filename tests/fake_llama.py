@@ -92,7 +92,11 @@ class FakeLlama:
             except ValueError:
                 self.bad_request_ids.append(rid)
                 return web.Response(status=400)
-        return await handler(request)
+        response = await handler(request)
+        # The plugin echoes the id in every answer, or sends one it made (hex).
+        if not response.prepared:
+            response.headers["x-request-id"] = rid or uuid.uuid4().hex
+        return response
 
     @contextlib.asynccontextmanager
     async def _model_lock(self) -> AsyncIterator[None]:
@@ -183,7 +187,9 @@ class FakeLlama:
         """The real server's events: a chat stream opens with a role event; one
         event a token; a finish event with no content; `[DONE]`. With `die_after`,
         the connection is cut after that many tokens (mid-event with `die_mid_event`)."""
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "x-request-id": request.headers.get("X-Request-ID") or uuid.uuid4().hex})
         await resp.prepare(request)
         finish = "length" if tokens < self.chunks else "stop"
 

@@ -211,3 +211,23 @@ def test_a_translated_request_is_sent_as_json_whatever_the_client_said(
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def test_the_client_gets_one_request_id_the_gateways(fake_loop: LoopThread) -> None:
+    """llama-cpp-python answers with an x-request-id of its own (the one it was sent,
+    or one it makes when the gateway kept a client's non-UUID id to itself): the
+    client must see one X-Request-ID, the gateway's, as in the access line."""
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0)
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "q"}]}
+        for sent in ({}, {"X-Request-ID": "trace-42"}):
+            for stream in (False, True):
+                r = httpx.post(st.url + "/v1/chat/completions", json={**body, "stream": stream},
+                               headers=sent, timeout=30)
+                assert r.status_code == 200
+                ids = r.headers.get_list("x-request-id")
+                assert len(ids) == 1, ids
+                assert ids[0] == sent.get("X-Request-ID", ids[0])
+    finally:
+        st.close()
+        fake_loop.run(fake.close())

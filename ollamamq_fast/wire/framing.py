@@ -25,12 +25,14 @@ class Framing(enum.Enum):
     CLOSE = "close"  # read until the connection closes
 
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones we set ourselves.
+# Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones we set ourselves: the
+# gateway's X-Request-ID is the client's one (llama-cpp-python and vLLM answer
+# with their own, made up when the gateway kept a client's non-UUID id).
 # Transfer-Encoding and Content-Length are NOT dropped from responses: the
 # body bytes are passed through as they are, chunk framing included.
 _RESPONSE_DROP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
-     b"proxy-authenticate"}
+     b"proxy-authenticate", b"x-request-id"}
 )
 
 
