@@ -13,7 +13,17 @@ Paths it does not serve (`/api/tags`...) answer 404 without touching the locks.
 With `ollama=True` it answers the few native paths a health check uses
 instead (`/api/tags`, `/api/ps`, `/api/version`), without locks.
 Every request is counted by path, so tests can check what probes send. As
-the real server, it refuses (400) an X-Request-ID that is not a UUID.
+the real server, it refuses (400) an X-Request-ID that is not a UUID, and
+answers with an `x-request-id` (the one it was sent, or one it makes).
+
+Its answers are shaped like the real server's (llama-cpp-python 0.3.36):
+`/v1/chat/completions` and `/v1/completions`, one word a token, `max_tokens`
+honoured and `max_completion_tokens` ignored; a chat stream opens with a role
+event, every stream ends with a finish event without content and `[DONE]`, and
+carries no usage; a whole answer comes with its head in one write and carries
+its usage; a body sent as another type than JSON gets 500. `die_after`
+cuts a stream's connection after that many tokens (`die_mid_event`: halfway
+through the next event), as a killed server does.
 """
 
 from __future__ import annotations

@@ -734,3 +734,76 @@ def test_usage_of_every_client_counted_and_kept_after_restart(
             stack.close()
     finally:
         _stop_server(proc)
+
+
+# -- 10. What a new user met in front of the real server ---------------------------------
+# (tests/fake_llama.py copies each of these for the default suite: test_llama_gateway.py)
+
+
+def _user_row(real: RealBackend, user: str) -> tuple[int, int, int, int] | None:
+    def view() -> tuple[int, int, int, int] | None:
+        u = real.stack.state.stats.users.get(user)
+        if u is None or u.in_flight:
+            return None
+        return u.done, u.dropped, u.completion_tokens, u.estimated_tokens
+    return real.on_loop(view)
+
+
+def test_one_request_id_per_answer_the_gateways(real: RealBackend) -> None:
+    # The server answers with an x-request-id of its own: the one it was sent, or
+    # one it made up when the gateway kept the client's (not a UUID) to itself.
+    with _http() as client:
+        for sent in ({}, {"X-Request-ID": "trace-42"}):
+            r = client.post(real.stack.url + "/v1/chat/completions", headers=sent,
+                            json={"model": MODEL, "messages": _MESSAGES, "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            ids = r.headers.get_list("x-request-id")
+            assert len(ids) == 1 and ids[0] == sent.get("X-Request-ID", ids[0]), ids
+
+
+def test_an_ollama_curl_without_a_json_type_is_translated(real: RealBackend) -> None:
+    # Ollama's docs: `curl .../api/chat -d '{...}'`, which sends a form type; the
+    # server refuses a body of that type (500), the gateway sends its JSON as JSON.
+    import orjson
+
+    body = orjson.dumps({"model": MODEL, "stream": False, "messages": _MESSAGES,
+                         "options": {"num_predict": 4}})
+    with _http() as client:
+        r = client.post(real.stack.url + "/api/chat", content=body,
+                        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert r.json()["done"] is True and r.json()["eval_count"] == 4
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_tokens_without_usage_are_counted_exactly(real: RealBackend, path: str) -> None:
+    # The server sends no usage in streams: one event a token, counted exactly
+    # (a completions stream has no role event to take off).
+    user = "exact" + path.replace("/", "-")
+    body: dict[str, object] = {"model": MODEL, "max_tokens": 12, "stream": True}
+    body.update({"messages": _MESSAGES} if "chat" in path else {"prompt": "the quick brown fox"})
+    with _http() as client:
+        r = client.post(real.stack.url + path, json=body, headers={"X-User-ID": user})
+    assert r.status_code == 200
+    assert r.text.count('"finish_reason": "length"') == 1
+    row = _wait_for(lambda: _user_row(real, user), timeout=5.0)
+    assert row == (1, 0, 12, 12), row
+
+
+def test_a_client_leaving_is_charged_the_tokens_it_was_sent(real: RealBackend) -> None:
+    user = "leaves-early"
+    with _openai(real.stack.url) as ai:
+        stream = ai.with_options(default_headers={"X-User-ID": user}).chat.completions.create(
+            model=MODEL, messages=_MESSAGES, max_tokens=LONG_MAX_TOKENS, stream=True)
+        seen = 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content is not None:
+                seen += 1
+                if seen == 10:
+                    break
+        stream.close()
+    row = _wait_for(lambda: _user_row(real, user), timeout=5.0)
+    assert row is not None and row[:2] == (0, 1), row
+    # At least what it read, more if the gateway had relayed further (this model
+    # makes thousands of tokens a second), never more than the server made.
+    assert row[2] == row[3] and 10 <= row[2] <= LONG_MAX_TOKENS, row
