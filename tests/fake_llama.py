@@ -21,7 +21,8 @@ Its answers are shaped like the real server's (llama-cpp-python 0.3.36):
 honoured and `max_completion_tokens` ignored; a chat stream opens with a role
 event, every stream ends with a finish event without content and `[DONE]`, and
 carries no usage; a whole answer comes with its head in one write and carries
-its usage; a body sent as another type than JSON gets 500. `die_after`
+its usage; a body sent as another type than JSON gets 500, and so does a
+`response_format` other than `text` or `json_object` (with an optional `schema`). `die_after`
 cuts a stream's connection after that many tokens (`die_mid_event`: halfway
 through the next event), as a killed server does.
 """
@@ -55,6 +56,7 @@ class FakeLlama:
         self.ollama = ollama
         self.bad_request_ids: list[str] = []
         self.wrong_content_types: list[str] = []
+        self.formats: list[object] = []  # each generation's response_format (None: none)
         self.hits: Counter[str] = Counter()
         self.interrupted = 0
         self.generating = 0
@@ -166,6 +168,13 @@ class FakeLlama:
                                                 "a valid dictionary", "type": "internal_server_error",
                                                 "param": None, "code": None}}, status=500)
         body = orjson.loads(await request.read())
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") not in ("text", "json_object"):
+            # Its pydantic model takes a schema only as {"type": "json_object", "schema": ...}.
+            return web.json_response({"error": {"message": "1 validation error: Input should be "
+                                                "'text' or 'json_object'", "type": "internal_server_error",
+                                                "param": None, "code": None}}, status=500)
+        self.formats.append(fmt)
         tokens = self._count_of(body)
         async with self._model_lock():
             self.generating += 1

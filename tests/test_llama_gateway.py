@@ -231,3 +231,25 @@ def test_the_client_gets_one_request_id_the_gateways(fake_loop: LoopThread) -> N
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def test_an_ollama_format_schema_reaches_llama_cpp_in_its_own_form(fake_loop: LoopThread) -> None:
+    """Ollama's `format: {schema}` is OpenAI's `json_schema` response format, which
+    llama-cpp-python refuses (500); llama.cpp's servers take the schema as
+    `{"type": "json_object", "schema": ...}`."""
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0)
+    try:
+        schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+        c = ollama.Client(host=st.url)
+        for stream in (False, True):
+            out = c.chat(model=MODEL, messages=[{"role": "user", "content": "q"}], format=schema,
+                         stream=stream)
+            last = out if not stream else list(out)[-1]
+            assert last.done
+        c.chat(model=MODEL, messages=[{"role": "user", "content": "q"}], format="json")
+        assert fake_loop.call(lambda: list(fake.formats)) == [
+            {"type": "json_object", "schema": schema}, {"type": "json_object", "schema": schema},
+            {"type": "json_object"}]
+    finally:
+        st.close()
+        fake_loop.run(fake.close())

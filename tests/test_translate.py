@@ -178,6 +178,9 @@ def test_ollama_structured_output_schema_and_json_mode() -> None:
     out = j(to_openai("/api/chat", body).body)
     assert out["response_format"] == {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
     assert out["temperature"] == 0
+    # llama.cpp's servers take the schema in a json_object response format.
+    llama = j(to_openai("/api/chat", body, schema_in_json_object=True).body)
+    assert llama["response_format"] == {"type": "json_object", "schema": schema}
     body["format"] = "json"
     assert j(to_openai("/api/chat", body).body)["response_format"] == {"type": "json_object"}
     body["format"] = "xml"

@@ -75,6 +75,7 @@ _COUNTS_TAIL: Final = 8192
 _TRAITS: Final[dict[ApiKind, BackendTraits]] = {
     ApiKind.LMSTUDIO: BackendTraits(completions_route=False),
     ApiKind.OPENAI: BackendTraits(sampler_extras=False),
+    ApiKind.LLAMACPP: BackendTraits(schema_in_json_object=True),
 }
 
 _TO_OPENAI: Final = b"X-Translated: ollama->openai\r\n"

@@ -74,12 +74,16 @@ class BackendTraits:
         prompts with a `suffix`) to `/v1/completions`, which applies no chat
         template, and everything else to `/v1/chat/completions` as one user
         message, because Ollama applies the model's template to a non-raw prompt.
+    schema_in_json_object: it takes a JSON schema as `{"type": "json_object",
+        "schema": …}` (llama.cpp's servers; llama-cpp-python refuses OpenAI's
+        `json_schema` type), not as `{"type": "json_schema", "json_schema": …}`.
     """
 
     completions_route: bool = True
     num_ctx: bool = False
     sampler_extras: bool = True
     generate_via: GenerateVia = "auto"
+    schema_in_json_object: bool = False
 
 
 DEFAULT_TRAITS: Final = BackendTraits()

@@ -64,12 +64,14 @@ def _options(req: dict[str, Any], traits: BackendTraits, out: dict[str, Any], no
         notes.append(", ".join(dropped) + " dropped")
 
 
-def _response_format(fmt: Any) -> dict[str, Any] | None:
+def _response_format(fmt: Any, traits: BackendTraits) -> dict[str, Any] | None:
     if fmt is None or fmt == "":
         return None
     if fmt == "json":
         return {"type": "json_object"}
     if isinstance(fmt, dict):
+        if traits.schema_in_json_object:
+            return {"type": "json_object", "schema": fmt}
         return {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
     raise TranslationError(400, 'invalid format: expected "json" or a valid JSON schema')
 
@@ -222,7 +224,7 @@ def chat(req: dict[str, Any], traits: BackendTraits, notes: list[str]) -> dict[s
         if not isinstance(tools, list):
             raise TranslationError(400, "tools must be a list")
         out["tools"] = tools
-    fmt = _response_format(req.get("format"))
+    fmt = _response_format(req.get("format"), traits)
     if fmt is not None:
         out["response_format"] = fmt
     _think(req, out, notes)
@@ -260,7 +262,7 @@ def generate_as_completion(req: dict[str, Any], traits: BackendTraits, notes: li
     if req.get("suffix"):
         out["suffix"] = _text(req.get("suffix"), "suffix")
     _common(req, ollama_stream(req), out, notes)
-    fmt = _response_format(req.get("format"))
+    fmt = _response_format(req.get("format"), traits)
     if fmt is not None:
         out["response_format"] = fmt
     if req.get("think") is not None:
@@ -278,7 +280,7 @@ def generate_as_chat(req: dict[str, Any], traits: BackendTraits, notes: list[str
     msgs.append({"role": "user", "content": _user_content(prompt, _images(req.get("images")))})
     out: dict[str, Any] = {"model": req.get("model"), "messages": msgs}
     _common(req, ollama_stream(req), out, notes)
-    fmt = _response_format(req.get("format"))
+    fmt = _response_format(req.get("format"), traits)
     if fmt is not None:
         out["response_format"] = fmt
     if req.get("raw"):
