@@ -253,3 +253,22 @@ def test_an_ollama_format_schema_reaches_llama_cpp_in_its_own_form(fake_loop: Lo
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def test_model_management_says_it_needs_an_ollama_backend(fake_loop: LoopThread) -> None:
+    """`ollama pull` / delete / copy / create go to Ollama backends only: in front of
+    llama.cpp alone the answer says so, not "model 'x' not found" for a model the
+    gateway serves."""
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0)
+    try:
+        c = ollama.Client(host=st.url)
+        for call in (lambda: c.pull(MODEL), lambda: c.delete(MODEL), lambda: c.copy(MODEL, "x"),
+                     lambda: c.create(model="y", from_=MODEL), lambda: c.pull("other")):
+            with pytest.raises(ollama.ResponseError) as err:
+                call()
+            assert err.value.status_code == 501, err.value
+            assert "Ollama backend" in err.value.error and "not found" not in err.value.error
+        assert c.show(MODEL).capabilities == ["completion"]  # answered by the gateway
+    finally:
+        st.close()
+        fake_loop.run(fake.close())

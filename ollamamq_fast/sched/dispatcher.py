@@ -205,6 +205,15 @@ class Dispatcher:
             # A required model on its way (fleet/required.py): not a client error.
             return refused(503, f"model '{ex.model_name}' is being pulled to the backends; "
                                 "retry shortly", 30)
+        if native and route is not None and route.kind is Kind.MODEL:
+            # Pull, create, copy, delete, push: Ollama backends only, and the
+            # model may well be served by an OpenAI-compatible one.
+            if not any(b.online for b in self.fleet.candidates(None, True)):
+                return refused(501, "managing models (pull, create, copy, delete, push) needs "
+                                    "an Ollama backend, and none is online")
+            if self.fleet.candidates(ex.model, False):
+                return refused(501, f"model '{ex.model_name}' is served by OpenAI-compatible "
+                                    "backends only; an Ollama backend is needed to manage it")
         return refused(404, f"model '{ex.model_name}' not found")
 
     # -- Dispatch ---------------------------------------------------------------
