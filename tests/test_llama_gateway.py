@@ -8,8 +8,10 @@ without the real server (tests/test_real_backend.py, opt-in, runs the real one).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,7 +47,8 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> Non
 
 def stack(lt: LoopThread, **options: Any) -> tuple[FakeLlama, Stack]:
     fake = start_fake(lt, **options)
-    return fake, start_stack(sims=[], extra_backends=[fake.url], health_interval=3600.0)
+    # One slot, as a llama-cpp-python server must have (the harness gives four).
+    return fake, start_stack(sims=[], extra_backends=[fake.url], health_interval=3600.0, slots=1)
 
 
 def test_a_whole_ollama_chat_answer_larger_than_4_kib(fake_loop: LoopThread) -> None:
@@ -272,3 +275,35 @@ def test_model_management_says_it_needs_an_ollama_backend(fake_loop: LoopThread)
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def test_requests_that_leave_the_queue_unserved_log_how_long_they_waited(
+        fake_loop: LoopThread, tmp_path: Path) -> None:
+    """The one slot busy with a long stream: a client that gives up while queued
+    (499), and a request that outwaits --queue-timeout (503), were logged with
+    queue_ms 0."""
+    fake = start_fake(fake_loop, chunks=100, chunk_delay=0.05)
+    log = tmp_path / "access.log"
+    st = start_stack(sims=[], extra_backends=[fake.url], health_interval=3600.0, slots=1,
+                     queue_timeout=1.0, log_file=str(log))
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "q"}]}
+        long = threading.Thread(target=httpx.post, args=(st.url + "/v1/chat/completions",),
+                                kwargs={"json": {**body, "stream": True}, "timeout": 30,
+                                        "headers": {"X-User-ID": "runs"}})
+        long.start()
+        wait_for(lambda: fake_loop.call(lambda: fake.generating) == 1, "the long stream")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(st.url + "/v1/chat/completions", json=body, timeout=0.6,
+                       headers={"X-User-ID": "gives-up"})
+        r = httpx.post(st.url + "/v1/chat/completions", json=body, timeout=10,
+                       headers={"X-User-ID": "outwaits"})
+        assert r.status_code == 503
+        long.join()
+        wait_for(lambda: st.state.access.written >= 3, "the access lines")
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+    lines = {x["user"]: x for x in map(orjson.loads, log.read_text().splitlines())}
+    assert lines["gives-up"]["status"] == 499 and 500 <= lines["gives-up"]["queue_ms"] < 2000
+    assert lines["outwaits"]["status"] == 503 and lines["outwaits"]["queue_ms"] >= 1000

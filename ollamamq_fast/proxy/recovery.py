@@ -187,6 +187,8 @@ def client_gone(ex: Exchange) -> None:
                     response.count_tokens(ex, conn)
             elif conn.events_seen():
                 response.estimate_tokens(ex, conn)  # cut short: what was generated still counts
+        elif state is State.QUEUED and ex.enqueued_at:
+            ex.queue_ms = int((ex.gw.loop.time() - ex.enqueued_at) * 1000)  # waited, then left
         ex._ended(end)
     if state is State.QUEUED:
         ex.dispatcher.cancel(ex)

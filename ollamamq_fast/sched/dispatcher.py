@@ -347,11 +347,13 @@ class Dispatcher:
             ex = cast("Exchange", ticket.payload)
             ex.ticket = None
             ex.gw.ledger.left_queue(ex.ustats)
+            ex.queue_ms = int((now - ex.enqueued_at) * 1000)
             self.expired += 1
             ex.respond_error(
                 503, f"request waited more than {limit:g} s in the queue", retry_after=10
             )
         while self.retry_line and now - self.retry_line[0].enqueued_at > limit:
             ex = self.retry_line.popleft()
+            ex.queue_ms = int((now - ex.enqueued_at) * 1000)
             self.expired += 1
             ex.respond_error(503, "no backend could take the request in time", retry_after=10)
