@@ -51,9 +51,13 @@ class LoopThread:
         return self.run(wrapper())
 
     def stop(self) -> None:
-        """Stop the loop and join the thread."""
+        """Stop the loop, join the thread and close the loop (its epoll, io_uring,
+        eventfd and pipes: a suite of hundreds of stacks would otherwise pass the
+        1024 descriptors `select` takes)."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        if not self.thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
 
 
 @dataclass
