@@ -153,9 +153,6 @@ def _translated_headers(headers: bytes) -> bytes:
     answer) and Content-Type: the body is the gateway's own JSON, whatever type the
     client named (Ollama reads any body as JSON, and its docs' `curl -d` examples send
     a form type, which OpenAI-compatible servers such as llama-cpp-python refuse)."""
-    low = headers.lower()
-    if b"ccept-encoding" not in low and b"ontent-type" not in low:
-        return headers
     lines = headers.split(b"\r\n")
     return b"\r\n".join(line for line in lines if not line.lower().startswith(_NOT_FORWARDED))
 

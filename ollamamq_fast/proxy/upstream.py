@@ -170,16 +170,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Parsed before it is relayed: bytes past the answer's end (a second
             # response, the start of one) would be read by the client as the
             # answer to its next request. Such a read is never relayed.
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserError as exc:
-                self._protocol_error(exc)
-                return
-            except httptools.HttpParserUpgrade:
-                self._protocol_error(_Overrun())
-                return
-            if self.overrun:
-                self._protocol_error(_Overrun())
+            if not self._parsed(data):
                 return
             gone = self.prev_data
             if gone and self.event_mark:
@@ -203,6 +194,25 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink = None
             sink.response_complete(self)
 
+    def _parsed(self, data: bytes) -> bool:
+        """Feed a read to the response parser. False when the backend broke HTTP or
+        sent more than one answer: the connection is then dropped (_protocol_error)."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._protocol_error(exc)
+            return False
+        except httptools.HttpParserUpgrade:
+            # A 101 after the answer is a second answer; as the answer, one not asked for.
+            self._protocol_error(_Overrun() if self.head_sent else ValueError(
+                "the backend answered 101 Switching Protocols to a request that asked for no "
+                "upgrade"))
+            return False
+        if self.overrun:
+            self._protocol_error(_Overrun())
+            return False
+        return True
+
     def _receive_head(self, data: bytes, sink: ResponseSink) -> None:
         # Nearly always the whole head comes in one read: then no copy is made.
         # A head in many pieces grows a bytearray (amortized, not quadratic).
@@ -213,15 +223,7 @@ class UpstreamConnection(asyncio.Protocol):
             held += data
         else:
             self.head_buf = bytearray(held) + data
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._protocol_error(exc)
-            return
-        except httptools.HttpParserUpgrade:
-            self._protocol_error(ValueError(
-                "the backend answered 101 Switching Protocols to a request that asked for no "
-                "upgrade"))
+        if not self._parsed(data):
             return
         if not self.headers_done:
             if len(self.head_buf) > MAX_HEAD_BYTES:
@@ -243,8 +245,8 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             body_at = end + 4
             self.raw_head = buf[start:end]
-        if self.overrun or (self.head_request and len(buf) > body_at):
-            # More than one answer (or a body after a HEAD answer's head): not relayed.
+        if self.head_request and len(buf) > body_at:
+            # A body after a HEAD answer's head: not relayed.
             self._protocol_error(_Overrun())
             return
         self.head_buf = b""
