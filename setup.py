@@ -18,6 +18,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -46,24 +47,39 @@ def _say(message: str) -> None:
     print(f"ollamamq-fast build: {message}", file=sys.stderr, flush=True)
 
 
-def _compiler_works() -> str | None:
-    """None if a C compiler can build against Python.h here, else why not."""
+def _probe_compiler() -> tuple[Any, Callable[[list[str]], bool]]:
+    """The C compiler setuptools would use, and a test: does it build a file that
+    includes Python.h with these extra arguments?"""
     from setuptools._distutils.ccompiler import new_compiler
     from setuptools._distutils.sysconfig import customize_compiler
 
     compiler = new_compiler()
     customize_compiler(compiler)
     include = sysconfig.get_paths()["include"]
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.c")
-        with open(src, "w") as f:
-            f.write("#include <Python.h>\nint probe(void) { return PY_MAJOR_VERSION; }\n")
-        try:
-            compiler.compile([src], output_dir=tmp, include_dirs=[include])
-        except Exception:  # noqa: BLE001 - any failure means "no compiler"
-            cc = (getattr(compiler, "compiler_so", None) or ["cc"])[0]
-            return f"no working C compiler ({cc} cannot build against {include}/Python.h)"
-    return None
+
+    def builds(extra: list[str]) -> bool:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.c")
+            with open(src, "w") as f:
+                f.write("#include <Python.h>\nint probe(void) { return PY_MAJOR_VERSION; }\n")
+            try:
+                compiler.compile([src], output_dir=tmp, include_dirs=[include],
+                                 extra_postargs=extra)
+            except Exception:  # noqa: BLE001 - any failure means "no"
+                return False
+        return True
+
+    return compiler, builds
+
+
+def _compiler_works() -> str | None:
+    """None if a C compiler can build against Python.h here, else why not."""
+    compiler, builds = _probe_compiler()
+    if builds([]):
+        return None
+    cc = (getattr(compiler, "compiler_so", None) or ["cc"])[0]
+    include = sysconfig.get_paths()["include"]
+    return f"no working C compiler ({cc} cannot build against {include}/Python.h)"
 
 
 # Code-generation flags for the compiled modules, used when the compiler takes them.
@@ -77,29 +93,11 @@ EXTRA_CFLAGS = ("-fno-semantic-interposition", "-fno-plt")
 
 
 def _accepted_flags(flags: tuple[str, ...]) -> list[str]:
-    """The flags of `flags` the C compiler accepts (each tried alone on a probe)."""
-    from setuptools._distutils.ccompiler import new_compiler
-    from setuptools._distutils.errors import CompileError
-    from setuptools._distutils.sysconfig import customize_compiler
-
+    """The flags of `flags` the C compiler accepts (each tried alone, as an error if unknown)."""
     if os.name != "posix":
         return []
-    compiler = new_compiler()
-    customize_compiler(compiler)
-    include = sysconfig.get_paths()["include"]
-    accepted = []
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "flags.c")
-        with open(src, "w") as f:
-            f.write("#include <Python.h>\nint probe(void) { return PY_MAJOR_VERSION; }\n")
-        for flag in flags:
-            try:
-                compiler.compile([src], output_dir=tmp, include_dirs=[include],
-                                 extra_postargs=["-Werror", flag])
-            except CompileError:
-                continue
-            accepted.append(flag)
-    return accepted
+    _, builds = _probe_compiler()
+    return [flag for flag in flags if builds(["-Werror", flag])]
 
 
 # Decided once per process: setuptools may finalize build_ext more than once
