@@ -35,6 +35,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -244,3 +245,10 @@ class FakeLlama:
         await resp.write(b"data: [DONE]\r\n\r\n")
         await resp.write_eof()
         return resp
+
+
+def start_fake(lt: Any, **options: Any) -> FakeLlama:
+    """A FakeLlama serving on `lt` (a harness.LoopThread), started."""
+    fake = FakeLlama(**options)
+    lt.run(fake.start())
+    return fake

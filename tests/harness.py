@@ -144,6 +144,15 @@ def start_stack(
     return Stack(lt, gateway, servers)
 
 
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Return once `check()` is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago."""
     with socket.socket() as s:

@@ -14,13 +14,13 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from fake_llama import MODEL, FakeLlama
-from harness import LoopThread, Stack, start_stack
+from fake_llama import MODEL, FakeLlama, start_fake
+from harness import LoopThread, Stack, start_stack, wait_until
 
 from ollamamq_fast.config import (
     BACKEND_KINDS,
@@ -38,20 +38,6 @@ def fake_loop() -> Iterator[LoopThread]:
     lt = LoopThread()
     yield lt
     lt.stop()
-
-
-def start_fake(lt: LoopThread, **options: Any) -> FakeLlama:
-    fake = FakeLlama(**options)
-    lt.run(fake.start())
-    return fake
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def stream_chat(url: str, user: str, out: dict[str, Any]) -> None:
@@ -124,7 +110,7 @@ def test_blocking_probe_never_marks_a_generating_backend_offline(
         streamed: dict[str, Any] = {}
         streamer = threading.Thread(target=stream_chat, args=(st.url, "alice", streamed))
         streamer.start()
-        wait_for(lambda: fake.generating == 1, "the stream to start")
+        wait_until(lambda: fake.generating == 1, "the stream to start")
         statuses: list[int] = []
         waiters = [threading.Thread(target=lambda u=u: statuses.append(chat(st.url, u)))
                    for u in ("bob", "carol")]
@@ -179,7 +165,7 @@ def test_one_request_per_check_and_none_while_busy(fake_loop: LoopThread) -> Non
         streamed: dict[str, Any] = {}
         streamer = threading.Thread(target=stream_chat, args=(st.url, "alice", streamed))
         streamer.start()
-        wait_for(lambda: fake.generating == 1, "the stream to start")
+        wait_until(lambda: fake.generating == 1, "the stream to start")
         for _ in range(5):
             st.lt.run(probe(backend))
         streamer.join(30)

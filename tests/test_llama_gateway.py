@@ -9,7 +9,6 @@ without the real server (tests/test_real_backend.py, opt-in, runs the real one).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,8 @@ import httpx
 import ollama
 import orjson
 import pytest
-from fake_llama import MODEL, FakeLlama
-from harness import LoopThread, Stack, start_stack
+from fake_llama import MODEL, FakeLlama, start_fake
+from harness import LoopThread, Stack, start_stack, wait_until
 
 from ollamamq_fast.wire import framing
 
@@ -29,20 +28,6 @@ def fake_loop() -> Iterator[LoopThread]:
     lt = LoopThread()
     yield lt
     lt.stop()
-
-
-def start_fake(lt: LoopThread, **options: Any) -> FakeLlama:
-    fake = FakeLlama(**options)
-    lt.run(fake.start())
-    return fake
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def stack(lt: LoopThread, **options: Any) -> tuple[FakeLlama, Stack]:
@@ -61,7 +46,7 @@ def test_a_whole_ollama_chat_answer_larger_than_4_kib(fake_loop: LoopThread) -> 
         assert answer.message.content == "".join(f"w{i} " for i in range(1500))
         assert answer.eval_count == 1500 and answer.done
         users = st.state.stats.users
-        wait_for(lambda: "big" in users and users["big"].done == 1, "the request's end")
+        wait_until(lambda: "big" in users and users["big"].done == 1, "the request's end")
         assert users["big"].completion_tokens == 1500
     finally:
         st.close()
@@ -92,7 +77,7 @@ def test_a_stream_without_usage_is_estimated_one_token_an_event(
                     else {"prompt": "q"})
         r = httpx.post(st.url + path, json=body, headers={"X-User-ID": "est"}, timeout=30)
         assert r.status_code == 200 and r.text.count("w") == 12
-        wait_for(ended(st, "est", done=1), "the request's end")
+        wait_until(ended(st, "est", done=1), "the request's end")
         u = user_stats(st, "est")
         assert (u.completion_tokens, u.estimated_tokens) == (12, 12)
     finally:
@@ -107,7 +92,7 @@ def test_a_translated_raw_generate_stream_is_estimated_exactly(fake_loop: LoopTh
         c = ollama.Client(host=st.url, headers={"X-User-ID": "raw"})
         parts = list(c.generate(model=MODEL, prompt="q", raw=True, stream=True))
         assert sum(1 for p in parts if p.response) == 12 and parts[-1].done
-        wait_for(ended(st, "raw", done=1), "the request's end")
+        wait_until(ended(st, "raw", done=1), "the request's end")
         assert user_stats(st, "raw").completion_tokens == 12
     finally:
         st.close()
@@ -137,8 +122,8 @@ def test_a_client_leaving_mid_stream_is_charged_what_it_was_sent(
     fake, st = stack(fake_loop, chunks=40, chunk_delay=0.25)
     try:
         read_then_leave(st.url, path, "leaver", 4)
-        wait_for(ended(st, "leaver", dropped=1), "the request's end")
-        wait_for(lambda: fake_loop.call(lambda: fake.generating) == 0, "the generation's end")
+        wait_until(ended(st, "leaver", dropped=1), "the request's end")
+        wait_until(lambda: fake_loop.call(lambda: fake.generating) == 0, "the generation's end")
         u = user_stats(st, "leaver")
         assert (u.completion_tokens, u.estimated_tokens) == (4, 4)
     finally:
@@ -164,7 +149,7 @@ def test_a_backend_dying_mid_stream_counts_what_was_relayed(
                            headers={"X-User-ID": "died"}, timeout=30)
             assert r.status_code == 200 and r.text.count('"content":"w') == 5
             assert '"error"' in r.text.rstrip().splitlines()[-1]
-        wait_for(ended(st, "died", done=1), "the request's end")
+        wait_until(ended(st, "died", done=1), "the request's end")
         u = user_stats(st, "died")
         # Mid-event, the sixth token's event had begun: it was generated.
         assert u.completion_tokens == u.estimated_tokens == (6 if mid_event else 5)
@@ -292,7 +277,7 @@ def test_requests_that_leave_the_queue_unserved_log_how_long_they_waited(
                                 kwargs={"json": {**body, "stream": True}, "timeout": 30,
                                         "headers": {"X-User-ID": "runs"}})
         long.start()
-        wait_for(lambda: fake_loop.call(lambda: fake.generating) == 1, "the long stream")
+        wait_until(lambda: fake_loop.call(lambda: fake.generating) == 1, "the long stream")
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(st.url + "/v1/chat/completions", json=body, timeout=0.6,
                        headers={"X-User-ID": "gives-up"})
@@ -300,7 +285,7 @@ def test_requests_that_leave_the_queue_unserved_log_how_long_they_waited(
                        headers={"X-User-ID": "outwaits"})
         assert r.status_code == 503
         long.join()
-        wait_for(lambda: st.state.access.written >= 3, "the access lines")
+        wait_until(lambda: st.state.access.written >= 3, "the access lines")
     finally:
         st.close()
         fake_loop.run(fake.close())

@@ -386,3 +386,26 @@ def test_budgets_and_retention_from_the_config_file() -> None:
                 {"usage_retention_days": -1}):
         with pytest.raises(ConfigError):
             apply_toml(Settings(), bad)
+
+
+def test_usage_rows_count_routes_that_reach_a_backend_not_local_answers() -> None:
+    """As the README says: model management (/api/show) counts in the usage rows,
+    the gateway's own answers (/api/tags, /api/ps, /api/version) do not."""
+    st = start_stack()
+    try:
+        base = f"http://127.0.0.1:{st.port}"
+        who = {"X-User-ID": "counted"}
+        assert httpx.post(base + "/api/show", json={"model": "llama3.2"}, headers=who).status_code == 200
+        for local in ("/api/tags", "/api/ps", "/api/version"):
+            assert httpx.get(base + local, headers=who).status_code == 200
+        answer = httpx.post(base + "/api/generate", headers=who,
+                            json={"model": "llama3.2", "prompt": "hi", "stream": False})
+        assert answer.status_code == 200
+
+        def rows() -> list[dict[str, Any]]:
+            return list(st.lt.run(st.state.operator.usage("counted")))
+
+        assert wait_for(lambda: sum(r["requests"] for r in rows()) >= 2, timeout=10.0)
+        assert sum(r["requests"] for r in rows()) == 2, rows()
+    finally:
+        st.close()

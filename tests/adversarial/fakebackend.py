@@ -112,7 +112,37 @@ def _fake_options(value: bytes | None) -> dict[str, str]:
     return out
 
 
-class FakeBackend:
+class ThreadedServer:
+    """An asyncio server on 127.0.0.1, on a free port, served from a thread of its own."""
+
+    def _listen(self, serve: Any, **options: Any) -> None:
+        """Start the thread and its loop, then serve connections with `serve`."""
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self._run(asyncio.start_server(serve, "127.0.0.1", 0, **options))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _run(self, coro: Any) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(10)
+
+    def close(self) -> None:
+        """Stop serving, cancel the connections' tasks and end the thread."""
+        async def stop() -> None:
+            self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+        try:
+            self._run(stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
+class FakeBackend(ThreadedServer):
     """The fake backend on 127.0.0.1, on a free port, served from its own thread."""
 
     def __init__(self, kind: str = "ollama") -> None:
@@ -126,27 +156,7 @@ class FakeBackend:
         self.open_conns = 0
         self.headline_bytes = 0
         self.head_request = False  # the request being answered is a HEAD (no body back)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = self._run(asyncio.start_server(self._serve, "127.0.0.1", 0,
-                                                     limit=HEAD_LIMIT))
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _run(self, coro: Any) -> Any:
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return fut.result(10)
-
-    def close(self) -> None:
-        """Stop serving and end the thread."""
-        async def stop() -> None:
-            self.server.close()
-        try:
-            self._run(stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+        self._listen(self._serve, limit=HEAD_LIMIT)
 
     # -- What the tests read ----------------------------------------------------------
 

@@ -18,9 +18,9 @@ import json
 import re
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+
+from fakebackend import ThreadedServer
 
 TAGS = json.dumps({"models": [{"name": "fake:latest", "model": "fake:latest",
                                "modified_at": "2025-01-01T00:00:00Z", "size": 1,
@@ -66,7 +66,7 @@ class Got:
     at: float = field(default_factory=time.monotonic)
 
 
-class RawBackend:
+class RawBackend(ThreadedServer):
     """The scripted backend on 127.0.0.1, on a free port, served from its own thread."""
 
     def __init__(self, scripts: dict[str, Script], ps_delay: float = 0.0) -> None:
@@ -76,29 +76,7 @@ class RawBackend:
         self.requests: list[Got] = []
         self.lock = threading.Lock()
         self.conns = 0
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = self._run(asyncio.start_server(self._serve, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _run(self, coro: Any) -> Any:
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return fut.result(10)
-
-    def close(self) -> None:
-        """Stop serving and end the thread."""
-        async def stop() -> None:
-            self.server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-        try:
-            self._run(stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+        self._listen(self._serve)
 
     def inference(self, mode: str | None = None) -> list[Got]:
         """Requests that were not probes (with `mode`: only those of that X-Mode)."""

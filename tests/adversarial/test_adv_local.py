@@ -11,14 +11,13 @@ that arrive while a fetch is under way share it.
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 
 import pytest
 from gatewayproc import GatewayProc
 from rawbackend import RawBackend
-from wire import Response, exchange, parse_responses
+from wire import Response, exchange
 
 PS_DELAY = 0.5
 CLIENTS = 40
@@ -39,19 +38,9 @@ def gw(raw: RawBackend) -> Iterator[GatewayProc]:
 
 
 def _ps(port: int, out: list[Response | None], i: int, start: threading.Barrier) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        start.wait(10)
-        sock.sendall(b"GET /api/ps HTTP/1.1\r\nHost: gw\r\n\r\n")
-        buf = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-            got, _ = parse_responses(buf)
-            if got:
-                out[i] = got[0]
-                break
+    start.wait(10)
+    got, _, _ = exchange(port, b"GET /api/ps HTTP/1.1\r\nHost: gw\r\n\r\n", timeout=10, expect=1)
+    out[i] = got[0] if got else None
 
 
 def test_concurrent_ps_requests_share_one_backend_fetch(gw: GatewayProc, raw: RawBackend) -> None:
