@@ -209,7 +209,7 @@ class BuildExt(build_ext):
         roots = [self.build_lib]
         if self.inplace or getattr(self, "editable_mode", False):
             roots.append(HERE)
-        for name in (*buildinfo.COMPILED_MODULES, buildinfo.GROUP + "__mypyc"):
+        for name in (*buildinfo.COMPILED_MODULES, buildinfo.LIBRARY):
             for root in roots:
                 path = os.path.join(root, self.get_ext_filename(name))
                 if os.path.exists(path):

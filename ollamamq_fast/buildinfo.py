@@ -30,9 +30,11 @@ from typing import Final
 PACKAGE: Final = "ollamamq_fast"
 PURE_ENV: Final = "OLLAMAMQ_FAST_PURE"
 INFO_FILE: Final = "_build_info.json"
-# mypyc puts the code of all compiled modules in one shared library; this
-# names it (a module inside the package, so an editable install finds it).
+# mypyc puts the code of all compiled modules in one shared library, the
+# top-level module GROUP + "__mypyc" beside the package; each compiled module's
+# own extension only forwards to it.
 GROUP: Final = "ollamamq_fast"
+LIBRARY: Final = GROUP + "__mypyc"
 
 # The per-request path, compiled together (order does not matter). Left out:
 # - fleet/health.py, policy/ratelimit.py, policy/quota.py: timers and control
@@ -146,6 +148,11 @@ def _why_pure() -> str | None:
             return f"{module}: source missing"
         if sources.get(module) != digest:
             return f"{module} changed after it was compiled (reinstall to recompile)"
+    # Without the shared library every compiled module fails to import, and the
+    # gateway with them (seen with an editable install whose finder did not list
+    # it): the sources still run.
+    if importlib.util.find_spec(LIBRARY) is None:
+        return f"the compiled library {LIBRARY} is not importable (reinstall to repair)"
     return None
 
 

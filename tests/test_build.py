@@ -162,7 +162,7 @@ def test_the_compiled_library_was_built_with_the_extra_flags() -> None:
         pytest.skip("not a compiled install: no compiler flags to check")
     recorded = info.get("cflags")
     assert isinstance(recorded, list) and set(recorded) <= set(_EXTRA_CFLAGS), info
-    library = PACKAGE_DIR.parent / (buildinfo.GROUP + "__mypyc" + sysconfig.get_config_var("EXT_SUFFIX"))
+    library = PACKAGE_DIR.parent / (buildinfo.LIBRARY + sysconfig.get_config_var("EXT_SUFFIX"))
     assert library.exists(), library
     data = library.read_bytes()
     at = data.find(b"GNU C")
@@ -223,3 +223,29 @@ def test_the_lint_finds_a_reused_except_name(tmp_path: Path) -> None:
     bad.write_text("def f():\n    try:\n        g()\n    except KeyError as e:\n        pass\n"
                    "    try:\n        g()\n    except ValueError as e:\n        pass\n")
     assert len(_except_names_with_two_types(str(bad))) == 1
+
+
+def test_a_missing_compiled_library_runs_python(tmp_path: Path) -> None:
+    """Compiled modules without their shared library would fail to import: the sources run instead."""
+    info = buildinfo.read_info()
+    if info is None or info.get("build") != "mypyc":
+        pytest.skip("this checkout is not compiled")
+    # The package with its compiled extensions and build record, but not the
+    # top-level library they all load; -S keeps site-packages' .pth files, and so
+    # the editable install's finder (which finds this checkout's library), away.
+    dest = tmp_path / "ollamamq_fast"
+    shutil.copytree(PACKAGE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    assert not list(tmp_path.glob(buildinfo.LIBRARY + "*"))
+    code = ("import site, sys; sys.path.insert(0, sys.argv[1])\n"
+            "sys.path += site.getsitepackages()  # its libraries, not its .pth files\n"
+            "from ollamamq_fast import buildinfo\n"
+            "import ollamamq_fast.stats, ollamamq_fast.proxy.state\n"
+            "print(buildinfo.describe(), ollamamq_fast.stats.__file__.endswith('.py'))\n")
+    environ = {k: v for k, v in os.environ.items() if k not in (buildinfo.PURE_ENV, "PYTHONPATH")}
+    done = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path)], check=False,
+                          env=environ, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        f"python: the compiled library {buildinfo.LIBRARY} is not importable "
+        "(reinstall to repair) True")
+    assert "RuntimeWarning: ollamamq-fast runs pure Python" in done.stderr
