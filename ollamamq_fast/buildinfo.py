@@ -53,6 +53,7 @@ COMPILED_MODULES: Final[tuple[str, ...]] = (
     "ollamamq_fast.proxy.state",
     "ollamamq_fast.proxy.flow",
     "ollamamq_fast.proxy.pool",
+    "ollamamq_fast.proxy.chunks",
     "ollamamq_fast.proxy.upstream",
     "ollamamq_fast.proxy.intake",
     "ollamamq_fast.proxy.answers",

@@ -87,6 +87,8 @@ class FakePool(UpstreamPool):
         self.opened: list[tuple[UpstreamConnection, FakeTransport]] = []
         self.open = 0
         self.closed = False
+        # How the connections find a chunked body's end (see the rig fixture).
+        self.scan_chunks = False
 
     def acquire_idle(self) -> UpstreamConnection | None:
         while self.idle:
@@ -97,6 +99,8 @@ class FakePool(UpstreamPool):
 
     async def connect(self) -> UpstreamConnection:
         conn = UpstreamConnection(self)
+        conn.scan_chunks = self.scan_chunks
+        conn.scan_from = 0  # whatever the size of the body in the head's read
         transport = FakeTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         self.opened.append((conn, transport))
@@ -161,9 +165,13 @@ class Rig:
         self.loop.close()
 
 
-@pytest.fixture()
-def rig() -> Iterator[Rig]:
+@pytest.fixture(params=[False, True], ids=["llhttp", "scanner"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """Every exchange test runs twice: the body's end found by llhttp (the
+    pure-Python build's way) and by proxy/chunks.py's scanner (the compiled one's)."""
     r = Rig()
+    for pool in r.pools:
+        pool.scan_chunks = request.param
     yield r
     r.close()
 
@@ -715,3 +723,42 @@ def test_the_reason_phrase_reaches_the_client(rig: Rig, status_line: bytes, expe
     head = bytes(client.data)
     assert head.startswith(expected) and head.endswith(b"\r\n\r\nok"), head
     assert b"Keep-Alive" not in head  # hop-by-hop: never relayed
+
+
+@pytest.mark.parametrize("reads", [
+    pytest.param([OK_HEAD + chunk(LINE) + b"zz\r\n"], id="with-the-head"),
+    pytest.param([OK_HEAD + chunk(LINE), b"5\r\nabcdefgh\r\n"], id="later-read"),
+])
+def test_broken_chunk_framing_ends_the_stream_like_a_dead_backend(rig: Rig,
+                                                                  reads: list[bytes]) -> None:
+    """Framing the backend broke: the answer is cut with an error line, the backend
+    connection is dropped (never pooled), and the request has its one end."""
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, _ = rig.pools[0].last
+    for data in reads:
+        conn.data_received(data)
+    text = bytes(client.data)
+    assert text.startswith(b"HTTP/1.1 502") or b'"error"' in text or client.aborted
+    assert b"zz" not in text and b"abcdefgh" not in text
+    assert conn.closed and conn not in rig.pools[0].idle
+    assert rig.state.stats.users["alice"].in_flight == 0
+
+
+def test_crlf_after_the_answer_keeps_the_connection(rig: Rig) -> None:
+    """Blank lines between answers are allowed (RFC 9112 §2.2): the answer is complete
+    and the connection goes back to the pool. (llhttp's way relays them: it tells no
+    offset; harmless, since the client's parser skips them too.)"""
+    if not rig.pools[0].scan_chunks:
+        pytest.skip("llhttp's way relays blank lines after the answer")
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, _ = rig.pools[0].last
+    conn.data_received(OK_HEAD + chunk(FINAL) + b"0\r\n\r\n\r\n")
+    text = bytes(client.data)
+    assert text.endswith(b"0\r\n\r\n") and FINAL in text
+    assert not conn.closed and conn in rig.pools[0].idle
+    user = rig.state.stats.users["alice"]
+    assert user.in_flight == 0 and user.done == 1

@@ -17,6 +17,7 @@ import httptools
 from mypy_extensions import mypyc_attr
 
 from ollamamq_fast.accounting.ledger import Record
+from ollamamq_fast.proxy.chunks import SCAN_CHUNKS, ChunkError, ChunkScanner
 from ollamamq_fast.proxy.flow import HIGH_WATER, LOW_WATER, MAX_HEAD_BYTES, FlowControl
 from ollamamq_fast.proxy.transport import Transport
 from ollamamq_fast.wire import framing
@@ -26,6 +27,11 @@ from ollamamq_fast.wire import framing
 _JOIN_BELOW: Final = 4096
 # How much of the body's end the token tap and the end-of-stream checks see.
 _TAIL: Final = 4096
+# A chunked body's end is found by a ChunkScanner (when scan_chunks) if at least
+# this much of it came with the head: below, one llhttp call for the whole read
+# costs less than splitting it. A stream whose first read is smaller (a backend
+# sending token by token) stays with llhttp, one chunk a read.
+_SCAN_FROM: Final = 1024
 
 if TYPE_CHECKING:
     from ollamamq_fast.policy.streamusage import UsageStripper
@@ -93,6 +99,10 @@ class UpstreamConnection(asyncio.Protocol):
         # The response parser is kept from one response to the next when it can be.
         self.parser_plain = False
         self.parser_idle = False
+        # A relayed chunked body's end is found by a ChunkScanner instead of
+        # llhttp when that is cheaper (compiled; proxy/chunks.py).
+        self.scan_chunks = SCAN_CHUNKS
+        self.scan_from = _SCAN_FROM
         # Per-response state
         self._reset_response(False)
 
@@ -115,11 +125,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.tee: list[bytes] | None = [] if tee else None
         self.tee_room = tee
         self.dechunking = False
+        # Set once a chunked body's head is read, when scan_chunks: llhttp then
+        # reads no more of this response (see _scanned).
+        self.scanner: ChunkScanner | None = None
         self.pending_body: list[bytes] = []
         self.head_request = head_request
         self.head_sent = False
         self.head_buf: bytes | bytearray = b""
         self.head_scan_from = 0
+        self.head_end = -1  # where the head's blank line starts in head_buf, once found
         # The final head's status and header lines as the backend sent them:
         # relayed as they are when nothing must go (b"" means rebuild).
         self.raw_head = b""
@@ -170,7 +184,12 @@ class UpstreamConnection(asyncio.Protocol):
             # Parsed before it is relayed: bytes past the answer's end (a second
             # response, the start of one) would be read by the client as the
             # answer to its next request. Such a read is never relayed.
-            if not self._parsed(data):
+            scanner = self.scanner
+            if scanner is not None:
+                data = self._scanned(scanner, data, 0)
+                if not data:
+                    return
+            elif not self._parsed(data):
                 return
             gone = self.prev_data
             if gone and self.event_mark:
@@ -194,7 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink = None
             sink.response_complete(self)
 
-    def _parsed(self, data: bytes) -> bool:
+    def _parsed(self, data: bytes | memoryview) -> bool:
         """Feed a read to the response parser. False when the backend broke HTTP or
         sent more than one answer: the connection is then dropped (_protocol_error)."""
         try:
@@ -213,6 +232,50 @@ class UpstreamConnection(asyncio.Protocol):
             return False
         return True
 
+    def _scanned(self, scanner: ChunkScanner, data: bytes, start: int) -> bytes:
+        """Scan a chunked body's read from `start`: the read to relay (cut after the
+        body's end), or b"" when the backend broke the framing or sent more than
+        one answer (the connection is then dropped)."""
+        try:
+            end = scanner.feed(data, start)
+        except ChunkError as exc:
+            self._protocol_error(exc)
+            return b""
+        if end < 0:
+            return data
+        if end < len(data):
+            if data[end:].strip(b"\r\n"):
+                self._protocol_error(_Overrun())
+                return b""
+            data = data[:end]  # CRLFs between messages (llhttp skips them): not relayed
+        # llhttp saw the head only: end its message, so it reads the next answer.
+        self.parser.feed_data(b"0\r\n\r\n")
+        return data
+
+    def _feed_head(self, data: bytes) -> bool:
+        """Feed the parser a read that holds (part of) the head; False if the
+        connection was dropped. With scan_chunks, only up to the head's end: a
+        chunked body after it goes to a ChunkScanner."""
+        if not (self.scan_chunks and self.parser_plain) or self.head_request:
+            return self._parsed(data)
+        held = self.head_buf
+        start = self.head_scan_from
+        end = held.find(b"\r\n\r\n", max(start, len(held) - len(data) - 3))
+        self.head_end = end  # _receive_head needs it too
+        cut = end + 4 - (len(held) - len(data))
+        # Split only a head followed by enough body to be worth it, and that may
+        # announce a chunked one ("chunked" in any case but upper): llhttp reads
+        # any other answer whole in one call. (Not `in`: bytes' __contains__
+        # tries the operand as an int first, and builds a TypeError to drop.)
+        if end < 0 or len(data) - cut < self.scan_from or held.find(b"hunked", start, end) < 0:
+            return self._parsed(data)
+        if not self._parsed(memoryview(data)[:cut]):
+            return False
+        if self.headers_done and self.framing is framing.Framing.CHUNKED and not self.complete:
+            self.scanner = ChunkScanner()
+            return True
+        return self._parsed(memoryview(data)[cut:])
+
     def _receive_head(self, data: bytes, sink: ResponseSink) -> None:
         # Nearly always the whole head comes in one read: then no copy is made.
         # A head in many pieces grows a bytearray (amortized, not quadratic).
@@ -223,7 +286,7 @@ class UpstreamConnection(asyncio.Protocol):
             held += data
         else:
             self.head_buf = bytearray(held) + data
-        if not self._parsed(data):
+        if not self._feed_head(data):
             return
         if not self.headers_done:
             if len(self.head_buf) > MAX_HEAD_BYTES:
@@ -238,7 +301,9 @@ class UpstreamConnection(asyncio.Protocol):
         held = self.head_buf
         buf = held if isinstance(held, bytes) else bytes(held)
         start = self.head_scan_from
-        end = buf.find(b"\r\n\r\n", start)
+        end = self.head_end
+        if end < start:  # not found by _feed_head, or an interim head's end
+            end = buf.find(b"\r\n\r\n", start)
         if end < 0:  # cannot happen after llhttp ended a head; rebuild, relay no body
             body_at = len(buf)
             self.raw_head = b""
@@ -249,6 +314,11 @@ class UpstreamConnection(asyncio.Protocol):
             # A body after a HEAD answer's head: not relayed.
             self._protocol_error(_Overrun())
             return
+        scanner = self.scanner
+        if scanner is not None and len(buf) > body_at:
+            buf = self._scanned(scanner, buf, body_at)
+            if not buf:
+                return
         self.head_buf = b""
         self.head_sent = True
         head = sink.response_head(self)
