@@ -291,6 +291,22 @@ def test_ollama_embed_and_legacy_embeddings() -> None:
     assert j(t.body)["dimensions"] == 8 and t.notes == ("truncate dropped", "keep_alive dropped")
 
 
+@pytest.mark.parametrize("body", [
+    {"model": "all-minilm", "input": ""}, {"model": "all-minilm", "input": []},
+    {"model": "all-minilm"}, {"model": "all-minilm", "input": None},
+])
+def test_ollama_embed_without_input_is_answered_locally(body: dict[str, Any]) -> None:
+    # Ollama answers an empty input (what ollama-python's embed() sends by
+    # default, or an empty batch) with no vectors, before running the model
+    # (server/routes.go EmbedHandler); an OpenAI server would embed "" or
+    # refuse [].
+    t = to_openai("/api/embed", body)
+    assert t.local_reply is not None and t.content_type == b"application/json; charset=utf-8"
+    assert j(t.local_reply) == {"model": "all-minilm", "embeddings": []}
+    # A list holding an empty string is an input.
+    assert to_openai("/api/embed", {"model": "m", "input": [""]}).local_reply is None
+
+
 @pytest.mark.parametrize(("path", "body", "status", "message"), [
     ("/api/chat", b"", 400, "missing request body"),
     ("/api/chat", b"{not json", 400, "invalid JSON"),
