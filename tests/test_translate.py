@@ -433,6 +433,10 @@ def test_openai_completion_and_embeddings_reference_examples() -> None:
                                      "model": "text-embedding-ada-002", "encoding_format": "float"})
     assert t.path == b"/api/embed" and not t.base64_embeddings
     assert j(t.body) == {"model": "text-embedding-ada-002", "input": "The food was delicious and the waiter..."}
+    # An empty string is one input (Ollama's own /v1/embeddings makes it [""]):
+    # sent as "" to /api/embed it would be Ollama's load form, with no vector.
+    t = to_ollama("/v1/embeddings", {"model": "m", "input": ""})
+    assert j(t.body) == {"model": "m", "input": [""]}
 
 
 def test_request_round_trip_keeps_the_conversation() -> None:

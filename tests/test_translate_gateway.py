@@ -269,6 +269,8 @@ def test_openai_completions_and_embeddings(ollama_backend: Stack) -> None:
     emb = c.embeddings.create(model="all-minilm", input=["a", "b"])
     assert len(emb.data) == 2 and len(emb.data[0].embedding) > 2
     floats = c.embeddings.create(model="all-minilm", input="a", encoding_format="float")
+    # An empty string is embedded (one vector), as Ollama's own /v1 does.
+    assert len(c.embeddings.create(model="all-minilm", input="").data) == 1
     assert floats.data[0].embedding == pytest.approx(emb.data[0].embedding, rel=1e-5)
 
 
