@@ -292,3 +292,23 @@ def test_requests_that_leave_the_queue_unserved_log_how_long_they_waited(
     lines = {x["user"]: x for x in map(orjson.loads, log.read_text().splitlines())}
     assert lines["gives-up"]["status"] == 499 and 500 <= lines["gives-up"]["queue_ms"] < 2000
     assert lines["outwaits"]["status"] == 503 and lines["outwaits"]["queue_ms"] >= 1000
+
+
+def test_openai_model_objects_carry_created_and_agree(fake_loop: LoopThread) -> None:
+    """llama-cpp-python's /v1/models items have no `created`, which OpenAI's
+    model object requires (typed clients fail without it): the gateway's list
+    gives one, and /v1/models/{id}, /api/tags and the list all agree."""
+    fake, st = stack(fake_loop)
+    try:
+        import openai
+
+        c = openai.OpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+        listed = {m.id: m for m in c.models.list().data}[MODEL]
+        assert isinstance(listed.created, int)
+        one = c.models.retrieve(MODEL)
+        assert (one.created, one.owned_by) == (listed.created, listed.owned_by)
+        tag = {m.model: m for m in ollama.Client(host=st.url).list().models}[MODEL]
+        assert tag.modified_at is not None and int(tag.modified_at.timestamp()) == listed.created
+    finally:
+        st.close()
+        fake_loop.run(fake.close())

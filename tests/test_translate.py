@@ -291,13 +291,32 @@ def test_ollama_embed_and_legacy_embeddings() -> None:
     assert j(t.body)["dimensions"] == 8 and t.notes == ("truncate dropped", "keep_alive dropped")
 
 
+@pytest.mark.parametrize("body", [
+    {"model": "all-minilm", "input": ""}, {"model": "all-minilm", "input": []},
+    {"model": "all-minilm"}, {"model": "all-minilm", "input": None},
+])
+def test_ollama_embed_without_input_is_answered_locally(body: dict[str, Any]) -> None:
+    # Ollama answers an empty input (what ollama-python's embed() sends by
+    # default, or an empty batch) with no vectors, before running the model
+    # (server/routes.go EmbedHandler); an OpenAI server would embed "" or
+    # refuse [].
+    t = to_openai("/api/embed", body)
+    assert t.local_reply is not None and t.content_type == b"application/json; charset=utf-8"
+    assert j(t.local_reply) == {"model": "all-minilm", "embeddings": []}
+    # A list holding an empty string is an input.
+    assert to_openai("/api/embed", {"model": "m", "input": [""]}).local_reply is None
+
+
 @pytest.mark.parametrize(("path", "body", "status", "message"), [
     ("/api/chat", b"", 400, "missing request body"),
     ("/api/chat", b"{not json", 400, "invalid JSON"),
     ("/api/chat", b"[1]", 400, "must be a JSON object"),
     ("/api/chat", b'{"messages":[{"role":"user","content":"x"}]}', 400, "model is required"),
     ("/api/chat", b'{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"false"}', 400, "stream"),
-    ("/api/chat", b'{"model":"m","messages":[{"role":"user","content":"x"}],"think":"huge"}', 400, "invalid think"),
+    ("/api/chat", b'{"model":"m","messages":[{"role":"user","content":"x"}],"think":"huge"}', 400,
+     'invalid think value: "huge" (must be "high", "medium", "low", "max", true, or false)'),
+    ("/api/chat", b'{"model":"m","messages":[{"role":"user","content":"x"}],"think":5}', 400,
+     'think must be a boolean or string ("high", "medium", "low", "max", true, or false)'),
     ("/api/chat", b'{"model":"m","messages":"hi"}', 400, "messages must be a list"),
     ("/api/chat", b'{"model":"m","messages":[{"role":"user","content":5}]}', 400, "content"),
     ("/api/embed", b'{"model":"m","input":[1,2]}', 400, "input"),
@@ -417,6 +436,10 @@ def test_openai_completion_and_embeddings_reference_examples() -> None:
                                      "model": "text-embedding-ada-002", "encoding_format": "float"})
     assert t.path == b"/api/embed" and not t.base64_embeddings
     assert j(t.body) == {"model": "text-embedding-ada-002", "input": "The food was delicious and the waiter..."}
+    # An empty string is one input (Ollama's own /v1/embeddings makes it [""]):
+    # sent as "" to /api/embed it would be Ollama's load form, with no vector.
+    t = to_ollama("/v1/embeddings", {"model": "m", "input": ""})
+    assert j(t.body) == {"model": "m", "input": [""]}
 
 
 def test_request_round_trip_keeps_the_conversation() -> None:

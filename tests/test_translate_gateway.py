@@ -136,6 +136,10 @@ def test_ollama_embed_and_legacy_embeddings(openai_backend: Stack) -> None:
     assert len(out.embeddings) == 2 and len(out.embeddings[0]) > 2
     legacy = c.embeddings(model="all-minilm", prompt="a")
     assert legacy.embedding == pytest.approx(out.embeddings[0], rel=1e-5)
+    # An empty batch, and embed() without input (ollama-python sends "": Ollama's
+    # load form), give no vectors, as from Ollama, not an error or a vector of "".
+    assert c.embed(model="all-minilm", input=[]).embeddings == []
+    assert c.embed(model="all-minilm").embeddings == []
 
 
 def test_ollama_tools_whole_and_streamed(openai_backend: Stack) -> None:
@@ -265,6 +269,8 @@ def test_openai_completions_and_embeddings(ollama_backend: Stack) -> None:
     emb = c.embeddings.create(model="all-minilm", input=["a", "b"])
     assert len(emb.data) == 2 and len(emb.data[0].embedding) > 2
     floats = c.embeddings.create(model="all-minilm", input="a", encoding_format="float")
+    # An empty string is embedded (one vector), as Ollama's own /v1 does.
+    assert len(c.embeddings.create(model="all-minilm", input="").data) == 1
     assert floats.data[0].embedding == pytest.approx(emb.data[0].embedding, rel=1e-5)
 
 

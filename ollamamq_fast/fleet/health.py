@@ -328,6 +328,11 @@ class HealthChecker:
     @staticmethod
     def _take_v1_models(backend: Backend, listing: dict[str, Any]) -> None:
         items = [i for i in (listing.get("data") or []) if isinstance(i, dict) and i.get("id")]
+        for item in items:
+            # OpenAI's model object requires `created`; llama-cpp-python omits it.
+            # 0 is what /api/tags and /api/show say then (1970), so all views agree.
+            if not isinstance(item.get("created"), int):
+                item["created"] = 0
         backend.v1_models = items
         backend.models = {normalize_model(str(i["id"])): _tags_entry(i) for i in items}
         backend.loaded = set()

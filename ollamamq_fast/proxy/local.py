@@ -167,11 +167,15 @@ class LocalRoutes:
             return
         backend, entry = found
         created = _epoch(entry.get("modified_at"))
+        owner = namespace_of(name)
         if backend.kind is not ApiKind.OLLAMA:
+            # As the list gives it: the server's own item.
             for item in backend.v1_models:
                 if normalize_model(str(item["id"])) == normalize_model(name):
-                    created = int(item.get("created") or created)
-        body = {"id": name, "object": "model", "created": created, "owned_by": namespace_of(name)}
+                    stamp = item.get("created")
+                    created = stamp if isinstance(stamp, int) else created
+                    owner = str(item.get("owned_by") or owner)
+        body = {"id": name, "object": "model", "created": created, "owned_by": owner}
         ex.respond(200, _OPENAI_JSON, orjson.dumps(body) + b"\n")
 
     async def _ps(self, ex: Exchange) -> None:

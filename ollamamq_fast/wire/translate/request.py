@@ -69,6 +69,10 @@ def _to_openai(
         legacy = client is Endpoint.OLLAMA_EMBEDDINGS
         if legacy and not req.get("prompt"):
             return _local(client, model, b'{"embedding":[]}')
+        if not legacy and req.get("input") in (None, "", []):
+            # Ollama answers no input (ollama-python's default "", an empty
+            # batch) with no vectors; an OpenAI server would embed "" or refuse [].
+            return _local(client, model, dumps({"model": model, "embeddings": []}))
         out = to_openai.embed(req, legacy, notes)
         backend = Endpoint.OPENAI_EMBEDDINGS
     stream = bool(out.get("stream"))

@@ -236,7 +236,9 @@ def embeddings(req: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     encoding = req.get("encoding_format")
     if encoding not in (None, "float", "base64"):
         raise TranslationError(400, f"invalid encoding_format: {encoding!r}, expected float or base64")
-    out: dict[str, Any] = {"model": req.get("model"), "input": value}
+    # "" is one input to OpenAI servers (and Ollama's own /v1); to /api/embed it
+    # would be the load form, answered with no vector.
+    out: dict[str, Any] = {"model": req.get("model"), "input": [""] if value == "" else value}
     if req.get("dimensions") is not None:
         out["dimensions"] = req["dimensions"]
     return out, encoding == "base64"

@@ -13,6 +13,7 @@ from ollamamq_fast.wire.translate.common import (
     BackendTraits,
     Endpoint,
     TranslationError,
+    dumps,
     image_data_uri,
     tool_arguments_string,
 )
@@ -88,8 +89,12 @@ def _think(req: dict[str, Any], out: dict[str, Any], notes: list[str]) -> None:
     elif think == "max":
         out["reasoning_effort"] = "high"
         notes.append("think=max sent as reasoning_effort=high")
+    elif isinstance(think, str):  # Ollama's own messages (api.ThinkValue)
+        raise TranslationError(400, f"invalid think value: {dumps(think).decode()} "
+                               '(must be "high", "medium", "low", "max", true, or false)')
     else:
-        raise TranslationError(400, f"invalid think value: {think!r}")
+        raise TranslationError(400, 'think must be a boolean or string ("high", "medium", "low", '
+                               '"max", true, or false)')
 
 
 def _common(req: dict[str, Any], stream: bool, out: dict[str, Any], notes: list[str]) -> None:
