@@ -97,23 +97,36 @@ def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
     if relay is not None and relay.conn is conn:
         relay.broken(why)  # the client's stream is in the other API's format
         return
+    transport = ex.client.transport
+    tail = conn.tail()
+    # Chunked, and the last read ended on a line or event: the client's body can
+    # be ended here (chunked to the client, or de-chunked to an HTTP/1.0 one,
+    # whose body the close ends).
+    clean = (transport is not None and not transport.is_closing()
+             and conn.framing is framing.Framing.CHUNKED
+             and (not tail or framing.at_stream_boundary(tail, conn.content_type)))
+    if clean and ex.status < 300 and framing.terminal_event_relayed(tail, conn.content_type):
+        # Only the backend's end of body was lost, after the stream's last event:
+        # a complete answer (as translating.py ends a translated stream).
+        assert transport is not None
+        if not ex.http10:
+            transport.write(framing.LAST_CHUNK)
+        if ex.route is not None and ex.route.kind is Kind.QUEUED:
+            response.count_tokens(ex, conn)
+        ex._release_backend()
+        ex.finish()
+        return
     note_backend_failure(ex, why)
     ex._release_backend()
     ex.keep_alive = False
     if conn.events_seen():
         response.estimate_tokens(ex, conn)  # what was relayed was generated: it counts
-    transport = ex.client.transport
     end = End.CANCELLED  # the client is leaving anyway
     if transport is not None and not transport.is_closing():
         end = End.DONE
-        frame = None
-        tail = conn.tail()
-        if conn.framing is framing.Framing.CHUNKED and (
-            not tail or framing.at_stream_boundary(tail, conn.content_type)
-        ):
-            frame = stream_error_frame(conn.content_type, why)
+        frame = stream_error_frame(conn.content_type, why) if clean else None
         if frame is not None:
-            transport.write(framing.chunk(frame) + framing.LAST_CHUNK)
+            transport.write(frame if ex.http10 else framing.chunk(frame) + framing.LAST_CHUNK)
             ex.finish()
             return
         # Mid-line or unframed: no clean frame is possible; the client sees

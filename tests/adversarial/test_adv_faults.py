@@ -1,0 +1,137 @@
+"""Backend faults at every seam: what the client gets, and what the gateway keeps.
+
+A backend programmed per request (`faultbackend.py`, steered by `X-Mode`)
+closes, resets, stalls or cuts its answer at a chosen point; the gateway runs
+as users run it (`gatewayproc.py`). Each probe checks what an outside client
+sees (status, error shape, a stream ended in a way clients detect) and what
+the gateway keeps afterwards (in-flight counts, usage, the backend's blame).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+from faultbackend import CHAT_OK, NDJSON_HEAD, SSE_HEAD, Ctx, FaultBackend, answer, chunk
+from gatewayproc import GatewayProc
+from wire import exchange, request, wait_until
+
+CHAT_STREAM = json.dumps({"model": "fake", "stream": True,
+                          "messages": [{"role": "user", "content": "hi"}]}).encode()
+LINE = b'{"model":"fake","message":{"role":"assistant","content":"a"},"done":false}\n'
+DONE_LINE = (b'{"model":"fake","message":{"role":"assistant","content":""},"done":true,'
+             b'"prompt_eval_count":7,"eval_count":5}\n')
+
+
+async def ndjson_cut(ctx: Ctx) -> bool:
+    """One line, then the connection closes mid-stream."""
+    await ctx.send(NDJSON_HEAD + chunk(LINE))
+    await asyncio.sleep(0.05)
+    return False
+
+
+async def done_then_close(ctx: Ctx) -> bool:
+    """The whole stream, its final line included, then a close before the last chunk."""
+    await ctx.send(NDJSON_HEAD + chunk(LINE) + chunk(DONE_LINE))
+    await asyncio.sleep(0.05)
+    return False
+
+
+async def sse_done_then_close(ctx: Ctx) -> bool:
+    await ctx.send(SSE_HEAD + chunk(b'data: {"id":"x","object":"chat.completion.chunk","choices":'
+                                    b'[{"index":0,"delta":{"content":"a"}}]}\n\n')
+                   + chunk(b"data: [DONE]\n\n"))
+    await asyncio.sleep(0.05)
+    return False
+
+
+HANDLERS = {"ndjson-cut": ndjson_cut, "done-then-close": done_then_close,
+            "sse-done-then-close": sse_done_then_close}
+
+
+@pytest.fixture(scope="module")
+def fault() -> Iterator[FaultBackend]:
+    fake = FaultBackend(HANDLERS)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def gw(fault: FaultBackend) -> Iterator[GatewayProc]:
+    proc = GatewayProc([fault.url], "--timeout", "3", "--slots", "2", "--cache", "off",
+                       admin=True)
+    yield proc
+    proc.close()
+
+
+def _read_until_close(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    buf = b""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            break
+        if not data:
+            break
+        buf += data
+    return buf
+
+
+def _user(gw: GatewayProc, name: str) -> dict[str, int]:
+    for u in gw.admin("GET", "/api/users").json()["users"]:
+        if u["user"] == name:
+            return u  # type: ignore[no-any-return]
+    return {}
+
+
+def _backend(gw: GatewayProc) -> dict[str, object]:
+    return gw.admin("GET", "/api/stats").json()["backends"][0]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_a_broken_stream_to_an_http10_client_ends_in_its_own_framing(
+        gw: GatewayProc, path: str) -> None:
+    # An HTTP/1.0 client reads a de-chunked body to the close: the error line
+    # that ends a broken stream must come without chunk framing.
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.sendall(f"POST {path} HTTP/1.0\r\nHost: gw\r\nX-Mode: ndjson-cut\r\n"
+                     f"Content-Length: {len(CHAT_STREAM)}\r\n\r\n".encode() + CHAT_STREAM)
+        raw = _read_until_close(sock)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
+    lines = body.split(b"\n")
+    assert lines[0] + b"\n" == LINE
+    assert json.loads(lines[1]) == {"error": "the backend closed the connection mid-response"}
+    assert lines[2:] == [b""], f"bytes after the error line: {body!r}"
+
+
+@pytest.mark.parametrize(("mode", "path"), [("done-then-close", "/api/chat"),
+                                            ("sse-done-then-close", "/v1/chat/completions")])
+def test_a_stream_whose_last_event_came_is_complete_without_its_last_chunk(
+        gw: GatewayProc, fault: FaultBackend, mode: str, path: str) -> None:
+    # The backend sent the stream's final event and closed before the chunked
+    # body's end: the answer is whole. The client gets it ended cleanly, with
+    # no error line after the final one (the ollama client raises on it).
+    user = f"complete-{mode}"
+    failures = _backend(gw)["failures"]
+    responses, rest, _ = exchange(gw.port, request(
+        "POST", path, CHAT_STREAM, [("X-Mode", mode), ("X-User-ID", user)]), expect=1)
+    assert responses, rest
+    body = responses[0].body
+    assert responses[0].status == 200 and b"error" not in body, body
+    if mode == "done-then-close":
+        assert body == LINE + DONE_LINE
+        # The backend's own counts, not an estimate.
+        assert wait_until(lambda: _user(gw, user).get("completion_tokens") == 5), _user(gw, user)
+        assert _user(gw, user)["estimated_tokens"] == 0
+    assert wait_until(lambda: _user(gw, user).get("in_flight") == 0)
+    assert _backend(gw)["failures"] == failures, "a complete answer is not a failure"
+    # The connection still serves the next request.
+    responses, _, _ = exchange(gw.port, [request(
+        "POST", path, CHAT_STREAM, [("X-Mode", mode), ("X-User-ID", user)]),
+        request("GET", "/api/version")], expect=2)
+    assert [r.status for r in responses] == [200, 200]
