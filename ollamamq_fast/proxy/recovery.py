@@ -151,7 +151,7 @@ def failed_before_response(ex: Exchange, conn: UpstreamConnection | None,
         # A pooled connection the backend had already closed: not the backend's
         # fault. Reconnect to the same backend, keeping the slot; a fresh
         # connection cannot be stale, so this happens at most once in a row.
-        if replayable and backend is not None and backend.available:
+        if replayable and backend is not None and backend.serving:  # (a half-open trial too)
             ex._to(State.CONNECTING)
             ex.connect_task = ex.gw.loop.create_task(ex._connect(backend))
             return

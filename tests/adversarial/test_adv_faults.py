@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 
 import pytest
@@ -135,3 +136,51 @@ def test_a_stream_whose_last_event_came_is_complete_without_its_last_chunk(
         "POST", path, CHAT_STREAM, [("X-Mode", mode), ("X-User-ID", user)]),
         request("GET", "/api/version")], expect=2)
     assert [r.status for r in responses] == [200, 200]
+
+
+async def fail_late(ctx: Ctx) -> bool:
+    """Close without answering, after a moment: every request of a burst reaches it first."""
+    await asyncio.sleep(0.3)
+    return False
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[FaultBackend, FaultBackend, GatewayProc]]:
+    bad = FaultBackend({"": fail_late})
+    good = FaultBackend()
+    proc = GatewayProc([bad.url, good.url], "--timeout", "5", "--slots", "4", "--cache", "off",
+                       admin=True)
+    yield bad, good, proc
+    proc.close()
+    bad.close()
+    good.close()
+
+
+def _breaker(gw: GatewayProc, url: str) -> str:
+    backends = gw.admin("GET", "/api/stats").json()["backends"]
+    return str(next(b["breaker"] for b in backends if b["url"] == url))
+
+
+def _chat(gw: GatewayProc, user: str) -> int:
+    responses, _, _ = exchange(gw.port, request("POST", "/api/chat", CHAT_STREAM.replace(
+        b'"stream": true', b'"stream": false'), [("X-User-ID", user)]), expect=1, timeout=10)
+    return responses[0].status if responses else 0
+
+
+def test_a_half_open_breaker_lets_one_trial_through(
+        pair: tuple[FaultBackend, FaultBackend, GatewayProc]) -> None:
+    # README: after the cooldown, *one* half-open trial. A burst arriving then
+    # must not all go to the backend that just failed (least-conn finds it idle).
+    bad, _, gw = pair
+    for i in range(12):
+        assert _chat(gw, f"warm{i}") == 200  # failed over to the good backend
+        if _breaker(gw, bad.url) == "open":
+            break
+    assert _breaker(gw, bad.url) == "open"
+    assert wait_until(lambda: _breaker(gw, bad.url) == "half-open", 5)
+    before = len(bad.inference())
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda i: _chat(gw, f"burst{i}"), range(8)))
+    assert statuses == [200] * 8
+    assert len(bad.inference()) - before == 1, "more than one half-open trial"
+    assert _breaker(gw, bad.url) == "open"
