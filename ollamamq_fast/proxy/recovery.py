@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 # A request whose backend fails before answering is tried on this many
 # connections in all (a stale pooled connection, then other backends).
 MAX_ATTEMPTS: Final = 3
+# A pooled connection found closed within this of the request being written had
+# gone stale while idle (its close crossed the request); closed later, the
+# backend had the request and dropped it.
+STALE_S: Final = FAST_FAIL_S
 
 
 def retried_on_status(ex: Exchange, conn: UpstreamConnection, backend: Backend, status: int) -> bool:
@@ -147,10 +151,13 @@ def failed_before_response(ex: Exchange, conn: UpstreamConnection | None,
         conn is None or not conn.got_bytes
     )
     backend = ex.backend
-    if conn is not None and conn.responses > 0 and not conn.got_bytes:
+    if (conn is not None and conn.responses > 0 and not conn.got_bytes
+            and ex.gw.loop_time() - ex.sent_at < STALE_S):
         # A pooled connection the backend had already closed: not the backend's
         # fault. Reconnect to the same backend, keeping the slot; a fresh
         # connection cannot be stale, so this happens at most once in a row.
+        # (One that carried the request longer and then dropped it was working
+        # on it: that is the backend failing the request, handled below.)
         if replayable and backend is not None and backend.serving:  # (a half-open trial too)
             ex._to(State.CONNECTING)
             ex.connect_task = ex.gw.loop.create_task(ex._connect(backend))

@@ -135,7 +135,8 @@ class FaultBackend(ThreadedServer):
                 elif path.startswith(b"/api/ps"):
                     writer.write(answer(b'{"models":[{"name":"fake:latest","model":"fake:latest"}]}'))
                 elif path.startswith(b"/v1/models"):
-                    writer.write(answer(b'{"object":"list","data":[]}'))
+                    writer.write(answer(b'{"object":"list","data":[{"id":"fake:latest",'
+                                        b'"object":"model","owned_by":"fake"}]}'))
                 else:
                     nth += 1
                     found = _MODE.search(head)

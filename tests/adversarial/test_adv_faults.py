@@ -184,3 +184,71 @@ def test_a_half_open_breaker_lets_one_trial_through(
     assert statuses == [200] * 8
     assert len(bad.inference()) - before == 1, "more than one half-open trial"
     assert _breaker(gw, bad.url) == "open"
+
+
+async def crash_on_reuse(ctx: Ctx) -> bool:
+    """A request on a reused connection is worked on for a while, then the backend drops it."""
+    if ctx.nth > 1:
+        await asyncio.sleep(0.8)
+        return False
+    await ctx.send(answer(CHAT_OK))
+    return True
+
+
+async def close_on_reuse(ctx: Ctx) -> bool:
+    """A reused connection is closed (FIN) as the request arrives: it had gone stale."""
+    if ctx.nth > 1:
+        return False
+    await ctx.send(answer(CHAT_OK))
+    return True
+
+
+async def reset_on_reuse(ctx: Ctx) -> bool:
+    if ctx.nth > 1:
+        ctx.reset()
+        return False
+    await ctx.send(answer(CHAT_OK))
+    return True
+
+
+HANDLERS.update({"crash-on-reuse": crash_on_reuse, "close-on-reuse": close_on_reuse,
+                 "reset-on-reuse": reset_on_reuse})
+CHAT = CHAT_STREAM.replace(b'"stream": true', b'"stream": false')
+
+
+def _pooled(gw: GatewayProc, user: str) -> None:
+    """An ordinary answer first: the gateway then holds a pooled connection to reuse."""
+    responses, _, _ = exchange(gw.port, request("POST", "/api/chat", CHAT, [("X-User-ID", user)]),
+                               expect=1)
+    assert responses and responses[0].status == 200
+
+
+@pytest.mark.parametrize("mode", ["close-on-reuse", "reset-on-reuse"])
+def test_a_stale_pooled_connection_is_retried_on_a_fresh_one(
+        gw: GatewayProc, fault: FaultBackend, mode: str) -> None:
+    user = f"stale-{mode}"
+    _pooled(gw, user)
+    responses, rest, _ = exchange(gw.port, request(
+        "POST", "/api/chat", CHAT, [("X-Mode", mode), ("X-User-ID", user)]), expect=1)
+    assert responses and responses[0].status == 200 and responses[0].body == CHAT_OK, rest
+    # Sent on the pooled connection (closed as it came), then once on a fresh one.
+    assert [c.nth > 1 for c in fault.inference(mode)] == [True, False]
+    assert wait_until(lambda: _user(gw, user).get("in_flight") == 0)
+
+
+def test_a_pooled_connection_dropped_after_working_on_the_request_was_not_stale(
+        gw: GatewayProc, fault: FaultBackend) -> None:
+    # A connection that carried the request for a while and then closed did
+    # not "go stale": the backend failed it (it may have done the work). It is
+    # not sent again to the same backend as if nothing happened (README:
+    # never to one that already failed it), and the backend is blamed.
+    user = "crash-on-reuse"
+    _pooled(gw, user)
+    failures = _backend(gw)["failures"]
+    responses, _, _ = exchange(gw.port, request(
+        "POST", "/api/chat", CHAT, [("X-Mode", user), ("X-User-ID", user)]), expect=1)
+    assert responses and responses[0].status == 502, responses and responses[0].body
+    assert "retry-after" in dict(responses[0].headers)
+    assert len(fault.inference(user)) == 1, "sent again to the backend that failed it"
+    assert _backend(gw)["failures"] == failures + 1
+    assert wait_until(lambda: _user(gw, user).get("in_flight") == 0)
