@@ -252,3 +252,51 @@ def test_a_pooled_connection_dropped_after_working_on_the_request_was_not_stale(
     assert len(fault.inference(user)) == 1, "sent again to the backend that failed it"
     assert _backend(gw)["failures"] == failures + 1
     assert wait_until(lambda: _user(gw, user).get("in_flight") == 0)
+
+
+async def slow_stream(ctx: Ctx) -> bool:
+    await ctx.send(NDJSON_HEAD)
+    for _ in range(10):
+        await ctx.send(chunk(LINE))
+        await asyncio.sleep(0.03)
+    await ctx.send(chunk(DONE_LINE) + b"0\r\n\r\n")
+    return True
+
+
+def test_a_backend_dying_under_load_loses_no_request_and_leaks_nothing() -> None:
+    # 40 streams from 4 users over two backends; one dies (refuses, resets its
+    # connections) while they run. Every client gets a whole answer or one
+    # that ends in an error line (never a hang or a silent cut), and the
+    # gateway ends with nothing in flight.
+    dying, survivor = FaultBackend({"": slow_stream}), FaultBackend({"": slow_stream})
+    proc = GatewayProc([dying.url, survivor.url], "--timeout", "5", "--slots", "4",
+                       "--cache", "off", admin=True)
+    try:
+        def stream(i: int) -> str:
+            responses, rest, _ = exchange(proc.port, request(
+                "POST", "/api/chat", CHAT_STREAM, [("X-User-ID", f"load{i % 4}")]),
+                expect=1, timeout=20)
+            if not responses:
+                return f"no answer: {rest[:80]!r}"
+            body = responses[0].body
+            if responses[0].status == 200 and body.endswith(DONE_LINE):
+                return "whole"
+            last = json.loads(body.splitlines()[-1])
+            return "error line" if "error" in last else f"other: {body[-80:]!r}"
+
+        with ThreadPoolExecutor(40) as pool:
+            futures = [pool.submit(stream, i) for i in range(40)]
+            assert wait_until(lambda: len(dying.inference()) >= 4, 5)
+            dying.stop()
+            outcomes = [f.result(30) for f in futures]
+        assert set(outcomes) <= {"whole", "error line"}, outcomes
+        assert outcomes.count("whole") >= 40 - 4  # only those running on it were cut
+        stats = proc.admin("GET", "/api/stats").json()
+        assert wait_until(lambda: proc.admin("GET", "/api/stats").json()["in_flight"] == 0)
+        assert stats["queued"] == 0
+        users = proc.admin("GET", "/api/users").json()["users"]
+        assert all(u["in_flight"] == 0 and u["queued"] == 0 for u in users)
+    finally:
+        proc.close()
+        dying.close()
+        survivor.close()
