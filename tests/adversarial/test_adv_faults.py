@@ -12,11 +12,19 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from faultbackend import CHAT_OK, NDJSON_HEAD, SSE_HEAD, Ctx, FaultBackend, answer, chunk
+from faultbackend import (
+    CHAT_OK,
+    NDJSON_HEAD,
+    SSE_HEAD,
+    Ctx,
+    FaultBackend,
+    answer,
+    chunk,
+)
 from gatewayproc import GatewayProc
 from wire import exchange, request, wait_until
 
