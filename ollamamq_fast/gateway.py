@@ -249,7 +249,7 @@ class GatewayState(DataPlane):
         reasons: list[str] = []
         if self.stopping:
             reasons.append("the gateway is stopping (draining its running requests)")
-        online = sum(1 for b in self.pools.backends if b.available)
+        online = sum(1 for b in self.pools.backends if b.serving)
         if not online:
             reasons.append("no backend is online (or every one is draining or failing)")
         redis = "off"

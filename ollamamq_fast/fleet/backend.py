@@ -36,7 +36,7 @@ class Breaker(enum.Enum):
 
     CLOSED = "closed"  # normal traffic
     OPEN = "open"  # no traffic until the cooldown ends
-    HALF_OPEN = "half-open"  # traffic again; the next outcome closes or re-opens it
+    HALF_OPEN = "half-open"  # one trial request at a time; its outcome closes or re-opens it
 
 
 # Consecutive passive failures that open the breaker. A backend that fails fast
@@ -137,8 +137,9 @@ class Backend:
         self.probes_ok = 0
         self.last_error = ""
         self.pool: UpstreamPool | None = None
-        # online and not draining and breaker not open: kept up to date by
-        # refresh(), so the dispatcher's hot path reads one attribute.
+        # online and not draining and breaker closed (or half-open and idle:
+        # its one trial): kept up to date by refresh(), so the dispatcher's
+        # hot path reads one attribute.
         self.available = False
         self.breaker = Breaker.CLOSED
         self.breaker_cooldown = BREAKER_COOLDOWN_S
@@ -173,9 +174,19 @@ class Backend:
         """Whether any request is running on this backend now."""
         return self.in_flight > 0 or self.unslotted > 0
 
+    @property
+    def serving(self) -> bool:
+        """Available, or half-open with its trial running: a request for its
+        models waits for it rather than being refused."""
+        return self.available or (self.breaker is Breaker.HALF_OPEN and self.online
+                                  and not self.draining)
+
     def refresh(self) -> None:
-        """Recompute `available` after online / draining / breaker changed."""
-        self.available = self.online and not self.draining and self.breaker is not Breaker.OPEN
+        """Recompute `available` after online / draining / breaker changed (and, half-open,
+        after a request started or ended: the trial is one request, on an idle backend)."""
+        breaker = self.breaker
+        self.available = self.online and not self.draining and (
+            breaker is Breaker.CLOSED or (breaker is Breaker.HALF_OPEN and not self.busy))
         kind = self.kind
         if kind is ApiKind.OLLAMA:
             via = self.openai_via

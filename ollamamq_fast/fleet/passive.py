@@ -4,7 +4,8 @@ Probes run every few seconds; a backend can die or start answering 503 in
 between. A backend that fails fast looks idle to least-connections and would
 attract all traffic, so after BREAKER_THRESHOLD consecutive failures
 (refused, reset, closed before answering, or a 5xx within FAST_FAIL_S) its
-breaker opens: no traffic for a cooldown, then one half-open trial. A success
+breaker opens: no traffic for a cooldown, then one half-open trial (one
+request, on the backend once idle; others wait for its outcome). A success
 closes it; a failure re-opens it with a doubled cooldown (bounded).
 """
 
@@ -52,7 +53,9 @@ class PassiveHealth:
         if backend.breaker is Breaker.HALF_OPEN:
             backend.breaker = Breaker.CLOSED
             backend.breaker_cooldown = BREAKER_COOLDOWN_S
+            backend.refresh()
             log.info("backend %s breaker closed", backend.name)
+            self.on_change()  # requests that waited for the trial may start
 
     def _open(self, backend: Backend) -> None:
         backend.breaker = Breaker.OPEN

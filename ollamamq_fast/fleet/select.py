@@ -90,9 +90,10 @@ class Fleet:
         return index.get(model, [])
 
     def serves(self, model: str, native: bool) -> bool:
-        """Whether any available backend lists the model."""
+        """Whether any available backend lists the model (or a half-open one, whose
+        trial runs: the request waits for its outcome)."""
         for b in self.candidates(model, native):
-            if b.available:
+            if b.serving:
                 return True
         return False
 

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 # A request whose backend fails before answering is tried on this many
 # connections in all (a stale pooled connection, then other backends).
 MAX_ATTEMPTS: Final = 3
+# A pooled connection found closed within this of the request being written had
+# gone stale while idle (its close crossed the request); closed later, the
+# backend had the request and dropped it.
+STALE_S: Final = FAST_FAIL_S
 
 
 def retried_on_status(ex: Exchange, conn: UpstreamConnection, backend: Backend, status: int) -> bool:
@@ -97,23 +101,36 @@ def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
     if relay is not None and relay.conn is conn:
         relay.broken(why)  # the client's stream is in the other API's format
         return
+    transport = ex.client.transport
+    tail = conn.tail()
+    # Chunked, and the last read ended on a line or event: the client's body can
+    # be ended here (chunked to the client, or de-chunked to an HTTP/1.0 one,
+    # whose body the close ends).
+    clean = (transport is not None and not transport.is_closing()
+             and conn.framing is framing.Framing.CHUNKED
+             and (not tail or framing.at_stream_boundary(tail, conn.content_type)))
+    if clean and ex.status < 300 and framing.terminal_event_relayed(tail, conn.content_type):
+        # Only the backend's end of body was lost, after the stream's last event:
+        # a complete answer (as translating.py ends a translated stream).
+        assert transport is not None
+        if not ex.http10:
+            transport.write(framing.LAST_CHUNK)
+        if ex.route is not None and ex.route.kind is Kind.QUEUED:
+            response.count_tokens(ex, conn)
+        ex._release_backend()
+        ex.finish()
+        return
     note_backend_failure(ex, why)
     ex._release_backend()
     ex.keep_alive = False
     if conn.events_seen():
         response.estimate_tokens(ex, conn)  # what was relayed was generated: it counts
-    transport = ex.client.transport
     end = End.CANCELLED  # the client is leaving anyway
     if transport is not None and not transport.is_closing():
         end = End.DONE
-        frame = None
-        tail = conn.tail()
-        if conn.framing is framing.Framing.CHUNKED and (
-            not tail or framing.at_stream_boundary(tail, conn.content_type)
-        ):
-            frame = stream_error_frame(conn.content_type, why)
+        frame = stream_error_frame(conn.content_type, why) if clean else None
         if frame is not None:
-            transport.write(framing.chunk(frame) + framing.LAST_CHUNK)
+            transport.write(frame if ex.http10 else framing.chunk(frame) + framing.LAST_CHUNK)
             ex.finish()
             return
         # Mid-line or unframed: no clean frame is possible; the client sees
@@ -134,11 +151,14 @@ def failed_before_response(ex: Exchange, conn: UpstreamConnection | None,
         conn is None or not conn.got_bytes
     )
     backend = ex.backend
-    if conn is not None and conn.responses > 0 and not conn.got_bytes:
+    if (conn is not None and conn.responses > 0 and not conn.got_bytes
+            and ex.gw.loop_time() - ex.sent_at < STALE_S):
         # A pooled connection the backend had already closed: not the backend's
         # fault. Reconnect to the same backend, keeping the slot; a fresh
         # connection cannot be stale, so this happens at most once in a row.
-        if replayable and backend is not None and backend.available:
+        # (One that carried the request longer and then dropped it was working
+        # on it: that is the backend failing the request, handled below.)
+        if replayable and backend is not None and backend.serving:  # (a half-open trial too)
             ex._to(State.CONNECTING)
             ex.connect_task = ex.gw.loop.create_task(ex._connect(backend))
             return

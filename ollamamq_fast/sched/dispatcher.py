@@ -12,6 +12,7 @@ import enum
 from collections import deque
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
+from ollamamq_fast.fleet.backend import Breaker
 from ollamamq_fast.sched.fairqueue import FairQueue
 from ollamamq_fast.wire.routes import Kind
 
@@ -277,14 +278,20 @@ class Dispatcher:
         """A request starts on `backend`: the lease it holds until `give_back`."""
         if slotted:
             backend.in_flight += 1
-            return SLOT
-        backend.unslotted += 1
-        return UNSLOTTED
+            lease = SLOT
+        else:
+            backend.unslotted += 1
+            lease = UNSLOTTED
+        if backend.breaker is Breaker.HALF_OPEN:
+            backend.refresh()  # its one trial runs: no other request until it ends
+        return lease
 
     def give_back(self, backend: Backend, lease: int) -> None:
         """A request is done with its backend (called by the exchange, once per lease)."""
         if lease == SLOT:
             backend.in_flight -= 1
+            if backend.breaker is Breaker.HALF_OPEN:
+                backend.refresh()  # a trial ended with no verdict: the next request is one
             if self.shared is not None:
                 self.shared.gave_back(backend)
             if self.queue or self.retry_line:
@@ -294,6 +301,10 @@ class Dispatcher:
                     pump()
         elif lease == UNSLOTTED:
             backend.unslotted -= 1
+            if backend.breaker is Breaker.HALF_OPEN:
+                backend.refresh()
+                if self.queue or self.retry_line:
+                    self.pump()
 
     def retry(self, ex: Exchange) -> None:
         """Run a request again after its backend failed before answering (called by the exchange).
