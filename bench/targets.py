@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The data plane's targets, measured side by side in one run, printed as ratios.
 
-    python3 bench/targets.py [--seconds 4] [--rounds 3]    (needs wrk; nginx optional)
+    python3 bench/targets.py [--seconds 4] [--rounds 3] [--compare CHECKOUT]
+                                                            (needs wrk; nginx optional)
 
 Starts, on loopback ports: the simulator (unpaced), nginx (bench/nginx.conf),
 the feature-less floor proxy (bench/floor_proxy.py), and the gateway in the
@@ -27,6 +28,10 @@ in front of that source. What it measures:
    the direct backend. wrk is a closed-loop generator: each connection waits
    `delay()` ms before its next request, which approximates an open-loop
    arrival rate while responses take far less than the delay.
+
+`--compare CHECKOUT` adds a gateway run from another checkout (built in place:
+`python3 setup.py build_ext --inplace` there) to every round, as `compared`:
+an A/B of two versions of the code in one run, with its own ratios printed.
 """
 
 from __future__ import annotations
@@ -154,8 +159,10 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def spawn(procs: list[subprocess.Popen[bytes]], cmd: list[str],
           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    # Started from / (absolute paths only): `python -m` puts its working folder
+    # first on sys.path, ahead of PYTHONPATH (which --compare relies on).
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env={**os.environ, **(env or {})}, start_new_session=True)
+                         env={**os.environ, **(env or {})}, start_new_session=True, cwd="/")
     procs.append(p)
     return p
 
@@ -172,6 +179,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="length of each wrk run")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    ap.add_argument("--compare", metavar="CHECKOUT",
+                    help="also run the gateway from this checkout (an A/B in one run)")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -217,7 +226,11 @@ def main() -> int:
             wait_ready(port)
             return port, [master.pid, *children(master.pid)]
 
-        for name, env in (("gateway", None), ("gateway-py", {"OLLAMAMQ_FAST_PURE": "1"})):
+        variants: list[tuple[str, dict[str, str] | None]] = [
+            ("gateway", None), ("gateway-py", {"OLLAMAMQ_FAST_PURE": "1"})]
+        if args.compare:
+            variants.append(("compared", {"PYTHONPATH": str(Path(args.compare).resolve())}))
+        for name, env in variants:
             if name == "gateway-py" and not compiled():
                 continue
             port, pid = gateway(name, sim_port, env)
@@ -288,6 +301,14 @@ def main() -> int:
         for name in names:
             if cpu[name]:
                 print(f"  CPU per tiny request, {name}: {med(cpu[name]):.1f} us")
+        if "compared" in tiny and "floor" in tiny:
+            print(f"  the compared checkout ({args.compare}): req/s / floor "
+                  f"{med(tiny['compared']) / med(tiny['floor']):.2f}, CPU / floor "
+                  f"{med(cpu['compared']) / med(cpu['floor']):.2f}"
+                  + (f", streams / nginx {med(stream['compared']) / med(stream['nginx']):.2f}"
+                     if "nginx" in stream else "")
+                  + f"; the gateway's streams / compared's "
+                  f"{med(stream['gateway']) / med(stream['compared']):.2f}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
