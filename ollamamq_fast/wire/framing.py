@@ -95,6 +95,16 @@ def response_framing(
     return Framing.CLOSE, content_type, hop_by_hop
 
 
+def declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a head has a Content-Length or a Transfer-Encoding header (any spelling)."""
+    names = _RESPONSE_NAMES
+    for name, _ in headers:
+        kind = names.kind(name)
+        if kind == _TRANSFER_ENCODING or kind == _CONTENT_LENGTH:
+            return True
+    return False
+
+
 def response_head(
     status: int,
     reason_phrase: bytes,

@@ -59,6 +59,13 @@ SCRIPTS = {
                             b"Transfer-Encoding: chunked\r\n\r\n"), 0.05, b'5\r\n{"mod\r\n'],
                            close=True),
     "silent-after-head": Script([HEAD_OF_OK, 0.05, b'{"mod', 6.0]),
+    # An interim (1xx) answer with a body, which llhttp reads as a body (all
+    # but 100, 102 and 103 may have one): the second response inside it.
+    "interim-length-body": Script([b"HTTP/1.1 150 X\r\nContent-Length: %d\r\n\r\n"
+                                   % len(answer(SMUGGLED)) + answer(SMUGGLED) + STREAM]),
+    "interim-chunked-body": Script([b"HTTP/1.1 199 X\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    + b"%x\r\n%s\r\n0\r\n\r\n" % (len(answer(SMUGGLED)),
+                                                                answer(SMUGGLED)) + STREAM]),
 }
 # Transfer-Encoding values llhttp does not read as chunked (it reads the body to
 # the close), with a second answer after the chunked body's end: in the same
@@ -114,7 +121,8 @@ def _served(gw: GatewayProc, raw: RawBackend, user: str) -> bool:
 
 
 @pytest.mark.parametrize("mode", ["second-response", "second-after-chunked", "second-after-body",
-                                  "partial-second"])
+                                  "partial-second", "interim-length-body",
+                                  "interim-chunked-body"])
 def test_bytes_after_the_answer_never_reach_the_client(gw: GatewayProc, raw: RawBackend,
                                                        mode: str) -> None:
     data = (request("POST", "/api/chat", CHAT, [("X-Mode", mode)])
