@@ -93,6 +93,8 @@ def test_a_chunk_split_across_reads_anywhere() -> None:
     b"0\r\nX-T: \x00\r\n\r\n",  # control byte in a trailer
     b"0\r\n\r\r\n",  # the blank line's CR not followed by LF
     b"10000000000000000\r\n",  # a size past 64 bits
+    b"0\r\nContent-Length: 0\r\n\r\n",  # llhttp takes no Content-Length trailer
+    b"3\r\nabc\r\n0\r\nX: 1\r\ncontent-LENGTH:5\r\n\r\n",
 ])
 def test_framing_llhttp_refuses_is_refused(body: bytes) -> None:
     assert llhttp_verdict(body)[0] == "error"
@@ -132,7 +134,9 @@ def chunked_bodies(draw: st.DrawFn) -> bytes:
         out += format(len(data), size).encode() + ext + b"\r\n" + data + b"\r\n"
     out += draw(st.sampled_from([b"0", b"000", b"0;e"])) + b"\r\n"
     for _ in range(draw(st.integers(0, 2))):
-        out += draw(st.sampled_from([b"X-T: v\r\n", b"X-T:v\r\n", b"X-T:\r\n", b"X-T: a\tb\r\n"]))
+        out += draw(st.sampled_from([b"X-T: v\r\n", b"X-T:v\r\n", b"X-T:\r\n", b"X-T: a\tb\r\n",
+                                     b"Content-Length: 1\r\n", b"content-lengt: 1\r\n",
+                                     b"Content-Lengths: 1\r\n"]))
     out += b"\r\n"
     for _ in range(draw(st.integers(0, 3))):
         at = draw(st.integers(0, len(out)))
