@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ollamamq_fast.proxy.chunks import ChunkError, ChunkScanner
+from ollamamq_fast.wire import framing
 
 HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -92,6 +93,8 @@ def test_a_chunk_split_across_reads_anywhere() -> None:
     b"0\r\nX-T: \x00\r\n\r\n",  # control byte in a trailer
     b"0\r\n\r\r\n",  # the blank line's CR not followed by LF
     b"10000000000000000\r\n",  # a size past 64 bits
+    b"0\r\nContent-Length: 0\r\n\r\n",  # llhttp takes no Content-Length trailer
+    b"3\r\nabc\r\n0\r\nX: 1\r\ncontent-LENGTH:5\r\n\r\n",
 ])
 def test_framing_llhttp_refuses_is_refused(body: bytes) -> None:
     assert llhttp_verdict(body)[0] == "error"
@@ -131,7 +134,9 @@ def chunked_bodies(draw: st.DrawFn) -> bytes:
         out += format(len(data), size).encode() + ext + b"\r\n" + data + b"\r\n"
     out += draw(st.sampled_from([b"0", b"000", b"0;e"])) + b"\r\n"
     for _ in range(draw(st.integers(0, 2))):
-        out += draw(st.sampled_from([b"X-T: v\r\n", b"X-T:v\r\n", b"X-T:\r\n", b"X-T: a\tb\r\n"]))
+        out += draw(st.sampled_from([b"X-T: v\r\n", b"X-T:v\r\n", b"X-T:\r\n", b"X-T: a\tb\r\n",
+                                     b"Content-Length: 1\r\n", b"content-lengt: 1\r\n",
+                                     b"Content-Lengths: 1\r\n"]))
     out += b"\r\n"
     for _ in range(draw(st.integers(0, 3))):
         at = draw(st.integers(0, len(out)))
@@ -149,3 +154,43 @@ def chunked_bodies(draw: st.DrawFn) -> bytes:
 def test_the_scanner_agrees_with_llhttp_however_the_body_is_cut(body: bytes, cuts: list[int]) -> None:
     cuts = [c for c in cuts if c <= len(body)]
     assert scanner_verdict(body, cuts) == llhttp_verdict(body)
+
+
+class _Head:
+    """Parser callbacks: the headers as the gateway gets them, and whether the message ended."""
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+_TE_PIECES = [b"chunked", b"CHUNKED", b"Chunked", b"gzip", b"x", b",", b", ", b" ", b"\t", b";q=1",
+              b"identity", b"chunkedx"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(values=st.lists(st.lists(st.sampled_from(_TE_PIECES), min_size=1, max_size=5)
+                       .map(b"".join), min_size=1, max_size=3))
+def test_the_gateway_reads_transfer_encoding_as_llhttp_does(values: list[bytes]) -> None:
+    """framing.response_framing says chunked exactly when llhttp reads a chunked body.
+
+    Else the gateway and its parser disagree on where the body ends: the
+    scanner ended a body llhttp still read (the exchange hung, and its end
+    wrote a second last chunk to the client), and llhttp relayed a backend's
+    next answer as the body of one the gateway called chunked.
+    """
+    got = _Head()
+    parser = httptools.HttpResponseParser(got)
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"Transfer-Encoding: " + v + b"\r\n" for v in values)
+    try:
+        parser.feed_data(head + b"\r\n0\r\n\r\n")
+    except httptools.HttpParserError:
+        return  # a head llhttp refuses is never relayed
+    chunked = framing.response_framing(200, got.headers, False)[0] is framing.Framing.CHUNKED
+    assert chunked == got.done, (values, got.headers)

@@ -57,6 +57,9 @@ _TCHAR: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789"
 # More hex digits than this is a size no backend sends (llhttp refuses sizes
 # past 64 bits); the bound keeps sizes in the compiled code's fast integers.
 _MAX_DIGITS: Final = 15
+# llhttp refuses a trailer field of this name (any case): the message has a
+# Transfer-Encoding, and it reads trailers as it reads header fields.
+_CONTENT_LENGTH: Final = b"content-length"
 
 
 class ChunkError(ValueError):
@@ -71,6 +74,8 @@ class ChunkScanner:
         self.size = 0
         self.digits = 0
         self.remaining = 0
+        # How much of a trailer field's name matches _CONTENT_LENGTH so far (-1: none).
+        self.matched = 0
 
     @property
     def done(self) -> bool:
@@ -151,13 +156,21 @@ class ChunkScanner:
                     state = _END_LF
                 elif c in _TCHAR:
                     state = _TRAILER_NAME
+                    self.matched = 1 if c | 32 == 99 else -1  # 'c'
                 else:
                     raise ChunkError(f"invalid byte {c:#04x} in a trailer field name")
             elif state == _TRAILER_NAME:
+                matched = self.matched
                 if c == 58:  # ':'
+                    if matched == len(_CONTENT_LENGTH):
+                        raise ChunkError("a Content-Length trailer")
                     state = _TRAILER_LINE
                 elif c not in _TCHAR:
                     raise ChunkError(f"invalid byte {c:#04x} in a trailer field name")
+                elif 0 <= matched < len(_CONTENT_LENGTH) and c | 32 == _CONTENT_LENGTH[matched]:
+                    self.matched = matched + 1
+                else:
+                    self.matched = -1
             elif state == _TRAILER_LF:
                 if c != _LF:
                     raise ChunkError("trailer line not ended by CRLF")

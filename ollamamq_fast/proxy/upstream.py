@@ -219,7 +219,8 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._protocol_error(exc)
+            cause = exc.__context__  # what a callback raised, for httptools' generic error
+            self._protocol_error(cause if isinstance(cause, _InterimBody) else exc)
             return False
         except httptools.HttpParserUpgrade:
             # A 101 after the answer is a second answer; as the answer, one not asked for.
@@ -412,6 +413,11 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             # Interim response: not forwarded (we sent no Expect upstream), but a
             # 100 Continue tells a waiting request body that it may go.
+            if status not in (100, 102, 103) and framing.declares_body(self.headers):
+                # A 1xx has no body (RFC 9112 §6.1, §8.6), but llhttp reads the one
+                # such a head announces: the final head looked for after it would
+                # be found in that body, and the rest relayed as the answer.
+                raise _InterimBody(status)
             self.interim = True
             end = self.head_buf.find(b"\r\n\r\n", self.head_scan_from)
             self.head_scan_from = end + 4 if end >= 0 else len(self.head_buf)
@@ -599,6 +605,13 @@ class _Overrun(ValueError):
 
     def __init__(self) -> None:
         super().__init__("the backend sent more than one answer to one request")
+
+
+class _InterimBody(ValueError):
+    """The backend announced a body in an interim (1xx) answer."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the backend announced a body in an interim {status} answer")
 
 
 def _count(data: bytes, mark: bytes, start: int) -> int:

@@ -48,6 +48,19 @@ _RESPONSE_NAMES: Final = NameKinds(
     _OTHER)
 
 
+def _chunked_last(value: bytes) -> bool:
+    """Whether a Transfer-Encoding value ends in the chunked coding, read as llhttp
+    reads it: the last comma-separated coding is `chunked` in any case, with
+    spaces or tabs before it and only spaces after (a tab there, and it is not).
+
+    Read any other way, the gateway and its parser disagree on where the body
+    ends: a body the gateway calls chunked that llhttp reads to the close
+    relays the backend's next answer to the client, and the compiled build's
+    chunk scanner ends a body llhttp still waits for.
+    """
+    return value.rsplit(b",", 1)[-1].lstrip(b" \t").rstrip(b" ").lower() == b"chunked"
+
+
 def response_framing(
     status: int, headers: list[tuple[bytes, bytes]], head_request: bool
 ) -> tuple[Framing, bytes, bool]:
@@ -68,7 +81,7 @@ def response_framing(
         if kind == _CONTENT_TYPE:
             content_type = value
         elif kind == _TRANSFER_ENCODING:
-            chunked = value == b"chunked" or value.lower().rstrip().endswith(b"chunked")
+            chunked = value == b"chunked" or _chunked_last(value)
         elif kind == _CONTENT_LENGTH:
             has_length = True
         else:
@@ -80,6 +93,16 @@ def response_framing(
     if has_length:
         return Framing.LENGTH, content_type, hop_by_hop
     return Framing.CLOSE, content_type, hop_by_hop
+
+
+def declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a head has a Content-Length or a Transfer-Encoding header (any spelling)."""
+    names = _RESPONSE_NAMES
+    for name, _ in headers:
+        kind = names.kind(name)
+        if kind == _TRANSFER_ENCODING or kind == _CONTENT_LENGTH:
+            return True
+    return False
 
 
 def response_head(

@@ -35,6 +35,9 @@ CHAT = json.dumps({"model": "fake", "stream": False, "temperature": 0,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEAD_OF_OK = answer(CHAT_OK)[: answer(CHAT_OK).index(b"\r\n\r\n") + 4]
 BLOB = "/api/blobs/sha256:" + "ab" * 32
+# A chunked stream with more than 1 KiB of body after its head.
+STREAM = chunked([b'{"model":"fake:latest","message":{"content":"%04d"},"done":false}\n' % i
+                  for i in range(20)] + [CHAT_OK + b"\n"])
 
 SCRIPTS = {
     # A whole second response in the read that ends the first.
@@ -56,7 +59,25 @@ SCRIPTS = {
                             b"Transfer-Encoding: chunked\r\n\r\n"), 0.05, b'5\r\n{"mod\r\n'],
                            close=True),
     "silent-after-head": Script([HEAD_OF_OK, 0.05, b'{"mod', 6.0]),
+    # An interim (1xx) answer with a body, which llhttp reads as a body (all
+    # but 100, 102 and 103 may have one): the second response inside it.
+    "interim-length-body": Script([b"HTTP/1.1 150 X\r\nContent-Length: %d\r\n\r\n"
+                                   % len(answer(SMUGGLED)) + answer(SMUGGLED) + STREAM]),
+    "interim-chunked-body": Script([b"HTTP/1.1 199 X\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    + b"%x\r\n%s\r\n0\r\n\r\n" % (len(answer(SMUGGLED)),
+                                                                answer(SMUGGLED)) + STREAM]),
 }
+# Transfer-Encoding values llhttp does not read as chunked (it reads the body to
+# the close), with a second answer after the chunked body's end: in the same
+# read as the head and 1 KiB of body (the compiled build's chunk scanner), or
+# after a head that came alone (llhttp follows the body).
+for _te in ("chunked\t", "xchunked", "gzip;q=chunked"):
+    _head, _body = STREAM.replace(b"Transfer-Encoding: chunked",
+                                  b"Transfer-Encoding: " + _te.encode()).split(b"\r\n\r\n", 1)
+    SCRIPTS[f"te-{_te!r}-scanned"] = Script([_head + b"\r\n\r\n" + _body, 0.05, answer(SMUGGLED)])
+    SCRIPTS[f"te-{_te!r}-parsed"] = Script([_head + b"\r\n\r\n", 0.05, _body, 0.05,
+                                            answer(SMUGGLED)])
+TE_MODES = [m for m in SCRIPTS if m.startswith("te-")]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +121,8 @@ def _served(gw: GatewayProc, raw: RawBackend, user: str) -> bool:
 
 
 @pytest.mark.parametrize("mode", ["second-response", "second-after-chunked", "second-after-body",
-                                  "partial-second"])
+                                  "partial-second", "interim-length-body",
+                                  "interim-chunked-body"])
 def test_bytes_after_the_answer_never_reach_the_client(gw: GatewayProc, raw: RawBackend,
                                                        mode: str) -> None:
     data = (request("POST", "/api/chat", CHAT, [("X-Mode", mode)])
@@ -177,3 +199,26 @@ def test_an_answer_cut_after_its_head_still_ends_the_request(
     responses, _, _ = exchange(limited_gw.port, request(
         "POST", "/api/chat", CHAT, [("X-Mode", "plain"), ("X-User-ID", user)]), expect=1)
     assert responses and responses[0].status == 200, responses and responses[0].body
+
+
+@pytest.mark.parametrize("mode", TE_MODES)
+def test_a_transfer_encoding_llhttp_reads_to_the_close_is_relayed_to_the_close(
+        gw: GatewayProc, raw: RawBackend, mode: str) -> None:
+    """The gateway reads the Transfer-Encoding as its parser does: not chunked, so the
+    body ends at the close and the client is told so (Connection: close). Read as
+    chunked, the backend's second answer reached the client as the answer to its
+    next request, or the compiled build's scanner ended the body, the exchange
+    waited for an end llhttp never saw, and a second last chunk followed it."""
+    data = (request("POST", "/api/chat", CHAT, [("X-Mode", mode)])
+            + request("GET", "/api/version?after"))
+    responses, _, closed = exchange(gw.port, data, timeout=5)
+    assert responses, mode
+    first = responses[0]
+    assert first.status in (200, 502), [r.status for r in responses]
+    if first.status == 200:
+        # What follows a close-delimited answer is not read as another one.
+        assert first.header("connection") == "close" and closed, first.headers
+    else:
+        assert len(responses) <= 2 and all(SMUGGLED not in r.body for r in responses)
+    assert gw.alive(), gw.stderr()[-3000:]
+    assert _served(gw, raw, f"next-{mode}")
