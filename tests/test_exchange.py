@@ -19,6 +19,7 @@ import pytest
 from ollamamq_fast.config import Settings, parse_backend_urls
 from ollamamq_fast.fleet.backend import ApiKind, Backend
 from ollamamq_fast.gateway import GatewayState
+from ollamamq_fast.proxy.chunks import ChunkScanner
 from ollamamq_fast.proxy.downstream import ClientProtocol
 from ollamamq_fast.proxy.pool import UpstreamPool
 from ollamamq_fast.proxy.state import State
@@ -762,3 +763,20 @@ def test_crlf_after_the_answer_keeps_the_connection(rig: Rig) -> None:
     assert not conn.closed and conn in rig.pools[0].idle
     user = rig.state.stats.users["alice"]
     assert user.in_flight == 0 and user.done == 1
+
+
+def test_a_scanned_end_llhttp_does_not_agree_with_is_not_relayed_as_complete(rig: Rig) -> None:
+    """Insurance: should the scanner ever follow a body llhttp reads otherwise (here a
+    Content-Length one, forced), the answer is cut and the connection dropped, never
+    ended as complete with llhttp still in the middle of a message."""
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, _ = rig.pools[0].last
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                       b"Content-Length: 100\r\n\r\n")
+    conn.scanner = ChunkScanner()
+    conn.data_received(chunk(FINAL) + b"0\r\n\r\n")
+    assert conn.closed and conn not in rig.pools[0].idle
+    assert client.aborted or b'"error"' in bytes(client.data)
+    assert rig.state.stats.users["alice"].in_flight == 0

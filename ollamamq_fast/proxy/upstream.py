@@ -250,7 +250,12 @@ class UpstreamConnection(asyncio.Protocol):
                 return b""
             data = data[:end]  # CRLFs between messages (llhttp skips them): not relayed
         # llhttp saw the head only: end its message, so it reads the next answer.
-        self.parser.feed_data(b"0\r\n\r\n")
+        # It must agree that the body was chunked (wire/framing.py reads the head
+        # as llhttp does); if not, the answer is not relayed as complete.
+        if not self._parsed(b"0\r\n\r\n") or not self.complete:
+            if not self.closed:
+                self._protocol_error(ValueError("the backend's answer has no clear end"))
+            return b""
         return data
 
     def _feed_head(self, data: bytes) -> bool:
