@@ -151,6 +151,54 @@ def test_heavy_user_does_not_delay_light_user() -> None:
         st.close()
 
 
+def test_newcomer_waits_for_the_running_request_only(one_slot: Stack) -> None:
+    """A flooder's request runs (its turn is over); a user who arrives then
+    is served next, not after a second request of the flooder: one service
+    slot of delay, not two. Deterministic: the only slot is given for exactly
+    one dispatch, then withheld until the newcomer is queued."""
+    st = one_slot
+    backend = st.state.fleet.backends[0]
+    queue = st.state.dispatcher.queue
+
+    async def scenario() -> list[str]:
+        st.lt.call(setattr, backend, "slots", 0)
+        plan = ["flood"] * 4
+        tasks = []
+        for n in range(1, 5):
+            tasks.append(asyncio.ensure_future(_timed(st.port, "flood")))
+            await _until(lambda n=n: len(queue) >= n, f"flood request {n} queued")
+
+        def one_dispatch() -> None:
+            backend.slots = 1
+            st.state.dispatcher.pump()
+            backend.slots = 0
+
+        st.lt.call(one_dispatch)
+        await _until(lambda: len(queue) == 3, "the first flood request dispatched")
+        tasks.append(asyncio.ensure_future(_timed(st.port, "light")))
+        plan.append("light")
+        await _until(lambda: len(queue) == 4, "the light request queued")
+
+        def release() -> None:
+            backend.slots = 1
+            st.state.dispatcher.pump()
+
+        st.lt.call(release)
+        results = await asyncio.gather(*tasks)
+        assert {status for status, _ in results} == {200}
+        ran = sorted(zip(plan, [_ns(stamp) for _, stamp in results]), key=lambda p: p[1])
+        return [user for user, _ in ran]
+
+    assert asyncio.run(scenario()) == ["flood", "light", "flood", "flood", "flood"]
+
+
+async def _until(check, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.002)
+
+
 def test_unknown_model_and_full_queue_answers() -> None:
     st = start_stack(sims=[fast_sim_options(tokens=2, tokens_per_s=50.0)], slots=1,
                      max_queue_per_user=2)
