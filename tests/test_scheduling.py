@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections import Counter
 
 import httpx
 import pytest
-from harness import Stack, fast_sim_options, start_stack
+from harness import Stack, fast_sim_options, start_stack, wait_until
 
 # ~2 tokens at 200 tokens/s after a 5 ms TTFT: a service time of ~15 ms.
 SERVICE = fast_sim_options(tokens=2, tokens_per_s=200.0)
@@ -197,6 +198,34 @@ async def _until(check, what: str, timeout: float = 10.0) -> None:  # type: igno
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.002)
+
+
+def test_clients_leaving_the_queue_are_counted_and_leave_nothing(one_slot: Stack) -> None:
+    """Connect, queue, disconnect, many times: the queue and the in-flight
+    counts go back to zero, and every request whose client left is counted as
+    cancelled, gateway-wide as per user (`dropped`), whether it had reached a
+    backend or was still waiting."""
+    st = one_slot
+    backend = st.state.fleet.backends[0]
+    queue = st.state.dispatcher.queue
+    stats = st.state.stats
+    st.lt.call(setattr, backend, "slots", 0)
+    socks = []
+    try:
+        for n in range(1, 31):
+            sock = socket.create_connection(("127.0.0.1", st.port), timeout=5)
+            sock.sendall(_request(f"leaver{n % 3}"))
+            socks.append(sock)
+            wait_until(lambda n=n: len(queue) >= n, f"request {n} queued")
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(lambda: len(queue) == 0, "the queue emptied")
+    users = [stats.users[f"leaver{k}"] for k in range(3)]
+    wait_until(lambda: sum(u.dropped for u in users) == 30, "every request counted as dropped")
+    assert [(u.queued, u.in_flight) for u in users] == [(0, 0)] * 3
+    assert stats.cancelled == 30
+    assert backend.in_flight == 0
 
 
 def test_unknown_model_and_full_queue_answers() -> None:
