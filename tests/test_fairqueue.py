@@ -202,6 +202,51 @@ def test_one_boosted_vs_two_normal_is_two_to_one() -> None:
     assert served.count("n1") == served.count("n2") == 100
 
 
+def test_newcomer_goes_ahead_of_the_user_just_served() -> None:
+    # One user floods; their first request is dispatched (their turn ends and
+    # they move to the tail). A user who arrives now has not been served at
+    # all: they are next, not behind a second request of the flooder.
+    q = FairQueue()
+    for i in range(100):
+        q.push("heavy", i)
+    assert [t.user for t in take(q, 1)] == ["heavy"]
+    q.push("light", 0)
+    q.push("light2", 0)
+    assert [t.user for t in take(q, 4)] == ["light", "light2", "heavy", "heavy"]
+
+
+def test_returning_user_alternates_with_a_flooder() -> None:
+    # A user who sends their next request once the last one was dispatched
+    # gets every other dispatch against one flooder (one slot: they wait for
+    # the running request only), and 1/(k+1) of them against k flooders.
+    q = FairQueue()
+    for u in ("h1", "h2"):
+        for i in range(100):
+            q.push(u, i)
+    served: list[str] = []
+    q.push("solo", 0)
+    for _ in range(30):
+        t = q.pop()
+        assert t is not None
+        served.append(t.user)
+        if t.user == "solo":
+            q.push("solo", 0)
+    assert served.count("solo") == 10
+    assert all(served[i : i + 3].count("solo") == 1 for i in range(0, 30, 3))
+
+
+def test_newcomer_behind_others_not_yet_served() -> None:
+    # Only the user whose turn just ended is passed: users still waiting for
+    # their turn keep their places ahead of the newcomer.
+    q = FairQueue()
+    for u in ("a", "b", "c"):
+        for i in range(5):
+            q.push(u, i)
+    assert [t.user for t in take(q, 1)] == ["a"]
+    q.push("n", 0)
+    assert [t.user for t in take(q, 4)] == ["b", "c", "n", "a"]
+
+
 # Stateful model check
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections import Counter
 
 import httpx
 import pytest
-from harness import Stack, fast_sim_options, start_stack
+from harness import Stack, fast_sim_options, start_stack, wait_until
 
 # ~2 tokens at 200 tokens/s after a 5 ms TTFT: a service time of ~15 ms.
 SERVICE = fast_sim_options(tokens=2, tokens_per_s=200.0)
@@ -149,6 +150,82 @@ def test_heavy_user_does_not_delay_light_user() -> None:
         assert waited_ms < 120
     finally:
         st.close()
+
+
+def test_newcomer_waits_for_the_running_request_only(one_slot: Stack) -> None:
+    """A flooder's request runs (its turn is over); a user who arrives then
+    is served next, not after a second request of the flooder: one service
+    slot of delay, not two. Deterministic: the only slot is given for exactly
+    one dispatch, then withheld until the newcomer is queued."""
+    st = one_slot
+    backend = st.state.fleet.backends[0]
+    queue = st.state.dispatcher.queue
+
+    async def scenario() -> list[str]:
+        st.lt.call(setattr, backend, "slots", 0)
+        plan = ["flood"] * 4
+        tasks = []
+        for n in range(1, 5):
+            tasks.append(asyncio.ensure_future(_timed(st.port, "flood")))
+            await _until(lambda n=n: len(queue) >= n, f"flood request {n} queued")
+
+        def one_dispatch() -> None:
+            backend.slots = 1
+            st.state.dispatcher.pump()
+            backend.slots = 0
+
+        st.lt.call(one_dispatch)
+        await _until(lambda: len(queue) == 3, "the first flood request dispatched")
+        tasks.append(asyncio.ensure_future(_timed(st.port, "light")))
+        plan.append("light")
+        await _until(lambda: len(queue) == 4, "the light request queued")
+
+        def release() -> None:
+            backend.slots = 1
+            st.state.dispatcher.pump()
+
+        st.lt.call(release)
+        results = await asyncio.gather(*tasks)
+        assert {status for status, _ in results} == {200}
+        ran = sorted(zip(plan, [_ns(stamp) for _, stamp in results]), key=lambda p: p[1])
+        return [user for user, _ in ran]
+
+    assert asyncio.run(scenario()) == ["flood", "light", "flood", "flood", "flood"]
+
+
+async def _until(check, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.002)
+
+
+def test_clients_leaving_the_queue_are_counted_and_leave_nothing(one_slot: Stack) -> None:
+    """Connect, queue, disconnect, many times: the queue and the in-flight
+    counts go back to zero, and every request whose client left is counted as
+    cancelled, gateway-wide as per user (`dropped`), whether it had reached a
+    backend or was still waiting."""
+    st = one_slot
+    backend = st.state.fleet.backends[0]
+    queue = st.state.dispatcher.queue
+    stats = st.state.stats
+    st.lt.call(setattr, backend, "slots", 0)
+    socks = []
+    try:
+        for n in range(1, 31):
+            sock = socket.create_connection(("127.0.0.1", st.port), timeout=5)
+            sock.sendall(_request(f"leaver{n % 3}"))
+            socks.append(sock)
+            wait_until(lambda n=n: len(queue) >= n, f"request {n} queued")
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(lambda: len(queue) == 0, "the queue emptied")
+    users = [stats.users[f"leaver{k}"] for k in range(3)]
+    wait_until(lambda: sum(u.dropped for u in users) == 30, "every request counted as dropped")
+    assert [(u.queued, u.in_flight) for u in users] == [(0, 0)] * 3
+    assert stats.cancelled == 30
+    assert backend.in_flight == 0
 
 
 def test_unknown_model_and_full_queue_answers() -> None:

@@ -234,10 +234,12 @@ class Ledger:
         status = r.status if end is not End.CANCELLED else CLIENT_CLOSED
         ustats = r.ustats
         if end is End.CANCELLED:
+            # Every request whose client left, queued or running: the same
+            # count as the users' `dropped` and the usage rows' `cancelled`
+            # (which the counters start from after a restart, keeper.py).
+            stats.cancelled += 1
             if ustats is not None:
                 ustats.dropped += 1
-            if r.in_flight_counted:
-                stats.cancelled += 1
         else:
             stats.response(path_label(r.path), status, backend)
             if r.started_at:

@@ -22,6 +22,13 @@ Dispatch rules (the exact contract the tests check):
   robin, quantum = weight, cost 1 per request): a user of weight w gets up to
   w consecutive dispatches, then moves to the tail of the ring. A user who
   runs dry leaves the ring and forfeits the rest of the turn.
+* Newcomers. A user who joins a ring goes to its tail, but ahead of the
+  user served by the very last dispatch when that dispatch ended their turn
+  (they sit at the tail): they have just been served, the newcomer has not.
+  So one user flooding delays another's request by the flooder's running
+  request only, not by a second one. Only the last dispatch counts: a user
+  who sends again right after each of their own dispatches still gets 1/(k+1)
+  of the dispatches against k backlogged users, as in plain round robin.
 * Blocked heads. pop(can_run) only ever considers each user's OLDEST live
   request. A user whose oldest request cannot run is skipped without losing
   their place (still first in line next time); their later requests never
@@ -133,6 +140,8 @@ class FairQueue:
         self._all_tail: Ticket | None = None
         # Alternation state between the boost and normal rings.
         self._boost_preferred = True
+        # The user served by the last dispatch (a newcomer may go ahead of them).
+        self._last_served: _UserQueue | None = None
 
     # Queue interface
 
@@ -143,7 +152,14 @@ class FairQueue:
             ring = self._ring_for(user)
             uq = _UserQueue(user, ring)
             self._queues[user] = uq
-            ring[user] = uq  # newcomers join the tail of their ring
+            last = self._last_served
+            # The last dispatch ended that user's turn and they still sit at
+            # the tail where it put them (deficit 0 with requests left).
+            passed = (last is not None and last.ring is ring and last.live > 0
+                      and last.deficit == 0 and next(reversed(ring)) == last.user)
+            ring[user] = uq  # newcomers join the tail of their ring...
+            if passed and last is not None:
+                ring.move_to_end(last.user)  # ...ahead of the user just served
         # uq.user, not user: a backlogged user's tickets share one key string
         # instead of each pinning the copy its request was parsed into.
         ticket = Ticket(uq.user, payload, time.monotonic() if now is None else now)
@@ -320,6 +336,8 @@ class FairQueue:
         del uq.ring[user]
         uq.ring = target
         uq.deficit = 0
+        if uq is self._last_served:
+            self._last_served = None  # a fresh turn at the tail, not just served
         target[user] = uq
 
     @staticmethod
@@ -344,6 +362,7 @@ class FairQueue:
         if uq.deficit == 0:
             uq.deficit = self._weights.get(uq.user, DEFAULT_WEIGHT)
         uq.deficit -= 1
+        self._last_served = uq
         ring = uq.ring
         self._remove(ticket)  # drops the user from the ring if that was the last one
         if uq.live and uq.deficit == 0:
