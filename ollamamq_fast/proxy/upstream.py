@@ -220,7 +220,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             cause = exc.__context__  # what a callback raised, for httptools' generic error
-            self._protocol_error(cause if isinstance(cause, _InterimBody) else exc)
+            self._protocol_error(cause if isinstance(cause, _RefusedHead) else exc)
             return False
         except httptools.HttpParserUpgrade:
             # A 101 after the answer is a second answer; as the answer, one not asked for.
@@ -437,6 +437,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.framing, self.content_type, self.hop_by_hop = framing.response_framing(
             status, self.headers, self.head_request
         )
+        if self.framing is framing.Framing.CLOSE and framing.names_transfer_encoding(
+                self.headers):
+            # A Transfer-Encoding whose last coding is not chunked: the body ends
+            # at the close (RFC 9112 §6.3), but a lenient client that reads, say,
+            # "chunked<TAB>" as chunked would take what follows for another
+            # answer. No LLM server sends one; refused, as nginx does.
+            raise _UnknownCoding()
         if self.tally and status == 200:
             self.event_mark = framing.event_mark(self.content_type)
         if self.head_request or self.framing is framing.Framing.EMPTY:
@@ -612,11 +619,22 @@ class _Overrun(ValueError):
         super().__init__("the backend sent more than one answer to one request")
 
 
-class _InterimBody(ValueError):
+class _RefusedHead(ValueError):
+    """A response head the gateway refuses (raised in a parser callback)."""
+
+
+class _InterimBody(_RefusedHead):
     """The backend announced a body in an interim (1xx) answer."""
 
     def __init__(self, status: int) -> None:
         super().__init__(f"the backend announced a body in an interim {status} answer")
+
+
+class _UnknownCoding(_RefusedHead):
+    """The backend's Transfer-Encoding does not end in chunked."""
+
+    def __init__(self) -> None:
+        super().__init__("the backend sent a Transfer-Encoding that does not end in chunked")
 
 
 def _count(data: bytes, mark: bytes, start: int) -> int:

@@ -95,6 +95,15 @@ def response_framing(
     return Framing.CLOSE, content_type, hop_by_hop
 
 
+def names_transfer_encoding(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a head has a Transfer-Encoding header (any spelling)."""
+    names = _RESPONSE_NAMES
+    for name, _ in headers:
+        if names.kind(name) == _TRANSFER_ENCODING:
+            return True
+    return False
+
+
 def declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether a head has a Content-Length or a Transfer-Encoding header (any spelling)."""
     names = _RESPONSE_NAMES
