@@ -13,8 +13,6 @@ is logged (`requests`) with its connection, mode and number on it.
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import socket
 import struct
 import threading
@@ -23,23 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fakebackend import ThreadedServer
-
-MODEL = "fake:latest"
-TAGS = json.dumps({"models": [{"name": MODEL, "model": MODEL,
-                               "modified_at": "2025-01-01T00:00:00Z", "size": 1,
-                               "digest": "0" * 64, "details": {}}]}).encode()
-CHAT_OK = (b'{"model":"fake:latest","created_at":"2025-01-01T00:00:00Z","done":true,'
-           b'"message":{"role":"assistant","content":"ok"},"prompt_eval_count":3,'
-           b'"eval_count":2}')
-_LENGTH = re.compile(rb"(?i)\r\ncontent-length:[ \t]*(\d+)")
-_MODE = re.compile(rb"(?i)\r\nx-mode:[ \t]*([^\r]*)")
-
-
-def answer(body: bytes, status: bytes = b"200 OK", ctype: bytes = b"application/json",
-           extra: bytes = b"") -> bytes:
-    """A complete response with a Content-Length."""
-    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
-            + b"\r\nContent-Length: %d\r\n" % len(body) + extra + b"\r\n" + body)
+from rawbackend import CHAT_OK, TAGS, answer, read_request
 
 
 def chunk(part: bytes) -> bytes:
@@ -123,10 +105,7 @@ class FaultBackend(ThreadedServer):
         self.writers.add(writer)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                m = _LENGTH.search(head)
-                body = await reader.readexactly(int(m.group(1))) if m else b""
-                line = head.split(b"\r\n", 1)[0]
+                head, body, line, mode = await read_request(reader)
                 path = line.split(b" ")[1]
                 if path.startswith(b"/api/tags"):
                     writer.write(answer(TAGS))
@@ -139,8 +118,6 @@ class FaultBackend(ThreadedServer):
                                         b'"object":"model","owned_by":"fake"}]}'))
                 else:
                     nth += 1
-                    found = _MODE.search(head)
-                    mode = found.group(1).decode("latin-1") if found else ""
                     ctx = Ctx(conn, nth, mode, line, head, body, reader, writer)
                     with self.lock:
                         self.requests.append(ctx)

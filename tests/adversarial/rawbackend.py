@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from fakebackend import ThreadedServer
 
-TAGS = json.dumps({"models": [{"name": "fake:latest", "model": "fake:latest",
+MODEL = "fake:latest"
+TAGS = json.dumps({"models": [{"name": MODEL, "model": MODEL,
                                "modified_at": "2025-01-01T00:00:00Z", "size": 1,
                                "digest": "0" * 64, "details": {}}]}).encode()
 CHAT_OK = (b'{"model":"fake:latest","created_at":"2025-01-01T00:00:00Z","done":true,'
@@ -37,6 +38,16 @@ def answer(body: bytes, status: bytes = b"200 OK", ctype: bytes = b"application/
     """A complete response with a Content-Length."""
     return (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
             + b"\r\nContent-Length: %d\r\n" % len(body) + extra + b"\r\n" + body)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes, bytes, str]:
+    """The next request on a connection: (head, body, request line, X-Mode value)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    m = _LENGTH.search(head)
+    body = await reader.readexactly(int(m.group(1))) if m else b""
+    found = _MODE.search(head)
+    mode = found.group(1).decode("latin-1") if found else ""
+    return head, body, head.split(b"\r\n", 1)[0], mode
 
 
 def chunked(parts: list[bytes], ctype: bytes = b"application/x-ndjson") -> bytes:
@@ -89,12 +100,7 @@ class RawBackend(ThreadedServer):
         conn = self.conns
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                m = _LENGTH.search(head)
-                body = await reader.readexactly(int(m.group(1))) if m else b""
-                line = head.split(b"\r\n", 1)[0]
-                found = _MODE.search(head)
-                mode = found.group(1).decode("latin-1") if found else ""
+                head, body, line, mode = await read_request(reader)
                 with self.lock:
                     self.requests.append(Got(conn, line, mode, head, body))
                 path = line.split(b" ")[1]
