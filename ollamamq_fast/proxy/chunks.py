@@ -108,20 +108,15 @@ class ChunkScanner:
             c = data[i]
             i += 1
             if state == _SIZE:
-                if 48 <= c <= 57:
-                    digit = c - 48
-                elif 97 <= c <= 102:
-                    digit = c - 87
-                elif 65 <= c <= 70:
-                    digit = c - 55
-                elif self.digits and c == _CR:
-                    state = _SIZE_LF
+                digit = _hex_value(c)
+                if digit < 0:
+                    if self.digits and c == _CR:
+                        state = _SIZE_LF
+                    elif self.digits and c == 59:  # ';'
+                        state = _EXT_START
+                    else:
+                        raise ChunkError(f"invalid chunk size byte {c:#04x}")
                     continue
-                elif self.digits and c == 59:  # ';'
-                    state = _EXT_START
-                    continue
-                else:
-                    raise ChunkError(f"invalid chunk size byte {c:#04x}")
                 self.digits += 1
                 if self.digits > _MAX_DIGITS:
                     raise ChunkError("chunk size too large")
@@ -227,15 +222,10 @@ def _whole_chunks(data: bytes, i: i64, end: i64) -> i64:
         j = i
         size: i64 = 0
         while j < end:
-            c: i64 = data[j]
-            if 48 <= c <= 57:
-                size = size * 16 + (c - 48)
-            elif 97 <= c <= 102:
-                size = size * 16 + (c - 87)
-            elif 65 <= c <= 70:
-                size = size * 16 + (c - 55)
-            else:
+            digit = _hex_value(data[j])
+            if digit < 0:
                 break
+            size = size * 16 + digit
             j += 1
         if j == i or j - i > _MAX_DIGITS or size == 0:
             return i
@@ -244,3 +234,14 @@ def _whole_chunks(data: bytes, i: i64, end: i64) -> i64:
                 or data[after + 1] != _LF:
             return i
         i = after + 2
+
+
+def _hex_value(c: i64) -> i64:
+    """The value of a hex digit's byte, or -1."""
+    if 48 <= c <= 57:
+        return c - 48
+    if 97 <= c <= 102:
+        return c - 87
+    if 65 <= c <= 70:
+        return c - 55
+    return -1
