@@ -21,6 +21,7 @@ from test_traps import Conn, FakeBackend, wait_for
 
 from ollamamq_fast.policy.cache import CANONICAL_MAX_BODY, cache_key
 from ollamamq_fast.wire.paths import PathError, normalize, request_path
+from ollamamq_fast.wire.routes import CANONICAL
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
@@ -47,8 +48,13 @@ def test_paths_normalize_as_the_backend_reads_them(raw: bytes, canonical: bytes)
 
 
 def test_canonical_paths_are_returned_without_copying() -> None:
-    path = b"/api/chat"
-    assert normalize(path) is path
+    # A route's path comes back as the route table's own object (its hash kept,
+    # found by identity in later look-ups); another canonical path as itself.
+    route_path = bytes(bytearray(b"/api/chat"))  # a new object, as the parser gives
+    assert normalize(route_path) is CANONICAL[b"/api/chat"]
+    assert route_path is not CANONICAL[b"/api/chat"]
+    other = bytes(bytearray(b"/api/unknown/route"))
+    assert normalize(other) is other
 
 
 @pytest.mark.parametrize("bad", [b"/api/%zz", b"/api/chat%", b"/api/%0achat", b"/api/%00"])

@@ -81,7 +81,7 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
     pool_missing = ""
     if path.startswith(b"/pool/"):  # a named pool (pools.py); the default costs this test
         pool_missing, path = _enter_pool(ex, path)
-    if path is not raw_path or len(raw_path) + len(query) != len(ex.url):
+    if (path is not raw_path and path != raw_path) or len(raw_path) + len(query) != len(ex.url):
         # Forward the spelling that was routed: the backend reads what the policy saw.
         ex.url = path + query
     ex.path = path

@@ -103,6 +103,9 @@ class UpstreamConnection(asyncio.Protocol):
         # llhttp when that is cheaper (compiled; proxy/chunks.py).
         self.scan_chunks = SCAN_CHUNKS
         self.scan_from = _SCAN_FROM
+        # The last answer's content type and its event mark (on_headers_complete).
+        self.marked_type = b""
+        self.marked_as = framing.event_mark(b"")
         # Per-response state
         self._reset_response(False)
 
@@ -445,7 +448,14 @@ class UpstreamConnection(asyncio.Protocol):
             # answer. No LLM server sends one; refused, as nginx does.
             raise _UnknownCoding()
         if self.tally and status == 200:
-            self.event_mark = framing.event_mark(self.content_type)
+            # A backend sends the same content type on every answer: a compare
+            # with the last one is cheaper than framing.event_mark's dict look-up
+            # (which hashes the new bytes object).
+            content_type = self.content_type
+            if content_type != self.marked_type:
+                self.marked_type = content_type
+                self.marked_as = framing.event_mark(content_type)
+            self.event_mark = self.marked_as
         if self.head_request or self.framing is framing.Framing.EMPTY:
             # No body follows (HEAD, 204, 304). The parser cannot be told about
             # HEAD, so the message ends here and the parser is replaced.

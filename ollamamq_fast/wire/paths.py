@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from ollamamq_fast.wire.routes import EXACT
+from ollamamq_fast.wire.routes import CANONICAL
 
 
 class PathError(ValueError):
@@ -64,9 +64,11 @@ def request_path(target: bytes) -> tuple[bytes, bytes]:
 
 
 def normalize(path: bytes) -> bytes:
-    """The canonical spelling of a path; the same object when it is already canonical."""
-    if path in EXACT:
-        return path  # a route's own spelling is canonical: one dict lookup, no scan
+    """The canonical spelling of a path: the route table's own object for a route's
+    path, `path` itself when it is canonical otherwise."""
+    known = CANONICAL.get(path)
+    if known is not None:
+        return known  # a route's own spelling is canonical: one dict lookup, no scan
     if path.find(b"%") < 0 and path.find(b"//") < 0 and path.find(b"/.") < 0:
         return path  # the HTTP parser has already refused control bytes in the target
     decoded = _unescape(path) if path.find(b"%") >= 0 else path

@@ -126,6 +126,11 @@ EXACT: Final[dict[bytes, Route]] = {
     b"/v1/models": Route(Kind.LOCAL, _OPENAI, (b"GET",), local=Local.V1_MODELS, native=False),
 }
 
+# Each route path to the table's own bytes object: a request's path (a new
+# object from the parser) is swapped for it, so that the look-ups keyed by the
+# path later in the request find it by identity, its hash already kept.
+CANONICAL: Final[dict[bytes, bytes]] = {path: path for path in EXACT}
+
 BLOBS_PREFIX: Final = b"/api/blobs/"
 V1_MODEL_PREFIX: Final = b"/v1/models/"
 
