@@ -267,6 +267,53 @@ def test_ollama_load_and_unload_are_answered_locally() -> None:
                                                 "done": True, "done_reason": "load"}
 
 
+@pytest.mark.parametrize(("keep_alive", "reason"), [
+    (0, "unload"), (0.0, "unload"), ("0", "unload"), ("0s", "unload"), ("0m", "unload"),
+    ("0.0h", "unload"), ("-0s", "unload"), ("+0ms", "unload"), ("5m", "load"), ("1h30m", "load"),
+    (-1, "load"), ("-1m", "load"), (300, "load"), (0.5, "load"), ("1.5µs", "load"), (None, "load"),
+])
+def test_ollama_unload_is_any_zero_keep_alive(keep_alive: Any, reason: str) -> None:
+    # api.Duration: a number is seconds, a string is time.ParseDuration; zero unloads.
+    t = to_openai("/api/generate", {"model": "llama3.2", "keep_alive": keep_alive})
+    assert j(t.local_reply or b"")["done_reason"] == reason
+
+
+@pytest.mark.parametrize(("keep_alive", "message"), [
+    ("10", 'time: missing unit in duration "10"'),
+    ("", 'time: invalid duration ""'),
+    ("5 m", 'time: unknown unit " m" in duration "5 m"'),
+    ("1hour", 'time: unknown unit "hour" in duration "1hour"'),
+    ("1d", 'time: unknown unit "d" in duration "1d"'),
+    ("m", 'time: invalid duration "m"'),
+    (".s", 'time: invalid duration ".s"'),
+    ("-", 'time: invalid duration "-"'),
+    ("1e3s", 'time: unknown unit "e" in duration "1e3s"'),
+    ("5m10", 'time: missing unit in duration "5m10"'),
+    ("9999999999999999999h", 'time: invalid duration "9999999999999999999h"'),
+    ("3000000h", 'time: invalid duration "3000000h"'),
+    (True, "Unsupported type: 'bool'"),
+    ([1], "Unsupported type: '[]interface {}'"),
+    ({"s": 1}, "Unsupported type: 'map[string]interface {}'"),
+])
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/api/embed", "/api/embeddings"])
+def test_ollama_keep_alive_is_read_as_go_reads_it(path: str, keep_alive: Any, message: str) -> None:
+    # Ollama binds keep_alive before anything else (api.Duration.UnmarshalJSON,
+    # time.ParseDuration): a bad one is a 400, even in the load form.
+    for body in ({"model": "m", "keep_alive": keep_alive},
+                 {"model": "m", "keep_alive": keep_alive, "prompt": "x", "input": "x",
+                  "messages": [{"role": "user", "content": "x"}]}):
+        with pytest.raises(TranslationError) as err:
+            to_openai(path, body)
+        assert err.value.status == 400 and err.value.message == message
+
+
+def test_ollama_valid_keep_alive_is_dropped_with_a_note() -> None:
+    for keep_alive in ("10m", "1h2m3.5s", "500ms", "2us", "3μs", 10, -1, "-5m", "0"):
+        t = to_openai("/api/chat", {"model": "m", "keep_alive": keep_alive,
+                                    "messages": [{"role": "user", "content": "x"}]})
+        assert "keep_alive" not in j(t.body) and t.notes == ("keep_alive dropped",)
+
+
 @pytest.mark.parametrize(("think", "field", "value", "notes"), [
     (True, "chat_template_kwargs", {"enable_thinking": True}, ()),
     (False, "chat_template_kwargs", {"enable_thinking": False}, ()),

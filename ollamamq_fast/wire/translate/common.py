@@ -249,6 +249,105 @@ class Clock:
         return f"{self._prefix}.{frac:09d}Z"
 
 
+# -- Go durations (Ollama's keep_alive) -------------------------------------------
+
+_NS_PER_UNIT: Final = {
+    b"ns": 1, b"us": 1_000, "\u00b5s".encode(): 1_000, "\u03bcs".encode(): 1_000,
+    b"ms": 1_000_000, b"s": 1_000_000_000, b"m": 60_000_000_000, b"h": 3_600_000_000_000,
+}
+_DIGITS: Final = b"0123456789"
+_MAX_DURATION: Final = 1 << 63
+
+
+def _go_quote(raw: bytes) -> str:
+    """Go's time.quote: the text in double quotes, bytes outside printable ASCII as \\xNN."""
+    out = []
+    for byte in raw:
+        if byte < 0x20 or byte >= 0x80:
+            out.append(f"\\x{byte:02x}")
+        else:
+            out.append(("\\" if byte in b'"\\' else "") + chr(byte))
+    return '"' + "".join(out) + '"'
+
+
+def go_duration_ns(text: str) -> int:
+    """Go's time.ParseDuration: nanoseconds, or ValueError with Go's message.
+
+    A signed sequence of decimal numbers, each with an optional fraction and a
+    unit (ns, us, µs, ms, s, m, h); "0" alone needs no unit.
+    """
+    raw = orig = text.encode("utf-8", "surrogatepass")
+    invalid = "time: invalid duration " + _go_quote(orig)
+    negative = raw[:1] == b"-"
+    if raw[:1] in (b"-", b"+"):
+        raw = raw[1:]
+    if raw == b"0":
+        return 0
+    if not raw:
+        raise ValueError(invalid)
+    total = 0
+    pos = 0
+    while pos < len(raw):
+        start = pos
+        while pos < len(raw) and raw[pos] in _DIGITS:
+            pos += 1
+        whole = raw[start:pos]
+        fraction = b""
+        if pos < len(raw) and raw[pos] == 0x2E:  # "."
+            pos += 1
+            begin = pos
+            while pos < len(raw) and raw[pos] in _DIGITS:
+                pos += 1
+            fraction = raw[begin:pos]
+            if not whole and not fraction:
+                raise ValueError(invalid)
+        elif not whole:
+            raise ValueError(invalid)
+        begin = pos
+        while pos < len(raw) and raw[pos] != 0x2E and raw[pos] not in _DIGITS:
+            pos += 1
+        unit = raw[begin:pos]
+        if not unit:
+            raise ValueError("time: missing unit in duration " + _go_quote(orig))
+        scale = _NS_PER_UNIT.get(unit)
+        if scale is None:
+            raise ValueError("time: unknown unit " + _go_quote(unit) + " in duration "
+                             + _go_quote(orig))
+        value = int(whole) if whole else 0
+        if value > _MAX_DURATION // scale:
+            raise ValueError(invalid)
+        value *= scale
+        if fraction:
+            value += int(float(b"0." + fraction) * scale)
+            if value > _MAX_DURATION:
+                raise ValueError(invalid)
+        total += value
+        if total > _MAX_DURATION:
+            raise ValueError(invalid)
+    if not negative and total > _MAX_DURATION - 1:
+        raise ValueError(invalid)
+    return -total if negative else total
+
+
+def keep_alive_ns(value: Any) -> int | None:
+    """Ollama's api.Duration as it reads a request's keep_alive: nanoseconds
+    (negative: for ever), None when absent; a 400 TranslationError with Go's
+    message for a value Ollama refuses."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TranslationError(400, "Unsupported type: 'bool'")
+    if isinstance(value, (int, float)):
+        return -1 if value < 0 else int(value * 1_000_000_000)
+    if isinstance(value, str):
+        try:
+            return go_duration_ns(value)
+        except ValueError as exc:
+            raise TranslationError(400, str(exc)) from None
+    kind = "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
+    raise TranslationError(400, f"Unsupported type: '{kind}'")
+
+
 # -- shared value maps ----------------------------------------------------------
 
 
