@@ -787,6 +787,89 @@ def test_streamed_logprobs_both_ways() -> None:
         "index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": tokens}, "finish_reason": None}
 
 
+# Ollama's logprobs (api.Logprob) for two tokens, top alternatives included.
+OLLAMA_LOGPROBS = [
+    {"token": "Hel", "logprob": -0.25, "bytes": [72, 101, 108],
+     "top_logprobs": [{"token": "Hel", "logprob": -0.25}, {"token": "Hi", "logprob": -1.5}]},
+    {"token": "lo", "logprob": -0.5, "top_logprobs": [{"token": "lo", "logprob": -0.5}]},
+]
+# The same in the completions API's shape (OpenAI's legacy logprobs object).
+COMPLETION_LOGPROBS = {"tokens": ["Hel", "lo"], "token_logprobs": [-0.25, -0.5],
+                       "top_logprobs": [{"Hel": -0.25, "Hi": -1.5}, {"lo": -0.5}],
+                       "text_offset": [0, 3]}
+
+
+def test_openai_completion_logprobs_are_asked_of_ollama_as_its_own_v1_does() -> None:
+    # openai/openai.go FromCompleteRequest: logprobs N > 0 -> logprobs: true, top_logprobs: N.
+    t = to_ollama("/v1/completions", {"model": "m", "prompt": "p", "logprobs": 2})
+    body = j(t.body)
+    assert body["logprobs"] is True and body["top_logprobs"] == 2 and t.notes == ()
+    for off in (0, None):
+        assert "logprobs" not in j(to_ollama("/v1/completions", {"model": "m", "prompt": "p",
+                                                                 "logprobs": off}).body)
+    for bad in (True, 1.5, "2"):
+        with pytest.raises(TranslationError) as err:
+            to_ollama("/v1/completions", {"model": "m", "prompt": "p", "logprobs": bad})
+        assert err.value.status == 400 and "logprobs" in err.value.message
+
+
+def test_ollama_logprobs_become_completion_logprobs_whole_and_streamed() -> None:
+    from openai.types import Completion
+
+    t = plan(Endpoint.OPENAI_COMPLETIONS, Endpoint.OLLAMA_GENERATE, stream=False)
+    body = orjson.dumps({"model": "m", "response": "Hello", "done": True, "done_reason": "stop",
+                         "logprobs": OLLAMA_LOGPROBS, "prompt_eval_count": 3, "eval_count": 2})
+    out = translate_response(t, body)
+    assert j(out)["choices"][0]["logprobs"] == COMPLETION_LOGPROBS
+    choice = Completion.model_validate_json(out).choices[0]
+    assert choice.logprobs is not None and choice.logprobs.tokens == ["Hel", "lo"]
+    s = open_stream(plan(Endpoint.OPENAI_COMPLETIONS, Endpoint.OLLAMA_GENERATE))
+    lines = b"".join(orjson.dumps(line) + b"\n" for line in (
+        {"response": "Hel", "logprobs": OLLAMA_LOGPROBS[:1], "done": False},
+        {"response": "lo", "logprobs": OLLAMA_LOGPROBS[1:], "done": False},
+        {"response": "", "done": True, "done_reason": "stop"}))
+    events = sse(s.feed(lines) + s.finish())
+    streamed = [e["choices"][0]["logprobs"] for e in events[:-1]]
+    assert streamed == [
+        {"tokens": ["Hel"], "token_logprobs": [-0.25], "top_logprobs": [{"Hel": -0.25, "Hi": -1.5}],
+         "text_offset": [0]},
+        {"tokens": ["lo"], "token_logprobs": [-0.5], "top_logprobs": [{"lo": -0.5}], "text_offset": [3]},
+        None]
+    # Without logprobs asked for, nothing changes.
+    plain = translate_response(t, b'{"response":"x","done":true}')
+    assert j(plain)["choices"][0]["logprobs"] is None
+
+
+def test_ollama_generate_logprobs_on_the_completions_route() -> None:
+    # /v1/completions takes logprobs as the number of alternatives (an integer).
+    t = to_openai("/api/generate", {"model": "m", "prompt": "p", "raw": True, "logprobs": True,
+                                    "top_logprobs": 2})
+    assert t.backend is Endpoint.OPENAI_COMPLETIONS
+    body = j(t.body)
+    assert body["logprobs"] == 2 and "top_logprobs" not in body
+    # Ollama's top_logprobs 0 is the chosen token only: one alternative is the least an
+    # OpenAI server gives (llama.cpp gives none at all for 0).
+    t = to_openai("/api/generate", {"model": "m", "prompt": "p", "raw": True, "logprobs": True})
+    assert j(t.body)["logprobs"] == 1
+    # Chat keeps the chat API's fields.
+    t = to_openai("/api/generate", {"model": "m", "prompt": "p", "logprobs": True, "top_logprobs": 2})
+    assert j(t.body)["logprobs"] is True and j(t.body)["top_logprobs"] == 2
+    # vLLM answers completions logprobs in the legacy shape; llama.cpp in the chat shape.
+    ollama_lp = [{"token": "Hel", "logprob": -0.25, "top_logprobs": [
+        {"token": "Hel", "logprob": -0.25}, {"token": "Hi", "logprob": -1.5}]},
+        {"token": "lo", "logprob": -0.5, "top_logprobs": [{"token": "lo", "logprob": -0.5}]}]
+    whole = plan(Endpoint.OLLAMA_GENERATE, Endpoint.OPENAI_COMPLETIONS, stream=False)
+    legacy = orjson.dumps({"choices": [{"index": 0, "text": "Hello", "finish_reason": "stop",
+                                        "logprobs": COMPLETION_LOGPROBS}]})
+    assert j(translate_response(whole, legacy))["logprobs"] == ollama_lp
+    s = open_stream(plan(Endpoint.OLLAMA_GENERATE, Endpoint.OPENAI_COMPLETIONS))
+    event = {"choices": [{"index": 0, "text": "Hel", "finish_reason": None, "logprobs": {
+        "tokens": ["Hel"], "token_logprobs": [-0.25], "top_logprobs": [{"Hel": -0.25, "Hi": -1.5}],
+        "text_offset": [0]}}]}
+    lines = ndjson(s.feed(b"data: " + orjson.dumps(event) + b"\n\n"))
+    assert lines == [{"model": "llama3.2", "response": "Hel", "logprobs": ollama_lp[:1], "done": False}]
+
+
 def test_a_cut_stream_ends_with_an_error_event() -> None:
     s = open_stream(plan(Endpoint.OLLAMA_CHAT, Endpoint.OPENAI_CHAT))
     half = OPENAI_CHAT_STREAM[:OPENAI_CHAT_STREAM.index(b"data: {", 400)]

@@ -371,6 +371,61 @@ def reasoning_of(obj: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def completion_logprobs(tokens: list[Any], offset: int = 0) -> tuple[dict[str, Any], int]:
+    """Ollama's logprobs (api.Logprob items) -> the completions API's logprobs
+    object (`tokens`, `token_logprobs`, `top_logprobs` as {token: logprob},
+    `text_offset` from `offset`), and the text offset after these tokens."""
+    texts: list[str] = []
+    values: list[Any] = []
+    tops: list[dict[str, Any]] = []
+    offsets: list[int] = []
+    for item in tokens:
+        if not isinstance(item, dict):
+            continue
+        token = item.get("token")
+        token = token if isinstance(token, str) else ""
+        texts.append(token)
+        values.append(item.get("logprob"))
+        top = item.get("top_logprobs")
+        alternatives = top if isinstance(top, list) else []
+        tops.append({str(a.get("token", "")): a.get("logprob") for a in alternatives
+                     if isinstance(a, dict)})
+        offsets.append(offset)
+        offset += len(token)
+    out = {"tokens": texts, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+    return out, offset
+
+
+def ollama_logprobs(logprobs: Any) -> list[Any] | None:
+    """An OpenAI choice's logprobs -> Ollama's list, or None when there are none.
+
+    The chat shape (`{"content": [...]}`, also llama.cpp's on /v1/completions)
+    is Ollama's own items; the completions shape (vLLM: parallel `tokens`,
+    `token_logprobs`, `top_logprobs` lists) is rebuilt item by item.
+    """
+    if not isinstance(logprobs, dict):
+        return None
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        return content
+    tokens = logprobs.get("tokens")
+    if not isinstance(tokens, list):
+        return None
+    values = logprobs.get("token_logprobs")
+    values = values if isinstance(values, list) else []
+    tops = logprobs.get("top_logprobs")
+    tops = tops if isinstance(tops, list) else []
+    out: list[Any] = []
+    for index, token in enumerate(tokens):
+        item: dict[str, Any] = {"token": token,
+                                "logprob": values[index] if index < len(values) else None}
+        top = tops[index] if index < len(tops) else None
+        if isinstance(top, dict) and top:
+            item["top_logprobs"] = [{"token": k, "logprob": v} for k, v in top.items()]
+        out.append(item)
+    return out
+
+
 # Images: Ollama carries bare base64; OpenAI carries data URIs.
 _MAGIC: Final = (
     ("iVBORw0KGgo", "image/png"),

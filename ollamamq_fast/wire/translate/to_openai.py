@@ -267,6 +267,11 @@ def generate_as_completion(req: dict[str, Any], traits: BackendTraits, notes: li
     if req.get("suffix"):
         out["suffix"] = _text(req.get("suffix"), "suffix")
     _common(req, ollama_stream(req), out, notes)
+    if out.get("logprobs"):
+        # /v1/completions takes the number of alternatives per token; at least 1,
+        # as llama.cpp gives no logprobs at all for 0.
+        top = out.pop("top_logprobs", 0)
+        out["logprobs"] = top if isinstance(top, int) and top > 0 else 1
     fmt = _response_format(req.get("format"), traits)
     if fmt is not None:
         out["response_format"] = fmt
