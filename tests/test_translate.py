@@ -367,6 +367,13 @@ def test_ollama_embed_without_input_is_answered_locally(body: dict[str, Any]) ->
     ("/api/chat", b'{"model":"m","messages":"hi"}', 400, "messages must be a list"),
     ("/api/chat", b'{"model":"m","messages":[{"role":"user","content":5}]}', 400, "content"),
     ("/api/embed", b'{"model":"m","input":[1,2]}', 400, "input"),
+    # Ollama checks top_logprobs before the model, with or without logprobs (server/routes.go).
+    ("/api/chat", b'{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}',
+     400, "top_logprobs must be between 0 and 20"),
+    ("/api/generate", b'{"model":"m","prompt":"x","top_logprobs":-1}', 400,
+     "top_logprobs must be between 0 and 20"),
+    ("/api/generate", b'{"model":"m","top_logprobs":30}', 400, "top_logprobs must be between 0 and 20"),
+    ("/api/chat", b'{"model":"m","messages":[],"top_logprobs":"5"}', 400, "top_logprobs"),
 ])
 def test_ollama_request_errors(path: str, body: bytes, status: int, message: str) -> None:
     with pytest.raises(TranslationError) as err:

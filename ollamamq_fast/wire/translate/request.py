@@ -57,6 +57,8 @@ def _to_openai(
     # is looked at: a value it refuses ("10", no unit) is a 400 on every route,
     # the load form included. The OpenAI server never sees it (noted).
     keep_alive = keep_alive_ns(req.get("keep_alive"))
+    if not client.embeds:
+        _check_top_logprobs(req.get("top_logprobs"))
     if client is Endpoint.OLLAMA_CHAT:
         if not req.get("messages"):
             return _load_reply(client, model, keep_alive == 0)
@@ -82,6 +84,17 @@ def _to_openai(
         backend = Endpoint.OPENAI_EMBEDDINGS
     stream = bool(out.get("stream"))
     return Translated(backend.path, dumps(out), client, backend, model, stream, notes=tuple(notes))
+
+
+def _check_top_logprobs(value: Any) -> None:
+    """Ollama's chat and generate handlers refuse a top_logprobs outside 0..20
+    before looking at the model (an OpenAI server may allow more, or fewer)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TranslationError(400, "top_logprobs must be an integer")
+    if not 0 <= value <= 20:
+        raise TranslationError(400, "top_logprobs must be between 0 and 20")
 
 
 def _to_ollama(client: Endpoint, req: dict[str, Any], model: str, notes: list[str]) -> Translated:
