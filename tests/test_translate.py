@@ -219,6 +219,26 @@ def test_ollama_generate_with_options_goes_to_chat_and_notes_what_is_dropped() -
     # A backend that takes num_ctx, and one without the sampler extensions.
     out = j(to_openai("/api/generate", body, num_ctx=True, sampler_extras=False).body)
     assert out["num_ctx"] == 1024 and "top_k" not in out and "repetition_penalty" not in out
+    # llama.cpp's servers (llama-server, llama-cpp-python) read repeat_penalty, Ollama's
+    # own name; repetition_penalty is vLLM's and SGLang's, and they would ignore it.
+    out = j(to_openai("/api/generate", body, repeat_penalty_field="repeat_penalty").body)
+    assert out["repeat_penalty"] == 1.2 and "repetition_penalty" not in out
+
+
+def test_each_backend_kind_gets_its_own_repeat_penalty_name() -> None:
+    from ollamamq_fast.fleet.backend import ApiKind
+    from ollamamq_fast.proxy.translating import traits_for
+
+    class Kind:
+        def __init__(self, kind: ApiKind) -> None:
+            self.kind = kind
+
+    body = {"model": "m", "prompt": "p", "options": {"repeat_penalty": 1.3}}
+    for kind, field in ((ApiKind.LLAMACPP, "repeat_penalty"), (ApiKind.LMSTUDIO, "repeat_penalty"),
+                        (ApiKind.VLLM, "repetition_penalty")):
+        traits = traits_for(Kind(kind))  # type: ignore[arg-type]
+        sent = j(translate_request("/api/generate", orjson.dumps(body), Api.OPENAI, traits).body)
+        assert sent.get(field) == 1.3, kind
 
 
 def test_ollama_generate_raw_and_suffix_go_to_completions() -> None:

@@ -68,7 +68,7 @@ class BackendTraits:
     completions_route: it serves `/v1/completions` (LM Studio and some proxies do not).
     num_ctx: it honours a per-request `num_ctx` (most OpenAI servers fix the
         context at start, so by default it is dropped with a note).
-    sampler_extras: it takes `top_k`, `min_p`, `repetition_penalty` (vLLM,
+    sampler_extras: it takes `top_k`, `min_p`, a repeat penalty (vLLM,
         llama.cpp, SGLang and LM Studio do; OpenAI itself does not).
     generate_via: where `/api/generate` goes. "auto" sends raw prompts (and
         prompts with a `suffix`) to `/v1/completions`, which applies no chat
@@ -77,6 +77,9 @@ class BackendTraits:
     schema_in_json_object: it takes a JSON schema as `{"type": "json_object",
         "schema": …}` (llama.cpp's servers; llama-cpp-python refuses OpenAI's
         `json_schema` type), not as `{"type": "json_schema", "json_schema": …}`.
+    repeat_penalty_field: the name it reads Ollama's `repeat_penalty` under
+        (with sampler_extras): `repetition_penalty` for vLLM and SGLang,
+        `repeat_penalty` for llama.cpp's servers and LM Studio.
     """
 
     completions_route: bool = True
@@ -84,6 +87,7 @@ class BackendTraits:
     sampler_extras: bool = True
     generate_via: GenerateVia = "auto"
     schema_in_json_object: bool = False
+    repeat_penalty_field: str = "repetition_penalty"
 
 
 DEFAULT_TRAITS: Final = BackendTraits()
