@@ -455,6 +455,12 @@ def test_openai_tools_and_tool_results() -> None:
         "index": 0, "name": "get_current_weather", "arguments": {"location": "Boston, MA"}}}]}
     assert out["messages"][2] == {"role": "tool", "content": "72F", "tool_call_id": "call_abc123",
                                   "tool_name": "get_current_weather"}
+    # A tool message's own name wins over the call it answers, as in Ollama's /v1
+    # (openai.go FromChatRequest), and names a result whose call is not in the history.
+    named = {**body, "messages": [body["messages"][0],
+                                  {"role": "tool", "name": "get_time", "content": "9am"}]}
+    assert j(to_ollama("/v1/chat/completions", named).body)["messages"][1] == {
+        "role": "tool", "content": "9am", "tool_name": "get_time"}
     body["tool_choice"] = "required"
     assert to_ollama("/v1/chat/completions", body).notes == ("tool_choice approximated as auto",)
     body["tool_choice"] = "none"

@@ -183,6 +183,9 @@ def messages(msgs: Any) -> list[dict[str, Any]]:
                 item["tool_call_id"] = call_id
                 if call_id in names:
                     item["tool_name"] = names[call_id]
+            # The message's own name first, as Ollama's /v1 reads it.
+            if isinstance(msg.get("name"), str) and msg["name"]:
+                item["tool_name"] = msg["name"]
         out.append(item)
     return out
 
