@@ -219,6 +219,26 @@ def test_ollama_generate_with_options_goes_to_chat_and_notes_what_is_dropped() -
     # A backend that takes num_ctx, and one without the sampler extensions.
     out = j(to_openai("/api/generate", body, num_ctx=True, sampler_extras=False).body)
     assert out["num_ctx"] == 1024 and "top_k" not in out and "repetition_penalty" not in out
+    # llama.cpp's servers (llama-server, llama-cpp-python) read repeat_penalty, Ollama's
+    # own name; repetition_penalty is vLLM's and SGLang's, and they would ignore it.
+    out = j(to_openai("/api/generate", body, repeat_penalty_field="repeat_penalty").body)
+    assert out["repeat_penalty"] == 1.2 and "repetition_penalty" not in out
+
+
+def test_each_backend_kind_gets_its_own_repeat_penalty_name() -> None:
+    from ollamamq_fast.fleet.backend import ApiKind
+    from ollamamq_fast.proxy.translating import traits_for
+
+    class Kind:
+        def __init__(self, kind: ApiKind) -> None:
+            self.kind = kind
+
+    body = {"model": "m", "prompt": "p", "options": {"repeat_penalty": 1.3}}
+    for kind, field in ((ApiKind.LLAMACPP, "repeat_penalty"), (ApiKind.LMSTUDIO, "repeat_penalty"),
+                        (ApiKind.VLLM, "repetition_penalty")):
+        traits = traits_for(Kind(kind))  # type: ignore[arg-type]
+        sent = j(translate_request("/api/generate", orjson.dumps(body), Api.OPENAI, traits).body)
+        assert sent.get(field) == 1.3, kind
 
 
 def test_ollama_generate_raw_and_suffix_go_to_completions() -> None:
@@ -265,6 +285,53 @@ def test_ollama_load_and_unload_are_answered_locally() -> None:
     t = to_openai("/api/chat", {"model": "llama3.2", "messages": []})
     assert no_time(j(t.local_reply or b"")) == {"model": "llama3.2", "message": {"role": "assistant", "content": ""},
                                                 "done": True, "done_reason": "load"}
+
+
+@pytest.mark.parametrize(("keep_alive", "reason"), [
+    (0, "unload"), (0.0, "unload"), ("0", "unload"), ("0s", "unload"), ("0m", "unload"),
+    ("0.0h", "unload"), ("-0s", "unload"), ("+0ms", "unload"), ("5m", "load"), ("1h30m", "load"),
+    (-1, "load"), ("-1m", "load"), (300, "load"), (0.5, "load"), ("1.5µs", "load"), (None, "load"),
+])
+def test_ollama_unload_is_any_zero_keep_alive(keep_alive: Any, reason: str) -> None:
+    # api.Duration: a number is seconds, a string is time.ParseDuration; zero unloads.
+    t = to_openai("/api/generate", {"model": "llama3.2", "keep_alive": keep_alive})
+    assert j(t.local_reply or b"")["done_reason"] == reason
+
+
+@pytest.mark.parametrize(("keep_alive", "message"), [
+    ("10", 'time: missing unit in duration "10"'),
+    ("", 'time: invalid duration ""'),
+    ("5 m", 'time: unknown unit " m" in duration "5 m"'),
+    ("1hour", 'time: unknown unit "hour" in duration "1hour"'),
+    ("1d", 'time: unknown unit "d" in duration "1d"'),
+    ("m", 'time: invalid duration "m"'),
+    (".s", 'time: invalid duration ".s"'),
+    ("-", 'time: invalid duration "-"'),
+    ("1e3s", 'time: unknown unit "e" in duration "1e3s"'),
+    ("5m10", 'time: missing unit in duration "5m10"'),
+    ("9999999999999999999h", 'time: invalid duration "9999999999999999999h"'),
+    ("3000000h", 'time: invalid duration "3000000h"'),
+    (True, "Unsupported type: 'bool'"),
+    ([1], "Unsupported type: '[]interface {}'"),
+    ({"s": 1}, "Unsupported type: 'map[string]interface {}'"),
+])
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/api/embed", "/api/embeddings"])
+def test_ollama_keep_alive_is_read_as_go_reads_it(path: str, keep_alive: Any, message: str) -> None:
+    # Ollama binds keep_alive before anything else (api.Duration.UnmarshalJSON,
+    # time.ParseDuration): a bad one is a 400, even in the load form.
+    for body in ({"model": "m", "keep_alive": keep_alive},
+                 {"model": "m", "keep_alive": keep_alive, "prompt": "x", "input": "x",
+                  "messages": [{"role": "user", "content": "x"}]}):
+        with pytest.raises(TranslationError) as err:
+            to_openai(path, body)
+        assert err.value.status == 400 and err.value.message == message
+
+
+def test_ollama_valid_keep_alive_is_dropped_with_a_note() -> None:
+    for keep_alive in ("10m", "1h2m3.5s", "500ms", "2us", "3μs", 10, -1, "-5m", "0"):
+        t = to_openai("/api/chat", {"model": "m", "keep_alive": keep_alive,
+                                    "messages": [{"role": "user", "content": "x"}]})
+        assert "keep_alive" not in j(t.body) and t.notes == ("keep_alive dropped",)
 
 
 @pytest.mark.parametrize(("think", "field", "value", "notes"), [
@@ -320,6 +387,13 @@ def test_ollama_embed_without_input_is_answered_locally(body: dict[str, Any]) ->
     ("/api/chat", b'{"model":"m","messages":"hi"}', 400, "messages must be a list"),
     ("/api/chat", b'{"model":"m","messages":[{"role":"user","content":5}]}', 400, "content"),
     ("/api/embed", b'{"model":"m","input":[1,2]}', 400, "input"),
+    # Ollama checks top_logprobs before the model, with or without logprobs (server/routes.go).
+    ("/api/chat", b'{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}',
+     400, "top_logprobs must be between 0 and 20"),
+    ("/api/generate", b'{"model":"m","prompt":"x","top_logprobs":-1}', 400,
+     "top_logprobs must be between 0 and 20"),
+    ("/api/generate", b'{"model":"m","top_logprobs":30}', 400, "top_logprobs must be between 0 and 20"),
+    ("/api/chat", b'{"model":"m","messages":[],"top_logprobs":"5"}', 400, "top_logprobs"),
 ])
 def test_ollama_request_errors(path: str, body: bytes, status: int, message: str) -> None:
     with pytest.raises(TranslationError) as err:
@@ -381,6 +455,12 @@ def test_openai_tools_and_tool_results() -> None:
         "index": 0, "name": "get_current_weather", "arguments": {"location": "Boston, MA"}}}]}
     assert out["messages"][2] == {"role": "tool", "content": "72F", "tool_call_id": "call_abc123",
                                   "tool_name": "get_current_weather"}
+    # A tool message's own name wins over the call it answers, as in Ollama's /v1
+    # (openai.go FromChatRequest), and names a result whose call is not in the history.
+    named = {**body, "messages": [body["messages"][0],
+                                  {"role": "tool", "name": "get_time", "content": "9am"}]}
+    assert j(to_ollama("/v1/chat/completions", named).body)["messages"][1] == {
+        "role": "tool", "content": "9am", "tool_name": "get_time"}
     body["tool_choice"] = "required"
     assert to_ollama("/v1/chat/completions", body).notes == ("tool_choice approximated as auto",)
     body["tool_choice"] = "none"
@@ -738,6 +818,89 @@ def test_streamed_logprobs_both_ways() -> None:
     line = orjson.dumps({"message": {"role": "assistant", "content": "Hi"}, "logprobs": tokens, "done": False})
     assert sse(s.feed(line + b"\n"))[1]["choices"][0] == {
         "index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": tokens}, "finish_reason": None}
+
+
+# Ollama's logprobs (api.Logprob) for two tokens, top alternatives included.
+OLLAMA_LOGPROBS = [
+    {"token": "Hel", "logprob": -0.25, "bytes": [72, 101, 108],
+     "top_logprobs": [{"token": "Hel", "logprob": -0.25}, {"token": "Hi", "logprob": -1.5}]},
+    {"token": "lo", "logprob": -0.5, "top_logprobs": [{"token": "lo", "logprob": -0.5}]},
+]
+# The same in the completions API's shape (OpenAI's legacy logprobs object).
+COMPLETION_LOGPROBS = {"tokens": ["Hel", "lo"], "token_logprobs": [-0.25, -0.5],
+                       "top_logprobs": [{"Hel": -0.25, "Hi": -1.5}, {"lo": -0.5}],
+                       "text_offset": [0, 3]}
+
+
+def test_openai_completion_logprobs_are_asked_of_ollama_as_its_own_v1_does() -> None:
+    # openai/openai.go FromCompleteRequest: logprobs N > 0 -> logprobs: true, top_logprobs: N.
+    t = to_ollama("/v1/completions", {"model": "m", "prompt": "p", "logprobs": 2})
+    body = j(t.body)
+    assert body["logprobs"] is True and body["top_logprobs"] == 2 and t.notes == ()
+    for off in (0, None):
+        assert "logprobs" not in j(to_ollama("/v1/completions", {"model": "m", "prompt": "p",
+                                                                 "logprobs": off}).body)
+    for bad in (True, 1.5, "2"):
+        with pytest.raises(TranslationError) as err:
+            to_ollama("/v1/completions", {"model": "m", "prompt": "p", "logprobs": bad})
+        assert err.value.status == 400 and "logprobs" in err.value.message
+
+
+def test_ollama_logprobs_become_completion_logprobs_whole_and_streamed() -> None:
+    from openai.types import Completion
+
+    t = plan(Endpoint.OPENAI_COMPLETIONS, Endpoint.OLLAMA_GENERATE, stream=False)
+    body = orjson.dumps({"model": "m", "response": "Hello", "done": True, "done_reason": "stop",
+                         "logprobs": OLLAMA_LOGPROBS, "prompt_eval_count": 3, "eval_count": 2})
+    out = translate_response(t, body)
+    assert j(out)["choices"][0]["logprobs"] == COMPLETION_LOGPROBS
+    choice = Completion.model_validate_json(out).choices[0]
+    assert choice.logprobs is not None and choice.logprobs.tokens == ["Hel", "lo"]
+    s = open_stream(plan(Endpoint.OPENAI_COMPLETIONS, Endpoint.OLLAMA_GENERATE))
+    lines = b"".join(orjson.dumps(line) + b"\n" for line in (
+        {"response": "Hel", "logprobs": OLLAMA_LOGPROBS[:1], "done": False},
+        {"response": "lo", "logprobs": OLLAMA_LOGPROBS[1:], "done": False},
+        {"response": "", "done": True, "done_reason": "stop"}))
+    events = sse(s.feed(lines) + s.finish())
+    streamed = [e["choices"][0]["logprobs"] for e in events[:-1]]
+    assert streamed == [
+        {"tokens": ["Hel"], "token_logprobs": [-0.25], "top_logprobs": [{"Hel": -0.25, "Hi": -1.5}],
+         "text_offset": [0]},
+        {"tokens": ["lo"], "token_logprobs": [-0.5], "top_logprobs": [{"lo": -0.5}], "text_offset": [3]},
+        None]
+    # Without logprobs asked for, nothing changes.
+    plain = translate_response(t, b'{"response":"x","done":true}')
+    assert j(plain)["choices"][0]["logprobs"] is None
+
+
+def test_ollama_generate_logprobs_on_the_completions_route() -> None:
+    # /v1/completions takes logprobs as the number of alternatives (an integer).
+    t = to_openai("/api/generate", {"model": "m", "prompt": "p", "raw": True, "logprobs": True,
+                                    "top_logprobs": 2})
+    assert t.backend is Endpoint.OPENAI_COMPLETIONS
+    body = j(t.body)
+    assert body["logprobs"] == 2 and "top_logprobs" not in body
+    # Ollama's top_logprobs 0 is the chosen token only: one alternative is the least an
+    # OpenAI server gives (llama.cpp gives none at all for 0).
+    t = to_openai("/api/generate", {"model": "m", "prompt": "p", "raw": True, "logprobs": True})
+    assert j(t.body)["logprobs"] == 1
+    # Chat keeps the chat API's fields.
+    t = to_openai("/api/generate", {"model": "m", "prompt": "p", "logprobs": True, "top_logprobs": 2})
+    assert j(t.body)["logprobs"] is True and j(t.body)["top_logprobs"] == 2
+    # vLLM answers completions logprobs in the legacy shape; llama.cpp in the chat shape.
+    ollama_lp = [{"token": "Hel", "logprob": -0.25, "top_logprobs": [
+        {"token": "Hel", "logprob": -0.25}, {"token": "Hi", "logprob": -1.5}]},
+        {"token": "lo", "logprob": -0.5, "top_logprobs": [{"token": "lo", "logprob": -0.5}]}]
+    whole = plan(Endpoint.OLLAMA_GENERATE, Endpoint.OPENAI_COMPLETIONS, stream=False)
+    legacy = orjson.dumps({"choices": [{"index": 0, "text": "Hello", "finish_reason": "stop",
+                                        "logprobs": COMPLETION_LOGPROBS}]})
+    assert j(translate_response(whole, legacy))["logprobs"] == ollama_lp
+    s = open_stream(plan(Endpoint.OLLAMA_GENERATE, Endpoint.OPENAI_COMPLETIONS))
+    event = {"choices": [{"index": 0, "text": "Hel", "finish_reason": None, "logprobs": {
+        "tokens": ["Hel"], "token_logprobs": [-0.25], "top_logprobs": [{"Hel": -0.25, "Hi": -1.5}],
+        "text_offset": [0]}}]}
+    lines = ndjson(s.feed(b"data: " + orjson.dumps(event) + b"\n\n"))
+    assert lines == [{"model": "llama3.2", "response": "Hel", "logprobs": ollama_lp[:1], "done": False}]
 
 
 def test_a_cut_stream_ends_with_an_error_event() -> None:

@@ -189,6 +189,26 @@ def test_ollama_errors_come_back_in_ollama_shape(openai_backend: Stack) -> None:
     assert r.status_code == 500 and isinstance(r.json()["error"], str)
 
 
+def test_a_keep_alive_ollama_refuses_is_refused_as_ollama_does(
+        openai_backend: Stack, ollama_backend: Stack) -> None:
+    # "10" has no unit: Ollama's time.ParseDuration refuses it with a 400, the
+    # load form included; the translated path says the same as the Ollama one.
+    msgs = [{"role": "user", "content": "x"}]
+    for st in (ollama_backend, openai_backend):
+        c = ollama_client(st, "keep-alive")
+        for call, kwargs in ((c.chat, {"model": "llama3.2", "messages": msgs}),
+                             (c.chat, {"model": "llama3.2"}),
+                             (c.generate, {"model": "llama3.2", "prompt": "x"}),
+                             (c.embed, {"model": "all-minilm", "input": "x"})):
+            with pytest.raises(ollama.ResponseError) as bad:
+                call(**kwargs, keep_alive="10")  # type: ignore[operator]
+            assert bad.value.status_code == 400
+            assert bad.value.error == 'time: missing unit in duration "10"'
+        # Zero in any spelling unloads.
+        assert c.generate(model="llama3.2", keep_alive="0m").done_reason == "unload"
+        assert c.chat(model="llama3.2", messages=msgs, keep_alive="1h30m").done
+
+
 def test_a_backend_that_dies_mid_stream_ends_the_ollama_stream_with_an_error(openai_backend: Stack) -> None:
     with httpx.stream("POST", openai_backend.url + "/api/chat", headers={"X-Sim-Fault": "die-after:3"},
                       json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}) as r:

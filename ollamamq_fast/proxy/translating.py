@@ -73,9 +73,9 @@ _COUNTS_TAIL: Final = 8192
 
 # What a backend of each kind accepts beyond the common OpenAI subset.
 _TRAITS: Final[dict[ApiKind, BackendTraits]] = {
-    ApiKind.LMSTUDIO: BackendTraits(completions_route=False),
+    ApiKind.LMSTUDIO: BackendTraits(completions_route=False, repeat_penalty_field="repeat_penalty"),
     ApiKind.OPENAI: BackendTraits(sampler_extras=False),
-    ApiKind.LLAMACPP: BackendTraits(schema_in_json_object=True),
+    ApiKind.LLAMACPP: BackendTraits(schema_in_json_object=True, repeat_penalty_field="repeat_penalty"),
 }
 
 _TO_OPENAI: Final = b"X-Translated: ollama->openai\r\n"

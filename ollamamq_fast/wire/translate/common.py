@@ -68,7 +68,7 @@ class BackendTraits:
     completions_route: it serves `/v1/completions` (LM Studio and some proxies do not).
     num_ctx: it honours a per-request `num_ctx` (most OpenAI servers fix the
         context at start, so by default it is dropped with a note).
-    sampler_extras: it takes `top_k`, `min_p`, `repetition_penalty` (vLLM,
+    sampler_extras: it takes `top_k`, `min_p`, a repeat penalty (vLLM,
         llama.cpp, SGLang and LM Studio do; OpenAI itself does not).
     generate_via: where `/api/generate` goes. "auto" sends raw prompts (and
         prompts with a `suffix`) to `/v1/completions`, which applies no chat
@@ -77,6 +77,9 @@ class BackendTraits:
     schema_in_json_object: it takes a JSON schema as `{"type": "json_object",
         "schema": …}` (llama.cpp's servers; llama-cpp-python refuses OpenAI's
         `json_schema` type), not as `{"type": "json_schema", "json_schema": …}`.
+    repeat_penalty_field: the name it reads Ollama's `repeat_penalty` under
+        (with sampler_extras): `repetition_penalty` for vLLM and SGLang,
+        `repeat_penalty` for llama.cpp's servers and LM Studio.
     """
 
     completions_route: bool = True
@@ -84,6 +87,7 @@ class BackendTraits:
     sampler_extras: bool = True
     generate_via: GenerateVia = "auto"
     schema_in_json_object: bool = False
+    repeat_penalty_field: str = "repetition_penalty"
 
 
 DEFAULT_TRAITS: Final = BackendTraits()
@@ -249,6 +253,105 @@ class Clock:
         return f"{self._prefix}.{frac:09d}Z"
 
 
+# -- Go durations (Ollama's keep_alive) -------------------------------------------
+
+_NS_PER_UNIT: Final = {
+    b"ns": 1, b"us": 1_000, "\u00b5s".encode(): 1_000, "\u03bcs".encode(): 1_000,
+    b"ms": 1_000_000, b"s": 1_000_000_000, b"m": 60_000_000_000, b"h": 3_600_000_000_000,
+}
+_DIGITS: Final = b"0123456789"
+_MAX_DURATION: Final = 1 << 63
+
+
+def _go_quote(raw: bytes) -> str:
+    """Go's time.quote: the text in double quotes, bytes outside printable ASCII as \\xNN."""
+    out = []
+    for byte in raw:
+        if byte < 0x20 or byte >= 0x80:
+            out.append(f"\\x{byte:02x}")
+        else:
+            out.append(("\\" if byte in b'"\\' else "") + chr(byte))
+    return '"' + "".join(out) + '"'
+
+
+def go_duration_ns(text: str) -> int:
+    """Go's time.ParseDuration: nanoseconds, or ValueError with Go's message.
+
+    A signed sequence of decimal numbers, each with an optional fraction and a
+    unit (ns, us, µs, ms, s, m, h); "0" alone needs no unit.
+    """
+    raw = orig = text.encode("utf-8", "surrogatepass")
+    invalid = "time: invalid duration " + _go_quote(orig)
+    negative = raw[:1] == b"-"
+    if raw[:1] in (b"-", b"+"):
+        raw = raw[1:]
+    if raw == b"0":
+        return 0
+    if not raw:
+        raise ValueError(invalid)
+    total = 0
+    pos = 0
+    while pos < len(raw):
+        start = pos
+        while pos < len(raw) and raw[pos] in _DIGITS:
+            pos += 1
+        whole = raw[start:pos]
+        fraction = b""
+        if pos < len(raw) and raw[pos] == 0x2E:  # "."
+            pos += 1
+            begin = pos
+            while pos < len(raw) and raw[pos] in _DIGITS:
+                pos += 1
+            fraction = raw[begin:pos]
+            if not whole and not fraction:
+                raise ValueError(invalid)
+        elif not whole:
+            raise ValueError(invalid)
+        begin = pos
+        while pos < len(raw) and raw[pos] != 0x2E and raw[pos] not in _DIGITS:
+            pos += 1
+        unit = raw[begin:pos]
+        if not unit:
+            raise ValueError("time: missing unit in duration " + _go_quote(orig))
+        scale = _NS_PER_UNIT.get(unit)
+        if scale is None:
+            raise ValueError("time: unknown unit " + _go_quote(unit) + " in duration "
+                             + _go_quote(orig))
+        value = int(whole) if whole else 0
+        if value > _MAX_DURATION // scale:
+            raise ValueError(invalid)
+        value *= scale
+        if fraction:
+            value += int(float(b"0." + fraction) * scale)
+            if value > _MAX_DURATION:
+                raise ValueError(invalid)
+        total += value
+        if total > _MAX_DURATION:
+            raise ValueError(invalid)
+    if not negative and total > _MAX_DURATION - 1:
+        raise ValueError(invalid)
+    return -total if negative else total
+
+
+def keep_alive_ns(value: Any) -> int | None:
+    """Ollama's api.Duration as it reads a request's keep_alive: nanoseconds
+    (negative: for ever), None when absent; a 400 TranslationError with Go's
+    message for a value Ollama refuses."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TranslationError(400, "Unsupported type: 'bool'")
+    if isinstance(value, (int, float)):
+        return -1 if value < 0 else int(value * 1_000_000_000)
+    if isinstance(value, str):
+        try:
+            return go_duration_ns(value)
+        except ValueError as exc:
+            raise TranslationError(400, str(exc)) from None
+    kind = "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
+    raise TranslationError(400, f"Unsupported type: '{kind}'")
+
+
 # -- shared value maps ----------------------------------------------------------
 
 
@@ -270,6 +373,61 @@ def reasoning_of(obj: dict[str, Any]) -> str | None:
     if not isinstance(value, str) or not value:
         value = obj.get("reasoning")
     return value if isinstance(value, str) and value else None
+
+
+def completion_logprobs(tokens: list[Any], offset: int = 0) -> tuple[dict[str, Any], int]:
+    """Ollama's logprobs (api.Logprob items) -> the completions API's logprobs
+    object (`tokens`, `token_logprobs`, `top_logprobs` as {token: logprob},
+    `text_offset` from `offset`), and the text offset after these tokens."""
+    texts: list[str] = []
+    values: list[Any] = []
+    tops: list[dict[str, Any]] = []
+    offsets: list[int] = []
+    for item in tokens:
+        if not isinstance(item, dict):
+            continue
+        token = item.get("token")
+        token = token if isinstance(token, str) else ""
+        texts.append(token)
+        values.append(item.get("logprob"))
+        top = item.get("top_logprobs")
+        alternatives = top if isinstance(top, list) else []
+        tops.append({str(a.get("token", "")): a.get("logprob") for a in alternatives
+                     if isinstance(a, dict)})
+        offsets.append(offset)
+        offset += len(token)
+    out = {"tokens": texts, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+    return out, offset
+
+
+def ollama_logprobs(logprobs: Any) -> list[Any] | None:
+    """An OpenAI choice's logprobs -> Ollama's list, or None when there are none.
+
+    The chat shape (`{"content": [...]}`, also llama.cpp's on /v1/completions)
+    is Ollama's own items; the completions shape (vLLM: parallel `tokens`,
+    `token_logprobs`, `top_logprobs` lists) is rebuilt item by item.
+    """
+    if not isinstance(logprobs, dict):
+        return None
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        return content
+    tokens = logprobs.get("tokens")
+    if not isinstance(tokens, list):
+        return None
+    values = logprobs.get("token_logprobs")
+    values = values if isinstance(values, list) else []
+    tops = logprobs.get("top_logprobs")
+    tops = tops if isinstance(tops, list) else []
+    out: list[Any] = []
+    for index, token in enumerate(tokens):
+        item: dict[str, Any] = {"token": token,
+                                "logprob": values[index] if index < len(values) else None}
+        top = tops[index] if index < len(tops) else None
+        if isinstance(top, dict) and top:
+            item["top_logprobs"] = [{"token": k, "logprob": v} for k, v in top.items()]
+        out.append(item)
+    return out
 
 
 # Images: Ollama carries bare base64; OpenAI carries data URIs.

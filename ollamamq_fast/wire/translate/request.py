@@ -15,6 +15,7 @@ from ollamamq_fast.wire.translate.common import (
     TranslationError,
     dumps,
     endpoint_for,
+    keep_alive_ns,
     loads_object,
 )
 from ollamamq_fast.wire.translate.gobody import loads_go_object
@@ -52,14 +53,20 @@ def translate_request(
 def _to_openai(
     client: Endpoint, req: dict[str, Any], model: str, traits: BackendTraits, notes: list[str]
 ) -> Translated:
+    # Ollama binds keep_alive with the rest of the body, before anything else
+    # is looked at: a value it refuses ("10", no unit) is a 400 on every route,
+    # the load form included. The OpenAI server never sees it (noted).
+    keep_alive = keep_alive_ns(req.get("keep_alive"))
+    if not client.embeds:
+        _check_top_logprobs(req.get("top_logprobs"))
     if client is Endpoint.OLLAMA_CHAT:
         if not req.get("messages"):
-            return _load_reply(client, req, model)
+            return _load_reply(client, model, keep_alive == 0)
         out = to_openai.chat(req, traits, notes)
         backend = Endpoint.OPENAI_CHAT
     elif client is Endpoint.OLLAMA_GENERATE:
         if not req.get("prompt") and not req.get("images"):
-            return _load_reply(client, req, model)
+            return _load_reply(client, model, keep_alive == 0)
         backend = to_openai.generate_route(req, traits)
         if backend is Endpoint.OPENAI_COMPLETIONS:
             out = to_openai.generate_as_completion(req, traits, notes)
@@ -77,6 +84,17 @@ def _to_openai(
         backend = Endpoint.OPENAI_EMBEDDINGS
     stream = bool(out.get("stream"))
     return Translated(backend.path, dumps(out), client, backend, model, stream, notes=tuple(notes))
+
+
+def _check_top_logprobs(value: Any) -> None:
+    """Ollama's chat and generate handlers refuse a top_logprobs outside 0..20
+    before looking at the model (an OpenAI server may allow more, or fewer)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TranslationError(400, "top_logprobs must be an integer")
+    if not 0 <= value <= 20:
+        raise TranslationError(400, "top_logprobs must be between 0 and 20")
 
 
 def _to_ollama(client: Endpoint, req: dict[str, Any], model: str, notes: list[str]) -> Translated:
@@ -100,10 +118,10 @@ def _to_ollama(client: Endpoint, req: dict[str, Any], model: str, notes: list[st
     )
 
 
-def _load_reply(client: Endpoint, req: dict[str, Any], model: str) -> Translated:
+def _load_reply(client: Endpoint, model: str, unload: bool) -> Translated:
     """Ollama's load/unload form (no prompt, no messages): an OpenAI backend has
-    no such route, and loads on its own, so the gateway answers it."""
-    unload = req.get("keep_alive") in (0, "0", "0s")
+    no such route, and loads on its own, so the gateway answers it. A keep_alive
+    of zero, in any spelling ("0", "0m", 0.0), is the unload form."""
     reply: dict[str, Any] = {"model": model, "created_at": Clock().now()}
     if client is Endpoint.OLLAMA_CHAT:
         reply["message"] = {"role": "assistant", "content": ""}

@@ -14,9 +14,11 @@ from ollamamq_fast.wire.translate.common import (
     Endpoint,
     Translated,
     TranslationError,
+    completion_logprobs,
     done_reason,
     dumps,
     finish_reason,
+    ollama_logprobs,
     reasoning_of,
     tool_arguments_object,
     tool_arguments_string,
@@ -171,9 +173,9 @@ def _to_ollama(t: Translated, data: dict[str, Any], total_ns: int | None) -> dic
             out["thinking"] = thinking
     out["done"] = True
     out["done_reason"] = done_reason(choice.get("finish_reason"))
-    logprobs = choice.get("logprobs")
-    if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
-        out["logprobs"] = logprobs["content"]
+    logprobs = ollama_logprobs(choice.get("logprobs"))
+    if logprobs is not None:
+        out["logprobs"] = logprobs
     out.update(ollama_metrics(data.get("usage"), data.get("timings"), total_ns))
     return out
 
@@ -242,7 +244,9 @@ def _to_openai(t: Translated, data: dict[str, Any]) -> dict[str, Any]:
     usage = openai_usage(data.get("prompt_eval_count"), data.get("eval_count"))
     if t.client is Endpoint.OPENAI_COMPLETIONS:
         text = data.get("response") if isinstance(data.get("response"), str) else ""
-        choice: dict[str, Any] = {"text": text, "index": 0, "logprobs": None,
+        tokens = data.get("logprobs")
+        logprobs = completion_logprobs(tokens)[0] if isinstance(tokens, list) else None
+        choice: dict[str, Any] = {"text": text, "index": 0, "logprobs": logprobs,
                                   "finish_reason": finish_reason(data.get("done_reason"), False)}
         return {"id": t.response_id, "object": "text_completion", "created": t.created,
                 "model": t.model, "choices": [choice], "usage": usage}

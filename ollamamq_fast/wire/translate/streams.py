@@ -22,9 +22,11 @@ from ollamamq_fast.wire.translate.common import (
     Clock,
     Endpoint,
     Translated,
+    completion_logprobs,
     done_reason,
     dumps,
     finish_reason,
+    ollama_logprobs,
     reasoning_of,
     tool_arguments_object,
 )
@@ -176,8 +178,7 @@ class SseToNdjson:
                 thinking = reasoning_of(delta)
             if delta.get("tool_calls"):
                 self._gather(delta["tool_calls"])
-        logprobs = choice.get("logprobs")
-        tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+        tokens = ollama_logprobs(choice.get("logprobs"))
         if text or thinking or tokens:
             out.append(self._chunk(text, thinking, tokens))
         if choice.get("finish_reason"):
@@ -282,6 +283,7 @@ class NdjsonToSse:
         self._id_prefix = t.response_id[-8:]
         self._role_sent = not self._chat
         self._tool_count = 0
+        self._text_offset = 0  # completions logprobs: where the next token starts
         self._not_json = "the backend sent a line that is not JSON"
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
@@ -329,7 +331,12 @@ class NdjsonToSse:
             self._chat_line(obj, out)
         else:
             text = obj.get("response")
-            if text:
+            tokens = obj.get("logprobs")
+            if isinstance(tokens, list) and tokens:
+                logprobs, self._text_offset = completion_logprobs(tokens, self._text_offset)
+                out.append(self._open + dumps(text if isinstance(text, str) else "")
+                           + b',"logprobs":' + dumps(logprobs) + b',"finish_reason":null}]}\n\n')
+            elif text:
                 out.append(self._open + dumps(text) + self._close)
         if obj.get("done"):
             self._end(obj, out)

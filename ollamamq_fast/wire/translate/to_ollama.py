@@ -183,6 +183,9 @@ def messages(msgs: Any) -> list[dict[str, Any]]:
                 item["tool_call_id"] = call_id
                 if call_id in names:
                     item["tool_name"] = names[call_id]
+            # The message's own name first, as Ollama's /v1 reads it.
+            if isinstance(msg.get("name"), str) and msg["name"]:
+                item["tool_name"] = msg["name"]
         out.append(item)
     return out
 
@@ -220,8 +223,17 @@ def completion(req: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     if req.get("suffix"):
         out["suffix"] = req["suffix"]
     _common(req, out, notes)
-    if req.get("logprobs"):
-        notes.append("logprobs dropped")
+    # The completions API's logprobs is the number of alternatives per token;
+    # Ollama's own /v1/completions asks /api/generate for them so (openai.go
+    # FromCompleteRequest), and the answer's become the completions shape.
+    logprobs = req.get("logprobs")
+    if logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int):
+            raise TranslationError(400, "logprobs must be an integer (the number of top "
+                                   "alternatives per token)")
+        if logprobs > 0:
+            out["logprobs"] = True
+            out["top_logprobs"] = logprobs
     return out
 
 

@@ -21,7 +21,7 @@ from ollamamq_fast.wire.translate.common import (
 # Ollama options with an OpenAI field of the same meaning.
 _SAME_OPTIONS: Final = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty")
 # Accepted by vLLM, llama.cpp, SGLang and LM Studio, not by OpenAI itself.
-_EXTRA_OPTIONS: Final = {"top_k": "top_k", "min_p": "min_p", "repeat_penalty": "repetition_penalty"}
+_EXTRA_OPTIONS: Final = ("top_k", "min_p")
 _EFFORTS: Final = ("low", "medium", "high")
 
 
@@ -56,7 +56,9 @@ def _options(req: dict[str, Any], traits: BackendTraits, out: dict[str, Any], no
             elif not isinstance(value, int) or value == 0:
                 dropped.append("options.num_predict")
         elif key in _EXTRA_OPTIONS and traits.sampler_extras:
-            out[_EXTRA_OPTIONS[key]] = value
+            out[key] = value
+        elif key == "repeat_penalty" and traits.sampler_extras:
+            out[traits.repeat_penalty_field] = value
         elif key == "num_ctx" and traits.num_ctx:
             out["num_ctx"] = value
         else:
@@ -267,6 +269,11 @@ def generate_as_completion(req: dict[str, Any], traits: BackendTraits, notes: li
     if req.get("suffix"):
         out["suffix"] = _text(req.get("suffix"), "suffix")
     _common(req, ollama_stream(req), out, notes)
+    if out.get("logprobs"):
+        # /v1/completions takes the number of alternatives per token; at least 1,
+        # as llama.cpp gives no logprobs at all for 0.
+        top = out.pop("top_logprobs", 0)
+        out["logprobs"] = top if isinstance(top, int) and top > 0 else 1
     fmt = _response_format(req.get("format"), traits)
     if fmt is not None:
         out["response_format"] = fmt
