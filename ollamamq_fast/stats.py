@@ -182,7 +182,9 @@ class Histogram:
                 lo = mid + 1
             else:
                 hi = mid
-        self.counts[lo] += 1
+        counts = self.counts
+        seen: int = counts[lo]  # typed: a native add, not the generic +=
+        counts[lo] = seen + 1
         self.total += value
         self.count += 1
         # Compares, not max()/min(): no call on the per-request path.
