@@ -18,6 +18,8 @@ body's framing and the model the request is routed and accounted on.
 - A Content-Length with trailing blanks (allowed around any field value) is
   read, not refused.
 - `X-Forwarded-For` sent on several lines is one list (RFC 9110 §5.3).
+- A JSON `null` for a string field leaves it as it was, as in Go:
+  `{"model":"a","model":null}` is model `a` to Ollama.
 """
 
 from __future__ import annotations
@@ -184,4 +186,20 @@ def test_forwarded_for_on_several_lines_is_one_list(gw: GatewayProc,
     got = backend.wait_for(1, mark)[-1]
     assert [v for n, v in got.headers if n.lower() == b"x-forwarded-for"] == [
         b"10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
+
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(b'{"model":"fake","model":null,"stream":false,"messages":[]}', id="flat"),
+    pytest.param(b'{"model":"fake","stream":false,"messages":[{"role":"user","content":"hi"}],'
+                 b'"Model":null}', id="nested"),
+    pytest.param(b'{"\\u006dodel":"fake","model":null,"stream":false}', id="escaped"),
+])
+def test_a_null_model_after_a_model_leaves_it_as_go_does(gw: GatewayProc, backend: FakeBackend,
+                                                         body: bytes) -> None:
+    """Go ignores `null` for a string field: Ollama serves model `fake`, so does the gateway."""
+    mark = backend.mark()
+    responses, _, _ = exchange(gw.port, _post("/api/chat", b"", body), expect=1)
+    assert [r.status for r in responses] == [200], [(r.status, r.body) for r in responses]
+    assert backend.wait_for(1, mark)[-1].body == body
 
