@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ollamamq_fast.policy.cache import NO_STORE, cache_control
 from ollamamq_fast.wire.headers import (
     DROP,
     KEEP,
@@ -85,13 +86,16 @@ def test_a_header_that_may_come_once_is_named_when_it_comes_twice(name: bytes,
     assert read_request_head([(name, b"a"), (b"X-User-Id2", b"b")], True, owns).repeated == b""
 
 
-def test_other_headers_may_come_twice() -> None:
-    pairs = [(b"Accept", b"a"), (b"Accept", b"b"), (b"Cache-Control", b"x"),
-             (b"Cache-Control", b"y"), (b"X-Forwarded-For", b"1.1.1.1"),
-             (b"X-Forwarded-For", b"2.2.2.2, 3.3.3.3")]
+def test_other_headers_may_come_twice_and_lists_are_read_whole() -> None:
+    pairs = [(b"Accept", b"a"), (b"Accept", b"b"), (b"Cache-Control", b"no-store"),
+             (b"Cache-Control", b"max-age=60"), (b"X-Forwarded-For", b"1.1.1.1"),
+             (b"X-Forwarded-For", b"2.2.2.2, 3.3.3.3"), (b"Content-Encoding", b"zstd"),
+             (b"Content-Encoding", b"identity")]
     head = read_request_head(pairs, True, False)
     assert head.repeated == b""
     assert head.forwarded_for == b"1.1.1.1, 2.2.2.2, 3.3.3.3"
+    assert cache_control(head.cache_control) & NO_STORE  # on any line, it holds
+    assert head.encoded_body
 
 
 @pytest.mark.parametrize(("codings", "chunked", "refused"), [

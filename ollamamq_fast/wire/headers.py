@@ -256,11 +256,14 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
             if not owns_credentials:
                 kept.append(pair)
         elif action == CACHE_CONTROL:
-            head.cache_control = value
+            # A list too: `no-store` on any line holds.
+            head.cache_control = head.cache_control + b", " + value if head.cache_control \
+                else value
             kept.append(pair)
         elif action == CONTENT_ENCODING:
             kept.append(pair)
-            head.encoded_body = value.strip().lower() not in (b"", b"identity")
+            head.encoded_body = head.encoded_body or \
+                value.strip().lower() not in (b"", b"identity")
         elif action == REQUEST_ID:
             value = value.strip()
             if _SANE_REQUEST_ID.fullmatch(value):

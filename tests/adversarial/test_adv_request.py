@@ -17,7 +17,9 @@ body's framing and the model the request is routed and accounted on.
   a Content-Length, silently dropping the gzip coding.
 - A Content-Length with trailing blanks (allowed around any field value) is
   read, not refused.
-- `X-Forwarded-For` sent on several lines is one list (RFC 9110 §5.3).
+- `X-Forwarded-For` and `Cache-Control` sent on several lines are one list
+  (RFC 9110 §5.3): `no-store` on the first of two lines kept the answer in the
+  cache shared by all users.
 - A JSON `null` for a string field leaves it as it was, as in Go:
   `{"model":"a","model":null}` is model `a` to Ollama.
 """
@@ -47,6 +49,13 @@ def gw(backend: FakeBackend) -> Iterator[GatewayProc]:
 @pytest.fixture(scope="module")
 def kgw(backend: FakeBackend) -> Iterator[GatewayProc]:
     proc = GatewayProc([backend.url], "--cache", "off", "--auth", "keys", admin=True)
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def cgw(backend: FakeBackend) -> Iterator[GatewayProc]:
+    proc = GatewayProc([backend.url], "--cache", "all")
     yield proc
     proc.close()
 
@@ -187,6 +196,17 @@ def test_forwarded_for_on_several_lines_is_one_list(gw: GatewayProc,
     assert [v for n, v in got.headers if n.lower() == b"x-forwarded-for"] == [
         b"10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
 
+
+
+def test_no_store_on_any_cache_control_line_holds(cgw: GatewayProc) -> None:
+    body = json.dumps({"model": "fake", "stream": False,
+                       "messages": [{"role": "user", "content": "private"}]}).encode()
+    headers = b"Cache-Control: no-store\r\nCache-Control: max-age=60\r\n"
+    first, _, _ = exchange(cgw.port, _post("/api/chat", headers, body), expect=1)
+    assert [r.status for r in first] == [200]
+    again, _, _ = exchange(cgw.port, _post("/api/chat", b"X-User-ID: other\r\n", body), expect=1)
+    assert [r.status for r in again] == [200]
+    assert again[0].header("x-cache") == "MISS", "a no-store answer was kept and replayed"
 
 
 @pytest.mark.parametrize("body", [
