@@ -197,6 +197,12 @@ def test_duplicate_keys_are_never_cached() -> None:
     nan = b'{"model":"m","prompt":"p","options":{"seed":NaN}}'
     null = b'{"model":"m","prompt":"p","options":{"seed":null}}'
     assert cache_key(gen, gen, "m", 0, nan) != cache_key(gen, gen, "m", 0, null)
+    # Nor is a number beyond a float's range one (json.loads reads it as infinity,
+    # which orjson writes as null): Go refuses it, an exact backend may not.
+    for huge in (b"1e999", b"-1e999", b"1" + b"0" * 400 + b".0"):
+        body = b'{"model":"m","prompt":"p","seed":1,"temperature":' + huge + b"}"
+        null = b'{"model":"m","prompt":"p","seed":1,"temperature":null}'
+        assert cache_key(gen, gen, "m", 0, body) != cache_key(gen, gen, "m", 0, null), huge
 
 
 def test_a_lone_surrogate_escape_is_not_cached_and_raises_nothing() -> None:

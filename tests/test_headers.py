@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ollamamq_fast.policy.cache import NO_STORE, cache_control
 from ollamamq_fast.wire.headers import (
     DROP,
     KEEP,
@@ -66,6 +67,58 @@ def test_expect_only_counts_on_http_11_and_bad_lengths_raise() -> None:
             read_request_head([(b"Content-Length", bad)], True, False)
     for good in (b"0", b"7", b"0012", b"123456789012345678", b"99999999999999999999"):
         assert read_request_head([(b"Content-Length", good)], True, False).content_length == int(good)
+    # Blanks after the value are the field's own (RFC 9110 §5.5): the parser keeps them.
+    for good in (b"12 ", b"12\t", b"0012 \t", b"99999999999999999999 "):
+        assert read_request_head([(b"Content-Length", good)], True, False).content_length == \
+            int(good)
+    for bad in (b" ", b"\t", b"1 2 ", b"12 x"):
+        with pytest.raises(ValueError):
+            read_request_head([(b"Content-Length", bad)], True, False)
+
+
+@pytest.mark.parametrize("owns", [False, True])
+@pytest.mark.parametrize("name", [b"X-User-ID", b"Authorization", b"X-API-Key", b"Host"])
+def test_a_header_that_may_come_once_is_named_when_it_comes_twice(name: bytes,
+                                                                  owns: bool) -> None:
+    head = read_request_head([(name, b"a"), (b"X-Other", b"1"), (name.upper(), b"a")], True, owns)
+    assert head.repeated == name.upper()
+    assert read_request_head([(name, b""), (name, b"b")], True, owns).repeated == name
+    assert read_request_head([(name, b"a"), (b"X-User-Id2", b"b")], True, owns).repeated == b""
+
+
+def test_other_headers_may_come_twice_and_lists_are_read_whole() -> None:
+    pairs = [(b"Accept", b"a"), (b"Accept", b"b"), (b"Cache-Control", b"no-store"),
+             (b"Cache-Control", b"max-age=60"), (b"X-Forwarded-For", b"1.1.1.1"),
+             (b"X-Forwarded-For", b"2.2.2.2, 3.3.3.3"), (b"Content-Encoding", b"zstd"),
+             (b"Content-Encoding", b"identity")]
+    head = read_request_head(pairs, True, False)
+    assert head.repeated == b""
+    assert head.forwarded_for == b"1.1.1.1, 2.2.2.2, 3.3.3.3"
+    assert cache_control(head.cache_control) & NO_STORE  # on any line, it holds
+    assert head.encoded_body
+
+
+@pytest.mark.parametrize(("codings", "chunked", "refused"), [
+    ([b"chunked"], True, b""),
+    ([b"Chunked "], True, b""),
+    ([b"gzip, chunked"], True, b"gzip, chunked"),
+    ([b"identity"], False, b"identity"),
+    ([b"identity", b"chunked"], True, b"identity"),
+    ([b"chunked", b"chunked"], True, b"chunked"),
+])
+def test_only_chunked_alone_is_a_transfer_coding_the_gateway_takes(
+        codings: list[bytes], chunked: bool, refused: bytes) -> None:
+    head = read_request_head([(b"Transfer-Encoding", c) for c in codings], True, False)
+    assert head.chunked is chunked and head.coding == refused
+
+
+@pytest.mark.parametrize("owns", [False, True])
+def test_underscore_spellings_of_identity_headers_never_go_on(owns: bool) -> None:
+    pairs = [(b"X_User_ID", b"root"), (b"x_api_key", b"k"), (b"X_FORWARDED_FOR", b"1.2.3.4"),
+             (b"X_Other", b"kept")]
+    head = read_request_head(pairs, True, owns)
+    assert head.kept == [(b"X_Other", b"kept")]
+    assert head.user == head.api_key == head.forwarded_for == b""
 
 
 def test_length_lines() -> None:

@@ -79,6 +79,10 @@ def test_fast_sniff_agrees_with_the_member_scan(first, first_key, rest, keys, sp
     (b'{"model":"a","MODEL":"b"}', {"model": "b"}),  # Go: the last duplicate wins
     (b'{"model":"a","role":"model"}', {"model": "a"}),  # "model" as a value
     (b'{"model":null,"x":1}', {}),
+    # Go leaves a string field as it was on null: the earlier value stays.
+    (b'{"model":"a","model":null}', {"model": "a"}),
+    (b'{"model":"a","x":[1],"Model":null}', {"model": "a"}),
+    (b'{"model":null,"model":"b","model":null}', {"model": "b"}),
     (b'{"Model":"M"}', {"model": "M"}),
     (b'{"model":"a\\"b"}', {"model": 'a"b'}),  # an escape in the first value: general path
     (b'{"model":"a","x":"\\"model\\""}', {"model": "a"}),  # a key-like escaped value
@@ -97,6 +101,12 @@ def test_fast_sniff_cases(body: bytes, expect: dict[str, str]) -> None:
     ('{"source":"a","\u017fource":"b"}'.encode(), ("source",), {"source": "b"}),
     ('{"key":"a","\u212aEY":"b"}'.encode(), ("key",), {"key": "b"}),
     ('{"model":"a","\u017f":"b"}'.encode(), ("model",), {"model": "a"}),
+    # Go's simple folding, not Python's full casefold(): `ß` is not "ss", the
+    # `ﬅ` ligature not "st", the dotted capital I not "i".
+    ('{"mass":"a","ma\u00df":"b","MA\u1e9e":"c"}'.encode(), ("mass",), {"mass": "a"}),
+    ('{"stop":"a","\ufb05op":"b","\\ufb06op":"c"}'.encode(), ("stop",), {"stop": "a"}),
+    ('{"kiss":"a","\u0130ss":"b"}'.encode(), ("kiss",), {"kiss": "a"}),
+    ('{"kiss":"a","\\u212aIS\u017f":"b"}'.encode(), ("kiss",), {"kiss": "b"}),
 ])
 def test_fast_sniff_folds_keys_as_go_does(body: bytes, keys: tuple[str, ...],
                                           expect: dict[str, str]) -> None:

@@ -1101,6 +1101,21 @@ def test_go_body_repeated_objects_merge_and_map_keys_stay_exact() -> None:
     assert req["stream"] is False
 
 
+def test_go_body_null_leaves_a_plain_field_as_it_was() -> None:
+    """Go ignores null for a string, bool or number field; it resets a pointer, map or slice."""
+    from ollamamq_fast.wire.translate.gobody import loads_go_object
+
+    req = loads_go_object(b'{"model":"m","Model":null,"prompt":"p","prompt":null,'
+                          b'"messages":[{"role":"user","content":"x","Content":null}],'
+                          b'"messages":null,"stream":true,"stream":null,'
+                          b'"options":{"seed":1},"options":null}')
+    assert req["model"] == "m" and req["prompt"] == "p"
+    assert req["messages"] is None and req["stream"] is None and req["options"] is None
+    req = loads_go_object(b'{"model":"m","messages":[{"role":"user","content":"x",'
+                          b'"Content":null,"ROLE":null}]}')
+    assert req["messages"] == [{"role": "user", "content": "x"}]
+
+
 def test_go_body_errors_are_400s() -> None:
     from ollamamq_fast.wire.translate.common import TranslationError
     from ollamamq_fast.wire.translate.gobody import loads_go_object

@@ -3,7 +3,8 @@
 Key: blake3 of the request URL, the normalized model, the max_tokens cap that
 applied, and a canonical form of the body (orjson with sorted keys, so key
 order and whitespace do not matter; bodies over CANONICAL_MAX_BODY, or holding
-integers orjson would round, are keyed by their raw bytes instead).
+integers orjson would round or numbers beyond a float's range, are keyed by
+their raw bytes instead).
 
 What is cached: 200 responses of inference routes, as the raw bytes that were
 forwarded to the client (a stream's chunk framing included), so a HIT replays
@@ -168,7 +169,8 @@ def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes,
     canonical = body
     if len(body) <= CANONICAL_MAX_BODY:
         try:
-            obj = json.loads(body, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+            obj = json.loads(body, object_pairs_hook=_unique_members, parse_constant=_no_constant,
+                             parse_float=_finite)
         except _DuplicateKey:
             return None
         except (ValueError, RecursionError):
@@ -210,6 +212,16 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _no_constant(name: str) -> Any:
     # NaN and Infinity are not JSON (Go refuses them): key such a body by its bytes.
     raise ValueError(name)
+
+
+def _finite(text: str) -> float:
+    # A number beyond a float's range is read as infinity, which orjson writes as
+    # null: such a body and the same one with null would share a key (Go refuses
+    # the number, an exact backend may take it). Keyed by its bytes instead.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 def _duplicate_members(body: bytes) -> bool:

@@ -104,6 +104,8 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
     ex.client_ip = (identity.client_ip(peer_ip, head.forwarded_for)
                     if identity.trusted_proxies else peer_ip)
     ex.started_at = gw.loop_time()
+    if head.repeated or head.coding:
+        return _ambiguous(ex, head.repeated, head.coding)
     try:
         ex.user = check_user_id(head.user) if head.user else ""
     except UserIdError as bad_id:
@@ -151,6 +153,19 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
     elif route.kind is not Kind.LOCAL and ex.content_length > settings.max_body_bytes:
         return too_large(ex)
     return None
+
+
+def _ambiguous(ex: Exchange, repeated: bytes, coding: bytes) -> Early:
+    """400 for a header named twice that may come once, 501 for a transfer coding
+    other than chunked; the connection closes after the answer."""
+    ex.user = ex.client_ip
+    ex.keep_alive = False
+    if repeated:
+        name = repeated.decode("latin-1")
+        return _error(ex, 400, f"{name} sent more than once: the gateway does not guess "
+                               "which one counts")
+    return _error(ex, 501, "unsupported Transfer-Encoding "
+                           f"{coding[:40].decode('latin-1')!r}: only chunked is accepted")
 
 
 def _enter_pool(ex: Exchange, path: bytes) -> tuple[str, bytes]:

@@ -4,7 +4,11 @@
 (Content-Length, Transfer-Encoding, Expect), identity (X-User-ID,
 Authorization, X-API-Key, X-Forwarded-For), what the policy reads
 (Cache-Control, Content-Encoding), hop-by-hop headers that never go on
-(RFC 9110 §7.6.1), and everything else, forwarded as it came.
+(RFC 9110 §7.6.1), and everything else, forwarded as it came. Identity,
+credentials and Host may come once (`RequestHead.repeated`): the gateway and
+the backend would otherwise read different ones (Go's `Header.Get` takes the
+first); a Transfer-Encoding must be `chunked` alone (`RequestHead.coding`),
+as Go requires, since the body is forwarded de-chunked.
 `forwarded_block` builds the header lines a backend receives (`KeptLines` keeps a
 connection's last ones).
 Nothing here touches a socket, so each rule is tested with plain bytes.
@@ -52,7 +56,16 @@ _SPECIAL: Final[dict[bytes, int]] = {
     b"te": DROP,
     b"trailer": DROP,
     b"upgrade": DROP,
+    # CGI-style servers (WSGI, PHP, nginx with underscores_in_headers) read
+    # `X_User_ID` as `X-User-ID`: such spellings of what the gateway decides on
+    # never go on (nginx drops every underscore name by default).
+    b"x_user_id": DROP,
+    b"x_api_key": DROP,
+    b"x_forwarded_for": DROP,
 }
+# Kinds a request may name once (as bits of a mask): which of two would the
+# backend read? Go's Header.Get takes the first, the gateway took the last.
+_ONCE: Final = (1 << USER) | (1 << AUTHORIZATION) | (1 << API_KEY) | (1 << HOST)
 
 # Header names as spelled on the wire -> what happens to them. Peers repeat the
 # same few spellings, so each is lowercased and looked up once, then kept with
@@ -139,9 +152,9 @@ def classify(name: bytes) -> int:
 class RequestHead:
     """What the gateway read from a request's headers."""
 
-    __slots__ = ("api_key", "authorization", "cache_control", "chunked", "content_length",
-                 "encoded_body", "expect_continue", "forwarded_for", "host", "kept", "request_id",
-                 "user")
+    __slots__ = ("api_key", "authorization", "cache_control", "chunked", "coding",
+                 "content_length", "encoded_body", "expect_continue", "forwarded_for", "host",
+                 "kept", "repeated", "request_id", "user")
 
     def __init__(self) -> None:
         self.content_length = -1
@@ -158,6 +171,12 @@ class RequestHead:
         self.kept: list[tuple[bytes, bytes]] = []  # forwarded as they came, in order
         self.request_id = b""  # the client's X-Request-ID, when it is sane
         self.host = b""  # the Host header as sent (pools may be chosen by it)
+        # The name (as sent) of an identity, credential or Host header that came
+        # twice, b"" if none: such a request is refused (400).
+        self.repeated = b""
+        # A Transfer-Encoding other than `chunked` alone, or on a second line
+        # (b"": none): refused with 501, as Go refuses it.
+        self.coding = b""
 
 
 def _decimal(value: bytes) -> int:
@@ -170,13 +189,22 @@ def _decimal(value: bytes) -> int:
     if n == 0 or n > 18:
         if n > 18 and value.isdigit():
             return int(value)
-        raise ValueError(f"invalid Content-Length {value[:40]!r}")
+        return _decimal_trimmed(value)
     total = 0
     for c in value:
         if c < 0x30 or c > 0x39:
-            raise ValueError(f"invalid Content-Length {value[:40]!r}")
+            return _decimal_trimmed(value)
         total = total * 10 + (c - 0x30)
     return total
+
+
+def _decimal_trimmed(value: bytes) -> int:
+    """A Content-Length with blanks after it (a field value's own, RFC 9110 §5.5;
+    the parser drops those before it), else ValueError."""
+    trimmed = value.rstrip(b" \t")
+    if not trimmed or trimmed == value:
+        raise ValueError(f"invalid Content-Length {value[:40]!r}")
+    return _decimal(trimmed)
 
 
 def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
@@ -190,16 +218,25 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
     kept = head.kept
     connection_tokens: set[bytes] | None = None
     names = _REQUEST_NAMES
+    seen = 0  # kinds met so far, as bits
     for pair in headers:
         action = names.kind(pair[0])
         if action == KEEP:
             kept.append(pair)
             continue
         value = pair[1]
+        bit = 1 << action
+        if seen & bit & _ONCE and not head.repeated:
+            head.repeated = pair[0]
+        seen |= bit
         if action == LENGTH:
             head.content_length = _decimal(value)
         elif action == TRANSFER_ENCODING:
-            head.chunked = value.lower().find(b"chunked") >= 0
+            # The parser takes any list that ends in chunked; the body goes on
+            # de-chunked, so any other coding would be lost on the way.
+            if head.chunked or value.strip(b" \t").lower() != b"chunked":
+                head.coding = value
+            head.chunked = head.chunked or value.lower().find(b"chunked") >= 0
         elif action == EXPECT:
             head.expect_continue = http_11 and value.strip().lower() == b"100-continue"
         elif action == USER:
@@ -207,7 +244,9 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
             if not owns_credentials:
                 kept.append(pair)
         elif action == FORWARDED_FOR:
-            head.forwarded_for = value
+            # Several lines are one list (RFC 9110 §5.3), in order.
+            head.forwarded_for = head.forwarded_for + b", " + value if head.forwarded_for \
+                else value
         elif action == AUTHORIZATION:
             head.authorization = value
             if not owns_credentials:
@@ -217,11 +256,14 @@ def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
             if not owns_credentials:
                 kept.append(pair)
         elif action == CACHE_CONTROL:
-            head.cache_control = value
+            # A list too: `no-store` on any line holds.
+            head.cache_control = head.cache_control + b", " + value if head.cache_control \
+                else value
             kept.append(pair)
         elif action == CONTENT_ENCODING:
             kept.append(pair)
-            head.encoded_body = value.strip().lower() not in (b"", b"identity")
+            head.encoded_body = head.encoded_body or \
+                value.strip().lower() not in (b"", b"identity")
         elif action == REQUEST_ID:
             value = value.strip()
             if _SANE_REQUEST_ID.fullmatch(value):

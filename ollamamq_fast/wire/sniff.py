@@ -146,8 +146,9 @@ def sniff_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
     """Values of the wanted top-level string keys of a JSON object body.
 
     Keys are matched case-insensitively and the last occurrence wins (Go's
-    rules). A `null` value counts as absent. A wanted key holding a non-string
-    value raises SniffError, as Go's decoder rejects it.
+    rules). A `null` value is skipped: Go leaves a string field as it was
+    (`{"model":"a","model":null}` is model "a"). A wanted key holding a
+    non-string value raises SniffError, as Go's decoder rejects it.
     """
     if len(body) <= _FAST_MAX:
         text = body.decode("latin-1")
@@ -232,7 +233,7 @@ def _take(body: bytes, start: int, end: int, key: str, found: dict[str, str]) ->
     elif c == 0x7B or c == 0x5B:
         raise SniffError(f"json: cannot unmarshal object into field {key} of type string")
     elif body[start:end] == b"null":
-        found.pop(key, None)
+        pass  # Go leaves a string field as it was
     else:
         raise SniffError(
             f"json: cannot unmarshal {_kind(body[start:end])} into field {key} of type string"
@@ -250,7 +251,7 @@ def _flat_fields(body: bytes, end: int, wanted: dict[bytes, str]) -> dict[str, s
         if value is not None:
             found[key] = value.decode("utf-8", "replace")
         elif m.group(3) == b"null":
-            found.pop(key, None)
+            continue  # Go leaves a string field as it was
         else:
             raise SniffError(
                 f"json: cannot unmarshal {_kind(m.group(3))} into field {key} of type string"
@@ -309,7 +310,11 @@ def _match_key(raw: bytes, wanted: dict[bytes, str]) -> str | None:
     """The wanted key name this raw key selects, under Go's case folding."""
     if raw.find(_BACKSLASH) < 0 and raw.isascii():
         return wanted.get(raw.lower())
-    folded = _decode_string(raw).casefold().encode()
+    # Go folds by Unicode simple folding: the only non-ASCII letters that fold
+    # to ASCII ones are the Kelvin sign (to k, as lower() does) and the long s.
+    # Not casefold(): its full folding makes `ß` "ss" and the `ﬅ` ligature
+    # "st", which Go never matches (wanted keys are lowercase ASCII).
+    folded = _decode_string(raw).lower().replace("\u017f", "s").encode("utf-8", "surrogatepass")
     return wanted.get(folded)
 
 

@@ -226,7 +226,8 @@ def go_view(body: bytes, native: bool, cap: int) -> Any:
     try:
         view: dict[str, Any] = {}
         for name in ("model", "prompt", "temperature"):
-            view[name] = go_field(top, name)[1]
+            # A string field (model) keeps its value through a later null.
+            view[name] = go_field(top, name, pointer=name != "model")[1]
         view["stream"] = go_field(top, "stream", pointer=native)[1]
         messages = go_field(top, "messages")[1]
         if isinstance(messages, list):

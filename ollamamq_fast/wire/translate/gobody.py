@@ -34,30 +34,46 @@ class _Pairs(list[tuple[str, Any]]):
 
 
 # A schema maps a folded key to (canonical name, how its value is read):
-# None: the value as plain JSON (objects with exact keys, last one wins);
+# None: the value as plain JSON (objects with exact keys, last one wins; null
+# resets it, as for Go's pointers, slices and `any`);
+# _SCALAR: a Go string, bool or number: as plain JSON, but null leaves it as it was;
 # _MAP: an object read into a Go map: exact keys, merged into an earlier one;
 # a dict: a struct (merged); a one-item list: a list of that struct.
 _MAP: Final = "map"
+_SCALAR: Final = "scalar"
 Schema = dict[str, tuple[str, Any]]
 
 
 def _schema(*plain: str, **nested: Any) -> Schema:
-    out: Schema = {name.casefold(): (name, None) for name in plain}
-    out.update({name.casefold(): (name, how) for name, how in nested.items()})
+    out: Schema = {name: (name, None) for name in plain}
+    out.update({name: (name, how) for name, how in nested.items()})
     return out
 
 
-_FUNCTION: Final = _schema("name", "description", "parameters", "index", arguments=_MAP)
+def _fold(key: str) -> str:
+    """A key as Go's decoder compares it with a field's (lowercase ASCII) name.
+
+    Go folds by Unicode simple folding: the only non-ASCII letters that fold
+    to ASCII ones are the Kelvin sign (to k, which lower() does) and the long
+    s (to s). Not casefold(): its full folding makes `ß` "ss" and the `ﬅ`
+    ligature "st", which Go never matches.
+    """
+    return key.lower().replace("\u017f", "s")
+
+
+_FUNCTION: Final = _schema("parameters", "index", name=_SCALAR, description=_SCALAR,
+                           arguments=_MAP)
 _TOOL_CALL: Final = _schema("id", "type", function=_FUNCTION)
 _TOOL: Final = _schema("type", "items", function=_FUNCTION)
-_MESSAGE: Final = _schema("role", "content", "thinking", "images", "tool_name",
-                          "tool_call_id", "name", tool_calls=[_TOOL_CALL])
+_MESSAGE: Final = _schema("images", "tool_call_id", "name", role=_SCALAR, content=_SCALAR,
+                          thinking=_SCALAR, tool_name=_SCALAR, tool_calls=[_TOOL_CALL])
 # The fields of Ollama's ChatRequest, GenerateRequest, EmbedRequest and
 # EmbeddingRequest together (a field one of them lacks is never read for it).
 REQUEST: Final = _schema(
-    "model", "prompt", "suffix", "system", "template", "context", "stream", "raw",
-    "format", "images", "keep_alive", "think", "input", "truncate", "dimensions",
-    "logprobs", "top_logprobs", "shift",
+    "context", "stream", "format", "images", "keep_alive", "think", "input", "truncate",
+    "shift",
+    model=_SCALAR, prompt=_SCALAR, suffix=_SCALAR, system=_SCALAR, template=_SCALAR,
+    raw=_SCALAR, dimensions=_SCALAR, logprobs=_SCALAR, top_logprobs=_SCALAR,
     options=_MAP, messages=[_MESSAGE], tools=[_TOOL],
 )
 
@@ -78,7 +94,7 @@ def loads_go_object(body: bytes, what: str = "request body") -> dict[str, Any]:
 
 def _struct(pairs: _Pairs, schema: Schema, into: dict[str, Any]) -> dict[str, Any]:
     for key, value in pairs:
-        spec = schema.get(key.casefold())
+        spec = schema.get(_fold(key))
         if spec is None:
             continue  # Go ignores fields its struct does not have
         name, how = spec
@@ -96,6 +112,8 @@ def _read(value: Any, how: Any, earlier: Any) -> Any:
             return [_struct(item, how[0], {}) if isinstance(item, _Pairs) else _plain(item)
                     for item in value]
         return _plain(value)
+    if how == _SCALAR and value is None:
+        return earlier  # Go ignores null for a string, bool or number
     if how == _MAP and isinstance(value, _Pairs):
         merged = dict(earlier) if isinstance(earlier, dict) else {}
         merged.update(_plain(value))
