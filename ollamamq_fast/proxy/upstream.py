@@ -265,7 +265,10 @@ class UpstreamConnection(asyncio.Protocol):
         """Feed the parser a read that holds (part of) the head; False if the
         connection was dropped. With scan_chunks, only up to the head's end: a
         chunked body after it goes to a ChunkScanner."""
-        if not (self.scan_chunks and self.parser_plain) or self.head_request:
+        if not (self.scan_chunks and self.parser_plain) or self.head_request \
+                or len(data) < self.scan_from:
+            # (A read shorter than scan_from cannot hold that much body: the
+            # usual small answer is fed whole without searching it here.)
             return self._parsed(data)
         held = self.head_buf
         start = self.head_scan_from
