@@ -42,7 +42,8 @@ def _read(rig: Rig, path: bytes = b"/api/chat", body: bytes = CHAT,
     proto, transport = rig.client()
     ex = Exchange(proto)
     ex.url = path
-    ex.headers = [(b"X-User-ID", b"alice"), *extra]
+    for name, value in ((b"X-User-ID", b"alice"), *extra):
+        ex.request_head.add(name, value)
     assert intake.read_head(ex, b"POST", True, True) is None and ex.route is lookup(path)
     ex.ustats = rig.state.ledger.arrived(ex.user, ex.client_ip)
     ex.body = [body[:5], body[5:]]  # as the parser delivers it: in pieces

@@ -12,6 +12,7 @@ from ollamamq_fast.wire.headers import (
     KEEP,
     LENGTH,
     KeptLines,
+    RequestHead,
     classify,
     forwarded_block,
     kept_lines,
@@ -174,3 +175,24 @@ def test_kept_lines_through_the_memo_are_always_the_requests_own(
     memo = KeptLines()
     for kept in requests:
         assert memo.of(kept) == kept_lines(kept)
+
+
+def test_every_connection_line_names_hop_by_hop_headers() -> None:
+    # Connection is a list like the others: a header named on any of its lines
+    # is hop-by-hop (RFC 9110 §7.6.1) and does not reach the backend.
+    head = read_request_head([(b"Connection", b"X-One"), (b"X-One", b"1"), (b"X-Two", b"2"),
+                              (b"Connection", b"x-two"), (b"X-Three", b"3")], True, False)
+    assert head.kept == [(b"X-Three", b"3")]
+
+
+def test_a_head_read_header_by_header_refuses_a_bad_length_only_at_its_end() -> None:
+    # The parser hands each header to add(), which never raises inside its callback.
+    head = RequestHead()
+    head.add(b"Content-Length", b"12x")
+    head.add(b"Expect", b"100-continue")
+    with pytest.raises(ValueError, match="invalid Content-Length"):
+        head.finish(True)
+    http10 = RequestHead()
+    http10.add(b"Expect", b"100-continue")
+    http10.finish(False)
+    assert not http10.expect_continue

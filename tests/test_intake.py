@@ -31,7 +31,8 @@ def _read(rig: Rig, method: bytes, url: bytes,
     proto, transport = rig.client()
     ex = Exchange(proto)
     ex.url = url
-    ex.headers = list(headers)
+    for name, value in headers:
+        ex.request_head.add(name, value)
     early = intake.read_head(ex, method, True, True)
     assert not transport.data and ex.state is State.RECEIVING  # a value, never an answer
     return ex, early

@@ -190,7 +190,7 @@ class ClientProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         if ex is not None:
-            ex.headers.append((name, value))
+            ex.request_head.add(name, value)
             if len(name) == 10 and name.lower() == b"connection":
                 self.connection_named = True
             self.head_bytes += len(name) + len(value) + 4

@@ -46,6 +46,7 @@ from ollamamq_fast.proxy.upstream import ResponseSink
 from ollamamq_fast.sched.dispatcher import Placed
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api
+from ollamamq_fast.wire.headers import RequestHead
 from ollamamq_fast.wire.routes import BLOB_ROUTE, Kind, Route
 
 if TYPE_CHECKING:
@@ -84,8 +85,8 @@ class Exchange(ResponseSink):
         "body_held", "body_size", "cache_control", "cache_key", "chosen", "chunked_in",
         "client", "connect_task", "content_length", "continue_sent", "credential",
         "discard_body", "discarded", "dispatcher", "early_error", "encoded_body", "enqueued_at",
-        "expect_continue", "failed", "fleet", "fwd_headers", "gw", "headers", "keep_alive",
-        "lease", "limits", "pool", "request_complete", "route", "sent_at", "state",
+        "expect_continue", "failed", "fleet", "fwd_headers", "gw", "keep_alive",
+        "lease", "limits", "pool", "request_complete", "request_head", "route", "sent_at", "state",
         "stream_body", "strip_usage", "ticket", "upstream", "url", "xlate",
     )
 
@@ -104,7 +105,8 @@ class Exchange(ResponseSink):
         # The request, as intake.py reads its head. X-Request-ID is the
         # client's (if sane) or the gateway's.
         self.url = self.fwd_headers = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        # Read header by header as the parser meets them (ClientProtocol.on_header).
+        self.request_head = RequestHead(gw.identity.keys_required)
         self.route: Route | None = None
         self.api = Api.OLLAMA
         self.keep_alive = True

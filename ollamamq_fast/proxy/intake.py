@@ -31,7 +31,6 @@ from ollamamq_fast.wire.errors import error_body
 from ollamamq_fast.wire.headers import (
     backend_request_id,
     forwarded_block,
-    read_request_head,
 )
 from ollamamq_fast.wire.paths import PathError, normalize, request_path
 from ollamamq_fast.wire.routes import FALLBACK_ROUTE, Kind, Route, api_of_path, lookup
@@ -89,7 +88,8 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
     ex.api = route.api if route is not None else api_of_path(path)
     identity = gw.identity
     keys_required = identity.keys_required
-    head = read_request_head(ex.headers, http_11, keys_required)
+    head = ex.request_head
+    head.finish(http_11)
     own_id = gw.ledger.request_id() if not head.request_id else b""
     ex.request_id = head.request_id or own_id
     ex.content_length = head.content_length

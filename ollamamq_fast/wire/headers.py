@@ -1,6 +1,7 @@
 """Request heads: what the gateway reads from them and what it forwards. Pure functions.
 
-`read_request_head` sorts a request's header pairs once: framing headers
+`RequestHead` reads a request's headers one by one as the parser meets them
+(`read_request_head` does so for a list of pairs): framing headers
 (Content-Length, Transfer-Encoding, Expect), identity (X-User-ID,
 Authorization, X-API-Key, X-Forwarded-For), what the policy reads
 (Cache-Control, Content-Encoding), hop-by-hop headers that never go on
@@ -150,15 +151,25 @@ def classify(name: bytes) -> int:
 
 @mypyc_attr(free_list_len=1)  # one per request: the freed one's memory is reused
 class RequestHead:
-    """What the gateway read from a request's headers."""
+    """What the gateway reads from a request's headers, header by header.
 
-    __slots__ = ("api_key", "authorization", "cache_control", "chunked", "coding",
-                 "content_length", "encoded_body", "expect_continue", "forwarded_for", "host",
-                 "kept", "repeated", "request_id", "user")
+    The parser hands each header to `add` as it reads it (ClientProtocol.on_header),
+    so a header that is not forwarded is never kept in a list to be sorted later;
+    `finish` completes the reading once the head has ended.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("api_key", "authorization", "bad_length", "cache_control", "chunked",
+                 "coding", "connection_tokens", "content_length", "encoded_body",
+                 "expect_continue", "forwarded_for", "host", "kept", "owns_credentials",
+                 "repeated", "request_id", "seen", "user")
+
+    def __init__(self, owns_credentials: bool = False) -> None:
+        # `--auth keys`: the gateway's own keys and the client's claimed
+        # identity are the gateway's to read, never forwarded.
+        self.owns_credentials = owns_credentials
         self.content_length = -1
         self.chunked = False
+        # An `Expect: 100-continue` (honoured for HTTP/1.1 only: finish()).
         self.expect_continue = False
         self.user = b""  # the client's X-User-ID, as sent
         self.forwarded_for = b""  # the client's X-Forwarded-For value
@@ -177,6 +188,86 @@ class RequestHead:
         # A Transfer-Encoding other than `chunked` alone, or on a second line
         # (b"": none): refused with 501, as Go refuses it.
         self.coding = b""
+        self.seen = 0  # the kinds met so far, as bits
+        # Header names the Connection headers list (lowercase), beyond close and keep-alive.
+        self.connection_tokens: set[bytes] | None = None
+        # A Content-Length that is not a number (finish() raises on it).
+        self.bad_length: bytes | None = None
+
+    def add(self, name: bytes, value: bytes) -> None:
+        """Read one header as it came. Never raises: the parser calls this."""
+        action = _REQUEST_NAMES.kind(name)
+        if action == KEEP:
+            self.kept.append((name, value))
+            return
+        bit = 1 << action
+        if self.seen & bit & _ONCE and not self.repeated:
+            self.repeated = name
+        self.seen |= bit
+        if action == LENGTH:
+            try:
+                self.content_length = _decimal(value)
+            except ValueError:
+                self.bad_length = value
+        elif action == TRANSFER_ENCODING:
+            # The parser takes any list that ends in chunked; the body goes on
+            # de-chunked, so any other coding would be lost on the way.
+            if self.chunked or value.strip(b" \t").lower() != b"chunked":
+                self.coding = value
+            self.chunked = self.chunked or value.lower().find(b"chunked") >= 0
+        elif action == EXPECT:
+            self.expect_continue = value.strip().lower() == b"100-continue"
+        elif action == USER:
+            self.user = value  # checked by the policy (policy/identity.check_user_id)
+            if not self.owns_credentials:
+                self.kept.append((name, value))
+        elif action == FORWARDED_FOR:
+            # Several lines are one list (RFC 9110 §5.3), in order.
+            self.forwarded_for = self.forwarded_for + b", " + value if self.forwarded_for \
+                else value
+        elif action == AUTHORIZATION:
+            self.authorization = value
+            if not self.owns_credentials:
+                self.kept.append((name, value))
+        elif action == API_KEY:
+            self.api_key = value
+            if not self.owns_credentials:
+                self.kept.append((name, value))
+        elif action == CACHE_CONTROL:
+            # A list too: `no-store` on any line holds.
+            self.cache_control = self.cache_control + b", " + value if self.cache_control \
+                else value
+            self.kept.append((name, value))
+        elif action == CONTENT_ENCODING:
+            self.kept.append((name, value))
+            self.encoded_body = self.encoded_body or \
+                value.strip().lower() not in (b"", b"identity")
+        elif action == REQUEST_ID:
+            value = value.strip()
+            if _SANE_REQUEST_ID.fullmatch(value):
+                self.request_id = value
+        elif action == HOST:
+            self.host = value
+        elif action == CONNECTION:
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            tokens -= {b"close", b"keep-alive"}
+            if tokens:
+                # Every Connection line counts (a list, like the others).
+                if self.connection_tokens is None:
+                    self.connection_tokens = tokens
+                else:
+                    self.connection_tokens |= tokens
+
+    def finish(self, http_11: bool) -> None:
+        """The head has ended: ValueError on a Content-Length that is not a number."""
+        if self.bad_length is not None:
+            raise ValueError(f"invalid Content-Length {self.bad_length[:40]!r}")
+        if not http_11:
+            self.expect_continue = False  # HTTP/1.0 has no 100 Continue
+        tokens = self.connection_tokens
+        if tokens:
+            # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
+            self.kept = [h for h in self.kept if h[0].lower() not in tokens]
 
 
 def _decimal(value: bytes) -> int:
@@ -209,75 +300,12 @@ def _decimal_trimmed(value: bytes) -> int:
 
 def read_request_head(headers: list[tuple[bytes, bytes]], http_11: bool,
                       owns_credentials: bool) -> RequestHead:
-    """Sort a request's headers; ValueError on a Content-Length that is not a number.
-
-    `owns_credentials` (`--auth keys`): the gateway's own keys and the
-    client's claimed identity are the gateway's to read, never forwarded.
-    """
-    head = RequestHead()
-    kept = head.kept
-    connection_tokens: set[bytes] | None = None
-    names = _REQUEST_NAMES
-    seen = 0  # kinds met so far, as bits
-    for pair in headers:
-        action = names.kind(pair[0])
-        if action == KEEP:
-            kept.append(pair)
-            continue
-        value = pair[1]
-        bit = 1 << action
-        if seen & bit & _ONCE and not head.repeated:
-            head.repeated = pair[0]
-        seen |= bit
-        if action == LENGTH:
-            head.content_length = _decimal(value)
-        elif action == TRANSFER_ENCODING:
-            # The parser takes any list that ends in chunked; the body goes on
-            # de-chunked, so any other coding would be lost on the way.
-            if head.chunked or value.strip(b" \t").lower() != b"chunked":
-                head.coding = value
-            head.chunked = head.chunked or value.lower().find(b"chunked") >= 0
-        elif action == EXPECT:
-            head.expect_continue = http_11 and value.strip().lower() == b"100-continue"
-        elif action == USER:
-            head.user = value  # checked by the policy (policy/identity.check_user_id)
-            if not owns_credentials:
-                kept.append(pair)
-        elif action == FORWARDED_FOR:
-            # Several lines are one list (RFC 9110 §5.3), in order.
-            head.forwarded_for = head.forwarded_for + b", " + value if head.forwarded_for \
-                else value
-        elif action == AUTHORIZATION:
-            head.authorization = value
-            if not owns_credentials:
-                kept.append(pair)
-        elif action == API_KEY:
-            head.api_key = value
-            if not owns_credentials:
-                kept.append(pair)
-        elif action == CACHE_CONTROL:
-            # A list too: `no-store` on any line holds.
-            head.cache_control = head.cache_control + b", " + value if head.cache_control \
-                else value
-            kept.append(pair)
-        elif action == CONTENT_ENCODING:
-            kept.append(pair)
-            head.encoded_body = head.encoded_body or \
-                value.strip().lower() not in (b"", b"identity")
-        elif action == REQUEST_ID:
-            value = value.strip()
-            if _SANE_REQUEST_ID.fullmatch(value):
-                head.request_id = value
-        elif action == HOST:
-            head.host = value
-        elif action == CONNECTION:
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            tokens -= {b"close", b"keep-alive"}
-            if tokens:
-                connection_tokens = tokens
-    if connection_tokens:
-        # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
-        head.kept = [h for h in kept if h[0].lower() not in connection_tokens]
+    """A request's headers read at once (RequestHead.add each, then finish):
+    ValueError on a Content-Length that is not a number."""
+    head = RequestHead(owns_credentials)
+    for name, value in headers:
+        head.add(name, value)
+    head.finish(http_11)
     return head
 
 
