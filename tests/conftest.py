@@ -28,6 +28,7 @@ PURE_SUBSET = {
     "test_scheduling.py", "test_policy.py", "test_stats.py", "test_balance.py",
     "test_traps.py", "test_hardening.py", "test_accounting.py", "test_translating.py",
     "test_pools.py", "test_intake.py", "test_admission.py", "test_chunks.py",
+    "test_response_headers.py",
 }
 
 

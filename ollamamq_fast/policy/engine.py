@@ -361,4 +361,4 @@ class Policy:
         key = ex.cache_key
         if tee is None or key is None or conn.status != 200 or conn.tail().find(_ERROR_MARK) >= 0:
             return
-        self.cache.put(key, conn.status, conn.headers, b"".join(tee))
+        self.cache.put(key, conn.status, conn.response_headers.pairs(), b"".join(tee))

@@ -57,7 +57,8 @@ def head(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> bytes:
         relayed = framing.relay_head(raw, extra, not ex.keep_alive, conn.hop_by_hop)
         if relayed is not None:
             return relayed
-    return framing.response_head(conn.status, framing.reason_phrase(raw), conn.headers,
+    return framing.response_head(conn.status, framing.reason_phrase(raw),
+                                 conn.response_headers.pairs(),
                                  extra, not ex.keep_alive, dechunk)
 
 

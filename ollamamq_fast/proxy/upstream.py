@@ -106,6 +106,8 @@ class UpstreamConnection(asyncio.Protocol):
         # The last answer's content type and its event mark (on_headers_complete).
         self.marked_type = b""
         self.marked_as = framing.event_mark(b"")
+        # The response's headers, sorted as they come (reset for each response).
+        self.response_headers = framing.ResponseHeaders()
         # Per-response state
         self._reset_response(False)
 
@@ -140,7 +142,7 @@ class UpstreamConnection(asyncio.Protocol):
         # The final head's status and header lines as the backend sent them:
         # relayed as they are when nothing must go (b"" means rebuild).
         self.raw_head = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.response_headers.reset()
         self.status = 0
         self.headers_done = False
         self.interim = False
@@ -417,14 +419,14 @@ class UpstreamConnection(asyncio.Protocol):
     # is rebuilt (framing.reason_phrase), not collected by a callback per response.
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        self.response_headers.add(name, value)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # Interim response: not forwarded (we sent no Expect upstream), but a
             # 100 Continue tells a waiting request body that it may go.
-            if status not in (100, 102, 103) and framing.declares_body(self.headers):
+            if status not in (100, 102, 103) and self.response_headers.declares_body():
                 # A 1xx has no body (RFC 9112 §6.1, §8.6), but llhttp reads the one
                 # such a head announces: the final head looked for after it would
                 # be found in that body, and the rest relayed as the answer.
@@ -432,7 +434,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = True
             end = self.head_buf.find(b"\r\n\r\n", self.head_scan_from)
             self.head_scan_from = end + 4 if end >= 0 else len(self.head_buf)
-            self.headers = []
+            self.response_headers.reset()
             if status == 100 and self.sink is not None:
                 self.sink.upstream_continue(self)
             return
@@ -440,11 +442,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers_done = True
         # Only meaningful inside a parser callback: llhttp resets it afterwards.
         self.backend_keep_alive = self.parser.should_keep_alive()
-        self.framing, self.content_type, self.hop_by_hop = framing.response_framing(
-            status, self.headers, self.head_request
-        )
-        if self.framing is framing.Framing.CLOSE and framing.names_transfer_encoding(
-                self.headers):
+        headers = self.response_headers
+        self.framing = headers.framing(status, self.head_request)
+        self.content_type = headers.content_type
+        self.hop_by_hop = headers.hop_by_hop
+        if self.framing is framing.Framing.CLOSE and headers.transfer_encoding:
             # A Transfer-Encoding whose last coding is not chunked: the body ends
             # at the close (RFC 9112 §6.3), but a lenient client that reads, say,
             # "chunked<TAB>" as chunked would take what follows for another

@@ -61,57 +61,82 @@ def _chunked_last(value: bytes) -> bool:
     return value.rsplit(b",", 1)[-1].lstrip(b" \t").rstrip(b" ").lower() == b"chunked"
 
 
+class ResponseHeaders:
+    """A backend response's headers, sorted as the parser hands them over.
+
+    One per backend connection, reset for each response. Each header is
+    classified once, when it arrives (`add`, from the parser's on_header), so
+    the framing is known without a second pass. The pairs are kept flat
+    (name, value, name, value...): `pairs()` makes the list of tuples only for
+    a head that is rebuilt or an answer that is cached, not for every response.
+    """
+
+    def __init__(self) -> None:
+        self.flat: list[bytes] = []
+        self.content_type = b""
+        self.chunked = False  # the last Transfer-Encoding ends in chunked
+        self.transfer_encoding = False  # a Transfer-Encoding header came
+        self.has_length = False
+        # A hop-by-hop header (RFC 9110 §7.6.1) that must go: then the head
+        # cannot be relayed as the backend wrote it (`relay_head`).
+        self.hop_by_hop = False
+
+    def reset(self) -> None:
+        """Empty, for the next response (or the final head after an interim one)."""
+        self.flat = []
+        self.content_type = b""
+        self.chunked = False
+        self.transfer_encoding = False
+        self.has_length = False
+        self.hop_by_hop = False
+
+    def add(self, name: bytes, value: bytes) -> None:
+        """One header, as the parser read it."""
+        flat = self.flat
+        flat.append(name)
+        flat.append(value)
+        kind = _RESPONSE_NAMES.kind(name)
+        if kind == _OTHER:
+            return
+        if kind == _CONTENT_TYPE:
+            self.content_type = value
+        elif kind == _TRANSFER_ENCODING:
+            self.transfer_encoding = True
+            self.chunked = value == b"chunked" or _chunked_last(value)
+        elif kind == _CONTENT_LENGTH:
+            self.has_length = True
+        else:
+            self.hop_by_hop = True
+
+    def framing(self, status: int, head_request: bool) -> Framing:
+        """How the body is delimited (RFC 9112 §6.3)."""
+        if head_request or status < 200 or status in (204, 304):
+            return Framing.EMPTY
+        if self.chunked:
+            return Framing.CHUNKED
+        if self.has_length:
+            return Framing.LENGTH
+        return Framing.CLOSE
+
+    def declares_body(self) -> bool:
+        """Whether the head has a Content-Length or a Transfer-Encoding header."""
+        return self.has_length or self.transfer_encoding
+
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        """The headers as (name, value) pairs, in order: a new list."""
+        flat = self.flat
+        return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
 def response_framing(
     status: int, headers: list[tuple[bytes, bytes]], head_request: bool
 ) -> tuple[Framing, bytes, bool]:
-    """(framing, content type, has a hop-by-hop header) of a backend response.
-
-    The third says whether the head can be relayed as the backend wrote it
-    (`relay_head`): found here, in the loop over the names that runs anyway.
-    """
-    content_type = b""
-    chunked = False
-    has_length = False
-    hop_by_hop = False
-    names = _RESPONSE_NAMES
+    """(framing, content type, has a hop-by-hop header) of a response with these headers."""
+    sorted_headers = ResponseHeaders()
     for name, value in headers:
-        kind = names.kind(name)
-        if kind == _OTHER:
-            continue
-        if kind == _CONTENT_TYPE:
-            content_type = value
-        elif kind == _TRANSFER_ENCODING:
-            chunked = value == b"chunked" or _chunked_last(value)
-        elif kind == _CONTENT_LENGTH:
-            has_length = True
-        else:
-            hop_by_hop = True
-    if head_request or status < 200 or status in (204, 304):
-        return Framing.EMPTY, content_type, hop_by_hop
-    if chunked:
-        return Framing.CHUNKED, content_type, hop_by_hop
-    if has_length:
-        return Framing.LENGTH, content_type, hop_by_hop
-    return Framing.CLOSE, content_type, hop_by_hop
-
-
-def names_transfer_encoding(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a head has a Transfer-Encoding header (any spelling)."""
-    names = _RESPONSE_NAMES
-    for name, _ in headers:
-        if names.kind(name) == _TRANSFER_ENCODING:
-            return True
-    return False
-
-
-def declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a head has a Content-Length or a Transfer-Encoding header (any spelling)."""
-    names = _RESPONSE_NAMES
-    for name, _ in headers:
-        kind = names.kind(name)
-        if kind == _TRANSFER_ENCODING or kind == _CONTENT_LENGTH:
-            return True
-    return False
+        sorted_headers.add(name, value)
+    return (sorted_headers.framing(status, head_request), sorted_headers.content_type,
+            sorted_headers.hop_by_hop)
 
 
 def response_head(
