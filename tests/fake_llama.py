@@ -58,6 +58,7 @@ class FakeLlama:
         self.bad_request_ids: list[str] = []
         self.wrong_content_types: list[str] = []
         self.formats: list[object] = []  # each generation's response_format (None: none)
+        self.messages: list[object] = []  # each chat generation's messages
         self.hits: Counter[str] = Counter()
         self.interrupted = 0
         self.generating = 0
@@ -176,6 +177,8 @@ class FakeLlama:
                                                 "'text' or 'json_object'", "type": "internal_server_error",
                                                 "param": None, "code": None}}, status=500)
         self.formats.append(fmt)
+        if chat:
+            self.messages.append(body.get("messages"))
         tokens = self._count_of(body)
         async with self._model_lock():
             self.generating += 1

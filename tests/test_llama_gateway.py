@@ -312,3 +312,28 @@ def test_openai_model_objects_carry_created_and_agree(fake_loop: LoopThread) -> 
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def test_an_ollama_body_with_a_lone_surrogate_or_bad_utf8_is_read_as_go_reads_it(
+        fake_loop: LoopThread) -> None:
+    """`"\\ud800"` (valid JSON syntax, no character) and invalid UTF-8 bytes are U+FFFD
+    to Ollama's Go decoder. Translated for llama.cpp, the body kept the lone surrogate,
+    which orjson cannot write: 500 "internal error in the gateway", logged as a 499."""
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0)
+    try:
+        bodies = (b'{"model":"tiny","stream":false,"messages":[{"role":"user","content":"a\\ud800b"}]}',
+                  b'{"model":"tiny","stream":false,"messages":[{"role":"user","content":"a\xffb"}]}',
+                  b'{"model":"tiny","stream":false,"options":{"\\udfff":1},'
+                  b'"messages":[{"role":"user","content":"\\ud83d\\ude00"}]}')
+        for body in bodies:
+            r = httpx.post(st.url + "/api/chat", content=body, headers={"X-User-ID": "go"},
+                           timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["done"] is True
+        assert fake_loop.call(lambda: list(fake.messages)) == [
+            [{"role": "user", "content": "a\ufffdb"}], [{"role": "user", "content": "a\ufffdb"}],
+            [{"role": "user", "content": "\U0001f600"}]]
+        wait_until(ended(st, "go", done=3), "the requests' ends")
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
