@@ -22,7 +22,9 @@ honoured and `max_completion_tokens` ignored; a chat stream opens with a role
 event, every stream ends with a finish event without content and `[DONE]`, and
 carries no usage; a whole answer comes with its head in one write and carries
 its usage; a body sent as another type than JSON gets 500, and so does a
-`response_format` other than `text` or `json_object` (with an optional `schema`). `die_after`
+`response_format` other than `text` or `json_object` (with an optional `schema`);
+a body that is not JSON gets uvicorn's bare `500 Internal Server Error`, plain
+text (Starlette's `request.json()` raised before any handler). `die_after`
 cuts a stream's connection after that many tokens (`die_mid_event`: halfway
 through the next event), as a killed server does.
 """
@@ -169,7 +171,12 @@ class FakeLlama:
             return web.json_response({"error": {"message": "1 validation error: Input should be "
                                                 "a valid dictionary", "type": "internal_server_error",
                                                 "param": None, "code": None}}, status=500)
-        body = orjson.loads(await request.read())
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            # Starlette's request.json() raised: uvicorn's bare 500, plain text.
+            return web.Response(status=500, text="Internal Server Error")
         fmt = body.get("response_format")
         if isinstance(fmt, dict) and fmt.get("type") not in ("text", "json_object"):
             # Its pydantic model takes a schema only as {"type": "json_object", "schema": ...}.

@@ -337,3 +337,35 @@ def test_an_ollama_body_with_a_lone_surrogate_or_bad_utf8_is_read_as_go_reads_it
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def test_a_body_the_server_cannot_read_as_json_is_answered_400_in_the_apis_shape(
+        fake_loop: LoopThread) -> None:
+    """The gateway reads a body's top level only; one broken further in reached
+    llama-cpp-python, whose bare `500 Internal Server Error` (plain text) was relayed:
+    the openai SDK raised InternalServerError('Internal Server Error'), for the
+    client's own mistake. It gets 400 in OpenAI's envelope, saying where."""
+    import openai
+
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0)
+    try:
+        broken = (b'{"model":"tiny","messages":[{"role":"user","content":"q",}],"max_tokens":2}',
+                  b'{"model":"tiny","prompt":"q","max_tokens":2,"stream":tru}',
+                  b'{"model":"tiny","messages":[{"role":"user","content":"\xff"}]}')
+        for path, body in zip(("/v1/chat/completions", "/v1/completions", "/v1/chat/completions"),
+                              broken, strict=True):
+            r = httpx.post(st.url + path, content=body, timeout=30,
+                           headers={"Content-Type": "application/json", "X-User-ID": "typo"})
+            assert r.status_code == 400, (path, r.status_code, r.text)
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error", error
+            assert error["message"].startswith("invalid JSON in request body: "), error
+        # The backend is not blamed, its slot is free: the next request is answered.
+        c = openai.OpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+        ok = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}])
+        assert ok.choices[0].message.content
+        wait_until(ended(st, "typo", done=3), "the requests' ends")
+        assert st.state.fleet.backends[0].consecutive_failures == 0
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
