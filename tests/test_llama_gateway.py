@@ -323,8 +323,8 @@ def test_an_ollama_body_with_a_lone_surrogate_or_bad_utf8_is_read_as_go_reads_it
     try:
         bodies = (b'{"model":"tiny","stream":false,"messages":[{"role":"user","content":"a\\ud800b"}]}',
                   b'{"model":"tiny","stream":false,"messages":[{"role":"user","content":"a\xffb"}]}',
-                  b'{"model":"tiny","stream":false,"options":{"\\udfff":1},'
-                  b'"messages":[{"role":"user","content":"\\ud83d\\ude00"}]}')
+                  (b'{"model":"tiny","stream":false,"options":{"\\udfff":1},'
+                   b'"messages":[{"role":"user","content":"\\ud83d\\ude00"}]}'))
         for body in bodies:
             r = httpx.post(st.url + "/api/chat", content=body, headers={"X-User-ID": "go"},
                            timeout=30)
