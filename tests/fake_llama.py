@@ -24,7 +24,8 @@ carries no usage; a whole answer comes with its head in one write and carries
 its usage; a body sent as another type than JSON gets 500, and so does a
 `response_format` other than `text` or `json_object` (with an optional `schema`);
 a body that is not JSON gets uvicorn's bare `500 Internal Server Error`, plain
-text (Starlette's `request.json()` raised before any handler). `die_after`
+text (Starlette's `request.json()` raised before any handler). `end_delay`
+waits that long between `[DONE]` and the body's end. `die_after`
 cuts a stream's connection after that many tokens (`die_mid_event`: halfway
 through the next event), as a killed server does.
 """
@@ -50,8 +51,10 @@ class FakeLlama:
 
     def __init__(self, interrupt_requests: bool = True, chunks: int = 20,
                  chunk_delay: float = 0.02, ollama: bool = False,
-                 die_after: int | None = None, die_mid_event: bool = False) -> None:
+                 die_after: int | None = None, die_mid_event: bool = False,
+                 end_delay: float = 0.0) -> None:
         self.interrupt_requests = interrupt_requests
+        self.end_delay = end_delay
         self.die_after = die_after
         self.die_mid_event = die_mid_event
         self.chunks = chunks
@@ -61,6 +64,7 @@ class FakeLlama:
         self.wrong_content_types: list[str] = []
         self.formats: list[object] = []  # each generation's response_format (None: none)
         self.messages: list[object] = []  # each chat generation's messages
+        self.peers: list[int] = []  # each generation's client port (one a connection)
         self.hits: Counter[str] = Counter()
         self.interrupted = 0
         self.generating = 0
@@ -184,6 +188,8 @@ class FakeLlama:
                                                 "'text' or 'json_object'", "type": "internal_server_error",
                                                 "param": None, "code": None}}, status=500)
         self.formats.append(fmt)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.peers.append(peer[1] if peer else 0)
         if chat:
             self.messages.append(body.get("messages"))
         tokens = self._count_of(body)
@@ -253,6 +259,10 @@ class FakeLlama:
             if not last:
                 await asyncio.sleep(self.chunk_delay)
         await resp.write(b"data: [DONE]\r\n\r\n")
+        if self.end_delay:
+            # uvicorn writes the end of body apart from [DONE]: a client may have
+            # read its stream whole (and closed, as the openai SDK does) in between.
+            await asyncio.sleep(self.end_delay)
         await resp.write_eof()
         return resp
 

@@ -369,3 +369,60 @@ def test_a_body_the_server_cannot_read_as_json_is_answered_400_in_the_apis_shape
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_client_that_leaves_after_done_keeps_the_backend_connection(
+        fake_loop: LoopThread, include_usage: bool) -> None:
+    """uvicorn writes a stream's end of body apart from its `[DONE]`, and the openai
+    SDK closes its connection as soon as it reads `[DONE]`. The gateway dropped the
+    backend connection then (as for a client that leaves mid-stream): a new
+    connection to the server for each such stream. It reads the end and pools it."""
+    import openai
+
+    fake, st = stack(fake_loop, chunks=5, chunk_delay=0.0, end_delay=0.3)
+    try:
+        c = openai.OpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0,
+                          default_headers={"X-User-ID": "sdk"})
+        extra: dict[str, Any] = (
+            {"stream_options": {"include_usage": True}} if include_usage else {})
+        for _ in range(3):
+            chunks = list(c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "q"}], stream=True, **extra))
+            assert chunks[-1].choices[0].finish_reason == "stop"
+        wait_until(ended(st, "sdk", done=3), "the streams' ends")
+        assert user_stats(st, "sdk").completion_tokens == 15
+        wait_until(lambda: st.state.fleet.backends[0].pool.idle, "the connection back in the pool")
+        r = httpx.post(st.url + "/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "q"}]})
+        assert r.status_code == 200
+        peers = fake_loop.call(lambda: list(fake.peers))
+        # Four on two connections (one each before): the slot is free at [DONE], so
+        # the next stream may start while the last connection still reads its end.
+        assert len(peers) == 4 and len(set(peers)) <= 2, peers
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_a_backend_that_never_ends_a_stream_read_to_its_done_is_dropped(
+        fake_loop: LoopThread) -> None:
+    """The end of body read after the client left must come soon (upstream.DRAIN_S):
+    a backend that never sends it does not keep a connection open for ever."""
+    import openai
+
+    from ollamamq_fast.proxy.upstream import DRAIN_S
+
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0, end_delay=DRAIN_S + 2)
+    try:
+        c = openai.OpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+        chunks = list(c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "q"}], stream=True))
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        pool = st.state.fleet.backends[0].pool
+        assert pool is not None
+        wait_until(lambda: pool.open == 0, "the connection dropped", timeout=DRAIN_S + 3)
+        assert not pool.idle
+    finally:
+        st.close()
+        fake_loop.run(fake.close())

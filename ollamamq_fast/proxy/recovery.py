@@ -222,6 +222,7 @@ def client_gone(ex: Exchange) -> None:
     if state is State.DONE:
         return
     ex._end()
+    answered = False  # the client read the stream's last event
     if ex.ustats is not None:  # it reached admission: it ends here, in the ledger
         end = End.CANCELLED
         conn = ex.upstream
@@ -230,6 +231,7 @@ def client_gone(ex: Exchange) -> None:
                 # The client read the last event and left before the backend's
                 # end of body (the openai SDK does): a complete answer.
                 end = End.DONE
+                answered = True
                 if (ex.status < 300 and ex.route is not None
                         and ex.route.kind is Kind.QUEUED):
                     response.count_tokens(ex, conn)
@@ -248,5 +250,8 @@ def client_gone(ex: Exchange) -> None:
         conn = ex.upstream
         ex.upstream = None
         if conn is not None:
-            conn.abort()
+            if answered and ex.request_complete and ex.xlate is None:
+                conn.drain(ex.gw.loop)  # nothing left to stop: its end is read, and it is pooled
+            else:
+                conn.abort()
         ex._release_backend()
