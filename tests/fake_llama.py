@@ -83,6 +83,7 @@ class FakeLlama:
         app.router.add_get("/slow-health", self._slow_health)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         if self.ollama:
             app.router.add_get("/api/tags", self._tags)
             app.router.add_get("/api/ps", self._ps)
@@ -214,6 +215,18 @@ class FakeLlama:
                               "total_tokens": 1 + tokens}})
             finally:
                 self.generating -= 1
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """As the real server serves a model without pooling: one vector per token
+        (here a word, 4 wide, not unit length), whatever `dimensions` asks for."""
+        body = orjson.loads(await request.read())
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [
+            [float(len(word)), 1.0, 2.0, float(t)] for t, word in enumerate(text.split())]}
+            for i, text in enumerate(inputs)]
+        tokens = sum(len(text.split()) for text in inputs)
+        return web.json_response({"object": "list", "data": data, "model": MODEL,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def _words(self, tokens: int) -> str:
         """A whole answer's text: the stream's pieces, joined (one word a token)."""

@@ -426,3 +426,26 @@ def test_a_backend_that_never_ends_a_stream_read_to_its_done_is_dropped(
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def test_ollama_embed_vectors_are_unit_length_and_cut_to_dimensions(fake_loop: LoopThread) -> None:
+    """Ollama's /api/embed answers unit vectors, cut to `dimensions` (then unit again).
+    llama-cpp-python ignores `dimensions` and, for a model without pooling, sends a
+    vector a token, averaged by the gateway: an Ollama client got 64 numbers where it
+    asked for 8, not of unit length (a vector store sized for 8 refuses them)."""
+    fake, st = stack(fake_loop)
+    try:
+        c = ollama.Client(host=st.url)
+        for dims, width in ((None, 4), (2, 2), (9, 4)):
+            out = c.embed(model=MODEL, input=["ab cde", "x"], dimensions=dims)
+            assert [len(v) for v in out.embeddings] == [width, width], out.embeddings
+            for vector in out.embeddings:
+                assert abs(sum(v * v for v in vector) - 1.0) < 1e-9, vector
+        # The average of [2, 1, 2, 0] and [3, 1, 2, 1], cut to 2 and made unit.
+        first = c.embed(model=MODEL, input="ab cde", dimensions=2).embeddings[0]
+        assert first == pytest.approx([2.5 / (2.5**2 + 1) ** 0.5, 1 / (2.5**2 + 1) ** 0.5])
+        # Ollama's legacy /api/embeddings gives its vector as the model makes it.
+        assert c.embeddings(model=MODEL, prompt="ab cde").embedding == [2.5, 1.0, 2.0, 0.5]
+    finally:
+        st.close()
+        fake_loop.run(fake.close())

@@ -722,8 +722,11 @@ def test_usage_of_every_client_counted_and_kept_after_restart(
             parts = list(oc.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                  options={"num_predict": 9}, stream=True))
             assert parts[-1].done and sum(1 for p in parts if p.message.content) >= 5
-            embedded = oc.embed(model=MODEL, input="hello world")
+            # Ollama answers unit vectors cut to `dimensions`; the server ignores it.
+            embedded = oc.embed(model=MODEL, input="hello world", dimensions=8)
             assert embedded.embeddings and embedded.prompt_eval_count
+            assert len(embedded.embeddings[0]) == 8
+            assert abs(sum(v * v for v in embedded.embeddings[0]) - 1.0) < 1e-6
 
             lc_requests = 0 if langchain_openai is None else 3
 
