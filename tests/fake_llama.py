@@ -22,7 +22,10 @@ honoured and `max_completion_tokens` ignored; a chat stream opens with a role
 event, every stream ends with a finish event without content and `[DONE]`, and
 carries no usage; a whole answer comes with its head in one write and carries
 its usage; a body sent as another type than JSON gets 500, and so does a
-`response_format` other than `text` or `json_object` (with an optional `schema`). `die_after`
+`response_format` other than `text` or `json_object` (with an optional `schema`);
+a body that is not JSON gets uvicorn's bare `500 Internal Server Error`, plain
+text (Starlette's `request.json()` raised before any handler). `end_delay`
+waits that long between `[DONE]` and the body's end. `die_after`
 cuts a stream's connection after that many tokens (`die_mid_event`: halfway
 through the next event), as a killed server does.
 """
@@ -48,8 +51,10 @@ class FakeLlama:
 
     def __init__(self, interrupt_requests: bool = True, chunks: int = 20,
                  chunk_delay: float = 0.02, ollama: bool = False,
-                 die_after: int | None = None, die_mid_event: bool = False) -> None:
+                 die_after: int | None = None, die_mid_event: bool = False,
+                 end_delay: float = 0.0) -> None:
         self.interrupt_requests = interrupt_requests
+        self.end_delay = end_delay
         self.die_after = die_after
         self.die_mid_event = die_mid_event
         self.chunks = chunks
@@ -58,6 +63,8 @@ class FakeLlama:
         self.bad_request_ids: list[str] = []
         self.wrong_content_types: list[str] = []
         self.formats: list[object] = []  # each generation's response_format (None: none)
+        self.messages: list[object] = []  # each chat generation's messages
+        self.peers: list[int] = []  # each generation's client port (one a connection)
         self.hits: Counter[str] = Counter()
         self.interrupted = 0
         self.generating = 0
@@ -76,6 +83,7 @@ class FakeLlama:
         app.router.add_get("/slow-health", self._slow_health)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         if self.ollama:
             app.router.add_get("/api/tags", self._tags)
             app.router.add_get("/api/ps", self._ps)
@@ -168,7 +176,12 @@ class FakeLlama:
             return web.json_response({"error": {"message": "1 validation error: Input should be "
                                                 "a valid dictionary", "type": "internal_server_error",
                                                 "param": None, "code": None}}, status=500)
-        body = orjson.loads(await request.read())
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            # Starlette's request.json() raised: uvicorn's bare 500, plain text.
+            return web.Response(status=500, text="Internal Server Error")
         fmt = body.get("response_format")
         if isinstance(fmt, dict) and fmt.get("type") not in ("text", "json_object"):
             # Its pydantic model takes a schema only as {"type": "json_object", "schema": ...}.
@@ -176,6 +189,10 @@ class FakeLlama:
                                                 "'text' or 'json_object'", "type": "internal_server_error",
                                                 "param": None, "code": None}}, status=500)
         self.formats.append(fmt)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.peers.append(peer[1] if peer else 0)
+        if chat:
+            self.messages.append(body.get("messages"))
         tokens = self._count_of(body)
         async with self._model_lock():
             self.generating += 1
@@ -198,6 +215,18 @@ class FakeLlama:
                               "total_tokens": 1 + tokens}})
             finally:
                 self.generating -= 1
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """As the real server serves a model without pooling: one vector per token
+        (here a word, 4 wide, not unit length), whatever `dimensions` asks for."""
+        body = orjson.loads(await request.read())
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [
+            [float(len(word)), 1.0, 2.0, float(t)] for t, word in enumerate(text.split())]}
+            for i, text in enumerate(inputs)]
+        tokens = sum(len(text.split()) for text in inputs)
+        return web.json_response({"object": "list", "data": data, "model": MODEL,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def _words(self, tokens: int) -> str:
         """A whole answer's text: the stream's pieces, joined (one word a token)."""
@@ -243,6 +272,10 @@ class FakeLlama:
             if not last:
                 await asyncio.sleep(self.chunk_delay)
         await resp.write(b"data: [DONE]\r\n\r\n")
+        if self.end_delay:
+            # uvicorn writes the end of body apart from [DONE]: a client may have
+            # read its stream whole (and closed, as the openai SDK does) in between.
+            await asyncio.sleep(self.end_delay)
         await resp.write_eof()
         return resp
 

@@ -519,6 +519,11 @@ def test_terminal_event_relayed_then_client_gone_is_done(rig: Rig) -> None:
     user = rig.state.stats.users["alice"]
     assert (user.done, user.dropped) == (1, 0)
     assert (user.prompt_tokens, user.completion_tokens) == (3, 4)
+    assert rig.state.fleet.backends[0].in_flight == 0  # the slot is free at once
+    # Nothing was left to stop: the connection reads the end of body and is pooled.
+    assert not conn.closed
+    conn.data_received(b"0\r\n\r\n")
+    assert rig.pools[0].idle == [conn] and not conn.closed
 
 
 def test_backpressure_both_ways(rig: Rig) -> None:

@@ -312,3 +312,140 @@ def test_openai_model_objects_carry_created_and_agree(fake_loop: LoopThread) -> 
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def test_an_ollama_body_with_a_lone_surrogate_or_bad_utf8_is_read_as_go_reads_it(
+        fake_loop: LoopThread) -> None:
+    """`"\\ud800"` (valid JSON syntax, no character) and invalid UTF-8 bytes are U+FFFD
+    to Ollama's Go decoder. Translated for llama.cpp, the body kept the lone surrogate,
+    which orjson cannot write: 500 "internal error in the gateway", logged as a 499."""
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0)
+    try:
+        bodies = (b'{"model":"tiny","stream":false,"messages":[{"role":"user","content":"a\\ud800b"}]}',
+                  b'{"model":"tiny","stream":false,"messages":[{"role":"user","content":"a\xffb"}]}',
+                  (b'{"model":"tiny","stream":false,"options":{"\\udfff":1},'
+                   b'"messages":[{"role":"user","content":"\\ud83d\\ude00"}]}'))
+        for body in bodies:
+            r = httpx.post(st.url + "/api/chat", content=body, headers={"X-User-ID": "go"},
+                           timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["done"] is True
+        assert fake_loop.call(lambda: list(fake.messages)) == [
+            [{"role": "user", "content": "a\ufffdb"}], [{"role": "user", "content": "a\ufffdb"}],
+            [{"role": "user", "content": "\U0001f600"}]]
+        wait_until(ended(st, "go", done=3), "the requests' ends")
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_a_body_the_server_cannot_read_as_json_is_answered_400_in_the_apis_shape(
+        fake_loop: LoopThread) -> None:
+    """The gateway reads a body's top level only; one broken further in reached
+    llama-cpp-python, whose bare `500 Internal Server Error` (plain text) was relayed:
+    the openai SDK raised InternalServerError('Internal Server Error'), for the
+    client's own mistake. It gets 400 in OpenAI's envelope, saying where."""
+    import openai
+
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0)
+    try:
+        broken = (b'{"model":"tiny","messages":[{"role":"user","content":"q",}],"max_tokens":2}',
+                  b'{"model":"tiny","prompt":"q","max_tokens":2,"stream":tru}',
+                  b'{"model":"tiny","messages":[{"role":"user","content":"\xff"}]}')
+        for path, body in zip(("/v1/chat/completions", "/v1/completions", "/v1/chat/completions"),
+                              broken, strict=True):
+            r = httpx.post(st.url + path, content=body, timeout=30,
+                           headers={"Content-Type": "application/json", "X-User-ID": "typo"})
+            assert r.status_code == 400, (path, r.status_code, r.text)
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error", error
+            assert error["message"].startswith("invalid JSON in request body: "), error
+        # The backend is not blamed, its slot is free: the next request is answered.
+        c = openai.OpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+        ok = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}])
+        assert ok.choices[0].message.content
+        wait_until(ended(st, "typo", done=3), "the requests' ends")
+        assert st.state.fleet.backends[0].consecutive_failures == 0
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_client_that_leaves_after_done_keeps_the_backend_connection(
+        fake_loop: LoopThread, include_usage: bool) -> None:
+    """uvicorn writes a stream's end of body apart from its `[DONE]`, and the openai
+    SDK closes its connection as soon as it reads `[DONE]`. The gateway dropped the
+    backend connection then (as for a client that leaves mid-stream): a new
+    connection to the server for each such stream. It reads the end and pools it."""
+    import openai
+
+    fake, st = stack(fake_loop, chunks=5, chunk_delay=0.0, end_delay=0.3)
+    try:
+        c = openai.OpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0,
+                          default_headers={"X-User-ID": "sdk"})
+        extra: dict[str, Any] = (
+            {"stream_options": {"include_usage": True}} if include_usage else {})
+        for _ in range(3):
+            chunks = list(c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "q"}], stream=True, **extra))
+            assert chunks[-1].choices[0].finish_reason == "stop"
+        wait_until(ended(st, "sdk", done=3), "the streams' ends")
+        assert user_stats(st, "sdk").completion_tokens == 15
+        wait_until(lambda: st.state.fleet.backends[0].pool.idle, "the connection back in the pool")
+        r = httpx.post(st.url + "/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "q"}]})
+        assert r.status_code == 200
+        peers = fake_loop.call(lambda: list(fake.peers))
+        # Four on two connections (one each before): the slot is free at [DONE], so
+        # the next stream may start while the last connection still reads its end.
+        assert len(peers) == 4 and len(set(peers)) <= 2, peers
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_a_backend_that_never_ends_a_stream_read_to_its_done_is_dropped(
+        fake_loop: LoopThread) -> None:
+    """The end of body read after the client left must come soon (upstream.DRAIN_S):
+    a backend that never sends it does not keep a connection open for ever."""
+    import openai
+
+    from ollamamq_fast.proxy.upstream import DRAIN_S
+
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0, end_delay=DRAIN_S + 2)
+    try:
+        c = openai.OpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+        chunks = list(c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "q"}], stream=True))
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        pool = st.state.fleet.backends[0].pool
+        assert pool is not None
+        wait_until(lambda: pool.open == 0, "the connection dropped", timeout=DRAIN_S + 3)
+        assert not pool.idle
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
+def test_ollama_embed_vectors_are_unit_length_and_cut_to_dimensions(fake_loop: LoopThread) -> None:
+    """Ollama's /api/embed answers unit vectors, cut to `dimensions` (then unit again).
+    llama-cpp-python ignores `dimensions` and, for a model without pooling, sends a
+    vector a token, averaged by the gateway: an Ollama client got 64 numbers where it
+    asked for 8, not of unit length (a vector store sized for 8 refuses them)."""
+    fake, st = stack(fake_loop)
+    try:
+        c = ollama.Client(host=st.url)
+        for dims, width in ((None, 4), (2, 2), (9, 4)):
+            out = c.embed(model=MODEL, input=["ab cde", "x"], dimensions=dims)
+            assert [len(v) for v in out.embeddings] == [width, width], out.embeddings
+            for vector in out.embeddings:
+                assert abs(sum(v * v for v in vector) - 1.0) < 1e-9, vector
+        # The average of [2, 1, 2, 0] and [3, 1, 2, 1], cut to 2 and made unit.
+        first = c.embed(model=MODEL, input="ab cde", dimensions=2).embeddings[0]
+        assert first == pytest.approx([2.5 / (2.5**2 + 1) ** 0.5, 1 / (2.5**2 + 1) ** 0.5])
+        # Ollama's legacy /api/embeddings gives its vector as the model makes it.
+        assert c.embeddings(model=MODEL, prompt="ab cde").embedding == [2.5, 1.0, 2.0, 0.5]
+    finally:
+        st.close()
+        fake_loop.run(fake.close())

@@ -8,7 +8,10 @@ backend next to it, so routing across the two kinds is exercised too.
 
 Run: `OLLAMAMQ_REAL_BACKENDS=1 python -m pytest -q tests/test_real_backend.py`
 (needs `pip install 'llama-cpp-python[server]' gguf`). Without the variable the
-module skips at collection, before anything heavy is imported.
+module skips at collection, before anything heavy is imported. The server may
+live in a venv of its own: `OLLAMAMQ_LLAMA_PYTHON=/venv/bin/python` names the
+interpreter that runs it and writes the model (then only `openai` and `ollama`
+are needed here, beside the gateway).
 """
 
 from __future__ import annotations
@@ -43,9 +46,17 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _ENABLED = os.environ.get("OLLAMAMQ_REAL_BACKENDS") == "1"
+# The interpreter that runs the server and writes the tiny model: this one, or
+# another that has llama-cpp-python and gguf (a venv kept apart from the gateway's).
+_LLAMA_PYTHON = os.environ.get("OLLAMAMQ_LLAMA_PYTHON") or sys.executable
 # find_spec only looks for the package: importing llama_cpp would load its
-# shared library, and the skip must stay instant.
-_MISSING = [m for m in ("llama_cpp", "gguf", "openai") if importlib.util.find_spec(m) is None]
+# shared library, and the skip must stay instant. Another interpreter is not
+# asked at collection (a second of start-up): it is only checked to exist.
+_MISSING = [m for m in ("llama_cpp", "gguf", "openai")
+            if (m == "openai" or _LLAMA_PYTHON == sys.executable)
+            and importlib.util.find_spec(m) is None]
+if not os.access(_LLAMA_PYTHON, os.X_OK):
+    _MISSING.append(f"OLLAMAMQ_LLAMA_PYTHON={_LLAMA_PYTHON}")
 
 pytestmark = [
     pytest.mark.realbackend,
@@ -117,7 +128,7 @@ def _openai(base: str) -> OpenAI:
 def _start_server(model: Path, port: int, log_path: Path, interrupt: bool = False,
                   n_ctx: int = N_CTX, embedding: bool = False) -> subprocess.Popen[bytes]:
     cmd = [
-        sys.executable, "-m", "llama_cpp.server",
+        _LLAMA_PYTHON, "-m", "llama_cpp.server",
         "--model", str(model), "--model_alias", MODEL,
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
         # By default the server ends a running stream as soon as another request
@@ -132,6 +143,17 @@ def _start_server(model: Path, port: int, log_path: Path, interrupt: bool = Fals
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _write_tiny_model(path: Path) -> None:
+    """tests/tiny_gguf.py's model at path, written by the server's interpreter (it has gguf)."""
+    if _LLAMA_PYTHON == sys.executable:
+        from tiny_gguf import write_tiny_llama  # needs gguf: only when the module runs
+
+        write_tiny_llama(str(path))
+        return
+    script = Path(__file__).with_name("tiny_gguf.py")
+    subprocess.run([_LLAMA_PYTHON, str(script), str(path)], check=True, timeout=120)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
@@ -166,11 +188,10 @@ def _stop_server(proc: subprocess.Popen[bytes]) -> None:
 def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealBackend]:
     """The tiny model, a llama.cpp server on it, and a gateway over it and a simulator."""
     from harness import fast_sim_options, free_port, start_stack
-    from tiny_gguf import write_tiny_llama  # needs gguf: only when the module runs
 
     tmp = tmp_path_factory.mktemp("real_backend")
     model = tmp / "tiny.gguf"
-    write_tiny_llama(str(model))
+    _write_tiny_model(model)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp / "llama_server.log"
@@ -632,10 +653,14 @@ def test_usage_of_every_client_counted_and_kept_after_restart(
     """The openai SDK, LangChain and the ollama client on a real llama.cpp server: every
     request counted with the server's own figures (or marked estimated where it reports
     none), per user and model and day in /api/usage, and still there after a restart."""
+    import ollama
     from harness import free_port, start_stack
 
-    langchain_openai = pytest.importorskip("langchain_openai")
-    import ollama
+    # LangChain is optional: without it the other clients are still counted.
+    try:
+        import langchain_openai
+    except ImportError:
+        langchain_openai = None
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -670,23 +695,24 @@ def test_usage_of_every_client_counted_and_kept_after_restart(
             sdk_exact = (chat.usage.prompt_tokens + comp.usage.prompt_tokens
                          + emb.usage.prompt_tokens, 8 + 6)
 
-            # LangChain's ChatOpenAI sends max_completion_tokens, which llama.cpp
-            # ignores: the gateway mirrors it as max_tokens, so the answer stops.
-            lc = langchain_openai.ChatOpenAI(
-                base_url=stack.url + "/v1", api_key="x", model=MODEL, max_tokens=5,
-                max_retries=0, default_headers={"X-User-ID": "langchain"})
-            answer = lc.invoke("say hello")
-            assert answer.content and answer.usage_metadata is not None
-            assert answer.usage_metadata["output_tokens"] == 5
-            pieces = [c.content for c in lc.stream("say hello")]
-            assert "".join(str(p) for p in pieces)
-            # check_embedding_ctx_length=False: else it tokenizes with tiktoken,
-            # whose tables come from the network.
-            vectors = langchain_openai.OpenAIEmbeddings(
-                base_url=stack.url + "/v1", api_key="x", model=MODEL, max_retries=0,
-                check_embedding_ctx_length=False,
-                default_headers={"X-User-ID": "langchain"}).embed_documents(["hello world"])
-            assert len(vectors) == 1 and vectors[0]
+            if langchain_openai is not None:
+                # LangChain's ChatOpenAI sends max_completion_tokens, which llama.cpp
+                # ignores: the gateway mirrors it as max_tokens, so the answer stops.
+                lc = langchain_openai.ChatOpenAI(
+                    base_url=stack.url + "/v1", api_key="x", model=MODEL, max_tokens=5,
+                    max_retries=0, default_headers={"X-User-ID": "langchain"})
+                answer = lc.invoke("say hello")
+                assert answer.content and answer.usage_metadata is not None
+                assert answer.usage_metadata["output_tokens"] == 5
+                pieces = [c.content for c in lc.stream("say hello")]
+                assert "".join(str(p) for p in pieces)
+                # check_embedding_ctx_length=False: else it tokenizes with tiktoken,
+                # whose tables come from the network.
+                vectors = langchain_openai.OpenAIEmbeddings(
+                    base_url=stack.url + "/v1", api_key="x", model=MODEL, max_retries=0,
+                    check_embedding_ctx_length=False,
+                    default_headers={"X-User-ID": "langchain"}).embed_documents(["hello world"])
+                assert len(vectors) == 1 and vectors[0]
 
             # The ollama client speaks /api/*: translated to the OpenAI server.
             oc = ollama.Client(host=stack.url, headers={"X-User-ID": "ollama"})
@@ -696,14 +722,19 @@ def test_usage_of_every_client_counted_and_kept_after_restart(
             parts = list(oc.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                  options={"num_predict": 9}, stream=True))
             assert parts[-1].done and sum(1 for p in parts if p.message.content) >= 5
-            embedded = oc.embed(model=MODEL, input="hello world")
+            # Ollama answers unit vectors cut to `dimensions`; the server ignores it.
+            embedded = oc.embed(model=MODEL, input="hello world", dimensions=8)
             assert embedded.embeddings and embedded.prompt_eval_count
+            assert len(embedded.embeddings[0]) == 8
+            assert abs(sum(v * v for v in embedded.embeddings[0]) - 1.0) < 1e-6
+
+            lc_requests = 0 if langchain_openai is None else 3
 
             def settled() -> dict[tuple[str, str], dict[str, object]] | None:
                 stack.lt.run(stack.state.cache.flush())
                 rows = _usage_rows(stack)
                 done = rows.get(("sdk", model), {}).get("requests") == 4 and \
-                    rows.get(("langchain", model), {}).get("requests") == 3 and \
+                    rows.get(("langchain", model), {}).get("requests", 0) == lc_requests and \
                     rows.get(("ollama", model), {}).get("requests") == 3
                 return rows if done else None
 
@@ -715,12 +746,14 @@ def test_usage_of_every_client_counted_and_kept_after_restart(
             assert sdk["prompt_tokens"] == sdk_exact[0], sdk
             assert sdk["completion_tokens"] == sdk_exact[1] + 12, sdk
             assert sdk["estimated_tokens"] == 12 and sdk["exact"] is False, sdk
-            lang = rows[("langchain", model)]
-            assert lang["completion_tokens"] >= 5 + 4 and lang["prompt_tokens"] > 0, lang
             oll = rows[("ollama", model)]
             assert oll["completion_tokens"] >= 7 + 5 and oll["prompt_tokens"] > 0, oll
-            assert all(row["errors"] == 0 and row["cancelled"] == 0
-                       for row in (sdk, lang, oll)), rows
+            checked = [sdk, oll]
+            if langchain_openai is not None:
+                lang = rows[("langchain", model)]
+                assert lang["completion_tokens"] >= 5 + 4 and lang["prompt_tokens"] > 0, lang
+                checked.append(lang)
+            assert all(row["errors"] == 0 and row["cancelled"] == 0 for row in checked), rows
         finally:
             stack.close()
 
@@ -728,7 +761,7 @@ def test_usage_of_every_client_counted_and_kept_after_restart(
         stack = gateway()
         try:
             after = _usage_rows(stack)
-            for who in ("sdk", "langchain", "ollama"):
+            for who in ("sdk", "ollama") + (("langchain",) if lc_requests else ()):
                 assert after[(who, model)] == rows[(who, model)], (who, after)
         finally:
             stack.close()
@@ -807,3 +840,26 @@ def test_a_client_leaving_is_charged_the_tokens_it_was_sent(real: RealBackend) -
     # At least what it read, more if the gateway had relayed further (this model
     # makes thousands of tokens a second), never more than the server made.
     assert row[2] == row[3] and 10 <= row[2] <= LONG_MAX_TOKENS, row
+
+
+def test_a_body_that_is_not_json_gets_400_in_the_apis_shape(real: RealBackend) -> None:
+    # The server answers a bare "500 Internal Server Error" (plain text) to a body
+    # that is not JSON; the gateway reads only the top level, and says what is wrong.
+    with _http() as client:
+        r = client.post(real.stack.url + "/v1/chat/completions", headers={
+            "Content-Type": "application/json"}, content=b'{"model":"tiny","messages":'
+            b'[{"role":"user","content":"hi",}],"max_tokens":2}')
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"].startswith("invalid JSON in request body"), r.text
+        r = client.post(real.stack.url + "/v1/chat/completions",
+                        json={"model": MODEL, "messages": _MESSAGES, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+def test_an_ollama_body_with_a_lone_surrogate_is_read_as_go_reads_it(real: RealBackend) -> None:
+    with _http() as client:
+        r = client.post(real.stack.url + "/api/chat", content=b'{"model":"tiny","stream":false,'
+                        b'"options":{"num_predict":2},'
+                        b'"messages":[{"role":"user","content":"a\\ud800b"}]}')
+    assert r.status_code == 200, r.text
+    assert r.json()["done"] is True

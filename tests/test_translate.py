@@ -577,8 +577,11 @@ def test_completion_responses_to_ollama_generate() -> None:
 def test_embedding_responses_both_ways() -> None:
     body = b'{"object":"list","data":[{"object":"embedding","embedding":[0.0023064255,-0.009327292,-0.0028842222],"index":0}],"model":"text-embedding-ada-002","usage":{"prompt_tokens":8,"total_tokens":8}}'
     t = plan(Endpoint.OLLAMA_EMBED, Endpoint.OPENAI_EMBEDDINGS, model="all-minilm", stream=False)
+    # Ollama's /api/embed answers unit vectors (this example is not one).
+    sample = [0.0023064255, -0.009327292, -0.0028842222]
+    norm = sum(v * v for v in sample) ** 0.5
     assert j(translate_response(t, body)) == {"model": "all-minilm",
-                                              "embeddings": [[0.0023064255, -0.009327292, -0.0028842222]],
+                                              "embeddings": [[v / norm for v in sample]],
                                               "prompt_eval_count": 8}
     t = plan(Endpoint.OLLAMA_EMBEDDINGS, Endpoint.OPENAI_EMBEDDINGS, stream=False)
     assert j(translate_response(t, body)) == {"embedding": [0.0023064255, -0.009327292, -0.0028842222]}
@@ -594,10 +597,10 @@ def test_embedding_responses_both_ways() -> None:
     # ... and base64 from an OpenAI backend decodes back to floats.
     back = plan(Endpoint.OLLAMA_EMBED, Endpoint.OPENAI_EMBEDDINGS, stream=False)
     data = b'{"data":[{"embedding":"' + encoded.encode() + b'","index":0}]}'
-    assert j(translate_response(back, data))["embeddings"] == [[0.5, -2.0]]
+    assert j(translate_response(back, data))["embeddings"] == [[0.5 / 4.25**0.5, -2.0 / 4.25**0.5]]
     # One vector per token (llama-cpp-python, a model without pooling): averaged.
     tokens = b'{"data":[{"embedding":[[1.0,2.0],[3.0,-2.0]],"index":0}],"usage":{"prompt_tokens":2}}'
-    assert j(translate_response(back, tokens))["embeddings"] == [[2.0, 0.0]]
+    assert j(translate_response(back, tokens))["embeddings"] == [[1.0, 0.0]]
 
 
 def test_ollama_chat_response_to_openai() -> None:

@@ -355,11 +355,14 @@ class Exchange(ResponseSink):
 
     def response_head(self, conn: UpstreamConnection) -> bytes | None:
         """The head for the client (response.py), or None: a fast 502/503/504 is
-        not relayed when another backend can take the request instead (recovery.py)."""
+        not relayed when another backend can take the request instead, nor a 500
+        to a body that is not JSON (answered 400 here; recovery.py)."""
         status = conn.status
         backend = self.backend
         assert backend is not None
         if status in (502, 503, 504) and recovery.retried_on_status(self, conn, backend, status):
+            return None
+        if status == 500 and recovery.refused_unreadable_body(self, conn):
             return None
         return response.head(self, conn, backend)
 

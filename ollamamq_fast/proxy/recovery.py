@@ -13,6 +13,7 @@ the dispatcher's retry turn, and the request's end to the ledger.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Final
 
 from ollamamq_fast.accounting.ledger import End
@@ -53,6 +54,33 @@ def retried_on_status(ex: Exchange, conn: UpstreamConnection, backend: Backend, 
         ex.failed += (backend,)
     ex._release_backend()
     ex.dispatcher.retry(ex)
+    return True
+
+
+def refused_unreadable_body(ex: Exchange, conn: UpstreamConnection) -> bool:
+    """A 500 to an inference body that is not JSON: True when answered 400 here instead.
+
+    The gateway reads only the top level of a body (wire/sniff.py); a body broken
+    further in goes to the backend, whose own decoder answers. Ollama answers
+    400; llama-cpp-python (and FastAPI servers) a bare `500 Internal Server
+    Error` in plain text, which the client reads as the server failing, in no
+    API's format. Only on that error path is the body parsed, as a Python
+    server parses it (json.loads: NaN taken), to tell the client what is wrong.
+    """
+    route = ex.route
+    if (route is None or route.kind is not Kind.QUEUED or ex.stream_body or ex.encoded_body
+            or not ex.body):
+        return False
+    try:
+        json.loads(ex.body[0])
+    except ValueError as exc:  # UnicodeDecodeError included
+        why = f"invalid JSON in request body: {exc}"
+    else:
+        return False
+    ex.upstream = None
+    conn.abort()  # its body is not relayed
+    ex._release_backend()
+    answers.respond_error(ex, 400, why)
     return True
 
 
@@ -194,6 +222,7 @@ def client_gone(ex: Exchange) -> None:
     if state is State.DONE:
         return
     ex._end()
+    answered = False  # the client read the stream's last event
     if ex.ustats is not None:  # it reached admission: it ends here, in the ledger
         end = End.CANCELLED
         conn = ex.upstream
@@ -202,6 +231,7 @@ def client_gone(ex: Exchange) -> None:
                 # The client read the last event and left before the backend's
                 # end of body (the openai SDK does): a complete answer.
                 end = End.DONE
+                answered = True
                 if (ex.status < 300 and ex.route is not None
                         and ex.route.kind is Kind.QUEUED):
                     response.count_tokens(ex, conn)
@@ -220,5 +250,8 @@ def client_gone(ex: Exchange) -> None:
         conn = ex.upstream
         ex.upstream = None
         if conn is not None:
-            conn.abort()
+            if answered and ex.request_complete and ex.xlate is None:
+                conn.drain(ex.gw.loop)  # nothing left to stop: its end is read, and it is pooled
+            else:
+                conn.abort()
         ex._release_backend()

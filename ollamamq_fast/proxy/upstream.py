@@ -32,6 +32,10 @@ _TAIL: Final = 4096
 # costs less than splitting it. A stream whose first read is smaller (a backend
 # sending token by token) stays with llhttp, one chunk a read.
 _SCAN_FROM: Final = 1024
+# A connection whose client left after the stream's last event is read to the
+# answer's end (its last chunk, a few bytes behind) and pooled, if that end
+# comes within this; else dropped.
+DRAIN_S: Final = 2.0
 
 if TYPE_CHECKING:
     from ollamamq_fast.policy.streamusage import UsageStripper
@@ -595,6 +599,23 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.close()
 
+    def drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The client left after the stream's last event, before the answer's end (the
+        openai SDK closes on `[DONE]`; uvicorn writes the last chunk apart): read the
+        rest, relayed nowhere, and pool the connection, instead of dropping it."""
+        if (self.closed or not self.backend_keep_alive or self.head_request
+                or self.framing is framing.Framing.CLOSE):
+            self.abort()
+            return
+        sink = _Drain()
+        self.sink = sink
+        self._let_go()  # its reading resumed, were the client's slowness pausing it
+        loop.call_later(DRAIN_S, self._drain_expired, sink)
+
+    def _drain_expired(self, sink: ResponseSink) -> None:
+        if self.sink is sink:  # not ended yet (a pooled one has another sink, or none)
+            self.abort()
+
     def close(self) -> None:
         """Close gracefully (flushes what was written)."""
         self.sink = None
@@ -624,6 +645,21 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
         if sink is not None:
             sink.upstream_lost(self, exc)
+
+
+class _Drain(ResponseSink):
+    """The sink of a connection read to its answer's end for the pool (drain)."""
+
+    @property
+    def client_transport(self) -> Transport | None:
+        return None
+
+    def response_complete(self, conn: UpstreamConnection) -> None:
+        conn.responses += 1
+        conn.pool.release(conn)
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        conn.pool.forget(conn)
 
 
 class _Overrun(ValueError):

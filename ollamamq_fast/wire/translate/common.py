@@ -128,6 +128,8 @@ class Translated:
     stream: bool
     include_usage: bool = False
     base64_embeddings: bool = False
+    # /api/embed's `dimensions` (0: none): Ollama cuts its unit vectors to it.
+    dimensions: int = 0
     notes: tuple[str, ...] = ()
     local_reply: bytes | None = None
     response_id: str = field(default="")

@@ -11,7 +11,10 @@ carry a cap (`"Options": {"num_predict": 5}`) the translation then drops:
 - a repeated object-valued field is merged into the first (Go decodes the
   second into the same struct or map), a repeated list or scalar replaces it;
 - fields Go does not know are ignored; keys inside a map (`options`, a tool
-  call's `arguments`) are exact, as Go's map keys are.
+  call's `arguments`) are exact, as Go's map keys are;
+- invalid UTF-8 and a lone surrogate escape (`"\\ud800"`, no character) are
+  U+FFFD in strings and keys: json.loads keeps the surrogate, which no UTF-8
+  writer takes (the translated body could not be written).
 
 Only the fields the translation reads are named here; the canonical body keeps
 their lower-case names.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+from ollamamq_fast.wire.errors import printable_message
 from ollamamq_fast.wire.translate.common import (
     TranslationError,
     finite_float,
@@ -83,7 +87,7 @@ def loads_go_object(body: bytes, what: str = "request body") -> dict[str, Any]:
     if not body or not body.strip():
         raise TranslationError(400, f"missing {what}")
     try:
-        value = json.loads(body, object_pairs_hook=_Pairs,
+        value = json.loads(body.decode("utf-8", "replace"), object_pairs_hook=_Pairs,
                            parse_constant=refuse_constant, parse_float=finite_float)
     except ValueError as exc:
         raise TranslationError(400, f"invalid JSON in {what}: {exc}") from None
@@ -123,8 +127,10 @@ def _read(value: Any, how: Any, earlier: Any) -> Any:
 
 def _plain(value: Any) -> Any:
     """Parsed JSON with objects as dicts (exact keys; a repeated key: the last one)."""
+    if isinstance(value, str):
+        return printable_message(value)
     if isinstance(value, _Pairs):
-        return {key: _plain(item) for key, item in value}
+        return {printable_message(key): _plain(item) for key, item in value}
     if isinstance(value, list):
         return [_plain(item) for item in value]
     return value

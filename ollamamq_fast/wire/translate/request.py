@@ -83,7 +83,9 @@ def _to_openai(
         out = to_openai.embed(req, legacy, notes)
         backend = Endpoint.OPENAI_EMBEDDINGS
     stream = bool(out.get("stream"))
-    return Translated(backend.path, dumps(out), client, backend, model, stream, notes=tuple(notes))
+    dims = req.get("dimensions") if client is Endpoint.OLLAMA_EMBED else None
+    return Translated(backend.path, dumps(out), client, backend, model, stream, notes=tuple(notes),
+                      dimensions=dims if type(dims) is int and dims > 0 else 0)
 
 
 def _check_top_logprobs(value: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import struct
 from typing import Any
 
@@ -193,6 +194,20 @@ def _vector(value: Any) -> Any:
     return value
 
 
+def _unit(vector: Any, dimensions: int) -> Any:
+    """An /api/embed vector as Ollama gives it: cut to `dimensions` (when fewer), at
+    unit length. An OpenAI server may ignore `dimensions` (llama-cpp-python does)
+    and send vectors of any length (an average of per-token ones is not unit);
+    Ollama's /api/embeddings (legacy) answers its vector as it comes."""
+    if not isinstance(vector, list) or not all(type(v) in (float, int) for v in vector):
+        return vector
+    if 0 < dimensions < len(vector):
+        vector = vector[:dimensions]
+    norm = math.sqrt(sum(v * v for v in vector))
+    # A vector already of unit length (most servers') is passed as it came.
+    return [v / norm for v in vector] if norm and abs(norm - 1.0) > 1e-6 else vector
+
+
 def _embeddings_to_ollama(
     t: Translated, data: dict[str, Any], out: dict[str, Any], total_ns: int | None
 ) -> dict[str, Any]:
@@ -203,7 +218,7 @@ def _embeddings_to_ollama(
     if t.client is Endpoint.OLLAMA_EMBEDDINGS:
         return {"embedding": vectors[0] if vectors else []}
     del out["created_at"]  # /api/embed answers carry no timestamp
-    out["embeddings"] = vectors
+    out["embeddings"] = [_unit(v, t.dimensions) for v in vectors]
     metrics = ollama_metrics(data.get("usage"), None, total_ns)
     metrics.pop("eval_count", None)
     out.update(metrics)
