@@ -299,6 +299,13 @@ class GatewayStats:
     cache_bytes: int = 0
     cache_entries: int = 0
     cache_evictions: int = 0
+    # The last response's key parts and its counter: consecutive responses
+    # mostly share them (one route, one backend, 200), and identity tests cost
+    # less than building and hashing the key tuple.
+    last_path: str = ""
+    last_status: int = 0
+    last_backend: str = ""
+    last_count: Count = field(default_factory=Count)
 
     def user(self, user: str) -> UserStats:
         """The stats of a user, created on first sight (bounded, LRU-evicted)."""
@@ -321,9 +328,17 @@ class GatewayStats:
 
     def response(self, path: str, status: int, backend: str) -> None:
         """Count one finished response."""
-        key = (path, status, backend)
-        count = self.responses.get(key)
-        if count is None:
-            count = self.responses[key] = Count()
+        if path is self.last_path and status == self.last_status and backend is self.last_backend:
+            count = self.last_count
+        else:
+            key = (path, status, backend)
+            found = self.responses.get(key)
+            if found is None:
+                found = self.responses[key] = Count()
+            count = found
+            self.last_path = path
+            self.last_status = status
+            self.last_backend = backend
+            self.last_count = count
         count.n += 1
         self.completed += 1

@@ -9,7 +9,7 @@ from harness import fast_sim_options, start_stack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ollamamq_fast.stats import Histogram, tokens_in_tail
+from ollamamq_fast.stats import GatewayStats, Histogram, tokens_in_tail
 
 
 def test_tokens_in_tail_reads_last_frames() -> None:
@@ -196,3 +196,18 @@ def test_user_table_is_bounded_and_keeps_busy_and_recent_users(
     assert len(stats.users) <= 100
     assert "busy" in stats.users  # work in the gateway: never evicted
     assert "u999" in stats.users and "u0" not in stats.users  # the longest idle go first
+
+
+def test_responses_are_counted_by_route_status_and_backend_however_they_alternate() -> None:
+    # Consecutive responses with the same key reuse the last counter; any other
+    # order, and equal keys that are other objects, still land in one counter each.
+    stats = GatewayStats()
+    route = "/api/chat"
+    for status in (200, 200, 500, 200):
+        stats.response(route, status, "b1")
+    stats.response(route[:5] + route[5:], 200, "b1")  # equal, not the same object
+    stats.response(route, 200, "b2")
+    counts = {key: count.n for key, count in stats.responses.items()}
+    assert counts == {("/api/chat", 200, "b1"): 4, ("/api/chat", 500, "b1"): 1,
+                      ("/api/chat", 200, "b2"): 1}
+    assert stats.completed == 6

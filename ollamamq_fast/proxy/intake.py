@@ -145,13 +145,25 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
         if not settings.allow_all_routes:
             return _NOT_FOUND
         route = FALLBACK_ROUTE
-    elif route.methods and method not in route.methods:
-        return _NOT_ALLOWED
+    elif route.methods:
+        known = _route_method(route.methods, method)
+        if known is None:
+            return _NOT_ALLOWED
+        ex.method = known
     ex.route = route
     if route.kind is Kind.PRIMARY:
         ex.stream_body = True
     elif route.kind is not Kind.LOCAL and ex.content_length > settings.max_body_bytes:
         return too_large(ex)
+    return None
+
+
+def _route_method(methods: tuple[bytes, ...], method: bytes) -> bytes | None:
+    """The route's own object for `method` (the parser's is new on every request:
+    the access log's row then matches by identity), None if the route refuses it."""
+    for known in methods:
+        if known == method:
+            return known
     return None
 
 

@@ -27,6 +27,9 @@ MAX_IDLE_PER_BACKEND: Final = 256
 IDLE_EXPIRY_S: Final = 30.0
 # A backend that does not accept a TCP connection within this is failing.
 CONNECT_TIMEOUT_S: Final = 5.0
+# The clock, bound once: compiled, a Final global is a static, where
+# `time.monotonic` looks the name up in the module on every response.
+_monotonic: Final = time.monotonic
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -72,7 +75,7 @@ class UpstreamPool:
             return
         # The data plane's clock (plane.py), a C call; the loop's time() is a
         # Python-level call into uvloop on every response.
-        conn.idle_since = time.monotonic()
+        conn.idle_since = _monotonic()
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
