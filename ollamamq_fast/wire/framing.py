@@ -71,15 +71,17 @@ class ResponseHeaders:
     a head that is rebuilt or an answer that is cached, not for every response.
     """
 
+    flat: list[bytes]  # name, value, name, value...
+    content_type: bytes
+    chunked: bool  # the last Transfer-Encoding ends in chunked
+    transfer_encoding: bool  # a Transfer-Encoding header came
+    has_length: bool
+    # A hop-by-hop header (RFC 9110 §7.6.1) that must go: then the head cannot
+    # be relayed as the backend wrote it (`relay_head`).
+    hop_by_hop: bool
+
     def __init__(self) -> None:
-        self.flat: list[bytes] = []
-        self.content_type = b""
-        self.chunked = False  # the last Transfer-Encoding ends in chunked
-        self.transfer_encoding = False  # a Transfer-Encoding header came
-        self.has_length = False
-        # A hop-by-hop header (RFC 9110 §7.6.1) that must go: then the head
-        # cannot be relayed as the backend wrote it (`relay_head`).
-        self.hop_by_hop = False
+        self.reset()
 
     def reset(self) -> None:
         """Empty, for the next response (or the final head after an interim one)."""

@@ -306,16 +306,22 @@ def _skip_container(body: bytes, i: int) -> int:
                 return pos
 
 
+def go_fold(key: str) -> str:
+    """A key as Go's decoder compares it with a field's (lowercase ASCII) name.
+
+    Go folds by Unicode simple folding: the only non-ASCII letters that fold
+    to ASCII ones are the Kelvin sign (to k, which lower() does) and the long
+    s (to s). Not casefold(): its full folding makes `ß` "ss" and the `ﬅ`
+    ligature "st", which Go never matches.
+    """
+    return key.lower().replace("\u017f", "s")
+
+
 def _match_key(raw: bytes, wanted: dict[bytes, str]) -> str | None:
     """The wanted key name this raw key selects, under Go's case folding."""
     if raw.find(_BACKSLASH) < 0 and raw.isascii():
         return wanted.get(raw.lower())
-    # Go folds by Unicode simple folding: the only non-ASCII letters that fold
-    # to ASCII ones are the Kelvin sign (to k, as lower() does) and the long s.
-    # Not casefold(): its full folding makes `ß` "ss" and the `ﬅ` ligature
-    # "st", which Go never matches (wanted keys are lowercase ASCII).
-    folded = _decode_string(raw).lower().replace("\u017f", "s").encode("utf-8", "surrogatepass")
-    return wanted.get(folded)
+    return wanted.get(go_fold(_decode_string(raw)).encode("utf-8", "surrogatepass"))
 
 
 def _decode_string(raw: bytes) -> str:

@@ -39,25 +39,25 @@ CHAT = json.dumps({"model": "fake", "stream": False,
 V1 = json.dumps({"model": "fake", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
-@pytest.fixture(scope="module")
-def gw(backend: FakeBackend) -> Iterator[GatewayProc]:
-    proc = GatewayProc([backend.url], "--cache", "off")
+def _gateway(backend: FakeBackend, *args: str, admin: bool = False) -> Iterator[GatewayProc]:
+    proc = GatewayProc([backend.url], *args, admin=admin)
     yield proc
     proc.close()
+
+
+@pytest.fixture(scope="module")
+def gw(backend: FakeBackend) -> Iterator[GatewayProc]:
+    yield from _gateway(backend, "--cache", "off")
 
 
 @pytest.fixture(scope="module")
 def kgw(backend: FakeBackend) -> Iterator[GatewayProc]:
-    proc = GatewayProc([backend.url], "--cache", "off", "--auth", "keys", admin=True)
-    yield proc
-    proc.close()
+    yield from _gateway(backend, "--cache", "off", "--auth", "keys", admin=True)
 
 
 @pytest.fixture(scope="module")
 def cgw(backend: FakeBackend) -> Iterator[GatewayProc]:
-    proc = GatewayProc([backend.url], "--cache", "all")
-    yield proc
-    proc.close()
+    yield from _gateway(backend, "--cache", "all")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import json
 from typing import Any, Final
 
 from ollamamq_fast.wire.errors import printable_message
+from ollamamq_fast.wire.sniff import go_fold
 from ollamamq_fast.wire.translate.common import (
     TranslationError,
     finite_float,
@@ -52,17 +53,6 @@ def _schema(*plain: str, **nested: Any) -> Schema:
     out: Schema = {name: (name, None) for name in plain}
     out.update({name: (name, how) for name, how in nested.items()})
     return out
-
-
-def _fold(key: str) -> str:
-    """A key as Go's decoder compares it with a field's (lowercase ASCII) name.
-
-    Go folds by Unicode simple folding: the only non-ASCII letters that fold
-    to ASCII ones are the Kelvin sign (to k, which lower() does) and the long
-    s (to s). Not casefold(): its full folding makes `ß` "ss" and the `ﬅ`
-    ligature "st", which Go never matches.
-    """
-    return key.lower().replace("\u017f", "s")
 
 
 _FUNCTION: Final = _schema("parameters", "index", name=_SCALAR, description=_SCALAR,
@@ -98,7 +88,7 @@ def loads_go_object(body: bytes, what: str = "request body") -> dict[str, Any]:
 
 def _struct(pairs: _Pairs, schema: Schema, into: dict[str, Any]) -> dict[str, Any]:
     for key, value in pairs:
-        spec = schema.get(_fold(key))
+        spec = schema.get(go_fold(key))
         if spec is None:
             continue  # Go ignores fields its struct does not have
         name, how = spec
