@@ -65,6 +65,8 @@ def test_undecodable_paths_are_refused(bad: bytes) -> None:
 
 def test_request_targets_reduce_to_their_path() -> None:
     assert request_path(b"/api/chat?x=1") == (b"/api/chat", b"?x=1")
+    assert request_path(b"/api/chat") == (b"/api/chat", b"")
+    assert request_path(b"/api/chat?") == (b"/api/chat", b"?")
     assert request_path(b"http://evil.example/api/chat?x") == (b"/api/chat", b"?x")
     assert request_path(b"http://evil.example") == (b"/", b"")
     for target in (b"*", b"evil.example:443", b"api/chat"):

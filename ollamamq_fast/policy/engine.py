@@ -69,8 +69,6 @@ log = logging.getLogger("ollamamq_fast.policy")
 CHAT_COMPLETIONS: Final = b"/v1/chat/completions"
 # `"stream"` in any spelling (a Go server reads them all), without copying the body.
 _ANY_CASE_STREAM: Final = re.compile(rb'"[sS][tT][rR][eE][aA][mM]"')
-# Bodies up to this size are searched as text by body_keys.
-_TEXT_MAX: Final = 64 * 1024
 
 
 def _mentions(body: bytes, text: str | None, word: str) -> bool:
@@ -195,25 +193,21 @@ class Policy:
         self._memo[user] = (stored, limits)
         return limits
 
-    def body_keys(self, ex: Exchange, body: bytes) -> tuple[str, ...]:
+    def body_keys(self, ex: Exchange, body: bytes, text: str | None) -> tuple[str, ...]:
         """Top-level body keys the policy must read for this request (sets `ex.limits`).
 
         The determinism and stream checks only need the keys when their names
         occur in the body at all: a substring test is far cheaper than reading
         spans. It looks for the lowercase names that clients send; a key
         spelled otherwise only makes a request uncacheable or its stream
-        uncounted, never changes what is forwarded.
+        uncounted, never changes what is forwarded. `text` is the body decoded
+        as Latin-1 (see latin1_text), None for a large body.
         """
         limits = ex.limits = self.limits_for(ex.user)
         path = ex.path
         cap = bool(limits.max_tokens) and path in CAP_RULES
         det = self.cache.mode == "deterministic" and path in CACHEABLE and path not in EMBEDDINGS
         inject = self.inject and path in INJECT_ROUTES
-        # A body up to _TEXT_MAX is searched as Latin-1 text (the same bytes):
-        # compiled, `in` on a str is a direct call, where each bytes.find goes
-        # through Python's argument parsing (about 800 instructions). Larger
-        # bodies are not copied for it.
-        text = body.decode("latin-1") if len(body) <= _TEXT_MAX else None
         mirror = (not cap and path == CHAT_COMPLETIONS
                   and _mentions(body, text, "max_completion_tokens"))
         if det and not (_mentions(body, text, "temperature")

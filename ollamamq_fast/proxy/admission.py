@@ -21,7 +21,7 @@ import blake3
 from ollamamq_fast.policy.gate import ADMIT, Admission, Verdict
 from ollamamq_fast.proxy import answers, intake
 from ollamamq_fast.wire.routes import Kind
-from ollamamq_fast.wire.sniff import first_item
+from ollamamq_fast.wire.sniff import first_item, latin1_text
 
 if TYPE_CHECKING:
     import asyncio
@@ -45,12 +45,13 @@ def admit(ex: Exchange, route: Route) -> Admission | None:
     ex.body = [body]
     kind = route.kind
     policy = ex.gw.policy
-    keys = policy.body_keys(ex, body) if kind is Kind.QUEUED else ()
+    text = latin1_text(body)  # searched by the policy and the model sniffer
+    keys = policy.body_keys(ex, body, text) if kind is Kind.QUEUED else ()
     if ex.encoded_body:
         ex.model = None
         return policy.admit(ex, body, None, readable=False) if kind is Kind.QUEUED else ADMIT
     try:
-        spans = intake.read_model(ex, route, body, keys)
+        spans = intake.read_model(ex, route, body, keys, text)
     except intake.Unroutable as bad:
         answers.respond_error(ex, bad.status, bad.message)
         return None

@@ -260,11 +260,13 @@ class Unroutable(Exception):
         self.message = message
 
 
-def read_model(ex: Exchange, route: Route, body: bytes, keys: tuple[str, ...]) -> Sniffed | None:
+def read_model(ex: Exchange, route: Route, body: bytes, keys: tuple[str, ...],
+               text: str | None = None) -> Sniffed | None:
     """The model the body names, as the backend will read it; the values the policy asked for.
 
     Sets the exchange's model (and its body, when the pool's alias is spliced
     in) and returns the spans of `keys` (None when the policy asked for none).
+    `text` is the body decoded as Latin-1, when the caller has it.
     Raises Unroutable when there is no model to route by.
     """
     spans = None
@@ -273,7 +275,7 @@ def read_model(ex: Exchange, route: Route, body: bytes, keys: tuple[str, ...]) -
             spans = sniff_spans(body, route.model_keys, keys)
             found = spans.found
         else:
-            found = sniff_fields(body, route.model_keys)
+            found = sniff_fields(body, route.model_keys, text)
     except SniffError as exc:
         raise Unroutable(400, str(exc)) from None
     name = first_model(found, route.model_keys)

@@ -55,6 +55,9 @@ def request_path(target: bytes) -> tuple[bytes, bytes]:
         target = target[m.end() :] or b"/"
         if not target.startswith(b"/"):
             target = b"/" + target
+    # An int's membership in bytes is a memchr; the usual target has no query.
+    if 0x3F not in target:  # '?'
+        return target, b""
     # Searched as Latin-1 text (the same indexes): compiled, str.find is a
     # direct call where bytes.find goes through Python's argument parsing.
     query = target.decode("latin-1").find("?")

@@ -51,6 +51,8 @@ class SniffError(ValueError):
 # generate bodies). One C-level regex proves the shape; with no backslashes a
 # string cannot contain a quote, so every key/value match is a top-level pair.
 _FAST_MAX: Final = 16 * 1024
+# Bodies up to this size are decoded by latin1_text for substring searches.
+TEXT_MAX: Final = 64 * 1024
 _FLAT_SCALAR: Final = rb'(?:"[^"]*"|[-+.\w]+)'
 _FLAT: Final = re.compile(
     rb'\s*\{\s*"[^"]*"\s*:\s*' + _FLAT_SCALAR
@@ -142,16 +144,31 @@ def _leading_fields(body: bytes, text: str, keys: tuple[str, ...]) -> dict[str, 
     return {key: value.decode("utf-8", "replace")} if value is not None else {}
 
 
-def sniff_fields(body: bytes, keys: tuple[str, ...]) -> dict[str, str]:
+def latin1_text(body: bytes) -> str | None:
+    """The body as Latin-1 text (the same bytes, the same indexes), None beyond TEXT_MAX.
+
+    Compiled, `in` and find on a str are direct calls, where each bytes.find
+    goes through Python's argument parsing (about 800 instructions). The
+    admission decodes a body once for body_keys and the model sniffer; larger
+    bodies are not copied for it.
+    """
+    return body.decode("latin-1") if len(body) <= TEXT_MAX else None
+
+
+def sniff_fields(body: bytes, keys: tuple[str, ...], text: str | None = None) -> dict[str, str]:
     """Values of the wanted top-level string keys of a JSON object body.
 
     Keys are matched case-insensitively and the last occurrence wins (Go's
     rules). A `null` value is skipped: Go leaves a string field as it was
     (`{"model":"a","model":null}` is model "a"). A wanted key holding a
     non-string value raises SniffError, as Go's decoder rejects it.
+
+    `text`, when given, is the body decoded as Latin-1 (a caller that has
+    already decoded it saves the copy).
     """
     if len(body) <= _FAST_MAX:
-        text = body.decode("latin-1")
+        if text is None:
+            text = body.decode("latin-1")
         if "\\" not in text:
             leading = _leading_fields(body, text, keys)
             if leading is not None:
