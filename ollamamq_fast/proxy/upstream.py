@@ -25,6 +25,8 @@ from ollamamq_fast.wire import framing
 # A body that came with the head is joined to the rebuilt head below this size
 # (one small copy) and written from the read itself above it.
 _JOIN_BELOW: Final = 4096
+_CR: Final = 13
+_LF: Final = 10
 # How much of the body's end the token tap and the end-of-stream checks see.
 _TAIL: Final = 4096
 # A chunked body's end is found by a ChunkScanner (when scan_chunks) if at least
@@ -159,6 +161,7 @@ class UpstreamConnection(asyncio.Protocol):
         # starts its body at `*_from` (the head is not sliced off: no copy).
         self.last_data = b""
         self.last_from = 0
+        self.body_got = 0  # body bytes read so far (see _answer_end)
         self.prev_data = b""
         self.prev_from = 0
         self.content_type = b""
@@ -198,8 +201,16 @@ class UpstreamConnection(asyncio.Protocol):
                 data = self._scanned(scanner, data, 0)
                 if not data:
                     return
-            elif not self._parsed(data):
-                return
+            else:
+                if not self._parsed(data):
+                    return
+                self.body_got += len(data)
+                if self.complete and (data[-1] == _CR or data[-1] == _LF):
+                    data = data[:self._answer_end(data, 0)]
+                    if not data:
+                        self.sink = None
+                        sink.response_complete(self)
+                        return
             gone = self.prev_data
             if gone and self.event_mark:
                 self.events += _count(gone, self.event_mark, self.prev_from)
@@ -266,6 +277,36 @@ class UpstreamConnection(asyncio.Protocol):
                 self._protocol_error(ValueError("the backend's answer has no clear end"))
             return b""
         return data
+
+    def _answer_end(self, data: bytes, body_at: int) -> int:
+        """Where the answer ends in the read that completed it, its body starting at body_at.
+
+        llhttp skips CR and LF bytes after a message (RFC 9112 §2.2 robustness),
+        so a backend's stray CRLF after its answer comes in the same read
+        without a parse error. Relayed, it would start the client's next
+        answer (Python's http.client reads it as a bad status line): it is cut
+        off here, as the chunk scanner cuts it (_scanned). Only called when
+        the read ends in CR or LF.
+        """
+        kind = self.framing
+        if kind is framing.Framing.LENGTH:
+            try:
+                length = int(self.response_headers.length)
+            except ValueError:
+                return len(data)
+            return max(body_at, len(data) - max(0, self.body_got - length))
+        if kind is framing.Framing.CHUNKED:
+            # The answer ends in CRLFCRLF (after the last chunk or a trailer),
+            # right after a byte that is neither CR nor LF.
+            run = _crlf_run(data, body_at)
+            if run < len(data) - body_at:
+                return len(data) - run + 4 if run > 4 else len(data)
+            # All CR/LF: the last CRLFCRLF began in the previous read.
+            prev = self.last_data
+            return body_at + max(0, 4 - _crlf_run(prev, self.last_from))
+        if kind is framing.Framing.EMPTY:
+            return body_at
+        return len(data)
 
     def _feed_head(self, data: bytes) -> bool:
         """Feed the parser a read that holds (part of) the head; False if the
@@ -337,6 +378,11 @@ class UpstreamConnection(asyncio.Protocol):
             buf = self._scanned(scanner, buf, body_at)
             if not buf:
                 return
+        elif self.complete and len(buf) > body_at and (buf[-1] == _CR or buf[-1] == _LF):
+            self.body_got = len(buf) - body_at
+            buf = buf[:self._answer_end(buf, body_at)]
+        else:
+            self.body_got = len(buf) - body_at
         self.head_buf = b""
         self.head_sent = True
         head = sink.response_head(self)
@@ -686,6 +732,14 @@ class _UnknownCoding(_RefusedHead):
 
     def __init__(self) -> None:
         super().__init__("the backend sent a Transfer-Encoding that does not end in chunked")
+
+
+def _crlf_run(data: bytes, start: int) -> int:
+    """How many CR and LF bytes end data (not counting back past start)."""
+    i = len(data)
+    while i > start and (data[i - 1] == _CR or data[i - 1] == _LF):
+        i -= 1
+    return len(data) - i
 
 
 def _count(data: bytes, mark: bytes, start: int) -> int:

@@ -76,6 +76,7 @@ class ResponseHeaders:
     chunked: bool  # the last Transfer-Encoding ends in chunked
     transfer_encoding: bool  # a Transfer-Encoding header came
     has_length: bool
+    length: bytes  # the last Content-Length value as sent (b"": none)
     # A hop-by-hop header (RFC 9110 §7.6.1) that must go: then the head cannot
     # be relayed as the backend wrote it (`relay_head`).
     hop_by_hop: bool
@@ -90,6 +91,7 @@ class ResponseHeaders:
         self.chunked = False
         self.transfer_encoding = False
         self.has_length = False
+        self.length = b""
         self.hop_by_hop = False
 
     def add(self, name: bytes, value: bytes) -> None:
@@ -107,6 +109,7 @@ class ResponseHeaders:
             self.chunked = value == b"chunked" or _chunked_last(value)
         elif kind == _CONTENT_LENGTH:
             self.has_length = True
+            self.length = value
         else:
             self.hop_by_hop = True
 

@@ -66,7 +66,21 @@ SCRIPTS = {
     "interim-chunked-body": Script([b"HTTP/1.1 199 X\r\nTransfer-Encoding: chunked\r\n\r\n"
                                     + b"%x\r\n%s\r\n0\r\n\r\n" % (len(answer(SMUGGLED)),
                                                                 answer(SMUGGLED)) + STREAM]),
+    # Stray CRLFs after a whole answer (llhttp skips them between messages, so
+    # they raise no parse error): in the read that ends the answer, after a
+    # body that itself ends in LF, after a trailer, in a read of their own
+    # that also holds the end of the last chunk, after a later body read, after
+    # a body the chunk scanner reads, and after a 204.
+    "crlf-after-length": Script([answer(CHAT_OK) + b"\r\n"]),
+    "crlf-after-length-lf": Script([answer(CHAT_OK + b"\n") + b"\r\n\r\n"]),
+    "crlf-after-chunked": Script([chunked([CHAT_OK + b"\n"]) + b"\r\n"]),
+    "crlf-after-trailer": Script([chunked([CHAT_OK + b"\n"])[:-2] + b"X-T: v\r\n\r\n\r\n"]),
+    "crlf-split-chunked": Script([chunked([CHAT_OK + b"\n"])[:-1], 0.05, b"\n\r\n"]),
+    "crlf-after-later-body": Script([HEAD_OF_OK, 0.05, CHAT_OK + b"\r\n"]),
+    "crlf-after-scanned": Script([STREAM + b"\r\n"]),
+    "crlf-after-204": Script([b"HTTP/1.1 204 No Content\r\n\r\n\r\n"]),
 }
+CRLF_MODES = [m for m in SCRIPTS if m.startswith("crlf-")]
 # Transfer-Encoding values llhttp does not read as chunked (it reads the body to
 # the close), with a second answer after the chunked body's end: in the same
 # read as the head and 1 KiB of body (the compiled build's chunk scanner), or
@@ -118,6 +132,24 @@ def _served(gw: GatewayProc, raw: RawBackend, user: str) -> bool:
     got = raw.inference("plain")
     return (bool(responses) and responses[0].status == 200
             and responses[0].body == CHAT_OK and bool(got) and got[-1].conn not in before)
+
+
+@pytest.mark.parametrize("mode", CRLF_MODES)
+def test_stray_crlf_after_an_answer_is_not_relayed(gw: GatewayProc, mode: str) -> None:
+    # Relayed, the CRLF would start the client's next answer: Python's
+    # http.client reads it as a bad status line, a strict parser as garbage.
+    data = (request("POST", "/api/chat", CHAT, [("X-Mode", mode)])
+            + request("GET", "/api/version?after"))
+    responses, rest, _ = exchange(gw.port, data, timeout=3, expect=2)
+    assert [r.status for r in responses] == [204 if mode.endswith("204") else 200, 200], (
+        responses, rest)
+    assert rest == b"", f"{mode}: bytes past the answers: {rest[:80]!r}"
+    first = responses[0]
+    if mode.endswith("204"):
+        assert first.body == b""
+    else:
+        assert first.body.endswith(CHAT_OK + b"\n" if mode != "crlf-after-length" and
+                                   mode != "crlf-after-later-body" else CHAT_OK), first.body[-80:]
 
 
 @pytest.mark.parametrize("mode", ["second-response", "second-after-chunked", "second-after-body",

@@ -98,9 +98,15 @@ def parse_responses(data: bytes, head_requests: int | list[bool] = 0
                     raise BadResponse(f"bad chunk size {rest[pos:line_end][:40]!r}") from None
                 pos = line_end + 2
                 if size == 0:
-                    if rest[pos : pos + 2] == b"\r\n":
-                        pos += 2
-                        complete = True
+                    # Trailer fields, if any, then the empty line.
+                    while True:
+                        line_end = rest.find(b"\r\n", pos)
+                        if line_end < 0:
+                            break
+                        field_line, pos = rest[pos:line_end], line_end + 2
+                        if not field_line:
+                            complete = True
+                            break
                     break
                 if len(rest) < pos + size + 2:
                     break
