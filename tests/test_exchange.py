@@ -769,6 +769,26 @@ def test_crlf_after_the_answer_keeps_the_connection(rig: Rig) -> None:
     assert user.in_flight == 0 and user.done == 1
 
 
+@pytest.mark.parametrize("interim", [b"", b"HTTP/1.1 100 Continue\r\n\r\n",
+                                     b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"])
+@pytest.mark.parametrize("body", [b'{"done":true}', b'{"a":"\r\n\r\n"}\r\n\r\nX', b"x"])
+def test_a_whole_length_answer_in_one_read_is_relayed_exactly(rig: Rig, interim: bytes,
+                                                               body: bytes) -> None:
+    """The head's end is found from the Content-Length when the answer comes whole
+    (a blank line inside the body, an interim head before it): head and body exact."""
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    conn, _ = rig.pools[0].last
+    conn.data_received(interim + b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"X-Kept: yes\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+    text = bytes(client.data)
+    head, _, got = text.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"X-Kept: yes" in head
+    assert b"Content-Length: %d" % len(body) in head and got == body
+    assert not conn.closed and conn in rig.pools[0].idle
+
+
 def test_a_scanned_end_llhttp_does_not_agree_with_is_not_relayed_as_complete(rig: Rig) -> None:
     """Insurance: should the scanner ever follow a body llhttp reads otherwise (here a
     Content-Length one, forced), the answer is cut and the connection dropped, never
