@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
+from mypy_extensions import i64
+
 # Latency buckets in seconds: sub-millisecond proxy overheads up to long generations.
 # Not Final: mypyc leaves a Final that is a default argument unset (NameError).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -38,6 +40,8 @@ NEAR_BYTES: Final = 256
 # Bytes after a count's key within which its value must end (spaces, the
 # colon and 20 digits).
 _COUNT_SPAN: Final = 40
+# A token count has at most this many digits (a native integer holds it; more is no count).
+_COUNT_DIGITS: Final = 18
 
 
 def tokens_in_tail(tail: bytes) -> tuple[int, int]:
@@ -102,28 +106,31 @@ def _counts(tail: bytes, text: str, prompt_key: str, completion_key: str) -> tup
     return None
 
 
-def _int_at(data: bytes, at: int) -> int:
+def _int_at(data: bytes, at: i64) -> int:
     """The number after the key ending at `at` (a colon, spaces around it); 0 if none.
 
     A count is followed by the next member or the object's end; anything else
-    (a string, null, a negative or fractional number) counts as none. Byte by
-    byte rather than find/slice/int(): compiled, this is a few dozen
-    instructions, where each bytes method call costs a thousand.
+    (a string, null, a negative or fractional number, more than
+    _COUNT_DIGITS digits) counts as none. Byte by byte on native integers
+    rather than find/slice/int(): compiled, this is a few dozen instructions,
+    where each bytes method call costs a thousand.
     """
-    n = len(data)
-    end = at + _COUNT_SPAN
+    n: i64 = len(data)
+    end: i64 = at + _COUNT_SPAN
     if end > n:  # noqa: PLR1730 - a compare, not a call, on the per-request path
         end = n
     i = _skip_space(data, at, end)
     if i >= end or data[i] != 0x3A:  # ':'
         return 0
     i = _skip_space(data, i + 1, end)
-    value = 0
+    value: i64 = 0
     first = i
     while i < end:
-        c = data[i]
+        c: i64 = data[i]
         if c < 0x30 or c > 0x39:
             break
+        if i - first == _COUNT_DIGITS:
+            return 0
         value = value * 10 + (c - 0x30)
         i += 1
     if i == first:
@@ -134,10 +141,10 @@ def _int_at(data: bytes, at: int) -> int:
     return 0
 
 
-def _skip_space(data: bytes, i: int, end: int) -> int:
+def _skip_space(data: bytes, i: i64, end: i64) -> i64:
     """The index of the first non-space byte at or after `i` (JSON's four spaces), or `end`."""
     while i < end:
-        c = data[i]
+        c: i64 = data[i]
         if c != 0x20 and c != 0x0A and c != 0x0D and c != 0x09:
             return i
         i += 1

@@ -21,6 +21,18 @@ def test_tokens_in_tail_reads_last_frames() -> None:
     assert tokens_in_tail(b'{"response":"no counts"}') == (0, 0)
 
 
+@pytest.mark.parametrize(("count", "read"), [
+    (b"999999999999999999", 999999999999999999),  # 18 digits: the most a count has
+    (b"1000000000000000000", 0),  # 19: no count (not a wrapped native integer)
+    (b"99999999999999999999999999999999", 0),
+    (b"0", 0), (b"007", 7)])
+def test_a_count_is_read_up_to_eighteen_digits(count: bytes, read: int) -> None:
+    short = b'{"done":true,"prompt_eval_count":5,"eval_count":%b}\n' % count
+    long = b'{"context":[%b],' % b",".join(b"1" for _ in range(200)) + short[1:]
+    for tail in (short, long):  # the whole tail; its last NEAR_BYTES first
+        assert tokens_in_tail(tail) == (5, read) == _whole_tail_counts(tail)
+
+
 def _whole_tail_counts(tail: bytes) -> tuple[int, int]:
     """tokens_in_tail as it reads the whole tail, without its look at the tail's end first."""
     from ollamamq_fast import stats
