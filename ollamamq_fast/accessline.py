@@ -18,7 +18,6 @@ characters) are written as \\uXXXX escapes; the line stays valid JSON.
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Any, Final
 
 import orjson
@@ -165,6 +164,10 @@ class LineWriter:
 
     def line(self, fields: tuple[Any, ...]) -> bytes:
         """One access record as one JSON object on one line, newline included."""
+        return b"".join(self._pieces(fields))
+
+    def _pieces(self, fields: tuple[Any, ...]) -> tuple[bytes, ...]:
+        """The pieces of one record's line, in order (batch joins a whole batch's at once)."""
         (ts, user, ip, method, path, model, status, backend, queue_ms, duration_ms,
          prompt_tokens, completion_tokens, request_id) = fields
         row = (user, ip, method, path, model, status, backend)
@@ -196,20 +199,29 @@ class LineWriter:
         else:
             rid_open, rid, rid_close = b',"request_id":', json_text(request_id), b"}\n"
         second, millis = self.stamp.parts(ts)
-        return b"".join((
+        return (
             b'{"ts":"', second, millis, middle, self.queue_ms.of(queue_ms), whole, fraction,
             self.prompts.of(prompt_tokens), self.completions.of(completion_tokens),
             rid_open, rid, rid_close,
-        ))
+        )
 
-    def batch(self, pending: deque[tuple[Any, ...]], limit: int) -> tuple[bytes, int]:
-        """Up to `limit` queued records as JSON lines, joined; and how many were taken."""
-        lines: list[bytes] = []
-        n = 0
-        while n < limit and pending:
-            lines.append(self.line(pending.popleft()))
-            n += 1
-        return b"".join(lines), n
+    def batch(self, pending: list[tuple[Any, ...]], limit: int) -> tuple[bytes, int]:
+        """Up to `limit` queued records as JSON lines, joined; and how many were taken.
+
+        The records are taken off the queue's front, also when one of them
+        cannot be formatted (it and those before it: the exception goes on).
+        """
+        # One join for the batch: a join per line would copy every line twice.
+        pieces: list[bytes] = []
+        n = min(limit, len(pending))
+        i = 0
+        try:
+            while i < n:
+                pieces.extend(self._pieces(pending[i]))
+                i += 1
+        finally:
+            del pending[:min(i + 1, n)]
+        return b"".join(pieces), n
 
 
 def escape_unprintable(text: str) -> str:

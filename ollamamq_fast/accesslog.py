@@ -5,7 +5,7 @@ Where the lines go (one place, `--log-file`): a size-rotated file (default
 stderr, unrotated, for a supervisor or collector that keeps it (the Docker
 image does so); `''` or `--no-access-log` for none.
 
-The data plane appends one tuple per finished request to a deque (a C-level
+The data plane appends one tuple per finished request to a list (a C-level
 append, no formatting, no I/O, no logging call, no lock). The event loop
 formats them (compiled, accessline.py: about a microsecond a line) in slices
 of SLICE_LINES, from FORMAT_INTERVAL_S after a line reaches an empty queue
@@ -65,7 +65,9 @@ class AccessLog:
 
     def __init__(self, path: str | None, fmt: str = "json", max_pending: int = MAX_PENDING,
                  stream: TextIO | None = None) -> None:
-        self.pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        # Records waiting to be formatted, oldest first: a list, whose append is a
+        # C-level call from the compiled ledger (a deque's is a method look-up).
+        self.pending: list[tuple[Any, ...]] = []
         self.max_pending = max_pending
         self.dropped = 0
         self.fmt = fmt
@@ -150,8 +152,11 @@ class AccessLog:
         try:
             if self.fmt == "logfmt":
                 lines: list[bytes] = []
-                while pending and len(lines) < limit:
-                    lines.append(self._logfmt(pending.popleft()))
+                try:
+                    for fields in pending[:limit]:
+                        lines.append(self._logfmt(fields))
+                finally:
+                    del pending[:min(len(lines) + 1, limit)]
                 data, n = b"".join(lines), len(lines)
             else:
                 data, n = self._lines.batch(pending, limit)

@@ -167,8 +167,6 @@ def test_counters_are_in_stats_and_metrics(tmp_path: Path) -> None:
 
 
 def test_a_compiled_line_carries_every_field_and_the_batch_takes_its_limit() -> None:
-    import collections
-
     from ollamamq_fast.accessline import LineWriter
 
     writer = LineWriter()
@@ -189,7 +187,7 @@ def test_a_compiled_line_carries_every_field_and_the_batch_takes_its_limit() -> 
     assert json.loads(writer.line(big)) == dict(zip(FIELDS, [
         "2023-11-14T22:13:20.250Z", "alice", "10.0.0.1", "POST", "/api/chat", "m:latest", 599,
         "http://b:1", 100_000, 0.5, 1024, 10**12, "rid2"], strict=True))
-    pending = collections.deque([fields] * 5)
+    pending = [fields] * 5
     data, n = writer.batch(pending, 3)
     assert n == 3 and data.count(b"\n") == 3 and len(pending) == 2
 
@@ -464,3 +462,18 @@ def test_a_line_that_cannot_be_formatted_is_dropped_with_a_count_not_the_log() -
 
     asyncio.run(run())
     assert log.dropped == 1 and stream.getvalue().count("\n") == 1
+
+
+@pytest.mark.parametrize("fmt", ["json", "logfmt"])
+def test_a_record_that_cannot_be_formatted_costs_its_slice_not_the_log(fmt: str) -> None:
+    # A bug's record (here one field short) and those before it in its slice
+    # are dropped and counted; it is not tried again, and later ones go out.
+    good = (1_700_000_000.25, "alice", "10.0.0.1", b"POST", b"/api/chat", "m", 200,
+            "http://b:1", 3, 1.25, 7, 9, b"rid")
+    out = io.StringIO()
+    log = AccessLog(None, fmt=fmt, stream=out)
+    log.pending.extend([good, good[:-1], good, good])
+    log._format(3)
+    assert log.dropped == 2 and log.pending == [good, good]
+    log._format(3)
+    assert log.formatted_lines == 2 and not log.pending

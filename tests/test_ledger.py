@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +28,7 @@ class Access:
     max_pending = 1000
 
     def __init__(self) -> None:
-        self.pending: deque[tuple[Any, ...]] = deque()
+        self.pending: list[tuple[Any, ...]] = []
         self.dropped = 0
         self.armed = 0
 

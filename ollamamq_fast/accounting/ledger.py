@@ -12,7 +12,6 @@ from __future__ import annotations
 import enum
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -108,7 +107,7 @@ class Ledger:
         # The access log's queue, appended to directly (a C-level append; a call
         # into the interpreted AccessLog.record cost more than the append).
         self.access_on: bool = access.enabled
-        self.access_pending: deque[tuple[Any, ...]] = access.pending
+        self.access_pending: list[tuple[Any, ...]] = access.pending
         self.access_max: int = access.max_pending
         # Typed (not Any), so the sums and differences of times below are
         # unboxed floats when compiled, not generic number calls.

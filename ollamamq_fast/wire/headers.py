@@ -357,6 +357,9 @@ def _same_pairs(a: list[tuple[bytes, bytes]], b: list[tuple[bytes, bytes]]) -> b
     return True
 
 
+_RID_NAME: Final = b"X-Request-ID: "
+
+
 def forwarded_block(lines: bytes, user: str | None,
                     forwarded_for: bytes, peer_ip: bytes, request_id: bytes = b"") -> bytes:
     """The header lines a backend receives after its own Host line.
@@ -367,12 +370,16 @@ def forwarded_block(lines: bytes, user: str | None,
     is appended to X-Forwarded-For; `request_id` is sent as X-Request-ID, so
     one request can be followed into the backend's logs.
     """
-    rid = b"X-Request-ID: " + request_id + b"\r\n" if request_id else b""
     uid = b""
     if user is not None and _PRINTABLE_ID.fullmatch(user):
         uid = b"X-User-ID: " + user.encode() + b"\r\n"
-    xff = forwarded_for + b", " + peer_ip if forwarded_for else peer_ip
-    return b"".join((lines, rid, uid, b"X-Forwarded-For: ", xff, b"\r\n"))
+    # One join, empty pieces for what is absent: no intermediate bytes objects.
+    return b"".join((
+        lines,
+        _RID_NAME if request_id else b"", request_id, b"\r\n" if request_id else b"",
+        uid,
+        b"X-Forwarded-For: ", forwarded_for, b", " if forwarded_for else b"", peer_ip, b"\r\n",
+    ))
 
 
 def backend_request_id(client_id: bytes, own_id: bytes) -> bytes:
