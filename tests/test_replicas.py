@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import LoopThread, free_port
+from harness import LoopThread, free_port, wait_until
 from test_state import REDIS_SERVER, RedisServer
 
 from ollamamq_fast.sim import SimOptions, SimServer, start_sim
@@ -275,6 +275,50 @@ def test_redis_restarted_under_load(fleet: Fleet) -> None:
     results = _run([(a.url, "ann", 4, 0.0), (b.url, "bob", 4, 0.0)], 1.5)
     assert {s for rows in results.values() for s, _, _ in rows} == {200}
     assert sim.stats.peak_active <= 2
+
+
+def test_slots_shared_again_after_redis_returns_without_queueing(fleet: Fleet) -> None:
+    # Two clients per replica on 2 slots: while Redis is away each replica runs
+    # its full slots (4 at the backend). When it answers again, the replicas
+    # keep what they run; none queues, so nothing used to make them give the
+    # excess back and the backend saw 4 for as long as the load lasted.
+    sim = fleet.sim()
+    a, b = fleet.start(2, sim.url, slots=2)
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def client(url: str, user: str) -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                statuses.append(c.post(url + "/api/generate", json=BODY,
+                                       headers={"X-User-ID": user}).status_code)
+
+    threads = [threading.Thread(target=client, args=(r.url, user))
+               for r, user in ((a, "ann"), (a, "ann"), (b, "bob"), (b, "bob"))]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: sim.stats.requests >= 10, "traffic through both replicas")
+        fleet.redis.kill()
+        wait_until(lambda: sim.stats.active == 4, "local scheduling (Redis down)", 5)
+        # Down for longer than a lease's TTL (3 s at 2 x 2 / SERVICE_S requests a second).
+        start = sim.stats.requests
+        wait_until(lambda: sim.stats.requests >= start + 120, "local scheduling", 10)
+        fleet.redis.start()
+        for r in (a, b):
+            r.wait_ready(5)
+        # In-flight requests of the outage drain in a service time or two.
+        start = sim.stats.requests
+        wait_until(lambda: sim.stats.requests >= start + 8, "requests after the recovery")
+        sim.stats.peak_active = sim.stats.active
+        start = sim.stats.requests
+        wait_until(lambda: sim.stats.requests >= start + 16, "a second of requests")
+        assert sim.stats.peak_active <= 2, sim.stats.peak_active
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert statuses and set(statuses) == {200}
 
 
 def test_slot_cap_holds_for_a_backend_of_a_named_pool(fleet: Fleet) -> None:

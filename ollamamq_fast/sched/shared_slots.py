@@ -185,7 +185,13 @@ while i <= #ARGV do
     end
   end
   local grant = 0
-  if need > 0 then
+  local over = others + floor - slots
+  if over > 0 then
+    -- More is leased than the backend has (this replica scheduled locally
+    -- while Redis was away, or the slots were lowered): give back the excess.
+    -- A negative grant; the replica starts nothing more until it is under it.
+    grant = -math.min(over, floor)
+  elseif need > 0 then
     local want = need
     if waiting == 0 then want = need + extra end
     grant = math.min(want, slots - others - floor - better)
@@ -198,8 +204,8 @@ while i <= #ARGV do
   else
     redis.call('HDEL', hk, me)
   end
-  granted = granted + grant
-  if need > grant then
+  if grant > 0 then granted = granted + grant end
+  if need > 0 and need > grant then
     -- Announced as if the slots just granted were already charged (they are
     -- at this replica's next round), so others do not see it better than it is.
     redis.call('HSET', wk, me, tostring(prio + granted * unit) .. ':' .. now)
@@ -520,12 +526,16 @@ class SharedSlots:
                 self.contended.add(b.name)
             else:
                 self.contended.discard(b.name)
-            if grant and b.shared:
+            if grant > 0 and b.shared:
                 b.cap += grant
                 granted = True
                 self.idle_rounds[b.name] = 0
+            elif grant < 0 and b.shared:
+                # Over the backend's slots fleet-wide: runs down to the lease
+                # (the cap may be below the requests still running).
+                b.cap += grant
             self.reported[b.name] = floors[k] + grant
-            if needs[k] > grant:
+            if needs[k] > max(grant, 0):
                 waiting_more = True
         if granted:
             self.pools.pump_all()
