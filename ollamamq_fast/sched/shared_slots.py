@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import RedisError
 
+from ollamamq_fast.config import redact_url
 from ollamamq_fast.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -373,7 +374,7 @@ class SharedSlots:
         if not self.degraded:
             log.warning("shared slots: Redis at %s is unreachable (%s); scheduling locally "
                         "(each replica up to every backend's slots) until it answers",
-                        self.url, exc or type(exc).__name__)
+                        redact_url(self.url), exc or type(exc).__name__)
         self.degraded = True
         self.charges.clear()
         for b in self.tracked.values():
@@ -416,7 +417,8 @@ class SharedSlots:
             raise
         except Exception:  # noqa: BLE001 -- still down
             return RETRY_S
-        log.warning("shared slots: Redis at %s answers again; slots are shared again", self.url)
+        log.warning("shared slots: Redis at %s answers again; slots are shared again",
+                    redact_url(self.url))
         self.degraded = False
         for b in self.pools.backends:
             self._share(b)

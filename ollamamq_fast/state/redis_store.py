@@ -39,6 +39,8 @@ from redis.asyncio.client import Pipeline, PubSub
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, WatchError
 
+from ollamamq_fast.config import redact_url
+
 from . import codec
 from .records import (
     META_TOPICS,
@@ -133,7 +135,7 @@ class RedisStore:
             stored = await r.hget(self._meta, "schema_version")
             if stored is not None and int(stored) > SCHEMA_VERSION:
                 raise StoreError(
-                    f"state schema v{int(stored)} in {self.url} is newer than"
+                    f"state schema v{int(stored)} in {redact_url(self.url)} is newer than"
                     f" this gateway's v{SCHEMA_VERSION}"
                 )
             if stored is not None and int(stored) < SCHEMA_VERSION:
@@ -149,7 +151,7 @@ class RedisStore:
                         break
         except RedisError as exc:
             await r.aclose()
-            raise StoreError(f"cannot open Redis state at {self.url}: {exc}") from exc
+            raise StoreError(f"cannot open Redis state at {redact_url(self.url)}: {exc}") from exc
         except BaseException:
             await r.aclose()
             raise
