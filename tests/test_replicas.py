@@ -321,6 +321,38 @@ def test_slots_shared_again_after_redis_returns_without_queueing(fleet: Fleet) -
     assert statuses and set(statuses) == {200}
 
 
+def test_redis_refusing_writes_is_down_until_it_takes_them(fleet: Fleet) -> None:
+    # Out of memory (noeviction): Redis answers PING but refuses the round's
+    # writes. The replica used to take each PING for a recovery, fail the next
+    # round at once and flap, two warnings every 0.5 s and /ready flickering.
+    import redis
+
+    sim = fleet.sim()
+    (a,) = fleet.start(1, sim.url, slots=2)
+    cli = redis.Redis.from_url(fleet.redis.url)
+    try:
+        cli.config_set("maxmemory-policy", "noeviction")
+        cli.config_set("maxmemory", "1")
+
+        def probes() -> int:  # PINGs answered, and writes refused, since the start
+            stats = cli.info("commandstats")
+            return int(stats.get("cmdstat_ping", {}).get("calls", 0)) + int(
+                stats.get("cmdstat_set", {}).get("rejected_calls", 0))
+
+        wait_until(lambda: probes() >= 4, "the replica to try Redis again a few times", 10)
+        assert httpx.get(a.url + "/ready", timeout=2).status_code == 503
+        text = a.log.read_text()
+        assert text.count("is unreachable") == 1 and "answers again" not in text, text
+        # Requests are served meanwhile (locally).
+        r = httpx.post(a.url + "/api/generate", json=BODY, timeout=10)
+        assert r.status_code == 200
+        cli.config_set("maxmemory", "0")
+        a.wait_ready(5)
+        assert a.log.read_text().count("answers again") == 1
+    finally:
+        cli.close()
+
+
 def test_slot_cap_holds_for_a_backend_of_a_named_pool(fleet: Fleet) -> None:
     default, pooled = fleet.sim(), fleet.sim()
     cfg = fleet.tmp / "pools.toml"

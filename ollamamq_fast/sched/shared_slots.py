@@ -412,7 +412,10 @@ class SharedSlots:
         r = self._redis
         assert r is not None
         try:
-            await r.ping()
+            # A write, not a PING: a Redis that answers but refuses writes (out
+            # of memory, a read-only replica) would fail the next round at once,
+            # flapping between shared and local (two warnings a RETRY_S).
+            await r.set(f"{self.prefix}alive:{self.replica}", b"1", px=int(LEASE_TTL_S * 1000))
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 -- still down
