@@ -353,6 +353,42 @@ def test_redis_refusing_writes_is_down_until_it_takes_them(fleet: Fleet) -> None
         cli.close()
 
 
+def test_sigterm_keeps_requests_waiting_for_another_replicas_slots(fleet: Fleet) -> None:
+    # A rolling restart: B is stopped while its requests wait for slots A
+    # holds. Nothing ran on B, so its drain ended at once and closed their
+    # connections unanswered; now they wait for A's slots and are served.
+    import redis
+
+    sim = fleet.sim()
+    a, b = fleet.start(2, sim.url, slots=2)
+    out: list[object] = []
+
+    def post(url: str, user: str, delay_ms: int) -> None:
+        try:
+            r = httpx.post(url + "/api/generate", json=BODY, timeout=20,
+                           headers={"X-User-ID": user, "X-Sim-Delay-Ms": str(delay_ms)})
+            out.append(r.status_code)
+        except httpx.HTTPError as exc:
+            out.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=post, args=(a.url, "holder", 800)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: sim.stats.active == 2, "A to hold both slots")
+    threads.append(threading.Thread(target=post, args=(b.url, "waiter", 0)))
+    threads[-1].start()
+    cli = redis.Redis.from_url(fleet.redis.url)
+    try:  # B announces that it waits for the backend's slots
+        wait_until(lambda: cli.hlen(f"ollamamq:sched:wait:{sim.url}") == 1, "B to wait")
+    finally:
+        cli.close()
+    b.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(20)
+    assert b.proc.wait(20) == 0
+    assert out == [200] * 3, out
+
+
 def test_slot_cap_holds_for_a_backend_of_a_named_pool(fleet: Fleet) -> None:
     default, pooled = fleet.sim(), fleet.sim()
     cfg = fleet.tmp / "pools.toml"
