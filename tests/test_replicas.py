@@ -321,6 +321,30 @@ def test_slots_shared_again_after_redis_returns_without_queueing(fleet: Fleet) -
     assert statuses and set(statuses) == {200}
 
 
+def _probes(cli: Any) -> int:
+    """Commands the replicas sent Redis that could be a recovery probe, refused or not."""
+    stats = cli.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get(kind, 0))
+               for name in ("ping", "set", "evalsha", "eval")
+               for kind in ("calls", "rejected_calls", "failed_calls"))
+
+
+def _stays_local_then_recovers(replica: Replica, cli: Any, undo: Any) -> None:
+    """`replica` went local once and stays so (no flapping), then `undo()` brings it back."""
+    wait_until(lambda: "is unreachable" in replica.log.read_text(), "the replica to go local")
+    start = _probes(cli)
+    wait_until(lambda: _probes(cli) >= start + 6, "the replica to try Redis again", 10)
+    assert httpx.get(replica.url + "/ready", timeout=2).status_code == 503
+    text = replica.log.read_text()
+    assert text.count("is unreachable") == 1 and "answers again" not in text, text
+    # Requests are served meanwhile (locally).
+    r = httpx.post(replica.url + "/api/generate", json=BODY, timeout=10)
+    assert r.status_code == 200
+    undo()
+    replica.wait_ready(5)
+    assert replica.log.read_text().count("answers again") == 1
+
+
 def test_redis_refusing_writes_is_down_until_it_takes_them(fleet: Fleet) -> None:
     # Out of memory (noeviction): Redis answers PING but refuses the round's
     # writes. The replica used to take each PING for a recovery, fail the next
@@ -333,25 +357,28 @@ def test_redis_refusing_writes_is_down_until_it_takes_them(fleet: Fleet) -> None
     try:
         cli.config_set("maxmemory-policy", "noeviction")
         cli.config_set("maxmemory", "1")
-
-        def probes() -> int:  # PINGs answered, and writes refused, since the start
-            stats = cli.info("commandstats")
-            return int(stats.get("cmdstat_ping", {}).get("calls", 0)) + int(
-                stats.get("cmdstat_set", {}).get("rejected_calls", 0))
-
-        wait_until(lambda: probes() >= 4, "the replica to try Redis again a few times", 10)
-        assert httpx.get(a.url + "/ready", timeout=2).status_code == 503
-        text = a.log.read_text()
-        assert text.count("is unreachable") == 1 and "answers again" not in text, text
-        # Requests are served meanwhile (locally).
-        r = httpx.post(a.url + "/api/generate", json=BODY, timeout=10)
-        assert r.status_code == 200
-        cli.config_set("maxmemory", "0")
-        a.wait_ready(5)
-        assert a.log.read_text().count("answers again") == 1
+        _stays_local_then_recovers(a, cli, lambda: cli.config_set("maxmemory", "0"))
     finally:
         cli.close()
 
+
+def test_redis_user_without_scripts_is_told_and_stays_local(fleet: Fleet) -> None:
+    # An ACL user that may read and write but not run scripts: the state store
+    # works, the shared slots cannot: one warning saying why, no flapping.
+    import redis
+
+    cli = redis.Redis.from_url(fleet.redis.url)
+    try:
+        cli.acl_setuser("gw", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                        commands=["+@all", "-@scripting"])
+        sim = fleet.sim()
+        url = fleet.redis.url.replace("redis://", "redis://gw:pw@")
+        a = Replica(url, sim.url, 2, fleet.tmp)
+        fleet.replicas.append(a)
+        _stays_local_then_recovers(a, cli, lambda: cli.acl_setuser("gw", commands=["+@scripting"]))
+        assert "no permissions" in a.log.read_text() and ":pw@" not in a.log.read_text()
+    finally:
+        cli.close()
 
 def test_sigterm_keeps_requests_waiting_for_another_replicas_slots(fleet: Fleet) -> None:
     # A rolling restart: B is stopped while its requests wait for slots A

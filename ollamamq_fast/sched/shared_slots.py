@@ -409,13 +409,15 @@ class SharedSlots:
                 delay = RETRY_S
 
     async def _try_recover(self) -> float:
-        r = self._redis
-        assert r is not None
+        script = self._round
+        assert script is not None
         try:
-            # A write, not a PING: a Redis that answers but refuses writes (out
-            # of memory, a read-only replica) would fail the next round at once,
-            # flapping between shared and local (two warnings a RETRY_S).
-            await r.set(f"{self.prefix}alive:{self.replica}", b"1", px=int(LEASE_TTL_S * 1000))
+            # The round itself with no backend (it renews our liveness), not a
+            # PING: a Redis that answers but refuses writes (out of memory, a
+            # read-only replica) or scripts (an ACL) would fail the next round
+            # at once, flapping between shared and local (two warnings a RETRY_S).
+            await script(args=[self.replica, self.prefix, int(LEASE_TTL_S * 1000),
+                               int(HALF_LIFE_S * 1000), int(STALE_S * 1000), 0, 0])
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 -- still down
