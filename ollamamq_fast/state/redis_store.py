@@ -252,8 +252,8 @@ class RedisStore:
     async def _check_not_wiped(self) -> None:
         """After a reconnect: say so loudly if Redis came back without our data.
 
-        A Redis restarted without persistence (or flushed, or a failover to an
-        empty replica) has lost keys, users, blocks and backends; the replicas
+        A Redis restarted without persistence (or a failover to an empty
+        replica) has lost keys, users, blocks and backends; the replicas
         then follow the empty store. The schema version, written at the first
         start, is the witness; written again here, so one replica reports it.
         """
@@ -263,7 +263,7 @@ class RedisStore:
             return  # down again: the next reconnect checks
         if wiped:
             log.error("state: Redis at %s came back without the gateway's data (restarted "
-                      "without persistence, flushed, or an empty replica): keys, users, blocks "
+                      "without persistence, or an empty replica): keys, users, blocks "
                       "and runtime backends stored there are gone, on every replica; restore "
                       "them (or Redis from a backup) and give Redis persistence "
                       "(appendonly yes)", redact_url(self.url))
