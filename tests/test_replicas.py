@@ -416,6 +416,21 @@ def test_sigterm_keeps_requests_waiting_for_another_replicas_slots(fleet: Fleet)
     assert out == [200] * 3, out
 
 
+def test_sigterm_while_redis_is_down_exits_cleanly(fleet: Fleet) -> None:
+    # Redis gone, requests served locally (their usage not stored), then a
+    # SIGTERM: the last flush used to raise out of the stop (traceback, exit 1).
+    sim = fleet.sim()
+    (a,) = fleet.start(1, sim.url, slots=2)
+    fleet.redis.kill()
+    for _ in range(3):
+        assert httpx.post(a.url + "/api/generate", json=BODY, timeout=10,
+                          headers={"X-User-ID": "ann"}).status_code == 200
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(20) == 0, a.log.read_text()
+    text = a.log.read_text()
+    assert "Traceback" not in text and "the store is unavailable at stop" in text, text
+
+
 def test_slot_cap_holds_for_a_backend_of_a_named_pool(fleet: Fleet) -> None:
     default, pooled = fleet.sim(), fleet.sim()
     cfg = fleet.tmp / "pools.toml"

@@ -1001,6 +1001,42 @@ def test_a_redis_back_without_its_data_is_reported(
         run(body(), timeout=30)
 
 
+@needs_redis
+def test_stop_with_redis_hung_ends_and_says_what_is_lost(
+        own_redis: RedisServer, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Redis stops answering (SIGSTOP: a partition looks the same) with a write
+    # pending: the last flush at stop used to wait for it forever, so a SIGTERM
+    # never ended, and a Redis that refused it raised out of the gateway's stop
+    # (a traceback, exit 1). Now stop gives up after STOP_FLUSH_S and logs it.
+    import ollamamq_fast.state.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "STOP_FLUSH_S", 0.5, raising=False)
+
+    async def body() -> None:
+        a = StateCache(RedisStore(own_redis.url, "hung"), flush_interval=60)
+        await a.start()
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            a.set_blocked_user("mallory", True)
+            start = time.monotonic()
+            await a.stop()
+            assert time.monotonic() - start < 3
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        # Refused rather than hung (Redis gone): the same, no exception out of stop.
+        b = StateCache(RedisStore(own_redis.url, "hung"), flush_interval=60)
+        await b.start()
+        own_redis.kill()
+        b.set_blocked_user("eve", True)
+        await b.stop()
+
+    with caplog.at_level(logging.ERROR, logger="ollamamq_fast.state"):
+        run(body(), timeout=20)
+    assert caplog.text.count("the store is unavailable at stop") == 2, caplog.text
+
+
 def test_records_are_plain_slotted_dataclasses() -> None:
     for cls in (KeyRecord, UserSettings, BackendRecord, Usage):
         assert dataclasses.is_dataclass(cls) and hasattr(cls, "__slots__")

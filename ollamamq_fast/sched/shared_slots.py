@@ -374,7 +374,7 @@ class SharedSlots:
         if not self.degraded:
             log.warning("shared slots: Redis at %s is unreachable (%s); scheduling locally "
                         "(each replica up to every backend's slots) until it answers",
-                        redact_url(self.url), exc or type(exc).__name__)
+                        redact_url(self.url), str(exc) or type(exc).__name__)
         self.degraded = True
         self.charges.clear()
         for b in self.tracked.values():
