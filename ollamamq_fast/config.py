@@ -474,7 +474,7 @@ def check_redis_url(url: str) -> str:
     from redis.connection import parse_url
 
     try:
-        parse_url(url)
+        parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
     except ValueError as exc:
         raise ConfigError(f"--redis / REDIS_URL {redact_url(url)!r}: {exc}") from None
     return url
