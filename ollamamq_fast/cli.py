@@ -34,6 +34,7 @@ from ollamamq_fast.config import (
     ConfigError,
     Settings,
     apply_toml,
+    check_redis_url,
     env_default,
     load_toml,
     parse_backend_url,
@@ -269,6 +270,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     state = args.state if args.state is not None else os.path.join(state_dir, STATE_FILE)
     settings.state_path = state or None
     settings.redis_url = args.redis or env_default(("REDIS_URL",))
+    if settings.redis_url:
+        check_redis_url(settings.redis_url)
     if args.auth is not None:
         settings.auth = args.auth
     if args.trusted_proxies:
@@ -386,6 +389,7 @@ def serve(settings: Settings) -> int:
 
 async def _serve(settings: Settings) -> int:
     from ollamamq_fast.gateway import Gateway
+    from ollamamq_fast.state.store import StoreError
     from ollamamq_fast.tui.inprocess import (
         dashboard_wanted,
         ensure_admin_token,
@@ -415,6 +419,9 @@ async def _serve(settings: Settings) -> int:
     except OSError as exc:
         print(f"ollamamq-fast: error: cannot listen on {settings.host}:{settings.port}: "
               f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:  # Redis down or refusing us at start, a newer schema...
+        print(f"ollamamq-fast: error: {exc}", file=sys.stderr)
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -465,6 +465,34 @@ def validate_settings(settings: Settings, where: str = "settings") -> None:
         raise ConfigError(f"{where}: no backend URL given")
 
 
+def check_redis_url(url: str) -> str:
+    """A `--redis` / `REDIS_URL` value redis-py can use (ConfigError naming the problem).
+
+    redis-py itself raises a bare ValueError when it connects: a traceback at start.
+    """
+    # Imported here: a gateway without --redis never imports redis-py.
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    except ValueError as exc:
+        raise ConfigError(f"--redis / REDIS_URL {redact_url(url)!r}: {exc}") from None
+    return url
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by `***`, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url.split("@", 1)[-1] if "@" in url else url
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
 
 def env_default(names: tuple[str, ...], default: str | None = None) -> str | None:
     """The first set, non-empty environment variable of `names`, else `default`."""

@@ -268,6 +268,10 @@ class GatewayState(DataPlane):
         """Exchanges currently talking to a backend."""
         return sum(b.in_flight + b.unslotted for b in self.pools.backends)
 
+    def waiting(self) -> int:
+        """Requests waiting for a slot (fair queues and retry lines of every pool)."""
+        return sum(len(d.queue) + len(d.retry_line) for d in self.pools.dispatchers())
+
 
 class Gateway:
     """Starts and stops the data plane, health probes and the reaper."""
@@ -520,8 +524,12 @@ class Gateway:
             self.server.close()
         if state is not None:
             deadline = time.monotonic() + grace
-            while state.in_flight() and time.monotonic() < deadline:
+            # Waiting requests too: with --redis a replica's requests may wait
+            # with nothing running here (another replica holds the slots).
+            while (state.in_flight() or state.waiting()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            for d in state.pools.dispatchers():
+                d.refuse_all(503, "the gateway is stopping; retry")
             if self.admin is not None:
                 await self.admin.stop()
             if state.shared is not None:

@@ -184,6 +184,28 @@ def test_quick_start_writes_nothing_into_the_current_folder(tmp_path) -> None:  
     assert (folder / "ollamamq.db").is_file() and (folder / "ollamamq.log").is_file()
 
 
+def test_redis_mistakes_are_clear_errors() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = ("serve", "--no-tui", "--no-admin", "--state", "", "--log-file", "", "-p", "0",
+            "--backend-urls", "http://127.0.0.1:9")
+    # Redis down (or refusing the password) at start: one line, exit 1, no password.
+    r = _run(*base, "--redis", f"redis://:s3cret@127.0.0.1:{port}/0")
+    assert r.returncode == 1, r.stderr
+    assert "cannot open Redis state at redis://:***@127.0.0.1" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "s3cret" not in r.stderr, r.stderr
+    # A URL redis-py cannot use: a configuration error (exit 2), from the flag or the env.
+    r = _run(*base, "--redis", "http://127.0.0.1:6379")
+    assert r.returncode == 2 and "--redis / REDIS_URL" in r.stderr and "redis://" in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    r = _run(*base, env={"REDIS_URL": "redis://:s3cret@127.0.0.1:port/0"})
+    assert r.returncode == 2 and "Port could not be cast" in r.stderr, r.stderr
+    assert "s3cret" not in r.stderr, r.stderr
+
+
 def test_port_in_use_is_a_clear_error() -> None:
     import socket
 

@@ -16,6 +16,7 @@ replicas and simulators in this process. Checked from outside:
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import LoopThread, free_port
+from harness import LoopThread, free_port, wait_until
 from test_state import REDIS_SERVER, RedisServer
 
 from ollamamq_fast.sim import SimOptions, SimServer, start_sim
@@ -275,6 +276,161 @@ def test_redis_restarted_under_load(fleet: Fleet) -> None:
     results = _run([(a.url, "ann", 4, 0.0), (b.url, "bob", 4, 0.0)], 1.5)
     assert {s for rows in results.values() for s, _, _ in rows} == {200}
     assert sim.stats.peak_active <= 2
+
+
+def test_slots_shared_again_after_redis_returns_without_queueing(fleet: Fleet) -> None:
+    # Two clients per replica on 2 slots: while Redis is away each replica runs
+    # its full slots (4 at the backend). When it answers again, the replicas
+    # keep what they run; none queues, so nothing used to make them give the
+    # excess back and the backend saw 4 for as long as the load lasted.
+    sim = fleet.sim()
+    a, b = fleet.start(2, sim.url, slots=2)
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def client(url: str, user: str) -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                statuses.append(c.post(url + "/api/generate", json=BODY,
+                                       headers={"X-User-ID": user}).status_code)
+
+    threads = [threading.Thread(target=client, args=(r.url, user))
+               for r, user in ((a, "ann"), (a, "ann"), (b, "bob"), (b, "bob"))]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: sim.stats.requests >= 10, "traffic through both replicas")
+        fleet.redis.kill()
+        wait_until(lambda: sim.stats.active == 4, "local scheduling (Redis down)", 5)
+        # Back without the old leases (as after an outage longer than their
+        # 3 s TTL, here at once: restarted without its data).
+        shutil.rmtree(fleet.redis.dir)
+        fleet.redis.dir.mkdir()
+        fleet.redis.start()
+        for r in (a, b):
+            r.wait_ready(5)
+        # In-flight requests of the outage drain in a service time or two.
+        start = sim.stats.requests
+        wait_until(lambda: sim.stats.requests >= start + 8, "requests after the recovery")
+        sim.stats.peak_active = sim.stats.active
+        start = sim.stats.requests
+        wait_until(lambda: sim.stats.requests >= start + 16, "a second of requests")
+        assert sim.stats.peak_active <= 2, sim.stats.peak_active
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert statuses and set(statuses) == {200}
+
+
+def _probes(cli: Any) -> int:
+    """Commands the replicas sent Redis that could be a recovery probe, refused or not."""
+    stats = cli.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get(kind, 0))
+               for name in ("ping", "set", "evalsha", "eval")
+               for kind in ("calls", "rejected_calls", "failed_calls"))
+
+
+def _stays_local_then_recovers(replica: Replica, cli: Any, undo: Any) -> None:
+    """`replica` went local once and stays so (no flapping), then `undo()` brings it back."""
+    wait_until(lambda: "is unreachable" in replica.log.read_text(), "the replica to go local")
+    start = _probes(cli)
+    wait_until(lambda: _probes(cli) >= start + 6, "the replica to try Redis again", 10)
+    assert httpx.get(replica.url + "/ready", timeout=2).status_code == 503
+    text = replica.log.read_text()
+    assert text.count("is unreachable") == 1 and "answers again" not in text, text
+    # Requests are served meanwhile (locally).
+    r = httpx.post(replica.url + "/api/generate", json=BODY, timeout=10)
+    assert r.status_code == 200
+    undo()
+    replica.wait_ready(5)
+    assert replica.log.read_text().count("answers again") == 1
+
+
+def test_redis_refusing_writes_is_down_until_it_takes_them(fleet: Fleet) -> None:
+    # Out of memory (noeviction): Redis answers PING but refuses the round's
+    # writes. The replica used to take each PING for a recovery, fail the next
+    # round at once and flap, two warnings every 0.5 s and /ready flickering.
+    import redis
+
+    sim = fleet.sim()
+    (a,) = fleet.start(1, sim.url, slots=2)
+    cli = redis.Redis.from_url(fleet.redis.url)
+    try:
+        cli.config_set("maxmemory-policy", "noeviction")
+        cli.config_set("maxmemory", "1")
+        _stays_local_then_recovers(a, cli, lambda: cli.config_set("maxmemory", "0"))
+    finally:
+        cli.close()
+
+
+def test_redis_user_without_scripts_is_told_and_stays_local(fleet: Fleet) -> None:
+    # An ACL user that may read and write but not run scripts: the state store
+    # works, the shared slots cannot: one warning saying why, no flapping.
+    import redis
+
+    cli = redis.Redis.from_url(fleet.redis.url)
+    try:
+        cli.acl_setuser("gw", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                        commands=["+@all", "-@scripting"])
+        sim = fleet.sim()
+        url = fleet.redis.url.replace("redis://", "redis://gw:pw@")
+        a = Replica(url, sim.url, 2, fleet.tmp)
+        fleet.replicas.append(a)
+        _stays_local_then_recovers(a, cli, lambda: cli.acl_setuser("gw", commands=["+@scripting"]))
+        assert "no permissions" in a.log.read_text() and ":pw@" not in a.log.read_text()
+    finally:
+        cli.close()
+
+def test_sigterm_keeps_requests_waiting_for_another_replicas_slots(fleet: Fleet) -> None:
+    # A rolling restart: B is stopped while its requests wait for slots A
+    # holds. Nothing ran on B, so its drain ended at once and closed their
+    # connections unanswered; now they wait for A's slots and are served.
+    import redis
+
+    sim = fleet.sim()
+    a, b = fleet.start(2, sim.url, slots=2)
+    out: list[object] = []
+
+    def post(url: str, user: str, delay_ms: int) -> None:
+        try:
+            r = httpx.post(url + "/api/generate", json=BODY, timeout=20,
+                           headers={"X-User-ID": user, "X-Sim-Delay-Ms": str(delay_ms)})
+            out.append(r.status_code)
+        except httpx.HTTPError as exc:
+            out.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=post, args=(a.url, "holder", 800)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: sim.stats.active == 2, "A to hold both slots")
+    threads.append(threading.Thread(target=post, args=(b.url, "waiter", 0)))
+    threads[-1].start()
+    cli = redis.Redis.from_url(fleet.redis.url)
+    try:  # B announces that it waits for the backend's slots
+        wait_until(lambda: cli.hlen(f"ollamamq:sched:wait:{sim.url}") == 1, "B to wait")
+    finally:
+        cli.close()
+    b.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(20)
+    assert b.proc.wait(20) == 0
+    assert out == [200] * 3, out
+
+
+def test_sigterm_while_redis_is_down_exits_cleanly(fleet: Fleet) -> None:
+    # Redis gone, requests served locally (their usage not stored), then a
+    # SIGTERM: the last flush used to raise out of the stop (traceback, exit 1).
+    sim = fleet.sim()
+    (a,) = fleet.start(1, sim.url, slots=2)
+    fleet.redis.kill()
+    for _ in range(3):
+        assert httpx.post(a.url + "/api/generate", json=BODY, timeout=10,
+                          headers={"X-User-ID": "ann"}).status_code == 200
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(20) == 0, a.log.read_text()
+    text = a.log.read_text()
+    assert "Traceback" not in text and "the store is unavailable at stop" in text, text
 
 
 def test_slot_cap_holds_for_a_backend_of_a_named_pool(fleet: Fleet) -> None:

@@ -153,3 +153,20 @@ def test_vip_boost_and_weights_in_the_shared_counters() -> None:
         assert shared.charges == {"vip": 1.0, "heavy": 1 / 3, "both": 0.25}
     finally:
         loop.close()
+
+
+
+def test_leases_over_the_slots_are_given_back(r: redis.Redis) -> None:
+    # Both replicas ran the full slots locally while Redis was away and come
+    # back keeping what they run (floor 2 each on 2 slots): the one that finds
+    # the other's lease gives back the excess (a negative grant), even with
+    # nothing waiting, so the fleet is within the slots again.
+    assert call(r, "a", floor=2, need=0, slots=2)[1] == 0
+    _, grant, _ = call(r, "b", floor=2, need=0, slots=2)
+    assert grant == -2 and held(r) == {"a": 2}
+    assert not r.exists(PREFIX + "wait:" + URL)  # giving back is not waiting
+    assert call(r, "a", floor=2, need=0, slots=2)[1] == 0
+    # Only the excess goes (slots lowered from 4 to 3 under a 2 + 2 lease).
+    assert call(r, "b", floor=2, need=1, slots=3)[1] == -1
+    assert held(r) == {"a": 2, "b": 1}
+    assert call(r, "a", floor=2, need=0, slots=3)[1] == 0

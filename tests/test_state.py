@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import select
 import shutil
@@ -961,6 +962,79 @@ def test_replicas_resync_after_redis_restarts(own_redis: RedisServer) -> None:
             await b.stop()
 
     run(body(), timeout=30)
+
+
+@needs_redis
+def test_a_redis_back_without_its_data_is_reported(
+        own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    # Restarted without its data (no persistence, a flush, an empty replica):
+    # every key, user and block is gone, and the replicas follow the empty
+    # store. That used to happen without a word; now it is an error in the log.
+    async def body() -> None:
+        a = StateCache(RedisStore(own_redis.url, "wp"), flush_interval=0.02)
+        await a.start()
+        try:
+            a.set_blocked_user("mallory", True)
+            await a.flush()
+            own_redis.kill()
+            shutil.rmtree(own_redis.dir)
+            own_redis.dir.mkdir()
+            own_redis.start()
+            await eventually(lambda: "came back without the gateway's data" in caplog.text,
+                             timeout=10)
+            # A plain restart (the data kept) says nothing of the kind. A record
+            # nobody announced shows once the resync after the check has run.
+            caplog.clear()
+            raw = aioredis.Redis.from_url(own_redis.url)
+            try:
+                await raw.hset("wp:users", "probe", b'{"user": "probe"}')
+            finally:
+                await raw.aclose()
+            own_redis.kill()
+            own_redis.start()
+            await eventually(lambda: a.user("probe") is not None, timeout=10)
+            assert "without the gateway's data" not in caplog.text
+        finally:
+            await a.stop()
+
+    with caplog.at_level(logging.WARNING, logger="ollamamq_fast.state"):
+        run(body(), timeout=30)
+
+
+@needs_redis
+def test_stop_with_redis_hung_ends_and_says_what_is_lost(
+        own_redis: RedisServer, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Redis stops answering (SIGSTOP: a partition looks the same) with a write
+    # pending: the last flush at stop used to wait for it forever, so a SIGTERM
+    # never ended, and a Redis that refused it raised out of the gateway's stop
+    # (a traceback, exit 1). Now stop gives up after STOP_FLUSH_S and logs it.
+    import ollamamq_fast.state.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "STOP_FLUSH_S", 0.5, raising=False)
+
+    async def body() -> None:
+        a = StateCache(RedisStore(own_redis.url, "hung"), flush_interval=60)
+        await a.start()
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            a.set_blocked_user("mallory", True)
+            start = time.monotonic()
+            await a.stop()
+            assert time.monotonic() - start < 3
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        # Refused rather than hung (Redis gone): the same, no exception out of stop.
+        b = StateCache(RedisStore(own_redis.url, "hung"), flush_interval=60)
+        await b.start()
+        own_redis.kill()
+        b.set_blocked_user("eve", True)
+        await b.stop()
+
+    with caplog.at_level(logging.ERROR, logger="ollamamq_fast.state"):
+        run(body(), timeout=20)
+    assert caplog.text.count("the store is unavailable at stop") == 2, caplog.text
 
 
 def test_records_are_plain_slotted_dataclasses() -> None:

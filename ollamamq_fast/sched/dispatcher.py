@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
@@ -348,6 +349,20 @@ class Dispatcher:
             self.retry_line.remove(ex)
 
     # -- Housekeeping ----------------------------------------------------------
+
+    def refuse_all(self, status: int, message: str) -> None:
+        """Answer every waiting request `status` (the gateway stops: its drain is over)."""
+        now = self.loop.time()
+        for ticket in self.queue.expired(math.inf):
+            ex = cast("Exchange", ticket.payload)
+            ex.ticket = None
+            ex.gw.ledger.left_queue(ex.ustats)
+            ex.queue_ms = int((now - ex.enqueued_at) * 1000)
+            ex.respond_error(status, message, retry_after=1)
+        while self.retry_line:
+            ex = self.retry_line.popleft()
+            ex.queue_ms = int((now - ex.enqueued_at) * 1000)
+            ex.respond_error(status, message, retry_after=1)
 
     def sweep(self, now: float) -> None:
         """Answer 503 to requests that waited longer than --queue-timeout (reaper tick)."""

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import RedisError
 
+from ollamamq_fast.config import redact_url
 from ollamamq_fast.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -185,7 +186,13 @@ while i <= #ARGV do
     end
   end
   local grant = 0
-  if need > 0 then
+  local over = others + floor - slots
+  if over > 0 then
+    -- More is leased than the backend has (this replica scheduled locally
+    -- while Redis was away, or the slots were lowered): give back the excess.
+    -- A negative grant; the replica starts nothing more until it is under it.
+    grant = -math.min(over, floor)
+  elseif need > 0 then
     local want = need
     if waiting == 0 then want = need + extra end
     grant = math.min(want, slots - others - floor - better)
@@ -198,8 +205,8 @@ while i <= #ARGV do
   else
     redis.call('HDEL', hk, me)
   end
-  granted = granted + grant
-  if need > grant then
+  if grant > 0 then granted = granted + grant end
+  if need > 0 and need > grant then
     -- Announced as if the slots just granted were already charged (they are
     -- at this replica's next round), so others do not see it better than it is.
     redis.call('HSET', wk, me, tostring(prio + granted * unit) .. ':' .. now)
@@ -367,7 +374,7 @@ class SharedSlots:
         if not self.degraded:
             log.warning("shared slots: Redis at %s is unreachable (%s); scheduling locally "
                         "(each replica up to every backend's slots) until it answers",
-                        self.url, exc or type(exc).__name__)
+                        redact_url(self.url), str(exc) or type(exc).__name__)
         self.degraded = True
         self.charges.clear()
         for b in self.tracked.values():
@@ -402,15 +409,21 @@ class SharedSlots:
                 delay = RETRY_S
 
     async def _try_recover(self) -> float:
-        r = self._redis
-        assert r is not None
+        script = self._round
+        assert script is not None
         try:
-            await r.ping()
+            # The round itself with no backend (it renews our liveness), not a
+            # PING: a Redis that answers but refuses writes (out of memory, a
+            # read-only replica) or scripts (an ACL) would fail the next round
+            # at once, flapping between shared and local (two warnings a RETRY_S).
+            await script(args=[self.replica, self.prefix, int(LEASE_TTL_S * 1000),
+                               int(HALF_LIFE_S * 1000), int(STALE_S * 1000), 0, 0])
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 -- still down
             return RETRY_S
-        log.warning("shared slots: Redis at %s answers again; slots are shared again", self.url)
+        log.warning("shared slots: Redis at %s answers again; slots are shared again",
+                    redact_url(self.url))
         self.degraded = False
         for b in self.pools.backends:
             self._share(b)
@@ -520,12 +533,16 @@ class SharedSlots:
                 self.contended.add(b.name)
             else:
                 self.contended.discard(b.name)
-            if grant and b.shared:
+            if grant > 0 and b.shared:
                 b.cap += grant
                 granted = True
                 self.idle_rounds[b.name] = 0
+            elif grant < 0 and b.shared:
+                # Over the backend's slots fleet-wide: runs down to the lease
+                # (the cap may be below the requests still running).
+                b.cap += grant
             self.reported[b.name] = floors[k] + grant
-            if needs[k] > grant:
+            if needs[k] > max(grant, 0):
                 waiting_more = True
         if granted:
             self.pools.pump_all()

@@ -46,6 +46,9 @@ log = logging.getLogger("ollamamq_fast.state")
 # failover takes about a second), later ones slow down to keep the log readable.
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
+# The last flush at stop waits this long for a store that hangs (Redis stopped,
+# a network partition), so a SIGTERM always ends.
+STOP_FLUSH_S = 5.0
 # Metadata keys loaded at start and re-read when another replica writes them
 # (operator-made pools and pool access rules).
 META_KEYS = META_TOPICS
@@ -124,7 +127,11 @@ class StateCache(StateView):
             await cancel_and_wait(task)
         self._reloader = self._flusher = None
         try:
-            await self.flush()
+            async with asyncio.timeout(STOP_FLUSH_S):
+                await self.flush()
+        except Exception as exc:  # noqa: BLE001 -- the store is down or hangs: say what is lost
+            log.error("state: the store is unavailable at stop (%s); %d writes and usage rows "
+                      "not stored are lost", str(exc) or type(exc).__name__, self.pending)
         finally:
             await self.store.close()
 

@@ -39,6 +39,8 @@ from redis.asyncio.client import Pipeline, PubSub
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, WatchError
 
+from ollamamq_fast.config import redact_url
+
 from . import codec
 from .records import (
     META_TOPICS,
@@ -133,7 +135,7 @@ class RedisStore:
             stored = await r.hget(self._meta, "schema_version")
             if stored is not None and int(stored) > SCHEMA_VERSION:
                 raise StoreError(
-                    f"state schema v{int(stored)} in {self.url} is newer than"
+                    f"state schema v{int(stored)} in {redact_url(self.url)} is newer than"
                     f" this gateway's v{SCHEMA_VERSION}"
                 )
             if stored is not None and int(stored) < SCHEMA_VERSION:
@@ -149,7 +151,7 @@ class RedisStore:
                         break
         except RedisError as exc:
             await r.aclose()
-            raise StoreError(f"cannot open Redis state at {self.url}: {exc}") from exc
+            raise StoreError(f"cannot open Redis state at {redact_url(self.url)}: {exc}") from exc
         except BaseException:
             await r.aclose()
             raise
@@ -239,12 +241,32 @@ class RedisStore:
                 continue
             if msg["type"] == "subscribe":
                 # A reconnect re-subscribed us: what was published meanwhile is gone.
+                await self._check_not_wiped()
                 for topic in TOPICS + META_TOPICS:
                     self._dispatch(topic)
             elif msg["type"] == "message":
                 topic, _, origin = _text(msg["data"]).partition(" ")
                 if origin != self.origin and (topic in TOPICS or topic in META_TOPICS):
                     self._dispatch(topic)
+
+    async def _check_not_wiped(self) -> None:
+        """After a reconnect: say so loudly if Redis came back without our data.
+
+        A Redis restarted without persistence (or a failover to an empty
+        replica) has lost keys, users, blocks and backends; the replicas
+        then follow the empty store. The schema version, written at the first
+        start, is the witness; written again here, so one replica reports it.
+        """
+        try:
+            wiped = await self._r.hsetnx(self._meta, "schema_version", str(SCHEMA_VERSION))
+        except (RedisError, OSError):
+            return  # down again: the next reconnect checks
+        if wiped:
+            log.error("state: Redis at %s came back without the gateway's data (restarted "
+                      "without persistence, or an empty replica): keys, users, blocks "
+                      "and runtime backends stored there are gone, on every replica; restore "
+                      "them (or Redis from a backup) and give Redis persistence "
+                      "(appendonly yes)", redact_url(self.url))
 
     def _dispatch(self, topic: str) -> None:
         """Call every callback; one that raises must not end the listener."""
