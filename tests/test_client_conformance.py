@@ -1,0 +1,49 @@
+"""Official clients' calls that tests/test_clients.py does not make, as an outside suite would.
+
+The JavaScript clients (npm `ollama`, `openai`) are reproduced here by the bytes
+they send (captured from ollama 0.6.4 and openai 6.49.0 on Node 20), so no
+Node or npm is needed.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from harness import Stack, fast_sim_options, start_stack
+
+# An OpenAI-compatible server's ids, as vLLM lists them: namespaced.
+VLLM_MODELS = ["Qwen/Qwen2.5-0.5B-Instruct", "BAAI/bge-small-en-v1.5"]
+
+
+@pytest.fixture(scope="module")
+def mixed() -> Stack:
+    """An Ollama without /v1 and an OpenAI-only server with namespaced ids."""
+    st = start_stack(sims=[fast_sim_options(api="ollama", models=["llama3.2:latest"]),
+                           fast_sim_options(api="openai", models=VLLM_MODELS)])
+    yield st
+    st.close()
+
+
+def test_every_listed_model_can_be_retrieved(mixed: Stack) -> None:
+    """`models.retrieve(m.id)` for each `m` of `models.list()`: the SDKs (Python and
+    JS alike) send a '/' in an id as %2F, which must find the namespaced ids
+    an OpenAI-compatible server lists."""
+    ai = openai.OpenAI(base_url=mixed.url + "/v1", api_key="k", max_retries=0)
+    ids = [m.id for m in ai.models.list().data]
+    assert any("/" in i for i in ids)
+    for model_id in ids:
+        got = ai.models.retrieve(model_id)
+        assert got.id == model_id and got.object == "model"
+    qwen = next(i for i in ids if i.startswith("Qwen/"))
+    assert ai.models.retrieve(qwen).owned_by == "Qwen"
+    # The path as the JS client writes it, and with a raw slash.
+    for path in ("/v1/models/Qwen%2FQwen2.5-0.5B-Instruct", "/v1/models/Qwen/Qwen2.5-0.5B-Instruct"):
+        r = httpx.get(mixed.url + path)
+        assert r.status_code == 200, path
+        assert r.json()["id"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    # A namespaced name nobody lists is still a 404 in OpenAI's shape.
+    r = httpx.get(mixed.url + "/v1/models/ns%2Fmodel")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    with pytest.raises(openai.NotFoundError):
+        ai.models.retrieve("Qwen/Qwen3-235B")
