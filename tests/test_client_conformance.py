@@ -47,3 +47,22 @@ def test_every_listed_model_can_be_retrieved(mixed: Stack) -> None:
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     with pytest.raises(openai.NotFoundError):
         ai.models.retrieve("Qwen/Qwen3-235B")
+
+
+def test_input_audio_reaches_an_ollama_without_v1(mixed: Stack) -> None:
+    """An `input_audio` part (openai SDK, audio models such as gemma3n) is carried
+    in `images`, as Ollama's own /v1 does, not refused."""
+    ai = openai.OpenAI(base_url=mixed.url + "/v1", api_key="k", max_retries=0)
+    wav = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA="
+    raw = ai.chat.completions.with_raw_response.create(
+        model="llama3.2",
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is said?"},
+            {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}],
+    )
+    assert raw.headers["x-translated"] == "openai->ollama"
+    assert raw.parse().choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        ai.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"format": "wav"}}]}])
+    assert "input_audio" in err.value.message

@@ -489,11 +489,25 @@ def test_openai_options_formats_and_reasoning() -> None:
     assert out["format"] == "json" and out["think"] == "medium"
 
 
+def test_openai_input_audio_goes_in_images_as_ollamas_own_v1_sends_it() -> None:
+    wav = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA="
+    body = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is said?"},
+        {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}]}
+    out = j(to_ollama("/v1/chat/completions", body).body)
+    assert out["messages"] == [{"role": "user", "content": "what is said?", "images": [wav]}]
+
+
 @pytest.mark.parametrize(("path", "body", "message"), [
     ("/v1/chat/completions", {"model": "m", "messages": []}, "[] is too short - 'messages'"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n other than 1"),
-    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [{"type": "file"}]}]},
      "unsupported content part"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+     "invalid input_audio format"),
+    ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"format": "wav"}}]}]},
+     "invalid input_audio format: missing data"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "lots"},
      "reasoning_effort"),
     ("/v1/completions", {"model": "m", "prompt": ["a", "b"]}, "prompt must be a string"),

@@ -129,6 +129,15 @@ def _content(content: Any) -> tuple[str, list[str]]:
             if not isinstance(url, str):
                 raise TranslationError(400, "image_url must carry a url")
             images.append(image_base64(url))
+        elif kind == "input_audio":
+            # Ollama's own /v1 passes the audio's base64 on in `images`, where
+            # its audio-capable models (gemma3n ...) read it.
+            audio = part.get("input_audio")
+            if not isinstance(audio, dict):
+                raise TranslationError(400, "invalid input_audio format")
+            if not isinstance(audio.get("data"), str):
+                raise TranslationError(400, "invalid input_audio format: missing data")
+            images.append(audio["data"])
         else:
             raise TranslationError(400, f"unsupported content part type: {kind!r}")
     return "\n".join(texts), images
