@@ -66,3 +66,40 @@ def test_input_audio_reaches_an_ollama_without_v1(mixed: Stack) -> None:
         ai.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": [
             {"type": "input_audio", "input_audio": {"format": "wav"}}]}])
     assert "input_audio" in err.value.message
+
+
+# ollama-js 0.6.4's requests, as it writes them (Node 20's fetch): JSON types on
+# every request, GET included, `Accept: application/json` on streams too, and
+# the legacy `name` on pull and delete.
+OLLAMA_JS_HEADERS = {
+    "Content-Type": "application/json", "Accept": "application/json",
+    "User-Agent": "ollama-js/0.6.4 (x64 linux Node.js/v20.20.2)",
+    "accept-language": "*", "sec-fetch-mode": "cors", "accept-encoding": "gzip, deflate",
+}
+
+
+def test_ollama_js_requests_as_it_sends_them(mixed: Stack) -> None:
+    with httpx.Client(base_url=mixed.url, headers=OLLAMA_JS_HEADERS) as js:
+        names = [m["name"] for m in js.get("/api/tags").json()["models"]]
+        assert "llama3.2:latest" in names and "Qwen/Qwen2.5-0.5B-Instruct:latest" in names
+        assert js.post("/api/pull", content=b'{"name":"tinyllama","stream":false}').json() == {
+            "status": "success"}
+        r = js.post("/api/copy", content=b'{"source":"tinyllama","destination":"tcopy"}')
+        assert r.status_code == 200
+        r = js.request("DELETE", "/api/delete", content=b'{"name":"tcopy"}')
+        assert r.status_code == 200
+        r = js.request("DELETE", "/api/delete", content=b'{"name":"tcopy"}')
+        assert r.status_code == 404 and r.json() == {"error": "model 'tcopy' not found"}
+        # A stream, for a model of each backend (the second one translated).
+        for model in ("llama3.2", "Qwen/Qwen2.5-0.5B-Instruct"):
+            body = (b'{"model":"' + model.encode()
+                    + b'","messages":[{"role":"user","content":"hi","images":["AQID"]}],'
+                    b'"stream":true,"options":{"num_predict":3}}')
+            with js.stream("POST", "/api/chat", content=body) as r:
+                assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+                # ollama-js splits on "\n" and JSON.parses every non-empty piece.
+                lines = b"".join(r.iter_bytes()).decode().split("\n")
+            assert lines[-1] == ""
+            parts = [httpx.Response(200, content=line).json() for line in lines[:-1]]
+            assert all(not p["done"] for p in parts[:-1]) and parts[-1]["done"] is True
+            assert "".join(p["message"]["content"] for p in parts)
