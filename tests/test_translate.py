@@ -425,7 +425,8 @@ def test_openai_chat_reference_example() -> None:
     assert t.path == b"/api/chat" and not t.stream and t.content_type == b"application/json"
     assert j(t.body) == {"model": "gpt-4o", "messages": [
         {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Hello!"}], "stream": False}
+        {"role": "user", "content": "Hello!"}], "stream": False,
+        "options": {"temperature": 1.0, "top_p": 1.0}}
 
 
 def test_openai_image_input() -> None:
@@ -439,7 +440,7 @@ def test_openai_image_input() -> None:
     url_body["messages"][0]["content"][1]["image_url"] = {"url": "data:image/jpeg;base64,/9j/4AAQSkZJRg=="}
     out = j(to_ollama("/v1/chat/completions", url_body).body)
     assert out["messages"] == [{"role": "user", "content": "What's in this image?", "images": ["/9j/4AAQSkZJRg=="]}]
-    assert out["options"] == {"num_predict": 300}
+    assert out["options"] == {"temperature": 1.0, "top_p": 1.0, "num_predict": 300}
 
 
 def test_openai_tools_and_tool_results() -> None:
@@ -489,11 +490,37 @@ def test_openai_options_formats_and_reasoning() -> None:
     assert out["format"] == "json" and out["think"] == "medium"
 
 
+def test_openai_sampling_defaults_are_openais_as_ollamas_own_v1_sends_them() -> None:
+    """Absent (or null) temperature and top_p are 1.0, OpenAI's defaults, as Ollama's
+    /v1 layer fills them in (openai.FromChatRequest, FromCompleteRequest): the
+    same request then samples alike through Ollama's /v1 and translated."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"model": "m", "prompt": "x"})):
+        assert j(to_ollama(path, body).body)["options"] == {"temperature": 1.0, "top_p": 1.0}
+        out = j(to_ollama(path, {**body, "temperature": None, "top_p": 0.3}).body)
+        assert out["options"] == {"temperature": 1.0, "top_p": 0.3}
+    assert j(to_ollama("/v1/chat/completions", {**chat, "reasoning_effort": "ultra"}).body)["think"] == "max"
+
+
+def test_openai_input_audio_goes_in_images_as_ollamas_own_v1_sends_it() -> None:
+    wav = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA="
+    body = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is said?"},
+        {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}]}
+    out = j(to_ollama("/v1/chat/completions", body).body)
+    assert out["messages"] == [{"role": "user", "content": "what is said?", "images": [wav]}]
+
+
 @pytest.mark.parametrize(("path", "body", "message"), [
     ("/v1/chat/completions", {"model": "m", "messages": []}, "[] is too short - 'messages'"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n other than 1"),
-    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [{"type": "file"}]}]},
      "unsupported content part"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+     "invalid input_audio format"),
+    ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"format": "wav"}}]}]},
+     "invalid input_audio format: missing data"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "lots"},
      "reasoning_effort"),
     ("/v1/completions", {"model": "m", "prompt": ["a", "b"]}, "prompt must be a string"),
@@ -511,7 +538,7 @@ def test_openai_completion_and_embeddings_reference_examples() -> None:
                                       "max_tokens": 7, "temperature": 0})
     assert t.path == b"/api/generate" and t.response_id.startswith("cmpl-")
     assert j(t.body) == {"model": "gpt-3.5-turbo-instruct", "prompt": "Say this is a test", "stream": False,
-                         "options": {"temperature": 0, "num_predict": 7}}
+                         "options": {"temperature": 0, "top_p": 1.0, "num_predict": 7}}
     t = to_ollama("/v1/embeddings", {"input": "The food was delicious and the waiter...",
                                      "model": "text-embedding-ada-002", "encoding_format": "float"})
     assert t.path == b"/api/embed" and not t.base64_embeddings

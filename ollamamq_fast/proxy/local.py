@@ -162,6 +162,16 @@ class LocalRoutes:
             model = normalize_model(name)
             target = ex.pool.alias_target(model) if ex.pool.aliases else None
             found = ex.fleet.find_model_entry(normalize_model(target) if target else model)
+        else:
+            # Ollama's route has no room for a '/' (a 404, kept for the models
+            # Ollama serves), but an OpenAI-compatible server's ids are often
+            # namespaced (vLLM's "Qwen/Qwen2.5-0.5B-Instruct", which the SDKs send
+            # as Qwen%2F...): each id /v1/models lists can be retrieved.
+            model = normalize_model(name)
+            for b in ex.fleet.backends:
+                if b.online and b.kind is not ApiKind.OLLAMA and model in b.models:
+                    found = b, b.models[model]
+                    break
         if found is None:
             ex.respond_error(404, f"model '{name}' not found")
             return

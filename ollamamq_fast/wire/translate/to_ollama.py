@@ -21,7 +21,7 @@ _SAME_OPTIONS: Final = (
 # reasoning_effort -> think, as Ollama's own /v1 layer maps it.
 _EFFORT_TO_THINK: Final[dict[str, bool | str]] = {
     "none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
-    "xhigh": "max", "max": "max",
+    "xhigh": "max", "ultra": "max", "max": "max",
 }
 # Fields that change the answer and that Ollama cannot honour: named in a note.
 _NOTED: Final = ("logit_bias", "prediction", "modalities", "audio", "web_search_options",
@@ -41,7 +41,9 @@ def openai_stream(req: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def _options(req: dict[str, Any]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
+    # OpenAI's defaults, which Ollama's own /v1 layer sends when they are absent
+    # (else the model's Modelfile values would apply: Ollama's 0.8 and 0.9).
+    options: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0}
     for key in _SAME_OPTIONS:
         if req.get(key) is not None:
             options[key] = req[key]
@@ -65,9 +67,7 @@ def _common(req: dict[str, Any], out: dict[str, Any], notes: list[str]) -> None:
     if n is not None and n != 1:
         raise TranslationError(400, "n other than 1 is not supported by this backend")
     out["stream"] = openai_stream(req)[0]
-    options = _options(req)
-    if options:
-        out["options"] = options
+    out["options"] = _options(req)
     fmt = _format(req.get("response_format"))
     if fmt is not None:
         out["format"] = fmt
@@ -129,6 +129,15 @@ def _content(content: Any) -> tuple[str, list[str]]:
             if not isinstance(url, str):
                 raise TranslationError(400, "image_url must carry a url")
             images.append(image_base64(url))
+        elif kind == "input_audio":
+            # Ollama's own /v1 passes the audio's base64 on in `images`, where
+            # its audio-capable models (gemma3n ...) read it.
+            audio = part.get("input_audio")
+            if not isinstance(audio, dict):
+                raise TranslationError(400, "invalid input_audio format")
+            if not isinstance(audio.get("data"), str):
+                raise TranslationError(400, "invalid input_audio format: missing data")
+            images.append(audio["data"])
         else:
             raise TranslationError(400, f"unsupported content part type: {kind!r}")
     return "\n".join(texts), images
