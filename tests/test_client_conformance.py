@@ -254,3 +254,41 @@ def test_parallel_tool_calls_for_the_ollama_client(toolbox: Stack) -> None:
     calls = [c for part in oc.chat(model="toolbox", messages=ASK, tools=TOOLS, stream=True)
              for c in part.message.tool_calls or []]
     assert [(c.function.name, dict(c.function.arguments)) for c in calls] == want
+
+
+@pytest.fixture(scope="module")
+def vllm_like() -> Stack:
+    """An OpenAI-only server that, as vLLM, finds a model only by its exact id."""
+    st = start_stack(sims=[fast_sim_options(api="openai", models=VLLM_MODELS, exact_ids=True)])
+    yield st
+    st.close()
+
+
+def test_an_exact_id_server_gets_the_model_spelled_as_it_lists_it(vllm_like: Stack) -> None:
+    """Routing folds case and `:latest` (Ollama's rules, which Ollama users type
+    by): the backend still reads its own id."""
+    sim_url = vllm_like.sims[0].url
+    # The simulator itself, as vLLM: any other spelling is a 404.
+    direct = openai.OpenAI(base_url=sim_url + "/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        direct.chat.completions.create(model="qwen/qwen2.5-0.5b-instruct",
+                                       messages=[{"role": "user", "content": "hi"}])
+    ai = openai.OpenAI(base_url=vllm_like.url + "/v1", api_key="k", max_retries=0)
+    for spelling in ("Qwen/Qwen2.5-0.5B-Instruct", "qwen/qwen2.5-0.5b-instruct",
+                     "QWEN/Qwen2.5-0.5B-Instruct:latest"):
+        answer = ai.chat.completions.create(model=spelling,
+                                            messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content, spelling
+    assert ai.embeddings.create(model="baai/bge-small-en-v1.5", input="hi").data[0].embedding
+    oc = ollama.Client(host=vllm_like.url)
+    listed = [m.model for m in oc.list().models]
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in listed
+    # What an Ollama client picks from the list, or with Ollama's `:latest`, translated.
+    for name in [n for n in listed if "bge" not in n] + ["qwen/qwen2.5-0.5b-instruct:latest"]:
+        if "bge" not in name:
+            assert oc.chat(model=name, messages=[{"role": "user", "content": "hi"}]).message
+            assert "".join(p.message.content for p in oc.chat(
+                model=name, messages=[{"role": "user", "content": "hi"}], stream=True))
+    with pytest.raises(openai.NotFoundError):
+        ai.chat.completions.create(model="Qwen/Qwen3-235B",
+                                   messages=[{"role": "user", "content": "hi"}])

@@ -60,6 +60,7 @@ class Backend:
         "consecutive_failures",
         "consecutive_successes",
         "draining",
+        "exact_names",
         "failures",
         "gateway_headers",
         "host_header",
@@ -127,6 +128,11 @@ class Backend:
         self.models: dict[str, dict[str, Any]] = {}
         # the backend's /v1/models items, for OpenAI-kind backends
         self.v1_models: list[dict[str, Any]] = []
+        # An OpenAI-kind backend's model ids by normalized name: such a server
+        # (vLLM) finds a model only by its exact id, where routing folds case
+        # and `:latest`, so a request is sent with the id spelled as listed.
+        # Empty for Ollama, which folds names itself.
+        self.exact_names: dict[str, str] = {}
         self.loaded: set[str] = set()
         self.version: str | None = None
         self.requests_done = 0

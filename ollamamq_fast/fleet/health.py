@@ -317,6 +317,7 @@ class HealthChecker:
                 models[normalize_model(name)] = entry
         backend.models = models
         backend.v1_models = []
+        backend.exact_names = {}
 
     @staticmethod
     def _take_ps(backend: Backend, ps: dict[str, Any]) -> None:
@@ -335,6 +336,7 @@ class HealthChecker:
                 item["created"] = 0
         backend.v1_models = items
         backend.models = {normalize_model(str(i["id"])): _tags_entry(i) for i in items}
+        backend.exact_names = {normalize_model(str(i["id"])): str(i["id"]) for i in items}
         backend.loaded = set()
 
     async def fetch_ps(self, among: list[Backend] | None = None) -> list[dict[str, Any]]:

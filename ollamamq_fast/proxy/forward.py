@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ollamamq_fast.policy.streamusage import UsageStripper
+from ollamamq_fast.pools import unalias
 from ollamamq_fast.proxy import translating
 from ollamamq_fast.proxy.flow import HIGH_WATER
 from ollamamq_fast.proxy.state import State
@@ -34,6 +35,8 @@ def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     ex._to(State.WAITING)
     ex.sent_at = ex.gw.loop_time()
     route = ex.route
+    if backend.exact_names and route is not None and route.model_keys and ex.model:
+        spell_model_as_listed(ex, route.model_keys, backend.exact_names)
     if route is not None and route.translate & ~backend.speaks:
         translating.send(ex, conn, backend)  # the backend speaks the other API
         return
@@ -70,6 +73,21 @@ def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     ex.body_forwarded = True
     conn.send(ex, ex.client.flow, data, head_request)
     ex.client.resume_reading()
+
+
+def spell_model_as_listed(ex: Exchange, model_keys: tuple[str, ...],
+                          exact_names: dict[str, str]) -> None:
+    """Name the model in the body as the backend lists it (an exact-id server: vLLM).
+
+    Routing folds case and a missing `:latest` (Ollama's rules), and /api/tags
+    shows an OpenAI server's ids with `:latest`, which Ollama clients send
+    back; vLLM answers 404 to any spelling but its own. The body keeps every
+    other byte; the client's spelling stays in logs and usage.
+    """
+    exact = exact_names.get(ex.model or "")
+    if exact is None or exact == ex.model_name or not ex.body or ex.encoded_body:
+        return
+    ex.body = [unalias(ex.body[0], model_keys, exact)]
 
 
 def body_piece(ex: Exchange, data: bytes) -> None:

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concurrent inference requests before answering 503 like a full Ollama queue; 0 = unlimited (default: %(default)s)")
     parser.add_argument("--api", choices=API_MODES, default="both",
                         help="ollama: native /api/* only; openai: /v1/* only (like vLLM); both (default: %(default)s)")
+    parser.add_argument("--exact-ids", action="store_true",
+                        help="as vLLM: OpenAI requests must name a model exactly as /v1/models lists it")
     parser.add_argument("--ollama-version", default="0.12.0", metavar="V",
                         help="version reported by /api/version (default: %(default)s)")
     parser.add_argument("--pull-failures", type=_non_negative_int, default=0, metavar="N",
@@ -61,6 +63,7 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         tokens=args.tokens,
         max_parallel=args.max_parallel,
         api=args.api,
+        exact_ids=getattr(args, "exact_ids", False),
         version=getattr(args, "ollama_version", "0.12.0"),
         pull_failures=getattr(args, "pull_failures", 0),
         pull_step_s=getattr(args, "pull_step_s", None),

@@ -22,7 +22,7 @@ from .exchange import Exchange
 from .fields import conversation_text, go_quote, last_user_text, seed_of
 from .generation import run_after, run_generation
 from .gojson import BodyError, MissingBody, decode_object, dumps, opt_str, type_error
-from .models import DEFAULT_NAMESPACE, parse_name
+from .models import DEFAULT_NAMESPACE, ModelEntry, parse_name
 from .sources import ChatSSESource, CompletionSSESource
 
 if TYPE_CHECKING:
@@ -118,9 +118,8 @@ class OpenAIRoutes:
         if model.strip() == "" or parse_name(model) is None:
             self._error(ex, 400, "model is required")
             return
-        entry = self.store.find(model)
+        entry = self._model(ex, model)
         if entry is None:
-            self._error(ex, 404, f"model '{model}' not found")
             return
         if entry.family.embedding_only:
             self._error(ex, 400, f"{go_quote(model)} does not support chat")
@@ -154,9 +153,8 @@ class OpenAIRoutes:
         except BodyError as err:
             self._middleware_error(ex, str(err))
             return
-        entry = self.store.find(model)
+        entry = self._model(ex, model)
         if entry is None:
-            self._error(ex, 404, f"model '{model}' not found")
             return
         if entry.family.embedding_only:
             self._error(ex, 400, f"{go_quote(model)} does not support generate")
@@ -202,9 +200,8 @@ class OpenAIRoutes:
         else:
             self._error(ex, 400, "invalid input type")
             return
-        entry = self.store.find(model)
+        entry = self._model(ex, model)
         if entry is None:
-            self._error(ex, 404, f"model '{model}' not found")
             return
         self.store.touch(entry, None)
         as_base64 = encoding.lower() == "base64"
@@ -222,12 +219,32 @@ class OpenAIRoutes:
 
         run_after(self.app, ex, self.app.ttft_s, answer)
 
+    def _model(self, ex: Exchange, model: str) -> ModelEntry | None:
+        """The model a request names, or None when answered 404 (as Ollama, or as vLLM
+        with `exact_ids`: only the id exactly as /v1/models lists it)."""
+        entry = self.store.find(model)
+        if entry is None:
+            self._error(ex, 404, f"model '{model}' not found")
+            return None
+        if self.app.options.exact_ids and self._listed_id(entry) != model:
+            self._error(ex, 404, f"The model `{model}` does not exist.")
+            return None
+        return entry
+
+    def _listed_id(self, entry: ModelEntry) -> str:
+        """A model's id in /v1/models: Ollama's name with its tag; with `exact_ids`, as
+        vLLM serves names, without the default `:latest`."""
+        name = entry.name.display()
+        if self.app.options.exact_ids and name.endswith(":latest"):
+            return name[: -len(":latest")]
+        return name
+
     # -- models ----------------------------------------------------------------------
 
     def list_models(self, ex: Exchange) -> None:
         """GET /v1/models: `data` is null when there are no models."""
         data = [
-            {"id": e.name.display(), "object": "model", "created": int(e.modified), "owned_by": e.name.namespace}
+            {"id": self._listed_id(e), "object": "model", "created": int(e.modified), "owned_by": e.name.namespace}
             for e in self.store.ordered()
         ]
         ex.send(200, dumps({"object": "list", "data": data or None}) + b"\n", wire.CT_JSON)

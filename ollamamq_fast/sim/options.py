@@ -24,6 +24,9 @@ class SimOptions:
     max_parallel: int = 0
     # "ollama": /api/* and /, "openai": /v1/* only (vLLM, llama.cpp), "both": everything.
     api: str = "both"
+    # As vLLM: an OpenAI request must name a model exactly as /v1/models lists it
+    # (Ollama folds case and a missing `:latest`).
+    exact_ids: bool = False
     version: str = "0.12.0"
     # The first N pulls fail mid-stream ("pull model manifest: ... connection reset"),
     # so a gateway's retries can be tested; 0 = pulls succeed.
