@@ -250,12 +250,16 @@ class Ledger:
                                  end is not End.CANCELLED and status >= 400,
                                  end is End.CANCELLED, r.tokens_estimated,
                                  wall)
+        # "done": answered by a backend (whatever its status) or from the cache.
+        # The restart rebuilds it from the usage rows by the same rule (keeper.py).
         if r.in_flight_counted:
             r.in_flight_counted = False
             if ustats is not None:
                 ustats.in_flight -= 1
                 if end is End.DONE:
-                    ustats.done += 1  # "done": reached a backend and was answered
+                    ustats.done += 1
+        elif ustats is not None and end is End.DONE and status < 400:
+            ustats.done += 1  # no backend and no error: a cache hit
         if self.access_on:
             pending = self.access_pending
             if len(pending) < self.access_max:
