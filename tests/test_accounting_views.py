@@ -515,6 +515,30 @@ def test_model_management_is_a_usage_row_without_tokens_and_local_answers_none(r
             assert after.stats["completed"] - before.stats["completed"] == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_bodies_that_broke_the_translator_are_answered_and_end_once(rig: Rig,
+                                                                     stream: bool) -> None:
+    """A keep_alive beyond a Duration's range (Ollama takes any number) and a
+    reasoning_effort that is not a string raised inside the translator: a 500
+    ("internal error", logged as a 499) on a pooled connection, and on a new one
+    a request that never ended, its client waiting and its slot held for ever."""
+    cases = [
+        ("/api/chat", chat_body(OPENAI_ONLY, stream, keep_alive=1e308), 200),
+        ("/api/generate", {"model": OPENAI_ONLY, "prompt": "x", "stream": stream,
+                           "keep_alive": 1e300}, 200),
+        ("/v1/chat/completions", chat_body(OLLAMA_ONLY, stream, reasoning_effort=[None]), 400),
+        ("/v1/chat/completions", chat_body(OLLAMA_ONLY, stream, reasoning={"effort": {}}), 400),
+    ]
+    for n, (path, body, status) in enumerate(cases):
+        user = f"xlate-bug{n}-{stream}"
+        before = rig.views()
+        for _ in range(2):  # a pooled connection and a new one
+            r = httpx.post(rig.st.url + path, json=body, timeout=5, headers={"X-User-ID": user})
+            assert r.status_code == status, (path, body, r.text)
+        check(rig, before, user, requests=2, errors=0 if status == 200 else 2,
+              tokens=status == 200)
+
+
 def test_a_restart_keeps_every_total_and_counts_nothing_twice(rig: Rig) -> None:
     """Last in this module: the state of every case above, before and after a restart."""
     with httpx.Client(base_url=rig.admin, headers=AUTH, timeout=10) as admin:
