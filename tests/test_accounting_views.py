@@ -222,6 +222,9 @@ def check(rig: Rig, before: Views, user: str, *, requests: int, errors: int = 0,
         assert {x["backend"] for x in lines} == {backend}
     assert u["done"] == (done if done is not None else requests - cancelled)
     assert u["rejected"] == rejected
+    assert after.stats["rejected"] - before.stats["rejected"] == rejected
+    assert after.metric("ollamamq_rejected_total") - before.metric(
+        "ollamamq_rejected_total") == rejected
     assert u["in_flight"] == 0 and u["queued"] == 0
     assert after.stats["failovers"] - before.stats["failovers"] == failovers
     return after
@@ -561,3 +564,48 @@ def test_a_restart_keeps_every_total_and_counts_nothing_twice(rig: Rig) -> None:
     rig.st.lt.run(policy.quota.refresh(False))
     assert {u: rig.st.lt.call(rig.st.state.operator.quota, u)["used_day"]
             for u in before.users} == quotas
+
+
+def hold_slots(rig: Rig) -> list[socket.socket]:
+    """The Ollama-only simulator's four slots, each held by a long stream."""
+    holders = [raw_post(rig.st.port, "/api/chat", chat_body(OLLAMA_ONLY, True), "holder",
+                        "X-Sim-Tokens: 100000\r\n") for _ in range(4)]
+    for sock in holders:
+        read_until(sock, b'"done":false')
+    return holders
+
+
+def release(rig: Rig, holders: list[socket.socket]) -> None:
+    for sock in holders:
+        sock.close()
+    rig.settled("holder")
+
+
+def test_a_queue_timeout_and_a_block_while_queued_are_refusals(rig: Rig) -> None:
+    holders = hold_slots(rig)
+    users = rig.st.state.stats.users
+    try:
+        rig.st.lt.call(setattr, rig.st.state.settings, "queue_timeout", 0.2)
+        before = rig.views()
+        r = httpx.post(rig.st.url + "/api/chat", json=chat_body(OLLAMA_ONLY, False),
+                       headers={"X-User-ID": "qtimeout"}, timeout=10)
+        assert r.status_code == 503, r.text
+        check(rig, before, "qtimeout", requests=1, errors=1, done=0, rejected=1, tokens=False)
+    finally:
+        rig.st.lt.call(setattr, rig.st.state.settings, "queue_timeout", 600.0)
+    before = rig.views()
+    sock = raw_post(rig.st.port, "/api/chat", chat_body(OLLAMA_ONLY, False), "qblocked")
+    wait_until(lambda: "qblocked" in users and users["qblocked"].queued == 1, "the queue")
+    rig.st.lt.call(rig.st.state.operator.block_user, "qblocked", True)
+    admin = httpx.Client(base_url=rig.admin, headers=AUTH, timeout=10)
+    try:
+        # A fifth slot: the blocked user's request is refused, not run.
+        assert admin.patch("/api/backends", json={"url": rig.url(2), "slots": 5}).is_success
+        assert read_until(sock, b"blocked").startswith(b"HTTP/1.1 403 ")
+        sock.close()
+        check(rig, before, "qblocked", requests=1, errors=1, done=0, rejected=1, tokens=False)
+    finally:
+        admin.delete("/api/backends/override", params={"url": rig.url(2)})
+        admin.close()
+        rig.st.lt.call(rig.st.state.operator.block_user, "qblocked", False)
+        release(rig, holders)

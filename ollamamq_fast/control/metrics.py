@@ -174,7 +174,8 @@ class GatewayCollector(Collector):
              "Requests re-dispatched to another backend before the first response byte.",
              stats.failovers),
             ("ollamamq_rejected",
-             "Requests refused by admission (queue full, queue timeout, blocked).",
+             "Requests refused: limits and quotas, queue full or waited too long, blocked "
+             "(the sum of the users' rejected).",
              stats.rejected),
         ):
             yield CounterMetricFamily(name, doc, value=value)

@@ -265,7 +265,7 @@ class Exchange(ResponseSink):
             return
         self.ustats = self.gw.ledger.arrived(self.user, self.client_ip)
         if self.gw.cache.any_blocked and self.gw.operator.is_blocked(self.user, self.client_ip):
-            self.gw.ledger.refused(self.ustats, by_policy=False)
+            self.gw.ledger.refused(self)
             answers.respond_error(self, 403, "blocked by the gateway operator")
             return
         if kind is Kind.PRIMARY:
