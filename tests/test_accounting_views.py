@@ -79,6 +79,7 @@ class Rig:
                 "rate": {"rate": 0.001, "burst": 1},
                 "quota": {"quota_day": 1},
                 "capped": {"max_tokens": 4, "max_tokens_mode": "reject"},
+                "inflight": {"max_in_flight": 1},
             }
             # Quotas on for everyone (a day's quota no case reaches): the quota book counts.
             s.limits = {"quota_day": 10_000_000}
@@ -542,30 +543,6 @@ def test_bodies_that_broke_the_translator_are_answered_and_end_once(rig: Rig,
               tokens=status == 200)
 
 
-def test_a_restart_keeps_every_total_and_counts_nothing_twice(rig: Rig) -> None:
-    """Last in this module: the state of every case above, before and after a restart."""
-    with httpx.Client(base_url=rig.admin, headers=AUTH, timeout=10) as admin:
-        assert admin.get("/api/stats").json()["in_flight"] == 0
-    before = rig.views()
-    quotas = {u: rig.st.lt.call(rig.st.state.operator.quota, u)["used_day"]
-              for u in before.users}
-    rig.restart()
-    after = rig.views()
-    assert after.usage == before.usage
-    kept = ("done", "dropped", "prompt_tokens", "completion_tokens", "estimated_tokens")
-    assert {u: {k: s[k] for k in kept} for u, s in after.users.items()} == {
-        u: {k: s[k] for k in kept} for u, s in before.users.items()}
-    for key in ("prompt_tokens", "completion_tokens", "estimated_tokens", "cancelled"):
-        assert after.stats[key] == before.stats[key], key
-    for name in ("ollamamq_prompt_tokens_total", "ollamamq_completion_tokens_total",
-                 "ollamamq_cancelled_total"):
-        assert after.metric(name) == before.metric(name), name
-    policy = rig.st.state.policy
-    rig.st.lt.run(policy.quota.refresh(False))
-    assert {u: rig.st.lt.call(rig.st.state.operator.quota, u)["used_day"]
-            for u in before.users} == quotas
-
-
 def hold_slots(rig: Rig) -> list[socket.socket]:
     """The Ollama-only simulator's four slots, each held by a long stream."""
     holders = [raw_post(rig.st.port, "/api/chat", chat_body(OLLAMA_ONLY, True), "holder",
@@ -609,3 +586,61 @@ def test_a_queue_timeout_and_a_block_while_queued_are_refusals(rig: Rig) -> None
         admin.close()
         rig.st.lt.call(rig.st.state.operator.block_user, "qblocked", False)
         release(rig, holders)
+
+
+def test_an_in_flight_limit_refuses_beside_a_running_stream(rig: Rig) -> None:
+    user = "inflight"
+    before = rig.views()
+    sock = raw_post(rig.st.port, "/api/chat", chat_body(BOTH, True), user,
+                    "X-Sim-Tokens: 100000\r\n")
+    read_until(sock, b'"done":false', 3)
+    r = httpx.post(rig.st.url + "/api/chat", json=chat_body(BOTH, False),
+                   headers={"X-User-ID": user})
+    assert r.status_code == 429, r.text
+    sock.close()
+    check(rig, before, user, requests=2, errors=1, cancelled=1, done=0, rejected=1,
+          tokens=True)
+
+
+def test_a_restart_keeps_every_total_and_counts_nothing_twice(rig: Rig) -> None:
+    """Last in this module: the state of every case above, before and after a restart."""
+    with httpx.Client(base_url=rig.admin, headers=AUTH, timeout=10) as admin:
+        assert admin.get("/api/stats").json()["in_flight"] == 0
+    before = rig.views()
+    quotas = {u: rig.st.lt.call(rig.st.state.operator.quota, u)["used_day"]
+              for u in before.users}
+    rig.restart()
+    after = rig.views()
+    assert after.usage == before.usage
+    kept = ("done", "dropped", "prompt_tokens", "completion_tokens", "estimated_tokens")
+    assert {u: {k: s[k] for k in kept} for u, s in after.users.items()} == {
+        u: {k: s[k] for k in kept} for u, s in before.users.items()}
+    for key in ("prompt_tokens", "completion_tokens", "estimated_tokens", "cancelled"):
+        assert after.stats[key] == before.stats[key], key
+    for name in ("ollamamq_prompt_tokens_total", "ollamamq_completion_tokens_total",
+                 "ollamamq_cancelled_total"):
+        assert after.metric(name) == before.metric(name), name
+    policy = rig.st.state.policy
+    rig.st.lt.run(policy.quota.refresh(False))
+    assert {u: rig.st.lt.call(rig.st.state.operator.quota, u)["used_day"]
+            for u in before.users} == quotas
+
+
+def test_a_request_refused_by_auth_is_a_line_and_a_response_not_usage(
+        tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    st = start_stack(admin_port=0, admin_token=TOKEN, auth="keys", log_file=str(log))
+    try:
+        admin = f"http://127.0.0.1:{st.gateway.admin_port}"
+        for headers in ({}, {"Authorization": "Bearer nope"}):
+            r = httpx.post(st.url + "/api/chat", json=chat_body(BOTH, False), headers=headers)
+            assert r.status_code == 401
+        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 2,
+                   "two access lines")
+        assert [json.loads(x)["status"] for x in log.read_text().splitlines()] == [401, 401]
+        metrics = httpx.get(admin + "/metrics", headers=AUTH).text
+        assert 'ollamamq_requests_total{backend="",route="/api/chat",status="401"} 2.0' in metrics
+        assert httpx.get(admin + "/api/usage", headers=AUTH).json()["rows"] == []
+        assert httpx.get(admin + "/api/users", headers=AUTH).json()["users"] == []
+    finally:
+        st.close()
