@@ -38,6 +38,8 @@ BOTH, OPENAI_ONLY, OLLAMA_ONLY = "llama3.2", "oai", "nat"
 # Served by the first simulator and by a backend that closes every request
 # (Closer), and by the Closer alone.
 PAIR, ALONE = "pair", "alone"
+# Served by a backend that closes after a stream's last event (Unended).
+UNENDED_N, UNENDED_O = "unended-n", "unended-o"
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Rig:
         self.fake: FakeLlama = start_fake(self.fake_loop, chunks=5, chunk_delay=0.0,
                                           end_delay=1.0)
         self.closer = Closer()
+        self.unended = [Unended(openai=False), Unended(openai=True)]
         self.st = self._start()
 
     def _start(self) -> Stack:
@@ -85,7 +88,8 @@ class Rig:
             s.limits = {"quota_day": 10_000_000}
             s.backend_slots[self.fake.url] = 1
 
-        return start_stack(sims=sims, configure=configure, extra_backends=[self.fake.url, self.closer.url], admin_port=0, admin_token=TOKEN,
+        return start_stack(sims=sims, configure=configure, extra_backends=[
+                               self.fake.url, self.closer.url, *(u.url for u in self.unended)], admin_port=0, admin_token=TOKEN,
                            state_path=str(self.db), log_file=str(self.log),
                            health_interval=3600.0)
 
@@ -143,6 +147,81 @@ class Rig:
         self.fake_loop.run(self.fake.close())
         self.fake_loop.stop()
         self.closer.close()
+        for u in self.unended:
+            u.close()
+
+
+def _chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces)
+
+
+class Unended:
+    """A server that sends a whole stream, last event included, then closes
+    without the end of its chunked body (a server killed at that moment).
+
+    `openai`: an OpenAI-compatible server of model UNENDED_O (native requests
+    to it are translated); else an Ollama server of model UNENDED_N.
+    """
+
+    def __init__(self, openai: bool) -> None:
+        self.openai = openai
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.srv.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            path = buf.split(b" ", 2)[1]
+            if self.openai and path == b"/v1/models":
+                out = json.dumps({"object": "list", "data": [
+                    {"id": UNENDED_O, "object": "model", "owned_by": "vllm"}]}).encode()
+            elif not self.openai and path == b"/api/tags":
+                out = json.dumps({"models": [{"name": f"{UNENDED_N}:latest",
+                                              "model": f"{UNENDED_N}:latest"}]}).encode()
+            elif path in (b"/api/chat", b"/v1/chat/completions"):
+                if self.openai:
+                    ctype = b"text/event-stream"
+                    body = _chunked(
+                        b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n',
+                        b'data: {"choices":[{"index":0,"delta":{"content":"a b"}}]}\n\n',
+                        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+                        b'data: {"choices":[],"usage":{"prompt_tokens":7,'
+                        b'"completion_tokens":2,"total_tokens":9}}\n\n',
+                        b"data: [DONE]\n\n")
+                else:
+                    ctype = b"application/x-ndjson"
+                    body = _chunked(
+                        b'{"model":"n","message":{"role":"assistant","content":"a"},'
+                        b'"done":false}\n',
+                        b'{"model":"n","message":{"role":"assistant","content":""},'
+                        b'"done":true,"done_reason":"stop","prompt_eval_count":7,'
+                        b'"eval_count":2}\n')
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %b\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n%b" % (ctype, body))
+                return  # closed before the last chunk
+            else:
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(out), out))
+
+    def close(self) -> None:
+        self.srv.close()
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +495,10 @@ def test_a_client_gone_right_after_the_terminal_event_is_done_with_its_tokens(
     after = check(rig, before, user, requests=1, tokens=True, backend=rig.fake.url)
     (line,) = after.access
     assert (line["status"], line["completion_tokens"]) == (200, 5), line
+    # The server answered in full: one more request it finished.
+    backend = {"backend": rig.fake.url}
+    assert after.metric("ollamamq_backend_requests_total", **backend) - before.metric(
+        "ollamamq_backend_requests_total", **backend) == 1
 
 
 class Closer:
@@ -457,6 +540,28 @@ class Closer:
 
     def close(self) -> None:
         self.srv.close()
+
+
+@pytest.mark.parametrize("translated", [False, True])
+def test_a_backend_closing_after_the_last_event_answered_in_full(rig: Rig,
+                                                                  translated: bool) -> None:
+    """Done with the backend's own counts, one more request the backend finished,
+    and no failure held against it; translated (an OpenAI server's stream to an
+    ollama client) as well."""
+    server = rig.unended[int(translated)]
+    user = f"unended-{translated}"
+    before = rig.views()
+    r = httpx.post(rig.st.url + "/api/chat", headers={"X-User-ID": user}, timeout=10,
+                   json=chat_body(UNENDED_O if translated else UNENDED_N, True))
+    assert r.status_code == 200 and '"done":true' in r.text and "error" not in r.text, r.text
+    after = check(rig, before, user, requests=1, backend=server.url)
+    (line,) = after.access
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (7, 2)
+    assert after.usage[0]["estimated_tokens"] == 0
+    for name, delta in (("ollamamq_backend_failures_total", 0),
+                        ("ollamamq_backend_requests_total", 1)):
+        assert after.metric(name, backend=server.url) - before.metric(
+            name, backend=server.url) == delta, name
 
 
 def test_a_retry_before_the_first_byte_counts_once_on_the_backend_that_served(rig: Rig) -> None:
