@@ -320,6 +320,13 @@ def test_success_native_and_openai_streams_and_answers(rig: Rig) -> None:
         ("/v1/chat/completions", chat_body(BOTH, True, stream_options={"include_usage": True}),
          0),
         ("/v1/completions", {"model": BOTH, "prompt": "x", "stream": True}, 0),
+        ("/v1/completions", {"model": BOTH, "prompt": "x", "stream": True,
+                             "stream_options": {"include_usage": True}}, 0),
+        # An OpenAI-only server (vLLM): the usage event asked for, or injected and stripped.
+        ("/v1/chat/completions", chat_body(OPENAI_ONLY, True), 1),
+        ("/v1/chat/completions", chat_body(OPENAI_ONLY, True,
+                                           stream_options={"include_usage": True}), 1),
+        ("/v1/completions", {"model": OPENAI_ONLY, "prompt": "x", "stream": True}, 1),
         # Translated: native to an OpenAI server, OpenAI to an Ollama server.
         ("/api/chat", chat_body(OPENAI_ONLY, False), 1),
         ("/api/chat", chat_body(OPENAI_ONLY, True), 1),
@@ -342,16 +349,19 @@ def test_success_native_and_openai_streams_and_answers(rig: Rig) -> None:
 
 
 def test_embeddings_count_their_prompt_tokens_everywhere(rig: Rig) -> None:
-    for n, (path, body) in enumerate((
-            ("/api/embed", {"model": "all-minilm", "input": ["one two three", "four"]}),
-            ("/api/embeddings", {"model": "all-minilm", "prompt": "one two three"}),
-            ("/v1/embeddings", {"model": "all-minilm", "input": "one two three"}))):
+    for n, (path, body, sim, tokens) in enumerate((
+            ("/api/embed", {"model": "all-minilm", "input": ["one two three", "four"]}, 0, True),
+            # Ollama's legacy route reports no count.
+            ("/api/embeddings", {"model": "all-minilm", "prompt": "one two three"}, 0, False),
+            ("/v1/embeddings", {"model": "all-minilm", "input": "one two three"}, 0, True),
+            ("/api/embed", {"model": OPENAI_ONLY, "input": "one two three"}, 1, True),
+            ("/v1/embeddings", {"model": OLLAMA_ONLY, "input": "one two three"}, 2, True))):
         user = f"emb{n}"
         before = rig.views()
         r = httpx.post(rig.st.url + path, json=body, headers={"X-User-ID": user}, timeout=10)
         assert r.status_code == 200, r.text
-        after = check(rig, before, user, requests=1, backend=rig.url(0))
-        print(path, after.access, r.text[-200:])
+        after = check(rig, before, user, requests=1, backend=rig.url(sim), tokens=tokens)
+        assert after.access[0]["completion_tokens"] == 0
 
 
 def test_a_cache_hit_is_a_request_without_tokens(rig: Rig) -> None:
@@ -444,6 +454,18 @@ def test_a_client_gone_mid_stream_is_cancelled_with_what_was_generated(
     sock.close()
     after = check(rig, before, user, requests=1, cancelled=1, done=0, tokens=True)
     assert after.usage[0]["estimated_tokens"] > 0
+
+
+def test_a_client_gone_while_a_whole_answer_is_made_is_cancelled_without_tokens(
+        rig: Rig) -> None:
+    user = "gone-waiting"
+    before = rig.views()
+    sock = raw_post(rig.st.port, "/api/chat", chat_body(BOTH, False), user,
+                    "X-Sim-Delay-Ms: 5000\r\n")
+    wait_until(lambda: user in rig.st.state.stats.users
+               and rig.st.state.stats.users[user].in_flight == 1, "the request to run")
+    sock.close()
+    check(rig, before, user, requests=1, cancelled=1, done=0, tokens=False)
 
 
 def test_a_client_gone_while_queued_is_cancelled_without_tokens(rig: Rig) -> None:
