@@ -414,6 +414,35 @@ def test_an_unexpected_error_while_connecting_answers_instead_of_hanging(rig: Ri
     assert rig.state.stats.users["alice"].in_flight == 0
 
 
+def test_a_bug_while_sending_on_a_new_connection_answers_500_and_frees_the_slot(
+        rig: Rig) -> None:
+    """A bug between the connect and the request on the wire (the translator raised
+    on a keep_alive of 1e308) was an exception in the connect task nobody read: the
+    client waited for ever, its backend slot and in-flight count held, never logged."""
+    connect = rig.pools[0].connect
+
+    def broken_clock() -> float:
+        raise RuntimeError("a bug")
+
+    async def connect_then_break() -> UpstreamConnection:
+        conn = await connect()
+        rig.state.loop_time = broken_clock  # read as the request goes on the wire
+        return conn
+
+    rig.pools[0].connect = connect_then_break  # type: ignore[method-assign]
+    proto, client = rig.client()
+    proto.data_received(post())
+    rig.turn()
+    head, _, body = bytes(client.data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ") and body.startswith(b'{"error":"internal error')
+    assert client.closing
+    proto.connection_lost(None)  # the close the 500 asked for
+    user = rig.state.stats.users["alice"]
+    assert (user.in_flight, user.dropped) == (0, 1)
+    assert rig.state.fleet.backends[0].in_flight == 0
+    assert all(transport.closing for _, transport in rig.pools[0].opened)
+
+
 def test_an_early_error_never_reaches_a_backend(rig: Rig) -> None:
     proto, client = rig.client()
     proto.data_received(post(body=b'{"model": 12}'))

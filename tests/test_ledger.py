@@ -128,12 +128,16 @@ def test_an_error_without_tokens_is_a_usage_row_with_its_error() -> None:
     assert ends(usage) == [("k1", "", True, False, False)]
 
 
-def test_refusals_count_by_whom() -> None:
+def test_refusals_count_for_the_gateway_and_the_user_alike() -> None:
     ledger, stats, _, _, _ = _ledger()
     ustats = ledger.arrived("bob", "10.0.0.2")
-    ledger.refused(ustats, by_policy=True)
-    ledger.refused(ustats, by_policy=False)
-    assert stats.rejected == 1 and ustats.rejected == 2
+    ledger.refused(Req(ustats), "rate")
+    ledger.refused(Req(ustats))  # a block, the queue's bound or its wait
+    assert (stats.rejected, stats.rate_limited, ustats.rejected) == (2, 1, 2)
+    ran = Req(ustats)
+    ledger.running(ran)
+    ledger.refused(ran)  # a retry refused on its way back: an answer, counted done
+    assert (stats.rejected, ustats.rejected) == (2, 2)
 
 
 @pytest.mark.parametrize(("tail", "ctype", "done"), [

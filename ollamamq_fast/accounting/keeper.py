@@ -99,7 +99,11 @@ class UsageKeeper:
             stats.completion_tokens += row.completion_tokens
         for h in await self.store.usage_hours():
             ustats = stats.user(h.user)
-            ustats.done += h.requests - h.errors - h.cancelled
+            # As the ledger counts `done`: every answer a backend gave (its
+            # errors too), and the gateway's own answers without an error
+            # (cache hits); a refusal is not done.
+            answered = h.requests - h.cancelled
+            ustats.done += answered if h.backend else answered - h.errors
             ustats.dropped += h.cancelled
             ustats.estimated_tokens += h.estimated_tokens
             stats.cancelled += h.cancelled

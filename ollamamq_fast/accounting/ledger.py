@@ -144,20 +144,25 @@ class Ledger:
         ustats.last_seen = self.loop_time() + self.wall_offset
         return ustats
 
-    def refused(self, ustats: UserStats | None, by_policy: bool, reason: str = "") -> None:
-        """A request was refused by a limit, a quota, the queue bound or a block.
+    def refused(self, r: Record, reason: str = "") -> None:
+        """A request was refused by a limit, a quota, the queue bound or its wait, or a block.
 
         `reason` names the usage-policy limit: "rate", "quota" or "in_flight".
+        Counted gateway-wide and for its user alike (the sum of the users' is the
+        gateway's), unless it had run on a backend already: a retry refused on
+        its way back is an answer, counted done when it ends.
         """
+        if r.in_flight_counted:
+            return
         stats = self.stats
-        if by_policy:
-            stats.rejected += 1
+        stats.rejected += 1
         if reason == "rate":
             stats.rate_limited += 1
         elif reason == "quota":
             stats.quota_refused += 1
         elif reason == "in_flight":
             stats.limit_refused += 1
+        ustats = r.ustats
         if ustats is not None:
             ustats.rejected += 1
 
@@ -249,12 +254,16 @@ class Ledger:
                                  end is not End.CANCELLED and status >= 400,
                                  end is End.CANCELLED, r.tokens_estimated,
                                  wall)
+        # "done": answered by a backend (whatever its status) or from the cache.
+        # The restart rebuilds it from the usage rows by the same rule (keeper.py).
         if r.in_flight_counted:
             r.in_flight_counted = False
             if ustats is not None:
                 ustats.in_flight -= 1
                 if end is End.DONE:
-                    ustats.done += 1  # "done": reached a backend and was answered
+                    ustats.done += 1
+        elif ustats is not None and end is End.DONE and status < 400:
+            ustats.done += 1  # no backend and no error: a cache hit
         if self.access_on:
             pending = self.access_pending
             if len(pending) < self.access_max:

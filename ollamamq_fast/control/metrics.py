@@ -174,7 +174,7 @@ class GatewayCollector(Collector):
              "Requests re-dispatched to another backend before the first response byte.",
              stats.failovers),
             ("ollamamq_rejected",
-             "Requests refused by admission (queue full, queue timeout, blocked).",
+             "Requests refused: limits, quotas, queue full or waited too long, blocked.",
              stats.rejected),
         ):
             yield CounterMetricFamily(name, doc, value=value)

@@ -76,7 +76,7 @@ def admitted(ex: Exchange, a: Admission) -> bool:
         return True
     if kind is Verdict.REFUSE:
         if a.rejected:
-            ex.gw.ledger.refused(ex.ustats, True, a.reason)
+            ex.gw.ledger.refused(ex, a.reason)
         answers.respond_error(ex, a.status, a.message, retry_after=a.retry_after)
     else:
         assert kind is Verdict.CACHED and a.entry is not None
@@ -111,6 +111,6 @@ def affinity(ex: Exchange) -> str:
 def refused(ex: Exchange, placement: Placement) -> None:
     """The dispatcher refused the request: count it (when the policy's) and answer its error."""
     if placement.rejected:
-        ex.gw.ledger.refused(ex.ustats, by_policy=True)
+        ex.gw.ledger.refused(ex)
     answers.respond_error(ex, placement.status, placement.message,
                           retry_after=placement.retry_after)

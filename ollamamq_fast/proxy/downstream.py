@@ -115,7 +115,7 @@ class ClientProtocol(asyncio.Protocol):
                 if not self.stop_reading:  # else: bytes after a closing request, ignored
                     self._reject(431, "request head too large")
             else:
-                self._internal_error(failed)
+                self.internal_error(failed)
             return
         except httptools.HttpParserUpgrade:
             # An Upgrade (h2c, websocket) or CONNECT: the request itself was read
@@ -288,7 +288,7 @@ class ClientProtocol(asyncio.Protocol):
         finally:
             self.advancing = False
 
-    def _internal_error(self, exc: Exception) -> None:
+    def internal_error(self, exc: Exception) -> None:
         """Log a bug with its cause; answer 500 unless an answer had begun; end the connection."""
         cause = exc.__cause__ or exc.__context__ or exc
         _log.error("internal error on a connection from %s (the client gets a 500): %r",

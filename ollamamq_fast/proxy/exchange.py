@@ -265,7 +265,7 @@ class Exchange(ResponseSink):
             return
         self.ustats = self.gw.ledger.arrived(self.user, self.client_ip)
         if self.gw.cache.any_blocked and self.gw.operator.is_blocked(self.user, self.client_ip):
-            self.gw.ledger.refused(self.ustats, by_policy=False)
+            self.gw.ledger.refused(self)
             answers.respond_error(self, 403, "blocked by the gateway operator")
             return
         if kind is Kind.PRIMARY:
@@ -325,9 +325,22 @@ class Exchange(ResponseSink):
         assert backend.pool is not None
         conn = backend.pool.acquire_idle()
         if conn is not None:
-            forward.send(self, conn, backend)  # WAITING: the request is on the wire
+            self._send(conn, backend)  # WAITING: the request is on the wire
         else:
             self.connect_task = self.gw.loop.create_task(self._connect(backend))
+
+    def _send(self, conn: UpstreamConnection, backend: Backend) -> None:
+        """Write the request on `conn` (forward.py); a bug of the gateway's on the way
+        fails this request alone, as one in a request callback does: a 500 and the
+        connection closed (the ledger then ends it, and its slot is given back). Run
+        from the connect task, it would otherwise hang the client and hold the slot
+        for ever; from the dispatcher's pump, it would break another request's answer."""
+        try:
+            forward.send(self, conn, backend)
+        except Exception as exc:  # noqa: BLE001 - a bug; OSError included: never a hang
+            if self.upstream is not conn:
+                conn.close()  # not handed to the request yet: nothing else closes it
+            self.client.internal_error(exc)
 
     async def _connect(self, backend: Backend) -> None:
         assert backend.pool is not None
@@ -344,7 +357,7 @@ class Exchange(ResponseSink):
         if self.state is not State.CONNECTING:
             conn.close()
             return
-        forward.send(self, conn, backend)
+        self._send(conn, backend)
 
     # -- Relay and finish (called by UpstreamConnection) -----------------------------
 

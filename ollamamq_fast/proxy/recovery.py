@@ -143,8 +143,7 @@ def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
         assert transport is not None
         if not ex.http10:
             transport.write(framing.LAST_CHUNK)
-        if ex.route is not None and ex.route.kind is Kind.QUEUED:
-            response.count_tokens(ex, conn)
+        response.whole_without_its_end(ex, conn)
         ex._release_backend()
         ex.finish()
         return
@@ -232,9 +231,7 @@ def client_gone(ex: Exchange) -> None:
                 # end of body (the openai SDK does): a complete answer.
                 end = End.DONE
                 answered = True
-                if (ex.status < 300 and ex.route is not None
-                        and ex.route.kind is Kind.QUEUED):
-                    response.count_tokens(ex, conn)
+                response.whole_without_its_end(ex, conn)
             elif conn.events_seen():
                 response.estimate_tokens(ex, conn)  # cut short: what was generated still counts
         elif state is State.QUEUED and ex.enqueued_at:

@@ -78,6 +78,18 @@ def completed(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
         ex.gw.refresh_models(backend)
 
 
+def whole_without_its_end(ex: Exchange, conn: UpstreamConnection) -> None:
+    """The stream's last event was relayed but its end of body never will be (the
+    backend closed after it, or the client left): a whole answer all the same, so
+    its backend finished a request and its tokens are the backend's own counts."""
+    backend = ex.backend
+    if backend is not None:
+        backend.requests_done += 1
+    route = ex.route
+    if ex.status < 300 and route is not None and route.kind is Kind.QUEUED:
+        count_tokens(ex, conn)
+
+
 def count_tokens(ex: Exchange, conn: UpstreamConnection) -> None:
     """Record the answer's tokens: the backend's counts from its tail, else an estimate."""
     relay = ex.xlate

@@ -305,15 +305,16 @@ class TranslatingRelay(ResponseSink):
         """
         ex = self.ex
         ex.upstream = None
-        recovery.note_backend_failure(ex, why)
+        stream = self.stream if self.mode == STREAM and ex.state is not State.DONE else None
+        out = stream.finish() if stream is not None else b""
+        if stream is None or not stream.complete:
+            # (A stream whose last event came has only lost its end: no failure.)
+            recovery.note_backend_failure(ex, why)
         ex._release_backend()
         ex.keep_alive = False
         if ex.state is State.DONE:
             return
-        if self.mode == STREAM:
-            stream = self.stream
-            assert stream is not None
-            out = stream.finish()
+        if stream is not None:
             if not stream.complete:  # cut short: say why, in the client's stream format
                 out = stream_error_frame(self.translated.content_type, why) or out
             transport = ex.client_transport
@@ -323,7 +324,7 @@ class TranslatingRelay(ResponseSink):
                 elif out:
                     transport.write(out)
             if stream.complete:
-                response.count_tokens(ex, self.conn)
+                response.whole_without_its_end(ex, self.conn)
             elif self.conn.events_seen():
                 response.estimate_tokens(ex, self.conn)  # what was relayed was generated
             ex.finish()

@@ -261,6 +261,7 @@ class Dispatcher:
         ex.chosen = None
         if ex.gw.cache.any_blocked and ex.gw.operator.is_blocked(ex.user, ex.client_ip):
             # Blocked while it waited: refuse it now rather than run it.
+            ex.gw.ledger.refused(ex)
             ex.respond_error(403, "blocked by the gateway operator")
             return
         if ex.enqueued_at:
@@ -375,6 +376,7 @@ class Dispatcher:
             ex.gw.ledger.left_queue(ex.ustats)
             ex.queue_ms = int((now - ex.enqueued_at) * 1000)
             self.expired += 1
+            ex.gw.ledger.refused(ex)
             ex.respond_error(
                 503, f"request waited more than {limit:g} s in the queue", retry_after=10
             )

@@ -344,7 +344,12 @@ def keep_alive_ns(value: Any) -> int | None:
     if isinstance(value, bool):
         raise TranslationError(400, "Unsupported type: 'bool'")
     if isinstance(value, (int, float)):
-        return -1 if value < 0 else int(value * 1_000_000_000)
+        if value < 0:
+            return -1
+        # Go takes any number; one beyond a Duration's range (1e308 seconds) is
+        # kept for ever here (int() of the float's infinity would raise).
+        ns = value * 1_000_000_000
+        return int(ns) if ns < _MAX_DURATION else _MAX_DURATION - 1
     if isinstance(value, str):
         try:
             return go_duration_ns(value)

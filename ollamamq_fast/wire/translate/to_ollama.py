@@ -99,7 +99,7 @@ def _think(req: dict[str, Any]) -> bool | str | None:
     if effort is None and isinstance(reasoning, dict):
         effort = reasoning.get("effort")
     if effort is not None:
-        if effort not in _EFFORT_TO_THINK:
+        if not isinstance(effort, str) or effort not in _EFFORT_TO_THINK:  # a list: unhashable
             raise TranslationError(400, f"invalid reasoning_effort: {effort!r}")
         return _EFFORT_TO_THINK[effort]
     kwargs = req.get("chat_template_kwargs")
