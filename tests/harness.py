@@ -246,3 +246,45 @@ def split_responses(buf: bytes) -> list[tuple[int, dict[str, str], bytes]]:
             out.append((status, headers, rest[:length]))
             buf = rest[length:]
     return out
+
+
+class SocketBackend:
+    """A scripted HTTP/1.1 backend on a plain socket, one thread per connection.
+
+    A subclass answers in `answer(conn, head)`, given the request head (up to
+    its blank line, body bytes after it possibly included); `path_of(head)`
+    reads its path.
+    """
+
+    def __init__(self) -> None:
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.srv.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            self.answer(conn, head)
+
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def path_of(head: bytes) -> bytes:
+        return head.split(b" ", 2)[1]
+
+    def close(self) -> None:
+        self.srv.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,14 @@ import httpx
 import pytest
 from fake_llama import MODEL as LLAMA
 from fake_llama import FakeLlama, start_fake
-from harness import LoopThread, Stack, fast_sim_options, start_stack, wait_until
+from harness import (
+    LoopThread,
+    SocketBackend,
+    Stack,
+    fast_sim_options,
+    start_stack,
+    wait_until,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from ollamamq_fast.config import Settings
@@ -155,7 +161,7 @@ def _chunked(*pieces: bytes) -> bytes:
     return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces)
 
 
-class Unended:
+class Unended(SocketBackend):
     """A server that sends a whole stream, last event included, then closes
     without the end of its chunked body (a server killed at that moment).
 
@@ -165,63 +171,43 @@ class Unended:
 
     def __init__(self, openai: bool) -> None:
         self.openai = openai
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.srv.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-            path = buf.split(b" ", 2)[1]
-            if self.openai and path == b"/v1/models":
-                out = json.dumps({"object": "list", "data": [
-                    {"id": UNENDED_O, "object": "model", "owned_by": "vllm"}]}).encode()
-            elif not self.openai and path == b"/api/tags":
-                out = json.dumps({"models": [{"name": f"{UNENDED_N}:latest",
-                                              "model": f"{UNENDED_N}:latest"}]}).encode()
-            elif path in (b"/api/chat", b"/v1/chat/completions"):
-                if self.openai:
-                    ctype = b"text/event-stream"
-                    body = _chunked(
-                        b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n',
-                        b'data: {"choices":[{"index":0,"delta":{"content":"a b"}}]}\n\n',
-                        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
-                        b'data: {"choices":[],"usage":{"prompt_tokens":7,'
-                        b'"completion_tokens":2,"total_tokens":9}}\n\n',
-                        b"data: [DONE]\n\n")
-                else:
-                    ctype = b"application/x-ndjson"
-                    body = _chunked(
-                        b'{"model":"n","message":{"role":"assistant","content":"a"},'
-                        b'"done":false}\n',
-                        b'{"model":"n","message":{"role":"assistant","content":""},'
-                        b'"done":true,"done_reason":"stop","prompt_eval_count":7,'
-                        b'"eval_count":2}\n')
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %b\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n%b" % (ctype, body))
-                return  # closed before the last chunk
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        path = self.path_of(head)
+        if self.openai and path == b"/v1/models":
+            out = json.dumps({"object": "list", "data": [
+                {"id": UNENDED_O, "object": "model", "owned_by": "vllm"}]}).encode()
+        elif not self.openai and path == b"/api/tags":
+            out = json.dumps({"models": [{"name": f"{UNENDED_N}:latest",
+                                          "model": f"{UNENDED_N}:latest"}]}).encode()
+        elif path in (b"/api/chat", b"/v1/chat/completions"):
+            if self.openai:
+                ctype = b"text/event-stream"
+                body = _chunked(
+                    b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n',
+                    b'data: {"choices":[{"index":0,"delta":{"content":"a b"}}]}\n\n',
+                    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+                    b'data: {"choices":[],"usage":{"prompt_tokens":7,'
+                    b'"completion_tokens":2,"total_tokens":9}}\n\n',
+                    b"data: [DONE]\n\n")
             else:
-                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
-                             b"Connection: close\r\n\r\n")
-                return
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(out), out))
-
-    def close(self) -> None:
-        self.srv.close()
+                ctype = b"application/x-ndjson"
+                body = _chunked(
+                    b'{"model":"n","message":{"role":"assistant","content":"a"},'
+                    b'"done":false}\n',
+                    b'{"model":"n","message":{"role":"assistant","content":""},'
+                    b'"done":true,"done_reason":"stop","prompt_eval_count":7,'
+                    b'"eval_count":2}\n')
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %b\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n%b" % (ctype, body))
+            return  # closed before the last chunk
+        else:
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\n\r\n")
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(out), out))
 
 
 @pytest.fixture(scope="module")
@@ -523,45 +509,25 @@ def test_a_client_gone_right_after_the_terminal_event_is_done_with_its_tokens(
         "ollamamq_backend_requests_total", **backend) == 1
 
 
-class Closer:
+class Closer(SocketBackend):
     """An Ollama backend listing PAIR and ALONE that closes every inference request unanswered."""
 
     def __init__(self) -> None:
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.srv.getsockname()[1]}"
         self.closed = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-            path = buf.split(b" ", 2)[1]
-            if path == b"/api/tags":
-                out = json.dumps({"models": [{"name": m, "model": m} for m in (
-                    f"{PAIR}:latest", f"{ALONE}:latest")]}).encode()
-            elif path in (b"/api/ps", b"/api/version"):
-                out = b'{"models": [], "version": "0.12.0"}'
-            else:
-                self.closed += 1
-                return  # closed before any byte of an answer
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(out), out))
-
-    def close(self) -> None:
-        self.srv.close()
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        path = self.path_of(head)
+        if path == b"/api/tags":
+            out = json.dumps({"models": [{"name": m, "model": m} for m in (
+                f"{PAIR}:latest", f"{ALONE}:latest")]}).encode()
+        elif path in (b"/api/ps", b"/api/version"):
+            out = b'{"models": [], "version": "0.12.0"}'
+        else:
+            self.closed += 1
+            return  # closed before any byte of an answer
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(out), out))
 
 
 @pytest.mark.parametrize("translated", [False, True])

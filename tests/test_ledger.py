@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from harness import Stack, start_stack
+from harness import SocketBackend, Stack, start_stack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_traps import wait_for
@@ -154,53 +154,36 @@ def test_terminal_events(tail: bytes, ctype: bytes, done: bool) -> None:
     assert terminal_event_relayed(tail, ctype) is done
 
 
-class LateEndBackend:
+class LateEndBackend(SocketBackend):
     """Sends a whole stream, terminal event included, then holds the end of body back."""
 
     def __init__(self) -> None:
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.srv.getsockname()[1]}"
         self.release = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-            path = buf.split(b" ", 2)[1]
-            if path in (b"/api/tags", b"/api/ps", b"/api/version", b"/v1/models"):
-                out = orjson.dumps({"models": [{"name": "tiny:latest", "model": "tiny:latest"}]}
-                                   if path == b"/api/tags" else {"models": []})
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(out), out))
-                return
-            lines = [b'{"model":"tiny","message":{"role":"assistant","content":"hi"},"done":false}\n',
-                     (b'{"model":"tiny","done":true,"done_reason":"stop",'
-                      b'"prompt_eval_count":7,"eval_count":11}\n')]
-            body = b"".join(b"%x\r\n%b\r\n" % (len(line), line) for line in lines)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n" + body)
-            self.release.wait(10)  # the end of body comes late, or never
-            try:
-                conn.sendall(b"0\r\n\r\n")
-            except OSError:
-                pass
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        path = self.path_of(head)
+        if path in (b"/api/tags", b"/api/ps", b"/api/version", b"/v1/models"):
+            out = orjson.dumps({"models": [{"name": "tiny:latest", "model": "tiny:latest"}]}
+                               if path == b"/api/tags" else {"models": []})
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(out), out))
+            return
+        lines = [b'{"model":"tiny","message":{"role":"assistant","content":"hi"},"done":false}\n',
+                 (b'{"model":"tiny","done":true,"done_reason":"stop",'
+                  b'"prompt_eval_count":7,"eval_count":11}\n')]
+        body = b"".join(b"%x\r\n%b\r\n" % (len(line), line) for line in lines)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" + body)
+        self.release.wait(10)  # the end of body comes late, or never
+        try:
+            conn.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.release.set()
-        self.srv.close()
+        super().close()
 
 
 @pytest.fixture()
