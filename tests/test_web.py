@@ -385,9 +385,12 @@ def test_dashboard_screenshot_with_traffic(
     senders = ["alice", "bob", "carol", "dave", "erin", "alice", "bob", "frank"]
     threads = [threading.Thread(target=traffic, args=(u,), daemon=True) for u in senders]
     try:
+        # Updating the README's screenshot: users join slower and the charts
+        # gather a few more seconds of history (the test itself needs neither).
+        updating = os.environ.get("OLLAMAMQ_UPDATE_SCREENSHOTS") == "1"
         for t in threads:
             t.start()
-            time.sleep(0.3)
+            time.sleep(0.8 if updating else 0.3)
         # Operator changes while the page watches: they show in the tables
         # and in the change log.
         with httpx.Client(base_url=admin_url, headers=AUTH, timeout=5) as admin:
@@ -396,6 +399,8 @@ def test_dashboard_screenshot_with_traffic(
             admin.post("/api/users/mallory/block")
             admin.post("/api/blocked/ips", json={"ip": "203.0.113.0/24"})
             admin.post("/api/keys", json={"user": "carol", "name": "laptop"})
+        if updating:
+            time.sleep(3)
         wait_for(browser, lambda: row(browser, "data-user", "frank"), "the last user")
         wait_for(browser, lambda: "laptop" in browser.find_element(By.ID, "keys-table").text,
                  "the new key")
