@@ -21,7 +21,11 @@ os.environ["XDG_STATE_HOME"] = _STATE_HOME
 atexit.register(shutil.rmtree, _STATE_HOME, ignore_errors=True)
 
 # The fast subset CI runs a second time with OLLAMAMQ_FAST_PURE=1 (the same
-# code uncompiled): the data plane's unit tests and its traps.
+# code uncompiled): the data plane's unit tests and its traps, and for each
+# compiled module (buildinfo.COMPILED_MODULES) the tests that check it directly:
+# test_accesslog (accessline), test_identity, test_user_ids and test_key_scopes
+# (policy.identity), test_failover (fleet.passive, proxy.recovery),
+# test_translate (wire.errors).
 PURE_SUBSET = {
     "test_build.py", "test_exchange.py", "test_exchange_state.py", "test_flow.py",
     "test_headers.py", "test_ledger.py", "test_hotpath.py", "test_fairqueue.py",
@@ -29,6 +33,8 @@ PURE_SUBSET = {
     "test_traps.py", "test_hardening.py", "test_accounting.py", "test_translating.py",
     "test_pools.py", "test_intake.py", "test_admission.py", "test_chunks.py",
     "test_response_headers.py",
+    "test_accesslog.py", "test_identity.py", "test_user_ids.py", "test_key_scopes.py",
+    "test_failover.py", "test_translate.py",
 }
 
 

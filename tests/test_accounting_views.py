@@ -70,10 +70,11 @@ class Rig:
         self.tmp = tmp
         self.log = tmp / "access.log"
         self.db = tmp / "state.db"
-        # llama-cpp-python's server, which writes its end of body apart from [DONE].
+        # llama-cpp-python's server, which writes its end of body apart from [DONE]
+        # (0.3 s later here: a client leaving right after [DONE] leaves long before it).
         self.fake_loop = LoopThread()
         self.fake: FakeLlama = start_fake(self.fake_loop, chunks=5, chunk_delay=0.0,
-                                          end_delay=1.0)
+                                          end_delay=0.3)
         self.closer = Closer()
         self.unended = [Unended(openai=False), Unended(openai=True)]
         self.st = self._start()
@@ -499,7 +500,7 @@ def test_a_client_gone_right_after_the_terminal_event_is_done_with_its_tokens(
             else {"model": LLAMA, "prompt": "x", "stream": True})
     sock = raw_post(rig.st.port, path, body, user)
     read_until(sock, marker)
-    sock.close()  # before the server's end of body (a second later)
+    sock.close()  # before the server's end of body (0.3 s later)
     after = check(rig, before, user, requests=1, tokens=True, backend=rig.fake.url)
     (line,) = after.access
     assert (line["status"], line["completion_tokens"]) == (200, 5), line

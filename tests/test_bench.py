@@ -587,7 +587,7 @@ def test_against_simulator_stream_and_non_stream(capsys: pytest.CaptureFixture[s
         sim = procs.start_sim(ttft_ms=0, tokens_per_s=0, tokens=8)
         for stream_flag, route in (("--stream", "/api/chat"), ("--no-stream", "/api/generate"),
                                    ("--stream", "/v1/chat/completions")):
-            code, doc = _bench_json(capsys, sim.url, "-d", "2", "-c", "4", "--users", "3", "--max-tokens", "8",
+            code, doc = _bench_json(capsys, sim.url, "-d", "0.5", "-c", "4", "--users", "3", "--max-tokens", "8",
                                     "--route", route, stream_flag)
             t = doc["targets"][0]["total"]
             assert code == 0 and t["ok"] > 20 and t["errors_total"] == 0, (route, t["errors"])

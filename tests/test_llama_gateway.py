@@ -267,7 +267,8 @@ def test_requests_that_leave_the_queue_unserved_log_how_long_they_waited(
     """The one slot busy with a long stream: a client that gives up while queued
     (499), and a request that outwaits --queue-timeout (503), were logged with
     queue_ms 0."""
-    fake = start_fake(fake_loop, chunks=100, chunk_delay=0.05)
+    # A 3 s stream: it outlasts the 0.6 s give-up and the 1 s queue timeout behind it.
+    fake = start_fake(fake_loop, chunks=60, chunk_delay=0.05)
     log = tmp_path / "access.log"
     st = start_stack(sims=[], extra_backends=[fake.url], health_interval=3600.0, slots=1,
                      queue_timeout=1.0, log_file=str(log))

@@ -250,7 +250,7 @@ def test_queue_timeout_gives_503_with_retry_after() -> None:
     try:
         async def scenario() -> httpx.Response:
             order: list[str] = []
-            blocker = asyncio.ensure_future(_one(st.port, "blocker", order, delay_ms=3000))
+            blocker = asyncio.ensure_future(_one(st.port, "blocker", order, delay_ms=2000))
             await asyncio.sleep(0.1)
             async with httpx.AsyncClient(timeout=10) as client:
                 r = await client.post(st.url + "/v1/chat/completions",

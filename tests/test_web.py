@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -268,6 +269,28 @@ def test_drain_and_undrain_a_backend_from_the_page(
     assert not draining()
 
 
+def _direct_chat(stack: Stack, messages: list[dict[str, str]]) -> str:
+    """A non-stream chat straight to the data plane (user "direct"): its reply text."""
+    r = httpx.post(stack.url + "/api/chat", timeout=10, headers={"X-User-ID": "direct"},
+                   json={"model": MODEL, "stream": False, "messages": messages})
+    assert r.status_code == 200, r.text
+    return str(r.json()["message"]["content"])
+
+
+def _in_thread(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """`fn(*args)` run in a thread of its own; the future gives its result or raises."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
 def test_playground_streams_the_reply_token_by_token(
         stack: Stack, admin_url: str, browser: WebDriver, shots: Path) -> None:
     sign_in(browser, admin_url, "/playground")
@@ -281,6 +304,9 @@ def test_playground_streams_the_reply_token_by_token(
     question = "Why is the sky blue?"
     browser.find_element(By.ID, "message").send_keys(question)
     browser.find_element(By.ID, "send").click()
+    # The same conversation straight to the data plane, compared below: sent
+    # while the page streams (each reply takes about 2 s), not after it.
+    direct = _in_thread(_direct_chat, stack, [{"role": "user", "content": question}])
 
     # Sample the reply as it streams: it must grow in several steps, not
     # appear at once.
@@ -301,26 +327,20 @@ def test_playground_streams_the_reply_token_by_token(
 
     # The same conversation straight to the data plane gives the same text:
     # the page showed exactly what the simulator produced.
-    direct = httpx.post(stack.url + "/api/chat", timeout=10, headers={"X-User-ID": "direct"},
-                        json={"model": MODEL, "stream": False,
-                              "messages": [{"role": "user", "content": question}]})
-    assert direct.status_code == 200
-    assert text == direct.json()["message"]["content"] and text
+    assert text == direct.result(15) and text
     meta = browser.find_element(By.CSS_SELECTOR, "#conversation .msg.assistant .meta").text
     assert f"{SIM.tokens} tokens" in meta
     # A follow-up carries the conversation so far.
     follow_up = "And why are sunsets red?"
     browser.find_element(By.ID, "message").send_keys(follow_up)
     browser.find_element(By.ID, "send").click()
+    direct = _in_thread(_direct_chat, stack, [{"role": "user", "content": question},
+                                              {"role": "assistant", "content": text},
+                                              {"role": "user", "content": follow_up}])
     wait_for(browser, lambda: len(browser.find_elements(
         By.CSS_SELECTOR, '#conversation .msg.assistant[data-state="done"]')) == 2, "the second reply")
     second = browser.find_elements(By.CSS_SELECTOR, "#conversation .msg.assistant .content")[1].text
-    direct = httpx.post(stack.url + "/api/chat", timeout=10, headers={"X-User-ID": "direct"},
-                        json={"model": MODEL, "stream": False, "messages": [
-                            {"role": "user", "content": question},
-                            {"role": "assistant", "content": text},
-                            {"role": "user", "content": follow_up}]})
-    assert second == direct.json()["message"]["content"] and second != text
+    assert second == direct.result(15) and second != text
     # Both went through the gateway's queue as the chosen user.
     users = {u["user"]: u for u in on_loop(stack, stack.state.operator.list_users)}
     assert users["web-chat"]["done"] == 2
@@ -365,9 +385,12 @@ def test_dashboard_screenshot_with_traffic(
     senders = ["alice", "bob", "carol", "dave", "erin", "alice", "bob", "frank"]
     threads = [threading.Thread(target=traffic, args=(u,), daemon=True) for u in senders]
     try:
+        # Updating the README's screenshot: users join slower and the charts
+        # gather a few more seconds of history (the test itself needs neither).
+        updating = os.environ.get("OLLAMAMQ_UPDATE_SCREENSHOTS") == "1"
         for t in threads:
             t.start()
-            time.sleep(0.8)
+            time.sleep(0.8 if updating else 0.3)
         # Operator changes while the page watches: they show in the tables
         # and in the change log.
         with httpx.Client(base_url=admin_url, headers=AUTH, timeout=5) as admin:
@@ -376,17 +399,20 @@ def test_dashboard_screenshot_with_traffic(
             admin.post("/api/users/mallory/block")
             admin.post("/api/blocked/ips", json={"ip": "203.0.113.0/24"})
             admin.post("/api/keys", json={"user": "carol", "name": "laptop"})
-        time.sleep(3)
+        if updating:
+            time.sleep(3)
         wait_for(browser, lambda: row(browser, "data-user", "frank"), "the last user")
         wait_for(browser, lambda: "laptop" in browser.find_element(By.ID, "keys-table").text,
                  "the new key")
         canvas = browser.find_element(By.ID, "chart-tps")
-        drawn = browser.execute_script(
-            "const c = arguments[0]; const d = c.getContext('2d')"
-            ".getImageData(0, 0, c.width, c.height).data;"
-            "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n;", canvas)
-        assert drawn > 2000, drawn
-        assert "mallory blocked" in browser.find_element(By.ID, "event-log").text
+        drawn = ("const c = arguments[0]; const d = c.getContext('2d')"
+                 ".getImageData(0, 0, c.width, c.height).data;"
+                 "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n;")
+        # The chart is drawn from the live ticks (one a second): wait until it shows them.
+        wait_for(browser, lambda: browser.execute_script(drawn, canvas) > 2000,
+                 "the tokens/s chart drawn")
+        wait_for(browser, lambda: "mallory blocked" in browser.find_element(By.ID, "event-log").text,
+                 "the block in the change log")
         browser.set_window_size(1400, 1800)
         browser.save_screenshot(str(shots / "dashboard.png"))
     finally:

@@ -35,6 +35,11 @@ CHAT = json.dumps({"model": "fake", "stream": False, "temperature": 0,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEAD_OF_OK = answer(CHAT_OK)[: answer(CHAT_OK).index(b"\r\n\r\n") + 4]
 BLOB = "/api/blobs/sha256:" + "ab" * 32
+# The request pipelined behind each probe. It closes the connection once
+# answered, so that a probe reads everything the gateway ever writes on it up
+# to that close, instead of waiting out its read timeout on a kept-alive
+# connection (3-5 s a probe).
+LAST = request("GET", "/api/version?after", None, [("Connection", "close")])
 # A chunked stream with more than 1 KiB of body after its head.
 STREAM = chunked([b'{"model":"fake:latest","message":{"content":"%04d"},"done":false}\n' % i
                   for i in range(20)] + [CHAT_OK + b"\n"])
@@ -139,7 +144,7 @@ def test_stray_crlf_after_an_answer_is_not_relayed(gw: GatewayProc, mode: str) -
     # Relayed, the CRLF would start the client's next answer: Python's
     # http.client reads it as a bad status line, a strict parser as garbage.
     data = (request("POST", "/api/chat", CHAT, [("X-Mode", mode)])
-            + request("GET", "/api/version?after"))
+            + LAST)
     responses, rest, _ = exchange(gw.port, data, timeout=3, expect=2)
     assert [r.status for r in responses] == [204 if mode.endswith("204") else 200, 200], (
         responses, rest)
@@ -158,7 +163,7 @@ def test_stray_crlf_after_an_answer_is_not_relayed(gw: GatewayProc, mode: str) -
 def test_bytes_after_the_answer_never_reach_the_client(gw: GatewayProc, raw: RawBackend,
                                                        mode: str) -> None:
     data = (request("POST", "/api/chat", CHAT, [("X-Mode", mode)])
-            + request("GET", "/api/version?after"))
+            + LAST)
     responses, rest, closed = exchange(gw.port, data, timeout=3)
     statuses = [r.status for r in responses]
     assert all(SMUGGLED not in r.body for r in responses), f"{mode}: the extra answer was relayed"
@@ -180,8 +185,7 @@ def test_bytes_after_the_answer_never_reach_the_client(gw: GatewayProc, raw: Raw
 
 def test_a_head_answer_with_a_body_does_not_prefix_the_next_answer(
         gw: GatewayProc, raw: RawBackend) -> None:
-    data = request("HEAD", BLOB, None, [("X-Mode", "head-with-body")]) + request("GET",
-                                                                              "/api/version")
+    data = request("HEAD", BLOB, None, [("X-Mode", "head-with-body")]) + LAST
     responses, rest, _ = exchange(gw.port, data, timeout=3, head_requests=[True, False])
     assert b"HTTP/1.1" not in rest and len(responses) <= 2, ([r.status for r in responses], rest)
     assert responses and responses[0].status in (200, 502)
@@ -203,10 +207,11 @@ def test_a_cached_answer_never_carries_the_backends_extra_bytes(
         cache_gw: GatewayProc, raw: RawBackend) -> None:
     """One user's answer with a second response behind it; another user asks the same."""
     exchange(cache_gw.port, request("POST", "/api/chat", CHAT,
-                                    [("X-Mode", "second-response"), ("X-User-ID", "mallory")]),
+                                    [("X-Mode", "second-response"), ("X-User-ID", "mallory"),
+                                     ("Connection", "close")]),
              timeout=2)
     data = (request("POST", "/api/chat", CHAT, [("X-User-ID", "victim"), ("X-Mode", "plain")])
-            + request("GET", "/api/version"))
+            + LAST)
     responses, rest, _ = exchange(cache_gw.port, data, timeout=3)  # parses strictly
     assert [r.status for r in responses] == [200, 200] and not rest
     assert responses[0].body == CHAT_OK
@@ -243,7 +248,7 @@ def test_a_transfer_encoding_llhttp_reads_to_the_close_is_relayed_to_the_close(
     second last chunk followed it. Such an answer is refused (502, as nginx does):
     relayed to the close, a lenient client could still read it as chunked."""
     data = (request("POST", "/api/chat", CHAT, [("X-Mode", mode)])
-            + request("GET", "/api/version?after"))
+            + LAST)
     responses, _, _ = exchange(gw.port, data, timeout=5)
     assert responses, mode
     assert responses[0].status == 502, [r.status for r in responses]
