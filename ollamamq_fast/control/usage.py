@@ -173,6 +173,24 @@ def columns(q: UsageQuery) -> list[str]:
     return [*head, *q.by, *USAGE_COUNTERS, "total_tokens", "exact"]
 
 
+# A spreadsheet reads a cell starting with one of these as a formula
+# (=HYPERLINK(...), =cmd|...): "CSV injection".
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell: booleans as true/false, numbers as they are, and text a client
+    chose (a user id, a model name) prefixed with "'" when a spreadsheet would
+    take it for a formula."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def to_csv(items: list[dict[str, Any]], q: UsageQuery) -> bytes:
     """A report as CSV (RFC 4180, header line first)."""
     buf = io.StringIO()
@@ -180,8 +198,7 @@ def to_csv(items: list[dict[str, Any]], q: UsageQuery) -> bytes:
     writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(names)
     for item in items:
-        writer.writerow(["true" if item[n] is True else "false" if item[n] is False
-                         else item[n] for n in names])
+        writer.writerow([csv_cell(item[n]) for n in names])
     return buf.getvalue().encode()
 
 
