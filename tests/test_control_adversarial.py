@@ -10,8 +10,10 @@ model names, then the admin API, the CLI and the terminal dashboard read them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -286,3 +288,34 @@ def test_state_file_is_untouched_by_refused_writes(stack: Stack, admin: httpx.Cl
     assert r.status_code == 400
     names = [u["user"] for u in admin.get("/api/users", params={"limit": 10000}).json()["users"]]
     assert not any("\u0007" in n for n in names)
+
+
+# -- Live streams are bounded --------------------------------------------------------
+
+
+def test_event_streams_are_bounded(stack: Stack) -> None:
+    """Each open /api/events stream costs the gateway's loop a write per event: beyond
+    the bound a new one gets 503 (the dashboards retry), and a closed one frees its place."""
+    admin_app = stack.gateway.admin.app
+    assert admin_app is not None
+    streams = admin_app.streams
+    stack.lt.call(setattr, streams, "max_open", 2)
+    base = f"http://127.0.0.1:{stack.gateway.admin_port}"
+    with contextlib.ExitStack() as open_streams, httpx.Client(
+            base_url=base, headers=AUTH, timeout=5) as client:
+        try:
+            first = contextlib.ExitStack()
+            open_streams.enter_context(first)
+            for held in (first, open_streams):
+                r = held.enter_context(client.stream("GET", "/api/events"))
+                assert r.status_code == 200
+            wait_until(lambda: streams.open == 2, "two open streams")
+            with client.stream("GET", "/api/events") as r:
+                assert r.status_code == 503 and r.headers["retry-after"] == "5"
+                assert "event streams" in json.loads(r.read())["error"]
+            first.close()
+            wait_until(lambda: streams.open == 1, "the closed stream's place freed")
+            with client.stream("GET", "/api/events") as third:
+                assert third.status_code == 200
+        finally:
+            stack.lt.call(setattr, streams, "max_open", 100)

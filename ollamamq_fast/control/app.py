@@ -493,6 +493,9 @@ class AdminApp:
 
     async def events(self, req: Request) -> None:
         """GET /api/events: the event bus as Server-Sent Events (streamed here)."""
+        if self.streams.open >= self.streams.max_open:
+            raise ApiError(503, f"too many open event streams (at most {self.streams.max_open});"
+                                " retry later", [("retry-after", "5")])
         await self.streams.serve(req.proto)
 
     async def prometheus(self, req: Request) -> Response:
