@@ -319,3 +319,26 @@ def test_event_streams_are_bounded(stack: Stack) -> None:
                 assert third.status_code == 200
         finally:
             stack.lt.call(setattr, streams, "max_open", 100)
+
+
+def test_usage_report_is_summed_off_the_gateways_loop(stack: Stack, admin: httpx.Client,
+                                                      hostile: None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients decide how many usage rows an hour has (every user id and model name,
+    refused ones too); summing 200,000 of them took the loop for about a second."""
+    import threading
+
+    from ollamamq_fast.control import usage
+
+    threads: list[int] = []
+    real = usage.report
+
+    def spy(rows: Any, q: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real(rows, q)
+
+    monkeypatch.setattr(usage, "report", spy)
+    loop_thread = stack.lt.thread.ident
+    for fmt in ("json", "csv"):
+        assert admin.get("/api/usage", params={"format": fmt}).status_code == 200
+    assert len(threads) == 2 and loop_thread not in threads
