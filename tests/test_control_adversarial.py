@@ -342,3 +342,31 @@ def test_usage_report_is_summed_off_the_gateways_loop(stack: Stack, admin: httpx
     for fmt in ("json", "csv"):
         assert admin.get("/api/usage", params={"format": fmt}).status_code == 200
     assert len(threads) == 2 and loop_thread not in threads
+
+
+def test_query_string_is_not_parsed_without_the_token(stack: Stack,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """parse_qs of a query string near granian's limit (~64 KiB) takes ~10 ms of the
+    gateway's loop: an anonymous client must not be able to buy that per request."""
+    from ollamamq_fast.control import app as admin_module
+
+    calls: list[str] = []
+    real = admin_module.parse_query
+
+    def spy(text: str) -> dict[str, list[str]]:
+        calls.append(text)
+        return real(text)
+
+    monkeypatch.setattr(admin_module, "parse_query", spy)
+    base = f"http://127.0.0.1:{stack.gateway.admin_port}"
+    query = "&".join(["a=b"] * 4000)
+    for path in ("/api/users", "/api/usage", "/nope", "/metrics"):
+        r = httpx.get(f"{base}{path}?{query}", timeout=5)
+        assert r.status_code == 401
+    assert not calls
+    # The event stream alone takes ?token= (an EventSource sends no header).
+    r = httpx.get(f"{base}/api/events?token=wrong", timeout=5)
+    assert r.status_code == 401 and calls == ["token=wrong"]
+    r = httpx.get(f"{base}/api/events?token=wrong&{query}", timeout=5)
+    assert r.status_code == 401 and calls == ["token=wrong"]
+    assert httpx.get(f"{base}/api/users?limit=1", headers=AUTH, timeout=5).status_code == 200
