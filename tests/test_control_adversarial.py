@@ -370,3 +370,31 @@ def test_query_string_is_not_parsed_without_the_token(stack: Stack,
     r = httpx.get(f"{base}/api/events?token=wrong&{query}", timeout=5)
     assert r.status_code == 401 and calls == ["token=wrong"]
     assert httpx.get(f"{base}/api/users?limit=1", headers=AUTH, timeout=5).status_code == 200
+
+
+def test_no_admin_route_answers_on_the_data_port(stack: Stack) -> None:
+    """The data plane knows nothing of the admin API, even with the admin token."""
+    for method, path in (("GET", "/api/users"), ("GET", "/api/keys"), ("GET", "/metrics"),
+                         ("GET", "/api/events"), ("GET", "/api/usage"), ("GET", "/openapi.json"),
+                         ("POST", "/api/keys"), ("POST", "/api/users/alice/block"),
+                         ("GET", "/static/dashboard.js"), ("GET", "/usage")):
+        r = httpx.request(method, stack.url + path, headers=AUTH, timeout=5,
+                          json={"user": "alice"} if method == "POST" else None)
+        assert r.status_code in (404, 405), (method, path, r.status_code)
+        assert "secret" not in r.text and "ollamamq_" not in r.text
+    assert "alice" not in stack.lt.call(stack.state.operator.list_blocked)["users"]
+
+
+def test_no_cors_grant_to_other_origins(admin: httpx.Client) -> None:
+    """The pages talk to their own origin only: no Access-Control-Allow-* for anyone,
+    so another site's script can neither read an answer nor send the Authorization
+    header (its preflight is refused)."""
+    origin = {"Origin": "http://evil.example"}
+    preflight = admin.options("/api/users", headers={
+        **origin, "Access-Control-Request-Method": "PATCH",
+        "Access-Control-Request-Headers": "authorization"})
+    answers = [preflight, admin.get("/api/users", headers=origin),
+               admin.get("/", headers=origin), admin.get("/api/info", headers=origin)]
+    for r in answers:
+        assert not [h for h in r.headers if h.lower().startswith("access-control-")], r.headers
+    assert preflight.status_code in (401, 404, 405)
