@@ -132,6 +132,9 @@ def test_cli_blocks_a_user_id_with_a_slash(stack: Stack,
     # Beyond a 64-bit integer: the state store cannot hold them (see below).
     ("PATCH", "/api/users/alice", {"weight": 2**63}),
     ("PATCH", "/api/users/alice", {"weight": 10**6}),
+    # Whole-number limits: 1e30 became an int orjson cannot store or answer.
+    ("PATCH", "/api/users/alice/limits", {"quota_day": 1e30}),
+    ("PATCH", "/api/users/alice/limits", {"max_in_flight": 2**63}),
     # Names no client can have: control characters, over-long, and key labels alike.
     ("PATCH", "/api/users/" + quote("a\u001b[31mb", safe=""), {"vip": True}),
     pytest.param("POST", "/api/users/" + "u" * 300 + "/block", None, id="long-user"),
@@ -163,12 +166,16 @@ def test_a_huge_weight_or_slots_does_not_wedge_the_store(stack: Stack,
     503 and no usage row was stored until a restart lost them all."""
     url = admin.get("/api/backends").json()["backends"][0]["url"]
     for path, body in (("/api/users/wedge", {"weight": 2**63}),
+                       ("/api/users/wedge/limits", {"quota_day": 1e30}),
                        ("/api/backends", {"url": url, "slots": 2**64 - 1})):
         r = admin.patch(path, json=body)
         assert r.status_code == 400, r.text
     r = admin.patch("/api/users/after-wedge", json={"vip": True})
     assert r.status_code == 200, r.text
     assert stack.lt.call(lambda: stack.state.cache.pending) == 0
+    assert admin.get("/api/users/wedge/limits").status_code == 200
+    r = admin.patch("/api/users/wedge/limits", json={"quota_day": 2**63 - 1})
+    assert r.status_code == 200 and r.json()["overrides"]["quota_day"] == 2**63 - 1
     users = admin.get("/api/users", params={"limit": 10000}).json()["users"]
     assert all(u["weight"] < 2**63 for u in users)
 
