@@ -56,7 +56,10 @@ def parse_backend_url(raw: str) -> BackendUrl:
     if "://" not in text:
         text = "http://" + text
     text = text.rstrip("/")
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # "http://[::1": an unclosed IPv6 bracket
+        raise ConfigError(f"backend URL {raw!r}: {exc}") from None
     if parts.scheme != "http":
         raise ConfigError(
             f"backend URL {raw!r}: only http:// is supported (put TLS in front of the backend)"
@@ -407,12 +410,17 @@ class Rule:
         return text + (f" ({self.note})" if self.note else "")
 
 
+# Far above any real backend's concurrency or any useful share of turns.
+MAX_SLOTS_OR_WEIGHT = 100_000
+
 RULES: dict[str, Rule] = {
     "port": Rule(True, 0, maximum=65535, note="0 = any free port"),
     "admin_port": Rule(True, -1, maximum=65535, note="-1 = no admin API, 0 = any free port"),
     "timeout": Rule(False, 0, exclusive=True),
-    "slots": Rule(True, 1),
-    "weight": Rule(True, 1),
+    # Bounded: a slots or weight is stored as a 64-bit integer (SQLite, Redis), and
+    # one that does not fit would stall every later write of the state store.
+    "slots": Rule(True, 1, maximum=MAX_SLOTS_OR_WEIGHT),
+    "weight": Rule(True, 1, maximum=MAX_SLOTS_OR_WEIGHT),
     "health_interval": Rule(False, 0, exclusive=True),
     "health_fail_threshold": Rule(True, 1),
     "health_ok_threshold": Rule(True, 1),

@@ -50,6 +50,9 @@ LIMIT_KINDS: Final[dict[str, str]] = {
     "budget_month": "int",
 }
 LIMIT_NAMES: Final = tuple(LIMIT_KINDS)
+# Whole-number limits are stored (SQLite, Redis) and answered (orjson) as 64-bit
+# integers; one beyond would stall every later write of the state store.
+MAX_INT_LIMIT: Final = 2**63 - 1
 QUOTA_NAMES: Final = ("quota_day", "quota_month", "quota_total")
 BUDGET_NAMES: Final = ("budget_day", "budget_month")
 
@@ -122,6 +125,8 @@ def check_limit(name: str, value: Any) -> float | int:
     if kind == "int":
         if value != int(value):
             raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if value > MAX_INT_LIMIT:
+            raise ValueError(f"{name} must be at most {MAX_INT_LIMIT}, got {value!r}")
         return int(value)
     return float(value)
 

@@ -552,3 +552,42 @@ def test_pools_and_a_required_model_pull_on_the_page(
     finally:
         httpx.delete(admin_url + "/api/pools/gpu", headers=AUTH, timeout=10)
         sim.app.options.pull_step_s = None
+
+
+# -- Hostile names ----------------------------------------------------------------------
+
+XSS_USER = "<img src=x onerror=\"document.title='pwned'\">"
+SLASH_USER = "web/slash"
+
+FIND_ROW = """
+const [attr, value] = arguments;
+return [...document.querySelectorAll('tr')].find((tr) => tr.getAttribute(attr) === value) || null;
+"""
+
+
+def test_hostile_user_ids_are_text_and_a_slash_user_can_be_blocked(
+        stack: Stack, admin_url: str, browser: WebDriver) -> None:
+    """X-User-ID is the client's own text: shown as it is, never parsed as HTML; an id
+    holding '/' was a 404 for the Block button (the admin API routes it now)."""
+    generate(stack, XSS_USER)
+    generate(stack, SLASH_USER)
+    sign_in(browser, admin_url)
+    xss_row = wait_for(browser, lambda: browser.execute_script(FIND_ROW, "data-user", XSS_USER),
+                       "the hostile user's row")
+    assert xss_row.find_element(By.CSS_SELECTOR, ".user").text == XSS_USER
+    assert not browser.find_elements(By.CSS_SELECTOR, "img[src='x']")
+    assert "pwned" not in browser.title
+    slash_row = wait_for(browser, lambda: browser.execute_script(FIND_ROW, "data-user",
+                                                                 SLASH_USER), "the slash row")
+    slash_row.find_element(By.CSS_SELECTOR, '[data-action="block"]').click()
+    wait_for(browser, lambda: SLASH_USER in on_loop(
+        stack, stack.state.operator.list_blocked)["users"], "the slash user blocked")
+    r = httpx.post(stack.url + "/api/generate", headers={"X-User-ID": SLASH_USER}, timeout=10,
+                   json={"model": MODEL, "prompt": "x", "stream": False})
+    assert r.status_code == 403
+    sign_in(browser, admin_url, "/usage")
+    usage_row = wait_for(browser, lambda: browser.execute_script(FIND_ROW, "data-group", XSS_USER),
+                         "the hostile user's usage row")
+    assert XSS_USER in usage_row.text
+    assert not browser.find_elements(By.CSS_SELECTOR, "img[src='x']")
+    assert "pwned" not in browser.title

@@ -38,6 +38,7 @@ from ollamamq_fast.control.openapi import build_openapi
 from ollamamq_fast.control.usage import UsageQueryError, usage_response
 from ollamamq_fast.control.web import WebRoutes
 from ollamamq_fast.operator import DEFAULT_PAGE, MAX_PAGE, NotStored
+from ollamamq_fast.policy.identity import MAX_USER_ID_BYTES
 from ollamamq_fast.state.records import DEFAULT_SCOPES, parse_scopes
 
 if TYPE_CHECKING:
@@ -47,6 +48,15 @@ log = logging.getLogger("ollamamq_fast.control")
 
 # Admin requests are small JSON objects; anything bigger is a mistake or abuse.
 MAX_BODY_BYTES = 64 * 1024
+# A user named in a path: what the data plane can produce, a user id
+# (policy/identity.py) or a service key's SERVICE:NAME, so two of them and ':'.
+MAX_PATH_USER_BYTES = 2 * MAX_USER_ID_BYTES + 1
+# A key's name is a label shown in lists (CLI, dashboards).
+MAX_KEY_NAME = 200
+# The query string of an event stream that carries ?token= (a token is 43 characters).
+MAX_TOKEN_QUERY = 1024
+# `offset` of a list route: answered back as a JSON number, a 64-bit integer.
+MAX_OFFSET = 2**63 - 1
 BODY_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
 
 
@@ -139,7 +149,6 @@ class AdminApp:
         page = self.web.page(method, scope.path, scope.headers.get("if-none-match"))
         if page is not None:
             return page  # the page files hold no data; the login form needs no token
-        query = parse_query(scope.query_string)
         authorized = self.auth.check(scope.headers.get("authorization"))
         try:
             route, params = self.router.match(method, scope.path)
@@ -148,10 +157,17 @@ class AdminApp:
             if not authorized:
                 raise _unauthorized() from None
             raise
+        # Parsed once the client may use it: a query string near granian's limit
+        # takes parse_qs about 10 ms of the gateway's loop. Without the header,
+        # the event stream's ?token= is short.
+        query = parse_query(scope.query_string) if authorized or route.public or (
+            route.handler == self.events and len(scope.query_string) <= MAX_TOKEN_QUERY) else {}
         if not authorized and route.handler == self.events:
             authorized = self._query_token(query)
         if not (authorized or route.public):
             raise _unauthorized()
+        if "user" in params:
+            _check_path_user(params["user"])
         body = await _read_body(scope, proto) if method in BODY_METHODS else b""
         request = Request(method, scope.path, params, query, body, proto,
                           scope.headers.get("accept"))
@@ -317,8 +333,9 @@ class AdminApp:
         check_fields(data, {"user", "name", "trusted", "scopes"}, {"user"})
         user = str_field(data, "user") or ""
         name = data.get("name", "")
-        if not isinstance(name, str):
-            raise ApiError(400, "'name' must be a string")
+        if not isinstance(name, str) or len(name) > MAX_KEY_NAME or not name.isprintable():
+            raise ApiError(400, f"'name' must be a string of at most {MAX_KEY_NAME} printable "
+                                "characters")
         trusted = bool_field(data, "trusted") or False
         try:
             answer = self.operator.create_key(user, name, trusted,
@@ -482,6 +499,9 @@ class AdminApp:
 
     async def events(self, req: Request) -> None:
         """GET /api/events: the event bus as Server-Sent Events (streamed here)."""
+        if self.streams.open >= self.streams.max_open:
+            raise ApiError(503, f"too many open event streams (at most {self.streams.max_open});"
+                                " retry later", [("retry-after", "5")])
         await self.streams.serve(req.proto)
 
     async def prometheus(self, req: Request) -> Response:
@@ -512,17 +532,25 @@ def _page(req: Request) -> tuple[int, int]:
     """`limit` (1..MAX_PAGE, default DEFAULT_PAGE) and `offset` (>= 0) of a list route."""
     out = []
     for name, default, low, high in (("limit", DEFAULT_PAGE, 1, MAX_PAGE),
-                                     ("offset", 0, 0, None)):
+                                     ("offset", 0, 0, MAX_OFFSET)):
         values = req.query.get(name)
         if not values:
             out.append(default)
             continue
         text = values[-1]
-        if not text.isdigit() or int(text) < low or (high is not None and int(text) > high):
-            upper = f" to {high}" if high is not None else " or more"
-            raise ApiError(400, f"{name} must be an integer from {low}{upper}")
+        # ASCII digits only: str.isdigit() also takes "١" or "²".
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+            raise ApiError(400, f"{name} must be an integer from {low} to {high}")
         out.append(int(text))
     return out[0], out[1]
+
+
+def _check_path_user(user: str) -> None:
+    """400 for a user in a path that no request could ever have: control characters
+    (a terminal escape in the CLI's and dashboards' lists), or over-long."""
+    if not user.isprintable() or len(user.encode("utf-8", "surrogatepass")) > MAX_PATH_USER_BYTES:
+        raise ApiError(400, f"invalid user {user[:40]!r}: at most {MAX_PATH_USER_BYTES} bytes "
+                            "of printable characters")
 
 
 def _scopes(value: object) -> tuple[str, ...]:
@@ -547,7 +575,7 @@ async def _read_body(scope: Any, proto: Any) -> bytes:
     """The request body, refused with 413 beyond MAX_BODY_BYTES."""
     declared = scope.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        if not (declared.strip().isascii() and declared.strip().isdigit()):
             raise ApiError(400, "invalid Content-Length")
         if int(declared) > MAX_BODY_BYTES:
             raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")

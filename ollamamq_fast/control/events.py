@@ -21,6 +21,10 @@ log = logging.getLogger("ollamamq_fast.control")
 # Under the 30-60 s idle timeouts of common reverse proxies and load balancers.
 KEEPALIVE_S = 15.0
 KEEPALIVE = b": keep-alive\n\n"
+# Open streams at once: each dashboard tab or `top` holds one. Every event is
+# formatted and written once per stream on the gateway's own loop, so their
+# number is bounded; beyond it a new stream gets 503 and the client retries.
+MAX_STREAMS = 100
 # Sent first so the client sees the headers and a byte at once, and knows how
 # long to wait before reconnecting (the `retry` field, in milliseconds).
 PREAMBLE = b"retry: 3000\n: connected\n\n"
@@ -59,9 +63,11 @@ def format_event(event: dict[str, Any]) -> bytes:
 class EventStreams:
     """The open event streams of one control-plane server."""
 
-    def __init__(self, bus: EventBus, keepalive_s: float = KEEPALIVE_S) -> None:
+    def __init__(self, bus: EventBus, keepalive_s: float = KEEPALIVE_S,
+                 max_open: int = MAX_STREAMS) -> None:
         self.bus = bus
         self.keepalive_s = keepalive_s
+        self.max_open = max_open
         self.open = 0
         # Set by close(): every stream returns, so the server's graceful
         # shutdown does not wait for clients that would never hang up.

@@ -164,23 +164,37 @@ class Route:
         return tuple(s for s in self.template.split("/") if s)
 
 
+# Path parameters that may hold '/': a user id is any printable text (an
+# X-User-ID "team/alice" is valid), and granian hands the path over already
+# percent-decoded, so "%2F" arrives as '/'. Such a parameter takes every
+# segment between the template's fixed head and tail, when no template
+# matches the path segment for segment (so "/api/users/bob/limits" stays
+# bob's limits, and "/api/users/team/alice/block" blocks "team/alice").
+SLASH_PARAMS = frozenset({"user"})
+
+
 class Router:
     """Matches a path against route templates: 404 for no path, 405 for no method."""
 
     def __init__(self, routes: list[Route]) -> None:
         self.routes = routes
+        # For spanning matches, the longest fixed tail first: "/api/users/a/b/limits"
+        # is a/b's limits, not a user "a/b/limits".
+        self._spanning = sorted(routes, key=lambda r: -len(r.segments))
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         """The route for this request and its decoded path parameters."""
         parts = [p for p in path.split("/") if p]
         allowed: list[str] = []
-        for route in self.routes:
-            params = _match(route.segments, parts)
-            if params is None:
-                continue
-            if route.method == method:
-                return route, params
-            allowed.append(route.method)
+        for spanning in (False, True):
+            for route in self._spanning if spanning else self.routes:
+                params = (_match_spanning(route.segments, path) if spanning
+                          else _match(route.segments, parts))
+                if params is None:
+                    continue
+                if route.method == method:
+                    return route, params
+                allowed.append(route.method)
         if allowed:
             raise ApiError(405, f"method {method} not allowed on {path}",
                            [("allow", ", ".join(sorted(set(allowed))))])
@@ -194,8 +208,22 @@ def _match(template: tuple[str, ...], parts: list[str]) -> dict[str, str] | None
     for want, got in zip(template, parts):
         if want.startswith("{") and want.endswith("}"):
             # granian hands over the path already percent-decoded (UTF-8), so
-            # the segment is the value; an id containing '/' cannot be addressed.
+            # the segment is the value.
             params[want[1:-1]] = got
         elif want != got:
             return None
     return params
+
+
+def _match_spanning(template: tuple[str, ...], path: str) -> dict[str, str] | None:
+    """A template whose one parameter is in SLASH_PARAMS, against the whole path:
+    the parameter is what lies between the fixed head and tail, '/' included."""
+    params = [i for i, want in enumerate(template) if want.startswith("{")]
+    if len(params) != 1 or template[params[0]][1:-1] not in SLASH_PARAMS:
+        return None
+    i = params[0]
+    head = "/" + "/".join(template[:i]) + "/"
+    tail = "".join("/" + w for w in template[i + 1:])
+    if len(path) <= len(head) + len(tail) or not path.startswith(head) or not path.endswith(tail):
+        return None
+    return {template[i][1:-1]: path[len(head):len(path) - len(tail)]}

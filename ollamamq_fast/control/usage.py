@@ -13,6 +13,7 @@ retention (`usage_retention_days`), and both stores then share one code path.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import csv
 import io
@@ -173,6 +174,24 @@ def columns(q: UsageQuery) -> list[str]:
     return [*head, *q.by, *USAGE_COUNTERS, "total_tokens", "exact"]
 
 
+# A spreadsheet reads a cell starting with one of these as a formula
+# (=HYPERLINK(...), =cmd|...): "CSV injection".
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell: booleans as true/false, numbers as they are, and text a client
+    chose (a user id, a model name) prefixed with "'" when a spreadsheet would
+    take it for a formula."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def to_csv(items: list[dict[str, Any]], q: UsageQuery) -> bytes:
     """A report as CSV (RFC 4180, header line first)."""
     buf = io.StringIO()
@@ -180,8 +199,7 @@ def to_csv(items: list[dict[str, Any]], q: UsageQuery) -> bytes:
     writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(names)
     for item in items:
-        writer.writerow(["true" if item[n] is True else "false" if item[n] is False
-                         else item[n] for n in names])
+        writer.writerow([csv_cell(item[n]) for n in names])
     return buf.getvalue().encode()
 
 
@@ -207,7 +225,16 @@ async def usage_response(operator: Operator, query: dict[str, list[str]],
     """The answer of `GET /api/usage` (UsageQueryError for a bad query)."""
     as_csv = wants_csv(query, accept)
     q = parse_query(query)
-    items = report(await operator.usage_hours(q.since, q.until), q)
+    rows = await operator.usage_hours(q.since, q.until)
+    # Summing and encoding take a few microseconds a row, and clients decide how
+    # many rows an hour has (each user id, each model name, even refused ones):
+    # in a worker thread, the gateway's loop keeps serving meanwhile.
+    return await asyncio.to_thread(render, rows, q, as_csv)
+
+
+def render(rows: Iterable[UsageHour], q: UsageQuery, as_csv: bool) -> Response:
+    """The report of `rows` as the response `GET /api/usage` sends."""
+    items = report(rows, q)
     if as_csv:
         return Response(200, to_csv(items, q), [
             ("content-type", CSV_TYPE), ("cache-control", "no-store"),

@@ -22,6 +22,7 @@ from ollamamq_fast.control.cli import (
     common_options,
     table,
 )
+from ollamamq_fast.control.usage import csv_cell
 from ollamamq_fast.state.records import USAGE_COUNTERS
 
 # Table headings: shorter than the JSON names so a row fits a terminal.
@@ -93,7 +94,7 @@ def to_csv(answer: dict[str, Any]) -> str:
     names = columns(answer)
     writer.writerow(names)
     for row in answer["rows"]:
-        writer.writerow([_cell(row.get(n, "")) for n in names])
+        writer.writerow([csv_cell(row.get(n, "")) for n in names])
     return buf.getvalue()
 
 

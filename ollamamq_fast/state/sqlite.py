@@ -387,16 +387,17 @@ class SQLiteStore:
     ) -> list[UsageHour]:
         """Hourly rows with since_hour <= hour < until_hour, ordered by hour."""
         params = (since_hour, since_hour, until_hour, until_hour)
-        rows = await self._run(
-            lambda db: db.execute(
+        # The rows are built in the store's thread too: there may be many.
+        rows: list[UsageHour] = await self._run(
+            lambda db: [UsageHour(*row) for row in db.execute(
                 "SELECT hour, user, key_id, model, backend, requests, errors, cancelled,"
                 " estimated_tokens, prompt_tokens, completion_tokens FROM usage_hours"
                 " WHERE (? IS NULL OR hour >= ?) AND (? IS NULL OR hour < ?)"
                 " ORDER BY hour, user, key_id, model, backend",
                 params,
-            ).fetchall()
+            )]
         )
-        return [UsageHour(*row) for row in rows]
+        return rows
 
     async def prune_usage_hours(self, before_hour: str) -> int:
         """Drop hourly rows older than `before_hour`; returns the number of rows dropped."""

@@ -216,7 +216,7 @@ class Dashboard(App[str | None]):
         try:
             calls = self._user_calls(message.action, user)
         except NoTarget as exc:
-            self.notify(str(exc), severity="warning")
+            self.notify(str(exc), severity="warning", markup=False)
             return
         self.send(calls)
 
@@ -260,7 +260,8 @@ class Dashboard(App[str | None]):
                 await self.api.call(call.method, call.path, call.body, call.query)
             except AdminApiError as exc:
                 log.note(f"{call.label}: failed: {exc}", "red")
-                self.notify(f"{call.label}: {exc}", severity="error")
+                # markup=False: the label names the user, the error may quote it.
+                self.notify(f"{call.label}: {exc}", severity="error", markup=False)
                 break
             log.note(f"✓ {call.label}", "green")
         self._wake.set()

@@ -49,6 +49,19 @@ MAX_USER_ROWS = 500
 MODELS_SHOWN = 3
 
 
+def printable(text: str) -> str:
+    """`text` with each control or format character shown as U+FFFD.
+
+    A model name is whatever a client put in its JSON body (a refused one is
+    still counted in the usage) or a backend listed, so it may hold an escape
+    sequence that a terminal would obey (retitle the window, move the cursor,
+    hide what follows). User ids are checked at the door; names are not.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else "\ufffd" for c in text)
+
+
 def backend_state(b: dict[str, Any]) -> Text:
     """online / offline / draining / breaker open, coloured for a glance."""
     if b.get("draining"):
@@ -84,7 +97,7 @@ def backend_rows(backends: list[dict[str, Any]], expanded: set[str]) -> list[Row
         models = list(b.get("models", []))
         is_open = url in expanded
         mark = EXPANDED_MARK if is_open else COLLAPSED_MARK
-        shown = ", ".join(models[:MODELS_SHOWN])
+        shown = printable(", ".join(models[:MODELS_SHOWN]))
         if len(models) > MODELS_SHOWN:
             shown += f" +{len(models) - MODELS_SHOWN}"
         rows.append((BACKEND_KEY + url, (
@@ -108,7 +121,7 @@ def model_rows(b: dict[str, Any]) -> list[Row]:
     for i, model in enumerate(models):
         branch = "└" if i == len(models) - 1 else "├"
         mark = Text(f"{LOADED_MARK} loaded", style="green") if model in loaded else Text("")
-        rows.append((f"{MODEL_KEY}{url}|{model}", (Text(f"   {branch} {model}"), mark,
+        rows.append((f"{MODEL_KEY}{url}|{model}", (Text(f"   {branch} {printable(model)}"), mark,
                                                     *_blank(6))))
     return rows
 
@@ -118,7 +131,7 @@ def pull_text(job: dict[str, Any]) -> str:
     percent = job.get("percent")
     done = f"{percent:g}%" if isinstance(percent, int | float) else str(job.get("state", ""))
     where = str(job.get("backend", "")).split("://", 1)[-1]
-    return f"{job.get('model')} {done} on {where}"
+    return printable(f"{job.get('model')} {done} on {where}")
 
 
 def pool_rows(pools: list[dict[str, Any]]) -> list[Row]:
@@ -235,8 +248,8 @@ def tick_line(event: dict[str, Any]) -> Text:
 def event_line(event: dict[str, Any]) -> Text:
     """A change event (VIP set, user blocked, backend drained...) as one log line."""
     kind = str(event.get("type", "event"))
-    return Text.assemble((clock(event.get("ts")), "dim"), "  ", (kind, "cyan"), "  ",
-                         _event_detail(kind, event))
+    return Text.assemble((clock(event.get("ts")), "dim"), "  ", (printable(kind), "cyan"), "  ",
+                         printable(_event_detail(kind, event)))
 
 
 def _event_detail(kind: str, event: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from ollamamq_fast import __version__
 from ollamamq_fast.control.http import ApiError, Request, Response, Route, json_response
 from ollamamq_fast.control.web.playground import DataPlane, Playground
 from ollamamq_fast.control.web.static_files import StaticFiles
+from ollamamq_fast.limits import LIMIT_NAMES
 
 if TYPE_CHECKING:
     from ollamamq_fast.gateway import GatewayState
@@ -72,6 +73,11 @@ class WebRoutes:
         data: dict[str, Any] = req.json()
         if not data:
             raise ApiError(400, "nothing to change: give one or more limits")
+        # Names first: a body key is passed as a keyword, so "user" or "self" must
+        # be refused here rather than collide with set_limits' own parameters.
+        for name in data:
+            if name not in LIMIT_NAMES:
+                raise ApiError(400, f"unknown limit {name!r} (known: {', '.join(LIMIT_NAMES)})")
         try:
             answer = self.operator.set_limits(req.params["user"], **data)
         except ValueError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -70,7 +71,9 @@ class WeightScreen(ModalScreen[int | None]):
     def compose(self) -> ComposeResult:
         """A label and a number input holding the current weight."""
         with Vertical(id="weight-box", classes="dialog"):
-            yield Label(f"Weight for [b]{self.user}[/b] (turns per round, 1 or more):")
+            # Not markup: the user id is the client's own text ("[/b]", "[link=...]").
+            yield Label(Text.assemble("Weight for ", (self.user, "bold"),
+                                      " (turns per round, 1 or more):"))
             yield Input(str(self.weight), type="integer", id="weight-input")
             yield Label("", id="weight-error")
 

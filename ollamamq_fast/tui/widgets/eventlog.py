@@ -9,7 +9,7 @@ from rich.console import RenderableType
 from rich.text import Text
 from textual.widget import Widget
 
-from ollamamq_fast.tui.view import clock, event_line, tick_active, tick_line
+from ollamamq_fast.tui.view import clock, event_line, printable, tick_active, tick_line
 
 # Lines kept; only the newest that fit are drawn. Bounded so memory stays
 # flat over days.
@@ -51,7 +51,7 @@ class EventLog(Widget):
 
     def note(self, message: str, style: str = "") -> None:
         """A line of our own (an action's outcome, a lost connection)."""
-        self._append(Text.assemble((clock(), "dim"), "  ", (message, style)))
+        self._append(Text.assemble((clock(), "dim"), "  ", (printable(message), style)))
 
     def _append(self, line: Text) -> None:
         self.lines.append(line)

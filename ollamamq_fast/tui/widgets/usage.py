@@ -22,6 +22,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 from ollamamq_fast.tui.client import AdminApi, AdminApiError
+from ollamamq_fast.tui.view import printable
 
 DEFAULT_DAYS = 7
 RANGES = (1, 7, 30, 90)
@@ -78,7 +79,9 @@ def usage_table(report: dict[str, Any], dim: str, title: str) -> Table:
         table.add_column(label, justify="right")
     rows = sorted(report["rows"], key=lambda r: -int(r["total_tokens"]))
     for r in rows[:ROWS_SHOWN]:
-        table.add_row(r[dim] or "(none)", str(r["requests"]), str(r["errors"]),
+        # Text, not str: a str cell is console markup, and a user id or model
+        # name like "[/x]" would end the screen with a MarkupError.
+        table.add_row(Text(printable(str(r[dim] or "(none)"))), str(r["requests"]), str(r["errors"]),
                       str(r["cancelled"]), _number(int(r["prompt_tokens"])),
                       _number(int(r["completion_tokens"])), _tokens(r))
     if len(rows) > ROWS_SHOWN:
