@@ -192,7 +192,10 @@ def test_fair_share_across_replicas(fleet: Fleet) -> None:
     local = len(results["wendy"]) / max(1, len(results["carl"]))
     results = _run([(a.url, "wendy", 6, 0.0), (b.url, "bob", 6, 0.0)], 3.0)
     ratio = len(results["wendy"]) / max(1, len(results["bob"]))
-    assert 1.8 <= ratio and abs(ratio - local) <= 0.3 * local, (ratio, local)
+    # Counted over 3 s windows of a few dozen requests on 2 shared cores, a
+    # ratio moves by a third from one window to the next (2.2x to 2.9x seen
+    # for the same code): the bound is that far, and below weight 3's excess.
+    assert 1.8 <= ratio <= 3.6 and abs(ratio - local) <= 0.4 * local, (ratio, local)
     # A VIP on one replica goes ahead of everyone on the other.
     results = _run([(a.url, "ann", 6, 0.0), (b.url, "boss", 6, 0.0)], 2.0)
     assert len(results["boss"]) >= 3 * len(results["ann"]), (
