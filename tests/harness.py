@@ -8,14 +8,16 @@ httpx, raw sockets) exactly as users do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import httpx
 import uvloop
 
 from ollamamq_fast.config import Settings, parse_backend_urls
@@ -288,3 +290,13 @@ class SocketBackend:
 
     def close(self) -> None:
         self.srv.close()
+
+
+@contextlib.contextmanager
+def admin_client(stack: Stack, token: str) -> Iterator[httpx.Client]:
+    """A client of the stack's admin API (its control plane), authorized with `token`."""
+    port = stack.gateway.admin_port
+    assert port, "the control plane did not start"
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}",
+                      headers={"Authorization": f"Bearer {token}"}, timeout=5) as client:
+        yield client

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import Stack, free_port, start_stack
+from harness import Stack, admin_client, free_port, start_stack
 from prometheus_client.parser import text_string_to_metric_families
 
 from ollamamq_fast import buildinfo
@@ -50,9 +50,7 @@ def stack() -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def admin(stack: Stack) -> Iterator[httpx.Client]:
-    port = stack.gateway.admin_port
-    assert port, "the control plane did not start"
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=5) as client:
+    with admin_client(stack, TOKEN) as client:
         yield client
 
 

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from harness import Stack, start_stack, wait_until
+from harness import Stack, admin_client, start_stack, wait_until
 
 from ollamamq_fast.cli import main as cli_main
 
@@ -51,9 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def admin(stack: Stack) -> Iterator[httpx.Client]:
-    assert stack.gateway.admin_port, "the control plane did not start"
-    with httpx.Client(base_url=f"http://127.0.0.1:{stack.gateway.admin_port}", headers=AUTH,
-                      timeout=5) as client:
+    with admin_client(stack, TOKEN) as client:
         yield client
 
 

@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode
 import orjson
 
 from ollamamq_fast.config import DEFAULT_ADMIN_PORT
+from ollamamq_fast.display import printable
 
 COMMANDS = ("users", "keys", "backends", "pools")
 DEFAULT_ADMIN_URL = f"http://127.0.0.1:{DEFAULT_ADMIN_PORT}"
@@ -484,7 +485,7 @@ def table(headers: list[str], rows: list[list[str]], empty: str = "") -> str:
         return empty
     # Names come from clients (model names in the usage) and backends (model
     # lists): no escape sequence of theirs reaches the operator's terminal.
-    rows = [[_printable(c) for c in r] for r in rows]
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     numeric = [all(r[i].isdigit() for r in rows) for i in range(len(headers))]
 
@@ -493,13 +494,6 @@ def table(headers: list[str], rows: list[list[str]], empty: str = "") -> str:
         return "  ".join(out).rstrip()
 
     return "\n".join([line(headers)] + [line(r) for r in rows])
-
-
-def _printable(text: str) -> str:
-    """`text` with each control or format character shown as U+FFFD."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c == " " else "\ufffd" for c in text)
 
 
 def _yes(flag: bool) -> str:

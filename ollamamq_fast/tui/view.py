@@ -11,6 +11,8 @@ from typing import Any
 
 from rich.text import Text
 
+from ollamamq_fast.display import printable
+
 # A table row: its stable key (cursor and in-place updates follow it) and cells.
 # Cells are always Text: a plain str would be parsed as console markup on every
 # redraw, which costs loop time and would turn a user id like "[b]x" into bold.
@@ -47,19 +49,6 @@ POOL_KEY = "p|"
 MAX_USER_ROWS = 500
 # The Models column shows this many names; Space expands the full list.
 MODELS_SHOWN = 3
-
-
-def printable(text: str) -> str:
-    """`text` with each control or format character shown as U+FFFD.
-
-    A model name is whatever a client put in its JSON body (a refused one is
-    still counted in the usage) or a backend listed, so it may hold an escape
-    sequence that a terminal would obey (retitle the window, move the cursor,
-    hide what follows). User ids are checked at the door; names are not.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c == " " else "\ufffd" for c in text)
 
 
 def backend_state(b: dict[str, Any]) -> Text:

@@ -9,7 +9,8 @@ from rich.console import RenderableType
 from rich.text import Text
 from textual.widget import Widget
 
-from ollamamq_fast.tui.view import clock, event_line, printable, tick_active, tick_line
+from ollamamq_fast.display import printable
+from ollamamq_fast.tui.view import clock, event_line, tick_active, tick_line
 
 # Lines kept; only the newest that fit are drawn. Bounded so memory stays
 # flat over days.

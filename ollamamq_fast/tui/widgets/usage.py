@@ -21,8 +21,8 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from ollamamq_fast.display import printable
 from ollamamq_fast.tui.client import AdminApi, AdminApiError
-from ollamamq_fast.tui.view import printable
 
 DEFAULT_DAYS = 7
 RANGES = (1, 7, 30, 90)
