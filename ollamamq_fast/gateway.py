@@ -529,7 +529,7 @@ class Gateway:
             while (state.in_flight() or state.waiting()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             for d in state.pools.dispatchers():
-                d.refuse_all(503, "the gateway is stopping; retry")
+                d.refuse_all("the gateway is stopping; retry")
             if self.admin is not None:
                 await self.admin.stop()
             if state.shared is not None:

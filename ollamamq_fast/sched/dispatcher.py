@@ -351,19 +351,13 @@ class Dispatcher:
 
     # -- Housekeeping ----------------------------------------------------------
 
-    def refuse_all(self, status: int, message: str) -> None:
-        """Answer every waiting request `status` (the gateway stops: its drain is over)."""
+    def refuse_all(self, message: str) -> None:
+        """Answer every waiting request 503 (the gateway stops: its drain is over)."""
         now = self.loop.time()
         for ticket in self.queue.expired(math.inf):
-            ex = cast("Exchange", ticket.payload)
-            ex.ticket = None
-            ex.gw.ledger.left_queue(ex.ustats)
-            ex.queue_ms = int((now - ex.enqueued_at) * 1000)
-            ex.respond_error(status, message, retry_after=1)
+            self._turn_away(cast("Exchange", ticket.payload), now, True, message, 1)
         while self.retry_line:
-            ex = self.retry_line.popleft()
-            ex.queue_ms = int((now - ex.enqueued_at) * 1000)
-            ex.respond_error(status, message, retry_after=1)
+            self._turn_away(self.retry_line.popleft(), now, False, message, 1)
 
     def sweep(self, now: float) -> None:
         """Answer 503 to requests that waited longer than --queue-timeout (reaper tick)."""
@@ -371,17 +365,22 @@ class Dispatcher:
         if limit <= 0:
             return
         for ticket in self.queue.expired(now - limit):
-            ex = cast("Exchange", ticket.payload)
+            self.expired += 1
+            self._turn_away(cast("Exchange", ticket.payload), now, True,
+                            f"request waited more than {limit:g} s in the queue", 10)
+        while self.retry_line and now - self.retry_line[0].enqueued_at > limit:
+            self.expired += 1
+            self._turn_away(self.retry_line.popleft(), now, False,
+                            "no backend could take the request in time", 10)
+
+    @staticmethod
+    def _turn_away(ex: Exchange, now: float, queued: bool, message: str,
+                   retry_after: int) -> None:
+        """Answer 503 to a request that waited: in the queue (it leaves the queue and
+        is counted refused), or in the retry line (it ran on a backend already)."""
+        if queued:
             ex.ticket = None
             ex.gw.ledger.left_queue(ex.ustats)
-            ex.queue_ms = int((now - ex.enqueued_at) * 1000)
-            self.expired += 1
             ex.gw.ledger.refused(ex)
-            ex.respond_error(
-                503, f"request waited more than {limit:g} s in the queue", retry_after=10
-            )
-        while self.retry_line and now - self.retry_line[0].enqueued_at > limit:
-            ex = self.retry_line.popleft()
-            ex.queue_ms = int((now - ex.enqueued_at) * 1000)
-            self.expired += 1
-            ex.respond_error(503, "no backend could take the request in time", retry_after=10)
+        ex.queue_ms = int((now - ex.enqueued_at) * 1000)
+        ex.respond_error(503, message, retry_after=retry_after)
