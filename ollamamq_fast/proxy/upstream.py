@@ -398,16 +398,14 @@ class UpstreamConnection(asyncio.Protocol):
             # A body after a HEAD answer's head: not relayed.
             self._protocol_error(_Overrun())
             return
+        self.body_got = len(buf) - body_at
         scanner = self.scanner
         if scanner is not None and len(buf) > body_at:
             buf = self._scanned(scanner, buf, body_at)
             if not buf:
                 return
         elif self.complete and len(buf) > body_at and (buf[-1] == _CR or buf[-1] == _LF):
-            self.body_got = len(buf) - body_at
             buf = buf[:self._answer_end(buf, body_at)]
-        else:
-            self.body_got = len(buf) - body_at
         self.head_buf = b""
         self.head_sent = True
         head = sink.response_head(self)
