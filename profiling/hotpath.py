@@ -190,7 +190,7 @@ async def run(args: argparse.Namespace) -> None:
         for _ in range(n):
             one()
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(int(__import__("os").environ.get("HOTPATH_TOP", "30")))
+        pstats.Stats(prof).sort_stats(__import__("os").environ.get("HOTPATH_SORT", "tottime")).print_stats(int(__import__("os").environ.get("HOTPATH_TOP", "30")))
     best = float("inf")
     for _ in range(args.rounds):
         t0 = time.perf_counter()
