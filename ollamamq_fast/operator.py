@@ -641,6 +641,9 @@ class Operator:
             "users": len(stats.users),
             # Access lines written, dropped (the writer thread was behind), waiting.
             "access_log": state.access.counters(),
+            # Operator writes and usage rows not yet in the state store, and
+            # writes given up on because the store kept refusing them.
+            "store": {"pending": self.cache.pending, "dropped": self.cache.writes_dropped},
             # With --redis: this replica's slot leases and whether it schedules locally.
             "shared_slots": state.shared.snapshot() if state.shared is not None else None,
         }

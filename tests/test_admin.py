@@ -291,6 +291,9 @@ def test_metrics_after_requests(stack: Stack, admin: httpx.Client) -> None:
             for s in fams["ollamamq_user_rejected"].samples}["metrics-user"] == 0
     tokens = [s for s in fams["ollamamq_completion_tokens"].samples]
     assert tokens[0].value > 0
+    assert fams["ollamamq_state_pending"].samples[0].value >= 0
+    assert fams["ollamamq_state_writes_dropped"].samples[0].value == 0
+    assert admin.get("/api/stats").json()["store"]["dropped"] == 0
 
 
 def test_per_user_series_are_bounded() -> None:

@@ -748,6 +748,63 @@ def test_failed_flush_keeps_every_write_for_the_retry(tmp_path: Path) -> None:
     run(body())
 
 
+class RefusingStore(FlakyStore):
+    """A working SQLite store that refuses every write of one user (a value it cannot hold)."""
+
+    refused = "poison"
+
+    async def put_user(self, s: UserSettings) -> None:
+        """Refuse the one user, like a store rejecting a value; write the rest."""
+        if s.user == self.refused:
+            raise ValueError("the store cannot hold this value")
+        await super().put_user(s)
+
+
+def test_a_write_the_working_store_keeps_refusing_is_dropped_not_retried_for_ever(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> None:
+        store = RefusingStore(str(tmp_path / "state.db"))
+        cache = StateCache(store, flush_interval=30)  # flushed by hand below
+        await cache.start()
+        try:
+            cache.put_user(UserSettings("poison", weight=3))
+            cache.put_user(UserSettings("alice", weight=2))
+            cache.add_usage("alice", "m", 10, 10)
+            # The refused write does not hold back the others or the usage.
+            with pytest.raises(ValueError):
+                await cache.flush()
+            assert (await store.load_all()).users == [UserSettings("alice", weight=2)]
+            assert await store.usage() == [Usage("alice", "m", utc_day(), 1, 10, 10)]
+            assert cache.pending == 1 and cache.writes_dropped == 0
+            # Refused again while the store takes other writes: dropped at the third.
+            cache.add_usage("alice", "m", 1, 1)
+            with pytest.raises(ValueError):
+                await cache.flush()
+            assert cache.pending == 1
+            cache.put_user(UserSettings("bob", vip=True))
+            with caplog.at_level(logging.ERROR, logger="ollamamq_fast.state"):
+                await cache.flush()  # nothing left to retry: no error
+            assert cache.pending == 0 and cache.writes_dropped == 1
+            assert "refused the users write for 'poison' 3 times" in caplog.text
+            assert cache.users["poison"].weight == 3  # the running gateway keeps it
+            assert {u.user for u in (await store.load_all()).users} == {"alice", "bob"}
+            # A store that is down is no proof of a refusal: nothing is dropped.
+            cache.put_user(UserSettings("poison", weight=4))
+            store.broken = True
+            for _ in range(5):
+                cache.add_usage("alice", "m", 1, 1)
+                with pytest.raises((ValueError, OSError)):
+                    await cache.flush()
+            assert cache.writes_dropped == 1 and cache.pending == 2  # the write + a usage row
+        finally:
+            store.broken = False
+            store.refused = ""
+            await cache.stop()
+
+    run(body())
+
+
 # kill -9: what a flushed cache wrote survives the writer's (and Redis's) sudden death
 
 CHILD = """

@@ -191,6 +191,14 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily("ollamamq_access_log_pending",
                                 "Access-log lines waiting for the writer thread.",
                                 value=access["pending"])
+        store = snapshot["store"]
+        yield GaugeMetricFamily("ollamamq_state_pending",
+                                "Operator writes and usage rows not yet in the state store "
+                                "(it is down or slow).", value=store["pending"])
+        yield CounterMetricFamily("ollamamq_state_writes_dropped",
+                                  "Operator writes given up on: the store, while taking "
+                                  "other writes, refused them three flushes in a row.",
+                                  value=store["dropped"])
 
     def _backends(self, backends: list[dict[str, Any]]) -> Iterator[Metric]:
         up = GaugeMetricFamily("ollamamq_backend_up", "1 if the backend passes health probes.",

@@ -540,6 +540,7 @@ def _schemas() -> dict[str, Any]:
                       "description": "whether the request path runs compiled (mypyc) or as Python"},
             "access_log": _obj({"written": _INT, "dropped": _INT, "pending": _INT},
                                ["written", "dropped", "pending"]),
+            "store": _obj({"pending": _INT, "dropped": _INT}, ["pending", "dropped"]),
             "gc": _obj({"frozen": _INT, "collections": {"type": "array", "items": _INT}},
                        ["frozen", "collections"]),
             "shared_slots": {"type": ["object", "null"],

@@ -49,6 +49,9 @@ RETRY_MAX_S = 10.0
 # The last flush at stop waits this long for a store that hangs (Redis stopped,
 # a network partition), so a SIGTERM always ends.
 STOP_FLUSH_S = 5.0
+# A write the store refuses in this many flushes that stored other writes is
+# dropped: the store is up and will not take it (see StateCache._refused).
+REFUSED_FLUSHES = 3
 # Metadata keys loaded at start and re-read when another replica writes them
 # (operator-made pools and pool access rules).
 META_KEYS = META_TOPICS
@@ -78,6 +81,10 @@ class StateCache(StateView):
 
         # Write-behind
         self._pending: dict[tuple[str, str], _Pending] = {}
+        # Queued writes that failed, and in how many flushes that stored others (_refused).
+        self._failures: dict[tuple[str, str], int] = {}
+        self._failed_now: list[tuple[str, str]] = []  # those of the last flush
+        self.writes_dropped = 0  # writes the store kept refusing, given up on
         self._dirty = asyncio.Event()
         # Usage rows of ended requests, summed until the next flush (the ledger
         # adds to it directly: it is compiled, this class is not).
@@ -253,32 +260,96 @@ class StateCache(StateView):
     # Flushing
 
     async def flush(self) -> None:
-        """Write everything queued now; called by the flusher, tests and `stop`."""
-        async with self._flush_lock:
-            await self._flush_writes()
-            await self._flush_usage()
+        """Write everything queued now; called by the flusher, tests and `stop`.
 
-    async def _flush_writes(self) -> None:
-        """Store queued operator writes in order; on failure re-queue the unwritten ones."""
+        Usage rows are written even when an operator write fails: one write
+        the store keeps refusing must not hold back the accounting."""
+        async with self._flush_lock:
+            took, failed = await self._flush_writes()
+            try:
+                took = await self._flush_usage() or took
+            except Exception:
+                if failed is None:
+                    raise
+            if failed is not None:
+                self._refused(took)
+                if self._failures:
+                    raise failed
+
+    def _refused(self, store_took_writes: bool) -> None:
+        """Count the failures of writes a working store refused; drop one at REFUSED_FLUSHES.
+
+        A write that fails while the same flush stored others is refused by
+        the store itself (a value it cannot hold, a bug), not lost to an
+        outage: retried for ever it would be logged every few seconds until
+        a restart. Kept in the queue while the store may just be down."""
+        if not store_took_writes:
+            return
+        for key in self._failed_now:
+            if key not in self._failures:
+                continue  # replaced by a newer write since
+            count = self._failures[key] + 1
+            if count < REFUSED_FLUSHES:
+                self._failures[key] = count
+                continue
+            del self._failures[key]
+            if self._pending.pop(key, None) is not None:
+                self.writes_dropped += 1
+                log.error("state: the store refused the %s write for %r %d times while it "
+                          "took others; dropped (the running gateway keeps the value until "
+                          "restart)", key[0], key[1], count)
+
+    async def _flush_writes(self) -> tuple[bool, Exception | None]:
+        """Store queued operator writes in order: whether any was stored, and the first error.
+
+        A failed write is set aside and the next one tried: when that one is
+        stored too, the store is up and refused only the first (see
+        _refused). Two failures in a row stop the batch (the store is down);
+        what was not stored goes back ahead of anything queued since."""
         batch, self._pending = self._pending, {}
         items = list(batch.items())
-        for i, (_, pending) in enumerate(items):
-            try:
-                await pending.write(self.store)
-            except BaseException:
-                # The failed write and the rest go back ahead of anything queued since.
-                rest = dict(items[i:])
-                for key, newer in self._pending.items():
-                    rest.pop(key, None)
-                    rest[key] = newer
-                self._pending = rest
-                raise
+        unstored: list[tuple[tuple[str, str], _Pending]] = []
+        self._failed_now = []
+        first: Exception | None = None
+        took = False
+        in_a_row = 0
+        i = 0
+        try:
+            while i < len(items):
+                key, pending = items[i]
+                i += 1
+                try:
+                    await pending.write(self.store)
+                except Exception as exc:  # noqa: BLE001 -- raised once the batch is settled
+                    unstored.append((key, pending))
+                    self._failed_now.append(key)
+                    self._failures.setdefault(key, 0)
+                    first = first or exc
+                    in_a_row += 1
+                    if in_a_row == 2:
+                        break
+                else:
+                    took = True
+                    in_a_row = 0
+                    self._failures.pop(key, None)
+        finally:
+            # The failed writes and the rest (all of it when cancelled) go back
+            # ahead of anything queued since.
+            rest = dict(unstored + items[i:])
+            for key, newer in self._pending.items():
+                rest.pop(key, None)
+                rest[key] = newer
+            self._pending = rest
+            for key in list(self._failures):
+                if key not in rest:
+                    del self._failures[key]  # replaced by a newer write, which gets its own count
+        return took, first
 
-    async def _flush_usage(self) -> None:
-        """Store summed usage as one batch of deltas; on failure add it back for the next try."""
+    async def _flush_usage(self) -> bool:
+        """Store summed usage as one batch of deltas (whether there was any); on failure add it back."""
         tally = self.tally
         if not tally.days and not tally.hours:
-            return
+            return False
         batch, hours = tally.take()
         items = [Usage(u, m, d, c.requests, c.prompt, c.completion)
                  for (u, m, d), c in batch.items()]
@@ -288,6 +359,7 @@ class StateCache(StateView):
         except BaseException:
             tally.give_back(batch, hours)
             raise
+        return True
 
     async def _flush_loop(self) -> None:
         """Background flusher: wait for a change, let a batch gather, write it."""
