@@ -40,8 +40,11 @@ NEAR_BYTES: Final = 256
 # Bytes after a count's key within which its value must end (spaces, the
 # colon and 20 digits).
 _COUNT_SPAN: Final = 40
-# A token count has at most this many digits (a native integer holds it; more is no count).
-_COUNT_DIGITS: Final = 18
+# A token count has at most this many digits; more is no count. A trillion
+# tokens is beyond any model's context, and the stores' sums (64-bit: SQLite
+# turns an overflow into a float, Redis refuses the write) then need millions
+# of such answers in one user's day to overflow, where 18 digits needed ten.
+_COUNT_DIGITS: Final = 12
 
 
 def tokens_in_tail(tail: bytes) -> tuple[int, int]:
