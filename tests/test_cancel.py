@@ -72,6 +72,22 @@ def test_non_stream_cancel_reaches_backend_within_50ms(slow_stack: Stack) -> Non
     assert sim.stats.connection_close_times[-1] - closed_at < CANCEL_BOUND_S
 
 
+def test_a_half_closed_client_has_left_as_ollama_and_nginx_take_it(slow_stack: Stack) -> None:
+    # shutdown(SHUT_WR) after a whole request: the running generation stops
+    # (an answer nobody may read would hold the slot to its end; README,
+    # Cancellation), and the connection ends without an answer.
+    sim = slow_stack.sims[0]
+    sock = socket.create_connection(("127.0.0.1", slow_stack.port), timeout=5)
+    sock.sendall(_chat("carol", stream=False))
+    assert _wait(lambda: sim.stats.active >= 1)
+    before = len(sim.stats.connection_close_times)
+    sock.shutdown(socket.SHUT_WR)
+    assert _wait(lambda: len(sim.stats.connection_close_times) > before)
+    assert sock.recv(65536) == b""
+    assert _wait(lambda: slow_stack.state.fleet.backends[0].in_flight == 0)
+    sock.close()
+
+
 def test_queued_request_that_leaves_never_reaches_a_backend(slow_stack: Stack) -> None:
     sim = slow_stack.sims[0]
     busy = socket.create_connection(("127.0.0.1", slow_stack.port), timeout=5)
