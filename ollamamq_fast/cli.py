@@ -43,6 +43,7 @@ from ollamamq_fast.config import (
     validate_settings,
 )
 from ollamamq_fast.policy.identity import parse_networks
+from ollamamq_fast.wire.cors import parse_origins
 
 SUBCOMMANDS = ("serve", "sim", "bench", "users", "keys", "backends", "pools", "usage", "top")
 # Default file names, in the state folder (never the current folder).
@@ -156,6 +157,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trusted-proxies", default=None, metavar="CIDR[,CIDR...]",
                    help="believe X-Forwarded-For for the client address only from these "
                         "(default: nobody)")
+    p.add_argument("--origins", default=None, metavar="ORIGIN[,ORIGIN...]",
+                   help="browser origins that may call the gateway besides Ollama's own "
+                        "(localhost, 127.0.0.1, app://, file://...), e.g. "
+                        "https://chat.example.com or chrome-extension://*; '*' = any "
+                        "(env OLLAMA_ORIGINS, as Ollama reads it)")
     p.add_argument("--sim", action="store_true",
                    help="start a built-in simulated Ollama backend in-process and use it "
                         "(a demo with no Ollama around; -o backends are added when given)")
@@ -279,6 +285,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             settings.trusted_proxies = parse_networks(args.trusted_proxies)
         except ValueError as exc:
             raise ConfigError(f"--trusted-proxies: {exc}") from None
+    origins = args.origins if args.origins is not None else env_default(("OLLAMA_ORIGINS",))
+    if origins:
+        try:
+            settings.origins = parse_origins([origins], "--origins")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     settings.sim = args.sim
     settings.sim_keep_backends = bool(urls)
     if args.sim_models:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from ollamamq_fast.wire.cors import parse_origins
+
 DEFAULT_PORT = 11435
 DEFAULT_ADMIN_PORT = 11436
 DEFAULT_HOST = "127.0.0.1"
@@ -165,6 +167,8 @@ class Settings:
     auth: str = "off"
     # Proxies whose X-Forwarded-For is believed for the client address.
     trusted_proxies: list[Any] = field(default_factory=list)
+    # Browser origins allowed besides Ollama's own (wire/cors.py); "*" for all.
+    origins: list[str] = field(default_factory=list)
     # Start an in-process simulator and use it as a backend (demo without Ollama).
     sim: bool = False
     sim_models: list[str] = field(default_factory=list)
@@ -587,6 +591,14 @@ def apply_toml(settings: Settings, data: dict[str, object], path: str = "config"
         elif key == "pool_access":
             settings.pool_access_users, settings.pool_access_keys = parse_pool_access(
                 value, path)
+        elif key == "origins":
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ConfigError(f"{path}: origins must be a string or an array of strings")
+            try:
+                settings.origins = parse_origins(items, f"{path}: origins")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         elif key == "stream_usage":
             if value not in STREAM_USAGE_CHOICES:
                 raise ConfigError(f"{path}: stream_usage must be one of "

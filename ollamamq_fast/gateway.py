@@ -49,6 +49,7 @@ from ollamamq_fast.sched.dispatcher import Dispatcher
 from ollamamq_fast.state.cache import StateCache
 from ollamamq_fast.state.store import open_store
 from ollamamq_fast.stats import GatewayStats
+from ollamamq_fast.wire.cors import Origins
 
 if TYPE_CHECKING:
     from ollamamq_fast.sched.shared_slots import SharedSlots
@@ -151,6 +152,8 @@ class GatewayState(DataPlane):
         self.access = AccessLog(settings.log_file, settings.log_format)
         self.identity = Identity(settings.auth, settings.trusted_proxies,
                                  self.cache.key_by_digest)
+        # Browser origins that may use the gateway (wire/cors.py).
+        self.origins = Origins(settings.origins)
         self.connections: set[ClientProtocol] = set()
         self.bodies = BodyBudget(settings.max_bodies_bytes)
         self.stats = GatewayStats()
@@ -460,6 +463,9 @@ class Gateway:
                 fresh.cache_mode, fresh.cache_ttl, fresh.cache_mb)
         if "stream_usage" in data:
             live.stream_usage = fresh.stream_usage
+        if "origins" in data:
+            live.origins = fresh.origins
+            state.origins = Origins(fresh.origins)
         state.policy.reload()
         state.idle.start()  # user_idle_days may have turned pruning on
         state.bodies.limit = state.settings.max_bodies_bytes

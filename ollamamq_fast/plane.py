@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ollamamq_fast.sched.dispatcher import Dispatcher
     from ollamamq_fast.state.cache import StateCache
     from ollamamq_fast.stats import GatewayStats
+    from ollamamq_fast.wire.cors import Origins
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -63,6 +64,7 @@ class DataPlane:
     operator: Operator
     access: AccessLog
     identity: Identity
+    origins: Origins
     connections: set[ClientProtocol]
     bodies: BodyBudget
     stats: GatewayStats

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.wire import framing
+from ollamamq_fast.wire.cors import without_cors
 from ollamamq_fast.wire.errors import error_body
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ def respond(ex: Exchange, status: int, ctype: bytes, body: bytes, extra: bytes =
         extra += b"Connection: keep-alive\r\n"
     if ex.request_id:
         extra += b"X-Request-ID: " + ex.request_id + b"\r\n"
+    if ex.cors:
+        extra += ex.cors
     data = framing.local_response(
         status, ctype, body, close=not ex.keep_alive,
         head_only=ex.method == b"HEAD", extra=extra,
@@ -49,7 +52,11 @@ def respond_cached(ex: Exchange, entry: Entry) -> None:
     ex.status = entry.status
     extra = (b"X-Cache: HIT\r\nDate: " + framing.http_date() + b"\r\nX-Request-ID: "
              + ex.request_id + b"\r\n")
-    head = framing.response_head(entry.status, b"", entry.headers, extra, not ex.keep_alive)
+    headers = entry.headers
+    if ex.cors:
+        extra += ex.cors
+        headers = without_cors(headers)
+    head = framing.response_head(entry.status, b"", headers, extra, not ex.keep_alive)
     ex.client.write(head + entry.body)
     ex.finish()
 

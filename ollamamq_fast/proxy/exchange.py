@@ -83,7 +83,7 @@ class Exchange(ResponseSink):
     __slots__ = (
         "active", "affinity", "api", "attempts", "backend", "body", "body_forwarded",
         "body_held", "body_size", "cache_control", "cache_key", "chosen", "chunked_in",
-        "client", "connect_task", "content_length", "continue_sent", "credential",
+        "client", "connect_task", "content_length", "continue_sent", "cors", "credential",
         "discard_body", "discarded", "dispatcher", "early_error", "encoded_body", "enqueued_at",
         "expect_continue", "failed", "fleet", "fwd_headers", "gw", "keep_alive",
         "lease", "limits", "pool", "request_complete", "request_head", "route", "sent_at", "state",
@@ -105,6 +105,8 @@ class Exchange(ResponseSink):
         # The request, as intake.py reads its head. X-Request-ID is the
         # client's (if sane) or the gateway's.
         self.url = self.fwd_headers = b""
+        # A browser's allowed cross-origin request: the CORS lines of every answer (wire/cors.py).
+        self.cors = b""
         # Read header by header as the parser meets them (ClientProtocol.on_header).
         self.request_head = RequestHead(gw.identity.keys_required)
         self.route: Route | None = None

@@ -106,6 +106,10 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
     ex.started_at = gw.loop_time()
     if head.repeated or head.coding:
         return _ambiguous(ex, head.repeated, head.coding)
+    if head.origin:  # a browser's request: CORS comes first, as in Ollama
+        early = _cross_origin(ex, head.origin, head.host, method)
+        if early is not None:
+            return early
     try:
         ex.user = check_user_id(head.user) if head.user else ""
     except UserIdError as bad_id:
@@ -164,6 +168,22 @@ def _route_method(methods: tuple[bytes, ...], method: bytes) -> bytes | None:
     for known in methods:
         if known == method:
             return known
+    return None
+
+
+def _cross_origin(ex: Exchange, origin: bytes, host: bytes, method: bytes) -> Early | None:
+    """A request from a browser page (wire/cors.py): 403 from an origin not
+    allowed, 204 to an allowed one's preflight; else its answer's CORS lines."""
+    origins = ex.gw.origins
+    lines = origins.check(origin, host)
+    if lines is None:
+        ex.user = ex.client_ip
+        return _error(ex, 403, f"origin {origin[:100].decode('latin-1')!r} is not allowed "
+                               "(the gateway's --origins, as Ollama's OLLAMA_ORIGINS)")
+    if lines and method == b"OPTIONS":
+        ex.user = ex.client_ip
+        return 204, b"", b"", origins.preflight(origin), False
+    ex.cors = lines
     return None
 
 

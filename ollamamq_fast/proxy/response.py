@@ -20,6 +20,7 @@ from ollamamq_fast.fleet.backend import Breaker
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.stats import NEAR_BYTES, ollama_counts_near, whole_tail_counts
 from ollamamq_fast.wire import framing
+from ollamamq_fast.wire.cors import without_cors
 from ollamamq_fast.wire.routes import Kind
 
 if TYPE_CHECKING:
@@ -53,12 +54,16 @@ def head(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> bytes:
     if ex.http10 and ex.keep_alive:
         extra += b"Connection: keep-alive\r\n"
     raw = conn.raw_head
-    if not dechunk:
+    headers = None
+    if ex.cors:  # the gateway's CORS lines replace any of the backend's own
+        extra += ex.cors
+        headers = without_cors(conn.response_headers.pairs())
+    elif not dechunk:
         relayed = framing.relay_head(raw, extra, not ex.keep_alive, conn.hop_by_hop)
         if relayed is not None:
             return relayed
     return framing.response_head(conn.status, framing.reason_phrase(raw),
-                                 conn.response_headers.pairs(),
+                                 headers if headers is not None else conn.response_headers.pairs(),
                                  extra, not ex.keep_alive, dechunk)
 
 

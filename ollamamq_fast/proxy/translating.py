@@ -365,7 +365,7 @@ class TranslatingRelay(ResponseSink):
         backend = ex.backend
         assert backend is not None
         return (backend.gateway_headers + b"%d\r\nX-Request-ID: %s\r\n" % (ex.queue_ms, ex.request_id)
-                + self.extra)
+                + self.extra + ex.cors)
 
     def _stream_head(self, status: int) -> bytes:
         ex = self.ex

@@ -248,7 +248,9 @@ def local_response(
     ]
     if content_type:
         parts += [b"Content-Type: ", content_type, b"\r\n"]
-    parts += [b"Content-Length: ", str(len(body)).encode(), b"\r\n", extra]
+    if status != 204:  # a 204 has no body, and no Content-Length (RFC 9110 §8.6)
+        parts += [b"Content-Length: ", str(len(body)).encode(), b"\r\n"]
+    parts.append(extra)
     if close:
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")

@@ -6,7 +6,7 @@
 Authorization, X-API-Key, X-Forwarded-For), what the policy reads
 (Cache-Control, Content-Encoding), hop-by-hop headers that never go on
 (RFC 9110 §7.6.1), and everything else, forwarded as it came. Identity,
-credentials and Host may come once (`RequestHead.repeated`): the gateway and
+credentials, Host and Origin may come once (`RequestHead.repeated`): the gateway and
 the backend would otherwise read different ones (Go's `Header.Get` takes the
 first); a Transfer-Encoding must be `chunked` alone (`RequestHead.coding`),
 as Go requires, since the body is forwarded de-chunked.
@@ -37,6 +37,7 @@ API_KEY: Final = 10
 CACHE_CONTROL: Final = 11
 REQUEST_ID: Final = 12
 HOST: Final = 13  # not forwarded (the backend gets its own); read for Host-routed pools
+ORIGIN: Final = 14  # a browser's: the gateway answers CORS itself (wire/cors.py), not forwarded
 
 _SPECIAL: Final[dict[bytes, int]] = {
     b"content-length": LENGTH,
@@ -51,6 +52,7 @@ _SPECIAL: Final[dict[bytes, int]] = {
     b"x-api-key": API_KEY,
     b"cache-control": CACHE_CONTROL,  # forwarded; also read by the response cache
     b"x-request-id": REQUEST_ID,  # the client's, if sane, else the gateway's: sent on
+    b"origin": ORIGIN,
     b"keep-alive": DROP,
     b"proxy-connection": DROP,
     b"proxy-authorization": DROP,
@@ -66,7 +68,7 @@ _SPECIAL: Final[dict[bytes, int]] = {
 }
 # Kinds a request may name once (as bits of a mask): which of two would the
 # backend read? Go's Header.Get takes the first, the gateway took the last.
-_ONCE: Final = (1 << USER) | (1 << AUTHORIZATION) | (1 << API_KEY) | (1 << HOST)
+_ONCE: Final = (1 << USER) | (1 << AUTHORIZATION) | (1 << API_KEY) | (1 << HOST) | (1 << ORIGIN)
 
 # Header names as spelled on the wire -> what happens to them. Peers repeat the
 # same few spellings, so each is lowercased and looked up once, then kept with
@@ -160,8 +162,8 @@ class RequestHead:
 
     __slots__ = ("api_key", "authorization", "bad_length", "cache_control", "chunked",
                  "coding", "connection_tokens", "content_length", "encoded_body",
-                 "expect_continue", "forwarded_for", "host", "kept", "owns_credentials",
-                 "repeated", "request_id", "seen", "user")
+                 "expect_continue", "forwarded_for", "host", "kept", "origin",
+                 "owns_credentials", "repeated", "request_id", "seen", "user")
 
     def __init__(self, owns_credentials: bool = False) -> None:
         # `--auth keys`: the gateway's own keys and the client's claimed
@@ -182,6 +184,7 @@ class RequestHead:
         self.kept: list[tuple[bytes, bytes]] = []  # forwarded as they came, in order
         self.request_id = b""  # the client's X-Request-ID, when it is sane
         self.host = b""  # the Host header as sent (pools may be chosen by it)
+        self.origin = b""  # a browser's Origin (wire/cors.py)
         # The name (as sent) of an identity, credential or Host header that came
         # twice, b"" if none: such a request is refused (400).
         self.repeated = b""
@@ -248,6 +251,8 @@ class RequestHead:
                 self.request_id = value
         elif action == HOST:
             self.host = value
+        elif action == ORIGIN:
+            self.origin = value
         elif action == CONNECTION:
             tokens = {t.strip().lower() for t in value.split(b",")}
             tokens -= {b"close", b"keep-alive"}
