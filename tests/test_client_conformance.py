@@ -55,6 +55,28 @@ def test_every_listed_model_can_be_retrieved(mixed: Stack) -> None:
         ai.models.retrieve("Qwen/Qwen3-235B")
 
 
+def test_api_status_is_the_primary_ollamas_and_cloud_account_routes_stay_home(
+        mixed: Stack) -> None:
+    """`GET /api/status` (the Go client's CloudStatusExperimental) is the primary
+    Ollama's own answer; the routes that act with the backend's ollama.com
+    account are not forwarded (README, Routes)."""
+    r = httpx.get(mixed.url + "/api/status")
+    assert r.status_code == 200 and r.json() == {"cloud": {"disabled": False, "source": "none"}}
+    assert "x-gateway-backend" in r.headers
+    for method, path in (("POST", "/api/me"), ("POST", "/api/signout"),
+                         ("POST", "/api/experimental/web_search")):
+        assert httpx.request(method, mixed.url + path, json={}).status_code == 404
+
+
+def test_api_status_without_an_ollama_backend() -> None:
+    st = start_stack(sims=[fast_sim_options(api="openai", models=VLLM_MODELS)])
+    try:
+        r = httpx.get(st.url + "/api/status")
+        assert r.status_code == 503 and r.json() == {"error": "no Ollama backend is online"}
+    finally:
+        st.close()
+
+
 def test_input_audio_reaches_an_ollama_without_v1(mixed: Stack) -> None:
     """An `input_audio` part (openai SDK, audio models such as gemma3n) is carried
     in `images`, as Ollama's own /v1 does, not refused."""

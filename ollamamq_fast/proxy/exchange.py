@@ -47,7 +47,7 @@ from ollamamq_fast.sched.dispatcher import Placed
 from ollamamq_fast.wire import framing
 from ollamamq_fast.wire.errors import Api
 from ollamamq_fast.wire.headers import RequestHead
-from ollamamq_fast.wire.routes import BLOB_ROUTE, Kind, Route
+from ollamamq_fast.wire.routes import Kind, Route
 
 if TYPE_CHECKING:
     from ollamamq_fast.fleet.backend import Backend
@@ -271,9 +271,10 @@ class Exchange(ResponseSink):
             answers.respond_error(self, 403, "blocked by the gateway operator")
             return
         if kind is Kind.PRIMARY:
-            backend = self.fleet.primary(native=route is BLOB_ROUTE)
+            backend = self.fleet.primary(native=route.native)
             if backend is None:
-                answers.respond_error(self, 503, "no backend is online", retry_after=5)
+                answers.respond_error(self, 503, "no Ollama backend is online" if route.native
+                                      else "no backend is online", retry_after=5)
                 return
             self.start(backend, slotted=False)
             return

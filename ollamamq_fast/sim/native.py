@@ -53,6 +53,7 @@ class NativeRoutes:
         add = self.app.add
         add("/", Route({"GET": self.root, "HEAD": self.root}))
         add("/api/version", Route({"GET": self.version, "HEAD": self.version}))
+        add("/api/status", Route({"GET": self.status}))
         add("/api/tags", Route({"GET": self.tags, "HEAD": self.tags}))
         add("/api/ps", Route({"GET": self.ps}))
         add("/api/generate", Route({"POST": self.generate}, inference=True))
@@ -91,6 +92,10 @@ class NativeRoutes:
     def version(self, ex: Exchange) -> None:
         """GET/HEAD /api/version."""
         ex.send_json(200, {"version": self.app.options.version})
+
+    def status(self, ex: Exchange) -> None:
+        """GET /api/status (newer versions): cloud features on, decided by no setting."""
+        ex.send_json(200, {"cloud": {"disabled": False, "source": "none"}})
 
     def tags(self, ex: Exchange) -> None:
         """GET/HEAD /api/tags: `models` is [] (never null) when empty."""

@@ -100,6 +100,8 @@ EXACT: Final[dict[bytes, Route]] = {
     b"/api/version": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.VERSION),
     b"/api/tags": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.TAGS),
     b"/api/ps": Route(Kind.LOCAL, _OLLAMA, _GET, local=Local.PS),
+    # The primary Ollama's own (newer versions: whether its cloud features are on).
+    b"/api/status": Route(Kind.PRIMARY, _OLLAMA, (b"GET",)),
     b"/api/generate": _translated(_OLLAMA),
     b"/api/chat": _translated(_OLLAMA),
     b"/api/embed": _translated(_OLLAMA),
