@@ -81,6 +81,26 @@ def test_the_install_compiled_what_it_could() -> None:
     assert isinstance(tokens_in_tail, types.BuiltinFunctionType)
 
 
+def _requirement_names(specs: list[str]) -> set[str]:
+    """Distribution names of requirement strings, normalized as pip compares them."""
+    import re
+
+    return {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~;\[ ]", spec, 1)[0]).lower() for spec in specs}
+
+
+def test_the_isolated_build_has_every_runtime_dependency() -> None:
+    """pip builds in an environment holding only build-system.requires, and mypyc
+    type-checks the package (following its imports) before compiling: a runtime
+    dependency missing there makes mypy fail on the import, and a fresh
+    `pip install .` with a working compiler then quietly installed pure Python."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())
+    build = _requirement_names(project["build-system"]["requires"])
+    runtime = _requirement_names(project["project"]["dependencies"])
+    assert runtime <= build, f"missing from build-system.requires: {sorted(runtime - build)}"
+
+
 def test_pure_switch_loads_the_py_sources() -> None:
     done = _run_python(_LOAD_ALL, **{buildinfo.PURE_ENV: "1"})
     assert done.returncode == 0, done.stderr
