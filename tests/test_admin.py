@@ -293,6 +293,27 @@ def test_metrics_after_requests(stack: Stack, admin: httpx.Client) -> None:
     assert tokens[0].value > 0
 
 
+def test_metrics_count_cache_hits_and_misses(stack: Stack, admin: httpx.Client) -> None:
+    """The README's metrics list names cache hits and misses: they reach /metrics."""
+    def counters() -> dict[str, float]:
+        fams = _families(admin.get("/metrics").text)
+        return {name: fams[name].samples[0].value
+                for name in ("ollamamq_cache_hits", "ollamamq_cache_misses",
+                             "ollamamq_cache_entries", "ollamamq_tokens_capped")}
+
+    before = counters()
+    # temperature 0 makes the request deterministic: cached by the default --cache mode.
+    body = {"model": "llama3.2", "prompt": "cache me", "stream": False,
+            "options": {"temperature": 0, "num_predict": 2}}
+    for _ in range(2):
+        httpx.post(stack.url + "/api/generate", json=body, headers={"X-User-ID": "cacher"},
+                   timeout=10).raise_for_status()
+    after = counters()
+    assert after["ollamamq_cache_misses"] == before["ollamamq_cache_misses"] + 1
+    assert after["ollamamq_cache_hits"] == before["ollamamq_cache_hits"] + 1
+    assert after["ollamamq_cache_entries"] >= 1
+
+
 def test_per_user_series_are_bounded() -> None:
     users = {}
     for i in range(TOP_USERS + 20):
