@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -312,6 +313,18 @@ def test_metrics_count_cache_hits_and_misses(stack: Stack, admin: httpx.Client) 
     assert after["ollamamq_cache_misses"] == before["ollamamq_cache_misses"] + 1
     assert after["ollamamq_cache_hits"] == before["ollamamq_cache_hits"] + 1
     assert after["ollamamq_cache_entries"] >= 1
+
+
+def test_every_metric_the_docs_name_is_served(stack: Stack, admin: httpx.Client) -> None:
+    root = Path(__file__).resolve().parent.parent
+    text = "\n".join(p.read_text() for p in (root / "README.md", *(root / "docs").glob("*.md")))
+    named = set(re.findall(r"`(ollamamq_\w+)", text)) - {"ollamamq_fast"}
+    assert len(named) >= 10
+    families = _families(admin.get("/metrics").text)
+    # A counter family without samples yet (no pool named) is served by its base name.
+    served = {s.name for f in families.values() for s in f.samples} | set(families) | {
+        name + "_total" for name, f in families.items() if f.type == "counter"}
+    assert sorted(named - served) == []
 
 
 def test_per_user_series_are_bounded() -> None:
