@@ -18,6 +18,7 @@ import sys
 import sysconfig
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -269,3 +270,27 @@ def test_a_missing_compiled_library_runs_python(tmp_path: Path) -> None:
         f"python: the compiled library {buildinfo.LIBRARY} is not importable "
         "(reinstall to repair) True")
     assert "RuntimeWarning: ollamamq-fast runs pure Python" in done.stderr
+
+
+def test_a_failed_type_check_says_where_to_read_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mypyc exits (SystemExit) when mypy finds errors: the recorded reason, which
+    `--version` prints, points at `pip install -v` instead of 'SystemExit: 1'."""
+    import importlib.util
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **_: None)
+    spec = importlib.util.spec_from_file_location("_setup_under_test", PACKAGE_DIR.parent / "setup.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Stub:
+        def _why_not(self) -> None:
+            return None
+
+        def _mypyc_extensions(self) -> Any:
+            raise SystemExit(1)
+
+    reason = module.BuildExt._plan(Stub())["reason"]
+    assert "type check failed" in reason and "pip install -v" in reason
