@@ -134,7 +134,10 @@ class BuildExt(build_ext):
                 # mypy leaves a large object graph behind; without this the
                 # interpreter's last collection at exit takes ~20 s.
                 gc.freeze()
-            except (Exception, SystemExit) as exc:  # noqa: BLE001 - never fail the install
+            except SystemExit as exc:  # mypy printed its errors (seen with pip install -v)
+                reason = (f"mypyc's type check failed (exit {exc.code}; `pip install -v .` "
+                          "shows mypy's errors)")
+            except Exception as exc:  # noqa: BLE001 - never fail the install
                 reason = f"mypyc failed ({type(exc).__name__}: {str(exc)[:300]})"
         return {"extensions": extensions, "cflags": cflags, "reason": reason, "start": start}
 

@@ -469,6 +469,10 @@ async def _serve(settings: Settings) -> int:
         models = ", ".join(b["models"]) or "no models"
         print(f"  backend {b['url']} [{state}, {b['kind']}, {b['slots']} slot(s)]: {models}",
               file=sys.stderr)
+    if summary["backends"] and not any(b["online"] for b in summary["backends"]):
+        print("  no backend answers yet: requests get 503 until one does (checked every "
+              f"{settings.health_interval:g} s); is the server running there? "
+              "`--sim` starts a simulated Ollama for a demo", file=sys.stderr)
     if generated_token is not None and gateway.admin_port is not None:
         print(f"admin token: {generated_token}", file=sys.stderr, flush=True)
     if dashboard:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -294,6 +295,39 @@ def test_metrics_after_requests(stack: Stack, admin: httpx.Client) -> None:
     assert fams["ollamamq_state_pending"].samples[0].value >= 0
     assert fams["ollamamq_state_writes_dropped"].samples[0].value == 0
     assert admin.get("/api/stats").json()["store"]["dropped"] == 0
+
+
+def test_metrics_count_cache_hits_and_misses(stack: Stack, admin: httpx.Client) -> None:
+    """The README's metrics list names cache hits and misses: they reach /metrics."""
+    def counters() -> dict[str, float]:
+        fams = _families(admin.get("/metrics").text)
+        return {name: fams[name].samples[0].value
+                for name in ("ollamamq_cache_hits", "ollamamq_cache_misses",
+                             "ollamamq_cache_entries", "ollamamq_tokens_capped")}
+
+    before = counters()
+    # temperature 0 makes the request deterministic: cached by the default --cache mode.
+    body = {"model": "llama3.2", "prompt": "cache me", "stream": False,
+            "options": {"temperature": 0, "num_predict": 2}}
+    for _ in range(2):
+        httpx.post(stack.url + "/api/generate", json=body, headers={"X-User-ID": "cacher"},
+                   timeout=10).raise_for_status()
+    after = counters()
+    assert after["ollamamq_cache_misses"] == before["ollamamq_cache_misses"] + 1
+    assert after["ollamamq_cache_hits"] == before["ollamamq_cache_hits"] + 1
+    assert after["ollamamq_cache_entries"] >= 1
+
+
+def test_every_metric_the_docs_name_is_served(stack: Stack, admin: httpx.Client) -> None:
+    root = Path(__file__).resolve().parent.parent
+    text = "\n".join(p.read_text() for p in (root / "README.md", *(root / "docs").glob("*.md")))
+    named = set(re.findall(r"`(ollamamq_\w+)", text)) - {"ollamamq_fast"}
+    assert len(named) >= 10
+    families = _families(admin.get("/metrics").text)
+    # A counter family without samples yet (no pool named) is served by its base name.
+    served = {s.name for f in families.values() for s in f.samples} | set(families) | {
+        name + "_total" for name, f in families.items() if f.type == "counter"}
+    assert sorted(named - served) == []
 
 
 def test_per_user_series_are_bounded() -> None:

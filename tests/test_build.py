@@ -18,6 +18,7 @@ import sys
 import sysconfig
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,6 +80,26 @@ def test_the_install_compiled_what_it_could() -> None:
     from ollamamq_fast.stats import tokens_in_tail
 
     assert isinstance(tokens_in_tail, types.BuiltinFunctionType)
+
+
+def _requirement_names(specs: list[str]) -> set[str]:
+    """Distribution names of requirement strings, normalized as pip compares them."""
+    import re
+
+    return {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~;\[ ]", spec, 1)[0]).lower() for spec in specs}
+
+
+def test_the_isolated_build_has_every_runtime_dependency() -> None:
+    """pip builds in an environment holding only build-system.requires, and mypyc
+    type-checks the package (following its imports) before compiling: a runtime
+    dependency missing there makes mypy fail on the import, and a fresh
+    `pip install .` with a working compiler then quietly installed pure Python."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())
+    build = _requirement_names(project["build-system"]["requires"])
+    runtime = _requirement_names(project["project"]["dependencies"])
+    assert runtime <= build, f"missing from build-system.requires: {sorted(runtime - build)}"
 
 
 def test_pure_switch_loads_the_py_sources() -> None:
@@ -249,3 +270,27 @@ def test_a_missing_compiled_library_runs_python(tmp_path: Path) -> None:
         f"python: the compiled library {buildinfo.LIBRARY} is not importable "
         "(reinstall to repair) True")
     assert "RuntimeWarning: ollamamq-fast runs pure Python" in done.stderr
+
+
+def test_a_failed_type_check_says_where_to_read_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mypyc exits (SystemExit) when mypy finds errors: the recorded reason, which
+    `--version` prints, points at `pip install -v` instead of 'SystemExit: 1'."""
+    import importlib.util
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **_: None)
+    spec = importlib.util.spec_from_file_location("_setup_under_test", PACKAGE_DIR.parent / "setup.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Stub:
+        def _why_not(self) -> None:
+            return None
+
+        def _mypyc_extensions(self) -> Any:
+            raise SystemExit(1)
+
+    reason = module.BuildExt._plan(Stub())["reason"]
+    assert "type check failed" in reason and "pip install -v" in reason

@@ -121,6 +121,25 @@ def test_serve_with_sim_answers_and_stops_on_sigterm() -> None:
             proc.wait()
 
 
+def test_start_with_no_backend_answering_says_what_to_do() -> None:
+    """A new user who runs `ollamamq-fast` with no Ollama there is told why requests
+    will get 503, and of --sim; a gateway whose backend answers is not."""
+    port, dead = free_port(), free_port()
+    for backend_args, hint in ((["-o", f"127.0.0.1:{dead}"], True), (["--sim"], False)):
+        proc = subprocess.Popen([sys.executable, "-m", "ollamamq_fast", *backend_args, "--no-tui",
+                                 "--state", "", "--log-file", "", "--no-admin", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_healthy(f"http://127.0.0.1:{port}")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert ("no backend answers yet" in err and "--sim" in err) is hint, err
+
+
 def test_serve_freezes_what_start_up_built_out_of_the_collectors_passes() -> None:
     """A full collection over every module and class stalled the loop (~20 ms): the
     serve command freezes start-up's objects; /api/stats shows it."""

@@ -91,3 +91,23 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
                        timeout=60, check=False)
     assert r.returncode == 0 and not r.stderr.strip() and not r.stdout.strip(), (
         r.stdout + r.stderr)
+
+
+def test_the_example_env_file_starts_the_unit_as_installed(tmp_path: Path) -> None:
+    """The README installs deploy/env.example as /etc/ollamamq-fast/env and nothing
+    else: the unit's ExecStart with its variables must make a gateway that starts
+    (a --config naming a file the steps never create stopped it with exit 2)."""
+    import shlex
+
+    env = {}
+    for line in (ROOT / "deploy" / "env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip()
+    exec_start = _directives()["ExecStart"][0]
+    argv = shlex.split(exec_start.replace("${STATE_DIRECTORY}", str(tmp_path)))[2:]
+    extra = shlex.split(env.pop("OLLAMAMQ_ARGS", ""))
+    assert argv[-1] == "$OLLAMAMQ_ARGS"
+    settings = _settings([*argv[:-1], *extra], env)
+    assert settings.host == env["HOST"] and str(settings.port) == env["PORT"]
+    assert settings.admin_token == env["OLLAMAMQ_ADMIN_TOKEN"]

@@ -196,3 +196,22 @@ def test_a_head_read_header_by_header_refuses_a_bad_length_only_at_its_end() -> 
     http10.add(b"Expect", b"100-continue")
     http10.finish(False)
     assert not http10.expect_continue
+
+
+def test_json_content_type_names_the_body_json_for_an_openai_server() -> None:
+    from ollamamq_fast.wire.headers import json_content_type
+
+    xff = b"X-Forwarded-For: 127.0.0.1\r\n"
+    for ok in (b"Content-Type: application/json\r\n", b"content-type: Application/JSON; charset=utf-8\r\n",
+               b"Content-Type: application/vnd.api+json\r\n"):
+        lines = b"Accept: */*\r\n" + ok + xff
+        assert json_content_type(lines) is lines
+    json_line = b"Content-Type: application/json\r\n"
+    assert json_content_type(xff) == xff + json_line
+    form = b"Content-Type: application/x-www-form-urlencoded\r\nAccept: */*\r\n" + xff
+    assert json_content_type(form) == b"Accept: */*\r\n" + xff + json_line
+    twice = b"Content-Type: application/json\r\ncontent-type: text/plain\r\n" + xff
+    assert json_content_type(twice) == xff + json_line
+    # A header whose name only ends in content-type is not one.
+    other = b"X-Original-Content-Type: text/plain\r\n" + xff
+    assert json_content_type(other) == other + json_line

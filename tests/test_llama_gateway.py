@@ -201,6 +201,30 @@ def test_a_translated_request_is_sent_as_json_whatever_the_client_said(
         fake_loop.run(fake.close())
 
 
+@pytest.mark.parametrize("ctype", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_a_relayed_openai_request_is_sent_as_json_whatever_the_client_said(
+        fake_loop: LoopThread, ctype: str | None) -> None:
+    """`curl -d '{...}'` on /v1/chat/completions, without -H 'Content-Type: ...',
+    says application/x-www-form-urlencoded: llama-cpp-python (FastAPI) then reads no
+    object and answers 500 with a validation error, where Ollama answers. The gateway
+    has read the body as a JSON object: the server is told so."""
+    fake, st = stack(fake_loop, chunks=3, chunk_delay=0.0)
+    try:
+        headers = {"X-User-ID": "curl"} if ctype is None else {"X-User-ID": "curl",
+                                                               "Content-Type": ctype}
+        for path, extra in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "q"}]}),
+                            ("/v1/completions", {"prompt": "q"})):
+            for stream in (False, True):
+                body = orjson.dumps({"model": MODEL, "stream": stream, **extra})
+                r = httpx.post(st.url + path, content=body, timeout=30, headers=headers)
+                assert r.status_code == 200, r.text
+                assert "x-translated" not in r.headers and "w2" in r.text
+        assert fake_loop.call(lambda: list(fake.wrong_content_types)) == []
+    finally:
+        st.close()
+        fake_loop.run(fake.close())
+
+
 def test_the_client_gets_one_request_id_the_gateways(fake_loop: LoopThread) -> None:
     """llama-cpp-python answers with an x-request-id of its own (the one it was sent,
     or one it makes when the gateway kept a client's non-UUID id to itself): the

@@ -808,6 +808,22 @@ def test_an_ollama_curl_without_a_json_type_is_translated(real: RealBackend) -> 
     assert r.json()["done"] is True and r.json()["eval_count"] == 4
 
 
+def test_an_openai_curl_without_a_json_type_is_sent_as_json(real: RealBackend) -> None:
+    # `curl .../v1/chat/completions -d '{...}'` without -H 'Content-Type: ...' sends a
+    # form type: the server (FastAPI) read no object and answered 500; relayed, the
+    # body is now sent as the JSON the gateway read.
+    import orjson
+
+    with _http() as client:
+        for path, extra in (("/v1/chat/completions", {"messages": _MESSAGES}),
+                            ("/v1/completions", {"prompt": "hello"})):
+            body = orjson.dumps({"model": MODEL, "max_tokens": 4, **extra})
+            r = client.post(real.stack.url + path, content=body,
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 4
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_stream_tokens_without_usage_are_counted_exactly(real: RealBackend, path: str) -> None:
     # The server sends no usage in streams: one event a token, counted exactly

@@ -176,8 +176,28 @@ class GatewayCollector(Collector):
             ("ollamamq_rejected",
              "Requests refused: limits, quotas, queue full or waited too long, blocked.",
              stats.rejected),
+            ("ollamamq_rate_limited", "Requests refused by the per-user rate limit (in rejected).",
+             stats.rate_limited),
+            ("ollamamq_quota_refused", "Requests refused by a token quota (in rejected).",
+             stats.quota_refused),
+            ("ollamamq_limit_refused",
+             "Requests refused by the per-user in-flight limit (in rejected).",
+             stats.limit_refused),
+            ("ollamamq_tokens_capped", "Requests whose max_tokens / num_predict was capped.",
+             stats.tokens_capped),
+            ("ollamamq_cache_hits", "Inference requests answered from the response cache.",
+             stats.cache_hits),
+            ("ollamamq_cache_misses",
+             "Cacheable requests that found no cached answer and went to a backend.",
+             stats.cache_misses),
+            ("ollamamq_cache_evictions",
+             "Cached answers evicted to stay within --cache-mb.", stats.cache_evictions),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("ollamamq_cache_bytes", "Bytes of answers in the local cache.",
+                                value=stats.cache_bytes)
+        yield GaugeMetricFamily("ollamamq_cache_entries", "Answers in the local cache.",
+                                value=stats.cache_entries)
         yield GaugeMetricFamily("ollamamq_users_tracked", "Users with live counters.",
                                 value=len(stats.users))
         access = snapshot["access_log"]

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ollamamq_fast.fleet.backend import ApiKind
 from ollamamq_fast.policy.streamusage import UsageStripper
 from ollamamq_fast.pools import unalias
 from ollamamq_fast.proxy import translating
 from ollamamq_fast.proxy.flow import HIGH_WATER
 from ollamamq_fast.proxy.state import State
 from ollamamq_fast.wire import framing
-from ollamamq_fast.wire.headers import length_line
+from ollamamq_fast.wire.headers import json_content_type, length_line
 from ollamamq_fast.wire.routes import Kind
 
 if TYPE_CHECKING:
@@ -40,9 +41,16 @@ def send(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> None:
     if route is not None and route.translate & ~backend.speaks:
         translating.send(ex, conn, backend)  # the backend speaks the other API
         return
+    fwd = ex.fwd_headers
+    if (backend.kind is not ApiKind.OLLAMA and route is not None and route.kind is Kind.QUEUED
+            and not ex.encoded_body):
+        # An inference body is a JSON object (intake refused any other), sent so
+        # that an OpenAI-compatible server reads it as one, whatever type the
+        # client named (Ollama itself reads any body as JSON).
+        fwd = json_content_type(fwd)
     head = [
         ex.method, b" ", backend.path_prefix, ex.url, b" HTTP/1.1\r\n",
-        backend.host_header, ex.fwd_headers,
+        backend.host_header, fwd,
     ]
     head_request = ex.method == b"HEAD"
     if not ex.stream_body:

@@ -395,6 +395,37 @@ def backend_request_id(client_id: bytes, own_id: bytes) -> bytes:
     return client_id if _UUID_ID.fullmatch(client_id) else b""
 
 
+_JSON_TYPE_LINE: Final = b"Content-Type: application/json\r\n"
+_CONTENT_TYPE: Final = b"content-type:"
+
+
+def json_content_type(lines: bytes) -> bytes:
+    """Forwarded header lines (forwarded_block's) that name the JSON body as JSON.
+
+    An OpenAI-compatible server built on FastAPI (llama-cpp-python, vLLM) reads a
+    body sent as another type (`curl -d` says application/x-www-form-urlencoded)
+    as no object at all and answers 500 or 422, where Ollama, and the gateway,
+    read any body as JSON: a Content-Type that is not JSON, or none, becomes
+    `application/json`. The lines are returned as they are when they already say so.
+    """
+    low = lines.lower()
+    if not low.startswith(_CONTENT_TYPE) and low.find(b"\r\n" + _CONTENT_TYPE) < 0:
+        return lines + _JSON_TYPE_LINE
+    kept: list[bytes] = []
+    json_type = True
+    for line in lines.split(b"\r\n"):
+        if line[:13].lower() == _CONTENT_TYPE:
+            media = line[13:].split(b";", 1)[0].strip().lower()
+            json_type = json_type and (media == b"application/json" or (
+                media.startswith(b"application/") and media.endswith(b"+json")))
+        elif line:
+            kept.append(line + b"\r\n")
+    if json_type:
+        return lines
+    kept.append(_JSON_TYPE_LINE)
+    return b"".join(kept)
+
+
 def length_line(n: int) -> bytes:
     """`Content-Length: n` and the blank line that ends the head."""
     return _length_lines[n] if n < _LENGTH_LINES else b"Content-Length: %d\r\n\r\n" % n
