@@ -197,6 +197,21 @@ def test_token_bucket_and_limit_resolution() -> None:
         check_limit("nonsense", 1)
 
 
+def test_a_burst_below_one_request_still_admits_at_the_rate() -> None:
+    """A bucket that holds less than one request never admits one: a burst
+    set below 1 (0.5, valid as a limit) refused the user for ever, each time
+    with a Retry-After that promised a token. It counts as 1."""
+    limits = resolve([{"rate": 2, "burst": 0.5}], 0)
+    assert limits.burst == 1.0
+    now = [0.0]
+    limiter = RateLimiter(lambda: now[0])
+    assert limiter.take("u", limits.rate, limits.burst) == 0.0
+    wait = limiter.take("u", limits.rate, limits.burst)
+    assert wait == pytest.approx(0.5)
+    now[0] += wait
+    assert limiter.take("u", limits.rate, limits.burst) == 0.0
+
+
 def test_rate_sync_shares_one_bucket_between_replicas() -> None:
     asyncio.run(_rate_sync_scenario())
 
