@@ -91,7 +91,8 @@ class Pool:
         self.aliases = {normalize_model(k): v for k, v in config.aliases.items()}
         if config.balance is not None:
             self.fleet.balance = Balance(config.balance)
-        self.dispatcher.queue.grant(config.vip_users, config.boost_users, config.user_weights)
+        self.dispatcher.queue.grant(config.vip_users, config.boost_users, config.user_weights,
+                                    source="pool")
 
     def alias_target(self, model: str) -> str | None:
         """The model name an alias stands for (None: `model` is no alias here)."""

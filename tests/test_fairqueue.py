@@ -664,3 +664,21 @@ def test_pop_cost_flat_in_number_of_users() -> None:
     # costs ~300 ns instead of ~1 us, so that same cost reads as a ratio of
     # 2-4 (pure Python: 1.2-1.6).
     assert ratio < 5
+
+
+def test_a_grant_replaces_its_sources_last_one_and_never_the_operators() -> None:
+    q = FairQueue()
+    q.grant(["a", "b"], ["c"], {"d": 3})
+    q.grant(["b"], [], {"d": 2, "e": 4}, source="pool")
+    assert (q.weight("d"), q.weight("e")) == (2, 4)  # the later source's weight
+    q.set_vip("z", False)  # the operator's word
+    q.push("a", "p")
+    q.grant(["z"], [], {})  # the config no longer names a, b, c or d
+    assert not q.is_vip("a") and q.is_vip("b")  # b: still the pool's
+    assert not q.is_boost("c") and q.weight("d") == 2 and q.weight("e") == 4
+    assert not q.is_vip("z")  # the operator set z
+    assert q.pop() is not None and len(q) == 0  # a left the VIP ring with its request
+    q.grant([], [], {}, source="pool")
+    assert not q.is_vip("b") and q.weight("d") == 1 and q.weight("e") == 1
+    with pytest.raises(ValueError):
+        q.grant([], [], {"x": 0})

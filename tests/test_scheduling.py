@@ -265,3 +265,30 @@ def test_queue_timeout_gives_503_with_retry_after() -> None:
         assert "queue" in r.json()["error"]["message"]
     finally:
         st.close()
+
+
+def test_a_reload_takes_back_what_the_file_no_longer_grants(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGHUP re-reads VIP, Boost and weights: a user the file no longer lists
+    loses what the file gave them (a reload only ever added, so a VIP taken
+    out of the file kept absolute priority until a restart), while what the
+    operator set at run time stays, as it does over a restart."""
+    config = tmp_path / "gw.toml"
+    config.write_text('[users]\nvip = ["alice", "carl"]\nboost = ["bea"]\n'
+                      '[users.weights]\nbob = 3\n')
+    # "flag" came with --vip: a reload of the file keeps it.
+    st = start_stack(sims=[SERVICE], config_path=str(config), vip_users=["alice", "carl", "flag"],
+                     boost_users=["bea"], user_weights={"bob": 3}, flag_vip_users=["flag"])
+    try:
+        queue = st.state.dispatcher.queue
+        st.lt.call(lambda: st.state.operator.set_user("dora", vip=True))
+        st.lt.call(lambda: st.state.operator.set_user("carl", weight=2))  # stored: vip, weight 2
+        config.write_text('[users]\nvip = ["ed"]\n')
+        st.lt.call(st.gateway.reload)
+        got = st.lt.call(lambda: {u: (queue.is_vip(u), queue.is_boost(u), queue.weight(u))
+                                  for u in ("alice", "bea", "bob", "carl", "dora", "ed", "flag")})
+        assert got == {"alice": (False, False, 1), "bea": (False, False, 1),
+                       "bob": (False, False, 1), "carl": (True, False, 2),
+                       "dora": (True, False, 1), "ed": (True, False, 1),
+                       "flag": (True, False, 1)}
+    finally:
+        st.close()
