@@ -215,6 +215,32 @@ def test_newcomer_goes_ahead_of_the_user_just_served() -> None:
     assert [t.user for t in take(q, 4)] == ["light", "light2", "heavy", "heavy"]
 
 
+def test_newcomer_goes_ahead_of_a_user_served_without_waiting_or_back_from_dry() -> None:
+    # The flooder's last request was dispatched while nothing else waited (by
+    # the queue, or at once by the dispatcher: served()), and they send again:
+    # they have just been served, a user who arrives now has not.
+    for direct in (False, True):
+        q = FairQueue()
+        if direct:
+            q.served("heavy")
+        else:
+            q.push("heavy", 0)
+            assert [t.user for t in take(q, 1)] == ["heavy"]
+        q.push("heavy", 1)
+        q.push("heavy", 2)
+        q.push("light", 0)
+        assert [t.user for t in take(q, 3)] == ["light", "heavy", "heavy"], direct
+    # A weight of 3 served once without waiting has two more turns to come.
+    q = FairQueue()
+    q.set_weight("heavy", 3)
+    q.served("heavy")
+    q.served("heavy")
+    q.served("heavy")  # turn over
+    q.push("heavy", 0)
+    q.push("light", 0)
+    assert [t.user for t in take(q, 2)] == ["light", "heavy"]
+
+
 def test_returning_user_alternates_with_a_flooder() -> None:
     # A user who sends their next request once the last one was dispatched
     # gets every other dispatch against one flooder (one slot: they wait for

@@ -192,6 +192,31 @@ def test_newcomer_waits_for_the_running_request_only(one_slot: Stack) -> None:
     assert asyncio.run(scenario()) == ["flood", "light", "flood", "flood", "flood"]
 
 
+def test_newcomer_goes_ahead_of_a_flooder_whose_first_request_did_not_wait(
+        one_slot: Stack) -> None:
+    """The flooder's first request found the gateway idle and started at once,
+    without waiting in the queue; its second waits. A user who arrives then
+    has not been served, the flooder has: the newcomer runs next. (The rule
+    knew only the queue's own dispatches, so the newcomer waited for the
+    flooder's running request and then a second one.)"""
+    st = one_slot
+    backend = st.state.fleet.backends[0]
+    queue = st.state.dispatcher.queue
+
+    async def scenario() -> list[str]:
+        first = asyncio.ensure_future(_timed(st.port, "flood"))
+        await _until(lambda: backend.in_flight == 1, "the first flood request running")
+        st.lt.call(setattr, backend, "slots", 0)  # its end frees no slot
+        tasks, plan = [], ["flood", "flood", "light"]
+        for n, user in enumerate(plan[1:], 1):
+            tasks.append(asyncio.ensure_future(_timed(st.port, user)))
+            await _until(lambda n=n: len(queue) == n, f"request {n} queued")
+        assert (await first)[0] == 200
+        return await _release_and_order(st, plan[1:], tasks)
+
+    assert asyncio.run(scenario()) == ["light", "flood"]
+
+
 async def _until(check, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not check():

@@ -167,6 +167,7 @@ class Dispatcher:
             backend = fleet.pick(model, native, ex.affinity, ex.failed, route.native_first)
             if backend is not None:
                 self.dispatched += 1
+                self.queue.served(ex.user)  # the newcomer rule counts this dispatch
                 if self.shared is not None:
                     self.shared.charge(ex.user, self.queue)
                 return self._started.get(backend, True)

@@ -26,9 +26,12 @@ Dispatch rules (the exact contract the tests check):
   user served by the very last dispatch when that dispatch ended their turn
   (they sit at the tail): they have just been served, the newcomer has not.
   So one user flooding delays another's request by the flooder's running
-  request only, not by a second one. Only the last dispatch counts: a user
-  who sends again right after each of their own dispatches still gets 1/(k+1)
-  of the dispatches against k backlogged users, as in plain round robin.
+  request only, not by a second one. A request that started without waiting
+  (served(): the queue was empty) is such a dispatch too, and a user who
+  runs dry and comes back is still the one served last. Only the last
+  dispatch counts: a user who sends again right after each of their own
+  dispatches still gets 1/(k+1) of the dispatches against k backlogged
+  users, as in plain round robin.
 * Blocked heads. pop(can_run) only ever considers each user's OLDEST live
   request. A user whose oldest request cannot run is skipped without losing
   their place (still first in line next time); their later requests never
@@ -164,9 +167,16 @@ class FairQueue:
         uq = self._queues.get(user)
         if uq is None:
             ring = self._ring_for(user)
-            uq = _UserQueue(user, ring)
-            self._queues[user] = uq
             last = self._last_served
+            if last is not None and last.live == 0 and last.user == user:
+                # The user served last, back: the same place in the bookkeeping
+                # (a newcomer after them still goes ahead), with a fresh turn.
+                uq = last
+                uq.ring = ring
+                uq.deficit = 0
+            else:
+                uq = _UserQueue(user, ring)
+            self._queues[user] = uq
             # The last dispatch ended that user's turn and they still sit at
             # the tail where it put them (deficit 0 with requests left).
             passed = (last is not None and last.ring is ring and last.live > 0
@@ -226,6 +236,21 @@ class FairQueue:
                     self._boost_preferred = ring is not self._boost_ring
                     return self._serve(uq)
         return None
+
+    def served(self, user: str) -> None:
+        """A request of `user` started without waiting (the dispatcher, while the
+        queue is empty): the last dispatch, as if pushed and popped. O(1).
+
+        So the newcomer rule counts it: a user who arrives while that request
+        runs goes ahead of the user's next one."""
+        last = self._last_served
+        if last is None or last.live or last.user != user:
+            if user in self._queues:
+                return  # waiting requests: not the case the dispatcher calls for
+            last = self._last_served = _UserQueue(user, self._ring_for(user))
+        if last.deficit == 0:
+            last.deficit = self._weights.get(user, DEFAULT_WEIGHT)
+        last.deficit -= 1
 
     def peek_oldest(self) -> Ticket | None:
         """Oldest live ticket in push order (timeout sweeper); O(1)."""
