@@ -571,10 +571,25 @@ def test_a_request_that_ends_while_quotas_are_refreshed_counts_once(tmp_path: Pa
                 await quota.refresh(False)
             finally:
                 store.set_meta = original
-            return first, quota.used("near")[0]
+            after = quota.used("near")[0]
 
-        first, after = st.lt.run(scenario())
+            # An operator write the store refuses does not keep the usage
+            # from being stored and read (the flusher retries the write).
+            async def refuse(key: str, value: str) -> None:
+                raise OSError("refused")
+
+            await one_request()
+            store.set_meta = refuse
+            try:
+                state.cache.put_meta("test", "y")
+                await quota.refresh(False)
+            finally:
+                store.set_meta = original
+            return first, after, quota.used("near")[0]
+
+        first, after, third = st.lt.run(scenario())
         assert first > 7  # the prompt's tokens and 7 completion tokens
         assert after == 2 * first
+        assert third == 3 * first and quota.today["near"] == third
     finally:
         st.close()
