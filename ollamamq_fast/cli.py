@@ -268,11 +268,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         settings.admin_port = -1
     apply_policy_args(settings, args)
     if args.vip:
-        settings.vip_users.extend(_users(args.vip))
+        settings.flag_vip_users = _users(args.vip)
+        settings.vip_users.extend(settings.flag_vip_users)
     if args.boost:
-        settings.boost_users.extend(_users(args.boost))
+        settings.flag_boost_users = _users(args.boost)
+        settings.boost_users.extend(settings.flag_boost_users)
     if args.weight:
-        settings.user_weights.update(parse_weights(args.weight))
+        settings.flag_user_weights = parse_weights(args.weight)
+        settings.user_weights.update(settings.flag_user_weights)
     state = args.state if args.state is not None else os.path.join(state_dir, STATE_FILE)
     settings.state_path = state or None
     settings.redis_url = args.redis or env_default(("REDIS_URL",))

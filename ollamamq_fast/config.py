@@ -149,6 +149,11 @@ class Settings:
     vip_users: list[str] = field(default_factory=list)
     boost_users: list[str] = field(default_factory=list)
     user_weights: dict[str, int] = field(default_factory=dict)
+    # The part of those given as flags (--vip, --boost, --weight): a reload
+    # of the file keeps them (it re-reads the file's own lists).
+    flag_vip_users: list[str] = field(default_factory=list)
+    flag_boost_users: list[str] = field(default_factory=list)
+    flag_user_weights: dict[str, int] = field(default_factory=dict)
     # Fair-queue bounds: beyond them 429 with Retry-After; waiting longer than
     # queue_timeout seconds gives 503 with Retry-After (0 = wait for ever).
     max_queue: int = 200_000

@@ -484,8 +484,14 @@ class Gateway:
         if ("pools" in data or "pool_access" in data or self.file_pools
                 or live.pool_access_users or live.pool_access_keys):
             changes["pools"] = self._reload_pools(state, fresh, data)
-        state.dispatcher.queue.grant(fresh.vip_users, fresh.boost_users, fresh.user_weights)
-        state.dispatcher.pump()
+        # The file's VIP, Boost and weights replace what it granted before (the
+        # flags' stay); every pool's queue took them when it was made.
+        live.vip_users = list(dict.fromkeys(fresh.vip_users + live.flag_vip_users))
+        live.boost_users = list(dict.fromkeys(fresh.boost_users + live.flag_boost_users))
+        live.user_weights = {**fresh.user_weights, **live.flag_user_weights}
+        for dispatcher in state.pools.dispatchers():
+            dispatcher.queue.grant(live.vip_users, live.boost_users, live.user_weights)
+        state.pools.pump_all()
         state.operator.events.publish("config_reloaded", **changes)
         log.info("config reloaded from %s: %s", path, changes)
         return changes

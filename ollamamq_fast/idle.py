@@ -10,7 +10,8 @@ store, once an hour. Usage of users that are kept stays for ever.
 
 While a default `quota_total` is configured (it applies to every user and
 counts all their usage), nothing is deleted from the store: pruning would
-give an idle user its whole quota back.
+give an idle user its whole quota back. Likewise, while a default
+`quota_month` is, the current month's usage is kept.
 """
 
 from __future__ import annotations
@@ -82,10 +83,16 @@ class IdlePruner:
         keep = self.kept()
         memory = self.prune_memory(cutoff, keep)
         stored = 0
-        if not self.state.settings.limits.get("quota_total"):
+        limits = self.state.settings.limits
+        if not limits.get("quota_total"):
+            before = utc_day(cutoff)
+            if limits.get("quota_month"):
+                # The month's usage is what the default monthly quota counts:
+                # deleting it would give an idle user that quota back.
+                before = min(before, utc_day(now)[:8] + "01")
             cache = self.state.cache
             await cache.flush()  # usage counted in memory is in the store before we look
-            stored = await cache.store.prune_usage(utc_day(cutoff), keep)
+            stored = await cache.store.prune_usage(before, keep)
         self.pruned_memory += memory
         self.pruned_store += stored
         if memory or stored:

@@ -3,7 +3,7 @@
 One vocabulary serves the flags, the TOML file and `Operator.set_limits`:
 
     rate             requests per second (token bucket refill), 0 = no rate limit
-    burst            token bucket size; 0 = max(1, rate)
+    burst            token bucket size; 0 = max(1, rate); below 1 counts as 1
     max_in_flight    requests of the user inside the gateway at once (waiting or
                      running), 0 = no limit
     max_queued       requests of the user waiting in the fair queue, 0 = no limit
@@ -147,6 +147,8 @@ def resolve(
     burst = float(merged.get("burst", 0.0))
     if rate > 0 and burst <= 0:
         burst = max(1.0, rate)
+    elif rate > 0 and burst < 1.0:
+        burst = 1.0  # a bucket that holds less than one request would never admit one
     mode = merged.get("max_tokens_mode", 0)
     max_queued = merged.get("max_queued")
     return Limits(

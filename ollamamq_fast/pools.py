@@ -12,7 +12,7 @@ keys may be limited to some pools (`pool_access`).
 
 A backend listed by several pools is one `Backend` (one set of slots, one
 health record); when one of its slots frees, every pool that lists it gets
-to dispatch (`Backend.pumps`).
+to dispatch (`Backend.pumps`), the others before the pool whose request freed it.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class Pool:
         self.aliases = {normalize_model(k): v for k, v in config.aliases.items()}
         if config.balance is not None:
             self.fleet.balance = Balance(config.balance)
-        self.dispatcher.queue.grant(config.vip_users, config.boost_users, config.user_weights)
+        self.dispatcher.queue.grant(config.vip_users, config.boost_users, config.user_weights,
+                                    source="pool")
 
     def alias_target(self, model: str) -> str | None:
         """The model name an alias stands for (None: `model` is no alias here)."""
@@ -225,7 +226,7 @@ class Pools:
                 seen.setdefault(b, []).append(pool.dispatcher)
         self.backends = list(seen)
         for b, dispatchers in seen.items():
-            b.pumps = tuple(d.pump for d in dispatchers) if len(dispatchers) > 1 else ()
+            b.pumps = tuple(dispatchers) if len(dispatchers) > 1 else ()
         by_host: dict[bytes, Pool] = {}
         for pool in self.pools():
             for host in pool.config.hosts:

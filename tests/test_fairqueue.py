@@ -215,6 +215,32 @@ def test_newcomer_goes_ahead_of_the_user_just_served() -> None:
     assert [t.user for t in take(q, 4)] == ["light", "light2", "heavy", "heavy"]
 
 
+def test_newcomer_goes_ahead_of_a_user_served_without_waiting_or_back_from_dry() -> None:
+    # The flooder's last request was dispatched while nothing else waited (by
+    # the queue, or at once by the dispatcher: served()), and they send again:
+    # they have just been served, a user who arrives now has not.
+    for direct in (False, True):
+        q = FairQueue()
+        if direct:
+            q.served("heavy")
+        else:
+            q.push("heavy", 0)
+            assert [t.user for t in take(q, 1)] == ["heavy"]
+        q.push("heavy", 1)
+        q.push("heavy", 2)
+        q.push("light", 0)
+        assert [t.user for t in take(q, 3)] == ["light", "heavy", "heavy"], direct
+    # A weight of 3 served once without waiting has two more turns to come.
+    q = FairQueue()
+    q.set_weight("heavy", 3)
+    q.served("heavy")
+    q.served("heavy")
+    q.served("heavy")  # turn over
+    q.push("heavy", 0)
+    q.push("light", 0)
+    assert [t.user for t in take(q, 2)] == ["light", "heavy"]
+
+
 def test_returning_user_alternates_with_a_flooder() -> None:
     # A user who sends their next request once the last one was dispatched
     # gets every other dispatch against one flooder (one slot: they wait for
@@ -664,3 +690,21 @@ def test_pop_cost_flat_in_number_of_users() -> None:
     # costs ~300 ns instead of ~1 us, so that same cost reads as a ratio of
     # 2-4 (pure Python: 1.2-1.6).
     assert ratio < 5
+
+
+def test_a_grant_replaces_its_sources_last_one_and_never_the_operators() -> None:
+    q = FairQueue()
+    q.grant(["a", "b"], ["c"], {"d": 3})
+    q.grant(["b"], [], {"d": 2, "e": 4}, source="pool")
+    assert (q.weight("d"), q.weight("e")) == (2, 4)  # the later source's weight
+    q.set_vip("z", False)  # the operator's word
+    q.push("a", "p")
+    q.grant(["z"], [], {})  # the config no longer names a, b, c or d
+    assert not q.is_vip("a") and q.is_vip("b")  # b: still the pool's
+    assert not q.is_boost("c") and q.weight("d") == 2 and q.weight("e") == 4
+    assert not q.is_vip("z")  # the operator set z
+    assert q.pop() is not None and len(q) == 0  # a left the VIP ring with its request
+    q.grant([], [], {}, source="pool")
+    assert not q.is_vip("b") and q.weight("d") == 1 and q.weight("e") == 1
+    with pytest.raises(ValueError):
+        q.grant([], [], {"x": 0})

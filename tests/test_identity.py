@@ -84,6 +84,15 @@ def test_trusted_proxies_decide_client_address() -> None:
     assert ident.client_ip("198.51.100.1", b"203.0.113.9") == "198.51.100.1"
     none = Identity("off", [], lambda d: None)
     assert none.client_ip("127.0.0.1", b"203.0.113.9") == "127.0.0.1"
+    # A hop with the port some proxies add, or another spelling of an address,
+    # is the address itself: an IP block or the per-address user holds whatever
+    # source port the client picks.
+    for hop, address in ((b"203.0.113.9:51234", "203.0.113.9"),
+                         (b"[2001:db8:0:0::1]:443", "2001:db8::1"),
+                         (b"[2001:DB8::1]", "2001:db8::1"), (b"2001:0db8::0001", "2001:db8::1"),
+                         (b"unknown", "unknown")):
+        assert ident.client_ip("127.0.0.1", hop + b", 10.1.2.3") == address, hop
+    assert ident.client_ip("127.0.0.1", b"203.0.113.9, 10.1.2.3:8080") == "203.0.113.9"
     with pytest.raises(AuthError):
         Identity("keys", [], lambda d: None).user_for_key(b"", b"", "")
     assert isinstance(parse_networks("::1")[0], ipaddress.IPv6Network)

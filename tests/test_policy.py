@@ -197,6 +197,21 @@ def test_token_bucket_and_limit_resolution() -> None:
         check_limit("nonsense", 1)
 
 
+def test_a_burst_below_one_request_still_admits_at_the_rate() -> None:
+    """A bucket that holds less than one request never admits one: a burst
+    set below 1 (0.5, valid as a limit) refused the user for ever, each time
+    with a Retry-After that promised a token. It counts as 1."""
+    limits = resolve([{"rate": 2, "burst": 0.5}], 0)
+    assert limits.burst == 1.0
+    now = [0.0]
+    limiter = RateLimiter(lambda: now[0])
+    assert limiter.take("u", limits.rate, limits.burst) == 0.0
+    wait = limiter.take("u", limits.rate, limits.burst)
+    assert wait == pytest.approx(0.5)
+    now[0] += wait
+    assert limiter.take("u", limits.rate, limits.burst) == 0.0
+
+
 def test_rate_sync_shares_one_bucket_between_replicas() -> None:
     asyncio.run(_rate_sync_scenario())
 
@@ -505,3 +520,76 @@ def test_two_replicas_share_rate_limits_and_cache(tmp_path: Path) -> None:
             b.close()
     finally:
         server.stop()
+
+
+def test_a_request_that_ends_while_quotas_are_refreshed_counts_once(tmp_path: Path) -> None:
+    """The quota book drops its own counts once a read of the store holds them.
+    A request that ended while the refresh was writing the usage (after the
+    book had noted what to drop, before the write took the sums) used to be
+    counted twice -- in the rows read and in the book -- until the next
+    refresh: a user near a quota was refused before it was used up."""
+    import asyncio
+
+    st = start_stack(sims=[fast_sim_options(tokens=7)], state_path=str(tmp_path / "s.db"),
+                     limits={"quota_day": 1_000_000})
+    try:
+        state = st.state
+        store = state.cache.store
+        quota = state.policy.quota
+        body = json.dumps({"model": MODEL, "prompt": "q", "stream": False}).encode()
+        ask = (b"POST /api/generate HTTP/1.1\r\nHost: gw\r\nX-User-ID: near\r\n"
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+        async def one_request() -> None:
+            """A request through the gateway, on its own loop; returns once it has ended."""
+            users = state.stats.users
+            done = users["near"].done if "near" in users else 0
+            reader, writer = await asyncio.open_connection("127.0.0.1", st.port)
+            writer.write(ask)
+            assert (await reader.read()).startswith(b"HTTP/1.1 200")
+            writer.close()
+            deadline = time.monotonic() + 5
+            while users["near"].done == done:
+                assert time.monotonic() < deadline, "the request did not end"
+                await asyncio.sleep(0.002)
+
+        async def scenario() -> tuple[int, int]:
+            await one_request()
+            await quota.refresh(False)
+            first = quota.used("near")[0]
+            # The next request ends while a refresh writes queued state (before
+            # it writes the usage sums).
+            original = store.set_meta
+
+            async def set_meta(key: str, value: str) -> None:
+                await one_request()
+                await original(key, value)
+
+            store.set_meta = set_meta
+            try:
+                state.cache.put_meta("test", "x")
+                await quota.refresh(False)
+            finally:
+                store.set_meta = original
+            after = quota.used("near")[0]
+
+            # An operator write the store refuses does not keep the usage
+            # from being stored and read (the flusher retries the write).
+            async def refuse(key: str, value: str) -> None:
+                raise OSError("refused")
+
+            await one_request()
+            store.set_meta = refuse
+            try:
+                state.cache.put_meta("test", "y")
+                await quota.refresh(False)
+            finally:
+                store.set_meta = original
+            return first, after, quota.used("near")[0]
+
+        first, after, third = st.lt.run(scenario())
+        assert first > 7  # the prompt's tokens and 7 completion tokens
+        assert after == 2 * first
+        assert third == 3 * first and quota.today["near"] == third
+    finally:
+        st.close()

@@ -694,3 +694,64 @@ def test_a_pool_of_an_openai_only_backend_translates_with_aliases() -> None:
         assert chat(st.url, "small").status_code == 404  # the default pool has no such alias
     finally:
         st.close()
+
+
+def test_pools_sharing_a_busy_backend_take_turns_for_its_freed_slots() -> None:
+    """A pool backlogged on a backend it shares with another pool must not keep
+    every slot the backend frees: the other pool's request is offered the next
+    one (one pool starved the other until its own queue was empty). The only
+    slot is withheld until every request is queued; the run order is read
+    from the backend's own `created_at` stamps."""
+    import asyncio
+
+    def configure(s: Settings, servers: list[Any]) -> None:
+        apply_toml(s, {"pools": {"gpu": {"backends": [servers[0].url]}}})
+        s.slots = 1
+        s.health_interval = 60.0
+
+    st = start_stack([fast_sim_options(models=list(A_MODELS), tokens=2, tokens_per_s=200.0)],
+                     configure=configure)
+    try:
+        pools = st.state.pools
+        gpu = st.lt.call(lambda: pools.by_name["gpu"])
+        backend = st.lt.call(lambda: pools.find_backend(st.sims[0].url))
+        st.lt.call(setattr, backend, "slots", 0)
+
+        async def one(path: str, user: str) -> tuple[str, str]:
+            async with httpx.AsyncClient(timeout=20) as client:
+                r = await client.post(st.url + path, headers={"X-User-ID": user},
+                                      json={"model": "llama3.2", "prompt": "q", "stream": False})
+            assert r.status_code == 200
+            return path, r.json()["created_at"]
+
+        async def scenario() -> list[str]:
+            tasks = []
+            for n in range(1, 7):
+                tasks.append(asyncio.ensure_future(one("/api/generate", f"u{n % 2}")))
+                deadline = time.monotonic() + 10
+                while len(st.state.dispatcher.queue) < n:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.002)
+            tasks.append(asyncio.ensure_future(one("/pool/gpu/api/generate", "g")))
+            deadline = time.monotonic() + 10
+            while len(gpu.dispatcher.queue) < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.002)
+
+            def release() -> None:
+                backend.slots = 1
+                st.state.dispatcher.pump()
+
+            st.lt.call(release)
+            done = await asyncio.gather(*tasks)
+            def stamp(pair: tuple[str, str]) -> tuple[str, str]:
+                whole, _, frac = pair[1].rstrip("Z").partition(".")
+                return whole, frac.ljust(9, "0")
+
+            return [path for path, _ in sorted(done, key=stamp)]
+
+        order = asyncio.run(scenario())
+        # The default pool took the slot first; the next freed slot is gpu's turn.
+        assert order.index("/pool/gpu/api/generate") <= 1, order
+    finally:
+        st.close()

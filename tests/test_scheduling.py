@@ -192,6 +192,31 @@ def test_newcomer_waits_for_the_running_request_only(one_slot: Stack) -> None:
     assert asyncio.run(scenario()) == ["flood", "light", "flood", "flood", "flood"]
 
 
+def test_newcomer_goes_ahead_of_a_flooder_whose_first_request_did_not_wait(
+        one_slot: Stack) -> None:
+    """The flooder's first request found the gateway idle and started at once,
+    without waiting in the queue; its second waits. A user who arrives then
+    has not been served, the flooder has: the newcomer runs next. (The rule
+    knew only the queue's own dispatches, so the newcomer waited for the
+    flooder's running request and then a second one.)"""
+    st = one_slot
+    backend = st.state.fleet.backends[0]
+    queue = st.state.dispatcher.queue
+
+    async def scenario() -> list[str]:
+        first = asyncio.ensure_future(_timed(st.port, "flood"))
+        await _until(lambda: backend.in_flight == 1, "the first flood request running")
+        st.lt.call(setattr, backend, "slots", 0)  # its end frees no slot
+        tasks, plan = [], ["flood", "flood", "light"]
+        for n, user in enumerate(plan[1:], 1):
+            tasks.append(asyncio.ensure_future(_timed(st.port, user)))
+            await _until(lambda n=n: len(queue) == n, f"request {n} queued")
+        assert (await first)[0] == 200
+        return await _release_and_order(st, plan[1:], tasks)
+
+    assert asyncio.run(scenario()) == ["light", "flood"]
+
+
 async def _until(check, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not check():
@@ -263,5 +288,32 @@ def test_queue_timeout_gives_503_with_retry_after() -> None:
         assert r.status_code == 503
         assert int(r.headers["retry-after"]) > 0
         assert "queue" in r.json()["error"]["message"]
+    finally:
+        st.close()
+
+
+def test_a_reload_takes_back_what_the_file_no_longer_grants(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGHUP re-reads VIP, Boost and weights: a user the file no longer lists
+    loses what the file gave them (a reload only ever added, so a VIP taken
+    out of the file kept absolute priority until a restart), while what the
+    operator set at run time stays, as it does over a restart."""
+    config = tmp_path / "gw.toml"
+    config.write_text('[users]\nvip = ["alice", "carl"]\nboost = ["bea"]\n'
+                      '[users.weights]\nbob = 3\n')
+    # "flag" came with --vip: a reload of the file keeps it.
+    st = start_stack(sims=[SERVICE], config_path=str(config), vip_users=["alice", "carl", "flag"],
+                     boost_users=["bea"], user_weights={"bob": 3}, flag_vip_users=["flag"])
+    try:
+        queue = st.state.dispatcher.queue
+        st.lt.call(lambda: st.state.operator.set_user("dora", vip=True))
+        st.lt.call(lambda: st.state.operator.set_user("carl", weight=2))  # stored: vip, weight 2
+        config.write_text('[users]\nvip = ["ed"]\n')
+        st.lt.call(st.gateway.reload)
+        got = st.lt.call(lambda: {u: (queue.is_vip(u), queue.is_boost(u), queue.weight(u))
+                                  for u in ("alice", "bea", "bob", "carl", "dora", "ed", "flag")})
+        assert got == {"alice": (False, False, 1), "bea": (False, False, 1),
+                       "bob": (False, False, 1), "carl": (True, False, 2),
+                       "dora": (True, False, 1), "ed": (True, False, 1),
+                       "flag": (True, False, 1)}
     finally:
         st.close()

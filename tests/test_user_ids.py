@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import time
 import uuid
 from collections.abc import Iterator
@@ -116,6 +117,24 @@ def test_a_default_total_quota_keeps_the_store(stack: Stack) -> None:
     _seen(st, "old", now - 30 * DAY)
     assert st.lt.run(state.idle.prune(now)) == (1, 0)
     assert [r.user for r in st.lt.run(state.cache.store.usage())] == ["old"]
+
+
+def test_a_default_monthly_quota_keeps_the_months_usage(stack: Stack) -> None:
+    """Pruning an idle user's usage of the current month would give it its
+    monthly quota back: with `user_idle_days` shorter than a month, a user
+    could spend a default `quota_month`, wait, and spend it again."""
+    st = stack
+    state = st.state
+    now = calendar.timegm((2026, 12, 20, 12, 0, 0))
+    state.settings.limits["quota_month"] = 1000
+    state.settings.user_idle_days = 2.0
+    st.lt.run(state.cache.store.add_usage([Usage("old", "m", "2026-11-28", 1, 1, 1),
+                                           Usage("old", "m", "2026-12-05", 1, 500, 500)]))
+    _seen(st, "old", now - 15 * DAY)
+    assert st.lt.run(state.idle.prune(now)) == (1, 0)  # forgotten in memory only
+    assert [r.day for r in st.lt.run(state.cache.store.usage())] == ["2026-11-28", "2026-12-05"]
+    st.lt.run(state.cache.store.add_usage([Usage("gone", "m", "2026-11-28", 1, 1, 1)]))
+    assert st.lt.run(state.idle.prune(now)) == (0, 1)  # nothing this month: pruned
 
 
 def _prune_in(store: Store) -> tuple[int, set[str]]:

@@ -218,9 +218,6 @@ class Ledger:
             self.stats.estimated_tokens += prompt + completion
             if r.ustats is not None:
                 r.ustats.estimated_tokens += prompt + completion
-        quotas = self.quotas
-        if quotas.quotas_on:
-            quotas.tokens_used(r.user, prompt, completion)
         stats = self.stats
         stats.prompt_tokens += prompt
         stats.completion_tokens += completion
@@ -254,6 +251,12 @@ class Ledger:
                                  end is not End.CANCELLED and status >= 400,
                                  end is End.CANCELLED, r.tokens_estimated,
                                  wall)
+            # Counted for the quotas at the same instant as in the usage rows,
+            # which the quota book re-reads: it can then tell exactly which of
+            # its own counts a read of the store already holds (policy/quota.py).
+            quotas = self.quotas
+            if quotas.quotas_on and (r.prompt_tokens or r.completion_tokens):
+                quotas.tokens_used(r.user, r.prompt_tokens, r.completion_tokens)
         # "done": answered by a backend (whatever its status) or from the cache.
         # The restart rebuilds it from the usage rows by the same rule (keeper.py).
         if r.in_flight_counted:

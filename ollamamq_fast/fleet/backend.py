@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ollamamq_fast.config import BackendOptions, BackendUrl
@@ -29,6 +28,13 @@ class Cancellable(Protocol):
 
     def cancel(self) -> None:
         """Do not run it."""
+
+
+class Pump(Protocol):
+    """A pool's dispatcher, as a backend listed by several pools knows it (sched/dispatcher.py)."""
+
+    def pump(self) -> None:
+        """Start queued requests while backends have free slots."""
 
 
 class Breaker(enum.Enum):
@@ -150,9 +156,10 @@ class Backend:
         self.breaker = Breaker.CLOSED
         self.breaker_cooldown = BREAKER_COOLDOWN_S
         self.breaker_timer: Cancellable | None = None
-        # Dispatch turns of every pool listing this backend, when more than one
-        # does (pools.py): a freed slot is offered to each. Empty otherwise.
-        self.pumps: tuple[Callable[[], None], ...] = ()
+        # The dispatchers of every pool listing this backend, when more than one
+        # does (pools.py): a freed slot is offered to each, the others before
+        # the one whose request freed it. Empty otherwise.
+        self.pumps: tuple[Pump, ...] = ()
 
     def configure(self, options: BackendOptions) -> None:
         """Apply the operator's kind and probe settings (`auto` leaves the kind to detection)."""

@@ -98,7 +98,7 @@ class Policy:
         self.settings = state.settings
         self.limiter = RateLimiter(state.loop.time)
         self.sync: RateSync | None = None
-        self.quota = QuotaBook(state.cache.store.usage, state.cache.flush)
+        self.quota = QuotaBook(state.cache.flushed_usage)
         self.cache = ResponseCache(state.stats, state.loop.time)
         self.inject = True
         self.quotas_on = False

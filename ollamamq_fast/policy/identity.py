@@ -129,6 +129,25 @@ def parse_networks(text: str) -> list[Network]:
             for item in text.split(",") if item.strip()]
 
 
+def _address(hop: str) -> str:
+    """One X-Forwarded-For hop as an address, in the one spelling the blocklist and
+    the per-address user use: without the port some proxies add (`203.0.113.9:51234`,
+    `[2001:db8::1]:443`, as Azure's Application Gateway sends), brackets, or another
+    spelling of the same IPv6 address. Anything else is kept as it is."""
+    hop = hop.strip()
+    host = hop
+    if host.startswith("["):
+        end = host.find("]")
+        if end > 0:
+            host = host[1:end]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]  # IPv4 with a port (an IPv6 address has more colons)
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return hop
+
+
 class Identity:
     """Resolves users and client addresses for the data plane."""
 
@@ -142,7 +161,7 @@ class Identity:
         """The client address: the peer, or the nearest untrusted X-Forwarded-For hop."""
         if not self.trusted_proxies or not forwarded_for or not self._trusted(peer_ip):
             return peer_ip
-        hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
+        hops = [_address(h) for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
         for hop in reversed(hops):
             if not self._trusted(hop):
                 return hop

@@ -10,12 +10,14 @@ tokens this process counted since the last refresh:
     total      = store rows of every day before today + used today
 
 The rows before today change only at midnight, so they are read once a day
-(all history only when some user has a `quota_total`); today's rows are read
-every REFRESH_S. Before reading, pending usage is flushed, so the local counts
-can be dropped once the rows include them. Tokens counted during that flush
-may be counted twice until the next refresh (a few ms of traffic, on the
-strict side). Another replica's usage is seen within ~REFRESH_S plus its
-flush interval.
+(all history only when some user has a `quota_total`), with today's, which are
+read every REFRESH_S. The process counts an ended request's tokens at the instant
+it adds them to the usage tally (accounting/ledger.py), and today's rows are
+read through `StateCache.flushed_usage`, which calls back at the instant the
+tally is taken for the write and writes nothing more until the read is done:
+the counts noted before that instant are exactly those the read holds, so
+they are dropped then, and none is counted twice or missed. Another
+replica's usage is seen within ~REFRESH_S plus its flush interval.
 
 A request is refused once the user has used up a quota (>=); a request that
 is running when the quota is crossed finishes, and its tokens count.
@@ -36,7 +38,9 @@ log = logging.getLogger("ollamamq_fast.policy")
 # the lag with which another replica's usage counts here.
 REFRESH_S = 1.0
 
-UsageQuery = Callable[[str | None, str | None], Awaitable[list[Usage]]]
+# StateCache.flushed_usage: write what is queued, calling back when the usage
+# tally is taken for the write, then read the rows since a day.
+FlushedUsage = Callable[[str | None, Callable[[], None]], Awaitable[list[Usage]]]
 
 
 def _tokens(row: Usage) -> int:
@@ -46,15 +50,17 @@ def _tokens(row: Usage) -> int:
 class QuotaBook:
     """Per-user token counts for the quota check."""
 
-    def __init__(self, usage: UsageQuery, flush: Callable[[], Awaitable[None]],
+    def __init__(self, flushed_usage: FlushedUsage,
                  wall: Callable[[], float] = time.time) -> None:
-        self.usage = usage
-        self.flush = flush
+        self.flushed_usage = flushed_usage
         self.wall = wall
         self.today: dict[str, int] = {}
         self.month_before: dict[str, int] = {}
         self.total_before: dict[str, int] = {}
+        # Tokens this process counted that `today` does not hold: `local` since
+        # the last cut, `cutting` between a refresh's cut and its read's end.
         self.local: dict[str, int] = {}
+        self.cutting: dict[str, int] = {}
         self.day = ""
         self.baseline_day = ""
         self.total_loaded = False
@@ -70,6 +76,8 @@ class QuotaBook:
     def used(self, user: str) -> tuple[int, int, int]:
         """Tokens used (today, this month, in total)."""
         today = self.today.get(user, 0) + self.local.get(user, 0)
+        if self.cutting:
+            today += self.cutting.get(user, 0)
         return (today, self.month_before.get(user, 0) + today,
                 self.total_before.get(user, 0) + today)
 
@@ -92,35 +100,40 @@ class QuotaBook:
     async def refresh(self, need_total: bool) -> None:
         """Re-read today's usage (and the older baseline once a day) from the store."""
         day = utc_day(self.wall())
-        marker = dict(self.local)
-        await self.flush()
-        if day != self.baseline_day or (need_total and not self.total_loaded):
-            month_start = day[:8] + "01"
-            rows = await self.usage(None, None if need_total else month_start)
-            month: dict[str, int] = {}
-            total: dict[str, int] = {}
-            for row in rows:
-                if row.day >= day:
-                    continue
-                n = _tokens(row)
+        month_start = day[:8] + "01"
+        rebase = day != self.baseline_day or (need_total and not self.total_loaded)
+        since: str | None = day
+        if rebase:
+            since = None if need_total else month_start
+
+        def cut() -> None:
+            self.cutting, self.local = self.local, {}
+
+        try:
+            rows = await self.flushed_usage(since, cut)
+        except BaseException:
+            # Not read: what was cut is still this process's own count.
+            for user, n in self.cutting.items():
+                self.local[user] = self.local.get(user, 0) + n
+            self.cutting = {}
+            raise
+        today: dict[str, int] = {}
+        month: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for row in rows:
+            n = _tokens(row)
+            if row.day == day:
+                today[row.user] = today.get(row.user, 0) + n
+            elif rebase and row.day < day:
                 if need_total:
                     total[row.user] = total.get(row.user, 0) + n
                 if row.day >= month_start:
                     month[row.user] = month.get(row.user, 0) + n
+        if rebase:
             self.month_before, self.total_before = month, total
             self.baseline_day = day
             self.total_loaded = need_total
-        today: dict[str, int] = {}
-        for row in await self.usage(None, day):
-            if row.day == day:
-                today[row.user] = today.get(row.user, 0) + _tokens(row)
-        self.today = today
-        local = self.local
-        for user, counted in marker.items():
-            left = local.get(user, 0) - counted
-            if left > 0:
-                local[user] = left
-            else:
-                local.pop(user, None)
+        # The read holds exactly what was cut: both change at this one instant.
+        self.today, self.cutting = today, {}
         self.day = day
         self.loaded = True

@@ -167,6 +167,7 @@ class Dispatcher:
             backend = fleet.pick(model, native, ex.affinity, ex.failed, route.native_first)
             if backend is not None:
                 self.dispatched += 1
+                self.queue.served(ex.user)  # the newcomer rule counts this dispatch
                 if self.shared is not None:
                     self.shared.charge(ex.user, self.queue)
                 return self._started.get(backend, True)
@@ -296,11 +297,18 @@ class Dispatcher:
                 backend.refresh()  # a trial ended with no verdict: the next request is one
             if self.shared is not None:
                 self.shared.gave_back(backend)
-            if self.queue or self.retry_line:
+            pumps = backend.pumps
+            if pumps:
+                # Listed by several pools (pools.py): each may use the slot, the
+                # other pools first. Offered to this pool first, the slot would
+                # stay with it while it is backlogged, however long the other
+                # pools' queues wait: pools that share a backend alternate.
+                n = len(pumps)
+                mine = pumps.index(self) if self in pumps else n - 1
+                for i in range(1, n + 1):
+                    pumps[(mine + i) % n].pump()
+            elif self.queue or self.retry_line:
                 self.pump()
-            if backend.pumps:  # listed by several pools (pools.py): each may use the slot
-                for pump in backend.pumps:
-                    pump()
         elif lease == UNSLOTTED:
             backend.unslotted -= 1
             if backend.breaker is Breaker.HALF_OPEN:

@@ -26,16 +26,20 @@ Dispatch rules (the exact contract the tests check):
   user served by the very last dispatch when that dispatch ended their turn
   (they sit at the tail): they have just been served, the newcomer has not.
   So one user flooding delays another's request by the flooder's running
-  request only, not by a second one. Only the last dispatch counts: a user
-  who sends again right after each of their own dispatches still gets 1/(k+1)
-  of the dispatches against k backlogged users, as in plain round robin.
+  request only, not by a second one. A request that started without waiting
+  (served(): the queue was empty) is such a dispatch too, and a user who
+  runs dry and comes back is still the one served last. Only the last
+  dispatch counts: a user who sends again right after each of their own
+  dispatches still gets 1/(k+1) of the dispatches against k backlogged
+  users, as in plain round robin.
 * Blocked heads. pop(can_run) only ever considers each user's OLDEST live
   request. A user whose oldest request cannot run is skipped without losing
   their place (still first in line next time); their later requests never
   overtake it, so each user's order is strict FIFO.
 * Settings changes. A user who becomes (or stops being) VIP or boosted while
   queued moves to the tail of the target ring with a fresh turn and the same
-  FIFO. A weight change takes effect from the user's next turn, except that
+  FIFO. Configuration grants (grant(), per source) are replaced by the next
+  grant of the same source; the operator's settings (set_*) win over them. A weight change takes effect from the user's next turn, except that
   lowering it also caps the turns left in the current one.
 """
 
@@ -52,6 +56,13 @@ RunPredicate = Callable[[object], bool]
 Ring = OrderedDict[str, "_UserQueue"]
 
 DEFAULT_WEIGHT: Final = 1  # every user gets one request per round unless told otherwise
+
+
+def _checked_weight(weight: object) -> int:
+    """A weight as given (an int >= 1); ValueError otherwise."""
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise ValueError(f"weight must be an integer >= 1, got {weight!r}")
+    return weight
 
 
 class Ticket:
@@ -128,6 +139,12 @@ class FairQueue:
         self._vip: set[str] = set()
         self._boost: set[str] = set()
         self._weights: dict[str, int] = {}
+        # What configuration grants, by source (grant()): a new grant of a
+        # source replaces its last one, so a user it no longer names loses
+        # what it gave. Users the operator set (set_vip, set_boost,
+        # set_weight) keep the operator's values over any grant.
+        self._grants: dict[str, tuple[frozenset[str], frozenset[str], dict[str, int]]] = {}
+        self._pinned: set[str] = set()
 
         # Queue state: only users with live tickets have a _UserQueue.
         self._queues: dict[str, _UserQueue] = {}
@@ -150,9 +167,16 @@ class FairQueue:
         uq = self._queues.get(user)
         if uq is None:
             ring = self._ring_for(user)
-            uq = _UserQueue(user, ring)
-            self._queues[user] = uq
             last = self._last_served
+            if last is not None and last.live == 0 and last.user == user:
+                # The user served last, back: the same place in the bookkeeping
+                # (a newcomer after them still goes ahead), with a fresh turn.
+                uq = last
+                uq.ring = ring
+                uq.deficit = 0
+            else:
+                uq = _UserQueue(user, ring)
+            self._queues[user] = uq
             # The last dispatch ended that user's turn and they still sit at
             # the tail where it put them (deficit 0 with requests left).
             passed = (last is not None and last.ring is ring and last.live > 0
@@ -213,6 +237,21 @@ class FairQueue:
                     return self._serve(uq)
         return None
 
+    def served(self, user: str) -> None:
+        """A request of `user` started without waiting (the dispatcher, while the
+        queue is empty): the last dispatch, as if pushed and popped. O(1).
+
+        So the newcomer rule counts it: a user who arrives while that request
+        runs goes ahead of the user's next one."""
+        last = self._last_served
+        if last is None or last.live or last.user != user:
+            if user in self._queues:
+                return  # waiting requests: not the case the dispatcher calls for
+            last = self._last_served = _UserQueue(user, self._ring_for(user))
+        if last.deficit == 0:
+            last.deficit = self._weights.get(user, DEFAULT_WEIGHT)
+        last.deficit -= 1
+
     def peek_oldest(self) -> Ticket | None:
         """Oldest live ticket in push order (timeout sweeper); O(1)."""
         return self._all_head
@@ -237,29 +276,44 @@ class FairQueue:
 
     def set_vip(self, user: str, on: bool) -> None:
         """Grant or revoke VIP (admin API); a queued user changes ring at once."""
-        if on:
-            self._vip.add(user)
-        else:
-            self._vip.discard(user)
-        self._rering(user)
+        self._pinned.add(user)
+        self._put_vip(user, on)
 
     def set_boost(self, user: str, on: bool) -> None:
         """Grant or revoke boost (admin API); a queued user changes ring at once."""
-        if on:
-            self._boost.add(user)
-        else:
-            self._boost.discard(user)
-        self._rering(user)
+        self._pinned.add(user)
+        self._put_boost(user, on)
 
     def grant(self, vip: Iterable[str], boost: Iterable[str],
-              weights: Mapping[str, object]) -> None:
-        """Configured VIP, Boost and weights (the config file, a pool's defaults)."""
-        for user in vip:
-            self.set_vip(user, True)
-        for user in boost:
-            self.set_boost(user, True)
-        for user, weight in weights.items():
-            self.set_weight(user, weight)
+              weights: Mapping[str, object], source: str = "config") -> None:
+        """Configured VIP, Boost and weights (the config file, a pool's defaults).
+
+        Replaces what `source` granted last (a reload): a user it no longer
+        names goes back to what the other sources grant, else the defaults.
+        Users the operator set keep the operator's values.
+        """
+        checked = {user: _checked_weight(weight) for user, weight in weights.items()}
+        old = self._grants.get(source)
+        new = (frozenset(vip), frozenset(boost), checked)
+        self._grants[source] = new
+        named = set(new[0]) | new[1] | set(checked)
+        if old is not None:
+            named |= old[0] | old[1] | set(old[2])
+        for user in named:
+            if user not in self._pinned:
+                self._settle(user)
+
+    def _settle(self, user: str) -> None:
+        """Give an unpinned user what the grants say (a weight: the last source's)."""
+        vip = boost = False
+        weight = DEFAULT_WEIGHT
+        for vips, boosts, weights in self._grants.values():
+            vip = vip or user in vips
+            boost = boost or user in boosts
+            weight = weights.get(user, weight)
+        self._put_vip(user, vip)
+        self._put_boost(user, boost)
+        self._put_weight(user, weight)
 
     def set_weight(self, user: str, weight: object) -> None:
         """Set the user's turns per round (admin API); ValueError if weight < 1.
@@ -267,8 +321,25 @@ class FairQueue:
         `weight` is typed object because it is checked here: compiled code would
         otherwise turn True into 1 and refuse 1.5 with a TypeError at the call.
         """
-        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
-            raise ValueError(f"weight must be an integer >= 1, got {weight!r}")
+        checked = _checked_weight(weight)
+        self._pinned.add(user)
+        self._put_weight(user, checked)
+
+    def _put_vip(self, user: str, on: bool) -> None:
+        if on:
+            self._vip.add(user)
+        else:
+            self._vip.discard(user)
+        self._rering(user)
+
+    def _put_boost(self, user: str, on: bool) -> None:
+        if on:
+            self._boost.add(user)
+        else:
+            self._boost.discard(user)
+        self._rering(user)
+
+    def _put_weight(self, user: str, weight: int) -> None:
         if weight == DEFAULT_WEIGHT:
             self._weights.pop(user, None)
         else:

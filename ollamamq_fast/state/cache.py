@@ -345,12 +345,37 @@ class StateCache(StateView):
                     del self._failures[key]  # replaced by a newer write, which gets its own count
         return took, first
 
-    async def _flush_usage(self) -> bool:
-        """Store summed usage as one batch of deltas (whether there was any); on failure add it back."""
+    async def flushed_usage(self, since_day: str | None, cut: Callable[[], None]) -> list[Usage]:
+        """Write everything queued, then read the usage rows since `since_day`, None = all
+        (the quotas).
+
+        `cut` is called at the instant the summed usage is taken for the write:
+        every row added before it is in the rows returned, none added after it
+        (no other flush writes usage until the read is done), so a caller that
+        counts ended requests beside the tally knows which of its counts the
+        read holds. Raises when the usage is not stored or not read; an
+        operator write that fails is left to the flusher (reported, retried).
+        """
+        async with self._flush_lock:
+            took, failed = await self._flush_writes()
+            took = await self._flush_usage(cut) or took
+            if failed is not None:
+                self._refused(took)
+                self._dirty.set()
+            return await self.store.usage(None, since_day)
+
+    async def _flush_usage(self, cut: Callable[[], None] | None = None) -> bool:
+        """Store summed usage as one batch of deltas (whether there was any); on failure add it back.
+
+        `cut` (flushed_usage): called when the sums are taken, or found empty."""
         tally = self.tally
         if not tally.days and not tally.hours:
+            if cut is not None:
+                cut()
             return False
         batch, hours = tally.take()
+        if cut is not None:
+            cut()
         items = [Usage(u, m, d, c.requests, c.prompt, c.completion)
                  for (u, m, d), c in batch.items()]
         hour_items = [UsageHour(*dims, *c.counts()) for dims, c in hours.items()]
