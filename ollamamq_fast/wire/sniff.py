@@ -359,6 +359,70 @@ def _decode_string(raw: bytes) -> str:
     return str(value)
 
 
+# Go folds these non-ASCII letters to ASCII ones (go_fold): the Kelvin sign, the long s.
+_FOLDS_TO: Final = {"k": "\u212a", "s": "\u017f"}
+_spelling_memo: Final[dict[str, re.Pattern[bytes]]] = {}
+
+
+def _any_spelling(key: str) -> re.Pattern[bytes]:
+    """`"key"` as a JSON string in every spelling Go matches: any case, any letter
+    `\\u`-escaped (hex digits in any case), the letters Go folds from non-ASCII ones."""
+    found = _spelling_memo.get(key)
+    if found is None:
+        parts = [b'"']
+        for c in key:
+            forms = {c.lower(), c.upper(), *([_FOLDS_TO[c]] if c in _FOLDS_TO else [])}
+            alts = []
+            for form in sorted(forms):
+                hexes = b"".join(b"[" + bytes([h]) + bytes([h]).upper() + b"]"
+                                 if h > 0x39 else bytes([h]) for h in b"%04x" % ord(form))
+                alts += [re.escape(form.encode()), rb"\\u" + hexes]
+            parts.append(b"(?:" + b"|".join(alts) + b")")
+        parts.append(b'"')
+        found = _spelling_memo[key] = re.compile(b"".join(parts))
+    return found
+
+
+def exact_disagrees(body: bytes, keys: tuple[str, ...], found: dict[str, str]) -> str:
+    """The first of `keys` an exact-name server reads otherwise than Go's `found` ("" if none).
+
+    A /v1 request may reach Go (Ollama: a key in any case, the last non-null
+    one wins, `found`) or an exact-name server (vLLM and pydantic, llama.cpp's
+    nlohmann: only the exact spelling, escapes resolved, the last duplicate
+    winning, `null` as no value). The model must be the same to both, or the
+    gateway would route and bill one model while the server runs another.
+
+    One regex search when the key is written once, exactly (every request
+    but odd ones); otherwise the top level is scanned again.
+    """
+    odd = False
+    for key in keys:
+        spellings = _any_spelling(key).finditer(body)
+        first = next(spellings, None)
+        if first is not None and (first.group() != b'"' + key.encode() + b'"'
+                                  or next(spellings, None) is not None):
+            odd = True
+            break
+    if not odd:
+        return ""
+    wanted = _wanted(keys)
+    exact: dict[str, str | None] = {}
+    members, _ = _members(body)
+    for raw_key, is_plain, start, end in members:
+        if is_plain:
+            key = wanted.get(raw_key)  # the wanted names are spelled exactly
+        else:
+            text = _decode_string(raw_key)
+            key = text if text in keys else None
+        if key is not None:
+            exact[key] = (_decode_string(body[start + 1 : end - 1])
+                          if body[start] == _QUOTE else None)
+    for key in keys:
+        if exact.get(key) != found.get(key):
+            return key
+    return ""
+
+
 def key_text(raw: bytes) -> str:
     """A member's key as a server decodes it (escapes resolved), for exact-name matching."""
     return _decode_string(raw)

@@ -1,0 +1,80 @@
+"""Policy decided on what every kind of backend reads: the readings Go and exact
+servers disagree on that the gateway must not pick one of silently.
+
+- The model of a /v1 request: Go (Ollama's /v1) reads `"Model"`, `"MODEL"` or
+  an escaped spelling and skips a `null`; vLLM (pydantic) and llama.cpp
+  (nlohmann) read only `"model"` exactly, the last one, a `null` as none (their
+  default model). A body naming one model to each was routed and billed as
+  Go's while an OpenAI-compatible server ran the other one: such a body is
+  refused with 400, in OpenAI's error format, and reaches no backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fakebackend import MODEL, FakeBackend
+from gatewayproc import GatewayProc
+from readers import v1_model_holds
+
+
+@pytest.fixture(scope="module")
+def oa_gw(oa_backend: FakeBackend) -> Iterator[GatewayProc]:
+    """In front of an OpenAI-compatible backend (an exact-name reader)."""
+    proc = GatewayProc([oa_backend.url], "--cache", "off")
+    yield proc
+    proc.close()
+
+
+MSG = b'"messages":[{"role":"user","content":"hi"}]'
+M = MODEL.encode()
+AMBIGUOUS = {
+    "Model-after": b'"model":"other","Model":"' + M + b'"',
+    "MODEL-after": b'"model":"other","MODEL":"' + M + b'"',
+    "escaped-variant-after": b'"model":"other","MOD\\u0045L":"' + M + b'"',
+    "Model-alone": b'"Model":"' + M + b'"',
+    "null-after": b'"model":"' + M + b'","model":null',
+}
+AGREED = {
+    "plain": b'"model":"' + M + b'"',
+    "exact-duplicate": b'"model":"other","model":"' + M + b'"',
+    "escaped-exact": b'"mod\\u0065l":"' + M + b'"',
+    "variant-before": b'"Model":"other","model":"' + M + b'"',
+    "same-value-twice": b'"model":"' + M + b'","Model":"' + M + b'"',
+    "model-as-a-value": b'"model":"' + M + b'","x":{"role":"model"}',
+}
+
+
+def _post(gw: GatewayProc, body: bytes) -> httpx.Response:
+    return httpx.post(gw.url + "/v1/chat/completions", content=body, timeout=10,
+                      headers={"Content-Type": "application/json", "X-User-ID": "reader"})
+
+
+@pytest.mark.parametrize("members", [pytest.param(v, id=k) for k, v in AMBIGUOUS.items()])
+def test_a_v1_model_servers_read_differently_is_refused(
+        oa_gw: GatewayProc, oa_backend: FakeBackend, members: bytes) -> None:
+    body = b"{" + members + b"," + MSG + b"}"
+    mark = oa_backend.mark()
+    r = _post(oa_gw, body)
+    got = [req.body for req in oa_backend.wait_for(1, mark, timeout=0.3)]
+    for sent in got:
+        ok, why = v1_model_holds(sent, MODEL)
+        assert ok, f"{why}; the backend got {sent!r}"
+    assert r.status_code == 400, r.text
+    assert "ambiguous" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert not got
+
+
+@pytest.mark.parametrize("members", [pytest.param(v, id=k) for k, v in AGREED.items()])
+def test_a_v1_model_every_server_reads_alike_is_served(
+        oa_gw: GatewayProc, oa_backend: FakeBackend, members: bytes) -> None:
+    body = b"{" + members + b"," + MSG + b"}"
+    mark = oa_backend.mark()
+    r = _post(oa_gw, body)
+    assert r.status_code == 200, r.text
+    (sent,) = [req.body for req in oa_backend.wait_for(1, mark)]
+    ok, why = v1_model_holds(sent, MODEL)
+    assert ok, f"{why}; the backend got {sent!r}"
