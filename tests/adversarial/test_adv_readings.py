@@ -7,6 +7,8 @@ servers disagree on that the gateway must not pick one of silently.
   default model). A body naming one model to each was routed and billed as
   Go's while an OpenAI-compatible server ran the other one: such a body is
   refused with 400, in OpenAI's error format, and reaches no backend.
+- Nesting deeper than Python's parser goes (Go reads 10,000 levels): a body
+  the gateway parses to translate it is the client's 400, not a gateway 500.
 """
 
 from __future__ import annotations
@@ -78,3 +80,36 @@ def test_a_v1_model_every_server_reads_alike_is_served(
     (sent,) = [req.body for req in oa_backend.wait_for(1, mark)]
     ok, why = v1_model_holds(sent, MODEL)
     assert ok, f"{why}; the backend got {sent!r}"
+
+
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+DEEP = [
+    # Past the parser's limit: json.loads raised RecursionError.
+    pytest.param("/api/generate", b'{"model":"fake","stream":false,"prompt":"hi","x":'
+                 + _nested(5000) + b"}", id="generate-unknown-field"),
+    pytest.param("/api/chat", b'{"model":"fake","stream":false,"messages":[{"role":"user",'
+                 b'"content":"hi","x":' + _nested(5000) + b"}]}", id="chat-in-a-message"),
+    # Within it, in a field the translation walks (a tool call's arguments).
+    pytest.param("/api/chat", b'{"model":"fake","stream":false,"messages":[{"role":"assistant",'
+                 b'"content":"","tool_calls":[{"function":{"name":"f","arguments":{"a":'
+                 + _nested(900) + b"}}}]}]}", id="chat-tool-arguments"),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), DEEP)
+def test_a_deeply_nested_body_to_translate_is_a_400(
+        oa_gw: GatewayProc, oa_backend: FakeBackend, path: str, body: bytes) -> None:
+    """A native body for an OpenAI-compatible backend is parsed to be translated: one
+    nested deeper than Python's parser and the translation's walks go (Go reads up to
+    10,000 levels) was a RecursionError, answered 500 (which the clients retry) with a
+    traceback in the log for each. It is the client's 400, in Ollama's format."""
+    mark = oa_backend.mark()
+    r = httpx.post(oa_gw.url + path, content=body, timeout=10,
+                   headers={"Content-Type": "application/json", "X-User-ID": "deep"})
+    assert r.status_code == 400, r.text
+    assert "nested too deeply" in r.json()["error"]
+    assert not oa_backend.wait_for(1, mark, timeout=0.2)
+    assert "Traceback" not in oa_gw.stderr()
