@@ -277,6 +277,13 @@ class Policy:
                 return refused(400, "this gateway caps max_tokens and cannot check a "
                                     "compressed request body; send it uncompressed",
                                rejected=False)
+            if limits.has_quota and self.inject and path in INJECT_ROUTES:
+                # A stream that does not ask for usage reports no prompt tokens: the
+                # quota would count an estimate of the answer alone (a server that
+                # ignores Content-Encoding reads the body as it is, unasked).
+                return refused(400, "this gateway counts tokens against a quota and cannot "
+                                    "ask a compressed request body for its usage; send it "
+                                    "uncompressed", rejected=False)
             return ADMIT
         native = path.startswith(b"/api/")
         options = None

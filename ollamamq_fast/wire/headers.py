@@ -240,8 +240,9 @@ class RequestHead:
             self.kept.append((name, value))
         elif action == CONTENT_ENCODING:
             self.kept.append((name, value))
-            self.encoded_body = self.encoded_body or \
-                value.strip().lower() not in (b"", b"identity")
+            # A list (RFC 9110 §8.4): only codings other than identity encode it.
+            self.encoded_body = self.encoded_body or any(
+                c.strip().lower() not in (b"", b"identity") for c in value.split(b","))
         elif action == REQUEST_ID:
             value = value.strip()
             if _SANE_REQUEST_ID.fullmatch(value):

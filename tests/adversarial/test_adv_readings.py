@@ -7,6 +7,9 @@ servers disagree on that the gateway must not pick one of silently.
   default model). A body naming one model to each was routed and billed as
   Go's while an OpenAI-compatible server ran the other one: such a body is
   refused with 400, in OpenAI's error format, and reaches no backend.
+- A compressed body cannot be read, so a stream cannot be asked for its
+  usage: refused while a quota applies (as while a cap does); an
+  `identity` coding, even listed twice, is no compression.
 - Nesting deeper than Python's parser goes (Go reads 10,000 levels): a body
   the gateway parses to translate it is the client's 400, not a gateway 500.
 """
@@ -19,7 +22,7 @@ import httpx
 import pytest
 from fakebackend import MODEL, FakeBackend
 from gatewayproc import GatewayProc
-from readers import v1_model_holds
+from readers import v1_model_holds, v1_usage_holds_exact
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +116,46 @@ def test_a_deeply_nested_body_to_translate_is_a_400(
     assert "nested too deeply" in r.json()["error"]
     assert not oa_backend.wait_for(1, mark, timeout=0.2)
     assert "Traceback" not in oa_gw.stderr()
+
+
+@pytest.fixture(scope="module")
+def quota_gw(oa_backend: FakeBackend) -> Iterator[GatewayProc]:
+    """A daily token quota, no cap, in front of an OpenAI-compatible backend."""
+    proc = GatewayProc([oa_backend.url], "--quota-day", "1000000", "--cache", "off")
+    yield proc
+    proc.close()
+
+
+STREAM = b'{"model":"fake","stream":true,' + MSG + b"}"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "zstd", "identity, gzip"])
+def test_a_compressed_stream_under_a_quota_is_refused(
+        quota_gw: GatewayProc, oa_backend: FakeBackend, coding: str) -> None:
+    """The gateway cannot read a compressed body, so it could not ask the stream for
+    its usage: the quota counted an estimate of the answer alone, no prompt token. A
+    server that ignores Content-Encoding (vLLM, Ollama's /v1) reads a plain body sent
+    with the header as it is: a free prompt of any size. Refused while a quota applies,
+    as it is while a cap does."""
+    mark = oa_backend.mark()
+    r = httpx.post(quota_gw.url + "/v1/chat/completions", content=STREAM, timeout=10,
+                   headers={"Content-Type": "application/json", "X-User-ID": "quota",
+                            "Content-Encoding": coding})
+    for req in oa_backend.wait_for(1, mark, timeout=0.3):
+        ok, why = v1_usage_holds_exact(req.body)
+        assert ok, f"{why}; the backend got {req.body!r}"
+    assert r.status_code == 400, r.text
+    assert "uncompressed" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("coding", ["identity", "identity, identity", "IDENTITY"])
+def test_an_identity_coded_stream_under_a_quota_asks_for_usage(
+        quota_gw: GatewayProc, oa_backend: FakeBackend, coding: str) -> None:
+    mark = oa_backend.mark()
+    r = httpx.post(quota_gw.url + "/v1/chat/completions", content=STREAM, timeout=10,
+                   headers={"Content-Type": "application/json", "X-User-ID": "quota",
+                            "Content-Encoding": coding})
+    assert r.status_code == 200, r.text
+    (req,) = oa_backend.wait_for(1, mark)
+    ok, why = v1_usage_holds_exact(req.body)
+    assert ok, f"{why}; the backend got {req.body!r}"
