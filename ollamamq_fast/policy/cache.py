@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 import blake3
 import orjson
 
-from ollamamq_fast.wire.sniff import Sniffed, SniffError, duplicate_members
+from ollamamq_fast.wire.sniff import Sniffed, SniffError, duplicate_members, key_text
 
 if TYPE_CHECKING:
     from ollamamq_fast.stats import GatewayStats
@@ -128,14 +128,29 @@ def is_deterministic(native: bool, body: bytes, sn: Sniffed,
         if isinstance(temp, int | float) and not isinstance(temp, bool) and temp == 0:
             return True
         return isinstance(seed, int | float) and not isinstance(seed, bool) and _integral(seed)
-    span = sn.spans.get("temperature")
+    span = _exact_span(sn, "temperature")
     if span is not None and _raw_num(body[span[0] : span[1]]) == 0:
         return True
-    span = sn.spans.get("seed")
+    span = _exact_span(sn, "seed")
     if span is not None:
         seed = _raw_num(body[span[0] : span[1]])
         return seed is not None and _integral(seed)
     return False
+
+
+def _exact_span(sn: Sniffed, key: str) -> tuple[int, int] | None:
+    """The value span of `key` when the member every server reads is spelled exactly.
+
+    Go (Ollama) reads `"Temperature"` too, an exact-name server (vLLM, llama.cpp)
+    does not and samples at its default: such a body is not deterministic to it.
+    """
+    seen = sn.occurrences.get(key)
+    if not seen:
+        return None
+    raw, start, end = seen[-1]
+    if raw != key.encode() and key_text(raw) != key:
+        return None
+    return start, end
 
 
 def _integral(value: float) -> bool:

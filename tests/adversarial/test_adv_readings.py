@@ -7,6 +7,8 @@ servers disagree on that the gateway must not pick one of silently.
   default model). A body naming one model to each was routed and billed as
   Go's while an OpenAI-compatible server ran the other one: such a body is
   refused with 400, in OpenAI's error format, and reaches no backend.
+- The default cache keeps answers to deterministic requests (temperature 0,
+  a seed) only when every server reads them so: exactly spelled keys.
 - A compressed body cannot be read, so a stream cannot be asked for its
   usage: refused while a quota applies (as while a cap does); an
   `identity` coding, even listed twice, is no compression.
@@ -159,3 +161,35 @@ def test_an_identity_coded_stream_under_a_quota_asks_for_usage(
     (req,) = oa_backend.wait_for(1, mark)
     ok, why = v1_usage_holds_exact(req.body)
     assert ok, f"{why}; the backend got {req.body!r}"
+
+
+@pytest.fixture(scope="module")
+def cache_gw(oa_backend: FakeBackend) -> Iterator[GatewayProc]:
+    """The default cache (`deterministic`) in front of an OpenAI-compatible backend."""
+    proc = GatewayProc([oa_backend.url])
+    yield proc
+    proc.close()
+
+
+@pytest.mark.parametrize(("members", "cached"), [
+    pytest.param(b'"temperature":0', True, id="temperature"),
+    pytest.param(b'"seed":7', True, id="seed"),
+    pytest.param(b'"Temperature":0', False, id="Temperature"),
+    pytest.param(b'"TEMPERATURE":0', False, id="TEMPERATURE"),
+    pytest.param(b'"Seed":7', False, id="Seed"),
+])
+def test_only_what_every_server_reads_as_deterministic_is_cached(
+        cache_gw: GatewayProc, oa_backend: FakeBackend, members: bytes, cached: bool) -> None:
+    """vLLM and llama.cpp read only `"temperature"` and `"seed"` exactly: to them a body
+    with `"Temperature": 0` samples at their default, and its answer, cached as a
+    deterministic one, was replayed to everyone sending that body. The word
+    `temperature` in the prompt made the gateway look for the key at all."""
+    body = (b'{"model":"fake",' + members + b',"messages":[{"role":"user",'
+            b'"content":"the temperature in %s?"}]}' % members.replace(b'"', b""))
+    headers = {"Content-Type": "application/json"}
+    first = httpx.post(cache_gw.url + "/v1/chat/completions", content=body, timeout=10,
+                       headers={**headers, "X-User-ID": "one"})
+    second = httpx.post(cache_gw.url + "/v1/chat/completions", content=body, timeout=10,
+                        headers={**headers, "X-User-ID": "two"})
+    assert first.status_code == second.status_code == 200
+    assert (second.headers.get("x-cache") == "HIT") is cached, second.headers.get("x-cache")
