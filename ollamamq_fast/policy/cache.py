@@ -167,7 +167,7 @@ def _raw_num(raw: bytes) -> float | None:
 
 
 def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes,
-              credential: bytes = b"") -> bytes | None:
+              credential: bytes = b"", pool: str = "") -> bytes | None:
     """The entry key, or None for a request that must not be cached.
 
     Not cached: a model load or unload (no prompt / no messages), and any body
@@ -179,7 +179,9 @@ def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes,
     differ only in case count as duplicates, since Go matches field names
     case-insensitively. `credential` is the client's own Authorization when
     the gateway does not own it (auth off): a backend that checks it decides
-    per credential, so the answer is kept per credential too.
+    per credential, so the answer is kept per credential too. `pool` is the
+    pool's name: pools have their own backends (another model may stand behind
+    a name) and access rules, so an answer is replayed only in its own pool.
     """
     canonical = body
     if len(body) <= CANONICAL_MAX_BODY:
@@ -207,7 +209,8 @@ def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes,
         # a byte-identical request (which the backend reads the same) can hit.
         return None
     h = blake3.blake3(url)
-    h.update(b"\0%s\0%d\0%d\0" % (model.encode("utf-8", "surrogatepass"), cap, len(credential)))
+    h.update(b"\0%s\0%d\0%d\0%s\0" % (model.encode("utf-8", "surrogatepass"), cap,
+                                         len(credential), pool.encode("utf-8", "surrogatepass")))
     h.update(credential)
     h.update(canonical)
     return h.digest()

@@ -311,7 +311,7 @@ class Policy:
                 and (cache.mode == "all" or path in EMBEDDINGS
                      or (sn is not None and is_deterministic(native, body, sn, options)))):
             key = cache_key(path, ex.url, ex.model or "", limits.max_tokens if rule else 0, body,
-                            ex.credential)
+                            ex.credential, ex.pool.name)
             if key is not None and not ex.cache_control & NO_CACHE:
                 entry = cache.get(key)
                 if entry is not None:

@@ -9,6 +9,7 @@ servers disagree on that the gateway must not pick one of silently.
   refused with 400, in OpenAI's error format, and reaches no backend.
 - The default cache keeps answers to deterministic requests (temperature 0,
   a seed) only when every server reads them so: exactly spelled keys.
+- A cached answer is replayed only in the pool whose backends gave it.
 - A compressed body cannot be read, so a stream cannot be asked for its
   usage: refused while a quota applies (as while a cap does); an
   `identity` coding, even listed twice, is no compression.
@@ -193,3 +194,49 @@ def test_only_what_every_server_reads_as_deterministic_is_cached(
                         headers={**headers, "X-User-ID": "two"})
     assert first.status_code == second.status_code == 200
     assert (second.headers.get("x-cache") == "HIT") is cached, second.headers.get("x-cache")
+
+
+@pytest.fixture(scope="module")
+def other_backend() -> Iterator[FakeBackend]:
+    fake = FakeBackend()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def pools_gw(backend: FakeBackend, other_backend: FakeBackend,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+    """Two pools, each with its own backend serving a model of the same name."""
+    config = tmp_path_factory.mktemp("pools") / "gateway.toml"
+    config.write_text(f'[pools.team]\nbackends = ["{other_backend.url}"]\n'
+                      '[pool_access]\nusers = { outsider = ["default"] }\n')
+    proc = GatewayProc([backend.url], "--config", str(config))
+    yield proc
+    proc.close()
+
+
+@pytest.mark.parametrize("first_pool", ["", "/pool/team"])
+def test_a_cached_answer_stays_in_its_pool(pools_gw: GatewayProc, backend: FakeBackend,
+                                           other_backend: FakeBackend, first_pool: str) -> None:
+    """Pools keep groups of backends apart, each with its own models behind a name and
+    its own access rules; the cache key named no pool, so a deterministic answer of one
+    pool's backend was replayed in another: to a user the pool's access rules keep
+    out, and over the answer of the pool's own model."""
+    body = (b'{"model":"fake","stream":false,"prompt":"pool %s","options":{"temperature":0}}'
+            % first_pool.encode())
+    second_pool = "/pool/team" if not first_pool else ""
+    headers = {"Content-Type": "application/json"}
+    first = httpx.post(pools_gw.url + first_pool + "/api/generate", content=body, timeout=10,
+                       headers={**headers, "X-User-ID": "insider"})
+    assert first.status_code == 200, first.text
+    again = httpx.post(pools_gw.url + first_pool + "/api/generate", content=body, timeout=10,
+                       headers={**headers, "X-User-ID": "insider"})
+    assert again.headers.get("x-cache") == "HIT"  # the cache works within the pool
+    own = other_backend if second_pool else backend
+    mark = own.mark()
+    user = "outsider" if not second_pool else "insider"
+    r = httpx.post(pools_gw.url + second_pool + "/api/generate", content=body, timeout=10,
+                   headers={**headers, "X-User-ID": user})
+    assert r.status_code == 200, r.text
+    assert r.headers.get("x-cache") != "HIT", "another pool's cached answer was replayed"
+    assert own.wait_for(1, mark), "the pool's own backend was not asked"
