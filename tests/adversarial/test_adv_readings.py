@@ -10,6 +10,8 @@ servers disagree on that the gateway must not pick one of silently.
 - The default cache keeps answers to deterministic requests (temperature 0,
   a seed) only when every server reads them so: exactly spelled keys.
 - A cached answer is replayed only in the pool whose backends gave it.
+- A stream vLLM's lax pydantic reading runs (`"stream": 1`, `"true"`) asks
+  for its usage, as a `true` one does.
 - A compressed body cannot be read, so a stream cannot be asked for its
   usage: refused while a quota applies (as while a cap does); an
   `identity` coding, even listed twice, is no compression.
@@ -25,7 +27,7 @@ import httpx
 import pytest
 from fakebackend import MODEL, FakeBackend
 from gatewayproc import GatewayProc
-from readers import v1_model_holds, v1_usage_holds_exact
+from readers import exact_field, first_value, v1_model_holds, v1_usage_holds_exact
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +242,33 @@ def test_a_cached_answer_stays_in_its_pool(pools_gw: GatewayProc, backend: FakeB
     assert r.status_code == 200, r.text
     assert r.headers.get("x-cache") != "HIT", "another pool's cached answer was replayed"
     assert own.wait_for(1, mark), "the pool's own backend was not asked"
+
+
+@pytest.mark.parametrize("stream", [b"1", b"1.0", b'"true"', b'"1"', b'"yes"', b'"on"'])
+def test_a_stream_pydantic_reads_as_true_asks_for_usage(
+        quota_gw: GatewayProc, oa_backend: FakeBackend, stream: bytes) -> None:
+    """vLLM's request models read in pydantic's lax mode: `"stream": 1` or `"true"`
+    streams there (Go refuses it). The gateway asked for usage only beside `true`:
+    such a stream ran without it, its prompt tokens never counted against the quota."""
+    body = b'{"model":"fake","stream":' + stream + b"," + MSG + b"}"
+    mark = oa_backend.mark()
+    httpx.post(quota_gw.url + "/v1/chat/completions", content=body, timeout=10,
+               headers={"Content-Type": "application/json", "X-User-ID": "lax"})
+    (req,) = oa_backend.wait_for(1, mark)
+    top = first_value(req.body)
+    assert isinstance(top, list)
+    _, options = exact_field(top, "stream_options")
+    assert isinstance(options, list) and exact_field(options, "include_usage") == (True, True), (
+        f"no usage asked of a stream: the backend got {req.body!r}")
+
+
+@pytest.mark.parametrize("stream", [b"false", b"0", b"null"])
+def test_no_usage_is_asked_beside_a_stream_no_server_runs(
+        quota_gw: GatewayProc, oa_backend: FakeBackend, stream: bytes) -> None:
+    """vLLM refuses `stream_options` beside a falsy `stream`: none is added there."""
+    body = b'{"model":"fake","stream":' + stream + b"," + MSG + b"}"
+    mark = oa_backend.mark()
+    httpx.post(quota_gw.url + "/v1/chat/completions", content=body, timeout=10,
+               headers={"Content-Type": "application/json", "X-User-ID": "lax"})
+    (req,) = oa_backend.wait_for(1, mark)
+    assert b"stream_options" not in req.body
