@@ -37,11 +37,13 @@ from ollamamq_fast.policy.cache import (
 from ollamamq_fast.policy.caps import (
     CAP_RULES,
     CapError,
+    CapRule,
     Edit,
     cap_native,
     cap_openai,
     mirror_max_tokens,
     parse_object,
+    sequences,
     splice,
 )
 from ollamamq_fast.policy.gate import (
@@ -225,7 +227,8 @@ class Policy:
             wanted: list[str] = []
             if cap:
                 rule = CAP_RULES[path]
-                wanted += ["options"] if rule.native else [*rule.keys, rule.insert]
+                wanted += ["options"] if rule.native else [*rule.keys, rule.insert,
+                                                            *rule.fanout]
             if det:
                 wanted += ["options"] if native else list(DETERMINISM_KEYS)
             if inject:
@@ -296,7 +299,8 @@ class Policy:
                 if rule.native:
                     edits = cap_native(body, sn, options, limits.max_tokens, limits.reject_over_cap)
                 else:
-                    edits = cap_openai(body, sn, rule, limits.max_tokens, limits.reject_over_cap)
+                    edits = self._cap_openai(body, sn, rule, limits.max_tokens,
+                                             limits.reject_over_cap)
             except CapError as exc:
                 return refused(400, str(exc), rejected=False)
         capped = bool(edits)
@@ -323,6 +327,23 @@ class Policy:
                     task.add_done_callback(self._tasks.discard)
                     return pending(task)
         return self._finish(path, body, sn, edits, key, capped)
+
+    @staticmethod
+    def _cap_openai(body: bytes, sn: Sniffed, rule: CapRule, cap: int,
+                    reject: bool) -> list[Edit]:
+        """cap_openai, with the cap shared by the sequences `n` / `best_of` ask for."""
+        many = sequences(body, sn, rule) if rule.fanout else 1
+        if many == 1:
+            return cap_openai(body, sn, rule, cap, reject)
+        share = cap // many
+        if share < 1:
+            raise CapError(f"n / best_of ask for {many} sequences, more than this gateway's "
+                           f"cap of {cap} tokens allows (one token each); ask for fewer")
+        try:
+            return cap_openai(body, sn, rule, share, reject)
+        except CapError as exc:
+            raise CapError(f"{exc} (this gateway's cap of {cap} tokens is shared by the "
+                           f"{many} sequences n / best_of ask for)") from None
 
     def _finish(self, path: bytes, body: bytes, sn: Sniffed | None, edits: list[Edit],
                 key: bytes | None, capped: bool) -> Admission:

@@ -12,6 +12,8 @@ servers disagree on that the gateway must not pick one of silently.
 - A cached answer is replayed only in the pool whose backends gave it.
 - A stream vLLM's lax pydantic reading runs (`"stream": 1`, `"true"`) asks
   for its usage, as a `true` one does.
+- Under a token cap, the sequences `n` / `best_of` ask for share it (vLLM
+  makes each up to max_tokens).
 - A compressed body cannot be read, so a stream cannot be asked for its
   usage: refused while a quota applies (as while a cap does); an
   `identity` coding, even listed twice, is no compression.
@@ -27,7 +29,13 @@ import httpx
 import pytest
 from fakebackend import MODEL, FakeBackend
 from gatewayproc import GatewayProc
-from readers import exact_field, first_value, v1_model_holds, v1_usage_holds_exact
+from readers import (
+    exact_field,
+    first_value,
+    go_field,
+    v1_model_holds,
+    v1_usage_holds_exact,
+)
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +280,65 @@ def test_no_usage_is_asked_beside_a_stream_no_server_runs(
                headers={"Content-Type": "application/json", "X-User-ID": "lax"})
     (req,) = oa_backend.wait_for(1, mark)
     assert b"stream_options" not in req.body
+
+
+@pytest.fixture(scope="module")
+def cap_gw(oa_backend: FakeBackend) -> Iterator[GatewayProc]:
+    """A token cap (clamp) in front of an OpenAI-compatible backend."""
+    proc = GatewayProc([oa_backend.url], "--max-tokens", str(CAP), "--cache", "off")
+    yield proc
+    proc.close()
+
+
+CAP = 50
+
+
+def _lax_int(value: object) -> int:
+    """A number as pydantic's lax mode reads it (vLLM), 1 when it is none."""
+    if isinstance(value, str):
+        value = value.strip()
+    try:
+        return max(1, int(float(value)))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 1
+
+
+@pytest.mark.parametrize(("members", "path"), [
+    pytest.param(b'"n":4', "/v1/chat/completions", id="n"),
+    pytest.param(b'"n":4,"max_tokens":50', "/v1/chat/completions", id="n-with-max"),
+    pytest.param(b'"n":"4","max_tokens":40', "/v1/chat/completions", id="n-as-string"),
+    pytest.param(b'"n":2.0,"max_completion_tokens":30', "/v1/chat/completions", id="n-float"),
+    pytest.param(b'"N":4,"max_tokens":50', "/v1/chat/completions", id="N"),
+    pytest.param(b'"best_of":5,"max_tokens":50', "/v1/chat/completions", id="best_of"),
+])
+def test_sequences_share_the_cap(cap_gw: GatewayProc, oa_backend: FakeBackend,
+                                 members: bytes, path: str) -> None:
+    """vLLM makes `n` choices (sampling `best_of`), each up to max_tokens: a user
+    capped at 50 tokens got n x 50. The cap is shared by the sequences."""
+    body = (b'{"model":"fake",' + members + b',"prompt":"hi",' + MSG + b"}")
+    mark = oa_backend.mark()
+    r = httpx.post(cap_gw.url + path, content=body, timeout=10,
+                   headers={"Content-Type": "application/json", "X-User-ID": "fan"})
+    got = oa_backend.wait_for(1, mark, timeout=1.0 if r.status_code == 200 else 0.3)
+    for req in got:
+        top = first_value(req.body)
+        assert isinstance(top, list)
+        many = max(_lax_int(exact_field(top, "n")[1]), _lax_int(exact_field(top, "best_of")[1]),
+                   _lax_int(go_field(top, "n")[1]))
+        for name in ("max_tokens", "max_completion_tokens", "n_predict"):
+            present, value = exact_field(top, name)
+            if present or name == "max_tokens":
+                assert isinstance(value, int) and 1 <= value and many * value <= CAP, (
+                    f"{many} sequences of {name}={value!r}: the backend got {req.body!r}")
+    assert r.status_code == 200, r.text
+
+
+def test_more_sequences_than_the_cap_is_refused(cap_gw: GatewayProc,
+                                                oa_backend: FakeBackend) -> None:
+    body = b'{"model":"fake","n":51,' + MSG + b"}"
+    mark = oa_backend.mark()
+    r = httpx.post(cap_gw.url + "/v1/chat/completions", content=body, timeout=10,
+                   headers={"Content-Type": "application/json", "X-User-ID": "fan"})
+    assert r.status_code == 400, r.text
+    assert "sequences" in r.json()["error"]["message"]
+    assert not oa_backend.wait_for(1, mark, timeout=0.2)
