@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import orjson
 
-from ollamamq_fast.wire.sniff import Sniffed, key_text
+from ollamamq_fast.wire.sniff import Sniffed, array_items, key_text
 
 # (start, end, replacement) in the original body; start == end inserts.
 Edit = tuple[int, int, bytes]
@@ -44,6 +44,9 @@ class CapRule:
     # Keys asking for several sequences, each up to the limit (vLLM's `n`, `best_of`):
     # the cap is shared among them.
     fanout: tuple[str, ...] = ()
+    # A key whose list value is a batch, one sequence (or `n`) per item
+    # (/v1/completions' `prompt`: strings or token lists; a list of token ids is one).
+    batch: str = ""
 
 
 CAP_RULES: Final[dict[bytes, CapRule]] = {
@@ -55,7 +58,7 @@ CAP_RULES: Final[dict[bytes, CapRule]] = {
     b"/v1/chat/completions": CapRule(("max_tokens", "max_completion_tokens", "n_predict"),
                                      "max_tokens", False, ("n", "best_of")),
     b"/v1/completions": CapRule(("max_tokens", "n_predict"), "max_tokens", False,
-                                ("n", "best_of")),
+                                ("n", "best_of"), "prompt"),
     b"/v1/responses": CapRule(("max_output_tokens",), "max_output_tokens", False),
     b"/v1/messages": CapRule(("max_tokens",), "max_tokens", False),
 }
@@ -144,6 +147,13 @@ def sequences(body: bytes, sn: Sniffed, rule: CapRule) -> int:
                 continue
             if value > most:
                 most = int(value) if value < 2**62 else 2**62
+    if rule.batch:
+        prompts = 1
+        for _raw, start, end in sn.occurrences.get(rule.batch, ()):
+            count, first = array_items(body, start, end)
+            if count > prompts and first in (0x22, 0x5B):  # strings or token lists
+                prompts = count
+        most = most * prompts
     return most
 
 

@@ -228,7 +228,8 @@ class Policy:
             if cap:
                 rule = CAP_RULES[path]
                 wanted += ["options"] if rule.native else [*rule.keys, rule.insert,
-                                                            *rule.fanout]
+                                                            *rule.fanout,
+                                                            *([rule.batch] if rule.batch else [])]
             if det:
                 wanted += ["options"] if native else list(DETERMINISM_KEYS)
             if inject:
@@ -332,18 +333,20 @@ class Policy:
     def _cap_openai(body: bytes, sn: Sniffed, rule: CapRule, cap: int,
                     reject: bool) -> list[Edit]:
         """cap_openai, with the cap shared by the sequences `n` / `best_of` ask for."""
-        many = sequences(body, sn, rule) if rule.fanout else 1
+        many = sequences(body, sn, rule) if rule.fanout or rule.batch else 1
         if many == 1:
             return cap_openai(body, sn, rule, cap, reject)
         share = cap // many
         if share < 1:
-            raise CapError(f"n / best_of ask for {many} sequences, more than this gateway's "
-                           f"cap of {cap} tokens allows (one token each); ask for fewer")
+            raise CapError(f"n / best_of / a prompt list ask for {many} sequences, more "
+                           f"than this gateway's cap of {cap} tokens allows (one token "
+                           "each); ask for fewer")
         try:
             return cap_openai(body, sn, rule, share, reject)
         except CapError as exc:
             raise CapError(f"{exc} (this gateway's cap of {cap} tokens is shared by the "
-                           f"{many} sequences n / best_of ask for)") from None
+                           f"{many} sequences n / best_of / a prompt list ask for)"
+                           ) from None
 
     def _finish(self, path: bytes, body: bytes, sn: Sniffed | None, edits: list[Edit],
                 key: bytes | None, capped: bool) -> Admission:

@@ -463,6 +463,49 @@ def first_item(body: bytes, key: str) -> bytes:
     return b""
 
 
+_WS: Final = re.compile(rb"[ \t\r\n]*")
+
+
+def array_items(body: bytes, start: int, end: int) -> tuple[int, int]:
+    """(number of items, first byte of the first item) of the array at body[start:end].
+
+    (0, 0) when the value is not an array or is empty. Items are skipped as the
+    member scan skips values (strings with a memchr), never decoded; the count
+    stops where the array is broken (its server refuses it).
+    """
+    if body[start : start + 1] != b"[":
+        return 0, 0
+    ws = _WS.match
+    m = ws(body, start + 1)
+    i = m.end() if m is not None else start + 1
+    if i >= end or body[i] == 0x5D:
+        return 0, 0
+    first = body[i]
+    count = 0
+    try:
+        while i < end:
+            c = body[i]
+            if c == _QUOTE:
+                i = _string_end(body, i + 1) + 1
+            elif c == 0x7B or c == 0x5B:
+                i = _skip_container(body, i)
+            else:
+                sm = _SCALAR.match(body, i)
+                if sm is None:
+                    break
+                i = sm.end()
+            count += 1
+            m = ws(body, i)
+            i = m.end() if m is not None else i
+            if i >= end or body[i] != 0x2C:  # ','
+                break
+            m = ws(body, i + 1)
+            i = m.end() if m is not None else i + 1
+    except SniffError:
+        pass
+    return count, first
+
+
 def duplicate_members(body: bytes) -> bool:
     """Whether the body's top level names a key twice, up to Go's case folding."""
     members, _ = _members(body)

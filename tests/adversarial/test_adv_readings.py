@@ -333,6 +333,28 @@ def test_sequences_share_the_cap(cap_gw: GatewayProc, oa_backend: FakeBackend,
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize(("prompt", "many"), [
+    pytest.param(b'["a","b","c","d"]', 4, id="strings"),
+    pytest.param(b'[[1,2],[3],[4],[5],[6]]', 5, id="token-lists"),
+    pytest.param(b'[1,2,3,4,5,6,7,8]', 1, id="one-prompt-of-token-ids"),
+])
+def test_a_prompt_list_shares_the_cap(cap_gw: GatewayProc, oa_backend: FakeBackend,
+                                      prompt: bytes, many: int) -> None:
+    """vLLM and llama.cpp complete every prompt of a /v1/completions list, each up to
+    max_tokens: a batch of prompts is as many sequences."""
+    body = b'{"model":"fake","max_tokens":50,"prompt":' + prompt + b"}"
+    mark = oa_backend.mark()
+    r = httpx.post(cap_gw.url + "/v1/completions", content=body, timeout=10,
+                   headers={"Content-Type": "application/json", "X-User-ID": "fan"})
+    assert r.status_code != 400, r.text
+    (req,) = oa_backend.wait_for(1, mark)
+    top = first_value(req.body)
+    assert isinstance(top, list)
+    _, value = exact_field(top, "max_tokens")
+    assert isinstance(value, int) and 1 <= value and many * value <= CAP, req.body
+    assert many * (value + 1) > CAP, f"capped more than it must: {req.body!r}"
+
+
 def test_more_sequences_than_the_cap_is_refused(cap_gw: GatewayProc,
                                                 oa_backend: FakeBackend) -> None:
     body = b'{"model":"fake","n":51,' + MSG + b"}"
