@@ -66,7 +66,10 @@ def usage_edits(body: bytes, sn: Sniffed) -> list[Edit]:
             continue
         options = exact_object(value)
         if options is None:
-            return []  # not an object: the backend will refuse the body itself
+            # Not an object: a server that reads this spelling refuses the body, one
+            # that reads only another spelling (vLLM: `"Stream_Options": []` beside
+            # `"stream_options"`) does not, and must still be asked.
+            continue
         if options.get("include_usage") is not True:
             options["include_usage"] = True
             edits.append((start, end, encode_object(options)))
