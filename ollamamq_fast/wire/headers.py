@@ -269,6 +269,8 @@ class RequestHead:
         if tokens:
             # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
             self.kept = [h for h in self.kept if h[0].lower() not in tokens]
+            if b"content-encoding" in tokens:
+                self.encoded_body = False  # not forwarded: the backend reads the body as it is
 
 
 def _decimal(value: bytes) -> int:

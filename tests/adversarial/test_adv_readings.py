@@ -161,15 +161,24 @@ def test_a_compressed_stream_under_a_quota_is_refused(
     assert "uncompressed" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("coding", ["identity", "identity, identity", "IDENTITY"])
-def test_an_identity_coded_stream_under_a_quota_asks_for_usage(
-        quota_gw: GatewayProc, oa_backend: FakeBackend, coding: str) -> None:
+@pytest.mark.parametrize("headers", [
+    {"Content-Encoding": "identity"},
+    {"Content-Encoding": "identity, identity"},
+    {"Content-Encoding": "IDENTITY"},
+    # Named in Connection, the coding is hop-by-hop: not forwarded, so the backend
+    # reads the body as it is, and so does the gateway.
+    {"Content-Encoding": "gzip", "Connection": "keep-alive, Content-Encoding"},
+], ids=["identity", "identity-twice", "IDENTITY", "hop-by-hop"])
+def test_an_uncoded_stream_under_a_quota_asks_for_usage(
+        quota_gw: GatewayProc, oa_backend: FakeBackend, headers: dict[str, str]) -> None:
     mark = oa_backend.mark()
     r = httpx.post(quota_gw.url + "/v1/chat/completions", content=STREAM, timeout=10,
                    headers={"Content-Type": "application/json", "X-User-ID": "quota",
-                            "Content-Encoding": coding})
+                            **headers})
     assert r.status_code == 200, r.text
     (req,) = oa_backend.wait_for(1, mark)
+    assert req.header(b"content-encoding") in (None, b"identity", b"identity, identity",
+                                               b"IDENTITY")
     ok, why = v1_usage_holds_exact(req.body)
     assert ok, f"{why}; the backend got {req.body!r}"
 
