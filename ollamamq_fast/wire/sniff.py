@@ -409,14 +409,15 @@ def exact_disagrees(body: bytes, keys: tuple[str, ...], found: dict[str, str]) -
     exact: dict[str, str | None] = {}
     members, _ = _members(body)
     for raw_key, is_plain, start, end in members:
+        name: str | None
         if is_plain:
-            key = wanted.get(raw_key)  # the wanted names are spelled exactly
+            name = wanted.get(raw_key)  # the wanted names are spelled exactly
         else:
             text = _decode_string(raw_key)
-            key = text if text in keys else None
-        if key is not None:
-            exact[key] = (_decode_string(body[start + 1 : end - 1])
-                          if body[start] == _QUOTE else None)
+            name = text if text in keys else None
+        if name is not None:
+            exact[name] = (_decode_string(body[start + 1 : end - 1])
+                           if body[start] == _QUOTE else None)
     for key in keys:
         if exact.get(key) != found.get(key):
             return key
