@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -59,7 +58,7 @@ from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
 from ollamamq_fast.policy.streamusage import INJECT_KEYS, INJECT_ROUTES, usage_edits
 from ollamamq_fast.state.records import UserSettings
 from ollamamq_fast.tasks import cancel_and_wait
-from ollamamq_fast.wire.sniff import Sniffed
+from ollamamq_fast.wire.sniff import Sniffed, any_spelling
 
 if TYPE_CHECKING:
     from ollamamq_fast.plane import DataPlane
@@ -69,8 +68,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("ollamamq_fast.policy")
 
 CHAT_COMPLETIONS: Final = b"/v1/chat/completions"
-# `"stream"` in any spelling (a Go server reads them all), without copying the body.
-_ANY_CASE_STREAM: Final = re.compile(rb'"[sS][tT][rR][eE][aA][mM]"')
+# `"stream"` in every spelling some server reads (any case for Go, `\u` escapes for
+# every JSON decoder), without copying the body.
+_ANY_STREAM: Final = any_spelling("stream")
 
 
 def _mentions(body: bytes, text: str | None, word: str) -> bool:
@@ -216,7 +216,7 @@ class Policy:
                         or _mentions(body, text, "seed")):
             det = False
         if (inject and not _mentions(body, text, '"stream"')
-                and _ANY_CASE_STREAM.search(body) is None):
+                and _ANY_STREAM.search(body) is None):
             inject = False
         if not (cap or det or inject or mirror):
             return ()

@@ -364,7 +364,7 @@ _FOLDS_TO: Final = {"k": "\u212a", "s": "\u017f"}
 _spelling_memo: Final[dict[str, re.Pattern[bytes]]] = {}
 
 
-def _any_spelling(key: str) -> re.Pattern[bytes]:
+def any_spelling(key: str) -> re.Pattern[bytes]:
     """`"key"` as a JSON string in every spelling Go matches: any case, any letter
     `\\u`-escaped (hex digits in any case), the letters Go folds from non-ASCII ones."""
     found = _spelling_memo.get(key)
@@ -397,7 +397,7 @@ def exact_disagrees(body: bytes, keys: tuple[str, ...], found: dict[str, str]) -
     """
     odd = False
     for key in keys:
-        spellings = _any_spelling(key).finditer(body)
+        spellings = any_spelling(key).finditer(body)
         first = next(spellings, None)
         if first is not None and (first.group() != b'"' + key.encode() + b'"'
                                   or next(spellings, None) is not None):
