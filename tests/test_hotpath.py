@@ -21,7 +21,12 @@ from ollamamq_fast.proxy.pool import UpstreamPool
 from ollamamq_fast.proxy.upstream import ResponseSink, UpstreamConnection
 from ollamamq_fast.stats import tokens_in_tail
 from ollamamq_fast.wire import framing
-from ollamamq_fast.wire.sniff import SniffError, scanned_fields, sniff_fields
+from ollamamq_fast.wire.sniff import (
+    SniffError,
+    exact_disagrees,
+    scanned_fields,
+    sniff_fields,
+)
 
 # -- Sniff: the model-first fast path -------------------------------------------------
 
@@ -71,6 +76,31 @@ def test_fast_sniff_agrees_with_the_member_scan(first, first_key, rest, keys, sp
     members += [dumps(k) + separators[1] + dumps(v) for k, v in rest]
     body = ("{" + separators[0].join(members) + "}").encode()
     assert _outcome(sniff_fields, body, keys) == _outcome(scanned_fields, body, keys)
+
+
+# Key spellings as written in the body: Go reads them all as `model`, an exact
+# reader only those that decode to `model` exactly.
+_model_keys = st.sampled_from(['"model"', '"Model"', '"MODEL"', '"mod\\u0065l"',
+                               '"MOD\\u0045L"', '"\\u006dodel"', '"x"', '"role"'])
+
+
+@settings(max_examples=400, deadline=None)
+@given(members=st.lists(st.tuples(_model_keys, st.one_of(
+           st.none(), st.sampled_from(["a", "b", "model", 'a"b']), _values)), max_size=5),
+       spaced=st.booleans())
+def test_exact_disagrees_matches_both_readings(members, spaced) -> None:
+    """The model a /v1 body names to Go and to an exact-name reader (vLLM, llama.cpp)."""
+    sep = ", " if spaced else ","
+    body = ("{" + sep.join(k + ":" + json.dumps(v) for k, v in members) + "}").encode()
+    try:
+        found = sniff_fields(body, ("model",))
+    except SniffError:
+        return  # a non-string model: refused before
+    exact = None
+    for key, value in json.loads(body, object_pairs_hook=list):
+        if key == "model":
+            exact = value
+    assert bool(exact_disagrees(body, ("model",), found)) == (exact != found.get("model")), body
 
 
 @pytest.mark.parametrize("body, expect", [

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 import blake3
 import orjson
 
-from ollamamq_fast.wire.sniff import Sniffed, SniffError, duplicate_members
+from ollamamq_fast.wire.sniff import Sniffed, SniffError, duplicate_members, key_text
 
 if TYPE_CHECKING:
     from ollamamq_fast.stats import GatewayStats
@@ -128,14 +128,29 @@ def is_deterministic(native: bool, body: bytes, sn: Sniffed,
         if isinstance(temp, int | float) and not isinstance(temp, bool) and temp == 0:
             return True
         return isinstance(seed, int | float) and not isinstance(seed, bool) and _integral(seed)
-    span = sn.spans.get("temperature")
+    span = _exact_span(sn, "temperature")
     if span is not None and _raw_num(body[span[0] : span[1]]) == 0:
         return True
-    span = sn.spans.get("seed")
+    span = _exact_span(sn, "seed")
     if span is not None:
         seed = _raw_num(body[span[0] : span[1]])
         return seed is not None and _integral(seed)
     return False
+
+
+def _exact_span(sn: Sniffed, key: str) -> tuple[int, int] | None:
+    """The value span of `key` when the member every server reads is spelled exactly.
+
+    Go (Ollama) reads `"Temperature"` too, an exact-name server (vLLM, llama.cpp)
+    does not and samples at its default: such a body is not deterministic to it.
+    """
+    seen = sn.occurrences.get(key)
+    if not seen:
+        return None
+    raw, start, end = seen[-1]
+    if raw != key.encode() and key_text(raw) != key:
+        return None
+    return start, end
 
 
 def _integral(value: float) -> bool:
@@ -152,7 +167,7 @@ def _raw_num(raw: bytes) -> float | None:
 
 
 def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes,
-              credential: bytes = b"") -> bytes | None:
+              credential: bytes = b"", pool: str = "") -> bytes | None:
     """The entry key, or None for a request that must not be cached.
 
     Not cached: a model load or unload (no prompt / no messages), and any body
@@ -164,7 +179,9 @@ def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes,
     differ only in case count as duplicates, since Go matches field names
     case-insensitively. `credential` is the client's own Authorization when
     the gateway does not own it (auth off): a backend that checks it decides
-    per credential, so the answer is kept per credential too.
+    per credential, so the answer is kept per credential too. `pool` is the
+    pool's name: pools have their own backends (another model may stand behind
+    a name) and access rules, so an answer is replayed only in its own pool.
     """
     canonical = body
     if len(body) <= CANONICAL_MAX_BODY:
@@ -192,7 +209,8 @@ def cache_key(path: bytes, url: bytes, model: str, cap: int, body: bytes,
         # a byte-identical request (which the backend reads the same) can hit.
         return None
     h = blake3.blake3(url)
-    h.update(b"\0%s\0%d\0%d\0" % (model.encode("utf-8", "surrogatepass"), cap, len(credential)))
+    h.update(b"\0%s\0%d\0%d\0%s\0" % (model.encode("utf-8", "surrogatepass"), cap,
+                                         len(credential), pool.encode("utf-8", "surrogatepass")))
     h.update(credential)
     h.update(canonical)
     return h.digest()

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import orjson
 
-from ollamamq_fast.wire.sniff import Sniffed, key_text
+from ollamamq_fast.wire.sniff import Sniffed, array_items, key_text
 
 # (start, end, replacement) in the original body; start == end inserts.
 Edit = tuple[int, int, bytes]
@@ -41,6 +41,12 @@ class CapRule:
     keys: tuple[str, ...]  # top-level keys capped when present (OpenAI shapes)
     insert: str  # the key that must end up present ("" for Ollama's options)
     native: bool  # options.num_predict
+    # Keys asking for several sequences, each up to the limit (vLLM's `n`, `best_of`):
+    # the cap is shared among them.
+    fanout: tuple[str, ...] = ()
+    # A key whose list value is a batch, one sequence (or `n`) per item
+    # (/v1/completions' `prompt`: strings or token lists; a list of token ids is one).
+    batch: str = ""
 
 
 CAP_RULES: Final[dict[bytes, CapRule]] = {
@@ -50,8 +56,9 @@ CAP_RULES: Final[dict[bytes, CapRule]] = {
     # Ollama reads max_tokens, vLLM also max_completion_tokens, and llama.cpp's
     # n_predict overrides max_tokens.
     b"/v1/chat/completions": CapRule(("max_tokens", "max_completion_tokens", "n_predict"),
-                                     "max_tokens", False),
-    b"/v1/completions": CapRule(("max_tokens", "n_predict"), "max_tokens", False),
+                                     "max_tokens", False, ("n", "best_of")),
+    b"/v1/completions": CapRule(("max_tokens", "n_predict"), "max_tokens", False,
+                                ("n", "best_of"), "prompt"),
     b"/v1/responses": CapRule(("max_output_tokens",), "max_output_tokens", False),
     b"/v1/messages": CapRule(("max_tokens",), "max_tokens", False),
 }
@@ -118,6 +125,36 @@ def _too_many(key: str, value: float, cap: int) -> str:
         return (f"{key} {value:g} (unlimited) exceeds this gateway's cap of {cap} tokens; "
                 f"ask for at most {cap}")
     return f"{key} {value:g} exceeds this gateway's cap of {cap} tokens; ask for at most {cap}"
+
+
+def sequences(body: bytes, sn: Sniffed, rule: CapRule) -> int:
+    """How many sequences a server may generate for the request, each up to its limit.
+
+    vLLM makes `n` choices (and samples `best_of`, at least `n`), each up to
+    max_tokens. Its pydantic models read in lax mode (`"n": "4"` and `4.0` are 4),
+    Go any case of the key: the largest value any reading may take counts. A
+    value no server takes as a number is left for the server to refuse.
+    """
+    most = 1
+    for key in rule.fanout:
+        for _raw, start, end in sn.occurrences.get(key, ()):
+            raw = body[start:end]
+            if raw[:1] == b'"':
+                raw = raw[1:-1].strip()
+            try:
+                value = float(raw)
+            except ValueError:
+                continue
+            if value > most:
+                most = int(value) if value < 2**62 else 2**62
+    if rule.batch:
+        prompts = 1
+        for _raw, start, end in sn.occurrences.get(rule.batch, ()):
+            count, first = array_items(body, start, end)
+            if count > prompts and first in (0x22, 0x5B):  # strings or token lists
+                prompts = count
+        most = most * prompts
+    return most
 
 
 def cap_openai(body: bytes, sn: Sniffed, rule: CapRule, cap: int, reject: bool) -> list[Edit]:

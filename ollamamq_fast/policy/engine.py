@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,11 +36,13 @@ from ollamamq_fast.policy.cache import (
 from ollamamq_fast.policy.caps import (
     CAP_RULES,
     CapError,
+    CapRule,
     Edit,
     cap_native,
     cap_openai,
     mirror_max_tokens,
     parse_object,
+    sequences,
     splice,
 )
 from ollamamq_fast.policy.gate import (
@@ -57,7 +58,7 @@ from ollamamq_fast.policy.ratelimit import RateLimiter, RateSync, retry_after
 from ollamamq_fast.policy.streamusage import INJECT_KEYS, INJECT_ROUTES, usage_edits
 from ollamamq_fast.state.records import UserSettings
 from ollamamq_fast.tasks import cancel_and_wait
-from ollamamq_fast.wire.sniff import Sniffed
+from ollamamq_fast.wire.sniff import Sniffed, any_spelling
 
 if TYPE_CHECKING:
     from ollamamq_fast.plane import DataPlane
@@ -67,8 +68,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("ollamamq_fast.policy")
 
 CHAT_COMPLETIONS: Final = b"/v1/chat/completions"
-# `"stream"` in any spelling (a Go server reads them all), without copying the body.
-_ANY_CASE_STREAM: Final = re.compile(rb'"[sS][tT][rR][eE][aA][mM]"')
+# `"stream"` in every spelling some server reads (any case for Go, `\u` escapes for
+# every JSON decoder), without copying the body.
+_ANY_STREAM: Final = any_spelling("stream")
 
 
 def _mentions(body: bytes, text: str | None, word: str) -> bool:
@@ -214,7 +216,7 @@ class Policy:
                         or _mentions(body, text, "seed")):
             det = False
         if (inject and not _mentions(body, text, '"stream"')
-                and _ANY_CASE_STREAM.search(body) is None):
+                and _ANY_STREAM.search(body) is None):
             inject = False
         if not (cap or det or inject or mirror):
             return ()
@@ -225,7 +227,9 @@ class Policy:
             wanted: list[str] = []
             if cap:
                 rule = CAP_RULES[path]
-                wanted += ["options"] if rule.native else [*rule.keys, rule.insert]
+                wanted += ["options"] if rule.native else [*rule.keys, rule.insert,
+                                                            *rule.fanout,
+                                                            *([rule.batch] if rule.batch else [])]
             if det:
                 wanted += ["options"] if native else list(DETERMINISM_KEYS)
             if inject:
@@ -277,6 +281,13 @@ class Policy:
                 return refused(400, "this gateway caps max_tokens and cannot check a "
                                     "compressed request body; send it uncompressed",
                                rejected=False)
+            if limits.has_quota and self.inject and path in INJECT_ROUTES:
+                # A stream that does not ask for usage reports no prompt tokens: the
+                # quota would count an estimate of the answer alone (a server that
+                # ignores Content-Encoding reads the body as it is, unasked).
+                return refused(400, "this gateway counts tokens against a quota and cannot "
+                                    "ask a compressed request body for its usage; send it "
+                                    "uncompressed", rejected=False)
             return ADMIT
         native = path.startswith(b"/api/")
         options = None
@@ -289,7 +300,8 @@ class Policy:
                 if rule.native:
                     edits = cap_native(body, sn, options, limits.max_tokens, limits.reject_over_cap)
                 else:
-                    edits = cap_openai(body, sn, rule, limits.max_tokens, limits.reject_over_cap)
+                    edits = self._cap_openai(body, sn, rule, limits.max_tokens,
+                                             limits.reject_over_cap)
             except CapError as exc:
                 return refused(400, str(exc), rejected=False)
         capped = bool(edits)
@@ -304,7 +316,7 @@ class Policy:
                 and (cache.mode == "all" or path in EMBEDDINGS
                      or (sn is not None and is_deterministic(native, body, sn, options)))):
             key = cache_key(path, ex.url, ex.model or "", limits.max_tokens if rule else 0, body,
-                            ex.credential)
+                            ex.credential, ex.pool.name)
             if key is not None and not ex.cache_control & NO_CACHE:
                 entry = cache.get(key)
                 if entry is not None:
@@ -316,6 +328,25 @@ class Policy:
                     task.add_done_callback(self._tasks.discard)
                     return pending(task)
         return self._finish(path, body, sn, edits, key, capped)
+
+    @staticmethod
+    def _cap_openai(body: bytes, sn: Sniffed, rule: CapRule, cap: int,
+                    reject: bool) -> list[Edit]:
+        """cap_openai, with the cap shared by the sequences `n` / `best_of` ask for."""
+        many = sequences(body, sn, rule) if rule.fanout or rule.batch else 1
+        if many == 1:
+            return cap_openai(body, sn, rule, cap, reject)
+        share = cap // many
+        if share < 1:
+            raise CapError(f"n / best_of / a prompt list ask for {many} sequences, more "
+                           f"than this gateway's cap of {cap} tokens allows (one token "
+                           "each); ask for fewer")
+        try:
+            return cap_openai(body, sn, rule, share, reject)
+        except CapError as exc:
+            raise CapError(f"{exc} (this gateway's cap of {cap} tokens is shared by the "
+                           f"{many} sequences n / best_of / a prompt list ask for)"
+                           ) from None
 
     def _finish(self, path: bytes, body: bytes, sn: Sniffed | None, edits: list[Edit],
                 key: bytes | None, capped: bool) -> Admission:

@@ -54,7 +54,7 @@ def usage_edits(body: bytes, sn: Sniffed) -> list[Edit]:
     for usage, and the exact spelling is added when missing, so that no
     variant can turn the usage (and so the quota) off.
     """
-    if not any(body[start:end] == b"true" for _, start, end in sn.occurrences.get("stream", ())):
+    if not any(may_stream(body[start:end]) for _, start, end in sn.occurrences.get("stream", ())):
         return []  # no spelling of `stream` asks for one on any server
     edits: list[Edit] = []
     exact = False
@@ -66,13 +66,38 @@ def usage_edits(body: bytes, sn: Sniffed) -> list[Edit]:
             continue
         options = exact_object(value)
         if options is None:
-            return []  # not an object: the backend will refuse the body itself
+            # Not an object: a server that reads this spelling refuses the body, one
+            # that reads only another spelling (vLLM: `"Stream_Options": []` beside
+            # `"stream_options"`) does not, and must still be asked.
+            continue
         if options.get("include_usage") is not True:
             options["include_usage"] = True
             edits.append((start, end, encode_object(options)))
     if not exact:
         edits.append(append_member(sn, "stream_options", _INCLUDE))
     return edits
+
+
+def may_stream(raw: bytes) -> bool:
+    """Whether a server may read the raw JSON `stream` value as true.
+
+    Go (Ollama) takes only `true` (anything else but null is a 400), but vLLM's
+    pydantic models read in lax mode: `1`, `1.0`, `"true"`, `"1"`, `"yes"`,
+    `"on"` are true there. Usage is asked for whenever some server streams: a
+    non-empty string or a non-zero number (a value pydantic then refuses is
+    refused with or without it). Not for a falsy one: vLLM refuses
+    `stream_options` beside a falsy `stream`.
+    """
+    if raw == b"true":
+        return True
+    if raw[:1] == b'"':
+        return len(raw) > 2
+    if raw[:1] and b"-0123456789".find(raw[:1]) >= 0:
+        try:
+            return float(raw) != 0
+        except ValueError:
+            return False
+    return False
 
 
 class UsageStripper:

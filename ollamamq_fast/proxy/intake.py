@@ -27,7 +27,7 @@ from ollamamq_fast.policy.cache import cache_control
 from ollamamq_fast.policy.identity import AuthError, UserIdError, check_user_id
 from ollamamq_fast.pools import PoolError, unalias
 from ollamamq_fast.proxy.flow import PIPELINE_BUFFER_LIMIT
-from ollamamq_fast.wire.errors import error_body
+from ollamamq_fast.wire.errors import Api, error_body
 from ollamamq_fast.wire.headers import (
     backend_request_id,
     forwarded_block,
@@ -37,6 +37,7 @@ from ollamamq_fast.wire.routes import FALLBACK_ROUTE, Kind, Route, api_of_path, 
 from ollamamq_fast.wire.sniff import (
     Sniffed,
     SniffError,
+    exact_disagrees,
     first_model,
     sniff_fields,
     sniff_spans,
@@ -296,6 +297,14 @@ def read_model(ex: Exchange, route: Route, body: bytes, keys: tuple[str, ...],
             found = spans.found
         else:
             found = sniff_fields(body, route.model_keys, text)
+        if route.api is Api.OPENAI:
+            # An exact-name server (vLLM, llama.cpp) must run the model routed and billed.
+            odd = exact_disagrees(body, route.model_keys, found)
+            if odd:
+                raise Unroutable(400, f'ambiguous "{odd}": Ollama reads it in any case, '
+                                      f'other servers only as "{odd}" exactly (the last one, '
+                                      'a null as none), and here they would run different '
+                                      f'models; send one "{odd}"')
     except SniffError as exc:
         raise Unroutable(400, str(exc)) from None
     name = first_model(found, route.model_keys)

@@ -75,6 +75,8 @@ def refused_unreadable_body(ex: Exchange, conn: UpstreamConnection) -> bool:
         json.loads(ex.body[0])
     except ValueError as exc:  # UnicodeDecodeError included
         why = f"invalid JSON in request body: {exc}"
+    except RecursionError:  # a Python server's json.loads fails the same way
+        why = "invalid JSON in request body: nested too deeply"
     else:
         return False
     ex.upstream = None

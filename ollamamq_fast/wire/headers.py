@@ -243,8 +243,9 @@ class RequestHead:
             self.kept.append((name, value))
         elif action == CONTENT_ENCODING:
             self.kept.append((name, value))
-            self.encoded_body = self.encoded_body or \
-                value.strip().lower() not in (b"", b"identity")
+            # A list (RFC 9110 §8.4): only codings other than identity encode it.
+            self.encoded_body = self.encoded_body or any(
+                c.strip().lower() not in (b"", b"identity") for c in value.split(b","))
         elif action == REQUEST_ID:
             value = value.strip()
             if _SANE_REQUEST_ID.fullmatch(value):
@@ -273,6 +274,8 @@ class RequestHead:
         if tokens:
             # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
             self.kept = [h for h in self.kept if h[0].lower() not in tokens]
+            if b"content-encoding" in tokens:
+                self.encoded_body = False  # not forwarded: the backend reads the body as it is
 
 
 def _decimal(value: bytes) -> int:

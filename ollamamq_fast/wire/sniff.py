@@ -359,6 +359,71 @@ def _decode_string(raw: bytes) -> str:
     return str(value)
 
 
+# Go folds these non-ASCII letters to ASCII ones (go_fold): the Kelvin sign, the long s.
+_FOLDS_TO: Final = {"k": "\u212a", "s": "\u017f"}
+_spelling_memo: Final[dict[str, re.Pattern[bytes]]] = {}
+
+
+def any_spelling(key: str) -> re.Pattern[bytes]:
+    """`"key"` as a JSON string in every spelling Go matches: any case, any letter
+    `\\u`-escaped (hex digits in any case), the letters Go folds from non-ASCII ones."""
+    found = _spelling_memo.get(key)
+    if found is None:
+        parts = [b'"']
+        for c in key:
+            forms = {c.lower(), c.upper(), *([_FOLDS_TO[c]] if c in _FOLDS_TO else [])}
+            alts = []
+            for form in sorted(forms):
+                hexes = b"".join(b"[" + bytes([h]) + bytes([h]).upper() + b"]"
+                                 if h > 0x39 else bytes([h]) for h in b"%04x" % ord(form))
+                alts += [re.escape(form.encode()), rb"\\u" + hexes]
+            parts.append(b"(?:" + b"|".join(alts) + b")")
+        parts.append(b'"')
+        found = _spelling_memo[key] = re.compile(b"".join(parts))
+    return found
+
+
+def exact_disagrees(body: bytes, keys: tuple[str, ...], found: dict[str, str]) -> str:
+    """The first of `keys` an exact-name server reads otherwise than Go's `found` ("" if none).
+
+    A /v1 request may reach Go (Ollama: a key in any case, the last non-null
+    one wins, `found`) or an exact-name server (vLLM and pydantic, llama.cpp's
+    nlohmann: only the exact spelling, escapes resolved, the last duplicate
+    winning, `null` as no value). The model must be the same to both, or the
+    gateway would route and bill one model while the server runs another.
+
+    One regex search when the key is written once, exactly (every request
+    but odd ones); otherwise the top level is scanned again.
+    """
+    odd = False
+    for key in keys:
+        spellings = any_spelling(key).finditer(body)
+        first = next(spellings, None)
+        if first is not None and (first.group() != b'"' + key.encode() + b'"'
+                                  or next(spellings, None) is not None):
+            odd = True
+            break
+    if not odd:
+        return ""
+    wanted = _wanted(keys)
+    exact: dict[str, str | None] = {}
+    members, _ = _members(body)
+    for raw_key, is_plain, start, end in members:
+        name: str | None
+        if is_plain:
+            name = wanted.get(raw_key)  # the wanted names are spelled exactly
+        else:
+            text = _decode_string(raw_key)
+            name = text if text in keys else None
+        if name is not None:
+            exact[name] = (_decode_string(body[start + 1 : end - 1])
+                           if body[start] == _QUOTE else None)
+    for key in keys:
+        if exact.get(key) != found.get(key):
+            return key
+    return ""
+
+
 def key_text(raw: bytes) -> str:
     """A member's key as a server decodes it (escapes resolved), for exact-name matching."""
     return _decode_string(raw)
@@ -397,6 +462,49 @@ def first_item(body: bytes, key: str) -> bytes:
     if value[j] == _QUOTE:
         return value[j : _string_end(value, j + 1) + 1]
     return b""
+
+
+_WS: Final = re.compile(rb"[ \t\r\n]*")
+
+
+def array_items(body: bytes, start: int, end: int) -> tuple[int, int]:
+    """(number of items, first byte of the first item) of the array at body[start:end].
+
+    (0, 0) when the value is not an array or is empty. Items are skipped as the
+    member scan skips values (strings with a memchr), never decoded; the count
+    stops where the array is broken (its server refuses it).
+    """
+    if body[start : start + 1] != b"[":
+        return 0, 0
+    ws = _WS.match
+    m = ws(body, start + 1)
+    i = m.end() if m is not None else start + 1
+    if i >= end or body[i] == 0x5D:
+        return 0, 0
+    first = body[i]
+    count = 0
+    try:
+        while i < end:
+            c = body[i]
+            if c == _QUOTE:
+                i = _string_end(body, i + 1) + 1
+            elif c == 0x7B or c == 0x5B:
+                i = _skip_container(body, i)
+            else:
+                sm = _SCALAR.match(body, i)
+                if sm is None:
+                    break
+                i = sm.end()
+            count += 1
+            m = ws(body, i)
+            i = m.end() if m is not None else i
+            if i >= end or body[i] != 0x2C:  # ','
+                break
+            m = ws(body, i + 1)
+            i = m.end() if m is not None else i + 1
+    except SniffError:
+        pass
+    return count, first
 
 
 def duplicate_members(body: bytes) -> bool:

@@ -245,3 +245,18 @@ def go_view(body: bytes, native: bool, cap: int) -> Any:
     except ValueError:
         return None
     return view
+
+
+def v1_model_holds(body: bytes, model: str | None = None) -> tuple[bool, str]:
+    """Go (Ollama's /v1) and an exact reader (vLLM, llama.cpp) both run one model
+    (`model`, the one the gateway routed and billed, when given): an exact reader
+    takes only the exact key (the last one, a null as none), Go any case variant
+    (the last non-null one)."""
+    top = first_value(body)
+    if not isinstance(top, list):
+        return True, "not an object"
+    go = go_field(top, "model", pointer=False)[1]
+    exact = exact_field(top, "model")[1]
+    if go == exact and (model is None or go == model):
+        return True, ""
+    return False, f"Go reads model {go!r}, an exact reader {exact!r}; the gateway routed {model!r}"

@@ -149,6 +149,17 @@ STREAM_BODIES = {
                           b'"Stream_Options":null',
     "stream-true-then-null": b'"stream":true,"stream":null',
     "STREAM-alone": b'"STREAM":true',
+    # A spelling only Go reads holds no object: Go refuses the body, vLLM reads the
+    # exact one (the gateway gave up on the whole request's usage).
+    "Stream_Options-array": b'"stream":true,"stream_options":{"include_usage":false},'
+                            b'"Stream_Options":[]',
+    "Stream_Options-string-first": b'"stream":true,"Stream_Options":"x",'
+                                   b'"stream_options":{"include_usage":false}',
+    # Every JSON decoder reads `"\u0073tream"` as `stream`: the gateway looked for the
+    # key's letters, so it never read such a stream's value and asked for no usage.
+    "escaped-stream": b'"\\u0073tream":true',
+    "escaped-mid-stream": b'"st\\u0072eam":true',
+    "escaped-STREAM": b'"\\u0053TREAM":true',
 }
 STREAMS_EXACT_XFAIL: dict[str, str] = {}
 

@@ -8,7 +8,8 @@ an Ollama fake and an OpenAI-compatible fake. For every example:
 - the gateway answers once, with 200 or a clean 400, never 5xx;
 - what the backend received keeps the cap and asks for stream usage under
   the backend's reading: Go's (case-insensitive, merging) for Ollama, on
-  /api and /v1 alike; exact names for an OpenAI-compatible server;
+  /api and /v1 alike; exact names for an OpenAI-compatible server; a /v1
+  body names one model to both readings;
 - the same body from another user is served from the cache only when it has
   no duplicate keys, and a cached answer reaches a user whose body Go reads
   the same way as the one that produced it (never another user's variant);
@@ -42,6 +43,7 @@ from readers import (
     native_cap_holds,
     v1_cap_holds_exact,
     v1_cap_holds_go,
+    v1_model_holds,
     v1_usage_holds,
     v1_usage_holds_exact,
 )
@@ -112,6 +114,8 @@ def check_example(gw: GatewayProc, fake: FakeBackend, route: str, body: bytes,
             checks = [v1_cap_holds_go(sent, CAP)]
             if open_rules:
                 checks.append(v1_usage_holds(sent))
+        if not native:
+            checks.append(v1_model_holds(sent))  # the model Go and exact servers run
         for ok, why in checks:
             assert ok, f"{why}\n  client sent: {body!r}\n  backend got: {sent!r}"
     if open_rules and first.status_code == 200:

@@ -35,6 +35,17 @@ def translate_request(
     Raises TranslationError (status and message) for a body the client must
     fix; ValueError when the path is not an inference route of the other API.
     """
+    try:
+        return _translate(path, body, target, traits)
+    except RecursionError:
+        # Go reads up to 10,000 levels; Python's parser and the translation's
+        # walks stop near 1,000: a 400 that says so, not a gateway error.
+        raise TranslationError(400, "request body nested too deeply to translate") from None
+
+
+def _translate(
+    path: bytes | str, body: bytes, target: Api, traits: BackendTraits
+) -> Translated:
     client = endpoint_for(path)
     if client is None or client.api is target:
         raise ValueError(f"no translation from {path!r} to {target.value}")
