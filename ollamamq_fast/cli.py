@@ -90,7 +90,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "not a cap on a long stream "
                         f"(env TIMEOUT; default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--no-tui", action="store_true",
-                   help="no terminal dashboard: log to stderr (for services, Docker, CI)")
+                   help="no terminal dashboard: event logs to stderr, access lines to "
+                        "--log-file (for services, Docker, CI)")
     p.add_argument("--allow-all-routes", action="store_true", default=None,
                    help="forward unknown paths to the primary backend instead of answering 404")
     p.add_argument("-c", "--config", default=None, metavar="FILE",

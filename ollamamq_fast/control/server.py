@@ -168,7 +168,8 @@ class AdminServer:
             stored = None
         if stored:
             # Generated on an earlier start and printed then; only its digest was kept.
-            log.info("admin token: the one generated on first start (stored hashed)")
+            log.info("admin token: the one generated on first start (stored hashed; lost it? "
+                     "start with --admin-token or OLLAMAMQ_ADMIN_TOKEN set to one of your own)")
             return AdminAuth(bytes.fromhex(stored))
         auth, token = AdminAuth.generate()
         # Shown once; from here on only its digest exists (control/auth.py).
