@@ -369,6 +369,11 @@ class Gateway:
         state.clock = time.time()
         try:
             timeout = state.settings.timeout
+            # Silence is measured on the data plane's clock, from the request's
+            # write (ex.sent_at) or the last tick that saw activity: counting
+            # whole ticks instead cut a backend that had been silent for less
+            # than --timeout (the first tick after the write may come at once).
+            clock = state.loop_time()
             for conn in list(state.connections):
                 conn.reap(TICK_S, HEAD_TIMEOUT_S, KEEPALIVE_TIMEOUT_S)
                 ex = conn.active
@@ -383,10 +388,9 @@ class Gateway:
                     # client is still sending the body: a backend may rightly
                     # say nothing until the upload ends.
                     up.rx_seen = up.rx_count
-                    up.silent_s = 0.0
+                    up.silent_since = clock
                     continue
-                up.silent_s += TICK_S
-                if up.silent_s >= timeout:
+                if clock - max(up.silent_since, ex.sent_at) >= timeout:
                     ex.upstream_timeout()
             for dispatcher in state.pools.dispatchers():
                 dispatcher.sweep(now)

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
+import time
 
 import httpx
 import pytest
-from harness import LoopThread, fast_sim_options, free_port, start_stack
+from harness import (
+    LoopThread,
+    SocketBackend,
+    fast_sim_options,
+    free_port,
+    start_stack,
+    wait_until,
+)
 
 
 def _gen(client: httpx.Client, url: str, user: str = "u", stream: bool = False) -> httpx.Response:
@@ -248,3 +257,125 @@ def test_reset_cancels_the_breaker_timer_on_uvloop() -> None:
         assert timer.cancelled()  # type: ignore[attr-defined]
     finally:
         loop.close()
+
+
+def test_a_backend_back_from_offline_is_routed_by_its_new_model_list() -> None:
+    # A backend restarted with other models (another model folder, another
+    # server on the address) must be routed by what it serves now: its list is
+    # read at its first good probe, not up to a minute later (MODELS_REFRESH_S).
+    from ollamamq_fast.sim import start_sim
+
+    st = start_stack(sims=[fast_sim_options(models=["llama3.2:latest"])], health_interval=0.1)
+    try:
+        backend = st.state.fleet.backends[0]
+        port = st.sims[0].port
+        st.lt.run(st.sims[0].close())
+        wait_until(lambda: not backend.online, "the dead backend to go offline")
+        st.sims[0] = st.lt.run(start_sim(fast_sim_options(models=["qwen2.5:0.5b"]),
+                                         "127.0.0.1", port))
+        wait_until(lambda: backend.online, "the backend to come back")
+        assert list(backend.models) == ["qwen2.5:0.5b"]
+        with httpx.Client(timeout=10) as client:
+            r = client.post(st.url + "/api/generate", json={"model": "qwen2.5:0.5b", "prompt": "q",
+                                                            "stream": False})
+            assert r.status_code == 200
+            r = client.post(st.url + "/api/generate", json={"model": "llama3.2", "prompt": "q",
+                                                            "stream": False})
+            assert r.status_code == 404 and r.json() == {"error": "model 'llama3.2' not found"}
+            names = [m["name"] for m in client.get(st.url + "/api/tags").json()["models"]]
+            assert names == ["qwen2.5:0.5b"]
+    finally:
+        st.close()
+
+
+def test_a_tripped_breaker_makes_the_next_probe_read_the_model_list() -> None:
+    # Requests, not probes, found the backend failing (it died and came back
+    # between two checks): its next check reads its models too.
+    from ollamamq_fast.fleet.passive import BREAKER_THRESHOLD
+
+    st = start_stack(sims=[fast_sim_options(models=["llama3.2:latest"])], health_interval=3600.0)
+    try:
+        backend = st.state.fleet.backends[0]
+        store = st.sims[0].app.store
+
+        def other_models() -> None:
+            from ollamamq_fast.sim.models import parse_name
+
+            name = parse_name("qwen2.5:0.5b")
+            assert name is not None
+            store.add(name)
+            entry = store.find("llama3.2")
+            assert entry is not None
+            store.remove(entry)
+
+        st.lt.call(other_models)
+        for _ in range(BREAKER_THRESHOLD):
+            st.lt.call(st.state.passive.failure, backend, "test")
+        st.lt.run(st.state.health.probe(backend))
+        assert list(backend.models) == ["qwen2.5:0.5b"]
+    finally:
+        st.close()
+
+
+class _SlowHead(SocketBackend):
+    """An Ollama-like backend whose inference answers come after `delay` seconds of silence."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        super().__init__()
+
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        path = self.path_of(head)
+        if path.startswith(b"/api/tags"):
+            body = b'{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest"}]}'
+        elif path.startswith((b"/api/ps", b"/api/version", b"/v1/models")):
+            body = b'{"models":[],"version":"0.12.0","data":[]}'
+        else:
+            time.sleep(self.delay)
+            body = b'{"model":"llama3.2","response":"ok","done":true}'
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+
+
+def test_timeout_allows_a_silence_shorter_than_it() -> None:
+    # --timeout 2 and a backend silent for 1.7 s before its head: never a 504.
+    # The reaper ticks once a second; counting whole ticks from the write cut
+    # such a request whenever the first tick came less than 0.7 s after it,
+    # so of two requests half a second apart, one was always cut.
+    slow = _SlowHead(1.7)
+    st = start_stack(sims=[], extra_backends=[slow.url], timeout=2.0, health_interval=3600.0)
+    try:
+        statuses: list[int] = []
+
+        def one(user: str) -> None:
+            r = httpx.post(st.url + "/api/generate", headers={"X-User-ID": user}, timeout=10,
+                           json={"model": "llama3.2", "prompt": "q", "stream": False})
+            statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=one, args=(f"u{i}",)) for i in range(2)]
+        threads[0].start()
+        time.sleep(0.5)
+        threads[1].start()
+        for t in threads:
+            t.join(10)
+        assert statuses == [200, 200]
+    finally:
+        st.close()
+        slow.close()
+
+
+def test_a_silent_backend_gets_504_soon_after_the_timeout() -> None:
+    slow = _SlowHead(30.0)
+    st = start_stack(sims=[], extra_backends=[slow.url], timeout=1.0, health_interval=3600.0)
+    try:
+        began = time.monotonic()
+        r = httpx.post(st.url + "/v1/chat/completions", timeout=10,
+                       json={"model": "llama3.2", "messages": [{"role": "user", "content": "q"}]})
+        took = time.monotonic() - began
+        assert r.status_code == 504
+        assert r.json()["error"]["message"].endswith("sent nothing for 1 s")
+        assert 1.0 <= took < 3.0
+        assert st.lt.call(lambda: st.state.fleet.backends[0].in_flight) == 0
+    finally:
+        st.close()
+        slow.close()

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from ollamamq_fast.fleet.backend import ApiKind, Backend
+from ollamamq_fast.fleet.backend import ApiKind, Backend, Breaker
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.tasks import cancel_and_wait
 
@@ -190,7 +190,11 @@ class HealthChecker:
         watch.next_check = now + (backend.probe_interval or self.interval)
         answered = backend.requests_done != watch.done_seen
         watch.done_seen = backend.requests_done
-        models_due = refresh or now - watch.models_at >= self.models_interval
+        # A backend that failed (a probe, or requests that opened its breaker)
+        # may have been restarted with other models: its list is read again
+        # at its next check, not up to models_interval later.
+        models_due = (refresh or backend.breaker is not Breaker.CLOSED
+                      or now - watch.models_at >= self.models_interval)
         detected = backend.kind is not ApiKind.UNKNOWN
         if not refresh and detected and not custom and backend.online:
             if backend.busy or (answered and not models_due):
@@ -212,6 +216,7 @@ class HealthChecker:
                 log.debug("probe of busy backend %s failed, ignored: %r", backend.name, exc)
             else:
                 self._failed(backend, f"probe failed: {exc!r}")
+                watch.models_at = -math.inf  # its next good probe reads its models
         else:
             backend.probe_failures = 0
             backend.consecutive_successes += 1

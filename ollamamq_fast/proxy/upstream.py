@@ -94,10 +94,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.responses = 0  # completed responses; > 0 means it came from the pool
         self.idle_since = 0.0
         # Silence detection: the reaper compares rx_count between its ticks,
-        # which costs one integer add per read instead of a clock call.
+        # which costs one integer add per read instead of a clock call, and
+        # stamps the tick that last saw activity (the data plane's clock; the
+        # request's own write time, Exchange.sent_at, bounds it from below).
         self.rx_count = 0
         self.rx_seen = 0
-        self.silent_s = 0.0
+        self.silent_since = 0.0
         self.writing_paused = False
         # The client connection's flow control, while an exchange uses this connection.
         self.flow: FlowControl | None = None
@@ -617,7 +619,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.flow = flow
         flow.bind(self.transport)
         self.rx_seen = self.rx_count
-        self.silent_s = 0.0
         assert self.transport is not None
         if len(data) == 1:
             self.transport.write(data[0])
