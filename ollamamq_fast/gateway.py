@@ -223,6 +223,7 @@ class GatewayState(DataPlane):
         self.pools.relink()
         if backend not in self.pools.backends:
             self._drop_backend(backend)
+        self.pools.pump_all()  # requests queued for a model only it served are answered
         return backend
 
     def add_backend(self, url: str, slots: int | None = None,

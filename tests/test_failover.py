@@ -379,3 +379,64 @@ def test_a_silent_backend_gets_504_soon_after_the_timeout() -> None:
     finally:
         st.close()
         slow.close()
+
+
+def test_a_model_whose_backends_are_offline_is_503_not_404() -> None:
+    # Another backend is up, so the gateway is; the model's own backend went
+    # offline (a restart): clients must get a 503 they retry, not a 404 they
+    # take for good.
+    st = start_stack(sims=[fast_sim_options(models=["llama3.2:latest"]),
+                           fast_sim_options(models=["qwen2.5:0.5b"])], health_interval=0.1)
+    try:
+        backend = st.state.fleet.backends[0]
+        st.lt.run(st.sims[0].close())
+        wait_until(lambda: not backend.online, "the dead backend to go offline")
+        with httpx.Client(timeout=5) as client:
+            r = _gen(client, st.url)
+            assert r.status_code == 503 and r.headers["retry-after"] == "5"
+            assert r.json() == {"error": "every backend serving 'llama3.2' is offline; "
+                                         "retry shortly"}
+            r = client.post(st.url + "/v1/chat/completions", json={
+                "model": "llama3.2", "messages": [{"role": "user", "content": "q"}]})
+            assert r.status_code == 503 and r.json()["error"]["type"] == "api_error"
+            # A model no backend ever listed is still unknown.
+            r = client.post(st.url + "/api/generate", json={"model": "nope", "prompt": "q"})
+            assert r.status_code == 404
+    finally:
+        st.close()
+
+
+def test_requests_queued_for_a_removed_backends_model_are_answered_at_once() -> None:
+    # The only backend serving qwen is removed at run time while one request
+    # runs there and another waits: the running one finishes, the waiting one
+    # gets what a new request gets (404 here, another backend being up), not a
+    # wait until --queue-timeout for a backend that will never take it.
+    slow = fast_sim_options(models=["qwen2.5:0.5b"], tokens=100, tokens_per_s=100.0)
+    st = start_stack(sims=[fast_sim_options(models=["llama3.2:latest"]), slow], slots=1,
+                     health_interval=3600.0, queue_timeout=60.0)
+    try:
+        backend = st.state.fleet.backends[1]
+        results: dict[str, httpx.Response] = {}
+
+        def gen(user: str) -> None:
+            results[user] = httpx.post(
+                st.url + "/api/generate", headers={"X-User-ID": user}, timeout=30,
+                json={"model": "qwen2.5:0.5b", "prompt": "q", "stream": False})
+
+        running = threading.Thread(target=gen, args=("a",))
+        running.start()
+        wait_until(lambda: backend.in_flight == 1, "the first request to run")
+        waiting = threading.Thread(target=gen, args=("b",))
+        waiting.start()
+        wait_until(lambda: len(st.state.dispatcher.queue) == 1, "the second request to queue")
+        began = time.monotonic()
+        st.lt.call(st.state.operator.remove_backend, backend.name)
+        waiting.join(5)
+        assert not waiting.is_alive() and time.monotonic() - began < 5
+        assert results["b"].status_code == 404
+        assert results["b"].json() == {"error": "model 'qwen2.5:0.5b' not found"}
+        running.join(10)
+        assert results["a"].status_code == 200  # running requests finish
+        assert len(st.state.dispatcher.queue) == 0
+    finally:
+        st.close()

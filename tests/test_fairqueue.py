@@ -708,3 +708,15 @@ def test_a_grant_replaces_its_sources_last_one_and_never_the_operators() -> None
     assert not q.is_vip("b") and q.weight("d") == 1 and q.weight("e") == 1
     with pytest.raises(ValueError):
         q.grant([], [], {"x": 0})
+
+
+def test_take_where_removes_only_the_matching_tickets_in_push_order() -> None:
+    q = FairQueue()
+    tickets = [q.push(user, payload) for user, payload in
+               [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("b", 5)]]
+    taken = q.take_where(lambda p: p in (2, 3, 4))
+    assert [t.payload for t in taken] == [2, 3, 4]
+    assert all(t.cancelled and not t.queued for t in taken)
+    assert len(q) == 2 and sorted(q.users()) == ["a", "b"]
+    assert [q.pop().payload for _ in range(2)] == [1, 5]  # type: ignore[union-attr]
+    assert len(q) == 0 and tickets[0].queued is False

@@ -45,6 +45,10 @@ class Fleet:
         # Models listed by both an Ollama backend and one of another kind: where a
         # native request first tries an Ollama backend with the model loaded.
         self._mixed: frozenset[str] = frozenset()
+        # Set when a model left the index (its backends were removed, or came
+        # back without it): the dispatcher then answers the requests queued
+        # for it, which no backend would ever take (Dispatcher.pump).
+        self.models_gone = False
         for b in backends:
             b.refresh()
         self.rebuild_index()
@@ -59,6 +63,10 @@ class Fleet:
                 anyk.setdefault(model, []).append(b)
                 if b.kind is ApiKind.OLLAMA:
                     native.setdefault(model, []).append(b)
+        if not self.models_gone and (
+                any(m not in anyk for m in self._index_any)
+                or any(m not in native for m in self._index_native)):
+            self.models_gone = True
         self._index_native = native
         self._index_any = anyk
         self._native_all = [b for b in self.backends if b.kind is ApiKind.OLLAMA]

@@ -195,7 +195,8 @@ class Dispatcher:
     def _no_backend_for(self, ex: Exchange) -> Placement:
         route = ex.route
         native = route.native if route is not None else True
-        listed = [b for b in self.fleet.candidates(ex.model, native) if b.online]
+        candidates = self.fleet.candidates(ex.model, native)
+        listed = [b for b in candidates if b.online]
         if not self.fleet.any_up():
             return refused(503, "no backend is online", 5)
         if not self.fleet.any_online() and ex.model is None:
@@ -204,6 +205,12 @@ class Dispatcher:
             # Known model, but every backend serving it is draining or failing.
             return refused(503, f"every backend serving '{ex.model_name}' is unavailable "
                                 "(draining or failing); retry shortly", 5)
+        if candidates and ex.model is not None:
+            # Its backends are offline (the probes fail): the model is not
+            # unknown, and they may be back in a moment (a restart). Not a 404,
+            # which clients take for good and do not retry.
+            return refused(503, f"every backend serving '{ex.model_name}' is offline; "
+                                "retry shortly", 5)
         if ex.model in ex.pool.pulling:
             # A required model on its way (fleet/required.py): not a client error.
             return refused(503, f"model '{ex.model_name}' is being pulled to the backends; "
@@ -237,6 +244,9 @@ class Dispatcher:
         self.pumping = True
         try:
             fleet = self.fleet
+            if fleet.models_gone:
+                fleet.models_gone = False
+                self._answer_unlisted()
             line = self.retry_line
             while line:
                 ex = line[0]
@@ -255,6 +265,34 @@ class Dispatcher:
                 self._start(ex)
         finally:
             self.pumping = False
+
+    def _unlisted(self, payload: object) -> bool:
+        ex: Exchange = payload  # type: ignore[assignment]
+        route = ex.route
+        return (route is not None and ex.model is not None
+                and not self.fleet.candidates(ex.model, route.native))
+
+    def _answer_unlisted(self) -> None:
+        """Answer the waiting requests whose model no backend lists any more (its
+        backends were removed, or came back without it): what a new request for it
+        gets (404, or 503 while a required model is pulled), not a wait until
+        --queue-timeout for a backend that will never take them."""
+        now = self.loop.time()
+        for ticket in self.queue.take_where(self._unlisted):
+            ex = cast("Exchange", ticket.payload)
+            ex.ticket = None
+            ex.gw.ledger.left_queue(ex.ustats)
+            ex.queue_ms = int((now - ex.enqueued_at) * 1000)
+            placement = self._no_backend_for(ex)
+            ex.respond_error(placement.status, placement.message,
+                             retry_after=placement.retry_after)
+        line = self.retry_line
+        for _ in range(len(line)):
+            ex = line.popleft()
+            if self._unlisted(ex):
+                ex.resubmit()  # refused as a new request would be
+            else:
+                line.append(ex)
 
     def _start(self, ex: Exchange) -> None:
         backend = ex.chosen

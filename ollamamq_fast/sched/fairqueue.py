@@ -272,6 +272,22 @@ class FairQueue:
             ticket = self._all_head
         return out
 
+    def take_where(self, pred: RunPredicate) -> list[Ticket]:
+        """Cancel and return every live ticket whose payload `pred` accepts; O(queued).
+
+        For rare fleet changes only (a model no backend lists any more).
+        """
+        out: list[Ticket] = []
+        ticket = self._all_head
+        while ticket is not None:
+            nxt = ticket._all_next
+            if pred(ticket.payload):
+                self._remove(ticket)
+                ticket.cancelled = True
+                out.append(ticket)
+            ticket = nxt
+        return out
+
     # Settings interface
 
     def set_vip(self, user: str, on: bool) -> None:
