@@ -318,3 +318,42 @@ def test_request_ids_a_uuid_only_server_accepts(fake_loop: LoopThread) -> None:
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def test_a_busy_ollama_backend_still_has_its_model_list_read_when_due() -> None:
+    # A backend never idle (steady traffic) got no check at all, so a model
+    # pulled on its host was never routed there. Ollama answers /api/tags while
+    # it generates: its list is read when due, even while requests run.
+    from harness import fast_sim_options
+
+    from ollamamq_fast.sim.models import parse_name
+
+    slow = fast_sim_options(models=["llama3.2:latest"], tokens=60, tokens_per_s=40.0)
+    st = start_stack(sims=[slow], slots=1, health_interval=3600.0)
+    try:
+        backend = only_backend(st)
+        checker = st.state.health
+        store = st.sims[0].app.store
+        streamed: dict[str, Any] = {}
+
+        def stream() -> None:
+            with httpx.Client(timeout=30) as client, client.stream(
+                    "POST", st.url + "/api/generate",
+                    json={"model": "llama3.2", "prompt": "q"}) as r:
+                streamed["lines"] = [json.loads(ln) for ln in r.iter_lines() if ln]
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        wait_until(lambda: backend.in_flight == 1, "the stream to run")
+        name = parse_name("qwen2.5:0.5b")
+        assert name is not None
+        st.lt.call(store.add, name)
+        st.lt.run(checker.probe(backend))  # not due yet: live traffic answers
+        assert "qwen2.5:0.5b" not in backend.models
+        st.lt.call(setattr, checker, "models_interval", 0.0)
+        st.lt.run(checker.probe(backend))
+        assert "qwen2.5:0.5b" in backend.models and backend.in_flight == 1
+        streamer.join(30)
+        assert streamed["lines"][-1]["done"] is True
+    finally:
+        st.close()

@@ -63,6 +63,12 @@ _OWNERS = {
 
 _PROBE_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError)
 
+# Kinds that answer a model-list request at once while they generate: their list
+# is re-read when due even while requests run, so that one never idle (steady
+# traffic) still learns of a model pulled on its host or a LoRA adapter loaded.
+# Not llama.cpp's kind: llama-cpp-python's server would stop its running stream.
+_LISTS_WHILE_BUSY = frozenset((ApiKind.OLLAMA, ApiKind.VLLM, ApiKind.LMSTUDIO))
+
 
 class FleetView(Protocol):
     """What the checker needs of the fleet: every backend, and a model index to rebuild."""
@@ -197,7 +203,8 @@ class HealthChecker:
                       or now - watch.models_at >= self.models_interval)
         detected = backend.kind is not ApiKind.UNKNOWN
         if not refresh and detected and not custom and backend.online:
-            if backend.busy or (answered and not models_due):
+            if (backend.busy and not (models_due and backend.kind in _LISTS_WHILE_BUSY)) or (
+                    answered and not models_due):
                 # Live traffic says it is alive; a probe could only disturb it.
                 self.skipped_busy += 1
                 backend.probe_failures = 0
@@ -247,10 +254,11 @@ class HealthChecker:
         if kind is ApiKind.UNKNOWN:
             await self._detect(backend)
             watch.models_at = loop.time()
-        elif backend.probe_path is not None and not refresh and (
-                backend.busy or not models_due):
+        elif backend.probe_path is not None and not refresh and not (
+                models_due and (not backend.busy or kind in _LISTS_WHILE_BUSY)):
             # The operator's path; the model list is read instead when it is due
-            # and the backend is idle (one request per check either way).
+            # and the backend is idle or lists while busy (one request per check
+            # either way).
             status, _ = await self._get_json(backend, backend.probe_path, parse=False)
             if not 200 <= status < 300:
                 raise ValueError(f"{backend.probe_path} answered {status}")
