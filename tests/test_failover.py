@@ -440,3 +440,28 @@ def test_requests_queued_for_a_removed_backends_model_are_answered_at_once() -> 
         assert len(st.state.dispatcher.queue) == 0
     finally:
         st.close()
+
+
+def _responses(st: object, status: int) -> int:
+    stats = st.state.stats  # type: ignore[attr-defined]
+    return sum(c.n for (path, code, _), c in list(stats.responses.items())
+               if code == status and path.endswith("chat"))
+
+
+@pytest.mark.parametrize("translated", [False, True])
+def test_a_stream_the_backend_broke_is_recorded_as_failed(translated: bool) -> None:
+    # The client read a 200 head, then an error line: the access log, the
+    # status metrics and the usage rows must not count that as a success.
+    st = start_stack(sims=[fast_sim_options(tokens=50, api="openai" if translated else "both")])
+    try:
+        with httpx.Client(timeout=10) as client:
+            r = client.post(st.url + "/api/chat", headers={"X-Sim-Fault": "die-after:3"},
+                            json={"model": "llama3.2",
+                                  "messages": [{"role": "user", "content": "q"}]})
+        assert r.status_code == 200
+        last = json.loads(r.text.strip().splitlines()[-1])
+        assert "error" in last
+        wait_until(lambda: st.lt.call(_responses, st, 502) == 1, "the request recorded as a 502")
+        assert st.lt.call(_responses, st, 200) == 0
+    finally:
+        st.close()

@@ -36,6 +36,9 @@ MAX_ATTEMPTS: Final = 3
 # gone stale while idle (its close crossed the request); closed later, the
 # backend had the request and dropped it.
 STALE_S: Final = FAST_FAIL_S
+# What the ledger records for an answer the backend broke after its head was
+# relayed (the client read that head's status, then an error line or a cut).
+BROKEN_STATUS: Final = 502
 
 
 def retried_on_status(ex: Exchange, conn: UpstreamConnection, backend: Backend, status: int) -> bool:
@@ -150,6 +153,9 @@ def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
         ex.finish()
         return
     note_backend_failure(ex, why)
+    # The client's status line said 200, but the backend failed the request:
+    # the access log, the status metrics and the usage rows' errors say 502.
+    ex.status = BROKEN_STATUS
     ex._release_backend()
     ex.keep_alive = False
     if conn.events_seen():

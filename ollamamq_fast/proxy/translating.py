@@ -310,6 +310,8 @@ class TranslatingRelay(ResponseSink):
         if stream is None or not stream.complete:
             # (A stream whose last event came has only lost its end: no failure.)
             recovery.note_backend_failure(ex, why)
+            if stream is not None:
+                ex.status = recovery.BROKEN_STATUS  # recorded as failed (recovery.broken_stream)
         ex._release_backend()
         ex.keep_alive = False
         if ex.state is State.DONE:
