@@ -383,11 +383,14 @@ class Gateway:
                 up = ex.upstream
                 if up is None or ex.state not in (State.WAITING, State.STREAMING):
                     continue
-                if up.rx_count != up.rx_seen or conn.writing_paused or (
+                if (up.rx_count != up.rx_seen and ex.state is State.STREAMING) or (
+                        conn.writing_paused) or (
                         not ex.request_complete and conn.idle_s < timeout):
                     # Data arrived, or we paused the backend ourselves, or the
                     # client is still sending the body: a backend may rightly
-                    # say nothing until the upload ends.
+                    # say nothing until the upload ends. Bytes of a head not
+                    # yet whole are no sign of life: a head trickled a byte at
+                    # a time would otherwise hold the request for hours.
                     up.rx_seen = up.rx_count
                     up.silent_since = clock
                     continue

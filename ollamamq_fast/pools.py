@@ -250,8 +250,9 @@ class Pools:
     def put(self, config: PoolConfig) -> Pool:
         """Create or replace a pool (the default pool: aliases, hosts, required models only).
 
-        Requests queued in a changed pool stay queued; backends no pool lists
-        any more are forgotten (requests running there finish).
+        Requests queued in a changed pool stay queued, but for a model none of
+        its backends lists any more (answered as a new request, Dispatcher.pump);
+        backends no pool lists any more are forgotten (requests running there finish).
         """
         name = config.name
         old = self.by_name.get(name)

@@ -465,3 +465,37 @@ def test_a_stream_the_backend_broke_is_recorded_as_failed(translated: bool) -> N
         assert st.lt.call(_responses, st, 200) == 0
     finally:
         st.close()
+
+
+class _TrickledHead(SocketBackend):
+    """An Ollama-like backend that sends an inference answer's head a byte at a time, for ever."""
+
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        path = self.path_of(head)
+        if path.startswith((b"/api/tags", b"/api/ps", b"/api/version", b"/v1/models")):
+            body = b'{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest"}]}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close"
+                         b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            return
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 600:
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.05)
+
+
+def test_a_head_trickled_a_byte_at_a_time_gets_504() -> None:
+    # Bytes of a head that never ends are no sign of life: --timeout bounds
+    # the time to a whole head (before, each byte reset the silence).
+    slow = _TrickledHead()
+    st = start_stack(sims=[], extra_backends=[slow.url], timeout=1.0, health_interval=3600.0)
+    try:
+        r = httpx.post(st.url + "/api/generate", timeout=10,
+                       json={"model": "llama3.2", "prompt": "q", "stream": False})
+        assert r.status_code == 504
+        assert r.json()["error"].endswith("sent no whole response head in 1 s")
+        assert st.lt.call(lambda: st.state.fleet.backends[0].in_flight) == 0
+    finally:
+        st.close()
+        slow.close()

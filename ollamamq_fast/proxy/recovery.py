@@ -125,7 +125,9 @@ def upstream_timeout(ex: Exchange) -> None:
     elif ex.state in (State.WAITING, State.CONNECTING):
         note_backend_failure(ex, f"timed out after {secs:g} s of silence")
         ex._release_backend()
-        answers.respond_error(ex, 504, f"backend {backend_name(ex)} sent nothing for {secs:g} s")
+        said = ("no whole response head in" if conn is not None and conn.got_bytes
+                else "nothing for")
+        answers.respond_error(ex, 504, f"backend {backend_name(ex)} sent {said} {secs:g} s")
 
 
 def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
