@@ -357,3 +357,38 @@ def test_a_busy_ollama_backend_still_has_its_model_list_read_when_due() -> None:
         assert streamed["lines"][-1]["done"] is True
     finally:
         st.close()
+
+
+def test_a_probe_sent_to_an_idle_server_holds_requests_until_it_is_answered(
+        fake_loop: LoopThread) -> None:
+    # The probe is decided on an idle llama-cpp-python; a request dispatched
+    # there before the probe arrived reached the server first, and the probe
+    # then cut its stream (interrupt_requests). The probe's way to the server
+    # is made slow here, so that the request would always win the race.
+    import asyncio
+
+    fake = start_fake(fake_loop, interrupt_requests=True, chunks=40, chunk_delay=0.02)
+    st = start_stack(sims=[], extra_backends=[fake.url], slots=1, health_interval=3600.0)
+    try:
+        backend = only_backend(st)
+        checker = st.state.health
+        real_get = checker._get_json
+
+        async def slow_get(b: Backend, path: str, parse: bool = True) -> tuple[int, Any]:
+            await asyncio.sleep(0.3)
+            return await real_get(b, path, parse)
+
+        st.lt.call(setattr, checker, "_get_json", slow_get)
+        clear_hits(fake_loop, fake)
+        probe = asyncio.run_coroutine_threadsafe(checker.probe(backend), st.lt.loop)
+        wait_until(lambda: backend.probing > 0, "the probe to be on its way")
+        streamed: dict[str, Any] = {}
+        stream_chat(st.url, "alice", streamed)
+        probe.result(10)
+        assert streamed["status"] == 200
+        assert fake.interrupted == 0 and streamed["finish"] == "stop"
+        assert hits(fake_loop, fake) == {"/v1/models": 1, "/v1/chat/completions": 1}
+        assert backend.online and backend.available and backend.probing == 0
+    finally:
+        st.close()
+        fake_loop.run(fake.close())

@@ -85,6 +85,7 @@ class Backend:
         "probe_interval",
         "probe_path",
         "probes_ok",
+        "probing",
         "pumps",
         "requests_done",
         "shared",
@@ -130,6 +131,11 @@ class Backend:
         self.probe_interval: float | None = None
         self.online = False
         self.draining = False
+        # A health probe is on its way to this idle backend of a kind that cuts
+        # its running stream when another request comes (llama-cpp-python):
+        # no request starts here until its answer is in (health.py). A count:
+        # a model refresh may overlap the periodic check.
+        self.probing = 0
         # normalized name -> the backend's own /api/tags entry (or a synthesized one)
         self.models: dict[str, dict[str, Any]] = {}
         # the backend's /v1/models items, for OpenAI-kind backends
@@ -191,14 +197,15 @@ class Backend:
     def serving(self) -> bool:
         """Available, or half-open with its trial running: a request for its
         models waits for it rather than being refused."""
-        return self.available or (self.breaker is Breaker.HALF_OPEN and self.online
-                                  and not self.draining)
+        return self.available or (self.online and not self.draining and (
+            self.breaker is Breaker.HALF_OPEN
+            or (self.probing > 0 and self.breaker is Breaker.CLOSED)))
 
     def refresh(self) -> None:
         """Recompute `available` after online / draining / breaker changed (and, half-open,
         after a request started or ended: the trial is one request, on an idle backend)."""
         breaker = self.breaker
-        self.available = self.online and not self.draining and (
+        self.available = self.online and not self.draining and self.probing == 0 and (
             breaker is Breaker.CLOSED or (breaker is Breaker.HALF_OPEN and not self.busy))
         kind = self.kind
         if kind is ApiKind.OLLAMA:

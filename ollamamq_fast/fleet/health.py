@@ -214,6 +214,15 @@ class HealthChecker:
             # before it went offline): wait until they end.
             self.skipped_busy += 1
             return
+        # The probe was decided on an idle backend; a request dispatched there
+        # before it arrives would reach llama-cpp-python first, and the probe
+        # would then cut its stream: none starts until the probe is answered
+        # (a few milliseconds; at most the probe timeout).
+        hold = (backend.kind is ApiKind.LLAMACPP and backend.online and not backend.busy
+                and not custom)
+        if hold:
+            backend.probing += 1
+            backend.refresh()
         try:
             await self._request(backend, watch, models_due, refresh)
         except _PROBE_ERRORS as exc:
@@ -234,6 +243,10 @@ class HealthChecker:
                 backend.online = True
                 if self.on_online is not None:
                     self.on_online(backend)
+        finally:
+            if hold:
+                backend.probing -= 1
+                backend.refresh()
         self.fleet.rebuild_index()
         if self.on_change is not None:
             self.on_change()

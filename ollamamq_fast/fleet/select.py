@@ -106,9 +106,9 @@ class Fleet:
         return False
 
     def any_online(self) -> bool:
-        """Whether at least one backend takes traffic."""
+        """Whether at least one backend takes traffic (or will once its health probe is in)."""
         for b in self.backends:
-            if b.available:
+            if b.available or b.probing > 0:
                 return True
         return False
 

@@ -98,7 +98,8 @@ def can_retry_elsewhere(ex: Exchange, failed: Backend) -> bool:
         return False
     for b in ex.fleet.candidates(ex.model if route.kind is not Kind.PRIMARY else None,
                                  route.native):
-        if b is not failed and b.available and b not in ex.failed:
+        # (One held for a health probe takes it once the probe is answered.)
+        if b is not failed and (b.available or b.probing > 0) and b not in ex.failed:
             return True
     return False
 

@@ -457,7 +457,7 @@ class SharedSlots:
                 if route is None:
                     continue
                 for b in fleet.candidates(ex.model, route.native):
-                    if b.available and b not in ex.failed:
+                    if (b.available or b.probing > 0) and b not in ex.failed:
                         demand[b.name] = demand.get(b.name, 0) + 1
         return demand
 
@@ -504,7 +504,7 @@ class SharedSlots:
         linger = max(1, round(LINGER_S / TICK_S))
         for url, b in list(self.tracked.items()):
             removed = url not in live
-            usable = b.available and not removed
+            usable = (b.available or b.probing > 0) and not removed  # (probing: for milliseconds)
             # The operator may have lowered the slots: lease no more than that.
             b.cap = min(b.cap, b.slots)
             need = max(0, demand.get(url, 0) - (b.cap - b.in_flight)) if usable else 0
