@@ -77,7 +77,7 @@ class FakeLlama:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/slow-health", self._slow_health)
@@ -91,7 +91,7 @@ class FakeLlama:
         app.middlewares.append(self._count)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         server = site._server
         assert server is not None
@@ -281,7 +281,8 @@ class FakeLlama:
 
 
 def start_fake(lt: Any, **options: Any) -> FakeLlama:
-    """A FakeLlama serving on `lt` (a harness.LoopThread), started."""
+    """A FakeLlama serving on `lt` (a harness.LoopThread), started (on `port`, if given)."""
+    port = options.pop("port", 0)
     fake = FakeLlama(**options)
-    lt.run(fake.start())
+    lt.run(fake.start(port))
     return fake

@@ -392,3 +392,31 @@ def test_a_probe_sent_to_an_idle_server_holds_requests_until_it_is_answered(
     finally:
         st.close()
         fake_loop.run(fake.close())
+
+
+def test_a_detected_backend_back_as_another_kind_of_server_is_detected_again(
+        fake_loop: LoopThread) -> None:
+    # Ollama on the address is replaced by llama-cpp-python: the Ollama probe
+    # (/api/ps) would 404 for ever and keep it offline; an offline backend
+    # whose kind was detected is detected again.
+    from harness import fast_sim_options
+
+    st = start_stack(sims=[fast_sim_options()], health_interval=0.05)
+    fake: FakeLlama | None = None
+    try:
+        backend = only_backend(st)
+        assert backend.kind is ApiKind.OLLAMA
+        port = st.sims[0].port
+        st.lt.run(st.sims[0].close())
+        st.sims.clear()
+        wait_until(lambda: not backend.online, "the backend to go offline")
+        fake = start_fake(fake_loop, port=port)
+        wait_until(lambda: backend.online, "the backend to come back")
+        assert backend.kind is ApiKind.LLAMACPP and list(backend.models) == ["tiny:latest"]
+        r = httpx.post(st.url + "/api/chat", timeout=10, json={
+            "model": MODEL, "stream": False, "messages": [{"role": "user", "content": "q"}]})
+        assert r.status_code == 200 and r.headers["x-translated"] == "ollama->openai"
+    finally:
+        st.close()
+        if fake is not None:
+            fake_loop.run(fake.close())

@@ -264,9 +264,17 @@ class HealthChecker:
         """Send this check's one request (a few more only at first contact)."""
         loop = asyncio.get_running_loop()
         kind = backend.kind
-        if kind is ApiKind.UNKNOWN:
+        if kind is ApiKind.UNKNOWN or (not backend.online and not backend.kind_configured):
+            # First contact, or a detected backend that went offline: it may
+            # come back as another server (Ollama replaced by llama-server on
+            # its address), whose kind's probe would fail for ever.
             await self._detect(backend)
             watch.models_at = loop.time()
+            if kind is not ApiKind.UNKNOWN and backend.kind is not kind:
+                log.info("backend %s now speaks %s (was %s)", backend.name,
+                         backend.kind.value, kind.value)
+                backend.version = None  # asked again below
+                backend.v1 = None
         elif backend.probe_path is not None and not refresh and not (
                 models_due and (not backend.busy or kind in _LISTS_WHILE_BUSY)):
             # The operator's path; the model list is read instead when it is due
