@@ -499,3 +499,58 @@ def test_a_head_trickled_a_byte_at_a_time_gets_504() -> None:
     finally:
         st.close()
         slow.close()
+
+
+class _DropsInference(SocketBackend):
+    """Lists two models and closes every inference connection before answering."""
+
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        path = self.path_of(head)
+        if not path.startswith((b"/api/tags", b"/api/ps", b"/api/version", b"/v1/models")):
+            return  # closed without a byte
+        body = (b'{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest"},'
+                b'{"name":"qwen2.5:0.5b","model":"qwen2.5:0.5b"}]}')
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close"
+                     b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+
+
+def test_a_retry_waiting_for_a_busy_backend_does_not_hold_up_other_retries() -> None:
+    # r1 (llama3.2) and r2 (qwen) both failed on the dropping backend and wait
+    # to be retried; r1's other backend is busy for seconds, r2's is free
+    # again at once: r2 must run then, not wait behind r1 in the retry line.
+    hog = fast_sim_options(models=["llama3.2:latest", "mistral:latest"], tokens=150,
+                           tokens_per_s=50.0)
+    quick = fast_sim_options(models=["qwen2.5:0.5b"], tokens=20, tokens_per_s=40.0)
+    drops = _DropsInference()
+    st = start_stack(sims=[hog, quick], extra_backends=[drops.url], slots=1,
+                     health_interval=3600.0)
+    try:
+        hog_backend, quick_backend, _ = st.state.fleet.backends
+        results: dict[str, tuple[int, float]] = {}
+        began = time.monotonic()
+
+        def gen(user: str, model: str) -> None:
+            r = httpx.post(st.url + "/api/generate", headers={"X-User-ID": user}, timeout=30,
+                           json={"model": model, "prompt": "q", "stream": False,
+                                 "options": {"num_predict": {"hog": 150, "busy": 40}.get(user, 5)}})
+            results[user] = (r.status_code, time.monotonic() - began)
+
+        threads = [threading.Thread(target=gen, args=("hog", "mistral"))]
+        threads[0].start()
+        wait_until(lambda: hog_backend.in_flight == 1, "the long request to run")
+        threads.append(threading.Thread(target=gen, args=("busy", "qwen2.5:0.5b")))
+        threads[1].start()
+        wait_until(lambda: quick_backend.in_flight == 1, "the short request to run")
+        for user, model in (("r1", "llama3.2"), ("r2", "qwen2.5:0.5b")):
+            threads.append(threading.Thread(target=gen, args=(user, model)))
+            threads[-1].start()
+            wait_until(lambda u=user: any(ex.user == u for ex in st.state.dispatcher.retry_line),
+                       f"{user} to wait for its retry")
+        for t in threads:
+            t.join(30)
+        assert {u: s for u, (s, _) in results.items()} == {
+            "hog": 200, "busy": 200, "r1": 200, "r2": 200}
+        assert results["r2"][1] < results["hog"][1] - 1.0, results
+    finally:
+        st.close()
+        drops.close()

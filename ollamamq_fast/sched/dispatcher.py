@@ -248,12 +248,14 @@ class Dispatcher:
                 fleet.models_gone = False
                 self._answer_unlisted()
             line = self.retry_line
-            while line:
-                ex = line[0]
-                if not self._can_run(ex):
-                    break
-                line.popleft()
-                self._start(ex)
+            # Every retry that can run now starts, in order; one whose backends
+            # are busy does not hold up the others (of other models) behind it.
+            for _ in range(len(line)):
+                ex = line.popleft()
+                if self._can_run(ex):
+                    self._start(ex)
+                else:
+                    line.append(ex)
             queue = self.queue
             while queue and fleet.has_free_slot():
                 ticket = queue.pop(self._can_run)
