@@ -112,6 +112,11 @@ class GatewayState(DataPlane):
         # URL -> slots. Runtime changes are stored as overrides of it
         # (operator.py), so the fleet is this list with the overrides applied.
         self.configured: dict[str, int] = {b.name: b.slots for b in backends}
+        # Backends no pool lists any more whose requests still run there, by URL:
+        # one added again takes the same record, so those requests keep their
+        # slots (a new record would let the server be sent more than its slots
+        # while they finish: llama-cpp-python cuts a running stream then).
+        self.retired: dict[str, Backend] = {}
         self.dispatcher = Dispatcher(self.fleet, settings, loop)
         # The default pool is this fleet and dispatcher; named pools beside it.
         self.pools = Pools(
@@ -181,10 +186,20 @@ class GatewayState(DataPlane):
         # clock call per request.
         self.clock = time.time()
 
+    def _new_backend(self, url: str, slots: int) -> Backend:
+        """A backend record for `url`: the retired one while its requests still run, else new."""
+        address = parse_backend_url(url)
+        backend = self.retired.pop(address.url, None)
+        if backend is not None and backend.busy:
+            backend.slots = slots
+        else:
+            backend = Backend(address, slots)
+        backend.pool = UpstreamPool(backend, self.loop)  # (the old one refuses to pool more)
+        return backend
+
     def _make_backend(self, url: str, slots: int, options: BackendOptions | None) -> Backend:
         """A new backend for a pool: pooled connections, probed soon (pools.py)."""
-        backend = Backend(parse_backend_url(url), slots)
-        backend.pool = UpstreamPool(backend, self.loop)
+        backend = self._new_backend(url, slots)
         if options is not None:
             backend.configure(options)
         if self.shared is not None:
@@ -198,6 +213,10 @@ class GatewayState(DataPlane):
         self.passive.reset(backend)
         if backend.pool is not None:
             backend.pool.close_all()
+        for name in [n for n, b in self.retired.items() if not b.busy]:
+            del self.retired[name]  # (bounded: idle ones are forgotten)
+        if backend.busy:
+            self.retired[backend.name] = backend
 
     def refresh_models(self, backend: Backend) -> None:
         """A model-changing request succeeded on `backend`: re-read its models."""
@@ -231,8 +250,7 @@ class GatewayState(DataPlane):
         """Add a backend at runtime; it takes traffic after its first probe."""
         backend = self.pools.find_backend(parse_backend_url(url).url)
         if backend is None:
-            backend = Backend(parse_backend_url(url), slots or self.settings.slots)
-            backend.pool = UpstreamPool(backend, self.loop)
+            backend = self._new_backend(url, slots or self.settings.slots)
             if self.shared is not None:
                 self.shared.adopt(backend)
         elif slots:

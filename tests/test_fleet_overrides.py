@@ -185,3 +185,43 @@ def test_cli_shows_overrides_and_resets_them(capsys: pytest.CaptureFixture[str])
     finally:
         st.close()
         other.close()
+
+
+def test_a_backend_removed_and_added_again_mid_request_keeps_that_requests_slot() -> None:
+    # Removed at run time while a request ran there, then added again: the
+    # request still holds one of the server's slots. A new record with no
+    # request in flight sent a second one to a one-slot server (llama-cpp-python
+    # cuts its running stream then).
+    import threading
+
+    from harness import wait_until
+
+    st = start_stack(sims=[fast_sim_options(tokens=100, tokens_per_s=50.0)], slots=1,
+                     health_interval=3600.0)
+    try:
+        backend = st.state.fleet.backends[0]
+        url = backend.name
+        statuses: list[int] = []
+
+        def gen(user: str) -> None:
+            statuses.append(httpx.post(
+                st.url + "/api/generate", headers={"X-User-ID": user}, timeout=30,
+                json={"model": "llama3.2", "prompt": "q", "stream": False}).status_code)
+
+        first = threading.Thread(target=gen, args=("a",))
+        first.start()
+        wait_until(lambda: backend.in_flight == 1, "the first request to run")
+        st.lt.call(st.state.operator.remove_backend, url)
+        st.lt.call(st.state.operator.add_backend, url)
+        again = st.lt.call(lambda: st.state.fleet.find(url))
+        assert again is not None and again.in_flight == 1
+        second = threading.Thread(target=gen, args=("b",))
+        second.start()
+        wait_until(lambda: len(st.state.dispatcher.queue) == 1, "the second request to wait")
+        assert st.sims[0].app.stats.active == 1
+        first.join(10)
+        second.join(10)
+        assert statuses == [200, 200]
+        assert again.in_flight == 0 and st.state.retired == {}
+    finally:
+        st.close()
