@@ -554,3 +554,44 @@ def test_a_retry_waiting_for_a_busy_backend_does_not_hold_up_other_retries() -> 
     finally:
         st.close()
         drops.close()
+
+
+class _MessagesDies(SocketBackend):
+    """An Ollama with Anthropic's /v1/messages that dies after the stream's first event."""
+
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        path = self.path_of(head)
+        if path.startswith((b"/api/tags", b"/api/ps", b"/api/version", b"/v1/models")):
+            body = (b'{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest"}],'
+                    b'"data":[{"id":"llama3.2:latest","object":"model","owned_by":"library"}]}')
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close"
+                         b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            return
+        event = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m",'
+                 b'"type":"message","role":"assistant","content":[],"model":"llama3.2"}}\n\n')
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(event), event))
+        time.sleep(0.05)
+
+
+def test_a_broken_anthropic_messages_stream_ends_with_its_error_event() -> None:
+    # The anthropic SDKs raise only on an SSE event named `error`: a data-only
+    # error object (the OpenAI form) was skipped, and the client saw a stream
+    # that just stopped.
+    dies = _MessagesDies()
+    st = start_stack(sims=[], extra_backends=[dies.url], health_interval=3600.0)
+    try:
+        r = httpx.post(st.url + "/v1/messages", timeout=10, json={
+            "model": "llama3.2", "max_tokens": 10, "stream": True,
+            "messages": [{"role": "user", "content": "q"}]})
+        assert r.status_code == 200
+        events = [e for e in r.text.split("\n\n") if e.strip()]
+        assert events[0].startswith("event: message_start")
+        name, data = events[-1].split("\n")
+        assert name == "event: error"
+        error = json.loads(data.removeprefix("data: "))
+        assert error["type"] == "error" and error["error"]["type"] == "api_error"
+        assert "closed the connection" in error["error"]["message"]
+    finally:
+        st.close()
+        dies.close()

@@ -166,7 +166,8 @@ def broken_stream(ex: Exchange, conn: UpstreamConnection, why: str) -> None:
     end = End.CANCELLED  # the client is leaving anyway
     if transport is not None and not transport.is_closing():
         end = End.DONE
-        frame = stream_error_frame(conn.content_type, why) if clean else None
+        frame = stream_error_frame(conn.content_type, why,
+                                   ex.path == b"/v1/messages") if clean else None
         if frame is not None:
             transport.write(frame if ex.http10 else framing.chunk(frame) + framing.LAST_CHUNK)
             ex.finish()

@@ -93,16 +93,24 @@ def error_body(api: Api, status: int, message: str) -> tuple[bytes, bytes]:
     return b"application/json; charset=utf-8", orjson.dumps({"error": message})
 
 
-def stream_error_frame(content_type: bytes, message: str) -> bytes | None:
+def stream_error_frame(content_type: bytes, message: str,
+                       anthropic: bool = False) -> bytes | None:
     """The frame that ends a broken stream, in the stream's own format.
 
     NDJSON gets one more `{"error": ...}` line (both official clients raise on it);
-    SSE gets a data event with an OpenAI error object. None for other formats.
+    SSE gets a data event with an OpenAI error object, or, on Anthropic's
+    `/v1/messages` (`anthropic`), its `error` event: the anthropic SDKs raise
+    only on an event named so, and skip a data-only one (the openai SDK raises
+    on both). None for other formats.
     """
     message = printable_message(message)
     ct = content_type.lower()
     if ct.find(b"ndjson") >= 0:
         return orjson.dumps({"error": message}) + b"\n"
+    if anthropic and ct.find(b"event-stream") >= 0:
+        payload = orjson.dumps(
+            {"type": "error", "error": {"type": "api_error", "message": message}})
+        return b"event: error\ndata: " + payload + b"\n\n"
     if ct.find(b"event-stream") >= 0:
         payload = orjson.dumps(
             {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
