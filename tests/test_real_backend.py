@@ -633,6 +633,85 @@ def test_busy_backend_is_never_marked_offline(real: RealBackend,
             stack.close()
 
 
+def test_server_killed_mid_stream_then_restarted(real: RealBackend) -> None:
+    # SIGKILL while it streams: the client's stream ends with an error event,
+    # the slot is given back, requests while it is down get 502/503 in the
+    # OpenAI shape, and once restarted on its port it serves again.
+    import signal
+
+    from harness import free_port, start_stack, wait_until
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    model = real.log_path.parent / "tiny.gguf"
+    log_path = real.log_path.parent / f"llama_server_{port}.log"
+    proc = _start_server(model, port, log_path, interrupt=True, n_ctx=HEALTH_N_CTX)
+    try:
+        _wait_ready(proc, url, log_path)
+        stack = start_stack(sims=[], extra_backends=[url], slots=1, health_interval=0.1)
+        try:
+            backend = stack.state.fleet.backends[0]
+            lines: list[str] = []
+            body = {"model": MODEL, "messages": _MESSAGES, "max_tokens": HEALTH_MAX_TOKENS,
+                    "stream": True}
+
+            def kill_once_streaming() -> None:
+                wait_until(lambda: len(lines) >= 5, "the stream to start", 30)
+                proc.send_signal(signal.SIGKILL)
+
+            killer = threading.Thread(target=kill_once_streaming)
+            killer.start()
+            with _http() as client, client.stream(
+                    "POST", stack.url + "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                lines.extend(ln for ln in r.iter_lines() if ln)
+            killer.join(10)
+            assert '"error"' in lines[-1] and "[DONE]" not in lines[-1], lines[-3:]
+            wait_until(lambda: backend.in_flight == 0, "the slot to be given back")
+            with _http() as client:
+                r = client.post(stack.url + "/v1/chat/completions",
+                                json={**body, "stream": False, "max_tokens": 4})
+            assert r.status_code in (502, 503), r.text
+            assert r.json()["error"]["type"] == "api_error" and "retry-after" in r.headers
+            wait_until(lambda: not backend.online, "the dead server to go offline")
+            proc.wait(10)
+            proc = _start_server(model, port, log_path, interrupt=True, n_ctx=HEALTH_N_CTX)
+            _wait_ready(proc, url, log_path)
+            wait_until(lambda: backend.available, "the server to be back", 15)
+            with _http() as client:
+                r = client.post(stack.url + "/v1/chat/completions",
+                                json={**body, "stream": False, "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+        finally:
+            stack.close()
+    finally:
+        _stop_server(proc)
+
+
+def test_short_streams_with_idle_gaps_are_never_cut_by_probes(real: RealBackend) -> None:
+    # Probes every 5 ms to an often idle one-slot server that cuts a running
+    # stream when another request arrives: a probe sent to the idle server and
+    # a request dispatched in the same instant must not reach it in the wrong
+    # order. Every stream ends with its finish reason.
+    from harness import start_stack
+
+    with _own_server(real, interrupt=True) as url:
+        stack = start_stack(sims=[], extra_backends=[url], slots=1, health_interval=0.005)
+        try:
+            finishes = []
+            with _openai(stack.url) as ai:
+                for i in range(40):
+                    chunks = list(ai.chat.completions.create(
+                        model=MODEL, messages=_MESSAGES, max_tokens=8, stream=True))
+                    finishes.append(next((c.choices[0].finish_reason for c in reversed(chunks)
+                                          if c.choices and c.choices[0].finish_reason), None))
+                    time.sleep(0.001 * (i % 9))
+            assert finishes == ["length"] * 40
+        finally:
+            stack.close()
+
+
 # -- 6. Every token counted, for every client, kept across a restart --------------------
 
 ADMIN_TOKEN = "real-backend-admin"
