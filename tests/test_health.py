@@ -420,3 +420,51 @@ def test_a_detected_backend_back_as_another_kind_of_server_is_detected_again(
         st.close()
         if fake is not None:
             fake_loop.run(fake.close())
+
+
+def test_an_endless_model_list_fails_the_check_instead_of_filling_memory() -> None:
+    # A faulty backend whose /api/tags never ends: the check reads at most
+    # CONTROL_BODY_MAX bytes, then fails, rather than buffering all that
+    # arrives until the probe's timeout (gigabytes on a fast link).
+    from harness import SocketBackend
+
+    class Endless(SocketBackend):
+        endless = False
+        sent = 0
+
+        def answer(self, conn: Any, head: bytes) -> None:
+            tags = b'{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest"}]}'
+            if not self.endless:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%b"
+                             % (len(tags), tags))
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            part = b"%x\r\n%b\r\n" % (1 << 20, b" " * (1 << 20))
+            try:
+                while self.sent < 400 << 20:
+                    conn.sendall(part)
+                    self.sent += 1 << 20
+                    time.sleep(0.01)
+            except OSError:
+                return
+
+    backend_server = Endless()
+    st = start_stack(sims=[], extra_backends=[backend_server.url], health_interval=3600.0,
+                     health_fail_threshold=1,
+                     backend_options={backend_server.url: BackendOptions(kind="ollama")})
+    try:
+        backend = only_backend(st)
+        assert backend.online
+        backend_server.endless = True
+        checker = st.state.health
+        st.lt.call(setattr, checker, "models_interval", 0.0)
+        began = time.monotonic()
+        st.lt.run(checker.probe(backend))
+        assert time.monotonic() - began < 2.0  # the probe's timeout is 3 s
+        assert not backend.online and "longer than" in backend.last_error
+        assert backend_server.sent < 100 << 20
+    finally:
+        st.close()
+        backend_server.close()

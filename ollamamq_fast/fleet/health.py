@@ -52,6 +52,11 @@ MODELS_REFRESH_S = 60.0
 # The loop never sleeps less than this between rounds (a tiny probe_interval
 # must not spin it).
 MIN_TICK_S = 0.01
+# The largest answer read from a backend's control routes (model lists, /api/ps,
+# a pull's error): a thousand models' /api/tags is under 1 MiB. A faulty backend
+# sending more (an endless body) fails the check instead of filling memory for
+# as long as the probe's timeout lets it.
+CONTROL_BODY_MAX = 16 * 1024 * 1024
 
 # What `owned_by` in a /v1/models answer says about the server behind it.
 _OWNERS = {
@@ -335,7 +340,7 @@ class HealthChecker:
         assert self.session is not None
         timeout = aiohttp.ClientTimeout(total=self.probe_timeout)
         async with self.session.get(backend.address.url + path, timeout=timeout) as resp:
-            raw = await resp.read()
+            raw = await read_capped(resp)
             if resp.status != 200 or not parse:
                 return resp.status, None
             return 200, orjson.loads(raw)
@@ -393,6 +398,20 @@ class HealthChecker:
                 key = normalize_model(str(m.get("name") or m.get("model") or ""))
                 merged.setdefault(key, m)
         return list(merged.values())
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int = CONTROL_BODY_MAX) -> bytes:
+    """A control answer's body, at most `limit` bytes (ValueError past it)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ValueError(f"answer of {resp.content_length} bytes (at most {limit} read)")
+    parts: list[bytes] = []
+    size = 0
+    async for part in resp.content.iter_chunked(65536):
+        size += len(part)
+        if size > limit:
+            raise ValueError(f"answer longer than {limit} bytes")
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _openai_kind(listing: dict[str, Any]) -> ApiKind:

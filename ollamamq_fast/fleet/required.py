@@ -33,6 +33,7 @@ import aiohttp
 import orjson
 
 from ollamamq_fast.fleet.backend import ApiKind, Backend
+from ollamamq_fast.fleet.health import read_capped
 from ollamamq_fast.fleet.models import normalize_model
 from ollamamq_fast.tasks import cancel_and_wait
 
@@ -226,7 +227,7 @@ class RequiredModels:
                                        timeout=timeout) as resp:
             if resp.status != 200:
                 raise ValueError(f"status {resp.status}")
-            doc = orjson.loads(await resp.read())
+            doc = orjson.loads(await read_capped(resp))
         out = []
         for entry in (doc.get("models") or []) if isinstance(doc, dict) else []:
             if isinstance(entry, dict):
@@ -243,7 +244,7 @@ class RequiredModels:
                         backend.address.url + "/api/delete", data=orjson.dumps({"model": name}),
                         headers={"Content-Type": "application/json"},
                         timeout=aiohttp.ClientTimeout(total=TAGS_TIMEOUT_S)) as resp:
-                    await resp.read()
+                    await read_capped(resp)
                     ok = resp.status == 200
             except _ERRORS as exc:
                 log.warning("removing %s from %s failed: %r", name, backend.name, exc)
@@ -350,7 +351,7 @@ class RequiredModels:
                 data=orjson.dumps({"model": job.model, "stream": True}),
                 headers={"Content-Type": "application/json"}, timeout=timeout) as resp:
             if resp.status != 200:
-                body = await resp.read()
+                body = await read_capped(resp)
                 raise ValueError(f"/api/pull answered {resp.status}: {_error_text(body)}")
             success = False
             async for line in resp.content:
