@@ -229,8 +229,9 @@ class GatewayState(DataPlane):
             raise KeyError(url)
         backend.draining = on
         backend.refresh()
-        if not on:
-            self.pools.pump_all()
+        # Undrained: requests may start there. Drained: a retry waiting for it
+        # alone is answered (Dispatcher.pump).
+        self.pools.pump_all()
         return backend
 
     def remove_backend(self, url: str) -> Backend:

@@ -595,3 +595,47 @@ def test_a_broken_anthropic_messages_stream_ends_with_its_error_event() -> None:
     finally:
         st.close()
         dies.close()
+
+
+def test_a_retry_whose_last_other_backend_is_drained_gets_502_at_once() -> None:
+    # r failed on the dropping backend and waits for the other one, busy; the
+    # operator then drains that one: no backend is left that has not failed r,
+    # so r gets its 502 now, not a wait until --queue-timeout (the running
+    # request finishes).
+    hog = fast_sim_options(models=["llama3.2:latest"], tokens=100, tokens_per_s=50.0)
+    drops = _DropsInference()
+    st = start_stack(sims=[hog], extra_backends=[drops.url], slots=1, health_interval=3600.0,
+                     queue_timeout=60.0)
+    try:
+        other = st.state.fleet.backends[0]
+        results: dict[str, httpx.Response | Exception] = {}
+
+        def gen(user: str) -> None:
+            try:
+                results[user] = httpx.post(
+                    st.url + "/api/generate", headers={"X-User-ID": user}, timeout=30,
+                    json={"model": "llama3.2", "prompt": "q", "stream": False})
+            except httpx.HTTPError as exc:
+                results[user] = exc
+
+        hog_thread = threading.Thread(target=gen, args=("hog",))
+        hog_thread.start()
+        wait_until(lambda: other.in_flight == 1, "the long request to run")
+        r_thread = threading.Thread(target=gen, args=("r",))
+        r_thread.start()
+        wait_until(lambda: len(st.state.dispatcher.retry_line) == 1, "r to wait for its retry")
+        began = time.monotonic()
+        st.lt.call(st.state.operator.set_draining, other.name, True)
+        r_thread.join(10)
+        assert not r_thread.is_alive() and time.monotonic() - began < 1.0
+        assert hog_thread.is_alive()  # answered before the running request ended
+        r = results["r"]
+        assert isinstance(r, httpx.Response) and r.status_code == 502, r
+        assert r.headers["retry-after"] == "5" and "no other backend" in r.json()["error"]
+        assert len(st.state.dispatcher.retry_line) == 0
+        hog_thread.join(20)
+        hog = results["hog"]
+        assert isinstance(hog, httpx.Response) and hog.status_code == 200
+    finally:
+        st.close()
+        drops.close()

@@ -254,6 +254,8 @@ class Dispatcher:
                 ex = line.popleft()
                 if self._can_run(ex):
                     self._start(ex)
+                elif self._no_other_backend(ex):
+                    self._give_up(ex)
                 else:
                     line.append(ex)
             queue = self.queue
@@ -267,6 +269,25 @@ class Dispatcher:
                 self._start(ex)
         finally:
             self.pumping = False
+
+    def _no_other_backend(self, ex: Exchange) -> bool:
+        """Whether no backend that has not failed this retry can take it any more (the
+        one it waited for went offline or is draining; a tripped breaker closes again)."""
+        route = ex.route
+        assert route is not None
+        for b in self.fleet.candidates(ex.model if route.kind is not Kind.PRIMARY else None,
+                                       route.native):
+            if b.online and not b.draining and b not in ex.failed:
+                return False
+        return True
+
+    def _give_up(self, ex: Exchange) -> None:
+        """A retry no backend can take: the 502 it would have had with no other backend,
+        now rather than at --queue-timeout."""
+        ex.queue_ms = int((self.loop.time() - ex.enqueued_at) * 1000)
+        name = ex.backend.name if ex.backend is not None else "?"
+        ex.respond_error(502, f"backend {name} failed before answering, and no other "
+                              "backend that serves the request is available", retry_after=5)
 
     def _unlisted(self, payload: object) -> bool:
         ex: Exchange = payload  # type: ignore[assignment]
