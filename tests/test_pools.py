@@ -755,3 +755,39 @@ def test_pools_sharing_a_busy_backend_take_turns_for_its_freed_slots() -> None:
         assert order.index("/pool/gpu/api/generate") <= 1, order
     finally:
         st.close()
+
+
+def test_a_pool_change_answers_requests_queued_for_a_model_it_no_longer_serves() -> None:
+    # Pool gpu's one backend serves qwen; a request for it waits behind a
+    # running one when the operator points the pool at the other simulator:
+    # the waiting request gets the 404 a new one gets, not a wait until
+    # --queue-timeout; the running one finishes on the backend it started on.
+    import threading
+
+    from harness import wait_until
+
+    slow_b = fast_sim_options(models=list(B_MODELS), tokens=100, tokens_per_s=50.0)
+    st = start_stack([fast_sim_options(models=list(A_MODELS)), slow_b],
+                     configure=pools_config(slots=1), queue_timeout=60.0)
+    try:
+        pool = st.state.pools.by_name["gpu"]
+        results: dict[str, httpx.Response] = {}
+
+        def ask(user: str) -> None:
+            results[user] = chat(st.url + "/pool/gpu", "qwen2.5:0.5b", **{"X-User-ID": user})
+
+        first = threading.Thread(target=ask, args=("a",))
+        first.start()
+        wait_until(lambda: pool.fleet.backends[0].in_flight == 1, "the first request to run")
+        second = threading.Thread(target=ask, args=("b",))
+        second.start()
+        wait_until(lambda: len(pool.dispatcher.queue) == 1, "the second request to wait")
+        st.lt.call(st.state.operator.patch_pool, "gpu", {"backends": [st.sims[0].url]})
+        second.join(5)
+        assert not second.is_alive()
+        assert results["b"].status_code == 404
+        assert results["b"].json() == {"error": "model 'qwen2.5:0.5b' not found"}
+        first.join(10)
+        assert results["a"].status_code == 200
+    finally:
+        st.close()
