@@ -317,3 +317,50 @@ def test_a_reload_takes_back_what_the_file_no_longer_grants(tmp_path) -> None:  
                        "flag": (True, False, 1)}
     finally:
         st.close()
+
+
+def test_users_waiting_for_a_busy_model_cost_a_pump_one_pick_per_model(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many users' requests wait for the one busy backend of their model while
+    another backend is free: each arrival's pump asks the fleet once for that
+    model, not once per waiting user (it was O(users) picks per arrival, so a
+    queue of distinct users filled in quadratic time)."""
+    from ollamamq_fast import buildinfo
+    from ollamamq_fast.fleet.select import Fleet
+    if buildinfo.build() == "mypyc":
+        pytest.skip("counts calls by patching Fleet.pick: the pure run does")
+    st = start_stack(sims=[fast_sim_options(models=["big:latest"], tokens=400,
+                                            tokens_per_s=20.0),
+                           fast_sim_options(models=["small:latest"])], slots=1)
+    socks: list[socket.socket] = []
+    try:
+        body = json.dumps({"model": "big", "prompt": "q"}).encode()
+
+        def send(user: str) -> None:
+            s = socket.create_connection(("127.0.0.1", st.port), timeout=10)
+            s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: gw\r\nX-User-ID: " + user.encode()
+                      + b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            socks.append(s)
+
+        queue = st.state.dispatcher.queue
+        send("runner")  # holds big's only slot for 20 s
+        wait_until(lambda: st.state.fleet.backends[0].in_flight == 1, "the runner started")
+        for i in range(60):
+            send(f"user{i}")
+        wait_until(lambda: len(queue) == 60, "60 users queued")
+        picks = 0
+        real_pick = Fleet.pick
+
+        def counting(self: Fleet, *args: object, **kwargs: object) -> object:
+            nonlocal picks
+            picks += 1
+            return real_pick(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Fleet, "pick", counting)
+        send("late")
+        wait_until(lambda: len(queue) == 61, "the late user queued")
+        assert picks <= 3, picks
+    finally:
+        for s in socks:
+            s.close()
+        st.close()

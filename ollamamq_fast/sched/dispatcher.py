@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from ollamamq_fast.fleet.backend import Breaker
 from ollamamq_fast.sched.fairqueue import FairQueue
-from ollamamq_fast.wire.routes import Kind
+from ollamamq_fast.wire.routes import Kind, Route
 
 
 class SharedSlotsHook(Protocol):
@@ -124,6 +124,9 @@ class Dispatcher:
         self._started = _StartedCache()
         self.retry_scheduled = False
         self.pumping = False
+        # Models found with no free backend during a pump, per route (see
+        # _can_run); emptied whenever a request starts and when the pump ends.
+        self._blocked: dict[Route, set[str | None]] = {}
         self.dispatched = 0
         self.rejected_full = 0
         self.expired = 0
@@ -232,9 +235,26 @@ class Dispatcher:
         ex: Exchange = payload  # type: ignore[assignment]
         route = ex.route
         assert route is not None
-        backend = self.fleet.pick(ex.model, route.native, ex.affinity, ex.failed,
+        failed = ex.failed
+        blocked: set[str | None] | None = None
+        if not failed:
+            # Whether a backend is free for a model depends on the model and the
+            # route only (affinity picks among free ones): once one user's oldest
+            # request found none, the others' for that model are skipped at a set
+            # look-up. Many users waiting for a busy model while another backend
+            # is free made each pump a fleet.pick per user (O(users) picks on
+            # every arrival and every freed slot).
+            blocked = self._blocked.get(route)
+            if blocked is None:
+                blocked = self._blocked[route] = set()
+            elif ex.model in blocked:
+                ex.chosen = None
+                return False
+        backend = self.fleet.pick(ex.model, route.native, ex.affinity, failed,
                                   route.native_first)
         ex.chosen = backend
+        if backend is None and blocked is not None:
+            blocked.add(ex.model)
         return backend is not None
 
     def pump(self) -> None:
@@ -268,6 +288,7 @@ class Dispatcher:
                 ex.gw.ledger.left_queue(ex.ustats)
                 self._start(ex)
         finally:
+            self._blocked.clear()
             self.pumping = False
 
     def _no_other_backend(self, ex: Exchange) -> bool:
@@ -318,6 +339,9 @@ class Dispatcher:
                 line.append(ex)
 
     def _start(self, ex: Exchange) -> None:
+        # A start may free capacity at once (a request refused or failing on the
+        # spot gives its slot back): what _can_run found blocked is asked again.
+        self._blocked.clear()
         backend = ex.chosen
         assert backend is not None
         ex.chosen = None
