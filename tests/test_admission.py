@@ -86,7 +86,8 @@ def test_admit_of_a_body_naming_no_model_answers_and_returns_none(
 
 
 def test_admit_of_a_compressed_body_reads_no_model(rig: Rig) -> None:
-    _, transport, ex = _read(rig, extra=((b"Content-Encoding", b"gzip"),))
+    _, transport, ex = _read(rig, b"/v1/chat/completions", CHAT,
+                             ((b"Content-Encoding", b"zstd"),))
     route = ex.route
     assert route is not None and ex.encoded_body
     verdict = admission.admit(ex, route)
@@ -152,11 +153,17 @@ def test_affinity_is_the_user_and_the_opening_message(rig: Rig) -> None:
     assert admission.affinity(ex) == "alice:"
 
 
-def test_affinity_of_a_compressed_body_for_model_management_is_none(rig: Rig) -> None:
-    _, _, ex = _read(rig, b"/api/pull", b'{"model":"m"}', ((b"Content-Encoding", b"gzip"),))
-    route = ex.route
-    assert route is not None and admission.admit(ex, route) is gate.ADMIT
-    assert admission.affinity(ex) == ""
+@pytest.mark.parametrize("coding", [b"zstd", b"gzip"])
+def test_a_native_body_is_read_as_it_came_whatever_its_content_encoding(
+        rig: Rig, coding: bytes) -> None:
+    # Ollama's native handlers decode nothing: the model and the policy are
+    # what they read, the body as it came (a lying header changes nothing).
+    for path, body in ((b"/api/chat", CHAT), (b"/api/pull", b'{"model":"m"}')):
+        _, _, ex = _read(rig, path, body, ((b"Content-Encoding", coding),))
+        route = ex.route
+        assert route is not None and not ex.encoded_body
+        admission.admit(ex, route)
+        assert ex.model is not None
 
 
 def test_refused_counts_the_dispatchers_refusal_and_answers_it(rig: Rig) -> None:

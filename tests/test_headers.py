@@ -63,6 +63,23 @@ def test_expect_only_counts_on_http_11_and_bad_lengths_raise() -> None:
     assert read_request_head([(b"Transfer-Encoding", b"gzip, Chunked")], True, False).chunked
     assert read_request_head([(b"Content-Encoding", b"zstd")], True, False).encoded_body
     assert not read_request_head([(b"Content-Encoding", b"identity")], True, False).encoded_body
+
+
+@pytest.mark.parametrize(("lines", "encoded"), [
+    ([b"zstd"], True), ([b" zstd "], True),
+    # What no backend decodes is read as it came (Ollama's Header.Get == "zstd").
+    ([b"gzip"], False), ([b"ZSTD"], False), ([b"zstd, gzip"], False), ([b"br"], False),
+    ([b"identity", b"zstd"], False),  # the first line is the one read
+    ([b"zstd", b"gzip"], True),
+])
+def test_only_a_first_content_encoding_of_zstd_is_a_compressed_body(
+        lines: list[bytes], encoded: bool) -> None:
+    head = read_request_head([(b"Content-Encoding", v) for v in lines], True, False)
+    assert head.encoded_body is encoded
+    assert [v for n, v in head.kept if n == b"Content-Encoding"] == lines  # forwarded as sent
+
+
+def test_bad_content_lengths_raise() -> None:
     for bad in (b"12abc", b"", b" 12", b"+12", b"1_2", b"-1", b"\xd9\xa1"):
         with pytest.raises(ValueError):
             read_request_head([(b"Content-Length", bad)], True, False)

@@ -96,7 +96,8 @@ def read_head(ex: Exchange, method: bytes, keep_alive: bool, http_11: bool) -> E
     ex.content_length = head.content_length
     ex.chunked_in = head.chunked
     ex.expect_continue = head.expect_continue
-    ex.encoded_body = head.encoded_body
+    # Only Ollama's /v1 routes decode a body (zstd); the native ones read it as it is.
+    ex.encoded_body = head.encoded_body and ex.api is Api.OPENAI
     if head.cache_control:
         ex.cache_control = cache_control(head.cache_control)
     if (head.authorization or head.api_key) and not keys_required:

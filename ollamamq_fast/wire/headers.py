@@ -161,7 +161,7 @@ class RequestHead:
     """
 
     __slots__ = ("api_key", "authorization", "bad_length", "cache_control", "chunked",
-                 "coding", "connection_tokens", "content_length", "encoded_body",
+                 "coding", "coding_read", "connection_tokens", "content_length", "encoded_body",
                  "expect_continue", "forwarded_for", "host", "kept", "origin",
                  "owns_credentials", "repeated", "request_id", "seen", "user")
 
@@ -178,9 +178,10 @@ class RequestHead:
         self.authorization = b""
         self.api_key = b""
         self.cache_control = b""
-        # A compressed body (zstd on /v1/responses) cannot be sniffed; it is
-        # passed through untouched to any backend of the route's kind.
+        # A compressed body (zstd on /v1/responses, as codex sends it) cannot be
+        # sniffed; it is passed through untouched to any backend of the route's kind.
         self.encoded_body = False
+        self.coding_read = False  # the first Content-Encoding line was read
         self.kept: list[tuple[bytes, bytes]] = []  # forwarded as they came, in order
         self.request_id = b""  # the client's X-Request-ID, when it is sane
         self.host = b""  # the Host header as sent (pools may be chosen by it)
@@ -243,9 +244,15 @@ class RequestHead:
             self.kept.append((name, value))
         elif action == CONTENT_ENCODING:
             self.kept.append((name, value))
-            # A list (RFC 9110 §8.4): only codings other than identity encode it.
-            self.encoded_body = self.encoded_body or any(
-                c.strip().lower() not in (b"", b"identity") for c in value.split(b","))
+            # What a backend decodes: Ollama's /v1 routes a body whose first
+            # Content-Encoding is exactly `zstd` (Go's Header.Get); its native
+            # routes, vLLM and llama.cpp none, reading the body as it came
+            # whatever the header says. So that body alone is taken as
+            # compressed (on /v1 routes: intake.py); any other is read, and
+            # policed, as it is, as the backend reads it.
+            if not self.coding_read:
+                self.coding_read = True
+                self.encoded_body = value.strip(b" \t") == b"zstd"
         elif action == REQUEST_ID:
             value = value.strip()
             if _SANE_REQUEST_ID.fullmatch(value):

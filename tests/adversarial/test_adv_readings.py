@@ -142,7 +142,7 @@ def quota_gw(oa_backend: FakeBackend) -> Iterator[GatewayProc]:
 STREAM = b'{"model":"fake","stream":true,' + MSG + b"}"
 
 
-@pytest.mark.parametrize("coding", ["gzip", "zstd", "identity, gzip"])
+@pytest.mark.parametrize("coding", ["zstd"])
 def test_a_compressed_stream_under_a_quota_is_refused(
         quota_gw: GatewayProc, oa_backend: FakeBackend, coding: str) -> None:
     """The gateway cannot read a compressed body, so it could not ask the stream for
@@ -168,7 +168,13 @@ def test_a_compressed_stream_under_a_quota_is_refused(
     # Named in Connection, the coding is hop-by-hop: not forwarded, so the backend
     # reads the body as it is, and so does the gateway.
     {"Content-Encoding": "gzip", "Connection": "keep-alive, Content-Encoding"},
-], ids=["identity", "identity-twice", "IDENTITY", "hop-by-hop"])
+    # Codings no backend decodes (Ollama's /v1 decodes a first `zstd` alone; vLLM
+    # and llama.cpp none): the backend reads the plain body, and so does the gateway.
+    {"Content-Encoding": "gzip"},
+    {"Content-Encoding": "identity, gzip"},
+    {"Content-Encoding": "ZSTD"},
+], ids=["identity", "identity-twice", "IDENTITY", "hop-by-hop", "gzip", "identity-gzip",
+        "ZSTD"])
 def test_an_uncoded_stream_under_a_quota_asks_for_usage(
         quota_gw: GatewayProc, oa_backend: FakeBackend, headers: dict[str, str]) -> None:
     mark = oa_backend.mark()
@@ -178,7 +184,7 @@ def test_an_uncoded_stream_under_a_quota_asks_for_usage(
     assert r.status_code == 200, r.text
     (req,) = oa_backend.wait_for(1, mark)
     assert req.header(b"content-encoding") in (None, b"identity", b"identity, identity",
-                                               b"IDENTITY")
+                                               b"IDENTITY", b"gzip", b"identity, gzip", b"ZSTD")
     ok, why = v1_usage_holds_exact(req.body)
     assert ok, f"{why}; the backend got {req.body!r}"
 
