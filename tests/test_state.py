@@ -268,6 +268,54 @@ async def check_everything(store: Store) -> None:
     assert await store.get_meta("schema_version") == str(SCHEMA_VERSION)
 
 
+def test_a_meta_claim_is_won_once_whoever_claims_at_the_same_time(
+        make_store: StoreFactory) -> None:
+    # Budget alerts are marked with claim_meta: two replicas checking at the same
+    # instant each read "no mark" before, and both alerted.
+    async def body() -> None:
+        stores = [make_store() for _ in range(3)]
+        for store in stores:
+            await store.open()
+        try:
+            won = await asyncio.gather(*(st.claim_meta("budget_alert:x", str(i))
+                                         for i, st in enumerate(stores)))
+            assert sorted(won) == [False, False, True]
+            assert await stores[0].get_meta("budget_alert:x") == str(won.index(True))
+            assert not await stores[1].claim_meta("budget_alert:x", "again")
+            await stores[1].set_meta("owner", "x")
+            assert not await stores[2].claim_meta("owner", "y")
+        finally:
+            for store in stores:
+                await store.close()
+
+    run(body())
+
+
+def test_two_keepers_checking_at_once_alert_once(make_store: StoreFactory) -> None:
+    from ollamamq_fast.accounting.keeper import UsageKeeper
+
+    async def body() -> None:
+        stores = [make_store(), make_store()]
+        events: list[dict[str, Any]] = []
+        keepers = []
+        for store in stores:
+            await store.open()
+            keepers.append(UsageKeeper(
+                store, flush=None, stats=None,  # type: ignore[arg-type]
+                publish=lambda _kind, **event: events.append(event),
+                limits_for=None, key_budgets={}, retention_days=0,  # type: ignore[arg-type]
+                budgets_on=lambda: True))
+        try:
+            await asyncio.gather(*(k._check("user", "alice", "day", "2026-12-08", 95, 100)
+                                   for k in keepers))
+            assert [e["threshold"] for e in events] == [80]  # once, not once per replica
+        finally:
+            for store in stores:
+                await store.close()
+
+    run(body())
+
+
 def test_round_trip_and_reopen(make_store: StoreFactory) -> None:
     async def body() -> None:
         store = make_store()

@@ -163,9 +163,8 @@ class UsageKeeper:
             if mark in self.alerted:
                 continue
             self.alerted.add(mark)
-            if await self.store.get_meta(mark) is not None:
-                continue  # alerted before a restart, or by another replica
-            await self.store.set_meta(mark, str(self.wall()))
+            if not await self.store.claim_meta(mark, str(self.wall())):
+                continue  # alerted before a restart, or by another replica (one claim wins)
             event: dict[str, Any] = {"scope": scope, scope: name, "period": period,
                                      "period_start": period_id, "threshold": threshold,
                                      "used": used, "budget": budget}

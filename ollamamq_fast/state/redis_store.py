@@ -516,6 +516,10 @@ class RedisStore:
         else:
             await self._r.hset(self._meta, key, value)
 
+    async def claim_meta(self, key: str, value: str) -> bool:
+        """Write one metadata value unless the key has one (HSETNX: one replica wins)."""
+        return bool(await self._r.hsetnx(self._meta, key, value))
+
     async def incr_window(self, key: str, window_s: float, amount: float) -> float:
         """Add to a counter shared by all replicas; it expires `window_s` after its first hit."""
         script = self._incr_window

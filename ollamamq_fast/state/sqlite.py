@@ -454,6 +454,15 @@ class SQLiteStore:
             )
         )
 
+    async def claim_meta(self, key: str, value: str) -> bool:
+        """Write one metadata value unless the key has one; whether it was written."""
+        written = await self._run(
+            lambda db: db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value)
+            ).rowcount
+        )
+        return written == 1
+
     async def incr_window(self, key: str, window_s: float, amount: float) -> float:
         """In-process window counter: SQLite serves one process, so no other replica shares it."""
         return self._windows.incr(key, window_s, amount)

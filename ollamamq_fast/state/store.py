@@ -115,6 +115,12 @@ class Store(Protocol):
         """Write one free-form metadata value, durably on return."""
         ...
 
+    async def claim_meta(self, key: str, value: str) -> bool:
+        """Write a metadata value only if the key has none; whether this call wrote it.
+
+        Atomic: of replicas claiming one key at once, exactly one gets True."""
+        ...
+
     async def incr_window(self, key: str, window_s: float, amount: float) -> float:
         """Add to a counter that resets `window_s` after its first hit; returns the new total."""
         ...
