@@ -83,7 +83,6 @@ class StateCache(StateView):
         self._pending: dict[tuple[str, str], _Pending] = {}
         # Queued writes that failed, and in how many flushes that stored others (_refused).
         self._failures: dict[tuple[str, str], int] = {}
-        self._failed_now: list[tuple[str, str]] = []  # those of the last flush
         self.writes_dropped = 0  # writes the store kept refusing, given up on
         self._dirty = asyncio.Event()
         # Usage rows of ended requests, summed until the next flush (the ledger
@@ -250,6 +249,7 @@ class StateCache(StateView):
         """Apply a write to the view and queue it, replacing an older write to the same entity."""
         apply()
         pending = _Pending(write, apply)
+        self._failures.pop((kind, ident), None)  # a newer write starts its own count
         for queue in (self._pending, self._replay):
             if queue is not None:
                 # Re-inserted, not updated, so the queue stays in order of last write.
@@ -265,42 +265,41 @@ class StateCache(StateView):
         Usage rows are written even when an operator write fails: one write
         the store keeps refusing must not hold back the accounting."""
         async with self._flush_lock:
-            took, failed = await self._flush_writes()
+            took, failed, error = await self._flush_writes()
             try:
                 took = await self._flush_usage() or took
             except Exception:
-                if failed is None:
+                if error is None:
                     raise
-            if failed is not None:
-                self._refused(took)
-                if self._failures:
-                    raise failed
+            if error is not None and self._refused(failed, took):
+                raise error
 
-    def _refused(self, store_took_writes: bool) -> None:
-        """Count the failures of writes a working store refused; drop one at REFUSED_FLUSHES.
+    def _refused(self, failed: list[tuple[str, str]], store_took_writes: bool) -> bool:
+        """Count the failed writes a working store refused; drop one at REFUSED_FLUSHES.
+        Whether any failed write still waits.
 
         A write that fails while the same flush stored others is refused by
         the store itself (a value it cannot hold, a bug), not lost to an
         outage: retried for ever it would be logged every few seconds until
         a restart. Kept in the queue while the store may just be down."""
-        if not store_took_writes:
-            return
-        for key in self._failed_now:
-            if key not in self._failures:
-                continue  # replaced by a newer write since
-            count = self._failures[key] + 1
+        waiting = False
+        for key in failed:
+            count = self._failures.get(key, 0) + (1 if store_took_writes else 0)
             if count < REFUSED_FLUSHES:
                 self._failures[key] = count
+                waiting = True
                 continue
             del self._failures[key]
-            if self._pending.pop(key, None) is not None:
-                self.writes_dropped += 1
-                log.error("state: the store refused the %s write for %r %d times while it "
-                          "took others; dropped (the running gateway keeps the value until "
-                          "restart)", key[0], key[1], count)
+            del self._pending[key]
+            self.writes_dropped += 1
+            log.error("state: the store refused the %s write for %r %d times while it "
+                      "took others; dropped (the running gateway keeps the value until "
+                      "restart)", key[0], key[1], count)
+        return waiting
 
-    async def _flush_writes(self) -> tuple[bool, Exception | None]:
-        """Store queued operator writes in order: whether any was stored, and the first error.
+    async def _flush_writes(self) -> tuple[bool, list[tuple[str, str]], Exception | None]:
+        """Store queued operator writes in order: whether any was stored, the writes that
+        failed and are still the latest of their entity, and the first error.
 
         A failed write is set aside and the next one tried: when that one is
         stored too, the store is up and refused only the first (see
@@ -309,7 +308,6 @@ class StateCache(StateView):
         batch, self._pending = self._pending, {}
         items = list(batch.items())
         unstored: list[tuple[tuple[str, str], _Pending]] = []
-        self._failed_now = []
         first: Exception | None = None
         took = False
         in_a_row = 0
@@ -322,8 +320,6 @@ class StateCache(StateView):
                     await pending.write(self.store)
                 except Exception as exc:  # noqa: BLE001 -- raised once the batch is settled
                     unstored.append((key, pending))
-                    self._failed_now.append(key)
-                    self._failures.setdefault(key, 0)
                     first = first or exc
                     in_a_row += 1
                     if in_a_row == 2:
@@ -339,11 +335,10 @@ class StateCache(StateView):
             for key, newer in self._pending.items():
                 rest.pop(key, None)
                 rest[key] = newer
+            newer_writes = self._pending
             self._pending = rest
-            for key in list(self._failures):
-                if key not in rest:
-                    del self._failures[key]  # replaced by a newer write, which gets its own count
-        return took, first
+        # A failed write replaced meanwhile by a newer one is that one's to retry.
+        return took, [key for key, _ in unstored if key not in newer_writes], first
 
     async def flushed_usage(self, since_day: str | None, cut: Callable[[], None]) -> list[Usage]:
         """Write everything queued, then read the usage rows since `since_day`, None = all
@@ -357,10 +352,10 @@ class StateCache(StateView):
         operator write that fails is left to the flusher (reported, retried).
         """
         async with self._flush_lock:
-            took, failed = await self._flush_writes()
+            took, failed, error = await self._flush_writes()
             took = await self._flush_usage(cut) or took
-            if failed is not None:
-                self._refused(took)
+            if error is not None:
+                self._refused(failed, took)
                 self._dirty.set()
             return await self.store.usage(None, since_day)
 
