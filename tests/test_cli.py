@@ -78,6 +78,14 @@ def test_bad_env_is_a_config_error() -> None:
         _settings([], {"PORT": "nope"})
     with pytest.raises(ConfigError):
         _settings([], {"OLLAMA_URLS": "ftp://x"})
+    with pytest.raises(ConfigError, match="origins"):
+        _settings([], {"OLLAMA_ORIGINS": "example.com"})  # no scheme, as Ollama refuses it
+
+
+def test_origins_from_the_flag_or_ollamas_env_var() -> None:
+    env = {"OLLAMA_ORIGINS": "'https://a.example, chrome-extension://*'"}
+    assert _settings([], env).origins == ["https://a.example", "chrome-extension://*"]
+    assert _settings(["--origins", "*"], env).origins == ["*"]  # the flag wins
 
 
 @pytest.mark.parametrize("args", [

@@ -257,3 +257,21 @@ def test_keys_a_preflight_needs_none_and_a_refusal_is_readable() -> None:
         assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
     finally:
         st.close()
+
+
+def test_a_reload_reads_the_files_origins_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "gw.toml"
+    config.write_text('origins = ["https://a.example"]\n')
+    st = start_stack(config_path=str(config), origins=["https://a.example"])
+    try:
+        def status(origin: str) -> int:
+            return httpx.options(st.url + "/api/chat", headers={"Origin": origin},
+                                 timeout=5).status_code
+
+        assert (status("https://a.example"), status("https://b.example")) == (204, 403)
+        config.write_text('origins = ["https://b.example"]\n')
+        st.lt.call(st.gateway.reload)
+        assert (status("https://a.example"), status("https://b.example")) == (403, 204)
+        assert status("http://localhost:3000") == 204  # Ollama's own stay
+    finally:
+        st.close()

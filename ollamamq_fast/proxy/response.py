@@ -54,16 +54,16 @@ def head(ex: Exchange, conn: UpstreamConnection, backend: Backend) -> bytes:
     if ex.http10 and ex.keep_alive:
         extra += b"Connection: keep-alive\r\n"
     raw = conn.raw_head
-    headers = None
     if ex.cors:  # the gateway's CORS lines replace any of the backend's own
         extra += ex.cors
         headers = without_cors(conn.response_headers.pairs())
-    elif not dechunk:
-        relayed = framing.relay_head(raw, extra, not ex.keep_alive, conn.hop_by_hop)
-        if relayed is not None:
-            return relayed
-    return framing.response_head(conn.status, framing.reason_phrase(raw),
-                                 headers if headers is not None else conn.response_headers.pairs(),
+    else:
+        if not dechunk:
+            relayed = framing.relay_head(raw, extra, not ex.keep_alive, conn.hop_by_hop)
+            if relayed is not None:
+                return relayed
+        headers = conn.response_headers.pairs()
+    return framing.response_head(conn.status, framing.reason_phrase(raw), headers,
                                  extra, not ex.keep_alive, dechunk)
 
 

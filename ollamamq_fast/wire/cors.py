@@ -92,7 +92,6 @@ class Origins:
 
     def __init__(self, configured: Iterable[str] = ()) -> None:
         every = [*configured, *OLLAMA_ORIGINS]
-        self.configured = list(configured)
         self.allow_all = "*" in every
         self.exact: set[bytes] = {o.lower().encode() for o in every if "*" not in o}
         # (before the *, after it) of each wildcard origin; Ollama's have the * last.
